@@ -1,0 +1,1 @@
+"""meshletctl: the command-line client of the local meshletd."""

@@ -1,0 +1,3 @@
+"""meshletd: the meshlet daemon (pure core, adapters and the daemon's main)."""
+
+__version__ = "0.1.0"
