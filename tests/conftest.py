@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +25,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         mark = _MARK_BY_FOLDER.get(rel.parts[0]) if len(rel.parts) > 1 else None
         if mark and not item.get_closest_marker(mark):
             item.add_marker(mark)
+
+
+# --- no test leaves a process behind ---------------------------------------------------
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command name of every live descendant of `root` (from /proc)."""
+    parent: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        parent[int(d.name)] = int(fields[1])
+        names[int(d.name)] = comm
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                found[child] = names[child]
+                frontier.append(child)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail a test that leaves a subprocess of its own running (session environments,
+    started before the test, are not counted)."""
+    before = set(_descendants(os.getpid()))
+    yield
+    deadline = time.monotonic() + 3.0
+    while True:
+        left = {p: n for p, n in _descendants(os.getpid()).items() if p not in before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        pytest.fail(f"the test left processes running: {left}", pytrace=False)
 
 
 # --- the local atproto network (dev/devnet), one per test session ---------------------
