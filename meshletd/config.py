@@ -1,0 +1,261 @@
+"""meshletd's configuration: `/etc/meshlet/meshlet.toml`, validated, plus its credentials.
+
+Errors name the file and the dotted key (`clusters[0].members[1]`) so an operator can fix
+them without reading code. Credentials (app passwords) never live in the TOML: they come
+from systemd credentials (`$CREDENTIALS_DIRECTORY/<name>`, `LoadCredential=`) or from a
+root-only file, and are held as `pydantic.SecretStr` so they never reach a log or a repr.
+
+Example::
+
+    did = "did:plc:alicemesh"            # this meshlet's own DID
+    owner = "did:plc:alice"              # the person who owns this machine
+    pds = "https://pds.example.org"      # the meshlet account's PDS
+    public_endpoint = "https://mesh.alice.example:2585"
+
+    [[clusters]]
+    name = "friends"
+    members = ["did:plc:bob", "did:plc:carol"]
+
+    [contribution]
+    milli_cpu = 2000
+    memory_mib = 4096
+
+    [listen]
+    xrpc = "0.0.0.0:2585"
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from meshletd.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/meshlet/meshlet.toml")
+DEFAULT_CREDENTIALS_FILE = Path("/etc/meshlet/credentials.toml")
+
+# Credential names, the same as the systemd credential file names in the unit.
+MESHLET_PASSWORD = "meshlet-app-password"
+OWNER_PASSWORD = "owner-app-password"
+CREDENTIAL_NAMES = (MESHLET_PASSWORD, OWNER_PASSWORD)
+
+Did = Annotated[
+    str, StringConstraints(pattern=r"^did:(plc|web):[A-Za-z0-9._:%-]+$", max_length=2048)
+]
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Cluster(_Section):
+    """One set of owner DIDs this meshlet consents to (overlapping clusters are normal)."""
+
+    name: Name
+    members: list[Did] = Field(default_factory=list, max_length=1000)
+
+
+class Contribution(_Section):
+    """What the commune may take from this machine (the slice caps)."""
+
+    milli_cpu: int = Field(default=1000, ge=0, le=1_024_000)
+    memory_mib: int = Field(default=1024, ge=0, le=16_777_216)
+    storage_mib: int = Field(default=10_240, ge=0, le=16_777_216)
+    max_replicas: int = Field(default=16, ge=0, le=1000)
+
+
+class Listen(_Section):
+    """Where the two transports of the XRPC API listen."""
+
+    xrpc: str = "127.0.0.1:2585"
+    control_socket: Path = Path("/run/meshlet/control.sock")
+
+    @field_validator("xrpc")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. 0.0.0.0:2585")
+        return value
+
+    @property
+    def xrpc_host(self) -> str:
+        return self.xrpc.rpartition(":")[0].strip("[]")
+
+    @property
+    def xrpc_port(self) -> int:
+        return int(self.xrpc.rpartition(":")[2])
+
+
+class Control(_Section):
+    """Who may use the control socket: reads for `group`, mutations for root or `admin_group`."""
+
+    group: str = "meshlet"
+    admin_group: str = "meshlet-admin"
+
+
+class Scheduling(_Section):
+    bid_window_ms: int = Field(default=5000, ge=500, le=600_000)
+    max_skew_ms: int = Field(default=2000, ge=0, le=600_000)
+    grace_ms: int = Field(default=1000, ge=0, le=600_000)
+
+
+class Config(_Section):
+    """The validated content of meshlet.toml."""
+
+    did: Did
+    owner: Did
+    pds: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/.*)?$")]
+    owner_pds: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/.*)?$")] | None = None
+    plc_url: str = "https://plc.directory"
+    public_endpoint: str | None = None
+    arch: str | None = None
+    labels: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+        default_factory=list, max_length=32
+    )
+    clusters: list[Cluster] = Field(default_factory=list)
+    contribution: Contribution = Field(default_factory=Contribution)
+    listen: Listen = Field(default_factory=Listen)
+    control: Control = Field(default_factory=Control)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    state_dir: Path = Path("/var/lib/meshlet")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("clusters")
+    @classmethod
+    def _unique_cluster_names(cls, value: list[Cluster]) -> list[Cluster]:
+        names = [c.name for c in value]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"cluster names must be unique; repeated: {', '.join(dup)}")
+        return value
+
+    @property
+    def members(self) -> list[str]:
+        """Every configured member owner DID, across clusters, first-seen order."""
+        seen: dict[str, None] = {}
+        for cluster in self.clusters:
+            for did in cluster.members:
+                seen.setdefault(did, None)
+        return list(seen)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _explain(err: ValidationError, path: Path) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = _key_path(tuple(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{path}: {key}: {msg}")
+    return ConfigError("\n".join(lines))
+
+
+def parse(text: str, path: Path = DEFAULT_PATH) -> Config:
+    """Validate TOML text; `path` is only used to name the file in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, path) from None
+
+
+def load(path: Path | str = DEFAULT_PATH) -> Config:
+    """Read and validate the configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (see docs/cli.md for an example)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse(text, path)
+
+
+class Credentials(BaseModel):
+    """App passwords; `repr`/`str` never show them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    meshlet_app_password: SecretStr | None = None
+    owner_app_password: SecretStr | None = None
+
+
+def _check_root_only(path: Path, st: os.stat_result) -> None:
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{path}: credentials file must not be readable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}; run: chmod 600 {path})"
+        )
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{path}: credentials file must be owned by uid {os.geteuid()}")
+
+
+def load_credentials(
+    environ: dict[str, str] | None = None, fallback: Path = DEFAULT_CREDENTIALS_FILE
+) -> Credentials:
+    """Credentials from `$CREDENTIALS_DIRECTORY` (systemd), else from a root-only TOML file.
+
+    The file form is `meshlet-app-password = "…"` / `owner-app-password = "…"`. A missing
+    source yields empty credentials (the daemon then runs read-only); a file readable by
+    anyone but its owner is refused.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        for name in CREDENTIAL_NAMES:
+            p = Path(cred_dir) / name
+            try:
+                values[name.replace("-", "_")] = SecretStr(p.read_text(encoding="utf-8").strip())
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise ConfigError(f"{p}: cannot read credential: {e.strerror}") from None
+        return Credentials(**values)
+    try:
+        st = fallback.stat()
+    except FileNotFoundError:
+        return Credentials()
+    _check_root_only(fallback, st)
+    try:
+        raw = tomllib.loads(fallback.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's messages name a position, never the text: safe to show.
+        raise ConfigError(f"{fallback}: not valid TOML: {e}") from None
+    for key, value in raw.items():
+        if key not in CREDENTIAL_NAMES:
+            raise ConfigError(f"{fallback}: {key}: unknown key")
+        if not isinstance(value, str):
+            raise ConfigError(f"{fallback}: {key}: must be a string")
+        values[key.replace("-", "_")] = SecretStr(value.strip())
+    return Credentials(**values)

@@ -1,0 +1,136 @@
+"""sd_notify over `$NOTIFY_SOCKET`, in pure Python, plus the watchdog task.
+
+The protocol is one datagram of `KEY=VALUE` lines to the AF_UNIX socket systemd names in
+`NOTIFY_SOCKET` (a leading `@` means the abstract namespace). Outside systemd the variable
+is absent and every call is a no-op, so the daemon runs the same way under a test or a
+shell. Tests bind their own datagram socket and point `NOTIFY_SOCKET` at it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import trio
+
+
+class Notifier(Protocol):
+    def notify(self, **fields: str) -> None: ...
+
+
+class SdNotifier:
+    """Sends sd_notify messages; silent when not started by systemd."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.address: str | None = env.get("NOTIFY_SOCKET") or None
+        self._sock: socket.socket | None = None
+        if self.address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def notify(self, **fields: str) -> None:
+        """Send `KEY=VALUE` lines; keyword names are the keys (`READY="1"`, `STATUS=…`)."""
+        if self._sock is None or self.address is None:
+            return
+        lines = []
+        for key, value in fields.items():
+            value = str(value).replace("\n", " ")
+            lines.append(f"{key}={value}")
+        addr = self.address
+        target: str | bytes = "\0" + addr[1:] if addr.startswith("@") else addr
+        try:
+            self._sock.sendto("\n".join(lines).encode(), target)
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            # systemd gone or overloaded: notifications are best effort by design.
+            pass
+
+    def ready(self, status: str | None = None) -> None:
+        self.notify(READY="1", **({"STATUS": status} if status else {}))
+
+    def status(self, text: str) -> None:
+        self.notify(STATUS=text)
+
+    def stopping(self, status: str | None = None) -> None:
+        self.notify(STOPPING="1", **({"STATUS": status} if status else {}))
+
+    def reloading(self) -> None:
+        # systemd >= 253 wants MONOTONIC_USEC with RELOADING=1 (Type=notify-reload).
+        self.notify(
+            RELOADING="1", MONOTONIC_USEC=str(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        )
+
+    def watchdog(self) -> None:
+        self.notify(WATCHDOG="1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of `WATCHDOG_USEC`), or None when disabled.
+
+    Honours `WATCHDOG_PID`: when set to another process, the watchdog is not ours.
+    """
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC")
+    if not usec or not usec.isdigit() or int(usec) == 0:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if pid and pid.isdigit() and int(pid) != os.getpid():
+        return None
+    return int(usec) / 1_000_000 / 2
+
+
+async def run_watchdog(
+    notifier: Notifier,
+    interval: float,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Ping the watchdog every `interval` seconds while `alive()` holds.
+
+    The task runs in the daemon's own trio loop: a stalled loop stops the pings, and
+    systemd then kills and restarts the daemon. `alive` lets the daemon add a check of its
+    own (e.g. the main loop made progress recently).
+    """
+    while True:
+        if alive():
+            notifier.notify(WATCHDOG="1")
+        await trio.sleep(interval)
+
+
+class RecordingNotifier:
+    """Fake notifier for unit tests: remembers every message."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+
+    def notify(self, **fields: str) -> None:
+        self.messages.append(dict(fields))
+
+    def ready(self, status: str | None = None) -> None:
+        self.notify(READY="1", **({"STATUS": status} if status else {}))
+
+    def status(self, text: str) -> None:
+        self.notify(STATUS=text)
+
+    def stopping(self, status: str | None = None) -> None:
+        self.notify(STOPPING="1", **({"STATUS": status} if status else {}))
+
+    def reloading(self) -> None:
+        self.notify(RELOADING="1")
+
+    def watchdog(self) -> None:
+        self.notify(WATCHDOG="1")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,96 @@
+"""meshlet.toml: validated, with errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshletd import config
+from meshletd.errors import ConfigError
+
+GOOD = """
+did = "did:plc:alicemesh"
+owner = "did:plc:alice"
+pds = "http://127.0.0.1:2583"
+
+[[clusters]]
+name = "friends"
+members = ["did:plc:bob", "did:plc:carol"]
+
+[[clusters]]
+name = "work"
+members = ["did:plc:carol", "did:plc:dave"]
+
+[contribution]
+milli_cpu = 2000
+memory_mib = 4096
+
+[listen]
+xrpc = "0.0.0.0:2585"
+control_socket = "/tmp/x.sock"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "meshlet.toml"
+    p.write_text(text)
+    return p
+
+
+def test_a_valid_file_loads_with_defaults_filled_in(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, GOOD))
+    assert cfg.did == "did:plc:alicemesh"
+    assert cfg.contribution.milli_cpu == 2000
+    assert cfg.contribution.max_replicas == 16
+    assert cfg.listen.xrpc_port == 2585 and cfg.listen.xrpc_host == "0.0.0.0"
+    assert cfg.members == ["did:plc:bob", "did:plc:carol", "did:plc:dave"]
+    assert cfg.scheduling.bid_window_ms == 5000
+
+
+def test_an_unknown_key_is_named_with_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace("memory_mib = 4096", "memory_mb = 4096"))
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert f"{p}: contribution.memory_mb: unknown key" in e.value.message
+
+
+def test_a_bad_member_did_names_its_index(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace('"did:plc:dave"', '"bob"'))
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert "clusters[1].members[1]" in e.value.message
+    assert str(p) in e.value.message
+
+
+def test_a_missing_required_key_is_named(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace('owner = "did:plc:alice"\n', ""))
+    with pytest.raises(ConfigError, match="owner: required key is missing"):
+        config.load(p)
+
+
+def test_out_of_range_and_malformed_values_are_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace("milli_cpu = 2000", "milli_cpu = -1"))
+    with pytest.raises(ConfigError, match=r"contribution\.milli_cpu"):
+        config.load(p)
+    p = write(tmp_path, GOOD.replace('"0.0.0.0:2585"', '"nowhere"'))
+    with pytest.raises(ConfigError, match=r"listen\.xrpc: .*HOST:PORT"):
+        config.load(p)
+
+
+def test_duplicate_cluster_names_are_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace('name = "work"', 'name = "friends"'))
+    with pytest.raises(ConfigError, match="repeated: friends"):
+        config.load(p)
+
+
+def test_invalid_toml_and_missing_file_name_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "did = ")
+    with pytest.raises(ConfigError, match=f"{p}: not valid TOML"):
+        config.load(p)
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_config_error_has_its_own_exit_code() -> None:
+    assert ConfigError("x").exit_code == 9

@@ -1,0 +1,79 @@
+"""sd_notify messages reach the socket systemd names; nothing happens outside systemd."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from meshletd.notify import RecordingNotifier, SdNotifier, run_watchdog, watchdog_interval
+
+
+def bound(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(2)
+    return s, path
+
+
+def test_ready_and_status_arrive_as_one_datagram(tmp_path: Path) -> None:
+    s, path = bound(tmp_path)
+    n = SdNotifier({"NOTIFY_SOCKET": path})
+    n.ready("3 members, 2 replicas")
+    assert s.recv(4096) == b"READY=1\nSTATUS=3 members, 2 replicas"
+    n.stopping()
+    assert s.recv(4096) == b"STOPPING=1"
+    n.reloading()
+    msg = s.recv(4096).decode()
+    assert msg.startswith("RELOADING=1\nMONOTONIC_USEC=")
+    n.close()
+    s.close()
+
+
+def test_abstract_namespace_sockets_work() -> None:
+    name = f"meshlet-test-{os.getpid()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    s.settimeout(2)
+    SdNotifier({"NOTIFY_SOCKET": "@" + name}).watchdog()
+    assert s.recv(100) == b"WATCHDOG=1"
+    s.close()
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    n = SdNotifier({})
+    assert not n.enabled
+    n.ready()  # no error
+
+
+def test_newlines_cannot_inject_extra_fields(tmp_path: Path) -> None:
+    s, path = bound(tmp_path)
+    SdNotifier({"NOTIFY_SOCKET": path}).status("ok\nREADY=1")
+    assert s.recv(4096) == b"STATUS=ok READY=1"
+    s.close()
+
+
+def test_a_vanished_systemd_socket_is_not_an_error(tmp_path: Path) -> None:
+    SdNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready()
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    assert watchdog_interval({"WATCHDOG_USEC": "10000000"}) == 5.0
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}) == 2.0
+
+
+async def test_watchdog_pings_only_while_the_loop_is_alive(autojump_clock) -> None:
+    rec = RecordingNotifier()
+    healthy = True
+    with trio.move_on_after(10.5):
+        async with trio.open_nursery() as n:
+            n.start_soon(run_watchdog, rec, 1.0, lambda: healthy)
+            await trio.sleep(4.5)
+            healthy = False
+    assert rec.messages.count({"WATCHDOG": "1"}) == 5
