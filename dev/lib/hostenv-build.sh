@@ -1,0 +1,259 @@
+# Building the base rootfs of dev/hostenv (sourced by dev/hostenv after common.sh).
+# Each stage records a stamp under $HE_CACHE; a stage runs again only when its stamp is
+# missing or its input changed, so `dev/hostenv build` is cheap when nothing changed.
+# shellcheck shell=bash
+
+HE_CACHE="$CACHE/hostenv"
+HE_BASE="$HE_CACHE/base"
+HE_STAMPS="$HE_CACHE/stamps"
+HE_VENV=/opt/meshlet-venv
+HE_SUITE=bookworm
+HE_RUN="${MESHLET_HOSTENV_RUN:-/run/meshlet-hostenv}"
+HE_PACKAGES="podman uidmap slirp4netns fuse-overlayfs crun catatonit conmon
+ containernetworking-plugins dbus-user-session libpam-systemd python3 python3-venv python3-dev
+ gcc libc6-dev libsystemd-dev pkg-config busybox-static systemd-sysv dbus procps iproute2
+ util-linux ca-certificates"
+
+# The Debian mirror and security mirror the host itself uses (deb822 or one-line format).
+he_mirrors() {
+    python3 - <<'EOF'
+import glob, re
+main = sec = None
+def take(uri, suites):
+    global main, sec
+    uri = uri.rstrip("/")
+    if any(s.endswith("-security") for s in suites):
+        sec = sec or uri
+    elif "bookworm" in suites:
+        main = main or uri
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for stanza in re.split(r"\n\s*\n", open(path).read()):
+        fields = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.split()
+        if "deb" in fields.get("types", []) and fields.get("enabled", ["yes"]) != ["no"]:
+            for uri in fields.get("uris", []):
+                take(uri, fields.get("suites", []))
+for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        parts = re.sub(r"\[[^]]*\]", "", line).split()
+        if len(parts) >= 3 and parts[0] == "deb":
+            take(parts[1], [parts[2]])
+print(main or "http://deb.debian.org/debian")
+print(sec or "http://deb.debian.org/debian-security")
+EOF
+}
+
+# he_nspawn CMD...: run CMD in the (non-booted) base rootfs with the host's network.
+he_nspawn() {
+    systemd-nspawn -q -D "$HE_BASE" --register=no --keep-unit --console=pipe \
+        --bind="$HE_CACHE/apt-archives:/var/cache/apt/archives" \
+        -E DEBIAN_FRONTEND=noninteractive -E LC_ALL=C.UTF-8 "$@"
+}
+
+he_stamp_ok() { [ -f "$HE_STAMPS/$1" ] && [ "$(cat "$HE_STAMPS/$1")" = "$2" ]; }
+he_stamp_set() { mkdir -p "$HE_STAMPS"; echo "$2" > "$HE_STAMPS/$1"; }
+
+he_stage_debootstrap() {
+    local mirrors main
+    mirrors=$(he_mirrors); main=$(echo "$mirrors" | sed -n 1p)
+    rm -rf "$HE_BASE" "$HE_STAMPS"
+    mkdir -p "$HE_CACHE/debs" "$HE_CACHE/apt-archives/partial"
+    echo "mirror: $main"
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus \
+        --cache-dir="$HE_CACHE/debs" "$HE_SUITE" "$HE_BASE.tmp" "$main" \
+        || { rm -rf "$HE_BASE.tmp"; return 1; }
+    mv "$HE_BASE.tmp" "$HE_BASE"
+}
+
+he_stage_packages() {
+    local mirrors main sec
+    mirrors=$(he_mirrors); main=$(echo "$mirrors" | sed -n 1p); sec=$(echo "$mirrors" | sed -n 2p)
+    rm -f "$HE_BASE/etc/apt/sources.list"
+    cat > "$HE_BASE/etc/apt/sources.list.d/debian.sources" <<EOF
+Types: deb
+URIs: $main
+Suites: $HE_SUITE $HE_SUITE-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $sec
+Suites: $HE_SUITE-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    # shellcheck disable=SC2086
+    he_nspawn sh -ec "apt-get update -q
+        apt-get install -y -q --no-install-recommends $(echo $HE_PACKAGES)"
+}
+
+# Everything that makes the rootfs a usable meshlet host. Its text is its stamp.
+he_configure_script() {
+    cat <<'EOF'
+set -eu
+# PID-1 shim: nspawn mounts the v1 cgroup controllers read-only on a hybrid host, which makes
+# systemd silently ignore MemoryMax/CPUQuota/TasksMax. Remount them rw, then become systemd.
+cat > /usr/local/sbin/meshlet-init <<'SH'
+#!/bin/sh
+for d in /sys/fs/cgroup/*; do
+    mountpoint -q "$d" && mount -o remount,bind,rw "$d" 2>/dev/null || true
+done
+mountpoint -q /sys/fs/cgroup && mount -o remount,rw /sys/fs/cgroup 2>/dev/null || true
+exec /lib/systemd/systemd "$@"
+SH
+chmod 755 /usr/local/sbin/meshlet-init
+
+# Rootless podman for user meshlet (uid 1000), its user manager started at boot (linger).
+id meshlet >/dev/null 2>&1 || useradd -m -u 1000 -s /bin/bash meshlet
+echo "meshlet:100000:65536" > /etc/subuid
+echo "meshlet:100000:65536" > /etc/subgid
+mkdir -p /var/lib/systemd/linger && touch /var/lib/systemd/linger/meshlet
+mkdir -p /etc/containers
+cat > /etc/containers/storage.conf <<'CONF'
+[storage]
+driver = "overlay"
+runroot = "/run/containers/storage"
+graphroot = "/var/lib/containers/storage"
+CONF
+cat > /etc/containers/registries.conf <<'CONF'
+unqualified-search-registries = []
+short-name-mode = "permissive"
+CONF
+
+# A quiet, quick boot: no getty on the console, volatile journal, no firstboot questions.
+systemctl mask console-getty.service getty@tty1.service systemd-firstboot.service \
+    systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
+    e2scrub_all.timer fstrim.timer >/dev/null 2>&1 || true
+# Root podman is not used (meshlet runs rootless), and its storage could not live on the
+# host's overlayfs root anyway: keep its boot-time units from failing the boot.
+systemctl mask podman.service podman.socket podman-restart.service podman-auto-update.service \
+    podman-auto-update.timer podman-clean-transient.service >/dev/null 2>&1 || true
+mkdir -p /etc/systemd/journald.conf.d
+printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=64M\n' \
+    > /etc/systemd/journald.conf.d/meshlet.conf
+: > /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+echo meshlet-host > /etc/hostname
+EOF
+}
+
+he_stage_configure() {
+    he_configure_script > "$HE_BASE/root/meshlet-configure.sh"
+    he_nspawn sh /root/meshlet-configure.sh
+    rm -f "$HE_BASE/root/meshlet-configure.sh"
+}
+
+# localhost/busybox:latest in meshlet's rootless storage, built from busybox-static.
+he_stage_image() {
+    he_nspawn --user=meshlet --chdir=/home/meshlet -E HOME=/home/meshlet \
+        -E XDG_RUNTIME_DIR=/tmp/meshlet-run sh -ec '
+        mkdir -p /tmp/meshlet-run && chmod 700 /tmp/meshlet-run
+        d=$(mktemp -d); mkdir -p "$d/bin" "$d/etc" "$d/tmp" "$d/proc" "$d/sys" "$d/dev"
+        cp /bin/busybox "$d/bin/busybox"
+        for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$d/bin/$a"; done
+        echo "root:x:0:0:root:/root:/bin/sh" > "$d/etc/passwd"
+        echo "root:x:0:" > "$d/etc/group"
+        tar -C "$d" -cf /tmp/bb.tar .
+        podman rmi -f localhost/busybox:latest >/dev/null 2>&1 || true
+        podman import --change "CMD [\"/bin/sh\"]" /tmp/bb.tar localhost/busybox:latest
+        podman image ls
+        rm -rf "$d" /tmp/bb.tar /tmp/meshlet-run'
+}
+
+# The venv's requirements: the project's runtime deps plus the test runner.
+he_requirements() {
+    python3 - "$ROOT/pyproject.toml" <<'EOF'
+import sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+for dep in p["dependencies"]:
+    print(dep)
+for dep in p.get("optional-dependencies", {}).get("dev", []):
+    if dep.lower().startswith(("pytest", "hypothesis")):
+        print(dep)
+EOF
+}
+
+he_venv_key() {
+    { he_requirements; echo "root=$ROOT"; python3 -c 'import sys, tomllib
+print(tomllib.load(open(sys.argv[1], "rb"))["project"].get("scripts"))' "$ROOT/pyproject.toml"; } \
+        | sha256sum | cut -d' ' -f1
+}
+
+# The CA bundle the host's pip trusts (this machine reaches PyPI through a TLS proxy).
+he_host_ca() {
+    local ca="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
+    [ -f "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
+    echo "$ca"
+}
+
+he_stage_venv() {
+    mkdir -p "$HE_CACHE/venv-src" "$PIP_CACHE_DIR"
+    he_requirements > "$HE_CACHE/venv-src/requirements.txt"
+    he_nspawn --bind-ro="$HE_CACHE/venv-src:/mnt/venv-src" --bind="$PIP_CACHE_DIR:/root/.cache/pip" \
+        --bind="$ROOT:$ROOT" --bind-ro="$(he_host_ca):/mnt/host-ca.crt" \
+        -E PIP_CERT=/mnt/host-ca.crt -E SSL_CERT_FILE=/mnt/host-ca.crt \
+        -E PIP_DISABLE_PIP_VERSION_CHECK=1 -E PIP_DEFAULT_TIMEOUT=180 sh -ec "
+        rm -rf $HE_VENV
+        python3 -m venv $HE_VENV
+        $HE_VENV/bin/pip install -q --upgrade pip
+        $HE_VENV/bin/pip install -q -r /mnt/venv-src/requirements.txt
+        $HE_VENV/bin/pip install -q --no-deps -e $ROOT
+        $HE_VENV/bin/python -c 'import pystemd.run, trio, podman; print(\"venv ok\")'"
+}
+
+he_hosts_running() { compgen -G "$HE_RUN/*/nspawn.pid" >/dev/null; }
+
+he_guard_base() {
+    if he_hosts_running; then
+        echo "dev/hostenv: stage '$1' must change the base rootfs, but hosts run from it:" >&2
+        ls "$HE_RUN" >&2
+        echo "stop them first: dev/hostenv down --all" >&2
+        exit 1
+    fi
+}
+
+cmd_build() {
+    mkdir -p "$HE_CACHE"
+    exec 9>"$HE_CACHE/build.lock"
+    flock 9
+    local t0; t0=$(date +%s)
+    step "host packages" host_packages
+    if [ ! -d "$HE_BASE" ] || ! he_stamp_ok debootstrap "$HE_SUITE"; then
+        he_guard_base debootstrap
+        step "hostenv: debootstrap $HE_SUITE (minbase)" he_stage_debootstrap
+        he_stamp_set debootstrap "$HE_SUITE"
+    fi
+    local key
+    key=$(echo "$HE_PACKAGES" | sha256sum | cut -d' ' -f1)
+    if ! he_stamp_ok packages "$key"; then
+        he_guard_base packages
+        step "hostenv: apt-get install podman, python, ..." he_stage_packages
+        he_stamp_set packages "$key"
+    fi
+    key=$(he_configure_script | sha256sum | cut -d' ' -f1)
+    if ! he_stamp_ok configure "$key"; then
+        he_guard_base configure
+        step "hostenv: configure (user meshlet, shim)" he_stage_configure
+        he_stamp_set configure "$key"
+    fi
+    if ! he_stamp_ok image 1; then
+        he_guard_base image
+        step "hostenv: busybox image" he_stage_image
+        he_stamp_set image 1
+    fi
+    key=$(he_venv_key)
+    if ! he_stamp_ok venv "$key"; then
+        he_guard_base venv
+        step "hostenv: venv $HE_VENV (project deps, pystemd)" he_stage_venv
+        he_stamp_set venv "$key"
+    fi
+    echo "hostenv: base rootfs ready at $HE_BASE ($(( $(date +%s) - t0 ))s)" >&2
+}

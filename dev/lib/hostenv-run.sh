@@ -1,0 +1,291 @@
+# Booting, using and stopping dev/hostenv hosts (sourced by dev/hostenv after common.sh and
+# hostenv-build.sh). A host NAME lives in $HE_RUN/NAME:
+#   upper/ work/ root/   overlayfs of the base rootfs (root/ is what nspawn boots)
+#   containers/          meshlet's podman storage (podman's overlay can't sit on overlayfs)
+#   dev/                 our own /dev/net/tun and /dev/fuse nodes
+#   nspawn.pid leader.pid cgroups console.log
+# shellcheck shell=bash
+
+HE_NAME_RE='^[a-z0-9][a-z0-9-]{0,30}$'
+HE_PODMAN_STORE=/home/meshlet/.local/share/containers
+HE_BOOT_TIMEOUT="${MESHLET_HOSTENV_BOOT_TIMEOUT:-60}"
+
+he_dir() { echo "$HE_RUN/$1"; }
+he_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+he_pid() { cat "$(he_dir "$1")/$2.pid" 2>/dev/null || true; }
+
+he_check_name() {
+    [[ "$1" =~ $HE_NAME_RE ]] || { echo "dev/hostenv: bad host name '$1' (want $HE_NAME_RE)" >&2; exit 2; }
+}
+
+# The cgroup hierarchies a host gets a cgroup of its own in: every mounted one but cpuset
+# (a new cpuset cgroup starts with no CPUs and no memory nodes).
+he_cgroup_roots() {
+    if [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
+        echo /sys/fs/cgroup
+        return
+    fi
+    local d
+    for d in /sys/fs/cgroup/*; do
+        [ "$(basename "$d")" = cpuset ] && continue
+        case "$(stat -f -c %T "$d" 2>/dev/null)" in cgroupfs|cgroup2fs) echo "$d" ;; esac
+    done
+}
+
+# Internal (`dev/hostenv _launch NAME`, run under setsid): join the host's own cgroups, then
+# become systemd-nspawn. Its PID is the nspawn PID.
+he_launch() {
+    local name="$1" dir; dir=$(he_dir "$1")
+    echo $$ > "$dir/nspawn.pid"
+    local root cg
+    : > "$dir/cgroups"
+    for root in $(he_cgroup_roots); do
+        cg="$root/meshlet-hostenv/$name"
+        mkdir -p "$cg"
+        echo "$cg" >> "$dir/cgroups"
+        echo $$ > "$cg/cgroup.procs"
+    done
+    export SYSTEMD_NSPAWN_API_VFS_WRITABLE=network
+    exec systemd-nspawn -q -D "$dir/root" -M "$name" --register=no --keep-unit \
+        --kill-signal=SIGRTMIN+3 --system-call-filter=@keyring --link-journal=no \
+        --console=read-only \
+        --bind="$dir/dev/tun:/dev/net/tun" --bind="$dir/dev/fuse:/dev/fuse" \
+        --bind="$dir/containers:$HE_PODMAN_STORE" --bind="$ROOT:$ROOT" \
+        /usr/local/sbin/meshlet-init
+}
+
+# The container's PID 1 as seen from here: nspawn's child whose innermost PID is 1.
+he_find_leader() {
+    local nspawn="$1" c
+    for c in $(cat "/proc/$nspawn/task/"*/children 2>/dev/null); do
+        if awk '/^NSpid:/ { exit !($NF == 1 && NF > 2) }' "/proc/$c/status" 2>/dev/null; then
+            echo "$c"; return 0
+        fi
+    done
+    return 1
+}
+
+he_in() { local leader="$1"; shift; nsenter -t "$leader" -a -- "$@"; }
+
+he_log_tail() {
+    echo "--- last 30 lines of $1 ---" >&2
+    tail -n 30 "$1" >&2 2>/dev/null || true
+    echo "--- end of $1 ---" >&2
+}
+
+he_prepare() {
+    local name="$1" dir; dir=$(he_dir "$1")
+    mkdir -p "$dir/upper" "$dir/work" "$dir/root" "$dir/dev"
+    mount -t overlay "meshlet-hostenv-$name" \
+        -o "lowerdir=$HE_BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root"
+    # Per host: its own identity, and podman storage on a real filesystem.
+    tr -d '-' < /proc/sys/kernel/random/uuid > "$dir/root/etc/machine-id"
+    echo "$name" > "$dir/root/etc/hostname"
+    if [ -d "$HE_BASE$HE_PODMAN_STORE" ]; then
+        cp -a "$HE_BASE$HE_PODMAN_STORE" "$dir/containers"
+    else
+        mkdir -p "$dir/containers" && chown 1000:1000 "$dir/containers"
+    fi
+    mknod -m 666 "$dir/dev/tun" c 10 200
+    mknod -m 666 "$dir/dev/fuse" c 10 229
+}
+
+# he_boot NAME: start nspawn in the background (returns at once).
+he_boot() {
+    local name="$1" dir; dir=$(he_dir "$1")
+    setsid "$ROOT/dev/hostenv" _launch "$name" </dev/null >"$dir/console.log" 2>&1 &
+}
+
+# he_wait_ready NAME: wait for the leader, then for systemd to finish booting and for
+# meshlet's user manager (rootless podman wants /run/user/1000).
+he_wait_ready() {
+    local name="$1" dir; dir=$(he_dir "$1")
+    local deadline=$(( $(date +%s) + HE_BOOT_TIMEOUT )) nspawn="" leader="" state=""
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        nspawn=$(he_pid "$name" nspawn)
+        if [ -n "$nspawn" ] && ! he_alive "$nspawn"; then
+            echo "systemd-nspawn for '$name' exited during boot" >&2; return 1
+        fi
+        if [ -z "$leader" ] && [ -n "$nspawn" ]; then leader=$(he_find_leader "$nspawn" || true); fi
+        if [ -n "$leader" ]; then
+            state=$(he_in "$leader" systemctl is-system-running 2>/dev/null || true)
+            case "$state" in
+                running|degraded)
+                    if he_in "$leader" systemctl -q is-active user@1000.service 2>/dev/null; then
+                        echo "$leader" > "$dir/leader.pid"
+                        if [ "$state" = degraded ]; then
+                            echo "warning: host '$name' is degraded; failed units:" >&2
+                            he_in "$leader" systemctl --failed --no-legend >&2 || true
+                        fi
+                        return 0
+                    fi ;;
+            esac
+        fi
+        sleep 0.1
+    done
+    echo "host '$name' did not finish booting in ${HE_BOOT_TIMEOUT}s (state: ${state:-no leader})" >&2
+    return 1
+}
+
+he_base_ready() {
+    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/venv" ] && [ -f "$HE_STAMPS/image" ] || {
+        echo "dev/hostenv: the base rootfs is not built; run: dev/hostenv build" >&2; exit 1; }
+}
+
+cmd_up() {
+    [ $# -ge 1 ] || { echo "usage: dev/hostenv up NAME..." >&2; exit 2; }
+    he_base_ready
+    local name t0; t0=$(date +%s.%N)
+    for name in "$@"; do
+        he_check_name "$name"
+        if he_alive "$(he_pid "$name" nspawn)"; then
+            echo "dev/hostenv: host '$name' is already up" >&2; exit 1
+        fi
+        [ -e "$(he_dir "$name")" ] && he_teardown "$name" >/dev/null 2>&1
+    done
+    mkdir -p "$HE_RUN"
+    for name in "$@"; do
+        local log="$LOGDIR/hostenv-up-$name.log"
+        if ! he_prepare "$name" >"$log" 2>&1; then
+            echo "dev/hostenv: step 'prepare overlay for $name' FAILED" >&2
+            he_log_tail "$log"; he_teardown "$name" >/dev/null 2>&1; exit 1
+        fi
+        he_boot "$name"
+    done
+    local failed=0
+    for name in "$@"; do
+        if ! he_wait_ready "$name" 2>"$LOGDIR/hostenv-wait-$name.log"; then
+            echo "dev/hostenv: step 'boot $name' FAILED" >&2
+            cat "$LOGDIR/hostenv-wait-$name.log" >&2
+            he_log_tail "$(he_dir "$name")/console.log"
+            failed=1
+        else
+            cat "$LOGDIR/hostenv-wait-$name.log" >&2
+            echo "$name $(he_pid "$name" leader)"
+        fi
+    done
+    if [ "$failed" = 1 ]; then
+        for name in "$@"; do he_teardown "$name" >/dev/null 2>&1 || true; done
+        exit 1
+    fi
+    printf 'dev/hostenv: up %s in %.1fs\n' "$*" "$(echo "$(date +%s.%N) - $t0" | bc 2>/dev/null || echo 0)" >&2
+}
+
+cmd_exec() {
+    local name="${1:-}"; [ -n "$name" ] || { echo "usage: dev/hostenv exec NAME [--user U] [-E K=V]... [--] CMD..." >&2; exit 2; }
+    shift
+    local user=root cwd="$ROOT" props=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --user|-u) user="$2"; shift 2 ;;
+            --user=*) user="${1#--user=}"; shift ;;
+            -E|--setenv) props+=(-E "$2"); shift 2 ;;
+            --cwd) cwd="$2"; shift 2 ;;
+            --) shift; break ;;
+            *) break ;;
+        esac
+    done
+    [ $# -ge 1 ] || { echo "dev/hostenv exec: no command" >&2; exit 2; }
+    local leader; leader=$(he_pid "$name" leader)
+    if ! he_alive "$leader"; then echo "dev/hostenv: host '$name' is not up" >&2; exit 125; fi
+    if [ "$user" != root ]; then
+        local uid; uid=$(he_in "$leader" id -u "$user") || exit 125
+        props+=(-E "XDG_RUNTIME_DIR=/run/user/$uid"
+                -E "DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus")
+    fi
+    exec nsenter -t "$leader" -a -- systemd-run --quiet --wait --pipe --collect \
+        --service-type=exec -p User="$user" -p WorkingDirectory="$cwd" "${props[@]}" -- "$@"
+}
+
+cmd_shell() {
+    local leader; leader=$(he_pid "${1:?usage: dev/hostenv shell NAME}" leader)
+    he_alive "$leader" || { echo "dev/hostenv: host '$1' is not up" >&2; exit 1; }
+    exec nsenter -t "$leader" -a -- env -i TERM="${TERM:-xterm}" HOME=/root \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin bash -l
+}
+
+# Kill whatever is left in a host's cgroups (after nspawn is gone or would not stop).
+he_kill_cgroups() {
+    local dir="$1" cg p i
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        local left=0
+        while read -r cg; do
+            [ -d "$cg" ] || continue
+            for p in $(find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null); do
+                kill -KILL "$p" 2>/dev/null && left=1
+            done
+        done < "$dir/cgroups"
+        [ "$left" = 0 ] && return 0
+        sleep 0.2
+    done
+}
+
+# he_teardown NAME: stop the host if it runs, then remove everything it made.
+he_teardown() {
+    local name="$1" dir; dir=$(he_dir "$1")
+    [ -d "$dir" ] || return 0
+    local nspawn; nspawn=$(he_pid "$name" nspawn)
+    if he_alive "$nspawn"; then
+        # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: a clean poweroff.
+        kill -TERM "$nspawn"
+        local i
+        for i in $(seq 1 300); do he_alive "$nspawn" || break; sleep 0.1; done
+        if he_alive "$nspawn"; then
+            echo "host '$name' did not power off in 30s; killing it" >&2
+            kill -KILL "$nspawn" 2>/dev/null || true
+        fi
+    fi
+    [ -f "$dir/cgroups" ] && he_kill_cgroups "$dir"
+    if mountpoint -q "$dir/root"; then
+        umount "$dir/root" 2>/dev/null || { sleep 0.5; umount "$dir/root" || umount -l "$dir/root"; }
+    fi
+    if [ -f "$dir/cgroups" ]; then
+        local cg
+        while read -r cg; do
+            [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+            rmdir "$(dirname "$cg")" 2>/dev/null || true
+        done < "$dir/cgroups"
+    fi
+    rm -rf "$dir"
+    rmdir "$HE_RUN" 2>/dev/null || true
+}
+
+cmd_down() {
+    [ $# -ge 1 ] || { echo "usage: dev/hostenv down NAME... | --all" >&2; exit 2; }
+    local names=() name
+    if [ "$1" = --all ]; then
+        [ -d "$HE_RUN" ] && for name in "$HE_RUN"/*/; do [ -d "$name" ] && names+=("$(basename "$name")"); done
+    else
+        for name in "$@"; do he_check_name "$name"; names+=("$name"); done
+    fi
+    [ ${#names[@]} -gt 0 ] || return 0
+    local pids=() rc=0
+    for name in "${names[@]}"; do
+        he_teardown "$name" >"$LOGDIR/hostenv-down-$name.log" 2>&1 &
+        pids+=($!)
+    done
+    local i=0
+    for name in "${names[@]}"; do
+        if ! wait "${pids[$i]}" || [ -e "$(he_dir "$name")" ]; then
+            echo "dev/hostenv: step 'down $name' FAILED" >&2
+            he_log_tail "$LOGDIR/hostenv-down-$name.log"; rc=1
+        fi
+        i=$((i + 1))
+    done
+    return "$rc"
+}
+
+cmd_status() {
+    [ -d "$HE_RUN" ] || { echo "no hosts"; return 0; }
+    local d name nspawn leader state
+    printf '%-16s %-8s %-8s %s\n' NAME NSPAWN LEADER STATE
+    for d in "$HE_RUN"/*/; do
+        [ -d "$d" ] || continue
+        name=$(basename "$d"); nspawn=$(he_pid "$name" nspawn); leader=$(he_pid "$name" leader)
+        if he_alive "$leader"; then
+            state=$(he_in "$leader" systemctl is-system-running 2>/dev/null || true)
+        elif he_alive "$nspawn"; then state=booting
+        else state="dead (clean up: dev/hostenv down $name)"; fi
+        printf '%-16s %-8s %-8s %s\n' "$name" "${nspawn:--}" "${leader:--}" "$state"
+    done
+}
