@@ -1,0 +1,1 @@
+"""meshletd's daemon: lifecycle, the API methods, and the node they talk to."""

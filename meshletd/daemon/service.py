@@ -1,0 +1,221 @@
+"""The daemon's life: start the transports, tell systemd, serve, reload, stop.
+
+Order matters for `Type=notify`: READY=1 is sent only once the control socket listens
+(so `systemctl start meshletd && meshletctl status` works) and the node has loaded its
+view. SIGTERM/SIGINT stop the daemon without stopping replicas (they are adopted on the
+next start); SIGHUP reloads the configuration (RELOADING=1 … READY=1).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshletd import config as config_mod
+from meshletd.config import Config, Credentials
+from meshletd.daemon import methods
+from meshletd.daemon.node import InMemoryNode, Node
+from meshletd.errors import ConfigError
+from meshletd.notify import SdNotifier, run_watchdog, watchdog_interval
+from meshletd.store import StateStore
+from meshletd.xrpc.app import XrpcApp
+from meshletd.xrpc.auth import ServiceAuthVerifier, SigningKeyResolver
+from meshletd.xrpc.http import serve_tcp, serve_unix
+
+log = logging.getLogger("meshletd")
+
+
+def _gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def capacity_of(cfg: Config) -> dict[str, int]:
+    return {
+        "milliCpu": cfg.contribution.milli_cpu,
+        "memoryMiB": cfg.contribution.memory_mib,
+        "storageMiB": cfg.contribution.storage_mib,
+    }
+
+
+def default_node(cfg: Config) -> Node:
+    return InMemoryNode(
+        cfg.did,
+        cfg.owner,
+        members=cfg.members,
+        capacity=capacity_of(cfg),
+        clusters={c.name: list(c.members) for c in cfg.clusters},
+    )
+
+
+class Daemon:
+    """One running meshletd. Build it, then `await run()` (or `nursery.start(d.run)`)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        credentials: Credentials | None = None,
+        *,
+        config_path: Path | None = None,
+        node: Node | None = None,
+        notifier: Any = None,
+        key_resolver: SigningKeyResolver | None = None,
+        environ: dict[str, str] | None = None,
+        handle_signals: bool = True,
+        store: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.credentials = credentials or Credentials()
+        self.config_path = config_path
+        self.node: Node = node or default_node(cfg)
+        env = dict(os.environ if environ is None else environ)
+        self.notifier = notifier if notifier is not None else SdNotifier(env)
+        self.watchdog_interval = watchdog_interval(env)
+        self.handle_signals = handle_signals
+        self.store = store if store is not None else StateStore(cfg.state_dir)
+        if key_resolver is None:
+            from meshletd.xrpc.auth import IdResolverKeys
+
+            key_resolver = IdResolverKeys(plc_url=cfg.plc_url)
+        self.verifier = ServiceAuthVerifier(cfg.did, key_resolver)
+        self.app = self._build_app()
+        self.tcp_address: tuple[str, int] | None = None
+        self._stop = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.stop_replicas_on_exit = False
+
+    def _build_app(self) -> XrpcApp:
+        admin = _gid(self.cfg.control.admin_group)
+        reader = _gid(self.cfg.control.group)
+        app = XrpcApp(
+            verifier=self.verifier,
+            is_member=self.node.is_member,
+            owner_did=self.cfg.owner,
+            admin_gids=frozenset({admin} if admin is not None else ()),
+            reader_gids=frozenset({reader} if reader is not None else ()),
+        )
+        methods.install(app, self.node, on_shutdown=self._shutdown_requested)
+        return app
+
+    def request_stop(self, stop_replicas: bool = False) -> None:
+        self.stop_replicas_on_exit = stop_replicas
+        self._stop.set()
+
+    def _shutdown_requested(self, stop_replicas: bool) -> None:
+        # Called from a request handler: let its response go out before the servers stop.
+        self.stop_replicas_on_exit = stop_replicas
+
+        async def later() -> None:
+            await trio.sleep(0.2)
+            self._stop.set()
+
+        if self._nursery is not None:
+            self._nursery.start_soon(later)
+        else:
+            self._stop.set()
+
+    def _status(self) -> str:
+        return self.node.status_line()
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        log.info(
+            "meshletd starting: meshlet %s owned by %s, %d member(s)",
+            cfg.did,
+            cfg.owner,
+            len(cfg.members),
+        )
+        self.notifier.status("starting")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.handle_signals:
+                await nursery.start(self._signals)
+            await nursery.start(
+                serve_unix,
+                self.app.unix_handler,
+                cfg.listen.control_socket,
+            )
+            # Group after bind: serve_unix sets mode; chown here where we know the config.
+            self._chgrp_socket()
+            listeners = await nursery.start(
+                serve_tcp, self.app.tcp_handler, cfg.listen.xrpc_host, cfg.listen.xrpc_port
+            )
+            sockname = listeners[0].socket.getsockname()
+            self.tcp_address = (sockname[0], sockname[1])
+            log.info(
+                "listening: xrpc on %s:%d, control on %s",
+                *self.tcp_address,
+                cfg.listen.control_socket,
+            )
+            if self.watchdog_interval:
+                nursery.start_soon(run_watchdog, self.notifier, self.watchdog_interval)
+            self.notifier.ready(self._status())
+            log.info("meshletd ready: %s", self._status())
+            nursery.start_soon(self._status_loop)
+            task_status.started(self)
+            await self._stop.wait()
+            log.info("meshletd stopping (replicas keep running; they are adopted on start)")
+            self.notifier.stopping("stopping")
+            nursery.cancel_scope.cancel()
+        self._nursery = None
+        self.notifier.status("stopped")
+
+    def _chgrp_socket(self) -> None:
+        gid = _gid(self.cfg.control.group)
+        if gid is None:
+            log.warning(
+                "group %r does not exist: the control socket is usable by root only",
+                self.cfg.control.group,
+            )
+            return
+        try:
+            os.chown(self.cfg.listen.control_socket, -1, gid)
+        except OSError as e:
+            log.warning("cannot give the control socket to group %s: %s", self.cfg.control.group, e)
+
+    async def _status_loop(self) -> None:
+        last = None
+        while True:
+            line = self._status()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await trio.sleep(5)
+
+    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.request_stop()
+
+    async def reload(self) -> None:
+        """Re-read the config file; apply what can change live, keep the rest."""
+        self.notifier.reloading()
+        log.info("reloading configuration from %s", self.config_path)
+        try:
+            if self.config_path is None:
+                raise ConfigError("no configuration file to reload")
+            new = config_mod.load(self.config_path)
+            if (new.did, new.owner) != (self.cfg.did, self.cfg.owner):
+                raise ConfigError(f"{self.config_path}: did/owner cannot change on reload")
+            if new.listen != self.cfg.listen:
+                log.warning("listen addresses changed: they apply at the next restart")
+            await self.node.reconfigure(new.members, capacity_of(new))
+            self.cfg = new.model_copy(update={"listen": self.cfg.listen})
+            self.app.owner_did = self.cfg.owner
+            log.info("configuration reloaded: %d member(s)", len(self.cfg.members))
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e.message)
+        self.notifier.ready(self._status())

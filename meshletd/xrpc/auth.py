@@ -1,0 +1,178 @@
+"""Service-auth JWTs from peers: who is calling, and may they call this method now.
+
+The atproto SDK's `verify_jwt_async` checks the signature against the issuer's DID
+document key, `aud` and `exp`. It does not check `lxm` (the method the token is for), does
+not require `exp` or `jti`, and keeps no memory of used tokens. We add those:
+
+- `exp` required, and at most `MAX_LIFETIME` seconds ahead (a leaked long token is a risk);
+- `lxm` must equal the NSID being called (a token for `ping` cannot delete a workload);
+- `jti` required, and each (iss, jti) accepted once until its `exp` (replay cache);
+- `iss` must be a bare DID (no `#service` fragment).
+
+Key resolution is behind `SigningKeyResolver` so tests can use keys they made themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from meshletd.errors import (
+    BadJwt,
+    BadJwtAudience,
+    BadJwtLexiconMethod,
+    BadJwtSignature,
+    JwtExpired,
+    JwtReplayed,
+)
+
+MAX_LIFETIME = 3600
+LEEWAY = 5
+
+
+class SigningKeyResolver(Protocol):
+    async def signing_key(self, did: str, force_refresh: bool) -> str:
+        """The issuer's atproto signing key as a `did:key:…` string."""
+        ...
+
+
+class ReplayCache:
+    """Remembers (iss, jti) pairs until their token expires; bounded in size."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._seen: dict[tuple[str, str], float] = {}
+        self._max = max_entries
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_add(self, iss: str, jti: str, exp: float, now: float) -> bool:
+        """True if new (and now remembered); False if this token was already used."""
+        if len(self._seen) >= self._max:
+            self._purge(now)
+        key = (iss, jti)
+        if key in self._seen and self._seen[key] > now - LEEWAY:
+            return False
+        if len(self._seen) >= self._max:
+            # Still full of live tokens: refuse rather than forget (forgetting allows replay).
+            return False
+        self._seen[key] = exp
+        return True
+
+    def _purge(self, now: float) -> None:
+        cutoff = now - LEEWAY
+        self._seen = {k: v for k, v in self._seen.items() if v > cutoff}
+
+
+class ServiceAuthVerifier:
+    """Verifies `Authorization: Bearer <service JWT>` for this meshlet's DID."""
+
+    def __init__(
+        self,
+        own_did: str,
+        resolver: SigningKeyResolver,
+        *,
+        clock: Callable[[], float] = time.time,
+        replay_cache: ReplayCache | None = None,
+    ) -> None:
+        self.own_did = own_did
+        self._resolver = resolver
+        self._clock = clock
+        self._replay = replay_cache or ReplayCache()
+
+    async def verify(self, token: str, nsid: str) -> str:
+        """The verified issuer DID, or raise a `BadJwt…`/`JwtExpired`/`JwtReplayed` error."""
+        from atproto_server.auth import jwt as sdk_jwt
+        from atproto_server.exceptions import (
+            TokenDecodeError,
+            TokenExpiredSignatureError,
+            TokenImmatureSignatureError,
+            TokenInvalidAudienceError,
+            TokenInvalidIssuedAtError,
+            TokenInvalidSignatureError,
+        )
+
+        # Claims first (cheap, no network): refuse before resolving any DID.
+        try:
+            payload = sdk_jwt.get_jwt_payload(token)
+        except TokenDecodeError as e:
+            raise BadJwt(f"malformed token: {e}") from None
+        now = self._clock()
+        if payload.exp is None:
+            raise BadJwt("token has no exp")
+        if payload.exp <= now - LEEWAY:
+            raise JwtExpired("token has expired")
+        if payload.exp > now + MAX_LIFETIME + LEEWAY:
+            raise BadJwt(f"token lives longer than {MAX_LIFETIME} s")
+        if payload.aud != self.own_did:
+            raise BadJwtAudience(f"token is for {payload.aud!r}, not this meshlet")
+        lxm = (payload.model_extra or {}).get("lxm")
+        if lxm != nsid:
+            raise BadJwtLexiconMethod(f"token is for method {lxm!r}, not {nsid}")
+        if not payload.jti:
+            raise BadJwt("token has no jti")
+        iss = payload.iss
+        if not iss or not iss.startswith("did:") or "#" in iss:
+            raise BadJwt("token iss must be a DID")
+
+        async def get_key(did: str, force_refresh: bool) -> str:
+            try:
+                return await self._resolver.signing_key(did, force_refresh)
+            except Exception as e:
+                raise _Unresolvable(str(e)) from e
+
+        try:
+            # The SDK checks exp against the wall clock itself; our own (injectable) clock
+            # has already decided expiry above, so give it the same leeway.
+            await sdk_jwt.verify_jwt_async(token, get_key, own_did=self.own_did, leeway=LEEWAY)
+        except _Unresolvable as e:
+            raise BadJwt(f"cannot resolve the signing key of {iss}: {e}") from None
+        except TokenExpiredSignatureError:
+            raise JwtExpired("token has expired") from None
+        except TokenInvalidAudienceError:
+            raise BadJwtAudience("token is not for this meshlet") from None
+        except TokenInvalidSignatureError:
+            raise BadJwtSignature(f"signature does not match the key of {iss}") from None
+        except (TokenImmatureSignatureError, TokenInvalidIssuedAtError) as e:
+            raise BadJwt(f"token not valid yet: {e}") from None
+        except TokenDecodeError as e:
+            raise BadJwt(f"malformed token: {e}") from None
+        # Only a verified token may consume its jti (else anyone could burn others' jtis).
+        if not self._replay.check_and_add(iss, payload.jti, float(payload.exp), now):
+            raise JwtReplayed("token was already used")
+        return iss
+
+
+class _Unresolvable(Exception):
+    pass
+
+
+class IdResolverKeys:
+    """`SigningKeyResolver` over the SDK's `AsyncIdResolver` (did:plc via PLC, did:web)."""
+
+    def __init__(self, plc_url: str | None = None, timeout: float = 5.0) -> None:
+        from atproto_identity.resolver import AsyncIdResolver
+
+        self._resolver = AsyncIdResolver(plc_url=plc_url, timeout=timeout)
+
+    async def signing_key(self, did: str, force_refresh: bool) -> str:
+        key = await self._resolver.did.resolve_atproto_key(did, force_refresh)
+        if not key:
+            raise LookupError(f"{did} has no atproto signing key")
+        return key
+
+
+class StaticKeys:
+    """`SigningKeyResolver` from a fixed DID → did:key map (tests, and pinned peers)."""
+
+    def __init__(self, keys: dict[str, str] | None = None) -> None:
+        self.keys = dict(keys or {})
+        self.lookups = 0
+
+    async def signing_key(self, did: str, force_refresh: bool) -> str:
+        self.lookups += 1
+        try:
+            return self.keys[did]
+        except KeyError:
+            raise LookupError(f"unknown DID {did}") from None

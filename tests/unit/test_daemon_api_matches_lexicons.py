@@ -1,0 +1,68 @@
+"""The API's method table agrees with lexicons/farm/meshlet/*.json (the source of truth)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from meshletd.daemon import methods
+from meshletd.daemon.node import InMemoryNode
+from meshletd.xrpc.app import XrpcApp
+
+LEXICONS = Path(__file__).parents[2] / "lexicons" / "farm" / "meshlet"
+
+# Methods the lexicons declare that this daemon does not serve yet (see issue notes).
+NOT_YET = {"farm.meshlet.getSecret"}
+
+
+def table() -> XrpcApp:
+    app = XrpcApp()
+    methods.install(app, InMemoryNode("did:plc:m", "did:plc:o"), on_shutdown=lambda _: None)
+    return app
+
+
+def lexicon_methods() -> dict[str, dict]:
+    out = {}
+    for f in LEXICONS.glob("*.json"):
+        doc = json.loads(f.read_text())
+        main = doc["defs"].get("main")
+        if main and main["type"] in ("query", "procedure"):
+            out[doc["id"]] = main
+    return out
+
+
+def test_every_lexicon_method_is_served_with_its_kind() -> None:
+    app = table()
+    lex = lexicon_methods()
+    assert lex, "no farm.meshlet lexicons found"
+    for nsid, main in lex.items():
+        if nsid in NOT_YET:
+            continue
+        assert nsid in app.methods, f"{nsid} is in the lexicons but not served"
+        assert app.methods[nsid].kind == main["type"], nsid
+
+
+def test_served_peer_methods_exist_in_the_lexicons() -> None:
+    lex = lexicon_methods()
+    for nsid in table().methods:
+        if nsid.startswith("farm.meshlet.ctl."):
+            continue  # control-socket only
+        assert nsid in lex, f"{nsid} is served but has no lexicon"
+
+
+def test_query_parameters_match_the_lexicons() -> None:
+    app = table()
+    for nsid, main in lexicon_methods().items():
+        if nsid in NOT_YET or main["type"] != "query":
+            continue
+        declared = main.get("parameters", {}).get("properties", {})
+        required = set(main.get("parameters", {}).get("required", []))
+        served = app.methods[nsid].params
+        assert set(served) == set(declared), nsid
+        for name, spec in declared.items():
+            p = served[name]
+            assert p.type == spec["type"], (nsid, name)
+            assert p.required == (name in required), (nsid, name)
+            assert p.default == spec.get("default"), (nsid, name)
+            assert p.minimum == spec.get("minimum"), (nsid, name)
+            assert p.maximum == spec.get("maximum"), (nsid, name)

@@ -1,0 +1,300 @@
+"""The XRPC API on both transports: service auth for peers, peer credentials locally."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from meshletd.config import Cluster, Config, Control, Listen
+from meshletd.daemon.service import Daemon
+from meshletd.notify import RecordingNotifier
+from meshletd.store import MemoryStore
+from meshletd.xrpc.auth import StaticKeys
+from meshletd.xrpc.http import PeerCred
+from meshletd.xrpc.testing import TokenIssuer
+
+ME = "did:plc:alicemesh"
+ALICE = "did:plc:alice"
+BOB = "did:plc:bob"
+MALLORY = "did:plc:mallory"
+
+issuers = {did: TokenIssuer(did) for did in (ALICE, BOB, MALLORY)}
+IMPOSTOR = TokenIssuer(BOB)  # claims to be bob, signs with another key
+
+
+def config(tmp_path: Path) -> Config:
+    return Config(
+        did=ME,
+        owner=ALICE,
+        pds="http://127.0.0.1:1",
+        clusters=[Cluster(name="friends", members=[BOB])],
+        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
+        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
+        state_dir=tmp_path / "state",
+    )
+
+
+class Running:
+    def __init__(self, daemon: Daemon, notifier: RecordingNotifier) -> None:
+        self.daemon = daemon
+        self.notifier = notifier
+        host, port = daemon.tcp_address
+        self.tcp = httpx.AsyncClient(base_url=f"http://{host}:{port}")
+        self.unix = httpx.AsyncClient(
+            base_url="http://localhost",
+            transport=httpx.AsyncHTTPTransport(uds=str(daemon.cfg.listen.control_socket)),
+        )
+
+    async def call(
+        self,
+        nsid: str,
+        *,
+        who: str | None = None,
+        token: str | None = None,
+        params: dict | None = None,
+        body: dict | None = None,
+    ) -> httpx.Response:
+        headers = {}
+        if who is not None:
+            token = issuers[who].token(ME, nsid)
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        if body is None:
+            return await self.tcp.get(f"/xrpc/{nsid}", params=params, headers=headers)
+        return await self.tcp.post(f"/xrpc/{nsid}", json=body, headers=headers)
+
+
+@pytest.fixture
+async def running(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Running]:
+    notifier = RecordingNotifier()
+    keys = StaticKeys({did: i.did_key for did, i in issuers.items()})
+    daemon = Daemon(
+        config(tmp_path),
+        notifier=notifier,
+        key_resolver=keys,
+        handle_signals=False,
+        environ={},
+        store=MemoryStore(),
+    )
+    await nursery.start(daemon.run)
+    r = Running(daemon, notifier)
+    yield r
+    await r.tcp.aclose()
+    await r.unix.aclose()
+    daemon.request_stop()
+
+
+async def make_workload(r: Running, name: str = "web") -> str:
+    resp = await r.unix.post(
+        "/xrpc/farm.meshlet.ctl.createWorkload",
+        json={
+            "record": {
+                "name": name,
+                "image": "localhost/busybox",
+                "replicas": 1,
+                "resources": {"milliCpu": 100, "memoryMiB": 64},
+                "kind": "service",
+                "cluster": "friends",
+            }
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["uri"]
+
+
+def error(resp: httpx.Response) -> str:
+    return resp.json()["error"]
+
+
+async def test_ready_is_sent_after_the_control_socket_listens(running: Running) -> None:
+    assert running.daemon.cfg.listen.control_socket.is_socket()
+    ready = [m for m in running.notifier.messages if m.get("READY") == "1"]
+    assert ready and ready[0]["STATUS"] == "1 member, 0 replicas"
+
+
+async def test_ping_needs_no_token(running: Running) -> None:
+    resp = await running.call("farm.meshlet.ping")
+    assert resp.status_code == 200
+    assert resp.json()["did"] == ME and resp.json()["state"] == "active"
+
+
+async def test_a_member_with_a_valid_token_is_served(running: Running) -> None:
+    resp = await running.call("farm.meshlet.getCapacity", who=BOB)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["capacity"]["total"]["milliCpu"] == 1000
+
+
+async def test_no_token_means_auth_required(running: Running) -> None:
+    resp = await running.call("farm.meshlet.getCapacity")
+    assert resp.status_code == 401 and error(resp) == "AuthRequired"
+    resp = await running.tcp.get(
+        "/xrpc/farm.meshlet.getCapacity", headers={"authorization": "Basic abc"}
+    )
+    assert error(resp) == "AuthRequired"
+
+
+async def test_a_verified_stranger_is_not_a_member(running: Running) -> None:
+    resp = await running.call("farm.meshlet.getCapacity", who=MALLORY)
+    assert resp.status_code == 403 and error(resp) == "Forbidden"
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: issuers[BOB].token(ME, "farm.meshlet.getCapacity", exp=1_000_000), "JwtExpired"),
+        (lambda: issuers[BOB].token("did:plc:other", "farm.meshlet.getCapacity"), "BadJwtAudience"),
+        (lambda: issuers[BOB].token(ME, "farm.meshlet.ping"), "BadJwtLexiconMethod"),
+        (lambda: issuers[BOB].token(ME, None), "BadJwtLexiconMethod"),
+        (lambda: IMPOSTOR.token(ME, "farm.meshlet.getCapacity"), "BadJwtSignature"),
+        (lambda: TokenIssuer("did:plc:nobody").token(ME, "farm.meshlet.getCapacity"), "BadJwt"),
+        (lambda: issuers[BOB].token(ME, "farm.meshlet.getCapacity", ttl=7200), "BadJwt"),
+        (lambda: issuers[BOB].token(ME, "farm.meshlet.getCapacity", jti=""), "BadJwt"),
+        (lambda: "not.a.jwt", "BadJwt"),
+        (lambda: issuers[BOB].token(ME, "farm.meshlet.getCapacity", iss=BOB + "#svc"), "BadJwt"),
+    ],
+    ids=[
+        "expired",
+        "wrong-aud",
+        "wrong-lxm",
+        "no-lxm",
+        "bad-signature",
+        "unknown-issuer",
+        "too-long-lived",
+        "no-jti",
+        "garbage",
+        "iss-fragment",
+    ],
+)
+async def test_bad_tokens_are_refused_with_their_error_name(running: Running, make, name) -> None:
+    resp = await running.call("farm.meshlet.getCapacity", token=make())
+    assert resp.status_code == 401, resp.text
+    assert error(resp) == name
+
+
+async def test_a_replayed_token_is_refused(running: Running) -> None:
+    token = issuers[BOB].token(ME, "farm.meshlet.getCapacity")
+    assert (await running.call("farm.meshlet.getCapacity", token=token)).status_code == 200
+    resp = await running.call("farm.meshlet.getCapacity", token=token)
+    assert resp.status_code == 401 and error(resp) == "JwtReplayed"
+
+
+async def test_a_token_without_exp_is_refused(running: Running) -> None:
+    token = issuers[BOB].token(ME, "farm.meshlet.getCapacity", extra={"exp": None})
+    resp = await running.call("farm.meshlet.getCapacity", token=token)
+    assert error(resp) == "BadJwt"
+
+
+async def test_only_the_workload_owner_may_delete_it(running: Running) -> None:
+    uri = await make_workload(running)
+    resp = await running.call("farm.meshlet.deleteWorkload", who=BOB, body={"uri": uri})
+    assert resp.status_code == 403 and error(resp) == "Forbidden"
+    resp = await running.call("farm.meshlet.pauseWorkload", who=BOB, body={"uri": uri})
+    assert error(resp) == "Forbidden"
+    resp = await running.call("farm.meshlet.deleteWorkload", who=ALICE, body={"uri": uri})
+    assert resp.status_code == 200, resp.text
+    resp = await running.call("farm.meshlet.getWorkloadStatus", who=BOB, params={"uri": uri})
+    assert resp.status_code == 404 and error(resp) == "NotFound"
+
+
+async def test_pause_and_resume_by_the_owner(running: Running) -> None:
+    uri = await make_workload(running)
+    resp = await running.call("farm.meshlet.pauseWorkload", who=ALICE, body={"uri": uri})
+    assert resp.status_code == 200
+    status = await running.call("farm.meshlet.getWorkloadStatus", who=BOB, params={"uri": uri})
+    assert status.json()["workload"]["paused"] is True
+    assert status.json()["replicas"][0]["state"] == "paused"
+    await running.call("farm.meshlet.resumeWorkload", who=ALICE, body={"uri": uri})
+    status = await running.call("farm.meshlet.getWorkloadStatus", who=BOB, params={"uri": uri})
+    assert status.json()["replicas"][0]["state"] == "running"
+
+
+async def test_only_this_meshlets_owner_may_drain_it_over_the_network(running: Running) -> None:
+    resp = await running.call("farm.meshlet.drain", who=BOB, body={})
+    assert resp.status_code == 403 and error(resp) == "Forbidden"
+    resp = await running.call("farm.meshlet.drain", who=ALICE, body={})
+    assert resp.json() == {"state": "draining"}
+    resp = await running.call("farm.meshlet.undrain", who=ALICE, body={})
+    assert resp.json() == {"state": "active"}
+
+
+async def test_control_methods_are_not_reachable_over_tcp(running: Running) -> None:
+    for nsid in ("farm.meshlet.putSecret", "farm.meshlet.shutdown"):
+        resp = await running.call(nsid, who=ALICE, body={})
+        assert resp.status_code == 403, nsid
+    resp = await running.call("farm.meshlet.ctl.getStatus", who=ALICE)
+    assert resp.status_code == 403
+
+
+async def test_malformed_calls_get_stable_error_names(running: Running) -> None:
+    resp = await running.tcp.get("/xrpc/farm.meshlet.nothing")
+    assert resp.status_code == 501 and error(resp) == "MethodNotImplemented"
+    resp = await running.tcp.post("/xrpc/farm.meshlet.ping", json={})
+    assert resp.status_code == 400 and error(resp) == "InvalidRequest"
+    resp = await running.call("farm.meshlet.listWorkloads", who=BOB, params={"limit": "x"})
+    assert error(resp) == "InvalidRequest"
+    resp = await running.call("farm.meshlet.listWorkloads", who=BOB, params={"limit": "0"})
+    assert error(resp) == "InvalidRequest"
+    resp = await running.call("farm.meshlet.getWorkloadStatus", who=BOB)
+    assert error(resp) == "InvalidRequest" and "uri" in resp.json()["message"]
+    resp = await running.tcp.get("/other")
+    assert resp.status_code == 501
+
+
+async def test_list_workloads_pages_with_a_cursor(running: Running) -> None:
+    for i in range(3):
+        await make_workload(running, f"w{i}")
+    first = (await running.call("farm.meshlet.listWorkloads", who=BOB, params={"limit": 2})).json()
+    assert len(first["workloads"]) == 2 and first["cursor"]
+    rest = await running.call(
+        "farm.meshlet.listWorkloads", who=BOB, params={"limit": 2, "cursor": first["cursor"]}
+    )
+    assert [w["name"] for w in rest.json()["workloads"]] == ["w2"]
+    assert "cursor" not in rest.json()
+
+
+async def test_root_on_the_control_socket_may_read_and_mutate(running: Running) -> None:
+    resp = await running.unix.get("/xrpc/farm.meshlet.ctl.getStatus")
+    assert resp.status_code == 200 and resp.json()["did"] == ME
+    value = base64.b64encode(b"hunter2").decode()
+    resp = await running.unix.post(
+        "/xrpc/farm.meshlet.putSecret", json={"name": "db", "value": {"$bytes": value}}
+    )
+    assert resp.status_code == 200
+    resp = await running.unix.post("/xrpc/farm.meshlet.drain", json={})
+    assert resp.json()["state"] == "draining"
+
+
+async def test_local_callers_are_sorted_by_group(running: Running) -> None:
+    app = running.daemon.app
+    app.reader_gids, app.admin_gids = frozenset({500}), frozenset({501})
+    nobody = app.local_caller(PeerCred(pid=1, uid=1000, gid=1000, groups=frozenset({1000})))
+    reader = app.local_caller(PeerCred(pid=1, uid=1000, gid=1000, groups=frozenset({500})))
+    admin = app.local_caller(PeerCred(pid=1, uid=1000, gid=1000, groups=frozenset({501})))
+    root = app.local_caller(PeerCred(pid=1, uid=0, gid=0))
+    assert (nobody.is_reader, nobody.is_admin) == (False, False)
+    assert (reader.is_reader, reader.is_admin) == (True, False)
+    assert (admin.is_reader, admin.is_admin) == (True, True)
+    assert root.is_admin
+    query = app.methods["farm.meshlet.ctl.getStatus"]
+    procedure = app.methods["farm.meshlet.drain"]
+    from meshletd.errors import Forbidden
+
+    app._authorize(reader, query)
+    with pytest.raises(Forbidden):
+        app._authorize(nobody, query)
+    with pytest.raises(Forbidden, match="admin group"):
+        app._authorize(reader, procedure)
+    app._authorize(admin, procedure)
+
+
+async def test_shutdown_over_the_control_socket_stops_the_daemon(running: Running) -> None:
+    resp = await running.unix.post("/xrpc/farm.meshlet.shutdown", json={})
+    assert resp.status_code == 200
+    with trio.fail_after(5):
+        while not any(m.get("STOPPING") == "1" for m in running.notifier.messages):
+            await trio.sleep(0.01)
