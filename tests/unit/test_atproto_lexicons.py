@@ -137,7 +137,7 @@ def test_nested_refs_are_validated():
         "createdAt": NOW,
         "capacity": {"milliCpu": -1, "memoryMiB": 512},
     }
-    with pytest.raises(InvalidRecord, match="capacity.milliCpu: below the minimum"):
+    with pytest.raises(InvalidRecord, match=r"capacity\.milliCpu: below the minimum"):
         validate_record("commune.scheduler.meshletOwner", owner)
 
 
