@@ -128,6 +128,25 @@ unqualified-search-registries = []
 short-name-mode = "permissive"
 CONF
 
+# Rootless podman keeps its user namespace alive with a pause process, started by the first
+# podman call. Started inside a unit, it dies with that unit, and podman 4.3 then fails
+# every later call ("invalid internal status ... podman system migrate"). Hold it here.
+cat > /etc/systemd/system/meshlet-podman-pause.service <<'UNIT'
+[Unit]
+Description=Rootless podman user namespace (pause process) for user meshlet
+After=user@1000.service
+Wants=user@1000.service
+
+[Service]
+User=meshlet
+Environment=XDG_RUNTIME_DIR=/run/user/1000 HOME=/home/meshlet
+ExecStart=/usr/bin/podman unshare /bin/sleep infinity
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl enable meshlet-podman-pause.service >/dev/null 2>&1
+
 # A quiet, quick boot: no getty on the console, volatile journal, no firstboot questions.
 systemctl mask console-getty.service getty@tty1.service systemd-firstboot.service \
     systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
@@ -153,19 +172,21 @@ he_stage_configure() {
 
 # localhost/busybox:latest in meshlet's rootless storage, built from busybox-static.
 he_stage_image() {
-    he_nspawn --user=meshlet --chdir=/home/meshlet -E HOME=/home/meshlet \
-        -E XDG_RUNTIME_DIR=/tmp/meshlet-run sh -ec '
-        mkdir -p /tmp/meshlet-run && chmod 700 /tmp/meshlet-run
+    # XDG_RUNTIME_DIR as on the booted host: podman records its run/tmp dirs in its database.
+    he_nspawn sh -ec '
+        install -d -m 700 -o meshlet -g meshlet /run/user/1000
         d=$(mktemp -d); mkdir -p "$d/bin" "$d/etc" "$d/tmp" "$d/proc" "$d/sys" "$d/dev"
         cp /bin/busybox "$d/bin/busybox"
         for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox "$d/bin/$a"; done
         echo "root:x:0:0:root:/root:/bin/sh" > "$d/etc/passwd"
         echo "root:x:0:" > "$d/etc/group"
-        tar -C "$d" -cf /tmp/bb.tar .
-        podman rmi -f localhost/busybox:latest >/dev/null 2>&1 || true
-        podman import --change "CMD [\"/bin/sh\"]" /tmp/bb.tar localhost/busybox:latest
-        podman image ls
-        rm -rf "$d" /tmp/bb.tar /tmp/meshlet-run'
+        tar -C "$d" -cf /tmp/bb.tar . && chmod 644 /tmp/bb.tar && rm -rf "$d"
+        rm -rf /home/meshlet/.local/share/containers
+        cd /home/meshlet
+        runuser -u meshlet -- env HOME=/home/meshlet XDG_RUNTIME_DIR=/run/user/1000 sh -ec "
+            podman import --change \"CMD [\\\"/bin/sh\\\"]\" /tmp/bb.tar localhost/busybox:latest
+            podman image ls"
+        rm -f /tmp/bb.tar'
 }
 
 # The venv's requirements: the project's runtime deps plus the test runner.
@@ -244,10 +265,11 @@ cmd_build() {
         step "hostenv: configure (user meshlet, shim)" he_stage_configure
         he_stamp_set configure "$key"
     fi
-    if ! he_stamp_ok image 1; then
+    key=$(declare -f he_stage_image | sha256sum | cut -d' ' -f1)
+    if ! he_stamp_ok image "$key"; then
         he_guard_base image
         step "hostenv: busybox image" he_stage_image
-        he_stamp_set image 1
+        he_stamp_set image "$key"
     fi
     key=$(he_venv_key)
     if ! he_stamp_ok venv "$key"; then

@@ -111,7 +111,9 @@ he_wait_ready() {
             state=$(he_in "$leader" systemctl is-system-running 2>/dev/null || true)
             case "$state" in
                 running|degraded)
-                    if he_in "$leader" systemctl -q is-active user@1000.service 2>/dev/null; then
+                    if he_in "$leader" systemctl -q is-active user@1000.service 2>/dev/null \
+                        && he_in "$leader" sh -c 'kill -0 "$(cat /run/user/1000/libpod/tmp/pause.pid)"' \
+                            2>/dev/null; then
                         echo "$leader" > "$dir/leader.pid"
                         if [ "$state" = degraded ]; then
                             echo "warning: host '$name' is degraded; failed units:" >&2
