@@ -7,8 +7,7 @@ control socket, for meshletctl (status, members, bids, balance, publishing a wor
 
 from __future__ import annotations
 
-import base64
-import binascii
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,12 @@ from meshletd.errors import Forbidden, InvalidRequest
 from meshletd.xrpc.app import Access, Caller, Param, XrpcApp
 
 URI = Param("string", required=True)
+WORKLOAD = "commune.scheduler.workload"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
 
 # Local-only methods (not part of the peer lexicons).
 CTL_STATUS = "farm.meshlet.ctl.getStatus"
@@ -34,7 +39,13 @@ def _uri(body: Any) -> str:
     return uri
 
 
-def install(app: XrpcApp, node: Node, *, on_shutdown: Callable[[bool], None]) -> None:
+def install(
+    app: XrpcApp,
+    node: Node,
+    *,
+    on_shutdown: Callable[[bool], None],
+    default_cluster: Callable[[], str] = lambda: "default",
+) -> None:
     """Register every method of the API on `app`, served by `node`."""
 
     async def ping(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
@@ -102,14 +113,9 @@ def install(app: XrpcApp, node: Node, *, on_shutdown: Callable[[bool], None]) ->
         value = body.get("value")
         if not isinstance(name, str) or not name or len(name) > 128:
             raise InvalidRequest("secret name must be 1-128 characters")
-        if not (isinstance(value, dict) and isinstance(value.get("$bytes"), str)):
+        if not isinstance(value, bytes):
             raise InvalidRequest('value must be {"$bytes": "<base64>"}')
-        try:
-            raw = base64.b64decode(value["$bytes"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("value is not valid base64") from None
-        if len(raw) > 65536:
-            raise InvalidRequest("secret values are limited to 64 KiB")
+        raw = value
         await node.put_secret(name, raw)
         return {}
 
@@ -127,8 +133,19 @@ def install(app: XrpcApp, node: Node, *, on_shutdown: Callable[[bool], None]) ->
         record = body.get("record")
         if not isinstance(record, dict):
             raise InvalidRequest("input needs a record object")
-        if record.get("$type", "commune.scheduler.workload") != "commune.scheduler.workload":
-            raise InvalidRequest("record must be a commune.scheduler.workload")
+        if record.get("$type", WORKLOAD) != WORKLOAD:
+            raise InvalidRequest(f"record must be a {WORKLOAD}")
+        record = {
+            "$type": WORKLOAD,
+            "cluster": default_cluster(),
+            "kind": "service",
+            "replicas": 1,
+            "createdAt": _now(),
+            **record,
+        }
+        from meshletd.atproto.lexicon import validate_record
+
+        validate_record(WORKLOAD, record)  # InvalidRecord names the offending field
         return await node.create_workload(record)
 
     async def ctl_bids(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:

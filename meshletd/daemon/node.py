@@ -117,7 +117,7 @@ class InMemoryNode:
             r
             for w in self._workloads.values()
             for r in w.replicas
-            if r["meshletDid"] == self.did and r["state"] in ("running", "starting", "paused")
+            if r.get("meshletDid") == self.did and r["state"] in ("running", "starting", "paused")
         ]
 
     def summary(self) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class InMemoryNode:
         for w in self._workloads.values():
             res = w.record.get("resources", {})
             for r in w.replicas:
-                if r["meshletDid"] == self.did and r["state"] in ("running", "starting"):
+                if r.get("meshletDid") == self.did and r["state"] in ("running", "starting"):
                     used["milliCpu"] += int(res.get("milliCpu", 0))
                     used["memoryMiB"] += int(res.get("memoryMiB", 0))
         total = {k: int(self._capacity.get(k, 0)) for k in ("milliCpu", "memoryMiB")}
@@ -183,7 +183,7 @@ class InMemoryNode:
         for w in self._workloads.values():
             if owner and w.owner != owner:
                 continue
-            if not everything and not any(r["meshletDid"] == self.did for r in w.replicas):
+            if not everything and not any(r.get("meshletDid") == self.did for r in w.replicas):
                 continue
             out.append(self._view(w))
         return out
@@ -203,7 +203,7 @@ class InMemoryNode:
 
     def bids(self, uri: str) -> dict[str, Any]:
         w = self._find(uri)
-        winners = sorted({r["meshletDid"] for r in w.replicas})
+        winners = sorted({r["meshletDid"] for r in w.replicas if r.get("meshletDid")})
         return {
             "workload": w.uri,
             "rounds": [
@@ -255,17 +255,18 @@ class InMemoryNode:
             fits = self._state == "active" and all(
                 int(res.get(k, 0)) <= free[k] for k in ("milliCpu", "memoryMiB")
             )
-            w.replicas.append(
-                {
-                    "workload": uri,
-                    "slot": slot,
-                    "round": 0,
-                    "meshletDid": self.did if fits else "",
-                    "state": "running" if fits else "pending",
-                    "restarts": 0,
-                    "unit": f"meshlet-{name}-{slot}.service" if fits else "",
-                }
-            )
+            replica: dict[str, Any] = {
+                "workload": uri,
+                "slot": slot,
+                "round": 0,
+                "state": "pending",
+                "restarts": 0,
+            }
+            if fits:
+                replica.update(
+                    meshletDid=self.did, state="running", unit=f"meshlet-{name}-{slot}.service"
+                )
+            w.replicas.append(replica)
         w.logs.append(f"{name}: started {sum(r['state'] == 'running' for r in w.replicas)}")
         return {"uri": uri, "cid": cid}
 
@@ -277,7 +278,7 @@ class InMemoryNode:
         w = self._find(uri)
         w.record["paused"] = paused
         for r in w.replicas:
-            if r["meshletDid"]:
+            if r.get("meshletDid"):
                 r["state"] = "paused" if paused else "running"
 
     async def drain(self) -> str:
@@ -286,8 +287,10 @@ class InMemoryNode:
         self._state = "draining"
         for w in self._workloads.values():
             for r in w.replicas:
-                if r["meshletDid"] == self.did:
-                    r.update(meshletDid="", state="pending", unit="")
+                if r.get("meshletDid") == self.did:
+                    r.pop("meshletDid")
+                    r.pop("unit", None)
+                    r["state"] = "pending"
         return self._state
 
     async def undrain(self) -> str:

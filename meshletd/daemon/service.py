@@ -95,14 +95,22 @@ class Daemon:
     def _build_app(self) -> XrpcApp:
         admin = _gid(self.cfg.control.admin_group)
         reader = _gid(self.cfg.control.group)
+        from meshletd.atproto.lexicon import default_lexicons
+
         app = XrpcApp(
+            lexicons=default_lexicons(),
             verifier=self.verifier,
             is_member=self.node.is_member,
             owner_did=self.cfg.owner,
             admin_gids=frozenset({admin} if admin is not None else ()),
             reader_gids=frozenset({reader} if reader is not None else ()),
         )
-        methods.install(app, self.node, on_shutdown=self._shutdown_requested)
+        methods.install(
+            app,
+            self.node,
+            on_shutdown=self._shutdown_requested,
+            default_cluster=lambda: self.cfg.clusters[0].name if self.cfg.clusters else "default",
+        )
         return app
 
     def request_stop(self, stop_replicas: bool = False) -> None:

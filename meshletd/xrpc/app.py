@@ -13,6 +13,8 @@ Errors are `MeshletError`s rendered as `{"error": name, "message": …}` with th
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import json
 import logging
@@ -91,6 +93,20 @@ class Method:
     params: dict[str, Param] = field(default_factory=dict)
 
 
+def from_json(value: Any) -> Any:
+    """atproto JSON → data model: `{"$bytes": base64}` becomes `bytes`."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("$bytes"), str):
+            try:
+                return base64.b64decode(value["$bytes"] + "=" * (-len(value["$bytes"]) % 4))
+            except (binascii.Error, ValueError):
+                raise InvalidRequest("invalid base64 in a $bytes value") from None
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
+
+
 def _coerce(name: str, spec: Param, raw: list[str]) -> Any:
     def one(value: str) -> Any:
         if spec.type == "integer":
@@ -127,8 +143,11 @@ class XrpcApp:
         owner_did: str | None = None,
         admin_gids: frozenset[int] = frozenset(),
         reader_gids: frozenset[int] = frozenset(),
+        lexicons: Any = None,
     ) -> None:
         self.methods: dict[str, Method] = {}
+        # meshletd.atproto.lexicon.Lexicons: procedure inputs are checked against them.
+        self.lexicons = lexicons
         self.verifier = verifier
         self.is_member = is_member
         self.owner_did = owner_did
@@ -174,6 +193,8 @@ class XrpcApp:
             self._authorize(caller, method)
             params = self._params(request, method)
             body = self._body(request, method)
+            if body is not None and self.lexicons is not None and nsid in self.lexicons.docs:
+                self._check_input(nsid, body)
             result = await method.handler(caller, params, body)
             return Response.json(200, {} if result is None else result)
         except MeshletError as e:
@@ -248,6 +269,14 @@ class XrpcApp:
             raise InvalidRequest(f"unknown parameter(s): {', '.join(sorted(grouped))}")
         return out
 
+    def _check_input(self, nsid: str, body: dict[str, Any]) -> None:
+        from meshletd.errors import InvalidRecord
+
+        try:
+            self.lexicons.validate_input(nsid, body)
+        except InvalidRecord as e:
+            raise InvalidRequest(e.message) from None
+
     @staticmethod
     def _body(request: Request, method: Method) -> Any:
         if method.kind == "query":
@@ -263,4 +292,4 @@ class XrpcApp:
             raise InvalidRequest("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise InvalidRequest("request body must be a JSON object")
-        return body
+        return from_json(body)

@@ -10,14 +10,17 @@ import httpx
 import pytest
 import trio
 
+from meshletd.atproto.lexicon import default_lexicons
 from meshletd.config import Cluster, Config, Control, Listen
 from meshletd.daemon.service import Daemon
 from meshletd.notify import RecordingNotifier
 from meshletd.store import MemoryStore
+from meshletd.xrpc.app import from_json
 from meshletd.xrpc.auth import StaticKeys
 from meshletd.xrpc.http import PeerCred
 from meshletd.xrpc.testing import TokenIssuer
 
+LEXICONS = default_lexicons()
 ME = "did:plc:alicemesh"
 ALICE = "did:plc:alice"
 BOB = "did:plc:bob"
@@ -65,8 +68,13 @@ class Running:
         if token is not None:
             headers["authorization"] = f"Bearer {token}"
         if body is None:
-            return await self.tcp.get(f"/xrpc/{nsid}", params=params, headers=headers)
-        return await self.tcp.post(f"/xrpc/{nsid}", json=body, headers=headers)
+            resp = await self.tcp.get(f"/xrpc/{nsid}", params=params, headers=headers)
+        else:
+            resp = await self.tcp.post(f"/xrpc/{nsid}", json=body, headers=headers)
+        if resp.status_code == 200 and nsid in LEXICONS.docs:
+            # Every successful answer has the shape its lexicon promises.
+            LEXICONS.validate_output(nsid, from_json(resp.json()))
+        return resp
 
 
 @pytest.fixture
