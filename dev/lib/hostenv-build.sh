@@ -161,6 +161,8 @@ printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=64M\n' \
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 echo meshlet-host > /etc/hostname
+# Mount point of the project's venv (built beside the base, bound in by dev/hostenv up).
+rm -rf /opt/meshlet-venv && mkdir -p /opt/meshlet-venv
 EOF
 }
 
@@ -215,19 +217,36 @@ he_host_ca() {
     echo "$ca"
 }
 
+# The venv lives beside the base, in venvs/KEY, and hosts bind it read-only at $HE_VENV: a
+# change of the project's dependencies builds a new one while hosts keep running on theirs.
 he_stage_venv() {
-    mkdir -p "$HE_CACHE/venv-src" "$PIP_CACHE_DIR"
+    local key="$1" dir="$HE_CACHE/venvs/$1"
+    rm -rf "$dir.tmp"; mkdir -p "$dir.tmp" "$HE_CACHE/venv-src" "$PIP_CACHE_DIR"
     he_requirements > "$HE_CACHE/venv-src/requirements.txt"
-    he_nspawn --bind-ro="$HE_CACHE/venv-src:/mnt/venv-src" --bind="$PIP_CACHE_DIR:/root/.cache/pip" \
+    # --volatile=overlay: the base stays untouched (hosts may be running from it).
+    he_nspawn --volatile=overlay --bind="$dir.tmp:$HE_VENV" \
+        --bind-ro="$HE_CACHE/venv-src:/mnt/venv-src" --bind="$PIP_CACHE_DIR:/root/.cache/pip" \
         --bind="$ROOT:$ROOT" --bind-ro="$(he_host_ca):/mnt/host-ca.crt" \
         -E PIP_CERT=/mnt/host-ca.crt -E SSL_CERT_FILE=/mnt/host-ca.crt \
         -E PIP_DISABLE_PIP_VERSION_CHECK=1 -E PIP_DEFAULT_TIMEOUT=180 sh -ec "
-        rm -rf $HE_VENV
         python3 -m venv $HE_VENV
         $HE_VENV/bin/pip install -q --upgrade pip
         $HE_VENV/bin/pip install -q -r /mnt/venv-src/requirements.txt
         $HE_VENV/bin/pip install -q --no-deps -e $ROOT
         $HE_VENV/bin/python -c 'import pystemd.run, trio, podman; print(\"venv ok\")'"
+    mv "$dir.tmp" "$dir"
+    ln -sfn "venvs/$key" "$HE_CACHE/venv"
+    he_prune_venvs
+}
+
+# Remove venvs that are neither current nor used by a running host.
+he_prune_venvs() {
+    local v current; current=$(readlink -f "$HE_CACHE/venv")
+    for v in "$HE_CACHE"/venvs/*; do
+        [ -d "$v" ] && [ "$v" != "$current" ] || continue
+        grep -qxF "$v" "$HE_RUN"/*/venv 2>/dev/null && continue
+        rm -rf "$v"
+    done
 }
 
 he_hosts_running() { compgen -G "$HE_RUN/*/nspawn.pid" >/dev/null; }
@@ -272,10 +291,9 @@ cmd_build() {
         he_stamp_set image "$key"
     fi
     key=$(he_venv_key)
-    if ! he_stamp_ok venv "$key"; then
-        he_guard_base venv
-        step "hostenv: venv $HE_VENV (project deps, pystemd)" he_stage_venv
-        he_stamp_set venv "$key"
+    if [ "$(readlink "$HE_CACHE/venv" 2>/dev/null)" != "venvs/$key" ] \
+        || [ ! -x "$HE_CACHE/venvs/$key/bin/python" ]; then
+        step "hostenv: venv $HE_VENV (project deps, pystemd)" he_stage_venv "$key"
     fi
     echo "hostenv: base rootfs ready at $HE_BASE ($(( $(date +%s) - t0 ))s)" >&2
 }

@@ -51,6 +51,7 @@ he_launch() {
         --console=read-only \
         --bind="$dir/dev/tun:/dev/net/tun" --bind="$dir/dev/fuse:/dev/fuse" \
         --bind="$dir/containers:$HE_PODMAN_STORE" --bind="$ROOT:$ROOT" \
+        --bind-ro="$(cat "$dir/venv"):$HE_VENV" \
         /usr/local/sbin/meshlet-init
 }
 
@@ -76,6 +77,7 @@ he_log_tail() {
 he_prepare() {
     local name="$1" dir; dir=$(he_dir "$1")
     mkdir -p "$dir/upper" "$dir/work" "$dir/root" "$dir/dev"
+    readlink -f "$HE_CACHE/venv" > "$dir/venv"
     mount -t overlay "meshlet-hostenv-$name" \
         -o "lowerdir=$HE_BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root"
     # Per host: its own identity, and podman storage on a real filesystem.
@@ -130,7 +132,7 @@ he_wait_ready() {
 }
 
 he_base_ready() {
-    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/venv" ] && [ -f "$HE_STAMPS/image" ] || {
+    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/image" ] && [ -x "$HE_CACHE/venv/bin/python" ] || {
         echo "dev/hostenv: the base rootfs is not built; run: dev/hostenv build" >&2; exit 1; }
 }
 
