@@ -1,0 +1,443 @@
+"""Writing to our own repo on a PDS, under trio: session, records, batching, write budget.
+
+- `PdsSession`: app-password session (createSession); the access token is refreshed once
+  even when many tasks hit its expiry together (a trio.Lock plus a token generation).
+- `PdsClient`: get/list/put/delete and `apply_writes` (≤ 200 ops per commit). Every record
+  of our own collections is validated against its lexicon before it leaves the process.
+  `put` is idempotent: an identical value to what the repo already holds is not written
+  (the PDS would create no commit anyway, but would still count points).
+- `WriteLedger`: rate-limit points (create 3, update 2, delete 1) per hour and day.
+- `WriteQueue`: writes submitted without waiting, sent in order in batches, kept and
+  retried with backoff while the PDS is down; nothing is dropped except a write the PDS
+  rejects as invalid (a bug: logged with the PDS's reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import trio
+
+from meshletd.atproto.lexicon import default_lexicons
+from meshletd.atproto.verify import cid_of, cid_str
+from meshletd.errors import AuthRequired, InvalidRecord, MeshletError
+
+log = logging.getLogger("meshletd.pds")
+
+MAX_BATCH = 200
+POINTS = {"create": 3, "update": 2, "delete": 1}
+
+
+class PdsUnavailable(MeshletError):
+    """The PDS could not be reached or failed (5xx, 429): retry later."""
+
+    name = "PdsUnavailable"
+    exit_code = 7
+
+
+class PdsRejected(MeshletError):
+    """The PDS refused a request as invalid (4xx other than auth and rate limits)."""
+
+    name = "PdsRejected"
+    exit_code = 3
+
+
+@dataclass
+class WriteLedger:
+    """Counts PDS rate-limit points by hour and by day (UTC, from `clock`)."""
+
+    clock: Callable[[], float] = time.time
+    by_hour: dict[int, int] = field(default_factory=dict)
+    by_day: dict[int, int] = field(default_factory=dict)
+    ops: dict[str, int] = field(default_factory=lambda: {"create": 0, "update": 0, "delete": 0})
+    commits: int = 0
+
+    def record(self, actions: Sequence[str]) -> int:
+        """Count one commit made of `actions`; returns its points."""
+        now = self.clock()
+        pts = sum(POINTS[a] for a in actions)
+        h, d = int(now // 3600), int(now // 86400)
+        self.by_hour[h] = self.by_hour.get(h, 0) + pts
+        self.by_day[d] = self.by_day.get(d, 0) + pts
+        for a in actions:
+            self.ops[a] += 1
+        self.commits += 1
+        for old in [k for k in self.by_hour if k < h - 48]:
+            del self.by_hour[old]
+        return pts
+
+    def points_this_hour(self) -> int:
+        return self.by_hour.get(int(self.clock() // 3600), 0)
+
+    def points_today(self) -> int:
+        return self.by_day.get(int(self.clock() // 86400), 0)
+
+    @property
+    def total_points(self) -> int:
+        return sum(POINTS[a] * n for a, n in self.ops.items())
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "points_total": self.total_points,
+            "points_this_hour": self.points_this_hour(),
+            "points_today": self.points_today(),
+            "commits": self.commits,
+            **{f"{a}s": n for a, n in self.ops.items()},
+        }
+
+
+class PdsSession:
+    """An app-password session on one PDS."""
+
+    def __init__(self, pds_url: str, identifier: str, password: str, http: httpx.AsyncClient):
+        self.pds_url = pds_url.rstrip("/")
+        self.identifier = identifier
+        self.password = password
+        self.http = http
+        self.did: str | None = None
+        self.access: str | None = None
+        self.refresh_token: str | None = None
+        self.generation = 0
+        self.refreshes = 0
+        self._lock = trio.Lock()
+
+    async def login(self) -> None:
+        body = await self._post_raw(
+            "com.atproto.server.createSession",
+            {"identifier": self.identifier, "password": self.password},
+        )
+        self._take(body)
+
+    def _take(self, body: dict[str, Any]) -> None:
+        self.did = body["did"]
+        self.access = body["accessJwt"]
+        self.refresh_token = body["refreshJwt"]
+        self.generation += 1
+
+    async def _post_raw(self, nsid: str, body: dict[str, Any], token: str | None = None) -> dict:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        try:
+            r = await self.http.post(f"{self.pds_url}/xrpc/{nsid}", json=body, headers=headers)
+        except httpx.HTTPError as e:
+            raise PdsUnavailable(f"{self.pds_url} {nsid}: {type(e).__name__}: {e}") from e
+        if r.status_code >= 500 or r.status_code == 429:
+            raise PdsUnavailable(f"{self.pds_url} {nsid}: {r.status_code} {r.text[:200]}")
+        if r.status_code != 200:
+            raise AuthRequired(f"{self.pds_url} {nsid}: {r.status_code} {r.text[:200]}")
+        return r.json()
+
+    async def renew(self, seen_generation: int) -> None:
+        """Refresh the access token unless another task already did since `seen_generation`."""
+        async with self._lock:
+            if self.generation != seen_generation and self.access is not None:
+                return
+            self.refreshes += 1
+            try:
+                if self.refresh_token is None:
+                    raise AuthRequired("no session")
+                body = await self._post_raw(
+                    "com.atproto.server.refreshSession", {}, token=self.refresh_token
+                )
+                self._take(body)
+            except AuthRequired:
+                await self.login()
+
+    async def request(
+        self, method: str, nsid: str, *, params: dict | None = None, json: Any = None
+    ) -> httpx.Response:
+        """An authenticated XRPC call; renews the session once if the token expired."""
+        if self.access is None:
+            async with self._lock:
+                if self.access is None:
+                    await self.login()
+        for attempt in range(2):
+            gen, token = self.generation, self.access
+            try:
+                r = await self.http.request(
+                    method,
+                    f"{self.pds_url}/xrpc/{nsid}",
+                    params=params,
+                    json=json,
+                    headers={"authorization": f"Bearer {token}"},
+                )
+            except httpx.HTTPError as e:
+                raise PdsUnavailable(f"{self.pds_url} {nsid}: {type(e).__name__}: {e}") from e
+            expired = r.status_code == 401 or (
+                r.status_code == 400 and ("ExpiredToken" in r.text or "InvalidToken" in r.text)
+            )
+            if expired and attempt == 0:
+                await self.renew(gen)
+                continue
+            return r
+        return r
+
+
+@dataclass(frozen=True)
+class Write:
+    """One write to our own repo. `put` means create-or-update."""
+
+    action: Literal["put", "create", "update", "delete"]
+    collection: str
+    rkey: str
+    value: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.collection, self.rkey)
+
+
+def _check(resp: httpx.Response, what: str) -> dict[str, Any]:
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise PdsUnavailable(f"{what}: {resp.status_code} {resp.text[:200]}")
+    if resp.status_code in (401, 403):
+        raise AuthRequired(f"{what}: {resp.status_code} {resp.text[:200]}")
+    if resp.status_code != 200:
+        raise PdsRejected(f"{what}: {resp.status_code} {resp.text[:300]}")
+    return resp.json() if resp.content else {}
+
+
+class PdsClient:
+    """Our own repo on our PDS."""
+
+    def __init__(
+        self,
+        pds_url: str,
+        identifier: str,
+        app_password: str,
+        *,
+        ledger: WriteLedger | None = None,
+        http: httpx.AsyncClient | None = None,
+        timeout_s: float = 15.0,
+    ) -> None:
+        self.http = http or httpx.AsyncClient(timeout=timeout_s)
+        self.session = PdsSession(pds_url, identifier, app_password, self.http)
+        self.ledger = ledger or WriteLedger()
+        self.lexicons = default_lexicons()
+        # What we know our repo holds: (collection, rkey) -> cid (None = known absent).
+        self.known: dict[tuple[str, str], str | None] = {}
+
+    @property
+    def did(self) -> str:
+        if self.session.did is None:
+            raise AuthRequired("not logged in")
+        return self.session.did
+
+    async def login(self) -> str:
+        await self.session.login()
+        return self.did
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- reads ----------------------------------------------------------------------------
+    async def get_record(self, collection: str, rkey: str, repo: str | None = None):
+        """(cid, value) or None."""
+        r = await self.session.request(
+            "GET",
+            "com.atproto.repo.getRecord",
+            params={"repo": repo or self.did, "collection": collection, "rkey": rkey},
+        )
+        if (r.status_code in (400, 404) and "RecordNotFound" in r.text) or r.status_code == 404:
+            if repo in (None, self.did):
+                self.known[(collection, rkey)] = None
+            return None
+        body = _check(r, f"getRecord {collection}/{rkey}")
+        if repo in (None, self.did):
+            self.known[(collection, rkey)] = body["cid"]
+        return body["cid"], body["value"]
+
+    async def list_records(self, collection: str, repo: str | None = None):
+        """[(rkey, cid, value)] of one collection (all pages)."""
+        out = []
+        cursor = None
+        while True:
+            params = {"repo": repo or self.did, "collection": collection, "limit": 100}
+            if cursor:
+                params["cursor"] = cursor
+            r = await self.session.request("GET", "com.atproto.repo.listRecords", params=params)
+            body = _check(r, f"listRecords {collection}")
+            for rec in body.get("records", []):
+                rkey = rec["uri"].rsplit("/", 1)[1]
+                out.append((rkey, rec["cid"], rec["value"]))
+                if repo in (None, self.did):
+                    self.known[(collection, rkey)] = rec["cid"]
+            cursor = body.get("cursor")
+            if not cursor or not body.get("records"):
+                return out
+
+    async def prime(self, collections: Sequence[str]) -> None:
+        """Learn what our repo holds, so puts know create from update and skip no-ops."""
+        for c in collections:
+            await self.list_records(c)
+
+    # -- writes ---------------------------------------------------------------------------
+    def _validate(self, w: Write) -> None:
+        if w.action == "delete":
+            return
+        if w.value is None:
+            raise InvalidRecord(f"{w.collection}/{w.rkey}: a {w.action} needs a value")
+        if w.collection in self.lexicons.docs:
+            self.lexicons.validate_record(w.collection, w.value, rkey=w.rkey)
+            self.lexicons.validate_size(w.collection, w.value)
+
+    async def put_record(self, collection: str, rkey: str, value: dict[str, Any]) -> str:
+        """Create or update one record; returns its CID. No write if unchanged."""
+        results = await self.apply_writes([Write("put", collection, rkey, value)])
+        return results[0] or ""
+
+    async def delete_record(self, collection: str, rkey: str) -> None:
+        await self.apply_writes([Write("delete", collection, rkey)])
+
+    async def _resolve_puts(self, writes: Sequence[Write]) -> list[Write]:
+        """Turn each `put` into create/update (or drop it when unchanged)."""
+        out: list[Write] = []
+        state = dict(self.known)
+        for w in writes:
+            self._validate(w)
+            if w.key not in state:
+                got = await self.get_record(w.collection, w.rkey)
+                state[w.key] = got[0] if got else None
+            cur = state[w.key]
+            if w.action == "delete":
+                if cur is None:
+                    continue
+                out.append(w)
+                state[w.key] = None
+                continue
+            new_cid = cid_str(cid_of(w.value))
+            if cur == new_cid:
+                continue  # identical: the PDS would not commit it anyway
+            action = "update" if cur is not None else "create"
+            out.append(Write(action, w.collection, w.rkey, w.value))
+            state[w.key] = new_cid
+        return out
+
+    async def apply_writes(self, writes: Sequence[Write]) -> list[str | None]:
+        """Apply writes in order, ≤ MAX_BATCH per commit. Returns the CID per input write
+        (None for deletes and for no-op puts)."""
+        resolved = await self._resolve_puts(writes)
+        for i in range(0, len(resolved), MAX_BATCH):
+            await self._commit(resolved[i : i + MAX_BATCH])
+        return [None if w.action == "delete" else self.known.get(w.key) for w in writes]
+
+    async def _commit(self, batch: Sequence[Write]) -> None:
+        if not batch:
+            return
+        ops = []
+        for w in batch:
+            op: dict[str, Any] = {
+                "$type": f"com.atproto.repo.applyWrites#{w.action}",
+                "collection": w.collection,
+                "rkey": w.rkey,
+            }
+            if w.action != "delete":
+                op["value"] = w.value
+            ops.append(op)
+        r = await self.session.request(
+            "POST", "com.atproto.repo.applyWrites", json={"repo": self.did, "writes": ops}
+        )
+        body = _check(r, f"applyWrites ({len(ops)} ops)")
+        self.ledger.record([w.action for w in batch])
+        results = body.get("results") or []
+        for w, res in zip(batch, results + [{}] * (len(batch) - len(results)), strict=True):
+            self.known[w.key] = (
+                None if w.action == "delete" else res.get("cid") or cid_str(cid_of(w.value))
+            )
+
+
+class WriteQueue:
+    """Writes submitted without waiting, sent in order, retried while the PDS is down."""
+
+    def __init__(
+        self,
+        client: PdsClient,
+        *,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        linger_s: float = 0.02,
+    ) -> None:
+        self.client = client
+        self.pending: deque[Write] = deque()
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.linger_s = linger_s
+        self.failures = 0
+        self.rejected: list[tuple[Write, str]] = []
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def submit(self, write: Write) -> None:
+        """Queue a write. A pending write to the same record is superseded by this one."""
+        self.client._validate(write)
+        for i, old in enumerate(self.pending):
+            if old.key == write.key:
+                del self.pending[i]
+                break
+        self.pending.append(write)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until every submitted write reached the PDS."""
+        await self._idle.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        delay = 0.0
+        while True:
+            if not self.pending:
+                self._idle.set()
+                self._wake = trio.Event()
+                await self._wake.wait()
+                await trio.sleep(self.linger_s)  # let a burst gather into one commit
+            batch = list(self.pending)[:MAX_BATCH]
+            try:
+                await self.client.apply_writes(batch)
+            except (PdsUnavailable, AuthRequired) as e:
+                self.failures += 1
+                delay = min(self.backoff_max_s, delay * 2 if delay else self.backoff_initial_s)
+                log.warning(
+                    "pds: %d writes kept for retry in %.1fs (%s)", len(self.pending), delay, e
+                )
+                await trio.sleep(delay)
+                continue
+            except (PdsRejected, InvalidRecord) as e:
+                if len(batch) == 1:
+                    log.error(
+                        "pds: write %s/%s rejected, dropped: %s",
+                        batch[0].collection,
+                        batch[0].rkey,
+                        e,
+                    )
+                    self.rejected.append((batch[0], str(e)))
+                    self._remove(batch)
+                else:
+                    await self._one_by_one(batch)
+                continue
+            delay = 0.0
+            self._remove(batch)
+
+    async def _one_by_one(self, batch: list[Write]) -> None:
+        for w in batch:
+            try:
+                await self.client.apply_writes([w])
+            except (PdsUnavailable, AuthRequired):
+                return  # the rest stays queued, in order
+            except (PdsRejected, InvalidRecord) as e:
+                log.error("pds: write %s/%s rejected, dropped: %s", w.collection, w.rkey, e)
+                self.rejected.append((w, str(e)))
+            self._remove([w])
+
+    def _remove(self, batch: Sequence[Write]) -> None:
+        for w in batch:
+            try:
+                self.pending.remove(w)
+            except ValueError:
+                pass  # superseded meanwhile
