@@ -161,7 +161,8 @@ cmd_up() {
         if ! he_wait_ready "$name" 2>"$LOGDIR/hostenv-wait-$name.log"; then
             echo "dev/hostenv: step 'boot $name' FAILED" >&2
             cat "$LOGDIR/hostenv-wait-$name.log" >&2
-            he_log_tail "$(he_dir "$name")/console.log"
+            cp "$(he_dir "$name")/console.log" "$LOGDIR/hostenv-console-$name.log" 2>/dev/null || true
+            he_log_tail "$LOGDIR/hostenv-console-$name.log"
             failed=1
         else
             cat "$LOGDIR/hostenv-wait-$name.log" >&2
@@ -197,8 +198,23 @@ cmd_exec() {
         props+=(-E "XDG_RUNTIME_DIR=/run/user/$uid"
                 -E "DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus")
     fi
-    exec nsenter -t "$leader" -a -- systemd-run --quiet --wait --pipe --collect \
-        --service-type=exec -p User="$user" -p WorkingDirectory="$cwd" "${props[@]}" -- "$@"
+    # A named unit, stopped if we are interrupted: systemd-run alone would leave it running.
+    local unit="hostenv-exec-$$-$RANDOM.service" child rc sig=""
+    he_exec_stop() {
+        sig="$1"
+        nsenter -t "$leader" -a -- systemctl stop "$unit" >/dev/null 2>&1 || true
+    }
+    trap 'he_exec_stop INT' INT; trap 'he_exec_stop TERM' TERM; trap 'he_exec_stop HUP' HUP
+    exec 3<&0  # a background job's stdin would be /dev/null
+    nsenter -t "$leader" -a -- systemd-run --quiet --wait --pipe --collect --unit="$unit" \
+        --service-type=exec -p User="$user" -p WorkingDirectory="$cwd" "${props[@]}" -- "$@" <&3 &
+    child=$!
+    while :; do
+        wait "$child" && rc=0 || rc=$?
+        kill -0 "$child" 2>/dev/null || break  # else wait was cut short by a signal
+    done
+    if [ -n "$sig" ]; then exit $(( 128 + $(kill -l "$sig") )); fi
+    exit "$rc"
 }
 
 cmd_shell() {
