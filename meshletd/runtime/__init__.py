@@ -1,0 +1,76 @@
+"""The runtime: workload replicas as rootless podman containers in transient systemd units.
+
+Public face (see docs/runtime.md):
+
+- `ReplicaSpec`, `ReplicaId`, `Resources`, `Secret`: what to run;
+- `Runtime` (Protocol) and `ReplicaRuntime`, its one implementation, over a `Machine`;
+- `systemd_runtime(config)` for the real machine, `fake_runtime()` for tests/simulation;
+- events: `ReplicaStarting`, `ReplicaRunning`, `ReplicaExited`, `ReplicaOomKilled`,
+  `ReplicaFailed`, `ReplicaStopped`, with `Usage` (CPU ms, peak memory bytes).
+"""
+
+from meshletd.runtime.events import (
+    EndEvent,
+    ReplicaExited,
+    ReplicaFailed,
+    ReplicaOomKilled,
+    ReplicaRunning,
+    ReplicaStarting,
+    ReplicaStatus,
+    ReplicaStopped,
+    RuntimeEvent,
+    Usage,
+)
+from meshletd.runtime.fake import FakeMachine, fake_runtime
+from meshletd.runtime.machine import Machine, MachineError
+from meshletd.runtime.naming import unit_name
+from meshletd.runtime.protocol import Runtime
+from meshletd.runtime.runtime import ReplicaRuntime
+from meshletd.runtime.spec import (
+    ImageNotFound,
+    InvalidReplicaSpec,
+    ReplicaId,
+    ReplicaSpec,
+    Resources,
+    Secret,
+    UnitStartFailed,
+)
+from meshletd.runtime.units import RuntimeConfig
+
+
+def systemd_runtime(config: RuntimeConfig | None = None) -> ReplicaRuntime:
+    """A runtime on this machine's systemd and podman (needs a booted systemd and root)."""
+    from meshletd.runtime.systemd import SystemdPodmanMachine
+
+    machine = SystemdPodmanMachine.for_user(config or RuntimeConfig())
+    return ReplicaRuntime(machine, machine.config)
+
+
+__all__ = [
+    "EndEvent",
+    "FakeMachine",
+    "ImageNotFound",
+    "InvalidReplicaSpec",
+    "Machine",
+    "MachineError",
+    "ReplicaExited",
+    "ReplicaFailed",
+    "ReplicaId",
+    "ReplicaOomKilled",
+    "ReplicaRunning",
+    "ReplicaRuntime",
+    "ReplicaSpec",
+    "ReplicaStarting",
+    "ReplicaStatus",
+    "ReplicaStopped",
+    "Resources",
+    "Runtime",
+    "RuntimeConfig",
+    "RuntimeEvent",
+    "Secret",
+    "UnitStartFailed",
+    "Usage",
+    "fake_runtime",
+    "systemd_runtime",
+    "unit_name",
+]

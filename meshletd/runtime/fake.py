@@ -1,0 +1,303 @@
+"""An in-memory machine that behaves like systemd + rootless podman do for our units.
+
+`FakeMachine` keeps units, containers, images, secrets and saved counters in dicts and
+follows the same rules the real machine showed (docs/runtime.md): `--pull=never` with a
+missing image fails the unit with podman's status 125; a container ending with 0 or 143
+leaves the unit active/exited, any other status leaves it failed; on cgroup v1 an OOM kill
+is exit 137 with `oom_kill 1` in the saved counters and *not* in `podman inspect`; stopping
+a unit runs its `ExecStop` (podman rm) and the unit disappears; a failed unit stays until
+reset. The runtime tests run the same contract against it and against the real machine.
+
+What a fake container does is decided by its args, like a real one's:
+`sh -c "exit N"` ends with N at the next look; anything else runs until stopped, unless
+`behave(args, ...)` says otherwise (e.g. the OOM script of a test).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import trio
+
+from meshletd.runtime.events import Usage
+from meshletd.runtime.machine import MachineError
+from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
+from meshletd.runtime.runtime import ReplicaRuntime
+from meshletd.runtime.units import LABEL, RuntimeConfig
+
+_EXIT_RE = re.compile(r"^\s*exit\s+(\d+)\s*$")
+
+
+@dataclass
+class FakeContainer:
+    name: str
+    image: str
+    args: tuple[str, ...]
+    labels: dict[str, str]
+    secrets: dict[str, bytes]
+    status: str = "running"
+    exit_code: int = 0
+    looks: int = 0
+
+
+@dataclass
+class FakeUnit:
+    name: str
+    properties: dict[str, object]
+    active_state: str = "active"
+    sub_state: str = "running"
+    result: str = "success"
+    main_code: int = 0
+    main_status: int = 0
+
+    @property
+    def environment(self) -> tuple[str, ...]:
+        env = self.properties.get("Environment", [])
+        return tuple(env) if isinstance(env, list) else ()
+
+
+@dataclass
+class FakeMachine:
+    """See the module docstring. Tests may look at (and poke) every field."""
+
+    images: set[str] = field(default_factory=lambda: {"localhost/busybox:latest"})
+    pullable: set[str] = field(default_factory=set)
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    containers: dict[str, FakeContainer] = field(default_factory=dict)
+    units: dict[str, FakeUnit] = field(default_factory=dict)
+    saved: dict[str, dict[str, str]] = field(default_factory=dict)
+    state_dirs: set[str] = field(default_factory=set)
+    slice_properties: dict[str, object] | None = None
+    behaviours: dict[tuple[str, ...], str] = field(default_factory=dict)
+    cpu_ms_per_look: int = 10
+    started: int = 0
+
+    # ---- test controls ---------------------------------------------------------------
+
+    def behave(self, args: tuple[str, ...], behaviour: str) -> None:
+        """Make containers with these args `oom`, `exit:N` or `run` (the default)."""
+        self.behaviours[args] = behaviour
+
+    def end(self, container: str, exit_code: int, *, oom: bool = False) -> None:
+        """The container's process ends now (as the kernel or the workload would do it)."""
+        c = self.containers[container]
+        c.status, c.exit_code = "exited", exit_code
+        unit = self._unit_of(container)
+        if unit is None:
+            return
+        memory_max = unit.properties.get("MemoryMax", 0)
+        self.saved[unit.name] = {
+            "memory.oom_control": f"oom_kill_disable 0\nunder_oom 0\noom_kill {int(oom)}\n",
+            "memory.max_usage_in_bytes": str(memory_max if oom else 8 << 20),
+        }
+        unit.main_code, unit.main_status = CLD_EXITED, exit_code
+        if exit_code in (0, 143):
+            unit.active_state, unit.sub_state = "active", "exited"
+        else:
+            unit.active_state, unit.sub_state, unit.result = "failed", "failed", "exit-code"
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Everything a replica can leave behind; all lists empty means a clean machine."""
+        return {
+            "units": sorted(self.units),
+            "containers": sorted(self.containers),
+            "secrets": sorted(self.secrets),
+            "state_dirs": sorted(self.state_dirs),
+        }
+
+    # ---- Machine ------------------------------------------------------------------------
+
+    async def image_present(self, image: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        return image in self.images
+
+    async def pull_image(self, image: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if image not in self.pullable:
+            raise MachineError(f"podman pull {image}: initializing source: no such image")
+        self.images.add(image)
+
+    async def create_secret(self, name: str, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if name in self.secrets:
+            raise MachineError(f"secret name in use: {name}")
+        self.secrets[name] = data
+
+    async def remove_secret(self, name: str) -> None:
+        self.secrets.pop(name, None)
+
+    async def list_secrets(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.secrets if n.startswith(prefix))
+
+    async def inspect_container(self, name: str) -> ContainerSnapshot | None:
+        await trio.lowlevel.checkpoint()
+        c = self.containers.get(name)
+        return None if c is None else ContainerSnapshot(c.status, c.exit_code, False)
+
+    async def remove_container(self, name: str) -> None:
+        self.containers.pop(name, None)
+
+    async def list_containers(self, label: str) -> list[str]:
+        return sorted(n for n, c in self.containers.items() if label in c.labels)
+
+    async def prepare_state_dir(self, unit: str) -> None:
+        self.state_dirs.add(unit)
+        self.saved.pop(unit, None)
+
+    async def read_saved_counters(self, unit: str) -> dict[str, str]:
+        return dict(self.saved.get(unit, {}))
+
+    async def remove_state_dir(self, unit: str) -> None:
+        self.state_dirs.discard(unit)
+        self.saved.pop(unit, None)
+
+    async def list_state_dirs(self) -> list[str]:
+        return sorted(self.state_dirs)
+
+    async def ensure_slice(self, properties: dict[str, object]) -> None:
+        self.slice_properties = dict(properties)
+
+    async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
+        await trio.lowlevel.checkpoint()
+        if unit in self.units:
+            raise MachineError(f"Unit {unit} was already loaded or has a fragment file.")
+        fake = FakeUnit(unit, dict(properties))
+        self.units[unit] = fake
+        self.started += 1
+        argv = _exec_argv(properties)
+        name, image, args, labels, secrets = _parse_podman_run(argv)
+        if image not in self.images:
+            fake.active_state, fake.sub_state, fake.result = "failed", "failed", "exit-code"
+            fake.main_code, fake.main_status = CLD_EXITED, 125
+            return
+        missing = [s for s in secrets if s not in self.secrets]
+        if missing:
+            fake.active_state, fake.sub_state, fake.result = "failed", "failed", "exit-code"
+            fake.main_code, fake.main_status = CLD_EXITED, 125
+            return
+        self.containers[name] = FakeContainer(
+            name, image, args, labels, {s: self.secrets[s] for s in secrets}
+        )
+
+    async def unit_snapshot(self, unit: str) -> UnitSnapshot:
+        await trio.lowlevel.checkpoint()
+        u = self.units.get(unit)
+        if u is None:
+            return UnitSnapshot(unit)
+        self._advance(u)
+        return UnitSnapshot(
+            unit,
+            "loaded",
+            u.active_state,
+            u.sub_state,
+            u.result,
+            u.main_code,
+            u.main_status,
+            1 if u.sub_state == "running" else 0,
+            u.environment,
+        )
+
+    async def list_units(self, pattern: str) -> list[str]:
+        return sorted(n for n in self.units if fnmatch.fnmatchcase(n, pattern))
+
+    async def stop_unit(self, unit: str) -> None:
+        await trio.lowlevel.checkpoint()
+        u = self.units.get(unit)
+        if u is None:
+            return
+        container = _container_of(u)
+        if u.active_state in ("active", "activating") and container in self.containers:
+            c = self.containers.pop(container)  # ExecStop: podman rm -f -i
+            if c.status == "running":
+                self.saved[unit] = {"memory.oom_control": "oom_kill 0\n"}
+        if u.active_state == "failed":
+            return  # a failed unit stays failed until reset
+        del self.units[unit]
+
+    async def reset_failed(self, unit: str) -> None:
+        u = self.units.get(unit)
+        if u is not None and u.active_state == "failed":
+            del self.units[unit]
+
+    async def sample_usage(self, unit: str) -> Usage:
+        u = self.units.get(unit)
+        if u is None:
+            return Usage()
+        c = self.containers.get(_container_of(u))
+        looks = c.looks if c else 0
+        return Usage(cpu_ms=looks * self.cpu_ms_per_look, peak_memory_bytes=8 << 20)
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _unit_of(self, container: str) -> FakeUnit | None:
+        for u in self.units.values():
+            if _container_of(u) == container:
+                return u
+        return None
+
+    def _advance(self, unit: FakeUnit) -> None:
+        c = self.containers.get(_container_of(unit))
+        if c is None or c.status != "running" or unit.sub_state != "running":
+            return
+        c.looks += 1
+        behaviour = self.behaviours.get(c.args, "run")
+        if len(c.args) == 3 and c.args[:2] == ("sh", "-c") and (m := _EXIT_RE.match(c.args[2])):
+            behaviour = f"exit:{m.group(1)}"
+        if c.looks < 2:
+            return  # it was seen running once before it ends
+        if behaviour == "oom":
+            self.end(c.name, 137, oom=True)
+        elif behaviour.startswith("exit:"):
+            self.end(c.name, int(behaviour.split(":", 1)[1]))
+
+
+def _exec_argv(properties: dict[str, object]) -> list[str]:
+    exec_start = properties["ExecStart"]
+    assert isinstance(exec_start, list)
+    return list(exec_start[0][1])
+
+
+def _container_of(unit: FakeUnit) -> str:
+    for entry in unit.environment:
+        if entry.startswith("MESHLET_CONTAINER="):
+            return entry.partition("=")[2]
+    return ""
+
+
+# podman run options that take a value (as our builder emits them).
+_VALUE_OPTS = {"--name", "--label", "--env", "--secret", "--stop-timeout"}
+
+
+def _parse_podman_run(
+    argv: list[str],
+) -> tuple[str, str, tuple[str, ...], dict[str, str], list[str]]:
+    """Read back what `podman run` would: name, image, args, labels and secrets."""
+    i = 2  # podman run
+    name, labels, secrets = "", {}, []
+    while i < len(argv) and argv[i].startswith("-"):
+        opt = argv[i]
+        if opt in _VALUE_OPTS:
+            value = argv[i + 1]
+            if opt == "--name":
+                name = value
+            elif opt == "--label":
+                k, _, v = value.partition("=")
+                labels[k] = v
+            elif opt == "--secret":
+                secrets.append(value.split(",", 1)[0])
+            i += 2
+        else:
+            i += 1
+    return name, argv[i], tuple(argv[i + 1 :]), labels, secrets
+
+
+def fake_runtime(
+    machine: FakeMachine | None = None, config: RuntimeConfig | None = None
+) -> ReplicaRuntime:
+    """A `ReplicaRuntime` on a `FakeMachine` (a fresh one unless given)."""
+    return ReplicaRuntime(machine or FakeMachine(), config or RuntimeConfig(poll_interval_s=0.05))
+
+
+__all__ = ["LABEL", "FakeContainer", "FakeMachine", "FakeUnit", "fake_runtime"]

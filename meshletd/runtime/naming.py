@@ -1,0 +1,63 @@
+"""How replicas are named on the machine, so an operator can find them.
+
+Scheme (documented in docs/runtime.md)::
+
+    meshlet-<owner-handle>-<workload>-<replica>-<tag>.service
+
+- `<owner-handle>` is the owner's handle (`alice.example.com`), `<workload>` the workload
+  record key, each reduced to the characters a unit name allows ([A-Za-z0-9.:_-]; anything
+  else becomes `_`) and shortened to 48 characters;
+- `<replica>` the replica index (0, 1, ...);
+- `<tag>` the first 6 hex digits of sha256(owner DID + "/" + workload), so two workloads
+  whose readable parts collide (handles change, `a-b`+`c` vs `a`+`b-c`) get distinct units.
+
+The podman container has the unit's name without `.service`; podman secrets are named
+`<container>.<secret name>`. Identity is never parsed back from a name: it is stored in the
+unit (`MESHLET_*` environment entries, see `units.py`) and read back on adoption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from meshletd.runtime.spec import ReplicaId
+
+UNIT_PREFIX = "meshlet-"
+UNIT_SUFFIX = ".service"
+UNIT_PATTERN = "meshlet-*.service"
+_PART_MAX = 48
+_UNSAFE = re.compile(r"[^A-Za-z0-9.:_-]")
+
+
+def _part(text: str) -> str:
+    cleaned = _UNSAFE.sub("_", text).strip(".-") or "_"
+    return cleaned[:_PART_MAX]
+
+
+def workload_tag(owner_did: str, workload: str) -> str:
+    """Six hex digits that tell workloads apart whatever their readable names."""
+    return hashlib.sha256(f"{owner_did}/{workload}".encode()).hexdigest()[:6]
+
+
+def container_name(replica: ReplicaId, owner_handle: str) -> str:
+    """The podman container name (also the unit's name without `.service`)."""
+    return (
+        f"{UNIT_PREFIX}{_part(owner_handle)}-{_part(replica.workload)}-{replica.index}-"
+        f"{workload_tag(replica.owner_did, replica.workload)}"
+    )
+
+
+def unit_name(replica: ReplicaId, owner_handle: str) -> str:
+    """The transient systemd unit for one replica: `journalctl -u <this>` shows its output."""
+    return container_name(replica, owner_handle) + UNIT_SUFFIX
+
+
+def secret_name(container: str, secret: str) -> str:
+    """The podman secret holding `secret` for the replica in `container`."""
+    return f"{container}.{secret}"
+
+
+def is_replica_unit(name: str) -> bool:
+    """Whether a unit name follows the replica scheme (used when listing units)."""
+    return name.startswith(UNIT_PREFIX) and name.endswith(UNIT_SUFFIX)

@@ -1,0 +1,404 @@
+"""The replica lifecycle, as small steps in order, over a `Machine`.
+
+    validate → image → secrets → state dir → unit start → running
+             → (watch: exited | OOM-killed | failed)  or  stop → cleanup
+
+Each step is a method below; a step that fails undoes what the earlier steps made, so a
+replica that could not start leaves nothing behind. Every state change is an event on
+`events`. A replica whose unit was started is owned by systemd from then on: cancelling
+`start()` after that point leaves it running, and it is picked up like any adopted unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+
+from meshletd.runtime import naming
+from meshletd.runtime.events import (
+    EndEvent,
+    ReplicaFailed,
+    ReplicaRunning,
+    ReplicaStarting,
+    ReplicaStatus,
+    ReplicaStopped,
+    RuntimeEvent,
+    Usage,
+)
+from meshletd.runtime.machine import Machine, MachineError
+from meshletd.runtime.outcome import (
+    end_event,
+    oom_killed_from_counters,
+    peak_memory_from_counters,
+    unit_phase,
+)
+from meshletd.runtime.spec import (
+    ImageNotFound,
+    InvalidReplicaSpec,
+    ReplicaId,
+    ReplicaSpec,
+    UnitStartFailed,
+    validate_spec,
+)
+from meshletd.runtime.units import (
+    LABEL,
+    RuntimeConfig,
+    identity_from_environment,
+    slice_properties,
+    unit_properties,
+)
+
+log = logging.getLogger("meshletd.runtime")
+_E = TypeVar("_E", bound=RuntimeEvent)
+
+# How often a starting unit is polled until it runs (short: it is on the start path).
+START_POLL_S = 0.01
+
+
+@dataclass
+class _Replica:
+    replica: ReplicaId
+    unit: str
+    container: str
+    revision: str
+    secrets: list[str] = field(default_factory=list)
+    ran: bool = False
+    stop_requested: bool = False
+    usage: Usage = field(default_factory=Usage)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class ReplicaRuntime:
+    """Runs replicas as transient units; see the module docstring and docs/runtime.md."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        config: RuntimeConfig | None = None,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.machine = machine
+        self.config = config or RuntimeConfig()
+        self._clock = clock
+        self._send, self._events = trio.open_memory_channel[RuntimeEvent](math.inf)
+        self._replicas: dict[ReplicaId, _Replica] = {}
+
+    # ---- public face -------------------------------------------------------------------
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[RuntimeEvent]:
+        """Every state change of every replica, in order."""
+        return self._events
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """The replicas this runtime looks after right now."""
+        return [
+            ReplicaStatus(
+                r.replica, r.unit, "running" if r.ran else "starting", r.revision, r.usage
+            )
+            for r in sorted(self._replicas.values(), key=lambda r: r.replica)
+        ]
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[ReplicaStatus]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Prepare the slice, adopt what is already there, then watch replicas until cancelled.
+
+        `nursery.start(runtime.serve)` returns the adopted replicas.
+        """
+        await self.machine.ensure_slice(slice_properties(self.config))
+        adopted = await self.adopt()
+        task_status.started(adopted)
+        while True:
+            await trio.sleep(self.config.poll_interval_s)
+            await self.poll()
+
+    async def start(self, spec: ReplicaSpec) -> ReplicaRunning | EndEvent:
+        """Start one replica; returns its `ReplicaRunning`, or how it failed.
+
+        Starting a replica that already runs is a no-op that returns its `ReplicaRunning`.
+        """
+        try:
+            validate_spec(spec)
+        except InvalidReplicaSpec as err:
+            unit = ""
+            try:
+                unit = naming.unit_name(spec.replica, spec.owner_handle)
+            except Exception:
+                pass
+            return self._emit(ReplicaFailed(spec.replica, unit, err.name, err.message))
+
+        existing = self._replicas.get(spec.replica)
+        if existing is not None:
+            return ReplicaRunning(existing.replica, existing.unit, revision=existing.revision)
+
+        container = naming.container_name(spec.replica, spec.owner_handle)
+        unit = naming.unit_name(spec.replica, spec.owner_handle)
+        found = await self.machine.unit_snapshot(unit)
+        if unit_phase(found) in ("starting", "running"):
+            # Someone (an earlier meshletd) started it and we did not adopt it yet.
+            rep = self._track(spec.replica, unit, container, spec.revision, ran=True)
+            return ReplicaRunning(rep.replica, unit, adopted=True, revision=spec.revision)
+        if unit_phase(found) != "gone":
+            # An ended, unreported unit of the same name: report it, then start afresh.
+            rep = self._track(spec.replica, unit, container, spec.revision, ran=True)
+            async with rep.lock:
+                await self._finish(rep)
+
+        self._emit(ReplicaStarting(spec.replica, unit))
+        rep = _Replica(spec.replica, unit, container, spec.revision)
+        t0 = self._clock()
+        if failed := await self._ensure_image(rep, spec.image):
+            return failed
+        t1 = self._clock()
+        started = False
+        try:
+            if failed := await self._create_secrets(rep, spec):
+                return failed
+            await self.machine.prepare_state_dir(unit)
+            if failed := await self._start_unit(rep, spec):
+                return failed
+            started = True
+        finally:
+            if not started:
+                with trio.CancelScope(shield=True):
+                    await self._cleanup(rep, unit_started=False)
+        return await self._await_running(rep, pull_ms=_ms(t1 - t0), t_start=t1)
+
+    async def stop(self, replica: ReplicaId) -> ReplicaStopped | None:
+        """Stop a replica and remove its container; None when no such replica runs."""
+        rep = self._replicas.get(replica)
+        if rep is None:
+            return None
+        async with rep.lock:
+            if self._replicas.get(replica) is not rep:
+                return None  # it ended while we waited; its end event was emitted
+            rep.stop_requested = True
+            rep.usage = rep.usage.merge(await self._sample(rep))
+            await self.machine.stop_unit(rep.unit)
+            event = await self._finish(rep)
+        return event if isinstance(event, ReplicaStopped) else None
+
+    async def adopt(self) -> list[ReplicaStatus]:
+        """Take over the replica units already on the machine (after a meshletd restart).
+
+        Running units are tracked again (one `ReplicaRunning(adopted=True)` each, no second
+        start); units that ended while meshletd was away are reported and cleaned up;
+        containers, secrets and state dirs that belong to no unit are removed.
+        """
+        for unit in await self.machine.list_units(naming.UNIT_PATTERN):
+            snap = await self.machine.unit_snapshot(unit)
+            phase = unit_phase(snap)
+            ident = identity_from_environment(snap.environment)
+            if ident is None:
+                log.warning("unit %s looks like a replica but has no identity; stopping it", unit)
+                await self._discard_unit(unit, phase)
+                continue
+            if ident.replica in self._replicas:
+                continue
+            rep = self._track(
+                ident.replica, unit, ident.container, ident.revision, ran=phase == "running"
+            )
+            if phase in ("starting", "running", "stopping"):
+                log.info("adopted replica %s (unit %s)", ident.replica, unit)
+                if phase == "running":
+                    self._emit(
+                        ReplicaRunning(rep.replica, unit, adopted=True, revision=rep.revision)
+                    )
+            else:
+                rep.ran = True
+                async with rep.lock:
+                    await self._finish(rep)
+        await self._remove_orphans()
+        return self.replicas()
+
+    async def poll(self) -> None:
+        """Look at every replica once: sample usage, report and clean up the ended ones."""
+        for rep in list(self._replicas.values()):
+            if rep.lock.locked():
+                continue  # a start or stop is working on it
+            async with rep.lock:
+                if self._replicas.get(rep.replica) is not rep:
+                    continue
+                snap = await self.machine.unit_snapshot(rep.unit)
+                phase = unit_phase(snap)
+                if phase == "running":
+                    rep.usage = rep.usage.merge(await self._sample(rep))
+                    if not rep.ran:
+                        rep.ran = True
+                        self._emit(
+                            ReplicaRunning(
+                                rep.replica, rep.unit, adopted=True, revision=rep.revision
+                            )
+                        )
+                elif phase in ("ended", "gone"):
+                    await self._finish(rep)
+
+    async def usage(self, replica: ReplicaId) -> Usage:
+        """CPU time and peak memory of a running replica so far."""
+        rep = self._replicas.get(replica)
+        if rep is None:
+            return Usage()
+        rep.usage = rep.usage.merge(await self._sample(rep))
+        return rep.usage
+
+    # ---- the steps ----------------------------------------------------------------------
+
+    async def _ensure_image(self, rep: _Replica, image: str) -> ReplicaFailed | None:
+        try:
+            if await self.machine.image_present(image):
+                return None
+            await self.machine.pull_image(image)
+        except MachineError as err:
+            return self._emit(
+                ReplicaFailed(
+                    rep.replica,
+                    rep.unit,
+                    ImageNotFound.name,
+                    f"image {image} is not present and could not be pulled: {err}",
+                )
+            )
+        return None
+
+    async def _create_secrets(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
+        for secret in spec.secrets:
+            name = naming.secret_name(rep.container, secret.name)
+            try:
+                await self.machine.remove_secret(name)  # a leftover of an earlier run
+                await self.machine.create_secret(name, secret.data)
+            except MachineError as err:
+                return self._emit(
+                    ReplicaFailed(
+                        rep.replica,
+                        rep.unit,
+                        UnitStartFailed.name,
+                        f"could not create podman secret {name}: {err}",
+                    )
+                )
+            rep.secrets.append(name)
+        return None
+
+    async def _start_unit(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
+        props = unit_properties(spec, self.config, rep.unit, rep.container)
+        try:
+            await self.machine.start_unit(rep.unit, props)
+        except MachineError as err:
+            return self._emit(
+                ReplicaFailed(
+                    rep.replica,
+                    rep.unit,
+                    UnitStartFailed.name,
+                    f"systemd refused unit {rep.unit}: {err}",
+                )
+            )
+        self._replicas[rep.replica] = rep
+        return None
+
+    async def _await_running(
+        self, rep: _Replica, *, pull_ms: int, t_start: float
+    ) -> ReplicaRunning | EndEvent:
+        deadline = t_start + self.config.start_timeout_s + 5
+        async with rep.lock:
+            while True:
+                snap = await self.machine.unit_snapshot(rep.unit)
+                phase = unit_phase(snap)
+                if phase == "running":
+                    rep.ran = True
+                    return self._emit(
+                        ReplicaRunning(
+                            rep.replica,
+                            rep.unit,
+                            pull_ms=pull_ms,
+                            start_ms=_ms(self._clock() - t_start),
+                            revision=rep.revision,
+                        )
+                    )
+                if phase in ("ended", "gone"):
+                    return await self._finish(rep)
+                if self._clock() > deadline:
+                    await self.machine.stop_unit(rep.unit)
+                    return await self._finish(rep)
+                await trio.sleep(START_POLL_S)
+
+    async def _finish(self, rep: _Replica) -> EndEvent:
+        """Report how an ended replica ended, then remove everything it left."""
+        snap = await self.machine.unit_snapshot(rep.unit)
+        container = await self.machine.inspect_container(rep.container)
+        counters = await self.machine.read_saved_counters(rep.unit)
+        usage = rep.usage.merge(Usage(0, peak_memory_from_counters(counters)))
+        event = end_event(
+            rep.replica,
+            snap,
+            container,
+            ran=rep.ran,
+            stop_requested=rep.stop_requested,
+            oom_counted=oom_killed_from_counters(counters),
+            usage=usage,
+        )
+        with trio.CancelScope(shield=True):
+            await self._cleanup(rep, unit_started=True, snap_phase=unit_phase(snap))
+        self._replicas.pop(rep.replica, None)
+        log.info("replica %s ended: %s", rep.replica, event)
+        return self._emit(event)
+
+    async def _cleanup(
+        self, rep: _Replica, *, unit_started: bool, snap_phase: str = "gone"
+    ) -> None:
+        try:
+            if unit_started:
+                await self.machine.remove_container(rep.container)
+                await self._discard_unit(rep.unit, snap_phase)
+            names = rep.secrets or await self.machine.list_secrets(rep.container + ".")
+            for name in names:
+                await self.machine.remove_secret(name)
+            await self.machine.remove_state_dir(rep.unit)
+        except MachineError as err:
+            log.error("cleanup of replica %s (unit %s) incomplete: %s", rep.replica, rep.unit, err)
+
+    async def _discard_unit(self, unit: str, phase: str) -> None:
+        if phase in ("starting", "running", "stopping", "ended"):
+            await self.machine.stop_unit(unit)
+        await self.machine.reset_failed(unit)
+
+    async def _remove_orphans(self) -> None:
+        live_containers = {r.container for r in self._replicas.values()}
+        live_units = {r.unit for r in self._replicas.values()}
+        for name in await self.machine.list_containers(LABEL):
+            if name not in live_containers:
+                log.warning("removing orphan container %s", name)
+                await self.machine.remove_container(name)
+        for name in await self.machine.list_secrets(naming.UNIT_PREFIX):
+            if not any(name.startswith(c + ".") for c in live_containers):
+                await self.machine.remove_secret(name)
+        for unit in await self.machine.list_state_dirs():
+            if unit not in live_units:
+                await self.machine.remove_state_dir(unit)
+
+    # ---- small helpers ------------------------------------------------------------------
+
+    def _track(
+        self, replica: ReplicaId, unit: str, container: str, revision: str, *, ran: bool
+    ) -> _Replica:
+        rep = _Replica(replica, unit, container, revision, ran=ran)
+        self._replicas[replica] = rep
+        return rep
+
+    async def _sample(self, rep: _Replica) -> Usage:
+        try:
+            return await self.machine.sample_usage(rep.unit)
+        except MachineError:
+            return Usage()
+
+    def _emit(self, event: _E) -> _E:
+        self._send.send_nowait(event)
+        return event
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))

@@ -1,0 +1,261 @@
+"""Pure builders: the podman argv and the transient unit's properties for a replica.
+
+Nothing here touches the machine; the adapter sends what these return. The conventions
+follow quadlet's generated units, with the facts measured on our hosts (docs/runtime.md):
+
+- `Type=notify` + `podman run -d --sdnotify=conmon`: the unit is "active" exactly when the
+  container runs, and conmon (re-parented to systemd) becomes the main process, so its exit
+  status is the container's;
+- `Delegate=yes`: without it rootless podman moves itself out of the unit (limits and
+  `journalctl -u` lost); `--cgroups=split` on cgroup v2 only;
+- `KillMode=mixed`, `--init` (catatonit as PID 1 so SIGTERM is handled), `ExecStop=podman
+  rm -f -i`, `SuccessExitStatus=143` (SIGTERM is how a stop ends);
+- `--log-driver=passthrough`: the container's stdout/stderr *are* the unit's, so each line
+  is in `journalctl -u <unit>` once, tagged with the container name;
+- `RemainAfterExit=yes`: an ended replica keeps its unit (active/exited or failed) until the
+  runtime has reported it, so an exit that happens while meshletd is down is not lost;
+- `ExecStopPost` copies the memory cgroup's counters into the replica's state dir before
+  the cgroup goes away: on cgroup v1 an OOM kill is only visible there (`oom_kill N`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshletd.runtime.naming import secret_name
+from meshletd.runtime.spec import ReplicaId, ReplicaSpec
+
+# Environment entries that carry a replica's identity in its unit (read back on adoption).
+ENV_OWNER = "MESHLET_OWNER_DID"
+ENV_WORKLOAD = "MESHLET_WORKLOAD"
+ENV_INDEX = "MESHLET_REPLICA"
+ENV_REVISION = "MESHLET_REVISION"
+ENV_CONTAINER = "MESHLET_CONTAINER"
+
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LABEL = "io.meshlet.replica"
+
+# Files saved from the unit's memory cgroup when it stops (v1 names, then v2 names).
+MEMORY_FILES_V1 = ("memory.oom_control", "memory.max_usage_in_bytes")
+MEMORY_FILES_V2 = ("memory.events", "memory.peak")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the runtime runs replicas on this machine.
+
+    `slice_milli_cpu`/`slice_memory_mib` cap what all replicas together may take (None: no
+    cap). Each replica's unit gets its workload's memory and tasks *plus* an overhead for
+    conmon, slirp4netns and podman itself while it starts (measured: podman run peaks near
+    40 MiB and 30 threads), so a workload asking 16 MiB can still be started.
+    """
+
+    user: str = "meshlet"
+    uid: int = 1000
+    gid: int = 1000
+    home: str = "/home/meshlet"
+    podman: str = "/usr/bin/podman"
+    copy: str = "/bin/cp"
+    slice: str = "meshlet.slice"
+    slice_milli_cpu: int | None = None
+    slice_memory_mib: int | None = None
+    memory_overhead_mib: int = 64
+    tasks_overhead: int = 64
+    state_dir: str = "/run/meshlet/replicas"
+    cgroup_root: str = "/sys/fs/cgroup"
+    cgroup_v2: bool = False
+    poll_interval_s: float = 1.0
+    start_timeout_s: int = 120
+
+    @property
+    def runtime_dir(self) -> str:
+        return f"/run/user/{self.uid}"
+
+    def user_env(self) -> dict[str, str]:
+        """The environment rootless podman needs when run as the replica user."""
+        return {
+            "HOME": self.home,
+            "XDG_RUNTIME_DIR": self.runtime_dir,
+            "DBUS_SESSION_BUS_ADDRESS": f"unix:path={self.runtime_dir}/bus",
+            "PATH": PATH,
+            "LANG": "C.UTF-8",
+        }
+
+
+def memory_max_bytes(spec: ReplicaSpec, config: RuntimeConfig) -> int:
+    return (spec.resources.memory_mib + config.memory_overhead_mib) * 1024 * 1024
+
+
+def tasks_max(spec: ReplicaSpec, config: RuntimeConfig) -> int:
+    return spec.resources.tasks + config.tasks_overhead
+
+
+def cpu_quota_per_sec_usec(milli_cpu: int) -> int:
+    """systemd's CPUQuotaPerSecUSec for a milli-CPU figure (1000 = one full CPU)."""
+    return milli_cpu * 1000
+
+
+def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) -> list[str]:
+    """The `podman run` command line for a replica: a list, never a shell string."""
+    argv = [
+        config.podman,
+        "run",
+        "-d",
+        "--name",
+        container,
+        "--replace",
+        "--init",
+        "--sdnotify=conmon",
+        "--log-driver=passthrough",
+        "--pull=never",
+        "--cap-drop=all",
+        "--security-opt=no-new-privileges",
+        f"--network={'none' if spec.network == 'none' else 'slirp4netns'}",
+        "--label",
+        f"{LABEL}={spec.replica}",
+        "--stop-timeout",
+        str(spec.stop_timeout_s),
+    ]
+    if config.cgroup_v2:
+        argv.append("--cgroups=split")
+    if not spec.writable_root:
+        argv.append("--read-only")
+    for name, value in spec.env:
+        argv += ["--env", f"{name}={value}"]
+    for secret in spec.secrets:
+        stored = secret_name(container, secret.name)
+        if secret.env is not None:
+            argv += ["--secret", f"{stored},type=env,target={secret.env}"]
+        else:
+            argv += ["--secret", f"{stored},type=mount,target={secret.name}"]
+    argv.append(spec.image)
+    # "--" is not needed: podman stops reading options at the image, so args are the
+    # container's own, whatever they look like.
+    argv += list(spec.args)
+    return argv
+
+
+def podman_rm_argv(config: RuntimeConfig, container: str, timeout_s: int) -> list[str]:
+    """Stop and remove the container; no error when it is already gone."""
+    return [config.podman, "rm", "-f", "-i", "-t", str(timeout_s), container]
+
+
+def cgroup_path(slice_name: str, unit: str) -> str:
+    """The unit's cgroup path below a hierarchy root, as systemd lays slices out.
+
+    `a-b.slice` lives in `a.slice/a-b.slice`; `-.slice` is the root.
+    """
+    parts: list[str] = []
+    if slice_name != "-.slice":
+        stem = slice_name.removesuffix(".slice")
+        pieces = stem.split("-")
+        for i in range(1, len(pieces) + 1):
+            parts.append("-".join(pieces[:i]) + ".slice")
+    parts.append(unit)
+    return "/" + "/".join(parts)
+
+
+def memory_cgroup_dir(config: RuntimeConfig, unit: str) -> str:
+    sub = "" if config.cgroup_v2 else "/memory"
+    return f"{config.cgroup_root}{sub}{cgroup_path(config.slice, unit)}"
+
+
+def replica_state_dir(config: RuntimeConfig, unit: str) -> str:
+    """Where the unit leaves its memory counters when it stops (owned by the user)."""
+    return f"{config.state_dir}/{unit}"
+
+
+ExecCommand = tuple[str, list[str], bool]
+
+
+def unit_properties(
+    spec: ReplicaSpec, config: RuntimeConfig, unit: str, container: str
+) -> dict[str, object]:
+    """The transient unit's properties (names as in systemd's D-Bus API)."""
+    env = config.user_env()
+    env.update(
+        {
+            ENV_OWNER: spec.replica.owner_did,
+            ENV_WORKLOAD: spec.replica.workload,
+            ENV_INDEX: str(spec.replica.index),
+            ENV_REVISION: spec.revision,
+            ENV_CONTAINER: container,
+        }
+    )
+    run = podman_run_argv(spec, config, container)
+    rm = podman_rm_argv(config, container, spec.stop_timeout_s)
+    cg = memory_cgroup_dir(config, unit)
+    files = MEMORY_FILES_V2 if config.cgroup_v2 else MEMORY_FILES_V1
+    save = [config.copy, "-f", *(f"{cg}/{f}" for f in files), replica_state_dir(config, unit)]
+    stop_grace_s = spec.stop_timeout_s + 15
+    return {
+        "Description": f"meshlet replica {spec.owner_handle}/{spec.replica.workload} "
+        f"#{spec.replica.index} ({spec.image})",
+        "Slice": config.slice,
+        "Type": "notify",
+        "NotifyAccess": "all",
+        "User": config.user,
+        "Group": str(config.gid),
+        "WorkingDirectory": config.home,
+        "Environment": [f"{k}={v}" for k, v in env.items()],
+        "ExecStart": [(run[0], run, False)],
+        "ExecStop": [(rm[0], rm, True)],
+        "ExecStopPost": [(save[0], save, True)],
+        "RemainAfterExit": True,
+        "SuccessExitStatus": ([143], []),
+        "KillMode": "mixed",
+        "Delegate": True,
+        "CPUAccounting": True,
+        "MemoryAccounting": True,
+        "TasksAccounting": True,
+        "MemoryMax": memory_max_bytes(spec, config),
+        "CPUQuotaPerSecUSec": cpu_quota_per_sec_usec(spec.resources.milli_cpu),
+        "TasksMax": tasks_max(spec, config),
+        "TimeoutStartUSec": config.start_timeout_s * 1_000_000,
+        "TimeoutStopUSec": stop_grace_s * 1_000_000,
+        "SyslogIdentifier": container,
+        "StandardOutput": "journal",
+        "StandardError": "journal",
+    }
+
+
+def slice_properties(config: RuntimeConfig) -> dict[str, object]:
+    """The slice every replica runs in: the machine's contribution cap."""
+    props: dict[str, object] = {
+        "Description": "meshlet: what this machine contributes to its communes",
+        "CPUAccounting": True,
+        "MemoryAccounting": True,
+        "TasksAccounting": True,
+    }
+    if config.slice_milli_cpu is not None:
+        props["CPUQuotaPerSecUSec"] = cpu_quota_per_sec_usec(config.slice_milli_cpu)
+    if config.slice_memory_mib is not None:
+        props["MemoryMax"] = config.slice_memory_mib * 1024 * 1024
+    return props
+
+
+@dataclass(frozen=True)
+class UnitIdentity:
+    """What a unit says about the replica it runs (from its environment)."""
+
+    replica: ReplicaId
+    revision: str
+    container: str
+
+
+def identity_from_environment(entries: Sequence[str] | Mapping[str, str]) -> UnitIdentity | None:
+    """Read a replica's identity back from its unit's `Environment=`; None if not ours."""
+    if isinstance(entries, Mapping):
+        env = dict(entries)
+    else:
+        env = {}
+        for entry in entries:
+            key, sep, value = entry.partition("=")
+            if sep:
+                env[key] = value
+    try:
+        replica = ReplicaId(env[ENV_OWNER], env[ENV_WORKLOAD], int(env[ENV_INDEX]))
+        return UnitIdentity(replica, env.get(ENV_REVISION, ""), env[ENV_CONTAINER])
+    except (KeyError, ValueError):
+        return None
