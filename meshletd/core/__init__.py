@@ -1,0 +1,86 @@
+"""meshletd.core: the pure scheduler core (no I/O, no await, no clock reads, no randomness).
+
+Feed `Event`s to `Scheduler.handle` and perform the `Action`s it returns. The protocol it
+implements is normative in docs/protocol.md.
+"""
+
+from .actions import (
+    Action,
+    DeleteRecord,
+    ProbePeer,
+    PutRecord,
+    Reply,
+    StartReplica,
+    StopReplica,
+    WakeAt,
+)
+from .events import (
+    Event,
+    ProbeResult,
+    RecordDeleted,
+    RecordSeen,
+    ReplicaStateChanged,
+    SetDraining,
+    Tick,
+)
+from .fairshare import balances, decay, meshlet_priority
+from .hashing import is_candidate, rendezvous_score
+from .records import (
+    Bid,
+    Membership,
+    MeshletLink,
+    MeshletOwner,
+    Record,
+    Usage,
+    UsageEntry,
+    Workload,
+    WorkloadStatus,
+    format_datetime_ms,
+    parse_datetime_ms,
+    record_from_json,
+    record_to_json,
+)
+from .scheduler import MeshletIdentity, Scheduler, bid_rkey, status_rkey
+from .timing import DEFAULT_TIMING, Timing
+
+__all__ = [
+    "DEFAULT_TIMING",
+    "Action",
+    "Bid",
+    "DeleteRecord",
+    "Event",
+    "Membership",
+    "MeshletIdentity",
+    "MeshletLink",
+    "MeshletOwner",
+    "ProbePeer",
+    "ProbeResult",
+    "PutRecord",
+    "Record",
+    "RecordDeleted",
+    "RecordSeen",
+    "ReplicaStateChanged",
+    "Reply",
+    "Scheduler",
+    "SetDraining",
+    "StartReplica",
+    "StopReplica",
+    "Tick",
+    "Timing",
+    "Usage",
+    "UsageEntry",
+    "WakeAt",
+    "Workload",
+    "WorkloadStatus",
+    "balances",
+    "bid_rkey",
+    "decay",
+    "format_datetime_ms",
+    "is_candidate",
+    "meshlet_priority",
+    "parse_datetime_ms",
+    "record_from_json",
+    "record_to_json",
+    "rendezvous_score",
+    "status_rkey",
+]

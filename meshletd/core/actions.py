@@ -1,0 +1,83 @@
+"""Actions: everything the scheduler core asks the outside world to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import Record, Workload
+
+
+@dataclass(frozen=True, slots=True)
+class PutRecord:
+    """Write one of our records (create=True: a new rkey, 3 write points; else an update,
+    2 points). Batch the actions of one event into one applyWrites."""
+
+    collection: str
+    rkey: str
+    record: Record
+    create: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecord:
+    """Delete one of our records (1 write point)."""
+
+    collection: str
+    rkey: str
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartReplica:
+    """Start (or restart) the local replica of (workload, slot), placed in `round`."""
+
+    workload: Workload
+    slot: int
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopReplica:
+    """Stop and remove the local replica of (workload, slot). reason: lost-slot, deleted,
+    drained, scaled-down."""
+
+    workload_uri: str
+    slot: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbePeer:
+    """Probe a peer meshlet over XRPC (farm.meshlet.ping); answer with ProbeResult."""
+
+    meshlet: str
+
+
+@dataclass(frozen=True, slots=True)
+class WakeAt:
+    """Deliver a Tick no later than this local time (ms) — the core's next deadline."""
+
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer to an operator command (request_id from the command)."""
+
+    request_id: str
+    ok: bool
+    message: str = ""
+
+
+Action = PutRecord | DeleteRecord | StartReplica | StopReplica | ProbePeer | WakeAt | Reply
+
+__all__ = [
+    "Action",
+    "DeleteRecord",
+    "ProbePeer",
+    "PutRecord",
+    "Reply",
+    "StartReplica",
+    "StopReplica",
+    "WakeAt",
+]

@@ -1,0 +1,169 @@
+"""The cluster view: who may bid on whose workloads, judged only from public records.
+
+A meshlet M may host a workload of owner O (cluster c) when
+  * linkage both ways: M's meshletOwner names P, and P's repo has a meshlet record naming M;
+  * M consents to O: some membership record in M's repo lists O;
+  * O consents to P: P == O, or a membership record with rkey/cluster c in O's repo or in
+    the repo of one of O's linked meshlets lists P;
+  * M satisfies the workload's constraints (arch, labels, avoidMeshlets).
+Every observer evaluates this from the same records, so overlapping clusters agree.
+"""
+
+from __future__ import annotations
+
+from .records import Membership, MeshletLink, MeshletOwner, Workload
+
+_EMPTY: frozenset[str] = frozenset()
+
+
+class ClusterView:
+    """Index of meshletOwner, meshlet (link) and membership records."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, MeshletOwner] = {}  # meshlet DID -> its meshletOwner record
+        self._links: dict[str, MeshletLink] = {}  # uri -> link
+        self._linked: dict[str, set[str]] = {}  # owner DID -> meshlet DIDs it claims
+        self._memberships: dict[str, Membership] = {}  # uri -> record
+        self._by_repo: dict[str, dict[str, Membership]] = {}  # repo -> cluster -> record
+        self.version = 0
+        self._consent_of: dict[str, frozenset[str]] = {}
+        self._cluster_consent: dict[tuple[str, str], frozenset[str]] = {}
+        self._cache_version = -1
+
+    # -- updates ---------------------------------------------------------------------
+    def _changed(self) -> None:
+        self.version += 1
+
+    def put_owner(self, rec: MeshletOwner) -> None:
+        """A meshletOwner record was seen."""
+        self.owners[rec.meshlet] = rec
+        self._changed()
+
+    def put_link(self, rec: MeshletLink) -> None:
+        """A meshlet (owner → machine) record was seen."""
+        old = self._links.get(rec.uri)
+        if old is not None:
+            self._linked.get(old.owner, set()).discard(old.meshlet)
+        self._links[rec.uri] = rec
+        self._linked.setdefault(rec.owner, set()).add(rec.meshlet)
+        self._changed()
+
+    def put_membership(self, rec: Membership) -> None:
+        """A membership record was seen."""
+        self._memberships[rec.uri] = rec
+        self._by_repo.setdefault(rec.repo, {})[rec.cluster] = rec
+        self._changed()
+
+    def delete(self, uri: str, repo: str) -> bool:
+        """Forget a record of ours by URI; True when it was one of the three kinds."""
+        link = self._links.pop(uri, None)
+        if link is not None:
+            self._linked.get(link.owner, set()).discard(link.meshlet)
+            self._changed()
+            return True
+        mem = self._memberships.pop(uri, None)
+        if mem is not None:
+            by = self._by_repo.get(mem.repo, {})
+            if by.get(mem.cluster) is mem:
+                del by[mem.cluster]
+            self._changed()
+            return True
+        mo = self.owners.get(repo)
+        if mo is not None and mo.uri == uri:
+            del self.owners[repo]
+            self._changed()
+            return True
+        return False
+
+    # -- queries ---------------------------------------------------------------------
+    def _fresh(self) -> None:
+        if self._cache_version != self.version:
+            self._consent_of.clear()
+            self._cluster_consent.clear()
+            self._cache_version = self.version
+
+    def verified(self, meshlet: str) -> bool:
+        """Linkage both ways holds for this meshlet."""
+        mo = self.owners.get(meshlet)
+        return mo is not None and meshlet in self._linked.get(mo.owner, _EMPTY)
+
+    def consent_of(self, meshlet: str) -> frozenset[str]:
+        """Owner DIDs this meshlet consents to (union of its membership records)."""
+        self._fresh()
+        got = self._consent_of.get(meshlet)
+        if got is None:
+            recs = list(self._by_repo.get(meshlet, {}).values())
+            if len(recs) == 1:
+                got = recs[0].members  # shared, no copy
+            else:
+                got = frozenset().union(*(r.members for r in recs)) if recs else _EMPTY
+            self._consent_of[meshlet] = got
+        return got
+
+    def cluster_consent(self, owner: str, cluster: str) -> frozenset[str]:
+        """Owner DIDs that `owner` accepts as hosts for workloads offered to `cluster`."""
+        self._fresh()
+        key = (owner, cluster)
+        got = self._cluster_consent.get(key)
+        if got is None:
+            recs = []
+            r = self._by_repo.get(owner, {}).get(cluster)
+            if r is not None:
+                recs.append(r)
+            for m in sorted(self._linked.get(owner, _EMPTY)):
+                mo = self.owners.get(m)
+                if mo is None or mo.owner != owner:
+                    continue
+                r = self._by_repo.get(m, {}).get(cluster)
+                if r is not None:
+                    recs.append(r)
+            if len(recs) == 1:
+                got = recs[0].members
+            else:
+                got = frozenset().union(*(x.members for x in recs)) if recs else _EMPTY
+            self._cluster_consent[key] = got
+        return got
+
+    def eligible(self, wl: Workload, meshlet: str) -> bool:
+        """Whether `meshlet` may host replicas of `wl` (linkage, mutual consent, constraints)."""
+        mo = self.owners.get(meshlet)
+        if mo is None or meshlet not in self._linked.get(mo.owner, _EMPTY):
+            return False
+        if wl.owner not in self.consent_of(meshlet):
+            return False
+        if mo.owner != wl.owner and mo.owner not in self.cluster_consent(wl.owner, wl.cluster):
+            return False
+        if wl.avoid and meshlet in wl.avoid:
+            return False
+        if wl.arch and mo.arch not in wl.arch:
+            return False
+        return not (wl.labels and not all(lab in mo.labels for lab in wl.labels))
+
+    def draining_since(self, meshlet: str) -> int | None:
+        """Time the meshlet started draining (from its meshletOwner record), or None."""
+        mo = self.owners.get(meshlet)
+        if mo is None or mo.state != "draining":
+            return None
+        return mo.state_since
+
+    def member_estimate(self, wl: Workload) -> int:
+        """How many meshlets may bid on wl, estimated as the size of the owner's cluster
+        (plus one for the owner). Only used to size the candidate sample, never for validity."""
+        return len(self.cluster_consent(wl.owner, wl.cluster)) + 1
+
+    def members(self, wl: Workload) -> list[str]:
+        """Exactly the eligible meshlets for wl (O(cluster size); used for early close)."""
+        owners = set(self.cluster_consent(wl.owner, wl.cluster)) | {wl.owner}
+        out = []
+        for o in sorted(owners):
+            for m in sorted(self._linked.get(o, _EMPTY)):
+                if self.eligible(wl, m):
+                    out.append(m)
+        return out
+
+    def all_verified(self) -> list[str]:
+        """Every meshlet with linkage both ways, sorted."""
+        return sorted(m for m in self.owners if self.verified(m))
+
+
+__all__ = ["ClusterView"]

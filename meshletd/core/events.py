@@ -1,0 +1,68 @@
+"""Events: everything the scheduler core learns arrives as one of these frozen values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import Record
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSeen:
+    """A record was created or updated (firehose, anti-entropy listRecords, or our own write)."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDeleted:
+    """A record was deleted (firehose or anti-entropy)."""
+
+    uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The answer (ok) or failure/timeout (not ok) of one XRPC probe of a peer meshlet."""
+
+    meshlet: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The current local wall-clock time in ms since the epoch. The only source of time."""
+
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStateChanged:
+    """The runtime reports a local replica's state: running, exited (with exit_code),
+    stopped (after StopReplica) or failed (could not start)."""
+
+    workload_uri: str
+    slot: int
+    state: str
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetDraining:
+    """Operator command: drain (True) or undrain (False) this meshlet."""
+
+    draining: bool
+    request_id: str = ""
+
+
+Event = RecordSeen | RecordDeleted | ProbeResult | Tick | ReplicaStateChanged | SetDraining
+
+__all__ = [
+    "Event",
+    "ProbeResult",
+    "RecordDeleted",
+    "RecordSeen",
+    "ReplicaStateChanged",
+    "SetDraining",
+    "Tick",
+]

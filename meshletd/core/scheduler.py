@@ -1,0 +1,1065 @@
+"""The scheduler state machine of one meshlet: events in, actions out.
+
+Pure: no I/O, no await, no clock reads (time arrives in Tick), no randomness. The rules it
+implements are written normatively in docs/protocol.md; the section names are cited below.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from hashlib import blake2b
+
+from .actions import (
+    Action,
+    DeleteRecord,
+    ProbePeer,
+    PutRecord,
+    Reply,
+    StartReplica,
+    StopReplica,
+    WakeAt,
+)
+from .cluster import ClusterView
+from .events import (
+    Event,
+    ProbeResult,
+    RecordDeleted,
+    RecordSeen,
+    ReplicaStateChanged,
+    SetDraining,
+    Tick,
+)
+from .fairshare import balances, meshlet_priority
+from .hashing import is_candidate, rendezvous_score, watch_score
+from .records import (
+    NSID_BID,
+    NSID_MESHLET_OWNER,
+    NSID_STATUS,
+    NSID_USAGE,
+    NSID_WORKLOAD,
+    Bid,
+    Membership,
+    MeshletLink,
+    MeshletOwner,
+    Usage,
+    UsageEntry,
+    Workload,
+    WorkloadStatus,
+    at_uri,
+    split_at_uri,
+)
+from .timing import DEFAULT_TIMING, Timing
+
+Owner = tuple[int, str]  # (round, meshlet DID) that owns a slot
+TERMINAL = frozenset({"succeeded", "failed"})
+EARLY_CLOSE_MAX_MEMBERS = 64
+ROUND0_SPARE = 1  # round 0 asks for replicas + this many candidates
+REPLACEMENT_CANDIDATES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MeshletIdentity:
+    """Who this meshlet is and what it offers (the content of its meshletOwner record)."""
+
+    did: str
+    owner: str
+    milli_cpu: int
+    memory_mib: int
+    arch: str = "amd64"
+    labels: frozenset[str] = frozenset()
+    endpoint: str = ""
+
+
+def _rkey(prefix: str, text: str) -> str:
+    return prefix + blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def bid_rkey(workload_uri: str, round_: int, slot: int) -> str:
+    """Deterministic rkey of our bid for (workload, round, slot): rewriting is idempotent."""
+    return _rkey("b", f"{workload_uri}|{round_}|{slot}")
+
+
+def status_rkey(workload_uri: str, slot: int) -> str:
+    """Deterministic rkey of our status record for (workload, slot)."""
+    return _rkey("s", f"{workload_uri}|{slot}")
+
+
+class _Entry:
+    """What one meshlet knows about one workload."""
+
+    __slots__ = ("bids", "done", "early", "owners", "statuses", "wl")
+
+    def __init__(self, wl: Workload) -> None:
+        self.wl = wl
+        self.bids: list[Bid] = []
+        self.owners: tuple[Owner | None, ...] | None = None  # None: round 0 not closed yet
+        self.statuses: dict[tuple[str, int], WorkloadStatus] | None = None
+        self.done: dict[int, tuple[str, int, str]] | None = None  # slot -> (meshlet, round, state)
+        self.early: set[tuple[int, int]] | None = None  # (slot, round) closed early here
+
+
+class _Replica:
+    __slots__ = (
+        "exit_code",
+        "lost_at",
+        "restart_at",
+        "restarts",
+        "round",
+        "since",
+        "state",
+        "written",
+    )
+
+    def __init__(self, round_: int) -> None:
+        self.round = round_
+        self.state = "starting"  # starting | running | exited | stopping
+        self.since = 0
+        self.restarts = 0
+        self.exit_code: int | None = None
+        self.restart_at: int | None = None
+        self.lost_at: int | None = None
+        self.written = ""  # last state written in our status record
+
+
+class Scheduler:
+    """One meshlet's scheduler core. Feed events to `handle`; perform the returned actions.
+
+    Public read-only views: `placement()` (the slots of every known workload as this meshlet
+    sees them), `replicas()` (local replicas), `decisions` (rounds resolved so far).
+    """
+
+    def __init__(self, me: MeshletIdentity, timing: Timing = DEFAULT_TIMING) -> None:
+        self.me = me
+        self.t = timing
+        self.now = 0
+        self.cluster = ClusterView()
+        self.workloads: dict[str, _Entry] = {}
+        self._orphan_bids: dict[str, list[Bid]] = {}
+        self._orphan_status: dict[str, list[WorkloadStatus]] = {}
+        self._replicas: dict[tuple[str, int], _Replica] = {}
+        self._reserved: dict[tuple[str, int, int], tuple[int, int, int]] = {}  # -> cpu,mem,until
+        self._held: dict[tuple[str, int], tuple[int, int]] = {}  # slots we own or still run
+        self._my_rkeys: set[tuple[str, str]] = set()
+        self._my_bids: dict[str, list[str]] = {}  # workload uri -> our bid rkeys
+        self._closes: list[tuple[int, str]] = []  # heap of (close time, workload uri)
+        self._wakes: list[tuple[int, str]] = []  # heap of (time, workload uri) to re-evaluate
+        self._bid_queue: set[str] = set()
+        self._bid_batch_at: int | None = None
+        self._dirty: set[str] = set()
+        self._involved: set[str] = set()  # workloads where we own a slot or run a replica
+        self.draining = False
+        self.draining_since = 0
+        # liveness
+        self._watched: list[str] = []
+        self._watch_version = -1
+        self._fails: dict[str, int] = {}
+        self.suspects: set[str] = set()
+        self._next_probe = 0
+        self._next_scan = 0
+        self._reopened: dict[tuple[str, int], int] = {}
+        # fair share
+        self._usages: dict[str, Usage] = {}
+        self._period_start: int | None = None
+        self._period_use: dict[str, list[int]] = {}
+        self._balance_at = -1
+        self._taken: dict[str, int] = {}
+        self._given: dict[str, int] = {}
+        self.decisions = 0
+        self._out: list[Action] = []
+        self._resched = True
+        self._last_wake = -1
+
+    # ==================================================================== public API
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return the actions to perform, in order (writes first)."""
+        self._out = out = []
+        if isinstance(event, RecordSeen):
+            self._on_record(event.record)
+        elif isinstance(event, Tick):
+            if event.now > self.now:
+                self.now = event.now
+            self._resched = True
+            self._on_tick()
+        elif isinstance(event, RecordDeleted):
+            self._on_deleted(event.uri)
+        elif isinstance(event, ProbeResult):
+            self._on_probe(event)
+        elif isinstance(event, ReplicaStateChanged):
+            self._resched = True
+            self._on_replica(event)
+        elif isinstance(event, SetDraining):
+            self._resched = True
+            self._on_drain(event)
+        self._flush()
+        return out
+
+    def placement(self) -> dict[str, tuple[Owner | None, ...]]:
+        """Slot owners of every workload whose round 0 has closed here."""
+        return {u: e.owners for u, e in self.workloads.items() if e.owners is not None}
+
+    def replicas(self) -> dict[tuple[str, int], str]:
+        """Local replicas and their states."""
+        return {k: r.state for k, r in self._replicas.items()}
+
+    def free_capacity(self) -> tuple[int, int]:
+        """(milli-CPU, MiB) not held by owned slots, running replicas or open bids."""
+        cpu, mem = self.me.milli_cpu, self.me.memory_mib
+        for c, m in self._held.values():
+            cpu -= c
+            mem -= m
+        for c, m, _ in self._reserved.values():
+            cpu -= c
+            mem -= m
+        return cpu, mem
+
+    # ==================================================================== records
+    def _on_record(self, rec: object) -> None:
+        if isinstance(rec, Bid):
+            self._on_bid(rec)
+        elif isinstance(rec, WorkloadStatus):
+            self._on_status(rec)
+        elif isinstance(rec, Workload):
+            self._on_workload(rec)
+        elif isinstance(rec, Usage):
+            self._usages[rec.uri] = rec
+            self._note_mine(rec.uri)
+        elif isinstance(rec, MeshletOwner):
+            self.cluster.put_owner(rec)
+            self._note_mine(rec.uri)
+            if rec.meshlet == self.me.did:
+                self.draining = rec.state == "draining"
+                self.draining_since = rec.state_since
+        elif isinstance(rec, MeshletLink):
+            self.cluster.put_link(rec)
+        elif isinstance(rec, Membership):
+            self.cluster.put_membership(rec)
+
+    def _note_mine(self, uri: str) -> None:
+        repo, coll, rkey = split_at_uri(uri)
+        if repo == self.me.did:
+            self._my_rkeys.add((coll, rkey))
+
+    def _on_workload(self, wl: Workload) -> None:
+        e = self.workloads.get(wl.uri)
+        if e is None:
+            e = _Entry(wl)
+            self.workloads[wl.uri] = e
+            orphans = self._orphan_bids.pop(wl.uri, None)
+            if orphans:
+                e.bids.extend(orphans)
+            for st in self._orphan_status.pop(wl.uri, ()):
+                self._store_status(e, st)
+            self._queue_bid(wl.uri)
+        else:
+            if e.wl == wl:
+                return
+            e.wl = wl
+        heapq.heappush(self._closes, (self._close0(wl), wl.uri))
+        self._resched = True
+        self._dirty.add(wl.uri)
+
+    def _on_bid(self, b: Bid) -> None:
+        if b.meshlet == self.me.did:
+            self._my_rkeys.add((NSID_BID, split_at_uri(b.uri)[2]))
+        e = self.workloads.get(b.workload_uri)
+        if e is None:
+            self._orphan_bids.setdefault(b.workload_uri, []).append(b)
+            return
+        bids = e.bids
+        for i, old in enumerate(bids):
+            if old.uri == b.uri:
+                if old == b:
+                    return
+                bids[i] = b
+                break
+        else:
+            bids.append(b)
+        if e.owners is not None:
+            # round 0 closed here: a late or a later-round bid may change the answer.
+            self._dirty.add(b.workload_uri)
+            if b.round > 0 and b.meshlet != self.me.did:
+                self._queue_bid(b.workload_uri)
+        elif e.wl.replicas and self._small(e.wl):
+            self._dirty.add(b.workload_uri)  # early close may now hold
+
+    def _on_status(self, st: WorkloadStatus) -> None:
+        if st.meshlet == self.me.did:
+            self._my_rkeys.add((NSID_STATUS, split_at_uri(st.uri)[2]))
+        e = self.workloads.get(st.workload_uri)
+        if e is None:
+            if st.state in TERMINAL or st.state == "running":
+                self._orphan_status.setdefault(st.workload_uri, []).append(st)
+            return
+        if self._store_status(e, st):
+            self._dirty.add(st.workload_uri)
+
+    def _store_status(self, e: _Entry, st: WorkloadStatus) -> bool:
+        """Keep statuses that matter here: terminal ones (a finished job is never re-placed)
+        and, while we run a replica of the workload, the others' (make-before-break)."""
+        if st.state in TERMINAL:
+            if e.done is None:
+                e.done = {}
+            e.done[st.slot] = (st.meshlet, st.round, st.state)
+            return True
+        if e.wl.uri not in self._involved and st.meshlet != self.me.did:
+            return False
+        if e.statuses is None:
+            e.statuses = {}
+        e.statuses[(st.meshlet, st.slot)] = st
+        if e.done and st.slot in e.done and e.done[st.slot][0] == st.meshlet:
+            if e.done[st.slot][1] <= st.round and st.state not in TERMINAL:
+                del e.done[st.slot]
+        return True
+
+    def _on_deleted(self, uri: str) -> None:
+        repo, coll, rkey = split_at_uri(uri)
+        if repo == self.me.did:
+            self._my_rkeys.discard((coll, rkey))
+        if coll == NSID_WORKLOAD:
+            e = self.workloads.pop(uri, None)
+            self._orphan_bids.pop(uri, None)
+            self._orphan_status.pop(uri, None)
+            if e is None:
+                return
+            for key in [k for k in self._replicas if k[0] == uri]:
+                self._stop(key, "deleted")
+            for key in [k for k in self._held if k[0] == uri]:
+                del self._held[key]
+            for key in [k for k in self._reserved if k[0] == uri]:
+                del self._reserved[key]
+            for rk in self._my_bids.pop(uri, ()):
+                self._delete(NSID_BID, rk)
+            for s in range(e.wl.replicas):
+                self._delete(NSID_STATUS, status_rkey(uri, s))
+            return
+        if coll == NSID_BID:
+            # Bids are evidence for a placement and stay until their workload is deleted
+            # (docs/protocol.md, "Records"); a bid deletion before that is ignored.
+            return
+        if coll == NSID_USAGE:
+            self._usages.pop(uri, None)
+            return
+        self.cluster.delete(uri, repo)
+
+    # ==================================================================== rounds
+    def _close0(self, wl: Workload) -> int:
+        return wl.created_at + wl.bid_window_ms + self.t.settle_ms
+
+    def _small(self, wl: Workload) -> bool:
+        return self.cluster.member_estimate(wl) <= EARLY_CLOSE_MAX_MEMBERS
+
+    def _valid(self, wl: Workload, b: Bid, start: int, deadline: int) -> bool:
+        if b.slots < 1 or b.created_at < start or b.created_at > deadline:
+            return False
+        if b.free_milli_cpu < wl.milli_cpu or b.free_memory_mib < wl.memory_mib:
+            return False
+        if not self.cluster.eligible(wl, b.meshlet):
+            return False
+        since = self.cluster.draining_since(b.meshlet)
+        return since is None or since > deadline
+
+    def _early_closed(
+        self,
+        e: _Entry,
+        slot: int,
+        round_: int,
+        bids: list[Bid],
+        exclude: frozenset[str] = frozenset(),
+    ) -> bool:
+        """Early close: every candidate eligible member has answered (bid or declined)."""
+        wl = e.wl
+        if e.early is not None and (slot, round_) in e.early:
+            return True
+        if not self._small(wl) or not bids:
+            return False
+        members = [
+            m
+            for m in self.cluster.members(wl)
+            if m not in exclude and self.cluster.draining_since(m) is None
+        ]
+        if not members:
+            return False
+        wanted = self._wanted(wl, slot, round_)
+        answered = {b.meshlet for b in bids}
+        n = len(members)
+        for m in members:
+            if m not in answered and is_candidate(
+                rendezvous_score(wl.uri, round_, slot, m), wanted, n
+            ):
+                return False
+        if e.early is None:
+            e.early = set()
+        e.early.add((slot, round_))
+        return True
+
+    def _wanted(self, wl: Workload, slot: int, round_: int) -> int:
+        if round_ == 0:
+            return wl.replicas + ROUND0_SPARE
+        return REPLACEMENT_CANDIDATES << min(round_, 20)
+
+    def _resolve(self, e: _Entry) -> int | None:
+        """Recompute e.owners from the bids (pure function of records + which rounds have
+        closed here). Returns the next close time still pending, if any."""
+        wl = e.wl
+        now = self.now
+        t = self.t
+        n = wl.replicas
+        a0 = wl.created_at
+        d0 = a0 + wl.bid_window_ms
+        c0 = d0 + t.settle_ms
+        b0 = [b for b in e.bids if b.round == 0]
+        if now < c0 and not self._early_closed(e, -1, 0, b0):
+            e.owners = None
+            return c0
+        self.decisions += 1
+        uri = wl.uri
+        valid = [b for b in b0 if self._valid(wl, b, a0, d0)]
+        valid.sort(key=lambda b: (-b.priority, rendezvous_score(uri, 0, -1, b.meshlet)))
+        owners: list[Owner | None] = [None] * n
+        if valid:
+            if wl.allow_packing:
+                caps = [min(b.slots, n) for b in valid]
+            else:
+                caps = [1] * len(valid)
+            s = 0
+            layer = 0
+            while s < n:
+                progressed = False
+                for i, b in enumerate(valid):
+                    if caps[i] > layer and s < n:
+                        owners[s] = (0, b.meshlet)
+                        s += 1
+                        progressed = True
+                if not progressed:
+                    break
+                layer += 1
+        pending: int | None = None
+        later = [b for b in e.bids if b.round > 0 and 0 <= b.slot < n]
+        if later:
+            period = t.chained_period_ms
+            w = t.replacement_window_ms
+            for s in range(n):
+                mine = [b for b in later if b.slot == s]
+                if not mine:
+                    continue
+                rounds = sorted({b.round for b in mine})
+                prev_close = c0
+                for r in rounds:
+                    bs = [b for b in mine if b.round == r]
+                    cur = owners[s]
+                    if cur is None:
+                        start = c0 + (r - 1) * period  # chained round of a never-filled slot
+                    else:
+                        start = max(prev_close, min(b.created_at for b in bs))
+                    deadline = start + w
+                    close = deadline + t.settle_ms
+                    if now < close:
+                        excl = frozenset({cur[1]}) if cur else frozenset()
+                        if not self._early_closed(e, s, r, bs, excl):
+                            pending = close if pending is None else min(pending, close)
+                            break
+                    self.decisions += 1
+                    best: Bid | None = None
+                    best_key: tuple[int, int] | None = None
+                    for b in bs:
+                        if self._valid(wl, b, start, deadline):
+                            k = (-b.priority, rendezvous_score(uri, r, s, b.meshlet))
+                            if best_key is None or k < best_key:
+                                best, best_key = b, k
+                    if best is not None:
+                        owners[s] = (r, best.meshlet)
+                    prev_close = close
+        e.owners = tuple(owners)
+        return pending
+
+    # ==================================================================== bidding
+    def _queue_bid(self, uri: str) -> None:
+        self._bid_queue.add(uri)
+        self._resched = True
+        at = self.now + self.t.bid_batch_ms
+        if self._bid_batch_at is None or at < self._bid_batch_at:
+            self._bid_batch_at = at
+
+    def _ledger(self) -> None:
+        """Recompute taken/given once per usage period (a snapshot every member can redo)."""
+        at = self.now - self.now % self.t.usage_period_ms
+        if at != self._balance_at:
+            owner_of = {m: mo.owner for m, mo in self.cluster.owners.items()}
+            self._taken, self._given = balances(
+                self._usages.values(), owner_of, at, self.t.half_life_ms
+            )
+            self._balance_at = at
+
+    def _bid_batch(self) -> None:
+        queue = self._bid_queue
+        self._bid_queue = set()
+        self._bid_batch_at = None
+        if self.draining or not self.cluster.verified(self.me.did):
+            return
+        self._ledger()
+        taken = self._taken
+        entries = [self.workloads[u] for u in queue if u in self.workloads]
+        # Capacity is short? Serve owners who used least first.
+        entries.sort(key=lambda e: (taken.get(e.wl.owner, 0), e.wl.created_at, e.wl.uri))
+        prio = meshlet_priority(self.me.owner, taken, self._given)
+        for e in entries:
+            self._consider(e, prio)
+
+    def _holds_other(self, e: _Entry, slot: int) -> bool:
+        uri = e.wl.uri
+        if any(k[0] == uri and k[1] != slot for k in self._held):
+            return True
+        return any(k[0] == uri and k[1] != slot for k in self._reserved)
+
+    def _consider(self, e: _Entry, prio: int) -> None:
+        """Bid on whatever round of e is open and where this meshlet is a candidate."""
+        wl = e.wl
+        me = self.me.did
+        now = self.now
+        uri = wl.uri
+        if not self.cluster.eligible(wl, me):
+            return
+        n_est = self.cluster.member_estimate(wl)
+        cpu, mem = self.free_capacity()
+        fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib
+        if e.owners is None:
+            # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
+            if (
+                now < wl.created_at
+                or now > wl.created_at + wl.bid_window_ms
+                or (uri, -1, 0) in self._reserved
+                or any(b.meshlet == me and b.round == 0 for b in e.bids)
+            ):
+                if now < wl.created_at:
+                    self._wake(wl.created_at, uri)
+                return
+            if not is_candidate(rendezvous_score(uri, 0, -1, me), self._wanted(wl, -1, 0), n_est):
+                return
+            slots = 0
+            if fits:
+                slots = 1
+                if wl.allow_packing:
+                    slots = min(
+                        wl.replicas, cpu // max(wl.milli_cpu, 1), mem // max(wl.memory_mib, 1)
+                    )
+            if slots == 0 and not self._small(wl):
+                return  # declines only help early close in small clusters
+            self._bid(wl, 0, -1, prio, slots, cpu, mem, self._close0(wl))
+            return
+        # Later rounds, slot by slot.
+        owners = e.owners
+        t = self.t
+        for s, cur in enumerate(owners):
+            if e.done and s in e.done:
+                continue
+            if cur is not None and cur[1] == me:
+                continue
+            if not wl.allow_packing and self._holds_other(e, s):
+                return
+            slot_bids = [b for b in e.bids if b.slot == s and b.round > 0]
+            if cur is None:
+                # Chained round for a slot no round has filled.
+                c0 = self._close0(wl)
+                if now < c0:
+                    continue
+                period = t.chained_period_ms
+                r = (now - c0) // period + 1
+                start = c0 + (r - 1) * period
+                if now > start + t.replacement_window_ms:
+                    r += 1
+                    start += period
+                    self._wake(start, uri)
+                    continue
+                if any(b.meshlet == me and b.round == r for b in slot_bids):
+                    continue
+                wanted = self._wanted(wl, s, r)
+                if not fits or not is_candidate(rendezvous_score(uri, r, s, me), wanted, n_est):
+                    nxt = start + period
+                    self._wake(nxt, uri)
+                    continue
+                self._bid(
+                    wl, r, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms
+                )
+                return
+            # Replacement round opened by someone else and still open here?
+            last = max((b.round for b in slot_bids), default=0)
+            if last <= cur[0]:
+                continue
+            bs = [b for b in slot_bids if b.round == last]
+            if any(b.meshlet == me for b in bs):
+                continue
+            start = min(b.created_at for b in bs)
+            if now > start + t.replacement_window_ms or now < start:
+                continue
+            if not fits:
+                continue
+            if not is_candidate(
+                rendezvous_score(uri, last, s, me), self._wanted(wl, s, last), n_est
+            ):
+                continue
+            self._bid(wl, last, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms)
+            return
+
+    def _bid(
+        self,
+        wl: Workload,
+        round_: int,
+        slot: int,
+        prio: int,
+        slots: int,
+        cpu: int,
+        mem: int,
+        until: int,
+    ) -> None:
+        rkey = bid_rkey(wl.uri, round_, slot)
+        bid = Bid(
+            uri=at_uri(self.me.did, NSID_BID, rkey),
+            meshlet=self.me.did,
+            workload_uri=wl.uri,
+            workload_cid=wl.cid,
+            round=round_,
+            slot=slot,
+            priority=prio,
+            slots=slots,
+            free_milli_cpu=max(cpu, 0),
+            free_memory_mib=max(mem, 0),
+            created_at=self.now,
+        )
+        if slots:
+            self._reserved[(wl.uri, slot, round_)] = (
+                wl.milli_cpu * slots,
+                wl.memory_mib * slots,
+                until,
+            )
+        self._my_bids.setdefault(wl.uri, []).append(rkey)
+        self._put(NSID_BID, rkey, bid)
+        self._on_bid(bid)
+        self._wake(until, wl.uri)
+
+    def _open_replacement(self, e: _Entry, slot: int) -> None:
+        """Open the next round for a slot whose owner is lost or draining."""
+        wl = e.wl
+        rounds = [b.round for b in e.bids if b.slot == slot]
+        cur = e.owners[slot] if e.owners else None
+        r = max([*rounds, cur[0] if cur else 0]) + 1
+        cpu, mem = self.free_capacity()
+        fits = (
+            cpu >= wl.milli_cpu
+            and mem >= wl.memory_mib
+            and not self.draining
+            and self.cluster.eligible(wl, self.me.did)
+            and (cur is None or cur[1] != self.me.did)
+            and (wl.allow_packing or not self._holds_other(e, slot))
+        )
+        self._ledger()
+        prio = meshlet_priority(self.me.owner, self._taken, self._given)
+        t = self.t
+        self._reopened[(wl.uri, slot)] = self.now
+        self._bid(
+            wl,
+            r,
+            slot,
+            prio,
+            1 if fits else 0,
+            cpu,
+            mem,
+            self.now + t.replacement_window_ms + t.settle_ms,
+        )
+
+    # ==================================================================== liveness
+    def _watch_list(self) -> list[str]:
+        if self._watch_version != self.cluster.version:
+            ring = sorted(self.cluster.all_verified(), key=lambda m: watch_score(m, ""))
+            self._watched = []
+            if self.me.did in ring and len(ring) > 1:
+                i = ring.index(self.me.did)
+                k = min(self.t.watchers, len(ring) - 1)
+                self._watched = [ring[(i + j) % len(ring)] for j in range(1, k + 1)]
+            self._watch_version = self.cluster.version
+        return self._watched
+
+    def _on_probe(self, p: ProbeResult) -> None:
+        if p.ok:
+            self._fails.pop(p.meshlet, None)
+            self.suspects.discard(p.meshlet)
+            return
+        n = self._fails.get(p.meshlet, 0) + 1
+        self._fails[p.meshlet] = n
+        if n >= self.t.probe_failures and p.meshlet not in self.suspects:
+            self.suspects.add(p.meshlet)
+            self._scan_lost({p.meshlet}, force=True)
+
+    def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
+        """Open replacement rounds for slots owned by lost/draining hosts we answer for."""
+        backoff = self.t.reopen_backoff_ms
+        for uri, e in self.workloads.items():
+            if e.owners is None:
+                continue
+            for s, cur in enumerate(e.owners):
+                if cur is None or cur[1] not in hosts:
+                    continue
+                if e.done and s in e.done:
+                    continue
+                last = self._reopened.get((uri, s))
+                if last is not None and self.now - last < backoff:
+                    continue
+                # Skip when a higher round is already open (someone else opened it).
+                if any(b.slot == s and b.round > cur[0] for b in e.bids) and (
+                    last is None and not force
+                ):
+                    continue
+                if any(
+                    b.slot == s
+                    and b.round > cur[0]
+                    and b.meshlet == self.me.did
+                    and self.now - b.created_at < backoff
+                    for b in e.bids
+                ):
+                    continue
+                self._open_replacement(e, s)
+
+    # ==================================================================== drain
+    def _my_owner_record(self, state: str) -> MeshletOwner:
+        me = self.me
+        return MeshletOwner(
+            uri=at_uri(me.did, NSID_MESHLET_OWNER, "self"),
+            meshlet=me.did,
+            owner=me.owner,
+            milli_cpu=me.milli_cpu,
+            memory_mib=me.memory_mib,
+            state=state,
+            state_since=self.now,
+            arch=me.arch,
+            labels=me.labels,
+            endpoint=me.endpoint,
+        )
+
+    def _on_drain(self, cmd: SetDraining) -> None:
+        state = "draining" if cmd.draining else "active"
+        if self.draining == cmd.draining:
+            if cmd.request_id:
+                self._out.append(Reply(cmd.request_id, True, f"already {state}"))
+            return
+        rec = self._my_owner_record(state)
+        self._put(NSID_MESHLET_OWNER, "self", rec)
+        self.cluster.put_owner(rec)
+        self.draining = cmd.draining
+        self.draining_since = self.now
+        if cmd.draining:
+            self._scan_lost({self.me.did}, force=True)
+        if cmd.request_id:
+            self._out.append(Reply(cmd.request_id, True, state))
+
+    # ==================================================================== tick
+    def _on_tick(self) -> None:
+        now = self.now
+        closes = self._closes
+        while closes and closes[0][0] <= now:
+            _, uri = heapq.heappop(closes)
+            self._dirty.add(uri)
+        wakes = self._wakes
+        while wakes and wakes[0][0] <= now:
+            _, uri = heapq.heappop(wakes)
+            self._dirty.add(uri)
+            self._bid_queue.add(uri)
+            self._bid_batch_at = now
+        for key in [k for k, v in self._reserved.items() if v[2] <= now]:
+            del self._reserved[key]
+        if now >= self._next_probe:
+            self._next_probe = now + self.t.probe_interval_ms
+            for m in self._watch_list():
+                self._out.append(ProbePeer(m))
+        if now >= self._next_scan:
+            self._next_scan = now + self.t.reopen_backoff_ms // 2
+            lost = set(self.suspects)
+            if self.draining:
+                lost.add(self.me.did)
+            if lost:
+                self._scan_lost(lost)
+        for key, rep in self._replicas.items():
+            if rep.restart_at is not None and rep.restart_at <= now:
+                self._dirty.add(key[0])
+            if rep.lost_at is not None:
+                self._dirty.add(key[0])
+        self._usage_tick()
+
+    def _wake(self, at: int, uri: str) -> None:
+        heapq.heappush(self._wakes, (at, uri))
+        self._resched = True
+
+    # ==================================================================== reconcile
+    def _flush(self) -> None:
+        if self._bid_batch_at is not None and self._bid_batch_at <= self.now:
+            self._bid_batch()
+        rounds = 0
+        if self._dirty:
+            self._resched = True
+        while self._dirty and rounds < 4:
+            rounds += 1
+            dirty = self._dirty
+            self._dirty = set()
+            for uri in dirty:
+                e = self.workloads.get(uri)
+                if e is None:
+                    self._reconcile_gone(uri)
+                    continue
+                before = e.owners
+                pending = self._resolve(e)
+                if pending is not None:
+                    heapq.heappush(self._closes, (pending, uri))
+                if e.owners != before and e.owners is not None:
+                    self._bid_queue.add(uri)
+                    if self._bid_batch_at is None:
+                        self._bid_batch_at = self.now + self.t.bid_batch_ms
+                self._reconcile(e)
+        if not self._resched and not self._out:
+            return
+        self._resched = False
+        nxt = [self._next_probe, self._next_scan]
+        if self._closes:
+            nxt.append(self._closes[0][0])
+        if self._wakes:
+            nxt.append(self._wakes[0][0])
+        if self._bid_batch_at is not None:
+            nxt.append(self._bid_batch_at)
+        for rep in self._replicas.values():
+            if rep.restart_at is not None:
+                nxt.append(rep.restart_at)
+            if rep.lost_at is not None:
+                nxt.append(rep.lost_at + self.t.fence_timeout_ms)
+        if self._period_start is not None:
+            nxt.append(self._period_start + self.t.usage_period_ms)
+        at = max(min(nxt), self.now + 1)
+        if at != self._last_wake or self.now >= at - 1:
+            self._last_wake = at
+            self._out.append(WakeAt(at))
+
+    def _reconcile_gone(self, uri: str) -> None:
+        self._involved.discard(uri)
+        for key in [k for k in self._replicas if k[0] == uri]:
+            self._stop(key, "deleted")
+
+    def _reconcile(self, e: _Entry) -> None:
+        """Make local replicas of e match the placement (make-before-break on moves)."""
+        wl = e.wl
+        uri = wl.uri
+        me = self.me.did
+        owners = e.owners or ()
+        if uri not in self._involved and not any(c is not None and c[1] == me for c in owners):
+            return
+        self._involved.add(uri)
+        mine: set[int] = set()
+        for s, cur in enumerate(owners):
+            if cur is not None and cur[1] == me:
+                mine.add(s)
+        held = self._held
+        for key in [
+            k for k in held if k[0] == uri and k[1] not in mine and k not in self._replicas
+        ]:
+            del held[key]
+        for s in mine:
+            held[(uri, s)] = (wl.milli_cpu, wl.memory_mib)
+            self._reserved.pop((uri, s, owners[s][0]), None)  # type: ignore[index]
+            if s == 0 or owners[s][0] == 0:  # type: ignore[index]
+                self._reserved.pop((uri, -1, 0), None)
+        for s in sorted(mine):
+            key = (uri, s)
+            rep = self._replicas.get(key)
+            rnd = owners[s][0]  # type: ignore[index]
+            if e.done and s in e.done and e.done[s][0] == me:
+                continue
+            if rep is None:
+                rep = _Replica(rnd)
+                self._replicas[key] = rep
+                self._out.append(StartReplica(wl, s, rnd))
+                continue
+            rep.lost_at = None
+            if rep.round != rnd:
+                rep.round = rnd
+                if rep.state == "running":
+                    self._write_status(wl, s, rep, "running", force=True)
+            if rep.restart_at is not None and rep.restart_at <= self.now:
+                rep.restart_at = None
+                rep.restarts += 1
+                rep.state = "starting"
+                self._out.append(StartReplica(wl, s, rnd))
+        for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
+            rep = self._replicas[key]
+            if rep.state == "stopping":
+                continue
+            s = key[1]
+            if rep.state == "exited" or s >= wl.replicas or e.owners is None:
+                if e.owners is None:
+                    continue
+                self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
+                continue
+            if rep.lost_at is None:
+                rep.lost_at = self.now
+            new = owners[s] if s < len(owners) else None
+            replaced = False
+            if new is not None and e.statuses:
+                st = e.statuses.get((new[1], s))
+                replaced = (
+                    st is not None and st.round >= new[0] and st.state in ("running", "succeeded")
+                )
+            if new is None and not self.draining and me not in self.suspects:
+                replaced = True
+            if replaced or self.now >= rep.lost_at + self.t.fence_timeout_ms:
+                self._stop(key, "drained" if self.draining else "lost-slot")
+        if not mine and not any(k[0] == uri for k in self._replicas):
+            self._involved.discard(uri)
+
+    def _stop(self, key: tuple[str, int], reason: str) -> None:
+        rep = self._replicas.get(key)
+        if rep is None or rep.state == "stopping":
+            return
+        self._account(key, rep)
+        rep.state = "stopping"
+        self._out.append(StopReplica(key[0], key[1], reason))
+        if reason != "deleted" and rep.written:
+            self._delete(NSID_STATUS, status_rkey(key[0], key[1]))
+            rep.written = ""
+
+    # ==================================================================== runtime
+    def _on_replica(self, ev: ReplicaStateChanged) -> None:
+        key = (ev.workload_uri, ev.slot)
+        rep = self._replicas.get(key)
+        if rep is None:
+            if ev.state == "running":
+                # Adopt a replica found at start-up; reconcile decides whether it stays.
+                rep = _Replica(0)
+                self._replicas[key] = rep
+                self._involved.add(ev.workload_uri)
+            else:
+                return
+        e = self.workloads.get(ev.workload_uri)
+        if ev.state == "stopped":
+            self._account(key, rep)
+            del self._replicas[key]
+            self._held.pop(key, None)
+            if e is not None:
+                self._dirty.add(ev.workload_uri)
+                self._bid_queue.add(ev.workload_uri)
+            return
+        if ev.state == "running":
+            rep.state = "running"
+            rep.since = self.now
+            if e is not None:
+                self._write_status(e.wl, ev.slot, rep, "running")
+            self._dirty.add(ev.workload_uri)
+            return
+        # exited or failed to start
+        self._account(key, rep)
+        rep.state = "exited"
+        rep.exit_code = ev.exit_code if ev.exit_code is not None else -1
+        if e is None:
+            self._stop(key, "deleted")
+            return
+        wl = e.wl
+        ok = rep.exit_code == 0
+        policy = wl.restart_policy
+        if wl.kind == "job" and ok:
+            restart = False
+        elif policy == "always":
+            restart = True
+        elif policy == "on-failure":
+            restart = not ok
+        else:
+            restart = False
+        if wl.kind == "service" and ok and policy == "on-failure":
+            restart = False
+        if restart:
+            rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            return
+        final = "succeeded" if ok else "failed"
+        self._write_status(wl, ev.slot, rep, final, force=True)
+        if e.done is None:
+            e.done = {}
+        e.done[ev.slot] = (self.me.did, rep.round, final)
+
+    def _write_status(
+        self, wl: Workload, slot: int, rep: _Replica, state: str, force: bool = False
+    ) -> None:
+        if rep.written == state and not force:
+            return
+        rkey = status_rkey(wl.uri, slot)
+        st = WorkloadStatus(
+            uri=at_uri(self.me.did, NSID_STATUS, rkey),
+            meshlet=self.me.did,
+            workload_uri=wl.uri,
+            slot=slot,
+            round=rep.round,
+            state=state,
+            updated_at=self.now,
+            exit_code=rep.exit_code,
+            restarts=rep.restarts,
+        )
+        rep.written = state
+        self._put(NSID_STATUS, rkey, st)
+
+    # ==================================================================== usage
+    def _account(self, key: tuple[str, int], rep: _Replica) -> None:
+        if rep.state != "running":
+            return
+        e = self.workloads.get(key[0])
+        if e is None or self._period_start is None:
+            rep.since = self.now
+            return
+        start = max(rep.since, self._period_start)
+        secs = max(self.now - start, 0)
+        use = self._period_use.setdefault(e.wl.owner, [0, 0])
+        use[0] += e.wl.milli_cpu * secs // 1000
+        use[1] += e.wl.memory_mib * secs // 1000
+        rep.since = self.now
+
+    def _usage_tick(self) -> None:
+        period = self.t.usage_period_ms
+        if self._period_start is None:
+            self._period_start = self.now - self.now % period
+            return
+        end = self._period_start + period
+        if self.now < end:
+            return
+        saved = self.now
+        self.now = end
+        for key, rep in self._replicas.items():
+            self._account(key, rep)
+        self.now = saved
+        if self._period_use:
+            entries = tuple(
+                UsageEntry(o, v[0], v[1])
+                for o, v in sorted(self._period_use.items())
+                if v[0] or v[1]
+            )
+            if entries:
+                rkey = f"u{self._period_start}"
+                rec = Usage(
+                    uri=at_uri(self.me.did, NSID_USAGE, rkey),
+                    meshlet=self.me.did,
+                    period_start=self._period_start,
+                    period_end=end,
+                    entries=entries,
+                )
+                self._usages[rec.uri] = rec
+                self._put(NSID_USAGE, rkey, rec)
+        self._period_use = {}
+        self._period_start = self.now - self.now % period
+        for rep in self._replicas.values():
+            if rep.state == "running":
+                rep.since = max(rep.since, self._period_start)
+
+    # ==================================================================== writes
+    def _put(self, coll: str, rkey: str, rec: object) -> None:
+        create = (coll, rkey) not in self._my_rkeys
+        self._my_rkeys.add((coll, rkey))
+        self._out.insert(0, PutRecord(coll, rkey, rec, create))  # type: ignore[arg-type]
+
+    def _delete(self, coll: str, rkey: str) -> None:
+        if (coll, rkey) not in self._my_rkeys:
+            return
+        self._my_rkeys.discard((coll, rkey))
+        self._out.insert(0, DeleteRecord(coll, rkey, at_uri(self.me.did, coll, rkey)))
+
+
+__all__ = ["MeshletIdentity", "Scheduler", "bid_rkey", "status_rkey"]

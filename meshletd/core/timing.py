@@ -1,0 +1,46 @@
+"""Protocol constants and round arithmetic (all integers, milliseconds). See docs/protocol.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The protocol's time constants. Every meshlet of a commune must use the same values
+    for the round arithmetic (skew, grace, replacement window); probe settings are local."""
+
+    skew_ms: int = 250
+    """Bound on the clock error of an honest meshlet against true time."""
+    grace_ms: int = 1500
+    """Propagation allowance: a record written at t is seen by peers by t + grace (usually)."""
+    replacement_window_ms: int = 1000
+    """Bid window of every round after round 0."""
+    probe_interval_ms: int = 1000
+    probe_failures: int = 3
+    """Consecutive failed probes before a watched peer is suspected lost."""
+    watchers: int = 2
+    """How many meshlets probe each meshlet."""
+    fence_timeout_ms: int = 60_000
+    """A replica whose slot moved keeps running until the new owner reports running, or this
+    long after the losing round closed (make-before-break with a bound)."""
+    bid_batch_ms: int = 50
+    usage_period_ms: int = 3_600_000
+    half_life_ms: int = 7 * 86_400_000
+    reopen_backoff_ms: int = 30_000
+    """Wait before reopening a replacement round that found no winner."""
+
+    @property
+    def settle_ms(self) -> int:
+        """From a round's deadline to its close: 2 x skew + grace."""
+        return 2 * self.skew_ms + self.grace_ms
+
+    @property
+    def chained_period_ms(self) -> int:
+        """Spacing of the chained rounds that re-offer a never-filled slot."""
+        return self.replacement_window_ms + self.settle_ms
+
+
+DEFAULT_TIMING = Timing()
+
+__all__ = ["DEFAULT_TIMING", "Timing"]

@@ -1,0 +1,621 @@
+"""A deterministic discrete-event simulation of N meshlet cores on a virtual clock.
+
+The network model: every record write goes to the writer's PDS and reaches every meshlet
+through one ordered firehose stream per recipient (FIFO), after a per-link delay; deliveries
+can be lost (healed by periodic anti-entropy, which replays what was missed, in order);
+meshlets can be cut off (partition), crash and restart (state rebuilt from records), have a
+skewed clock, drain and undrain; workloads arrive and are deleted. One seed fixes everything.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshletd.core import (
+    DeleteRecord,
+    Membership,
+    MeshletIdentity,
+    MeshletLink,
+    MeshletOwner,
+    ProbePeer,
+    ProbeResult,
+    PutRecord,
+    RecordDeleted,
+    RecordSeen,
+    ReplicaStateChanged,
+    Scheduler,
+    SetDraining,
+    StartReplica,
+    StopReplica,
+    Tick,
+    Timing,
+    WakeAt,
+    Workload,
+)
+from meshletd.core.records import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER, at_uri
+
+CREATE, UPDATE, DELETE = 3, 2, 1
+EPOCH = 1_800_000_000_000  # virtual time 0, in epoch ms
+CLUSTER = "commune"
+
+# event kinds
+K_TICK, K_DELIVER, K_PROBE, K_RUNTIME, K_FAULT, K_ARRIVE, K_REMOVE, K_AE = range(8)
+
+
+@dataclass
+class Config:
+    """What to simulate."""
+
+    meshlets: int = 50
+    workloads: int = 200
+    seed: int = 1
+    faults: str = "none"  # none | chaos
+    hours: float = 1.0
+    arrivals_per_day: float = 0.0  # extra arrivals after the initial workloads
+    lifetime_hours: float = 12.0  # mean lifetime of those extra arrivals
+    delete_fraction: float = 0.05  # of the initial workloads, deleted during the run
+    cpu_milli: int = 16_000
+    memory_mib: int = 32_768
+    ae_interval_ms: int = 30_000
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass
+class Node:
+    idx: int
+    did: str
+    owner: str
+    core: Scheduler | None
+    skew: int = 0
+    latency: int = 30
+    alive: bool = True
+    cut: bool = False  # partitioned: no traffic in or out
+    last_delivery: int = 0
+    missed: list[tuple[str, Any]] = field(default_factory=list)
+    wake_at: int | None = None
+    running: dict[tuple[str, int], int] = field(default_factory=dict)  # -> job end time or 0
+    points: int = 0
+    draining_since: int | None = None
+    pending_writes: list[Any] = field(default_factory=list)
+
+
+class Sim:
+    """Run with `Sim(Config(...)).run()`; returns the figures as a dict."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.t = cfg.timing
+        self.now = 0
+        self.end = int(cfg.hours * 3_600_000)
+        self.quiet_at = int(self.end * 0.6)  # faults stop here
+        self.q: list[tuple[int, int, int, Any]] = []
+        self.seq = 0
+        self.store: dict[str, Any] = {}  # uri -> current record (all PDSes)
+        self.workloads: dict[str, Workload] = {}
+        self.chaos = cfg.faults == "chaos"
+        self.nodes: list[Node] = []
+        self.by_did: dict[str, Node] = {}
+        # metrics
+        self.runners: dict[tuple[str, int], set[int]] = {}
+        self.over_since: dict[tuple[str, int], int] = {}
+        self.over_max = 0
+        self.lost_at: dict[tuple[str, int], int] = {}
+        self.failovers: list[int] = []
+        self.decision_ns: list[float] = []
+        self.violations: list[str] = []
+        self.max_cut_ms = 0
+        self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
+        self.events = 0
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def push(self, at: int, kind: int, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.q, (at, self.seq, kind, payload))
+
+    def _build(self) -> None:
+        cfg, rng, t = self.cfg, self.rng, self.t
+        owners = [f"did:plc:owner{i:05d}" for i in range(cfg.meshlets)]
+        members = frozenset(owners)
+        for i in range(cfg.meshlets):
+            did = f"did:plc:mesh{i:05d}"
+            node = Node(i, did, owners[i], None)
+            node.latency = rng.randint(10, 120)
+            if self.chaos:
+                node.skew = rng.randint(-t.skew_ms, t.skew_ms)
+            self.nodes.append(node)
+            self.by_did[did] = node
+            self.store[at_uri(owners[i], NSID_MESHLET, "m0")] = MeshletLink(
+                at_uri(owners[i], NSID_MESHLET, "m0"), owners[i], did
+            )
+            self.store[at_uri(did, NSID_MESHLET_OWNER, "self")] = MeshletOwner(
+                at_uri(did, NSID_MESHLET_OWNER, "self"),
+                did,
+                owners[i],
+                cfg.cpu_milli,
+                cfg.memory_mib,
+                state_since=EPOCH,
+            )
+            self.store[at_uri(did, NSID_MEMBERSHIP, CLUSTER)] = Membership(
+                at_uri(did, NSID_MEMBERSHIP, CLUSTER), did, CLUSTER, members
+            )
+        for node in self.nodes:
+            self._boot(node)
+        # workloads
+        spread = max(int(self.end * 0.4), 1)
+        for w in range(cfg.workloads):
+            at = rng.randint(0, spread)
+            self.push(at, K_ARRIVE, self._make_workload(w, at))
+        if cfg.arrivals_per_day > 0:
+            mean_gap = 86_400_000 / cfg.arrivals_per_day
+            at = 0.0
+            w = cfg.workloads
+            while True:
+                at += rng.expovariate(1.0 / mean_gap)
+                if at >= self.end:
+                    break
+                wl = self._make_workload(w, int(at))
+                w += 1
+                self.push(int(at), K_ARRIVE, wl)
+                life = int(rng.expovariate(1.0 / (cfg.lifetime_hours * 3_600_000)))
+                if at + life < self.quiet_at:
+                    self.push(int(at) + life, K_REMOVE, wl.uri)
+        if self.chaos:
+            self._schedule_chaos()
+        for node in self.nodes:
+            self.push(rng.randint(0, cfg.ae_interval_ms), K_AE, node.idx)
+
+    def _make_workload(self, w: int, at: int) -> Workload:
+        rng = self.rng
+        owner = self.nodes[rng.randrange(len(self.nodes))].owner
+        kind = "job" if rng.random() < 0.2 else "service"
+        wl = Workload(
+            uri=at_uri(owner, "commune.scheduler.workload", f"w{w:06d}"),
+            cid=f"cid{w}",
+            owner=owner,
+            cluster=CLUSTER,
+            milli_cpu=rng.choice((100, 250, 500, 1000)),
+            memory_mib=rng.choice((128, 256, 512, 1024)),
+            replicas=rng.choice((1, 1, 1, 2, 2, 3)),
+            created_at=0,  # set at publication (owner's clock)
+            kind=kind,
+            restart_policy="on-failure",
+            bid_window_ms=2000,
+            allow_packing=rng.random() < 0.1,
+        )
+        if w < self.cfg.workloads and rng.random() < self.cfg.delete_fraction:
+            self.push(at + rng.randint(60_000, max(self.quiet_at - at, 60_001)), K_REMOVE, wl.uri)
+        return wl
+
+    def _schedule_chaos(self) -> None:
+        rng, n = self.rng, len(self.nodes)
+        horizon = self.quiet_at
+        k = max(1, n // 10)
+        for _ in range(k):  # crashes; a quarter never come back
+            at = rng.randint(int(horizon * 0.3), horizon)
+            down = rng.randint(20_000, 300_000)
+            restart = rng.random() >= 0.25
+            self.push(at, K_FAULT, ("crash", rng.randrange(n), down if restart else None))
+        for _ in range(k):  # partitions of one to three meshlets
+            at = rng.randint(int(horizon * 0.3), horizon)
+            dur = rng.randint(5_000, 60_000)
+            group = rng.sample(range(n), rng.randint(1, min(3, n)))
+            self.push(at, K_FAULT, ("cut", group, dur))
+        for _ in range(max(1, n // 25)):  # drains, some undrained later
+            at = rng.randint(int(horizon * 0.3), horizon)
+            self.push(at, K_FAULT, ("drain", rng.randrange(n), rng.random() < 0.5))
+
+    def _boot(self, node: Node) -> None:
+        me = MeshletIdentity(node.did, node.owner, self.cfg.cpu_milli, self.cfg.memory_mib)
+        core = Scheduler(me, self.t)
+        node.core = core
+        node.alive = True
+        node.missed = []
+        node.last_delivery = self.now
+        node.wake_at = None
+        # Start-up: listRecords of every repo (cluster records first), then the clock.
+        order = sorted(self.store.values(), key=lambda r: _sync_rank(r))
+        self._feed(node, Tick(self.now + EPOCH + node.skew))
+        for rec in order:
+            self._feed(node, RecordSeen(rec))
+        self._feed(node, Tick(self.now + EPOCH + node.skew))
+
+    # ------------------------------------------------------------------ core I/O
+    def _local(self, node: Node) -> int:
+        return self.now + EPOCH + node.skew
+
+    def _feed(self, node: Node, event: Any) -> None:
+        core = node.core
+        if core is None:
+            return
+        d0 = core.decisions
+        t0 = time.perf_counter_ns()
+        actions = core.handle(event)
+        dt = time.perf_counter_ns() - t0
+        dd = core.decisions - d0
+        if dd:
+            self.decision_ns.append(dt / dd)
+        self.events += 1
+        if actions:
+            self._perform(node, actions)
+
+    def _perform(self, node: Node, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, PutRecord):
+                node.points += CREATE if a.create else UPDATE
+                self._write(node, a.record.uri, a.record)
+            elif isinstance(a, DeleteRecord):
+                node.points += DELETE
+                self._write(node, a.uri, None)
+            elif isinstance(a, WakeAt):
+                at = a.at - EPOCH - node.skew
+                if at < self.now:
+                    at = self.now
+                if node.wake_at is None or at < node.wake_at or node.wake_at < self.now:
+                    node.wake_at = at
+                    self.push(at, K_TICK, (node.idx, node.core))
+            elif isinstance(a, ProbePeer):
+                self._probe(node, a.meshlet)
+            elif isinstance(a, StartReplica):
+                self._start(node, a)
+            elif isinstance(a, StopReplica):
+                self.push(
+                    self.now + 200,
+                    K_RUNTIME,
+                    ("stopped", node.idx, node.core, a.workload_uri, a.slot),
+                )
+                self._not_running(node, (a.workload_uri, a.slot))
+
+    def _write(self, node: Node, uri: str, rec: Any) -> None:
+        if node.cut:
+            node.pending_writes.append((uri, rec))  # the daemon retries until it gets through
+            return
+        if rec is None:
+            self.store.pop(uri, None)
+        else:
+            self.store[uri] = rec
+        self._broadcast(uri, rec, self.now + 20)
+
+    def _broadcast(self, uri: str, rec: Any, at: int) -> None:
+        rng = self.rng
+        buckets: dict[int, list[int]] = {}
+        lossy = self.chaos
+        for n in self.nodes:
+            if not n.alive:
+                continue
+            d = at + n.latency + int(rng.expovariate(1 / 15))
+            if lossy and rng.random() < 0.005:
+                d += rng.randint(1000, 4000)  # a slow relay moment
+            if d < n.last_delivery:
+                d = n.last_delivery  # one ordered stream per recipient
+            n.last_delivery = d
+            if lossy and rng.random() < 0.01:
+                n.missed.append((uri, rec))
+                continue
+            buckets.setdefault(d, []).append(n.idx)
+        for d, idxs in buckets.items():
+            self.push(d, K_DELIVER, (uri, rec, idxs))
+
+    def _probe(self, node: Node, target: str) -> None:
+        peer = self.by_did.get(target)
+        ok = (
+            peer is not None
+            and peer.alive
+            and not peer.cut
+            and not node.cut
+            and not (self.chaos and self.rng.random() < 0.01)
+        )
+        delay = (node.latency + peer.latency) if ok and peer else 500
+        self.push(self.now + delay, K_PROBE, (node.idx, node.core, target, ok))
+
+    def _start(self, node: Node, a: StartReplica) -> None:
+        key = (a.workload.uri, a.slot)
+        delay = self.rng.randint(300, 800)
+        end = 0
+        if a.workload.kind == "job":
+            end = self.now + delay + self.rng.randint(600_000, 3_600_000)
+        self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end))
+        if node.draining_since is not None:
+            known = self.started_before_drain.get(node.idx, set())
+            if (a.workload.uri, a.slot, a.round) not in known:
+                self.violations.append(
+                    f"draining meshlet {node.did} started new slot {a.workload.uri}#{a.slot}"
+                    f" round {a.round} at {self.now} ms"
+                )
+        else:
+            self.started_before_drain.setdefault(node.idx, set()).add(
+                (a.workload.uri, a.slot, a.round)
+            )
+
+    def _running(self, node: Node, key: tuple[str, int]) -> None:
+        rs = self.runners.setdefault(key, set())
+        rs.add(node.idx)
+        if key in self.lost_at:
+            self.failovers.append(self.now - self.lost_at.pop(key))
+        if len(rs) >= 2 and key not in self.over_since:
+            self.over_since[key] = self.now
+
+    def _not_running(self, node: Node, key: tuple[str, int]) -> None:
+        node.running.pop(key, None)
+        rs = self.runners.get(key)
+        if rs is None:
+            return
+        rs.discard(node.idx)
+        if len(rs) < 2 and key in self.over_since:
+            self.over_max = max(self.over_max, self.now - self.over_since.pop(key))
+
+    # ------------------------------------------------------------------ faults
+    def _fault(self, f: tuple[Any, ...]) -> None:
+        kind = f[0]
+        if kind == "crash":
+            node = self.nodes[f[1]]
+            if not node.alive:
+                return
+            node.alive = False
+            node.core = None
+            for key in list(node.running):
+                wl = self.workloads.get(key[0])
+                self._not_running(node, key)
+                if wl is not None and not self.runners.get(key):
+                    self.lost_at.setdefault(key, self.now)
+            if f[2] is not None and self.now + f[2] < self.quiet_at:
+                self.push(self.now + f[2], K_FAULT, ("restart", f[1]))
+        elif kind == "restart":
+            node = self.nodes[f[1]]
+            if not node.alive:
+                self._boot(node)
+        elif kind == "cut":
+            dur = min(f[2], max(self.quiet_at - self.now, 0))
+            for i in f[1]:
+                self.nodes[i].cut = True
+            self.max_cut_ms = max(self.max_cut_ms, dur)
+            self.push(self.now + dur, K_FAULT, ("heal", f[1]))
+        elif kind == "heal":
+            for i in f[1]:
+                node = self.nodes[i]
+                if not node.cut:
+                    continue
+                node.cut = False
+                for uri, rec in node.pending_writes:
+                    self._write(node, uri, rec)
+                node.pending_writes = []
+                self._anti_entropy(node)
+        elif kind == "drain":
+            node = self.nodes[f[1]]
+            if node.alive and node.draining_since is None:
+                node.draining_since = self.now
+                self._feed(node, SetDraining(True))
+                if f[2]:
+                    self.push(
+                        self.now + self.rng.randint(60_000, 600_000), K_FAULT, ("undrain", f[1])
+                    )
+        elif kind == "undrain":
+            node = self.nodes[f[1]]
+            if node.alive and node.draining_since is not None and self.now < self.quiet_at:
+                node.draining_since = None
+                self._feed(node, SetDraining(False))
+
+    def _anti_entropy(self, node: Node) -> None:
+        if not node.alive or node.cut or not node.missed:
+            return
+        missed, node.missed = node.missed, []
+        for uri, rec in missed:
+            self._feed(node, RecordDeleted(uri) if rec is None else RecordSeen(rec))
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        wall0 = time.perf_counter()
+        q = self.q
+        nodes = self.nodes
+        while q:
+            at, _, kind, p = heapq.heappop(q)
+            if at > self.end:
+                break
+            self.now = at
+            if kind == K_DELIVER:
+                uri, rec, idxs = p
+                ev = RecordDeleted(uri) if rec is None else RecordSeen(rec)
+                for i in idxs:
+                    n = nodes[i]
+                    if not n.alive:
+                        continue
+                    if n.cut:
+                        n.missed.append((uri, rec))
+                        continue
+                    self._feed(n, ev)
+            elif kind == K_TICK:
+                n = nodes[p[0]]
+                if n.core is p[1] and n.alive:
+                    if n.wake_at is not None and n.wake_at <= at:
+                        n.wake_at = None
+                    self._feed(n, Tick(self._local(n)))
+            elif kind == K_PROBE:
+                n = nodes[p[0]]
+                if n.core is p[1] and n.alive:
+                    self._feed(n, ProbeResult(p[2], p[3]))
+            elif kind == K_RUNTIME:
+                self._runtime(p)
+            elif kind == K_ARRIVE:
+                self._arrive(p)
+            elif kind == K_REMOVE:
+                wl = self.workloads.pop(p, None)
+                if wl is not None:
+                    self.store.pop(wl.uri, None)
+                    self._broadcast(wl.uri, None, self.now + 20)
+            elif kind == K_FAULT:
+                self._fault(p)
+            elif kind == K_AE:
+                n = nodes[p]
+                self._anti_entropy(n)
+                self.push(at + self.cfg.ae_interval_ms, K_AE, p)
+        self.now = self.end
+        for n in nodes:  # final anti-entropy pass, then one tick each
+            self._anti_entropy(n)
+        return self._report(time.perf_counter() - wall0)
+
+    def _arrive(self, wl: Workload) -> None:
+        owner_node = self.nodes[int(wl.owner[-5:])]
+        created = self._local(owner_node)
+        wl = Workload(**{**_fields(wl), "created_at": created})
+        self.workloads[wl.uri] = wl
+        self.store[wl.uri] = wl
+        self._broadcast(wl.uri, wl, self.now + 20)
+
+    def _runtime(self, p: tuple[Any, ...]) -> None:
+        kind, idx, core = p[0], p[1], p[2]
+        node = self.nodes[idx]
+        if node.core is not core or not node.alive:
+            return
+        if kind == "running":
+            key, end = p[3], p[4]
+            if key[0] not in self.workloads:
+                self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", 137))
+                return
+            node.running[key] = end
+            self._running(node, key)
+            self._feed(node, ReplicaStateChanged(key[0], key[1], "running"))
+            if end:
+                self.push(end, K_RUNTIME, ("exit", idx, core, key))
+        elif kind == "exit":
+            key = p[3]
+            if key in node.running:
+                self._not_running(node, key)
+                code = 0 if self.rng.random() < 0.9 else 1
+                self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", code))
+        elif kind == "stopped":
+            self._feed(node, ReplicaStateChanged(p[3], p[4], "stopped"))
+
+    # ------------------------------------------------------------------ figures
+    def _report(self, wall: float) -> dict[str, Any]:
+        live = [n for n in self.nodes if n.alive and n.core is not None]
+        views = []
+        for n in live:
+            assert n.core is not None
+            views.append({u: o for u, o in n.core.placement().items() if u in self.workloads})
+        identical = all(v == views[0] for v in views[1:]) if views else True
+        ref = views[0] if views else {}
+        missing = sum(1 for u in self.workloads if u not in ref)
+        dead = {n.did for n in self.nodes if not n.alive}
+        problems: list[str] = []
+        unplaced = 0
+        free = self._free_capacity(live)
+        for uri, wl in self.workloads.items():
+            owners = ref.get(uri)
+            if owners is None:
+                continue
+            done = self._done_slots(live, uri)
+            for s, cur in enumerate(owners):
+                if s in done:
+                    continue
+                if cur is None:
+                    if any(c >= wl.milli_cpu and m >= wl.memory_mib for c, m in free):
+                        unplaced += 1
+                    continue
+                if cur[1] in dead:
+                    problems.append(f"{uri}#{s} owned by dead meshlet {cur[1]}")
+                    continue
+                node = self.by_did[cur[1]]
+                if (uri, s) not in node.running:
+                    problems.append(f"{uri}#{s} owner {cur[1]} is not running it")
+        extra = 0
+        for n in live:
+            for key in n.running:
+                owners = ref.get(key[0])
+                cur = owners[key[1]] if owners and key[1] < len(owners) else None
+                if cur is None or cur[1] != n.did:
+                    extra += 1
+                    problems.append(f"{key[0]}#{key[1]} runs on non-owner {n.did}")
+        for key, since in self.over_since.items():
+            self.over_max = max(self.over_max, self.now - since)
+        violations = list(self.violations)
+        if not identical:
+            violations.append("placements differ between live meshlets")
+        violations.extend(problems[:20])
+        if len(problems) > 20:
+            violations.append(f"... and {len(problems) - 20} more")
+        bound_ms = (
+            self.max_cut_ms + self.cfg.ae_interval_ms + self.t.fence_timeout_ms + self.t.settle_ms
+        )
+        if self.over_max > bound_ms:
+            violations.append(f"over-replication {self.over_max} ms above bound {bound_ms} ms")
+        fo = sorted(self.failovers)
+        dec = sorted(self.decision_ns)
+        days = self.cfg.hours / 24
+        points = sum(n.points for n in self.nodes)
+        return {
+            "meshlets": self.cfg.meshlets,
+            "workloads": self.cfg.workloads,
+            "workloads_at_end": len(self.workloads),
+            "seed": self.cfg.seed,
+            "faults": self.cfg.faults,
+            "hours": self.cfg.hours,
+            "converged": identical and not problems and missing == 0,
+            "placements_identical": identical,
+            "unplaced_with_capacity": unplaced,
+            "over_replication_max_s": round(self.over_max / 1000, 3),
+            "over_replication_bound_s": round(bound_ms / 1000, 3),
+            "failovers": len(fo),
+            "failovers_unrecovered": len(self.lost_at),
+            "failover_p50_s": _pct(fo, 50) / 1000 if fo else None,
+            "failover_p99_s": _pct(fo, 99) / 1000 if fo else None,
+            "write_points_per_meshlet_day": round(points / len(self.nodes) / days, 1),
+            "decision_us_p50": round(_pct(dec, 50) / 1000, 2) if dec else None,
+            "decisions": len(dec),
+            "events": self.events,
+            "wall_s": round(wall, 2),
+            "violations": violations,
+        }
+
+    def _free_capacity(self, live: list[Node]) -> list[tuple[int, int]]:
+        out = []
+        for n in live:
+            if n.draining_since is not None or n.cut:
+                continue
+            cpu, mem = self.cfg.cpu_milli, self.cfg.memory_mib
+            for key in n.running:
+                wl = self.workloads.get(key[0])
+                if wl is not None:
+                    cpu -= wl.milli_cpu
+                    mem -= wl.memory_mib
+            out.append((cpu, mem))
+        return out
+
+    def _done_slots(self, live: list[Node], uri: str) -> set[int]:
+        for n in live:
+            assert n.core is not None
+            e = n.core.workloads.get(uri)
+            if e is not None and e.done:
+                return set(e.done)
+        return set()
+
+
+def _fields(wl: Workload) -> dict[str, Any]:
+    return {f: getattr(wl, f) for f in wl.__slots__}  # type: ignore[attr-defined]
+
+
+def _sync_rank(rec: Any) -> int:
+    if isinstance(rec, (MeshletLink, MeshletOwner, Membership)):
+        return 0
+    if isinstance(rec, Workload):
+        return 1
+    return 2
+
+
+def _pct(xs: list[Any], p: int) -> float:
+    if not xs:
+        return 0.0
+    i = min(len(xs) - 1, max(0, (len(xs) * p + 99) // 100 - 1))
+    return float(xs[i])
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Simulate and return the figures."""
+    return Sim(cfg).run()
+
+
+__all__ = ["Config", "Sim", "run"]
