@@ -11,7 +11,10 @@ HE_PODMAN_STORE=/home/meshlet/.local/share/containers
 HE_BOOT_TIMEOUT="${MESHLET_HOSTENV_BOOT_TIMEOUT:-60}"
 
 he_dir() { echo "$HE_RUN/$1"; }
-he_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# Alive and not a zombie (this machine's PID 1 may be slow to reap orphans).
+he_alive() {
+    local st; [ -n "${1:-}" ] && st=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${st:0:1}" != Z ]
+}
 he_pid() { cat "$(he_dir "$1")/$2.pid" 2>/dev/null || true; }
 
 he_check_name() {
@@ -240,12 +243,15 @@ he_kill_cgroups() {
     done
 }
 
-# he_teardown NAME: stop the host if it runs, then remove everything it made.
+# he_teardown NAME [abrupt]: stop the host if it runs (a clean poweroff, or with `abrupt`
+# SIGKILL to every process of it, like pulling the plug), then remove everything it made.
 he_teardown() {
     local name="$1" dir; dir=$(he_dir "$1")
     [ -d "$dir" ] || return 0
     local nspawn; nspawn=$(he_pid "$name" nspawn)
-    if he_alive "$nspawn"; then
+    if [ "${2:-}" = abrupt ] && he_alive "$nspawn"; then
+        kill -KILL "$nspawn" 2>/dev/null || true
+    elif he_alive "$nspawn"; then
         # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: a clean poweroff.
         kill -TERM "$nspawn"
         local i
@@ -271,7 +277,9 @@ he_teardown() {
 }
 
 cmd_down() {
-    [ $# -ge 1 ] || { echo "usage: dev/hostenv down NAME... | --all" >&2; exit 2; }
+    local mode=""
+    if [ "${1:-}" = --abrupt ]; then mode=abrupt; shift; fi
+    [ $# -ge 1 ] || { echo "usage: dev/hostenv down [--abrupt] NAME... | --all" >&2; exit 2; }
     local names=() name
     if [ "$1" = --all ]; then
         [ -d "$HE_RUN" ] && for name in "$HE_RUN"/*/; do [ -d "$name" ] && names+=("$(basename "$name")"); done
@@ -281,7 +289,7 @@ cmd_down() {
     [ ${#names[@]} -gt 0 ] || return 0
     local pids=() rc=0
     for name in "${names[@]}"; do
-        he_teardown "$name" >"$LOGDIR/hostenv-down-$name.log" 2>&1 &
+        he_teardown "$name" $mode >"$LOGDIR/hostenv-down-$name.log" 2>&1 &
         pids+=($!)
     done
     local i=0

@@ -84,9 +84,12 @@ class NspawnHost:
         self._up = True
         return self
 
-    def down(self) -> None:
-        """Power the host off and remove everything it left (mounts, cgroups, state)."""
-        _hostenv("down", self.name, timeout=120)
+    def down(self, *, abrupt: bool = False) -> None:
+        """Power the host off and remove everything it left (mounts, cgroups, state).
+
+        `abrupt=True` kills every process of the host first, like pulling the plug.
+        """
+        _hostenv("down", *(["--abrupt"] if abrupt else []), self.name, timeout=120)
         self._up = False
 
     @property
