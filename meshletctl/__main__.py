@@ -1,16 +1,12 @@
-"""Entry point for `meshletctl` (filled in by the daemon issue)."""
+"""Entry point for `meshletctl`."""
 
 import sys
 
-from meshletd import __version__
-
 
 def main() -> int:
-    if sys.argv[1:] == ["version"]:
-        print(__version__)
-        return 0
-    print("meshletctl: only `version` exists yet", file=sys.stderr)
-    return 2
+    from meshletctl.cli import main as cli_main
+
+    return cli_main()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ ones instead. The service-auth names follow the reference atproto implementation
 Exit codes: 0 ok, 1 internal, 2 bad request / usage, 3 invalid record, 4 not found,
 5 authentication failed, 6 permission denied, 7 daemon not running, 8 runtime failure,
 9 configuration, 10 method not implemented, 11 conflict (e.g. already draining),
-12 upstream (PDS or peer) failure, 13 rate limited / write budget exhausted.
+12 upstream (PDS or peer) failure, 13 rate limited / write budget exhausted,
+14 timed out waiting (e.g. `meshletctl drain --wait --deadline`).
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ class RateLimited(MeshletError):
     name = "RateLimited"
     exit_code = 13
     status = 429
+
+
+class TimedOut(MeshletError):
+    name = "TimedOut"
+    exit_code = 14
+    status = 504
 
 
 def _all_subclasses(cls: type[MeshletError]) -> list[type[MeshletError]]:

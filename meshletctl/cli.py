@@ -1,0 +1,371 @@
+"""meshletctl commands (typer). Rendering (rich) and JSON are imported only when used,
+so `meshletctl status` stays fast to start."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from meshletctl import render
+from meshletctl.client import ControlClient
+from meshletd.errors import InvalidRequest, MeshletError, NotFound, TimedOut
+
+CTL = "farm.meshlet.ctl."
+
+app = typer.Typer(
+    name="meshletctl",
+    help="Control the local meshletd: workloads, members, drain, logs, fair share.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+class _State:
+    socket: str | None = None
+
+
+@app.callback()
+def _main(
+    socket: Annotated[
+        str | None,
+        typer.Option(
+            "--socket",
+            envvar="MESHLET_SOCKET",
+            help="meshletd control socket [default: /run/meshlet/control.sock]",
+        ),
+    ] = None,
+) -> None:
+    _State.socket = socket
+
+
+def _client() -> ControlClient:
+    return ControlClient(_State.socket)
+
+
+def fail(err: MeshletError, as_json: bool) -> typer.Exit:
+    """Report an error (stderr, or a JSON object on stdout with --json); its exit code."""
+    if as_json:
+        print(json.dumps({"error": err.name, "message": err.message}))
+    else:
+        print(f"meshletctl: {err.message}", file=sys.stderr)
+    return typer.Exit(err.exit_code)
+
+
+def _run(as_json: bool, fetch: Callable[[ControlClient], Any], show: Callable[[Any], None]) -> None:
+    try:
+        with _client() as c:
+            data = fetch(c)
+    except MeshletError as e:
+        raise fail(e, as_json) from None
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        show(data)
+
+
+def _all_workloads(c: ControlClient, owner: str | None = None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = c.query("farm.meshlet.listWorkloads", owner=owner, limit=500, cursor=cursor)
+        out.extend(page["workloads"])
+        cursor = page.get("cursor")
+        if not cursor:
+            return out
+
+
+def resolve_workload(c: ControlClient, ref: str) -> str:
+    """An at:// URI as given, or the URI of this machine's owner's workload named `ref`."""
+    if ref.startswith("at://"):
+        return ref
+    owner = c.query(CTL + "getStatus")["ownerDid"]
+    matches = [w["uri"] for w in _all_workloads(c, owner=owner) if w["name"] == ref]
+    if not matches:
+        raise NotFound(f"no workload named {ref!r} owned by {owner}")
+    if len(matches) > 1:
+        raise InvalidRequest(f"{ref!r} names several workloads; give the at:// URI")
+    return matches[0]
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """This meshlet: identity, state, members, replicas, capacity."""
+    _run(as_json, lambda c: c.query(CTL + "getStatus"), render.status)
+
+
+@app.command()
+def members(as_json: JsonOpt = False) -> None:
+    """Cluster members (owner DIDs) and whether they are mutually verified."""
+    _run(as_json, lambda c: c.query(CTL + "listMembers")["members"], render.members)
+
+
+@app.command()
+def workloads(
+    all_: Annotated[
+        bool, typer.Option("--all", "-a", help="Every workload of the commune, per replica.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Workloads of this machine's owner and those running here (--all: the commune's)."""
+
+    def fetch(c: ControlClient) -> list[dict[str, Any]]:
+        items = _all_workloads(c)
+        if all_:
+            return items
+        me = c.query(CTL + "getStatus")
+        return [
+            w
+            for w in items
+            if w["ownerDid"] == me["ownerDid"]
+            or any(r.get("meshletDid") == me["did"] for r in w.get("running", []))
+        ]
+
+    _run(as_json, fetch, lambda data: render.workloads(data, placements=all_))
+
+
+@app.command()
+def run(
+    image: Annotated[str, typer.Argument(help="Container image, e.g. docker.io/library/nginx")],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="Arguments for the container (after --).")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Workload name [default: from image]")] = None,
+    cpu: Annotated[str, typer.Option(help="CPU per replica: 0.5, 2, 250m")] = "0.1",
+    memory: Annotated[str, typer.Option(help="Memory per replica: 256Mi, 1Gi")] = "128Mi",
+    replicas: Annotated[int, typer.Option(min=1, max=1000)] = 1,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (plaintext; repeatable)")
+    ] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=@FILE: stored on this meshlet, never in the record (repeatable)"),
+    ] = None,
+    kind: Annotated[str, typer.Option(help="service or job")] = "service",
+    restart: Annotated[str, typer.Option(help="always, on-failure or never")] = "on-failure",
+    constraint: Annotated[
+        list[str] | None,
+        typer.Option(help="arch=amd64, label=K[=V], prefer=DID, avoid=DID, packing"),
+    ] = None,
+    cluster: Annotated[str | None, typer.Option(help="Cluster to offer it to")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a workload record in the owner's repo; the commune places its replicas."""
+    from meshletctl import parse
+
+    if kind not in ("service", "job"):
+        raise fail(InvalidRequest("--kind must be service or job"), as_json)
+    if restart not in ("always", "on-failure", "never"):
+        raise fail(InvalidRequest("--restart must be always, on-failure or never"), as_json)
+    try:
+        record: dict[str, Any] = {
+            "name": name or parse.name_from_image(image),
+            "image": image,
+            "resources": {"milliCpu": parse.milli_cpu(cpu), "memoryMiB": parse.memory_mib(memory)},
+            "replicas": replicas,
+            "kind": kind,
+            "restartPolicy": restart,
+        }
+        if args:
+            record["args"] = list(args)
+        if env:
+            record["env"] = [
+                {"name": k, "value": v} for k, v in (parse.key_value(e, "--env") for e in env)
+            ]
+        if constraint:
+            record["constraints"] = parse.constraints(constraint)
+        secrets: list[tuple[str, bytes]] = []
+        for item in secret or []:
+            sname, spec = parse.key_value(item, "--secret")
+            if not spec.startswith("@"):
+                raise parse.ParseError(
+                    f"--secret {sname}: give the value as @FILE, never on the command line"
+                )
+            try:
+                secrets.append((sname, Path(spec[1:]).read_bytes()))
+            except OSError as e:
+                msg = f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}"
+                raise parse.ParseError(msg) from None
+        if secrets:
+            record["secrets"] = [{"name": s} for s, _ in secrets]
+        if cluster:
+            record["cluster"] = cluster
+    except parse.ParseError as e:
+        raise fail(InvalidRequest(str(e)), as_json) from None
+
+    def fetch(c: ControlClient) -> dict[str, Any]:
+        import base64
+
+        for sname, value in secrets:
+            c.procedure(
+                "farm.meshlet.putSecret",
+                {"name": sname, "value": {"$bytes": base64.b64encode(value).decode()}},
+            )
+        return c.procedure(CTL + "createWorkload", {"record": record})
+
+    _run(as_json, fetch, lambda d: print(f"published {record['name']}: {d['uri']}"))
+
+
+@app.command()
+def stop(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a workload record: every replica stops."""
+
+    def fetch(c: ControlClient) -> dict[str, Any]:
+        uri = resolve_workload(c, workload)
+        c.procedure("farm.meshlet.deleteWorkload", {"uri": uri})
+        return {"uri": uri, "stopped": True}
+
+    _run(as_json, fetch, lambda d: print(f"stopped {d['uri']}"))
+
+
+@app.command()
+def logs(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    slot: Annotated[int, typer.Option(min=0, max=999, help="Replica index")] = 0,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=10000)] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """Logs of one replica: journald when it runs here, else from the meshletd hosting it."""
+    import shutil
+
+    try:
+        with _client() as c:
+            uri = resolve_workload(c, workload)
+            me = c.query(CTL + "getStatus")
+            st = c.query("farm.meshlet.getWorkloadStatus", uri=uri)
+            replica = next((r for r in st["replicas"] if r["slot"] == slot), None)
+            if replica is None:
+                raise NotFound(f"{uri} has no replica {slot}")
+            journalctl = shutil.which("journalctl")
+            booted = os.path.isdir("/run/systemd/system")  # journald holds the unit's logs
+            if not as_json and journalctl and booted and replica.get("meshletDid") == me["did"]:
+                unit = replica.get("unit")
+                if unit:
+                    argv = [journalctl, "-u", unit, "-n", str(lines), "--no-pager"]
+                    os.execv(journalctl, [*argv, "-f"] if follow else argv)
+            seen = 0
+            while True:
+                got = c.query("farm.meshlet.getLogs", uri=uri, slot=slot, lines=lines)["lines"]
+                if as_json and not follow:
+                    print(json.dumps({"uri": uri, "slot": slot, "lines": got}, indent=2))
+                    return
+                # Without a cursor in getLogs, follow by counting: print what is new.
+                new = got[seen:] if seen <= len(got) else got
+                for line in new:
+                    print(json.dumps({"line": line}) if as_json else line, flush=True)
+                seen = len(got)
+                if not follow:
+                    return
+                time.sleep(1.0)
+    except MeshletError as e:
+        raise fail(e, as_json) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def drain(
+    wait: Annotated[bool, typer.Option(help="Wait until no replica is left here.")] = False,
+    deadline: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop taking new work and move replicas elsewhere (make-before-break)."""
+    try:
+        with _client() as c:
+            state = c.procedure("farm.meshlet.drain", {})["state"]
+            if not wait:
+                result = {"state": state}
+            else:
+                result = _wait_drained(c, deadline, show=not as_json)
+    except MeshletError as e:
+        raise fail(e, as_json) from None
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"state: {result['state']}" + (" (no replica left)" if wait else ""))
+
+
+def _wait_drained(c: ControlClient, deadline: float | None, show: bool) -> dict[str, Any]:
+    start = time.monotonic()
+    st = c.query(CTL + "getStatus")
+    total = max(st["replicas"], 1)
+    with render.drain_progress(total, enabled=show) as progress:
+        while True:
+            st = c.query(CTL + "getStatus")
+            progress(total - st["replicas"], st["replicas"])
+            if st["replicas"] == 0:
+                return {"state": st["state"], "replicas": 0, "seconds": time.monotonic() - start}
+            if deadline is not None and time.monotonic() - start > deadline:
+                raise TimedOut(f"{st['replicas']} replica(s) still here after {deadline:g} s")
+            time.sleep(0.5)
+
+
+@app.command()
+def undrain(as_json: JsonOpt = False) -> None:
+    """Accept work again."""
+    _run(
+        as_json,
+        lambda c: c.procedure("farm.meshlet.undrain", {}),
+        lambda d: print(f"state: {d['state']}"),
+    )
+
+
+@app.command()
+def bids(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Rounds, bids and winners of a workload, and why they won."""
+    _run(
+        as_json,
+        lambda c: c.query(CTL + "getBids", uri=resolve_workload(c, workload)),
+        render.bids,
+    )
+
+
+@app.command()
+def balance(as_json: JsonOpt = False) -> None:
+    """The fair-share ledger: what each owner gave and took."""
+    _run(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
+
+
+@app.command()
+def version(as_json: JsonOpt = False) -> None:
+    """meshletctl's version, and the daemon's when it is running."""
+    from meshletd import __version__
+
+    daemon: str | None = None
+    try:
+        with _client() as c:
+            daemon = c.query("farm.meshlet.ping").get("version")
+    except MeshletError:
+        pass
+    if as_json:
+        print(json.dumps({"meshletctl": __version__, "meshletd": daemon}))
+    else:
+        print(f"meshletctl {__version__}")
+        print(f"meshletd {daemon}" if daemon else "meshletd not reachable")
+
+
+def main() -> int:
+    try:
+        app(prog_name="meshletctl")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
