@@ -316,8 +316,10 @@ class PdsSubscription:
         *,
         backoff: Backoff | None = None,
         save_every_s: float = 1.0,
+        connect: Callable[[str], Any] | None = None,
     ) -> None:
         self.pds_url = pds_url.rstrip("/")
+        self.connect = connect or (lambda url: open_websocket_url(url, max_message_size=8 * 2**20))
         self.decoder = decoder
         self.resolver = resolver
         self.cursors = cursors
@@ -340,7 +342,7 @@ class PdsSubscription:
         try:
             while True:
                 try:
-                    async with open_websocket_url(self.url(), max_message_size=8 * 2**20) as ws:
+                    async with self.connect(self.url()) as ws:
                         self._ws = ws
                         self.connections += 1
                         self.connected.set()
@@ -438,7 +440,9 @@ class Firehose:
         lexicons: Lexicons | None = None,
         anti_entropy_every_s: float = 300.0,
         backoff: Backoff | None = None,
+        connect: Callable[[str], Any] | None = None,
     ) -> None:
+        self.connect = connect
         self.resolver = resolver
         self.cursors = cursors
         self.sink = sink
@@ -497,11 +501,20 @@ class Firehose:
             self.cursors,
             self._deliver,
             backoff=Backoff() if self.backoff is None else Backoff(**self.backoff.__dict__),
+            connect=self.connect,
         )
         self.subscriptions[pds] = sub
         await self._nursery.start(sub.run)
 
     async def _deliver(self, outcome: FrameOutcome) -> None:
+        if (
+            outcome.kind == "#commit"
+            and outcome.did not in self.interest.dids
+            and log.isEnabledFor(logging.DEBUG)
+        ):
+            log.debug(
+                "firehose: skipped commit seq=%s from non-member repo %s", outcome.seq, outcome.did
+            )
         for reason in outcome.dropped:
             log.warning("firehose: ignored %s", reason)
             self._note_drop(reason)

@@ -185,3 +185,84 @@ def error_frame(error: str, message: str = "") -> bytes:
     return libipld.encode_dag_cbor({"op": -1}) + libipld.encode_dag_cbor(
         {"error": error, "message": message}
     )
+
+
+class MeshletNode:
+    """One meshlet's atproto side (publish + live cluster view), for integration tests.
+
+    `async with MeshletNode.running(...) as node:` publishes the records, starts the
+    firehose and waits until the watches are in place.
+    """
+
+    def __init__(
+        self,
+        *,
+        plc_url: str,
+        meshlet: Any,  # devnet Account of the meshlet
+        owner: Any,  # devnet Account of the owner
+        clusters: dict[str, list[str]],
+        cursors: Any = None,
+        anti_entropy_every_s: float = 300.0,
+    ) -> None:
+        from meshletd.atproto.firehose import Backoff, Firehose, MemoryCursorStore
+        from meshletd.atproto.identity import IdentityResolver
+
+        self.meshlet_account = meshlet
+        self.owner_account = owner
+        self.clusters = clusters
+        self.resolver = IdentityResolver(plc_url, ttl_s=60)
+        self.cursors = cursors or MemoryCursorStore()
+        self.events: list[Any] = []
+        self._anti_entropy_every_s = anti_entropy_every_s
+        self._backoff = Backoff(initial_s=0.1, max_s=1.0)
+        self._firehose_cls = Firehose
+
+    def _firehose(self, sink: Any) -> Any:
+        return self._firehose_cls(
+            self.resolver,
+            self.cursors,
+            sink,
+            anti_entropy_every_s=self._anti_entropy_every_s,
+            backoff=self._backoff,
+        )
+
+    async def publish(self, *, state: str = "active") -> int:
+        from meshletd.atproto.cluster import publish_own_records
+        from meshletd.atproto.pds import PdsClient
+        from meshletd.atproto.records import MeshletOwner, Resources
+
+        self.meshlet_pds = PdsClient(
+            self.meshlet_account.pds_url,
+            self.meshlet_account.did,
+            self.meshlet_account.app_password,
+        )
+        self.owner_pds = PdsClient(
+            self.owner_account.pds_url, self.owner_account.did, self.owner_account.app_password
+        )
+        await self.meshlet_pds.login()
+        await self.owner_pds.login()
+        record = MeshletOwner(
+            owner_did=self.owner_account.did,
+            state=state,
+            capacity=Resources(milli_cpu=2000, memory_mib=2048, storage_mib=4096),
+            arch="amd64",
+            endpoint="http://127.0.0.1:1",
+        )
+        return await publish_own_records(self.meshlet_pds, self.owner_pds, record, self.clusters)
+
+    def members(self, cluster: str) -> set[str]:
+        snap = self.formation.view.clusters().get(cluster)
+        return set(snap.members) if snap else set()
+
+    async def start(self, nursery: Any) -> None:
+        from meshletd.atproto.cluster import ClusterFormation, ClusterView
+
+        view = ClusterView.create(self.meshlet_account.did, self.owner_account.did, self.clusters)
+        self.formation = ClusterFormation(view, self._firehose)
+        self.formation.add_listener(self.events.append)
+        await nursery.start(self.formation.run)
+
+    async def wait_members(self, cluster: str, expected: set[str], timeout_s: float = 10) -> bool:
+        return await self.formation.wait_for(
+            lambda v: set(v.clusters().get(cluster).members) == expected, timeout_s
+        )
