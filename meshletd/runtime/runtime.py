@@ -197,9 +197,7 @@ class ReplicaRuntime:
             phase = unit_phase(snap)
             ident = identity_from_environment(snap.environment)
             if ident is None:
-                log.warning("unit %s looks like a replica but has no identity; stopping it", unit)
-                await self._discard_unit(unit, phase)
-                continue
+                continue  # named like ours but not a replica (e.g. a podman pause unit)
             if ident.replica in self._replicas:
                 continue
             rep = self._track(

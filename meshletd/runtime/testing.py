@@ -188,7 +188,8 @@ async def contract_starting_twice_runs_once(h: Harness) -> None:
         s = spec(h)
         first = await rt.start(s)
         second = await rt.start(s)
-        assert isinstance(first, ReplicaRunning) and isinstance(second, ReplicaRunning)
+        assert isinstance(first, ReplicaRunning), first
+        assert isinstance(second, ReplicaRunning), second
         assert (await h.leftovers())["containers"] == [first.unit.removesuffix(".service")]
         await rt.stop(s.replica)
     await assert_clean(h)
@@ -201,7 +202,8 @@ async def contract_restart_adopts_without_duplicates_or_orphans(h: Harness, n: i
         for s in specs:
             assert isinstance(await first.start(s), ReplicaRunning)
     # meshletd is gone; the replicas are not.
-    assert len((await h.leftovers())["containers"]) == n
+    left = await h.leftovers()
+    assert len(left["containers"]) == n, left
     second = h.runtime()
     async with serving(second) as adopted:
         assert sorted(r.replica for r in adopted) == [s.replica for s in specs]
@@ -231,7 +233,7 @@ async def contract_exit_while_away_is_reported_on_adoption(h: Harness) -> None:
             await trio.sleep(0.05)
     second = h.runtime()
     async with serving(second) as adopted:
-        assert adopted == []
+        assert adopted == [], adopted
         events = drain(second)
         assert len(events) == 1 and isinstance(events[0], ReplicaExited), events
         assert events[0].exit_code == 4

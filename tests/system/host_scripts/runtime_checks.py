@@ -1,0 +1,282 @@
+"""Runtime checks that run INSIDE a booted systemd host (as root, like meshletd).
+
+    python tests/system/host_scripts/runtime_checks.py CHECK
+
+Each check exits 0 on success; its last stdout line is a JSON object with what it measured.
+tests/system/test_runtime_*.py runs them through `dev/hostenv exec`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from meshletd.runtime import testing
+from meshletd.runtime.events import ReplicaOomKilled, ReplicaRunning, ReplicaStopped
+from meshletd.runtime.naming import UNIT_PATTERN, UNIT_PREFIX
+from meshletd.runtime.runtime import ReplicaRuntime
+from meshletd.runtime.spec import Resources, Secret
+from meshletd.runtime.systemd import SystemdPodmanMachine
+from meshletd.runtime.units import LABEL, RuntimeConfig, identity_from_environment
+
+IMAGE = "localhost/busybox:latest"
+OOM_ARGS = ("sh", "-c", "echo hog; x=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived")
+
+
+@dataclass
+class RealHarness:
+    image: str = IMAGE
+    oom_args: tuple[str, ...] = OOM_ARGS
+    end_timeout_s: float = 60.0
+    config: RuntimeConfig = field(default_factory=lambda: RuntimeConfig(poll_interval_s=0.2))
+
+    def machine(self) -> SystemdPodmanMachine:
+        return SystemdPodmanMachine.for_user(self.config)
+
+    def runtime(self) -> ReplicaRuntime:
+        m = self.machine()
+        return ReplicaRuntime(m, m.config)
+
+    async def leftovers(self) -> dict[str, list[str]]:
+        m = self.machine()
+        units = []
+        for unit in await m.list_units(UNIT_PATTERN):
+            snap = await m.unit_snapshot(unit)
+            if identity_from_environment(snap.environment) is not None:
+                units.append(f"{unit}")
+        return {
+            "units": units,
+            "containers": await m.list_containers(LABEL),
+            "secrets": await m.list_secrets(UNIT_PREFIX),
+            "state_dirs": await m.list_state_dirs(),
+        }
+
+
+H = RealHarness()
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+
+def show(unit: str, prop: str) -> str:
+    return sh("systemctl", "show", unit, "-p", prop, "--value").strip()
+
+
+def journal(unit: str) -> str:
+    return sh("journalctl", "-u", unit, "-o", "cat", "--no-pager")
+
+
+async def wait_for(pred, timeout_s: float, what: str) -> None:
+    with trio.fail_after(timeout_s):
+        while not pred():
+            await trio.sleep(0.1)
+    _ = what
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+
+async def check_contract(name: str) -> dict:
+    fn = getattr(testing, f"contract_{name}")
+    t0 = time.monotonic()
+    await fn(H)
+    return {"contract": name, "seconds": round(time.monotonic() - t0, 2)}
+
+
+async def check_limits() -> dict:
+    """CPU held to its quota (measured), fork refused at TasksMax, OOM kill reported."""
+    out: dict = {}
+    rt = H.runtime()
+    async with testing.serving(rt):
+        # CPU: a busy loop with 200 milli-CPU.
+        cpu = testing.spec(
+            H,
+            workload="cpu",
+            args=("sh", "-c", "while :; do :; done"),
+            resources=Resources(milli_cpu=200, memory_mib=32, tasks=8),
+        )
+        r = await rt.start(cpu)
+        assert isinstance(r, ReplicaRunning), r
+        await trio.sleep(1.0)
+        u0, t0 = await rt.usage(cpu.replica), time.monotonic()
+        await trio.sleep(5.0)
+        u1, t1 = await rt.usage(cpu.replica), time.monotonic()
+        frac = (u1.cpu_ms - u0.cpu_ms) / 1000 / (t1 - t0)
+        out["cpu_quota"] = 0.2
+        out["cpu_measured"] = round(frac, 3)
+        assert 0.15 <= frac <= 0.23, f"busy loop used {frac:.3f} CPU with a 0.2 quota"
+        await rt.stop(cpu.replica)
+
+        # Tasks: fork until refused.
+        forks = testing.spec(
+            H,
+            workload="forks",
+            args=(
+                "sh",
+                "-c",
+                "i=0; while [ $i -lt 2000 ]; do sleep 1000 & i=$((i+1)); done; "
+                "echo forks-done; sleep 1000",
+            ),
+            resources=Resources(milli_cpu=500, memory_mib=64, tasks=8),
+        )
+        r = await rt.start(forks)
+        assert isinstance(r, ReplicaRunning), r
+        tasks_max = int(show(r.unit, "TasksMax"))
+        await wait_for(lambda: "forks-done" in journal(r.unit), 60, "forks-done")
+        current = int(show(r.unit, "TasksCurrent"))
+        refused = [ln for ln in journal(r.unit).splitlines() if "fork" in ln.lower()]
+        out.update(
+            tasks_max=tasks_max,
+            tasks_current=current,
+            fork_errors=len(refused),
+            fork_error_sample=refused[:1],
+        )
+        assert current <= tasks_max and current >= tasks_max - 2, (current, tasks_max)
+        assert refused, journal(r.unit)[-2000:]
+        await rt.stop(forks.replica)
+
+        # Memory: allocate past MemoryMax.
+        hog = testing.spec(
+            H,
+            workload="hog",
+            args=OOM_ARGS,
+            resources=Resources(milli_cpu=1000, memory_mib=32, tasks=8),
+        )
+        t = time.monotonic()
+        r = await rt.start(hog)
+        unit = r.unit
+        ev = await testing.wait_event(
+            rt, lambda e: not isinstance(e, ReplicaRunning) and e.replica == hog.replica, 60
+        )
+        assert isinstance(ev, ReplicaOomKilled), ev
+        out.update(
+            oom_event=type(ev).__name__,
+            oom_after_s=round(time.monotonic() - t, 2),
+            oom_memory_max=(32 + H.config.memory_overhead_mib) << 20,
+            oom_peak_bytes=ev.usage.peak_memory_bytes,
+        )
+        assert "survived" not in journal(unit)
+    await testing.assert_clean(H)
+    return out
+
+
+async def check_journal_once_and_secrets() -> dict:
+    rt = H.runtime()
+    marker = f"marker-{os.getpid()}-{time.time_ns()}"
+    async with testing.serving(rt):
+        s = testing.spec(
+            H,
+            workload="logs",
+            args=(
+                "sh",
+                "-c",
+                f"echo {marker}; echo {marker}-err >&2; "
+                "echo file=$(cat /run/secrets/db); echo env=$API_TOKEN; "
+                "touch /probe 2>/dev/null && echo rootfs-writable || echo rootfs-read-only; "
+                "grep CapEff /proc/self/status; sleep 3600",
+            ),
+            secrets=(Secret("db", b"pa55-file"), Secret("token", b"t0ken-env", env="API_TOKEN")),
+        )
+        r = await rt.start(s)
+        assert isinstance(r, ReplicaRunning), r
+        await wait_for(lambda: "CapEff" in journal(r.unit), 30, "output")
+        await trio.sleep(1.5)  # a duplicate from a second log path would arrive by now
+        text = journal(r.unit)
+        lines = text.splitlines()
+        assert lines.count(marker) == 1 and lines.count(f"{marker}-err") == 1, text
+        assert "file=pa55-file" in lines and "env=t0ken-env" in lines, text
+        assert "rootfs-read-only" in lines, text
+        cap = next(ln for ln in lines if ln.startswith("CapEff"))
+        assert cap.split()[1].strip("0") == "", cap  # no capabilities at all
+        unit_text = sh("systemctl", "show", r.unit, "-p", "Environment,ExecStart")
+        ps = sh("ps", "-eo", "args")
+        for secret in ("pa55-file", "t0ken-env"):
+            assert secret not in unit_text and secret not in ps, secret
+        ident = sh("journalctl", "-u", r.unit, "-o", "json", "--no-pager", "-g", marker)
+        syslog_id = json.loads(ident.splitlines()[0])["SYSLOG_IDENTIFIER"]
+        stopped = await rt.stop(s.replica)
+        assert isinstance(stopped, ReplicaStopped)
+    await testing.assert_clean(H)
+    return {
+        "journal_lines_per_output_line": 1,
+        "syslog_identifier": syslog_id,
+        "secret_in_unit_or_cmdline": False,
+    }
+
+
+async def _child_start(n: int) -> None:
+    rt = H.runtime()
+    async with testing.serving(rt):
+        for i in range(n):
+            r = await rt.start(testing.spec(H, workload="svc", index=i))
+            assert isinstance(r, ReplicaRunning), r
+        print("ready", flush=True)
+        await trio.sleep_forever()
+
+
+async def check_adopt_after_sigkill(n: int = 5) -> dict:
+    child = subprocess.Popen(
+        [sys.executable, __file__, "_child_start", str(n)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    line = await trio.to_thread.run_sync(child.stdout.readline)
+    assert line.strip() == "ready", line
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    before = await H.leftovers()
+    assert len(before["units"]) == n and len(before["containers"]) == n, before
+    rt = H.runtime()
+    t = time.monotonic()
+    async with testing.serving(rt) as adopted:
+        adopt_s = time.monotonic() - t
+        assert len(adopted) == n, adopted
+        events = testing.drain(rt)
+        assert len(events) == n and all(
+            isinstance(e, ReplicaRunning) and e.adopted for e in events
+        ), events
+        for i in range(n):
+            r = await rt.start(testing.spec(H, workload="svc", index=i))
+            assert isinstance(r, ReplicaRunning), r
+        after = await H.leftovers()
+        assert after == before, (before, after)
+        failed = sh("systemctl", "list-units", "--failed", "--no-legend", "--plain", UNIT_PATTERN)
+        assert failed.strip() == "", failed
+        for r in adopted:
+            container = r.unit.removesuffix(".service")
+            stopped = await rt.stop(r.replica)
+            assert isinstance(stopped, ReplicaStopped)
+            assert container not in (await H.leftovers())["containers"]
+    await testing.assert_clean(H)
+    return {
+        "replicas": n,
+        "adopted": len(adopted),
+        "adopt_s": round(adopt_s, 3),
+        "duplicates": 0,
+        "orphans": 0,
+    }
+
+
+async def main(argv: list[str]) -> dict:
+    name = argv[0]
+    if name == "_child_start":
+        await _child_start(int(argv[1]))
+        return {}
+    if name.startswith("contract:"):
+        return await check_contract(name.split(":", 1)[1])
+    return await globals()[f"check_{name}"]()
+
+
+if __name__ == "__main__":
+    result = trio.run(main, sys.argv[1:])
+    print(json.dumps(result))
