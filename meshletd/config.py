@@ -51,6 +51,7 @@ DEFAULT_CREDENTIALS_FILE = Path("/etc/meshlet/credentials.toml")
 MESHLET_PASSWORD = "meshlet-app-password"
 OWNER_PASSWORD = "owner-app-password"
 CREDENTIAL_NAMES = (MESHLET_PASSWORD, OWNER_PASSWORD)
+CREDENTIAL_DIR_PREFIX = "meshlet"
 
 Did = Annotated[
     str, StringConstraints(pattern=r"^did:(plc|web):[A-Za-z0-9._:%-]+$", max_length=2048)
@@ -234,13 +235,19 @@ def load_credentials(
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         for name in CREDENTIAL_NAMES:
-            p = Path(cred_dir) / name
-            try:
-                values[name.replace("-", "_")] = SecretStr(p.read_text(encoding="utf-8").strip())
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise ConfigError(f"{p}: cannot read credential: {e.strerror}") from None
+            # `LoadCredential=NAME:FILE` gives NAME; the unit's directory form
+            # (`LoadCredential=meshlet:/etc/meshlet/credentials`) gives meshlet_NAME.
+            for candidate in (name, f"{CREDENTIAL_DIR_PREFIX}_{name}"):
+                p = Path(cred_dir) / candidate
+                try:
+                    value = p.read_text(encoding="utf-8").strip()
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise ConfigError(f"{p}: cannot read credential: {e.strerror}") from None
+                if value:  # an empty credential file counts as absent
+                    values[name.replace("-", "_")] = SecretStr(value)
+                    break
         return Credentials(**values)
     try:
         st = fallback.stat()

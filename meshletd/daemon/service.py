@@ -136,7 +136,7 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         log.info(
-            "meshletd starting: meshlet %s owned by %s, %d member(s)",
+            "starting: meshlet %s owned by %s, %d member(s)",
             cfg.did,
             cfg.owner,
             len(cfg.members),
@@ -166,11 +166,11 @@ class Daemon:
             if self.watchdog_interval:
                 nursery.start_soon(run_watchdog, self.notifier, self.watchdog_interval)
             self.notifier.ready(self._status())
-            log.info("meshletd ready: %s", self._status())
+            log.info("ready: %s", self._status())
             nursery.start_soon(self._status_loop)
             task_status.started(self)
             await self._stop.wait()
-            log.info("meshletd stopping (replicas keep running; they are adopted on start)")
+            log.info("stopping (replicas keep running; they are adopted on the next start)")
             self.notifier.stopping("stopping")
             nursery.cancel_scope.cancel()
         self._nursery = None

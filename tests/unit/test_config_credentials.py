@@ -57,3 +57,17 @@ def test_an_unknown_credential_key_is_named_without_its_value(tmp_path: Path) ->
 def test_no_credentials_at_all_is_allowed(tmp_path: Path) -> None:
     creds = config.load_credentials({}, fallback=tmp_path / "absent.toml")
     assert creds.meshlet_app_password is None
+
+
+def test_an_empty_systemd_credential_counts_as_absent(tmp_path: Path) -> None:
+    (tmp_path / "meshlet-app-password").write_text("")
+    creds = config.load_credentials({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert creds.meshlet_app_password is None
+
+
+def test_the_units_directory_form_of_credentials_is_understood(tmp_path: Path) -> None:
+    # LoadCredential=meshlet:/etc/meshlet/credentials hands each file over as meshlet_<file>.
+    (tmp_path / "meshlet_owner-app-password").write_text("from-dir")
+    creds = config.load_credentials({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert creds.owner_app_password.get_secret_value() == "from-dir"
+    assert creds.meshlet_app_password is None
