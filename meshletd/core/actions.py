@@ -55,7 +55,8 @@ class ProbePeer:
 
 @dataclass(frozen=True, slots=True)
 class WakeAt:
-    """Deliver a Tick no later than this local time (ms) — the core's next deadline."""
+    """Deliver a Tick at this local time (ms): the core's next deadline. The latest WakeAt
+    supersedes any earlier one (one alarm per core)."""
 
     at: int
 

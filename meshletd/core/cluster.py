@@ -28,6 +28,7 @@ class ClusterView:
         self.version = 0
         self._consent_of: dict[str, frozenset[str]] = {}
         self._cluster_consent: dict[tuple[str, str], frozenset[str]] = {}
+        self._members: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._cache_version = -1
 
     # -- updates ---------------------------------------------------------------------
@@ -80,6 +81,7 @@ class ClusterView:
         if self._cache_version != self.version:
             self._consent_of.clear()
             self._cluster_consent.clear()
+            self._members.clear()
             self._cache_version = self.version
 
     def verified(self, meshlet: str) -> bool:
@@ -151,15 +153,22 @@ class ClusterView:
         (plus one for the owner). Only used to size the candidate sample, never for validity."""
         return len(self.cluster_consent(wl.owner, wl.cluster)) + 1
 
-    def members(self, wl: Workload) -> list[str]:
-        """Exactly the eligible meshlets for wl (O(cluster size); used for early close)."""
-        owners = set(self.cluster_consent(wl.owner, wl.cluster)) | {wl.owner}
-        out = []
-        for o in sorted(owners):
-            for m in sorted(self._linked.get(o, _EMPTY)):
-                if self.eligible(wl, m):
-                    out.append(m)
-        return out
+    def active_members(self, wl: Workload) -> tuple[str, ...]:
+        """Exactly the eligible, non-draining meshlets for wl, sorted (O(cluster size) the
+        first time after a change of the cluster records, then cached)."""
+        self._fresh()
+        key = (wl.owner, wl.cluster, wl.arch, wl.labels, wl.avoid)
+        got = self._members.get(key)
+        if got is None:
+            owners = set(self.cluster_consent(wl.owner, wl.cluster)) | {wl.owner}
+            out = []
+            for o in sorted(owners):
+                for m in sorted(self._linked.get(o, _EMPTY)):
+                    if self.eligible(wl, m) and self.draining_since(m) is None:
+                        out.append(m)
+            got = tuple(out)
+            self._members[key] = got
+        return got
 
     def all_verified(self) -> list[str]:
         """Every meshlet with linkage both ways, sorted."""

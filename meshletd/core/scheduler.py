@@ -147,6 +147,7 @@ class Scheduler:
         self._bid_queue: set[str] = set()
         self._bid_batch_at: int | None = None
         self._dirty: set[str] = set()
+        self._cand_cache: dict[tuple[object, ...], list[str]] = {}
         self._involved: set[str] = set()  # workloads where we own a slot or run a replica
         self.draining = False
         self.draining_since = 0
@@ -359,6 +360,39 @@ class Scheduler:
         since = self.cluster.draining_since(b.meshlet)
         return since is None or since > deadline
 
+    def _candidates(
+        self, wl: Workload, slot: int, round_: int, exclude: frozenset[str] = frozenset()
+    ) -> list[str] | None:
+        """In a small cluster (<= 64 members) the candidates of a round are exactly the
+        `wanted` eligible, non-draining members with the lowest rendezvous scores; None in
+        a large cluster, where each meshlet samples itself (see `_is_candidate`)."""
+        if not self._small(wl):
+            return None
+        key = (wl.uri, slot, round_, exclude, self.cluster.version)
+        got = self._cand_cache.get(key)
+        if got is None:
+            uri = wl.uri
+            members = [m for m in self.cluster.active_members(wl) if m not in exclude]
+            members.sort(key=lambda m: rendezvous_score(uri, round_, slot, m))
+            got = members[: self._wanted(wl, slot, round_)]
+            if len(self._cand_cache) > 4096:
+                self._cand_cache.clear()
+            self._cand_cache[key] = got
+        return got
+
+    def _is_candidate(
+        self, wl: Workload, slot: int, round_: int, exclude: frozenset[str] = frozenset()
+    ) -> bool:
+        cands = self._candidates(wl, slot, round_, exclude)
+        if cands is not None:
+            return self.me.did in cands
+        # Large cluster: sample twice the wanted number by score threshold (O(1) per meshlet).
+        return is_candidate(
+            rendezvous_score(wl.uri, round_, slot, self.me.did),
+            2 * self._wanted(wl, slot, round_),
+            self.cluster.member_estimate(wl),
+        )
+
     def _early_closed(
         self,
         e: _Entry,
@@ -367,27 +401,19 @@ class Scheduler:
         bids: list[Bid],
         exclude: frozenset[str] = frozenset(),
     ) -> bool:
-        """Early close: every candidate eligible member has answered (bid or declined)."""
+        """Early close: every candidate has answered (bid or declined). Only in small
+        clusters, where every member can list the candidates."""
         wl = e.wl
         if e.early is not None and (slot, round_) in e.early:
             return True
-        if not self._small(wl) or not bids:
+        if not bids:
             return False
-        members = [
-            m
-            for m in self.cluster.members(wl)
-            if m not in exclude and self.cluster.draining_since(m) is None
-        ]
-        if not members:
+        cands = self._candidates(wl, slot, round_, exclude)
+        if not cands:
             return False
-        wanted = self._wanted(wl, slot, round_)
         answered = {b.meshlet for b in bids}
-        n = len(members)
-        for m in members:
-            if m not in answered and is_candidate(
-                rendezvous_score(wl.uri, round_, slot, m), wanted, n
-            ):
-                return False
+        if not all(m in answered for m in cands):
+            return False
         if e.early is None:
             e.early = set()
         e.early.add((slot, round_))
@@ -520,7 +546,6 @@ class Scheduler:
         uri = wl.uri
         if not self.cluster.eligible(wl, me):
             return
-        n_est = self.cluster.member_estimate(wl)
         cpu, mem = self.free_capacity()
         fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib
         if e.owners is None:
@@ -534,7 +559,7 @@ class Scheduler:
                 if now < wl.created_at:
                     self._wake(wl.created_at, uri)
                 return
-            if not is_candidate(rendezvous_score(uri, 0, -1, me), self._wanted(wl, -1, 0), n_est):
+            if not self._is_candidate(wl, -1, 0):
                 return
             slots = 0
             if fits:
@@ -562,6 +587,7 @@ class Scheduler:
                 # Chained round for a slot no round has filled.
                 c0 = self._close0(wl)
                 if now < c0:
+                    self._wake(c0, uri)
                     continue
                 period = t.chained_period_ms
                 r = (now - c0) // period + 1
@@ -573,8 +599,7 @@ class Scheduler:
                     continue
                 if any(b.meshlet == me and b.round == r for b in slot_bids):
                     continue
-                wanted = self._wanted(wl, s, r)
-                if not fits or not is_candidate(rendezvous_score(uri, r, s, me), wanted, n_est):
+                if not fits or not self._is_candidate(wl, s, r):
                     nxt = start + period
                     self._wake(nxt, uri)
                     continue
@@ -594,9 +619,7 @@ class Scheduler:
                 continue
             if not fits:
                 continue
-            if not is_candidate(
-                rendezvous_score(uri, last, s, me), self._wanted(wl, s, last), n_est
-            ):
+            if not self._is_candidate(wl, s, last, frozenset({cur[1]})):
                 continue
             self._bid(wl, last, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms)
             return
@@ -790,8 +813,13 @@ class Scheduler:
 
     # ==================================================================== reconcile
     def _flush(self) -> None:
+        self._resolve_dirty()
         if self._bid_batch_at is not None and self._bid_batch_at <= self.now:
             self._bid_batch()
+            self._resolve_dirty()
+        self._schedule()
+
+    def _resolve_dirty(self) -> None:
         rounds = 0
         if self._dirty:
             self._resched = True
@@ -813,6 +841,8 @@ class Scheduler:
                     if self._bid_batch_at is None:
                         self._bid_batch_at = self.now + self.t.bid_batch_ms
                 self._reconcile(e)
+
+    def _schedule(self) -> None:
         if not self._resched and not self._out:
             return
         self._resched = False

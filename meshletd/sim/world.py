@@ -256,9 +256,9 @@ class Sim:
                 at = a.at - EPOCH - node.skew
                 if at < self.now:
                     at = self.now
-                if node.wake_at is None or at < node.wake_at or node.wake_at < self.now:
+                if node.wake_at != at:  # the latest WakeAt supersedes earlier ones
                     node.wake_at = at
-                    self.push(at, K_TICK, (node.idx, node.core))
+                    self.push(at, K_TICK, (node.idx, node.core, at))
             elif isinstance(a, ProbePeer):
                 self._probe(node, a.meshlet)
             elif isinstance(a, StartReplica):
@@ -430,9 +430,8 @@ class Sim:
                     self._feed(n, ev)
             elif kind == K_TICK:
                 n = nodes[p[0]]
-                if n.core is p[1] and n.alive:
-                    if n.wake_at is not None and n.wake_at <= at:
-                        n.wake_at = None
+                if n.core is p[1] and n.alive and n.wake_at == p[2]:
+                    n.wake_at = None
                     self._feed(n, Tick(self._local(n)))
             elif kind == K_PROBE:
                 n = nodes[p[0]]
@@ -530,7 +529,7 @@ class Sim:
                 if cur is None or cur[1] != n.did:
                     extra += 1
                     problems.append(f"{key[0]}#{key[1]} runs on non-owner {n.did}")
-        for key, since in self.over_since.items():
+        for since in self.over_since.values():
             self.over_max = max(self.over_max, self.now - since)
         violations = list(self.violations)
         if not identical:
