@@ -82,9 +82,9 @@ class Daemon:
         self.handle_signals = handle_signals
         self.store = store if store is not None else StateStore(cfg.state_dir)
         if key_resolver is None:
-            from meshletd.xrpc.auth import IdResolverKeys
+            from meshletd.xrpc.auth import IdentityKeys
 
-            key_resolver = IdResolverKeys(plc_url=cfg.plc_url)
+            key_resolver = IdentityKeys(cfg.plc_url)
         self.verifier = ServiceAuthVerifier(cfg.did, key_resolver)
         self.app = self._build_app()
         self.tcp_address: tuple[str, int] | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshletd.errors import (
     BadJwt,
@@ -148,19 +148,26 @@ class _Unresolvable(Exception):
     pass
 
 
-class IdResolverKeys:
-    """`SigningKeyResolver` over the SDK's `AsyncIdResolver` (did:plc via PLC, did:web)."""
+class IdentityKeys:
+    """`SigningKeyResolver` over the atproto layer's DID resolver (did:plc, did:web).
 
-    def __init__(self, plc_url: str | None = None, timeout: float = 5.0) -> None:
-        from atproto_identity.resolver import AsyncIdResolver
+    The resolver (and the SDK it imports, ~25 MB) is created on the first verification,
+    so a daemon no peer has called yet stays small.
+    """
 
-        self._resolver = AsyncIdResolver(plc_url=plc_url, timeout=timeout)
+    def __init__(self, plc_url: str, resolver: Any = None) -> None:
+        self._plc_url = plc_url
+        self._resolver = resolver
 
     async def signing_key(self, did: str, force_refresh: bool) -> str:
-        key = await self._resolver.did.resolve_atproto_key(did, force_refresh)
-        if not key:
+        if self._resolver is None:
+            from meshletd.atproto.identity import IdentityResolver
+
+            self._resolver = IdentityResolver(self._plc_url)
+        ident = await self._resolver.resolve(did, fresh=force_refresh)
+        if not ident.signing_key:
             raise LookupError(f"{did} has no atproto signing key")
-        return key
+        return ident.signing_key
 
 
 class StaticKeys:
