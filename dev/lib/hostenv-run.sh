@@ -83,6 +83,8 @@ he_prepare() {
     readlink -f "$HE_CACHE/venv" > "$dir/venv"
     mount -t overlay "meshlet-hostenv-$name" \
         -o "lowerdir=$HE_BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root"
+    # nspawn's lock file for this tree is named after it; a killed nspawn leaves it behind.
+    stat -c 'inode-%d:%i' "$dir/root" > "$dir/nspawn.lock"
     # Per host: its own identity, and podman storage on a real filesystem.
     tr -d '-' < /proc/sys/kernel/random/uuid > "$dir/root/etc/machine-id"
     echo "$name" > "$dir/root/etc/hostname"
@@ -262,6 +264,9 @@ he_teardown() {
         fi
     fi
     [ -f "$dir/cgroups" ] && he_kill_cgroups "$dir"
+    # What nspawn leaves behind when it was killed rather than let exit.
+    if [ -s "$dir/nspawn.lock" ]; then rm -f "/run/systemd/nspawn/locks/$(cat "$dir/nspawn.lock")"; fi
+    rm -rf "/run/systemd/nspawn/propagate/$name"
     if mountpoint -q "$dir/root"; then
         umount "$dir/root" 2>/dev/null || { sleep 0.5; umount "$dir/root" || umount -l "$dir/root"; }
     fi
