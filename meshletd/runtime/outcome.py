@@ -40,6 +40,7 @@ class UnitSnapshot:
     main_status: int = 0
     main_pid: int = 0
     environment: tuple[str, ...] = ()
+    job_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ContainerSnapshot:
 
 def unit_phase(unit: UnitSnapshot) -> Phase:
     """Where a unit is in its life, from the runtime's point of view."""
+    if unit.job_pending and unit.active_state in ("inactive", "failed"):
+        return "starting"  # StartTransientUnit returned; its start job has not run yet
     if unit.load_state in ("not-found", "") or (
         unit.active_state == "inactive" and unit.sub_state == "dead" and unit.main_code == 0
     ):

@@ -330,6 +330,10 @@ class ReplicaRuntime:
         container = await self.machine.inspect_container(rep.container)
         counters = await self.machine.read_saved_counters(rep.unit)
         usage = rep.usage.merge(Usage(0, peak_memory_from_counters(counters)))
+        if not rep.ran and container is not None and container.status in ("exited", "stopped"):
+            # It ran and ended between two looks (a short job): it did run.
+            rep.ran = True
+            self._emit(ReplicaRunning(rep.replica, rep.unit, revision=rep.revision))
         event = end_event(
             rep.replica,
             snap,
@@ -342,7 +346,9 @@ class ReplicaRuntime:
         with trio.CancelScope(shield=True):
             await self._cleanup(rep, unit_started=True, snap_phase=unit_phase(snap))
         self._replicas.pop(rep.replica, None)
-        log.info("replica %s ended: %s", rep.replica, event)
+        log.info(
+            "replica %s ended: %s (unit %s, container %s)", rep.replica, event, snap, container
+        )
         return self._emit(event)
 
     async def _cleanup(

@@ -297,6 +297,7 @@ class SystemdPodmanMachine:
                 main_status=int(s.get(b"ExecMainStatus", 0)),
                 main_pid=int(s.get(b"MainPID", 0)),
                 environment=tuple(_s(e) for e in s.get(b"Environment", [])),
+                job_pending=bool(u.get(b"Job", (0, b"/"))[0]),
             )
 
         return await self._dbus(snap)

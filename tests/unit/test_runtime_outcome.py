@@ -37,6 +37,10 @@ def test_unit_phases() -> None:
     assert unit_phase(snap(active_state="active", sub_state="exited")) == "ended"
     assert unit_phase(snap(active_state="failed", sub_state="failed")) == "ended"
     assert unit_phase(snap(active_state="deactivating", sub_state="stop")) == "stopping"
+    # just after StartTransientUnit the unit is still inactive, with its start job queued
+    assert unit_phase(snap(active_state="inactive", sub_state="dead", job_pending=True)) == (
+        "starting"
+    )
 
 
 def end(unit: UnitSnapshot, container: ContainerSnapshot | None = None, **kw: object):

@@ -125,8 +125,9 @@ async def check_limits() -> dict:
             args=(
                 "sh",
                 "-c",
-                "i=0; while [ $i -lt 2000 ]; do sleep 1000 & i=$((i+1)); done; "
-                "echo forks-done; sleep 1000",
+                # busybox sh exits when a fork fails: fork in a subshell, then exec.
+                "(i=0; while [ $i -lt 2000 ]; do sleep 1000 & i=$((i+1)); done); "
+                "echo forks-done; exec sleep 1000",
             ),
             resources=Resources(milli_cpu=500, memory_mib=64, tasks=8),
         )
@@ -267,6 +268,32 @@ async def check_adopt_after_sigkill(n: int = 5) -> dict:
     }
 
 
+async def check_stress(n: int = 12) -> dict:
+    """Start and stop n sleeping replicas; every start must reach running."""
+    rt = H.runtime()
+    bad = []
+    async with testing.serving(rt):
+        for i in range(n):
+            r = await rt.start(testing.spec(H, workload="stress", index=i))
+            if not isinstance(r, ReplicaRunning):
+                bad.append(repr(r))
+        for i in range(n):
+            await rt.stop(testing.spec(H, workload="stress", index=i).replica)
+    assert not bad, bad
+    await testing.assert_clean(H)
+    return {"started": n}
+
+
+async def check_cleanup() -> dict:
+    """Adopt whatever replicas a failed run left and stop them."""
+    rt = H.runtime()
+    async with testing.serving(rt) as adopted:
+        for r in adopted:
+            await rt.stop(r.replica)
+    testing.drain(rt)
+    return {"stopped": len(adopted), "left": await H.leftovers()}
+
+
 async def main(argv: list[str]) -> dict:
     name = argv[0]
     if name == "_child_start":
@@ -278,5 +305,8 @@ async def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     result = trio.run(main, sys.argv[1:])
     print(json.dumps(result))
