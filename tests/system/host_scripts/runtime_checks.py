@@ -22,7 +22,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from meshletd.runtime import testing
-from meshletd.runtime.events import ReplicaOomKilled, ReplicaRunning, ReplicaStopped
+from meshletd.runtime.events import EndEvent, ReplicaOomKilled, ReplicaRunning, ReplicaStopped
 from meshletd.runtime.naming import UNIT_PATTERN, UNIT_PREFIX
 from meshletd.runtime.runtime import ReplicaRuntime
 from meshletd.runtime.spec import Resources, Secret
@@ -75,6 +75,12 @@ def show(unit: str, prop: str) -> str:
 
 def journal(unit: str) -> str:
     return sh("journalctl", "-u", unit, "-o", "cat", "--no-pager")
+
+
+def output(unit: str) -> str:
+    """What the unit's current run printed (its container's stdout and stderr)."""
+    invocation = show(unit, "InvocationID")
+    return sh("journalctl", "-o", "cat", "--no-pager", f"_SYSTEMD_INVOCATION_ID={invocation}")
 
 
 async def wait_for(pred, timeout_s: float, what: str) -> None:
@@ -134,9 +140,9 @@ async def check_limits() -> dict:
         r = await rt.start(forks)
         assert isinstance(r, ReplicaRunning), r
         tasks_max = int(show(r.unit, "TasksMax"))
-        await wait_for(lambda: "forks-done" in journal(r.unit), 60, "forks-done")
+        await wait_for(lambda: "forks-done" in output(r.unit), 60, "forks-done")
         current = int(show(r.unit, "TasksCurrent"))
-        refused = [ln for ln in journal(r.unit).splitlines() if "fork" in ln.lower()]
+        refused = [ln for ln in output(r.unit).splitlines() if "can't fork" in ln]
         out.update(
             tasks_max=tasks_max,
             tasks_current=current,
@@ -144,7 +150,7 @@ async def check_limits() -> dict:
             fork_error_sample=refused[:1],
         )
         assert current <= tasks_max and current >= tasks_max - 2, (current, tasks_max)
-        assert refused, journal(r.unit)[-2000:]
+        assert refused, output(r.unit)[-2000:]
         await rt.stop(forks.replica)
 
         # Memory: allocate past MemoryMax.
@@ -158,7 +164,7 @@ async def check_limits() -> dict:
         r = await rt.start(hog)
         unit = r.unit
         ev = await testing.wait_event(
-            rt, lambda e: not isinstance(e, ReplicaRunning) and e.replica == hog.replica, 60
+            rt, lambda e: isinstance(e, EndEvent) and e.replica == hog.replica, 60
         )
         assert isinstance(ev, ReplicaOomKilled), ev
         out.update(
@@ -301,7 +307,7 @@ async def main(argv: list[str]) -> dict:
         return {}
     if name.startswith("contract:"):
         return await check_contract(name.split(":", 1)[1])
-    return await globals()[f"check_{name}"]()
+    return await globals()[f"check_{name}"](*(int(a) for a in argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""The runtime on a real booted systemd host: limits, journal, secrets, adoption, contract.
+
+Each test runs one check of tests/system/host_scripts/runtime_checks.py inside the host (as
+root, as meshletd would run); the check prints what it measured as its last line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshletd.runtime.testing import CONTRACT
+from tests.system.hostenv import LocalHost, NspawnHost
+
+CHECKS = "tests/system/host_scripts/runtime_checks.py"
+
+
+def run_check(host: NspawnHost | LocalHost, name: str, *args: str) -> dict:
+    done = host.run(host.python, CHECKS, name, *args, timeout=600)
+    if done.returncode != 0:
+        # Leave the host clean for the next test, then report the failure.
+        host.run(host.python, CHECKS, "cleanup", timeout=300)
+        pytest.fail(f"check {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(name, result)
+    return result
+
+
+@pytest.mark.parametrize("contract", [c.__name__.removeprefix("contract_") for c in CONTRACT])
+def test_real_runtime_keeps_the_runtime_contract(
+    systemd_host: NspawnHost | LocalHost, contract: str
+) -> None:
+    run_check(systemd_host, f"contract:{contract}")
+
+
+def test_memory_cpu_and_task_limits_are_enforced_and_an_oom_kill_is_reported(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "limits")
+    assert got["oom_event"] == "ReplicaOomKilled"
+    assert 0.15 <= got["cpu_measured"] <= 0.23
+    assert got["tasks_current"] <= got["tasks_max"] and got["fork_errors"] > 0
+
+
+def test_container_output_is_in_the_units_journal_once_and_secrets_stay_out_of_the_unit(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "journal_once_and_secrets")
+    assert got["journal_lines_per_output_line"] == 1
+
+
+def test_five_replicas_survive_a_sigkilled_meshletd_and_are_adopted_once(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "adopt_after_sigkill", "5")
+    assert got["adopted"] == 5
+
+
+def test_many_starts_in_a_row_all_reach_running(systemd_host: NspawnHost | LocalHost) -> None:
+    assert run_check(systemd_host, "stress")["started"] == 12
