@@ -217,11 +217,14 @@ he_host_ca() {
     echo "$ca"
 }
 
-# The venv lives beside the base, in venvs/KEY, and hosts bind it read-only at $HE_VENV: a
-# change of the project's dependencies builds a new one while hosts keep running on theirs.
+# The venv lives beside the base, in venvs/KEY (KEY: the dependency list and the project
+# folder), and hosts bind it read-only at $HE_VENV: a change of the project's dependencies
+# builds a new one while hosts keep running on theirs.
+he_venv_dir() { echo "$HE_CACHE/venvs/$(he_venv_key)"; }
+
 he_stage_venv() {
-    local key="$1" dir="$HE_CACHE/venvs/$1"
-    rm -rf "$dir.tmp"; mkdir -p "$dir.tmp" "$HE_CACHE/venv-src" "$PIP_CACHE_DIR"
+    local dir="$1"
+    rm -rf "$dir" "$dir.tmp"; mkdir -p "$dir.tmp" "$HE_CACHE/venv-src" "$PIP_CACHE_DIR"
     he_requirements > "$HE_CACHE/venv-src/requirements.txt"
     # --volatile=overlay: the base stays untouched (hosts may be running from it).
     he_nspawn --volatile=overlay --bind="$dir.tmp:$HE_VENV" \
@@ -234,18 +237,21 @@ he_stage_venv() {
         $HE_VENV/bin/pip install -q -r /mnt/venv-src/requirements.txt
         $HE_VENV/bin/pip install -q --no-deps -e $ROOT
         $HE_VENV/bin/python -c 'import pystemd.run, trio, podman; print(\"venv ok\")'"
-    mv "$dir.tmp" "$dir"
-    ln -sfn "venvs/$key" "$HE_CACHE/venv"
-    he_prune_venvs
+    mv -T "$dir.tmp" "$dir"
+    he_prune_venvs "$dir"
 }
 
-# Remove venvs that are neither current nor used by a running host.
+# Keep the venv just built, any a running host uses, and the two newest others (another
+# checkout of the project may share this cache); remove the rest.
 he_prune_venvs() {
-    local v current; current=$(readlink -f "$HE_CACHE/venv")
-    for v in "$HE_CACHE"/venvs/*; do
-        [ -d "$v" ] && [ "$v" != "$current" ] || continue
+    local v kept=0
+    for v in $(ls -dt "$HE_CACHE"/venvs/*/ 2>/dev/null); do
+        v="${v%/}"
+        [ "$v" = "$1" ] && continue
         grep -qxF "$v" "$HE_RUN"/*/venv 2>/dev/null && continue
-        rm -rf "$v"
+        case "$v" in *.tmp) continue ;; esac
+        kept=$((kept + 1))
+        [ "$kept" -le 2 ] || rm -rf "$v"
     done
 }
 
@@ -290,10 +296,9 @@ cmd_build() {
         step "hostenv: busybox image" he_stage_image
         he_stamp_set image "$key"
     fi
-    key=$(he_venv_key)
-    if [ "$(readlink "$HE_CACHE/venv" 2>/dev/null)" != "venvs/$key" ] \
-        || [ ! -x "$HE_CACHE/venvs/$key/bin/python" ]; then
-        step "hostenv: venv $HE_VENV (project deps, pystemd)" he_stage_venv "$key"
+    local venv; venv=$(he_venv_dir)
+    if [ ! -f "$venv/pyvenv.cfg" ]; then
+        step "hostenv: venv $HE_VENV (project deps, pystemd)" he_stage_venv "$venv"
     fi
     echo "hostenv: base rootfs ready at $HE_BASE ($(( $(date +%s) - t0 ))s)" >&2
 }

@@ -80,7 +80,7 @@ he_log_tail() {
 he_prepare() {
     local name="$1" dir; dir=$(he_dir "$1")
     mkdir -p "$dir/upper" "$dir/work" "$dir/root" "$dir/dev"
-    readlink -f "$HE_CACHE/venv" > "$dir/venv"
+    he_venv_dir > "$dir/venv"
     mount -t overlay "meshlet-hostenv-$name" \
         -o "lowerdir=$HE_BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root"
     # nspawn's lock file for this tree is named after it; a killed nspawn leaves it behind.
@@ -137,7 +137,7 @@ he_wait_ready() {
 }
 
 he_base_ready() {
-    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/image" ] && [ -x "$HE_CACHE/venv/bin/python" ] || {
+    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/image" ] && [ -f "$(he_venv_dir)/pyvenv.cfg" ] || {
         echo "dev/hostenv: the base rootfs is not built; run: dev/hostenv build" >&2; exit 1; }
 }
 
