@@ -134,6 +134,9 @@ class Config(_Section):
     control: Control = Field(default_factory=Control)
     scheduling: Scheduling = Field(default_factory=Scheduling)
     state_dir: Path = Path("/var/lib/meshlet")
+    # "atproto": the real cluster (PDS, firehose); "memory": a self-contained stand-in node
+    # that runs every workload itself (demos, tests, benchmarks).
+    backend: Literal["atproto", "memory"] = "atproto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("clusters")

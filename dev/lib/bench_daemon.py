@@ -15,6 +15,7 @@ did = "did:plc:benchmesh"
 owner = "did:plc:benchowner"
 pds = "http://127.0.0.1:1"
 state_dir = "{base}/state"
+backend = "memory"
 [[clusters]]
 name = "bench"
 members = {members}

@@ -62,7 +62,9 @@ class Node(Protocol):
 
     async def put_secret(self, name: str, value: bytes) -> None: ...
 
-    async def reconfigure(self, members: Iterable[str], capacity: dict[str, int]) -> None: ...
+    async def reconfigure(self, cfg: Any) -> None:
+        """Apply a reloaded `meshletd.config.Config` (members, clusters, contribution)."""
+        ...
 
 
 def workload_owner(uri: str) -> str:
@@ -302,9 +304,11 @@ class InMemoryNode:
     async def put_secret(self, name: str, value: bytes) -> None:
         self._secrets[name] = bytes(value)
 
-    async def reconfigure(self, members: Iterable[str], capacity: dict[str, int]) -> None:
-        self._members = list(members)
-        self._capacity = dict(capacity)
+    async def reconfigure(self, cfg: Any) -> None:
+        self._members = list(cfg.members)
+        self._clusters = {c.name: list(c.members) for c in cfg.clusters}
+        c = cfg.contribution
+        self._capacity = {"milliCpu": c.milli_cpu, "memoryMiB": c.memory_mib}
 
 
 def check_owner(caller_did: str | None, uri: str, local_admin: bool, meshlet_owner: str) -> None:

@@ -46,7 +46,11 @@ def capacity_of(cfg: Config) -> dict[str, int]:
     }
 
 
-def default_node(cfg: Config) -> Node:
+def default_node(cfg: Config, credentials: Credentials, store: Any) -> Node:
+    if cfg.backend == "atproto":
+        from meshletd.daemon.atnode import AtprotoNode
+
+        return AtprotoNode(cfg, credentials, store)
     return InMemoryNode(
         cfg.did,
         cfg.owner,
@@ -75,12 +79,12 @@ class Daemon:
         self.cfg = cfg
         self.credentials = credentials or Credentials()
         self.config_path = config_path
-        self.node: Node = node or default_node(cfg)
         env = dict(os.environ if environ is None else environ)
         self.notifier = notifier if notifier is not None else SdNotifier(env)
         self.watchdog_interval = watchdog_interval(env)
         self.handle_signals = handle_signals
         self.store = store if store is not None else StateStore(cfg.state_dir)
+        self.node: Node = node or default_node(cfg, self.credentials, self.store)
         if key_resolver is None:
             from meshletd.xrpc.auth import IdentityKeys
 
@@ -156,6 +160,10 @@ class Daemon:
             listeners = await nursery.start(
                 serve_tcp, self.app.tcp_handler, cfg.listen.xrpc_host, cfg.listen.xrpc_port
             )
+            run_node = getattr(self.node, "run", None)
+            if run_node is not None:
+                self.notifier.status("loading the cluster view")
+                await nursery.start(run_node)
             sockname = listeners[0].socket.getsockname()
             self.tcp_address = (sockname[0], sockname[1])
             log.info(
@@ -220,7 +228,7 @@ class Daemon:
                 raise ConfigError(f"{self.config_path}: did/owner cannot change on reload")
             if new.listen != self.cfg.listen:
                 log.warning("listen addresses changed: they apply at the next restart")
-            await self.node.reconfigure(new.members, capacity_of(new))
+            await self.node.reconfigure(new)
             self.cfg = new.model_copy(update={"listen": self.cfg.listen})
             self.app.owner_did = self.cfg.owner
             log.info("configuration reloaded: %d member(s)", len(self.cfg.members))

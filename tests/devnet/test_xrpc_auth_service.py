@@ -89,6 +89,7 @@ async def world(devnet, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
         listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
         control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
         state_dir=tmp_path / "state",
+        backend="memory",
     )
     daemon = Daemon(
         cfg, notifier=RecordingNotifier(), handle_signals=False, environ={}, store=MemoryStore()

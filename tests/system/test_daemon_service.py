@@ -20,6 +20,7 @@ CONFIG = """
 did = "did:plc:alicemesh"
 owner = "did:plc:alice"
 pds = "http://127.0.0.1:1"
+backend = "memory"
 [[clusters]]
 name = "friends"
 members = ["did:plc:bob"]

@@ -36,6 +36,7 @@ did = "did:plc:alicemesh"
 owner = "did:plc:alice"
 pds = "http://127.0.0.1:1"
 state_dir = "{base}/state"
+backend = "memory"
 [[clusters]]
 name = "friends"
 members = ["did:plc:bob", "did:plc:carol"]

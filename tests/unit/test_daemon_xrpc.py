@@ -39,6 +39,7 @@ def config(tmp_path: Path) -> Config:
         listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
         control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
         state_dir=tmp_path / "state",
+        backend="memory",
     )
 
 

@@ -1,0 +1,429 @@
+"""The node backed by the atproto layer: real cluster view, workloads in real repos.
+
+What it does today: publishes this meshlet's own records (owner link, meshletOwner,
+memberships), keeps the verified cluster view live from the members' firehoses (cursors in
+the state store), follows every workload, bid and workloadStatus record of the watched repos,
+publishes/pauses/deletes the owner's workloads through the owner's PDS, and drains by
+republishing meshletOwner.state. Placement, the runtime and fair share are not wired in yet:
+replicas shown are those reported by workloadStatus records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import trio
+
+from meshletd.config import Config, Credentials
+from meshletd.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    MethodNotImplemented,
+    NotFound,
+    UpstreamFailure,
+)
+
+log = logging.getLogger("meshletd.node")
+
+WORKLOAD = "commune.scheduler.workload"
+BID = "commune.scheduler.bid"
+STATUS = "commune.scheduler.workloadStatus"
+_B32 = "234567abcdefghijklmnopqrstuvwxyz"
+_REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
+
+
+def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
+    """An atproto TID (sortable record key) from the wall clock in microseconds."""
+    us = time.time_ns() // 1000 if now_us is None else now_us
+    cid = int.from_bytes(os.urandom(2), "big") % 1024 if clock_id is None else clock_id
+    n = (us << 10) | cid
+    out = ""
+    for _ in range(13):
+        out = _B32[n & 31] + out
+        n >>= 5
+    return out
+
+
+class StoreCursors:
+    """The firehose's `CursorStore` in the crash-safe state store (one key for all PDSes)."""
+
+    KEY = "firehose-cursors"
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._cursors: dict[str, int] = dict(store.get(self.KEY, {}) or {})
+
+    def load(self, pds_url: str) -> int | None:
+        return self._cursors.get(pds_url)
+
+    def save(self, pds_url: str, seq: int) -> None:
+        if self._cursors.get(pds_url) == seq:
+            return
+        self._cursors[pds_url] = seq
+        self._store.put(self.KEY, self._cursors)
+
+
+class AtprotoNode:
+    """`Node` over the atproto layer (see module doc)."""
+
+    def __init__(self, cfg: Config, credentials: Credentials, store: Any) -> None:
+        from meshletd.atproto.cluster import ClusterView
+        from meshletd.atproto.identity import IdentityResolver
+
+        self.cfg = cfg
+        self.did = cfg.did
+        self.owner = cfg.owner
+        self._credentials = credentials
+        self._store = store
+        self._state = "active"
+        self.resolver = IdentityResolver(cfg.plc_url, ttl_s=300)
+        self.view = ClusterView.create(cfg.did, cfg.owner, self._clusters(cfg))
+        self.meshlet_pds: Any = None
+        self.owner_pds: Any = None
+        self.formation: Any = None
+        # uri -> (cid, record); bids and statuses by workload uri
+        self._workloads: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        self._bids: dict[str, dict[str, dict[str, Any]]] = {}
+        self._statuses: dict[str, dict[str, dict[str, Any]]] = {}
+        self._secrets: dict[str, bytes] = {}
+
+    @staticmethod
+    def _clusters(cfg: Config) -> dict[str, list[str]]:
+        return {c.name: list(c.members) for c in cfg.clusters}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish our records, start following the cluster; `started` once watches are set."""
+        from meshletd.atproto.cluster import ClusterFormation
+        from meshletd.atproto.firehose import Firehose
+
+        cursors = StoreCursors(self._store)
+
+        def firehose(sink: Any) -> Any:
+            return Firehose(self.resolver, cursors, sink)
+
+        self.formation = ClusterFormation(self.view, firehose)
+        self.formation.add_listener(self._on_event)
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(20):
+                await self._login_and_publish()
+            await nursery.start(self.formation.run)
+            log.info("cluster view loaded: %s", self.formation.describe())
+            task_status.started()
+
+    async def _login_and_publish(self) -> None:
+        from meshletd.atproto.pds import PdsClient
+
+        creds = self._credentials
+        try:
+            if creds.meshlet_app_password is not None and self.meshlet_pds is None:
+                pds = PdsClient(
+                    self.cfg.pds, self.did, creds.meshlet_app_password.get_secret_value()
+                )
+                await pds.login()
+                self.meshlet_pds = pds
+            if creds.owner_app_password is not None and self.owner_pds is None:
+                owner_pds_url = self.cfg.owner_pds or await self._pds_of(self.owner)
+                pds = PdsClient(
+                    owner_pds_url, self.owner, creds.owner_app_password.get_secret_value()
+                )
+                await pds.login()
+                self.owner_pds = pds
+            if self.meshlet_pds is None:
+                log.warning("no meshlet-app-password credential: running read-only")
+                return
+            await self._publish()
+        except Exception as e:  # PDS down or wrong password: keep serving, say why
+            log.warning("cannot publish this meshlet's records: %s", e)
+
+    async def _pds_of(self, did: str) -> str:
+        ident = await self.resolver.resolve(did)
+        if not ident.pds:
+            raise UpstreamFailure(f"{did} has no PDS in its DID document")
+        return ident.pds
+
+    async def _publish(self) -> int:
+        from meshletd import __version__
+        from meshletd.atproto.cluster import publish_own_records
+        from meshletd.atproto.records import MeshletOwner, Resources
+
+        c = self.cfg.contribution
+        record = MeshletOwner(
+            owner_did=self.owner,
+            state=self._state,
+            capacity=Resources(
+                milli_cpu=c.milli_cpu, memory_mib=c.memory_mib, storage_mib=c.storage_mib
+            ),
+            arch=self.cfg.arch or _machine_arch(),
+            endpoint=self.cfg.public_endpoint,
+            labels=tuple(self.cfg.labels),
+            version=__version__,
+        )
+        writes = await publish_own_records(
+            self.meshlet_pds, self.owner_pds, record, self._clusters(self.cfg)
+        )
+        log.info("published this meshlet's records (%d write(s))", writes)
+        return writes
+
+    def _on_event(self, ev: Any) -> None:
+        if ev.collection == WORKLOAD:
+            if ev.action == "delete":
+                self._workloads.pop(ev.uri, None)
+                log.info("workload %s deleted by its owner", ev.uri)
+            else:
+                self._workloads[ev.uri] = (ev.cid, dict(ev.record or {}))
+                log.info("workload %s (%s) seen", (ev.record or {}).get("name"), ev.uri)
+        elif ev.collection in (BID, STATUS):
+            table = self._bids if ev.collection == BID else self._statuses
+            record = ev.record or {}
+            target = (record.get("workload") or {}).get("uri")
+            key = f"{ev.did}/{ev.rkey}"
+            if ev.action == "delete":
+                for per in table.values():
+                    per.pop(key, None)
+            elif target:
+                table.setdefault(target, {})[key] = {"meshletDid": ev.did, **record}
+
+    # -- reads -------------------------------------------------------------------------
+
+    def state(self) -> str:
+        return self._state
+
+    def _peers(self) -> dict[str, Any]:
+        return {d: m for d, m in self.view.all_members().items() if d != self.did}
+
+    def _local_replicas(self) -> list[dict[str, Any]]:
+        return [
+            s
+            for per in self._statuses.values()
+            for s in per.values()
+            if s["meshletDid"] == self.did and s.get("state") in ("starting", "running")
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "did": self.did,
+            "ownerDid": self.owner,
+            "state": self._state,
+            "members": len(self._peers()),
+            "replicas": len(self._local_replicas()),
+            "workloads": len(self._workloads),
+            "capacity": self.capacity(),
+            "backend": "atproto",
+            "publishing": self.meshlet_pds is not None,
+        }
+
+    def status_line(self) -> str:
+        n, r = len(self._peers()), len(self._local_replicas())
+        line = f"{n} member{'s' * (n != 1)}, {r} replica{'s' * (r != 1)}"
+        return line + (", draining" if self._state == "draining" else "")
+
+    def capacity(self) -> dict[str, Any]:
+        c = self.cfg.contribution
+        total = {"milliCpu": c.milli_cpu, "memoryMiB": c.memory_mib, "storageMiB": c.storage_mib}
+        used = {"milliCpu": 0, "memoryMiB": 0, "storageMiB": 0}
+        for s in self._local_replicas():
+            cid_rec = self._workloads.get((s.get("workload") or {}).get("uri", ""))
+            res = (cid_rec[1] if cid_rec else {}).get("resources", {})
+            for k in used:
+                used[k] += int(res.get(k, 0))
+        free = {k: max(0, total[k] - used[k]) for k in total}
+        return {"total": total, "allocated": used, "free": free}
+
+    def is_member(self, did: str) -> bool:
+        if did == self.owner:
+            return True
+        if any(did in owners for owners in self.view.config.values()):
+            return True
+        return did in self.view.all_members()
+
+    def members(self) -> list[dict[str, Any]]:
+        out = []
+        snapshots = self.view.clusters()
+        for c in self.cfg.clusters:
+            snap = snapshots.get(c.name)
+            for owner in c.members:
+                claimed = sorted(self.view.claimed_meshlets(owner))
+                verified = sorted(d for d in claimed if snap is not None and d in snap.members)
+                reasons = [r for d in claimed if (r := self.view.why_not(d, owner))]
+                if not claimed:
+                    reasons = [f"{owner} has no commune.scheduler.meshlet record (yet)"]
+                out.append(
+                    {
+                        "cluster": c.name,
+                        "ownerDid": owner,
+                        "meshletDids": verified,
+                        "verified": bool(verified),
+                        "reason": "; ".join(reasons),
+                    }
+                )
+        return out
+
+    def _view(self, uri: str) -> dict[str, Any]:
+        cid, rec = self._workloads[uri]
+        owner = uri[len("at://") :].split("/", 1)[0]
+        running = []
+        for s in sorted(self._statuses.get(uri, {}).values(), key=lambda s: s.get("slot", 0)):
+            r = {
+                k: s[k]
+                for k in ("slot", "round", "state", "exitCode", "restarts", "unit")
+                if k in s
+            }
+            running.append({"workload": uri, "meshletDid": s["meshletDid"], **r})
+        view: dict[str, Any] = {
+            "uri": uri,
+            "name": rec.get("name", ""),
+            "ownerDid": owner,
+            "replicas": int(rec.get("replicas", 1)),
+            "paused": bool(rec.get("paused", False)),
+            "running": running,
+        }
+        if cid:
+            view["cid"] = cid
+        return view
+
+    def workloads(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
+        out = []
+        for uri in sorted(self._workloads):
+            v = self._view(uri)
+            if owner and v["ownerDid"] != owner:
+                continue
+            if not everything and not any(r["meshletDid"] == self.did for r in v["running"]):
+                continue
+            out.append(v)
+        return out
+
+    def _uri_of(self, ref: str) -> str:
+        if ref in self._workloads:
+            return ref
+        if ref.startswith("at://"):
+            raise NotFound(f"no workload {ref} is known here")
+        mine = [
+            u
+            for u, (_, r) in self._workloads.items()
+            if u.startswith(f"at://{self.owner}/") and r.get("name") == ref
+        ]
+        if not mine:
+            raise NotFound(f"no workload named {ref!r}")
+        return mine[0]
+
+    def workload(self, uri: str) -> dict[str, Any]:
+        return self._view(self._uri_of(uri))
+
+    def bids(self, uri: str) -> dict[str, Any]:
+        uri = self._uri_of(uri)
+        rounds: dict[int, list[dict[str, Any]]] = {}
+        for b in self._bids.get(uri, {}).values():
+            rounds.setdefault(int(b.get("round", 0)), []).append(
+                {
+                    "meshletDid": b["meshletDid"],
+                    "priority": b.get("priority", 0),
+                    "accepted": b["meshletDid"] in self.view.all_members(),
+                }
+            )
+        winners: dict[int, set[str]] = {}
+        for s in self._statuses.get(uri, {}).values():
+            winners.setdefault(int(s.get("round", 0)), set()).add(s["meshletDid"])
+        return {
+            "workload": uri,
+            "rounds": [
+                {
+                    "round": r,
+                    "bids": sorted(bs, key=lambda b: (-b["priority"], b["meshletDid"])),
+                    "winners": sorted(winners.get(r, set())),
+                    "why": "winners are the meshlets reporting a replica of this round",
+                }
+                for r, bs in sorted(rounds.items())
+            ],
+        }
+
+    def balance(self) -> dict[str, Any]:
+        raise MethodNotImplemented("the fair-share ledger is not wired into meshletd yet")
+
+    async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
+        raise MethodNotImplemented("replica logs need the runtime, which is not wired yet")
+
+    # -- mutations ---------------------------------------------------------------------
+
+    def _need_owner_pds(self) -> Any:
+        if self.owner_pds is None:
+            raise Forbidden(
+                "no owner-app-password credential: this meshlet cannot write the owner's repo"
+            )
+        return self.owner_pds
+
+    async def create_workload(self, record: dict[str, Any]) -> dict[str, Any]:
+        pds = self._need_owner_pds()
+        name = record.get("name")
+        if any(
+            u.startswith(f"at://{self.owner}/") and r.get("name") == name
+            for u, (_, r) in self._workloads.items()
+        ):
+            raise Conflict(f"a workload named {name!r} exists already")
+        rkey = new_tid()
+        cid = await pds.put_record(WORKLOAD, rkey, record)
+        uri = f"at://{self.owner}/{WORKLOAD}/{rkey}"
+        self._workloads[uri] = (cid, dict(record))
+        log.info("workload %s published as %s", name, uri)
+        return {"uri": uri, "cid": cid}
+
+    def _own_rkey(self, uri: str) -> str:
+        uri = self._uri_of(uri)
+        prefix = f"at://{self.owner}/{WORKLOAD}/"
+        if not uri.startswith(prefix):
+            raise Forbidden(f"{uri} is not a workload of this meshlet's owner")
+        return uri[len(prefix) :]
+
+    async def delete_workload(self, uri: str) -> None:
+        rkey = self._own_rkey(uri)
+        await self._need_owner_pds().delete_record(WORKLOAD, rkey)
+        self._workloads.pop(f"at://{self.owner}/{WORKLOAD}/{rkey}", None)
+        log.info("workload %s deleted", uri)
+
+    async def set_paused(self, uri: str, paused: bool) -> None:
+        rkey = self._own_rkey(uri)
+        full = f"at://{self.owner}/{WORKLOAD}/{rkey}"
+        _, rec = self._workloads[full]
+        new = {**rec, "paused": paused}
+        cid = await self._need_owner_pds().put_record(WORKLOAD, rkey, new)
+        self._workloads[full] = (cid, new)
+
+    async def _set_state(self, state: str) -> str:
+        if self.meshlet_pds is None:
+            raise Forbidden("no meshlet-app-password credential: cannot publish the new state")
+        old, self._state = self._state, state
+        try:
+            await self._publish()
+        except BaseException:
+            self._state = old
+            raise
+        return self._state
+
+    async def drain(self) -> str:
+        return await self._set_state("draining")
+
+    async def undrain(self) -> str:
+        return await self._set_state("active")
+
+    async def put_secret(self, name: str, value: bytes) -> None:
+        if not name:
+            raise InvalidRequest("a secret needs a name")
+        self._secrets[name] = bytes(value)
+
+    async def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.view.set_config(self._clusters(cfg))
+        if self.formation is not None:
+            await self.formation.sync_watches()
+        if self.meshlet_pds is not None:
+            await self._publish()
+
+
+def _machine_arch() -> str:
+    machine = os.uname().machine
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
