@@ -81,6 +81,8 @@ he_prepare() {
     local name="$1" dir; dir=$(he_dir "$1")
     mkdir -p "$dir/upper" "$dir/work" "$dir/root" "$dir/dev"
     he_venv_dir > "$dir/venv"
+    # Whose host this is: `down --stale` removes hosts whose owner process has died.
+    echo "${MESHLET_HOSTENV_OWNER:-}" > "$dir/owner"
     mount -t overlay "meshlet-hostenv-$name" \
         -o "lowerdir=$HE_BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root"
     # nspawn's lock file for this tree is named after it; a killed nspawn leaves it behind.
@@ -286,7 +288,14 @@ cmd_down() {
     if [ "${1:-}" = --abrupt ]; then mode=abrupt; shift; fi
     [ $# -ge 1 ] || { echo "usage: dev/hostenv down [--abrupt] NAME... | --all" >&2; exit 2; }
     local names=() name
-    if [ "$1" = --all ]; then
+    if [ "$1" = --stale ]; then
+        local owner
+        [ -d "$HE_RUN" ] && for name in "$HE_RUN"/*/; do
+            [ -d "$name" ] || continue
+            name=$(basename "$name"); owner=$(cat "$(he_dir "$name")/owner" 2>/dev/null || true)
+            if [ -n "$owner" ] && ! he_alive "$owner"; then names+=("$name"); fi
+        done
+    elif [ "$1" = --all ]; then
         [ -d "$HE_RUN" ] && for name in "$HE_RUN"/*/; do [ -d "$name" ] && names+=("$(basename "$name")"); done
     else
         for name in "$@"; do he_check_name "$name"; names+=("$name"); done

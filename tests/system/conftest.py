@@ -18,6 +18,7 @@ from tests.system.hostenv import (
     build,
     host_kind,
     nspawn_available,
+    remove_stale_hosts,
     unique_name,
 )
 
@@ -31,6 +32,7 @@ def systemd_host() -> Iterator[NspawnHost | LocalHost]:
     if not nspawn_available():
         pytest.fail("system tests need root and systemd-nspawn (dev/test installs it)", False)
     try:
+        remove_stale_hosts()
         build()
         host = NspawnHost(unique_name("pytest")).up()
     except HostEnvError as err:

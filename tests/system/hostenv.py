@@ -29,8 +29,10 @@ class HostEnvError(RuntimeError):
 
 
 def _hostenv(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    # Hosts are owned by this process: `dev/hostenv down --stale` removes them if it dies.
+    env = {**os.environ, "MESHLET_HOSTENV_OWNER": str(os.getpid())}
     proc = subprocess.run(
-        [str(HOSTENV), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(HOSTENV), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
     if proc.returncode != 0:
         raise HostEnvError(
@@ -42,6 +44,11 @@ def _hostenv(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[st
 def build() -> None:
     """Build or refresh the base rootfs (fast when it is up to date)."""
     _hostenv("build", timeout=1800)
+
+
+def remove_stale_hosts() -> None:
+    """Power off hosts left by test runs that died (killed pytest, CI timeout)."""
+    _hostenv("down", "--stale", timeout=120)
 
 
 def _exec_args(
