@@ -64,7 +64,7 @@ he_stamp_set() { mkdir -p "$HE_STAMPS"; echo "$2" > "$HE_STAMPS/$1"; }
 he_stage_debootstrap() {
     local mirrors main
     mirrors=$(he_mirrors); main=$(echo "$mirrors" | sed -n 1p)
-    rm -rf "$HE_BASE" "$HE_STAMPS"
+    rm -rf "$HE_BASE" "$HE_BASE.tmp" "$HE_STAMPS"
     mkdir -p "$HE_CACHE/debs" "$HE_CACHE/apt-archives/partial"
     echo "mirror: $main"
     debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus \

@@ -13,7 +13,8 @@ HE_BOOT_TIMEOUT="${MESHLET_HOSTENV_BOOT_TIMEOUT:-60}"
 he_dir() { echo "$HE_RUN/$1"; }
 # Alive and not a zombie (this machine's PID 1 may be slow to reap orphans).
 he_alive() {
-    local st; [ -n "${1:-}" ] && st=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${st:0:1}" != Z ]
+    local st; [ -n "${1:-}" ] && st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) \
+        && [ -n "$st" ] && [ "${st:0:1}" != Z ]
 }
 he_pid() { cat "$(he_dir "$1")/$2.pid" 2>/dev/null || true; }
 
@@ -146,7 +147,7 @@ he_base_ready() {
 cmd_up() {
     [ $# -ge 1 ] || { echo "usage: dev/hostenv up NAME..." >&2; exit 2; }
     he_base_ready
-    local name t0; t0=$(date +%s.%N)
+    local name t0; t0=$(date +%s%N)
     for name in "$@"; do
         he_check_name "$name"
         if he_alive "$(he_pid "$name" nspawn)"; then
@@ -180,7 +181,8 @@ cmd_up() {
         for name in "$@"; do he_teardown "$name" >/dev/null 2>&1 || true; done
         exit 1
     fi
-    printf 'dev/hostenv: up %s in %.1fs\n' "$*" "$(echo "$(date +%s.%N) - $t0" | bc 2>/dev/null || echo 0)" >&2
+    local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    printf 'dev/hostenv: up %s in %d.%02ds\n' "$*" $((ms / 1000)) $((ms % 1000 / 10)) >&2
 }
 
 cmd_exec() {
