@@ -1,0 +1,159 @@
+"""meshletd with the atproto-backed node on the real reference PDS: it publishes its own
+records, verifies its members, and publishes/deletes the owner's workloads."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from pydantic import SecretStr
+
+from meshletd.atproto.testing import MeshletNode
+from meshletd.config import Cluster, Config, Control, Credentials, Listen
+from meshletd.daemon.service import Daemon
+from meshletd.notify import RecordingNotifier
+from meshletd.store import StateStore
+
+_n = itertools.count()
+
+
+async def get_record(pds: str, did: str, collection: str, rkey: str) -> dict | None:
+    async with httpx.AsyncClient() as http:
+        r = await http.get(
+            f"{pds}/xrpc/com.atproto.repo.getRecord",
+            params={"repo": did, "collection": collection, "rkey": rkey},
+        )
+    return r.json()["value"] if r.status_code == 200 else None
+
+
+class Setup:
+    def __init__(self, daemon: Daemon, alice, alice_mesh, bob, bob_mesh) -> None:
+        self.daemon = daemon
+        self.alice, self.alice_mesh, self.bob, self.bob_mesh = alice, alice_mesh, bob, bob_mesh
+        self.ctl = httpx.AsyncClient(
+            base_url="http://localhost/xrpc",
+            transport=httpx.AsyncHTTPTransport(uds=str(daemon.cfg.listen.control_socket)),
+        )
+
+
+@pytest.fixture
+async def setup(devnet, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Setup]:
+    k = next(_n)
+    alice = await devnet.create_account_async(f"dnal{k}", pds=0)
+    alice_mesh = await devnet.create_account_async(f"dnalm{k}", pds=0)
+    bob = await devnet.create_account_async(f"dnbo{k}", pds=1)
+    bob_mesh = await devnet.create_account_async(f"dnbom{k}", pds=1)
+    # bob's meshlet consents to alice and links both ways (the atproto layer's test node).
+    bob_node = MeshletNode(
+        plc_url=devnet.plc_url, meshlet=bob_mesh, owner=bob, clusters={"home": [alice.did]}
+    )
+    assert await bob_node.publish() > 0
+    cfg = Config(
+        did=alice_mesh.did,
+        owner=alice.did,
+        pds=alice_mesh.pds_url,
+        plc_url=devnet.plc_url,
+        clusters=[Cluster(name="home", members=[bob.did])],
+        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
+        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
+        state_dir=tmp_path / "state",
+    )
+    creds = Credentials(
+        meshlet_app_password=SecretStr(alice_mesh.app_password),
+        owner_app_password=SecretStr(alice.app_password),
+    )
+    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
+    with trio.fail_after(60):
+        await nursery.start(daemon.run)
+    s = Setup(daemon, alice, alice_mesh, bob, bob_mesh)
+    yield s
+    await s.ctl.aclose()
+    daemon.request_stop()
+
+
+async def wait_until(predicate, timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.1)
+
+
+async def test_it_publishes_its_records_and_verifies_its_member(setup: Setup) -> None:
+    owner_rec = await get_record(
+        setup.alice_mesh.pds_url, setup.alice_mesh.did, "commune.scheduler.meshletOwner", "self"
+    )
+    assert owner_rec is not None and owner_rec["ownerDid"] == setup.alice.did
+    membership = await get_record(
+        setup.alice_mesh.pds_url, setup.alice_mesh.did, "commune.scheduler.membership", "home"
+    )
+    assert membership["members"] == [setup.bob.did]
+
+    async def bob_verified() -> bool:
+        members = (await setup.ctl.get("/farm.meshlet.ctl.listMembers")).json()["members"]
+        return members[0]["verified"] and members[0]["meshletDids"] == [setup.bob_mesh.did]
+
+    await wait_until(bob_verified)
+    status = (await setup.ctl.get("/farm.meshlet.ctl.getStatus")).json()
+    assert status["members"] == 1 and status["backend"] == "atproto"
+
+
+async def test_firehose_cursors_are_kept_in_the_state_store_on_stop(setup: Setup) -> None:
+    # A write after start-up: the firehose of our PDS then has a sequence number to keep.
+    await setup.ctl.post("/farm.meshlet.drain", json={})
+    await trio.sleep(2)
+    setup.daemon.request_stop()
+    store = StateStore(setup.daemon.cfg.state_dir)
+
+    async def saved() -> bool:
+        cursors = store.get("firehose-cursors")
+        return bool(cursors) and all(isinstance(v, int) for v in cursors.values())
+
+    await wait_until(saved, 10)
+    assert setup.alice_mesh.pds_url in store.get("firehose-cursors")
+
+
+async def test_run_publishes_the_workload_in_the_owners_repo_and_stop_deletes_it(
+    setup: Setup,
+) -> None:
+    record = {
+        "name": "hello",
+        "image": "localhost/busybox",
+        "resources": {"milliCpu": 100, "memoryMiB": 32},
+        "replicas": 1,
+        "kind": "job",
+    }
+    r = await setup.ctl.post("/farm.meshlet.ctl.createWorkload", json={"record": record})
+    assert r.status_code == 200, r.text
+    uri = r.json()["uri"]
+    rkey = uri.rsplit("/", 1)[1]
+    assert uri.startswith(f"at://{setup.alice.did}/commune.scheduler.workload/")
+    stored = await get_record(
+        setup.alice.pds_url, setup.alice.did, "commune.scheduler.workload", rkey
+    )
+    assert stored["name"] == "hello" and stored["cluster"] == "home"
+
+    listed = (await setup.ctl.get("/farm.meshlet.listWorkloads")).json()["workloads"]
+    assert [w["uri"] for w in listed] == [uri]
+    again = await setup.ctl.post("/farm.meshlet.ctl.createWorkload", json={"record": record})
+    assert again.status_code == 409 and again.json()["error"] == "Conflict"
+
+    r = await setup.ctl.post("/farm.meshlet.deleteWorkload", json={"uri": uri})
+    assert r.status_code == 200, r.text
+    assert (
+        await get_record(setup.alice.pds_url, setup.alice.did, "commune.scheduler.workload", rkey)
+        is None
+    )
+
+
+async def test_drain_and_undrain_publish_the_meshlet_state(setup: Setup) -> None:
+    r = await setup.ctl.post("/farm.meshlet.drain", json={})
+    assert r.json() == {"state": "draining"}
+    rec = await get_record(
+        setup.alice_mesh.pds_url, setup.alice_mesh.did, "commune.scheduler.meshletOwner", "self"
+    )
+    assert rec["state"] == "draining"
+    r = await setup.ctl.post("/farm.meshlet.undrain", json={})
+    assert r.json() == {"state": "active"}
