@@ -3,7 +3,7 @@
 #   upper/ work/ root/   overlayfs of the base rootfs (root/ is what nspawn boots)
 #   containers/          meshlet's podman storage (podman's overlay can't sit on overlayfs)
 #   dev/                 our own /dev/net/tun and /dev/fuse nodes
-#   nspawn.pid leader.pid cgroups console.log
+#   nspawn.pid leader.pid cgroups console.log venv owner nspawn.lock
 # shellcheck shell=bash
 
 HE_NAME_RE='^[a-z0-9][a-z0-9-]{0,30}$'
@@ -174,6 +174,7 @@ cmd_up() {
             failed=1
         else
             cat "$LOGDIR/hostenv-wait-$name.log" >&2
+            rm -f "$LOGDIR/hostenv-wait-$name.log" "$LOGDIR/hostenv-up-$name.log"
             echo "$name $(he_pid "$name" leader)"
         fi
     done
@@ -313,6 +314,8 @@ cmd_down() {
         if ! wait "${pids[$i]}" || [ -e "$(he_dir "$name")" ]; then
             echo "dev/hostenv: step 'down $name' FAILED" >&2
             he_log_tail "$LOGDIR/hostenv-down-$name.log"; rc=1
+        else
+            rm -f "$LOGDIR/hostenv-down-$name.log"
         fi
         i=$((i + 1))
     done
