@@ -3,7 +3,8 @@
 #   upper/ work/ root/   overlayfs of the base rootfs (root/ is what nspawn boots)
 #   containers/          meshlet's podman storage (podman's overlay can't sit on overlayfs)
 #   dev/                 our own /dev/net/tun and /dev/fuse nodes
-#   nspawn.pid leader.pid cgroups console.log venv owner nspawn.lock
+#   nspawn.pid leader.pid console.log venv owner nspawn.lock
+# and cgroups /sys/fs/cgroup/*/meshlet-hostenv/NAME (all hierarchies but cpuset).
 # shellcheck shell=bash
 
 HE_NAME_RE='^[a-z0-9][a-z0-9-]{0,30}$'
@@ -36,17 +37,19 @@ he_cgroup_roots() {
     done
 }
 
+he_cgroups() {
+    local root
+    for root in $(he_cgroup_roots); do echo "$root/meshlet-hostenv/$1"; done
+}
+
 # Internal (`dev/hostenv _launch NAME`, run under setsid): join the host's own cgroups, then
 # become systemd-nspawn. Its PID is the nspawn PID.
 he_launch() {
     local name="$1" dir; dir=$(he_dir "$1")
     echo $$ > "$dir/nspawn.pid"
-    local root cg
-    : > "$dir/cgroups"
-    for root in $(he_cgroup_roots); do
-        cg="$root/meshlet-hostenv/$name"
+    local cg
+    for cg in $(he_cgroups "$name"); do
         mkdir -p "$cg"
-        echo "$cg" >> "$dir/cgroups"
         echo $$ > "$cg/cgroup.procs"
     done
     export SYSTEMD_NSPAWN_API_VFS_WRITABLE=network
@@ -103,7 +106,9 @@ he_prepare() {
 # he_boot NAME: start nspawn in the background (returns at once).
 he_boot() {
     local name="$1" dir; dir=$(he_dir "$1")
+    # Not a process group leader, setsid does not fork: $! is the PID that becomes nspawn.
     setsid "$ROOT/dev/hostenv" _launch "$name" </dev/null >"$dir/console.log" 2>&1 &
+    echo $! > "$dir/nspawn.pid"
 }
 
 # he_wait_ready NAME: wait for the leader, then for systemd to finish booting and for
@@ -236,52 +241,48 @@ cmd_shell() {
 
 # Kill whatever is left in a host's cgroups (after nspawn is gone or would not stop).
 he_kill_cgroups() {
-    local dir="$1" cg p i
-    for i in 1 2 3 4 5 6 7 8 9 10; do
-        local left=0
-        while read -r cg; do
+    local name="$1" cg p i left
+    for i in $(seq 1 25); do
+        left=0
+        for cg in $(he_cgroups "$name"); do
             [ -d "$cg" ] || continue
             for p in $(find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null); do
                 kill -KILL "$p" 2>/dev/null && left=1
             done
-        done < "$dir/cgroups"
+        done
         [ "$left" = 0 ] && return 0
         sleep 0.2
     done
+    echo "processes of host '$name' survived SIGKILL for 5s" >&2
 }
 
 # he_teardown NAME [abrupt]: stop the host if it runs (a clean poweroff, or with `abrupt`
 # SIGKILL to every process of it, like pulling the plug), then remove everything it made.
 he_teardown() {
     local name="$1" dir; dir=$(he_dir "$1")
-    [ -d "$dir" ] || return 0
-    local nspawn; nspawn=$(he_pid "$name" nspawn)
-    if [ "${2:-}" = abrupt ] && he_alive "$nspawn"; then
-        kill -KILL "$nspawn" 2>/dev/null || true
-    elif he_alive "$nspawn"; then
+    local nspawn i; nspawn=$(he_pid "$name" nspawn)
+    if [ "${2:-}" != abrupt ] && he_alive "$nspawn"; then
         # nspawn turns SIGTERM into SIGRTMIN+3 for the container's systemd: a clean poweroff.
         kill -TERM "$nspawn"
-        local i
         for i in $(seq 1 300); do he_alive "$nspawn" || break; sleep 0.1; done
-        if he_alive "$nspawn"; then
-            echo "host '$name' did not power off in 30s; killing it" >&2
-            kill -KILL "$nspawn" 2>/dev/null || true
-        fi
+        he_alive "$nspawn" && echo "host '$name' did not power off in 30s; killing it" >&2
     fi
-    [ -f "$dir/cgroups" ] && he_kill_cgroups "$dir"
+    if he_alive "$nspawn"; then
+        kill -KILL "$nspawn" 2>/dev/null || true
+        for i in $(seq 1 50); do he_alive "$nspawn" || break; sleep 0.1; done
+    fi
+    he_kill_cgroups "$name"
     # What nspawn leaves behind when it was killed rather than let exit.
     if [ -s "$dir/nspawn.lock" ]; then rm -f "/run/systemd/nspawn/locks/$(cat "$dir/nspawn.lock")"; fi
     rm -rf "/run/systemd/nspawn/propagate/$name"
     if mountpoint -q "$dir/root"; then
         umount "$dir/root" 2>/dev/null || { sleep 0.5; umount "$dir/root" || umount -l "$dir/root"; }
     fi
-    if [ -f "$dir/cgroups" ]; then
-        local cg
-        while read -r cg; do
-            [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
-            rmdir "$(dirname "$cg")" 2>/dev/null || true
-        done < "$dir/cgroups"
-    fi
+    local cg
+    for cg in $(he_cgroups "$name"); do
+        [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+        rmdir "$(dirname "$cg")" 2>/dev/null || true
+    done
     rm -rf "$dir"
     rmdir "$HE_RUN" 2>/dev/null || true
 }

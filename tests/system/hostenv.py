@@ -80,9 +80,10 @@ class NspawnHost:
 
     @staticmethod
     def shutdown(*hosts: NspawnHost) -> None:
-        """Power several hosts off at once."""
-        if hosts:
-            _hostenv("down", *(host.name for host in hosts), timeout=120)
+        """Power several hosts off at once (those still up)."""
+        names = [host.name for host in hosts if host._up]
+        if names:
+            _hostenv("down", *names, timeout=120)
         for host in hosts:
             host._up = False
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.hostenv import HOSTENV_RUN, LocalHost, NspawnHost, host_kind
+from tests.system.hostenv import HOSTENV_RUN, HostEnvError, LocalHost, NspawnHost, host_kind
 
 PODMAN_UNIT = "tests/system/host_scripts/podman_unit.py"
 MEMORY_MAX = 64 * 1024 * 1024
@@ -90,6 +90,7 @@ def test_three_hosts_boot_at_once_run_commands_and_leave_nothing_behind() -> Non
             assert (done.returncode, done.stdout.strip()) == (10 + i, host.name)
         leaders = {host.leader_pid for host in hosts}
         assert len(leaders) == 3
+        hosts[0].down(abrupt=True)  # a crash: every process of it killed at once
     finally:
         NspawnHost.shutdown(*hosts)
 
@@ -99,3 +100,16 @@ def test_three_hosts_boot_at_once_run_commands_and_leave_nothing_behind() -> Non
         assert name not in Path("/proc/self/mountinfo").read_text()
     for pid in leaders:
         assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.skipif(host_kind() == "local", reason="boots nspawn hosts")
+def test_a_host_that_fails_to_boot_names_the_step_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MESHLET_HOSTENV_BOOT_TIMEOUT", "0")
+    name = f"noboot{os.getpid()}"
+    with pytest.raises(HostEnvError, match=f"step 'boot {name}' FAILED"):
+        NspawnHost(name).up()
+    assert not (HOSTENV_RUN / name).exists()
+    assert name not in Path("/proc/self/mountinfo").read_text()
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/meshlet-hostenv/{name}"))
