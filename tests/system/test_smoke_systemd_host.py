@@ -97,6 +97,9 @@ def test_three_hosts_boot_at_once_run_commands_and_leave_nothing_behind() -> Non
     for name in names:
         assert not (HOSTENV_RUN / name).exists()
         assert not list(Path("/sys/fs/cgroup").glob(f"*/meshlet-hostenv/{name}"))
+    cache = Path(os.environ.get("MESHLET_CACHE", "/var/cache/meshlet-dev"))
+    for log in Path(os.environ.get("MESHLET_LOGDIR", cache / "logs")).glob(f"hostenv-*-{name}.log"):
+        log.unlink()  # the logs of this deliberate failure
         assert name not in Path("/proc/self/mountinfo").read_text()
     for pid in leaders:
         assert not Path(f"/proc/{pid}").exists()
@@ -113,3 +116,6 @@ def test_a_host_that_fails_to_boot_names_the_step_and_leaves_nothing_behind(
     assert not (HOSTENV_RUN / name).exists()
     assert name not in Path("/proc/self/mountinfo").read_text()
     assert not list(Path("/sys/fs/cgroup").glob(f"*/meshlet-hostenv/{name}"))
+    cache = Path(os.environ.get("MESHLET_CACHE", "/var/cache/meshlet-dev"))
+    for log in Path(os.environ.get("MESHLET_LOGDIR", cache / "logs")).glob(f"hostenv-*-{name}.log"):
+        log.unlink()  # the logs of this deliberate failure
