@@ -131,10 +131,19 @@ class ClusterView:
         mo = self.owners.get(meshlet)
         if mo is None or meshlet not in self._linked.get(mo.owner, _EMPTY):
             return False
-        if wl.owner not in self.consent_of(meshlet):
+        if self._cache_version != self.version:
+            self._fresh()
+        consent = self._consent_of.get(meshlet)
+        if consent is None:
+            consent = self.consent_of(meshlet)
+        if wl.owner not in consent:
             return False
-        if mo.owner != wl.owner and mo.owner not in self.cluster_consent(wl.owner, wl.cluster):
-            return False
+        if mo.owner != wl.owner:
+            cc = self._cluster_consent.get((wl.owner, wl.cluster))
+            if cc is None:
+                cc = self.cluster_consent(wl.owner, wl.cluster)
+            if mo.owner not in cc:
+                return False
         if wl.avoid and meshlet in wl.avoid:
             return False
         if wl.arch and mo.arch not in wl.arch:

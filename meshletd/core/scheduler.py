@@ -175,6 +175,20 @@ class Scheduler:
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; return the actions to perform, in order (writes first)."""
         self._out = out = []
+        self._apply(event)
+        self._flush()
+        return out
+
+    def handle_batch(self, events: list[Event]) -> list[Action]:
+        """Apply several events (e.g. one firehose frame or a listRecords page) and decide
+        once; the same result as handling them one by one, fewer intermediate actions."""
+        self._out = out = []
+        for event in events:
+            self._apply(event)
+        self._flush()
+        return out
+
+    def _apply(self, event: Event) -> None:
         if isinstance(event, RecordSeen):
             self._on_record(event.record)
         elif isinstance(event, Tick):
@@ -192,8 +206,6 @@ class Scheduler:
         elif isinstance(event, SetDraining):
             self._resched = True
             self._on_drain(event)
-        self._flush()
-        return out
 
     def placement(self) -> dict[str, tuple[Owner | None, ...]]:
         """Slot owners of every workload whose round 0 has closed here."""

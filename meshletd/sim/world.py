@@ -41,6 +41,7 @@ from meshletd.core.records import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OW
 CREATE, UPDATE, DELETE = 3, 2, 1
 EPOCH = 1_800_000_000_000  # virtual time 0, in epoch ms
 CLUSTER = "commune"
+BUCKET_MS = 20
 
 # event kinds
 K_TICK, K_DELIVER, K_PROBE, K_RUNTIME, K_FAULT, K_ARRIVE, K_REMOVE, K_AE = range(8)
@@ -111,6 +112,7 @@ class Sim:
         self.max_cut_ms = 0
         self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
         self.events = 0
+        self.inbox: dict[int, dict[int, list[tuple[str, Any]]]] = {}
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -244,7 +246,23 @@ class Sim:
         if actions:
             self._perform(node, actions)
 
+    def _feed_many(self, node: Node, events: list[Any]) -> None:
+        core = node.core
+        if core is None:
+            return
+        d0 = core.decisions
+        t0 = time.perf_counter_ns()
+        actions = core.handle_batch(events)
+        dt = time.perf_counter_ns() - t0
+        dd = core.decisions - d0
+        if dd:
+            self.decision_ns.append(dt / dd)
+        self.events += len(events)
+        if actions:
+            self._perform(node, actions)
+
     def _perform(self, node: Node, actions: list[Any]) -> None:
+        probes: list[str] = []
         for a in actions:
             if isinstance(a, PutRecord):
                 node.points += CREATE if a.create else UPDATE
@@ -260,7 +278,7 @@ class Sim:
                     node.wake_at = at
                     self.push(at, K_TICK, (node.idx, node.core, at))
             elif isinstance(a, ProbePeer):
-                self._probe(node, a.meshlet)
+                probes.append(a.meshlet)
             elif isinstance(a, StartReplica):
                 self._start(node, a)
             elif isinstance(a, StopReplica):
@@ -270,6 +288,8 @@ class Sim:
                     ("stopped", node.idx, node.core, a.workload_uri, a.slot),
                 )
                 self._not_running(node, (a.workload_uri, a.slot))
+        if probes:
+            self._probe(node, probes)
 
     def _write(self, node: Node, uri: str, rec: Any) -> None:
         if node.cut:
@@ -289,6 +309,7 @@ class Sim:
             if not n.alive:
                 continue
             d = at + n.latency + int(rng.expovariate(1 / 15))
+            d += -d % BUCKET_MS  # deliveries are batched like firehose frames
             if lossy and rng.random() < 0.005:
                 d += rng.randint(1000, 4000)  # a slow relay moment
             if d < n.last_delivery:
@@ -298,20 +319,30 @@ class Sim:
                 n.missed.append((uri, rec))
                 continue
             buckets.setdefault(d, []).append(n.idx)
+        inbox = self.inbox
         for d, idxs in buckets.items():
-            self.push(d, K_DELIVER, (uri, rec, idxs))
+            box = inbox.get(d)
+            if box is None:
+                box = inbox[d] = {}
+                self.push(d, K_DELIVER, d)
+            for i in idxs:
+                got = box.get(i)
+                if got is None:
+                    box[i] = [(uri, rec)]
+                else:
+                    got.append((uri, rec))
 
-    def _probe(self, node: Node, target: str) -> None:
-        peer = self.by_did.get(target)
-        ok = (
-            peer is not None
-            and peer.alive
-            and not peer.cut
-            and not node.cut
-            and not (self.chaos and self.rng.random() < 0.01)
-        )
-        delay = (node.latency + peer.latency) if ok and peer else 500
-        self.push(self.now + delay, K_PROBE, (node.idx, node.core, target, ok))
+    def _probe(self, node: Node, targets: list[str]) -> None:
+        results = []
+        delay = 0
+        for target in targets:
+            peer = self.by_did.get(target)
+            ok = (peer is not None and peer.alive and not peer.cut and not node.cut
+                  and not (self.chaos and self.rng.random() < 0.01))
+            results.append((target, ok))
+            d = (node.latency + peer.latency) if ok and peer else 500
+            delay = max(delay, d)
+        self.push(self.now + delay, K_PROBE, (node.idx, node.core, results))
 
     def _start(self, node: Node, a: StartReplica) -> None:
         key = (a.workload.uri, a.slot)
@@ -418,16 +449,18 @@ class Sim:
                 break
             self.now = at
             if kind == K_DELIVER:
-                uri, rec, idxs = p
-                ev = RecordDeleted(uri) if rec is None else RecordSeen(rec)
-                for i in idxs:
+                box = self.inbox.pop(p)
+                for i, items in box.items():
                     n = nodes[i]
                     if not n.alive:
                         continue
                     if n.cut:
-                        n.missed.append((uri, rec))
+                        n.missed.extend(items)
                         continue
-                    self._feed(n, ev)
+                    self._feed_many(
+                        n,
+                        [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in items],
+                    )
             elif kind == K_TICK:
                 n = nodes[p[0]]
                 if n.core is p[1] and n.alive and n.wake_at == p[2]:
@@ -436,7 +469,7 @@ class Sim:
             elif kind == K_PROBE:
                 n = nodes[p[0]]
                 if n.core is p[1] and n.alive:
-                    self._feed(n, ProbeResult(p[2], p[3]))
+                    self._feed_many(n, [ProbeResult(t, ok) for t, ok in p[2]])
             elif kind == K_RUNTIME:
                 self._runtime(p)
             elif kind == K_ARRIVE:
