@@ -78,6 +78,15 @@ class NspawnHost:
         _hostenv("up", *names, timeout=180)
         return [cls(name, _up=True) for name in names]
 
+    @classmethod
+    async def aboot(cls, *names: str) -> list[NspawnHost]:
+        """`boot` for trio code (runs in a worker thread)."""
+        return await trio.to_thread.run_sync(lambda: cls.boot(*names))
+
+    async def adown(self, *, abrupt: bool = False) -> None:
+        """`down` for trio code, e.g. to crash one host while meshlets keep running."""
+        await trio.to_thread.run_sync(lambda: self.down(abrupt=abrupt))
+
     @staticmethod
     def shutdown(*hosts: NspawnHost) -> None:
         """Power several hosts off at once (those still up)."""
