@@ -261,7 +261,7 @@ he_guard_base() {
     if he_hosts_running; then
         echo "dev/hostenv: stage '$1' must change the base rootfs, but hosts run from it:" >&2
         ls "$HE_RUN" >&2
-        echo "stop them first: dev/hostenv down --all" >&2
+        echo "stop them first (dev/hostenv down NAME...), or wait for them to finish" >&2
         exit 1
     fi
 }
