@@ -386,7 +386,7 @@ class Scheduler:
             uri = wl.uri
             members = [m for m in self.cluster.active_members(wl) if m not in exclude]
             members.sort(key=lambda m: rendezvous_score(uri, round_, slot, m))
-            got = members[: self._wanted(wl, slot, round_)]
+            got = members[: self._wanted(wl, slot, round_, chained=not exclude)]
             if len(self._cand_cache) > 4096:
                 self._cand_cache.clear()
             self._cand_cache[key] = got
@@ -398,10 +398,10 @@ class Scheduler:
         cands = self._candidates(wl, slot, round_, exclude)
         if cands is not None:
             return self.me.did in cands
-        # Large cluster: sample twice the wanted number by score threshold (O(1) per meshlet).
+        # Large cluster: sample the wanted number plus two by score threshold (O(1) here).
         return is_candidate(
             rendezvous_score(wl.uri, round_, slot, self.me.did),
-            2 * self._wanted(wl, slot, round_),
+            self._wanted(wl, slot, round_, chained=not exclude) + 2,
             self.cluster.member_estimate(wl),
         )
 
@@ -431,10 +431,15 @@ class Scheduler:
         e.early.add((slot, round_))
         return True
 
-    def _wanted(self, wl: Workload, slot: int, round_: int) -> int:
+    def _wanted(self, wl: Workload, slot: int, round_: int, chained: bool = False) -> int:
+        """How many candidates a round asks for: replicas + 1 in round 0, 3 in a
+        replacement round, and 3 doubling each time in the chained rounds of a slot that
+        no round has filled yet (so a short cluster is eventually asked in full)."""
         if round_ == 0:
             return wl.replicas + ROUND0_SPARE
-        return REPLACEMENT_CANDIDATES << min(round_, 20)
+        if chained:
+            return REPLACEMENT_CANDIDATES << min(round_, 16)
+        return REPLACEMENT_CANDIDATES
 
     def _resolve(self, e: _Entry) -> int | None:
         """Recompute e.owners from the bids (pure function of records + which rounds have

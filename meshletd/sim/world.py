@@ -221,11 +221,13 @@ class Sim:
         node.last_delivery = self.now
         node.wake_at = None
         # Start-up: listRecords of every repo (cluster records first), then the clock.
+        # The start-up snapshot is handed over in one batch, so that no decision is taken
+        # on a half-read state (docs/protocol.md, "Start-up").
         order = sorted(self.store.values(), key=lambda r: _sync_rank(r))
-        self._feed(node, Tick(self.now + EPOCH + node.skew))
-        for rec in order:
-            self._feed(node, RecordSeen(rec))
-        self._feed(node, Tick(self.now + EPOCH + node.skew))
+        self._feed_many(
+            node,
+            [Tick(self.now + EPOCH + node.skew), *(RecordSeen(r) for r in order)],
+        )
 
     # ------------------------------------------------------------------ core I/O
     def _local(self, node: Node) -> int:
@@ -337,8 +339,13 @@ class Sim:
         delay = 0
         for target in targets:
             peer = self.by_did.get(target)
-            ok = (peer is not None and peer.alive and not peer.cut and not node.cut
-                  and not (self.chaos and self.rng.random() < 0.01))
+            ok = (
+                peer is not None
+                and peer.alive
+                and not peer.cut
+                and not node.cut
+                and not (self.chaos and self.rng.random() < 0.01)
+            )
             results.append((target, ok))
             d = (node.latency + peer.latency) if ok and peer else 500
             delay = max(delay, d)
@@ -435,8 +442,7 @@ class Sim:
         if not node.alive or node.cut or not node.missed:
             return
         missed, node.missed = node.missed, []
-        for uri, rec in missed:
-            self._feed(node, RecordDeleted(uri) if rec is None else RecordSeen(rec))
+        self._feed_many(node, [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in missed])
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
