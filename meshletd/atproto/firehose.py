@@ -223,8 +223,10 @@ class RepoMirror:
                 self.records[key] = (cid, ev.rev)
                 return None
         elif ev.action == "delete":
+            # Unknown to us but maybe not to the consumer (state kept across a restart):
+            # pass it on; deletes of unknown records are no-ops for an idempotent consumer.
             self.records[key] = (None, ev.rev)
-            return None
+            return ev
         self.records[key] = (ev.cid, ev.rev)
         if ev.action != "delete":
             existed = known is not None and known[0] is not None
@@ -319,7 +321,11 @@ class PdsSubscription:
         connect: Callable[[str], Any] | None = None,
     ) -> None:
         self.pds_url = pds_url.rstrip("/")
-        self.connect = connect or (lambda url: open_websocket_url(url, max_message_size=8 * 2**20))
+        self.connect = connect or (
+            lambda url: open_websocket_url(
+                url, max_message_size=8 * 2**20, connect_timeout=10, disconnect_timeout=1
+            )
+        )
         self.decoder = decoder
         self.resolver = resolver
         self.cursors = cursors
@@ -331,6 +337,7 @@ class PdsSubscription:
         self.connections = 0
         self._unsaved = False
         self._ws: Any = None
+        self._scope: trio.CancelScope | None = None
 
     def url(self) -> str:
         base = self.pds_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
@@ -341,23 +348,33 @@ class PdsSubscription:
         started = False
         try:
             while True:
-                try:
-                    async with self.connect(self.url()) as ws:
-                        self._ws = ws
-                        self.connections += 1
-                        self.connected.set()
-                        log.info("firehose %s: connected (cursor %s)", self.pds_url, self.cursor)
-                        if not started:
-                            started = True
-                            task_status.started()
-                        await self._read(ws)
-                except (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError) as e:
-                    reason = f"{type(e).__name__}: {e}"
-                else:
-                    reason = "closed"
-                finally:
-                    self._ws = None
-                    self._save(force=True)
+                reason = "closed"
+                self._scope = trio.CancelScope()
+                with self._scope:
+                    try:
+                        async with self.connect(self.url()) as ws:
+                            self._ws = ws
+                            self.connections += 1
+                            self.connected.set()
+                            log.info(
+                                "firehose %s: connected (cursor %s)", self.pds_url, self.cursor
+                            )
+                            if not started:
+                                started = True
+                                task_status.started()
+                            await self._read(ws)
+                    except (
+                        ConnectionClosed,
+                        HandshakeError,
+                        OSError,
+                        trio.BrokenResourceError,
+                    ) as e:
+                        reason = f"{type(e).__name__}: {e}"
+                    finally:
+                        self._ws = None
+                        self._save(force=True)
+                if self._scope.cancelled_caught:
+                    reason = "connection dropped"
                 self.connected = trio.Event()
                 if not started:
                     started = True
@@ -371,9 +388,9 @@ class PdsSubscription:
             self._save(force=True)
 
     async def kick(self) -> None:
-        """Drop the current connection (tests; or after a long stall): `run` reconnects."""
-        if self._ws is not None:
-            await self._ws.aclose()
+        """Drop the current connection abruptly (tests; a stall): `run` reconnects."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _read(self, ws: Any) -> None:
         last_save = trio.current_time()
@@ -520,12 +537,15 @@ class Firehose:
             self._note_drop(reason)
         if outcome.error:
             log.warning("firehose: PDS says %s", outcome.error)
-        async with self._lock:
-            for ev in outcome.events:
-                out = self.mirror.apply(ev)
-                if out is not None:
-                    self.delivered += 1
-                    await self.sink(out)
+        # Shielded: a dropped connection must not cut a frame's delivery in half (the mirror
+        # would then suppress the replay of what the sink never saw).
+        with trio.CancelScope(shield=bool(outcome.events)):
+            async with self._lock:
+                for ev in outcome.events:
+                    out = self.mirror.apply(ev)
+                    if out is not None:
+                        self.delivered += 1
+                        await self.sink(out)
         for did in sorted(outcome.resync):
             assert self._nursery is not None
             self._nursery.start_soon(self._resync_logged, did)

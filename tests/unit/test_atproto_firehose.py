@@ -154,4 +154,5 @@ def test_mirror_orders_changes_by_rev_and_suppresses_repeats():
     assert m.apply(ev("delete", None, "4")).action == "delete"
     assert m.apply(ev("delete", None, "5")) is None
     assert m.known("did:plc:a", MEMBERSHIP) == {}
-    assert m.apply(ev("delete", None, "1", rkey="never")) is None
+    assert m.apply(ev("delete", None, "1", rkey="never")).action == "delete"
+    assert m.apply(ev("delete", None, "2", rkey="never")) is None

@@ -1,0 +1,163 @@
+"""The firehose on the real reference PDS: filtering, refusals with reasons, no lost events."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import trio
+
+from meshletd.atproto.firehose import Backoff, FileCursorStore, Firehose, MemoryCursorStore
+from meshletd.atproto.identity import IdentityResolver
+from meshletd.atproto.pds import PdsClient
+
+NOW = "2026-11-27T06:00:00.000Z"
+MEMBERSHIP = "commune.scheduler.membership"
+_n = itertools.count()
+
+
+def membership(members, **extra):
+    return {"$type": MEMBERSHIP, "cluster": "home", "members": members, "createdAt": NOW, **extra}
+
+
+async def account(devnet, name, pds=0):
+    acct = await devnet.create_account_async(f"{name}{next(_n)}f", pds=pds)
+    client = PdsClient(acct.pds_url, acct.did, acct.app_password)
+    await client.login()
+    return acct, client
+
+
+async def raw_put(client, rkey, value):
+    """Write without our own validation (as a buggy or hostile member would)."""
+    r = await client.session.request(
+        "POST",
+        "com.atproto.repo.putRecord",
+        json={"repo": client.did, "collection": MEMBERSHIP, "rkey": rkey, "record": value},
+    )
+    assert r.status_code == 200, r.text
+
+
+class Collector:
+    def __init__(self):
+        self.events = []
+
+    async def __call__(self, ev):
+        self.events.append(ev)
+
+    def rkeys(self, source=None):
+        return [e.rkey for e in self.events if source is None or e.source == source]
+
+    async def wait(self, pred, timeout=10):
+        with trio.fail_after(timeout):
+            while not pred():
+                await trio.sleep(0.02)
+
+
+def firehose(devnet, sink, cursors=None, **kw):
+    return Firehose(
+        IdentityResolver(devnet.plc_url),
+        cursors or MemoryCursorStore(),
+        sink,
+        backoff=Backoff(0.05, 0.5),
+        **kw,
+    )
+
+
+async def test_bad_records_and_non_members_are_ignored_with_a_reason(devnet, caplog):
+    caplog.set_level(logging.DEBUG, logger="meshletd.firehose")
+    acct, alice = await account(devnet, "al")
+    _m, mallory = await account(devnet, "ma")
+    got = Collector()
+    async with trio.open_nursery() as nursery:
+        fh = firehose(devnet, got)
+        await nursery.start(fh.run)
+        await fh.watch(acct.did)
+        await raw_put(alice, "bad", membership(["not-a-did"]))
+        await raw_put(alice, "big", membership([], pad="x" * 70_000))
+        await raw_put(mallory, "evil", membership([acct.did]))
+        await raw_put(alice, "good", membership([acct.did]))
+        await got.wait(lambda: "good" in got.rkeys())
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    assert got.rkeys() == ["good"]
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"at://{acct.did}/{MEMBERSHIP}/bad" in log and "not a valid did" in log
+    assert f"at://{acct.did}/{MEMBERSHIP}/big" in log and "over the 65536 limit" in log
+    assert f"non-member repo {mallory.did}" in log
+
+
+async def test_killing_the_connection_and_restarting_loses_no_event(devnet, tmp_path):
+    acct, alice = await account(devnet, "kc", pds=1)
+    cursor_file = tmp_path / "cursors.json"
+    got = Collector()
+    async with trio.open_nursery() as nursery:
+        fh = firehose(devnet, got, FileCursorStore(cursor_file))
+        await nursery.start(fh.run)
+        await fh.watch(acct.did, resync=False)
+
+        async def writer():
+            for i in range(20):
+                await alice.put_record(MEMBERSHIP, f"k{i:02}", membership([acct.did]))
+
+        nursery.start_soon(writer)
+        await got.wait(lambda: len(got.events) >= 5)
+        sub = fh.subscriptions[acct.pds_url]
+        await sub.kick()  # the connection dies mid-stream
+        await got.wait(lambda: len(set(got.rkeys())) == 20)
+        assert sub.connections >= 2
+        nursery.cancel_scope.cancel()  # the process stops
+    assert set(got.rkeys("firehose")) == {f"k{i:02}" for i in range(20)}
+
+    # While we are down, more happens.
+    for i in range(20, 30):
+        await alice.put_record(MEMBERSHIP, f"k{i:02}", membership([acct.did]))
+    await alice.delete_record(MEMBERSHIP, "k00")
+
+    # A new process with the saved cursor (and no anti-entropy to help) sees all of it.
+    got2 = Collector()
+    async with trio.open_nursery() as nursery:
+        fh2 = firehose(devnet, got2, FileCursorStore(cursor_file))
+        await nursery.start(fh2.run)
+        await fh2.watch(acct.did, resync=False)
+        await got2.wait(lambda: ("k00", "delete") in [(e.rkey, e.action) for e in got2.events])
+        nursery.cancel_scope.cancel()
+    assert {f"k{i:02}" for i in range(20, 30)} <= set(got2.rkeys("firehose"))
+
+
+class _DeafSocket:
+    """A firehose connection that never delivers anything (every event is 'missed')."""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+    async def get_message(self):
+        await trio.sleep_forever()
+
+
+async def test_anti_entropy_heals_what_the_firehose_never_delivered(devnet):
+    acct, alice = await account(devnet, "ae")
+    for i in range(3):
+        await alice.put_record(MEMBERSHIP, f"old{i}", membership([acct.did]))
+    got = Collector()
+    async with trio.open_nursery() as nursery:
+        fh = firehose(devnet, got, anti_entropy_every_s=0.5, connect=lambda url: _DeafSocket())
+        await nursery.start(fh.run)
+        await fh.watch(acct.did)  # the initial pass brings the history
+        assert sorted(got.rkeys("resync")) == ["old0", "old1", "old2"]
+        # The firehose is deaf: only the periodic pass can see these.
+        await alice.delete_record(MEMBERSHIP, "old1")
+        await alice.put_record(MEMBERSHIP, "old2", membership([acct.did, alice.did, "did:plc:x"]))
+        await alice.put_record(MEMBERSHIP, "new", membership([acct.did]))
+        await got.wait(lambda: len(got.events) >= 6)
+        nursery.cancel_scope.cancel()
+    assert [(e.rkey, e.action) for e in got.events[3:]] == [
+        ("new", "create"),
+        ("old1", "delete"),
+        ("old2", "update"),
+    ]
+    assert {e.source for e in got.events} == {"resync"}
+    # Every record from anti-entropy came with a verified proof (signed commit + MST path).
+    assert all(e.rev for e in got.events)

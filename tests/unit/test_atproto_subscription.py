@@ -1,0 +1,136 @@
+"""The trio subscription loop: keys, bad signatures, cursors and reconnects (fake socket)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import trio
+
+from meshletd.atproto.firehose import Backoff, Firehose, MemoryCursorStore
+from meshletd.atproto.identity import Identity, StaticIdentityResolver
+from meshletd.atproto.testing import FakeRepo, SigningKey
+
+NOW = "2026-11-27T06:00:00.000Z"
+PDS = "http://pds.invalid"
+
+
+def membership(members):
+    return {
+        "$type": "commune.scheduler.membership",
+        "cluster": "home",
+        "members": members,
+        "createdAt": NOW,
+    }
+
+
+class FakeServer:
+    """Plays frames to whoever connects; remembers the URLs (cursor) it was asked for."""
+
+    def __init__(self):
+        self.frames: list[bytes] = []
+        self.urls: list[str] = []
+        self.send, self.recv = trio.open_memory_channel(100)
+        self.drop_after: int | None = None
+
+    @asynccontextmanager
+    async def connect(self, url):
+        self.urls.append(url)
+        server = self
+
+        class WS:
+            sent = 0
+
+            async def get_message(self):
+                if server.drop_after is not None and WS.sent >= server.drop_after:
+                    server.drop_after = None
+                    raise trio.BrokenResourceError("dropped")
+                WS.sent += 1
+                return await server.recv.receive()
+
+            async def aclose(self):
+                pass
+
+        yield WS()
+
+
+async def start(nursery, resolver, server, cursors=None):
+    seen = []
+
+    async def sink(ev):
+        seen.append(ev)
+
+    fh = Firehose(
+        resolver,
+        cursors or MemoryCursorStore(),
+        sink,
+        backoff=Backoff(0.01, 0.05),
+        connect=server.connect,
+        anti_entropy_every_s=3600,
+    )
+    await nursery.start(fh.run)
+    return fh, seen
+
+
+async def test_badly_signed_commit_is_dropped_and_logged_and_good_ones_pass(caplog):
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    server = FakeServer()
+    caplog.set_level(logging.WARNING)
+    async with trio.open_nursery() as nursery:
+        fh, seen = await start(nursery, resolver, server)
+        await fh.watch(alice.did, resync=False)
+        await server.send.send(alice.put("commune.scheduler.membership", "a", membership([])))
+        forged = alice.put(
+            "commune.scheduler.membership", "b", membership([]), sign_with=SigningKey()
+        )
+        await server.send.send(forged)
+        await server.send.send(alice.put("commune.scheduler.membership", "c", membership([])))
+        with trio.fail_after(5):
+            while len(seen) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [e.rkey for e in seen] == ["a", "c"]
+    assert any(
+        "bad commit signature" in r.getMessage() and alice.did in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_a_rotated_key_is_fetched_again_before_dropping():
+    old, new = SigningKey(), SigningKey()
+    alice = FakeRepo("did:plc:alice", key=new)
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, old.did_key)})
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        fh, seen = await start(nursery, resolver, server)
+        await fh.watch(alice.did, resync=False)
+        resolver.add(Identity(alice.did, PDS, new.did_key))  # the DID doc changed meanwhile
+        await server.send.send(alice.put("commune.scheduler.membership", "a", membership([])))
+        with trio.fail_after(5):
+            while not seen:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert seen[0].rkey == "a"
+
+
+async def test_reconnect_resumes_from_the_last_cursor():
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    server = FakeServer()
+    cursors = MemoryCursorStore()
+    async with trio.open_nursery() as nursery:
+        fh, seen = await start(nursery, resolver, server, cursors)
+        await fh.watch(alice.did, resync=False)
+        server.drop_after = 2
+        for i in range(4):
+            await server.send.send(
+                alice.put("commune.scheduler.membership", f"k{i}", membership([]), seq=100 + i)
+            )
+        with trio.fail_after(5):
+            while len(seen) < 4:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert server.urls[0].endswith("subscribeRepos")
+    assert server.urls[1].endswith("cursor=101")
+    assert cursors.load(PDS) == 103
