@@ -279,24 +279,37 @@ class SystemdPodmanMachine:
 
     async def unit_snapshot(self, unit: str) -> UnitSnapshot:
         def snap(bus: Any, manager: Any) -> UnitSnapshot:
+            from pystemd.dbusexc import DBusBaseError
+
             path = self._unit_path(manager, unit)
             if path is None:
                 return UnitSnapshot(unit)
+            # Only cheap reads: the Service interface's GetAll reads cgroup files in PID 1,
+            # and this is polled while a unit starts.
             u = self._get_all(bus, path, b"org.freedesktop.systemd1.Unit")
-            try:
-                s = self._get_all(bus, path, b"org.freedesktop.systemd1.Service")
-            except Exception:
-                s = {}
+            active, sub = _s(u.get(b"ActiveState", b"")), _s(u.get(b"SubState", b""))
+            service: dict[str, Any] = {}
+            names = [("Environment", b"as")]
+            if not (active == "active" and sub == "running") and active != "activating":
+                names += [("Result", b"s"), ("ExecMainCode", b"i"), ("ExecMainStatus", b"i")]
+                names += [("MainPID", b"u")]
+            for name, rtype in names:
+                try:
+                    service[name] = bus.get_property(
+                        _SYSTEMD, path, b"org.freedesktop.systemd1.Service", name.encode(), rtype
+                    )
+                except DBusBaseError:
+                    pass
             return UnitSnapshot(
                 name=unit,
                 load_state=_s(u.get(b"LoadState", b"")),
-                active_state=_s(u.get(b"ActiveState", b"")),
-                sub_state=_s(u.get(b"SubState", b"")),
-                result=_s(s.get(b"Result", b"")),
-                main_code=int(s.get(b"ExecMainCode", 0)),
-                main_status=int(s.get(b"ExecMainStatus", 0)),
-                main_pid=int(s.get(b"MainPID", 0)),
-                environment=tuple(_s(e) for e in s.get(b"Environment", [])),
+                active_state=active,
+                sub_state=sub,
+                result=_s(service.get("Result", b"")),
+                main_code=int(service.get("ExecMainCode", 0)),
+                main_status=int(service.get("ExecMainStatus", 0)),
+                main_pid=int(service.get("MainPID", 0)),
+                environment=tuple(_s(e) for e in service.get("Environment", [])),
                 job_pending=bool(u.get(b"Job", (0, b"/"))[0]),
             )
 
