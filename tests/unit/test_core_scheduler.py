@@ -1,0 +1,195 @@
+"""Behaviour of one meshlet's scheduler core, driven by events as the daemon would."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from meshletd.core import (
+    Bid,
+    DeleteRecord,
+    ProbePeer,
+    ProbeResult,
+    PutRecord,
+    RecordDeleted,
+    ReplicaStateChanged,
+    Reply,
+    SetDraining,
+    StartReplica,
+    StopReplica,
+    Tick,
+    WorkloadStatus,
+    record_from_json,
+    record_to_json,
+)
+from meshletd.core.records import NSID_STATUS, MeshletOwner, at_uri
+
+from .core_helpers import T0, bid, cluster_records, feed, mesh, observer, workload
+
+CLOSE = T0 + 2000 + 2000  # createdAt + bidWindowMs + settle (2 x skew + grace)
+
+
+def of(actions: list[object], kind: type) -> list:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def placed_core(me: int, n: int = 3, replicas: int = 2, **kw: object):
+    """A core for mesh(me) in an n-meshlet commune that sees one workload placed in round 0
+    on mesh(0) (priority 2) and mesh(1) (priority 1)."""
+    wl = workload(replicas=replicas, owner_i=2, **kw)  # type: ignore[arg-type]
+    core = observer(me)
+    feed(core, [*cluster_records(n), wl])
+    feed(core, [bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
+    return core, wl
+
+
+def test_a_new_workload_gets_a_bid_from_a_candidate_meshlet() -> None:
+    wl = workload(replicas=2, owner_i=1)
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl])
+    out = core.handle(Tick(T0 + 100))
+    bids = [a for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert len(bids) == 1 and bids[0].create
+    b = bids[0].record
+    assert (b.round, b.slot, b.slots, b.workload_uri) == (0, -1, 1, wl.uri)
+    assert b.created_at == T0 + 100
+
+
+def test_the_winner_starts_its_replica_and_reports_running_once() -> None:
+    core, wl = placed_core(0)
+    assert of(core.handle(Tick(CLOSE - 10)), StartReplica) == []  # round still open
+    out = core.handle(Tick(CLOSE))
+    starts = of(out, StartReplica)
+    assert [(s.workload.uri, s.slot, s.round) for s in starts] == [(wl.uri, 0, 0)]
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    statuses = [a for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
+    assert len(statuses) == 1 and statuses[0].create and statuses[0].record.state == "running"
+    out = core.handle(Tick(CLOSE + 5000))
+    assert of(out, PutRecord) == []  # no heartbeat writes
+    assert core.placement()[wl.uri] == ((0, mesh(0)), (0, mesh(1)))
+
+
+def test_every_candidate_answering_closes_the_round_early() -> None:
+    wl = workload(replicas=2, owner_i=2)
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl])
+    feed(core, [bid(wl, 0), bid(wl, 1), bid(wl, 2, slots=0)])
+    core.handle(Tick(T0 + 400))  # long before the window ends
+    assert core.placement()[wl.uri][0] is not None
+
+
+def test_a_lost_host_is_probed_then_its_slot_reoffered_in_a_new_round() -> None:
+    # Find a meshlet among 0..5 that watches mesh(0), the owner of slot 0.
+    for me in range(1, 6):
+        core, _wl = placed_core(me, n=6)
+        out = core.handle(Tick(CLOSE))
+        if ProbePeer(mesh(0)) in out:
+            break
+    else:
+        raise AssertionError("nobody watches mesh(0)")
+    out = []
+    for _ in range(3):
+        out += core.handle(ProbeResult(mesh(0), ok=False))
+    opened = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert [(b.round, b.slot) for b in opened] == [(1, 0)]
+
+
+def test_a_moved_slot_stops_only_after_the_new_owner_runs_make_before_break() -> None:
+    core, wl = placed_core(0)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    # mesh(2) wins replacement round 1 of slot 0 (opened when mesh(0) was suspected).
+    feed(core, [bid(wl, 2, round_=1, slot=0, at=CLOSE + 3000)])
+    out = core.handle(Tick(CLOSE + 3000 + 1000 + 2000))
+    assert core.placement()[wl.uri][0] == (1, mesh(2))
+    assert of(out, StopReplica) == []
+    st = WorkloadStatus(
+        at_uri(mesh(2), NSID_STATUS, "s"), mesh(2), wl.uri, 0, 1, "running", CLOSE + 7000
+    )
+    out = feed(core, [st])
+    assert [(s.slot, s.reason) for s in of(out, StopReplica)] == [(0, "lost-slot")]
+
+
+def test_deleting_the_workload_stops_replicas_and_removes_our_records() -> None:
+    wl = workload(replicas=2, owner_i=2)
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl])
+    core.handle(Tick(T0 + 100))  # our bid
+    feed(core, [bid(wl, 1, priority=-1)])
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = core.handle(RecordDeleted(wl.uri))
+    assert [(s.workload_uri, s.reason) for s in of(out, StopReplica)] == [(wl.uri, "deleted")]
+    deleted = {d.collection for d in of(out, DeleteRecord)}
+    assert deleted == {"commune.scheduler.bid", "commune.scheduler.workloadStatus"}
+
+
+def test_a_finished_job_is_recorded_and_not_restarted() -> None:
+    core, wl = placed_core(0, kind="job")
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "exited", 0))
+    st = [a.record for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
+    assert [(s.state, s.exit_code) for s in st] == [("succeeded", 0)]
+    assert of(core.handle(Tick(CLOSE + 120_000)), StartReplica) == []
+
+
+def test_a_failed_service_is_restarted_locally_with_backoff() -> None:
+    core, wl = placed_core(0)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "exited", 1))
+    assert of(out, StartReplica) == []
+    assert of(core.handle(Tick(CLOSE + 999)), StartReplica) == []
+    out = core.handle(Tick(CLOSE + 1000))
+    assert [(s.slot, s.round) for s in of(out, StartReplica)] == [(0, 0)]
+
+
+def test_draining_publishes_the_state_and_reoffers_our_slots() -> None:
+    core, wl = placed_core(0)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = core.handle(SetDraining(True, request_id="r1"))
+    owner_recs = [a.record for a in of(out, PutRecord) if isinstance(a.record, MeshletOwner)]
+    assert [(r.state, r.state_since) for r in owner_recs] == [("draining", CLOSE)]
+    opened = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert [(b.round, b.slot, b.slots) for b in opened] == [(1, 0, 0)]
+    assert Reply("r1", True, "draining") in out
+    assert of(out, StopReplica) == []  # keeps running until replaced
+
+
+def test_records_round_trip_through_their_json_form() -> None:
+    wl = workload()
+    b = bid(wl, 3, round_=2, slot=1, priority=-7, slots=1, at=T0 + 1234)
+    again = record_from_json(b.uri, "cid", record_to_json(b))
+    assert again == b
+    st = WorkloadStatus(
+        at_uri(mesh(1), NSID_STATUS, "s"),
+        mesh(1),
+        wl.uri,
+        0,
+        3,
+        "failed",
+        T0 + 5,
+        exit_code=2,
+        restarts=4,
+    )
+    assert record_from_json(st.uri, "cid", record_to_json(st)) == st
+    assert all(not isinstance(v, float) for v in record_to_json(b).values())
+
+
+def test_the_core_is_pure_no_clock_randomness_or_io() -> None:
+    banned = {"time", "random", "asyncio", "trio", "socket", "os", "subprocess", "threading"}
+    core_dir = Path(__file__).parents[2] / "meshletd" / "core"
+    for path in core_dir.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert not names & banned, f"{path.name} imports {names & banned}"
+        src = path.read_text()
+        assert ".now(" not in src and "utcnow" not in src, path.name
