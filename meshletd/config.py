@@ -137,6 +137,9 @@ class Config(_Section):
     # "atproto": the real cluster (PDS, firehose); "memory": a self-contained stand-in node
     # that runs every workload itself (demos, tests, benchmarks).
     backend: Literal["atproto", "memory"] = "atproto"
+    # Where replicas run: "systemd" (transient units, rootless podman), "fake" (in memory,
+    # for tests), "none" (observe only: no bids), "auto" (systemd when booted with it).
+    runtime: Literal["auto", "systemd", "fake", "none"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("clusters")

@@ -90,10 +90,14 @@ class AtprotoNode:
         self._bids: dict[str, dict[str, dict[str, Any]]] = {}
         self._statuses: dict[str, dict[str, dict[str, Any]]] = {}
         self._secrets: dict[str, bytes] = {}
+        self.engine: Any = None
+        self.writes: Any = None
 
     @staticmethod
     def _clusters(cfg: Config) -> dict[str, list[str]]:
-        return {c.name: list(c.members) for c in cfg.clusters}
+        # Our own owner is listed in every membership record: the scheduler core counts a
+        # bid only from meshlets whose membership names the workload's owner.
+        return {c.name: list(dict.fromkeys([*c.members, cfg.owner])) for c in cfg.clusters}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -112,9 +116,75 @@ class AtprotoNode:
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(20):
                 await self._login_and_publish()
+            await self._start_engine(nursery)
             await nursery.start(self.formation.run)
             log.info("cluster view loaded: %s", self.formation.describe())
             task_status.started()
+
+    def _runtime_kind(self) -> str:
+        kind = self.cfg.runtime
+        if kind == "auto":
+            kind = "systemd" if os.path.isdir("/run/systemd/system") else "none"
+        return kind
+
+    async def _start_engine(self, nursery: trio.Nursery) -> None:
+        """The scheduler core + runtime + write queue; skipped when observing only."""
+        kind = self._runtime_kind()
+        if kind == "none" or self.meshlet_pds is None:
+            log.warning(
+                "scheduler not started (runtime %s, %s): this meshlet only observes",
+                kind,
+                "publishing" if self.meshlet_pds else "no meshlet credentials",
+            )
+            return
+        from meshletd.atproto.pds import Write, WriteQueue
+        from meshletd.core.scheduler import MeshletIdentity, Scheduler
+        from meshletd.daemon.engine import Engine
+        from meshletd.runtime import fake_runtime, systemd_runtime
+
+        runtime = systemd_runtime() if kind == "systemd" else fake_runtime()
+        c = self.cfg.contribution
+        me = MeshletIdentity(
+            did=self.did,
+            owner=self.owner,
+            milli_cpu=c.milli_cpu,
+            memory_mib=c.memory_mib,
+            arch=self.cfg.arch or _machine_arch(),
+            labels=frozenset(self.cfg.labels),
+            endpoint=self.cfg.public_endpoint or "",
+        )
+        self.writes = WriteQueue(self.meshlet_pds)
+        await nursery.start(self.writes.run)
+
+        def submit(w: tuple[str, str, str, Any]) -> None:
+            action, collection, rkey, value = w
+            try:
+                self.writes.submit(Write(action, collection, rkey, value))
+            except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die
+                log.error("write %s/%s dropped: %s (value %r)", collection, rkey, e, value)
+
+        self.engine = Engine(
+            Scheduler(me),
+            runtime,
+            submit,
+            raw_workload=lambda uri: (self._workloads.get(uri) or (None, None))[1],
+            secret=self._secrets.get,
+            workload_cid=lambda uri: (self._workloads.get(uri) or (None, None))[0],
+            probe=self._probe,
+        )
+        adopted = await nursery.start(self.engine.run)
+        log.info("scheduler running on the %s runtime; %d replica(s) adopted", kind, len(adopted))
+
+    async def _probe(self, meshlet: str) -> bool:
+        import httpx
+
+        member = self.view.all_members().get(meshlet)
+        endpoint = member.endpoint if member else None
+        if not endpoint:
+            return False
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            r = await http.get(f"{endpoint.rstrip('/')}/xrpc/farm.meshlet.ping")
+        return r.status_code == 200
 
     async def _login_and_publish(self) -> None:
         from meshletd.atproto.pds import PdsClient
@@ -171,6 +241,8 @@ class AtprotoNode:
         return writes
 
     def _on_event(self, ev: Any) -> None:
+        if self.engine is not None:
+            self.engine.record_changed(ev)
         if ev.collection == WORKLOAD:
             if ev.action == "delete":
                 self._workloads.pop(ev.uri, None)
@@ -198,6 +270,12 @@ class AtprotoNode:
         return {d: m for d, m in self.view.all_members().items() if d != self.did}
 
     def _local_replicas(self) -> list[dict[str, Any]]:
+        if self.engine is not None:
+            return [
+                {"workload": {"uri": uri}, "slot": slot, "state": state, "meshletDid": self.did}
+                for (uri, slot), state in self.engine.scheduler.replicas().items()
+                if state in ("starting", "running")
+            ]
         return [
             s
             for per in self._statuses.values()
@@ -268,7 +346,13 @@ class AtprotoNode:
         cid, rec = self._workloads[uri]
         owner = uri[len("at://") :].split("/", 1)[0]
         running = []
+        if self.engine is not None:
+            running = self._placed(uri)
         for s in sorted(self._statuses.get(uri, {}).values(), key=lambda s: s.get("slot", 0)):
+            if any(
+                r["slot"] == s.get("slot") and r["meshletDid"] == s["meshletDid"] for r in running
+            ):
+                continue
             r = {
                 k: s[k]
                 for k in ("slot", "round", "state", "exitCode", "restarts", "unit")
@@ -286,6 +370,32 @@ class AtprotoNode:
         if cid:
             view["cid"] = cid
         return view
+
+    def _placed(self, uri: str) -> list[dict[str, Any]]:
+        """Slots as the scheduler core sees them (owner per slot, local state if ours)."""
+        sched = self.engine.scheduler
+        owners = sched.placement().get(uri) or ()
+        local = sched.replicas()
+        out = []
+        for slot, owner in enumerate(owners):
+            if owner is None:
+                out.append({"workload": uri, "slot": slot, "state": "pending"})
+                continue
+            rnd, meshlet = owner
+            r: dict[str, Any] = {"workload": uri, "slot": slot, "round": rnd, "meshletDid": meshlet}
+            if meshlet == self.did:
+                r["state"] = local.get((uri, slot), "pending")
+                unit = self.engine.units.get((uri, slot))
+                if unit:
+                    r["unit"] = unit
+            else:
+                seen = self._statuses.get(uri, {})
+                states = [
+                    s for s in seen.values() if s["meshletDid"] == meshlet and s.get("slot") == slot
+                ]
+                r["state"] = states[0]["state"] if states else "pending"
+            out.append(r)
+        return out
 
     def workloads(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
         out = []
@@ -346,7 +456,17 @@ class AtprotoNode:
         raise MethodNotImplemented("the fair-share ledger is not wired into meshletd yet")
 
     async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
-        raise MethodNotImplemented("replica logs need the runtime, which is not wired yet")
+        uri = self._uri_of(uri)
+        unit = self.engine.units.get((uri, slot)) if self.engine is not None else None
+        if not unit:
+            raise NotFound(f"replica {slot} of {uri} does not run on this meshlet")
+        done = await trio.run_process(
+            ["journalctl", "-u", unit, "-n", str(lines), "-o", "cat", "--no-pager"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        return done.stdout.decode(errors="replace").splitlines()[-lines:]
 
     # -- mutations ---------------------------------------------------------------------
 
@@ -394,6 +514,11 @@ class AtprotoNode:
         self._workloads[full] = (cid, new)
 
     async def _set_state(self, state: str) -> str:
+        if self.engine is not None:
+            # The core writes meshletOwner.state itself and moves replicas (make-before-break).
+            self.engine.set_draining(state == "draining")
+            self._state = state
+            return state
         if self.meshlet_pds is None:
             raise Forbidden("no meshlet-app-password credential: cannot publish the new state")
         old, self._state = self._state, state

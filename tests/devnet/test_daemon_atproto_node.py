@@ -89,7 +89,8 @@ async def test_it_publishes_its_records_and_verifies_its_member(setup: Setup) ->
     membership = await get_record(
         setup.alice_mesh.pds_url, setup.alice_mesh.did, "commune.scheduler.membership", "home"
     )
-    assert membership["members"] == [setup.bob.did]
+    # Our own owner is always listed (the scheduler counts bids by membership).
+    assert set(membership["members"]) == {setup.bob.did, setup.alice.did}
 
     async def bob_verified() -> bool:
         members = (await setup.ctl.get("/farm.meshlet.ctl.listMembers")).json()["members"]
@@ -157,3 +158,89 @@ async def test_drain_and_undrain_publish_the_meshlet_state(setup: Setup) -> None
     assert rec["state"] == "draining"
     r = await setup.ctl.post("/farm.meshlet.undrain", json={})
     assert r.json() == {"state": "active"}
+
+
+async def test_with_a_runtime_the_published_workload_runs_here(
+    devnet, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    k = next(_n)
+    alice = await devnet.create_account_async(f"rtal{k}", pds=0)
+    alice_mesh = await devnet.create_account_async(f"rtalm{k}", pds=0)
+    cfg = Config(
+        did=alice_mesh.did,
+        owner=alice.did,
+        pds=alice_mesh.pds_url,
+        plc_url=devnet.plc_url,
+        clusters=[Cluster(name="home", members=[])],
+        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
+        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
+        state_dir=tmp_path / "state",
+        runtime="fake",
+    )
+    creds = Credentials(
+        meshlet_app_password=SecretStr(alice_mesh.app_password),
+        owner_app_password=SecretStr(alice.app_password),
+    )
+    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
+    with trio.fail_after(60):
+        await nursery.start(daemon.run)
+    ctl = httpx.AsyncClient(
+        base_url="http://localhost/xrpc",
+        transport=httpx.AsyncHTTPTransport(uds=str(cfg.listen.control_socket)),
+    )
+    try:
+        record = {
+            "name": "sleeper",
+            "image": "localhost/busybox:latest",
+            "args": ["sleep", "600"],
+            "resources": {"milliCpu": 100, "memoryMiB": 32},
+            "replicas": 1,
+            "kind": "service",
+            "bidWindowMs": 1000,
+        }
+        r = await ctl.post("/farm.meshlet.ctl.createWorkload", json={"record": record})
+        assert r.status_code == 200, r.text
+        uri = r.json()["uri"]
+
+        async def running_here() -> bool:
+            st = (await ctl.get("/farm.meshlet.getWorkloadStatus", params={"uri": uri})).json()
+            return any(
+                rep.get("meshletDid") == alice_mesh.did and rep["state"] == "running"
+                for rep in st.get("replicas", [])
+            )
+
+        try:
+            await wait_until(running_here, 30)
+        except trio.TooSlowError:
+            st = await ctl.get("/farm.meshlet.getWorkloadStatus", params={"uri": uri})
+            raise AssertionError(f"not running here: {st.text}") from None
+        status = (await ctl.get("/farm.meshlet.ctl.getStatus")).json()
+        assert status["replicas"] == 1
+
+        # Our status record reached our PDS through the write queue.
+        async def status_published() -> bool:
+            async with httpx.AsyncClient() as http:
+                got = await http.get(
+                    f"{alice_mesh.pds_url}/xrpc/com.atproto.repo.listRecords",
+                    params={
+                        "repo": alice_mesh.did,
+                        "collection": "commune.scheduler.workloadStatus",
+                    },
+                )
+            return any(
+                r["value"]["workload"]["uri"] == uri and r["value"]["state"] == "running"
+                for r in got.json()["records"]
+            )
+
+        await wait_until(status_published, 15)
+
+        r = await ctl.post("/farm.meshlet.deleteWorkload", json={"uri": uri})
+        assert r.status_code == 200
+
+        async def none_left() -> bool:
+            return (await ctl.get("/farm.meshlet.ctl.getStatus")).json()["replicas"] == 0
+
+        await wait_until(none_left, 30)
+    finally:
+        await ctl.aclose()
+        daemon.request_stop()

@@ -1,0 +1,265 @@
+"""The engine: the pure scheduler core driven by the real world.
+
+Events go in one at a time, in order (record changes from the firehose, runtime state
+changes, probe results, ticks from a single alarm, operator commands); the actions the core
+returns are carried out: writes go to the PDS write queue (in order, retried), replica starts
+and stops go to the runtime and report back as events, probes go to peers over XRPC. Time
+reaches the core only as `Tick` (wall-clock ms), from the alarm the core sets with `WakeAt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from meshletd.core.actions import (
+    DeleteRecord,
+    ProbePeer,
+    PutRecord,
+    Reply,
+    StartReplica,
+    StopReplica,
+    WakeAt,
+)
+from meshletd.core.events import (
+    Event,
+    ProbeResult,
+    RecordDeleted,
+    RecordSeen,
+    ReplicaStateChanged,
+    SetDraining,
+    Tick,
+)
+from meshletd.core.records import record_from_json, record_to_json, split_at_uri
+
+log = logging.getLogger("meshletd.engine")
+
+WORKLOAD = "commune.scheduler.workload"
+
+
+def replica_id(workload_uri: str, slot: int) -> Any:
+    from meshletd.runtime import ReplicaId
+
+    owner, _, rkey = split_at_uri(workload_uri)
+    return ReplicaId(owner_did=owner, workload=rkey, index=slot)
+
+
+def workload_uri_of(rid: Any) -> str:
+    return f"at://{rid.owner_did}/{WORKLOAD}/{rid.workload}"
+
+
+class Engine:
+    """Drives one `meshletd.core.scheduler.Scheduler`."""
+
+    def __init__(
+        self,
+        scheduler: Any,
+        runtime: Any,
+        submit_write: Callable[[Any], None],
+        *,
+        raw_workload: Callable[[str], dict[str, Any] | None],
+        secret: Callable[[str], bytes | None] = lambda name: None,
+        workload_cid: Callable[[str], str | None] = lambda uri: None,
+        probe: Callable[[str], Awaitable[bool]] | None = None,
+        owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.scheduler = scheduler
+        self.runtime = runtime
+        self._submit_write = submit_write
+        self._raw_workload = raw_workload
+        self._secret = secret
+        self._workload_cid = workload_cid
+        self._probe = probe
+        self._owner_handle = owner_handle
+        self._clock = clock
+        self._send, self._recv = trio.open_memory_channel[Event](math.inf)
+        self._wake_at: int | None = None
+        self._alarm_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
+        self.handled = 0
+        self.adopted: list[Any] = []
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def feed(self, event: Event) -> None:
+        """Queue one event for the core (never blocks)."""
+        self._send.send_nowait(event)
+
+    def record_changed(self, ev: Any) -> None:
+        """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
+        if ev.action == "delete":
+            self.feed(RecordDeleted(ev.uri))
+            return
+        try:
+            rec = record_from_json(ev.uri, ev.cid or "", ev.record or {})
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("record %s ignored by the scheduler: %s", ev.uri, e)
+            return
+        if rec is not None:
+            self.feed(RecordSeen(rec))
+
+    def set_draining(self, draining: bool) -> None:
+        self.feed(SetDraining(draining))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            adopted = await nursery.start(self.runtime.serve)
+            self.adopted = list(adopted)
+            for st in adopted:
+                uri = workload_uri_of(st.replica)
+                self.units[(uri, st.replica.index)] = st.unit
+                if st.state in ("running", "starting"):
+                    log.info("adopted replica %s (unit %s)", st.replica, st.unit)
+                    self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
+            nursery.start_soon(self._runtime_events)
+            nursery.start_soon(self._alarm)
+            nursery.start_soon(self._loop)
+            self.feed(Tick(self.now_ms()))
+            task_status.started(self.adopted)
+
+    async def _loop(self) -> None:
+        async for event in self._recv:
+            now = self.now_ms()
+            if not isinstance(event, Tick) and now > self.scheduler.now:
+                self._perform(self.scheduler.handle(Tick(now)))
+            self._perform(self.scheduler.handle(event))
+            self.handled += 1
+            await trio.sleep(0)
+
+    def _perform(self, actions: list[Any]) -> None:
+        assert self._nursery is not None
+        for a in actions:
+            if isinstance(a, PutRecord):
+                value = record_to_json(a.record)
+                ref = value.get("workload")
+                if isinstance(ref, dict) and not ref.get("cid"):
+                    # The core's status records do not carry the workload's CID; the
+                    # lexicon's workloadRef needs it: take it from the record we follow.
+                    ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
+                self._submit_write(("put", a.collection, a.rkey, value))
+            elif isinstance(a, DeleteRecord):
+                self._submit_write(("delete", a.collection, a.rkey, None))
+            elif isinstance(a, StartReplica):
+                self._nursery.start_soon(self._start, a)
+            elif isinstance(a, StopReplica):
+                self._nursery.start_soon(self._stop, a)
+            elif isinstance(a, ProbePeer):
+                self._nursery.start_soon(self._run_probe, a.meshlet)
+            elif isinstance(a, WakeAt):
+                self._wake_at = a.at
+                self._alarm_changed.set()
+            elif isinstance(a, Reply):
+                log.info("scheduler: %s", a.message)
+
+    async def _alarm(self) -> None:
+        while True:
+            self._alarm_changed = trio.Event()
+            at = self._wake_at
+            if at is None:
+                await self._alarm_changed.wait()
+                continue
+            delay = max(0.0, at / 1000 - self._clock())
+            with trio.move_on_after(delay):
+                await self._alarm_changed.wait()
+                continue
+            self._wake_at = None
+            self.feed(Tick(self.now_ms()))
+
+    # -- replicas ------------------------------------------------------------------------
+
+    def spec_for(self, action: StartReplica) -> Any:
+        from meshletd.runtime import ReplicaSpec, Resources, Secret
+
+        wl = action.workload
+        raw = self._raw_workload(wl.uri) or {}
+        args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
+        env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
+        secrets = []
+        for ref in raw.get("secrets", ()):
+            value = self._secret(ref["name"])
+            if value is None:
+                raise LookupError(f"secret {ref['name']!r} is not available on this meshlet")
+            secrets.append(Secret(ref.get("target") or ref["name"], value, env=ref.get("env")))
+        return ReplicaSpec(
+            replica=replica_id(wl.uri, action.slot),
+            owner_handle=self._owner_handle(wl.owner),
+            image=wl.image or raw.get("image", ""),
+            resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
+            args=args,
+            env=env,
+            secrets=tuple(secrets),
+            revision=wl.cid,
+        )
+
+    async def _start(self, action: StartReplica) -> None:
+        from meshletd.runtime import ReplicaRunning
+
+        uri, slot = action.workload.uri, action.slot
+        log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
+        try:
+            outcome = await self.runtime.start(self.spec_for(action))
+        except Exception as e:
+            log.warning("replica %d of %s could not start: %s", slot, uri, e)
+            self.feed(ReplicaStateChanged(uri, slot, "failed"))
+            return
+        self.units[(uri, slot)] = outcome.unit
+        if isinstance(outcome, ReplicaRunning):
+            self.feed(ReplicaStateChanged(uri, slot, "running"))
+        # An immediate end (failed pull, exit) arrives as a runtime event too.
+
+    async def _stop(self, action: StopReplica) -> None:
+        log.info("stopping replica %d of %s (%s)", action.slot, action.workload_uri, action.reason)
+        try:
+            await self.runtime.stop(replica_id(action.workload_uri, action.slot))
+        except Exception as e:
+            log.warning(
+                "replica %d of %s did not stop cleanly: %s", action.slot, action.workload_uri, e
+            )
+        self.feed(ReplicaStateChanged(action.workload_uri, action.slot, "stopped"))
+
+    async def _runtime_events(self) -> None:
+        from meshletd.runtime import (
+            ReplicaExited,
+            ReplicaFailed,
+            ReplicaOomKilled,
+            ReplicaRunning,
+        )
+
+        async for ev in self.runtime.events:
+            uri, slot = workload_uri_of(ev.replica), ev.replica.index
+            self.units[(uri, slot)] = ev.unit
+            if isinstance(ev, ReplicaRunning):
+                self.feed(ReplicaStateChanged(uri, slot, "running"))
+            elif isinstance(ev, ReplicaExited):
+                log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code))
+            elif isinstance(ev, ReplicaOomKilled):
+                log.info("replica %d of %s was killed: out of memory", slot, uri)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
+            elif isinstance(ev, ReplicaFailed):
+                log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
+                self.feed(ReplicaStateChanged(uri, slot, "failed"))
+            # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
+
+    async def _run_probe(self, meshlet: str) -> None:
+        ok = False
+        if self._probe is not None:
+            try:
+                with trio.move_on_after(2.0):
+                    ok = await self._probe(meshlet)
+            except Exception:
+                ok = False
+        self.feed(ProbeResult(meshlet, ok))

@@ -1,0 +1,168 @@
+"""The engine runs the scheduler core against a (fake) runtime and a write sink: a workload
+seen on the firehose ends as a running replica here, and its deletion stops it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from meshletd.core.records import format_datetime_ms
+from meshletd.core.scheduler import MeshletIdentity, Scheduler
+from meshletd.daemon.engine import Engine, replica_id
+from meshletd.runtime import FakeMachine, fake_runtime
+
+ME, OWNER = "did:plc:alicemesh", "did:plc:alice"
+T0 = 1_800_000_000.0
+
+
+@dataclass(frozen=True)
+class Ev:
+    """The shape of a firehose RecordEvent the engine reads."""
+
+    did: str
+    collection: str
+    rkey: str
+    action: str
+    cid: str | None
+    record: dict[str, Any] | None
+
+    @property
+    def uri(self) -> str:
+        return f"at://{self.did}/{self.collection}/{self.rkey}"
+
+
+def put(did: str, collection: str, rkey: str, record: dict[str, Any]) -> Ev:
+    return Ev(did, f"commune.scheduler.{collection}", rkey, "create", "bafy" + rkey, record)
+
+
+def cluster_records(now_ms: int) -> list[Ev]:
+    created = format_datetime_ms(now_ms)
+    return [
+        put(OWNER, "meshlet", "self", {"meshletDid": ME, "createdAt": created}),
+        put(
+            ME,
+            "meshletOwner",
+            "self",
+            {
+                "ownerDid": OWNER,
+                "state": "active",
+                "arch": "amd64",
+                "createdAt": created,
+                "capacity": {"milliCpu": 2000, "memoryMiB": 2048},
+            },
+        ),
+        put(
+            ME, "membership", "home", {"cluster": "home", "members": [OWNER], "createdAt": created}
+        ),
+    ]
+
+
+def workload(now_ms: int, secrets: bool = False) -> Ev:
+    rec = {
+        "name": "web",
+        "image": "localhost/busybox:latest",
+        "replicas": 1,
+        "kind": "service",
+        "cluster": "home",
+        "resources": {"milliCpu": 100, "memoryMiB": 64},
+        "args": ["sleep", "60"],
+        "env": [{"name": "MODE", "value": "test"}],
+        "bidWindowMs": 500,
+        "createdAt": format_datetime_ms(now_ms),
+    }
+    if secrets:
+        rec["secrets"] = [{"name": "db"}]
+    return put(OWNER, "workload", "3kweb", rec)
+
+
+async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list) -> Engine:
+    clock = lambda: T0 + trio.current_time()  # noqa: E731
+    sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
+    raw: dict[str, dict[str, Any]] = {}
+    engine = Engine(
+        sched,
+        fake_runtime(machine),
+        writes.append,
+        raw_workload=raw.get,
+        secret={"db": b"hunter2"}.get,
+        workload_cid=lambda uri: "bafy" + uri.rsplit("/", 1)[1],
+        clock=clock,
+    )
+    engine.raw = raw  # type: ignore[attr-defined]
+    await nursery.start(engine.run)
+    for ev in cluster_records(int(clock() * 1000)):
+        engine.record_changed(ev)
+    return engine
+
+
+async def wait_for(predicate, timeout: float = 60) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list = []
+    engine = await start(nursery, machine, writes)
+    ev = workload(int((T0 + trio.current_time()) * 1000))
+    engine.raw[ev.uri] = ev.record
+    engine.record_changed(ev)
+    key = (ev.uri, 0)
+    await wait_for(lambda: engine.scheduler.replicas().get(key) == "running")
+    assert engine.units[key].startswith("meshlet-")
+    # Our bid and our status were handed to the PDS writer.
+    collections = {w[1] for w in writes}
+    assert "commune.scheduler.bid" in collections
+    assert "commune.scheduler.workloadStatus" in collections
+    # Every record naming the workload names its version (CID) too, as the lexicon requires.
+    refs = [w[3]["workload"] for w in writes if w[0] == "put" and "workload" in w[3]]
+    assert refs and all(r == {"uri": ev.uri, "cid": ev.cid} for r in refs)
+
+    engine.record_changed(Ev(OWNER, ev.collection, ev.rkey, "delete", None, None))
+    await wait_for(
+        lambda: (
+            key not in engine.scheduler.replicas() or engine.scheduler.replicas()[key] != "running"
+        )
+    )
+    await wait_for(lambda: not [r for r in engine.runtime.replicas() if r.state == "running"])
+
+
+async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clock) -> None:
+    machine = FakeMachine()
+    writes: list = []
+    first = await start(nursery, machine, writes)
+    ev = workload(int((T0 + trio.current_time()) * 1000))
+    first.raw[ev.uri] = ev.record
+    first.record_changed(ev)
+    await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+
+    # A new engine on the same machine (meshletd restarted) finds the replica running.
+    async with trio.open_nursery() as inner:
+        second = await start(inner, machine, [])
+        assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
+        inner.cancel_scope.cancel()
+
+
+def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
+    from meshletd.core.actions import StartReplica
+    from meshletd.core.records import record_from_json
+
+    ev = workload(1_800_000_000_000, secrets=True)
+    wl = record_from_json(ev.uri, ev.cid, ev.record)
+    engine = Engine(
+        None,
+        None,
+        lambda w: None,
+        raw_workload={ev.uri: ev.record}.get,
+        secret={"db": b"hunter2"}.get,
+    )
+    spec = engine.spec_for(StartReplica(wl, 0, 0))
+    assert spec.image == "localhost/busybox:latest" and spec.args == ("sleep", "60")
+    assert spec.env == (("MODE", "test"),)
+    assert spec.secrets[0].name == "db" and spec.secrets[0].data == b"hunter2"
+    assert "hunter2" not in repr(spec)
