@@ -33,6 +33,7 @@ ENV_INDEX = "MESHLET_REPLICA"
 ENV_REVISION = "MESHLET_REVISION"
 ENV_CONTAINER = "MESHLET_CONTAINER"
 
+INFINITY = (1 << 64) - 1  # systemd's "no limit" for usec and byte properties
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL = "io.meshlet.replica"
 
@@ -228,10 +229,15 @@ def slice_properties(config: RuntimeConfig) -> dict[str, object]:
         "MemoryAccounting": True,
         "TasksAccounting": True,
     }
-    if config.slice_milli_cpu is not None:
-        props["CPUQuotaPerSecUSec"] = cpu_quota_per_sec_usec(config.slice_milli_cpu)
-    if config.slice_memory_mib is not None:
-        props["MemoryMax"] = config.slice_memory_mib * 1024 * 1024
+    # No cap is "infinity", set explicitly so that removing a cap from the config lifts it.
+    props["CPUQuotaPerSecUSec"] = (
+        INFINITY
+        if config.slice_milli_cpu is None
+        else cpu_quota_per_sec_usec(config.slice_milli_cpu)
+    )
+    props["MemoryMax"] = (
+        INFINITY if config.slice_memory_mib is None else config.slice_memory_mib * 1024 * 1024
+    )
     return props
 
 

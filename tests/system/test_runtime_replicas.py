@@ -59,3 +59,10 @@ def test_five_replicas_survive_a_sigkilled_meshletd_and_are_adopted_once(
 
 def test_many_starts_in_a_row_all_reach_running(systemd_host: NspawnHost | LocalHost) -> None:
     assert run_check(systemd_host, "stress")["started"] == 12
+
+
+def test_the_slice_caps_what_all_replicas_together_may_take(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "slice_cap")
+    assert got["measured_total"] <= 0.33

@@ -128,7 +128,8 @@ def test_cgroup_paths_follow_systemd_slice_nesting() -> None:
 
 
 def test_slice_caps_are_optional() -> None:
-    assert "MemoryMax" not in slice_properties(CONFIG)
+    uncapped = slice_properties(CONFIG)
+    assert uncapped["MemoryMax"] == uncapped["CPUQuotaPerSecUSec"] == 2**64 - 1
     capped = slice_properties(replace(CONFIG, slice_milli_cpu=1000, slice_memory_mib=8192))
     assert capped["CPUQuotaPerSecUSec"] == 1_000_000
     assert capped["MemoryMax"] == 8192 << 20

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -288,6 +288,46 @@ async def check_stress(n: int = 12) -> dict:
     assert not bad, bad
     await testing.assert_clean(H)
     return {"started": n}
+
+
+async def check_slice_cap() -> dict:
+    """The machine's cap: two full-CPU busy replicas share a 300 milli-CPU slice."""
+    capped = RealHarness(config=replace(H.config, slice_milli_cpu=300, slice_memory_mib=512))
+    rt = capped.runtime()
+    busy = ("sh", "-c", "while :; do :; done")
+    specs = [
+        testing.spec(
+            capped,
+            workload="capped",
+            index=i,
+            args=busy,
+            resources=Resources(milli_cpu=1000, memory_mib=32, tasks=8),
+        )
+        for i in range(2)
+    ]
+    try:
+        async with testing.serving(rt):
+            shown = sh("systemctl", "show", "meshlet.slice", "-p", "CPUQuotaPerSecUSec,MemoryMax")
+            for s in specs:
+                assert isinstance(await rt.start(s), ReplicaRunning)
+            await trio.sleep(1.0)
+            u0 = [await rt.usage(s.replica) for s in specs]
+            t0 = time.monotonic()
+            await trio.sleep(5.0)
+            u1 = [await rt.usage(s.replica) for s in specs]
+            wall = time.monotonic() - t0
+            total = sum(b.cpu_ms - a.cpu_ms for a, b in zip(u0, u1, strict=True)) / 1000 / wall
+            for s in specs:
+                await rt.stop(s.replica)
+    finally:
+        # Lift the cap again for the other checks.
+        uncapped = H.runtime()
+        async with testing.serving(uncapped):
+            pass
+    assert "CPUQuotaPerSecUSec=300ms" in shown and "MemoryMax=536870912" in shown, shown
+    assert total <= 0.33, f"two busy replicas used {total:.3f} CPU under a 0.3 cap"
+    await testing.assert_clean(H)
+    return {"slice_cap": 0.3, "measured_total": round(total, 3), "shown": shown.split()}
 
 
 async def check_cleanup() -> dict:
