@@ -70,6 +70,12 @@ _SUPPORTED_KEYS: dict[str, set[str]] = {
 }
 
 
+class _Fail(Exception):
+    def __init__(self, msg: str, parts: list[str] | None = None) -> None:
+        self.msg = msg
+        self.parts = parts if parts is not None else []
+
+
 class LexiconError(Exception):
     """A lexicon file is malformed or uses a feature this loader does not support."""
 
@@ -161,6 +167,9 @@ class Lexicons:
     """All lexicons of one directory, indexed by NSID."""
 
     docs: dict[str, LexiconDoc] = field(default_factory=dict)
+    _ref_cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def load(cls, directory: Path | str | None = None) -> Lexicons:
@@ -310,117 +319,158 @@ class Lexicons:
     def _validate(
         self, nsid: str, s: dict[str, Any], v: Any, path: str, top_level: bool = False
     ) -> None:
+        try:
+            self._check(nsid, s, v, top_level)
+        except _Fail as f:
+            parts = [path] if path else []
+            for p in f.parts:
+                if p.startswith("[") or not parts:
+                    parts.append(p)
+                else:
+                    parts.append("." + p)
+            where = "".join(parts) or "record"
+            if f.msg == "required":
+                raise InvalidRecord(f"{nsid}: {where}: required") from None
+            raise InvalidRecord(f"{nsid}: {where}: {f.msg}") from None
+
+    def _check(self, nsid: str, s: dict[str, Any], v: Any, top_level: bool = False) -> None:
+        # The path is only built on failure (_Fail collects it on the way out): the success
+        # path, which the firehose runs for every record, allocates nothing.
         t = s["type"]
-        here = path or "record"
-
-        def bad(msg: str) -> InvalidRecord:
-            return InvalidRecord(f"{nsid}: {here}: {msg}")
-
-        if isinstance(v, float):
-            raise bad("floats are not allowed (use integers)")
-        if t in ("object", "params"):
+        if type(v) is float:
+            raise _Fail("floats are not allowed (use integers)")
+        if t == "object" or t == "params":
             if not isinstance(v, Mapping):
-                raise bad("must be an object")
-            for req in s.get("required", []):
+                raise _Fail("must be an object")
+            for req in s.get("required", ()):
                 if v.get(req) is None:
-                    raise InvalidRecord(f"{nsid}: {path + '.' if path else ''}{req}: required")
+                    raise _Fail("required", [req])
             props = s.get("properties", {})
             for k, item in v.items():
-                if not isinstance(k, str):
-                    raise bad("keys must be strings")
-                if k == "$type" and top_level:
+                if type(k) is not str:
+                    raise _Fail("keys must be strings")
+                if top_level and k == "$type":
                     continue
-                sub = f"{path}.{k}" if path else k
-                if k in props:
-                    if item is None and k in s.get("nullable", []):
-                        continue
-                    self._validate(nsid, props[k], item, sub)
-                else:
-                    self._validate_unknown(nsid, item, sub)
+                try:
+                    sub = props.get(k)
+                    if sub is not None:
+                        if item is None and k in s.get("nullable", ()):
+                            continue
+                        self._check(nsid, sub, item)
+                    else:
+                        self._check_unknown(item)
+                except _Fail as f:
+                    f.parts.insert(0, k)
+                    raise
         elif t == "string":
-            if not isinstance(v, str):
-                raise bad("must be a string")
+            if type(v) is not str:
+                raise _Fail("must be a string")
             if "const" in s and v != s["const"]:
-                raise bad(f"must be {s['const']!r}")
+                raise _Fail(f"must be {s['const']!r}")
             if "enum" in s and v not in s["enum"]:
-                raise bad(f"must be one of {s['enum']}")
-            n = len(v.encode("utf-8"))
+                raise _Fail(f"must be one of {s['enum']}")
+            n = len(v) if v.isascii() else len(v.encode("utf-8"))
             if "maxLength" in s and n > s["maxLength"]:
-                raise bad(f"longer than {s['maxLength']} bytes")
+                raise _Fail(f"longer than {s['maxLength']} bytes")
             if "minLength" in s and n < s["minLength"]:
-                raise bad(f"shorter than {s['minLength']} bytes")
-            if "maxGraphemes" in s or "minGraphemes" in s:
+                raise _Fail(f"shorter than {s['minLength']} bytes")
+            mx, mn = s.get("maxGraphemes"), s.get("minGraphemes")
+            # graphemes <= code points <= bytes: count them only when it can matter
+            if (mx is not None and len(v) > mx) or mn is not None:
                 g = grapheme_len(v)
-                if "maxGraphemes" in s and g > s["maxGraphemes"]:
-                    raise bad(f"longer than {s['maxGraphemes']} graphemes")
-                if "minGraphemes" in s and g < s["minGraphemes"]:
-                    raise bad(f"shorter than {s['minGraphemes']} graphemes")
-            if "format" in s and not _check_format(s["format"], v):
-                raise bad(f"not a valid {s['format']}")
+                if mx is not None and g > mx:
+                    raise _Fail(f"longer than {mx} graphemes")
+                if mn is not None and g < mn:
+                    raise _Fail(f"shorter than {mn} graphemes")
+            fmt = s.get("format")
+            if fmt is not None and not _check_format(fmt, v):
+                raise _Fail(f"not a valid {fmt}")
         elif t == "integer":
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad("must be an integer")
+            if type(v) is not int:
+                raise _Fail("must be an integer")
             if "minimum" in s and v < s["minimum"]:
-                raise bad(f"below the minimum {s['minimum']}")
+                raise _Fail(f"below the minimum {s['minimum']}")
             if "maximum" in s and v > s["maximum"]:
-                raise bad(f"above the maximum {s['maximum']}")
+                raise _Fail(f"above the maximum {s['maximum']}")
             if "enum" in s and v not in s["enum"]:
-                raise bad(f"must be one of {s['enum']}")
+                raise _Fail(f"must be one of {s['enum']}")
             if "const" in s and v != s["const"]:
-                raise bad(f"must be {s['const']}")
+                raise _Fail(f"must be {s['const']}")
         elif t == "boolean":
-            if not isinstance(v, bool):
-                raise bad("must be a boolean")
+            if type(v) is not bool:
+                raise _Fail("must be a boolean")
             if "const" in s and v != s["const"]:
-                raise bad(f"must be {s['const']}")
+                raise _Fail(f"must be {s['const']}")
         elif t == "bytes":
             if not isinstance(v, bytes | bytearray):
-                raise bad("must be bytes")
+                raise _Fail("must be bytes")
             if "maxLength" in s and len(v) > s["maxLength"]:
-                raise bad(f"longer than {s['maxLength']} bytes")
+                raise _Fail(f"longer than {s['maxLength']} bytes")
             if "minLength" in s and len(v) < s["minLength"]:
-                raise bad(f"shorter than {s['minLength']} bytes")
+                raise _Fail(f"shorter than {s['minLength']} bytes")
         elif t == "array":
             if not isinstance(v, list | tuple):
-                raise bad("must be an array")
+                raise _Fail("must be an array")
             if "maxLength" in s and len(v) > s["maxLength"]:
-                raise bad(f"more than {s['maxLength']} items")
+                raise _Fail(f"more than {s['maxLength']} items")
             if "minLength" in s and len(v) < s["minLength"]:
-                raise bad(f"fewer than {s['minLength']} items")
+                raise _Fail(f"fewer than {s['minLength']} items")
+            items = s["items"]
             for idx, item in enumerate(v):
-                self._validate(nsid, s["items"], item, f"{path}[{idx}]")
+                try:
+                    self._check(nsid, items, item)
+                except _Fail as f:
+                    f.parts.insert(0, f"[{idx}]")
+                    raise
         elif t == "ref":
-            full, target = self.resolve_ref(nsid, s["ref"])
-            self._validate(full.split("#")[0], target, v, path)
+            full, target = self._ref(nsid, s["ref"])
+            self._check(full, target, v)
         elif t == "union":
             if not isinstance(v, Mapping) or not isinstance(v.get("$type"), str):
-                raise bad("union member needs a $type")
+                raise _Fail("union member needs a $type")
             wanted = v["$type"] if "#" in v["$type"] else v["$type"] + "#main"
             for r in s["refs"]:
                 full, target = self.resolve_ref(nsid, r)
                 if full == wanted:
-                    self._validate(full.split("#")[0], target, v, path)
+                    self._check(full.split("#")[0], target, v)
                     return
             if s.get("closed"):
-                raise bad(f"$type {v['$type']!r} is not allowed here")
+                raise _Fail(f"$type {v['$type']!r} is not allowed here")
         elif t == "unknown":
-            self._validate_unknown(nsid, v, path)
+            self._check_unknown(v)
         elif t == "cid-link":
             if not isinstance(v, bytes | bytearray | str):
-                raise bad("must be a CID link")
+                raise _Fail("must be a CID link")
         else:  # guarded by the load-time check
-            raise bad(f"unsupported type {t}")
+            raise _Fail(f"unsupported type {t}")
 
-    def _validate_unknown(self, nsid: str, v: Any, path: str) -> None:
+    def _ref(self, nsid: str, ref: str) -> tuple[str, dict[str, Any]]:
+        key = (nsid, ref)
+        hit = self._ref_cache.get(key)
+        if hit is None:
+            full, target = self.resolve_ref(nsid, ref)
+            hit = self._ref_cache[key] = (full.split("#")[0], target)
+        return hit
+
+    def _check_unknown(self, v: Any) -> None:
         # Unknown fields are allowed (forward compatibility) but must still be plain data.
-        if isinstance(v, float):
-            raise InvalidRecord(f"{nsid}: {path}: floats are not allowed (use integers)")
-        if isinstance(v, Mapping):
+        tv = type(v)
+        if tv is float:
+            raise _Fail("floats are not allowed (use integers)")
+        if tv is dict:
             for k, item in v.items():
-                self._validate_unknown(nsid, item, f"{path}.{k}")
-        elif isinstance(v, list | tuple):
+                try:
+                    self._check_unknown(item)
+                except _Fail as f:
+                    f.parts.insert(0, str(k))
+                    raise
+        elif tv is list or tv is tuple:
             for idx, item in enumerate(v):
-                self._validate_unknown(nsid, item, f"{path}[{idx}]")
+                try:
+                    self._check_unknown(item)
+                except _Fail as f:
+                    f.parts.insert(0, f"[{idx}]")
+                    raise
 
 
 _DEFAULT: Lexicons | None = None
