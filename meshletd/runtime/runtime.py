@@ -219,24 +219,28 @@ class ReplicaRuntime:
     async def poll(self) -> None:
         """Look at every replica once: sample usage, report and clean up the ended ones."""
         for rep in list(self._replicas.values()):
-            if rep.lock.locked():
-                continue  # a start or stop is working on it
-            async with rep.lock:
-                if self._replicas.get(rep.replica) is not rep:
-                    continue
-                snap = await self.machine.unit_snapshot(rep.unit)
-                phase = unit_phase(snap)
-                if phase == "running":
-                    rep.usage = rep.usage.merge(await self._sample(rep))
-                    if not rep.ran:
-                        rep.ran = True
-                        self._emit(
-                            ReplicaRunning(
-                                rep.replica, rep.unit, adopted=True, revision=rep.revision
-                            )
-                        )
-                elif phase in ("ended", "gone"):
-                    await self._finish(rep)
+            try:
+                await self._look_at(rep)
+            except MachineError as err:
+                # systemd or podman hiccuped: say so and look again next time.
+                log.error("could not check replica %s (unit %s): %s", rep.replica, rep.unit, err)
+
+    async def _look_at(self, rep: _Replica) -> None:
+        if rep.lock.locked():
+            return  # a start or stop is working on it
+        async with rep.lock:
+            if self._replicas.get(rep.replica) is not rep:
+                return
+            phase = unit_phase(await self.machine.unit_snapshot(rep.unit))
+            if phase == "running":
+                rep.usage = rep.usage.merge(await self._sample(rep))
+                if not rep.ran:
+                    rep.ran = True
+                    self._emit(
+                        ReplicaRunning(rep.replica, rep.unit, adopted=True, revision=rep.revision)
+                    )
+            elif phase in ("ended", "gone"):
+                await self._finish(rep)
 
     async def usage(self, replica: ReplicaId) -> Usage:
         """CPU time and peak memory of a running replica so far."""
@@ -252,8 +256,9 @@ class ReplicaRuntime:
         try:
             if await self.machine.image_present(image):
                 return None
-            await self.machine.pull_image(image)
-        except MachineError as err:
+            with trio.fail_after(self.config.pull_timeout_s):
+                await self.machine.pull_image(image)
+        except (MachineError, trio.TooSlowError) as err:
             return self._emit(
                 ReplicaFailed(
                     rep.replica,

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError  # type: ignore[import-untyped]
+from pystemd.dbuslib import DBus, apply_signature  # type: ignore[import-untyped]
+from pystemd.systemd1 import Manager  # type: ignore[import-untyped]
 
 from meshletd.runtime.events import Usage
 from meshletd.runtime.machine import MachineError
@@ -61,9 +65,6 @@ class _Bus:
         self._lock = threading.Lock()
 
     def call(self, fn: Callable[[Any, Any], _T]) -> _T:
-        from pystemd.dbusexc import DBusBaseError
-        from pystemd.dbuslib import DBus
-        from pystemd.systemd1 import Manager
 
         with self._lock:
             for attempt in (1, 2):
@@ -113,11 +114,14 @@ class SystemdPodmanMachine:
     # ---- D-Bus plumbing -----------------------------------------------------------------
 
     async def _dbus(self, fn: Callable[[Any, Any], _T]) -> _T:
-        return await trio.to_thread.run_sync(self._bus.call, fn, limiter=self._limiter)
+
+        try:
+            return await trio.to_thread.run_sync(self._bus.call, fn, limiter=self._limiter)
+        except DBusBaseError as err:
+            raise MachineError(f"systemd: {err}") from err
 
     @staticmethod
     def _get_all(bus: Any, path: bytes, interface: bytes) -> dict[bytes, Any]:
-        from pystemd.dbuslib import apply_signature
 
         body = bus.call_method(
             _SYSTEMD, path, _PROPS, b"GetAll", apply_signature(b"s", [interface])
@@ -126,7 +130,6 @@ class SystemdPodmanMachine:
 
     @staticmethod
     def _unit_path(manager: Any, unit: str) -> bytes | None:
-        from pystemd.dbusexc import DBusNoSuchUnitError
 
         try:
             return manager.Manager.GetUnit(unit.encode())  # type: ignore[no-any-return]
@@ -137,7 +140,7 @@ class SystemdPodmanMachine:
 
     async def _podman(
         self, *args: str, stdin: bytes = b"", check: bool = True
-    ) -> trio.CompletedProcess[bytes]:
+    ) -> subprocess.CompletedProcess[bytes]:
         cfg = self.config
         kwargs: dict[str, Any] = {}
         if os.geteuid() != cfg.uid:
@@ -247,7 +250,6 @@ class SystemdPodmanMachine:
         props = {k.encode(): _b(v) for k, v in properties.items()}
 
         def ensure(bus: Any, manager: Any) -> None:
-            from pystemd.dbusexc import DBusBaseError
 
             path = self._unit_path(manager, name)
             if path is not None:
@@ -279,7 +281,6 @@ class SystemdPodmanMachine:
 
     async def unit_snapshot(self, unit: str) -> UnitSnapshot:
         def snap(bus: Any, manager: Any) -> UnitSnapshot:
-            from pystemd.dbusexc import DBusBaseError
 
             path = self._unit_path(manager, unit)
             if path is None:
@@ -324,7 +325,6 @@ class SystemdPodmanMachine:
 
     async def stop_unit(self, unit: str) -> None:
         def stop(bus: Any, manager: Any) -> bool:
-            from pystemd.dbusexc import DBusBaseError
 
             if self._unit_path(manager, unit) is None:
                 return False
@@ -350,7 +350,6 @@ class SystemdPodmanMachine:
 
     async def reset_failed(self, unit: str) -> None:
         def reset(bus: Any, manager: Any) -> None:
-            from pystemd.dbusexc import DBusBaseError
 
             try:
                 manager.Manager.ResetFailedUnit(unit.encode())

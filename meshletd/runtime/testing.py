@@ -84,6 +84,17 @@ async def wait_event(
     raise AssertionError("event channel closed")
 
 
+def ended(replica: ReplicaId) -> Callable[[RuntimeEvent], bool]:
+    """Matches the end event (exited, OOM-killed, failed, stopped) of one replica."""
+
+    def match(event: RuntimeEvent) -> bool:
+        return event.replica == replica and isinstance(
+            event, ReplicaExited | ReplicaFailed | ReplicaOomKilled | ReplicaStopped
+        )
+
+    return match
+
+
 def drain(rt: ReplicaRuntime) -> list[RuntimeEvent]:
     out: list[RuntimeEvent] = []
     while True:
@@ -124,14 +135,7 @@ async def contract_exit_codes_are_reported(h: Harness) -> None:
         for i, code in enumerate((0, 3)):
             s = spec(h, workload=f"job{code}", index=i, args=("sh", "-c", f"exit {code}"))
             await rt.start(s)
-            ev = await wait_event(
-                rt,
-                lambda e, s=s: (
-                    e.replica == s.replica
-                    and isinstance(e, ReplicaExited | ReplicaFailed | ReplicaOomKilled)
-                ),
-                h.end_timeout_s,
-            )
+            ev = await wait_event(rt, ended(s.replica), h.end_timeout_s)
             assert isinstance(ev, ReplicaExited), ev
             assert ev.exit_code == code
     await assert_clean(h)

@@ -68,6 +68,7 @@ class RuntimeConfig:
     cgroup_v2: bool = False
     poll_interval_s: float = 1.0
     start_timeout_s: int = 120
+    pull_timeout_s: int = 900
 
     @property
     def runtime_dir(self) -> str:
