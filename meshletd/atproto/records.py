@@ -127,6 +127,7 @@ class MeshletOwner(Record):
     NSID: ClassVar[str] = MESHLET_OWNER
     owner_did: str
     state: MeshletState = "active"
+    state_since: str | None = None
     capacity: Resources
     arch: str
     endpoint: str | None = None
@@ -166,6 +167,7 @@ class Bid(Record):
     NSID: ClassVar[str] = BID
     workload: WorkloadRef
     round: int = Field(ge=0)
+    slot: int | None = None
     priority: int
     slots: int = Field(ge=0)
     free: Resources | None = None
