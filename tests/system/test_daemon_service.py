@@ -28,9 +28,12 @@ members = ["did:plc:bob"]
 xrpc = "127.0.0.1:2585"
 """
 
-# The packaged unit runs /usr/bin/meshletd; here the project's venv provides it. A short
+# The packaged unit runs /usr/bin/meshletd; here the project's venv provides it, installed
+# editable from the project folder, which the unit's PrivateTmp/ProtectHome would hide when
+# the checkout lives under /tmp or /root (CI clones anywhere): bind it in read-only. A short
 # watchdog keeps the stall test quick.
 DROP_IN = f"""[Service]
+BindReadOnlyPaths={ROOT}
 ExecStartPre=
 ExecStartPre={VENV}/meshletd --check
 ExecStart=
