@@ -158,3 +158,16 @@ def test_xrpc_inputs_and_outputs_validate():
         "farm.meshlet.getLogs",
         {"uri": "at://did:plc:abc/commune.scheduler.workload/w", "lines": 10},
     )
+
+
+def test_docs_records_md_documents_every_field_and_method():
+    doc = (LEXICON_DIR.parent / "docs" / "records.md").read_text()
+    lex = Lexicons.load()
+    for nsid, d in lex.docs.items():
+        if nsid.startswith("farm.meshlet.") and not nsid.endswith(".defs"):
+            assert f"`{nsid.rsplit('.', 1)[1]}`" in doc, nsid
+            continue
+        for name, defn in d.defs.items():
+            obj = defn.get("record", defn)
+            for field in obj.get("properties", {}):
+                assert f"`{field}`" in doc, f"{nsid}#{name}.{field} is not in docs/records.md"
