@@ -143,16 +143,16 @@ class ReplicaRuntime:
         found = await self.machine.unit_snapshot(unit)
         if unit_phase(found) in ("starting", "running"):
             # Someone (an earlier meshletd) started it and we did not adopt it yet.
-            rep = self._track(spec.replica, unit, container, spec.revision, ran=True)
-            return ReplicaRunning(rep.replica, unit, adopted=True, revision=spec.revision)
+            rep = self._track(spec.replica, unit, container, spec.revision or "", ran=True)
+            return ReplicaRunning(rep.replica, unit, adopted=True, revision=spec.revision or "")
         if unit_phase(found) != "gone":
             # An ended, unreported unit of the same name: report it, then start afresh.
-            rep = self._track(spec.replica, unit, container, spec.revision, ran=True)
+            rep = self._track(spec.replica, unit, container, spec.revision or "", ran=True)
             async with rep.lock:
                 await self._finish(rep)
 
         self._emit(ReplicaStarting(spec.replica, unit))
-        rep = _Replica(spec.replica, unit, container, spec.revision)
+        rep = _Replica(spec.replica, unit, container, spec.revision or "")
         t0 = self._clock()
         if failed := await self._ensure_image(rep, spec.image):
             return failed

@@ -85,7 +85,7 @@ class ReplicaSpec:
     network: Network = "private"
     writable_root: bool = False
     stop_timeout_s: int = 10
-    revision: str = ""
+    revision: str | None = ""
 
 
 # Limits a spec must stay within. Memory and tasks are per replica; the slice caps the sum.
@@ -108,7 +108,6 @@ IMAGE_RE = re.compile(rf"^{_NAME}(?::{_TAG})?(?:@{_DIGEST})?$")
 
 DID_RE = re.compile(r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2000}$")
 RKEY_RE = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
-HANDLE_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 REVISION_RE = re.compile(r"^[A-Za-z0-9._:+/=-]{0,256}$")
@@ -157,8 +156,11 @@ def validate_spec(spec: ReplicaSpec) -> ReplicaSpec:
     if rid.workload in (".", ".."):
         raise InvalidReplicaSpec(f"replica.workload {rid.workload!r} is not a record key")
     _check_range("replica.index", rid.index, 0, 9999)
-    if not isinstance(spec.owner_handle, str) or not HANDLE_RE.match(spec.owner_handle):
-        raise InvalidReplicaSpec(f"owner_handle {spec.owner_handle!r} is not a handle")
+    # The handle only makes the unit name readable (naming.py reduces it to safe
+    # characters), so anything printable will do: a DID's tail when no handle is known.
+    handle = spec.owner_handle
+    if not isinstance(handle, str) or not handle.isprintable() or not 0 < len(handle) <= 253:
+        raise InvalidReplicaSpec(f"owner_handle {handle!r} must be 1-253 printable characters")
     validate_image(spec.image)
     validate_resources(spec.resources)
 
@@ -203,6 +205,8 @@ def validate_spec(spec: ReplicaSpec) -> ReplicaSpec:
     if not isinstance(spec.writable_root, bool):
         raise InvalidReplicaSpec("writable_root must be a boolean")
     _check_range("stop_timeout_s", spec.stop_timeout_s, 0, MAX_STOP_TIMEOUT_S)
-    if not isinstance(spec.revision, str) or not REVISION_RE.match(spec.revision):
+    if spec.revision is not None and (
+        not isinstance(spec.revision, str) or not REVISION_RE.match(spec.revision)
+    ):
         raise InvalidReplicaSpec(f"revision {spec.revision!r} has characters outside the set")
     return spec

@@ -181,7 +181,7 @@ def unit_properties(
             ENV_OWNER: spec.replica.owner_did,
             ENV_WORKLOAD: spec.replica.workload,
             ENV_INDEX: str(spec.replica.index),
-            ENV_REVISION: spec.revision,
+            ENV_REVISION: spec.revision or "",
             ENV_CONTAINER: container,
         }
     )

@@ -1,0 +1,126 @@
+"""The replica lifecycle on the in-memory machine: the steps, their undo, the watcher."""
+
+from __future__ import annotations
+
+import trio
+
+from meshletd.runtime.events import (
+    ReplicaExited,
+    ReplicaFailed,
+    ReplicaRunning,
+    ReplicaStarting,
+    ReplicaStopped,
+)
+from meshletd.runtime.fake import FakeMachine, fake_runtime
+from meshletd.runtime.machine import MachineError
+from meshletd.runtime.outcome import UnitSnapshot
+from meshletd.runtime.spec import Secret
+from meshletd.runtime.testing import FakeHarness, drain, ended, serving, spec, wait_event
+
+
+def harness() -> FakeHarness:
+    return FakeHarness(FakeMachine())
+
+
+async def test_secrets_reach_the_container_and_are_removed_with_the_replica() -> None:
+    h = harness()
+    rt = h.runtime()
+    s = spec(h, secrets=(Secret("db", b"pa55"), Secret("token", b"t0k", env="TOKEN")))
+    async with serving(rt):
+        running = await rt.start(s)
+        assert isinstance(running, ReplicaRunning)
+        container = h.machine.containers[running.unit.removesuffix(".service")]
+        assert sorted(container.secrets.values()) == [b"pa55", b"t0k"]
+        assert b"pa55" not in repr(h.machine.units).encode()
+        await rt.stop(s.replica)
+    assert h.machine.secrets == {}
+
+
+async def test_a_missing_image_is_pulled_first_and_the_pull_is_timed_apart() -> None:
+    h = harness()
+    h.machine.pullable.add("registry.test/app:1")
+    rt = h.runtime()
+    async with serving(rt):
+        running = await rt.start(spec(h, image="registry.test/app:1"))
+        assert isinstance(running, ReplicaRunning)
+        assert running.pull_ms >= 0 and running.start_ms >= 0
+        assert "registry.test/app:1" in h.machine.images
+
+
+async def test_a_failing_secret_step_undoes_the_earlier_steps() -> None:
+    h = harness()
+    rt = h.runtime()
+
+    async def broken(name: str, data: bytes) -> None:
+        if name.endswith(".second"):
+            raise MachineError("podman secret create: disk full")
+        h.machine.secrets[name] = data
+
+    h.machine.create_secret = broken  # type: ignore[method-assign]
+    s = spec(h, secrets=(Secret("first", b"1"), Secret("second", b"2")))
+    result = await rt.start(s)
+    assert isinstance(result, ReplicaFailed) and "disk full" in result.message
+    assert h.machine.leftovers() == {"units": [], "containers": [], "secrets": [], "state_dirs": []}
+
+
+async def test_a_unit_whose_podman_fails_is_reported_failed_with_the_journal_hint() -> None:
+    h = harness()
+    rt = h.runtime()
+
+    async def vanished(image: str) -> bool:  # present when checked, gone when the unit runs
+        return True
+
+    h.machine.image_present = vanished  # type: ignore[method-assign]
+    result = await rt.start(spec(h, image="localhost/gone:latest"))
+    assert isinstance(result, ReplicaFailed) and result.error == "UnitStartFailed"
+    assert "125" in result.message and "journalctl -u" in result.message
+    assert all(not v for v in h.machine.leftovers().values())
+
+
+async def test_a_job_reports_starting_running_then_its_exit_with_usage() -> None:
+    h = harness()
+    rt = h.runtime()
+    s = spec(h, workload="job", args=("sh", "-c", "exit 0"))
+    async with serving(rt):
+        await rt.start(s)
+        seen: list = []
+        await wait_event(rt, ended(s.replica), 5, seen)
+    kinds = [type(e) for e in [*drain(rt), *seen]]
+    assert kinds[:2] == [ReplicaStarting, ReplicaRunning] and kinds[-1] is ReplicaExited
+    assert isinstance(seen[-1], ReplicaExited) and seen[-1].usage.peak_memory_bytes > 0
+
+
+async def test_the_watcher_survives_a_systemd_hiccup() -> None:
+    h = harness()
+    rt = h.runtime()
+    real = h.machine.unit_snapshot
+    calls = 0
+
+    async def flaky(unit: str) -> UnitSnapshot:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise MachineError("systemd: connection reset")
+        return await real(unit)
+
+    s = spec(h, workload="job", args=("sh", "-c", "exit 5"))
+    async with serving(rt):
+        await rt.start(s)
+        h.machine.unit_snapshot = flaky  # type: ignore[method-assign]
+        ev = await wait_event(rt, ended(s.replica), 5)
+    assert isinstance(ev, ReplicaExited) and ev.exit_code == 5
+
+
+async def test_cancelling_serve_leaves_replicas_running_for_the_next_meshletd() -> None:
+    h = harness()
+    rt = h.runtime()
+    s = spec(h, revision="bafyrev")
+    async with serving(rt):
+        await rt.start(s)
+    assert len(h.machine.containers) == 1
+    nxt = fake_runtime(h.machine)
+    async with serving(nxt) as adopted:
+        assert [(r.replica, r.revision) for r in adopted] == [(s.replica, "bafyrev")]
+        assert isinstance(await nxt.stop(s.replica), ReplicaStopped)
+    with trio.fail_after(1):
+        assert all(not v for v in h.machine.leftovers().values())
