@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import trio
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError  # type: ignore[import-untyped]
-from pystemd.dbuslib import DBus, apply_signature  # type: ignore[import-untyped]
+from pystemd.dbuslib import DBus, DBusAddress, apply_signature  # type: ignore[import-untyped]
 from pystemd.systemd1 import Manager  # type: ignore[import-untyped]
 
 from meshletd.runtime.events import Usage
@@ -57,9 +57,14 @@ def detect_cgroup_v2(root: str = "/sys/fs/cgroup") -> bool:
 
 
 class _Bus:
-    """One system bus connection, used from one worker thread at a time."""
+    """One connection to a service manager, used from one worker thread at a time.
 
-    def __init__(self) -> None:
+    `address` None is the system bus; otherwise a peer-to-peer socket (a user manager's
+    `/run/user/UID/systemd/private`, which root may use).
+    """
+
+    def __init__(self, address: bytes | None = None) -> None:
+        self._address = address
         self._bus: Any = None
         self._manager: Any = None
         self._lock = threading.Lock()
@@ -69,7 +74,10 @@ class _Bus:
         with self._lock:
             for attempt in (1, 2):
                 if self._bus is None:
-                    self._bus = DBus()
+                    if self._address is None:
+                        self._bus = DBus()
+                    else:
+                        self._bus = DBusAddress(self._address, peer_to_peer=True)
                     self._bus.open()
                     self._manager = Manager(bus=self._bus, _autoload=True)
                 try:
@@ -91,7 +99,8 @@ class SystemdPodmanMachine:
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
-        self._bus = _Bus()
+        private = f"unix:path={config.runtime_dir}/systemd/private".encode()
+        self._bus = _Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod

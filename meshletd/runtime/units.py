@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from meshletd.runtime.naming import secret_name
 from meshletd.runtime.spec import ReplicaId, ReplicaSpec
@@ -46,12 +47,18 @@ MEMORY_FILES_V2 = ("memory.events", "memory.peak")
 class RuntimeConfig:
     """How the runtime runs replicas on this machine.
 
+    `manager`: "system" runs each replica as a system unit with `User=` (works on our v1
+    hosts; podman calls it unsupported), "user" as a unit of the user's own manager
+    (`user@UID.service`, podman's supported home; `journalctl --user-unit`). On cgroup v1 a
+    user manager has no memory/cpu/pids controllers, so its limits only hold on v2.
+
     `slice_milli_cpu`/`slice_memory_mib` cap what all replicas together may take (None: no
     cap). Each replica's unit gets its workload's memory and tasks *plus* an overhead for
     conmon, slirp4netns and podman itself while it starts (measured: podman run peaks near
     40 MiB and 30 threads), so a workload asking 16 MiB can still be started.
     """
 
+    manager: Literal["system", "user"] = "system"
     user: str = "meshlet"
     uid: int = 1000
     gid: int = 1000
@@ -160,7 +167,10 @@ def cgroup_path(slice_name: str, unit: str) -> str:
 
 def memory_cgroup_dir(config: RuntimeConfig, unit: str) -> str:
     sub = "" if config.cgroup_v2 else "/memory"
-    return f"{config.cgroup_root}{sub}{cgroup_path(config.slice, unit)}"
+    manager = ""
+    if config.manager == "user":
+        manager = f"/user.slice/user-{config.uid}.slice/user@{config.uid}.service"
+    return f"{config.cgroup_root}{sub}{manager}{cgroup_path(config.slice, unit)}"
 
 
 def replica_state_dir(config: RuntimeConfig, unit: str) -> str:
@@ -197,8 +207,6 @@ def unit_properties(
         "Slice": config.slice,
         "Type": "notify",
         "NotifyAccess": "all",
-        "User": config.user,
-        "Group": str(config.gid),
         "WorkingDirectory": config.home,
         "Environment": [f"{k}={v}" for k, v in env.items()],
         "ExecStart": [(run[0], run, False)],
@@ -217,6 +225,7 @@ def unit_properties(
         "TimeoutStartUSec": config.start_timeout_s * 1_000_000,
         "TimeoutStopUSec": stop_grace_s * 1_000_000,
         "SyslogIdentifier": container,
+        **({"User": config.user, "Group": str(config.gid)} if config.manager == "system" else {}),
         "StandardOutput": "journal",
         "StandardError": "journal",
     }

@@ -66,3 +66,10 @@ def test_the_slice_caps_what_all_replicas_together_may_take(
 ) -> None:
     got = run_check(systemd_host, "slice_cap")
     assert got["measured_total"] <= 0.33
+
+
+def test_the_user_manager_fallback_runs_adopts_and_logs_replicas_too(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "user_manager")
+    assert got["journal_once"] and "user@" in got["cgroup"]

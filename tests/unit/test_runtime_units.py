@@ -133,3 +133,14 @@ def test_slice_caps_are_optional() -> None:
     capped = slice_properties(replace(CONFIG, slice_milli_cpu=1000, slice_memory_mib=8192))
     assert capped["CPUQuotaPerSecUSec"] == 1_000_000
     assert capped["MemoryMax"] == 8192 << 20
+
+
+def test_under_the_user_manager_units_have_no_user_and_counters_come_from_its_cgroup() -> None:
+    cfg = replace(CONFIG, manager="user")
+    props = unit_properties(SPEC, cfg, "u.service", "c")
+    assert "User" not in props and "Group" not in props
+    save = props["ExecStopPost"][0][1]  # type: ignore[index]
+    assert (
+        "/sys/fs/cgroup/memory/user.slice/user-1000.slice/user@1000.service/meshlet.slice/"
+        "u.service/memory.oom_control"
+    ) in save

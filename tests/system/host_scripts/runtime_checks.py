@@ -330,6 +330,39 @@ async def check_slice_cap() -> dict:
     return {"slice_cap": 0.3, "measured_total": round(total, 3), "shown": shown.split()}
 
 
+async def check_user_manager() -> dict:
+    """The fallback: replicas as units of meshlet's own user manager (user@1000.service)."""
+    user = RealHarness(config=replace(H.config, manager="user"))
+    done = []
+    for name in (
+        "start_then_stop_leaves_nothing",
+        "exit_codes_are_reported",
+        "bad_specs_fail_clearly_and_leave_nothing",
+        "restart_adopts_without_duplicates_or_orphans",
+        "exit_while_away_is_reported_on_adoption",
+    ):
+        await getattr(testing, f"contract_{name}")(user)
+        done.append(name)
+    rt = user.runtime()
+    marker = f"user-marker-{time.time_ns()}"
+    async with testing.serving(rt):
+        s = testing.spec(user, workload="ulogs", args=("sh", "-c", f"echo {marker}; sleep 600"))
+        r = await rt.start(s)
+        assert isinstance(r, ReplicaRunning), r
+
+        def user_journal() -> str:
+            return sh("journalctl", "-o", "cat", "--no-pager", f"_SYSTEMD_USER_UNIT={r.unit}")
+
+        await wait_for(lambda: marker in user_journal(), 30, "user journal")
+        await trio.sleep(1.0)
+        once = user_journal().splitlines().count(marker) == 1
+        cgroup = sh("systemctl", "--user", "-M", "meshlet@", "show", r.unit, "-p", "ControlGroup")
+        await rt.stop(s.replica)
+    assert once
+    await testing.assert_clean(user)
+    return {"contract_in_user_manager": done, "journal_once": once, "cgroup": cgroup.strip()}
+
+
 async def check_cleanup() -> dict:
     """Adopt whatever replicas a failed run left and stop them."""
     rt = H.runtime()
