@@ -89,7 +89,10 @@ class AtprotoNode:
         self._workloads: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._bids: dict[str, dict[str, dict[str, Any]]] = {}
         self._statuses: dict[str, dict[str, dict[str, Any]]] = {}
-        self._secrets: dict[str, bytes] = {}
+        from meshletd.daemon.secrets import EncryptionKey, SecretStore
+
+        self._secrets = SecretStore(store)
+        self.key = EncryptionKey(store)
         self.engine: Any = None
         self.writes: Any = None
 
@@ -168,7 +171,7 @@ class AtprotoNode:
             runtime,
             submit,
             raw_workload=lambda uri: (self._workloads.get(uri) or (None, None))[1],
-            secret=self._secrets.get,
+            secret=self.fetch_secret,
             workload_cid=lambda uri: (self._workloads.get(uri) or (None, None))[0],
             probe=self._probe,
         )
@@ -232,6 +235,7 @@ class AtprotoNode:
             arch=self.cfg.arch or _machine_arch(),
             endpoint=self.cfg.public_endpoint,
             labels=tuple(self.cfg.labels),
+            encryption_key=self.key.public_b64,
             version=__version__,
         )
         writes = await publish_own_records(
@@ -538,7 +542,75 @@ class AtprotoNode:
     async def put_secret(self, name: str, value: bytes) -> None:
         if not name:
             raise InvalidRequest("a secret needs a name")
-        self._secrets[name] = bytes(value)
+        self._secrets.put(name, value)
+        log.info("secret %s stored (%d bytes)", name, len(value))
+
+    async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
+        """Serve a secret of our owner's workload, sealed to a meshlet that holds a slot."""
+        from meshletd.daemon.secrets import seal
+
+        if not workload_uri.startswith(f"at://{self.owner}/{WORKLOAD}/"):
+            raise Forbidden("secrets are served by the workload owner's own meshlet")
+        entry = self._workloads.get(workload_uri)
+        if entry is None:
+            raise NotFound(f"no workload {workload_uri}")
+        if name not in [ref.get("name") for ref in entry[1].get("secrets", ())]:
+            raise Forbidden(f"{workload_uri} does not reference a secret named {name!r}")
+        value = self._secrets.get(name)
+        if value is None:
+            raise NotFound(f"secret {name!r} is not stored on this meshlet")
+        if self.engine is None:
+            raise Forbidden("this meshlet does not schedule, so it cannot tell slot holders")
+        slots = self.engine.scheduler.placement().get(workload_uri) or ()
+        if not any(owner is not None and owner[1] == caller_did for owner in slots):
+            log.warning("secret %s of %s refused to %s: no slot", name, workload_uri, caller_did)
+            raise Forbidden(f"{caller_did} holds no slot of {workload_uri}")
+        record = self.view.owners.get(caller_did)
+        key = record.encryption_key if record is not None else None
+        if not key:
+            raise Forbidden(f"{caller_did} publishes no encryption key")
+        log.info("secret %s of %s sealed to %s", name, workload_uri, caller_did)
+        return seal(key, value)
+
+    async def fetch_secret(self, workload_uri: str, name: str) -> bytes | None:
+        """A secret a workload needs: ours from the store, others' from their meshlet."""
+        owner = workload_uri[len("at://") :].split("/", 1)[0]
+        if owner == self.owner:
+            return self._secrets.get(name)
+        if self.meshlet_pds is None:
+            return None
+        import httpx
+
+        from meshletd.xrpc.app import from_json
+
+        members = self.view.all_members()
+        for meshlet in sorted(self.view.claimed_meshlets(owner)):
+            member = members.get(meshlet)
+            if member is None or not member.endpoint:
+                continue
+            nsid = "farm.meshlet.getSecret"
+            try:
+                r = await self.meshlet_pds.session.request(
+                    "GET",
+                    "com.atproto.server.getServiceAuth",
+                    params={"aud": meshlet, "lxm": nsid, "exp": int(time.time()) + 60},
+                )
+                token = r.json()["token"]
+                async with httpx.AsyncClient(timeout=10) as http:
+                    got = await http.get(
+                        f"{member.endpoint.rstrip('/')}/xrpc/{nsid}",
+                        params={"workload": workload_uri, "name": name},
+                        headers={"authorization": f"Bearer {token}"},
+                    )
+                if got.status_code != 200:
+                    log.warning(
+                        "secret %s of %s refused by %s: %s", name, workload_uri, meshlet, got.text
+                    )
+                    continue
+                return self.key.unseal(from_json(got.json())["sealed"])
+            except Exception as e:
+                log.warning("secret %s of %s: %s unreachable: %s", name, workload_uri, meshlet, e)
+        return None
 
     async def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -63,7 +63,7 @@ class Engine:
         submit_write: Callable[[Any], None],
         *,
         raw_workload: Callable[[str], dict[str, Any] | None],
-        secret: Callable[[str], bytes | None] = lambda name: None,
+        secret: Callable[[str, str], Awaitable[bytes | None]] | None = None,
         workload_cid: Callable[[str], str | None] = lambda uri: None,
         probe: Callable[[str], Awaitable[bool]] | None = None,
         owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
@@ -180,19 +180,32 @@ class Engine:
 
     # -- replicas ------------------------------------------------------------------------
 
-    def spec_for(self, action: StartReplica) -> Any:
+    async def secrets_for(self, workload_uri: str) -> dict[str, bytes]:
+        """The values of the secrets a workload references (fetched where they live)."""
+        raw = self._raw_workload(workload_uri) or {}
+        out: dict[str, bytes] = {}
+        for ref in raw.get("secrets", ()):
+            value = await self._secret(workload_uri, ref["name"]) if self._secret else None
+            if value is None:
+                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
+            out[ref["name"]] = value
+        return out
+
+    def spec_for(self, action: StartReplica, secret_values: dict[str, bytes] | None = None) -> Any:
         from meshletd.runtime import ReplicaSpec, Resources, Secret
 
         wl = action.workload
         raw = self._raw_workload(wl.uri) or {}
         args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
         env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
+        values = secret_values or {}
         secrets = []
         for ref in raw.get("secrets", ()):
-            value = self._secret(ref["name"])
-            if value is None:
-                raise LookupError(f"secret {ref['name']!r} is not available on this meshlet")
-            secrets.append(Secret(ref.get("target") or ref["name"], value, env=ref.get("env")))
+            if ref["name"] not in values:
+                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
+            secrets.append(
+                Secret(ref.get("target") or ref["name"], values[ref["name"]], env=ref.get("env"))
+            )
         return ReplicaSpec(
             replica=replica_id(wl.uri, action.slot),
             owner_handle=self._owner_handle(wl.owner),
@@ -210,7 +223,8 @@ class Engine:
         uri, slot = action.workload.uri, action.slot
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
-            outcome = await self.runtime.start(self.spec_for(action))
+            values = await self.secrets_for(uri)
+            outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("replica %d of %s could not start: %s", slot, uri, e)
             self.feed(ReplicaStateChanged(uri, slot, "failed"))

@@ -108,6 +108,13 @@ def install(
             owner_only(caller, uri)
         return {"lines": await node.logs(uri, params["slot"], params["lines"])}
 
+    async def get_secret(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        if caller.did is None:
+            raise Forbidden("getSecret is for meshlets holding a slot, with service auth")
+        name = params["name"]
+        sealed = await node.get_secret(caller.did, params["workload"], name)
+        return {"name": name, "sealed": sealed}
+
     async def put_secret(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         name = body.get("name")
         value = body.get("value")
@@ -193,6 +200,13 @@ def install(
             "slot": Param("integer", default=0, minimum=0, maximum=999),
             "lines": Param("integer", default=200, minimum=1, maximum=10000),
         },
+    )
+    add(
+        "farm.meshlet.getSecret",
+        q,
+        Access.AUTHENTICATED,
+        get_secret,
+        {"workload": Param("string", required=True), "name": Param("string", required=True)},
     )
     add("farm.meshlet.putSecret", p, Access.LOCAL, local_only(put_secret))
     add("farm.meshlet.shutdown", p, Access.LOCAL, local_only(shutdown))

@@ -62,6 +62,10 @@ class Node(Protocol):
 
     async def put_secret(self, name: str, value: bytes) -> None: ...
 
+    async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
+        """The secret sealed to `caller_did`, if it holds a slot of the workload."""
+        ...
+
     async def reconfigure(self, cfg: Any) -> None:
         """Apply a reloaded `meshletd.config.Config` (members, clusters, contribution)."""
         ...
@@ -303,6 +307,9 @@ class InMemoryNode:
 
     async def put_secret(self, name: str, value: bytes) -> None:
         self._secrets[name] = bytes(value)
+
+    async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
+        raise Forbidden("the in-memory node places every replica itself: no peer holds a slot")
 
     async def reconfigure(self, cfg: Any) -> None:
         self._members = list(cfg.members)

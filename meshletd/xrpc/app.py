@@ -107,6 +107,17 @@ def from_json(value: Any) -> Any:
     return value
 
 
+def to_json(value: Any) -> Any:
+    """Data model → atproto JSON: `bytes` becomes `{"$bytes": base64}`."""
+    if isinstance(value, bytes | bytearray):
+        return {"$bytes": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
 def _coerce(name: str, spec: Param, raw: list[str]) -> Any:
     def one(value: str) -> Any:
         if spec.type == "integer":
@@ -196,7 +207,7 @@ class XrpcApp:
             if body is not None and self.lexicons is not None and nsid in self.lexicons.docs:
                 self._check_input(nsid, body)
             result = await method.handler(caller, params, body)
-            return Response.json(200, {} if result is None else result)
+            return Response.json(200, {} if result is None else to_json(result))
         except MeshletError as e:
             if e.status >= 500 and not isinstance(e, MethodNotImplemented):
                 log.warning("xrpc %s from %s failed: %s", nsid or request.path, request.remote, e)

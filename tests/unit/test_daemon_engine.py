@@ -77,6 +77,10 @@ def workload(now_ms: int, secrets: bool = False) -> Ev:
     return put(OWNER, "workload", "3kweb", rec)
 
 
+async def fetch_secret(workload_uri: str, name: str) -> bytes | None:
+    return {"db": b"hunter2"}.get(name)
+
+
 async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list) -> Engine:
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
@@ -86,7 +90,7 @@ async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list) -> En
         fake_runtime(machine),
         writes.append,
         raw_workload=raw.get,
-        secret={"db": b"hunter2"}.get,
+        secret=fetch_secret,
         workload_cid=lambda uri: "bafy" + uri.rsplit("/", 1)[1],
         clock=clock,
     )
@@ -148,7 +152,7 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
         inner.cancel_scope.cancel()
 
 
-def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
+async def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
     from meshletd.core.actions import StartReplica
     from meshletd.core.records import record_from_json
 
@@ -159,10 +163,25 @@ def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> No
         None,
         lambda w: None,
         raw_workload={ev.uri: ev.record}.get,
-        secret={"db": b"hunter2"}.get,
+        secret=fetch_secret,
     )
-    spec = engine.spec_for(StartReplica(wl, 0, 0))
+    spec = engine.spec_for(StartReplica(wl, 0, 0), await engine.secrets_for(ev.uri))
     assert spec.image == "localhost/busybox:latest" and spec.args == ("sleep", "60")
     assert spec.env == (("MODE", "test"),)
     assert spec.secrets[0].name == "db" and spec.secrets[0].data == b"hunter2"
     assert "hunter2" not in repr(spec)
+
+
+async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    engine = await start(nursery, machine, [])
+    ev = workload(int((T0 + trio.current_time()) * 1000), secrets=True)
+    ev.record["secrets"] = [{"name": "missing"}]
+    engine.raw[ev.uri] = ev.record
+    engine.record_changed(ev)
+    await wait_for(lambda: engine.handled > 20 and not engine.runtime.replicas(), 30)
+    await trio.sleep(10)
+    assert engine.scheduler.replicas().get((ev.uri, 0)) != "running"
+    assert not [r for r in engine.runtime.replicas() if r.state == "running"]

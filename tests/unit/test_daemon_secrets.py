@@ -1,0 +1,84 @@
+"""Secrets: stored root-only, sealed to the slot holder's key, refused to anyone else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from meshletd.atproto.records import MeshletOwner, Resources
+from meshletd.config import Cluster, Config, Credentials
+from meshletd.daemon.atnode import AtprotoNode
+from meshletd.daemon.secrets import EncryptionKey, SecretStore, seal
+from meshletd.errors import Forbidden, NotFound
+from meshletd.store import MemoryStore, StateStore
+
+OWNER, ME, WINNER, OTHER = "did:plc:alice", "did:plc:alicemesh", "did:plc:bobmesh", "did:plc:eve"
+URI = f"at://{OWNER}/commune.scheduler.workload/3kweb"
+
+
+def test_only_the_key_holder_can_open_a_sealed_secret() -> None:
+    mine, theirs = EncryptionKey(MemoryStore()), EncryptionKey(MemoryStore())
+    sealed = seal(mine.public_b64, b"hunter2")
+    assert b"hunter2" not in sealed
+    assert mine.unseal(sealed) == b"hunter2"
+    with pytest.raises(Exception):  # noqa: B017 - nacl's CryptoError
+        theirs.unseal(sealed)
+
+
+def test_keys_and_secrets_survive_a_restart_in_private_files(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    key = EncryptionKey(store)
+    SecretStore(store).put("db", b"hunter2")
+    again = StateStore(tmp_path)
+    assert EncryptionKey(again).public_b64 == key.public_b64
+    assert SecretStore(again).get("db") == b"hunter2"
+    assert "hunter2" not in repr(SecretStore(again)) and "private" not in repr(key)
+    for f in tmp_path.iterdir():
+        assert f.stat().st_mode & 0o077 == 0
+
+
+def node_with_placement(slot_holder: str) -> tuple[AtprotoNode, EncryptionKey]:
+    cfg = Config(did=ME, owner=OWNER, pds="http://127.0.0.1:1", clusters=[Cluster(name="home")])
+    node = AtprotoNode(cfg, Credentials(), MemoryStore())
+    node._workloads[URI] = ("bafyx", {"name": "web", "secrets": [{"name": "db"}]})
+    node._secrets.put("db", b"hunter2")
+    winner_key = EncryptionKey(MemoryStore())
+    for did in (WINNER, OTHER):
+        node.view.owners[did] = MeshletOwner(
+            owner_did="did:plc:someone",
+            capacity=Resources(milli_cpu=1000, memory_mib=1024),
+            arch="amd64",
+            encryption_key=winner_key.public_b64 if did == WINNER else None,
+        )
+    sched = SimpleNamespace(placement=lambda: {URI: ((0, slot_holder),)})
+    node.engine = SimpleNamespace(scheduler=sched)
+    return node, winner_key
+
+
+async def test_the_slot_holder_gets_the_secret_sealed_to_its_key() -> None:
+    node, winner_key = node_with_placement(WINNER)
+    sealed = await node.get_secret(WINNER, URI, "db")
+    assert winner_key.unseal(sealed) == b"hunter2"
+
+
+async def test_a_meshlet_without_a_slot_is_refused() -> None:
+    node, _ = node_with_placement(WINNER)
+    with pytest.raises(Forbidden, match="holds no slot"):
+        await node.get_secret(OTHER, URI, "db")
+
+
+async def test_a_secret_the_workload_does_not_reference_is_refused() -> None:
+    node, _ = node_with_placement(WINNER)
+    node._secrets.put("other", b"x")
+    with pytest.raises(Forbidden, match="does not reference"):
+        await node.get_secret(WINNER, URI, "other")
+
+
+async def test_another_owners_workload_and_unknown_workloads_are_refused() -> None:
+    node, _ = node_with_placement(WINNER)
+    with pytest.raises(Forbidden):
+        await node.get_secret(WINNER, "at://did:plc:bob/commune.scheduler.workload/x", "db")
+    with pytest.raises(NotFound):
+        await node.get_secret(WINNER, f"at://{OWNER}/commune.scheduler.workload/nope", "db")
