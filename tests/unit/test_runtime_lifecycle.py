@@ -124,3 +124,48 @@ async def test_cancelling_serve_leaves_replicas_running_for_the_next_meshletd() 
         assert isinstance(await nxt.stop(s.replica), ReplicaStopped)
     with trio.fail_after(1):
         assert all(not v for v in h.machine.leftovers().values())
+
+
+class _CancelAtCall:
+    """Wraps a FakeMachine; cancels `scope` at the n-th machine call (shutdown mid-start)."""
+
+    def __init__(self, machine: FakeMachine, n: int, scope: trio.CancelScope) -> None:
+        self._machine, self._n, self._scope, self.calls = machine, n, scope, 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        target = getattr(self._machine, name)
+        if not callable(target) or name.startswith("_"):
+            return target
+
+        async def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.calls == self._n:
+                self._scope.cancel()
+                await trio.lowlevel.checkpoint()
+            return await target(*args, **kwargs)
+
+        return call
+
+
+async def test_a_start_cancelled_at_any_step_leaves_nothing_once_adopted_and_stopped() -> None:
+    from meshletd.runtime.runtime import ReplicaRuntime
+    from meshletd.runtime.units import RuntimeConfig
+
+    n = 1
+    while True:
+        machine = FakeMachine()
+        h = FakeHarness(machine)
+        s = spec(h, secrets=(Secret("a", b"1"), Secret("b", b"2")))
+        with trio.CancelScope() as scope:
+            wrapped = _CancelAtCall(machine, n, scope)
+            rt = ReplicaRuntime(wrapped, RuntimeConfig())  # type: ignore[arg-type]
+            await rt.start(s)
+        if not scope.cancelled_caught:
+            break  # n is past the last call of start(): every step has been tried
+        nxt = fake_runtime(machine)
+        async with serving(nxt) as adopted:
+            for r in adopted:
+                await nxt.stop(r.replica)
+        assert all(not v for v in machine.leftovers().values()), (n, machine.leftovers())
+        n += 1
+    assert n > 8, n  # start() really went through its steps
