@@ -19,6 +19,12 @@ def _parser() -> argparse.ArgumentParser:
         help="configuration file (default: /etc/meshlet/meshlet.toml)",
     )
     p.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(os.environ.get("MESHLET_CREDENTIALS", "/etc/meshlet/credentials.toml")),
+        help="root-only credentials file, used when $CREDENTIALS_DIRECTORY is not set",
+    )
+    p.add_argument(
         "--check", action="store_true", help="validate the configuration and credentials, then exit"
     )
     p.add_argument("--version", action="version", version=f"meshletd {__version__}")
@@ -33,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config.load(args.config)
-        creds = config.load_credentials()
+        creds = config.load_credentials(fallback=args.credentials)
     except MeshletError as e:
         print(f"meshletd: {e.message}", file=sys.stderr)
         return e.exit_code
