@@ -281,17 +281,21 @@ class ClusterFormation:
         """Watch every repo the view needs; stop watching the ones it no longer needs."""
         for _ in range(4):  # owners first, then the meshlets they claim
             wanted = self.view.watched_dids()
-            for did in sorted(wanted - self.firehose.interest.dids):
-                try:
-                    await self.firehose.watch(did)
-                except IdentityError as e:
-                    log.warning("cluster: cannot watch %s: %s", did, e)
+            async with trio.open_nursery() as nursery:  # resolve + heal repos in parallel
+                for did in sorted(wanted - self.firehose.interest.dids):
+                    nursery.start_soon(self._watch, did)
             if self.view.watched_dids() == wanted:
                 break
         for did in sorted(self.firehose.interest.dids - self.view.watched_dids()):
             self.firehose.unwatch(did)
             self.view.forget_repo(did)
             self._bump()
+
+    async def _watch(self, did: str) -> None:
+        try:
+            await self.firehose.watch(did)
+        except IdentityError as e:
+            log.warning("cluster: cannot watch %s: %s", did, e)
 
     async def _on_event(self, ev: RecordEvent) -> None:
         before = self.view.watched_dids()

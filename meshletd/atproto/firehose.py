@@ -334,6 +334,7 @@ class PdsSubscription:
         self.save_every_s = save_every_s
         self.cursor: int | None = cursors.load(self.pds_url)
         self.connected = trio.Event()
+        self.started = trio.Event()  # set after the first connection attempt
         self.connections = 0
         self._unsaved = False
         self._ws: Any = None
@@ -361,6 +362,7 @@ class PdsSubscription:
                             )
                             if not started:
                                 started = True
+                                self.started.set()
                                 task_status.started()
                             await self._read(ws)
                     except (
@@ -378,6 +380,7 @@ class PdsSubscription:
                 self.connected = trio.Event()
                 if not started:
                     started = True
+                    self.started.set()
                     task_status.started()
                 delay = self.backoff.next()
                 log.warning(
@@ -508,6 +511,9 @@ class Firehose:
 
     async def _ensure_subscription(self, pds: str) -> None:
         if pds in self.subscriptions:
+            # Another task is opening it: wait for its first connection attempt, so that a
+            # resync that follows cannot fall in a gap before the stream starts.
+            await self.subscriptions[pds].started.wait()
             return
         assert self._nursery is not None, "Firehose.run() must be running"
         decoder = FrameDecoder(self.interest, self.keys, self.lexicons)
@@ -567,7 +573,11 @@ class Firehose:
             return 0
         key = self.keys.get(did)
         changes = 0
-        for collection in sorted(self.interest.collections):
+        present = await self.reader.collections(pds, did)
+        wanted = set(self.interest.collections)
+        if present is not None:  # skip empty collections we hold nothing of
+            wanted = {c for c in wanted if c in present or self.mirror.known(did, c)}
+        for collection in sorted(wanted):
             listed = await self.reader.list_records(pds, did, collection)
             known = self.mirror.known(did, collection)
             suspects = {rk for rk, cid in listed.items() if known.get(rk) != cid}

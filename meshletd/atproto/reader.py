@@ -100,6 +100,13 @@ class RepoReader:
             did, collection, rkey, commit["rev"], cid_str(cid) if cid else None, value
         )
 
+    async def collections(self, pds: str, did: str) -> set[str] | None:
+        """Collections the repo holds (describeRepo), or None if the PDS cannot say."""
+        r = await self._get(pds, "com.atproto.repo.describeRepo", {"repo": did})
+        if r.status_code != 200:
+            return None
+        return set(r.json().get("collections") or ())
+
     async def latest_rev(self, pds: str, did: str) -> str | None:
         r = await self._get(pds, "com.atproto.sync.getLatestCommit", {"did": did})
         if r.status_code != 200:
