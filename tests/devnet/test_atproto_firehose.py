@@ -161,3 +161,66 @@ async def test_anti_entropy_heals_what_the_firehose_never_delivered(devnet):
     assert {e.source for e in got.events} == {"resync"}
     # Every record from anti-entropy came with a verified proof (signed commit + MST path).
     assert all(e.rev for e in got.events)
+
+
+def _forge(raw: bytes) -> bytes:
+    """Re-sign nothing: flip one bit of the commit signature in a real PDS frame, and fix
+    up the commit CID so that only the signature is wrong."""
+    import libipld
+
+    from meshletd.atproto.testing import encode_car
+    from meshletd.atproto.verify import cid_of
+
+    header, body = libipld.decode_dag_cbor_multi(raw)
+    _car_header, blocks = libipld.decode_car(body["blocks"])
+    commit = dict(blocks.pop(body["commit"]))
+    sig = bytearray(commit["sig"])
+    sig[10] ^= 0x01
+    commit["sig"] = bytes(sig)
+    new_cid = cid_of(commit)
+    blocks[new_cid] = commit
+    body["commit"] = new_cid
+    body["blocks"] = encode_car(new_cid, blocks)
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
+
+
+class _TamperingSocket:
+    """The real PDS firehose, with commits touching `.../forged` re-written in flight."""
+
+    def __init__(self, url):
+        from trio_websocket import open_websocket_url
+
+        self._cm = open_websocket_url(url)
+
+    async def __aenter__(self):
+        self._ws = await self._cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._cm.__aexit__(*exc)
+
+    async def get_message(self):
+        import libipld
+
+        raw = await self._ws.get_message()
+        _header, body = libipld.decode_dag_cbor_multi(raw)
+        if any(op["path"].endswith("/forged") for op in body.get("ops") or ()):
+            return _forge(raw)
+        return raw
+
+
+async def test_a_real_commit_with_a_tampered_signature_is_dropped(devnet, caplog):
+    caplog.set_level(logging.WARNING, logger="meshletd.firehose")
+    acct, alice = await account(devnet, "sg")
+    got = Collector()
+    async with trio.open_nursery() as nursery:
+        fh = firehose(devnet, got, connect=_TamperingSocket)
+        await nursery.start(fh.run)
+        await fh.watch(acct.did, resync=False)
+        await alice.put_record(MEMBERSHIP, "forged", membership([acct.did]))
+        await alice.put_record(MEMBERSHIP, "honest", membership([acct.did]))
+        await got.wait(lambda: "honest" in got.rkeys())
+        nursery.cancel_scope.cancel()
+    assert got.rkeys() == ["honest"]
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"repo={acct.did}: bad commit signature" in log
