@@ -142,9 +142,10 @@ class FakeMachine:
     async def list_containers(self, label: str) -> list[str]:
         return sorted(n for n, c in self.containers.items() if label in c.labels)
 
-    async def prepare_state_dir(self, unit: str) -> None:
+    async def prepare_state_dir(self, unit: str, *, keep: bool = False) -> None:
         self.state_dirs.add(unit)
-        self.saved.pop(unit, None)
+        if not keep:
+            self.saved.pop(unit, None)
 
     async def read_saved_counters(self, unit: str) -> dict[str, str]:
         return dict(self.saved.get(unit, {}))

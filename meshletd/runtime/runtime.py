@@ -205,6 +205,9 @@ class ReplicaRuntime:
             )
             if phase in ("starting", "running", "stopping"):
                 log.info("adopted replica %s (unit %s)", ident.replica, unit)
+                # /run may have been cleaned while meshletd was away; the unit's
+                # ExecStopPost needs the dir to leave its memory counters in.
+                await self.machine.prepare_state_dir(unit, keep=True)
                 if phase == "running":
                     self._emit(
                         ReplicaRunning(rep.replica, unit, adopted=True, revision=rep.revision)

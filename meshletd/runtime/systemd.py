@@ -217,12 +217,14 @@ class SystemdPodmanMachine:
 
     # ---- state dirs ---------------------------------------------------------------------
 
-    async def prepare_state_dir(self, unit: str) -> None:
+    async def prepare_state_dir(self, unit: str, *, keep: bool = False) -> None:
         path = Path(replica_state_dir(self.config, unit))
 
         def make() -> None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
             if path.exists():
+                if keep:
+                    return
                 shutil.rmtree(path)
             path.mkdir(mode=0o700)
             if os.geteuid() == 0:

@@ -70,7 +70,9 @@ class RuntimeConfig:
     slice_memory_mib: int | None = None
     memory_overhead_mib: int = 64
     tasks_overhead: int = 64
-    state_dir: str = "/run/meshlet/replicas"
+    # Not under /run/meshlet: that is meshletd.service's RuntimeDirectory, removed when the
+    # daemon stops, while replicas (and their ExecStopPost) outlive the daemon.
+    state_dir: str = "/run/meshlet-replicas"
     cgroup_root: str = "/sys/fs/cgroup"
     cgroup_v2: bool = False
     poll_interval_s: float = 1.0

@@ -169,3 +169,17 @@ async def test_a_start_cancelled_at_any_step_leaves_nothing_once_adopted_and_sto
         assert all(not v for v in machine.leftovers().values()), (n, machine.leftovers())
         n += 1
     assert n > 8, n  # start() really went through its steps
+
+
+async def test_adoption_recreates_a_state_dir_that_vanished_with_the_old_daemon() -> None:
+    h = harness()
+    s = spec(h)
+    first = h.runtime()
+    async with serving(first):
+        await first.start(s)
+    h.machine.state_dirs.clear()  # /run cleaned while meshletd was away
+    nxt = h.runtime()
+    async with serving(nxt) as adopted:
+        assert len(adopted) == 1
+        assert len(h.machine.state_dirs) == 1
+        await nxt.stop(s.replica)

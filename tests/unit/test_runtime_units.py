@@ -108,7 +108,7 @@ def test_unit_properties_carry_limits_and_conventions() -> None:
     assert props["RemainAfterExit"] is True
     assert props["ExecStop"] == [(CONFIG.podman, podman_rm_argv(CONFIG, "c", 10), True)]
     save = props["ExecStopPost"][0][1]  # type: ignore[index]
-    assert save[-1] == "/run/meshlet/replicas/u.service"
+    assert save[-1] == "/run/meshlet-replicas/u.service"
     assert "/sys/fs/cgroup/memory/meshlet.slice/u.service/memory.oom_control" in save
 
 
