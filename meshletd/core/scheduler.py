@@ -143,6 +143,7 @@ class Scheduler:
         self._my_rkeys: set[tuple[str, str]] = set()
         self._my_bids: dict[str, list[str]] = {}  # workload uri -> our bid rkeys
         self._closes: list[tuple[int, str]] = []  # heap of (close time, workload uri)
+        self._lazy_closes: list[tuple[int, str]] = []  # closes that need no exact wake-up
         self._wakes: list[tuple[int, str]] = []  # heap of (time, workload uri) to re-evaluate
         self._bid_queue: set[str] = set()
         self._bid_batch_at: int | None = None
@@ -263,14 +264,25 @@ class Scheduler:
                 e.bids.extend(orphans)
             for st in self._orphan_status.pop(wl.uri, ()):
                 self._store_status(e, st)
-            self._queue_bid(wl.uri)
+            if self._small(wl) or self._is_candidate(wl, -1, 0):
+                self._queue_bid(wl.uri)
         else:
             if e.wl == wl:
                 return
             e.wl = wl
-        heapq.heappush(self._closes, (self._close0(wl), wl.uri))
-        self._resched = True
+        self._push_close(self._close0(wl), wl.uri)
         self._dirty.add(wl.uri)
+
+    def _push_close(self, at: int, uri: str) -> None:
+        """Remember to resolve uri at `at`. Rounds we take part in (or any round in a small
+        cluster) wake us exactly; the others are resolved at the next tick (<= 1 probe
+        interval later), which keeps a large commune cheap."""
+        e = self.workloads.get(uri)
+        if e is None or self._small(e.wl) or uri in self._involved or uri in self._my_bids:
+            heapq.heappush(self._closes, (at, uri))
+            self._resched = True
+        else:
+            heapq.heappush(self._lazy_closes, (at, uri))
 
     def _on_bid(self, b: Bid) -> None:
         if b.meshlet == self.me.did:
@@ -794,10 +806,10 @@ class Scheduler:
     # ==================================================================== tick
     def _on_tick(self) -> None:
         now = self.now
-        closes = self._closes
-        while closes and closes[0][0] <= now:
-            _, uri = heapq.heappop(closes)
-            self._dirty.add(uri)
+        for closes in (self._closes, self._lazy_closes):
+            while closes and closes[0][0] <= now:
+                _, uri = heapq.heappop(closes)
+                self._dirty.add(uri)
         wakes = self._wakes
         while wakes and wakes[0][0] <= now:
             _, uri = heapq.heappop(wakes)
@@ -852,8 +864,8 @@ class Scheduler:
                 before = e.owners
                 pending = self._resolve(e)
                 if pending is not None:
-                    heapq.heappush(self._closes, (pending, uri))
-                if e.owners != before and e.owners is not None:
+                    self._push_close(pending, uri)
+                if e.owners != before and e.owners is not None and None in e.owners:
                     self._bid_queue.add(uri)
                     if self._bid_batch_at is None:
                         self._bid_batch_at = self.now + self.t.bid_batch_ms

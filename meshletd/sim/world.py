@@ -112,7 +112,9 @@ class Sim:
         self.max_cut_ms = 0
         self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
         self.events = 0
-        self.inbox: dict[int, dict[int, list[tuple[str, Any]]]] = {}
+        self.inbox: dict[int, dict[tuple[int, ...], list[tuple[str, Any]]]] = {}
+        self.groups: list[tuple[int, tuple[int, ...]]] = []
+        self.group_last: list[int] = []
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -146,6 +148,11 @@ class Sim:
             self.store[at_uri(did, NSID_MEMBERSHIP, CLUSTER)] = Membership(
                 at_uri(did, NSID_MEMBERSHIP, CLUSTER), did, CLUSTER, members
             )
+        by_lat: dict[int, list[int]] = {}
+        for node in self.nodes:
+            by_lat.setdefault(node.latency - node.latency % BUCKET_MS, []).append(node.idx)
+        self.groups = [(lat, tuple(ix)) for lat, ix in sorted(by_lat.items())]
+        self.group_last = [0] * len(self.groups)
         for node in self.nodes:
             self._boot(node)
         # workloads
@@ -304,35 +311,50 @@ class Sim:
         self._broadcast(uri, rec, self.now + 20)
 
     def _broadcast(self, uri: str, rec: Any, at: int) -> None:
+        if not self.chaos:
+            self._broadcast_groups(uri, rec, at)
+            return
         rng = self.rng
         buckets: dict[int, list[int]] = {}
-        lossy = self.chaos
         for n in self.nodes:
             if not n.alive:
                 continue
             d = at + n.latency + int(rng.expovariate(1 / 15))
-            d += -d % BUCKET_MS  # deliveries are batched like firehose frames
-            if lossy and rng.random() < 0.005:
+            if rng.random() < 0.005:
                 d += rng.randint(1000, 4000)  # a slow relay moment
+            d += -d % BUCKET_MS  # deliveries are batched like firehose frames
             if d < n.last_delivery:
                 d = n.last_delivery  # one ordered stream per recipient
             n.last_delivery = d
-            if lossy and rng.random() < 0.01:
+            if rng.random() < 0.01:
                 n.missed.append((uri, rec))
                 continue
             buckets.setdefault(d, []).append(n.idx)
-        inbox = self.inbox
         for d, idxs in buckets.items():
-            box = inbox.get(d)
-            if box is None:
-                box = inbox[d] = {}
-                self.push(d, K_DELIVER, d)
-            for i in idxs:
-                got = box.get(i)
-                if got is None:
-                    box[i] = [(uri, rec)]
-                else:
-                    got.append((uri, rec))
+            self._enqueue(d, tuple(idxs), uri, rec)
+
+    def _broadcast_groups(self, uri: str, rec: Any, at: int) -> None:
+        """Fault-free delivery, O(latency groups) per write: meshlets with the same link
+        latency (20 ms classes) share one jitter draw, and each group's stream is FIFO."""
+        rng = self.rng
+        for g, (lat, idxs) in enumerate(self.groups):
+            d = at + lat + int(rng.expovariate(1 / 15))
+            d += -d % BUCKET_MS
+            if d < self.group_last[g]:
+                d = self.group_last[g]
+            self.group_last[g] = d
+            self._enqueue(d, idxs, uri, rec)
+
+    def _enqueue(self, d: int, idxs: tuple[int, ...], uri: str, rec: Any) -> None:
+        box = self.inbox.get(d)
+        if box is None:
+            box = self.inbox[d] = {}
+            self.push(d, K_DELIVER, d)
+        got = box.get(idxs)
+        if got is None:
+            box[idxs] = [(uri, rec)]
+        else:
+            got.append((uri, rec))
 
     def _probe(self, node: Node, targets: list[str]) -> None:
         results = []
@@ -456,17 +478,16 @@ class Sim:
             self.now = at
             if kind == K_DELIVER:
                 box = self.inbox.pop(p)
-                for i, items in box.items():
-                    n = nodes[i]
-                    if not n.alive:
-                        continue
-                    if n.cut:
-                        n.missed.extend(items)
-                        continue
-                    self._feed_many(
-                        n,
-                        [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in items],
-                    )
+                for idxs, items in box.items():
+                    evs = [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in items]
+                    for i in idxs:
+                        n = nodes[i]
+                        if not n.alive:
+                            continue
+                        if n.cut:
+                            n.missed.extend(items)
+                            continue
+                        self._feed_many(n, evs)
             elif kind == K_TICK:
                 n = nodes[p[0]]
                 if n.core is p[1] and n.alive and n.wake_at == p[2]:
