@@ -36,6 +36,8 @@ class BenchDaemon:
         self.devnet = devnet
         self.members = [f"did:plc:member{i}" for i in range(members)]
         self.base = Path(tempfile.mkdtemp(prefix="meshlet-bench-"))
+        self.socket = self.base / "control.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
         self.fields = {
             "did": "did:plc:benchmesh",
             "owner": "did:plc:benchowner",
@@ -85,8 +87,6 @@ class BenchDaemon:
         )
         os.chmod(creds, 0o600)
         self.credentials = creds
-        self.socket = self.base / "control.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> BenchDaemon:
         cfg = self.base / "meshlet.toml"

@@ -460,17 +460,50 @@ class AtprotoNode:
         raise MethodNotImplemented("the fair-share ledger is not wired into meshletd yet")
 
     async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
+        """A replica's last lines: from journald when it runs here; for our owner's
+        workloads running elsewhere, from the hosting meshlet (as the owner, service auth)."""
         uri = self._uri_of(uri)
         unit = self.engine.units.get((uri, slot)) if self.engine is not None else None
-        if not unit:
-            raise NotFound(f"replica {slot} of {uri} does not run on this meshlet")
-        done = await trio.run_process(
-            ["journalctl", "-u", unit, "-n", str(lines), "-o", "cat", "--no-pager"],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
+        if unit:
+            done = await trio.run_process(
+                ["journalctl", "-u", unit, "-n", str(lines), "-o", "cat", "--no-pager", "-q"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            return done.stdout.decode(errors="replace").splitlines()[-lines:]
+        host = next(
+            (r.get("meshletDid") for r in self._view(uri)["running"] if r["slot"] == slot), None
         )
-        return done.stdout.decode(errors="replace").splitlines()[-lines:]
+        if not host or host == self.did:
+            raise NotFound(f"replica {slot} of {uri} runs nowhere this meshlet knows of")
+        if not uri.startswith(f"at://{self.owner}/") or self.owner_pds is None:
+            raise Forbidden("only the owner's meshlet (with the owner's credentials) may fetch it")
+        member = self.view.all_members().get(host)
+        if member is None or not member.endpoint:
+            raise UpstreamFailure(f"{host} publishes no XRPC endpoint")
+        import httpx
+
+        nsid = "farm.meshlet.getLogs"
+        r = await self.owner_pds.session.request(
+            "GET", "com.atproto.server.getServiceAuth", params={"aud": host, "lxm": nsid}
+        )
+        if r.status_code != 200:
+            raise UpstreamFailure(f"the owner's PDS refused a service-auth token: {r.text}")
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                got = await http.get(
+                    f"{member.endpoint.rstrip('/')}/xrpc/{nsid}",
+                    params={"uri": uri, "slot": slot, "lines": lines},
+                    headers={"authorization": f"Bearer {r.json()['token']}"},
+                )
+        except httpx.HTTPError as e:
+            raise UpstreamFailure(f"{host} unreachable: {e}") from None
+        if got.status_code != 200:
+            from meshletd.errors import from_xrpc
+
+            raise from_xrpc(got.json(), got.status_code)
+        return list(got.json().get("lines", []))
 
     # -- mutations ---------------------------------------------------------------------
 

@@ -119,6 +119,11 @@ async def test_only_the_slot_holder_obtains_the_secret(
         assert list(container.secrets.values()) == [b"hunter2"]
         assert "hunter2" not in " ".join(container.args)
 
+        # alice reads its logs through her own meshlet, which asks bob's as alice.
+        logs = await ca.get("/farm.meshlet.getLogs", params={"uri": uri, "slot": 0})
+        assert logs.status_code == 200, logs.text
+        assert isinstance(logs.json()["lines"], list)
+
         # alice's own meshlet holds no slot: the owner's meshlet refuses even itself.
         token_for_alice_mesh = await da.node.meshlet_pds.session.request(
             "GET",
