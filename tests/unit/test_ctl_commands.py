@@ -290,3 +290,23 @@ def test_the_group_may_read_but_not_mutate(daemon: Daemon) -> None:
     r = as_nobody(daemon, "drain", groups="65534")
     assert r.returncode == 6, r.stderr
     assert "admin group" in r.stderr
+
+
+def test_shell_completion_completes_commands_and_options() -> None:
+    env = {**os.environ, "_MESHLETCTL_COMPLETE": "complete_bash", "COMP_CWORD": "1"}
+    done = subprocess.run(
+        [PY, "-m", "meshletctl"],
+        env={**env, "COMP_WORDS": "meshletctl wo"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout.split() == ["workloads"]
+    done = subprocess.run(
+        [PY, "-m", "meshletctl"],
+        env={**env, "COMP_WORDS": "meshletctl drain --", "COMP_CWORD": "2"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert {"--wait", "--deadline", "--json"} <= set(done.stdout.split())
