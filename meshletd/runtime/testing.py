@@ -45,6 +45,10 @@ class Harness(Protocol):
         """Replica units (any state), containers, secrets and state dirs on the machine."""
         ...
 
+    async def make_orphans(self, container: str) -> None:
+        """A labelled container and a secret `<container>.x` that no unit owns."""
+        ...
+
 
 def spec(
     h: Harness, workload: str = "web", index: int = 0, args: tuple[str, ...] = SLEEP, **kw: object
@@ -257,6 +261,17 @@ async def contract_cancelled_start_leaves_nothing_after_adoption(h: Harness) -> 
         await assert_clean(h)
 
 
+async def contract_orphans_are_removed_when_a_runtime_starts(h: Harness) -> None:
+    orphan = "meshlet-orphan.test-gone-0-000000"
+    await h.make_orphans(orphan)
+    left = await h.leftovers()
+    assert orphan in left["containers"] and f"{orphan}.x" in left["secrets"], left
+    rt = h.runtime()
+    async with serving(rt) as adopted:
+        assert adopted == []
+    await assert_clean(h)
+
+
 CONTRACT = [
     contract_start_then_stop_leaves_nothing,
     contract_exit_codes_are_reported,
@@ -266,6 +281,7 @@ CONTRACT = [
     contract_restart_adopts_without_duplicates_or_orphans,
     contract_exit_while_away_is_reported_on_adoption,
     contract_cancelled_start_leaves_nothing_after_adoption,
+    contract_orphans_are_removed_when_a_runtime_starts,
 ]
 
 
@@ -288,3 +304,13 @@ class FakeHarness:
 
     async def leftovers(self) -> dict[str, list[str]]:
         return self.machine.leftovers()  # type: ignore[attr-defined,no-any-return]
+
+    async def make_orphans(self, container: str) -> None:
+        from meshletd.runtime.fake import FakeContainer
+        from meshletd.runtime.units import LABEL
+
+        m = self.machine
+        m.containers[container] = FakeContainer(  # type: ignore[attr-defined]
+            container, self.image, SLEEP, {LABEL: "orphan"}, {}
+        )
+        m.secrets[f"{container}.x"] = b"stale"  # type: ignore[attr-defined]

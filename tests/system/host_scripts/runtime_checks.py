@@ -47,6 +47,21 @@ class RealHarness:
         m = self.machine()
         return ReplicaRuntime(m, m.config)
 
+    async def make_orphans(self, container: str) -> None:
+        m = self.machine()
+        await m._podman(
+            "run",
+            "-d",
+            "--name",
+            container,
+            "--label",
+            f"{LABEL}=orphan",
+            self.image,
+            "sleep",
+            "600",
+        )
+        await m.create_secret(f"{container}.x", b"stale")
+
     async def leftovers(self) -> dict[str, list[str]]:
         m = self.machine()
         units = []
