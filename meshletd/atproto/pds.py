@@ -313,7 +313,7 @@ class PdsClient:
             new_cid = cid_str(cid_of(w.value))
             if cur == new_cid:
                 continue  # identical: the PDS would not commit it anyway
-            action = "update" if cur is not None else "create"
+            action: Literal["create", "update"] = "update" if cur is not None else "create"
             out.append(Write(action, w.collection, w.rkey, w.value))
             state[w.key] = new_cid
         return out

@@ -119,7 +119,7 @@ class FakeRepo:
         seq: int | None = None,
     ) -> bytes:
         """Apply (action, path, value) writes; return the `#commit` frame bytes."""
-        ops = []
+        ops: list[dict[str, Any]] = []
         blocks: dict[bytes, Any] = {}
         for action, path, value in writes:
             prev = self.records.get(path)
@@ -132,7 +132,7 @@ class FakeRepo:
             self.records[path] = cid
             self.values[cid] = value
             blocks[cid] = tamper_record if tamper_record is not None else value
-            op = {"action": action, "path": path, "cid": cid}
+            op: dict[str, Any] = {"action": action, "path": path, "cid": cid}
             if prev is not None:
                 op["prev"] = prev
             ops.append(op)
@@ -263,6 +263,8 @@ class MeshletNode:
         await nursery.start(self.formation.run)
 
     async def wait_members(self, cluster: str, expected: set[str], timeout_s: float = 10) -> bool:
-        return await self.formation.wait_for(
-            lambda v: set(v.clusters().get(cluster).members) == expected, timeout_s
-        )
+        def formed(v: Any) -> bool:
+            snap = v.clusters().get(cluster)
+            return snap is not None and set(snap.members) == expected
+
+        return bool(await self.formation.wait_for(formed, timeout_s))
