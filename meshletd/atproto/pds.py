@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 import trio
@@ -351,8 +351,19 @@ class PdsClient:
             )
 
 
+class WriteJournal(Protocol):
+    """Where pending writes survive a restart (the daemon's state store)."""
+
+    def load(self) -> list[dict[str, Any]]: ...
+    def save(self, pending: list[dict[str, Any]]) -> None: ...
+
+
 class WriteQueue:
-    """Writes submitted without waiting, sent in order, retried while the PDS is down."""
+    """Writes submitted without waiting, sent in order, retried while the PDS is down.
+
+    With a `journal`, the pending writes are saved on every change and reloaded on start, so
+    a restart while the PDS is down loses nothing either.
+    """
 
     def __init__(
         self,
@@ -361,9 +372,14 @@ class WriteQueue:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         linger_s: float = 0.02,
+        journal: WriteJournal | None = None,
     ) -> None:
         self.client = client
-        self.pending: deque[Write] = deque()
+        self.journal = journal
+        self.pending: deque[Write] = deque(
+            Write(w["action"], w["collection"], w["rkey"], w.get("value"))
+            for w in (journal.load() if journal is not None else [])
+        )
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.linger_s = linger_s
@@ -371,7 +387,22 @@ class WriteQueue:
         self.rejected: list[tuple[Write, str]] = []
         self._wake = trio.Event()
         self._idle = trio.Event()
-        self._idle.set()
+        if not self.pending:
+            self._idle.set()
+
+    def _journal(self) -> None:
+        if self.journal is not None:
+            self.journal.save(
+                [
+                    {
+                        "action": w.action,
+                        "collection": w.collection,
+                        "rkey": w.rkey,
+                        "value": w.value,
+                    }
+                    for w in self.pending
+                ]
+            )
 
     def submit(self, write: Write) -> None:
         """Queue a write. A pending write to the same record is superseded by this one."""
@@ -381,6 +412,7 @@ class WriteQueue:
                 del self.pending[i]
                 break
         self.pending.append(write)
+        self._journal()
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
 
@@ -441,3 +473,4 @@ class WriteQueue:
                 self.pending.remove(w)
             except ValueError:
                 pass  # superseded meanwhile
+        self._journal()

@@ -1,0 +1,68 @@
+"""The write queue keeps writes in order through outages and restarts; the ledger counts."""
+
+from __future__ import annotations
+
+import trio
+
+from meshletd.atproto.pds import PdsUnavailable, Write, WriteLedger, WriteQueue
+
+
+class FlakyPds:
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.commits: list[list[tuple[str, str]]] = []
+
+    def _validate(self, w):
+        pass
+
+    async def apply_writes(self, batch):
+        if self.failures:
+            self.failures -= 1
+            raise PdsUnavailable("connection refused")
+        self.commits.append([(w.action, w.rkey) for w in batch])
+
+
+class DictJournal:
+    def __init__(self):
+        self.saved: list = []
+
+    def load(self):
+        return list(self.saved)
+
+    def save(self, pending):
+        self.saved = list(pending)
+
+
+async def test_writes_survive_an_outage_and_a_restart_in_order(autojump_clock):
+    journal = DictJournal()
+    pds = FlakyPds(failures=1000)
+    q = WriteQueue(pds, backoff_initial_s=0.1, backoff_max_s=1, journal=journal)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        for k in "abc":
+            q.submit(Write("put", "x.y.z", k, {"v": 1}))
+        q.submit(Write("delete", "x.y.z", "a"))  # supersedes the pending put of a
+        await trio.sleep(30)
+        assert q.failures > 5 and pds.commits == []
+        nursery.cancel_scope.cancel()  # the process stops while the PDS is still down
+    assert [w["rkey"] for w in journal.saved] == ["b", "c", "a"]
+
+    pds.failures = 2
+    q2 = WriteQueue(pds, backoff_initial_s=0.1, journal=journal)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q2.run)
+        await q2.flushed()
+        nursery.cancel_scope.cancel()
+    assert pds.commits == [[("put", "b"), ("put", "c"), ("delete", "a")]]
+    assert journal.saved == []
+
+
+def test_ledger_counts_points_per_hour_and_day():
+    now = [86_400 * 10 + 3_600 * 5 + 10.0]
+    ledger = WriteLedger(clock=lambda: now[0])
+    assert ledger.record(["create", "create", "update", "delete"]) == 9
+    now[0] += 3_600
+    ledger.record(["delete"])
+    assert ledger.points_this_hour() == 1
+    assert ledger.points_today() == 10
+    assert ledger.summary()["commits"] == 2 and ledger.total_points == 10
