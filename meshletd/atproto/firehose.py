@@ -552,9 +552,27 @@ class Firehose:
                     if out is not None:
                         self.delivered += 1
                         await self.sink(out)
+        if outcome.identity_changed is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._identity_changed, outcome.identity_changed)
         for did in sorted(outcome.resync):
             assert self._nursery is not None
             self._nursery.start_soon(self._resync_logged, did)
+
+    async def _identity_changed(self, did: str) -> None:
+        """A watched repo's DID document changed: new key (already re-read by the
+        subscription) and maybe a new PDS (account migration): follow it there."""
+        try:
+            ident = await self.resolver.resolve(did, fresh=True)
+        except IdentityError as e:
+            log.warning("firehose: %s changed identity and cannot be resolved: %s", did, e)
+            return
+        self.keys[did] = ident.signing_key
+        if ident.pds and ident.pds != self.pds_of.get(did) and did in self.interest.dids:
+            log.info("firehose: %s moved from %s to %s", did, self.pds_of.get(did), ident.pds)
+            self.pds_of[did] = ident.pds
+            await self._ensure_subscription(ident.pds)
+            await self._resync_logged(did)
 
     def _note_drop(self, reason: str) -> None:
         self.dropped.append(reason)

@@ -40,6 +40,22 @@ class PdsUnavailable(MeshletError):
     name = "PdsUnavailable"
     exit_code = 7
 
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """Seconds the PDS asks us to wait (429: `ratelimit-reset` epoch or `retry-after`)."""
+    try:
+        if "retry-after" in resp.headers:
+            return max(0.0, float(resp.headers["retry-after"]))
+        if "ratelimit-reset" in resp.headers:
+            return max(0.0, float(resp.headers["ratelimit-reset"]) - time.time())
+    except ValueError:
+        pass
+    return 0.0
+
 
 class PdsRejected(MeshletError):
     """The PDS refused a request as invalid (4xx other than auth and rate limits)."""
@@ -194,7 +210,7 @@ class Write:
 
 def _check(resp: httpx.Response, what: str) -> dict[str, Any]:
     if resp.status_code >= 500 or resp.status_code == 429:
-        raise PdsUnavailable(f"{what}: {resp.status_code} {resp.text[:200]}")
+        raise PdsUnavailable(f"{what}: {resp.status_code} {resp.text[:200]}", _retry_after(resp))
     if resp.status_code in (401, 403):
         raise AuthRequired(f"{what}: {resp.status_code} {resp.text[:200]}")
     if resp.status_code != 200:
@@ -435,6 +451,7 @@ class WriteQueue:
             except (PdsUnavailable, AuthRequired) as e:
                 self.failures += 1
                 delay = min(self.backoff_max_s, delay * 2 if delay else self.backoff_initial_s)
+                delay = max(delay, min(getattr(e, "retry_after_s", 0.0), 3600.0))
                 log.warning(
                     "pds: %d writes kept for retry in %.1fs (%s)", len(self.pending), delay, e
                 )

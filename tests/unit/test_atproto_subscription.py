@@ -54,6 +54,16 @@ class FakeServer:
         yield WS()
 
 
+class EmptyRepos:
+    """A RepoReader that finds nothing (keeps these tests off the network)."""
+
+    async def collections(self, pds, did):
+        return set()
+
+    async def list_records(self, pds, did, collection):
+        return {}
+
+
 async def start(nursery, resolver, server, cursors=None):
     seen = []
 
@@ -134,3 +144,22 @@ async def test_reconnect_resumes_from_the_last_cursor():
     assert server.urls[0].endswith("subscribeRepos")
     assert server.urls[1].endswith("cursor=101")
     assert cursors.load(PDS) == 103
+
+
+async def test_a_repo_that_moves_pds_is_followed_to_the_new_one():
+    from meshletd.atproto.testing import frame
+
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    server = FakeServer()
+    async with trio.open_nursery() as nursery:
+        fh, _seen = await start(nursery, resolver, server)
+        await fh.watch(alice.did, resync=False)
+        resolver.add(Identity(alice.did, "http://pds2.invalid", alice.key.did_key))
+        await server.send.send(frame("#identity", {"seq": 7, "did": alice.did}))
+        with trio.fail_after(5):
+            while "http://pds2.invalid" not in fh.subscriptions:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert fh.pds_of[alice.did] == "http://pds2.invalid"
+    assert any(u.startswith("ws://pds2.invalid/") for u in server.urls)
