@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,11 +52,9 @@ def _client() -> ControlClient:
 
 def fail(err: MeshletError, as_json: bool) -> typer.Exit:
     """Report an error (stderr, or a JSON object on stdout with --json); its exit code."""
-    if as_json:
-        print(json.dumps({"error": err.name, "message": err.message}))
-    else:
-        print(f"meshletctl: {err.message}", file=sys.stderr)
-    return typer.Exit(err.exit_code)
+    from meshletctl.quick import report
+
+    return typer.Exit(report(err, as_json))
 
 
 def _run(as_json: bool, fetch: Callable[[ControlClient], Any], show: Callable[[Any], None]) -> None:
@@ -99,7 +96,11 @@ def resolve_workload(c: ControlClient, ref: str) -> str:
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """This meshlet: identity, state, members, replicas, capacity."""
-    _run(as_json, lambda c: c.query(CTL + "getStatus"), render.status)
+    from meshletctl.quick import status as quick_status
+
+    code = quick_status(as_json, _State.socket)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -310,3 +310,21 @@ def test_shell_completion_completes_commands_and_options() -> None:
         timeout=30,
     )
     assert {"--wait", "--deadline", "--json"} <= set(done.stdout.split())
+
+
+def test_the_fast_status_path_answers_like_the_full_cli(daemon: Daemon, tmp_path: Path) -> None:
+    env = {**os.environ, "MESHLET_SOCKET": str(daemon.socket)}
+    fast = subprocess.run(
+        [PY, "-m", "meshletctl", "status", "--json"], env=env, capture_output=True, text=True
+    )
+    assert fast.returncode == 0, fast.stderr
+    assert json.loads(fast.stdout)["did"] == ctl_json(daemon, "status")["did"]
+    human = subprocess.run(
+        [PY, "-m", "meshletctl", "status"], env=env, capture_output=True, text=True
+    )
+    assert human.returncode == 0 and "did:plc:alicemesh" in human.stdout
+    env["MESHLET_SOCKET"] = str(tmp_path / "none.sock")
+    down = subprocess.run(
+        [PY, "-m", "meshletctl", "status"], env=env, capture_output=True, text=True
+    )
+    assert down.returncode == 7 and "meshletd is not running" in down.stderr
