@@ -321,13 +321,14 @@ class Scheduler:
 
     def _store_status(self, e: _Entry, st: WorkloadStatus) -> bool:
         """Keep statuses that matter here: terminal ones (a finished job is never re-placed)
-        and, while we run a replica of the workload, the others' (make-before-break)."""
+        and, for workloads we bid on or run, the others' (make-before-break needs them)."""
         if st.state in TERMINAL:
             if e.done is None:
                 e.done = {}
             e.done[st.slot] = (st.meshlet, st.round, st.state)
             return True
-        if e.wl.uri not in self._involved and st.meshlet != self.me.did:
+        uri = e.wl.uri
+        if uri not in self._involved and uri not in self._my_bids and st.meshlet != self.me.did:
             return False
         if e.statuses is None:
             e.statuses = {}
@@ -740,7 +741,14 @@ class Scheduler:
         self._fails[p.meshlet] = n
         if n >= self.t.probe_failures and p.meshlet not in self.suspects:
             self.suspects.add(p.meshlet)
-            self._scan_lost({p.meshlet}, force=True)
+            if not self._isolated():
+                self._scan_lost({p.meshlet}, force=True)
+
+    def _isolated(self) -> bool:
+        """True when the latest probe of every peer we watch failed: then the fault is more
+        likely ours (cut off) than theirs, and we open no replacement rounds."""
+        watched = self._watch_list()
+        return len(watched) > 1 and all(self._fails.get(m, 0) > 0 for m in watched)
 
     def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
         """Open replacement rounds for slots owned by lost/draining hosts we answer for."""
@@ -824,7 +832,7 @@ class Scheduler:
                 self._out.append(ProbePeer(m))
         if now >= self._next_scan:
             self._next_scan = now + self.t.reopen_backoff_ms // 2
-            lost = set(self.suspects)
+            lost = set() if self._isolated() else set(self.suspects)
             if self.draining:
                 lost.add(self.me.did)
             if lost:

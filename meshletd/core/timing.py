@@ -19,8 +19,8 @@ class Timing:
     probe_interval_ms: int = 1000
     probe_failures: int = 3
     """Consecutive failed probes before a watched peer is suspected lost."""
-    watchers: int = 2
-    """How many meshlets probe each meshlet."""
+    watchers: int = 3
+    """How many meshlets probe each meshlet (and how many each one probes)."""
     fence_timeout_ms: int = 60_000
     """A replica whose slot moved keeps running until the new owner reports running, or this
     long after the losing round closed (make-before-break with a bound)."""
