@@ -335,6 +335,8 @@ class PdsSubscription:
         self.cursor: int | None = cursors.load(self.pds_url)
         self.connected = trio.Event()
         self.started = trio.Event()  # set after the first connection attempt
+        self.ping_every_s = 30.0
+        self.ping_timeout_s = 15.0
         self.connections = 0
         self._unsaved = False
         self._ws: Any = None
@@ -364,13 +366,18 @@ class PdsSubscription:
                                 started = True
                                 self.started.set()
                                 task_status.started()
-                            await self._read(ws)
-                    except (
+                            async with trio.open_nursery() as conn:
+                                if hasattr(ws, "ping"):
+                                    conn.start_soon(self._heartbeat, ws)
+                                await self._read(ws)
+                                conn.cancel_scope.cancel()
+                    except* (
                         ConnectionClosed,
                         HandshakeError,
                         OSError,
                         trio.BrokenResourceError,
-                    ) as e:
+                    ) as group:
+                        e = group.exceptions[0]
                         reason = f"{type(e).__name__}: {e}"
                     finally:
                         self._ws = None
@@ -389,6 +396,17 @@ class PdsSubscription:
                 await trio.sleep(delay)
         finally:
             self._save(force=True)
+
+    async def _heartbeat(self, ws: Any) -> None:
+        """A quiet PDS sends nothing for minutes; a dead TCP path looks the same. Ping it."""
+        while True:
+            await trio.sleep(self.ping_every_s)
+            with trio.move_on_after(self.ping_timeout_s) as timeout:
+                await ws.ping()
+            if timeout.cancelled_caught:
+                log.warning("firehose %s: no pong in %.0fs", self.pds_url, self.ping_timeout_s)
+                await self.kick()
+                return
 
     async def kick(self) -> None:
         """Drop the current connection abruptly (tests; a stall): `run` reconnects."""

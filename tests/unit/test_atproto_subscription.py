@@ -163,3 +163,41 @@ async def test_a_repo_that_moves_pds_is_followed_to_the_new_one():
         nursery.cancel_scope.cancel()
     assert fh.pds_of[alice.did] == "http://pds2.invalid"
     assert any(u.startswith("ws://pds2.invalid/") for u in server.urls)
+
+
+async def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(autojump_clock):
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    urls = []
+
+    @asynccontextmanager
+    async def connect(url):
+        urls.append(url)
+
+        class DeadWS:
+            async def get_message(self):
+                await trio.sleep_forever()
+
+            async def ping(self):
+                await trio.sleep_forever()  # no pong ever comes back
+
+        yield DeadWS()
+
+    async def sink(ev):
+        pass
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        backoff=Backoff(0.01, 0.05),
+        connect=connect,
+        anti_entropy_every_s=3600,
+        reader=EmptyRepos(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did, resync=False)
+        await trio.sleep(120)
+        nursery.cancel_scope.cancel()
+    assert len(urls) >= 3  # reconnected after each 30 s + 15 s of silence
