@@ -22,7 +22,6 @@ from meshletd.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,
-    MethodNotImplemented,
     NotFound,
     UpstreamFailure,
 )
@@ -32,6 +31,7 @@ log = logging.getLogger("meshletd.node")
 WORKLOAD = "commune.scheduler.workload"
 BID = "commune.scheduler.bid"
 STATUS = "commune.scheduler.workloadStatus"
+USAGE = "commune.scheduler.usage"
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
 
@@ -89,6 +89,7 @@ class AtprotoNode:
         self._workloads: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._bids: dict[str, dict[str, dict[str, Any]]] = {}
         self._statuses: dict[str, dict[str, dict[str, Any]]] = {}
+        self._usages: dict[str, Any] = {}  # uri -> meshletd.core.records.Usage
         from meshletd.daemon.secrets import EncryptionKey, SecretStore
 
         self._secrets = SecretStore(store)
@@ -254,6 +255,16 @@ class AtprotoNode:
             else:
                 self._workloads[ev.uri] = (ev.cid, dict(ev.record or {}))
                 log.info("workload %s (%s) seen", (ev.record or {}).get("name"), ev.uri)
+        elif ev.collection == USAGE:
+            if ev.action == "delete":
+                self._usages.pop(ev.uri, None)
+            else:
+                from meshletd.core.records import record_from_json
+
+                try:
+                    self._usages[ev.uri] = record_from_json(ev.uri, ev.cid or "", ev.record or {})
+                except (KeyError, ValueError, TypeError) as e:
+                    log.warning("usage record %s ignored: %s", ev.uri, e)
         elif ev.collection in (BID, STATUS):
             table = self._bids if ev.collection == BID else self._statuses
             record = ev.record or {}
@@ -457,7 +468,25 @@ class AtprotoNode:
         }
 
     def balance(self) -> dict[str, Any]:
-        raise MethodNotImplemented("the fair-share ledger is not wired into meshletd yet")
+        """The fair-share ledger from the usage records seen, with the core's own formula."""
+        from meshletd.core.fairshare import balances
+        from meshletd.core.timing import DEFAULT_TIMING
+
+        owner_of = {m: rec.owner_did for m, rec in self.view.owners.items()}
+        half_life = DEFAULT_TIMING.half_life_ms
+        taken, given = balances(self._usages.values(), owner_of, int(time.time() * 1000), half_life)
+        owners = list(dict.fromkeys([self.owner, *self.cfg.members, *taken, *given]))
+        return {
+            "halfLifeSeconds": half_life // 1000,
+            "owners": [
+                {
+                    "ownerDid": o,
+                    "gaveMilliCpuSeconds": given.get(o, 0),
+                    "tookMilliCpuSeconds": taken.get(o, 0),
+                }
+                for o in owners
+            ],
+        }
 
     async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
         """A replica's last lines: from journald when it runs here; for our owner's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,7 +54,7 @@ def node_with_placement(slot_holder: str) -> tuple[AtprotoNode, EncryptionKey]:
             encryption_key=winner_key.public_b64 if did == WINNER else None,
         )
     sched = SimpleNamespace(placement=lambda: {URI: ((0, slot_holder),)})
-    node.engine = SimpleNamespace(scheduler=sched)
+    node.engine = SimpleNamespace(scheduler=sched, record_changed=lambda ev: None)
     return node, winner_key
 
 
@@ -82,3 +83,30 @@ async def test_another_owners_workload_and_unknown_workloads_are_refused() -> No
         await node.get_secret(WINNER, "at://did:plc:bob/commune.scheduler.workload/x", "db")
     with pytest.raises(NotFound):
         await node.get_secret(WINNER, f"at://{OWNER}/commune.scheduler.workload/nope", "db")
+
+
+def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
+    from meshletd.core.records import format_datetime_ms
+
+    node, _ = node_with_placement(WINNER)
+    node.view.owners[WINNER] = node.view.owners[WINNER].model_copy(
+        update={"owner_did": "did:plc:bob"}
+    )
+    end = int(time.time() * 1000) - 1000
+    ev = SimpleNamespace(
+        did=WINNER,
+        collection="commune.scheduler.usage",
+        rkey="u1",
+        action="create",
+        cid="bafyu",
+        record={
+            "periodStart": format_datetime_ms(end - 60_000),
+            "periodEnd": format_datetime_ms(end),
+            "entries": [{"ownerDid": OWNER, "milliCpuSeconds": 6000, "memoryMiBSeconds": 100}],
+        },
+        uri=f"at://{WINNER}/commune.scheduler.usage/u1",
+    )
+    node._on_event(ev)
+    ledger = {o["ownerDid"]: o for o in node.balance()["owners"]}
+    assert 5900 <= ledger[OWNER]["tookMilliCpuSeconds"] <= 6000
+    assert 5900 <= ledger["did:plc:bob"]["gaveMilliCpuSeconds"] <= 6000
