@@ -476,7 +476,7 @@ class Firehose:
         collections: Iterable[str] = COMMUNE_COLLECTIONS,
         reader: RepoReader | None = None,
         lexicons: Lexicons | None = None,
-        anti_entropy_every_s: float = 300.0,
+        anti_entropy_every_s: float = 30.0,
         backoff: Backoff | None = None,
         connect: Callable[[str], Any] | None = None,
     ) -> None:

@@ -202,7 +202,7 @@ class MeshletNode:
         owner: Any,  # devnet Account of the owner
         clusters: dict[str, list[str]],
         cursors: Any = None,
-        anti_entropy_every_s: float = 300.0,
+        anti_entropy_every_s: float = 30.0,
     ) -> None:
         from meshletd.atproto.firehose import Backoff, Firehose, MemoryCursorStore
         from meshletd.atproto.identity import IdentityResolver
