@@ -67,6 +67,23 @@ class StoreCursors:
         self._store.put(self.KEY, self._cursors)
 
 
+class StoreJournal:
+    """The write queue's `WriteJournal` in the crash-safe state store: writes queued for the
+    PDS survive a restart (e.g. while the PDS is down)."""
+
+    KEY = "pending-writes"
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def load(self) -> list[dict[str, Any]]:
+        value = self._store.get(self.KEY, [])
+        return value if isinstance(value, list) else []
+
+    def save(self, pending: list[dict[str, Any]]) -> None:
+        self._store.put(self.KEY, pending)
+
+
 class AtprotoNode:
     """`Node` over the atproto layer (see module doc)."""
 
@@ -157,7 +174,9 @@ class AtprotoNode:
             labels=frozenset(self.cfg.labels),
             endpoint=self.cfg.public_endpoint or "",
         )
-        self.writes = WriteQueue(self.meshlet_pds)
+        self.writes = WriteQueue(self.meshlet_pds, journal=StoreJournal(self._store))
+        if self.writes.pending:
+            log.info("%d write(s) left from the last run will be sent", len(self.writes.pending))
         await nursery.start(self.writes.run)
 
         def submit(w: tuple[str, str, str, Any]) -> None:

@@ -73,3 +73,13 @@ def test_the_memory_store_behaves_the_same() -> None:
     assert m.get("a") == {"x": [1]}
     m.delete("a")
     assert m.get("a", 0) == 0
+
+
+def test_pending_pds_writes_are_journaled_in_the_store(tmp_path: Path) -> None:
+    from meshletd.daemon.atnode import StoreJournal
+
+    j = StoreJournal(StateStore(tmp_path))
+    assert j.load() == []
+    pending = [{"action": "put", "collection": "c", "rkey": "r", "value": {"a": 1}}]
+    j.save(pending)
+    assert StoreJournal(StateStore(tmp_path)).load() == pending
