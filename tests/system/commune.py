@@ -1,0 +1,384 @@
+"""A real commune for end-to-end tests, benches and the demo: three people, three meshlets,
+each meshletd a `Type=notify` service on its own booted systemd host.
+
+    commune = Commune.up(devnet)            # accounts, hosts, units, config, credentials
+    a = commune["alice"]                    # one `Meshlet`: its host, accounts, meshletctl
+    a.ctl_json("members")
+    commune.down()                          # meshletd stopped, hosts powered off, nothing left
+
+alice and bob live on PDS 0 and carol on PDS 1 of the local atproto network (dev/devnet);
+every person gets fresh accounts (owner + meshlet), so a commune never sees another test's
+records. Each meshlet lists the other two owners in one cluster ("commune"): mutual consent.
+The hosts share this machine's network, so each meshletd listens for peers on its own
+loopback port and publishes it as its endpoint.
+
+The unit is the packaged systemd/meshletd.service, with a drop-in that runs the project's
+venv inside the host and binds the checkout read-only (PrivateTmp/ProtectHome would hide a
+checkout under /tmp or /root).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.system.hostenv import HOSTENV_RUN, NspawnHost, build, remove_stale_hosts
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = "meshletd.service"
+VENV = "/opt/meshlet-venv/bin"
+CTL = f"{VENV}/meshletctl"
+PEOPLE = ("alice", "bob", "carol")
+PDS_OF = {"alice": 0, "bob": 0, "carol": 1}
+CLUSTER = "commune"
+# The host's podman pause holder (dev/hostenv) is not a replica.
+NOT_REPLICAS = ("meshlet-podman-pause.service",)
+
+DROP_IN = f"""[Service]
+BindReadOnlyPaths={ROOT}
+ExecStartPre=
+ExecStartPre={VENV}/meshletd --check
+ExecStart=
+ExecStart={VENV}/meshletd
+RestartSec=1s
+"""
+
+T = TypeVar("T")
+_serial = itertools.count()
+
+
+class CommuneError(RuntimeError):
+    """Setting up the commune failed; the message says which meshlet and carries its log."""
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (the hosts share this machine's network)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, every: float = 0.25) -> T:
+    """Call `probe` until it returns something truthy; return it, or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = probe()
+        except AssertionError as e:  # a probe may assert; keep the last message
+            last = e
+            value = None
+        else:
+            value = last
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for {what}; last: {last!r}"
+            )
+        time.sleep(every)
+
+
+@dataclass
+class Meshlet:
+    """One person's machine: a host running meshletd for their meshlet account."""
+
+    person: str
+    host: NspawnHost
+    owner: Any  # dev/lib/devnet.Account
+    mesh: Any
+    port: int
+    members: list[str]
+    contribution: dict[str, int]
+    scheduling: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def did(self) -> str:
+        return str(self.mesh.did)
+
+    @property
+    def owner_did(self) -> str:
+        return str(self.owner.did)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self, devnet: Any) -> str:
+        members = ", ".join(f'"{d}"' for d in self.members)
+        lines = [
+            f'did = "{self.mesh.did}"',
+            f'owner = "{self.owner.did}"',
+            f'pds = "{self.mesh.pds_url}"',
+            f'owner_pds = "{self.owner.pds_url}"',
+            f'plc_url = "{devnet.plc_url}"',
+            f'public_endpoint = "{self.endpoint}"',
+            'runtime = "systemd"',
+            'log_level = "info"',
+            "[[clusters]]",
+            f'name = "{CLUSTER}"',
+            f"members = [{members}]",
+            "[contribution]",
+            *(f"{k} = {v}" for k, v in self.contribution.items()),
+            "[listen]",
+            f'xrpc = "127.0.0.1:{self.port}"',
+        ]
+        if self.scheduling:
+            lines += ["[scheduling]", *(f"{k} = {v}" for k, v in self.scheduling.items())]
+        return "\n".join(lines) + "\n"
+
+    # -- running things inside ----------------------------------------------------------
+
+    def run(self, *cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.host.run(*cmd, **kw)
+
+    def write(self, path: str, text: str, mode: str = "644") -> None:
+        self.host.run("sh", "-c", f"cat > {path} && chmod {mode} {path}", input=text, check=True)
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`meshletctl ARGS` as root on this machine (exit code and output as they are)."""
+        return self.host.run(CTL, *args, timeout=timeout)
+
+    def ctl_json(self, *args: str, timeout: float = 60) -> Any:
+        """`meshletctl ARGS --json`, parsed; fails with the output when it exits non-zero."""
+        # --json right after the command: anything after `--` belongs to the container.
+        done = self.ctl(args[0], "--json", *args[1:], timeout=timeout)
+        if done.returncode != 0:
+            raise AssertionError(
+                f"meshletctl {' '.join(args)} on {self.person} exited {done.returncode}: "
+                f"{done.stdout}{done.stderr}"
+            )
+        return json.loads(done.stdout)
+
+    def journal(self, unit: str = UNIT, lines: int = 80) -> str:
+        return self.host.run(
+            "journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"
+        ).stdout
+
+    def replica_units(self) -> list[str]:
+        """Active transient replica units on this machine (`meshlet-*`)."""
+        out = self.host.run(
+            "systemctl", "list-units", "--plain", "--no-legend", "--state=active", "meshlet-*"
+        ).stdout
+        units = [line.split()[0] for line in out.splitlines() if line.strip()]
+        return [u for u in units if u not in NOT_REPLICAS]
+
+    def start_daemon(self) -> None:
+        self.host.run("systemctl", "reset-failed", UNIT)
+        done = self.host.run("systemctl", "start", UNIT, timeout=150)
+        if done.returncode != 0:
+            raise CommuneError(
+                f"meshletd did not start on {self.person} ({self.host.name}): "
+                f"{done.stderr}\n{self.journal(lines=40)}"
+            )
+
+
+class Commune:
+    """Three meshlets (alice, bob, carol) on three booted hosts; see the module doc."""
+
+    def __init__(self, devnet: Any, meshlets: dict[str, Meshlet]) -> None:
+        self.devnet = devnet
+        self.meshlets = meshlets
+        self.hosts = [m.host for m in meshlets.values()]
+
+    def __getitem__(self, person: str) -> Meshlet:
+        return self.meshlets[person]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.meshlets.values())
+
+    def by_did(self, meshlet_did: str) -> Meshlet:
+        for m in self:
+            if m.did == meshlet_did:
+                return m
+        raise KeyError(meshlet_did)
+
+    @classmethod
+    def up(
+        cls,
+        devnet: Any,
+        names: Iterable[str] | None = None,
+        *,
+        tag: str | None = None,
+        contribution: dict[str, int] | None = None,
+        scheduling: dict[str, int] | None = None,
+        start: bool = True,
+    ) -> Commune:
+        """Accounts for alice, bob and carol (+ meshlets), three booted hosts, meshletd
+        installed and (with `start`) started on each. Host names default to
+        cm-a/cm-b/cm-c with a per-process suffix (test sessions run side by side)."""
+        tag = tag or f"{os.getpid()}x{next(_serial)}"
+        names = list(names or (f"cm-{c}-{tag}"[:31] for c in "abc"))
+        contribution = contribution or {"milli_cpu": 1000, "memory_mib": 512, "max_replicas": 8}
+        accounts = {}
+        for person in PEOPLE:
+            pds = PDS_OF[person]
+            accounts[person] = (
+                devnet.create_account(f"{person}-{tag}", pds=pds),
+                devnet.create_account(f"{person}-mesh-{tag}", pds=pds),
+            )
+        remove_stale_hosts()
+        build()
+        hosts = NspawnHost.boot(*names)
+        meshlets: dict[str, Meshlet] = {}
+        for person, host in zip(PEOPLE, hosts, strict=True):
+            owner, mesh = accounts[person]
+            others = [accounts[p][0].did for p in PEOPLE if p != person]
+            meshlets[person] = Meshlet(
+                person,
+                host,
+                owner,
+                mesh,
+                free_port(),
+                others,
+                dict(contribution),
+                dict(scheduling or {}),
+            )
+        commune = cls(devnet, meshlets)
+        try:
+            for m in commune:
+                commune.install(m)
+            if start:
+                for m in commune:
+                    m.start_daemon()
+        except BaseException:
+            commune.down()
+            raise
+        return commune
+
+    def install(self, m: Meshlet) -> None:
+        """The unit, its drop-in, meshlet.toml and the two app passwords on m's host."""
+        m.run(
+            "sh",
+            "-c",
+            "mkdir -p /etc/meshlet/credentials /etc/systemd/system/meshletd.service.d"
+            " && chmod 700 /etc/meshlet/credentials",
+            check=True,
+        )
+        m.write(f"/etc/systemd/system/{UNIT}", (ROOT / "systemd" / UNIT).read_text())
+        m.write(f"/etc/systemd/system/{UNIT}.d/commune.conf", DROP_IN)
+        m.write("/etc/meshlet/meshlet.toml", m.config(self.devnet))
+        m.write("/etc/meshlet/credentials/meshlet-app-password", m.mesh.app_password, "600")
+        m.write("/etc/meshlet/credentials/owner-app-password", m.owner.app_password, "600")
+        m.run("systemctl", "daemon-reload", check=True)
+
+    # -- failures -----------------------------------------------------------------------
+
+    def power_off(self, person: str) -> None:
+        """Pull the plug on person's host: every process of it killed at once."""
+        self[person].host.down(abrupt=True)
+
+    def power_on(self, person: str) -> None:
+        """Boot person's host again and start meshletd with the same identity and port.
+
+        dev/hostenv gives a powered-off host a fresh disk: meshletd's state directory and
+        any replica unit are gone, so this is "the machine came back, reinstalled"."""
+        m = self[person]
+        m.host.up()
+        self.install(m)
+        m.start_daemon()
+
+    def _freezer(self, person: str) -> Path:
+        name = self[person].host.name
+        for root in (Path("/sys/fs/cgroup/freezer"), Path("/sys/fs/cgroup")):
+            cg = root / "meshlet-hostenv" / name
+            if (cg / "freezer.state").exists() or (cg / "cgroup.freeze").exists():
+                return cg
+        raise CommuneError(f"no freezer cgroup for host {name} (need cgroup v1 freezer or v2)")
+
+    def freeze(self, person: str) -> None:
+        """Freeze every process of person's host (a hung or cut-off machine): its replicas
+        survive, frozen, and run on when it is thawed — the stale replicas fencing is for."""
+        cg = self._freezer(person)
+        if (cg / "freezer.state").exists():
+            (cg / "freezer.state").write_text("FROZEN\n")
+        else:
+            (cg / "cgroup.freeze").write_text("1\n")
+
+    def thaw(self, person: str) -> None:
+        cg = self._freezer(person)
+        if (cg / "freezer.state").exists():
+            (cg / "freezer.state").write_text("THAWED\n")
+        else:
+            (cg / "cgroup.freeze").write_text("0\n")
+
+    def is_up(self, person: str) -> bool:
+        return (HOSTENV_RUN / self[person].host.name / "leader.pid").exists()
+
+    # -- views --------------------------------------------------------------------------
+
+    def placement(self, person: str, workload_uri: str) -> dict[int, str] | None:
+        """slot -> meshlet DID of the replicas `person`'s meshletd reports running."""
+        for w in self[person].ctl_json("workloads", "--all"):
+            if w["uri"] == workload_uri:
+                return {
+                    int(r["slot"]): r["meshletDid"]
+                    for r in w.get("running", [])
+                    if r.get("state") == "running" and r.get("meshletDid")
+                }
+        return None
+
+    def placements(self, workload_uri: str, people: Iterable[str] = PEOPLE) -> dict[str, Any]:
+        return {p: self.placement(p, workload_uri) for p in people}
+
+    # -- teardown -----------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop meshletd and every replica unit, power the hosts off. Leaves nothing."""
+        for m in self:
+            if not self.is_up(m.person):
+                continue
+            try:
+                self.thaw(m.person)
+            except (CommuneError, OSError):
+                pass
+            try:
+                m.run("systemctl", "stop", UNIT, timeout=60)
+                m.run("sh", "-c", "systemctl stop 'meshlet-*' 2>/dev/null; true", timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        NspawnHost.shutdown(*[m.host for m in self if self.is_up(m.person)])
+        for m in self:
+            m.host._up = False
+
+
+class commune_session:
+    """`with commune_session() as (devnet, commune):` — a local atproto network and a
+    commune on it, both gone at the end (for dev/benches and demos outside pytest)."""
+
+    def __init__(self, **commune_kw: Any) -> None:
+        self._kw = commune_kw
+        self.devnet: Any = None
+        self.commune: Commune | None = None
+
+    def __enter__(self) -> tuple[Any, Commune]:
+        import signal
+        import sys
+
+        sys.path.insert(0, str(ROOT / "dev" / "lib"))
+        from devnet import Devnet
+
+        # SIGTERM (a CI timeout, `kill`) tears down like Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        self.devnet = Devnet.up()
+        try:
+            self.commune = Commune.up(self.devnet, **self._kw)
+        except BaseException:
+            self.devnet.down()
+            raise
+        return self.devnet, self.commune
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.commune is not None:
+                self.commune.down()
+        finally:
+            self.devnet.down()
