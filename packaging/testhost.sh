@@ -118,6 +118,9 @@ pt_up() {
     stat -c 'inode-%d:%i' "$dir/root" > "$dir/nspawn.lock"
     tr -d '-' < /proc/sys/kernel/random/uuid > "$dir/root/etc/machine-id"
     echo "$name" > "$dir/root/etc/hostname"
+    # What an installed Debian has and debootstrap does not write.
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+        "$name" > "$dir/root/etc/hosts"
     setsid "$ROOT/dev/package" testhost _launch "$name" </dev/null >"$dir/console.log" 2>&1 &
     local deadline=$(( $(date +%s) + 60 )) nspawn leader="" state=""
     while [ "$(date +%s)" -lt "$deadline" ]; do
@@ -190,7 +193,9 @@ cmd_testhost() {
                step "host packages" host_packages
                step "clean bookworm (minbase + systemd + dbus)" pt_build ;;
         up) pt_up "${1:?usage: dev/package testhost up NAME}" ;;
-        exec) pt_exec "${1:?usage: dev/package testhost exec NAME CMD...}" "${@:2}" ;;
+        exec) local n="${1:?usage: dev/package testhost exec NAME [--] CMD...}"; shift
+              [ "${1:-}" = -- ] && shift
+              pt_exec "$n" "$@" ;;
         down) pt_down "${1:?usage: dev/package testhost down NAME}" ;;
         _launch) pt_launch "$1" ;;
         *) echo "usage: dev/package testhost build | up NAME | exec NAME CMD... | down NAME" >&2; exit 2 ;;

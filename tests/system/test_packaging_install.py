@@ -1,0 +1,371 @@
+"""The .deb and .rpm from `dev/package`: lint, payload, and the .deb's life on a clean Debian.
+
+The packages are built once per session (`dev/package --worktree`, release 1 and release 2,
+the second an upgrade of the first). The install tests boot a clean Debian 12 — debootstrap's
+minbase with systemd and dbus, no meshlet user, no podman, no Python (`dev/package testhost`)
+— install the .deb with apt-get (its dependencies come from the Debian mirror), point it at
+the local atproto network, and walk it through enable, upgrade, remove and purge. The tests
+of that walk run in file order and share the host.
+
+Evidence (lintian, rpm -qp, rpmlint, each step's output) goes to $LOGDIR/packaging-*.log.
+An .rpm cannot be installed here (no RPM distribution): its payload, flags and scripts are
+checked instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "dev" / "package"
+CACHE = Path(os.environ.get("MESHLET_CACHE", "/var/cache/meshlet-dev"))
+LOGDIR = Path(os.environ.get("MESHLET_LOGDIR", CACHE / "logs"))
+HOST = f"pkg{os.getpid()}"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
+    reason="builds in and boots Debian rootfs with systemd-nspawn: needs root",
+)
+
+
+def log(name: str, text: str) -> Path:
+    """Append `text` to $LOGDIR/packaging-NAME.log (the test log a reviewer reads)."""
+    LOGDIR.mkdir(parents=True, exist_ok=True)
+    path = LOGDIR / f"packaging-{name}.log"
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def sh(*cmd: str | Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@dataclass(frozen=True)
+class Packages:
+    deb: Path
+    rpm: Path
+    deb_upgrade: Path
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
+    """Both packages of the work tree, and a release-2 .deb to upgrade to (built once)."""
+    out = tmp_path_factory.mktemp("dist")
+    built: dict[int, list[Path]] = {}
+    for release in (1, 2):
+        proc = sh(PACKAGE, "--worktree", "--release", str(release), "--out", out, timeout=1800)
+        if proc.returncode != 0:
+            pytest.fail(f"dev/package failed:\n{proc.stderr[-3000:]}", pytrace=False)
+        built[release] = [Path(p) for p in proc.stdout.split()]
+    deb, rpm = built[1]
+    return Packages(deb=deb, rpm=rpm, deb_upgrade=built[2][0])
+
+
+# --- lint and payload (no host needed) ---------------------------------------------------
+
+
+def test_lintian_finds_no_errors_in_the_deb(packages: Packages) -> None:
+    proc = sh("lintian", "--tag-display-limit", "0", packages.deb)
+    tags = [line for line in proc.stdout.splitlines() if re.match(r"^[EWIPXO]: ", line)]
+    path = log(
+        "lintian",
+        f"$ lintian {packages.deb.name}\n{proc.stdout}{proc.stderr}(exit {proc.returncode})",
+    )
+    errors = [t for t in tags if t.startswith("E: ")]
+    assert not errors, f"lintian errors (see {path}):\n" + "\n".join(errors)
+
+
+def test_rpm_declares_its_interpreter_config_file_and_scripts(packages: Packages) -> None:
+    requires = sh("rpm", "-qp", "--requires", packages.rpm)
+    scripts = sh("rpm", "-qp", "--scripts", packages.rpm)
+    flags = sh(
+        "rpm",
+        "-qp",
+        "--qf",
+        "[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILENAMES}\n]",
+        packages.rpm,
+    )
+    lint = sh("rpmlint", packages.rpm)
+    log(
+        "rpm",
+        f"$ rpm -qp --requires {packages.rpm.name}\n{requires.stdout}"
+        f"$ rpm -qp --scripts {packages.rpm.name}\n{scripts.stdout}"
+        f"$ rpm -qp --qf FILEFLAGS/MODES/NAMES (outside /usr/lib/meshlet)\n"
+        + "".join(f"{x}\n" for x in flags.stdout.splitlines() if "/usr/lib/meshlet/" not in x)
+        + f"$ rpmlint {packages.rpm.name}\n{lint.stdout}{lint.stderr}(exit {lint.returncode})",
+    )
+    assert requires.returncode == 0 and scripts.returncode == 0
+    needs = set(requires.stdout.split())
+    assert {"python3.11", "podman", "systemd", "shadow-utils"} <= needs
+    for scriptlet in (
+        "postinstall scriptlet",
+        "preuninstall scriptlet",
+        "postuninstall scriptlet",
+        "posttrans scriptlet",
+    ):
+        assert scriptlet in scripts.stdout
+    assert "systemd-sysusers meshlet.conf" in scripts.stdout
+    assert "usermod --add-subuids" in scripts.stdout
+    assert "try-restart meshletd.service" in scripts.stdout
+    assert "systemctl enable" not in scripts.stdout  # never enabled by the package
+    by_name = {line.split()[-1]: line.split()[:-1] for line in flags.stdout.splitlines()}
+    assert by_name["/etc/meshlet/meshlet.toml"][0] == "cn"  # %config(noreplace)
+    assert by_name["/etc/meshlet/credentials"][-1] == "drwx------"
+    for path in (
+        "/usr/bin/meshletd",
+        "/usr/bin/meshletctl",
+        "/usr/lib/systemd/system/meshletd.service",
+        "/usr/lib/systemd/system/meshlet.slice",
+        "/usr/lib/sysusers.d/meshlet.conf",
+        "/usr/lib/tmpfiles.d/meshlet.conf",
+    ):
+        assert path in by_name, path
+    # rpmlint: only what the package means to do (root-only credentials) or cannot do here
+    # (sign: no key on a dev machine).
+    accepted = {"no-signature", "non-standard-dir-perm"}
+    errors = [x for x in lint.stdout.splitlines() if " E: " in x]
+    assert all(x.split(" E: ")[1].split()[0] in accepted for x in errors), errors
+
+
+def test_rpm_launchers_run_python311_isolated(packages: Packages, tmp_path: Path) -> None:
+    payload = subprocess.run(["rpm2cpio", str(packages.rpm)], capture_output=True, check=True)
+    subprocess.run(
+        ["cpio", "-idm", "--quiet", "./usr/bin/meshletd", "./usr/bin/meshletctl"],
+        input=payload.stdout,
+        cwd=tmp_path,
+        check=True,
+    )
+    for name in ("meshletd", "meshletctl"):
+        first = (tmp_path / "usr" / "bin" / name).read_text().splitlines()[0]
+        assert first == "#!/usr/bin/python3.11 -IS"
+
+
+# --- a clean Debian 12 -----------------------------------------------------------------
+
+
+@dataclass
+class CleanHost:
+    """A booted clean bookworm (`dev/package testhost`); commands run as root units in it."""
+
+    name: str
+
+    def run(self, script: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        proc = sh(PACKAGE, "testhost", "exec", self.name, "--", "sh", "-c", script, timeout=timeout)
+        log(
+            "install",
+            f"[{self.name}]$ {script}\n{proc.stdout}{proc.stderr}(exit {proc.returncode})\n",
+        )
+        return proc
+
+    def ok(self, script: str, timeout: float = 600) -> str:
+        proc = self.run(script, timeout)
+        assert proc.returncode == 0, (
+            f"{script!r} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
+        return proc.stdout
+
+    def active(self, unit: str) -> str:
+        return self.run(f"systemctl is-active {unit}").stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def host(packages: Packages) -> Iterator[CleanHost]:
+    built = sh(PACKAGE, "testhost", "build", timeout=1800)
+    if built.returncode != 0:
+        pytest.fail(f"dev/package testhost build failed:\n{built.stderr[-3000:]}", pytrace=False)
+    up = sh(PACKAGE, "testhost", "up", HOST, timeout=120)
+    if up.returncode != 0:
+        pytest.fail(f"dev/package testhost up failed:\n{up.stderr[-3000:]}", pytrace=False)
+    log("install", f"=== {time.strftime('%F %T')} clean host {HOST} booted\n")
+    try:
+        yield CleanHost(HOST)
+    finally:
+        sh(PACKAGE, "testhost", "down", HOST, timeout=120)
+
+
+# Paths the walk checks: what the package or meshletd make outside the package's own files.
+MADE = (
+    "/etc/meshlet",
+    "/var/lib/meshlet",
+    "/var/lib/meshlet-podman",
+    "/run/meshlet",
+    "/var/lib/systemd/linger/meshlet",
+)
+# Outside these, the host's files before the install and after purge + autoremove must match.
+SNAPSHOT = (
+    "find /etc /usr /var /opt /srv /root -xdev"
+    " \\( -path /var/cache -o -path /var/log -o -path /var/lib/apt -o -path /var/lib/dpkg"
+    " -o -path /var/lib/systemd/deb-systemd-helper-enabled -o -path /var/lib/systemd/catalog"
+    " -o -path /var/lib/ucf -o -path /usr/lib/python3 -o -name __pycache__ \\) -prune"
+    " -o -print | sort"
+)
+
+
+class State:
+    """What one step of the walk leaves for the next."""
+
+    before: list[str]
+    files: list[str]
+    mesh_did: str
+    pds: str
+
+
+state = State()
+
+
+def test_install_on_a_clean_debian_adds_user_and_units_but_starts_nothing(
+    host: CleanHost, packages: Packages
+) -> None:
+    assert host.run("id meshlet").returncode != 0, "the clean host already has a meshlet user"
+    assert host.run("command -v python3 podman").returncode != 0, "the host is not clean"
+    state.before = host.ok(SNAPSHOT).splitlines()
+    out = host.ok(f"apt-get install -y -q {packages.deb} 2>&1", timeout=900)
+    assert "Setting up meshlet (" in out
+    state.files = host.ok("dpkg -L meshlet").splitlines()
+    # The user for rootless podman: system uid, subordinate ids, home, lingering.
+    uid = int(host.ok("id -u meshlet"))
+    assert uid < 1000
+    assert host.ok("getent group meshlet-admin")
+    assert re.search(r"^meshlet:\d+:65536$", host.ok("cat /etc/subuid"), re.M)
+    assert re.search(r"^meshlet:\d+:65536$", host.ok("cat /etc/subgid"), re.M)
+    assert host.ok("stat -c '%U %a' /var/lib/meshlet-podman /etc/meshlet/credentials").split() == [
+        "meshlet",
+        "700",
+        "root",
+        "700",
+    ]
+    assert host.ok("loginctl show-user meshlet -p Linger").strip() == "Linger=yes"
+    # Not enabled and not started: the admin configures first.
+    assert host.run("systemctl is-enabled meshletd").stdout.strip() == "disabled"
+    assert host.active("meshletd") == "inactive"
+    assert host.ok("systemctl show meshlet.slice -p LoadState").strip() == "LoadState=loaded"
+    # The shipped config is a commented example that tells what is missing.
+    check = host.run("meshletd --check")
+    assert check.returncode != 0 and "did: required key is missing" in check.stderr
+    # Launchers: the bundle, isolated from the user's and the system's site-packages.
+    site = "/root/.local/lib/python3.11/site-packages"
+    host.ok(f"mkdir -p {site} && echo 'raise SystemExit(\"user site used\")' > {site}/typer.py")
+    assert "meshletctl" in host.ok("PYTHONPATH=/nonexistent meshletctl --help")
+    host.ok("rm -rf /root/.local")
+
+
+def test_enable_now_starts_meshletd_against_the_local_network_and_status_answers(
+    host: CleanHost, devnet
+) -> None:
+    k = os.getpid() % 100000
+    owner = devnet.create_account(f"pkgown{k}", pds=0)
+    mesh = devnet.create_account(f"pkgmsh{k}", pds=0)
+    state.mesh_did, state.pds = mesh.did, mesh.pds_url
+    config = (
+        f'did = "{mesh.did}"\nowner = "{owner.did}"\npds = "{mesh.pds_url}"\n'
+        f'plc_url = "{devnet.plc_url}"\n\n[listen]\nxrpc = "127.0.0.1:{2600 + k % 1000}"\n'
+    )
+    host.ok(f"cat > /etc/meshlet/meshlet.toml <<'EOF'\n{config}EOF")
+    host.ok(
+        f"printf %s '{mesh.app_password}' > /etc/meshlet/credentials/meshlet-app-password"
+        f" && printf %s '{owner.app_password}' > /etc/meshlet/credentials/owner-app-password"
+        " && chmod 600 /etc/meshlet/credentials/*"
+    )
+    host.ok("meshletd --check")
+    host.ok("systemctl enable --now meshletd", timeout=120)
+    assert host.active("meshletd") == "active"
+    status = host.ok("meshletctl status")
+    assert mesh.did in status and owner.did in status
+    # It reached the network: the meshlet's own record is on its PDS.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        r = httpx.get(
+            f"{mesh.pds_url}/xrpc/com.atproto.repo.listRecords",
+            params={"repo": mesh.did, "collection": "commune.scheduler.meshletOwner"},
+        )
+        if r.status_code == 200 and r.json().get("records"):
+            break
+        time.sleep(0.5)
+    log("install", f"meshletOwner records of {mesh.did}: {r.status_code} {r.text[:600]}")
+    assert r.json().get("records"), "meshletd published no meshletOwner record"
+
+
+def test_upgrade_keeps_the_config_and_restarts_the_service(
+    host: CleanHost, packages: Packages
+) -> None:
+    config = host.ok("cat /etc/meshlet/meshlet.toml")
+    pid = host.ok("systemctl show meshletd -p MainPID --value").strip()
+    out = host.ok(f"apt-get install -y -q {packages.deb_upgrade} 2>&1", timeout=900)
+    assert re.search(r"Unpacking meshlet \(0\.1\.0-2\) over \(0\.1\.0-1\)", out), out
+    assert host.ok("dpkg-query -W -f '${Version}' meshlet") == "0.1.0-2"
+    assert host.ok("cat /etc/meshlet/meshlet.toml") == config
+    assert host.active("meshletd") == "active"
+    assert host.ok("systemctl show meshletd -p MainPID --value").strip() not in {pid, "0"}
+    assert host.run("systemctl is-enabled meshletd").stdout.strip() == "enabled"
+    assert state.mesh_did in host.ok("meshletctl status")
+
+
+def test_remove_stops_meshletd_and_keeps_configuration(host: CleanHost) -> None:
+    host.ok("apt-get remove -y -q meshlet 2>&1")
+    assert host.active("meshletd") in {"inactive", "unknown"}
+    assert host.run("pgrep -f /usr/bin/meshletd").returncode != 0
+    assert host.run("test -x /usr/bin/meshletd").returncode != 0
+    assert "rc  meshlet" in host.ok("dpkg -l meshlet")
+    assert host.ok("test -f /etc/meshlet/meshlet.toml && ls /etc/meshlet/credentials").split() == [
+        "meshlet-app-password",
+        "owner-app-password",
+    ]
+    # The bytecode the postinst made is gone with the package's files.
+    assert host.run("test -e /usr/lib/meshlet").returncode != 0
+
+
+def test_purge_leaves_nothing_behind(host: CleanHost) -> None:
+    host.ok("apt-get purge -y -q meshlet 2>&1")
+    assert host.run("dpkg -s meshlet").returncode != 0
+    # Every path the package had or made is gone, unless another package owns it (/usr/bin…).
+    # (/usr/lib/meshlet stands for the files under it: one shell argument is at most 128 KiB.)
+    files = [f for f in state.files if not f.startswith("/usr/lib/meshlet/") and f not in {"/."}]
+    paths = " ".join(f"'{p}'" for p in (*MADE, *files))
+    left = host.ok(
+        f'for p in {paths}; do if [ -e "$p" ] || [ -L "$p" ]; then'
+        ' dpkg-query -S "$p" >/dev/null 2>&1 || echo "$p"; fi; done'
+    )
+    assert left.split() == []
+    assert host.ok("ls /etc/systemd/system/*.wants/ | grep -c meshlet || true").strip() == "0"
+    assert "meshletd.service" not in host.ok("systemctl list-unit-files --all --no-legend")
+    assert host.run("pgrep -u meshlet").returncode != 0, "processes of meshlet are left"
+    # Debian's convention: the system user and group stay (files may still carry the ids).
+    assert host.run("id meshlet").returncode == 0
+    # With the dependencies autoremoved, the host's files are as before the install, apart
+    # from the user databases (the kept user) and what dpkg/apt keep about themselves.
+    host.ok("apt-get autoremove --purge -y -q 2>&1", timeout=600)
+    after = host.ok(SNAPSHOT).splitlines()
+    user_db = {
+        "/etc/passwd-",
+        "/etc/group-",
+        "/etc/shadow-",
+        "/etc/gshadow-",
+        "/etc/subuid-",
+        "/etc/subgid-",
+        "/etc/subuid",
+        "/etc/subgid",
+        "/etc/.pwd.lock",
+    }
+    added = sorted(set(after) - set(state.before) - user_db)
+    removed = sorted(set(state.before) - set(after))
+    log(
+        "install",
+        "files added since before the install:\n"
+        + "\n".join(added)
+        + "\nfiles removed:\n"
+        + "\n".join(removed),
+    )
+    assert [p for p in added if "meshlet" in p] == []
