@@ -200,6 +200,11 @@ class ClusterView:
         return out
 
 
+async def _maybe_await(result: Any) -> None:
+    if hasattr(result, "__await__"):
+        await result
+
+
 def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
     """Equal apart from timestamps (so a restart does not rewrite unchanged records)."""
     if a is None:
@@ -264,17 +269,45 @@ class ClusterFormation:
         self.version = 0
         self._nursery: trio.Nursery | None = None
         self._listeners: list[Callable[[RecordEvent], Any]] = []
+        self._batch_listeners: list[Callable[[list[RecordEvent]], Any]] = []
+        # Until the first full read of every watched repo is done, events are held and then
+        # handed over as one batch (docs/protocol.md section 13: no decision on half a state).
+        self._starting = True
+        self._startup: list[RecordEvent] = []
+        self._deliver_lock = trio.Lock()
 
     def add_listener(self, fn: Callable[[RecordEvent], Any]) -> None:
-        """Also pass every record event on (e.g. workloads and bids to the scheduler)."""
+        """Also pass every record event on (e.g. workloads and bids to the scheduler).
+
+        Events of the start-up read reach `fn` one by one after it is complete, unless a
+        batch listener is registered too (then `fn` sees only later events)."""
         self._listeners.append(fn)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def add_batch_listener(self, fn: Callable[[list[RecordEvent]], Any]) -> None:
+        """Receive the start-up read (every record of every watched repo) as one list."""
+        self._batch_listeners.append(fn)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[RecordEvent]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the firehose, read every watched repo, hand over the start-up batch;
+        `started` (with that batch) once the view is complete. Runs until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.firehose.run)
             await self.sync_watches()
-            task_status.started()
+            async with self._deliver_lock:
+                self._starting = False
+                batch, self._startup = self._startup, []
+                for bfn in self._batch_listeners:
+                    await _maybe_await(bfn(batch))
+                if not self._batch_listeners:
+                    for ev in batch:
+                        for fn in self._listeners:
+                            await _maybe_await(fn(ev))
+            if self.view.watched_dids() != self.firehose.interest.dids:
+                nursery.start_soon(self.sync_watches)  # changed while we handed over
+            task_status.started(batch)
             # Follow-up watches (new meshlets claimed by owners) are started by _on_event.
 
     async def sync_watches(self) -> None:
@@ -302,11 +335,14 @@ class ClusterFormation:
         if self.view.apply(ev):
             self._bump()
             log.info("cluster: view changed after %s %s: %s", ev.action, ev.uri, self.describe())
-        for fn in self._listeners:
-            r = fn(ev)
-            if hasattr(r, "__await__"):
-                await r
-        if self.view.watched_dids() != before and self._nursery is not None:
+        async with self._deliver_lock:
+            if self._starting:
+                self._startup.append(ev)
+            else:
+                for fn in self._listeners:
+                    await _maybe_await(fn(ev))
+        # (While starting, run() itself loops until every needed repo is read.)
+        if self.view.watched_dids() != before and self._nursery is not None and not self._starting:
             self._nursery.start_soon(self.sync_watches)
 
     def _bump(self) -> None:

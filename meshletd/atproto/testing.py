@@ -260,7 +260,7 @@ class MeshletNode:
         view = ClusterView.create(self.meshlet_account.did, self.owner_account.did, self.clusters)
         self.formation = ClusterFormation(view, self._firehose)
         self.formation.add_listener(self.events.append)
-        await nursery.start(self.formation.run)
+        self.startup_batch = await nursery.start(self.formation.run)
 
     async def wait_members(self, cluster: str, expected: set[str], timeout_s: float = 10) -> bool:
         def formed(v: Any) -> bool:

@@ -112,6 +112,11 @@ async def test_an_edit_to_a_meshlet_owner_record_reaches_the_view(devnet):
     await nb.publish()
     async with trio.open_nursery() as nursery:
         await na.start(nursery)
+        # The start-up read came as one batch, before anything else was handed on.
+        first = {(e.did, e.collection) for e in na.startup_batch}
+        assert (b[1].did, "commune.scheduler.meshletOwner") in first
+        assert (b[1].did, "commune.scheduler.membership") in first
+        assert na.events[: len(na.startup_batch)] == na.startup_batch
         assert await na.wait_members("home", {a[1].did, b[1].did})
         await nb.publish(state="draining")
         ok = await na.formation.wait_for(
