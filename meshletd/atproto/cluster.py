@@ -240,6 +240,14 @@ async def publish_own_records(
     batch: list[Write] = []
     value = owner_record.to_record(rkey="self")
     got = await meshlet.get_record(MESHLET_OWNER, "self")
+    if "stateSince" not in value:
+        # stateSince says when `state` last changed (docs/protocol.md): keep it while the
+        # state stays, stamp it when the state changes.
+        old = got[1] if got else {}
+        if old.get("state") == value["state"] and old.get("stateSince"):
+            value["stateSince"] = old["stateSince"]
+        else:
+            value["stateSince"] = value["createdAt"]
     if not _same(got[1] if got else None, value):
         batch.append(Write("put", MESHLET_OWNER, "self", value))
     existing = {rkey: v for rkey, _cid, v in await meshlet.list_records(MEMBERSHIP)}
