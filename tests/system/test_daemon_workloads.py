@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 UNIT = "meshletd.service"
 VENV = "/opt/meshlet-venv/bin"
 CTL = f"{VENV}/meshletctl"
+# The checkout is bound in: CI clones under /tmp, which the unit's PrivateTmp hides.
 DROP_IN = f"""[Service]
+BindReadOnlyPaths={ROOT}
 ExecStartPre=
 ExecStartPre={VENV}/meshletd --check
 ExecStart=
