@@ -417,17 +417,24 @@ class AtprotoNode:
                 continue
             rnd, meshlet = owner
             r: dict[str, Any] = {"workload": uri, "slot": slot, "round": rnd, "meshletDid": meshlet}
+            # The host's own status record (its latest round) says how the replica is doing.
+            reported = [
+                st
+                for st in self._statuses.get(uri, {}).values()
+                if st["meshletDid"] == meshlet and st.get("slot") == slot
+            ]
+            status = max(reported, key=lambda st: st.get("round", 0)) if reported else None
+            if meshlet == self.did and (uri, slot) in local:
+                r["state"] = local[(uri, slot)]
+            else:
+                r["state"] = status["state"] if status else "pending"
+            for key in ("exitCode", "restarts"):
+                if status is not None and key in status:
+                    r[key] = status[key]
             if meshlet == self.did:
-                r["state"] = local.get((uri, slot), "pending")
                 unit = self.engine.units.get((uri, slot))
                 if unit:
                     r["unit"] = unit
-            else:
-                seen = self._statuses.get(uri, {})
-                states = [
-                    s for s in seen.values() if s["meshletDid"] == meshlet and s.get("slot") == slot
-                ]
-                r["state"] = states[0]["state"] if states else "pending"
             out.append(r)
         return out
 

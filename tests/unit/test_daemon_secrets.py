@@ -110,3 +110,22 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
     ledger = {o["ownerDid"]: o for o in node.balance()["owners"]}
     assert 5900 <= ledger[OWNER]["tookMilliCpuSeconds"] <= 6000
     assert 5900 <= ledger["did:plc:bob"]["gaveMilliCpuSeconds"] <= 6000
+
+
+def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
+    node, _ = node_with_placement(WINNER)
+    node.engine.scheduler.replicas = lambda: {}
+    node.engine.units = {}
+    node._statuses[URI] = {
+        f"{WINNER}/s1": {
+            "meshletDid": WINNER,
+            "slot": 0,
+            "round": 0,
+            "state": "failed",
+            "exitCode": 4,
+            "restarts": 0,
+        }
+    }
+    (replica,) = node.workload(URI)["running"]
+    assert replica["meshletDid"] == WINNER and replica["state"] == "failed"
+    assert replica["exitCode"] == 4 and replica["round"] == 0
