@@ -93,6 +93,8 @@ class FrameOutcome:
     bad_signature: bool = False  # the key we had failed: re-resolve once, then retry
     resync: set[str] = field(default_factory=set)  # DIDs to heal with anti-entropy
     identity_changed: str | None = None
+    commit_rev: str | None = None  # a verified commit's rev, and the rev it follows
+    commit_since: str | None = None
     error: str | None = None  # an error frame (or #info) from the PDS
 
 
@@ -177,6 +179,7 @@ class FrameDecoder:
             out.dropped.append(f"commit seq={seq} repo={did}: rev differs from the signed commit")
             return
         self.last_rev[did] = rev
+        out.commit_rev, out.commit_since = rev, body.get("since")
         data_root = commit["data"]
         for op in ops:
             path = op["path"]
@@ -491,6 +494,8 @@ class Firehose:
         self.backoff = backoff
         self.keys: dict[str, str | None] = {}
         self.mirror = RepoMirror()
+        self.synced_rev: dict[str, str] = {}  # repo rev whose state we are known to hold
+        self.skipped_passes = 0
         self.pds_of: dict[str, str] = {}
         self.subscriptions: dict[str, PdsSubscription] = {}
         self.dropped: list[str] = []  # recent reasons, for tests and status
@@ -521,11 +526,12 @@ class Firehose:
             self.interest.dids.add(did)
             await self._ensure_subscription(ident.pds)
         if resync:
-            await self._resync_logged(did)
+            await self._resync_logged(did, force=True)
 
     def unwatch(self, did: str) -> None:
         self.interest.dids.discard(did)
         self.mirror.forget(did)
+        self.synced_rev.pop(did, None)
 
     async def _ensure_subscription(self, pds: str) -> None:
         if pds in self.subscriptions:
@@ -570,12 +576,15 @@ class Firehose:
                     if out is not None:
                         self.delivered += 1
                         await self.sink(out)
+                did = outcome.did
+                if outcome.commit_rev and did and self.synced_rev.get(did) == outcome.commit_since:
+                    self.synced_rev[did] = outcome.commit_rev  # still no gap since last pass
         if outcome.identity_changed is not None:
             assert self._nursery is not None
             self._nursery.start_soon(self._identity_changed, outcome.identity_changed)
         for did in sorted(outcome.resync):
             assert self._nursery is not None
-            self._nursery.start_soon(self._resync_logged, did)
+            self._nursery.start_soon(self._resync_forced, did)
 
     async def _identity_changed(self, did: str) -> None:
         """A watched repo's DID document changed: new key (already re-read by the
@@ -590,22 +599,33 @@ class Firehose:
             log.info("firehose: %s moved from %s to %s", did, self.pds_of.get(did), ident.pds)
             self.pds_of[did] = ident.pds
             await self._ensure_subscription(ident.pds)
-            await self._resync_logged(did)
+            await self._resync_logged(did, force=True)
 
     def _note_drop(self, reason: str) -> None:
         self.dropped.append(reason)
         del self.dropped[:-200]
 
-    async def _resync_logged(self, did: str) -> None:
+    async def _resync_forced(self, did: str) -> None:
+        await self._resync_logged(did, force=True)
+
+    async def _resync_logged(self, did: str, *, force: bool = False) -> None:
         try:
-            await self.resync(did)
+            await self.resync(did, force=force)
         except (ReadError, IdentityError, Unverified) as e:
             log.warning("anti-entropy %s: %s", did, e)
 
-    async def resync(self, did: str) -> int:
-        """Anti-entropy for one repo: heal anything the firehose missed. Returns changes."""
+    async def resync(self, did: str, *, force: bool = True) -> int:
+        """Anti-entropy for one repo: heal anything the firehose missed. Returns changes.
+
+        Unless forced, a repo whose latest rev is the one we are known to be in sync with
+        (no gap in verified commits since the last pass) costs one request and no listing.
+        """
         pds = self.pds_of.get(did)
         if pds is None or did not in self.interest.dids:
+            return 0
+        latest = await self.reader.latest_rev(pds, did)
+        if not force and latest is not None and self.synced_rev.get(did) == latest:
+            self.skipped_passes += 1
             return 0
         key = self.keys.get(did)
         changes = 0
@@ -655,4 +675,8 @@ class Firehose:
                         changes += 1
                         self.delivered += 1
                         await self.sink(out)
+        if latest is not None:
+            known = self.synced_rev.get(did)
+            if known is None or known < latest:
+                self.synced_rev[did] = latest
         return changes

@@ -9,7 +9,9 @@ import trio
 
 from meshletd.atproto.firehose import Backoff, Firehose, MemoryCursorStore
 from meshletd.atproto.identity import Identity, StaticIdentityResolver
+from meshletd.atproto.reader import ProvenRecord
 from meshletd.atproto.testing import FakeRepo, SigningKey
+from meshletd.atproto.verify import cid_str
 
 NOW = "2026-11-27T06:00:00.000Z"
 PDS = "http://pds.invalid"
@@ -62,6 +64,9 @@ class EmptyRepos:
 
     async def list_records(self, pds, did, collection):
         return {}
+
+    async def latest_rev(self, pds, did):
+        return None
 
 
 async def start(nursery, resolver, server, cursors=None):
@@ -201,3 +206,63 @@ async def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(autojump
         await trio.sleep(120)
         nursery.cancel_scope.cancel()
     assert len(urls) >= 3  # reconnected after each 30 s + 15 s of silence
+
+
+class CountingRepos(EmptyRepos):
+    def __init__(self, repo):
+        self.repo = repo
+        self.listings = 0
+
+    async def collections(self, pds, did):
+        self.listings += 1
+        return {p.split("/")[0] for p in self.repo.records}
+
+    async def list_records(self, pds, did, collection):
+        return {p.split("/")[1]: cid_str(c) for p, c in self.repo.records.items()}
+
+    async def prove_record(self, pds, did, key, collection, rkey):
+        cid = self.repo.records.get(f"{collection}/{rkey}")
+        value = self.repo.values.get(cid) if cid else None
+        return ProvenRecord(
+            did, collection, rkey, self.repo.rev, cid_str(cid) if cid else None, value
+        )
+
+    async def latest_rev(self, pds, did):
+        return self.repo.rev
+
+
+async def test_anti_entropy_skips_a_repo_the_firehose_kept_in_sync():
+    alice = FakeRepo("did:plc:alice")
+    alice.put("commune.scheduler.membership", "a", membership([]))  # history before we watch
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    server = FakeServer()
+    reader = CountingRepos(alice)
+
+    async def sink(ev):
+        pass
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        backoff=Backoff(0.01, 0.05),
+        connect=server.connect,
+        anti_entropy_every_s=3600,
+        reader=reader,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did)  # forced first pass
+        assert reader.listings == 1
+        await fh.resync(alice.did, force=False)
+        assert reader.listings == 1 and fh.skipped_passes == 1  # nothing new: one request
+        await server.send.send(alice.put("commune.scheduler.membership", "b", membership([])))
+        with trio.fail_after(5):
+            while fh.synced_rev.get(alice.did) != alice.rev:
+                await trio.sleep(0.01)
+        await fh.resync(alice.did, force=False)
+        assert reader.listings == 1  # the firehose delivered it with no gap
+        alice.put("commune.scheduler.membership", "c", membership([]))  # a frame we never get
+        await fh.resync(alice.did, force=False)
+        assert reader.listings == 2  # a gap: list again
+        nursery.cancel_scope.cancel()
