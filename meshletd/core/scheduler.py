@@ -149,6 +149,8 @@ class Scheduler:
         self._bid_batch_at: int | None = None
         self._dirty: set[str] = set()
         self._cand_cache: dict[tuple[object, ...], list[str]] = {}
+        self._small_cache: dict[tuple[str, str], bool] = {}
+        self._small_version = -1
         self._involved: set[str] = set()  # workloads where we own a slot or run a replica
         self.draining = False
         self.draining_since = 0
@@ -373,7 +375,16 @@ class Scheduler:
         return wl.created_at + wl.bid_window_ms + self.t.settle_ms
 
     def _small(self, wl: Workload) -> bool:
-        return self.cluster.member_estimate(wl) <= EARLY_CLOSE_MAX_MEMBERS
+        cv = self.cluster.version
+        if cv != self._small_version:
+            self._small_cache.clear()
+            self._small_version = cv
+        key = (wl.owner, wl.cluster)
+        got = self._small_cache.get(key)
+        if got is None:
+            got = self.cluster.member_estimate(wl) <= EARLY_CLOSE_MAX_MEMBERS
+            self._small_cache[key] = got
+        return got
 
     def _valid(self, wl: Workload, b: Bid, start: int, deadline: int) -> bool:
         if b.slots < 1 or b.created_at < start or b.created_at > deadline:
