@@ -136,13 +136,21 @@ def test_a_workload_runs_survives_a_meshletd_restart_and_stops(host: Host) -> No
         "--memory",
         "32Mi",
         "--",
-        "sleep",
-        "600",
+        "sh",
+        "-c",
+        "echo hello-from-sleeper; exec sleep 600",
     )
     assert run.returncode == 0, run.stderr + journal(host)
     wait_for(lambda: replica_here(host, "sleeper") is not None, 60, "the replica to run")
     unit = replica_here(host, "sleeper")["unit"]
     assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
+
+    # Its output: journald directly (human), or through meshletd (--json).
+    def logged() -> bool:
+        return "hello-from-sleeper" in host.run(CTL, "logs", "sleeper").stdout
+
+    wait_for(logged, 30, "the replica's output in its journal")
+    assert "hello-from-sleeper" in ctl_json(host, "logs", "sleeper")["lines"]
 
     # meshletd stops cleanly; the replica keeps running.
     assert host.run("systemctl", "stop", UNIT).returncode == 0
