@@ -177,15 +177,18 @@ class Scheduler:
     # ==================================================================== public API
     def handle(self, event: Event) -> list[Action]:
         """Apply one event; return the actions to perform, in order (writes first)."""
-        self._out = out = []
+        out: list[Action] = []
+        self._out = out
         self._apply(event)
         self._flush()
         return out
 
     def handle_batch(self, events: list[Event]) -> list[Action]:
         """Apply several events (e.g. one firehose frame or a listRecords page) and decide
-        once; the same result as handling them one by one, fewer intermediate actions."""
-        self._out = out = []
+        once: the start-up snapshot MUST come this way, so that nothing is decided on a
+        half-read state (docs/protocol.md, section 13)."""
+        out: list[Action] = []
+        self._out = out
         for event in events:
             self._apply(event)
         self._flush()
@@ -354,8 +357,8 @@ class Scheduler:
                 self._stop(key, "deleted")
             for key in [k for k in self._held if k[0] == uri]:
                 del self._held[key]
-            for key in [k for k in self._reserved if k[0] == uri]:
-                del self._reserved[key]
+            for rkey3 in [k for k in self._reserved if k[0] == uri]:
+                del self._reserved[rkey3]
             for rk in self._my_bids.pop(uri, ()):
                 self._delete(NSID_BID, rk)
             for s in range(e.wl.replicas):
@@ -835,8 +838,8 @@ class Scheduler:
             self._dirty.add(uri)
             self._bid_queue.add(uri)
             self._bid_batch_at = now
-        for key in [k for k, v in self._reserved.items() if v[2] <= now]:
-            del self._reserved[key]
+        for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
+            del self._reserved[rkey3]
         if now >= self._next_probe:
             self._next_probe = now + self.t.probe_interval_ms
             for m in self._watch_list():
