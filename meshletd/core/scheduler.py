@@ -244,15 +244,26 @@ class Scheduler:
             self._usages[rec.uri] = rec
             self._note_mine(rec.uri)
         elif isinstance(rec, MeshletOwner):
+            if self.cluster.owners.get(rec.meshlet) == rec:
+                return
             self.cluster.put_owner(rec)
             self._note_mine(rec.uri)
             if rec.meshlet == self.me.did:
                 self.draining = rec.state == "draining"
                 self.draining_since = rec.state_since
+            self._cluster_changed()
         elif isinstance(rec, MeshletLink):
             self.cluster.put_link(rec)
+            self._cluster_changed()
         elif isinstance(rec, Membership):
             self.cluster.put_membership(rec)
+            self._cluster_changed()
+
+    def _cluster_changed(self) -> None:
+        """Eligibility is part of the placement function: re-resolve every placed workload."""
+        for uri, e in self.workloads.items():
+            if e.owners is not None:
+                self._dirty.add(uri)
 
     def _note_mine(self, uri: str) -> None:
         repo, coll, rkey = split_at_uri(uri)
@@ -371,7 +382,8 @@ class Scheduler:
         if coll == NSID_USAGE:
             self._usages.pop(uri, None)
             return
-        self.cluster.delete(uri, repo)
+        if self.cluster.delete(uri, repo):
+            self._cluster_changed()
 
     # ==================================================================== rounds
     def _close0(self, wl: Workload) -> int:
@@ -396,8 +408,9 @@ class Scheduler:
             return False
         if not self.cluster.eligible(wl, b.meshlet):
             return False
+        # A meshlet that started draining before the round closed gets nothing from it.
         since = self.cluster.draining_since(b.meshlet)
-        return since is None or since > deadline
+        return since is None or since > deadline + self.t.settle_ms
 
     def _candidates(
         self, wl: Workload, slot: int, round_: int, exclude: frozenset[str] = frozenset()
@@ -818,6 +831,7 @@ class Scheduler:
         rec = self._my_owner_record(state)
         self._put(NSID_MESHLET_OWNER, "self", rec)
         self.cluster.put_owner(rec)
+        self._cluster_changed()
         self.draining = cmd.draining
         self.draining_since = self.now
         if cmd.draining:

@@ -464,7 +464,13 @@ class Sim:
         if not node.alive or node.cut or not node.missed:
             return
         missed, node.missed = node.missed, []
-        self._feed_many(node, [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in missed])
+        # listRecords returns the current version of what was missed, not the old events:
+        # replaying a lost old version over a newer one would be stale.
+        uris = list(dict.fromkeys(u for u, _ in missed))
+        current = [(u, self.store.get(u)) for u in uris]
+        self._feed_many(
+            node, [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in current]
+        )
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
