@@ -1,7 +1,8 @@
-"""Test helpers: an issuer of service-auth JWTs with a key made on the spot.
+"""Test helpers: an issuer of service-auth JWTs with a key made on the spot, and a check
+that every answer has the shape its lexicon promises.
 
-Used by unit tests (with `StaticKeys`) to produce valid, expired, mis-addressed and
-mis-signed tokens without a PDS.
+`TokenIssuer` is used by unit tests (with `StaticKeys`) to produce valid, expired,
+mis-addressed and mis-signed tokens without a PDS.
 """
 
 from __future__ import annotations
@@ -75,3 +76,21 @@ class TokenIssuer:
             _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(payload).encode())
         ).encode()
         return signing_input.decode() + "." + _b64(self.sign(signing_input))
+
+
+async def check_output_against_lexicon(response: Any) -> None:
+    """An httpx response hook: a successful `/xrpc/<nsid>` answer must validate against the
+    output schema of `<nsid>`'s lexicon (raises `InvalidRecord` naming the field if not).
+
+    `httpx.AsyncClient(..., event_hooks={"response": [check_output_against_lexicon]})`.
+    """
+    from meshletd.atproto.lexicon import default_lexicons
+    from meshletd.xrpc.app import from_json
+
+    path = response.request.url.path
+    nsid = path.rsplit("/xrpc/", 1)[-1] if "/xrpc/" in path else ""
+    lexicons = default_lexicons()
+    if response.status_code != 200 or nsid not in lexicons.docs:
+        return
+    await response.aread()
+    lexicons.validate_output(nsid, from_json(response.json()))

@@ -17,6 +17,7 @@ from meshletd.config import Cluster, Config, Control, Credentials, Listen
 from meshletd.daemon.service import Daemon
 from meshletd.notify import RecordingNotifier
 from meshletd.store import StateStore
+from meshletd.xrpc.testing import check_output_against_lexicon
 
 _n = itertools.count()
 
@@ -37,6 +38,8 @@ class Setup:
         self.ctl = httpx.AsyncClient(
             base_url="http://localhost/xrpc",
             transport=httpx.AsyncHTTPTransport(uds=str(daemon.cfg.listen.control_socket)),
+            # Every successful answer has the shape its lexicon promises (ctl.* included).
+            event_hooks={"response": [check_output_against_lexicon]},
         )
 
 
@@ -97,6 +100,7 @@ async def test_it_publishes_its_records_and_verifies_its_member(setup: Setup) ->
         return members[0]["verified"] and members[0]["meshletDids"] == [setup.bob_mesh.did]
 
     await wait_until(bob_verified)
+    # (each answer is checked against its lexicon by the client's response hook)
     status = (await setup.ctl.get("/farm.meshlet.ctl.getStatus")).json()
     assert status["members"] == 1 and status["backend"] == "atproto"
 
@@ -187,6 +191,7 @@ async def test_with_a_runtime_the_published_workload_runs_here(
     ctl = httpx.AsyncClient(
         base_url="http://localhost/xrpc",
         transport=httpx.AsyncHTTPTransport(uds=str(cfg.listen.control_socket)),
+        event_hooks={"response": [check_output_against_lexicon]},
     )
     try:
         record = {
@@ -216,6 +221,10 @@ async def test_with_a_runtime_the_published_workload_runs_here(
             raise AssertionError(f"not running here: {st.text}") from None
         status = (await ctl.get("/farm.meshlet.ctl.getStatus")).json()
         assert status["replicas"] == 1
+        bids = (await ctl.get("/farm.meshlet.ctl.getBids", params={"uri": uri})).json()
+        assert bids["workload"] == uri
+        ledger = (await ctl.get("/farm.meshlet.ctl.getBalance")).json()
+        assert ledger["owners"][0]["ownerDid"] == alice.did
 
         # Our status record reached our PDS through the write queue.
         async def status_published() -> bool:

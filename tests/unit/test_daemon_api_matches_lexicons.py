@@ -1,4 +1,5 @@
-"""The API's method table agrees with lexicons/farm/meshlet/*.json (the source of truth)."""
+"""The API's method table agrees with lexicons/farm/meshlet/**.json (the source of truth),
+the control-socket-only `farm.meshlet.ctl.*` methods included."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from meshletd.daemon import methods
 from meshletd.daemon.node import InMemoryNode
-from meshletd.xrpc.app import XrpcApp
+from meshletd.xrpc.app import Access, XrpcApp
 
 LEXICONS = Path(__file__).parents[2] / "lexicons" / "farm" / "meshlet"
 
@@ -23,7 +24,7 @@ def table() -> XrpcApp:
 
 def lexicon_methods() -> dict[str, dict]:
     out = {}
-    for f in LEXICONS.glob("*.json"):
+    for f in LEXICONS.rglob("*.json"):
         doc = json.loads(f.read_text())
         main = doc["defs"].get("main")
         if main and main["type"] in ("query", "procedure"):
@@ -42,12 +43,23 @@ def test_every_lexicon_method_is_served_with_its_kind() -> None:
         assert app.methods[nsid].kind == main["type"], nsid
 
 
-def test_served_peer_methods_exist_in_the_lexicons() -> None:
+def test_every_served_method_has_a_lexicon() -> None:
     lex = lexicon_methods()
     for nsid in table().methods:
-        if nsid.startswith("farm.meshlet.ctl."):
-            continue  # control-socket only
         assert nsid in lex, f"{nsid} is served but has no lexicon"
+
+
+def test_control_methods_are_served_on_the_control_socket_only() -> None:
+    app = table()
+    ctl = [m for nsid, m in app.methods.items() if nsid.startswith("farm.meshlet.ctl.")]
+    assert {m.nsid.rsplit(".", 1)[1] for m in ctl} >= {
+        "getStatus",
+        "listMembers",
+        "createWorkload",
+        "getBids",
+        "getBalance",
+    }
+    assert all(m.access is Access.LOCAL for m in ctl)
 
 
 def test_query_parameters_match_the_lexicons() -> None:
@@ -66,3 +78,13 @@ def test_query_parameters_match_the_lexicons() -> None:
             assert p.default == spec.get("default"), (nsid, name)
             assert p.minimum == spec.get("minimum"), (nsid, name)
             assert p.maximum == spec.get("maximum"), (nsid, name)
+
+
+def test_docs_records_md_documents_every_field_of_every_method() -> None:
+    doc = (LEXICONS.parents[2] / "docs" / "records.md").read_text()
+    for nsid, main in lexicon_methods().items():
+        schemas = [main.get("parameters", {})]
+        schemas += [main[io].get("schema", {}) for io in ("input", "output") if io in main]
+        for schema in schemas:
+            for field in schema.get("properties", {}):
+                assert f"`{field}`" in doc, f"{nsid}: {field} is not in docs/records.md"

@@ -18,7 +18,7 @@ from meshletd.store import MemoryStore
 from meshletd.xrpc.app import from_json
 from meshletd.xrpc.auth import StaticKeys
 from meshletd.xrpc.http import PeerCred
-from meshletd.xrpc.testing import TokenIssuer
+from meshletd.xrpc.testing import TokenIssuer, check_output_against_lexicon
 
 LEXICONS = default_lexicons()
 ME = "did:plc:alicemesh"
@@ -52,6 +52,8 @@ class Running:
         self.unix = httpx.AsyncClient(
             base_url="http://localhost",
             transport=httpx.AsyncHTTPTransport(uds=str(daemon.cfg.listen.control_socket)),
+            # Every successful answer on the control socket has its lexicon's shape too.
+            event_hooks={"response": [check_output_against_lexicon]},
         )
 
     async def call(
@@ -276,6 +278,33 @@ async def test_root_on_the_control_socket_may_read_and_mutate(running: Running) 
     assert resp.status_code == 200
     resp = await running.unix.post("/xrpc/farm.meshlet.drain", json={})
     assert resp.json()["state"] == "draining"
+
+
+async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
+    running: Running,
+) -> None:
+    uri = await make_workload(running)
+    ctl = "/xrpc/farm.meshlet.ctl."
+    calls = [
+        running.unix.get(ctl + "getStatus"),
+        running.unix.get(ctl + "listMembers"),
+        running.unix.get(ctl + "getBids", params={"uri": uri}),
+        running.unix.get(ctl + "getBalance"),
+    ]
+    for call in calls:
+        resp = await call  # the response hook validates the output against the lexicon
+        assert resp.status_code == 200, resp.text
+    names = {m.nsid for m in running.daemon.app.methods.values()}
+    assert {n for n in names if n.startswith("farm.meshlet.ctl.")} == {
+        "farm.meshlet.ctl." + m
+        for m in ("getStatus", "listMembers", "createWorkload", "getBids", "getBalance")
+    }
+
+
+async def test_create_workload_input_is_checked_against_its_lexicon(running: Running) -> None:
+    resp = await running.unix.post("/xrpc/farm.meshlet.ctl.createWorkload", json={})
+    assert resp.status_code == 400 and error(resp) == "InvalidRequest"
+    assert "record: required" in resp.json()["message"]
 
 
 async def test_local_callers_are_sorted_by_group(running: Running) -> None:
