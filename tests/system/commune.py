@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.system.hostenv import HOSTENV_RUN, NspawnHost, build, remove_stale_hosts
+from tests.system.hostenv import (
+    HOSTENV_RUN,
+    HostEnvError,
+    NspawnHost,
+    build,
+    remove_stale_hosts,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = "meshletd.service"
@@ -152,9 +158,12 @@ class Meshlet:
         # --json right after the command: anything after `--` belongs to the container.
         done = self.ctl(args[0], "--json", *args[1:], timeout=timeout)
         if done.returncode != 0:
+            why = ""
+            if "InternalError" in done.stdout:  # the daemon's side of the story
+                why = "\n--- meshletd journal ---\n" + self.journal(lines=40)
             raise AssertionError(
                 f"meshletctl {' '.join(args)} on {self.person} exited {done.returncode}: "
-                f"{done.stdout}{done.stderr}"
+                f"{done.stdout}{done.stderr}{why}"
             )
         return json.loads(done.stdout)
 
@@ -282,7 +291,15 @@ class Commune:
         dev/hostenv gives a powered-off host a fresh disk: meshletd's state directory and
         any replica unit are gone, so this is "the machine came back, reinstalled"."""
         m = self[person]
-        m.host.up()
+        try:
+            m.host.up()
+        except HostEnvError as e:
+            # The shared base rootfs or venv was being refreshed (a dependency changed):
+            # build it (idempotent, waits for a concurrent build) and boot again.
+            if "not built" not in str(e):
+                raise
+            build()
+            m.host.up()
         self.install(m)
         m.start_daemon()
 
