@@ -234,7 +234,8 @@ SNAPSHOT = (
     "find /etc /usr /var /opt /srv /root -xdev"
     " \\( -path /var/cache -o -path /var/log -o -path /var/lib/apt -o -path /var/lib/dpkg"
     " -o -path /var/lib/systemd/deb-systemd-helper-enabled -o -path /var/lib/systemd/catalog"
-    " -o -path /var/lib/ucf -o -path /root/pkgs -o -path /usr/lib/python3 -o -name __pycache__ \\) -prune"
+    " -o -path /var/lib/ucf -o -path /root/pkgs -o -path /usr/lib/python3"
+    " -o -name __pycache__ \\) -prune"
     " -o -print | sort"
 )
 
