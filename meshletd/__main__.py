@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from meshletd.daemon.lean import skip_optional_imports
+
+    skip_optional_imports()
     from meshletd import config
     from meshletd.daemon import log
     from meshletd.errors import MeshletError

@@ -2,11 +2,13 @@
 
 Layers, from pure to I/O:
 
-- `FrameDecoder.process(raw) -> FrameOutcome` (pure): decodes one frame with the SDK's
-  parsers, skips repos and collections nobody asked for before decoding any block, checks
-  the commit signature against the repo DID's signing key and the MST proof of every op,
-  validates each record against its lexicon and size limit, and turns ops into
-  `RecordEvent`s. Everything it refuses is listed in `dropped` with the reason.
+- `FrameDecoder.process(raw) -> FrameOutcome` (pure): decodes one frame (two DAG-CBOR
+  values, header and body, with libipld: the SDK's frame parser would import its whole
+  generated client, tens of MB of idle memory), skips repos and collections nobody asked
+  for before decoding any block, checks the commit signature against the repo DID's
+  signing key and the MST proof of every op, validates each record against its lexicon and
+  size limit, and turns ops into `RecordEvent`s. Everything it refuses is listed in
+  `dropped` with the reason.
 - `RepoMirror` (pure): last known (cid, rev) per record; keeps firehose and anti-entropy
   from contradicting each other (a change applies only if its commit rev is not older).
 - `PdsSubscription` (trio): one websocket per PDS, resumes from the persisted cursor,
@@ -29,7 +31,6 @@ from typing import Any, Literal, Protocol
 
 import libipld
 import trio
-from atproto_subscription.frames import ErrorFrame, Frame
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from meshletd.atproto.identity import IdentityError, IdentityResolverProtocol
@@ -98,6 +99,27 @@ class FrameOutcome:
     error: str | None = None  # an error frame (or #info) from the PDS
 
 
+def decode_frame(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, body) of one event-stream frame: `op` 1 is a message whose type is `t`
+    (`#commit`, ...), `op` -1 an error (`error`, `message`). Raises ValueError otherwise."""
+    parts = libipld.decode_dag_cbor_multi(raw)
+    if len(parts) != 2:
+        raise ValueError(f"a frame is a header and a body, not {len(parts)} value(s)")
+    header, body = parts
+    if not isinstance(header, dict) or not isinstance(body, dict):
+        raise ValueError("frame header and body must be maps")
+    op = header.get("op")
+    if op == 1:
+        if not isinstance(header.get("t"), str):
+            raise ValueError("message frame without a type")
+    elif op == -1:
+        if not isinstance(body.get("error"), str):
+            raise ValueError("error frame without an error name")
+    else:
+        raise ValueError(f"invalid frame op {op!r}")
+    return header, body
+
+
 class FrameDecoder:
     """Pure decoder/verifier of subscribeRepos frames for one `Interest`."""
 
@@ -117,14 +139,12 @@ class FrameDecoder:
     def process(self, raw: bytes) -> FrameOutcome:
         self.frames += 1
         try:
-            frame = Frame.from_bytes(raw)
+            header, body = decode_frame(raw)
         except Exception as e:
             return FrameOutcome(dropped=[f"undecodable frame ({type(e).__name__}: {e})"])
-        if isinstance(frame, ErrorFrame):
-            body = frame.body
-            return FrameOutcome(kind="error", error=f"{body.error}: {body.message}")
-        t = frame.type
-        body = frame.body
+        if header["op"] == -1:
+            return FrameOutcome(kind="error", error=f"{body.get('error')}: {body.get('message')}")
+        t = header.get("t")
         out = FrameOutcome(seq=body.get("seq"), kind=t)
         if t == "#commit":
             self.commits += 1

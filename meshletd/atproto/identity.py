@@ -1,6 +1,8 @@
-"""DID resolution: did:plc through a configurable PLC directory (the SDK's resolver) and
-did:web through our own small resolver (the SDK's always uses https and does not decode
-`%3A`, so it cannot resolve `did:web:localhost%3A8080`).
+"""DID resolution: did:plc through a configurable PLC directory and did:web (the SDK's
+resolver always uses https and does not decode `%3A`, so it cannot resolve
+`did:web:localhost%3A8080`). Documents are read the way the SDK's `DidDocument` reads them
+(same shape checks, same `#atproto` key and `#atproto_pds` service rules), without its
+pydantic models and `cryptography`, which the idle daemon need not carry.
 
 `IdentityResolver.resolve(did)` returns an `Identity` (PDS endpoint, signing key as a
 `did:key`, handle, the meshlet XRPC endpoint if the document names one), cached with an
@@ -15,12 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import httpx
-from atproto_core.did_doc import DidDocument, is_valid_did_doc
-from atproto_identity.did.resolvers.plc_resolver import AsyncDidPlcResolver
 
+from meshletd.atproto.keys import BadKey, check_point, did_key_from_method
 from meshletd.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -46,24 +47,88 @@ class IdentityResolverProtocol(Protocol):
     async def resolve(self, did: str, *, fresh: bool = False) -> Identity: ...
 
 
+def _malformed(doc: Any) -> str | None:
+    """Why `doc` is not a DID document (the SDK's DidDocument shape), or None."""
+    if not isinstance(doc, dict):
+        return "not an object"
+    if not isinstance(doc.get("id"), str):
+        return "id must be a string"
+    aka = doc.get("alsoKnownAs")
+    if aka is not None and not (isinstance(aka, list) and all(isinstance(a, str) for a in aka)):
+        return "alsoKnownAs must be a list of strings"
+    shapes = {
+        "verificationMethod": {"id": str, "type": str, "controller": str},
+        "service": {"id": str, "type": str},
+    }
+    for name, fields in shapes.items():
+        items = doc.get(name)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            return f"{name} must be a list"
+        for item in items:
+            if not isinstance(item, dict):
+                return f"{name} entries must be objects"
+            for field, kind in fields.items():
+                if not isinstance(item.get(field), kind):
+                    return f"{name}[].{field} must be a string"
+            if name == "service" and "serviceEndpoint" not in item:
+                return "service[].serviceEndpoint is required"
+            pkm = item.get("publicKeyMultibase")
+            if name == "verificationMethod" and pkm is not None and not isinstance(pkm, str):
+                return "verificationMethod[].publicKeyMultibase must be a string"
+    return None
+
+
+def _http_url(url: Any) -> str | None:
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None
+    return url if parts.scheme in ("http", "https") and host is not None else None
+
+
+def _service(doc: dict[str, Any], did: str, id_: str, type_: str) -> str | None:
+    for s in doc.get("service") or ():
+        if s["id"] in (id_, did + id_) and s["type"] == type_:
+            return _http_url(s["serviceEndpoint"])
+    return None
+
+
+def _signing_key(doc: dict[str, Any], did: str) -> str | None:
+    for m in doc.get("verificationMethod") or ():
+        if m["id"] in ("#atproto", did + "#atproto") and m.get("publicKeyMultibase"):
+            key = did_key_from_method(m["type"], m["publicKeyMultibase"])
+            if key is not None:
+                check_point(key)
+            return key
+    return None
+
+
 def identity_from_doc(did: str, doc: dict[str, Any]) -> Identity:
     """Parse a DID document (pure) and check it is the document of `did`."""
-    if not is_valid_did_doc(doc):
-        raise IdentityError(f"{did}: malformed DID document")
-    parsed = DidDocument.from_dict(doc)
-    if parsed.get_did() != did:
-        raise IdentityError(f"{did}: DID document is for {parsed.get_did()}")
-    endpoint = parsed.get_service_endpoint(MESHLET_SERVICE_ID, MESHLET_SERVICE_TYPE)
+    why = _malformed(doc)
+    if why is not None:
+        raise IdentityError(f"{did}: malformed DID document ({why})")
+    if doc["id"] != did:
+        raise IdentityError(f"{did}: DID document is for {doc['id']}")
     try:
-        key = parsed.get_did_key()
-    except Exception as e:  # unsupported key type
+        key = _signing_key(doc, did)
+    except BadKey as e:  # unsupported key type, or not a point of its curve
         raise IdentityError(f"{did}: unusable signing key ({e})") from e
+    handle = next(
+        (a[len("at://") :] for a in doc.get("alsoKnownAs") or () if a.startswith("at://")), None
+    )
     return Identity(
         did=did,
-        pds=(parsed.get_pds_endpoint() or "").rstrip("/") or None,
+        pds=(_service(doc, did, "#atproto_pds", "AtprotoPersonalDataServer") or "").rstrip("/")
+        or None,
         signing_key=key,
-        handle=parsed.get_handle(),
-        meshlet_endpoint=endpoint,
+        handle=handle,
+        meshlet_endpoint=_service(doc, did, MESHLET_SERVICE_ID, MESHLET_SERVICE_TYPE),
     )
 
 
@@ -97,12 +162,10 @@ class IdentityResolver:
         self.ttl_s = ttl_s
         self._clock = clock
         self._http = http or httpx.AsyncClient(timeout=timeout_s)
-        self._plc = AsyncDidPlcResolver(plc_url=self.plc_url, timeout=timeout_s)
         self._cache: dict[str, tuple[float, Identity]] = {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        await self._plc._client.aclose()
 
     async def resolve(self, did: str, *, fresh: bool = False) -> Identity:
         now = self._clock()
@@ -120,7 +183,10 @@ class IdentityResolver:
     async def fetch_doc(self, did: str) -> dict[str, Any]:
         try:
             if did.startswith("did:plc:"):
-                doc = await self._plc.resolve_without_validation(did)
+                r = await self._http.get(f"{self.plc_url}/{did}")
+                if r.status_code != 404:
+                    r.raise_for_status()
+                doc = r.json() if r.status_code == 200 else None
             elif did.startswith("did:web:"):
                 r = await self._http.get(did_web_url(did))
                 doc = r.json() if r.status_code == 200 else None

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 import libipld
-from atproto_crypto.algs import ALGORITHM_TO_CLASS
-from atproto_crypto.did import parse_did_key
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ec import ECDSA
-from cryptography.hazmat.primitives.hashes import SHA256
+
+from meshletd.atproto.keys import verify_signature
 
 _CID_PREFIX = b"\x01\x71\x12\x20"  # CIDv1, dag-cbor, sha2-256, 32 bytes
 
@@ -71,50 +67,6 @@ def block(blocks: Blocks, cid: bytes, what: str) -> Any:
     if cid[:4] == _CID_PREFIX and cid_of(value) != cid:
         raise Unverified(f"{what} block does not match its CID")
     return value
-
-
-try:  # libsecp256k1 verifies ~15x faster than OpenSSL's generic secp256k1 (optional)
-    import coincurve as _coincurve
-except ImportError:  # pragma: no cover - depends on the environment
-    _coincurve = None
-
-
-class _Key:
-    __slots__ = ("alg", "fast", "pub")
-
-    def __init__(self, did_key: str) -> None:
-        parsed = parse_did_key(did_key)
-        self.alg = ALGORITHM_TO_CLASS[parsed.jwt_alg]()
-        self.pub = self.alg.get_elliptic_curve_public_key(parsed.key_bytes)
-        self.fast = (
-            _coincurve.PublicKey(parsed.key_bytes)
-            if _coincurve is not None and parsed.jwt_alg == "ES256K"
-            else None
-        )
-
-
-@lru_cache(maxsize=4096)
-def _key(did_key: str) -> _Key:
-    return _Key(did_key)
-
-
-def verify_signature(did_key: str, data: bytes, sig: bytes) -> bool:
-    """ECDSA (P-256 or secp256k1, low-S, 64-byte r||s) over sha256(data), via the SDK's algs
-    (and libsecp256k1 through coincurve for secp256k1 when it is installed)."""
-    if not isinstance(sig, bytes | bytearray) or len(sig) != 64:
-        return False
-    try:
-        k = _key(did_key)
-        der = k.alg._encode_signature(bytes(sig))  # rejects high-S (malleable) signatures
-    except Exception:
-        return False
-    if k.fast is not None:
-        return bool(k.fast.verify(der, data))
-    try:
-        k.pub.verify(der, data, ECDSA(SHA256()))
-    except InvalidSignature:
-        return False
-    return True
 
 
 def verify_commit(blocks: Blocks, commit_cid: bytes, did: str, did_key: str | None) -> dict:
