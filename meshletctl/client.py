@@ -12,7 +12,6 @@ import json
 import os
 import socket
 from typing import Any
-from urllib.parse import urlencode
 
 from meshletd.errors import DaemonUnavailable, Forbidden, InternalError, MeshletError, from_xrpc
 
@@ -97,7 +96,11 @@ class ControlClient:
 
     def query(self, nsid: str, **params: Any) -> Any:
         clean = {k: _param(v) for k, v in params.items() if v is not None}
-        target = f"/xrpc/{nsid}" + (f"?{urlencode(clean, doseq=True)}" if clean else "")
+        target = f"/xrpc/{nsid}"
+        if clean:
+            from urllib.parse import urlencode  # not needed on the `status` fast path
+
+            target += "?" + urlencode(clean, doseq=True)
         return self._call("GET", target, None)
 
     def procedure(self, nsid: str, body: dict[str, Any] | None = None) -> Any:

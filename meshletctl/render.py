@@ -29,8 +29,8 @@ def _res(r: dict[str, Any] | None) -> str:
 
 
 def status(d: dict[str, Any]) -> None:
-    t = _table("", "")
-    t.show_header = False
+    # Plain text, not a rich table: importing rich costs ~100 ms, most of what
+    # `meshletctl status` would take (dev/bench ctl).
     cap = d.get("capacity", {})
     rows = [
         ("meshlet", d["did"]),
@@ -44,9 +44,19 @@ def status(d: dict[str, Any]) -> None:
         ("free", _res(cap.get("free"))),
         ("version", d.get("version", "?")),
     ]
-    for k, v in rows:
-        t.add_row(f"[bold]{k}[/bold]", v)
-    _console().print(t)
+    width = max(len(k) for k, _ in rows)
+    bold, plain = ("\x1b[1m", "\x1b[0m") if _styled() else ("", "")
+    print("\n".join(f"{bold}{k}{plain}{' ' * (width - len(k))}  {v}" for k, v in rows))
+
+
+def _styled() -> bool:
+    """Bold keys only on a terminal that wants them (rich's rules: NO_COLOR, TERM=dumb)."""
+    import os
+    import sys
+
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    return sys.stdout.isatty()
 
 
 def members(items: list[dict[str, Any]]) -> None:
