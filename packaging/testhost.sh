@@ -196,8 +196,12 @@ cmd_testhost() {
         exec) local n="${1:?usage: dev/package testhost exec NAME [--] CMD...}"; shift
               [ "${1:-}" = -- ] && shift
               pt_exec "$n" "$@" ;;
+        put) local d; d="$(pt_dir "${1:?usage: dev/package testhost put NAME FILE}")/root/root/pkgs"
+             mkdir -p "$d" && cp "${2:?usage: dev/package testhost put NAME FILE}" "$d/" \
+                 && echo "/root/pkgs/$(basename "$2")" ;;
         down) pt_down "${1:?usage: dev/package testhost down NAME}" ;;
         _launch) pt_launch "$1" ;;
-        *) echo "usage: dev/package testhost build | up NAME | exec NAME CMD... | down NAME" >&2; exit 2 ;;
+        *) echo "usage: dev/package testhost build | up NAME | exec NAME CMD... | put NAME FILE | down NAME" >&2
+           exit 2 ;;
     esac
 }
