@@ -411,3 +411,51 @@ def test_purge_leaves_nothing_behind(host: CleanHost) -> None:
         + "\n".join(removed),
     )
     assert [p for p in added if "meshlet" in p] == []
+
+
+# --- the .rpm's scriptlets, run with rpm's arguments on a clean host ---------------------
+
+
+def test_rpm_scriptlets_with_rpm_arguments_set_up_and_tear_down(
+    packages: Packages, tmp_path: Path
+) -> None:
+    """No RPM distribution here: unpack the .rpm's payload into a clean Debian host and run its
+    scriptlets as rpm would (install 1, upgrade 2/1, erase 0). It checks the arguments are read
+    in rpm's convention; rpm itself, python3.11 and an EL userland are not exercised."""
+    scripts = {}
+    for tag in ("POSTIN", "PREUN", "POSTUN", "POSTTRANS"):
+        out = sh("rpm", "-qp", "--qf", f"%{{{tag}}}", packages.rpm).stdout
+        assert out.startswith("#!/bin/sh"), tag
+        scripts[tag] = out
+    payload = subprocess.run(["rpm2cpio", str(packages.rpm)], capture_output=True, check=True)
+    tree = tmp_path / "payload"
+    tree.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=payload.stdout, cwd=tree, check=True)
+    name = f"pkgrpm{os.getpid()}"
+    up = sh(PACKAGE, "testhost", "up", name, timeout=120)
+    assert up.returncode == 0, up.stderr
+    host = CleanHost(name)
+    try:
+        root = Path(os.environ.get("MESHLET_PKGTEST_RUN", "/run/meshlet-pkgtest")) / name / "root"
+        # Only what the scriptlets use: units, sysusers/tmpfiles, the launcher, the config.
+        for rel in ("usr/lib/systemd", "usr/lib/sysusers.d", "usr/lib/tmpfiles.d", "etc/meshlet"):
+            shutil.copytree(tree / rel, root / rel, dirs_exist_ok=True, symlinks=True)
+        (root / "usr/bin/meshletd").write_bytes((tree / "usr/bin/meshletd").read_bytes())
+        for tag, text in scripts.items():
+            (root / "root" / tag.lower()).write_text(text)
+        log("install", f"=== rpm scriptlets on {name}\n")
+        host.ok("systemctl daemon-reload && sh /root/postin 1 && sh /root/posttrans")
+        assert host.ok("id -nG meshlet").split() == ["meshlet"]
+        assert re.search(r"^meshlet:\d+:65536$", host.ok("cat /etc/subuid"), re.M)
+        assert host.ok("stat -c %U /var/lib/meshlet-podman").strip() == "meshlet"
+        assert host.ok("ls /var/lib/systemd/linger").split() == ["meshlet"]
+        assert host.run("systemctl is-enabled meshletd").stdout.strip() == "disabled"
+        # Upgrade: the new %post (2), then the old %preun (1) and %postun (1): nothing stops.
+        host.ok("sh /root/postin 2 && sh /root/preun 1 && sh /root/postun 1")
+        assert re.search(r"^meshlet:", host.ok("cat /etc/subuid"), re.M)
+        assert host.ok("grep -c '^meshlet:' /etc/subuid").strip() == "1"  # no second range
+        # Erase: %preun 0 stops meshletd and the slice; %postun 0 keeps data (no purge in rpm).
+        host.ok("sh /root/preun 0 && sh /root/postun 0")
+        assert host.run("test -d /var/lib/meshlet-podman").returncode == 0
+    finally:
+        sh(PACKAGE, "testhost", "down", name, timeout=120)
