@@ -14,6 +14,7 @@ imported only the first time a P-256 key is used (or if coincurve is missing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -113,12 +114,11 @@ class _Verifier:
 
     def __init__(self, key: PublicKey) -> None:
         self.alg = key.alg
-        self.check = _coincurve_check(key) if key.alg == ES256K else None
-        if self.check is None:
-            self.check = _openssl_check(key)
+        check = _coincurve_check(key) if key.alg == ES256K else None
+        self.check: Callable[[bytes, bytes], bool] = check or _openssl_check(key)
 
 
-def _coincurve_check(key: PublicKey) -> Any:
+def _coincurve_check(key: PublicKey) -> Callable[[bytes, bytes], bool] | None:
     try:
         import coincurve
     except ImportError:  # pragma: no cover - coincurve is a dependency; fall back anyway
@@ -135,7 +135,7 @@ def _coincurve_check(key: PublicKey) -> Any:
     return check
 
 
-def _openssl_check(key: PublicKey) -> Any:
+def _openssl_check(key: PublicKey) -> Callable[[bytes, bytes], bool]:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.hashes import SHA256

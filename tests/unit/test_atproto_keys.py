@@ -79,6 +79,19 @@ def test_other_data_other_keys_and_bit_flips_are_refused(key: Key) -> None:
         assert not keys.verify_signature(key.did_key, data, bytes(flipped))
 
 
+def test_without_coincurve_secp256k1_is_checked_by_openssl_just_as_strictly(monkeypatch) -> None:
+    key = Key(keys.ES256K)
+    data = os.urandom(50)
+    monkeypatch.setattr(keys, "_coincurve_check", lambda _key: None)
+    keys._verifier.cache_clear()
+    try:
+        assert keys.verify_signature(key.did_key, data, key.sign(data))
+        assert not keys.verify_signature(key.did_key, data, key.sign(data, high_s=True))
+        assert not keys.verify_signature(key.did_key, data + b"!", key.sign(data))
+    finally:
+        keys._verifier.cache_clear()
+
+
 def test_malformed_signatures_are_refused_without_raising(key: Key) -> None:
     data = b"data"
     n = key.n.to_bytes(32, "big")
@@ -142,7 +155,11 @@ DOCS = [
     {
         "id": "did:plc:abc",
         "service": [
-            {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "ftp://x"}
+            {
+                "id": "#atproto_pds",
+                "type": "AtprotoPersonalDataServer",
+                "serviceEndpoint": "ftp://x",
+            }
         ],
     },
     {
