@@ -156,6 +156,7 @@ class Scheduler:
         self.draining_since = 0
         # liveness
         self._watched: list[str] = []
+        self._ring_after: list[str] = []
         self._watch_version = -1
         self._fails: dict[str, int] = {}
         self.suspects: set[str] = set()
@@ -749,15 +750,27 @@ class Scheduler:
 
     # ==================================================================== liveness
     def _watch_list(self) -> list[str]:
+        """The peers we probe: our successors on the watch ring until `watchers` of them are
+        not suspected (at most 3 x watchers). Skipping suspected peers keeps every live
+        meshlet watched when neighbours die, and tells a cut-off meshlet from dead peers."""
         if self._watch_version != self.cluster.version:
             ring = sorted(self.cluster.all_verified(), key=lambda m: watch_score(m, ""))
-            self._watched = []
+            self._ring_after = []
             if self.me.did in ring and len(ring) > 1:
                 i = ring.index(self.me.did)
-                k = min(self.t.watchers, len(ring) - 1)
-                self._watched = [ring[(i + j) % len(ring)] for j in range(1, k + 1)]
+                k = min(3 * self.t.watchers, len(ring) - 1)
+                self._ring_after = [ring[(i + j) % len(ring)] for j in range(1, k + 1)]
             self._watch_version = self.cluster.version
-        return self._watched
+        out: list[str] = []
+        live = 0
+        for m in self._ring_after:
+            out.append(m)
+            if m not in self.suspects:
+                live += 1
+                if live >= self.t.watchers:
+                    break
+        self._watched = out
+        return out
 
     def _on_probe(self, p: ProbeResult) -> None:
         if p.ok:
