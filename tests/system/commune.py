@@ -180,6 +180,17 @@ class Meshlet:
         units = [line.split()[0] for line in out.splitlines() if line.strip()]
         return [u for u in units if u not in NOT_REPLICAS]
 
+    def active_since(self, unit: str) -> float | None:
+        """When systemd marked `unit` active, on this machine's `time.monotonic()` clock
+        (the hosts share the kernel's CLOCK_MONOTONIC), or None while it is not active."""
+        out = self.host.run(
+            "systemctl", "show", unit, "-p", "ActiveState,ActiveEnterTimestampMonotonic"
+        ).stdout
+        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        if props.get("ActiveState") != "active":
+            return None
+        return int(props["ActiveEnterTimestampMonotonic"]) / 1e6
+
     def start_daemon(self) -> None:
         self.host.run("systemctl", "reset-failed", UNIT)
         done = self.host.run("systemctl", "start", UNIT, timeout=150)

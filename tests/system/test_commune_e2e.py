@@ -1,0 +1,553 @@
+"""A real commune end to end (issue 7): three meshlets, each meshletd on its own booted
+systemd host, mutually consenting, on two PDSes of the local atproto network.
+
+The steps run in order of dependency and share one commune (booted once for the module)
+and one service workload ("ticker"). Each step that the daemon cannot do yet is marked
+`xfail(strict=True)` with the precise missing piece, so the gap stays visible and the
+mark must go when the piece lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.system.commune import PEOPLE, Commune, Meshlet, wait_for
+from tests.system.hostenv import host_kind, nspawn_available
+
+pytestmark = pytest.mark.skipif(
+    host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
+)
+
+# A service printing one line a second (the issue's `--cpu 200 --memory 64`: 200 milli-CPU,
+# 64 MiB; meshletctl spells them 200m and 64Mi).
+TICKER = ["sh", "-c", 'i=0; while true; do echo "tick $i"; i=$((i+1)); sleep 1; done']
+RUN_TICKER = ["--name", "ticker", "--replicas", "2", "--cpu", "200m", "--memory", "64Mi"]
+BID_WINDOW_S = 30  # generous: bid window + settle + image check + unit start, on 2 busy cores
+# The issue's failover target is 10 s (dev/bench failover measures it); the test allows
+# 5 s more so a loaded 2-core CI machine does not turn a slow run red.
+FAILOVER_TARGET_S = 10.0
+FAILOVER_LIMIT_S = FAILOVER_TARGET_S + 5.0
+WORKLOAD = "commune.scheduler.workload"
+
+
+@pytest.fixture(scope="module")
+def commune(devnet: Any) -> Iterator[Commune]:
+    if not nspawn_available():
+        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
+    c = Commune.up(devnet)
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def find(m: Meshlet, name: str, owner: str | None = None) -> dict[str, Any] | None:
+    """The workload view named `name` as m's meshletd reports it (`workloads --all`)."""
+    for w in m.ctl_json("workloads", "--all"):
+        if w["name"] == name and (owner is None or w["ownerDid"] == owner):
+            return w
+    return None
+
+
+def slots(view: dict[str, Any] | None) -> dict[int, tuple[str, str]]:
+    """slot -> (meshlet DID, state) of the highest round each slot has (its owner)."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in (view or {}).get("running", []):
+        s = int(r["slot"])
+        if r.get("meshletDid") and (s not in best or r.get("round", -1) > best[s].get("round", -1)):
+            best[s] = r
+    return {s: (r["meshletDid"], r["state"]) for s, r in sorted(best.items())}
+
+
+def running_placement(view: dict[str, Any] | None, replicas: int) -> dict[int, str] | None:
+    """slot -> meshlet when every slot is owned and running, else None."""
+    got = slots(view)
+    if len(got) != replicas or any(state != "running" for _, state in got.values()):
+        return None
+    return {s: d for s, (d, _) in got.items()}
+
+
+def agreed_placement(
+    commune: Commune, name: str, replicas: int, people: tuple[str, ...] = PEOPLE
+) -> dict[int, str] | None:
+    """The placement when every meshlet in `people` reports the same running one."""
+    seen = [running_placement(find(commune[p], name), replicas) for p in people]
+    if seen[0] is None or any(s != seen[0] for s in seen):
+        return None
+    return seen[0]
+
+
+def units_of(m: Meshlet, workload_uri: str) -> list[str]:
+    """m's active replica units of one workload (unit names carry the record key)."""
+    rkey = workload_uri.rsplit("/", 1)[1]
+    return [u for u in m.replica_units() if rkey in u]
+
+
+def unit_of(m: Meshlet, workload_uri: str, slot: int) -> str | None:
+    w = next((w for w in m.ctl_json("workloads", "--all") if w["uri"] == workload_uri), None)
+    for r in (w or {}).get("running", []):
+        if r["slot"] == slot and r.get("meshletDid") == m.did and r.get("unit"):
+            return str(r["unit"])
+    return None
+
+
+def list_records(pds_url: str, repo: str, collection: str) -> list[dict[str, Any]]:
+    """Every record of one collection of a repo (public read, no auth)."""
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        q = {"repo": repo, "collection": collection, "limit": "100"}
+        if cursor:
+            q["cursor"] = cursor
+        url = f"{pds_url}/xrpc/com.atproto.repo.listRecords?{urllib.parse.urlencode(q)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            page = json.load(r)
+        out.extend(page["records"])
+        cursor = page.get("cursor")
+        if not cursor or not page["records"]:
+            return out
+
+
+def repo_dump(pds_url: str, repo: str) -> bytes:
+    """The whole repo as a CAR (every record it holds, in any collection)."""
+    url = f"{pds_url}/xrpc/com.atproto.sync.getRepo?did={urllib.parse.quote(repo)}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return bytes(r.read())
+
+
+def publish(m: Meshlet, image_args: list[str], *args: str) -> str:
+    done = m.ctl_json("run", *args, "localhost/busybox:latest", "--", *image_args)
+    return str(done["uri"])
+
+
+def stop_workload(m: Meshlet, name: str) -> None:
+    done = m.ctl("stop", name)
+    assert done.returncode in (0, 4), done.stderr  # 4: gone already
+
+
+@pytest.fixture(scope="module")
+def ticker(commune: Commune) -> dict[str, Any]:
+    """alice's 2-replica service, published once; steps 2, 4, 5 and 6 use it."""
+    t0 = time.monotonic()
+    uri = publish(commune["alice"], TICKER, *RUN_TICKER)
+    return {"uri": uri, "published": t0}
+
+
+# -- 1. the cluster forms -----------------------------------------------------------------
+
+
+def test_1_the_cluster_forms_and_each_meshlet_lists_the_other_two(commune: Commune) -> None:
+    for m in commune:
+        others = {o.owner_did: o.did for o in commune if o is not m}
+
+        def verified(m: Meshlet = m, others: dict[str, str] = others) -> list[dict[str, Any]]:
+            rows = m.ctl_json("members")
+            ok = {r["ownerDid"]: r["meshletDids"] for r in rows if r["verified"]}
+            return rows if ok == {o: [d] for o, d in others.items()} else []
+
+        rows = wait_for(verified, 60, f"{m.person}'s meshletd to verify the other two")
+        assert {r["cluster"] for r in rows} == {"commune"}
+        status = m.ctl_json("status")
+        assert status["members"] == 2 and status["state"] == "active"
+        assert status["did"] == m.did and status["ownerDid"] == m.owner_did
+        # The human table shows them too.
+        table = m.ctl("members").stdout
+        assert table.count("yes") == 2, table
+
+
+# -- 2. a service with two replicas --------------------------------------------------------
+
+
+def test_2_a_service_runs_two_replicas_with_the_same_placement_on_every_meshlet(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    placement = wait_for(
+        lambda: agreed_placement(commune, "ticker", 2),
+        BID_WINDOW_S,
+        "every meshlet to report the same running placement of ticker",
+    )
+    ticker["placement"] = placement
+    ticker["running_after_s"] = time.monotonic() - ticker["published"]
+    hosts = set(placement.values())
+    assert len(hosts) == 2, f"two replicas on one meshlet: {placement}"
+    # `journalctl -u <unit>` on each hosting machine shows the output.
+    for slot, did in placement.items():
+        m = commune.by_did(did)
+        unit = unit_of(m, ticker["uri"], slot)
+        assert unit, f"{m.person} does not name the unit of slot {slot}"
+        assert m.run("systemctl", "is-active", unit).stdout.strip() == "active"
+        wait_for(
+            lambda m=m, unit=unit: "tick " in m.journal(unit, 20),
+            15,
+            f"ticks in journalctl -u {unit} on {m.person}",
+        )
+    # Nobody else runs a replica of it.
+    for m in commune:
+        assert len(units_of(m, ticker["uri"])) == (1 if m.did in hosts else 0), m.person
+
+
+def test_2_alice_reads_every_replica_s_logs_from_her_own_machine(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    alice = commune["alice"]
+    placement = ticker.get("placement") or pytest.fail("step 2 did not place ticker", False)
+    assert any(d != alice.did for d in placement.values())  # at least one is remote
+    for slot, did in placement.items():
+        done = alice.ctl("logs", "ticker", "--slot", str(slot), "-n", "5")
+        assert done.returncode == 0, (
+            f"logs of slot {slot} (on {commune.by_did(did).person}): exit {done.returncode} "
+            f"{done.stderr.strip()}"
+        )
+        assert "tick " in done.stdout, done.stdout
+
+
+# -- 3. a job -----------------------------------------------------------------------------
+
+
+def test_3_a_job_runs_to_completion_and_its_exit_code_is_in_its_status_record(
+    commune: Commune,
+) -> None:
+    bob = commune["bob"]
+    uri = publish(
+        bob,
+        ["sh", "-c", "echo working; sleep 1; exit 3"],
+        "--name", "job3", "--kind", "job", "--restart", "never", "--cpu", "100m",
+        "--memory", "32Mi",
+    )  # fmt: skip
+
+    def final_status() -> tuple[Meshlet, dict[str, Any]] | None:
+        for m in commune:
+            for rec in list_records(m.mesh.pds_url, m.did, "commune.scheduler.workloadStatus"):
+                v = rec["value"]
+                if v["workload"]["uri"] == uri and v["state"] in ("exited", "failed", "succeeded"):
+                    return m, v
+        return None
+
+    host, status = wait_for(final_status, BID_WINDOW_S + 15, "the job's final status record")
+    assert status["exitCode"] == 3, status
+    assert status["slot"] == 0
+    # The job ran once (restart never): no unit is left active anywhere.
+    for m in commune:
+        assert not units_of(m, uri), f"{m.person} still runs the job"
+    assert "working" in host.run("journalctl", "--no-pager", "-o", "cat", "-n", "2000").stdout
+    stop_workload(bob, "job3")
+
+
+def test_3_meshletctl_shows_the_job_s_exit_code_on_every_meshlet(commune: Commune) -> None:
+    bob = commune["bob"]
+    uri = publish(
+        bob,
+        ["sh", "-c", "exit 4"],
+        "--name", "job4", "--kind", "job", "--restart", "never", "--cpu", "100m",
+        "--memory", "32Mi",
+    )  # fmt: skip
+    try:
+        for m in commune:
+            view = wait_for(
+                lambda m=m: next(
+                    (
+                        w
+                        for w in m.ctl_json("workloads", "--all")
+                        if w["uri"] == uri and any("exitCode" in r for r in w["running"])
+                    ),
+                    None,
+                ),
+                BID_WINDOW_S,
+                f"{m.person}'s meshletctl to show job4's exit code",
+            )
+            assert [r["exitCode"] for r in view["running"] if "exitCode" in r] == [4]
+    finally:
+        stop_workload(bob, "job4")
+
+
+# -- 4. power-off failover ----------------------------------------------------------------
+
+
+def _victim(commune: Commune, placement: dict[int, str]) -> Meshlet:
+    """A hosting meshlet, not alice's if possible (her machine stays up to watch)."""
+    hosting = [commune.by_did(d) for d in placement.values()]
+    return next((m for m in hosting if m.person != "alice"), hosting[0])
+
+
+def test_4_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
+    victim = _victim(commune, placement)
+    lost = next(s for s, d in placement.items() if d == victim.did)
+    watchers = tuple(p for p in PEOPLE if p != victim.person)
+    t0 = time.monotonic()
+    commune.power_off(victim.person)
+    ticker["victim"] = victim.person
+
+    def replaced() -> dict[int, str] | None:
+        now = agreed_placement(commune, "ticker", 2, watchers)
+        return now if now and victim.did not in now.values() else None
+
+    after = wait_for(replaced, 60, f"slot {lost} of ticker to run off {victim.person}'s machine")
+    new_host = commune.by_did(after[lost])
+    unit = unit_of(new_host, ticker["uri"], lost)
+    assert unit, f"{new_host.person} names no unit for slot {lost}"
+    # When systemd started the replacement, not when our polling noticed it.
+    started = new_host.active_since(unit)
+    assert started is not None, f"{unit} is not active on {new_host.person}"
+    elapsed = started - t0
+    ticker["failover_s"] = elapsed
+    assert elapsed <= FAILOVER_LIMIT_S, f"replacement running after {elapsed:.1f} s"
+
+
+def test_4_the_host_coming_back_starts_no_duplicate(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    victim = ticker.get("victim") or pytest.fail("no host was powered off", False)
+    commune.power_on(victim)
+    back = commune[victim]
+    wait_for(lambda: back.ctl_json("status")["members"] == 2, 60, f"{victim}'s meshletd to rejoin")
+    # It sees the workload and the current placement, and runs nothing of it.
+    wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "one placement everywhere")
+    time.sleep(8)  # longer than a bid window: a wrongly started duplicate would show by now
+    placement = agreed_placement(commune, "ticker", 2)
+    assert placement and back.did not in placement.values(), placement
+    assert not units_of(back, ticker["uri"])
+    assert sum(len(units_of(m, ticker["uri"])) for m in commune) == 2
+
+
+def test_4_a_host_cut_off_and_back_stops_its_stale_replica(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
+    victim = _victim(commune, placement)
+    watchers = tuple(p for p in PEOPLE if p != victim.person)
+    unit = units_of(victim, ticker["uri"])
+    assert unit, f"{victim.person} runs no replica to go stale"
+    commune.freeze(victim.person)  # a hung machine: its replica survives, frozen
+    try:
+        wait_for(
+            lambda: (
+                (p := agreed_placement(commune, "ticker", 2, watchers))
+                and victim.did not in p.values()
+            ),
+            60,
+            f"ticker to be re-placed away from the frozen {victim.person}",
+        )
+    finally:
+        commune.thaw(victim.person)
+    # Thawed, its replica runs again: it must learn it lost the slot and stop it.
+    wait_for(lambda: not units_of(victim, ticker["uri"]), 90, f"{victim.person} to stop it")
+    assert sum(len(units_of(m, ticker["uri"])) for m in commune) == 2
+    placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "one placement")
+    assert victim.did not in placement.values()
+
+
+# -- 5. drain -----------------------------------------------------------------------------
+
+
+def test_5_drain_moves_replicas_away_and_takes_no_new_work_until_undrain(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
+    drained = _victim(commune, placement)
+    others = [m for m in commune if m is not drained]
+    done = drained.ctl("drain", "--wait", "--deadline", "90", "--json", timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["replicas"] == 0
+    try:
+        assert not units_of(drained, ticker["uri"])
+        after = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker re-placed")
+        assert drained.did not in after.values()
+        assert {commune.by_did(d).person for d in after.values()} == {m.person for m in others}
+        assert drained.ctl_json("status")["state"] == "draining"
+        # New work goes elsewhere: three replicas, two meshlets that take work.
+        uri = publish(
+            commune["carol"], ["sleep", "1000"], "--name", "trio", "--replicas", "3",
+            "--cpu", "100m", "--memory", "32Mi",
+        )  # fmt: skip
+        wait_for(
+            lambda: sum(s == "running" for _, s in slots(find(drained, "trio")).values()) == 2,
+            BID_WINDOW_S,
+            "two replicas of trio to run",
+        )
+        time.sleep(5)
+        assert not units_of(drained, uri), "a draining meshlet took new work"
+    finally:
+        undone = drained.ctl("undrain", "--json")
+        assert undone.returncode == 0, undone.stderr
+        stop_workload(commune["carol"], "trio")
+    assert json.loads(undone.stdout)["state"] == "active"
+    assert drained.ctl_json("status")["state"] == "active"
+    # Undrained, it takes new work again: three replicas need all three meshlets.
+    uri = publish(
+        commune["carol"], ["sleep", "1000"], "--name", "trio2", "--replicas", "3",
+        "--cpu", "100m", "--memory", "32Mi",
+    )  # fmt: skip
+    try:
+        placed = wait_for(
+            lambda: agreed_placement(commune, "trio2", 3), BID_WINDOW_S, "trio2 placed"
+        )
+        assert drained.did in placed.values()
+        assert units_of(drained, uri)
+    finally:
+        stop_workload(commune["carol"], "trio2")
+
+
+# -- 6. stop ------------------------------------------------------------------------------
+
+
+def test_6_stop_stops_every_replica_on_every_host(commune: Commune, ticker: dict[str, Any]) -> None:
+    done = commune["alice"].ctl("stop", "ticker")
+    assert done.returncode == 0, done.stderr
+    for m in commune:
+        wait_for(lambda m=m: not units_of(m, ticker["uri"]), 30, f"{m.person} to stop ticker")
+    for m in commune:
+        wait_for(lambda m=m: find(m, "ticker") is None, 15, f"{m.person} to forget ticker")
+
+
+# -- 7. pending ---------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="no pending reason anywhere: meshletd/daemon/atnode.py _placed() reports an unowned "
+    "slot as {slot, state: 'pending'} only, and the scheduler core (meshletd/core/scheduler.py) "
+    "keeps no why-not-placed per slot (e.g. 'no member has 1500 milli-CPU free') to show",
+)
+def test_7_a_workload_larger_than_any_free_capacity_is_pending_with_a_reason(
+    commune: Commune,
+) -> None:
+    alice = commune["alice"]
+    publish(alice, ["sleep", "1000"], "--name", "huge", "--cpu", "1500m", "--memory", "32Mi")
+    try:
+        time.sleep(BID_WINDOW_S / 3)
+        for m in commune:
+            view = find(m, "huge")
+            assert view is not None, f"{m.person} does not know huge"
+            rows = view["running"]
+            assert rows and all(r["state"] == "pending" for r in rows), rows
+            assert not slots(view), f"{m.person}: a meshlet owns a slot of huge: {rows}"
+            reasons = [r.get("reason") for r in rows]
+            assert all(reasons), f"{m.person}: pending without a reason: {rows}"
+        table = alice.ctl("workloads").stdout
+        assert "pending" in table and "capacity" in table.lower(), table
+    finally:
+        stop_workload(alice, "huge")
+
+
+def test_7_a_pending_workload_is_placed_once_capacity_frees(commune: Commune) -> None:
+    alice, bob = commune["alice"], commune["bob"]
+    publish(
+        alice, ["sleep", "1000"], "--name", "filler", "--replicas", "3", "--cpu", "700m",
+        "--memory", "32Mi",
+    )  # fmt: skip
+    wait_for(lambda: agreed_placement(commune, "filler", 3), BID_WINDOW_S, "filler placed")
+    publish(bob, ["sleep", "1000"], "--name", "big", "--cpu", "600m", "--memory", "32Mi")
+    try:
+        time.sleep(BID_WINDOW_S / 3)
+        for m in commune:
+            assert not running_placement(find(m, "big"), 1), f"{m.person}: big runs already"
+        stop_workload(alice, "filler")
+        wait_for(lambda: agreed_placement(commune, "big", 1), 60, "big placed after filler")
+    finally:
+        stop_workload(alice, "filler")
+        stop_workload(bob, "big")
+
+
+# -- 8. secrets ---------------------------------------------------------------------------
+
+SECRET = "mesh-let-s3cr3t-9f2c7a"
+
+
+def test_8_a_secret_reaches_the_container_and_no_record_unit_or_log(commune: Commune) -> None:
+    alice = commune["alice"]
+    alice.write("/root/db-password", SECRET, "600")  # on stdin: never in an argv
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    # The container proves it holds the value by printing its hash, never the value.
+    uri = publish(
+        alice, ["sh", "-c", "sha256sum /run/secrets/db; sleep 1000"],
+        "--name", "vault", "--replicas", "2", "--secret", "db=@/root/db-password",
+        "--cpu", "100m", "--memory", "32Mi",
+    )  # fmt: skip
+    try:
+        placement = wait_for(
+            lambda: agreed_placement(commune, "vault", 2), BID_WINDOW_S, "both replicas of vault"
+        )
+        for slot, did in placement.items():
+            m = commune.by_did(did)
+            unit = unit_of(m, uri, slot) or pytest.fail(f"no unit for slot {slot}", False)
+            wait_for(lambda m=m, u=unit: digest in m.journal(u, 20), 15, f"the hash on {m.person}")
+            props = m.run("systemctl", "show", unit, "--no-pager").stdout
+            assert SECRET not in props and "db-password" not in props
+        needle = SECRET.encode()
+        for m in commune:
+            for repo, pds in ((m.did, m.mesh.pds_url), (m.owner_did, m.owner.pds_url)):
+                assert needle not in repo_dump(pds, repo), f"secret in {m.person}'s repo {repo}"
+            journal = m.run("journalctl", "--no-pager", "-o", "verbose", "-n", "20000").stdout
+            assert SECRET not in journal, f"secret in {m.person}'s journal"
+        rec = next(
+            r["value"]
+            for r in list_records(
+                alice.owner.pds_url, alice.owner_did, "commune.scheduler.workload"
+            )
+            if r["uri"] == uri
+        )
+        assert rec["secrets"] == [{"name": "db"}]
+    finally:
+        stop_workload(alice, "vault")
+
+
+# -- 9. fair share ------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="usage is written once per usage period: meshletd/core/timing.py "
+    "Timing.usage_period_ms = 1 h (half-life 7 d), which meshlet.toml cannot set "
+    "(meshletd/daemon/atnode.py builds Scheduler(me) with DEFAULT_TIMING), so after minutes "
+    "of heavy use every ledger still shows tookMilliCpuSeconds 0 and priority cannot shift",
+)
+def test_9_after_bob_consumes_heavily_placement_favours_his_meshlet(commune: Commune) -> None:
+    bob = commune["bob"]
+    # bob takes from alice's and carol's machines (one replica per meshlet: 3 replicas).
+    publish(
+        bob, ["sleep", "1000"], "--name", "hog", "--replicas", "3", "--cpu", "600m",
+        "--memory", "64Mi",
+    )  # fmt: skip
+    try:
+        wait_for(lambda: agreed_placement(commune, "hog", 3), BID_WINDOW_S, "hog placed")
+        time.sleep(10)
+        # Every meshlet computes the same ledger, and bob has taken more than he gave.
+        ledgers = {
+            m.person: sorted(m.ctl_json("balance")["owners"], key=lambda e: e["ownerDid"])
+            for m in commune
+        }
+        assert len({json.dumps(v, sort_keys=True) for v in ledgers.values()}) == 1, ledgers
+        taken = {e["ownerDid"]: e["tookMilliCpuSeconds"] for e in ledgers["alice"]}
+        assert taken[bob.owner_did] > max(
+            taken.get(commune[p].owner_did, 0) for p in ("alice", "carol")
+        )
+        stop_workload(bob, "hog")
+        # ... so bob's meshlet now bids with the highest priority and wins a new replica.
+        carol = commune["carol"]
+        publish(carol, ["sleep", "1000"], "--name", "after", "--cpu", "100m", "--memory", "32Mi")
+        placement = wait_for(
+            lambda: agreed_placement(commune, "after", 1), BID_WINDOW_S, "after placed"
+        )
+        assert placement[0] == bob.did, placement
+        rounds = carol.ctl_json("bids", "after")["rounds"]
+        top = max(rounds[0]["bids"], key=lambda b: b["priority"])
+        assert top["meshletDid"] == bob.did and all(
+            b["priority"] < top["priority"] for b in rounds[0]["bids"] if b is not top
+        ), rounds
+        stop_workload(carol, "after")
+    finally:
+        stop_workload(bob, "hog")
