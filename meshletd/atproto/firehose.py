@@ -36,7 +36,13 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from meshletd.atproto.identity import IdentityError, IdentityResolverProtocol
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.atproto.reader import ReadError, RepoReader
-from meshletd.atproto.verify import Unverified, cid_str, verified_record, verify_commit
+from meshletd.atproto.verify import (
+    Unverified,
+    cid_str,
+    decode_car,
+    verified_record,
+    verify_commit,
+)
 from meshletd.errors import InvalidRecord
 
 log = logging.getLogger("meshletd.firehose")
@@ -186,7 +192,7 @@ class FrameDecoder:
         if last is not None and rev <= last:
             return  # a replay of something already applied
         try:
-            _header, blocks = libipld.decode_car(body["blocks"])
+            _header, blocks = decode_car(body["blocks"])
             commit = verify_commit(blocks, body["commit"], did, self.keys[did])
         except Unverified as e:
             out.bad_signature = "signature" in str(e)

@@ -6,9 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import libipld
 
-from meshletd.atproto.verify import Unverified, cid_bytes, cid_str, verified_record, verify_commit
+from meshletd.atproto.verify import (
+    Unverified,
+    cid_bytes,
+    cid_str,
+    decode_car,
+    verified_record,
+    verify_commit,
+)
 
 
 class ReadError(Exception):
@@ -84,7 +90,7 @@ class RepoReader:
         if r.status_code != 200:
             raise ReadError(f"{pds} sync.getRecord {did}/{collection}/{rkey}: {r.status_code}")
         try:
-            header, blocks = libipld.decode_car(r.content)
+            header, blocks = decode_car(r.content)
         except Exception as e:
             raise Unverified(f"proof is not a CAR ({e})") from e
         roots = header.get("roots") or []
