@@ -90,7 +90,7 @@ def devnet() -> Iterator[Devnet]:
     from devnet import Devnet, DevnetError
 
     try:
-        net = Devnet.up()
+        net = Devnet.up(owner_pid=os.getpid())  # gone with this run, even if killed
     except DevnetError as e:
         pytest.fail(f"the local atproto network did not start: {e}", pytrace=False)
     try:

@@ -136,6 +136,18 @@ try {
   fs.writeFileSync(tmp, JSON.stringify(desc, null, 2))
   fs.renameSync(tmp, path.join(stateDir, 'devnet.json'))
   log(`ready in ${Date.now() - t0} ms: PLC ${p.url}, ${pdses.length} PDS, ${cfg.accounts.length} accounts`)
+  // Started for a test run: go when that process is gone (even SIGKILLed), leaving nothing.
+  if (cfg.owner_pid) {
+    setInterval(() => {
+      try {
+        process.kill(cfg.owner_pid, 0)
+      } catch {
+        log(`owner ${cfg.owner_pid} is gone: stopping and removing ${stateDir}`)
+        fs.rmSync(stateDir, { recursive: true, force: true })
+        stop(0)
+      }
+    }, 1000).unref()
+  }
 } catch (e) {
   log(`start failed: ${e.stack || e}`)
   await stop(1)

@@ -176,8 +176,11 @@ class Devnet:
         accounts: list[tuple[str, int]] | None = None,
         fast_firehose: bool = False,
         timeout: float = 120.0,
+        owner_pid: int | None = None,
     ) -> Devnet:
-        """Start PLC and `pds` PDSes on free loopback ports; return once accounts exist."""
+        """Start PLC and `pds` PDSes on free loopback ports; return once accounts exist.
+
+        With `owner_pid` the network stops by itself once that process is gone."""
         install()
         state_dir = Path(state_dir or tempfile.mkdtemp(prefix="meshlet-devnet-"))
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +192,7 @@ class Devnet:
             "pds_ports": [free_port() for _ in range(pds)],
             "accounts": [{"name": n, "pds": i} for n, i in accounts],
             "fast_firehose": fast_firehose,
+            "owner_pid": owner_pid,
         }
         (state_dir / "config.json").write_text(json.dumps(cfg))
         log = state_dir / "devnet.log"
