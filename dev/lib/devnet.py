@@ -76,18 +76,6 @@ def _node_env() -> dict[str, str]:
     return env
 
 
-def _system_node_ok() -> str | None:
-    """The system node if it is >= 22 (the PDS needs it), else None."""
-    node = shutil.which("node")
-    if not node:
-        return None
-    try:
-        out = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return node if int(out.strip().lstrip("v").split(".")[0]) >= 22 else None
-
-
 def node_binary() -> Path:
     return NODE_DIR / "bin" / "node"
 
@@ -217,13 +205,12 @@ class Devnet:
             time.sleep(0.1)
         return cls.load(state_dir)
 
-    def down(self, keep: bool = False) -> None:
+    def down(self) -> None:
         """Stop the servers (SIGTERM, then SIGKILL after 10 s) and remove their data."""
         pid_file = self.state_dir / "devnet.pid"
         if pid_file.exists():
             _stop_pid(int(pid_file.read_text()))
-        if not keep:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def create_account(self, name: str, pds: int = 0) -> Account:
         """Create a fresh account (with an app password) on PDS number `pds`."""
