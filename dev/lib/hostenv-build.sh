@@ -241,8 +241,8 @@ he_stage_venv() {
     he_prune_venvs "$dir"
 }
 
-# Keep the venv just built, any a running host uses, and the two newest others (another
-# checkout of the project may share this cache); remove the rest.
+# Keep the venv just built, any a running host uses, and the five newest others (other
+# checkouts or worktrees of the project may share this cache); remove the rest.
 he_prune_venvs() {
     local v kept=0
     for v in $(ls -dt "$HE_CACHE"/venvs/*/ 2>/dev/null); do
@@ -251,7 +251,7 @@ he_prune_venvs() {
         grep -qxF "$v" "$HE_RUN"/*/venv 2>/dev/null && continue
         case "$v" in *.tmp) continue ;; esac
         kept=$((kept + 1))
-        [ "$kept" -le 2 ] || rm -rf "$v"
+        [ "$kept" -le 5 ] || rm -rf "$v"
     done
 }
 
