@@ -1007,32 +1007,34 @@ class Scheduler:
 
     def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
         """Open replacement rounds for slots owned by lost/draining hosts we answer for."""
-        backoff = self.t.reopen_backoff_ms
-        for uri, e in self.workloads.items():
+        for e in self.workloads.values():
             if e.owners is None:
                 continue
             for s, cur in enumerate(e.owners):
                 if cur is None or cur[1] not in hosts:
                     continue
-                if e.done and s in e.done:
-                    continue
-                last = self._reopened.get((uri, s))
-                if last is not None and self.now - last < backoff:
-                    continue
-                # Skip when a higher round is already open (someone else opened it).
-                if any(b.slot == s and b.round > cur[0] for b in e.bids) and (
-                    last is None and not force
-                ):
-                    continue
-                if any(
-                    b.slot == s
-                    and b.round > cur[0]
-                    and b.meshlet == self.me.did
-                    and self.now - b.created_at < backoff
-                    for b in e.bids
-                ):
-                    continue
-                self._open_replacement(e, s)
+                self._reopen(e, s, cur, force)
+
+    def _reopen(self, e: _Entry, s: int, cur: Owner, force: bool) -> None:
+        """Open the next round of slot s (owned by cur) unless one is already under way."""
+        if e.done and s in e.done:
+            return
+        backoff = self.t.reopen_backoff_ms
+        last = self._reopened.get((e.wl.uri, s))
+        if last is not None and self.now - last < backoff:
+            return
+        # Skip when a higher round is already open (someone else opened it).
+        if any(b.slot == s and b.round > cur[0] for b in e.bids) and (last is None and not force):
+            return
+        if any(
+            b.slot == s
+            and b.round > cur[0]
+            and b.meshlet == self.me.did
+            and self.now - b.created_at < backoff
+            for b in e.bids
+        ):
+            return
+        self._open_replacement(e, s)
 
     # ==================================================================== drain
     def _my_owner_record(self, state: str) -> MeshletOwner:
@@ -1191,6 +1193,14 @@ class Scheduler:
             rep = self._replicas.get(key)
             rnd = owners[s][0]  # type: ignore[index]
             if e.done and s in e.done and e.done[s][0] == me:
+                continue
+            if rep is None and self.draining:
+                # A draining meshlet starts nothing it does not already run. It can still
+                # learn late that it won a round that closed before its drain (a bid seen
+                # late moved the round's anchor): it re-offers the slot instead of starting
+                # it, and the previous host keeps running it until the new owner runs
+                # (docs/protocol.md, section 8).
+                self._reopen(e, s, owners[s], force=True)  # type: ignore[arg-type]
                 continue
             if rep is None:
                 rep = _Replica(rnd)

@@ -193,3 +193,28 @@ def test_the_core_is_pure_no_clock_randomness_or_io() -> None:
             assert not names & banned, f"{path.name} imports {names & banned}"
         src = path.read_text()
         assert ".now(" not in src and "utcnow" not in src, path.name
+
+
+def test_a_draining_meshlet_that_learns_late_it_won_reoffers_the_slot_instead_of_starting() -> None:
+    # Seed 140 of the chaos simulation: a round-1 bid seen late moves the anchor of the
+    # slot's rounds, and the re-decided chain gives round 2 (closed before the drain) to a
+    # meshlet that is draining by the time it learns it. It must not start the slot.
+    core, wl = placed_core(1, n=6, replicas=1)
+    core.handle(Tick(CLOSE))
+    assert core.placement()[wl.uri] == ((0, mesh(0)),)
+    a = T0 + 10_000
+    feed(core, [bid(wl, 4, round_=1, slot=0, at=a + 2000)])  # opens round 1 here
+    feed(core, [bid(wl, 1, round_=2, slot=0, at=a + 3500)])  # ours, too early in this view
+    core.handle(Tick(a + 9000))
+    assert core.placement()[wl.uri] == ((1, mesh(4)),)
+    core.handle(Tick(a + 10_000))
+    core.handle(SetDraining(True))
+    core.handle(Tick(a + 12_000))
+    out = feed(core, [bid(wl, 3, round_=1, slot=0, at=a)])  # the first round-1 bid, late
+    assert core.placement()[wl.uri] == ((2, mesh(1)),)  # round 2 closed before the drain
+    assert of(out, StartReplica) == []
+    reoffers = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert [(b.round, b.slot, b.slots) for b in reoffers] == [(3, 0, 0)]
+    out = core.handle(Tick(a + 13_000))
+    assert of(out, StartReplica) == []
+    assert not [a for a in of(out, PutRecord) if isinstance(a.record, Bid)]  # once, not per tick
