@@ -163,7 +163,8 @@ class Scheduler:
         self.suspects: set[str] = set()
         self._next_probe = 0
         self._next_scan = 0
-        self._reopened: dict[tuple[str, int], int] = {}
+        # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
+        self._reopened: dict[tuple[str, int], tuple[int, Owner]] = {}
         # fair share
         self._usages: dict[str, Usage] = {}
         self._period_start: int | None = None
@@ -296,8 +297,8 @@ class Scheduler:
             why = f"{what}; replacement round {r} closed without a winner: "
             why += self._why_no_winner(wl, bs, start, deadline)
             last = self._reopened.get((workload_uri, slot))
-            if last is not None and now < last + t.reopen_backoff_ms:
-                why += f"; reopening after {self._when(last + t.reopen_backoff_ms)}"
+            if last is not None and last[1] == cur and now < last[0] + t.reopen_backoff_ms:
+                why += f"; reopening after {self._when(last[0] + t.reopen_backoff_ms)}"
             return why
         if nobody:
             return nobody
@@ -367,13 +368,12 @@ class Scheduler:
             # Round 0's result: the owner before any later round, recomputed.
             owner = self._round0_owner(e, slot)
         out: list[tuple[int, int, int, int, list[Bid]]] = []
-        prev_close = c0
         for r in sorted({b.round for b in mine}):
             bs = [b for b in mine if b.round == r]
             if owner is None:
                 start = c0 + (r - 1) * t.chained_period_ms
             else:
-                start = max(prev_close, min(b.created_at for b in bs))
+                start = min(b.created_at for b in bs)
             deadline = start + t.replacement_window_ms
             close = deadline + t.settle_ms
             out.append((r, start, deadline, close, bs))
@@ -388,7 +388,6 @@ class Scheduler:
                         best, best_key = b, k
             if best is not None:
                 owner = (r, best.meshlet)
-            prev_close = close
         return out
 
     def _round0_owner(self, e: _Entry, slot: int) -> Owner | None:
@@ -743,14 +742,13 @@ class Scheduler:
                 if not mine:
                     continue
                 rounds = sorted({b.round for b in mine})
-                prev_close = c0
                 for r in rounds:
                     bs = [b for b in mine if b.round == r]
                     cur = owners[s]
                     if cur is None:
                         start = c0 + (r - 1) * period  # chained round of a never-filled slot
                     else:
-                        start = max(prev_close, min(b.created_at for b in bs))
+                        start = min(b.created_at for b in bs)  # section 5: own bids only
                     deadline = start + w
                     close = deadline + t.settle_ms
                     if now < close:
@@ -768,7 +766,6 @@ class Scheduler:
                                 best, best_key = b, k
                     if best is not None:
                         owners[s] = (r, best.meshlet)
-                    prev_close = close
         e.owners = tuple(owners)
         return pending
 
@@ -809,7 +806,12 @@ class Scheduler:
         uri = e.wl.uri
         if any(k[0] == uri and k[1] != slot for k in self._held):
             return True
-        return any(k[0] == uri and k[1] != slot for k in self._reserved)
+        # The reservation of a round-0 bid outlives an early close; once round 0 has closed
+        # here without giving us a slot it is not a slot we hold (we may bid for one).
+        closed0 = e.owners is not None
+        return any(
+            k[0] == uri and k[1] != slot and not (closed0 and k[1] == -1) for k in self._reserved
+        )
 
     def _consider(self, e: _Entry, prio: int) -> None:
         """Bid on whatever round of e is open and where this meshlet is a candidate."""
@@ -951,7 +953,8 @@ class Scheduler:
         self._ledger()
         prio = meshlet_priority(self.me.owner, self._taken, self._given)
         t = self.t
-        self._reopened[(wl.uri, slot)] = self.now
+        if cur is not None:
+            self._reopened[(wl.uri, slot)] = (self.now, cur)
         self._bid(
             wl,
             r,
@@ -1016,24 +1019,30 @@ class Scheduler:
                 self._reopen(e, s, cur, force)
 
     def _reopen(self, e: _Entry, s: int, cur: Owner, force: bool) -> None:
-        """Open the next round of slot s (owned by cur) unless one is already under way."""
+        """Open the next round of slot s, owned by `cur`, unless one is under way.
+
+        Nothing is opened while a round above the owner's is still open (we bid in it as a
+        candidate instead), nor when we opened a round against this same owner less than the
+        backoff ago: the backoff is per owner, so a slot whose new owner is lost gets its
+        round at once. Without `force` (the periodic re-scan) a round someone else opened
+        against this owner is left to them; `force` (a fresh suspicion, a drain) opens
+        anyway (docs/protocol.md, section 8)."""
         if e.done and s in e.done:
             return
-        backoff = self.t.reopen_backoff_ms
+        t = self.t
+        now = self.now
         last = self._reopened.get((e.wl.uri, s))
-        if last is not None and self.now - last < backoff:
+        mine = last is not None and last[1] == cur
+        if mine and now - last[0] < t.reopen_backoff_ms:  # type: ignore[index]
             return
-        # Skip when a higher round is already open (someone else opened it).
-        if any(b.slot == s and b.round > cur[0] for b in e.bids) and (last is None and not force):
-            return
-        if any(
-            b.slot == s
-            and b.round > cur[0]
-            and b.meshlet == self.me.did
-            and self.now - b.created_at < backoff
-            for b in e.bids
-        ):
-            return
+        higher = [b for b in e.bids if b.slot == s and b.round > cur[0]]
+        if higher:
+            top = max(b.round for b in higher)
+            start = min(b.created_at for b in higher if b.round == top)
+            if now < start + t.replacement_window_ms + t.settle_ms:
+                return
+            if not mine and not force:
+                return
         self._open_replacement(e, s)
 
     # ==================================================================== drain

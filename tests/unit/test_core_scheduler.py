@@ -196,25 +196,26 @@ def test_the_core_is_pure_no_clock_randomness_or_io() -> None:
 
 
 def test_a_draining_meshlet_that_learns_late_it_won_reoffers_the_slot_instead_of_starting() -> None:
-    # Seed 140 of the chaos simulation: a round-1 bid seen late moves the anchor of the
-    # slot's rounds, and the re-decided chain gives round 2 (closed before the drain) to a
+    # Chaos seed 140: a bid seen late (lost, healed by anti-entropy) moves the anchor of a
+    # replacement round, and the re-decided round (closed before the drain) goes to a
     # meshlet that is draining by the time it learns it. It must not start the slot.
     core, wl = placed_core(1, n=6, replicas=1)
     core.handle(Tick(CLOSE))
     assert core.placement()[wl.uri] == ((0, mesh(0)),)
     a = T0 + 10_000
-    feed(core, [bid(wl, 4, round_=1, slot=0, at=a + 2000)])  # opens round 1 here
-    feed(core, [bid(wl, 1, round_=2, slot=0, at=a + 3500)])  # ours, too early in this view
-    core.handle(Tick(a + 9000))
+    feed(core, [bid(wl, 1, round_=1, slot=0, at=a + 600)])  # ours
+    feed(core, [bid(wl, 4, round_=1, slot=0, at=a + 1200, priority=5)])  # wins in this view
+    core.handle(Tick(a + 5000))
     assert core.placement()[wl.uri] == ((1, mesh(4)),)
     core.handle(Tick(a + 10_000))
     core.handle(SetDraining(True))
     core.handle(Tick(a + 12_000))
-    out = feed(core, [bid(wl, 3, round_=1, slot=0, at=a)])  # the first round-1 bid, late
-    assert core.placement()[wl.uri] == ((2, mesh(1)),)  # round 2 closed before the drain
+    # The round's opening bid (a decline), late: the window is [a, a + 1000] after all.
+    out = feed(core, [bid(wl, 3, round_=1, slot=0, at=a, slots=0)])
+    assert core.placement()[wl.uri] == ((1, mesh(1)),)  # the round closed before the drain
     assert of(out, StartReplica) == []
     reoffers = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
-    assert [(b.round, b.slot, b.slots) for b in reoffers] == [(3, 0, 0)]
+    assert [(b.round, b.slot, b.slots) for b in reoffers] == [(2, 0, 0)]
     out = core.handle(Tick(a + 13_000))
     assert of(out, StartReplica) == []
     assert not [a for a in of(out, PutRecord) if isinstance(a.record, Bid)]  # once, not per tick
