@@ -89,10 +89,11 @@ def status_rkey(workload_uri: str, slot: int) -> str:
 class _Entry:
     """What one meshlet knows about one workload."""
 
-    __slots__ = ("bids", "done", "early", "owners", "statuses", "wl")
+    __slots__ = ("bids", "done", "early", "owners", "small", "statuses", "wl")
 
     def __init__(self, wl: Workload) -> None:
         self.wl = wl
+        self.small: tuple[int, bool] = (-1, False)  # (cluster version, _small(wl)) cache
         self.bids: list[Bid] = []
         self.owners: tuple[Owner | None, ...] | None = None  # None: round 0 not closed yet
         self.statuses: dict[tuple[str, int], WorkloadStatus] | None = None
@@ -148,7 +149,7 @@ class Scheduler:
         self._wakes: list[tuple[int, str]] = []  # heap of (time, workload uri) to re-evaluate
         self._bid_queue: set[str] = set()
         self._bid_batch_at: int | None = None
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, None] = {}  # workloads to re-resolve, in a deterministic order
         self._cand_cache: dict[tuple[object, ...], list[str]] = {}
         self._small_cache: dict[tuple[str, str], bool] = {}
         self._small_version = -1
@@ -478,7 +479,7 @@ class Scheduler:
         """Eligibility is part of the placement function: re-resolve every placed workload."""
         for uri, e in self.workloads.items():
             if e.owners is not None:
-                self._dirty.add(uri)
+                self._dirty[uri] = None
 
     def _note_mine(self, uri: str) -> None:
         repo, coll, rkey = split_at_uri(uri)
@@ -497,19 +498,23 @@ class Scheduler:
                 self._store_status(e, st)
             if self._small(wl) or self._is_candidate(wl, -1, 0):
                 self._queue_bid(wl.uri)
+            c0 = self._close0(wl)
+            if self.now < c0 and not e.bids:
+                # Nothing to resolve before the close (or before a bid allows early close).
+                self._push_close(c0, wl.uri)
+                return
         else:
             if e.wl == wl:
                 return
             e.wl = wl
-        self._push_close(self._close0(wl), wl.uri)
-        self._dirty.add(wl.uri)
+        self._dirty[wl.uri] = None
 
     def _push_close(self, at: int, uri: str) -> None:
         """Remember to resolve uri at `at`. Rounds we take part in (or any round in a small
         cluster) wake us exactly; the others are resolved at the next tick (<= 1 probe
         interval later), which keeps a large commune cheap."""
         e = self.workloads.get(uri)
-        if e is None or self._small(e.wl) or uri in self._involved or uri in self._my_bids:
+        if e is None or self._esmall(e) or uri in self._involved or uri in self._my_bids:
             heapq.heappush(self._closes, (at, uri))
             self._resched = True
         else:
@@ -533,11 +538,11 @@ class Scheduler:
             bids.append(b)
         if e.owners is not None:
             # round 0 closed here: a late or a later-round bid may change the answer.
-            self._dirty.add(b.workload_uri)
+            self._dirty[b.workload_uri] = None
             if b.round > 0 and b.meshlet != self.me.did:
                 self._queue_bid(b.workload_uri)
-        elif e.wl.replicas and self._small(e.wl):
-            self._dirty.add(b.workload_uri)  # early close may now hold
+        elif self._esmall(e):
+            self._dirty[b.workload_uri] = None  # early close may now hold
 
     def _on_status(self, st: WorkloadStatus) -> None:
         if st.meshlet == self.me.did:
@@ -548,7 +553,7 @@ class Scheduler:
                 self._orphan_status.setdefault(st.workload_uri, []).append(st)
             return
         if self._store_status(e, st):
-            self._dirty.add(st.workload_uri)
+            self._dirty[st.workload_uri] = None
 
     def _store_status(self, e: _Entry, st: WorkloadStatus) -> bool:
         """Keep statuses that matter here: terminal ones (a finished job is never re-placed)
@@ -603,6 +608,14 @@ class Scheduler:
     # ==================================================================== rounds
     def _close0(self, wl: Workload) -> int:
         return wl.created_at + wl.bid_window_ms + self.t.settle_ms
+
+    def _esmall(self, e: _Entry) -> bool:
+        """`_small(e.wl)`, cached on the entry."""
+        v, got = e.small
+        if v != self.cluster.version:
+            got = self._small(e.wl)
+            e.small = (self.cluster.version, got)
+        return got
 
     def _small(self, wl: Workload) -> bool:
         cv = self.cluster.version
@@ -1084,11 +1097,11 @@ class Scheduler:
         for closes in (self._closes, self._lazy_closes):
             while closes and closes[0][0] <= now:
                 _, uri = heapq.heappop(closes)
-                self._dirty.add(uri)
+                self._dirty[uri] = None
         wakes = self._wakes
         while wakes and wakes[0][0] <= now:
             _, uri = heapq.heappop(wakes)
-            self._dirty.add(uri)
+            self._dirty[uri] = None
             self._bid_queue.add(uri)
             self._bid_batch_at = now
         for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
@@ -1106,9 +1119,9 @@ class Scheduler:
                 self._scan_lost(lost)
         for key, rep in self._replicas.items():
             if rep.restart_at is not None and rep.restart_at <= now:
-                self._dirty.add(key[0])
+                self._dirty[key[0]] = None
             if rep.lost_at is not None:
-                self._dirty.add(key[0])
+                self._dirty[key[0]] = None
         self._usage_tick()
 
     def _wake(self, at: int, uri: str) -> None:
@@ -1130,7 +1143,7 @@ class Scheduler:
         while self._dirty and rounds < 4:
             rounds += 1
             dirty = self._dirty
-            self._dirty = set()
+            self._dirty = {}
             for uri in dirty:
                 e = self.workloads.get(uri)
                 if e is None:
@@ -1281,7 +1294,7 @@ class Scheduler:
             del self._replicas[key]
             self._held.pop(key, None)
             if e is not None:
-                self._dirty.add(ev.workload_uri)
+                self._dirty[ev.workload_uri] = None
                 self._bid_queue.add(ev.workload_uri)
             return
         if ev.state == "running":
@@ -1289,7 +1302,7 @@ class Scheduler:
             rep.since = self.now
             if e is not None:
                 self._write_status(e.wl, ev.slot, rep, "running")
-            self._dirty.add(ev.workload_uri)
+            self._dirty[ev.workload_uri] = None
             return
         # exited or failed to start
         self._account(key, rep)
