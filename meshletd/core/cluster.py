@@ -172,7 +172,12 @@ class ClusterView:
     def member_estimate(self, wl: Workload) -> int:
         """How many meshlets may bid on wl, estimated as the size of the owner's cluster
         (plus one for the owner). Only used to size the candidate sample, never for validity."""
-        return len(self.cluster_consent(wl.owner, wl.cluster)) + 1
+        if self._cache_version != self.version:
+            self._fresh()
+        cc = self._cluster_consent.get((wl.owner, wl.cluster))
+        if cc is None:
+            cc = self.cluster_consent(wl.owner, wl.cluster)
+        return len(cc) + 1
 
     def active_members(self, wl: Workload) -> tuple[str, ...]:
         """Exactly the eligible, non-draining meshlets for wl, sorted (O(cluster size) the

@@ -72,6 +72,10 @@ class MeshletIdentity:
     endpoint: str = ""
 
 
+def _first_two(x: tuple[int, int, Bid]) -> tuple[int, int]:
+    return x[0], x[1]
+
+
 def _rkey(prefix: str, text: str) -> str:
     return prefix + blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -140,6 +144,7 @@ class Scheduler:
         self._orphan_bids: dict[str, list[Bid]] = {}
         self._orphan_status: dict[str, list[WorkloadStatus]] = {}
         self._replicas: dict[tuple[str, int], _Replica] = {}
+        self._timed: dict[tuple[str, int], None] = {}  # replicas with restart_at or lost_at
         self._reserved: dict[tuple[str, int, int], tuple[int, int, int]] = {}  # -> cpu,mem,until
         self._held: dict[tuple[str, int], tuple[int, int]] = {}  # slots we own or still run
         self._my_rkeys: set[tuple[str, str]] = set()
@@ -158,6 +163,9 @@ class Scheduler:
         self.draining_since = 0
         # liveness
         self._watched: list[str] = []
+        self._probes: list[ProbePeer] = []  # ProbePeer actions for _watched (immutable)
+        self._watch_key: tuple[int, int, int] = (-1, -1, -1)
+        self._suspect_changes = 0
         self._ring_after: list[str] = []
         self._watch_version = -1
         self._fails: dict[str, int] = {}
@@ -193,13 +201,22 @@ class Scheduler:
         half-read state (docs/protocol.md, section 13)."""
         out: list[Action] = []
         self._out = out
+        on_record = self._on_record
         for event in events:
-            self._apply(event)
+            if type(event) is RecordSeen:
+                on_record(event.record)
+            else:
+                self._apply(event)
         self._flush()
         return out
 
     def _apply(self, event: Event) -> None:
-        if isinstance(event, RecordSeen):
+        kind = type(event)
+        if kind is RecordSeen:
+            self._on_record(event.record)  # type: ignore[union-attr]
+        elif kind is ProbeResult:
+            self._on_probe(event)  # type: ignore[arg-type]
+        elif isinstance(event, RecordSeen):
             self._on_record(event.record)
         elif isinstance(event, Tick):
             if event.now > self.now:
@@ -450,7 +467,12 @@ class Scheduler:
 
     # ==================================================================== records
     def _on_record(self, rec: object) -> None:
-        if isinstance(rec, Bid):
+        kind = type(rec)
+        if kind is Bid:
+            self._on_bid(rec)  # type: ignore[arg-type]
+        elif kind is WorkloadStatus:
+            self._on_status(rec)  # type: ignore[arg-type]
+        elif isinstance(rec, Bid):
             self._on_bid(rec)
         elif isinstance(rec, WorkloadStatus):
             self._on_status(rec)
@@ -663,9 +685,9 @@ class Scheduler:
     def _is_candidate(
         self, wl: Workload, slot: int, round_: int, exclude: frozenset[str] = frozenset()
     ) -> bool:
-        cands = self._candidates(wl, slot, round_, exclude)
-        if cands is not None:
-            return self.me.did in cands
+        if self._small(wl):
+            cands = self._candidates(wl, slot, round_, exclude)
+            return cands is not None and self.me.did in cands
         # Large cluster: sample the wanted number plus two by score threshold (O(1) here).
         return is_candidate(
             rendezvous_score(wl.uri, round_, slot, self.me.did),
@@ -719,34 +741,57 @@ class Scheduler:
         a0 = wl.created_at
         d0 = a0 + wl.bid_window_ms
         c0 = d0 + t.settle_ms
-        b0 = [b for b in e.bids if b.round == 0]
-        if now < c0 and not self._early_closed(e, -1, 0, b0):
+        bids = e.bids
+        if now < c0 and not self._early_closed(e, -1, 0, [b for b in bids if b.round == 0]):
             e.owners = None
             return c0
         self.decisions += 1
         uri = wl.uri
-        valid = [b for b in b0 if self._valid(wl, b, a0, d0)]
-        valid.sort(key=lambda b: (-b.priority, rendezvous_score(uri, 0, -1, b.meshlet)))
+        # Round 0 (section 6): the counting bids, in (-priority, score) order. `_valid`,
+        # inlined: this loop runs for every workload on every meshlet.
+        cpu, mem = wl.milli_cpu, wl.memory_mib
+        eligible = self.cluster.eligible
+        draining_since = self.cluster.draining_since
+        cut = d0 + t.settle_ms
+        ranked: list[tuple[int, int, Bid]] = []
+        for b in bids:
+            if (
+                b.round != 0
+                or b.slots < 1
+                or b.created_at < a0
+                or b.created_at > d0
+                or b.free_milli_cpu < cpu
+                or b.free_memory_mib < mem
+                or not eligible(wl, b.meshlet)
+            ):
+                continue
+            since = draining_since(b.meshlet)
+            if since is not None and since <= cut:
+                continue
+            ranked.append((-b.priority, rendezvous_score(uri, 0, -1, b.meshlet), b))
         owners: list[Owner | None] = [None] * n
-        if valid:
-            if wl.allow_packing:
-                caps = [min(b.slots, n) for b in valid]
+        if ranked:
+            ranked.sort(key=_first_two)
+            valid = [x[2] for x in ranked]
+            if not wl.allow_packing:
+                for s, b in enumerate(valid[:n]):
+                    owners[s] = (0, b.meshlet)
             else:
-                caps = [1] * len(valid)
-            s = 0
-            layer = 0
-            while s < n:
-                progressed = False
-                for i, b in enumerate(valid):
-                    if caps[i] > layer and s < n:
-                        owners[s] = (0, b.meshlet)
-                        s += 1
-                        progressed = True
-                if not progressed:
-                    break
-                layer += 1
+                caps = [min(b.slots, n) for b in valid]
+                s = 0
+                layer = 0
+                while s < n:
+                    progressed = False
+                    for i, b in enumerate(valid):
+                        if caps[i] > layer and s < n:
+                            owners[s] = (0, b.meshlet)
+                            s += 1
+                            progressed = True
+                    if not progressed:
+                        break
+                    layer += 1
         pending: int | None = None
-        later = [b for b in e.bids if b.round > 0 and 0 <= b.slot < n]
+        later = [b for b in bids if b.round > 0 and 0 <= b.slot < n]
         if later:
             period = t.chained_period_ms
             w = t.replacement_window_ms
@@ -984,6 +1029,9 @@ class Scheduler:
         """The peers we probe: our successors on the watch ring until `watchers` of them are
         not suspected (at most 3 x watchers). Skipping suspected peers keeps every live
         meshlet watched when neighbours die, and tells a cut-off meshlet from dead peers."""
+        key = (self.cluster.version, len(self.suspects), self._suspect_changes)
+        if key == self._watch_key:
+            return self._watched
         if self._watch_version != self.cluster.version:
             ring = sorted(self.cluster.all_verified(), key=lambda m: watch_score(m, ""))
             self._ring_after = []
@@ -1001,17 +1049,22 @@ class Scheduler:
                 if live >= self.t.watchers:
                     break
         self._watched = out
+        self._probes = [ProbePeer(m) for m in out]
+        self._watch_key = key
         return out
 
     def _on_probe(self, p: ProbeResult) -> None:
         if p.ok:
             self._fails.pop(p.meshlet, None)
-            self.suspects.discard(p.meshlet)
+            if p.meshlet in self.suspects:
+                self.suspects.discard(p.meshlet)
+                self._suspect_changes += 1
             return
         n = self._fails.get(p.meshlet, 0) + 1
         self._fails[p.meshlet] = n
         if n >= self.t.probe_failures and p.meshlet not in self.suspects:
             self.suspects.add(p.meshlet)
+            self._suspect_changes += 1
             if not self._isolated():
                 self._scan_lost({p.meshlet}, force=True)
 
@@ -1108,8 +1161,8 @@ class Scheduler:
             del self._reserved[rkey3]
         if now >= self._next_probe:
             self._next_probe = now + self.t.probe_interval_ms
-            for m in self._watch_list():
-                self._out.append(ProbePeer(m))
+            self._watch_list()
+            self._out.extend(self._probes)
         if now >= self._next_scan:
             self._next_scan = now + self.t.reopen_backoff_ms // 2
             lost = set() if self._isolated() else set(self.suspects)
@@ -1117,12 +1170,25 @@ class Scheduler:
                 lost.add(self.me.did)
             if lost:
                 self._scan_lost(lost)
-        for key, rep in self._replicas.items():
+        for key, rep in self._timed_replicas():
             if rep.restart_at is not None and rep.restart_at <= now:
                 self._dirty[key[0]] = None
             if rep.lost_at is not None:
                 self._dirty[key[0]] = None
         self._usage_tick()
+
+    def _timed_replicas(self) -> list[tuple[tuple[str, int], _Replica]]:
+        """Local replicas waiting for a restart or a fence timeout (most wait for nothing:
+        ticks and wake-ups look only at these)."""
+        out = []
+        timed = self._timed
+        for key in list(timed):
+            rep = self._replicas.get(key)
+            if rep is None or (rep.restart_at is None and rep.lost_at is None):
+                del timed[key]
+            else:
+                out.append((key, rep))
+        return out
 
     def _wake(self, at: int, uri: str) -> None:
         heapq.heappush(self._wakes, (at, uri))
@@ -1130,11 +1196,13 @@ class Scheduler:
 
     # ==================================================================== reconcile
     def _flush(self) -> None:
-        self._resolve_dirty()
+        if self._dirty:
+            self._resolve_dirty()
         if self._bid_batch_at is not None and self._bid_batch_at <= self.now:
             self._bid_batch()
             self._resolve_dirty()
-        self._schedule()
+        if self._resched or self._out:
+            self._schedule()
 
     def _resolve_dirty(self) -> None:
         rounds = 0
@@ -1170,7 +1238,7 @@ class Scheduler:
             nxt.append(self._wakes[0][0])
         if self._bid_batch_at is not None:
             nxt.append(self._bid_batch_at)
-        for rep in self._replicas.values():
+        for _, rep in self._timed_replicas():
             if rep.restart_at is not None:
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
@@ -1193,8 +1261,12 @@ class Scheduler:
         uri = wl.uri
         me = self.me.did
         owners = e.owners or ()
-        if uri not in self._involved and not any(c is not None and c[1] == me for c in owners):
-            return
+        if uri not in self._involved:
+            for c in owners:
+                if c is not None and c[1] == me:
+                    break
+            else:
+                return
         self._involved.add(uri)
         mine: set[int] = set()
         for s, cur in enumerate(owners):
@@ -1251,6 +1323,7 @@ class Scheduler:
                 continue
             if rep.lost_at is None:
                 rep.lost_at = self.now
+                self._timed[key] = None
             new = owners[s] if s < len(owners) else None
             replaced = False
             if new is not None and e.statuses:
@@ -1326,6 +1399,7 @@ class Scheduler:
             restart = False
         if restart:
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            self._timed[key] = None
             return
         final = "succeeded" if ok else "failed"
         self._write_status(wl, ev.slot, rep, final, force=True)
