@@ -93,11 +93,12 @@ def status_rkey(workload_uri: str, slot: int) -> str:
 class _Entry:
     """What one meshlet knows about one workload."""
 
-    __slots__ = ("bids", "done", "early", "owners", "small", "statuses", "wl")
+    __slots__ = ("bids", "done", "early", "owners", "small", "small_v", "statuses", "wl")
 
     def __init__(self, wl: Workload) -> None:
         self.wl = wl
-        self.small: tuple[int, bool] = (-1, False)  # (cluster version, _small(wl)) cache
+        self.small = False  # _small(wl), cached for cluster version small_v
+        self.small_v = -1
         self.bids: list[Bid] = []
         self.owners: tuple[Owner | None, ...] | None = None  # None: round 0 not closed yet
         self.statuses: dict[tuple[str, int], WorkloadStatus] | None = None
@@ -141,6 +142,7 @@ class Scheduler:
         self.now = 0
         self.cluster = ClusterView()
         self.workloads: dict[str, _Entry] = {}
+        self._won0: dict[str, Owner] = {}  # meshlet -> (0, meshlet), shared by all entries
         self._orphan_bids: dict[str, list[Bid]] = {}
         self._orphan_status: dict[str, list[WorkloadStatus]] = {}
         self._replicas: dict[tuple[str, int], _Replica] = {}
@@ -633,11 +635,10 @@ class Scheduler:
 
     def _esmall(self, e: _Entry) -> bool:
         """`_small(e.wl)`, cached on the entry."""
-        v, got = e.small
-        if v != self.cluster.version:
-            got = self._small(e.wl)
-            e.small = (self.cluster.version, got)
-        return got
+        if e.small_v != self.cluster.version:
+            e.small = self._small(e.wl)
+            e.small_v = self.cluster.version
+        return e.small
 
     def _small(self, wl: Workload) -> bool:
         cv = self.cluster.version
@@ -774,8 +775,12 @@ class Scheduler:
             ranked.sort(key=_first_two)
             valid = [x[2] for x in ranked]
             if not wl.allow_packing:
+                won = self._won0
                 for s, b in enumerate(valid[:n]):
-                    owners[s] = (0, b.meshlet)
+                    o = won.get(b.meshlet)
+                    if o is None:
+                        o = won[b.meshlet] = (0, b.meshlet)  # one tuple per meshlet: memory
+                    owners[s] = o
             else:
                 caps = [min(b.slots, n) for b in valid]
                 s = 0
