@@ -27,6 +27,8 @@ import trio
 from meshletd.atproto.lexicon import default_lexicons
 from meshletd.atproto.verify import cid_of, cid_str
 from meshletd.errors import AuthRequired, InvalidRecord, MeshletError
+from meshletd.trace import enabled as trace_enabled
+from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.pds")
 
@@ -237,6 +239,10 @@ class PdsClient:
         self.lexicons = default_lexicons()
         # What we know our repo holds: (collection, rkey) -> cid (None = known absent).
         self.known: dict[tuple[str, str], str | None] = {}
+        # Collections listed in full (`prime`): a record of them we do not know is absent,
+        # so a put needs no getRecord first. Sound while this client is the only writer of
+        # its repo (one meshletd per meshlet DID); a failed create forgets it.
+        self.complete: set[str] = set()
 
     @property
     def did(self) -> str:
@@ -288,9 +294,11 @@ class PdsClient:
                 return out
 
     async def prime(self, collections: Sequence[str]) -> None:
-        """Learn what our repo holds, so puts know create from update and skip no-ops."""
+        """Learn what our repo holds, so puts know create from update and skip no-ops
+        without asking the PDS record by record."""
         for c in collections:
             await self.list_records(c)
+            self.complete.add(c)
 
     # -- writes ---------------------------------------------------------------------------
     def _validate(self, w: Write) -> None:
@@ -307,6 +315,11 @@ class PdsClient:
         results = await self.apply_writes([Write("put", collection, rkey, value)])
         return results[0] or ""
 
+    async def create_record(self, collection: str, rkey: str, value: dict[str, Any]) -> str:
+        """Create a record under a fresh key (e.g. a new TID): no lookup first."""
+        results = await self.apply_writes([Write("create", collection, rkey, value)])
+        return results[0] or ""
+
     async def delete_record(self, collection: str, rkey: str) -> None:
         await self.apply_writes([Write("delete", collection, rkey)])
 
@@ -317,8 +330,11 @@ class PdsClient:
         for w in writes:
             self._validate(w)
             if w.key not in state:
-                got = await self.get_record(w.collection, w.rkey)
-                state[w.key] = got[0] if got else None
+                if w.action == "create" or w.collection in self.complete:
+                    state[w.key] = None  # a fresh key, or a fully listed collection
+                else:
+                    got = await self.get_record(w.collection, w.rkey)
+                    state[w.key] = got[0] if got else None
             cur = state[w.key]
             if w.action == "delete":
                 if cur is None:
@@ -337,9 +353,18 @@ class PdsClient:
     async def apply_writes(self, writes: Sequence[Write]) -> list[str | None]:
         """Apply writes in order, ≤ MAX_BATCH per commit. Returns the CID per input write
         (None for deletes and for no-op puts)."""
+        t0 = time.monotonic()
         resolved = await self._resolve_puts(writes)
+        t1 = time.monotonic()
         for i in range(0, len(resolved), MAX_BATCH):
             await self._commit(resolved[i : i + MAX_BATCH])
+        if resolved and trace_enabled():
+            trace(
+                "written",
+                key=",".join(f"{w.collection}/{w.rkey}" for w in resolved),
+                resolve_ms=round((t1 - t0) * 1000),
+                commit_ms=round((time.monotonic() - t1) * 1000),
+            )
         return [None if w.action == "delete" else self.known.get(w.key) for w in writes]
 
     async def _commit(self, batch: Sequence[Write]) -> None:
@@ -358,7 +383,16 @@ class PdsClient:
         r = await self.session.request(
             "POST", "com.atproto.repo.applyWrites", json={"repo": self.did, "writes": ops}
         )
-        body = _check(r, f"applyWrites ({len(ops)} ops)")
+        try:
+            body = _check(r, f"applyWrites ({len(ops)} ops)")
+        except (PdsUnavailable, PdsRejected):
+            # A create may have failed because the record exists after all (knowledge we
+            # assumed): look such records up again before the retry.
+            for w in batch:
+                if w.action == "create":
+                    self.known.pop(w.key, None)
+                    self.complete.discard(w.collection)
+            raise
         self.ledger.record([w.action for w in batch])
         results = body.get("results") or []
         for w, res in zip(batch, results + [{}] * (len(batch) - len(results)), strict=True):
@@ -387,11 +421,13 @@ class WriteQueue:
         *,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
-        linger_s: float = 0.02,
+        linger_s: float = 0.005,
         journal: WriteJournal | None = None,
+        prime: Sequence[str] = (),
     ) -> None:
         self.client = client
         self.journal = journal
+        self.prime = tuple(prime)
         self.pending: deque[Write] = deque(
             Write(w["action"], w["collection"], w["rkey"], w.get("value"))
             for w in (journal.load() if journal is not None else [])
@@ -438,6 +474,11 @@ class WriteQueue:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        if self.prime:
+            try:
+                await self.client.prime(self.prime)
+            except (PdsUnavailable, PdsRejected, AuthRequired) as e:
+                log.warning("pds: could not list our records (%s); puts will look them up", e)
         delay = 0.0
         while True:
             if not self.pending:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -25,6 +26,7 @@ from meshletd.errors import (
     NotFound,
     UpstreamFailure,
 )
+from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.node")
 
@@ -160,6 +162,7 @@ class AtprotoNode:
             return
         from meshletd.atproto.pds import Write, WriteQueue
         from meshletd.core.scheduler import MeshletIdentity, Scheduler
+        from meshletd.core.timing import DEFAULT_TIMING
         from meshletd.daemon.engine import Engine
         from meshletd.runtime import fake_runtime, systemd_runtime
 
@@ -174,7 +177,9 @@ class AtprotoNode:
             labels=frozenset(self.cfg.labels),
             endpoint=self.cfg.public_endpoint or "",
         )
-        self.writes = WriteQueue(self.meshlet_pds, journal=StoreJournal(self._store))
+        self.writes = WriteQueue(
+            self.meshlet_pds, journal=StoreJournal(self._store), prime=(BID, STATUS, USAGE)
+        )
         if self.writes.pending:
             log.info("%d write(s) left from the last run will be sent", len(self.writes.pending))
         await nursery.start(self.writes.run)
@@ -187,7 +192,9 @@ class AtprotoNode:
                 log.error("write %s/%s dropped: %s (value %r)", collection, rkey, e, value)
 
         self.engine = Engine(
-            Scheduler(me),
+            # Bid 10 ms after a workload arrives, not the core's default 50 ms: enough to
+            # gather the records of one firehose frame, and it is on the publish path.
+            Scheduler(me, replace(DEFAULT_TIMING, bid_batch_ms=10)),
             runtime,
             submit,
             raw_workload=lambda uri: (self._workloads.get(uri) or (None, None))[1],
@@ -578,8 +585,9 @@ class AtprotoNode:
         ):
             raise Conflict(f"a workload named {name!r} exists already")
         rkey = new_tid()
-        cid = await pds.put_record(WORKLOAD, rkey, record)
         uri = f"at://{self.owner}/{WORKLOAD}/{rkey}"
+        trace("publish", uri=uri)
+        cid = await pds.create_record(WORKLOAD, rkey, record)
         self._workloads[uri] = (cid, dict(record))
         log.info("workload %s published as %s", name, uri)
         return {"uri": uri, "cid": cid}
