@@ -239,6 +239,9 @@ class PdsClient:
         self.lexicons = default_lexicons()
         # What we know our repo holds: (collection, rkey) -> cid (None = known absent).
         self.known: dict[tuple[str, str], str | None] = {}
+        # Called after each commit with (collection, rkey, cid or None) of its ops (the
+        # daemon sends delivery hints to its peers from here).
+        self.on_commit: Callable[[list[tuple[str, str, str | None]]], None] | None = None
         # Collections listed in full (`prime`): a record of them we do not know is absent,
         # so a put needs no getRecord first. Sound while this client is the only writer of
         # its repo (one meshletd per meshlet DID); a failed create forgets it.
@@ -399,6 +402,11 @@ class PdsClient:
             self.known[w.key] = (
                 None if w.action == "delete" else res.get("cid") or cid_str(cid_of(w.value))
             )
+        if self.on_commit is not None:
+            try:
+                self.on_commit([(w.collection, w.rkey, self.known.get(w.key)) for w in batch])
+            except Exception as e:  # a hint is never worth failing a write for
+                log.warning("pds: after-commit hook failed: %s", e)
 
 
 class WriteJournal(Protocol):

@@ -36,6 +36,10 @@ STATUS = "commune.scheduler.workloadStatus"
 USAGE = "commune.scheduler.usage"
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
+# Records whose writes we hint to peers (docs/protocol.md, section 17), and up to how many
+# peers (beyond that, the firehose alone: a hint per peer per write would not scale).
+HINTED = frozenset({WORKLOAD, BID, STATUS, "commune.scheduler.meshletOwner"})
+HINT_MAX_PEERS = 16
 
 
 def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
@@ -115,6 +119,8 @@ class AtprotoNode:
         self.key = EncryptionKey(store)
         self.engine: Any = None
         self.writes: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._hint_http: Any = None
 
     @staticmethod
     def _clusters(cfg: Config) -> dict[str, list[str]]:
@@ -137,6 +143,7 @@ class AtprotoNode:
         self.formation = ClusterFormation(self.view, firehose)
         self.formation.add_listener(self._on_event)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             with trio.move_on_after(20):
                 await self._login_and_publish()
             await self._start_engine(nursery)
@@ -234,6 +241,9 @@ class AtprotoNode:
                 )
                 await pds.login()
                 self.owner_pds = pds
+            for client in (self.meshlet_pds, self.owner_pds):
+                if client is not None:
+                    client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
             if self.meshlet_pds is None:
                 log.warning("no meshlet-app-password credential: running read-only")
                 return
@@ -270,6 +280,52 @@ class AtprotoNode:
         )
         log.info("published this meshlet's records (%d write(s))", writes)
         return writes
+
+    # -- delivery hints (docs/protocol.md, section 17) ------------------------------------
+
+    def _committed(self, repo: str, done: list[tuple[str, str, str | None]]) -> None:
+        """Records we just wrote: tell our peers, so they need not wait for the firehose."""
+        refs = [
+            {"uri": f"at://{repo}/{coll}/{rkey}", **({"cid": cid} if cid else {})}
+            for coll, rkey, cid in done
+            if coll in HINTED
+        ]
+        if not refs:
+            return
+        if repo == self.owner:
+            self.notify_records(refs)  # our own scheduler follows our owner's repo too
+        peers = sorted({m.endpoint for m in self._peers().values() if m.endpoint})
+        if not peers or len(peers) > HINT_MAX_PEERS or self._nursery is None:
+            return
+        for endpoint in peers:
+            self._nursery.start_soon(self._send_hint, endpoint, refs)
+
+    async def _send_hint(self, endpoint: str, refs: list[dict[str, str]]) -> None:
+        import httpx
+
+        if self._hint_http is None:
+            self._hint_http = httpx.AsyncClient(timeout=1.0)
+        try:
+            await self._hint_http.post(
+                f"{endpoint.rstrip('/')}/xrpc/farm.meshlet.notifyRecords", json={"records": refs}
+            )
+        except httpx.HTTPError as e:  # a hint is best effort: the firehose brings it anyway
+            log.debug("hint to %s not sent: %s", endpoint, e)
+
+    def notify_records(self, refs: list[dict[str, Any]]) -> int:
+        firehose = self.formation.firehose if self.formation is not None else None
+        if firehose is None:
+            return 0
+        accepted = 0
+        for ref in refs:
+            uri, cid = ref.get("uri", ""), ref.get("cid")
+            parts = uri[len("at://") :].split("/") if uri.startswith("at://") else []
+            if len(parts) != 3 or not all(parts):
+                continue
+            did, coll, rkey = parts
+            if firehose.hint(did, coll, rkey, cid if isinstance(cid, str) else None):
+                accepted += 1
+        return accepted
 
     def _on_event(self, ev: Any) -> None:
         if self.engine is not None:

@@ -126,6 +126,13 @@ def install(
         await node.put_secret(name, raw)
         return {}
 
+    async def notify_records(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        refs = body.get("records")
+        if not isinstance(refs, list) or len(refs) > 50:
+            raise InvalidRequest("records must be a list of at most 50 {uri, cid}")
+        ok = [r for r in refs if isinstance(r, dict) and isinstance(r.get("uri"), str)]
+        return {"accepted": node.notify_records(ok)}
+
     async def shutdown(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         on_shutdown(bool(body.get("stopReplicas", False)))
         return {}
@@ -172,6 +179,7 @@ def install(
     q, p = "query", "procedure"
     add = app.add
     add("farm.meshlet.ping", q, Access.ANYONE, ping)
+    add("farm.meshlet.notifyRecords", p, Access.ANYONE, notify_records)
     add("farm.meshlet.getCapacity", q, Access.MEMBER, get_capacity)
     add(
         "farm.meshlet.listWorkloads",
