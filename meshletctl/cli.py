@@ -7,7 +7,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -161,58 +160,30 @@ def run(
 ) -> None:
     """Publish a workload record in the owner's repo; the commune places its replicas."""
     from meshletctl import parse
+    from meshletctl.quick import publish
 
-    if kind not in ("service", "job"):
-        raise fail(InvalidRequest("--kind must be service or job"), as_json)
-    if restart not in ("always", "on-failure", "never"):
-        raise fail(InvalidRequest("--restart must be always, on-failure or never"), as_json)
     try:
-        record: dict[str, Any] = {
-            "name": name or parse.name_from_image(image),
-            "image": image,
-            "resources": {"milliCpu": parse.milli_cpu(cpu), "memoryMiB": parse.memory_mib(memory)},
-            "replicas": replicas,
-            "kind": kind,
-            "restartPolicy": restart,
-        }
-        if args:
-            record["args"] = list(args)
-        if env:
-            record["env"] = [
-                {"name": k, "value": v} for k, v in (parse.key_value(e, "--env") for e in env)
-            ]
-        if constraint:
-            record["constraints"] = parse.constraints(constraint)
-        secrets: list[tuple[str, bytes]] = []
-        for item in secret or []:
-            sname, spec = parse.key_value(item, "--secret")
-            if not spec.startswith("@"):
-                raise parse.ParseError(
-                    f"--secret {sname}: give the value as @FILE, never on the command line"
-                )
-            try:
-                secrets.append((sname, Path(spec[1:]).read_bytes()))
-            except OSError as e:
-                msg = f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}"
-                raise parse.ParseError(msg) from None
-        if secrets:
-            record["secrets"] = [{"name": s} for s, _ in secrets]
-        if cluster:
-            record["cluster"] = cluster
+        record, secrets = parse.workload_record(
+            image,
+            args or [],
+            name=name,
+            cpu=cpu,
+            memory=memory,
+            replicas=replicas,
+            env=env or [],
+            secret=secret or [],
+            kind=kind,
+            restart=restart,
+            constraint=constraint or [],
+            cluster=cluster,
+        )
     except parse.ParseError as e:
         raise fail(InvalidRequest(str(e)), as_json) from None
-
-    def fetch(c: ControlClient) -> dict[str, Any]:
-        import base64
-
-        for sname, value in secrets:
-            c.procedure(
-                "farm.meshlet.putSecret",
-                {"name": sname, "value": {"$bytes": base64.b64encode(value).decode()}},
-            )
-        return c.procedure(CTL + "createWorkload", {"record": record})
-
-    _run(as_json, fetch, lambda d: print(f"published {record['name']}: {d['uri']}"))
+    _run(
+        as_json,
+        lambda c: publish(c, record, secrets),
+        lambda d: print(f"published {record['name']}: {d['uri']}"),
+    )
 
 
 @app.command()

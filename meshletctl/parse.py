@@ -70,3 +70,58 @@ def constraints(items: list[str]) -> dict[str, Any]:
             )
         out.setdefault(field, []).append(value)
     return out
+
+
+def workload_record(
+    image: str,
+    args: list[str],
+    *,
+    name: str | None = None,
+    cpu: str = "0.1",
+    memory: str = "128Mi",
+    replicas: int = 1,
+    env: list[str] = (),  # type: ignore[assignment]
+    secret: list[str] = (),  # type: ignore[assignment]
+    kind: str = "service",
+    restart: str = "on-failure",
+    constraint: list[str] = (),  # type: ignore[assignment]
+    cluster: str | None = None,
+) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """The workload record `meshletctl run` publishes, and the secrets (name, value) it
+    stores first on the local meshlet (values read from @FILE, never from the command line)."""
+    from pathlib import Path
+
+    if kind not in ("service", "job"):
+        raise ParseError("--kind must be service or job")
+    if restart not in ("always", "on-failure", "never"):
+        raise ParseError("--restart must be always, on-failure or never")
+    record: dict[str, Any] = {
+        "name": name or name_from_image(image),
+        "image": image,
+        "resources": {"milliCpu": milli_cpu(cpu), "memoryMiB": memory_mib(memory)},
+        "replicas": replicas,
+        "kind": kind,
+        "restartPolicy": restart,
+    }
+    if args:
+        record["args"] = list(args)
+    if env:
+        record["env"] = [{"name": k, "value": v} for k, v in (key_value(e, "--env") for e in env)]
+    if constraint:
+        record["constraints"] = constraints(list(constraint))
+    secrets: list[tuple[str, bytes]] = []
+    for item in secret:
+        sname, spec = key_value(item, "--secret")
+        if not spec.startswith("@"):
+            raise ParseError(
+                f"--secret {sname}: give the value as @FILE, never on the command line"
+            )
+        try:
+            secrets.append((sname, Path(spec[1:]).read_bytes()))
+        except OSError as e:
+            raise ParseError(f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}") from None
+    if secrets:
+        record["secrets"] = [{"name": s} for s, _ in secrets]
+    if cluster:
+        record["cluster"] = cluster
+    return record, secrets
