@@ -358,16 +358,10 @@ class PdsClient:
         (None for deletes and for no-op puts)."""
         t0 = time.monotonic()
         resolved = await self._resolve_puts(writes)
-        t1 = time.monotonic()
+        if resolved and trace_enabled():
+            trace("resolved", ms=round((time.monotonic() - t0) * 1000))
         for i in range(0, len(resolved), MAX_BATCH):
             await self._commit(resolved[i : i + MAX_BATCH])
-        if resolved and trace_enabled():
-            trace(
-                "written",
-                key=",".join(f"{w.collection}/{w.rkey}" for w in resolved),
-                resolve_ms=round((t1 - t0) * 1000),
-                commit_ms=round((time.monotonic() - t1) * 1000),
-            )
         return [None if w.action == "delete" else self.known.get(w.key) for w in writes]
 
     async def _commit(self, batch: Sequence[Write]) -> None:
@@ -402,6 +396,7 @@ class PdsClient:
             self.known[w.key] = (
                 None if w.action == "delete" else res.get("cid") or cid_str(cid_of(w.value))
             )
+        trace("written", key=",".join(f"{w.collection}/{w.rkey}" for w in batch))
         if self.on_commit is not None:
             try:
                 self.on_commit([(w.collection, w.rkey, self.known.get(w.key)) for w in batch])
