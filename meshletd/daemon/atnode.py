@@ -32,6 +32,7 @@ WORKLOAD = "commune.scheduler.workload"
 BID = "commune.scheduler.bid"
 STATUS = "commune.scheduler.workloadStatus"
 USAGE = "commune.scheduler.usage"
+MESHLET_OWNER = "commune.scheduler.meshletOwner"
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
 
@@ -181,6 +182,8 @@ class AtprotoNode:
 
         def submit(w: tuple[str, str, str, Any]) -> None:
             action, collection, rkey, value = w
+            if collection == MESHLET_OWNER and value is not None:
+                value = self._complete_owner_record(value)
             try:
                 self.writes.submit(Write(action, collection, rkey, value))
             except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die
@@ -263,6 +266,19 @@ class AtprotoNode:
         )
         log.info("published this meshlet's records (%d write(s))", writes)
         return writes
+
+    def _complete_owner_record(self, value: dict[str, Any]) -> dict[str, Any]:
+        """The core rewrites meshletOwner on drain/undrain from what it knows (state,
+        capacity, labels); add what only the daemon holds, so a state change never drops
+        the encryption key (peers could no longer seal secrets to us) or the version."""
+        from meshletd import __version__
+
+        return complete_owner_record(
+            value,
+            encryption_key=self.key.public_b64,
+            storage_mib=self.cfg.contribution.storage_mib,
+            version=__version__,
+        )
 
     def _on_event(self, ev: Any) -> None:
         if self.engine is not None:
@@ -707,6 +723,20 @@ class AtprotoNode:
             await self.formation.sync_watches()
         if self.meshlet_pds is not None:
             await self._publish()
+
+
+def complete_owner_record(
+    value: dict[str, Any], *, encryption_key: str, storage_mib: int, version: str
+) -> dict[str, Any]:
+    """A meshletOwner value written by the scheduler core, with the daemon's own fields
+    (`encryptionKey`, `version`, `capacity.storageMiB`) that the core does not model."""
+    out = dict(value)
+    out["encryptionKey"] = encryption_key
+    out["version"] = version
+    out["capacity"] = {**(out.get("capacity") or {}), "storageMiB": storage_mib}
+    if not out.get("endpoint"):
+        out.pop("endpoint", None)  # the lexicon wants a URI or nothing
+    return out
 
 
 def _machine_arch() -> str:
