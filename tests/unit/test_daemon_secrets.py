@@ -92,7 +92,10 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
     node.view.owners[WINNER] = node.view.owners[WINNER].model_copy(
         update={"owner_did": "did:plc:bob"}
     )
-    end = int(time.time() * 1000) - 1000
+    # A period that ended before the current one began: the ledger is computed at the start
+    # of the current usage period, as the core does for its bids.
+    now = int(time.time() * 1000)
+    end = now - now % node.cfg.scheduling.usage_period_ms - 1000
     ev = SimpleNamespace(
         did=WINNER,
         collection="commune.scheduler.usage",
