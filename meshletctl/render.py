@@ -8,9 +8,17 @@ from typing import Any
 
 
 def _console() -> Any:
+    import os
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    width = None
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        # A pipe or a file (scripts, grep, ssh without a tty): rich would assume 80 columns
+        # and fold handles, DIDs and URIs mid-word; a table is only as wide as its content.
+        width = 1000
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def _table(*columns: str, title: str | None = None) -> Any:

@@ -165,9 +165,12 @@ def test_1_the_cluster_forms_and_each_meshlet_lists_the_other_two(commune: Commu
         status = m.ctl_json("status")
         assert status["members"] == 2 and status["state"] == "active"
         assert status["did"] == m.did and status["ownerDid"] == m.owner_did
-        # The human table shows them too.
+        # The human table shows them too, by handle (--json keeps the DIDs, checked above).
         table = m.ctl("members").stdout
         assert table.count("yes") == 2, table
+        for o in commune:
+            if o is not m:
+                assert o.owner.handle in table and o.mesh.handle in table, table
 
 
 # -- 2. a service with two replicas --------------------------------------------------------

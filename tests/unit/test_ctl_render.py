@@ -54,7 +54,7 @@ MOVED = view(
                 {"slot": 0, "round": 0, "meshletDid": BOBMESH, "state": "succeeded", "exitCode": 0},
             ),
             "succeeded",
-        ),  # fmt: skip
+        ),
         (MOVED, "1 lost, 1 running"),
         (view("new", 2), "pending"),
         ({**HUGE, "paused": True}, "paused"),
@@ -93,3 +93,13 @@ def test_placements_show_handles_where_known_and_dids_otherwise(
     out = capsys.readouterr().out
     assert "alice.test" in out and "bob-mesh.test" in out and CAROLMESH in out
     assert ALICE not in out
+
+
+def test_piped_tables_never_fold_a_did(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    long = "did:web:a-rather-long-host-name.of-some-commune-member.example.org"
+    w = view("web", 1, {"slot": 0, "round": 0, "meshletDid": long, "state": "running"})
+    render.workloads([w], placements=True)
+    assert long in capsys.readouterr().out
