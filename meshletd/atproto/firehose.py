@@ -61,6 +61,10 @@ COMMUNE_COLLECTIONS = frozenset(
 
 Action = Literal["create", "update", "delete"]
 MAX_HINTS_IN_FLIGHT = 64  # delivery hints read at once; more are ignored (the firehose has them)
+# Hints are unauthenticated: reads they cause are rate-limited (a token bucket), so a flood
+# cannot make us hammer the PDSes we follow (and get rate-limited by them).
+HINT_READS_PER_S = 10.0
+HINT_BURST = 50
 
 
 @dataclass(frozen=True)
@@ -529,6 +533,8 @@ class Firehose:
         self.delivered = 0
         self.hinted = 0  # records read because of a delivery hint
         self._hints: set[tuple[str, str, str, str | None]] = set()  # being read now
+        self._hint_tokens = float(HINT_BURST)
+        self._hint_at: float | None = None
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()  # one delivery at a time: mirror + sink stay in order
 
@@ -633,6 +639,14 @@ class Firehose:
         key = (did, collection, rkey, cid)
         if key in self._hints or len(self._hints) >= MAX_HINTS_IN_FLIGHT:
             return False
+        now = trio.current_time()
+        if self._hint_at is not None:
+            refill = (now - self._hint_at) * HINT_READS_PER_S
+            self._hint_tokens = min(float(HINT_BURST), self._hint_tokens + refill)
+        self._hint_at = now
+        if self._hint_tokens < 1:
+            return False
+        self._hint_tokens -= 1
         self._hints.add(key)
         self._nursery.start_soon(self._read_hinted, key)
         return True

@@ -306,3 +306,29 @@ async def test_a_hinted_record_arrives_before_the_firehose_and_only_once():
                 await trio.sleep(0.01)
         assert len(seen) == 1 and fh.hinted == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_hints_beyond_the_read_budget_are_ignored():
+    from meshletd.atproto import firehose as fh_mod
+
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+
+    async def sink(ev):
+        pass
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        connect=FakeServer().connect,
+        anti_entropy_every_s=3600,
+        reader=CountingRepos(alice),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did, resync=False)
+        coll = "commune.scheduler.membership"
+        taken = [fh.hint(alice.did, coll, f"r{i}", None) for i in range(fh_mod.HINT_BURST + 10)]
+        assert taken.count(True) == fh_mod.HINT_BURST  # a flood costs at most the burst
+        nursery.cancel_scope.cancel()
