@@ -227,6 +227,7 @@ MADE = (
     "/var/lib/meshlet",
     "/var/lib/meshlet-podman",
     "/run/meshlet",
+    "/run/meshlet-replicas",
     "/var/lib/systemd/linger/meshlet",
 )
 # Outside these, the host's files before the install and after purge + autoremove must match.
