@@ -396,10 +396,12 @@ class SystemdPodmanMachine:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(path.parent, 0o755)  # whatever the umask: replicas traverse it
             if path.exists():
-                self._own_state_dir(path)
-                if not keep:
-                    shutil.rmtree(path)
-            path.mkdir(mode=0o770, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    self._own_state_dir(path)
+                if keep:
+                    return  # an adopted replica's: its counters may be in there
+                shutil.rmtree(path)
+            path.mkdir(mode=0o770)
             self._own_state_dir(path)
 
         await trio.to_thread.run_sync(make)
@@ -429,12 +431,15 @@ class SystemdPodmanMachine:
 
     def _own_state_dir(self, path: Path) -> None:
         """root:meshlet 0770: the replica (user meshlet) writes its counters there, and
-        meshletd reads and removes them holding no capability but CAP_CHOWN (its unit lets
-        it bypass no file permission). Also takes over a dir an older meshletd made
-        (meshlet:meshlet 0700)."""
-        if os.geteuid() == 0:
+        meshletd reads and removes them as their owner: its unit leaves it no capability to
+        bypass file permissions. Also takes over a dir an older meshletd made
+        (meshlet:meshlet 0700) where it may still chown."""
+        st = os.stat(path)
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, self.config.gid):
+            # Not needed under the packaged unit: Group=meshlet gives new dirs the group.
             os.chown(path, 0, self.config.gid)
-        os.chmod(path, 0o770)
+        if st.st_mode & 0o7777 != 0o770:
+            os.chmod(path, 0o770)
 
     async def list_state_dirs(self) -> list[str]:
         root = Path(self.config.state_dir)
