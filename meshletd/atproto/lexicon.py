@@ -25,7 +25,6 @@ import libipld
 from meshletd.errors import InvalidRecord
 
 
-
 def _lexicon_dir() -> Path:
     """Where the lexicons are: package data of `meshletd` (`meshletd/lexicons`), wherever
     meshletd is installed (a wheel, the .deb's bundle, an editable checkout). In the
