@@ -13,6 +13,7 @@ from tests.system.meshletd_unit import UNIT, VENV, install_meshletd_unit, remove
 
 CTL = f"{VENV}/meshletctl"
 
+# Port 0: the hosts share this machine's network, other test runs may hold any fixed port.
 CONFIG = """
 did = "did:plc:alicemesh"
 owner = "did:plc:alice"
@@ -22,7 +23,7 @@ backend = "memory"
 name = "friends"
 members = ["did:plc:bob"]
 [listen]
-xrpc = "127.0.0.1:2585"
+xrpc = "127.0.0.1:0"
 """
 
 # A short watchdog keeps the stall test quick.
