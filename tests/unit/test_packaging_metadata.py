@@ -29,7 +29,7 @@ def _text(page: str) -> str:
         check=True,
     )
     assert not done.stderr, done.stderr  # groff warnings: a roff mistake
-    return re.sub(r".\x08", "", done.stdout).replace("‐", "-").replace("−", "-")
+    return re.sub(r".\x08", "", done.stdout).replace("\u2010", "-").replace("\u2212", "-")
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
