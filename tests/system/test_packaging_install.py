@@ -100,6 +100,15 @@ def test_lintian_finds_no_errors_in_the_deb(packages: Packages) -> None:
     assert not errors, f"lintian errors (see {path}):\n" + "\n".join(errors)
     # Every program has its man page (packaging/man), and lintian can read them.
     assert "no-manual-page" not in proc.stdout and "manpage-has" not in proc.stdout, proc.stdout
+    listing = sh("dpkg-deb", "-c", packages.deb).stdout
+    for doc in (
+        "./usr/share/man/man8/meshletd.8.gz",
+        "./usr/share/man/man1/meshletctl.1.gz",
+        "./usr/share/man/man5/meshlet.toml.5.gz",
+        "./usr/share/doc/meshlet/cli.md",
+        "./usr/share/doc/meshlet/packaging.md",
+    ):
+        assert doc in listing, doc
 
 
 def test_rpm_declares_its_interpreter_config_file_and_scripts(packages: Packages) -> None:
