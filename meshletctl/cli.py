@@ -69,6 +69,33 @@ def _run(as_json: bool, fetch: Callable[[ControlClient], Any], show: Callable[[A
         show(data)
 
 
+def _run_named(
+    as_json: bool,
+    fetch: Callable[[ControlClient], Any],
+    show: Callable[[Any, dict[str, str]], None],
+) -> None:
+    """Like `_run`, and human tables show handles instead of DIDs where the daemon knows
+    them (`--json` keeps DIDs)."""
+    names: dict[str, str] = {}
+
+    def both(c: ControlClient) -> Any:
+        data = fetch(c)
+        if not as_json:
+            names.update(handles(c))
+        return data
+
+    _run(as_json, both, lambda data: show(data, names))
+
+
+def handles(c: ControlClient) -> dict[str, str]:
+    """DID -> handle from the daemon; {} from a daemon that does not offer it."""
+    try:
+        got = c.query(CTL + "getHandles")
+    except MeshletError:
+        return {}
+    return {h["did"]: h["handle"] for h in got.get("handles", [])}
+
+
 def _all_workloads(c: ControlClient, owner: str | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     cursor = None
@@ -106,7 +133,7 @@ def status(as_json: JsonOpt = False) -> None:
 @app.command()
 def members(as_json: JsonOpt = False) -> None:
     """Cluster members (owner DIDs) and whether they are mutually verified."""
-    _run(as_json, lambda c: c.query(CTL + "listMembers")["members"], render.members)
+    _run_named(as_json, lambda c: c.query(CTL + "listMembers")["members"], render.members)
 
 
 @app.command()
@@ -130,7 +157,9 @@ def workloads(
             or any(r.get("meshletDid") == me["did"] for r in w.get("running", []))
         ]
 
-    _run(as_json, fetch, lambda data: render.workloads(data, placements=all_))
+    _run_named(
+        as_json, fetch, lambda data, names: render.workloads(data, placements=all_, names=names)
+    )
 
 
 @app.command()
@@ -140,8 +169,12 @@ def run(
         list[str] | None, typer.Argument(help="Arguments for the container (after --).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Workload name [default: from image]")] = None,
-    cpu: Annotated[str, typer.Option(help="CPU per replica: 0.5, 2, 250m")] = "0.1",
-    memory: Annotated[str, typer.Option(help="Memory per replica: 256Mi, 1Gi")] = "128Mi",
+    cpu: Annotated[
+        str, typer.Option(help="CPU per replica: milli-CPU (200 or 200m) or cores (0.5, 2.0)")
+    ] = "100m",
+    memory: Annotated[
+        str, typer.Option(help="Memory per replica: MiB (64) or with a unit (64Mi, 1Gi)")
+    ] = "128Mi",
     replicas: Annotated[int, typer.Option(min=1, max=1000)] = 1,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (plaintext; repeatable)")
@@ -333,7 +366,7 @@ def bids(
     as_json: JsonOpt = False,
 ) -> None:
     """Rounds, bids and winners of a workload, and why they won."""
-    _run(
+    _run_named(
         as_json,
         lambda c: c.query(CTL + "getBids", uri=resolve_workload(c, workload)),
         render.bids,
@@ -343,7 +376,7 @@ def bids(
 @app.command()
 def balance(as_json: JsonOpt = False) -> None:
     """The fair-share ledger: what each owner gave and took."""
-    _run(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
+    _run_named(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
 
 
 @app.command()

@@ -179,6 +179,16 @@ class ClusterView:
             self._members[key] = got
         return got
 
+    def eligible_members(self, wl: Workload) -> list[str]:
+        """Every eligible meshlet for wl, draining or not, sorted (uncached; for queries)."""
+        owners = set(self.cluster_consent(wl.owner, wl.cluster)) | {wl.owner}
+        return [
+            m
+            for o in sorted(owners)
+            for m in sorted(self._linked.get(o, _EMPTY))
+            if self.eligible(wl, m)
+        ]
+
     def all_verified(self) -> list[str]:
         """Every meshlet with linkage both ways, sorted."""
         return sorted(m for m in self.owners if self.verified(m))

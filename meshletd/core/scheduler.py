@@ -47,6 +47,7 @@ from .records import (
     Workload,
     WorkloadStatus,
     at_uri,
+    format_datetime_ms,
     split_at_uri,
 )
 from .timing import DEFAULT_TIMING, Timing
@@ -232,6 +233,220 @@ class Scheduler:
             cpu -= c
             mem -= m
         return cpu, mem
+
+    # ==================================================================== why pending
+    def pending_reasons(self, workload_uri: str) -> dict[int, str]:
+        """slot -> why that slot of the workload is not (or may soon not be) served, for every
+        slot `pending_reason` has a reason for; {} when all are served or it is unknown."""
+        e = self.workloads.get(workload_uri)
+        if e is None:
+            return {}
+        out: dict[int, str] = {}
+        for s in range(e.wl.replicas):
+            why = self.pending_reason(workload_uri, s)
+            if why is not None:
+                out[s] = why
+        return out
+
+    def pending_reason(self, workload_uri: str, slot: int) -> str | None:
+        """A human sentence saying why slot `slot` of the workload has no owner here (round 0
+        still bidding, no eligible meshlet, the last round closed without a winner and why,
+        judged from the bids and declines with their `free`), or why its owner is being
+        replaced (suspected lost, draining). None when the slot is owned by a meshlet that is
+        neither suspected nor draining, when it is a finished job, or when the workload is
+        unknown. A pure query: reads what the core knows, changes nothing
+        (docs/protocol.md, section 15)."""
+        e = self.workloads.get(workload_uri)
+        if e is None or not 0 <= slot < e.wl.replicas:
+            return None
+        if e.done and slot in e.done:
+            return None
+        wl = e.wl
+        t = self.t
+        now = self.now
+        c0 = self._close0(wl)
+        nobody = self._nobody_eligible(wl)
+        if e.owners is None and now < c0:
+            if nobody:
+                return f"{nobody}; round 0 closes at {self._when(c0)}"
+            if now < wl.created_at:
+                return f"bidding: round 0 opens at {self._when(wl.created_at)}"
+            b0 = [b for b in e.bids if b.round == 0]
+            offers = sum(1 for b in b0 if b.slots >= 1)
+            return (
+                f"bidding: round 0 closes at {self._when(c0)} "
+                f"({offers} offer(s), {len(b0) - offers} decline(s) so far)"
+            )
+        cur = e.owners[slot] if e.owners is not None else None
+        rounds = self._slot_rounds(e, slot)
+        if cur is not None:
+            host = cur[1]
+            if host in self.suspects:
+                what = f"its host {host} is suspected lost (probes fail)"
+            elif self.cluster.draining_since(host) is not None:
+                what = f"its host {host} is draining"
+            else:
+                return None
+            later = [x for x in rounds if x[0] > cur[0]]
+            if not later:
+                return f"{what}; no replacement round opened yet"
+            r, start, deadline, close, bs = later[-1]
+            if now < close:
+                return f"{what}; replacement round {r} closes at {self._when(close)}"
+            why = f"{what}; replacement round {r} closed without a winner: "
+            why += self._why_no_winner(wl, bs, start, deadline)
+            last = self._reopened.get((workload_uri, slot))
+            if last is not None and now < last + t.reopen_backoff_ms:
+                why += f"; reopening after {self._when(last + t.reopen_backoff_ms)}"
+            return why
+        if nobody:
+            return nobody
+        chained = [x for x in rounds if x[0] > 0]
+        if chained and now < chained[-1][3]:
+            r, _, _, close, bs = chained[-1]
+            return f"bidding: round {r} of slot {slot} closes at {self._when(close)}"
+        if chained:
+            r, start, deadline, _, bs = chained[-1]
+            why = f"round {r} of slot {slot} closed without a winner: "
+            why += self._why_no_winner(wl, bs, start, deadline)
+        else:
+            b0 = [b for b in e.bids if b.round == 0]
+            a0 = wl.created_at
+            d0 = a0 + wl.bid_window_ms
+            n = wl.replicas
+            won = sum(
+                (min(b.slots, n) if wl.allow_packing else 1)
+                for b in b0
+                if self._valid(wl, b, a0, d0)
+            )
+            if won:
+                why = f"round 0 filled {min(won, n)} of {n} slot(s), not slot {slot}: "
+            else:
+                why = "round 0 closed without a winner: "
+            why += self._why_no_winner(wl, b0, a0, d0)
+        period = t.chained_period_ms
+        r = max(now - c0, 0) // period + 1
+        start = c0 + (r - 1) * period
+        if now > start + t.replacement_window_ms:
+            r, start = r + 1, start + period
+            return f"{why}; offered again in round {r} at {self._when(start)}"
+        until = self._when(start + t.replacement_window_ms)
+        return f"{why}; offered again in round {r}, open until {until}"
+
+    def _nobody_eligible(self, wl: Workload) -> str:
+        """'' when some eligible meshlet is not draining; else a sentence saying why not."""
+        if self.cluster.active_members(wl):
+            return ""
+        eligible = self.cluster.eligible_members(wl)
+        if eligible:
+            return f"every eligible meshlet ({len(eligible)}) is draining"
+        cons = []
+        if wl.arch:
+            cons.append("arch=" + ",".join(wl.arch))
+        if wl.labels:
+            cons.append("labels=" + ",".join(wl.labels))
+        if wl.avoid:
+            cons.append("avoid=" + ",".join(sorted(wl.avoid)))
+        got = f" (constraints {' '.join(cons)})" if cons else ""
+        return f"no eligible meshlet in cluster {wl.cluster!r} of {wl.owner}{got}"
+
+    def _when(self, at: int) -> str:
+        d = at - self.now
+        rel = f"in {d // 1000}.{d % 1000 // 100} s" if d >= 0 else f"{-d // 1000} s ago"
+        return f"{format_datetime_ms(at)} ({rel})"
+
+    def _slot_rounds(self, e: _Entry, slot: int) -> list[tuple[int, int, int, int, list[Bid]]]:
+        """(round, start, deadline, close, bids) of every round >= 1 of `slot` that has a bid,
+        as section 5 walks them (the same walk as `_resolve`, kept for queries)."""
+        wl = e.wl
+        t = self.t
+        c0 = self._close0(wl)
+        mine = [b for b in e.bids if b.round > 0 and b.slot == slot]
+        owner: Owner | None = None
+        if e.owners is not None and slot < len(e.owners):
+            # Round 0's result: the owner before any later round, recomputed.
+            owner = self._round0_owner(e, slot)
+        out: list[tuple[int, int, int, int, list[Bid]]] = []
+        prev_close = c0
+        for r in sorted({b.round for b in mine}):
+            bs = [b for b in mine if b.round == r]
+            if owner is None:
+                start = c0 + (r - 1) * t.chained_period_ms
+            else:
+                start = max(prev_close, min(b.created_at for b in bs))
+            deadline = start + t.replacement_window_ms
+            close = deadline + t.settle_ms
+            out.append((r, start, deadline, close, bs))
+            if self.now < close:
+                break
+            best: Bid | None = None
+            best_key: tuple[int, int] | None = None
+            for b in bs:
+                if self._valid(wl, b, start, deadline):
+                    k = (-b.priority, rendezvous_score(wl.uri, r, slot, b.meshlet))
+                    if best_key is None or k < best_key:
+                        best, best_key = b, k
+            if best is not None:
+                owner = (r, best.meshlet)
+            prev_close = close
+        return out
+
+    def _round0_owner(self, e: _Entry, slot: int) -> Owner | None:
+        wl = e.wl
+        a0 = wl.created_at
+        d0 = a0 + wl.bid_window_ms
+        valid = [b for b in e.bids if b.round == 0 and self._valid(wl, b, a0, d0)]
+        valid.sort(key=lambda b: (-b.priority, rendezvous_score(wl.uri, 0, -1, b.meshlet)))
+        n = wl.replicas
+        caps = [min(b.slots, n) if wl.allow_packing else 1 for b in valid]
+        s = 0
+        layer = 0
+        while s < n:
+            progressed = False
+            for i, b in enumerate(valid):
+                if caps[i] > layer and s < n:
+                    if s == slot:
+                        return (0, b.meshlet)
+                    s += 1
+                    progressed = True
+            if not progressed:
+                break
+            layer += 1
+        return None
+
+    def _why_no_winner(self, wl: Workload, bids: list[Bid], start: int, deadline: int) -> str:
+        """Why the bids of one round gave (this slot) no winner, in words."""
+        if not bids:
+            if self._small(wl):
+                return "no bids"
+            return "no bids (in a cluster this large, candidates without room stay silent)"
+        counts: dict[str, int] = {}
+        for b in bids:
+            if b.slots < 1:
+                kind = "declined"
+            elif b.created_at < start or b.created_at > deadline:
+                kind = "bid outside the window"
+            elif b.free_milli_cpu < wl.milli_cpu or b.free_memory_mib < wl.memory_mib:
+                kind = "offered too little"
+            elif not self.cluster.eligible(wl, b.meshlet):
+                kind = "not eligible"
+            elif not self._valid(wl, b, start, deadline):
+                kind = "draining"
+            else:
+                kind = "valid, taken by other slots"
+            counts[kind] = counts.get(kind, 0) + 1
+        answers = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        short = [
+            b for b in bids if b.free_milli_cpu < wl.milli_cpu or b.free_memory_mib < wl.memory_mib
+        ]
+        if not short:
+            return f"answers: {answers}"
+        best = max(bids, key=lambda b: (b.free_milli_cpu, b.free_memory_mib, b.meshlet))
+        return (
+            f"not enough free capacity for {wl.milli_cpu} milli-CPU / {wl.memory_mib} MiB "
+            f"(largest free seen: {best.free_milli_cpu} milli-CPU / {best.free_memory_mib} MiB "
+            f"on {best.meshlet}); answers: {answers}"
+        )
 
     # ==================================================================== records
     def _on_record(self, rec: object) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -32,8 +33,16 @@ WORKLOAD = "commune.scheduler.workload"
 BID = "commune.scheduler.bid"
 STATUS = "commune.scheduler.workloadStatus"
 USAGE = "commune.scheduler.usage"
+MESHLET_OWNER = "commune.scheduler.meshletOwner"
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
+_LIVE_STATES = ("pulling", "starting", "running")
+_HANDLE = re.compile(r"^(?=.{3,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*$")
+_REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 1] + "…"
 
 
 def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
@@ -181,13 +190,15 @@ class AtprotoNode:
 
         def submit(w: tuple[str, str, str, Any]) -> None:
             action, collection, rkey, value = w
+            if collection == MESHLET_OWNER and value is not None:
+                value = self._complete_owner_record(value)
             try:
                 self.writes.submit(Write(action, collection, rkey, value))
             except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die
                 log.error("write %s/%s dropped: %s (value %r)", collection, rkey, e, value)
 
         self.engine = Engine(
-            Scheduler(me),
+            Scheduler(me, self.cfg.scheduling.timing()),
             runtime,
             submit,
             raw_workload=lambda uri: (self._workloads.get(uri) or (None, None))[1],
@@ -263,6 +274,19 @@ class AtprotoNode:
         )
         log.info("published this meshlet's records (%d write(s))", writes)
         return writes
+
+    def _complete_owner_record(self, value: dict[str, Any]) -> dict[str, Any]:
+        """The core rewrites meshletOwner on drain/undrain from what it knows (state,
+        capacity, labels); add what only the daemon holds, so a state change never drops
+        the encryption key (peers could no longer seal secrets to us) or the version."""
+        from meshletd import __version__
+
+        return complete_owner_record(
+            value,
+            encryption_key=self.key.public_b64,
+            storage_mib=self.cfg.contribution.storage_mib,
+            version=__version__,
+        )
 
     def _on_event(self, ev: Any) -> None:
         if self.engine is not None:
@@ -379,20 +403,30 @@ class AtprotoNode:
     def _view(self, uri: str) -> dict[str, Any]:
         cid, rec = self._workloads[uri]
         owner = uri[len("at://") :].split("/", 1)[0]
-        running = []
+        running: list[dict[str, Any]] = []
+        owners: dict[int, str] = {}  # slot -> owner, when the scheduler knows the placement
         if self.engine is not None:
-            running = self._placed(uri)
+            running = self._placed(uri, int(rec.get("replicas", 1)))
+            owners = {r["slot"]: r["meshletDid"] for r in running if r.get("meshletDid")}
+        suspects = self._suspects()
         for s in sorted(self._statuses.get(uri, {}).values(), key=lambda s: s.get("slot", 0)):
             if any(
-                r["slot"] == s.get("slot") and r["meshletDid"] == s["meshletDid"] for r in running
+                r["slot"] == s.get("slot") and r.get("meshletDid") == s["meshletDid"]
+                for r in running
             ):
                 continue
-            r = {
-                k: s[k]
-                for k in ("slot", "round", "state", "exitCode", "restarts", "unit")
-                if k in s
-            }
-            running.append({"workload": uri, "meshletDid": s["meshletDid"], **r})
+            r = {k: s[k] for k in _REPLICA_FIELDS if k in s}
+            row: dict[str, Any] = {"workload": uri, "meshletDid": s["meshletDid"], **r}
+            moved_to = owners.get(s.get("slot", -1))
+            if moved_to is not None and s.get("state") in _LIVE_STATES:
+                # A status left by a host that lost the slot: it is not a serving replica.
+                if s["meshletDid"] in suspects:
+                    row["state"] = "lost"
+                    row["reason"] = f"{s['meshletDid']} is suspected lost (probes fail)"
+                else:
+                    row["state"] = "stopping"
+                    row["reason"] = f"slot moved to {moved_to} (make-before-break)"
+            running.append(row)
         view: dict[str, Any] = {
             "uri": uri,
             "name": rec.get("name", ""),
@@ -405,18 +439,42 @@ class AtprotoNode:
             view["cid"] = cid
         return view
 
-    def _placed(self, uri: str) -> list[dict[str, Any]]:
-        """Slots as the scheduler core sees them (owner per slot, local state if ours)."""
+    def _suspects(self) -> set[str]:
+        """Peers this meshlet's probes currently say are lost (empty when not scheduling)."""
+        if self.engine is None:
+            return set()
+        return set(getattr(self.engine.scheduler, "suspects", ()) or ())
+
+    def _pending_reasons(self, uri: str) -> dict[int, str]:
+        query = getattr(self.engine.scheduler, "pending_reasons", None)
+        if query is None:
+            return {}
+        try:
+            return dict(query(uri))
+        except Exception:  # a display aid must never break `meshletctl workloads`
+            log.exception("pending reasons of %s", uri)
+            return {}
+
+    def _placed(self, uri: str, replicas: int) -> list[dict[str, Any]]:
+        """Slots as the scheduler core sees them: owner per slot (local state if ours, else
+        the host's reported state, `lost` while our probes suspect it), or `pending` with
+        the core's reason why nobody serves it yet."""
         sched = self.engine.scheduler
-        owners = sched.placement().get(uri) or ()
+        placed = sched.placement().get(uri)
+        owners = placed if placed is not None else (None,) * replicas
         local = sched.replicas()
+        reasons = self._pending_reasons(uri)
+        suspects = self._suspects()
         out = []
         for slot, owner in enumerate(owners):
             if owner is None:
-                out.append({"workload": uri, "slot": slot, "state": "pending"})
+                r = {"workload": uri, "slot": slot, "state": "pending"}
+                if slot in reasons:
+                    r["reason"] = _clip(reasons[slot])
+                out.append(r)
                 continue
             rnd, meshlet = owner
-            r: dict[str, Any] = {"workload": uri, "slot": slot, "round": rnd, "meshletDid": meshlet}
+            r = {"workload": uri, "slot": slot, "round": rnd, "meshletDid": meshlet}
             # The host's own status record (its latest round) says how the replica is doing.
             reported = [
                 st
@@ -426,11 +484,17 @@ class AtprotoNode:
             status = max(reported, key=lambda st: st.get("round", 0)) if reported else None
             if meshlet == self.did and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
+            elif status is not None and status.get("round", 0) >= rnd:
+                r["state"] = status["state"]
             else:
-                r["state"] = status["state"] if status else "pending"
+                r["state"] = "starting" if status is None else "pending"
+            if meshlet != self.did and meshlet in suspects and r["state"] in _LIVE_STATES:
+                r["state"] = "lost"
             for key in ("exitCode", "restarts"):
                 if status is not None and key in status:
                     r[key] = status[key]
+            if slot in reasons:
+                r["reason"] = _clip(reasons[slot])
             if meshlet == self.did:
                 unit = self.engine.units.get((uri, slot))
                 if unit:
@@ -495,24 +559,53 @@ class AtprotoNode:
 
     def balance(self) -> dict[str, Any]:
         """The fair-share ledger from the usage records seen, with the core's own formula."""
-        from meshletd.core.fairshare import balances
-        from meshletd.core.timing import DEFAULT_TIMING
+        from meshletd.core.fairshare import balances, meshlet_priority
+        from meshletd.core.records import format_datetime_ms
 
+        t = self.cfg.scheduling
+        now = int(time.time() * 1000)
+        # As the core does for its bids: at the start of the current usage period, from the
+        # records of periods that ended by then (docs/protocol.md section 11).
+        at = now - now % t.usage_period_ms
         owner_of = {m: rec.owner_did for m, rec in self.view.owners.items()}
-        half_life = DEFAULT_TIMING.half_life_ms
-        taken, given = balances(self._usages.values(), owner_of, int(time.time() * 1000), half_life)
+        taken, given = balances(self._usages.values(), owner_of, at, t.half_life_ms)
         owners = list(dict.fromkeys([self.owner, *self.cfg.members, *taken, *given]))
         return {
-            "halfLifeSeconds": half_life // 1000,
+            "at": format_datetime_ms(at),
+            "halfLifeSeconds": t.half_life_ms // 1000,
+            "usagePeriodSeconds": t.usage_period_ms // 1000,
             "owners": [
                 {
                     "ownerDid": o,
                     "gaveMilliCpuSeconds": given.get(o, 0),
                     "tookMilliCpuSeconds": taken.get(o, 0),
+                    "priority": meshlet_priority(o, taken, given),
                 }
                 for o in owners
             ],
         }
+
+    async def handles(self) -> dict[str, str]:
+        """DID -> handle for every DID this meshlet shows (itself, owners, members, their
+        meshlets, workload owners), from the DID documents (cached by the resolver). Display
+        only: a handle is a claim of the DID document, not checked against DNS here, and a
+        handle claimed by two DIDs names neither."""
+        dids = {self.did, self.owner, *self.cfg.members, *self.view.all_members()}
+        dids |= {u[len("at://") :].split("/", 1)[0] for u in self._workloads}
+        found: dict[str, str] = {}
+        with trio.move_on_after(3):
+            for did in sorted(dids):
+                try:
+                    ident = await self.resolver.resolve(did)
+                except Exception:  # unresolvable now: show the DID
+                    continue
+                handle = (ident.handle or "").lower()
+                if _HANDLE.match(handle):
+                    found[did] = handle
+        claims: dict[str, int] = {}
+        for h in found.values():
+            claims[h] = claims.get(h, 0) + 1
+        return {d: h for d, h in found.items() if claims[h] == 1}
 
     async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
         """A replica's last lines: from journald when it runs here; for our owner's
@@ -577,6 +670,9 @@ class AtprotoNode:
             for u, (_, r) in self._workloads.items()
         ):
             raise Conflict(f"a workload named {name!r} exists already")
+        # The publisher's default round-0 window ([scheduling] bid_window_ms); the record
+        # carries it, so every meshlet uses the same one for this workload.
+        record = {"bidWindowMs": self.cfg.scheduling.bid_window_ms, **record}
         rkey = new_tid()
         cid = await pds.put_record(WORKLOAD, rkey, record)
         uri = f"at://{self.owner}/{WORKLOAD}/{rkey}"
@@ -707,6 +803,20 @@ class AtprotoNode:
             await self.formation.sync_watches()
         if self.meshlet_pds is not None:
             await self._publish()
+
+
+def complete_owner_record(
+    value: dict[str, Any], *, encryption_key: str, storage_mib: int, version: str
+) -> dict[str, Any]:
+    """A meshletOwner value written by the scheduler core, with the daemon's own fields
+    (`encryptionKey`, `version`, `capacity.storageMiB`) that the core does not model."""
+    out = dict(value)
+    out["encryptionKey"] = encryption_key
+    out["version"] = version
+    out["capacity"] = {**(out.get("capacity") or {}), "storageMiB": storage_mib}
+    if not out.get("endpoint"):
+        out.pop("endpoint", None)  # the lexicon wants a URI or nothing
+    return out
 
 
 def _machine_arch() -> str:

@@ -30,6 +30,7 @@ CTL_MEMBERS = "farm.meshlet.ctl.listMembers"
 CTL_CREATE = "farm.meshlet.ctl.createWorkload"
 CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
+CTL_HANDLES = "farm.meshlet.ctl.getHandles"
 
 
 def _uri(body: Any) -> str:
@@ -161,6 +162,12 @@ def install(
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
 
+    async def ctl_handles(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        # Display names for human tables; a node without identities (in-memory) has none.
+        known = getattr(node, "handles", None)
+        got: dict[str, str] = await known() if known is not None else {}
+        return {"handles": [{"did": d, "handle": h} for d, h in sorted(got.items())]}
+
     def local_only(handler: Any) -> Any:
         async def guarded(caller: Caller, params: dict[str, Any], body: Any) -> Any:
             if not caller.local:
@@ -215,3 +222,4 @@ def install(
     add(CTL_CREATE, p, Access.LOCAL, local_only(ctl_create))
     add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids), {"uri": URI})
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
+    add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
