@@ -11,6 +11,7 @@ def test_console_scripts_meshletd_and_meshletctl_are_installed() -> None:
 import re  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
@@ -75,7 +76,7 @@ def test_meshlet_toml_5_documents_every_configuration_key() -> None:
 
     text = _text("meshlet.toml.5")
 
-    def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    def keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
         out = []
         for name, field in model.model_fields.items():
             ann = field.annotation
@@ -85,9 +86,13 @@ def test_meshlet_toml_5_documents_every_configuration_key() -> None:
                 assert f"[{name}]" in text or f"[[{name}]]" in text, f"table [{name}] missing"
                 out += keys(sub, f"{name}.")
             else:
-                out.append(f"{prefix}{name}")
+                out.append((f"{prefix}{name}", field.default))
         return out
 
-    for key in keys(Config):
+    for key, default in keys(Config):
         leaf = key.rpartition(".")[2]
-        assert re.search(rf"^\s+{re.escape(leaf)}\b", text, re.M), f"{key} missing"
+        found = re.search(rf"^\s+{re.escape(leaf)}\b.*?(?:\n\s*\n|\Z)", text, re.M | re.S)
+        assert found, f"{key} missing"
+        # A documented default is the real one.
+        if isinstance(default, int | str | Path) and not isinstance(default, bool):
+            assert str(default) in found.group(0), f"{key}: default {default} not in its entry"
