@@ -37,6 +37,7 @@ from tests.system.hostenv import (
     build,
     remove_stale_hosts,
 )
+from tests.system.meshletd_unit import install_meshletd_unit
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = "meshletd.service"
@@ -48,14 +49,6 @@ CLUSTER = "commune"
 # The host's podman pause holder (dev/hostenv) is not a replica.
 NOT_REPLICAS = ("meshlet-podman-pause.service",)
 
-DROP_IN = f"""[Service]
-BindReadOnlyPaths={ROOT}
-ExecStartPre=
-ExecStartPre={VENV}/meshletd --check
-ExecStart=
-ExecStart={VENV}/meshletd
-RestartSec=1s
-"""
 
 T = TypeVar("T")
 _serial = itertools.count()
@@ -279,20 +272,11 @@ class Commune:
 
     def install(self, m: Meshlet) -> None:
         """The unit, its drop-in, meshlet.toml and the two app passwords on m's host."""
-        m.run(
-            "sh",
-            "-c",
-            "mkdir -p /etc/meshlet/credentials /etc/systemd/system/meshletd.service.d"
-            " && chmod 700 /etc/meshlet/credentials",
-            check=True,
-        )
-        m.write(f"/etc/systemd/system/{UNIT}", (ROOT / "systemd" / UNIT).read_text())
-        drop_in = DROP_IN + ("Environment=MESHLET_TRACE=1\n" if self.trace else "")
-        m.write(f"/etc/systemd/system/{UNIT}.d/commune.conf", drop_in)
+        extra = "RestartSec=1s" + ("\nEnvironment=MESHLET_TRACE=1" if self.trace else "")
+        install_meshletd_unit(m.host, name="commune.conf", extra=extra)
         m.write("/etc/meshlet/meshlet.toml", m.config(self.devnet))
         m.write("/etc/meshlet/credentials/meshlet-app-password", m.mesh.app_password, "600")
         m.write("/etc/meshlet/credentials/owner-app-password", m.owner.app_password, "600")
-        m.run("systemctl", "daemon-reload", check=True)
 
     # -- failures -----------------------------------------------------------------------
 
