@@ -1391,6 +1391,8 @@ class Scheduler:
                 self._bid_queue.add(ev.workload_uri)
             return
         if ev.state == "running":
+            if rep.state == "stopping":
+                return  # started, then stopped before it ran: the stop wins, no status
             rep.state = "running"
             rep.since = self.now
             if e is not None:

@@ -83,6 +83,8 @@ class Node:
     points: int = 0
     draining_since: int | None = None
     pending_writes: list[Any] = field(default_factory=list)
+    starts: dict[tuple[str, int], int] = field(default_factory=dict)  # StartReplica count
+    stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
 
 
 class Sim:
@@ -310,6 +312,11 @@ class Sim:
             elif isinstance(a, StartReplica):
                 self._start(node, a)
             elif isinstance(a, StopReplica):
+                # The runtime does what it is told in order: a start still under way when
+                # the stop comes never reports running.
+                node.stopped_start[(a.workload_uri, a.slot)] = node.starts.get(
+                    (a.workload_uri, a.slot), 0
+                )
                 self.push(
                     self.now + 200,
                     K_RUNTIME,
@@ -402,7 +409,8 @@ class Sim:
         end = 0
         if a.workload.kind == "job":
             end = self.now + delay + self.rng.randint(600_000, 3_600_000)
-        self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end))
+        gen = node.starts[key] = node.starts.get(key, 0) + 1
+        self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end, gen))
         if node.draining_since is not None:
             known = self.started_before_drain.get(node.idx, set())
             if (a.workload.uri, a.slot, a.round) not in known:
@@ -588,6 +596,8 @@ class Sim:
             return
         if kind == "running":
             key, end = p[3], p[4]
+            if node.stopped_start.get(key, 0) >= p[5]:
+                return  # stopped before it came up
             if key[0] not in self.workloads:
                 self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", 137))
                 return
