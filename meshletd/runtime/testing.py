@@ -275,6 +275,28 @@ async def contract_orphans_are_removed_when_a_runtime_starts(h: Harness) -> None
     await assert_clean(h)
 
 
+async def contract_cpu_quota_is_the_workloads_once_running_and_after_adoption(
+    h: Harness,
+) -> None:
+    s = spec(h, workload="quota", resources=Resources(milli_cpu=150, memory_mib=64, tasks=32))
+    want = 150_000  # CPUQuotaPerSecUSec of 150 milli-CPU
+    first = h.runtime()
+    async with serving(first):
+        running = await first.start(s)
+        assert isinstance(running, ReplicaRunning), running
+        # The unit started with the launch quota; once running it has the workload's.
+        assert await first.machine.cpu_quota_usec(running.unit) == want
+        # As if meshletd had died before the limit was set: the unit has its launch quota.
+        launch = max(150, first.config.launch_milli_cpu) * 1000
+        await first.machine.set_cpu_quota_usec(running.unit, launch)
+    second = h.runtime()
+    async with serving(second) as adopted:
+        assert [r.replica for r in adopted] == [s.replica], adopted
+        assert await second.machine.cpu_quota_usec(running.unit) == want
+        assert isinstance(await second.stop(s.replica), ReplicaStopped)
+    await assert_clean(h)
+
+
 CONTRACT = [
     contract_start_then_stop_leaves_nothing,
     contract_exit_codes_are_reported,
@@ -285,6 +307,7 @@ CONTRACT = [
     contract_exit_while_away_is_reported_on_adoption,
     contract_cancelled_start_leaves_nothing_after_adoption,
     contract_orphans_are_removed_when_a_runtime_starts,
+    contract_cpu_quota_is_the_workloads_once_running_and_after_adoption,
 ]
 
 

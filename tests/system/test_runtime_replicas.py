@@ -40,6 +40,8 @@ def test_memory_cpu_and_task_limits_are_enforced_and_an_oom_kill_is_reported(
     got = run_check(systemd_host, "limits")
     assert got["oom_event"] == "ReplicaOomKilled"
     assert 0.15 <= got["cpu_measured"] <= 0.23
+    # The replica started at the launch quota; once running, the kernel has the workload's.
+    assert got["cfs_quota_at_running"].split()[0] == "20000", got
     assert got["tasks_current"] <= got["tasks_max"] and got["fork_errors"] > 0
 
 

@@ -129,6 +129,14 @@ async def check_limits() -> dict:
         )
         r = await rt.start(cpu)
         assert isinstance(r, ReplicaRunning), r
+        # The kernel's figure, read the moment it runs (it started at the launch quota).
+        cfs = sh(
+            "sh",
+            "-c",
+            f"cat /sys/fs/cgroup/cpu*/meshlet.slice/{r.unit}/cpu.cfs_quota_us "
+            f"/sys/fs/cgroup/meshlet.slice/{r.unit}/cpu.max 2>/dev/null | head -1",
+        )
+        out["cfs_quota_at_running"] = cfs.strip()
         await trio.sleep(1.0)
         u0, t0 = await rt.usage(cpu.replica), time.monotonic()
         await trio.sleep(5.0)
