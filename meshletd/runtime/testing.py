@@ -31,6 +31,7 @@ from meshletd.runtime.spec import ReplicaId, ReplicaSpec, Resources
 OWNER = "did:plc:contractowner00000000000"
 HANDLE = "alice.test"
 SLEEP = ("sleep", "3600")
+LATE_EXIT_4 = ("sh", "-c", "sleep 2; exit 4")
 
 
 class Harness(Protocol):
@@ -230,7 +231,9 @@ async def contract_restart_adopts_without_duplicates_or_orphans(h: Harness, n: i
 
 async def contract_exit_while_away_is_reported_on_adoption(h: Harness) -> None:
     first = h.runtime()
-    s = spec(h, workload="batch", args=("sh", "-c", "exit 4"))
+    # Not an immediate exit: the job must outlive the first runtime's start() (a job that
+    # ends during the unit's start is reported by that start, with nobody away).
+    s = spec(h, workload="batch", args=LATE_EXIT_4)
     async with serving(first):
         assert isinstance(await first.start(s), ReplicaRunning)
     # Let it end with nobody watching (the fake ends on its next look). Ended, not merely
@@ -322,6 +325,7 @@ class FakeHarness:
 
     def __post_init__(self) -> None:
         self.machine.behave(self.oom_args, "oom")  # type: ignore[attr-defined]
+        self.machine.behave(LATE_EXIT_4, "exit:4")  # type: ignore[attr-defined]
 
     def runtime(self) -> ReplicaRuntime:
         from meshletd.runtime.fake import fake_runtime
