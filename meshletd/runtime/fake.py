@@ -189,9 +189,12 @@ class FakeMachine:
         # ExecStartPost: the workload's own CPU quota, before the unit is "active".
         for _path, post, _flags in properties.get("ExecStartPostEx", []):  # type: ignore[attr-defined]
             if self.start_post_fails:
-                # systemd stops the unit (ExecStop removes the container); it stays failed.
-                del self.containers[name]
+                # systemd SIGTERMs the unit (no ExecStop: it never was active), the
+                # container is left exited (143), the unit stays failed (as seen on a host).
+                c = self.containers[name]
+                c.status, c.exit_code = "exited", 143
                 fake.active_state, fake.sub_state, fake.result = "failed", "failed", "exit-code"
+                fake.main_code, fake.main_status = CLD_EXITED, 143
                 fake.start_post_failed = True
                 return
             quota = post[-1].removeprefix("CPUQuota=").removesuffix("%")

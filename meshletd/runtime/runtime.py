@@ -415,7 +415,12 @@ class ReplicaRuntime:
         container = await self.machine.inspect_container(rep.container)
         counters = await self.machine.read_saved_counters(rep.unit)
         usage = rep.usage.merge(Usage(0, peak_memory_from_counters(counters)))
-        if not rep.ran and container is not None and container.status in ("exited", "stopped"):
+        if (
+            not rep.ran
+            and not snap.start_post_failed  # systemd ended it before it counted as running
+            and container is not None
+            and container.status in ("exited", "stopped")
+        ):
             # It ran and ended between two looks (a short job): it did run.
             rep.ran = True
             self._emit(ReplicaRunning(rep.replica, rep.unit, revision=rep.revision))

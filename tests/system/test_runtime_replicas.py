@@ -45,6 +45,13 @@ def test_memory_cpu_and_task_limits_are_enforced_and_an_oom_kill_is_reported(
     assert got["tasks_current"] <= got["tasks_max"] and got["fork_errors"] > 0
 
 
+def test_a_replica_whose_cpu_quota_cannot_be_set_is_stopped_and_reported_failed(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "cpu_quota_failure")
+    assert got["event"] == "ReplicaFailed" and "CPU quota could not be set" in got["message"]
+
+
 def test_container_output_is_in_the_units_journal_once_and_secrets_stay_out_of_the_unit(
     systemd_host: NspawnHost | LocalHost,
 ) -> None:

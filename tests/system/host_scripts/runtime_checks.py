@@ -314,6 +314,17 @@ async def check_stress(n: int = 12) -> dict:
     return {"started": n}
 
 
+async def check_cpu_quota_failure() -> dict:
+    """A unit whose ExecStartPost cannot set the CPU quota never runs unlimited."""
+    broken = RealHarness(config=replace(H.config, systemctl="/bin/false"))
+    rt = broken.runtime()
+    s = testing.spec(broken, workload="unlimited", args=("sleep", "600"))
+    async with testing.serving(rt):
+        result = await rt.start(s)
+    await testing.assert_clean(H)
+    return {"event": type(result).__name__, "message": getattr(result, "message", "")}
+
+
 async def check_slice_cap() -> dict:
     """The machine's cap: two full-CPU busy replicas share a 300 milli-CPU slice."""
     capped = RealHarness(config=replace(H.config, slice_milli_cpu=300, slice_memory_mib=512))
