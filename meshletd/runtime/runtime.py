@@ -257,7 +257,10 @@ class ReplicaRuntime:
                 return
             phase = unit_phase(await self.machine.unit_snapshot(rep.unit))
             if phase == "running":
-                if not rep.ran and await self._enforce_cpu_limit(rep):
+                # Every look, not only the first: a `systemctl daemon-reload` re-reads a
+                # transient unit's drop-ins, where systemd 252 writes CPUQuota= in whole
+                # percent (15 milli-CPU comes back as 10, 5 as the launch quota).
+                if await self._enforce_cpu_limit(rep):
                     return
                 rep.usage = rep.usage.merge(await self._sample(rep))
                 if not rep.ran:
@@ -365,8 +368,8 @@ class ReplicaRuntime:
         """Make sure a running replica's unit has its workload's CPU quota, not the launch one.
 
         The unit sets it itself (ExecStartPost, before it is "active"); this is the check
-        that it holds, wherever the runtime first sees a replica running (its start, a
-        unit found on adoption or by the watcher). A quota that is not the workload's is
+        that it holds, wherever the runtime sees a replica running (its start, a unit
+        found on adoption, every look of the watcher). A quota that is not the workload's is
         set again (runtime, not persistent); if that fails the replica is stopped and
         reported failed: it never runs on without its limit. Call with `rep.lock` held.
         """

@@ -52,6 +52,13 @@ def test_a_replica_whose_cpu_quota_cannot_be_set_is_stopped_and_reported_failed(
     assert got["event"] == "ReplicaFailed" and "CPU quota could not be set" in got["message"]
 
 
+def test_a_cpu_quota_systemd_rounds_on_daemon_reload_is_set_exactly_again(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "cpu_quota_after_daemon_reload")
+    assert got["after_a_poll"] == [5_000, 15_000, 250_000], got
+
+
 def test_container_output_is_in_the_units_journal_once_and_secrets_stay_out_of_the_unit(
     systemd_host: NspawnHost | LocalHost,
 ) -> None:

@@ -325,6 +325,30 @@ async def check_cpu_quota_failure() -> dict:
     return {"event": type(result).__name__, "message": getattr(result, "message", "")}
 
 
+async def check_cpu_quota_after_daemon_reload() -> dict:
+    """systemd 252 re-reads a transient unit's CPUQuota= in whole percent on daemon-reload;
+    the watcher sets the workload's exact quota again."""
+    rt = H.runtime()
+    out: dict = {}
+    async with testing.serving(rt):
+        started = []
+        for i, milli in enumerate((5, 15, 250)):
+            s = testing.spec(
+                H, workload="reload", index=i, resources=Resources(milli, 64, tasks=32)
+            )
+            r = await rt.start(s)
+            assert isinstance(r, ReplicaRunning), r
+            started.append((s, r.unit))
+        sh("systemctl", "daemon-reload")
+        out["after_reload"] = [await rt.machine.cpu_quota_usec(u) for _, u in started]
+        await trio.sleep(3 * H.config.poll_interval_s + 0.5)
+        out["after_a_poll"] = [await rt.machine.cpu_quota_usec(u) for _, u in started]
+        for s, _ in started:
+            await rt.stop(s.replica)
+    await testing.assert_clean(H)
+    return out
+
+
 async def check_slice_cap() -> dict:
     """The machine's cap: two full-CPU busy replicas share a 300 milli-CPU slice."""
     capped = RealHarness(config=replace(H.config, slice_milli_cpu=300, slice_memory_mib=512))
