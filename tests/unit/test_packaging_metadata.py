@@ -96,3 +96,34 @@ def test_meshlet_toml_5_documents_every_configuration_key() -> None:
         # A documented default is the real one.
         if isinstance(default, int | str | Path) and not isinstance(default, bool):
             assert str(default) in found.group(0), f"{key}: default {default} not in its entry"
+
+
+def test_the_shipped_example_config_shows_the_real_defaults() -> None:
+    """packaging/meshlet.toml (the conffile users edit) comments out every optional key with
+    its default: uncommenting a line must not change behaviour, and every table exists."""
+    import tomllib
+
+    from meshletd.config import Config
+
+    source = (Path(__file__).resolve().parents[2] / "packaging" / "meshlet.toml").read_text()
+    tables = set(tomllib.loads(source))
+    section: str | None = None
+    shown = 0
+    for line in source.splitlines():
+        if m := re.match(r"^\[\[?(\w+)\]\]?", line):
+            section = m.group(1)
+            assert section in Config.model_fields, f"[{section}] is not a configuration table"
+            continue
+        m = re.match(r"^#(\w+) = (.+?)\s*(?:#.*)?$", line)
+        if not m or section is None or section == "clusters":
+            continue
+        key, value = m.groups()
+        model = Config.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        assert key in model.model_fields, f"[{section}] {key} is not a configuration key"
+        default = model.model_fields[key].default
+        shown_value = tomllib.loads(f"v = {value}")["v"]
+        parsed = getattr(model.model_validate({key: shown_value}), key)
+        assert parsed == default, f"[{section}] {key}: shows {value}, default is {default!r}"
+        shown += 1
+    assert shown >= 15 and {"contribution", "listen", "control", "scheduling"} <= tables
