@@ -29,6 +29,8 @@ class ClusterView:
         self._consent_of: dict[str, frozenset[str]] = {}
         self._cluster_consent: dict[tuple[str, str], frozenset[str]] = {}
         self._members: dict[tuple[object, ...], tuple[str, ...]] = {}
+        # meshlet -> (its meshletOwner record, the owners it consents to); None: not verified
+        self._hosts: dict[str, tuple[MeshletOwner, frozenset[str]] | None] = {}
         self._cache_version = -1
 
     # -- updates ---------------------------------------------------------------------
@@ -82,6 +84,7 @@ class ClusterView:
             self._consent_of.clear()
             self._cluster_consent.clear()
             self._members.clear()
+            self._hosts.clear()
             self._cache_version = self.version
 
     def verified(self, meshlet: str) -> bool:
@@ -128,14 +131,15 @@ class ClusterView:
 
     def eligible(self, wl: Workload, meshlet: str) -> bool:
         """Whether `meshlet` may host replicas of `wl` (linkage, mutual consent, constraints)."""
-        mo = self.owners.get(meshlet)
-        if mo is None or meshlet not in self._linked.get(mo.owner, _EMPTY):
-            return False
         if self._cache_version != self.version:
             self._fresh()
-        consent = self._consent_of.get(meshlet)
-        if consent is None:
-            consent = self.consent_of(meshlet)
+        try:
+            host = self._hosts[meshlet]
+        except KeyError:
+            host = self._host(meshlet)
+        if host is None:
+            return False
+        mo, consent = host
         if wl.owner not in consent:
             return False
         if mo.owner != wl.owner:
@@ -150,6 +154,14 @@ class ClusterView:
             return False
         return not (wl.labels and not all(lab in mo.labels for lab in wl.labels))
 
+    def _host(self, meshlet: str) -> tuple[MeshletOwner, frozenset[str]] | None:
+        mo = self.owners.get(meshlet)
+        got = None
+        if mo is not None and meshlet in self._linked.get(mo.owner, _EMPTY):
+            got = (mo, self.consent_of(meshlet))
+        self._hosts[meshlet] = got
+        return got
+
     def draining_since(self, meshlet: str) -> int | None:
         """Time the meshlet started draining (from its meshletOwner record), or None."""
         mo = self.owners.get(meshlet)
@@ -160,7 +172,12 @@ class ClusterView:
     def member_estimate(self, wl: Workload) -> int:
         """How many meshlets may bid on wl, estimated as the size of the owner's cluster
         (plus one for the owner). Only used to size the candidate sample, never for validity."""
-        return len(self.cluster_consent(wl.owner, wl.cluster)) + 1
+        if self._cache_version != self.version:
+            self._fresh()
+        cc = self._cluster_consent.get((wl.owner, wl.cluster))
+        if cc is None:
+            cc = self.cluster_consent(wl.owner, wl.cluster)
+        return len(cc) + 1
 
     def active_members(self, wl: Workload) -> tuple[str, ...]:
         """Exactly the eligible, non-draining meshlets for wl, sorted (O(cluster size) the

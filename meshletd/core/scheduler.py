@@ -72,6 +72,10 @@ class MeshletIdentity:
     endpoint: str = ""
 
 
+def _first_two(x: tuple[int, int, Bid]) -> tuple[int, int]:
+    return x[0], x[1]
+
+
 def _rkey(prefix: str, text: str) -> str:
     return prefix + blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -89,10 +93,12 @@ def status_rkey(workload_uri: str, slot: int) -> str:
 class _Entry:
     """What one meshlet knows about one workload."""
 
-    __slots__ = ("bids", "done", "early", "owners", "statuses", "wl")
+    __slots__ = ("bids", "done", "early", "owners", "small", "small_v", "statuses", "wl")
 
     def __init__(self, wl: Workload) -> None:
         self.wl = wl
+        self.small = False  # _small(wl), cached for cluster version small_v
+        self.small_v = -1
         self.bids: list[Bid] = []
         self.owners: tuple[Owner | None, ...] | None = None  # None: round 0 not closed yet
         self.statuses: dict[tuple[str, int], WorkloadStatus] | None = None
@@ -136,9 +142,11 @@ class Scheduler:
         self.now = 0
         self.cluster = ClusterView()
         self.workloads: dict[str, _Entry] = {}
+        self._won0: dict[str, Owner] = {}  # meshlet -> (0, meshlet), shared by all entries
         self._orphan_bids: dict[str, list[Bid]] = {}
         self._orphan_status: dict[str, list[WorkloadStatus]] = {}
         self._replicas: dict[tuple[str, int], _Replica] = {}
+        self._timed: dict[tuple[str, int], None] = {}  # replicas with restart_at or lost_at
         self._reserved: dict[tuple[str, int, int], tuple[int, int, int]] = {}  # -> cpu,mem,until
         self._held: dict[tuple[str, int], tuple[int, int]] = {}  # slots we own or still run
         self._my_rkeys: set[tuple[str, str]] = set()
@@ -148,7 +156,7 @@ class Scheduler:
         self._wakes: list[tuple[int, str]] = []  # heap of (time, workload uri) to re-evaluate
         self._bid_queue: set[str] = set()
         self._bid_batch_at: int | None = None
-        self._dirty: set[str] = set()
+        self._dirty: dict[str, None] = {}  # workloads to re-resolve, in a deterministic order
         self._cand_cache: dict[tuple[object, ...], list[str]] = {}
         self._small_cache: dict[tuple[str, str], bool] = {}
         self._small_version = -1
@@ -157,13 +165,19 @@ class Scheduler:
         self.draining_since = 0
         # liveness
         self._watched: list[str] = []
+        self._probes: list[ProbePeer] = []  # ProbePeer actions for _watched (immutable)
+        self._watch_key: tuple[int, int, int] = (-1, -1, -1)
+        self._suspect_changes = 0
+        self._probed: set[str] = set()  # peers with at least one probe result
+        self._deferred = False  # a suspicion arose while we looked cut off
         self._ring_after: list[str] = []
         self._watch_version = -1
         self._fails: dict[str, int] = {}
         self.suspects: set[str] = set()
         self._next_probe = 0
         self._next_scan = 0
-        self._reopened: dict[tuple[str, int], int] = {}
+        # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
+        self._reopened: dict[tuple[str, int], tuple[int, Owner]] = {}
         # fair share
         self._usages: dict[str, Usage] = {}
         self._period_start: int | None = None
@@ -191,13 +205,22 @@ class Scheduler:
         half-read state (docs/protocol.md, section 13)."""
         out: list[Action] = []
         self._out = out
+        on_record = self._on_record
         for event in events:
-            self._apply(event)
+            if type(event) is RecordSeen:
+                on_record(event.record)
+            else:
+                self._apply(event)
         self._flush()
         return out
 
     def _apply(self, event: Event) -> None:
-        if isinstance(event, RecordSeen):
+        kind = type(event)
+        if kind is RecordSeen:
+            self._on_record(event.record)  # type: ignore[union-attr]
+        elif kind is ProbeResult:
+            self._on_probe(event)  # type: ignore[arg-type]
+        elif isinstance(event, RecordSeen):
             self._on_record(event.record)
         elif isinstance(event, Tick):
             if event.now > self.now:
@@ -296,8 +319,8 @@ class Scheduler:
             why = f"{what}; replacement round {r} closed without a winner: "
             why += self._why_no_winner(wl, bs, start, deadline)
             last = self._reopened.get((workload_uri, slot))
-            if last is not None and now < last + t.reopen_backoff_ms:
-                why += f"; reopening after {self._when(last + t.reopen_backoff_ms)}"
+            if last is not None and last[1] == cur and now < last[0] + t.reopen_backoff_ms:
+                why += f"; reopening after {self._when(last[0] + t.reopen_backoff_ms)}"
             return why
         if nobody:
             return nobody
@@ -367,13 +390,12 @@ class Scheduler:
             # Round 0's result: the owner before any later round, recomputed.
             owner = self._round0_owner(e, slot)
         out: list[tuple[int, int, int, int, list[Bid]]] = []
-        prev_close = c0
         for r in sorted({b.round for b in mine}):
             bs = [b for b in mine if b.round == r]
             if owner is None:
                 start = c0 + (r - 1) * t.chained_period_ms
             else:
-                start = max(prev_close, min(b.created_at for b in bs))
+                start = min(b.created_at for b in bs)
             deadline = start + t.replacement_window_ms
             close = deadline + t.settle_ms
             out.append((r, start, deadline, close, bs))
@@ -388,7 +410,6 @@ class Scheduler:
                         best, best_key = b, k
             if best is not None:
                 owner = (r, best.meshlet)
-            prev_close = close
         return out
 
     def _round0_owner(self, e: _Entry, slot: int) -> Owner | None:
@@ -450,7 +471,12 @@ class Scheduler:
 
     # ==================================================================== records
     def _on_record(self, rec: object) -> None:
-        if isinstance(rec, Bid):
+        kind = type(rec)
+        if kind is Bid:
+            self._on_bid(rec)  # type: ignore[arg-type]
+        elif kind is WorkloadStatus:
+            self._on_status(rec)  # type: ignore[arg-type]
+        elif isinstance(rec, Bid):
             self._on_bid(rec)
         elif isinstance(rec, WorkloadStatus):
             self._on_status(rec)
@@ -479,7 +505,7 @@ class Scheduler:
         """Eligibility is part of the placement function: re-resolve every placed workload."""
         for uri, e in self.workloads.items():
             if e.owners is not None:
-                self._dirty.add(uri)
+                self._dirty[uri] = None
 
     def _note_mine(self, uri: str) -> None:
         repo, coll, rkey = split_at_uri(uri)
@@ -498,19 +524,23 @@ class Scheduler:
                 self._store_status(e, st)
             if self._small(wl) or self._is_candidate(wl, -1, 0):
                 self._queue_bid(wl.uri)
+            c0 = self._close0(wl)
+            if self.now < c0 and not e.bids:
+                # Nothing to resolve before the close (or before a bid allows early close).
+                self._push_close(c0, wl.uri)
+                return
         else:
             if e.wl == wl:
                 return
             e.wl = wl
-        self._push_close(self._close0(wl), wl.uri)
-        self._dirty.add(wl.uri)
+        self._dirty[wl.uri] = None
 
     def _push_close(self, at: int, uri: str) -> None:
         """Remember to resolve uri at `at`. Rounds we take part in (or any round in a small
         cluster) wake us exactly; the others are resolved at the next tick (<= 1 probe
         interval later), which keeps a large commune cheap."""
         e = self.workloads.get(uri)
-        if e is None or self._small(e.wl) or uri in self._involved or uri in self._my_bids:
+        if e is None or self._esmall(e) or uri in self._involved or uri in self._my_bids:
             heapq.heappush(self._closes, (at, uri))
             self._resched = True
         else:
@@ -534,11 +564,11 @@ class Scheduler:
             bids.append(b)
         if e.owners is not None:
             # round 0 closed here: a late or a later-round bid may change the answer.
-            self._dirty.add(b.workload_uri)
+            self._dirty[b.workload_uri] = None
             if b.round > 0 and b.meshlet != self.me.did:
                 self._queue_bid(b.workload_uri)
-        elif e.wl.replicas and self._small(e.wl):
-            self._dirty.add(b.workload_uri)  # early close may now hold
+        elif self._esmall(e):
+            self._dirty[b.workload_uri] = None  # early close may now hold
 
     def _on_status(self, st: WorkloadStatus) -> None:
         if st.meshlet == self.me.did:
@@ -549,7 +579,7 @@ class Scheduler:
                 self._orphan_status.setdefault(st.workload_uri, []).append(st)
             return
         if self._store_status(e, st):
-            self._dirty.add(st.workload_uri)
+            self._dirty[st.workload_uri] = None
 
     def _store_status(self, e: _Entry, st: WorkloadStatus) -> bool:
         """Keep statuses that matter here: terminal ones (a finished job is never re-placed)
@@ -605,6 +635,13 @@ class Scheduler:
     def _close0(self, wl: Workload) -> int:
         return wl.created_at + wl.bid_window_ms + self.t.settle_ms
 
+    def _esmall(self, e: _Entry) -> bool:
+        """`_small(e.wl)`, cached on the entry."""
+        if e.small_v != self.cluster.version:
+            e.small = self._small(e.wl)
+            e.small_v = self.cluster.version
+        return e.small
+
     def _small(self, wl: Workload) -> bool:
         cv = self.cluster.version
         if cv != self._small_version:
@@ -651,9 +688,9 @@ class Scheduler:
     def _is_candidate(
         self, wl: Workload, slot: int, round_: int, exclude: frozenset[str] = frozenset()
     ) -> bool:
-        cands = self._candidates(wl, slot, round_, exclude)
-        if cands is not None:
-            return self.me.did in cands
+        if self._small(wl):
+            cands = self._candidates(wl, slot, round_, exclude)
+            return cands is not None and self.me.did in cands
         # Large cluster: sample the wanted number plus two by score threshold (O(1) here).
         return is_candidate(
             rendezvous_score(wl.uri, round_, slot, self.me.did),
@@ -707,34 +744,61 @@ class Scheduler:
         a0 = wl.created_at
         d0 = a0 + wl.bid_window_ms
         c0 = d0 + t.settle_ms
-        b0 = [b for b in e.bids if b.round == 0]
-        if now < c0 and not self._early_closed(e, -1, 0, b0):
+        bids = e.bids
+        if now < c0 and not self._early_closed(e, -1, 0, [b for b in bids if b.round == 0]):
             e.owners = None
             return c0
         self.decisions += 1
         uri = wl.uri
-        valid = [b for b in b0 if self._valid(wl, b, a0, d0)]
-        valid.sort(key=lambda b: (-b.priority, rendezvous_score(uri, 0, -1, b.meshlet)))
+        # Round 0 (section 6): the counting bids, in (-priority, score) order. `_valid`,
+        # inlined: this loop runs for every workload on every meshlet.
+        cpu, mem = wl.milli_cpu, wl.memory_mib
+        eligible = self.cluster.eligible
+        draining_since = self.cluster.draining_since
+        cut = d0 + t.settle_ms
+        ranked: list[tuple[int, int, Bid]] = []
+        for b in bids:
+            if (
+                b.round != 0
+                or b.slots < 1
+                or b.created_at < a0
+                or b.created_at > d0
+                or b.free_milli_cpu < cpu
+                or b.free_memory_mib < mem
+                or not eligible(wl, b.meshlet)
+            ):
+                continue
+            since = draining_since(b.meshlet)
+            if since is not None and since <= cut:
+                continue
+            ranked.append((-b.priority, rendezvous_score(uri, 0, -1, b.meshlet), b))
         owners: list[Owner | None] = [None] * n
-        if valid:
-            if wl.allow_packing:
-                caps = [min(b.slots, n) for b in valid]
+        if ranked:
+            ranked.sort(key=_first_two)
+            valid = [x[2] for x in ranked]
+            if not wl.allow_packing:
+                won = self._won0
+                for s, b in enumerate(valid[:n]):
+                    o = won.get(b.meshlet)
+                    if o is None:
+                        o = won[b.meshlet] = (0, b.meshlet)  # one tuple per meshlet: memory
+                    owners[s] = o
             else:
-                caps = [1] * len(valid)
-            s = 0
-            layer = 0
-            while s < n:
-                progressed = False
-                for i, b in enumerate(valid):
-                    if caps[i] > layer and s < n:
-                        owners[s] = (0, b.meshlet)
-                        s += 1
-                        progressed = True
-                if not progressed:
-                    break
-                layer += 1
+                caps = [min(b.slots, n) for b in valid]
+                s = 0
+                layer = 0
+                while s < n:
+                    progressed = False
+                    for i, b in enumerate(valid):
+                        if caps[i] > layer and s < n:
+                            owners[s] = (0, b.meshlet)
+                            s += 1
+                            progressed = True
+                    if not progressed:
+                        break
+                    layer += 1
         pending: int | None = None
-        later = [b for b in e.bids if b.round > 0 and 0 <= b.slot < n]
+        later = [b for b in bids if b.round > 0 and 0 <= b.slot < n]
         if later:
             period = t.chained_period_ms
             w = t.replacement_window_ms
@@ -743,14 +807,13 @@ class Scheduler:
                 if not mine:
                     continue
                 rounds = sorted({b.round for b in mine})
-                prev_close = c0
                 for r in rounds:
                     bs = [b for b in mine if b.round == r]
                     cur = owners[s]
                     if cur is None:
                         start = c0 + (r - 1) * period  # chained round of a never-filled slot
                     else:
-                        start = max(prev_close, min(b.created_at for b in bs))
+                        start = min(b.created_at for b in bs)  # section 5: own bids only
                     deadline = start + w
                     close = deadline + t.settle_ms
                     if now < close:
@@ -768,7 +831,6 @@ class Scheduler:
                                 best, best_key = b, k
                     if best is not None:
                         owners[s] = (r, best.meshlet)
-                    prev_close = close
         e.owners = tuple(owners)
         return pending
 
@@ -809,7 +871,12 @@ class Scheduler:
         uri = e.wl.uri
         if any(k[0] == uri and k[1] != slot for k in self._held):
             return True
-        return any(k[0] == uri and k[1] != slot for k in self._reserved)
+        # The reservation of a round-0 bid outlives an early close; once round 0 has closed
+        # here without giving us a slot it is not a slot we hold (we may bid for one).
+        closed0 = e.owners is not None
+        return any(
+            k[0] == uri and k[1] != slot and not (closed0 and k[1] == -1) for k in self._reserved
+        )
 
     def _consider(self, e: _Entry, prio: int) -> None:
         """Bid on whatever round of e is open and where this meshlet is a candidate."""
@@ -951,7 +1018,8 @@ class Scheduler:
         self._ledger()
         prio = meshlet_priority(self.me.owner, self._taken, self._given)
         t = self.t
-        self._reopened[(wl.uri, slot)] = self.now
+        if cur is not None:
+            self._reopened[(wl.uri, slot)] = (self.now, cur)
         self._bid(
             wl,
             r,
@@ -968,6 +1036,9 @@ class Scheduler:
         """The peers we probe: our successors on the watch ring until `watchers` of them are
         not suspected (at most 3 x watchers). Skipping suspected peers keeps every live
         meshlet watched when neighbours die, and tells a cut-off meshlet from dead peers."""
+        key = (self.cluster.version, len(self.suspects), self._suspect_changes)
+        if key == self._watch_key:
+            return self._watched
         if self._watch_version != self.cluster.version:
             ring = sorted(self.cluster.all_verified(), key=lambda m: watch_score(m, ""))
             self._ring_after = []
@@ -985,54 +1056,80 @@ class Scheduler:
                 if live >= self.t.watchers:
                     break
         self._watched = out
+        self._probes = [ProbePeer(m) for m in out]
+        self._watch_key = key
         return out
 
     def _on_probe(self, p: ProbeResult) -> None:
+        self._probed.add(p.meshlet)
         if p.ok:
             self._fails.pop(p.meshlet, None)
-            self.suspects.discard(p.meshlet)
+            if p.meshlet in self.suspects:
+                self.suspects.discard(p.meshlet)
+                self._suspect_changes += 1
+            if self._deferred and not self._isolated():
+                # We could not tell our own isolation from our peers' loss; now we can.
+                self._deferred = False
+                if self.suspects:
+                    self._scan_lost(set(self.suspects), force=True)
             return
         n = self._fails.get(p.meshlet, 0) + 1
         self._fails[p.meshlet] = n
         if n >= self.t.probe_failures and p.meshlet not in self.suspects:
             self.suspects.add(p.meshlet)
-            if not self._isolated():
+            self._suspect_changes += 1
+            if self._isolated():
+                self._deferred = True
+            else:
                 self._scan_lost({p.meshlet}, force=True)
 
     def _isolated(self) -> bool:
-        """True when the latest probe of every peer we watch failed: then the fault is more
-        likely ours (cut off) than theirs, and we open no replacement rounds."""
+        """True when the latest probe of every peer we watch failed, or the peer was never
+        probed yet: then the fault is more likely ours (cut off) than theirs, and we open no
+        replacement rounds. A peer added to the watch list because another became suspected
+        has not answered yet; counting it as alive let a cut-off meshlet open rounds
+        (docs/protocol.md, section 8)."""
         watched = self._watch_list()
-        return len(watched) > 1 and all(self._fails.get(m, 0) > 0 for m in watched)
+        probed = self._probed
+        fails = self._fails
+        return len(watched) > 1 and all(fails.get(m, 0) > 0 or m not in probed for m in watched)
 
     def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
         """Open replacement rounds for slots owned by lost/draining hosts we answer for."""
-        backoff = self.t.reopen_backoff_ms
-        for uri, e in self.workloads.items():
+        for e in self.workloads.values():
             if e.owners is None:
                 continue
             for s, cur in enumerate(e.owners):
                 if cur is None or cur[1] not in hosts:
                     continue
-                if e.done and s in e.done:
-                    continue
-                last = self._reopened.get((uri, s))
-                if last is not None and self.now - last < backoff:
-                    continue
-                # Skip when a higher round is already open (someone else opened it).
-                if any(b.slot == s and b.round > cur[0] for b in e.bids) and (
-                    last is None and not force
-                ):
-                    continue
-                if any(
-                    b.slot == s
-                    and b.round > cur[0]
-                    and b.meshlet == self.me.did
-                    and self.now - b.created_at < backoff
-                    for b in e.bids
-                ):
-                    continue
-                self._open_replacement(e, s)
+                self._reopen(e, s, cur, force)
+
+    def _reopen(self, e: _Entry, s: int, cur: Owner, force: bool) -> None:
+        """Open the next round of slot s, owned by `cur`, unless one is under way.
+
+        Nothing is opened while a round above the owner's is still open (we bid in it as a
+        candidate instead), nor when we opened a round against this same owner less than the
+        backoff ago: the backoff is per owner, so a slot whose new owner is lost gets its
+        round at once. Without `force` (the periodic re-scan) a round someone else opened
+        against this owner is left to them; `force` (a fresh suspicion, a drain) opens
+        anyway (docs/protocol.md, section 8)."""
+        if e.done and s in e.done:
+            return
+        t = self.t
+        now = self.now
+        last = self._reopened.get((e.wl.uri, s))
+        mine = last is not None and last[1] == cur
+        if mine and now - last[0] < t.reopen_backoff_ms:  # type: ignore[index]
+            return
+        higher = [b for b in e.bids if b.slot == s and b.round > cur[0]]
+        if higher:
+            top = max(b.round for b in higher)
+            start = min(b.created_at for b in higher if b.round == top)
+            if now < start + t.replacement_window_ms + t.settle_ms:
+                return
+            if not mine and not force:
+                return
+        self._open_replacement(e, s)
 
     # ==================================================================== drain
     def _my_owner_record(self, state: str) -> MeshletOwner:
@@ -1073,19 +1170,19 @@ class Scheduler:
         for closes in (self._closes, self._lazy_closes):
             while closes and closes[0][0] <= now:
                 _, uri = heapq.heappop(closes)
-                self._dirty.add(uri)
+                self._dirty[uri] = None
         wakes = self._wakes
         while wakes and wakes[0][0] <= now:
             _, uri = heapq.heappop(wakes)
-            self._dirty.add(uri)
+            self._dirty[uri] = None
             self._bid_queue.add(uri)
             self._bid_batch_at = now
         for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
             del self._reserved[rkey3]
         if now >= self._next_probe:
             self._next_probe = now + self.t.probe_interval_ms
-            for m in self._watch_list():
-                self._out.append(ProbePeer(m))
+            self._watch_list()
+            self._out.extend(self._probes)
         if now >= self._next_scan:
             self._next_scan = now + self.t.reopen_backoff_ms // 2
             lost = set() if self._isolated() else set(self.suspects)
@@ -1093,12 +1190,25 @@ class Scheduler:
                 lost.add(self.me.did)
             if lost:
                 self._scan_lost(lost)
-        for key, rep in self._replicas.items():
+        for key, rep in self._timed_replicas():
             if rep.restart_at is not None and rep.restart_at <= now:
-                self._dirty.add(key[0])
+                self._dirty[key[0]] = None
             if rep.lost_at is not None:
-                self._dirty.add(key[0])
+                self._dirty[key[0]] = None
         self._usage_tick()
+
+    def _timed_replicas(self) -> list[tuple[tuple[str, int], _Replica]]:
+        """Local replicas waiting for a restart or a fence timeout (most wait for nothing:
+        ticks and wake-ups look only at these)."""
+        out = []
+        timed = self._timed
+        for key in list(timed):
+            rep = self._replicas.get(key)
+            if rep is None or (rep.restart_at is None and rep.lost_at is None):
+                del timed[key]
+            else:
+                out.append((key, rep))
+        return out
 
     def _wake(self, at: int, uri: str) -> None:
         heapq.heappush(self._wakes, (at, uri))
@@ -1106,11 +1216,13 @@ class Scheduler:
 
     # ==================================================================== reconcile
     def _flush(self) -> None:
-        self._resolve_dirty()
+        if self._dirty:
+            self._resolve_dirty()
         if self._bid_batch_at is not None and self._bid_batch_at <= self.now:
             self._bid_batch()
             self._resolve_dirty()
-        self._schedule()
+        if self._resched or self._out:
+            self._schedule()
 
     def _resolve_dirty(self) -> None:
         rounds = 0
@@ -1119,7 +1231,7 @@ class Scheduler:
         while self._dirty and rounds < 4:
             rounds += 1
             dirty = self._dirty
-            self._dirty = set()
+            self._dirty = {}
             for uri in dirty:
                 e = self.workloads.get(uri)
                 if e is None:
@@ -1146,7 +1258,7 @@ class Scheduler:
             nxt.append(self._wakes[0][0])
         if self._bid_batch_at is not None:
             nxt.append(self._bid_batch_at)
-        for rep in self._replicas.values():
+        for _, rep in self._timed_replicas():
             if rep.restart_at is not None:
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
@@ -1169,8 +1281,12 @@ class Scheduler:
         uri = wl.uri
         me = self.me.did
         owners = e.owners or ()
-        if uri not in self._involved and not any(c is not None and c[1] == me for c in owners):
-            return
+        if uri not in self._involved:
+            for c in owners:
+                if c is not None and c[1] == me:
+                    break
+            else:
+                return
         self._involved.add(uri)
         mine: set[int] = set()
         for s, cur in enumerate(owners):
@@ -1191,6 +1307,14 @@ class Scheduler:
             rep = self._replicas.get(key)
             rnd = owners[s][0]  # type: ignore[index]
             if e.done and s in e.done and e.done[s][0] == me:
+                continue
+            if rep is None and self.draining:
+                # A draining meshlet starts nothing it does not already run. It can still
+                # learn late that it won a round that closed before its drain (a bid seen
+                # late moved the round's anchor): it re-offers the slot instead of starting
+                # it, and the previous host keeps running it until the new owner runs
+                # (docs/protocol.md, section 8).
+                self._reopen(e, s, owners[s], force=True)  # type: ignore[arg-type]
                 continue
             if rep is None:
                 rep = _Replica(rnd)
@@ -1219,6 +1343,7 @@ class Scheduler:
                 continue
             if rep.lost_at is None:
                 rep.lost_at = self.now
+                self._timed[key] = None
             new = owners[s] if s < len(owners) else None
             replaced = False
             if new is not None and e.statuses:
@@ -1262,7 +1387,7 @@ class Scheduler:
             del self._replicas[key]
             self._held.pop(key, None)
             if e is not None:
-                self._dirty.add(ev.workload_uri)
+                self._dirty[ev.workload_uri] = None
                 self._bid_queue.add(ev.workload_uri)
             return
         if ev.state == "running":
@@ -1270,7 +1395,7 @@ class Scheduler:
             rep.since = self.now
             if e is not None:
                 self._write_status(e.wl, ev.slot, rep, "running")
-            self._dirty.add(ev.workload_uri)
+            self._dirty[ev.workload_uri] = None
             return
         # exited or failed to start
         self._account(key, rep)
@@ -1294,6 +1419,7 @@ class Scheduler:
             restart = False
         if restart:
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            self._timed[key] = None
             return
         final = "succeeded" if ok else "failed"
         self._write_status(wl, ev.slot, rep, final, force=True)
