@@ -7,7 +7,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -69,6 +68,33 @@ def _run(as_json: bool, fetch: Callable[[ControlClient], Any], show: Callable[[A
         show(data)
 
 
+def _run_named(
+    as_json: bool,
+    fetch: Callable[[ControlClient], Any],
+    show: Callable[[Any, dict[str, str]], None],
+) -> None:
+    """Like `_run`, and human tables show handles instead of DIDs where the daemon knows
+    them (`--json` keeps DIDs)."""
+    names: dict[str, str] = {}
+
+    def both(c: ControlClient) -> Any:
+        data = fetch(c)
+        if not as_json:
+            names.update(handles(c))
+        return data
+
+    _run(as_json, both, lambda data: show(data, names))
+
+
+def handles(c: ControlClient) -> dict[str, str]:
+    """DID -> handle from the daemon; {} from a daemon that does not offer it."""
+    try:
+        got = c.query(CTL + "getHandles")
+    except MeshletError:
+        return {}
+    return {h["did"]: h["handle"] for h in got.get("handles", [])}
+
+
 def _all_workloads(c: ControlClient, owner: str | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     cursor = None
@@ -106,7 +132,7 @@ def status(as_json: JsonOpt = False) -> None:
 @app.command()
 def members(as_json: JsonOpt = False) -> None:
     """Cluster members (owner DIDs) and whether they are mutually verified."""
-    _run(as_json, lambda c: c.query(CTL + "listMembers")["members"], render.members)
+    _run_named(as_json, lambda c: c.query(CTL + "listMembers")["members"], render.members)
 
 
 @app.command()
@@ -130,7 +156,9 @@ def workloads(
             or any(r.get("meshletDid") == me["did"] for r in w.get("running", []))
         ]
 
-    _run(as_json, fetch, lambda data: render.workloads(data, placements=all_))
+    _run_named(
+        as_json, fetch, lambda data, names: render.workloads(data, placements=all_, names=names)
+    )
 
 
 @app.command()
@@ -140,8 +168,12 @@ def run(
         list[str] | None, typer.Argument(help="Arguments for the container (after --).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Workload name [default: from image]")] = None,
-    cpu: Annotated[str, typer.Option(help="CPU per replica: 0.5, 2, 250m")] = "0.1",
-    memory: Annotated[str, typer.Option(help="Memory per replica: 256Mi, 1Gi")] = "128Mi",
+    cpu: Annotated[
+        str, typer.Option(help="CPU per replica: milli-CPU (200 or 200m) or cores (0.5, 2.0)")
+    ] = "100m",
+    memory: Annotated[
+        str, typer.Option(help="Memory per replica: MiB (64) or with a unit (64Mi, 1Gi)")
+    ] = "128Mi",
     replicas: Annotated[int, typer.Option(min=1, max=1000)] = 1,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (plaintext; repeatable)")
@@ -161,58 +193,30 @@ def run(
 ) -> None:
     """Publish a workload record in the owner's repo; the commune places its replicas."""
     from meshletctl import parse
+    from meshletctl.quick import publish
 
-    if kind not in ("service", "job"):
-        raise fail(InvalidRequest("--kind must be service or job"), as_json)
-    if restart not in ("always", "on-failure", "never"):
-        raise fail(InvalidRequest("--restart must be always, on-failure or never"), as_json)
     try:
-        record: dict[str, Any] = {
-            "name": name or parse.name_from_image(image),
-            "image": image,
-            "resources": {"milliCpu": parse.milli_cpu(cpu), "memoryMiB": parse.memory_mib(memory)},
-            "replicas": replicas,
-            "kind": kind,
-            "restartPolicy": restart,
-        }
-        if args:
-            record["args"] = list(args)
-        if env:
-            record["env"] = [
-                {"name": k, "value": v} for k, v in (parse.key_value(e, "--env") for e in env)
-            ]
-        if constraint:
-            record["constraints"] = parse.constraints(constraint)
-        secrets: list[tuple[str, bytes]] = []
-        for item in secret or []:
-            sname, spec = parse.key_value(item, "--secret")
-            if not spec.startswith("@"):
-                raise parse.ParseError(
-                    f"--secret {sname}: give the value as @FILE, never on the command line"
-                )
-            try:
-                secrets.append((sname, Path(spec[1:]).read_bytes()))
-            except OSError as e:
-                msg = f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}"
-                raise parse.ParseError(msg) from None
-        if secrets:
-            record["secrets"] = [{"name": s} for s, _ in secrets]
-        if cluster:
-            record["cluster"] = cluster
+        record, secrets = parse.workload_record(
+            image,
+            args or [],
+            name=name,
+            cpu=cpu,
+            memory=memory,
+            replicas=replicas,
+            env=env or [],
+            secret=secret or [],
+            kind=kind,
+            restart=restart,
+            constraint=constraint or [],
+            cluster=cluster,
+        )
     except parse.ParseError as e:
         raise fail(InvalidRequest(str(e)), as_json) from None
-
-    def fetch(c: ControlClient) -> dict[str, Any]:
-        import base64
-
-        for sname, value in secrets:
-            c.procedure(
-                "farm.meshlet.putSecret",
-                {"name": sname, "value": {"$bytes": base64.b64encode(value).decode()}},
-            )
-        return c.procedure(CTL + "createWorkload", {"record": record})
-
-    _run(as_json, fetch, lambda d: print(f"published {record['name']}: {d['uri']}"))
+    _run(
+        as_json,
+        lambda c: publish(c, record, secrets),
+        lambda d: print(f"published {record['name']}: {d['uri']}"),
+    )
 
 
 @app.command()
@@ -333,7 +337,7 @@ def bids(
     as_json: JsonOpt = False,
 ) -> None:
     """Rounds, bids and winners of a workload, and why they won."""
-    _run(
+    _run_named(
         as_json,
         lambda c: c.query(CTL + "getBids", uri=resolve_workload(c, workload)),
         render.bids,
@@ -343,7 +347,7 @@ def bids(
 @app.command()
 def balance(as_json: JsonOpt = False) -> None:
     """The fair-share ledger: what each owner gave and took."""
-    _run(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
+    _run_named(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
 
 
 @app.command()

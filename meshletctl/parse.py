@@ -5,9 +5,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_CPU = re.compile(r"^(\d+(?:\.\d{1,3})?)(m?)$")
+_CPU = re.compile(r"^(?:(\d+)m|(\d+)|(\d*\.\d+))$")
 _MEM = re.compile(r"^(\d+(?:\.\d+)?)\s*(ki|k|mi|m|gi|g|ti|t)?b?$", re.IGNORECASE)
 _NAME = re.compile(r"[^a-z0-9-]+")
+
+MAX_MILLI_CPU = 1_024_000  # the lexicon's bound (commune.scheduler.defs#resources)
+MAX_MEMORY_MIB = 16_777_216
+# systemd's CPUQuota= counts whole percents of a core: below 10 milli-CPU a bare integer is
+# almost surely someone meaning cores ("--cpu 2"), so it is refused rather than guessed.
+MIN_BARE_MILLI_CPU = 10
+MIN_MEMORY_MIB = 6  # podman refuses a smaller memory limit
 
 
 class ParseError(ValueError):
@@ -15,29 +22,52 @@ class ParseError(ValueError):
 
 
 def milli_cpu(text: str) -> int:
-    """'0.5' or '500m' → 500; '2' → 2000."""
-    m = _CPU.match(text.strip())
+    """CPU per replica, Nomad-like: a bare integer is milli-CPU ('200' → 200, like '200m');
+    a decimal is cores ('0.5' → 500, '2.0' → 2000)."""
+    t = text.strip()
+    m = _CPU.match(t)
     if not m:
-        raise ParseError(f"bad CPU amount {text!r} (examples: 0.5, 2, 250m)")
-    number, milli = m.groups()
-    if milli:
-        if "." in number:
-            raise ParseError(f"bad CPU amount {text!r}: milli-CPU is a whole number")
-        return int(number)
-    whole, _, frac = number.partition(".")
-    return int(whole) * 1000 + int((frac + "000")[:3])
+        raise ParseError(
+            f"bad CPU amount {text!r}: give milli-CPU (200 or 200m) or cores (0.5, 2.0)"
+        )
+    milli, bare, cores = m.groups()
+    if cores is not None:
+        whole, _, frac = cores.partition(".")
+        if len(frac) > 3:
+            raise ParseError(f"bad CPU amount {text!r}: finer than one milli-CPU (0.001)")
+        value = int(whole or "0") * 1000 + int((frac + "000")[:3])
+    elif bare is not None:
+        value = int(bare)
+        if 0 < value < MIN_BARE_MILLI_CPU:
+            raise ParseError(
+                f"--cpu {t} would be {value} milli-CPU (a bare integer is milli-CPU); "
+                f"for {value} core(s) write {value}.0, or {value}m if you mean it"
+            )
+    else:
+        value = int(milli)
+    if value > MAX_MILLI_CPU:
+        raise ParseError(f"bad CPU amount {text!r}: more than {MAX_MILLI_CPU // 1000} cores")
+    return value
 
 
 def memory_mib(text: str) -> int:
-    """'256' or '256Mi' → 256; '1G'/'1Gi' → 1024; '512Ki' → 1 (rounded up)."""
+    """Memory per replica: a bare number is MiB ('64' → 64); units Ki, Mi, Gi, Ti (or K, M,
+    G, T, also binary): '1G'/'1Gi' → 1024, '1.5Gi' → 1536; rounded up to whole MiB."""
     m = _MEM.match(text.strip())
     if not m:
-        raise ParseError(f"bad memory amount {text!r} (examples: 256Mi, 1Gi)")
+        raise ParseError(f"bad memory amount {text!r}: give MiB (64) or a unit (64Mi, 1Gi)")
     value, unit = float(m.group(1)), (m.group(2) or "mi").lower()
     factor = {"k": 1 / 1024, "ki": 1 / 1024, "m": 1, "mi": 1, "g": 1024, "gi": 1024}
     factor |= {"t": 1024 * 1024, "ti": 1024 * 1024}
     mib = value * factor[unit]
-    return max(1, int(-(-mib // 1))) if mib > 0 else 0
+    out = int(-(-mib // 1))
+    if out < MIN_MEMORY_MIB:
+        raise ParseError(
+            f"bad memory amount {text!r}: at least {MIN_MEMORY_MIB} MiB (podman's smallest limit)"
+        )
+    if out > MAX_MEMORY_MIB:
+        raise ParseError(f"bad memory amount {text!r}: more than 16 TiB")
+    return out
 
 
 def key_value(text: str, what: str = "--env") -> tuple[str, str]:
@@ -70,3 +100,58 @@ def constraints(items: list[str]) -> dict[str, Any]:
             )
         out.setdefault(field, []).append(value)
     return out
+
+
+def workload_record(
+    image: str,
+    args: list[str],
+    *,
+    name: str | None = None,
+    cpu: str = "100m",
+    memory: str = "128Mi",
+    replicas: int = 1,
+    env: list[str] = (),  # type: ignore[assignment]
+    secret: list[str] = (),  # type: ignore[assignment]
+    kind: str = "service",
+    restart: str = "on-failure",
+    constraint: list[str] = (),  # type: ignore[assignment]
+    cluster: str | None = None,
+) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """The workload record `meshletctl run` publishes, and the secrets (name, value) it
+    stores first on the local meshlet (values read from @FILE, never from the command line)."""
+    from pathlib import Path
+
+    if kind not in ("service", "job"):
+        raise ParseError("--kind must be service or job")
+    if restart not in ("always", "on-failure", "never"):
+        raise ParseError("--restart must be always, on-failure or never")
+    record: dict[str, Any] = {
+        "name": name or name_from_image(image),
+        "image": image,
+        "resources": {"milliCpu": milli_cpu(cpu), "memoryMiB": memory_mib(memory)},
+        "replicas": replicas,
+        "kind": kind,
+        "restartPolicy": restart,
+    }
+    if args:
+        record["args"] = list(args)
+    if env:
+        record["env"] = [{"name": k, "value": v} for k, v in (key_value(e, "--env") for e in env)]
+    if constraint:
+        record["constraints"] = constraints(list(constraint))
+    secrets: list[tuple[str, bytes]] = []
+    for item in secret:
+        sname, spec = key_value(item, "--secret")
+        if not spec.startswith("@"):
+            raise ParseError(
+                f"--secret {sname}: give the value as @FILE, never on the command line"
+            )
+        try:
+            secrets.append((sname, Path(spec[1:]).read_bytes()))
+        except OSError as e:
+            raise ParseError(f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}") from None
+    if secrets:
+        record["secrets"] = [{"name": s} for s, _ in secrets]
+    if cluster:
+        record["cluster"] = cluster
+    return record, secrets

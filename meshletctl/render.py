@@ -8,9 +8,17 @@ from typing import Any
 
 
 def _console() -> Any:
+    import os
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    width = None
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        # A pipe or a file (scripts, grep, ssh without a tty): rich would assume 80 columns
+        # and fold handles, DIDs and URIs mid-word; a table is only as wide as its content.
+        width = 1000
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def _table(*columns: str, title: str | None = None) -> Any:
@@ -59,75 +67,176 @@ def _styled() -> bool:
     return sys.stdout.isatty()
 
 
-def members(items: list[dict[str, Any]]) -> None:
+def _namer(names: dict[str, str] | None) -> Callable[[str | None], str]:
+    known = names or {}
+
+    def name(did: str | None) -> str:
+        return known.get(did or "", did or "-")
+
+    return name
+
+
+def members(items: list[dict[str, Any]], names: dict[str, str] | None = None) -> None:
     if not items:
         print("no members configured (add [[clusters]] to /etc/meshlet/meshlet.toml)")
         return
+    name = _namer(names)
     t = _table("CLUSTER", "OWNER", "MESHLETS", "VERIFIED", "NOTE")
     for m in items:
         t.add_row(
             m.get("cluster", ""),
-            m["ownerDid"],
-            "\n".join(m.get("meshletDids", [])) or "-",
+            name(m["ownerDid"]),
+            "\n".join(name(d) for d in m.get("meshletDids", [])) or "-",
             "yes" if m.get("verified") else "no",
-            m.get("reason", ""),
+            _named(m.get("reason", ""), name),
         )
     _console().print(t)
 
 
-def workloads(items: list[dict[str, Any]], placements: bool = False) -> None:
+_TERMINAL = ("succeeded", "failed", "exited")
+
+
+def _slot_rows(w: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """slot -> the row that says how the slot is served: its owner of the highest round (a
+    host that lost the slot reports a lower one), else the pending row."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in w.get("running", []):
+        s = int(r["slot"])
+        key = (r.get("meshletDid") is not None, r.get("round", -1))
+        old = best.get(s)
+        if old is None or key > (old.get("meshletDid") is not None, old.get("round", -1)):
+            best[s] = r
+    return dict(sorted(best.items()))
+
+
+def replica_state(r: dict[str, Any]) -> str:
+    """A replica's state in words: `failed (exit 3)`, `running`, `pending`…"""
+    state = str(r.get("state", "?"))
+    code = r.get("exitCode")
+    if code is not None and state in _TERMINAL:
+        return f"{state} (exit {code})"
+    return state
+
+
+def workload_state(w: dict[str, Any]) -> str:
+    """One word (or a short count) for the whole workload, for the summary table."""
+    if w.get("paused"):
+        return "paused"
+    rows = list(_slot_rows(w).values())
+    want = int(w.get("replicas", len(rows)))
+    if not rows:
+        return "pending"
+    if len(rows) == want and all(r.get("state") in _TERMINAL for r in rows):
+        codes = [r.get("exitCode") for r in rows]
+        bad = [c for c in codes if c not in (None, 0)]
+        if bad or any(r.get("state") == "failed" for r in rows):
+            return f"failed (exit {bad[0]})" if bad else "failed"
+        return "succeeded"
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("state", "?"))] = counts.get(str(r.get("state", "?")), 0) + 1
+    if want - len(rows) > 0:
+        counts["pending"] = counts.get("pending", 0) + want - len(rows)
+    if list(counts) == ["running"]:
+        return "running"
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> list[str]:
+    """One line per slot that has a reason (pending, lost, moving): printed under the table
+    as plain text, so a narrow terminal or a pipe never splits it mid-word."""
+    out = []
+    for w in items:
+        for slot, r in _slot_rows(w).items():
+            if r.get("reason"):
+                label = w["name"] if w.get("replicas", 1) == 1 else f"{w['name']}[{slot}]"
+                out.append(f"{label} {replica_state(r)}: {_named(r['reason'], name)}")
+    return out
+
+
+def _named(text: str, name: Callable[[str | None], str]) -> str:
+    """Replace the DIDs in a sentence by the names the caller knows them by."""
+    import re
+
+    return re.sub(r"did:(?:plc|web):[A-Za-z0-9._:%-]+[A-Za-z0-9]", lambda m: name(m.group(0)), text)
+
+
+def workloads(
+    items: list[dict[str, Any]],
+    placements: bool = False,
+    names: dict[str, str] | None = None,
+) -> None:
+    """`names`: DID -> handle (or other short name) for display; DIDs stay in --json."""
     if not items:
         print("no workloads")
         return
+    name = _namer(names)
+
     if placements:
         t = _table("WORKLOAD", "OWNER", "SLOT", "ROUND", "MESHLET", "STATE")
         for w in items:
-            reps = sorted(w.get("running", []), key=lambda r: r["slot"])
+            reps = sorted(w.get("running", []), key=lambda r: (r["slot"], -r.get("round", -1)))
             if not reps:
-                t.add_row(w["name"], w["ownerDid"], "-", "-", "-", "unplaced")
+                t.add_row(w["name"], name(w["ownerDid"]), "-", "-", "-", "unplaced")
             for r in reps:
                 t.add_row(
                     w["name"],
-                    w["ownerDid"],
+                    name(w["ownerDid"]),
                     str(r["slot"]),
                     str(r.get("round", "")),
-                    r.get("meshletDid") or "-",
-                    r["state"],
+                    name(r.get("meshletDid")),
+                    replica_state(r),
                 )
     else:
-        t = _table("NAME", "OWNER", "READY", "STATE", "URI")
+        t = _table("NAME", "OWNER", "READY", "STATE")
         for w in items:
-            reps = w.get("running", [])
-            ready = sum(r["state"] == "running" for r in reps)
-            state = "paused" if w.get("paused") else ("running" if ready else "pending")
-            t.add_row(w["name"], w["ownerDid"], f"{ready}/{w['replicas']}", state, w["uri"])
+            ready = sum(r.get("state") == "running" for r in _slot_rows(w).values())
+            t.add_row(w["name"], name(w["ownerDid"]), f"{ready}/{w['replicas']}", workload_state(w))
     _console().print(t)
+    notes = _notes(items, name)
+    if notes:
+        print()
+        print("\n".join(notes))
 
 
-def bids(d: dict[str, Any]) -> None:
+def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
     console = _console()
     console.print(f"[bold]{d['workload']}[/bold]")
     for rnd in d.get("rounds", []):
         t = _table("MESHLET", "PRIORITY", "COUNTED", title=f"round {rnd['round']}")
         for b in rnd.get("bids", []):
             t.add_row(
-                b["meshletDid"], str(b.get("priority", "")), "yes" if b.get("accepted") else "no"
+                name(b["meshletDid"]),
+                str(b.get("priority", "")),
+                "yes" if b.get("accepted") else "no",
             )
         console.print(t)
-        console.print(f"winners: {', '.join(rnd.get('winners', [])) or '-'}")
+        console.print(f"winners: {', '.join(name(w) for w in rnd.get('winners', [])) or '-'}")
         if rnd.get("why"):
             console.print(f"why: {rnd['why']}")
 
 
-def balance(d: dict[str, Any]) -> None:
-    t = _table("OWNER", "GAVE (CPU·s)", "TOOK (CPU·s)", "BALANCE")
+def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("OWNER", "GAVE (CPU·s)", "TOOK (CPU·s)", "BALANCE", "PRIORITY")
     for o in d.get("owners", []):
         gave = o.get("gaveMilliCpuSeconds", 0) / 1000
         took = o.get("tookMilliCpuSeconds", 0) / 1000
-        t.add_row(o["ownerDid"], f"{gave:g}", f"{took:g}", f"{gave - took:+g}")
+        prio = o.get("priority")
+        t.add_row(
+            name(o["ownerDid"]),
+            f"{gave:g}",
+            f"{took:g}",
+            f"{gave - took:+g}",
+            "" if prio is None else str(prio),
+        )
     _console().print(t)
     if d.get("halfLifeSeconds"):
-        print(f"usage decays with a half-life of {d['halfLifeSeconds']} s")
+        at = f" as of {d['at']}" if d.get("at") else ""
+        print(f"usage decays with a half-life of {d['halfLifeSeconds']} s{at}")
 
 
 @contextlib.contextmanager

@@ -39,9 +39,11 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
+from meshletd.core.timing import DEFAULT_TIMING, Timing
 from meshletd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/meshlet/meshlet.toml")
@@ -109,10 +111,67 @@ class Control(_Section):
     admin_group: str = "meshlet-admin"
 
 
+_T = DEFAULT_TIMING
+
+
 class Scheduling(_Section):
+    """Timing of the scheduling protocol (docs/protocol.md section 3), in milliseconds.
+
+    Commune-wide: `skew_ms`, `grace_ms` and `replacement_window_ms` enter the round
+    formulas, and every meshlet of a commune MUST use the same values (different values let
+    meshlets judge a bid differently, and their placements fork); `usage_period_ms` and
+    `half_life_ms` SHOULD be equal too, so every member can reproduce the fair-share ledger.
+    Local (this machine only): `bid_window_ms` (the default `bidWindowMs` of the workloads
+    this meshlet publishes; each workload carries its own), probing (`probe_interval_ms`,
+    `probe_failures`, `watchers`), `fence_timeout_ms`, `reopen_backoff_ms`, `bid_batch_ms`.
+    The defaults are the protocol's; read at start (a reload does not change them).
+    """
+
+    # local
     bid_window_ms: int = Field(default=5000, ge=500, le=600_000)
-    max_skew_ms: int = Field(default=2000, ge=0, le=600_000)
-    grace_ms: int = Field(default=1000, ge=0, le=600_000)
+    # commune-wide: the round formulas (MUST be equal on every meshlet)
+    skew_ms: int = Field(default=_T.skew_ms, ge=0, le=60_000)
+    grace_ms: int = Field(default=_T.grace_ms, ge=0, le=600_000)
+    replacement_window_ms: int = Field(default=_T.replacement_window_ms, ge=100, le=600_000)
+    # commune-wide: fair share (SHOULD be equal, so the ledger is reproducible)
+    usage_period_ms: int = Field(default=_T.usage_period_ms, ge=1000, le=7 * 86_400_000)
+    half_life_ms: int = Field(default=_T.half_life_ms, ge=1000, le=3650 * 86_400_000)
+    # local
+    probe_interval_ms: int = Field(default=_T.probe_interval_ms, ge=100, le=60_000)
+    probe_failures: int = Field(default=_T.probe_failures, ge=1, le=100)
+    watchers: int = Field(default=_T.watchers, ge=1, le=9)
+    fence_timeout_ms: int = Field(default=_T.fence_timeout_ms, ge=0, le=3_600_000)
+    reopen_backoff_ms: int = Field(default=_T.reopen_backoff_ms, ge=0, le=3_600_000)
+    # 10 ms, not the core's 50: enough to gather the records of one firehose frame, and it
+    # is on the publish -> running path (docs/benchmarks.md, "End to end").
+    bid_batch_ms: int = Field(default=10, ge=0, le=10_000)
+
+    @field_validator("half_life_ms")
+    @classmethod
+    def _half_life_covers_a_period(cls, value: int, info: ValidationInfo) -> int:
+        period = info.data.get("usage_period_ms")
+        if period is not None and value < period:
+            raise ValueError(
+                f"must be at least usage_period_ms ({period}): usage is published once per "
+                "period, so a shorter half-life decays it before anyone reads it"
+            )
+        return value
+
+    def timing(self) -> Timing:
+        """The scheduler core's `Timing` from these settings."""
+        return Timing(
+            skew_ms=self.skew_ms,
+            grace_ms=self.grace_ms,
+            replacement_window_ms=self.replacement_window_ms,
+            probe_interval_ms=self.probe_interval_ms,
+            probe_failures=self.probe_failures,
+            watchers=self.watchers,
+            fence_timeout_ms=self.fence_timeout_ms,
+            bid_batch_ms=self.bid_batch_ms,
+            usage_period_ms=self.usage_period_ms,
+            half_life_ms=self.half_life_ms,
+            reopen_backoff_ms=self.reopen_backoff_ms,
+        )
 
 
 class Config(_Section):

@@ -71,8 +71,6 @@ find "$OUT" -type f -name '*.py' -not -perm -u+x -exec sed -i '1s/^#!.*$/#/' {} 
 # Extension modules without their symbol tables and debug info (a third of the size). The
 # libraries auditwheel vendored into *.libs/ are left alone: patchelf'd files break if stripped.
 find "$OUT" -name '*.so' -not -path '*.libs/*' -exec strip --strip-unneeded {} +
-# meshletd reads its lexicons from beside its package (meshletd/atproto/lexicon.py).
-cp -a /mnt/src/lexicons "$OUT/lexicons"
 chmod -R u=rwX,go=rX "$OUT"
 
 "$PY" -I -S -B -c "import sys; sys.path.insert(0, '$OUT')
@@ -80,4 +78,7 @@ import lxml.etree
 assert lxml.etree.LIBXML_VERSION == lxml.etree.LIBXML_COMPILED_VERSION, 'lxml: not the system libxml2'
 assert lxml.etree.__file__.startswith('$OUT'), lxml.etree.__file__
 import meshletd.__main__, meshletctl.cli, pystemd.run, lxml.etree, nacl.public, pydantic_core, atproto
+# The lexicons come in the project's wheel, as package data (meshletd/lexicons).
+from meshletd.atproto.lexicon import LEXICON_DIR, default_lexicons
+assert str(LEXICON_DIR).startswith('$OUT/meshletd/lexicons') and default_lexicons().docs, LEXICON_DIR
 print('bundle ok:', sys.version.split()[0])"

@@ -60,6 +60,11 @@ COMMUNE_COLLECTIONS = frozenset(
 )
 
 Action = Literal["create", "update", "delete"]
+MAX_HINTS_IN_FLIGHT = 64  # delivery hints read at once; more are ignored (the firehose has them)
+# Hints are unauthenticated: reads they cause are rate-limited (a token bucket), so a flood
+# cannot make us hammer the PDSes we follow (and get rate-limited by them).
+HINT_READS_PER_S = 10.0
+HINT_BURST = 50
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class RecordEvent:
     record: dict[str, Any] | None  # the validated value; None for deletes
     rev: str  # repo revision of the commit that made the change
     seq: int | None = None  # firehose sequence number; None when found by anti-entropy
-    source: Literal["firehose", "resync"] = "firehose"
+    source: Literal["firehose", "resync", "hint"] = "firehose"
 
     @property
     def uri(self) -> str:
@@ -526,6 +531,10 @@ class Firehose:
         self.subscriptions: dict[str, PdsSubscription] = {}
         self.dropped: list[str] = []  # recent reasons, for tests and status
         self.delivered = 0
+        self.hinted = 0  # records read because of a delivery hint
+        self._hints: set[tuple[str, str, str, str | None]] = set()  # being read now
+        self._hint_tokens = float(HINT_BURST)
+        self._hint_at: float | None = None
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()  # one delivery at a time: mirror + sink stay in order
 
@@ -611,6 +620,69 @@ class Firehose:
         for did in sorted(outcome.resync):
             assert self._nursery is not None
             self._nursery.start_soon(self._resync_forced, did)
+
+    def hint(self, did: str, collection: str, rkey: str, cid: str | None) -> bool:
+        """A peer says it just wrote this record (or deleted it: `cid` None). If we follow
+        it and do not hold that version, read it now from its PDS with a signed proof (as
+        anti-entropy does) instead of waiting for the PDS's firehose, whose sequencer may
+        poll its outbox only once a second when idle. Never blocks; False if ignored.
+
+        A hint is not evidence: what is delivered is what the repo's signed commit says.
+        The firehose's later copy of the same change is a no-op (same CID, older rev)."""
+        if self._nursery is None or did not in self.interest.dids:
+            return False
+        if collection not in self.interest.collections or did not in self.pds_of:
+            return False
+        known = self.mirror.records.get((did, collection, rkey))
+        if known is not None and known[0] == cid:
+            return False
+        key = (did, collection, rkey, cid)
+        if key in self._hints or len(self._hints) >= MAX_HINTS_IN_FLIGHT:
+            return False
+        now = trio.current_time()
+        if self._hint_at is not None:
+            refill = (now - self._hint_at) * HINT_READS_PER_S
+            self._hint_tokens = min(float(HINT_BURST), self._hint_tokens + refill)
+        self._hint_at = now
+        if self._hint_tokens < 1:
+            return False
+        self._hint_tokens -= 1
+        self._hints.add(key)
+        self._nursery.start_soon(self._read_hinted, key)
+        return True
+
+    async def _read_hinted(self, key: tuple[str, str, str, str | None]) -> None:
+        did, collection, rkey = key[:3]
+        try:
+            proof = await self.reader.prove_record(
+                self.pds_of[did], did, self.keys.get(did), collection, rkey
+            )
+            if proof.value is not None:
+                self.lexicons.validate_record(collection, proof.value, rkey=rkey)
+                self.lexicons.validate_size(collection, proof.value)
+            ev = RecordEvent(
+                did,
+                collection,
+                rkey,
+                "create" if proof.value is not None else "delete",
+                proof.cid,
+                proof.value,
+                proof.rev,
+                None,
+                "hint",
+            )
+            with trio.CancelScope(shield=True):
+                async with self._lock:
+                    out = self.mirror.apply(ev)
+                    if out is not None:
+                        self.hinted += 1
+                        self.delivered += 1
+                        await self.sink(out)
+        except (ReadError, Unverified, InvalidRecord, KeyError) as e:
+            # The firehose (or anti-entropy) will bring it; nothing is lost.
+            log.debug("hint at://%s/%s/%s not read: %s", did, collection, rkey, e)
+        finally:
+            self._hints.discard(key)
 
     async def _identity_changed(self, did: str) -> None:
         """A watched repo's DID document changed: new key (already re-read by the

@@ -10,6 +10,7 @@ file cannot silently mean less than it says.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
 import unicodedata
@@ -23,7 +24,16 @@ import libipld
 
 from meshletd.errors import InvalidRecord
 
-LEXICON_DIR = Path(__file__).resolve().parents[2] / "lexicons"
+
+def _lexicon_dir() -> Path:
+    """Where the lexicons are: package data of `meshletd` (`meshletd/lexicons`), wherever
+    meshletd is installed (a wheel, the .deb's bundle, an editable checkout). In the
+    source tree that is a link to the top-level `lexicons/`, the single copy; resolved, so
+    `LEXICON_DIR.parent` is the checkout there."""
+    return Path(str(importlib.resources.files("meshletd").joinpath("lexicons"))).resolve()
+
+
+LEXICON_DIR = _lexicon_dir()
 
 # Our own cap on a record's encoded size: far below the PDS's 1 MB, far above any valid record.
 MAX_RECORD_BYTES = 64 * 1024
@@ -173,7 +183,7 @@ class Lexicons:
 
     @classmethod
     def load(cls, directory: Path | str | None = None) -> Lexicons:
-        """Read every `*.json` under `directory` (default: the project's `lexicons/`)."""
+        """Read every `*.json` under `directory` (default: `LEXICON_DIR`, the package's)."""
         root = Path(directory) if directory is not None else LEXICON_DIR
         lex = cls()
         for path in sorted(root.rglob("*.json")):

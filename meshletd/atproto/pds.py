@@ -27,6 +27,8 @@ import trio
 from meshletd.atproto.lexicon import default_lexicons
 from meshletd.atproto.verify import cid_of, cid_str
 from meshletd.errors import AuthRequired, InvalidRecord, MeshletError
+from meshletd.trace import enabled as trace_enabled
+from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.pds")
 
@@ -237,6 +239,13 @@ class PdsClient:
         self.lexicons = default_lexicons()
         # What we know our repo holds: (collection, rkey) -> cid (None = known absent).
         self.known: dict[tuple[str, str], str | None] = {}
+        # Called after each commit with (collection, rkey, cid or None) of its ops (the
+        # daemon sends delivery hints to its peers from here).
+        self.on_commit: Callable[[list[tuple[str, str, str | None]]], None] | None = None
+        # Collections listed in full (`prime`): a record of them we do not know is absent,
+        # so a put needs no getRecord first. Sound while this client is the only writer of
+        # its repo (one meshletd per meshlet DID); a failed create forgets it.
+        self.complete: set[str] = set()
 
     @property
     def did(self) -> str:
@@ -288,9 +297,11 @@ class PdsClient:
                 return out
 
     async def prime(self, collections: Sequence[str]) -> None:
-        """Learn what our repo holds, so puts know create from update and skip no-ops."""
+        """Learn what our repo holds, so puts know create from update and skip no-ops
+        without asking the PDS record by record."""
         for c in collections:
             await self.list_records(c)
+            self.complete.add(c)
 
     # -- writes ---------------------------------------------------------------------------
     def _validate(self, w: Write) -> None:
@@ -307,6 +318,11 @@ class PdsClient:
         results = await self.apply_writes([Write("put", collection, rkey, value)])
         return results[0] or ""
 
+    async def create_record(self, collection: str, rkey: str, value: dict[str, Any]) -> str:
+        """Create a record under a fresh key (e.g. a new TID): no lookup first."""
+        results = await self.apply_writes([Write("create", collection, rkey, value)])
+        return results[0] or ""
+
     async def delete_record(self, collection: str, rkey: str) -> None:
         await self.apply_writes([Write("delete", collection, rkey)])
 
@@ -317,8 +333,11 @@ class PdsClient:
         for w in writes:
             self._validate(w)
             if w.key not in state:
-                got = await self.get_record(w.collection, w.rkey)
-                state[w.key] = got[0] if got else None
+                if w.action == "create" or w.collection in self.complete:
+                    state[w.key] = None  # a fresh key, or a fully listed collection
+                else:
+                    got = await self.get_record(w.collection, w.rkey)
+                    state[w.key] = got[0] if got else None
             cur = state[w.key]
             if w.action == "delete":
                 if cur is None:
@@ -337,7 +356,10 @@ class PdsClient:
     async def apply_writes(self, writes: Sequence[Write]) -> list[str | None]:
         """Apply writes in order, ≤ MAX_BATCH per commit. Returns the CID per input write
         (None for deletes and for no-op puts)."""
+        t0 = time.monotonic()
         resolved = await self._resolve_puts(writes)
+        if resolved and trace_enabled():
+            trace("resolved", ms=round((time.monotonic() - t0) * 1000))
         for i in range(0, len(resolved), MAX_BATCH):
             await self._commit(resolved[i : i + MAX_BATCH])
         return [None if w.action == "delete" else self.known.get(w.key) for w in writes]
@@ -358,13 +380,28 @@ class PdsClient:
         r = await self.session.request(
             "POST", "com.atproto.repo.applyWrites", json={"repo": self.did, "writes": ops}
         )
-        body = _check(r, f"applyWrites ({len(ops)} ops)")
+        try:
+            body = _check(r, f"applyWrites ({len(ops)} ops)")
+        except (PdsUnavailable, PdsRejected):
+            # A create may have failed because the record exists after all (knowledge we
+            # assumed): look such records up again before the retry.
+            for w in batch:
+                if w.action == "create":
+                    self.known.pop(w.key, None)
+                    self.complete.discard(w.collection)
+            raise
         self.ledger.record([w.action for w in batch])
         results = body.get("results") or []
         for w, res in zip(batch, results + [{}] * (len(batch) - len(results)), strict=True):
             self.known[w.key] = (
                 None if w.action == "delete" else res.get("cid") or cid_str(cid_of(w.value))
             )
+        trace("written", key=",".join(f"{w.collection}/{w.rkey}" for w in batch))
+        if self.on_commit is not None:
+            try:
+                self.on_commit([(w.collection, w.rkey, self.known.get(w.key)) for w in batch])
+            except Exception as e:  # a hint is never worth failing a write for
+                log.warning("pds: after-commit hook failed: %s", e)
 
 
 class WriteJournal(Protocol):
@@ -387,11 +424,13 @@ class WriteQueue:
         *,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
-        linger_s: float = 0.02,
+        linger_s: float = 0.005,
         journal: WriteJournal | None = None,
+        prime: Sequence[str] = (),
     ) -> None:
         self.client = client
         self.journal = journal
+        self.prime = tuple(prime)
         self.pending: deque[Write] = deque(
             Write(w["action"], w["collection"], w["rkey"], w.get("value"))
             for w in (journal.load() if journal is not None else [])
@@ -438,6 +477,11 @@ class WriteQueue:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        if self.prime:
+            try:
+                await self.client.prime(self.prime)
+            except (PdsUnavailable, PdsRejected, AuthRequired) as e:
+                log.warning("pds: could not list our records (%s); puts will look them up", e)
         delay = 0.0
         while True:
             if not self.pending:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from meshletd.errors import (
     NotFound,
     UpstreamFailure,
 )
+from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.node")
 
@@ -32,8 +34,20 @@ WORKLOAD = "commune.scheduler.workload"
 BID = "commune.scheduler.bid"
 STATUS = "commune.scheduler.workloadStatus"
 USAGE = "commune.scheduler.usage"
+MESHLET_OWNER = "commune.scheduler.meshletOwner"
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
+# Records whose writes we hint to peers (docs/protocol.md, section 17), and up to how many
+# peers (beyond that, the firehose alone: a hint per peer per write would not scale).
+HINTED = frozenset({WORKLOAD, BID, STATUS, MESHLET_OWNER})
+HINT_MAX_PEERS = 16
+_LIVE_STATES = ("pulling", "starting", "running")
+_HANDLE = re.compile(r"^(?=.{3,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*$")
+_REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 1] + "…"
 
 
 def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
@@ -113,6 +127,8 @@ class AtprotoNode:
         self.key = EncryptionKey(store)
         self.engine: Any = None
         self.writes: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._hint_http: Any = None
 
     @staticmethod
     def _clusters(cfg: Config) -> dict[str, list[str]]:
@@ -135,6 +151,7 @@ class AtprotoNode:
         self.formation = ClusterFormation(self.view, firehose)
         self.formation.add_listener(self._on_event)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             with trio.move_on_after(20):
                 await self._login_and_publish()
             await self._start_engine(nursery)
@@ -174,20 +191,24 @@ class AtprotoNode:
             labels=frozenset(self.cfg.labels),
             endpoint=self.cfg.public_endpoint or "",
         )
-        self.writes = WriteQueue(self.meshlet_pds, journal=StoreJournal(self._store))
+        self.writes = WriteQueue(
+            self.meshlet_pds, journal=StoreJournal(self._store), prime=(BID, STATUS, USAGE)
+        )
         if self.writes.pending:
             log.info("%d write(s) left from the last run will be sent", len(self.writes.pending))
         await nursery.start(self.writes.run)
 
         def submit(w: tuple[str, str, str, Any]) -> None:
             action, collection, rkey, value = w
+            if collection == MESHLET_OWNER and value is not None:
+                value = self._complete_owner_record(value)
             try:
                 self.writes.submit(Write(action, collection, rkey, value))
             except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die
                 log.error("write %s/%s dropped: %s (value %r)", collection, rkey, e, value)
 
         self.engine = Engine(
-            Scheduler(me),
+            Scheduler(me, self.cfg.scheduling.timing()),
             runtime,
             submit,
             raw_workload=lambda uri: (self._workloads.get(uri) or (None, None))[1],
@@ -227,6 +248,9 @@ class AtprotoNode:
                 )
                 await pds.login()
                 self.owner_pds = pds
+            for client in (self.meshlet_pds, self.owner_pds):
+                if client is not None:
+                    client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
             if self.meshlet_pds is None:
                 log.warning("no meshlet-app-password credential: running read-only")
                 return
@@ -263,6 +287,65 @@ class AtprotoNode:
         )
         log.info("published this meshlet's records (%d write(s))", writes)
         return writes
+
+    # -- delivery hints (docs/protocol.md, section 17) ------------------------------------
+
+    def _committed(self, repo: str, done: list[tuple[str, str, str | None]]) -> None:
+        """Records we just wrote: tell our peers, so they need not wait for the firehose."""
+        refs = [
+            {"uri": f"at://{repo}/{coll}/{rkey}", **({"cid": cid} if cid else {})}
+            for coll, rkey, cid in done
+            if coll in HINTED
+        ]
+        if not refs:
+            return
+        if repo == self.owner:
+            self.notify_records(refs)  # our own scheduler follows our owner's repo too
+        peers = sorted({m.endpoint for m in self._peers().values() if m.endpoint})
+        if not peers or len(peers) > HINT_MAX_PEERS or self._nursery is None:
+            return
+        for endpoint in peers:
+            self._nursery.start_soon(self._send_hint, endpoint, refs)
+
+    async def _send_hint(self, endpoint: str, refs: list[dict[str, str]]) -> None:
+        import httpx
+
+        if self._hint_http is None:
+            self._hint_http = httpx.AsyncClient(timeout=1.0)
+        try:
+            await self._hint_http.post(
+                f"{endpoint.rstrip('/')}/xrpc/farm.meshlet.notifyRecords", json={"records": refs}
+            )
+        except httpx.HTTPError as e:  # a hint is best effort: the firehose brings it anyway
+            log.debug("hint to %s not sent: %s", endpoint, e)
+
+    def notify_records(self, refs: list[dict[str, Any]]) -> int:
+        firehose = self.formation.firehose if self.formation is not None else None
+        if firehose is None:
+            return 0
+        accepted = 0
+        for ref in refs:
+            uri, cid = ref.get("uri", ""), ref.get("cid")
+            parts = uri[len("at://") :].split("/") if uri.startswith("at://") else []
+            if len(parts) != 3 or not all(parts):
+                continue
+            did, coll, rkey = parts
+            if firehose.hint(did, coll, rkey, cid if isinstance(cid, str) else None):
+                accepted += 1
+        return accepted
+
+    def _complete_owner_record(self, value: dict[str, Any]) -> dict[str, Any]:
+        """The core rewrites meshletOwner on drain/undrain from what it knows (state,
+        capacity, labels); add what only the daemon holds, so a state change never drops
+        the encryption key (peers could no longer seal secrets to us) or the version."""
+        from meshletd import __version__
+
+        return complete_owner_record(
+            value,
+            encryption_key=self.key.public_b64,
+            storage_mib=self.cfg.contribution.storage_mib,
+            version=__version__,
+        )
 
     def _on_event(self, ev: Any) -> None:
         if self.engine is not None:
@@ -379,20 +462,30 @@ class AtprotoNode:
     def _view(self, uri: str) -> dict[str, Any]:
         cid, rec = self._workloads[uri]
         owner = uri[len("at://") :].split("/", 1)[0]
-        running = []
+        running: list[dict[str, Any]] = []
+        owners: dict[int, str] = {}  # slot -> owner, when the scheduler knows the placement
         if self.engine is not None:
-            running = self._placed(uri)
+            running = self._placed(uri, int(rec.get("replicas", 1)))
+            owners = {r["slot"]: r["meshletDid"] for r in running if r.get("meshletDid")}
+        suspects = self._suspects()
         for s in sorted(self._statuses.get(uri, {}).values(), key=lambda s: s.get("slot", 0)):
             if any(
-                r["slot"] == s.get("slot") and r["meshletDid"] == s["meshletDid"] for r in running
+                r["slot"] == s.get("slot") and r.get("meshletDid") == s["meshletDid"]
+                for r in running
             ):
                 continue
-            r = {
-                k: s[k]
-                for k in ("slot", "round", "state", "exitCode", "restarts", "unit")
-                if k in s
-            }
-            running.append({"workload": uri, "meshletDid": s["meshletDid"], **r})
+            r = {k: s[k] for k in _REPLICA_FIELDS if k in s}
+            row: dict[str, Any] = {"workload": uri, "meshletDid": s["meshletDid"], **r}
+            moved_to = owners.get(s.get("slot", -1))
+            if moved_to is not None and s.get("state") in _LIVE_STATES:
+                # A status left by a host that lost the slot: it is not a serving replica.
+                if s["meshletDid"] in suspects:
+                    row["state"] = "lost"
+                    row["reason"] = f"{s['meshletDid']} is suspected lost (probes fail)"
+                else:
+                    row["state"] = "stopping"
+                    row["reason"] = f"slot moved to {moved_to} (make-before-break)"
+            running.append(row)
         view: dict[str, Any] = {
             "uri": uri,
             "name": rec.get("name", ""),
@@ -405,18 +498,42 @@ class AtprotoNode:
             view["cid"] = cid
         return view
 
-    def _placed(self, uri: str) -> list[dict[str, Any]]:
-        """Slots as the scheduler core sees them (owner per slot, local state if ours)."""
+    def _suspects(self) -> set[str]:
+        """Peers this meshlet's probes currently say are lost (empty when not scheduling)."""
+        if self.engine is None:
+            return set()
+        return set(getattr(self.engine.scheduler, "suspects", ()) or ())
+
+    def _pending_reasons(self, uri: str) -> dict[int, str]:
+        query = getattr(self.engine.scheduler, "pending_reasons", None)
+        if query is None:
+            return {}
+        try:
+            return dict(query(uri))
+        except Exception:  # a display aid must never break `meshletctl workloads`
+            log.exception("pending reasons of %s", uri)
+            return {}
+
+    def _placed(self, uri: str, replicas: int) -> list[dict[str, Any]]:
+        """Slots as the scheduler core sees them: owner per slot (local state if ours, else
+        the host's reported state, `lost` while our probes suspect it), or `pending` with
+        the core's reason why nobody serves it yet."""
         sched = self.engine.scheduler
-        owners = sched.placement().get(uri) or ()
+        placed = sched.placement().get(uri)
+        owners = placed if placed is not None else (None,) * replicas
         local = sched.replicas()
+        reasons = self._pending_reasons(uri)
+        suspects = self._suspects()
         out = []
         for slot, owner in enumerate(owners):
             if owner is None:
-                out.append({"workload": uri, "slot": slot, "state": "pending"})
+                r = {"workload": uri, "slot": slot, "state": "pending"}
+                if slot in reasons:
+                    r["reason"] = _clip(reasons[slot])
+                out.append(r)
                 continue
             rnd, meshlet = owner
-            r: dict[str, Any] = {"workload": uri, "slot": slot, "round": rnd, "meshletDid": meshlet}
+            r = {"workload": uri, "slot": slot, "round": rnd, "meshletDid": meshlet}
             # The host's own status record (its latest round) says how the replica is doing.
             reported = [
                 st
@@ -426,11 +543,17 @@ class AtprotoNode:
             status = max(reported, key=lambda st: st.get("round", 0)) if reported else None
             if meshlet == self.did and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
+            elif status is not None and status.get("round", 0) >= rnd:
+                r["state"] = status["state"]
             else:
-                r["state"] = status["state"] if status else "pending"
+                r["state"] = "starting" if status is None else "pending"
+            if meshlet != self.did and meshlet in suspects and r["state"] in _LIVE_STATES:
+                r["state"] = "lost"
             for key in ("exitCode", "restarts"):
                 if status is not None and key in status:
                     r[key] = status[key]
+            if slot in reasons:
+                r["reason"] = _clip(reasons[slot])
             if meshlet == self.did:
                 unit = self.engine.units.get((uri, slot))
                 if unit:
@@ -495,24 +618,53 @@ class AtprotoNode:
 
     def balance(self) -> dict[str, Any]:
         """The fair-share ledger from the usage records seen, with the core's own formula."""
-        from meshletd.core.fairshare import balances
-        from meshletd.core.timing import DEFAULT_TIMING
+        from meshletd.core.fairshare import balances, meshlet_priority
+        from meshletd.core.records import format_datetime_ms
 
+        t = self.cfg.scheduling
+        now = int(time.time() * 1000)
+        # As the core does for its bids: at the start of the current usage period, from the
+        # records of periods that ended by then (docs/protocol.md section 11).
+        at = now - now % t.usage_period_ms
         owner_of = {m: rec.owner_did for m, rec in self.view.owners.items()}
-        half_life = DEFAULT_TIMING.half_life_ms
-        taken, given = balances(self._usages.values(), owner_of, int(time.time() * 1000), half_life)
+        taken, given = balances(self._usages.values(), owner_of, at, t.half_life_ms)
         owners = list(dict.fromkeys([self.owner, *self.cfg.members, *taken, *given]))
         return {
-            "halfLifeSeconds": half_life // 1000,
+            "at": format_datetime_ms(at),
+            "halfLifeSeconds": t.half_life_ms // 1000,
+            "usagePeriodSeconds": t.usage_period_ms // 1000,
             "owners": [
                 {
                     "ownerDid": o,
                     "gaveMilliCpuSeconds": given.get(o, 0),
                     "tookMilliCpuSeconds": taken.get(o, 0),
+                    "priority": meshlet_priority(o, taken, given),
                 }
                 for o in owners
             ],
         }
+
+    async def handles(self) -> dict[str, str]:
+        """DID -> handle for every DID this meshlet shows (itself, owners, members, their
+        meshlets, workload owners), from the DID documents (cached by the resolver). Display
+        only: a handle is a claim of the DID document, not checked against DNS here, and a
+        handle claimed by two DIDs names neither."""
+        dids = {self.did, self.owner, *self.cfg.members, *self.view.all_members()}
+        dids |= {u[len("at://") :].split("/", 1)[0] for u in self._workloads}
+        found: dict[str, str] = {}
+        with trio.move_on_after(3):
+            for did in sorted(dids):
+                try:
+                    ident = await self.resolver.resolve(did)
+                except Exception:  # unresolvable now: show the DID
+                    continue
+                handle = (ident.handle or "").lower()
+                if _HANDLE.match(handle):
+                    found[did] = handle
+        claims: dict[str, int] = {}
+        for h in found.values():
+            claims[h] = claims.get(h, 0) + 1
+        return {d: h for d, h in found.items() if claims[h] == 1}
 
     async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
         """A replica's last lines: from journald when it runs here; for our owner's
@@ -577,9 +729,13 @@ class AtprotoNode:
             for u, (_, r) in self._workloads.items()
         ):
             raise Conflict(f"a workload named {name!r} exists already")
+        # The publisher's default round-0 window ([scheduling] bid_window_ms); the record
+        # carries it, so every meshlet uses the same one for this workload.
+        record = {"bidWindowMs": self.cfg.scheduling.bid_window_ms, **record}
         rkey = new_tid()
-        cid = await pds.put_record(WORKLOAD, rkey, record)
         uri = f"at://{self.owner}/{WORKLOAD}/{rkey}"
+        trace("publish", uri=uri)
+        cid = await pds.create_record(WORKLOAD, rkey, record)
         self._workloads[uri] = (cid, dict(record))
         log.info("workload %s published as %s", name, uri)
         return {"uri": uri, "cid": cid}
@@ -707,6 +863,20 @@ class AtprotoNode:
             await self.formation.sync_watches()
         if self.meshlet_pds is not None:
             await self._publish()
+
+
+def complete_owner_record(
+    value: dict[str, Any], *, encryption_key: str, storage_mib: int, version: str
+) -> dict[str, Any]:
+    """A meshletOwner value written by the scheduler core, with the daemon's own fields
+    (`encryptionKey`, `version`, `capacity.storageMiB`) that the core does not model."""
+    out = dict(value)
+    out["encryptionKey"] = encryption_key
+    out["version"] = version
+    out["capacity"] = {**(out.get("capacity") or {}), "storageMiB": storage_mib}
+    if not out.get("endpoint"):
+        out.pop("endpoint", None)  # the lexicon wants a URI or nothing
+    return out
 
 
 def _machine_arch() -> str:

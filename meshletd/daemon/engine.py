@@ -36,6 +36,7 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.records import record_from_json, record_to_json, split_at_uri
+from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
 
@@ -97,6 +98,7 @@ class Engine:
 
     def record_changed(self, ev: Any) -> None:
         """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
+        trace("seen", uri=ev.uri, action=ev.action, via=getattr(ev, "source", "?"))
         if ev.action == "delete":
             self.feed(RecordDeleted(ev.uri))
             return
@@ -149,10 +151,13 @@ class Engine:
                     # The core's status records do not carry the workload's CID; the
                     # lexicon's workloadRef needs it: take it from the record we follow.
                     ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
+                trace("queued", key=f"{a.collection}/{a.rkey}")
                 self._submit_write(("put", a.collection, a.rkey, value))
             elif isinstance(a, DeleteRecord):
+                trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
                 self._submit_write(("delete", a.collection, a.rkey, None))
             elif isinstance(a, StartReplica):
+                trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
                 self._nursery.start_soon(self._start, a)
             elif isinstance(a, StopReplica):
                 self._nursery.start_soon(self._stop, a)
@@ -231,6 +236,13 @@ class Engine:
             return
         self.units[(uri, slot)] = outcome.unit
         if isinstance(outcome, ReplicaRunning):
+            trace(
+                "running",
+                uri=uri,
+                slot=slot,
+                pull_ms=outcome.pull_ms,
+                start_ms=outcome.start_ms,
+            )
             self.feed(ReplicaStateChanged(uri, slot, "running"))
         # An immediate end (failed pull, exit) arrives as a runtime event too.
 

@@ -30,6 +30,7 @@ CTL_MEMBERS = "farm.meshlet.ctl.listMembers"
 CTL_CREATE = "farm.meshlet.ctl.createWorkload"
 CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
+CTL_HANDLES = "farm.meshlet.ctl.getHandles"
 
 
 def _uri(body: Any) -> str:
@@ -126,6 +127,13 @@ def install(
         await node.put_secret(name, raw)
         return {}
 
+    async def notify_records(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        refs = body.get("records")
+        if not isinstance(refs, list) or len(refs) > 50:
+            raise InvalidRequest("records must be a list of at most 50 {uri, cid}")
+        ok = [r for r in refs if isinstance(r, dict) and isinstance(r.get("uri"), str)]
+        return {"accepted": node.notify_records(ok)}
+
     async def shutdown(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         on_shutdown(bool(body.get("stopReplicas", False)))
         return {}
@@ -161,6 +169,12 @@ def install(
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
 
+    async def ctl_handles(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        # Display names for human tables; a node without identities (in-memory) has none.
+        known = getattr(node, "handles", None)
+        got: dict[str, str] = await known() if known is not None else {}
+        return {"handles": [{"did": d, "handle": h} for d, h in sorted(got.items())]}
+
     def local_only(handler: Any) -> Any:
         async def guarded(caller: Caller, params: dict[str, Any], body: Any) -> Any:
             if not caller.local:
@@ -172,6 +186,7 @@ def install(
     q, p = "query", "procedure"
     add = app.add
     add("farm.meshlet.ping", q, Access.ANYONE, ping)
+    add("farm.meshlet.notifyRecords", p, Access.ANYONE, notify_records)
     add("farm.meshlet.getCapacity", q, Access.MEMBER, get_capacity)
     add(
         "farm.meshlet.listWorkloads",
@@ -215,3 +230,4 @@ def install(
     add(CTL_CREATE, p, Access.LOCAL, local_only(ctl_create))
     add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids), {"uri": URI})
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
+    add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))

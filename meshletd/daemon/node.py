@@ -62,6 +62,12 @@ class Node(Protocol):
 
     async def put_secret(self, name: str, value: bytes) -> None: ...
 
+    def notify_records(self, refs: list[dict[str, Any]]) -> int:
+        """A peer's delivery hint ({uri, cid} of records it just wrote): read those we
+        follow from their PDS, verified, without waiting for the firehose. Never blocks;
+        returns how many will be read."""
+        ...
+
     async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
         """The secret sealed to `caller_did`, if it holds a slot of the workload."""
         ...
@@ -307,6 +313,9 @@ class InMemoryNode:
 
     async def put_secret(self, name: str, value: bytes) -> None:
         self._secrets[name] = bytes(value)
+
+    def notify_records(self, refs: list[dict[str, Any]]) -> int:
+        return 0  # no firehose to overtake
 
     async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
         raise Forbidden("the in-memory node places every replica itself: no peer holds a slot")

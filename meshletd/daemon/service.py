@@ -193,7 +193,10 @@ class Daemon:
             )
             return
         try:
-            os.chown(self.cfg.listen.control_socket, -1, gid)
+            # Under the packaged unit (Group=meshlet, no capabilities, no chown syscalls)
+            # the socket is born with the group: nothing to change.
+            if os.stat(self.cfg.listen.control_socket).st_gid != gid:
+                os.chown(self.cfg.listen.control_socket, -1, gid)
         except OSError as e:
             log.warning("cannot give the control socket to group %s: %s", self.cfg.control.group, e)
 

@@ -2,8 +2,9 @@
 
 `ReplicaRuntime` (runtime.py) holds the replica lifecycle and talks only to a `Machine`.
 `SystemdPodmanMachine` (systemd.py) is the real one (pystemd over D-Bus, podman CLI as the
-replica user); `FakeMachine` (fake.py) is an in-memory model of the same behaviour, so the
-same lifecycle code and the same contract tests run on both.
+replica user, each call in a transient unit of its own); `FakeMachine` (fake.py) is an
+in-memory model of the same behaviour, so the same lifecycle code and the same contract
+tests run on both.
 """
 
 from __future__ import annotations

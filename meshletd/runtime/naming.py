@@ -58,6 +58,17 @@ def secret_name(container: str, secret: str) -> str:
     return f"{container}.{secret}"
 
 
+# meshletd's own podman calls (image, secret, inspect, rm, ps) each run in a short transient
+# unit named like this. "meshletd-" does not match UNIT_PATTERN: they are never replicas.
+PODMAN_CALL_PREFIX = "meshletd-podman-"
+PODMAN_CALL_PATTERN = "meshletd-podman-*.service"
+
+
+def podman_call_unit(token: str) -> str:
+    """The unit of one podman call; `token` makes it unique (random hex from the caller)."""
+    return f"{PODMAN_CALL_PREFIX}{token}{UNIT_SUFFIX}"
+
+
 def is_replica_unit(name: str) -> bool:
     """Whether a unit name follows the replica scheme (used when listing units)."""
     return name.startswith(UNIT_PREFIX) and name.endswith(UNIT_SUFFIX)

@@ -58,6 +58,10 @@ _E = TypeVar("_E", bound=RuntimeEvent)
 
 # How often a starting unit is polled until it runs (short: it is on the start path).
 START_POLL_S = 0.01
+# An image found present is not checked again for this long (`podman image exists` is a
+# process on every start's path). If it vanished meanwhile, the unit fails and the next
+# start checks again.
+IMAGE_FRESH_S = 60.0
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ReplicaRuntime:
         self._clock = clock
         self._send, self._events = trio.open_memory_channel[RuntimeEvent](math.inf)
         self._replicas: dict[ReplicaId, _Replica] = {}
+        self._image_seen: dict[str, float] = {}  # image -> when found present
 
     # ---- public face -------------------------------------------------------------------
 
@@ -169,7 +174,10 @@ class ReplicaRuntime:
             if not started:
                 with trio.CancelScope(shield=True):
                     await self._cleanup(rep, unit_started=False)
-        return await self._await_running(rep, pull_ms=_ms(t1 - t0), t_start=t1)
+        result = await self._await_running(rep, pull_ms=_ms(t1 - t0), t_start=t1)
+        if not isinstance(result, ReplicaRunning):
+            self._image_seen.pop(spec.image, None)
+        return result
 
     async def stop(self, replica: ReplicaId) -> ReplicaStopped | None:
         """Stop a replica and remove its container; None when no such replica runs."""
@@ -256,8 +264,12 @@ class ReplicaRuntime:
     # ---- the steps ----------------------------------------------------------------------
 
     async def _ensure_image(self, rep: _Replica, image: str) -> ReplicaFailed | None:
+        seen = self._image_seen.get(image)
+        if seen is not None and self._clock() - seen < IMAGE_FRESH_S:
+            return None
         try:
             if await self.machine.image_present(image):
+                self._image_seen[image] = self._clock()
                 return None
             with trio.fail_after(self.config.pull_timeout_s):
                 await self.machine.pull_image(image)

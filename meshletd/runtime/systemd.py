@@ -1,21 +1,23 @@
 """The real machine: systemd over D-Bus (pystemd) and rootless podman (CLI, argv lists).
 
 Every D-Bus call is blocking, so it runs in a worker thread (`trio.to_thread`), one at a
-time over one bus connection. Podman runs as the replica user via `trio.run_process` with
-an argv list (no shell), secrets on stdin. Nothing here decides anything: it reads and
+time over one bus connection. Podman runs as the replica user in a transient unit per call
+(never as meshletd's child, so meshletd's own unit can be strict), with an argv list (no
+shell) and stdio over pipes, secrets on stdin. Nothing here decides anything: it reads and
 does; `ReplicaRuntime` decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
+import secrets
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,17 +25,31 @@ import trio
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError  # type: ignore[import-untyped]
 from pystemd.dbuslib import DBus, DBusAddress, apply_signature  # type: ignore[import-untyped]
 from pystemd.systemd1 import Manager  # type: ignore[import-untyped]
+from pystemd.systemd1.unit_signatures import (  # type: ignore[import-untyped]
+    KNOWN_UNIT_SIGNATURES,
+)
 
 from meshletd.runtime.events import Usage
 from meshletd.runtime.machine import MachineError
-from meshletd.runtime.outcome import ContainerSnapshot, UnitSnapshot
-from meshletd.runtime.units import RuntimeConfig, memory_cgroup_dir, replica_state_dir
+from meshletd.runtime.naming import PODMAN_CALL_PATTERN, podman_call_unit
+from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
+from meshletd.runtime.units import (
+    RuntimeConfig,
+    memory_cgroup_dir,
+    podman_call_properties,
+    replica_state_dir,
+)
 
 _T = TypeVar("_T")
 _SYSTEMD = b"org.freedesktop.systemd1"
 _PROPS = b"org.freedesktop.DBus.Properties"
 _UNSET = (1 << 64) - 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Two StartTransientUnit properties pystemd's signature table lacks (systemd >= 236).
+KNOWN_UNIT_SIGNATURES.setdefault(b"AddRef", b"b")
+KNOWN_UNIT_SIGNATURES.setdefault(b"LogLevelMax", b"i")
+# How long one podman call may take (a pull has its own, longer, limit).
+_CALL_TIMEOUT_S = 120
 
 
 def _b(value: object) -> Any:
@@ -65,6 +81,7 @@ class _Bus:
 
     def __init__(self, address: bytes | None = None) -> None:
         self._address = address
+        self.p2p = address is not None
         self._bus: Any = None
         self._manager: Any = None
         self._lock = threading.Lock()
@@ -102,6 +119,7 @@ class SystemdPodmanMachine:
         private = f"unix:path={config.runtime_dir}/systemd/private".encode()
         self._bus = _Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
+        self._swept = False
 
     @classmethod
     def for_user(cls, config: RuntimeConfig) -> SystemdPodmanMachine:
@@ -148,29 +166,181 @@ class SystemdPodmanMachine:
     # ---- podman plumbing ----------------------------------------------------------------
 
     async def _podman(
-        self, *args: str, stdin: bytes = b"", check: bool = True
-    ) -> subprocess.CompletedProcess[bytes]:
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        if os.geteuid() != cfg.uid:
-            kwargs.update(user=cfg.uid, group=cfg.gid, extra_groups=[])
-        proc = await trio.run_process(
-            [cfg.podman, *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=cfg.user_env(),
-            cwd=cfg.home,
-            **kwargs,
-        )
-        if check and proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip().splitlines()
+        self, *args: str, stdin: bytes = b"", check: bool = True, timeout_s: int = _CALL_TIMEOUT_S
+    ) -> PodmanResult:
+        """Run `podman ARGS` as the replica user in a transient unit; wait for its end.
+
+        Not a child of meshletd: a child would inherit meshletd.service's sandbox, where
+        rootless podman cannot work. stdin/stdout/stderr are pipes handed to systemd with
+        the unit (`Standard*FileDescriptor`), so data such as a secret goes through a pipe,
+        never a command line, a unit property or the journal.
+        """
+        await self._sweep_podman_calls()
+        unit = podman_call_unit(secrets.token_hex(8))
+        props = podman_call_properties(self.config, args, timeout_s)
+        try:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (-1, -1)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            raise MachineError(f"podman {args[0]}: no pipe: {exc}") from exc
+        stdio = {fd for fd in (in_r, in_w, out_r, out_w, err_r, err_w) if fd >= 0}
+
+        def close(fd: int) -> None:
+            # Each fd is closed exactly once: a second close could hit a reused number.
+            if fd in stdio:
+                stdio.discard(fd)
+                os.close(fd)
+
+        if stdin:
+            props["StandardInputFileDescriptor"] = in_r
+        props["StandardOutputFileDescriptor"] = out_w
+        props["StandardErrorFileDescriptor"] = err_w
+        if self._bus.p2p:
+            # A user manager's private socket has no bus names, so it cannot pin a unit
+            # for its caller (AddRef): the unit stays (active/exited or failed) until we
+            # have read how it ended and clean it up.
+            props["RemainAfterExit"] = True
+        else:
+            # Pinned while our bus connection lives (systemd-run --wait does the same): it
+            # can be read after it ended, and systemd collects it when we let go or die.
+            props["AddRef"] = True
+            props["CollectMode"] = "inactive-or-failed"
+        out, err = bytearray(), bytearray()
+        started = False
+        try:
+            await self.start_unit(unit, props)
+            started = True
+            # systemd holds its own copies now; ours of the far ends would hide EOF.
+            for fd in (in_r, out_w, err_w):
+                close(fd)
+            snap = await self._wait_call(unit, out_r, out, err_r, err, in_w, stdin, close)
+        finally:
+            if started:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await self._release_call(unit)
+            for fd in list(stdio):
+                with contextlib.suppress(OSError):
+                    close(fd)
+        if snap.main_code == CLD_EXITED:
+            code = snap.main_status
+        elif snap.main_code:
+            code = 128 + snap.main_status
+        else:
+            code = 255  # it never ran (e.g. systemd could not set the user up)
+        if check and code != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            why = lines[-1] if lines else f"no message (unit result {snap.result!r})"
             raise MachineError(
-                f"podman {args[0]} {args[1] if len(args) > 1 else ''} exited "
-                f"{proc.returncode}: {err[-1] if err else 'no message'}"
+                f"podman {args[0]} {args[1] if len(args) > 1 else ''} exited {code}: {why}"
             )
-        return proc
+        return PodmanResult(code, bytes(out), bytes(err))
+
+    async def _wait_call(
+        self,
+        unit: str,
+        out_r: int,
+        out: bytearray,
+        err_r: int,
+        err: bytearray,
+        in_w: int,
+        stdin: bytes,
+        close: Callable[[int], None],
+    ) -> UnitSnapshot:
+        """Feed stdin, collect stdout/stderr, and return the unit's snapshot once it ended."""
+        eof = trio.Event()
+        closed = 0
+
+        async def pump(fd: int, buf: bytearray) -> None:
+            nonlocal closed
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                chunk = _read_some(fd)
+                if chunk is None:
+                    continue
+                if not chunk:
+                    break
+                buf += chunk
+            closed += 1
+            if closed == 2:
+                eof.set()
+
+        async def feed() -> None:
+            view = memoryview(stdin)
+            try:
+                while view:
+                    await trio.lowlevel.wait_writable(in_w)
+                    try:
+                        view = view[os.write(in_w, view) :]
+                    except BlockingIOError:
+                        continue
+            except OSError:
+                pass  # podman ended without reading it all: its exit status says why
+            finally:
+                with contextlib.suppress(OSError):
+                    close(in_w)  # EOF: `podman secret create NAME -` reads until it
+
+        for fd in (out_r, err_r, in_w):
+            if fd >= 0:
+                os.set_blocking(fd, False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, out_r, out)
+            nursery.start_soon(pump, err_r, err)
+            if stdin:
+                nursery.start_soon(feed)
+            # Poll the unit; systemd closes its copies of the pipes when podman ends, so
+            # EOF on both is the usual wake-up and the interval only bounds the odd case.
+            interval = 0.01
+            while True:
+                snap = await self.unit_snapshot(unit)
+                if _call_ended(snap):
+                    break
+                with trio.move_on_after(interval):
+                    await eof.wait()
+                interval = min(interval * 2, 0.25)
+            nursery.cancel_scope.cancel()
+        # Whatever podman wrote before it ended is in the pipes by now.
+        for fd, buf in ((out_r, out), (err_r, err)):
+            while chunk := _read_some(fd):
+                buf += chunk
+        return snap
+
+    async def _release_call(self, unit: str) -> None:
+        """Let systemd forget a podman call's unit (stopping it if it still runs)."""
+        p2p = self._bus.p2p
+
+        def release(bus: Any, manager: Any) -> None:
+            path = self._unit_path(manager, unit)
+            if path is None:
+                return
+            state = bus.get_property(
+                _SYSTEMD, path, b"org.freedesktop.systemd1.Unit", b"ActiveState", b"s"
+            )
+            with contextlib.suppress(DBusBaseError):
+                if state == b"failed":
+                    manager.Manager.ResetFailedUnit(unit.encode())
+                elif state != b"inactive":
+                    manager.Manager.StopUnit(unit.encode(), b"replace")
+            if not p2p:
+                with contextlib.suppress(DBusBaseError):
+                    manager.Manager.UnrefUnit(unit.encode())
+
+        with contextlib.suppress(MachineError):
+            await self._dbus(release)
+
+    async def _sweep_podman_calls(self) -> None:
+        """Once per process: remove podman-call units an earlier meshletd left behind.
+
+        Only a user manager keeps them (see `_podman`); on the system bus systemd collects
+        a pinned unit when its caller's connection goes away.
+        """
+        if self._swept:
+            return
+        self._swept = True
+        if not self._bus.p2p:
+            return
+        for unit in await self.list_units(PODMAN_CALL_PATTERN):
+            await self._release_call(unit)
 
     # ---- images -------------------------------------------------------------------------
 
@@ -179,7 +349,7 @@ class SystemdPodmanMachine:
         return proc.returncode == 0
 
     async def pull_image(self, image: str) -> None:
-        await self._podman("pull", "--quiet", image)
+        await self._podman("pull", "--quiet", image, timeout_s=self.config.pull_timeout_s)
 
     # ---- secrets ------------------------------------------------------------------------
 
@@ -221,14 +391,18 @@ class SystemdPodmanMachine:
         path = Path(replica_state_dir(self.config, unit))
 
         def make() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if not path.parent.is_dir():
+                # Normally made by tmpfiles.d (meshletd's unit may not write /run).
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(path.parent, 0o755)  # whatever the umask: replicas traverse it
             if path.exists():
+                with contextlib.suppress(OSError):
+                    self._own_state_dir(path)
                 if keep:
-                    return
+                    return  # an adopted replica's: its counters may be in there
                 shutil.rmtree(path)
-            path.mkdir(mode=0o700)
-            if os.geteuid() == 0:
-                os.chown(path, self.config.uid, self.config.gid)
+            path.mkdir(mode=0o770)
+            self._own_state_dir(path)
 
         await trio.to_thread.run_sync(make)
 
@@ -236,15 +410,36 @@ class SystemdPodmanMachine:
         path = Path(replica_state_dir(self.config, unit))
 
         def read() -> dict[str, str]:
-            if not path.is_dir():
-                return {}
-            return {p.name: p.read_text(errors="replace") for p in path.iterdir() if p.is_file()}
+            try:
+                return {
+                    p.name: p.read_text(errors="replace") for p in path.iterdir() if p.is_file()
+                }
+            except OSError:
+                return {}  # none saved (or unreadable): the unit's own result decides
 
         return await trio.to_thread.run_sync(read)
 
     async def remove_state_dir(self, unit: str) -> None:
-        path = replica_state_dir(self.config, unit)
-        await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
+        path = Path(replica_state_dir(self.config, unit))
+
+        def remove() -> None:
+            with contextlib.suppress(OSError):
+                self._own_state_dir(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+        await trio.to_thread.run_sync(remove)
+
+    def _own_state_dir(self, path: Path) -> None:
+        """root:meshlet 0770: the replica (user meshlet) writes its counters there, and
+        meshletd reads and removes them as their owner: its unit leaves it no capability to
+        bypass file permissions. Also takes over a dir an older meshletd made
+        (meshlet:meshlet 0700) where it may still chown."""
+        st = os.stat(path)
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, self.config.gid):
+            # Not needed under the packaged unit: Group=meshlet gives new dirs the group.
+            os.chown(path, 0, self.config.gid)
+        if st.st_mode & 0o7777 != 0o770:
+            os.chmod(path, 0o770)
 
     async def list_state_dirs(self) -> list[str]:
         root = Path(self.config.state_dir)
@@ -404,6 +599,34 @@ class SystemdPodmanMachine:
             current = int(props.get(b"MemoryCurrent", _UNSET))
             peak = 0 if current == _UNSET else current
         return Usage(cpu_ms=cpu_ns // 1_000_000, peak_memory_bytes=peak)
+
+
+@dataclass(frozen=True)
+class PodmanResult:
+    """How one podman call ended: its exit status and what it wrote."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def _call_ended(snap: UnitSnapshot) -> bool:
+    """Whether a podman call's unit has run and ended (exited, failed, or gone)."""
+    if snap.job_pending:
+        return False
+    if snap.load_state in ("not-found", ""):
+        return True
+    if snap.active_state in ("inactive", "failed"):
+        return True
+    return snap.active_state == "active" and snap.sub_state == "exited"
+
+
+def _read_some(fd: int) -> bytes | None:
+    """One non-blocking read: data, b"" at EOF, None when nothing is there yet."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
 
 
 def _proc_cpu_ns(procs_file: Path) -> int:

@@ -24,6 +24,7 @@ from meshletd.runtime.events import (
     ReplicaStopped,
     RuntimeEvent,
 )
+from meshletd.runtime.outcome import unit_phase
 from meshletd.runtime.runtime import ReplicaRuntime
 from meshletd.runtime.spec import ReplicaId, ReplicaSpec, Resources
 
@@ -232,11 +233,13 @@ async def contract_exit_while_away_is_reported_on_adoption(h: Harness) -> None:
     s = spec(h, workload="batch", args=("sh", "-c", "exit 4"))
     async with serving(first):
         assert isinstance(await first.start(s), ReplicaRunning)
-    # Let it end with nobody watching (the fake ends on its next look).
+    # Let it end with nobody watching (the fake ends on its next look). Ended, not merely
+    # no longer running: a unit still deactivating (ExecStop's `podman rm`, ExecStopPost)
+    # would rightly be adopted as a replica that is stopping.
     with trio.fail_after(h.end_timeout_s):
         while True:
             snap = await first.machine.unit_snapshot((await h.leftovers())["units"][0])
-            if snap.active_state != "active" or snap.sub_state != "running":
+            if unit_phase(snap) == "ended":
                 break
             await trio.sleep(0.05)
     second = h.runtime()

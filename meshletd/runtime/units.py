@@ -176,7 +176,7 @@ def memory_cgroup_dir(config: RuntimeConfig, unit: str) -> str:
 
 
 def replica_state_dir(config: RuntimeConfig, unit: str) -> str:
-    """Where the unit leaves its memory counters when it stops (owned by the user)."""
+    """Where the unit leaves its memory counters when it stops (root:meshlet 0770)."""
     return f"{config.state_dir}/{unit}"
 
 
@@ -230,6 +230,35 @@ def unit_properties(
         **({"User": config.user, "Group": str(config.gid)} if config.manager == "system" else {}),
         "StandardOutput": "journal",
         "StandardError": "journal",
+    }
+
+
+def podman_call_properties(
+    config: RuntimeConfig, args: Sequence[str], timeout_s: int
+) -> dict[str, object]:
+    """A transient unit that runs one podman command as the replica user, then ends.
+
+    meshletd's own podman calls (image check and pull, secrets, inspect, rm, ps) run here
+    rather than as meshletd's children: a child would inherit meshletd.service's sandbox,
+    which rootless podman cannot live in (setuid newuidmap, user namespaces, the user's
+    home). The adapter adds the stdio pipes (`Standard*FileDescriptor`: data such as a
+    secret goes through a pipe, never argv, a property or the journal) and how the unit is
+    kept until its exit status has been read.
+    """
+    argv = [config.podman, *args]
+    return {
+        "Description": f"meshletd: podman {' '.join(args[:2])}",
+        "Type": "exec",
+        "ExecStart": [(argv[0], argv, False)],
+        "WorkingDirectory": config.home,
+        "Environment": [f"{k}={v}" for k, v in config.user_env().items()],
+        **({"User": config.user, "Group": str(config.gid)} if config.manager == "system" else {}),
+        # A hung podman must not outlive the call that waits for it.
+        "RuntimeMaxUSec": timeout_s * 1_000_000,
+        # systemd's started/failed lines for every call would drown the journal (a missing
+        # image or secret is an expected non-zero exit); meshletd reports real failures
+        # with podman's own message. Errors of systemd itself (level err) still show.
+        "LogLevelMax": 3,
     }
 
 

@@ -37,6 +37,7 @@ from tests.system.hostenv import (
     build,
     remove_stale_hosts,
 )
+from tests.system.meshletd_unit import install_meshletd_unit
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = "meshletd.service"
@@ -48,14 +49,6 @@ CLUSTER = "commune"
 # The host's podman pause holder (dev/hostenv) is not a replica.
 NOT_REPLICAS = ("meshlet-podman-pause.service",)
 
-DROP_IN = f"""[Service]
-BindReadOnlyPaths={ROOT}
-ExecStartPre=
-ExecStartPre={VENV}/meshletd --check
-ExecStart=
-ExecStart={VENV}/meshletd
-RestartSec=1s
-"""
 
 T = TypeVar("T")
 _serial = itertools.count()
@@ -204,10 +197,11 @@ class Meshlet:
 class Commune:
     """Three meshlets (alice, bob, carol) on three booted hosts; see the module doc."""
 
-    def __init__(self, devnet: Any, meshlets: dict[str, Meshlet]) -> None:
+    def __init__(self, devnet: Any, meshlets: dict[str, Meshlet], *, trace: bool = False) -> None:
         self.devnet = devnet
         self.meshlets = meshlets
         self.hosts = [m.host for m in meshlets.values()]
+        self.trace = trace  # meshletd logs its timing trace (meshletd/trace.py)
 
     def __getitem__(self, person: str) -> Meshlet:
         return self.meshlets[person]
@@ -231,10 +225,12 @@ class Commune:
         contribution: dict[str, int] | None = None,
         scheduling: dict[str, int] | None = None,
         start: bool = True,
+        trace: bool = False,
     ) -> Commune:
         """Accounts for alice, bob and carol (+ meshlets), three booted hosts, meshletd
         installed and (with `start`) started on each. Host names default to
-        cm-a/cm-b/cm-c with a per-process suffix (test sessions run side by side)."""
+        cm-a/cm-b/cm-c with a per-process suffix (test sessions run side by side). With
+        `trace`, each meshletd logs the timing trace benches read (meshletd/trace.py)."""
         tag = tag or f"{os.getpid()}x{next(_serial)}"
         names = list(names or (f"cm-{c}-{tag}"[:31] for c in "abc"))
         contribution = contribution or {"milli_cpu": 1000, "memory_mib": 512, "max_replicas": 8}
@@ -262,7 +258,7 @@ class Commune:
                 dict(contribution),
                 dict(scheduling or {}),
             )
-        commune = cls(devnet, meshlets)
+        commune = cls(devnet, meshlets, trace=trace)
         try:
             for m in commune:
                 commune.install(m)
@@ -276,19 +272,11 @@ class Commune:
 
     def install(self, m: Meshlet) -> None:
         """The unit, its drop-in, meshlet.toml and the two app passwords on m's host."""
-        m.run(
-            "sh",
-            "-c",
-            "mkdir -p /etc/meshlet/credentials /etc/systemd/system/meshletd.service.d"
-            " && chmod 700 /etc/meshlet/credentials",
-            check=True,
-        )
-        m.write(f"/etc/systemd/system/{UNIT}", (ROOT / "systemd" / UNIT).read_text())
-        m.write(f"/etc/systemd/system/{UNIT}.d/commune.conf", DROP_IN)
+        extra = "RestartSec=1s" + ("\nEnvironment=MESHLET_TRACE=1" if self.trace else "")
+        install_meshletd_unit(m.host, name="commune.conf", extra=extra)
         m.write("/etc/meshlet/meshlet.toml", m.config(self.devnet))
         m.write("/etc/meshlet/credentials/meshlet-app-password", m.mesh.app_password, "600")
         m.write("/etc/meshlet/credentials/owner-app-password", m.owner.app_password, "600")
-        m.run("systemctl", "daemon-reload", check=True)
 
     # -- failures -----------------------------------------------------------------------
 

@@ -64,8 +64,57 @@ def _exec_args(
     return [*args, "--", *cmd]
 
 
+class _Host:
+    """What both kinds of host share: running a command given by `command()`."""
+
+    def command(
+        self,
+        *cmd: str,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        *cmd: str,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        check: bool = False,
+        timeout: float | None = 120,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `cmd` inside the host; stdout/stderr captured as text."""
+        return subprocess.run(
+            self.command(*cmd, user=user, env=env, cwd=cwd),
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            input=input,
+        )
+
+    async def arun(
+        self,
+        *cmd: str,
+        user: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """`run` for trio code: stdout/stderr captured as bytes."""
+        return await trio.run_process(
+            self.command(*cmd, user=user, env=env, cwd=cwd),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=check,
+        )
+
+
 @dataclass
-class NspawnHost:
+class NspawnHost(_Host):
     """A systemd host booted by `dev/hostenv up NAME` (an overlay of the base rootfs)."""
 
     name: str
@@ -124,45 +173,9 @@ class NspawnHost:
         """The argv that runs `cmd` inside the host (for trio.run_process and friends)."""
         return [str(HOSTENV), "exec", self.name, *_exec_args(cmd, user, env, cwd)]
 
-    def run(
-        self,
-        *cmd: str,
-        user: str | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        check: bool = False,
-        timeout: float | None = 120,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run `cmd` inside the host; stdout/stderr captured as text."""
-        return subprocess.run(
-            self.command(*cmd, user=user, env=env, cwd=cwd),
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=timeout,
-            input=input,
-        )
-
-    async def arun(
-        self,
-        *cmd: str,
-        user: str | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        check: bool = False,
-    ) -> subprocess.CompletedProcess[bytes]:
-        """`run` for trio code: stdout/stderr captured as bytes."""
-        return await trio.run_process(
-            self.command(*cmd, user=user, env=env, cwd=cwd),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=check,
-        )
-
 
 @dataclass
-class LocalHost:
+class LocalHost(_Host):
     """This machine, when its PID 1 is systemd: commands run as transient units here.
 
     It needs what the base rootfs has (user meshlet with rootless podman, the image
@@ -189,40 +202,6 @@ class LocalHost:
         if os.geteuid() != 0:
             argv = ["sudo", *argv]
         return [*argv, "--", *cmd]
-
-    def run(
-        self,
-        *cmd: str,
-        user: str | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        check: bool = False,
-        timeout: float | None = 120,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.command(*cmd, user=user, env=env, cwd=cwd),
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=timeout,
-            input=input,
-        )
-
-    async def arun(
-        self,
-        *cmd: str,
-        user: str | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        check: bool = False,
-    ) -> subprocess.CompletedProcess[bytes]:
-        return await trio.run_process(
-            self.command(*cmd, user=user, env=env, cwd=cwd),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=check,
-        )
 
     def down(self) -> None:
         """Nothing to power off: this is the machine the tests run on."""

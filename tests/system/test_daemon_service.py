@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.system.hostenv import LocalHost, NspawnHost, host_kind
+from tests.system.meshletd_unit import UNIT, VENV, install_meshletd_unit, remove_meshletd_unit
 
-ROOT = Path(__file__).resolve().parents[2]
-UNIT = "meshletd.service"
-VENV = "/opt/meshlet-venv/bin"
 CTL = f"{VENV}/meshletctl"
 
+# Port 0: the hosts share this machine's network, other test runs may hold any fixed port.
 CONFIG = """
 did = "did:plc:alicemesh"
 owner = "did:plc:alice"
@@ -25,19 +23,11 @@ backend = "memory"
 name = "friends"
 members = ["did:plc:bob"]
 [listen]
-xrpc = "127.0.0.1:2585"
+xrpc = "127.0.0.1:0"
 """
 
-# The packaged unit runs /usr/bin/meshletd; here the project's venv provides it, installed
-# editable from the project folder, which the unit's PrivateTmp/ProtectHome would hide when
-# the checkout lives under /tmp or /root (CI clones anywhere): bind it in read-only. A short
-# watchdog keeps the stall test quick.
-DROP_IN = f"""[Service]
-BindReadOnlyPaths={ROOT}
-ExecStartPre=
-ExecStartPre={VENV}/meshletd --check
-ExecStart=
-ExecStart={VENV}/meshletd
+# A short watchdog keeps the stall test quick.
+EXTRA = """
 WatchdogSec=3s
 RestartSec=1s
 """
@@ -68,21 +58,11 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def host(systemd_host: Host) -> Iterator[Host]:
     h = systemd_host
-    h.run(
-        "sh",
-        "-c",
-        "mkdir -p /etc/meshlet/credentials /etc/systemd/system/meshletd.service.d"
-        " && chmod 700 /etc/meshlet/credentials",
-        check=True,
-    )
-    write(h, f"/etc/systemd/system/{UNIT}", (ROOT / "systemd" / UNIT).read_text())
-    write(h, f"/etc/systemd/system/{UNIT}.d/test.conf", DROP_IN)
+    install_meshletd_unit(h, extra=EXTRA)
     write(h, "/etc/meshlet/meshlet.toml", CONFIG)
-    h.run("systemctl", "daemon-reload", check=True)
     yield h
     h.run("systemctl", "stop", UNIT)
-    h.run("rm", "-rf", f"/etc/systemd/system/{UNIT}", f"/etc/systemd/system/{UNIT}.d")
-    h.run("systemctl", "daemon-reload")
+    remove_meshletd_unit(h)
 
 
 @pytest.fixture

@@ -6,28 +6,19 @@ leaves it running and adopts it (no duplicate); `meshletctl stop` removes it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.system.hostenv import LocalHost, NspawnHost, host_kind
+from tests.system.meshletd_unit import UNIT, VENV, install_meshletd_unit, remove_meshletd_unit
 
-ROOT = Path(__file__).resolve().parents[2]
-UNIT = "meshletd.service"
-VENV = "/opt/meshlet-venv/bin"
 CTL = f"{VENV}/meshletctl"
-# The checkout is bound in: CI clones under /tmp, which the unit's PrivateTmp hides.
-DROP_IN = f"""[Service]
-BindReadOnlyPaths={ROOT}
-ExecStartPre=
-ExecStartPre={VENV}/meshletd --check
-ExecStart=
-ExecStart={VENV}/meshletd
-"""
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="installs a unit and /etc/meshlet: booted test hosts only"
@@ -75,34 +66,18 @@ members = []
 [listen]
 xrpc = "127.0.0.1:0"
 """
-    h.run(
-        "sh",
-        "-c",
-        "mkdir -p /etc/meshlet/credentials /etc/systemd/system/meshletd.service.d"
-        " && chmod 700 /etc/meshlet/credentials",
-        check=True,
-    )
-    write(h, f"/etc/systemd/system/{UNIT}", (ROOT / "systemd" / UNIT).read_text())
-    write(h, f"/etc/systemd/system/{UNIT}.d/test.conf", DROP_IN)
+    install_meshletd_unit(h)
     write(h, "/etc/meshlet/meshlet.toml", config)
     write(h, "/etc/meshlet/credentials/meshlet-app-password", mesh.app_password, "600")
     write(h, "/etc/meshlet/credentials/owner-app-password", owner.app_password, "600")
-    h.run("systemctl", "daemon-reload", check=True)
     h.run("systemctl", "reset-failed", UNIT)
     start = h.run("systemctl", "start", UNIT)
     assert start.returncode == 0, start.stderr + journal(h)
     yield h
     h.run("systemctl", "stop", UNIT)
     h.run("sh", "-c", "systemctl stop 'meshlet-*' 2>/dev/null; true")
-    h.run(
-        "rm",
-        "-rf",
-        f"/etc/systemd/system/{UNIT}",
-        f"/etc/systemd/system/{UNIT}.d",
-        "/etc/meshlet/credentials",
-        "/etc/meshlet/meshlet.toml",
-    )
-    h.run("systemctl", "daemon-reload")
+    h.run("rm", "-rf", "/etc/meshlet/credentials", "/etc/meshlet/meshlet.toml")
+    remove_meshletd_unit(h)
 
 
 def replica_here(host: Host, name: str) -> dict | None:
@@ -167,4 +142,40 @@ def test_a_workload_runs_survives_a_meshletd_restart_and_stops(host: Host) -> No
 
     stop = host.run(CTL, "stop", "sleeper")
     assert stop.returncode == 0, stop.stderr
+    wait_for(lambda: not meshlet_units(host), 60, "the replica's unit to go")
+
+
+def test_a_secret_reaches_the_container_and_nothing_else(host: Host) -> None:
+    value = f"s3cret-{os.getpid()}-{time.time_ns()}"
+    write(host, "/root/token", value, "600")
+    run = host.run(
+        CTL,
+        "run",
+        "localhost/busybox:latest",
+        "--name",
+        "vault",
+        "--secret",
+        "token=@/root/token",
+        "--",
+        "sh",
+        "-c",
+        "sha256sum /run/secrets/token; exec sleep 600",
+    )
+    assert run.returncode == 0, run.stderr + journal(host)
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    try:
+        wait_for(lambda: replica_here(host, "vault") is not None, 60, "the replica to run")
+        unit = replica_here(host, "vault")["unit"]
+        wait_for(
+            lambda: digest in host.run("journalctl", "-u", unit, "-o", "cat").stdout,
+            30,
+            "the container to read its secret",
+        )
+        # Not in the replica's unit, not in meshletd's journal, not on a command line.
+        assert value not in host.run("systemctl", "show", unit).stdout
+        assert value not in host.run("journalctl", "-u", UNIT, "--no-pager").stdout
+        assert value not in host.run("sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+    finally:
+        host.run(CTL, "stop", "vault")
+        host.run("rm", "-f", "/root/token")
     wait_for(lambda: not meshlet_units(host), 60, "the replica's unit to go")

@@ -98,6 +98,17 @@ def test_lintian_finds_no_errors_in_the_deb(packages: Packages) -> None:
     )
     errors = [t for t in tags if t.startswith("E: ")]
     assert not errors, f"lintian errors (see {path}):\n" + "\n".join(errors)
+    # Every program has its man page (packaging/man), and lintian can read them.
+    assert "no-manual-page" not in proc.stdout and "manpage-has" not in proc.stdout, proc.stdout
+    listing = sh("dpkg-deb", "-c", packages.deb).stdout
+    for doc in (
+        "./usr/share/man/man8/meshletd.8.gz",
+        "./usr/share/man/man1/meshletctl.1.gz",
+        "./usr/share/man/man5/meshlet.toml.5.gz",
+        "./usr/share/doc/meshlet/cli.md",
+        "./usr/share/doc/meshlet/packaging.md",
+    ):
+        assert doc in listing, doc
 
 
 def test_rpm_declares_its_interpreter_config_file_and_scripts(packages: Packages) -> None:
@@ -150,6 +161,12 @@ def test_rpm_declares_its_interpreter_config_file_and_scripts(packages: Packages
         "/usr/lib/systemd/user/default.target.wants/meshlet-podman-pause.service",
     ):
         assert path in by_name, path
+    for page in (
+        "/usr/share/man/man8/meshletd.8.gz",
+        "/usr/share/man/man1/meshletctl.1.gz",
+        "/usr/share/man/man5/meshlet.toml.5.gz",
+    ):
+        assert "d" in by_name[page][0], page  # %doc
     # rpmlint: only what the package means to do (root-only credentials) or cannot do here
     # (sign: no key on a dev machine).
     accepted = {"no-signature", "non-standard-dir-perm"}
@@ -227,6 +244,7 @@ MADE = (
     "/var/lib/meshlet",
     "/var/lib/meshlet-podman",
     "/run/meshlet",
+    "/run/meshlet-replicas",
     "/var/lib/systemd/linger/meshlet",
 )
 # Outside these, the host's files before the install and after purge + autoremove must match.

@@ -266,3 +266,69 @@ async def test_anti_entropy_skips_a_repo_the_firehose_kept_in_sync():
         await fh.resync(alice.did, force=False)
         assert reader.listings == 2  # a gap: list again
         nursery.cancel_scope.cancel()
+
+
+async def test_a_hinted_record_arrives_before_the_firehose_and_only_once():
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    server = FakeServer()
+    seen = []
+
+    async def sink(ev):
+        seen.append(ev)
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        backoff=Backoff(0.01, 0.05),
+        connect=server.connect,
+        anti_entropy_every_s=3600,
+        reader=CountingRepos(alice),
+    )
+    coll = "commune.scheduler.membership"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did, resync=False)
+        frame = alice.put(coll, "b", membership(["did:plc:bob"]))  # committed, not yet sent
+        cid = cid_str(alice.records[f"{coll}/b"])
+        assert not fh.hint("did:plc:stranger", coll, "b", cid)  # a repo we do not follow
+        assert not fh.hint(alice.did, "app.bsky.feed.post", "b", cid)  # nor this collection
+        assert fh.hint(alice.did, coll, "b", cid)
+        with trio.fail_after(5):
+            while not seen:
+                await trio.sleep(0.01)
+        assert seen[0].source == "hint" and seen[0].record["members"] == ["did:plc:bob"]
+        assert not fh.hint(alice.did, coll, "b", cid)  # held already: nothing to read
+        await server.send.send(frame)  # the firehose's copy of the same change
+        with trio.fail_after(5):
+            while fh.subscriptions[PDS].cursor is None:
+                await trio.sleep(0.01)
+        assert len(seen) == 1 and fh.hinted == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_hints_beyond_the_read_budget_are_ignored():
+    from meshletd.atproto import firehose as fh_mod
+
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+
+    async def sink(ev):
+        pass
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        connect=FakeServer().connect,
+        anti_entropy_every_s=3600,
+        reader=CountingRepos(alice),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did, resync=False)
+        coll = "commune.scheduler.membership"
+        taken = [fh.hint(alice.did, coll, f"r{i}", None) for i in range(fh_mod.HINT_BURST + 10)]
+        assert taken.count(True) == fh_mod.HINT_BURST  # a flood costs at most the burst
+        nursery.cancel_scope.cancel()

@@ -94,3 +94,43 @@ def test_invalid_toml_and_missing_file_name_the_file(tmp_path: Path) -> None:
 
 def test_config_error_has_its_own_exit_code() -> None:
     assert ConfigError("x").exit_code == 9
+
+
+def test_scheduling_defaults_are_the_protocol_s_timing(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from meshletd.core.timing import DEFAULT_TIMING
+
+    # One local knob differs: the daemon bids 10 ms after a workload arrives (the core's
+    # default batch is 50 ms; it is on the publish -> running path).
+    expected = replace(DEFAULT_TIMING, bid_batch_ms=10)
+    assert config.load(write(tmp_path, GOOD)).scheduling.timing() == expected
+
+
+def test_scheduling_settings_reach_the_scheduler_s_timing(tmp_path: Path) -> None:
+    text = GOOD + "[scheduling]\nusage_period_ms = 5000\nhalf_life_ms = 60000\nskew_ms = 100\n"
+    t = config.load(write(tmp_path, text)).scheduling.timing()
+    assert (t.usage_period_ms, t.half_life_ms, t.skew_ms) == (5000, 60000, 100)
+    assert t.grace_ms == 1500 and t.settle_ms == 2 * 100 + 1500
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("usage_period_ms = 0", "scheduling.usage_period_ms"),
+        ("watchers = 12", "scheduling.watchers"),
+        ('grace_ms = "fast"', "scheduling.grace_ms"),
+        ("max_skew_ms = 2000", "scheduling.max_skew_ms: unknown key"),
+    ],
+)
+def test_bad_scheduling_settings_name_the_key(tmp_path: Path, setting: str, key: str) -> None:
+    p = write(tmp_path, GOOD + f"[scheduling]\n{setting}\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert f"{p}: {key}" in e.value.message
+
+
+def test_a_half_life_shorter_than_a_usage_period_is_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD + "[scheduling]\nusage_period_ms = 60000\nhalf_life_ms = 5000\n")
+    with pytest.raises(ConfigError, match=r"scheduling\.half_life_ms: .*usage_period_ms"):
+        config.load(p)

@@ -8,29 +8,73 @@ from meshletctl import parse
 
 
 @pytest.mark.parametrize(
-    ("text", "milli"), [("1", 1000), ("0.5", 500), ("250m", 250), ("2.125", 2125), ("0", 0)]
+    ("text", "milli"),
+    [
+        ("200", 200),  # the issue's `--cpu 200`: a bare integer is milli-CPU (Nomad-like)
+        ("200m", 200),
+        ("1000", 1000),
+        ("0.5", 500),
+        (".25", 250),
+        ("1.5", 1500),
+        ("2.0", 2000),
+        ("2.125", 2125),
+        ("0", 0),
+        ("5m", 5),
+    ],
 )
 def test_cpu_amounts(text: str, milli: int) -> None:
     assert parse.milli_cpu(text) == milli
 
 
-@pytest.mark.parametrize("text", ["", "lots", "1.5m", "-1", "0.0001"])
-def test_bad_cpu_amounts(text: str) -> None:
-    with pytest.raises(parse.ParseError):
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "milli-CPU"),
+        ("lots", "milli-CPU"),
+        ("1.5m", "milli-CPU"),
+        ("-1", "milli-CPU"),
+        ("200mm", "milli-CPU"),
+        ("0.0001", "finer than one milli-CPU"),
+        ("2", "write 2.0"),  # surely meant two cores: refused, not guessed
+        ("2000000", "more than 1024 cores"),
+    ],
+)
+def test_bad_cpu_amounts_say_what_is_wrong(text: str, why: str) -> None:
+    with pytest.raises(parse.ParseError, match=why):
         parse.milli_cpu(text)
 
 
 @pytest.mark.parametrize(
     ("text", "mib"),
-    [("256", 256), ("256Mi", 256), ("1G", 1024), ("1Gi", 1024), ("512Ki", 1), ("1.5Gi", 1536)],
+    [
+        ("64", 64),  # the issue's `--memory 64`: a bare number is MiB
+        ("256Mi", 256),
+        ("256M", 256),
+        ("1G", 1024),
+        ("1Gi", 1024),
+        ("1.5Gi", 1536),
+        ("8192Ki", 8),
+        ("6.5", 7),
+    ],
 )
 def test_memory_amounts(text: str, mib: int) -> None:
     assert parse.memory_mib(text) == mib
 
 
-def test_bad_memory_amount() -> None:
-    with pytest.raises(parse.ParseError):
-        parse.memory_mib("a lot")
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("a lot", "give MiB"),
+        ("-64", "give MiB"),
+        ("64Xi", "give MiB"),
+        ("0", "at least 6 MiB"),
+        ("512Ki", "at least 6 MiB"),
+        ("20Ti", "more than 16 TiB"),
+    ],
+)
+def test_bad_memory_amounts_say_what_is_wrong(text: str, why: str) -> None:
+    with pytest.raises(parse.ParseError, match=why):
+        parse.memory_mib(text)
 
 
 def test_names_from_images() -> None:

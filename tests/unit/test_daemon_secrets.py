@@ -92,7 +92,10 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
     node.view.owners[WINNER] = node.view.owners[WINNER].model_copy(
         update={"owner_did": "did:plc:bob"}
     )
-    end = int(time.time() * 1000) - 1000
+    # A period that ended before the current one began: the ledger is computed at the start
+    # of the current usage period, as the core does for its bids.
+    now = int(time.time() * 1000)
+    end = now - now % node.cfg.scheduling.usage_period_ms - 1000
     ev = SimpleNamespace(
         did=WINNER,
         collection="commune.scheduler.usage",
@@ -129,3 +132,28 @@ def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
     (replica,) = node.workload(URI)["running"]
     assert replica["meshletDid"] == WINNER and replica["state"] == "failed"
     assert replica["exitCode"] == 4 and replica["round"] == 0
+
+
+def test_a_drained_meshlet_still_publishes_its_encryption_key() -> None:
+    """The core rewrites meshletOwner on drain/undrain; the key must survive it, or the
+    owner's meshlet refuses every secret to this meshlet ("publishes no encryption key")."""
+    from meshletd.atproto.lexicon import validate_record
+    from meshletd.core.records import MeshletOwner as CoreOwner
+    from meshletd.core.records import record_to_json
+
+    cfg = Config(did=ME, owner=OWNER, pds="http://127.0.0.1:1", clusters=[Cluster(name="home")])
+    node = AtprotoNode(cfg, Credentials(), MemoryStore())
+    drained = CoreOwner(
+        uri=f"at://{ME}/commune.scheduler.meshletOwner/self",
+        meshlet=ME,
+        owner=OWNER,
+        milli_cpu=1000,
+        memory_mib=1024,
+        state="draining",
+        state_since=1_700_000_000_000,
+    )
+    value = node._complete_owner_record(record_to_json(drained))
+    validate_record("commune.scheduler.meshletOwner", value)
+    assert value["encryptionKey"] == node.key.public_b64
+    assert value["state"] == "draining" and value["capacity"]["storageMiB"] == 10_240
+    assert "endpoint" not in value  # none configured: no empty string the lexicon refuses

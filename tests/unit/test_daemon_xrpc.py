@@ -290,6 +290,7 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
         running.unix.get(ctl + "listMembers"),
         running.unix.get(ctl + "getBids", params={"uri": uri}),
         running.unix.get(ctl + "getBalance"),
+        running.unix.get(ctl + "getHandles"),
     ]
     for call in calls:
         resp = await call  # the response hook validates the output against the lexicon
@@ -297,7 +298,14 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
     names = {m.nsid for m in running.daemon.app.methods.values()}
     assert {n for n in names if n.startswith("farm.meshlet.ctl.")} == {
         "farm.meshlet.ctl." + m
-        for m in ("getStatus", "listMembers", "createWorkload", "getBids", "getBalance")
+        for m in (
+            "getStatus",
+            "listMembers",
+            "createWorkload",
+            "getBids",
+            "getBalance",
+            "getHandles",
+        )
     }
 
 

@@ -26,3 +26,18 @@ def test_a_hybrid_cgroup_layout_counts_as_v1(tmp_path: Path) -> None:
     assert not detect_cgroup_v2(str(tmp_path))
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     assert detect_cgroup_v2(str(tmp_path))
+
+
+def test_a_podman_call_has_ended_only_once_its_unit_ran_and_stopped() -> None:
+    from meshletd.runtime.outcome import UnitSnapshot
+    from meshletd.runtime.systemd import _call_ended
+
+    loaded = {"name": "u", "load_state": "loaded"}
+    # StartTransientUnit returned, the start job has not run yet: inactive but not ended.
+    assert not _call_ended(UnitSnapshot(**loaded, job_pending=True))
+    assert not _call_ended(UnitSnapshot(**loaded, active_state="active", sub_state="running"))
+    assert _call_ended(UnitSnapshot(**loaded, active_state="inactive", sub_state="dead"))
+    assert _call_ended(UnitSnapshot(**loaded, active_state="failed", sub_state="failed"))
+    # RemainAfterExit (a user manager's calls): active/exited is the end.
+    assert _call_ended(UnitSnapshot(**loaded, active_state="active", sub_state="exited"))
+    assert _call_ended(UnitSnapshot("u"))  # gone

@@ -144,3 +144,30 @@ def test_under_the_user_manager_units_have_no_user_and_counters_come_from_its_cg
         "/sys/fs/cgroup/memory/user.slice/user-1000.slice/user@1000.service/meshlet.slice/"
         "u.service/memory.oom_control"
     ) in save
+
+
+def test_a_podman_call_runs_as_the_replica_user_in_a_unit_of_its_own() -> None:
+    from fnmatch import fnmatch
+
+    from meshletd.runtime.naming import UNIT_PATTERN, podman_call_unit
+    from meshletd.runtime.units import podman_call_properties
+
+    unit = podman_call_unit("0123456789abcdef")
+    assert unit == "meshletd-podman-0123456789abcdef.service"
+    # Never taken for a replica: adoption lists units by UNIT_PATTERN.
+    assert not fnmatch(unit, UNIT_PATTERN) and not is_replica_unit(unit)
+
+    props = podman_call_properties(CONFIG, ["secret", "create", "c.db", "-"], 120)
+    assert props["Type"] == "exec"
+    assert props["ExecStart"] == [
+        (CONFIG.podman, [CONFIG.podman, "secret", "create", "c.db", "-"], False)
+    ]
+    assert props["User"] == CONFIG.user and props["WorkingDirectory"] == CONFIG.home
+    assert f"XDG_RUNTIME_DIR={CONFIG.runtime_dir}" in props["Environment"]  # type: ignore[operator]
+    assert props["RuntimeMaxUSec"] == 120_000_000
+    assert props["LogLevelMax"] == 3
+    # Its stdio is the adapter's business (pipes), never data in a property.
+    assert not any(k.startswith("Standard") for k in props)
+
+    user = podman_call_properties(replace(CONFIG, manager="user"), ["ps"], 5)
+    assert "User" not in user and "Group" not in user
