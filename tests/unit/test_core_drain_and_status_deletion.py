@@ -4,6 +4,9 @@ around a drain, and its second host stopped its copy before the third was runnin
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from meshletd.core import (
     MeshletIdentity,
     PutRecord,
@@ -30,6 +33,7 @@ from meshletd.core.records import (
 from meshletd.core.scheduler import status_rkey
 
 from .core_helpers import CPU, MEM, T0, bid, cluster_records, feed, mesh, observer, owner, workload
+from .test_core_placement_properties import scenarios
 
 CLOSE = T0 + 2000 + 2000  # createdAt + bidWindowMs + settle
 DRAIN = T0 + 500  # just after the round-0 bids, before round 0's close
@@ -259,3 +263,35 @@ def test_republishing_our_record_at_start_keeps_the_drain_history() -> None:
     value = {"state": "active", "createdAt": now}
     keep_state_history(None, value)
     assert value == {"state": "active", "createdAt": now, "stateSince": now}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scenarios(),
+    st.integers(0, 7),
+    st.integers(-1000, 25_000),
+    st.integers(0, 100_000),
+    st.randoms(use_true_random=False),
+)
+def test_an_undrain_never_changes_the_placement_of_closed_rounds(scen, k, d, u, rnd) -> None:
+    # Any meshlet drains at any time around the rounds and undrains after they all closed:
+    # an observer that saw the drain keeps its placement after the undrain, and agrees with
+    # one that only ever saw the undrained record (in any order).
+    n, wl, bids = scen
+    k %= n
+    drain_at, undrain_at = T0 + d, T0 + 30_000 + u
+    base = [*cluster_records(n), wl, *bids]
+    seen = observer()
+    feed(seen, [*base, owner_record(k, "draining", drain_at)])
+    seen.handle(Tick(T0 + 30_000))
+    before = seen.placement()
+    undrained = owner_record(k, "active", undrain_at, [(drain_at, undrain_at)])
+    feed(seen, [as_published(undrained)])
+    seen.handle(Tick(undrain_at + 1000))
+    assert seen.placement() == before
+    late = observer()
+    records = [r for r in base if getattr(r, "uri", "") != undrained.uri] + [undrained]
+    rnd.shuffle(records)
+    feed(late, records)
+    late.handle(Tick(undrain_at + 1000))
+    assert late.placement() == before
