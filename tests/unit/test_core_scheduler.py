@@ -87,6 +87,9 @@ def test_a_lost_host_is_probed_then_its_slot_reoffered_in_a_new_round() -> None:
             break
     else:
         raise AssertionError("nobody watches mesh(0)")
+    for probe in of(out, ProbePeer):  # the other watched peers answer
+        if probe.meshlet != mesh(0):
+            core.handle(ProbeResult(probe.meshlet, ok=True))
     out = []
     for _ in range(3):
         out += core.handle(ProbeResult(mesh(0), ok=False))
@@ -219,3 +222,26 @@ def test_a_draining_meshlet_that_learns_late_it_won_reoffers_the_slot_instead_of
     out = core.handle(Tick(a + 13_000))
     assert of(out, StartReplica) == []
     assert not [a for a in of(out, PutRecord) if isinstance(a.record, Bid)]  # once, not per tick
+
+
+def test_a_cut_off_watcher_opens_no_round_until_a_peer_answers() -> None:
+    # Chaos seed 123: a meshlet cut off with its ring neighbours suspected them one by one;
+    # each suspicion added a never-probed peer to its watch list, which counted as alive, so
+    # the cut-off meshlet opened a round whose bid (held back, delivered at heal) moved the
+    # anchor of the round the real watchers opened later.
+    for me in range(1, 6):
+        core, _wl = placed_core(me, n=6)
+        out = core.handle(Tick(CLOSE))
+        if ProbePeer(mesh(0)) in out:
+            break
+    else:
+        raise AssertionError("nobody watches mesh(0)")
+    opened = []
+    for _ in range(3):  # every probe fails: we are the one cut off
+        for probe in of(out, ProbePeer):
+            opened += of(core.handle(ProbeResult(probe.meshlet, ok=False)), PutRecord)
+    assert not [a for a in opened if isinstance(a.record, Bid)]
+    # A peer answers: we were not cut off after all, and the suspicion is acted on.
+    out = core.handle(ProbeResult(of(out, ProbePeer)[-1].meshlet, ok=True))
+    bids = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert (1, 0) in [(b.round, b.slot) for b in bids]
