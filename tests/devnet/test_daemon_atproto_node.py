@@ -162,6 +162,21 @@ async def test_drain_and_undrain_publish_the_meshlet_state(setup: Setup) -> None
     assert rec["state"] == "draining"
     r = await setup.ctl.post("/farm.meshlet.undrain", json={})
     assert r.json() == {"state": "active"}
+    # The undrain records the drain it ends (docs/protocol.md, section 4) and keeps the
+    # fields the scheduler core does not model.
+    with trio.fail_after(30):
+        while True:
+            after = await get_record(
+                setup.alice_mesh.pds_url,
+                setup.alice_mesh.did,
+                "commune.scheduler.meshletOwner",
+                "self",
+            )
+            if after is not None and after["state"] == "active":
+                break
+            await trio.sleep(0.1)
+    assert after["drains"] == [{"since": rec["stateSince"], "until": after["stateSince"]}]
+    assert after["encryptionKey"] == rec["encryptionKey"]
 
 
 async def test_with_a_runtime_the_published_workload_runs_here(
