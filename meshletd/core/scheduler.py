@@ -489,7 +489,12 @@ class Scheduler:
             self._usages[rec.uri] = rec
             self._note_mine(rec.uri)
         elif isinstance(rec, MeshletOwner):
-            if self.cluster.owners.get(rec.meshlet) == rec:
+            old = self.cluster.owners.get(rec.meshlet)
+            if old == rec:
+                if rec.meshlet == self.me.did and old.extra != rec.extra:
+                    # Only fields the core does not model changed (the daemon published a
+                    # new version or key): keep them for our next rewrite, decide nothing.
+                    self.cluster.owners[rec.meshlet] = rec
                 return
             self.cluster.put_owner(rec)
             self._note_mine(rec.uri)

@@ -295,3 +295,26 @@ def test_an_undrain_never_changes_the_placement_of_closed_rounds(scen, k, d, u, 
     feed(late, records)
     late.handle(Tick(undrain_at + 1000))
     assert late.placement() == before
+
+
+def test_draining_keeps_the_newest_fields_the_daemon_published() -> None:
+    # The daemon republishes our record with a new version (an upgrade): the placement
+    # fields are the same, but the next drain must carry the new version, not the old one.
+    uri = at_uri(mesh(0), NSID_MESHLET_OWNER, "self")
+    value = {
+        "$type": NSID_MESHLET_OWNER,
+        "ownerDid": owner(0),
+        "state": "active",
+        "stateSince": format_datetime_ms(T0 - 1),
+        "capacity": {"milliCpu": CPU, "memoryMiB": MEM},
+        "arch": "amd64",
+        "version": "0.9.1",
+        "createdAt": format_datetime_ms(T0 - 1),
+    }
+    core = Scheduler(MeshletIdentity(mesh(0), owner(0), CPU, MEM))
+    core.handle(Tick(T0))
+    feed(core, [r for r in cluster_records(2) if getattr(r, "uri", "") != uri])
+    feed(core, [record_from_json(uri, "cid", value)])
+    feed(core, [record_from_json(uri, "cid2", {**value, "version": "0.9.2"})])
+    (rec,) = my_owner_records(core.handle(SetDraining(True)))
+    assert record_to_json(rec)["version"] == "0.9.2"
