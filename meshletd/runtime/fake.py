@@ -25,7 +25,7 @@ from meshletd.runtime.events import Usage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.runtime import ReplicaRuntime
-from meshletd.runtime.units import LABEL, RuntimeConfig
+from meshletd.runtime.units import INFINITY, LABEL, RuntimeConfig
 
 _EXIT_RE = re.compile(r"^\s*exit\s+(\d+)\s*$")
 
@@ -51,6 +51,7 @@ class FakeUnit:
     result: str = "success"
     main_code: int = 0
     main_status: int = 0
+    start_post_failed: bool = False
 
     @property
     def environment(self) -> tuple[str, ...]:
@@ -73,6 +74,10 @@ class FakeMachine:
     behaviours: dict[tuple[str, ...], str] = field(default_factory=dict)
     cpu_ms_per_look: int = 10
     started: int = 0
+    # Test controls: the unit's ExecStartPost (systemctl set-property) fails; a
+    # SetUnitProperties from the runtime fails.
+    start_post_fails: bool = False
+    set_quota_fails: bool = False
 
     # ---- test controls ---------------------------------------------------------------
 
@@ -181,6 +186,20 @@ class FakeMachine:
         self.containers[name] = FakeContainer(
             name, image, args, labels, {s: self.secrets[s] for s in secrets}
         )
+        # ExecStartPost: the workload's own CPU quota, before the unit is "active".
+        for _path, post, _flags in properties.get("ExecStartPostEx", []):  # type: ignore[attr-defined]
+            if self.start_post_fails:
+                # systemd SIGTERMs the unit (no ExecStop: it never was active), the
+                # container is left exited (143), the unit stays failed (as seen on a host).
+                c = self.containers[name]
+                c.status, c.exit_code = "exited", 143
+                fake.active_state, fake.sub_state, fake.result = "failed", "failed", "exit-code"
+                fake.main_code, fake.main_status = CLD_EXITED, 143
+                fake.start_post_failed = True
+                return
+            quota = post[-1].removeprefix("CPUQuota=").removesuffix("%")
+            whole, _, tenth = quota.partition(".")
+            fake.properties["CPUQuotaPerSecUSec"] = (int(whole) * 10 + int(tenth or 0)) * 1000
 
     async def unit_snapshot(self, unit: str) -> UnitSnapshot:
         await trio.lowlevel.checkpoint()
@@ -198,6 +217,7 @@ class FakeMachine:
             u.main_status,
             1 if u.sub_state == "running" else 0,
             u.environment,
+            start_post_failed=u.start_post_failed,
         )
 
     async def list_units(self, pattern: str) -> list[str]:
@@ -229,6 +249,20 @@ class FakeMachine:
         c = self.containers.get(_container_of(u))
         looks = c.looks if c else 0
         return Usage(cpu_ms=looks * self.cpu_ms_per_look, peak_memory_bytes=8 << 20)
+
+    async def cpu_quota_usec(self, unit: str) -> int | None:
+        await trio.lowlevel.checkpoint()
+        u = self.units.get(unit)
+        return None if u is None else int(u.properties.get("CPUQuotaPerSecUSec", INFINITY))  # type: ignore[call-overload]
+
+    async def set_cpu_quota_usec(self, unit: str, usec: int) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.set_quota_fails:
+            raise MachineError(f"systemd: Access denied (SetUnitProperties {unit})")
+        u = self.units.get(unit)
+        if u is None:
+            raise MachineError(f"Unit {unit} not loaded.")
+        u.properties["CPUQuotaPerSecUSec"] = usec
 
     # ---- internals ----------------------------------------------------------------------
 

@@ -41,6 +41,8 @@ class UnitSnapshot:
     main_pid: int = 0
     environment: tuple[str, ...] = ()
     job_pending: bool = False
+    # The unit's ExecStartPost (setting the workload's CPU quota) ran and failed.
+    start_post_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,15 @@ def end_event(
         return ReplicaStopped(replica, name, usage)
     if unit.result == "oom-kill" or oom_counted or (container and container.oom_killed):
         return ReplicaOomKilled(replica, name, usage)
+    if not ran and unit.start_post_failed:
+        return ReplicaFailed(
+            replica,
+            name,
+            UnitStartFailed.name,
+            "the workload's CPU quota could not be set (the unit's ExecStartPost, systemctl "
+            f"set-property, failed), so systemd stopped it; see journalctl -u {name}",
+            usage,
+        )
     if not ran:
         why = f"unit result {unit.result!r}"
         if unit.main_code == CLD_EXITED:

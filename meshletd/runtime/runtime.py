@@ -46,8 +46,10 @@ from meshletd.runtime.spec import (
     validate_spec,
 )
 from meshletd.runtime.units import (
+    INFINITY,
     LABEL,
     RuntimeConfig,
+    cpu_quota_per_sec_usec,
     identity_from_environment,
     slice_properties,
     unit_properties,
@@ -71,6 +73,7 @@ class _Replica:
     container: str
     revision: str
     secrets: list[str] = field(default_factory=list)
+    milli_cpu: int | None = None  # the workload's CPU limit (None: unknown, not checked)
     ran: bool = False
     stop_requested: bool = False
     usage: Usage = field(default_factory=Usage)
@@ -149,6 +152,10 @@ class ReplicaRuntime:
         if unit_phase(found) in ("starting", "running"):
             # Someone (an earlier meshletd) started it and we did not adopt it yet.
             rep = self._track(spec.replica, unit, container, spec.revision or "", ran=True)
+            rep.milli_cpu = spec.resources.milli_cpu
+            async with rep.lock:
+                if failed := await self._enforce_cpu_limit(rep):
+                    return failed
             return ReplicaRunning(rep.replica, unit, adopted=True, revision=spec.revision or "")
         if unit_phase(found) != "gone":
             # An ended, unreported unit of the same name: report it, then start afresh.
@@ -157,7 +164,9 @@ class ReplicaRuntime:
                 await self._finish(rep)
 
         self._emit(ReplicaStarting(spec.replica, unit))
-        rep = _Replica(spec.replica, unit, container, spec.revision or "")
+        rep = _Replica(
+            spec.replica, unit, container, spec.revision or "", milli_cpu=spec.resources.milli_cpu
+        )
         t0 = self._clock()
         if failed := await self._ensure_image(rep, spec.image):
             return failed
@@ -211,12 +220,16 @@ class ReplicaRuntime:
             rep = self._track(
                 ident.replica, unit, ident.container, ident.revision, ran=phase == "running"
             )
+            rep.milli_cpu = ident.milli_cpu
             if phase in ("starting", "running", "stopping"):
                 log.info("adopted replica %s (unit %s)", ident.replica, unit)
                 # /run may have been cleaned while meshletd was away; the unit's
                 # ExecStopPost needs the dir to leave its memory counters in.
                 await self.machine.prepare_state_dir(unit, keep=True)
                 if phase == "running":
+                    async with rep.lock:
+                        if await self._enforce_cpu_limit(rep):
+                            continue
                     self._emit(
                         ReplicaRunning(rep.replica, unit, adopted=True, revision=rep.revision)
                     )
@@ -244,6 +257,11 @@ class ReplicaRuntime:
                 return
             phase = unit_phase(await self.machine.unit_snapshot(rep.unit))
             if phase == "running":
+                # Every look, not only the first: a `systemctl daemon-reload` re-reads a
+                # transient unit's drop-ins, where systemd 252 writes CPUQuota= in whole
+                # percent (15 milli-CPU comes back as 10, 5 as the launch quota).
+                if await self._enforce_cpu_limit(rep):
+                    return
                 rep.usage = rep.usage.merge(await self._sample(rep))
                 if not rep.ran:
                     rep.ran = True
@@ -327,6 +345,8 @@ class ReplicaRuntime:
                 snap = await self.machine.unit_snapshot(rep.unit)
                 phase = unit_phase(snap)
                 if phase == "running":
+                    if failed := await self._enforce_cpu_limit(rep):
+                        return failed
                     rep.ran = True
                     return self._emit(
                         ReplicaRunning(
@@ -344,13 +364,66 @@ class ReplicaRuntime:
                     return await self._finish(rep)
                 await trio.sleep(START_POLL_S)
 
+    async def _enforce_cpu_limit(self, rep: _Replica) -> ReplicaFailed | None:
+        """Make sure a running replica's unit has its workload's CPU quota, not the launch one.
+
+        The unit sets it itself (ExecStartPost, before it is "active"); this is the check
+        that it holds, wherever the runtime sees a replica running (its start, a unit
+        found on adoption, every look of the watcher). A quota that is not the workload's is
+        set again (runtime, not persistent); if that fails the replica is stopped and
+        reported failed: it never runs on without its limit. Call with `rep.lock` held.
+        """
+        if rep.milli_cpu is None:
+            return None  # started by a meshletd that did not record its limit
+        want = cpu_quota_per_sec_usec(rep.milli_cpu)
+        try:
+            have = await self.machine.cpu_quota_usec(rep.unit)
+            if have is None or have == want:
+                return None  # gone (the caller finds out), or as it should be
+            log.warning(
+                "replica %s (unit %s) ran with CPU quota %s instead of %d milli-CPU; setting it",
+                rep.replica,
+                rep.unit,
+                "none" if have == INFINITY else f"{have // 1000} milli-CPU",
+                rep.milli_cpu,
+            )
+            await self.machine.set_cpu_quota_usec(rep.unit, want)
+            return None
+        except MachineError as err:
+            why = str(err)
+        log.error(
+            "stopping replica %s (unit %s): could not set its CPU quota of %d milli-CPU: %s",
+            rep.replica,
+            rep.unit,
+            rep.milli_cpu,
+            why,
+        )
+        rep.usage = rep.usage.merge(await self._sample(rep))
+        with trio.CancelScope(shield=True):
+            await self._cleanup(rep, unit_started=True, snap_phase="running")
+        self._replicas.pop(rep.replica, None)
+        return self._emit(
+            ReplicaFailed(
+                rep.replica,
+                rep.unit,
+                UnitStartFailed.name,
+                f"stopped: its CPU quota of {rep.milli_cpu} milli-CPU could not be set ({why})",
+                rep.usage,
+            )
+        )
+
     async def _finish(self, rep: _Replica) -> EndEvent:
         """Report how an ended replica ended, then remove everything it left."""
         snap = await self.machine.unit_snapshot(rep.unit)
         container = await self.machine.inspect_container(rep.container)
         counters = await self.machine.read_saved_counters(rep.unit)
         usage = rep.usage.merge(Usage(0, peak_memory_from_counters(counters)))
-        if not rep.ran and container is not None and container.status in ("exited", "stopped"):
+        if (
+            not rep.ran
+            and not snap.start_post_failed  # systemd ended it before it counted as running
+            and container is not None
+            and container.status in ("exited", "stopped")
+        ):
             # It ran and ended between two looks (a short job): it did run.
             rep.ran = True
             self._emit(ReplicaRunning(rep.replica, rep.unit, revision=rep.revision))
@@ -366,6 +439,15 @@ class ReplicaRuntime:
         with trio.CancelScope(shield=True):
             await self._cleanup(rep, unit_started=True, snap_phase=unit_phase(snap))
         self._replicas.pop(rep.replica, None)
+        if snap.start_post_failed and not rep.ran:
+            log.error(
+                "replica %s (unit %s) stopped by systemd: its CPU quota of %s milli-CPU could "
+                "not be set (ExecStartPost failed; see journalctl -u %s)",
+                rep.replica,
+                rep.unit,
+                rep.milli_cpu,
+                rep.unit,
+            )
         log.info(
             "replica %s ended: %s (unit %s, container %s)", rep.replica, event, snap, container
         )

@@ -45,9 +45,10 @@ _SYSTEMD = b"org.freedesktop.systemd1"
 _PROPS = b"org.freedesktop.DBus.Properties"
 _UNSET = (1 << 64) - 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Two StartTransientUnit properties pystemd's signature table lacks (systemd >= 236).
+# StartTransientUnit properties pystemd's signature table lacks (systemd >= 236, >= 243).
 KNOWN_UNIT_SIGNATURES.setdefault(b"AddRef", b"b")
 KNOWN_UNIT_SIGNATURES.setdefault(b"LogLevelMax", b"i")
+KNOWN_UNIT_SIGNATURES.setdefault(b"ExecStartPostEx", b"a(sasas)")
 # How long one podman call may take (a pull has its own, longer, limit).
 _CALL_TIMEOUT_S = 120
 
@@ -497,9 +498,10 @@ class SystemdPodmanMachine:
             active, sub = _s(u.get(b"ActiveState", b"")), _s(u.get(b"SubState", b""))
             service: dict[str, Any] = {}
             names = [("Environment", b"as")]
-            if not (active == "active" and sub == "running") and active != "activating":
+            ended = not (active == "active" and sub == "running") and active != "activating"
+            if ended:
                 names += [("Result", b"s"), ("ExecMainCode", b"i"), ("ExecMainStatus", b"i")]
-                names += [("MainPID", b"u")]
+                names += [("MainPID", b"u"), ("ExecStartPost", b"a(sasbttttuii)")]
             for name, rtype in names:
                 try:
                     service[name] = bus.get_property(
@@ -518,6 +520,11 @@ class SystemdPodmanMachine:
                 main_pid=int(service.get("MainPID", 0)),
                 environment=tuple(_s(e) for e in service.get("Environment", [])),
                 job_pending=bool(u.get(b"Job", (0, b"/"))[0]),
+                start_post_failed=any(
+                    # (path, argv, ignore, 4 timestamps, pid, code, status); pid 0: not run
+                    e[7] != 0 and (e[8] != CLD_EXITED or e[9] != 0)
+                    for e in service.get("ExecStartPost", [])
+                ),
             )
 
         return await self._dbus(snap)
@@ -563,6 +570,32 @@ class SystemdPodmanMachine:
                 pass  # not loaded or not failed: nothing to reset
 
         await self._dbus(reset)
+
+    async def cpu_quota_usec(self, unit: str) -> int | None:
+        def read(bus: Any, manager: Any) -> int | None:
+            path = self._unit_path(manager, unit)
+            if path is None:
+                return None
+            # The configured value (no cgroup file is read for it).
+            return int(
+                bus.get_property(
+                    _SYSTEMD, path, b"org.freedesktop.systemd1.Service", b"CPUQuotaPerSecUSec", b"t"
+                )
+            )
+
+        return await self._dbus(read)
+
+    async def set_cpu_quota_usec(self, unit: str, usec: int) -> None:
+        def set_quota(bus: Any, manager: Any) -> None:
+            # runtime=True: for a transient unit the drop-in goes with the unit.
+            manager.Manager.SetUnitProperties(unit.encode(), True, {b"CPUQuotaPerSecUSec": usec})
+
+        try:
+            await self._dbus(set_quota)
+        except MachineError:
+            raise
+        except Exception as err:
+            raise MachineError(f"could not set the CPU quota of {unit}: {err}") from err
 
     async def sample_usage(self, unit: str) -> Usage:
         def props(bus: Any, manager: Any) -> dict[bytes, Any]:

@@ -31,6 +31,7 @@ from meshletd.runtime.spec import ReplicaId, ReplicaSpec, Resources
 OWNER = "did:plc:contractowner00000000000"
 HANDLE = "alice.test"
 SLEEP = ("sleep", "3600")
+LATE_EXIT_4 = ("sh", "-c", "sleep 2; exit 4")
 
 
 class Harness(Protocol):
@@ -230,7 +231,9 @@ async def contract_restart_adopts_without_duplicates_or_orphans(h: Harness, n: i
 
 async def contract_exit_while_away_is_reported_on_adoption(h: Harness) -> None:
     first = h.runtime()
-    s = spec(h, workload="batch", args=("sh", "-c", "exit 4"))
+    # Not an immediate exit: the job must outlive the first runtime's start() (a job that
+    # ends during the unit's start is reported by that start, with nobody away).
+    s = spec(h, workload="batch", args=LATE_EXIT_4)
     async with serving(first):
         assert isinstance(await first.start(s), ReplicaRunning)
     # Let it end with nobody watching (the fake ends on its next look). Ended, not merely
@@ -275,6 +278,28 @@ async def contract_orphans_are_removed_when_a_runtime_starts(h: Harness) -> None
     await assert_clean(h)
 
 
+async def contract_cpu_quota_is_the_workloads_once_running_and_after_adoption(
+    h: Harness,
+) -> None:
+    s = spec(h, workload="quota", resources=Resources(milli_cpu=150, memory_mib=64, tasks=32))
+    want = 150_000  # CPUQuotaPerSecUSec of 150 milli-CPU
+    first = h.runtime()
+    async with serving(first):
+        running = await first.start(s)
+        assert isinstance(running, ReplicaRunning), running
+        # The unit started with the launch quota; once running it has the workload's.
+        assert await first.machine.cpu_quota_usec(running.unit) == want
+        # As if meshletd had died before the limit was set: the unit has its launch quota.
+        launch = max(150, first.config.launch_milli_cpu) * 1000
+        await first.machine.set_cpu_quota_usec(running.unit, launch)
+    second = h.runtime()
+    async with serving(second) as adopted:
+        assert [r.replica for r in adopted] == [s.replica], adopted
+        assert await second.machine.cpu_quota_usec(running.unit) == want
+        assert isinstance(await second.stop(s.replica), ReplicaStopped)
+    await assert_clean(h)
+
+
 CONTRACT = [
     contract_start_then_stop_leaves_nothing,
     contract_exit_codes_are_reported,
@@ -285,6 +310,7 @@ CONTRACT = [
     contract_exit_while_away_is_reported_on_adoption,
     contract_cancelled_start_leaves_nothing_after_adoption,
     contract_orphans_are_removed_when_a_runtime_starts,
+    contract_cpu_quota_is_the_workloads_once_running_and_after_adoption,
 ]
 
 
@@ -299,6 +325,7 @@ class FakeHarness:
 
     def __post_init__(self) -> None:
         self.machine.behave(self.oom_args, "oom")  # type: ignore[attr-defined]
+        self.machine.behave(LATE_EXIT_4, "exit:4")  # type: ignore[attr-defined]
 
     def runtime(self) -> ReplicaRuntime:
         from meshletd.runtime.fake import fake_runtime

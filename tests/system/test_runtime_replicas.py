@@ -40,7 +40,23 @@ def test_memory_cpu_and_task_limits_are_enforced_and_an_oom_kill_is_reported(
     got = run_check(systemd_host, "limits")
     assert got["oom_event"] == "ReplicaOomKilled"
     assert 0.15 <= got["cpu_measured"] <= 0.23
+    # The replica started at the launch quota; once running, the kernel has the workload's.
+    assert got["cfs_quota_at_running"].split()[0] == "20000", got
     assert got["tasks_current"] <= got["tasks_max"] and got["fork_errors"] > 0
+
+
+def test_a_replica_whose_cpu_quota_cannot_be_set_is_stopped_and_reported_failed(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "cpu_quota_failure")
+    assert got["event"] == "ReplicaFailed" and "CPU quota could not be set" in got["message"]
+
+
+def test_a_cpu_quota_systemd_rounds_on_daemon_reload_is_set_exactly_again(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "cpu_quota_after_daemon_reload")
+    assert got["after_a_poll"] == [5_000, 15_000, 250_000], got
 
 
 def test_container_output_is_in_the_units_journal_once_and_secrets_stay_out_of_the_unit(

@@ -14,7 +14,7 @@ from meshletd.runtime.events import (
 from meshletd.runtime.fake import FakeMachine, fake_runtime
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import UnitSnapshot
-from meshletd.runtime.spec import Secret
+from meshletd.runtime.spec import Resources, Secret
 from meshletd.runtime.testing import FakeHarness, drain, ended, serving, spec, wait_event
 
 
@@ -183,3 +183,48 @@ async def test_adoption_recreates_a_state_dir_that_vanished_with_the_old_daemon(
         assert len(adopted) == 1
         assert len(h.machine.state_dirs) == 1
         await nxt.stop(s.replica)
+
+
+async def test_a_unit_that_cannot_set_its_cpu_quota_is_reported_failed_and_leaves_nothing() -> None:
+    h = harness()
+    h.machine.start_post_fails = True
+    rt = h.runtime()
+    async with serving(rt):
+        failed = await rt.start(spec(h))
+        assert isinstance(failed, ReplicaFailed), failed
+        assert "CPU quota could not be set" in failed.message
+    assert h.machine.leftovers() == {"units": [], "containers": [], "secrets": [], "state_dirs": []}
+
+
+async def test_an_adopted_replica_whose_quota_cannot_be_set_again_is_stopped() -> None:
+    h = harness()
+    first = h.runtime()
+    s = spec(h)
+    async with serving(first):
+        running = await first.start(s)
+        assert isinstance(running, ReplicaRunning)
+    h.machine.units[running.unit].properties["CPUQuotaPerSecUSec"] = 2_000_000  # never set
+    h.machine.set_quota_fails = True
+    second = h.runtime()
+    async with serving(second) as adopted:
+        assert adopted == []
+        events = drain(second)
+        assert len(events) == 1 and isinstance(events[0], ReplicaFailed), events
+        assert "CPU quota of 500 milli-CPU could not be set" in events[0].message
+    assert h.machine.leftovers() == {"units": [], "containers": [], "secrets": [], "state_dirs": []}
+
+
+async def test_the_watcher_sets_a_cpu_quota_again_that_systemd_lost_while_it_ran() -> None:
+    # As after `systemctl daemon-reload`: systemd 252 re-reads CPUQuota= in whole percent.
+    h = harness()
+    rt = h.runtime()
+    s = spec(h, resources=Resources(milli_cpu=15, memory_mib=64, tasks=32))
+    async with serving(rt):
+        running = await rt.start(s)
+        assert isinstance(running, ReplicaRunning)
+        props = h.machine.units[running.unit].properties
+        assert props["CPUQuotaPerSecUSec"] == 15_000
+        props["CPUQuotaPerSecUSec"] = 10_000
+        await rt.poll()
+        assert props["CPUQuotaPerSecUSec"] == 15_000
+        assert [type(e) for e in drain(rt)] == [ReplicaStarting, ReplicaRunning]

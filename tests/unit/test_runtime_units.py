@@ -100,7 +100,7 @@ def test_cgroup_v2_adds_split_cgroups_and_writable_root_drops_read_only() -> Non
 def test_unit_properties_carry_limits_and_conventions() -> None:
     props = unit_properties(SPEC, CONFIG, "u.service", "c")
     assert props["MemoryMax"] == (128 + CONFIG.memory_overhead_mib) << 20
-    assert props["CPUQuotaPerSecUSec"] == 250_000
+    assert props["CPUQuotaPerSecUSec"] == CONFIG.launch_milli_cpu * 1000
     assert props["TasksMax"] == 16 + CONFIG.tasks_overhead
     assert props["Delegate"] is True and props["KillMode"] == "mixed"
     assert props["Type"] == "notify" and props["NotifyAccess"] == "all"
@@ -110,6 +110,22 @@ def test_unit_properties_carry_limits_and_conventions() -> None:
     save = props["ExecStopPost"][0][1]  # type: ignore[index]
     assert save[-1] == "/run/meshlet-replicas/u.service"
     assert "/sys/fs/cgroup/memory/meshlet.slice/u.service/memory.oom_control" in save
+
+
+def test_a_replica_starts_at_the_launch_quota_and_its_unit_then_sets_the_workloads() -> None:
+    props = unit_properties(SPEC, CONFIG, "u.service", "c")
+    assert props["CPUQuotaPerSecUSec"] == 2_000_000  # podman starts at full speed
+    (path, argv, flags) = props["ExecStartPostEx"][0]  # type: ignore[index]
+    assert flags == ["privileged"] and path == "/bin/systemctl"
+    assert argv == [path, "set-property", "--runtime", "--", "u.service", "CPUQuota=25.0%"]
+    big = replace(SPEC, resources=Resources(milli_cpu=3005, memory_mib=128, tasks=16))
+    props = unit_properties(big, CONFIG, "u.service", "c")
+    assert props["CPUQuotaPerSecUSec"] == 3_005_000
+    assert props["ExecStartPostEx"][0][1][-1] == "CPUQuota=300.5%"  # type: ignore[index]
+    user = unit_properties(SPEC, replace(CONFIG, manager="user"), "u.service", "c")
+    assert user["ExecStartPostEx"][0][1][1] == "--user"  # type: ignore[index]
+    ident = identity_from_environment(props["Environment"])  # type: ignore[arg-type]
+    assert ident is not None and ident.milli_cpu == 3005
 
 
 def test_identity_round_trips_through_the_unit_environment() -> None:

@@ -129,6 +129,14 @@ async def check_limits() -> dict:
         )
         r = await rt.start(cpu)
         assert isinstance(r, ReplicaRunning), r
+        # The kernel's figure, read the moment it runs (it started at the launch quota).
+        cfs = sh(
+            "sh",
+            "-c",
+            f"cat /sys/fs/cgroup/cpu*/meshlet.slice/{r.unit}/cpu.cfs_quota_us "
+            f"/sys/fs/cgroup/meshlet.slice/{r.unit}/cpu.max 2>/dev/null | head -1",
+        )
+        out["cfs_quota_at_running"] = cfs.strip()
         await trio.sleep(1.0)
         u0, t0 = await rt.usage(cpu.replica), time.monotonic()
         await trio.sleep(5.0)
@@ -304,6 +312,41 @@ async def check_stress(n: int = 12) -> dict:
     assert not bad, bad
     await testing.assert_clean(H)
     return {"started": n}
+
+
+async def check_cpu_quota_failure() -> dict:
+    """A unit whose ExecStartPost cannot set the CPU quota never runs unlimited."""
+    broken = RealHarness(config=replace(H.config, systemctl="/bin/false"))
+    rt = broken.runtime()
+    s = testing.spec(broken, workload="unlimited", args=("sleep", "600"))
+    async with testing.serving(rt):
+        result = await rt.start(s)
+    await testing.assert_clean(H)
+    return {"event": type(result).__name__, "message": getattr(result, "message", "")}
+
+
+async def check_cpu_quota_after_daemon_reload() -> dict:
+    """systemd 252 re-reads a transient unit's CPUQuota= in whole percent on daemon-reload;
+    the watcher sets the workload's exact quota again."""
+    rt = H.runtime()
+    out: dict = {}
+    async with testing.serving(rt):
+        started = []
+        for i, milli in enumerate((5, 15, 250)):
+            s = testing.spec(
+                H, workload="reload", index=i, resources=Resources(milli, 64, tasks=32)
+            )
+            r = await rt.start(s)
+            assert isinstance(r, ReplicaRunning), r
+            started.append((s, r.unit))
+        sh("systemctl", "daemon-reload")
+        out["after_reload"] = [await rt.machine.cpu_quota_usec(u) for _, u in started]
+        await trio.sleep(3 * H.config.poll_interval_s + 0.5)
+        out["after_a_poll"] = [await rt.machine.cpu_quota_usec(u) for _, u in started]
+        for s, _ in started:
+            await rt.stop(s.replica)
+    await testing.assert_clean(H)
+    return out
 
 
 async def check_slice_cap() -> dict:
