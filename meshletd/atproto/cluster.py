@@ -38,6 +38,7 @@ from meshletd.atproto.records import (
     MeshletOwner,
     rkey_for_did,
 )
+from meshletd.core.records import MAX_DRAINS
 from meshletd.errors import InvalidRecord
 
 log = logging.getLogger("meshletd.cluster")
@@ -215,6 +216,27 @@ def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
     }
 
 
+def keep_state_history(old: Mapping[str, Any] | None, value: dict[str, Any]) -> None:
+    """Fill `stateSince` and `drains` of the meshletOwner value about to replace `old`
+    (docs/protocol.md, sections 2 and 4): stateSince says when `state` last changed (kept
+    while the state stays, stamped when it changes); past drain intervals are kept, and
+    leaving a drain appends the interval it ends, so that the rounds that closed during the
+    drain keep their judgement (the newest MAX_DRAINS are kept)."""
+    old = old or {}
+    if "stateSince" not in value:
+        if old.get("state") == value["state"] and old.get("stateSince"):
+            value["stateSince"] = old["stateSince"]
+        else:
+            value["stateSince"] = value["createdAt"]
+    if "drains" not in value:
+        drains = list(old.get("drains") or ())
+        since = old.get("stateSince")
+        if old.get("state") == "draining" and value["state"] != "draining" and since:
+            drains.append({"since": since, "until": value["stateSince"]})
+        if drains:
+            value["drains"] = drains[-MAX_DRAINS:]
+
+
 async def publish_own_records(
     meshlet: PdsClient,
     owner: PdsClient | None,
@@ -240,14 +262,7 @@ async def publish_own_records(
     batch: list[Write] = []
     value = owner_record.to_record(rkey="self")
     got = await meshlet.get_record(MESHLET_OWNER, "self")
-    if "stateSince" not in value:
-        # stateSince says when `state` last changed (docs/protocol.md): keep it while the
-        # state stays, stamp it when the state changes.
-        old = got[1] if got else {}
-        if old.get("state") == value["state"] and old.get("stateSince"):
-            value["stateSince"] = old["stateSince"]
-        else:
-            value["stateSince"] = value["createdAt"]
+    keep_state_history(got[1] if got else None, value)
     if not _same(got[1] if got else None, value):
         batch.append(Write("put", MESHLET_OWNER, "self", value))
     existing = {rkey: v for rkey, _cid, v in await meshlet.list_records(MEMBERSHIP)}

@@ -98,6 +98,13 @@ class UsageEntry(_Model):
     memory_mib_seconds: int = Field(ge=0, alias="memoryMiBSeconds")
 
 
+class DrainInterval(_Model):
+    """One past drain of a meshlet (meshletOwner#drainInterval): [since, until)."""
+
+    since: str
+    until: str
+
+
 class Record(_Model):
     """Base of the record models. `NSID` names the lexicon."""
 
@@ -128,6 +135,7 @@ class MeshletOwner(Record):
     owner_did: str
     state: MeshletState = "active"
     state_since: str | None = None
+    drains: tuple[DrainInterval, ...] | None = None
     capacity: Resources
     arch: str
     endpoint: str | None = None

@@ -21,6 +21,8 @@ class ClusterView:
 
     def __init__(self) -> None:
         self.owners: dict[str, MeshletOwner] = {}  # meshlet DID -> its meshletOwner record
+        # meshlets whose record says draining or lists past drains (most have neither)
+        self._drainy: dict[str, MeshletOwner] = {}
         self._links: dict[str, MeshletLink] = {}  # uri -> link
         self._linked: dict[str, set[str]] = {}  # owner DID -> meshlet DIDs it claims
         self._memberships: dict[str, Membership] = {}  # uri -> record
@@ -40,6 +42,10 @@ class ClusterView:
     def put_owner(self, rec: MeshletOwner) -> None:
         """A meshletOwner record was seen."""
         self.owners[rec.meshlet] = rec
+        if rec.state == "draining" or rec.drains:
+            self._drainy[rec.meshlet] = rec
+        else:
+            self._drainy.pop(rec.meshlet, None)
         self._changed()
 
     def put_link(self, rec: MeshletLink) -> None:
@@ -74,6 +80,7 @@ class ClusterView:
         mo = self.owners.get(repo)
         if mo is not None and mo.uri == uri:
             del self.owners[repo]
+            self._drainy.pop(repo, None)
             self._changed()
             return True
         return False
@@ -168,6 +175,13 @@ class ClusterView:
         if mo is None or mo.state != "draining":
             return None
         return mo.state_since
+
+    def drained_at(self, meshlet: str, t: int) -> bool:
+        """Whether the meshlet's record says it was draining at time t (its current drain
+        started at or before t, or t is inside one of its past drain intervals): such a
+        meshlet gets nothing from a round that closes at t (docs/protocol.md, section 4)."""
+        mo = self._drainy.get(meshlet)
+        return mo is not None and mo.drained_at(t)
 
     def member_estimate(self, wl: Workload) -> int:
         """How many meshlets may bid on wl, estimated as the size of the owner's cluster

@@ -8,7 +8,8 @@ names of the record (see docs/protocol.md, "Records").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,8 @@ NSID_MESHLET_OWNER = "commune.scheduler.meshletOwner"
 NSID_MESHLET = "commune.scheduler.meshlet"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+MAX_DRAINS = 16  # past drain intervals a meshletOwner record keeps (docs/protocol.md, section 4)
 
 
 def parse_datetime_ms(text: str) -> int:
@@ -142,7 +145,12 @@ class Membership:
 @dataclass(frozen=True, slots=True)
 class MeshletOwner:
     """The meshlet's self-description (meshlet repo, rkey self). JSON: ownerDid, endpoint,
-    state (active|draining), stateSince, capacity{milliCpu,memoryMiB}, arch, labels[]."""
+    state (active|draining), stateSince, drains[{since, until}] (past drain intervals, oldest
+    first), capacity{milliCpu,memoryMiB}, arch, labels[].
+
+    `extra` holds the fields the core does not model (encryptionKey, version,
+    capacity.storageMiB, ...) as canonical JSON, so that the core's own rewrite of the record
+    (drain, undrain) keeps them; it takes no part in equality."""
 
     uri: str
     meshlet: str
@@ -154,6 +162,15 @@ class MeshletOwner:
     arch: str = "amd64"
     labels: frozenset[str] = frozenset()
     endpoint: str = ""
+    drains: tuple[tuple[int, int], ...] = ()  # (since, until): draining in [since, until)
+    extra: str = field(default="", compare=False)
+
+    def drained_at(self, t: int) -> bool:
+        """Whether the meshlet was draining at time t: its current drain started at or before
+        t, or t falls in one of its past drain intervals [since, until)."""
+        if self.state == "draining" and self.state_since <= t:
+            return True
+        return any(since <= t < until for since, until in self.drains)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +193,35 @@ COLLECTION_OF: dict[type, str] = {
     MeshletOwner: NSID_MESHLET_OWNER,
     MeshletLink: NSID_MESHLET,
 }
+
+
+_OWNER_FIELDS = frozenset(
+    {"$type", "ownerDid", "endpoint", "state", "stateSince", "drains", "capacity", "arch"}
+    | {"labels", "createdAt"}
+)
+
+
+def _owner_extra(value: dict[str, Any]) -> str:
+    """Canonical JSON of the meshletOwner fields the core does not model ('' if none)."""
+    extra = {k: v for k, v in value.items() if k not in _OWNER_FIELDS}
+    cap = value.get("capacity")
+    if isinstance(cap, dict):
+        more = {k: v for k, v in cap.items() if k not in ("milliCpu", "memoryMiB")}
+        if more:
+            extra["capacity"] = more
+    return json.dumps(extra, sort_keys=True, separators=(",", ":")) if extra else ""
+
+
+def _drains(value: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    """Past drain intervals of a meshletOwner record, sorted, the newest MAX_DRAINS; an
+    interval that ends before it starts is ignored."""
+    got = []
+    for d in value.get("drains") or ():
+        since, until = parse_datetime_ms(d["since"]), parse_datetime_ms(d["until"])
+        if since <= until:
+            got.append((since, until))
+    got.sort()
+    return tuple(got[-MAX_DRAINS:])
 
 
 def _res(value: dict[str, Any], key: str) -> tuple[int, int]:
@@ -268,6 +314,8 @@ def record_from_json(uri: str, cid: str, value: dict[str, Any]) -> Record | None
             arch=str(value.get("arch", "amd64")),
             labels=frozenset(value.get("labels", ())),
             endpoint=str(value.get("endpoint", "")),
+            drains=_drains(value),
+            extra=_owner_extra(value),
         )
     if collection == NSID_MESHLET:
         return MeshletLink(uri=uri, owner=repo, meshlet=value["meshletDid"])
@@ -319,17 +367,31 @@ def record_to_json(record: Record) -> dict[str, Any]:
             "createdAt": format_datetime_ms(record.period_end),
         }
     if isinstance(record, MeshletOwner):
-        return {
+        extra: dict[str, Any] = json.loads(record.extra) if record.extra else {}
+        cap = extra.pop("capacity", None)
+        out = {
+            **extra,
             "$type": NSID_MESHLET_OWNER,
             "ownerDid": record.owner,
-            "endpoint": record.endpoint,
             "state": record.state,
             "stateSince": format_datetime_ms(record.state_since),
-            "capacity": {"milliCpu": record.milli_cpu, "memoryMiB": record.memory_mib},
+            "capacity": {
+                **(cap if isinstance(cap, dict) else {}),
+                "milliCpu": record.milli_cpu,
+                "memoryMiB": record.memory_mib,
+            },
             "arch": record.arch,
             "labels": sorted(record.labels),
             "createdAt": format_datetime_ms(record.state_since),
         }
+        if record.endpoint:  # the lexicon wants a URI or nothing
+            out["endpoint"] = record.endpoint
+        if record.drains:
+            out["drains"] = [
+                {"since": format_datetime_ms(a), "until": format_datetime_ms(b)}
+                for a, b in record.drains
+            ]
+        return out
     if isinstance(record, Membership):
         return {
             "$type": NSID_MEMBERSHIP,
@@ -342,6 +404,7 @@ def record_to_json(record: Record) -> dict[str, Any]:
 
 __all__ = [
     "COLLECTION_OF",
+    "MAX_DRAINS",
     "Bid",
     "Membership",
     "MeshletLink",

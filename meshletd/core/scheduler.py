@@ -33,6 +33,7 @@ from .events import (
 from .fairshare import balances, meshlet_priority
 from .hashing import is_candidate, rendezvous_score, watch_score
 from .records import (
+    MAX_DRAINS,
     NSID_BID,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
@@ -145,6 +146,8 @@ class Scheduler:
         self._won0: dict[str, Owner] = {}  # meshlet -> (0, meshlet), shared by all entries
         self._orphan_bids: dict[str, list[Bid]] = {}
         self._orphan_status: dict[str, list[WorkloadStatus]] = {}
+        # status URI -> (workload URI, slot) of every non-terminal status kept (for deletions)
+        self._status_keys: dict[str, tuple[str, int]] = {}
         self._replicas: dict[tuple[str, int], _Replica] = {}
         self._timed: dict[tuple[str, int], None] = {}  # replicas with restart_at or lost_at
         self._reserved: dict[tuple[str, int, int], tuple[int, int, int]] = {}  # -> cpu,mem,until
@@ -485,7 +488,12 @@ class Scheduler:
             self._usages[rec.uri] = rec
             self._note_mine(rec.uri)
         elif isinstance(rec, MeshletOwner):
-            if self.cluster.owners.get(rec.meshlet) == rec:
+            old = self.cluster.owners.get(rec.meshlet)
+            if old == rec:
+                if rec.meshlet == self.me.did and old.extra != rec.extra:
+                    # Only fields the core does not model changed (the daemon published a
+                    # new version or key): keep them for our next rewrite, decide nothing.
+                    self.cluster.owners[rec.meshlet] = rec
                 return
             self.cluster.put_owner(rec)
             self._note_mine(rec.uri)
@@ -520,6 +528,7 @@ class Scheduler:
             if orphans:
                 e.bids.extend(orphans)
             for st in self._orphan_status.pop(wl.uri, ()):
+                self._status_keys.pop(st.uri, None)
                 self._store_status(e, st)
             if self._small(wl) or self._is_candidate(wl, -1, 0):
                 self._queue_bid(wl.uri)
@@ -576,6 +585,7 @@ class Scheduler:
         if e is None:
             if st.state in TERMINAL or st.state == "running":
                 self._orphan_status.setdefault(st.workload_uri, []).append(st)
+                self._status_keys[st.uri] = (st.workload_uri, st.slot)
             return
         if self._store_status(e, st):
             self._dirty[st.workload_uri] = None
@@ -594,6 +604,7 @@ class Scheduler:
         if e.statuses is None:
             e.statuses = {}
         e.statuses[(st.meshlet, st.slot)] = st
+        self._status_keys[st.uri] = (uri, st.slot)
         if e.done and st.slot in e.done and e.done[st.slot][0] == st.meshlet:
             if e.done[st.slot][1] <= st.round and st.state not in TERMINAL:
                 del e.done[st.slot]
@@ -606,9 +617,12 @@ class Scheduler:
         if coll == NSID_WORKLOAD:
             e = self.workloads.pop(uri, None)
             self._orphan_bids.pop(uri, None)
-            self._orphan_status.pop(uri, None)
+            for st in self._orphan_status.pop(uri, ()):
+                self._status_keys.pop(st.uri, None)
             if e is None:
                 return
+            for st in (e.statuses or {}).values():
+                self._status_keys.pop(st.uri, None)
             for key in [k for k in self._replicas if k[0] == uri]:
                 self._stop(key, "deleted")
             for key in [k for k in self._held if k[0] == uri]:
@@ -624,11 +638,36 @@ class Scheduler:
             # Bids are evidence for a placement and stay until their workload is deleted
             # (docs/protocol.md, "Records"); a bid deletion before that is ignored.
             return
+        if coll == NSID_STATUS:
+            self._on_status_deleted(uri, repo)
+            return
         if coll == NSID_USAGE:
             self._usages.pop(uri, None)
             return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()
+
+    def _on_status_deleted(self, uri: str, meshlet: str) -> None:
+        """Forget a deleted status: a host deletes it when it loses the slot, and a stale
+        `running` kept here would pass for the new owner's make-before-break signal if the
+        slot ever came back to that host at the same round (docs/protocol.md, section 9). A
+        finished job stays finished (e.done is kept): it is never re-placed."""
+        key = self._status_keys.pop(uri, None)
+        if key is None:
+            return
+        wl_uri, slot = key
+        e = self.workloads.get(wl_uri)
+        if e is None:
+            orphans = self._orphan_status.get(wl_uri)
+            if orphans:
+                orphans[:] = [st for st in orphans if st.uri != uri]
+                if not orphans:
+                    del self._orphan_status[wl_uri]
+            return
+        if e.statuses:
+            st = e.statuses.get((meshlet, slot))
+            if st is not None and st.uri == uri:
+                del e.statuses[(meshlet, slot)]
 
     # ==================================================================== rounds
     def _close0(self, wl: Workload) -> int:
@@ -660,9 +699,9 @@ class Scheduler:
             return False
         if not self.cluster.eligible(wl, b.meshlet):
             return False
-        # A meshlet that started draining before the round closed gets nothing from it.
-        since = self.cluster.draining_since(b.meshlet)
-        return since is None or since > deadline + self.t.settle_ms
+        # A meshlet draining when the round closed gets nothing from it; judged against the
+        # drain intervals in its record, so a later undrain does not re-judge the round.
+        return not self.cluster.drained_at(b.meshlet, deadline + self.t.settle_ms)
 
     def _candidates(
         self, wl: Workload, slot: int, round_: int, exclude: frozenset[str] = frozenset()
@@ -753,7 +792,7 @@ class Scheduler:
         # inlined: this loop runs for every workload on every meshlet.
         cpu, mem = wl.milli_cpu, wl.memory_mib
         eligible = self.cluster.eligible
-        draining_since = self.cluster.draining_since
+        drained_at = self.cluster.drained_at
         cut = d0 + t.settle_ms
         ranked: list[tuple[int, int, Bid]] = []
         for b in bids:
@@ -767,8 +806,7 @@ class Scheduler:
                 or not eligible(wl, b.meshlet)
             ):
                 continue
-            since = draining_since(b.meshlet)
-            if since is not None and since <= cut:
+            if drained_at(b.meshlet, cut):
                 continue
             ranked.append((-b.priority, rendezvous_score(uri, 0, -1, b.meshlet), b))
         owners: list[Owner | None] = [None] * n
@@ -1128,7 +1166,18 @@ class Scheduler:
 
     # ==================================================================== drain
     def _my_owner_record(self, state: str) -> MeshletOwner:
+        """Our meshletOwner record in `state`, built on the last one of our repo: the fields
+        the core does not model (encryption key, version...) are kept, and undrain appends
+        the drain it ends to `drains` (the newest MAX_DRAINS), so that the rounds that closed
+        during the drain keep their judgement (docs/protocol.md, section 4)."""
         me = self.me
+        last = self.cluster.owners.get(me.did)
+        drains = last.drains if last is not None else ()
+        if state == "active" and self.draining:
+            since = self.draining_since
+            if last is not None and last.state == "draining":
+                since = last.state_since
+            drains = (*drains, (since, max(since, self.now)))[-MAX_DRAINS:]
         return MeshletOwner(
             uri=at_uri(me.did, NSID_MESHLET_OWNER, "self"),
             meshlet=me.did,
@@ -1140,6 +1189,8 @@ class Scheduler:
             arch=me.arch,
             labels=me.labels,
             endpoint=me.endpoint,
+            drains=drains,
+            extra=last.extra if last is not None else "",
         )
 
     def _on_drain(self, cmd: SetDraining) -> None:

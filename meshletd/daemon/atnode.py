@@ -254,9 +254,23 @@ class AtprotoNode:
             if self.meshlet_pds is None:
                 log.warning("no meshlet-app-password credential: running read-only")
                 return
+            await self._restore_state()
             await self._publish()
         except Exception as e:  # PDS down or wrong password: keep serving, say why
             log.warning("cannot publish this meshlet's records: %s", e)
+
+    async def _restore_state(self) -> None:
+        """A drain outlives a restart (an operator drains before maintenance, and the reboot
+        must not put the machine back to work): start in the state our published
+        meshletOwner record has. The core reads the same record and keeps draining."""
+        got = await self.meshlet_pds.get_record(MESHLET_OWNER, "self")
+        if got is not None and got[1].get("state") == "draining" and self._state != "draining":
+            self._state = "draining"
+            log.info(
+                "this meshlet was draining when meshletd stopped (since %s): it stays "
+                "draining until `meshletctl undrain`",
+                got[1].get("stateSince", "?"),
+            )
 
     async def _pds_of(self, did: str) -> str:
         ident = await self.resolver.resolve(did)

@@ -162,6 +162,55 @@ async def test_drain_and_undrain_publish_the_meshlet_state(setup: Setup) -> None
     assert rec["state"] == "draining"
     r = await setup.ctl.post("/farm.meshlet.undrain", json={})
     assert r.json() == {"state": "active"}
+    # The undrain records the drain it ends (docs/protocol.md, section 4) and keeps the
+    # fields the scheduler core does not model.
+    with trio.fail_after(30):
+        while True:
+            after = await get_record(
+                setup.alice_mesh.pds_url,
+                setup.alice_mesh.did,
+                "commune.scheduler.meshletOwner",
+                "self",
+            )
+            if after is not None and after["state"] == "active":
+                break
+            await trio.sleep(0.1)
+    assert after["drains"] == [{"since": rec["stateSince"], "until": after["stateSince"]}]
+    assert after["encryptionKey"] == rec["encryptionKey"]
+
+
+async def test_a_drain_outlives_a_restart_of_meshletd(setup: Setup, nursery: trio.Nursery) -> None:
+    """An operator drains before maintenance; the reboot must not put the machine back to
+    work: the new meshletd starts draining, and the drain keeps its start time."""
+    await setup.ctl.post("/farm.meshlet.drain", json={})
+    before = await get_record(
+        setup.alice_mesh.pds_url, setup.alice_mesh.did, "commune.scheduler.meshletOwner", "self"
+    )
+    assert before["state"] == "draining"
+    old = setup.daemon
+    old.request_stop()
+    await trio.sleep(1)
+    again = Daemon(
+        old.cfg, old.credentials, notifier=RecordingNotifier(), handle_signals=False, environ={}
+    )
+    with trio.fail_after(60):
+        await nursery.start(again.run)
+    try:
+        async with httpx.AsyncClient(
+            base_url="http://localhost/xrpc",
+            transport=httpx.AsyncHTTPTransport(uds=str(old.cfg.listen.control_socket)),
+        ) as ctl:
+            status = (await ctl.get("/farm.meshlet.ctl.getStatus")).json()
+        assert status["state"] == "draining"
+        after = await get_record(
+            setup.alice_mesh.pds_url,
+            setup.alice_mesh.did,
+            "commune.scheduler.meshletOwner",
+            "self",
+        )
+        assert after["state"] == "draining" and after["stateSince"] == before["stateSince"]
+    finally:
+        again.request_stop()
 
 
 async def test_with_a_runtime_the_published_workload_runs_here(
