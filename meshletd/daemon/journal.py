@@ -18,6 +18,10 @@ import trio
 from meshletd.errors import InvalidRequest, UpstreamFailure
 
 MAX_LINE = 16384  # the lexicon's bound on one line
+# The cursor answered while a unit has written nothing: "from its first entry". A follower
+# that started before the first line gets every line, however many come at once. (Journal
+# cursors always hold `s=`, so this one cannot be mistaken for one.)
+HEAD = "head"
 
 
 def entry_of(raw: str | bytes) -> tuple[str, dict[str, str]] | None:
@@ -57,13 +61,16 @@ def journalctl_argv(unit: str, lines: int, cursor: str | None) -> list[str]:
     reader stops after `lines`: `-n` would keep the newest, and we want the oldest)."""
     argv = ["journalctl", "-u", unit, "-o", "json", "--output-fields=MESSAGE", "--all"]
     argv += ["--no-pager", "-q"]
+    if cursor == HEAD:
+        return argv
     # `=`: a cursor is never taken for an option, whatever it starts with.
     return [*argv, f"--after-cursor={cursor}"] if cursor else [*argv, "-n", str(lines)]
 
 
 async def read_unit(unit: str, lines: int, cursor: str | None) -> dict[str, Any]:
     """`{entries, cursor}` of a unit's journal: the last `lines`, or at most `lines` of the
-    oldest after `cursor`. The cursor answered is the last entry's, else the one given."""
+    oldest after `cursor`. The cursor answered is the last entry's, else the one given, else
+    `HEAD` (the unit has written nothing yet)."""
     proc = await trio.lowlevel.open_process(
         journalctl_argv(unit, lines, cursor),
         stdin=subprocess.DEVNULL,
@@ -102,7 +109,7 @@ async def read_unit(unit: str, lines: int, cursor: str | None) -> dict[str, Any]
         await proc.stderr.aclose()
     if not full and proc.returncode not in (0, None) and not entries:
         why = err.decode(errors="replace").strip()
-        if cursor and "cursor" in why.lower():
+        if cursor and cursor != HEAD and "cursor" in why.lower():
             raise InvalidRequest(f"not a cursor of this meshlet's journal: {why}")
         raise UpstreamFailure(f"journalctl -u {unit} failed: {why or proc.returncode}")
-    return {"entries": entries, "cursor": last}
+    return {"entries": entries, "cursor": last or HEAD}

@@ -262,7 +262,7 @@ class InMemoryNode:
             raise InvalidRequest(f"not a log cursor of this meshlet: {cursor!r}")
         got = w.logs[start : start + lines]
         end = start + len(got)
-        return {"entries": got, "cursor": str(end) if end or cursor is not None else None}
+        return {"entries": got, "cursor": str(end)}
 
     def log(self, uri: str, line: str) -> None:
         """Append a line to a workload's log (what its replicas "print")."""
