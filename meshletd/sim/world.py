@@ -83,6 +83,7 @@ class Node:
     points: int = 0
     draining_since: int | None = None
     pending_writes: list[Any] = field(default_factory=list)
+    disturbed_at: int = -1  # last crash, restart, cut, heal, drain or undrain
 
 
 class Sim:
@@ -110,6 +111,13 @@ class Sim:
         self.failovers: list[int] = []
         self.decision_ns: list[float] = []
         self.violations: list[str] = []
+        # slot moves without a cause (docs/protocol.md section 14): the slot starts elsewhere
+        # while a host that has run it since before its last fault still runs it
+        self.run_since: dict[tuple[tuple[str, int], int], int] = {}
+        self.needless_moves = 0
+        self.needless_same_round = 0  # the slot came back at the round its host held it
+        self.start_round: dict[tuple[tuple[str, int], int], int] = {}
+        self.needless_examples: list[str] = []
         self.max_cut_ms = 0
         self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
         self.events = 0
@@ -403,6 +411,8 @@ class Sim:
         if a.workload.kind == "job":
             end = self.now + delay + self.rng.randint(600_000, 3_600_000)
         self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end))
+        self._check_move(node, key, a.round)
+        self.start_round[(key, node.idx)] = a.round
         if node.draining_since is not None:
             known = self.started_before_drain.get(node.idx, set())
             if (a.workload.uri, a.slot, a.round) not in known:
@@ -415,9 +425,32 @@ class Sim:
                 (a.workload.uri, a.slot, a.round)
             )
 
+    def _check_move(self, node: Node, key: tuple[str, int], round_: int) -> None:
+        """Count a start that moves a slot away from a host nothing happened to: alive, not
+        cut off, not draining, and undisturbed (no crash, cut, heal, drain) since it started
+        the replica. The simulator never changes a workload record, so that cause is out too."""
+        for idx in self.runners.get(key, ()):
+            m = self.nodes[idx]
+            if idx == node.idx or not m.alive or m.cut or m.draining_since is not None:
+                continue
+            since = self.run_since.get((key, idx))
+            if since is None or m.disturbed_at >= since:
+                continue
+            self.needless_moves += 1
+            held = self.start_round.get((key, idx))
+            if held is not None and round_ < held:
+                self.needless_same_round += 1
+            if len(self.needless_examples) < 5:
+                self.needless_examples.append(
+                    f"{key[0]}#{key[1]} started on {node.did} (round {round_}) at {self.now} ms"
+                    f" while {m.did} ran it (round {held}) undisturbed since {since} ms"
+                )
+            return
+
     def _running(self, node: Node, key: tuple[str, int]) -> None:
         rs = self.runners.setdefault(key, set())
         rs.add(node.idx)
+        self.run_since[(key, node.idx)] = self.now
         if key in self.lost_at:
             self.failovers.append(self.now - self.lost_at.pop(key))
         if len(rs) >= 2 and key not in self.over_since:
@@ -429,6 +462,7 @@ class Sim:
         if rs is None:
             return
         rs.discard(node.idx)
+        self.run_since.pop((key, node.idx), None)
         if len(rs) < 2 and key in self.over_since:
             self.over_max = max(self.over_max, self.now - self.over_since.pop(key))
 
@@ -441,6 +475,7 @@ class Sim:
                 return
             node.alive = False
             node.core = None
+            node.disturbed_at = self.now
             for key in list(node.running):
                 wl = self.workloads.get(key[0])
                 self._not_running(node, key)
@@ -451,11 +486,13 @@ class Sim:
         elif kind == "restart":
             node = self.nodes[f[1]]
             if not node.alive:
+                node.disturbed_at = self.now
                 self._boot(node)
         elif kind == "cut":
             dur = min(f[2], max(self.quiet_at - self.now, 0))
             for i in f[1]:
                 self.nodes[i].cut = True
+                self.nodes[i].disturbed_at = self.now
             self.max_cut_ms = max(self.max_cut_ms, dur)
             self.push(self.now + dur, K_FAULT, ("heal", f[1]))
         elif kind == "heal":
@@ -464,6 +501,7 @@ class Sim:
                 if not node.cut:
                     continue
                 node.cut = False
+                node.disturbed_at = self.now
                 for uri, rec in node.pending_writes:
                     self._write(node, uri, rec)
                 node.pending_writes = []
@@ -472,6 +510,7 @@ class Sim:
             node = self.nodes[f[1]]
             if node.alive and node.draining_since is None:
                 node.draining_since = self.now
+                node.disturbed_at = self.now
                 self._feed(node, SetDraining(True))
                 if f[2]:
                     self.push(
@@ -481,6 +520,7 @@ class Sim:
             node = self.nodes[f[1]]
             if node.alive and node.draining_since is not None and self.now < self.quiet_at:
                 node.draining_since = None
+                node.disturbed_at = self.now
                 self._feed(node, SetDraining(False))
 
     def _anti_entropy(self, node: Node) -> None:
@@ -683,6 +723,9 @@ class Sim:
             "decisions": len(dec),
             "events": self.events,
             "wall_s": round(wall, 2),
+            "needless_moves": self.needless_moves,
+            "needless_moves_to_older_round": self.needless_same_round,
+            "needless_move_examples": self.needless_examples,
             "violations": violations,
         }
 
