@@ -111,11 +111,10 @@ class Sim:
         self.failovers: list[int] = []
         self.decision_ns: list[float] = []
         self.violations: list[str] = []
-        # slot moves without a cause (docs/protocol.md section 14): the slot starts elsewhere
-        # while a host that has run it since before its last fault still runs it
+        # slot moves without a cause (docs/protocol.md section 14): a host stops a replica
+        # it ran, having lost the slot, though nothing happened to it since it started it
         self.run_since: dict[tuple[tuple[str, int], int], int] = {}
-        self.needless_moves = 0
-        self.needless_same_round = 0  # the slot came back at the round its host held it
+        self.needless = {"older": 0, "same": 0, "newer": 0}
         self.start_round: dict[tuple[tuple[str, int], int], int] = {}
         self.needless_examples: list[str] = []
         self.max_cut_ms = 0
@@ -318,6 +317,7 @@ class Sim:
             elif isinstance(a, StartReplica):
                 self._start(node, a)
             elif isinstance(a, StopReplica):
+                self._check_stop(node, a)
                 self.push(
                     self.now + 200,
                     K_RUNTIME,
@@ -411,7 +411,6 @@ class Sim:
         if a.workload.kind == "job":
             end = self.now + delay + self.rng.randint(600_000, 3_600_000)
         self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end))
-        self._check_move(node, key, a.round)
         self.start_round[(key, node.idx)] = a.round
         if node.draining_since is not None:
             known = self.started_before_drain.get(node.idx, set())
@@ -425,27 +424,34 @@ class Sim:
                 (a.workload.uri, a.slot, a.round)
             )
 
-    def _check_move(self, node: Node, key: tuple[str, int], round_: int) -> None:
-        """Count a start that moves a slot away from a host nothing happened to: alive, not
-        cut off, not draining, and undisturbed (no crash, cut, heal, drain) since it started
-        the replica. The simulator never changes a workload record, so that cause is out too."""
-        for idx in self.runners.get(key, ()):
-            m = self.nodes[idx]
-            if idx == node.idx or not m.alive or m.cut or m.draining_since is not None:
-                continue
-            since = self.run_since.get((key, idx))
-            if since is None or m.disturbed_at >= since:
-                continue
-            self.needless_moves += 1
-            held = self.start_round.get((key, idx))
-            if held is not None and round_ < held:
-                self.needless_same_round += 1
-            if len(self.needless_examples) < 5:
-                self.needless_examples.append(
-                    f"{key[0]}#{key[1]} started on {node.did} (round {round_}) at {self.now} ms"
-                    f" while {m.did} ran it (round {held}) undisturbed since {since} ms"
-                )
+    def _check_stop(self, node: Node, a: StopReplica) -> None:
+        """Count a needless move: a host that is alive, not cut off, not draining and
+        undisturbed (no crash, cut, heal, drain) since it started a replica stops it because
+        it lost the slot. The simulator never changes a workload record, so that cause is out
+        too. Classified by the round that now owns the slot against the round the host
+        started it in (docs/protocol.md, section 14)."""
+        key = (a.workload_uri, a.slot)
+        since = self.run_since.get((key, node.idx))
+        if (
+            a.reason != "lost-slot"
+            or since is None
+            or node.cut
+            or node.draining_since is not None
+            or node.disturbed_at >= since
+            or node.core is None
+        ):
             return
+        held = self.start_round.get((key, node.idx), 0)
+        owners = node.core.placement().get(key[0]) or ()
+        cur = owners[key[1]] if key[1] < len(owners) else None
+        now_round = cur[0] if cur else -1
+        kind = "older" if now_round < held else "same" if now_round == held else "newer"
+        self.needless[kind] += 1
+        if len(self.needless_examples) < 6:
+            self.needless_examples.append(
+                f"{key[0]}#{key[1]}: {node.did} ran it from round {held} since {since} ms,"
+                f" undisturbed; at {self.now} ms it stops, owner now {cur} ({kind} round)"
+            )
 
     def _running(self, node: Node, key: tuple[str, int]) -> None:
         rs = self.runners.setdefault(key, set())
@@ -723,8 +729,8 @@ class Sim:
             "decisions": len(dec),
             "events": self.events,
             "wall_s": round(wall, 2),
-            "needless_moves": self.needless_moves,
-            "needless_moves_to_older_round": self.needless_same_round,
+            "needless_moves": sum(self.needless.values()),
+            "needless_moves_by_round": dict(self.needless),
             "needless_move_examples": self.needless_examples,
             "violations": violations,
         }
