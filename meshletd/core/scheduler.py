@@ -172,7 +172,6 @@ class Scheduler:
         self._watch_key: tuple[int, int, int] = (-1, -1, -1)
         self._suspect_changes = 0
         self._probed: dict[str, int] = {}  # peer -> when it last answered a probe
-        self._deferred = False  # a suspicion arose while we looked cut off
         self._ring_after: list[str] = []
         self._watch_version = -1
         self._fails: dict[str, int] = {}
@@ -1105,21 +1104,17 @@ class Scheduler:
             if p.meshlet in self.suspects:
                 self.suspects.discard(p.meshlet)
                 self._suspect_changes += 1
-            if self._deferred and not self._isolated():
-                # We could not tell our own isolation from our peers' loss; now we can.
-                self._deferred = False
-                if self.suspects:
-                    self._scan_lost(set(self.suspects), force=True)
             return
         n = self._fails.get(p.meshlet, 0) + 1
         self._fails[p.meshlet] = n
         if n >= self.t.probe_failures and p.meshlet not in self.suspects:
             self.suspects.add(p.meshlet)
             self._suspect_changes += 1
-            if self._isolated():
-                self._deferred = True
-            else:
+            if not self._isolated():
                 self._scan_lost({p.meshlet}, force=True)
+            # else: maybe we are the one cut off. Suspicions that outlive our isolation are
+            # acted on by the periodic scan; those that were our own cut-off clear at the
+            # first probe that answers (acting on them at once re-placed healthy slots).
 
     def _isolated(self) -> bool:
         """True when no peer we watch has answered recently: the latest probe of every one
@@ -1447,6 +1442,8 @@ class Scheduler:
                 self._bid_queue.add(ev.workload_uri)
             return
         if ev.state == "running":
+            if rep.state == "stopping":
+                return  # started, then stopped before it ran: the stop wins, no status
             rep.state = "running"
             rep.since = self.now
             if e is not None:

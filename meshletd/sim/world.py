@@ -84,6 +84,8 @@ class Node:
     draining_since: int | None = None
     pending_writes: list[Any] = field(default_factory=list)
     disturbed_at: int = -1  # last crash, restart, cut, heal, drain or undrain
+    starts: dict[tuple[str, int], int] = field(default_factory=dict)  # StartReplica count
+    stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
 
 
 class Sim:
@@ -318,6 +320,11 @@ class Sim:
                 self._start(node, a)
             elif isinstance(a, StopReplica):
                 self._check_stop(node, a)
+                # The runtime does what it is told in order: a start still under way when
+                # the stop comes never reports running.
+                node.stopped_start[(a.workload_uri, a.slot)] = node.starts.get(
+                    (a.workload_uri, a.slot), 0
+                )
                 self.push(
                     self.now + 200,
                     K_RUNTIME,
@@ -410,7 +417,8 @@ class Sim:
         end = 0
         if a.workload.kind == "job":
             end = self.now + delay + self.rng.randint(600_000, 3_600_000)
-        self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end))
+        gen = node.starts[key] = node.starts.get(key, 0) + 1
+        self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end, gen))
         self.start_round[(key, node.idx)] = a.round
         if node.draining_since is not None:
             known = self.started_before_drain.get(node.idx, set())
@@ -634,6 +642,8 @@ class Sim:
             return
         if kind == "running":
             key, end = p[3], p[4]
+            if node.stopped_start.get(key, 0) >= p[5]:
+                return  # stopped before it came up
             if key[0] not in self.workloads:
                 self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", 137))
                 return
