@@ -4,7 +4,6 @@ so `meshletctl status` stays fast to start."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -241,41 +240,41 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
     slot: Annotated[int, typer.Option(min=0, max=999, help="Replica index")] = 0,
-    lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=10000)] = 200,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", min=1, max=10000, help="How many of the last lines")
+    ] = 200,
+    timestamps: Annotated[
+        bool, typer.Option("--timestamps", "-t", help="Start each line with its RFC 3339 time.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Logs of one replica: journald when it runs here, else from the meshletd hosting it."""
-    import shutil
+    """Logs of one replica, the same wherever it runs: the meshletd hosting it reads them
+    from journald (there, `journalctl -u <unit>` shows them too)."""
+    from meshletctl import logs as lg
 
     try:
         with _client() as c:
             uri = resolve_workload(c, workload)
-            me = c.query(CTL + "getStatus")
-            st = c.query("farm.meshlet.getWorkloadStatus", uri=uri)
-            replica = next((r for r in st["replicas"] if r["slot"] == slot), None)
-            if replica is None:
-                raise NotFound(f"{uri} has no replica {slot}")
-            journalctl = shutil.which("journalctl")
-            booted = os.path.isdir("/run/systemd/system")  # journald holds the unit's logs
-            if not as_json and journalctl and booted and replica.get("meshletDid") == me["did"]:
-                unit = replica.get("unit")
-                if unit:
-                    argv = [journalctl, "-u", unit, "-n", str(lines), "--no-pager"]
-                    os.execv(journalctl, [*argv, "-f"] if follow else argv)
-            seen = 0
-            while True:
-                got = c.query("farm.meshlet.getLogs", uri=uri, slot=slot, lines=lines)["lines"]
-                if as_json and not follow:
-                    print(json.dumps({"uri": uri, "slot": slot, "lines": got}, indent=2))
-                    return
-                # Without a cursor in getLogs, follow by counting: print what is new.
-                new = got[seen:] if seen <= len(got) else got
-                for line in new:
-                    print(json.dumps({"line": line}) if as_json else line, flush=True)
-                seen = len(got)
-                if not follow:
-                    return
-                time.sleep(1.0)
+
+            def query(n: int, cursor: str | None) -> dict[str, Any]:
+                more = {"cursor": cursor} if cursor is not None else {}
+                return c.query("farm.meshlet.getLogs", uri=uri, slot=slot, lines=n, **more)
+
+            if not follow:
+                answer = query(lines, None)
+                entries = lg.entries_of(answer)
+                if as_json:
+                    doc = {"uri": uri, "slot": slot, "entries": entries}
+                    doc["lines"] = [e["line"] for e in entries]  # as before entries had times
+                    if answer.get("cursor") is not None:
+                        doc["cursor"] = answer["cursor"]
+                    print(json.dumps(doc, indent=2))
+                else:
+                    for e in entries:
+                        print(lg.text(e, timestamps))
+                return
+            for e in lg.follow(query, lines, time.sleep):
+                print(lg.json_line(e) if as_json else lg.text(e, timestamps), flush=True)
     except MeshletError as e:
         raise fail(e, as_json) from None
     except KeyboardInterrupt:

@@ -171,7 +171,7 @@ class Scheduler:
         self._probes: list[ProbePeer] = []  # ProbePeer actions for _watched (immutable)
         self._watch_key: tuple[int, int, int] = (-1, -1, -1)
         self._suspect_changes = 0
-        self._probed: set[str] = set()  # peers with at least one probe result
+        self._probed: dict[str, int] = {}  # peer -> when it last answered a probe
         self._ring_after: list[str] = []
         self._watch_version = -1
         self._fails: dict[str, int] = {}
@@ -1098,8 +1098,8 @@ class Scheduler:
         return out
 
     def _on_probe(self, p: ProbeResult) -> None:
-        self._probed.add(p.meshlet)
         if p.ok:
+            self._probed[p.meshlet] = self.now
             self._fails.pop(p.meshlet, None)
             if p.meshlet in self.suspects:
                 self.suspects.discard(p.meshlet)
@@ -1117,15 +1117,20 @@ class Scheduler:
             # first probe that answers (acting on them at once re-placed healthy slots).
 
     def _isolated(self) -> bool:
-        """True when the latest probe of every peer we watch failed, or the peer was never
-        probed yet: then the fault is more likely ours (cut off) than theirs, and we open no
-        replacement rounds. A peer added to the watch list because another became suspected
-        has not answered yet; counting it as alive let a cut-off meshlet open rounds
-        (docs/protocol.md, section 8)."""
+        """True when no peer we watch has answered recently: the latest probe of every one
+        failed, or it has not answered for `probe_failures` probe intervals (it never did, or
+        it was watched long ago). Then the fault is more likely ours (cut off) than theirs,
+        and we open no replacement rounds. A peer added to the watch list because another
+        became suspected has not answered yet, or answered when it was last watched, possibly
+        long ago; counting it as alive let a cut-off meshlet open rounds (docs/protocol.md,
+        section 8)."""
         watched = self._watch_list()
-        probed = self._probed
+        answered = self._probed
         fails = self._fails
-        return len(watched) > 1 and all(fails.get(m, 0) > 0 or m not in probed for m in watched)
+        since = self.now - self.t.probe_failures * self.t.probe_interval_ms
+        return len(watched) > 1 and not any(
+            answered.get(m, since - 1) >= since and fails.get(m, 0) == 0 for m in watched
+        )
 
     def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
         """Open replacement rounds for slots owned by lost/draining hosts we answer for."""

@@ -680,19 +680,18 @@ class AtprotoNode:
             claims[h] = claims.get(h, 0) + 1
         return {d: h for d, h in found.items() if claims[h] == 1}
 
-    async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
-        """A replica's last lines: from journald when it runs here; for our owner's
-        workloads running elsewhere, from the hosting meshlet (as the owner, service auth)."""
+    async def logs(
+        self, uri: str, slot: int, lines: int, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """A replica's lines: from journald when it runs here; for our owner's workloads
+        running elsewhere, from the hosting meshlet (as the owner, service auth), passing
+        the cursor through (it is the hosting meshlet's journal cursor)."""
         uri = self._uri_of(uri)
         unit = self.engine.units.get((uri, slot)) if self.engine is not None else None
         if unit:
-            done = await trio.run_process(
-                ["journalctl", "-u", unit, "-n", str(lines), "-o", "cat", "--no-pager", "-q"],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-            return done.stdout.decode(errors="replace").splitlines()[-lines:]
+            from meshletd.daemon.journal import read_unit
+
+            return await read_unit(unit, lines, cursor)
         host = next(
             (r.get("meshletDid") for r in self._view(uri)["running"] if r["slot"] == slot), None
         )
@@ -715,7 +714,12 @@ class AtprotoNode:
             async with httpx.AsyncClient(timeout=10) as http:
                 got = await http.get(
                     f"{member.endpoint.rstrip('/')}/xrpc/{nsid}",
-                    params={"uri": uri, "slot": slot, "lines": lines},
+                    params={
+                        "uri": uri,
+                        "slot": slot,
+                        "lines": lines,
+                        **({"cursor": cursor} if cursor else {}),
+                    },
                     headers={"authorization": f"Bearer {r.json()['token']}"},
                 )
         except httpx.HTTPError as e:
@@ -724,7 +728,11 @@ class AtprotoNode:
             from meshletd.errors import from_xrpc
 
             raise from_xrpc(got.json(), got.status_code)
-        return list(got.json().get("lines", []))
+        body = got.json()
+        # A meshlet from before entries and cursors answers `lines` only: no times, and no
+        # cursor (a follower then cannot resume; it sees the last lines again).
+        entries = body.get("entries") or [{"line": str(x)} for x in body.get("lines", [])]
+        return {"entries": entries, "cursor": body.get("cursor")}
 
     # -- mutations ---------------------------------------------------------------------
 

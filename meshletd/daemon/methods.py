@@ -107,7 +107,11 @@ def install(
         uri = params["uri"]
         if caller.did is not None:
             owner_only(caller, uri)
-        return {"lines": await node.logs(uri, params["slot"], params["lines"])}
+        got = await node.logs(uri, params["slot"], params["lines"], params.get("cursor"))
+        entries = got["entries"]
+        # `lines` (the bare text) is what callers before entries and cursors read.
+        out = {"lines": [e["line"] for e in entries], "entries": entries}
+        return out if got.get("cursor") is None else {**out, "cursor": got["cursor"]}
 
     async def get_secret(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         if caller.did is None:
@@ -214,6 +218,7 @@ def install(
             "uri": URI,
             "slot": Param("integer", default=0, minimum=0, maximum=999),
             "lines": Param("integer", default=200, minimum=1, maximum=10000),
+            "cursor": Param("string"),
         },
     )
     add(

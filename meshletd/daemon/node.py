@@ -54,7 +54,13 @@ class Node(Protocol):
 
     async def undrain(self) -> str: ...
 
-    async def logs(self, uri: str, slot: int, lines: int) -> list[str]: ...
+    async def logs(
+        self, uri: str, slot: int, lines: int, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """`{entries: [{line, time}], cursor}`: the last `lines` entries, or at most `lines`
+        of the oldest after `cursor` (opaque, from an earlier answer); the cursor answered is
+        the last entry's, else the one given."""
+        ...
 
     def bids(self, uri: str) -> dict[str, Any]: ...
 
@@ -87,6 +93,10 @@ def workload_owner(uri: str) -> str:
     return authority
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 @dataclass
 class _Workload:
     uri: str
@@ -94,7 +104,7 @@ class _Workload:
     owner: str
     record: dict[str, Any]
     replicas: list[dict[str, Any]] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)
+    logs: list[dict[str, str]] = field(default_factory=list)  # getLogs entries
 
 
 class InMemoryNode:
@@ -237,11 +247,26 @@ class InMemoryNode:
             ],
         }
 
-    async def logs(self, uri: str, slot: int, lines: int) -> list[str]:
+    async def logs(
+        self, uri: str, slot: int, lines: int, cursor: str | None = None
+    ) -> dict[str, Any]:
         w = self._find(uri)
         if not any(r["slot"] == slot for r in w.replicas):
             raise NotFound(f"workload {w.uri} has no replica {slot}")
-        return w.logs[-lines:]
+        # The cursor is how many entries were seen: the log only grows.
+        if cursor is None:
+            start = max(len(w.logs) - lines, 0)
+        elif cursor.isdigit() and int(cursor) <= len(w.logs):
+            start = int(cursor)
+        else:
+            raise InvalidRequest(f"not a log cursor of this meshlet: {cursor!r}")
+        got = w.logs[start : start + lines]
+        end = start + len(got)
+        return {"entries": got, "cursor": str(end)}
+
+    def log(self, uri: str, line: str) -> None:
+        """Append a line to a workload's log (what its replicas "print")."""
+        self._find(uri).logs.append({"line": line, "time": _now()})
 
     # -- mutations ---------------------------------------------------------------------
 
@@ -279,7 +304,7 @@ class InMemoryNode:
                     meshletDid=self.did, state="running", unit=f"meshlet-{name}-{slot}.service"
                 )
             w.replicas.append(replica)
-        w.logs.append(f"{name}: started {sum(r['state'] == 'running' for r in w.replicas)}")
+        self.log(uri, f"{name}: started {sum(r['state'] == 'running' for r in w.replicas)}")
         return {"uri": uri, "cid": cid}
 
     async def delete_workload(self, uri: str) -> None:
@@ -292,6 +317,7 @@ class InMemoryNode:
         for r in w.replicas:
             if r.get("meshletDid"):
                 r["state"] = "paused" if paused else "running"
+        self.log(w.uri, f"{w.record.get('name')}: {'paused' if paused else 'resumed'}")
 
     async def drain(self) -> str:
         if self._state == "stopping":

@@ -83,6 +83,7 @@ class Node:
     points: int = 0
     draining_since: int | None = None
     pending_writes: list[Any] = field(default_factory=list)
+    disturbed_at: int = -1  # last crash, restart, cut, heal, drain or undrain
     starts: dict[tuple[str, int], int] = field(default_factory=dict)  # StartReplica count
     stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
 
@@ -112,6 +113,12 @@ class Sim:
         self.failovers: list[int] = []
         self.decision_ns: list[float] = []
         self.violations: list[str] = []
+        # slot moves without a cause (docs/protocol.md section 14): a host stops a replica
+        # it ran, having lost the slot, though nothing happened to it since it started it
+        self.run_since: dict[tuple[tuple[str, int], int], int] = {}
+        self.needless = {"older": 0, "same": 0, "newer": 0}
+        self.start_round: dict[tuple[tuple[str, int], int], int] = {}
+        self.needless_examples: list[str] = []
         self.max_cut_ms = 0
         self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
         self.events = 0
@@ -312,6 +319,7 @@ class Sim:
             elif isinstance(a, StartReplica):
                 self._start(node, a)
             elif isinstance(a, StopReplica):
+                self._check_stop(node, a)
                 # The runtime does what it is told in order: a start still under way when
                 # the stop comes never reports running.
                 node.stopped_start[(a.workload_uri, a.slot)] = node.starts.get(
@@ -411,6 +419,7 @@ class Sim:
             end = self.now + delay + self.rng.randint(600_000, 3_600_000)
         gen = node.starts[key] = node.starts.get(key, 0) + 1
         self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end, gen))
+        self.start_round[(key, node.idx)] = a.round
         if node.draining_since is not None:
             known = self.started_before_drain.get(node.idx, set())
             if (a.workload.uri, a.slot, a.round) not in known:
@@ -423,9 +432,39 @@ class Sim:
                 (a.workload.uri, a.slot, a.round)
             )
 
+    def _check_stop(self, node: Node, a: StopReplica) -> None:
+        """Count a needless move: a host that is alive, not cut off, not draining and
+        undisturbed (no crash, cut, heal, drain) since it started a replica stops it because
+        it lost the slot. The simulator never changes a workload record, so that cause is out
+        too. Classified by the round that now owns the slot against the round the host
+        started it in (docs/protocol.md, section 14)."""
+        key = (a.workload_uri, a.slot)
+        since = self.run_since.get((key, node.idx))
+        if (
+            a.reason != "lost-slot"
+            or since is None
+            or node.cut
+            or node.draining_since is not None
+            or node.disturbed_at >= since
+            or node.core is None
+        ):
+            return
+        held = self.start_round.get((key, node.idx), 0)
+        owners = node.core.placement().get(key[0]) or ()
+        cur = owners[key[1]] if key[1] < len(owners) else None
+        now_round = cur[0] if cur else -1
+        kind = "older" if now_round < held else "same" if now_round == held else "newer"
+        self.needless[kind] += 1
+        if len(self.needless_examples) < 6:
+            self.needless_examples.append(
+                f"{key[0]}#{key[1]}: {node.did} ran it from round {held} since {since} ms,"
+                f" undisturbed; at {self.now} ms it stops, owner now {cur} ({kind} round)"
+            )
+
     def _running(self, node: Node, key: tuple[str, int]) -> None:
         rs = self.runners.setdefault(key, set())
         rs.add(node.idx)
+        self.run_since[(key, node.idx)] = self.now
         if key in self.lost_at:
             self.failovers.append(self.now - self.lost_at.pop(key))
         if len(rs) >= 2 and key not in self.over_since:
@@ -437,6 +476,7 @@ class Sim:
         if rs is None:
             return
         rs.discard(node.idx)
+        self.run_since.pop((key, node.idx), None)
         if len(rs) < 2 and key in self.over_since:
             self.over_max = max(self.over_max, self.now - self.over_since.pop(key))
 
@@ -449,6 +489,7 @@ class Sim:
                 return
             node.alive = False
             node.core = None
+            node.disturbed_at = self.now
             for key in list(node.running):
                 wl = self.workloads.get(key[0])
                 self._not_running(node, key)
@@ -459,11 +500,13 @@ class Sim:
         elif kind == "restart":
             node = self.nodes[f[1]]
             if not node.alive:
+                node.disturbed_at = self.now
                 self._boot(node)
         elif kind == "cut":
             dur = min(f[2], max(self.quiet_at - self.now, 0))
             for i in f[1]:
                 self.nodes[i].cut = True
+                self.nodes[i].disturbed_at = self.now
             self.max_cut_ms = max(self.max_cut_ms, dur)
             self.push(self.now + dur, K_FAULT, ("heal", f[1]))
         elif kind == "heal":
@@ -472,6 +515,7 @@ class Sim:
                 if not node.cut:
                     continue
                 node.cut = False
+                node.disturbed_at = self.now
                 for uri, rec in node.pending_writes:
                     self._write(node, uri, rec)
                 node.pending_writes = []
@@ -480,6 +524,7 @@ class Sim:
             node = self.nodes[f[1]]
             if node.alive and node.draining_since is None:
                 node.draining_since = self.now
+                node.disturbed_at = self.now
                 self._feed(node, SetDraining(True))
                 if f[2]:
                     self.push(
@@ -489,6 +534,7 @@ class Sim:
             node = self.nodes[f[1]]
             if node.alive and node.draining_since is not None and self.now < self.quiet_at:
                 node.draining_since = None
+                node.disturbed_at = self.now
                 self._feed(node, SetDraining(False))
 
     def _anti_entropy(self, node: Node) -> None:
@@ -693,6 +739,9 @@ class Sim:
             "decisions": len(dec),
             "events": self.events,
             "wall_s": round(wall, 2),
+            "needless_moves": sum(self.needless.values()),
+            "needless_moves_by_round": dict(self.needless),
+            "needless_move_examples": self.needless_examples,
             "violations": violations,
         }
 

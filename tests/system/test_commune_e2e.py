@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import PEOPLE, Commune, Meshlet, wait_for
+from tests.system.commune import CTL, PEOPLE, Commune, Meshlet, wait_for
 from tests.system.hostenv import host_kind, nspawn_available
 
 pytestmark = pytest.mark.skipif(
@@ -217,6 +217,32 @@ def test_2_alice_reads_every_replica_s_logs_from_her_own_machine(
             f"{done.stderr.strip()}"
         )
         assert "tick " in done.stdout, done.stdout
+        # Plain lines, as the container printed them, wherever it runs (no journal prefix).
+        last = done.stdout.splitlines()[-3:]
+        assert all(line.startswith("tick ") for line in last), done.stdout
+
+
+def test_2_alice_follows_a_replica_on_another_meshlet_without_repeats_or_gaps(
+    commune: Commune, ticker: dict[str, Any]
+) -> None:
+    alice = commune["alice"]
+    placement = ticker.get("placement") or pytest.fail("step 2 did not place ticker", False)
+    slot = next(s for s, d in placement.items() if d != alice.did)
+    # Follow for 8 s (a tick a second), stopped by ^C as a user would; -n 2, so the window
+    # of the last lines is full long before the end.
+    done = alice.run(
+        "timeout", "--preserve-status", "-s", "INT", "8",
+        CTL, "logs", "ticker", "--slot", str(slot), "-n", "2", "-f", "--timestamps",
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 130, f"exit {done.returncode}: {done.stdout}{done.stderr}"
+    ticks = [line.split(" ", 1) for line in done.stdout.splitlines() if " tick " in line]
+    numbers = [int(text.split()[1]) for _, text in ticks]
+    assert len(numbers) >= 5, done.stdout  # the 2 last lines, then new ones for ~8 s
+    # Each line once and none skipped: the ticker counts up by one.
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), done.stdout
+    stamps = [t for t, _ in ticks]
+    assert stamps == sorted(stamps) and all(t.endswith("Z") and "T" in t for t in stamps)
 
 
 # -- 3. a job -----------------------------------------------------------------------------

@@ -120,12 +120,15 @@ def test_a_workload_runs_survives_a_meshletd_restart_and_stops(host: Host) -> No
     unit = replica_here(host, "sleeper")["unit"]
     assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
 
-    # Its output: journald directly (human), or through meshletd (--json).
+    # Its output, read from its journal by meshletd: plain lines, or with their time.
     def logged() -> bool:
-        return "hello-from-sleeper" in host.run(CTL, "logs", "sleeper").stdout
+        return "hello-from-sleeper" in host.run(CTL, "logs", "sleeper").stdout.splitlines()
 
     wait_for(logged, 30, "the replica's output in its journal")
-    assert "hello-from-sleeper" in ctl_json(host, "logs", "sleeper")["lines"]
+    got = ctl_json(host, "logs", "sleeper")
+    assert "hello-from-sleeper" in got["lines"] and got["cursor"]
+    entry = next(e for e in got["entries"] if e["line"] == "hello-from-sleeper")
+    assert entry["time"].endswith("Z")
 
     # meshletd stops cleanly; the replica keeps running.
     assert host.run("systemctl", "stop", UNIT).returncode == 0

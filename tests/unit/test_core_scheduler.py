@@ -243,6 +243,46 @@ def test_a_cut_off_watcher_opens_no_round_until_a_peer_answers() -> None:
     assert not [a for a in opened if isinstance(a.record, Bid)]
 
 
+def test_a_cut_off_watcher_does_not_take_a_peer_that_answered_long_ago_as_alive() -> None:
+    # Chaos seeds 13 and 27: a suspected neighbour had once put peer z on our watch list; z
+    # answered then, left the list when the neighbour recovered, and came back when we were
+    # cut off. Its minute-old answer counted as "a watched peer answers", so the cut-off
+    # meshlet opened rounds; its bids, held back and published at heal with their old
+    # createdAt, moved the anchor of rounds the real watchers had won since.
+    for me in range(1, 6):
+        core, _wl = placed_core(me, n=6)
+        out = core.handle(Tick(CLOSE))
+        if ProbePeer(mesh(0)) in out:
+            break
+    else:
+        raise AssertionError("nobody watches mesh(0)")
+    first = [p.meshlet for p in of(out, ProbePeer)]
+    x = next(m for m in first if m != mesh(0))
+    now = CLOSE
+
+    def probe_round(answer) -> list[object]:
+        nonlocal now, out
+        acts: list[object] = []
+        for p in of(out, ProbePeer):
+            acts += core.handle(ProbeResult(p.meshlet, ok=answer(p.meshlet)))
+        now += 1000
+        out = core.handle(Tick(now))
+        return acts
+
+    for _ in range(4):  # x stops answering: it is suspected and z joins the watch list
+        probe_round(lambda m: m != x)
+    stand_ins = {p.meshlet for p in of(out, ProbePeer)} - set(first)
+    assert stand_ins, "a suspected peer is replaced on the watch list"
+    for _ in range(2):  # z answers; then x is back and z leaves the list
+        probe_round(lambda m: True)
+    now += 60_000
+    out = core.handle(Tick(now))
+    opened: list[object] = []
+    for _ in range(5):  # a minute later we are cut off: every probe fails
+        opened += probe_round(lambda m: False)
+    assert not [a for a in opened if isinstance(a, PutRecord) and isinstance(a.record, Bid)]
+
+
 def test_a_replica_stopped_before_it_came_up_is_not_reported_running() -> None:
     # The runtime reports `running` for a start that a later StopReplica already undid (the
     # slot moved while the unit was starting): no status record, the stop stands.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -201,6 +202,42 @@ def test_logs_of_a_replica(daemon: Daemon) -> None:
     r = ctl(daemon, "logs", "logged", "--slot", "5")
     assert r.exit_code == 4
     ctl_json(daemon, "stop", "logged")
+
+
+def test_logs_follow_prints_each_new_line_once(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import meshletctl.cli as cli
+    from meshletctl.client import ControlClient
+
+    uri = ctl_json(daemon, "run", "busybox", "--name", "followed")["uri"]
+    # Between polls the workload is paused and resumed (the in-memory node logs both).
+    steps = ["pause", "resume", None, "pause", "resume", "pause"]
+
+    def sleep(_: float) -> None:
+        if not steps:
+            raise KeyboardInterrupt
+        step = steps.pop(0)
+        if step:
+            with ControlClient(str(daemon.socket)) as c:
+                c.procedure(f"farm.meshlet.{step}Workload", {"uri": uri})
+
+    monkeypatch.setattr(cli, "time", SimpleNamespace(sleep=sleep))
+    r = ctl(daemon, "logs", "followed", "-f", "-n", "1", "--timestamps")
+    assert r.exit_code == 130, r.output
+    lines = r.stdout.splitlines()
+    assert [x.split(" ", 1)[1] for x in lines] == [
+        "followed: started 1",
+        "followed: paused",
+        "followed: resumed",
+        "followed: paused",
+        "followed: resumed",
+        "followed: paused",
+    ]
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z ", x) for x in lines), lines
+    ctl_json(daemon, "stop", "followed")
 
 
 def test_bids_and_balance(daemon: Daemon) -> None:

@@ -268,6 +268,30 @@ async def test_list_workloads_pages_with_a_cursor(running: Running) -> None:
     assert "cursor" not in rest.json()
 
 
+async def test_get_logs_pages_forward_from_a_cursor(running: Running) -> None:
+    uri = await make_workload(running)
+    logs = "farm.meshlet.getLogs"
+    first = (await running.call(logs, who=ALICE, params={"uri": uri, "lines": 5})).json()
+    assert first["lines"] == ["web: started 1"] and first["entries"][0]["time"].endswith("Z")
+    for verb in ("pause", "resume", "pause"):
+        await running.call(f"farm.meshlet.{verb}Workload", who=ALICE, body={"uri": uri})
+    # Only what came after the cursor, oldest first, at most `lines` of it.
+    params = {"uri": uri, "lines": 2, "cursor": first["cursor"]}
+    page = (await running.call(logs, who=ALICE, params=params)).json()
+    assert page["lines"] == ["web: paused", "web: resumed"]
+    params["cursor"] = page["cursor"]
+    page = (await running.call(logs, who=ALICE, params=params)).json()
+    assert page["lines"] == ["web: paused"]
+    params["cursor"] = page["cursor"]
+    page = (await running.call(logs, who=ALICE, params=params)).json()
+    assert page["entries"] == [] and page["cursor"] == params["cursor"]
+    params["cursor"] = "not-a-cursor"
+    resp = await running.call(logs, who=ALICE, params=params)
+    assert resp.status_code == 400 and error(resp) == "InvalidRequest"
+    resp = await running.call(logs, who=BOB, params={"uri": uri})
+    assert error(resp) == "Forbidden"
+
+
 async def test_root_on_the_control_socket_may_read_and_mutate(running: Running) -> None:
     resp = await running.unix.get("/xrpc/farm.meshlet.ctl.getStatus")
     assert resp.status_code == 200 and resp.json()["did"] == ME
