@@ -161,6 +161,29 @@ class ClusterView:
             return False
         return not (wl.labels and not all(lab in mo.labels for lab in wl.labels))
 
+    def host_table(
+        self, wl: Workload
+    ) -> tuple[dict[str, tuple[MeshletOwner, frozenset[str]] | None], frozenset[str]] | None:
+        """For a workload without constraints (arch, labels, avoidMeshlets): the verified-host
+        cache and the owner's cluster consent, so that a caller checking many bids can do
+        `eligible` inline: a meshlet M listed in the table is eligible exactly when its entry
+        (mo, consent) is not None, wl.owner is in consent, and mo.owner is wl.owner or in the
+        cluster consent. A meshlet not listed yet: call `eligible` (it fills the table).
+        None for a workload with constraints (call `eligible`)."""
+        if wl.avoid or wl.arch or wl.labels:
+            return None
+        if self._cache_version != self.version:
+            self._fresh()
+        cc = self._cluster_consent.get((wl.owner, wl.cluster))
+        if cc is None:
+            cc = self.cluster_consent(wl.owner, wl.cluster)
+        return self._hosts, cc
+
+    def drainy(self) -> dict[str, MeshletOwner]:
+        """Meshlets whose record says draining or lists past drains (read-only): a meshlet
+        not in it is never `drained_at` any time."""
+        return self._drainy
+
     def _host(self, meshlet: str) -> tuple[MeshletOwner, frozenset[str]] | None:
         mo = self.owners.get(meshlet)
         got = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 from hashlib import blake2b
 
 from .actions import (
@@ -71,6 +72,9 @@ class MeshletIdentity:
     arch: str = "amd64"
     labels: frozenset[str] = frozenset()
     endpoint: str = ""
+
+
+_UNKNOWN: Any = object()  # not in the host table yet
 
 
 def _first_two(x: tuple[int, int, Bid]) -> tuple[int, int]:
@@ -208,9 +212,19 @@ class Scheduler:
         out: list[Action] = []
         self._out = out
         on_record = self._on_record
+        on_bid = self._on_bid
+        on_status = self._on_status
         for event in events:
             if type(event) is RecordSeen:
-                on_record(event.record)
+                rec = event.record
+                kind = type(rec)
+                # The two most frequent records, dispatched here (same as `_on_record`).
+                if kind is Bid:
+                    on_bid(rec)  # type: ignore[arg-type]
+                elif kind is WorkloadStatus:
+                    on_status(rec)  # type: ignore[arg-type]
+                else:
+                    on_record(rec)
             else:
                 self._apply(event)
         self._flush()
@@ -530,7 +544,7 @@ class Scheduler:
             for st in self._orphan_status.pop(wl.uri, ()):
                 self._status_keys.pop(st.uri, None)
                 self._store_status(e, st)
-            if self._small(wl) or self._is_candidate(wl, -1, 0):
+            if self._esmall(e) or self._is_candidate(wl, -1, 0):
                 self._queue_bid(wl.uri)
             c0 = self._close0(wl)
             if self.now < c0 and not e.bids:
@@ -562,12 +576,15 @@ class Scheduler:
             self._orphan_bids.setdefault(b.workload_uri, []).append(b)
             return
         bids = e.bids
-        for i, old in enumerate(bids):
-            if old.uri == b.uri:
-                if old == b:
+        buri = b.uri
+        i = 0
+        for old in bids:
+            if old.uri == buri:
+                if old is b or old == b:
                     return
                 bids[i] = b
                 break
+            i += 1
         else:
             bids.append(b)
         if e.owners is not None:
@@ -791,8 +808,13 @@ class Scheduler:
         # Round 0 (section 6): the counting bids, in (-priority, score) order. `_valid`,
         # inlined: this loop runs for every workload on every meshlet.
         cpu, mem = wl.milli_cpu, wl.memory_mib
-        eligible = self.cluster.eligible
-        drained_at = self.cluster.drained_at
+        cluster = self.cluster
+        eligible = cluster.eligible
+        drained_at = cluster.drained_at
+        drainy = cluster.drainy()
+        table = cluster.host_table(wl)
+        hosts, cc = table if table is not None else ({}, frozenset())
+        wowner = wl.owner
         cut = d0 + t.settle_ms
         ranked: list[tuple[int, int, Bid]] = []
         for b in bids:
@@ -803,12 +825,23 @@ class Scheduler:
                 or b.created_at > d0
                 or b.free_milli_cpu < cpu
                 or b.free_memory_mib < mem
-                or not eligible(wl, b.meshlet)
             ):
                 continue
-            if drained_at(b.meshlet, cut):
+            m = b.meshlet
+            # `eligible(wl, m)`, inlined through the host table when wl has no constraints
+            host: Any = hosts.get(m, _UNKNOWN) if table is not None else _UNKNOWN
+            if host is _UNKNOWN:
+                if not eligible(wl, m):
+                    continue
+            elif (
+                host is None
+                or wowner not in host[1]
+                or (host[0].owner != wowner and host[0].owner not in cc)
+            ):
                 continue
-            ranked.append((-b.priority, rendezvous_score(uri, 0, -1, b.meshlet), b))
+            if drainy and m in drainy and drained_at(m, cut):
+                continue
+            ranked.append((-b.priority, rendezvous_score(uri, 0, -1, m), b))
         owners: list[Owner | None] = [None] * n
         if ranked:
             ranked.sort(key=_first_two)
