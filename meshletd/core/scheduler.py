@@ -544,12 +544,25 @@ class Scheduler:
             for st in self._orphan_status.pop(wl.uri, ()):
                 self._status_keys.pop(st.uri, None)
                 self._store_status(e, st)
-            if self._esmall(e) or self._is_candidate(wl, -1, 0):
-                self._queue_bid(wl.uri)
-            c0 = self._close0(wl)
+            uri = wl.uri
+            small = self._esmall(e)
+            # `_is_candidate(wl, -1, 0)`, inlined for a large cluster (this runs for every
+            # workload on every meshlet)
+            if small or is_candidate(
+                rendezvous_score(uri, 0, -1, self.me.did),
+                wl.replicas + ROUND0_SPARE + 2,
+                self.cluster.member_estimate(wl),
+            ):
+                self._queue_bid(uri)
+            c0 = wl.created_at + wl.bid_window_ms + self.t.settle_ms  # _close0
             if self.now < c0 and not e.bids:
                 # Nothing to resolve before the close (or before a bid allows early close).
-                self._push_close(c0, wl.uri)
+                # `_push_close(c0, uri)`, inlined
+                if small or uri in self._involved or uri in self._my_bids:
+                    heapq.heappush(self._closes, (c0, uri))
+                    self._resched = True
+                else:
+                    heapq.heappush(self._lazy_closes, (c0, uri))
                 return
         else:
             if e.wl == wl:
@@ -817,10 +830,14 @@ class Scheduler:
         wowner = wl.owner
         cut = d0 + t.settle_ms
         ranked: list[tuple[int, int, Bid]] = []
+        later: list[Bid] = []  # bids of later rounds for slots of wl
         for b in bids:
+            if b.round != 0:
+                if b.round > 0 and 0 <= b.slot < n:
+                    later.append(b)
+                continue
             if (
-                b.round != 0
-                or b.slots < 1
+                b.slots < 1
                 or b.created_at < a0
                 or b.created_at > d0
                 or b.free_milli_cpu < cpu
@@ -868,7 +885,6 @@ class Scheduler:
                         break
                     layer += 1
         pending: int | None = None
-        later = [b for b in bids if b.round > 0 and 0 <= b.slot < n]
         if later:
             period = t.chained_period_ms
             w = t.replacement_window_ms

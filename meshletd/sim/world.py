@@ -568,6 +568,7 @@ class Sim:
         nodes = self.nodes
         perf = time.perf_counter_ns
         decision_ns = self.decision_ns
+        perform = self._perform
         while q:
             at, _, kind, p = heapq.heappop(q)
             if at > self.end:
@@ -577,10 +578,11 @@ class Sim:
                 box = self.inbox.pop(p)
                 for idxs, items in box.items():
                     evs = [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in items]
+                    fed = 0
                     for i in idxs:
                         n = nodes[i]
                         core = n.core
-                        if not n.alive or core is None:
+                        if core is None or not n.alive:
                             continue
                         if n.cut:
                             n.missed.extend(items)
@@ -589,13 +591,13 @@ class Sim:
                         d0 = core.decisions
                         t0 = perf()
                         actions = core.handle_batch(evs)
-                        dt = perf() - t0
-                        dd = core.decisions - d0
-                        if dd:
-                            decision_ns.append(dt / dd)
-                        self.events += len(evs)
+                        t1 = perf()
+                        if core.decisions != d0:
+                            decision_ns.append((t1 - t0) / (core.decisions - d0))
+                        fed += 1
                         if actions:
-                            self._perform(n, actions)
+                            perform(n, actions)
+                    self.events += len(evs) * fed
             elif kind == K_TICK:
                 n = nodes[p[0]]
                 if n.core is p[1] and n.alive and n.wake_at == p[2]:
