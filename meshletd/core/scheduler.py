@@ -236,6 +236,11 @@ class Scheduler:
             self._on_record(event.record)  # type: ignore[union-attr]
         elif kind is ProbeResult:
             self._on_probe(event)  # type: ignore[arg-type]
+        elif kind is Tick:
+            if event.now > self.now:  # type: ignore[union-attr]
+                self.now = event.now  # type: ignore[union-attr]
+            self._resched = True
+            self._on_tick()
         elif isinstance(event, RecordSeen):
             self._on_record(event.record)
         elif isinstance(event, Tick):
@@ -605,7 +610,7 @@ class Scheduler:
             self._dirty[b.workload_uri] = None
             if b.round > 0 and b.meshlet != self.me.did:
                 self._queue_bid(b.workload_uri)
-        elif self._esmall(e):
+        elif (e.small if e.small_v == self.cluster.version else self._esmall(e)):
             self._dirty[b.workload_uri] = None  # early close may now hold
 
     def _on_status(self, st: WorkloadStatus) -> None:
@@ -826,7 +831,9 @@ class Scheduler:
         drained_at = cluster.drained_at
         drainy = cluster.drainy()
         table = cluster.host_table(wl)
+        # no table (wl has constraints): every lookup misses and `eligible` decides
         hosts, cc = table if table is not None else ({}, frozenset())
+        unknown = _UNKNOWN
         wowner = wl.owner
         cut = d0 + t.settle_ms
         ranked: list[tuple[int, int, Bid]] = []
@@ -846,8 +853,8 @@ class Scheduler:
                 continue
             m = b.meshlet
             # `eligible(wl, m)`, inlined through the host table when wl has no constraints
-            host: Any = hosts.get(m, _UNKNOWN) if table is not None else _UNKNOWN
-            if host is _UNKNOWN:
+            host: Any = hosts.get(m, unknown)
+            if host is unknown:
                 if not eligible(wl, m):
                     continue
             elif (
@@ -1277,8 +1284,9 @@ class Scheduler:
             self._dirty[uri] = None
             self._bid_queue.add(uri)
             self._bid_batch_at = now
-        for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
-            del self._reserved[rkey3]
+        if self._reserved:
+            for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
+                del self._reserved[rkey3]
         if now >= self._next_probe:
             self._next_probe = now + self.t.probe_interval_ms
             self._watch_list()
@@ -1290,11 +1298,12 @@ class Scheduler:
                 lost.add(self.me.did)
             if lost:
                 self._scan_lost(lost)
-        for key, rep in self._timed_replicas():
-            if rep.restart_at is not None and rep.restart_at <= now:
-                self._dirty[key[0]] = None
-            if rep.lost_at is not None:
-                self._dirty[key[0]] = None
+        if self._timed:
+            for key, rep in self._timed_replicas():
+                if rep.restart_at is not None and rep.restart_at <= now:
+                    self._dirty[key[0]] = None
+                if rep.lost_at is not None:
+                    self._dirty[key[0]] = None
         self._usage_tick()
 
     def _timed_replicas(self) -> list[tuple[tuple[str, int], _Replica]]:
@@ -1358,7 +1367,7 @@ class Scheduler:
             nxt.append(self._wakes[0][0])
         if self._bid_batch_at is not None:
             nxt.append(self._bid_batch_at)
-        for _, rep in self._timed_replicas():
+        for _, rep in self._timed_replicas() if self._timed else ():
             if rep.restart_at is not None:
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
