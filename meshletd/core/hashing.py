@@ -17,6 +17,13 @@ def rendezvous_score(workload_uri: str, round_: int, slot: int, meshlet: str) ->
     return int.from_bytes(blake2b(text, digest_size=8).digest(), "big")
 
 
+def own_score(workload_uri: str, round_: int, slot: int, meshlet: str) -> int:
+    """`rendezvous_score`, not cached: for a score only one meshlet asks for (its own, when
+    a workload arrives), which would only push shared scores out of the cache."""
+    text = f"{workload_uri}|{round_}|{slot}|{meshlet}".encode()
+    return int.from_bytes(blake2b(text, digest_size=8).digest(), "big")
+
+
 @lru_cache(maxsize=1 << 16)
 def watch_score(target: str, watcher: str) -> int:
     """64-bit score deciding which meshlets probe `target` (lowest WATCHERS scores)."""
@@ -32,4 +39,4 @@ def is_candidate(score: int, wanted: int, members: int) -> bool:
     return score * members < wanted << SCORE_BITS
 
 
-__all__ = ["is_candidate", "rendezvous_score", "watch_score"]
+__all__ = ["is_candidate", "own_score", "rendezvous_score", "watch_score"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any
 from hashlib import blake2b
+from typing import Any
 
 from .actions import (
     Action,
@@ -32,7 +32,7 @@ from .events import (
     Tick,
 )
 from .fairshare import balances, meshlet_priority
-from .hashing import is_candidate, rendezvous_score, watch_score
+from .hashing import is_candidate, own_score, rendezvous_score, watch_score
 from .records import (
     MAX_DRAINS,
     NSID_BID,
@@ -554,7 +554,7 @@ class Scheduler:
             # `_is_candidate(wl, -1, 0)`, inlined for a large cluster (this runs for every
             # workload on every meshlet)
             if small or is_candidate(
-                rendezvous_score(uri, 0, -1, self.me.did),
+                own_score(uri, 0, -1, self.me.did),
                 wl.replicas + ROUND0_SPARE + 2,
                 self.cluster.member_estimate(wl),
             ):
@@ -610,7 +610,7 @@ class Scheduler:
             self._dirty[b.workload_uri] = None
             if b.round > 0 and b.meshlet != self.me.did:
                 self._queue_bid(b.workload_uri)
-        elif (e.small if e.small_v == self.cluster.version else self._esmall(e)):
+        elif e.small if e.small_v == self.cluster.version else self._esmall(e):
             self._dirty[b.workload_uri] = None  # early close may now hold
 
     def _on_status(self, st: WorkloadStatus) -> None:

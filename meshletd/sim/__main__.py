@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .world import Config, run
+from .world import Config, Sim
+
+_kept: list[Sim] = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         arrivals_per_day=a.arrivals_per_day,
         lifetime_hours=a.lifetime_hours,
     )
-    figures = run(cfg)
+    sim = Sim(cfg)
+    figures = sim.run()
+    # Run as a program, the process ends right after printing: freeing the simulated
+    # cluster's millions of objects one by one (seconds at 1 000 meshlets) would be wasted.
+    if __name__ == "__main__":
+        _kept.append(sim)
     if a.json:
         print(json.dumps(figures, sort_keys=False))
     else:
@@ -44,4 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
