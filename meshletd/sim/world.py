@@ -681,8 +681,13 @@ class Sim:
             owners = ref.get(uri)
             if owners is None:
                 continue
-            done = self._done_slots(live, uri)
+            done: set[int] | None = None  # finished slots, looked up only when needed
             for s, cur in enumerate(owners):
+                if cur is not None and cur[1] not in dead:
+                    if (uri, s) in self.by_did[cur[1]].running:
+                        continue  # fine whether or not the slot is done
+                if done is None:
+                    done = self._done_slots(live, uri)
                 if s in done:
                     continue
                 if cur is None:
