@@ -158,20 +158,9 @@ class Scheduling(_Section):
         return value
 
     def timing(self) -> Timing:
-        """The scheduler core's `Timing` from these settings."""
-        return Timing(
-            skew_ms=self.skew_ms,
-            grace_ms=self.grace_ms,
-            replacement_window_ms=self.replacement_window_ms,
-            probe_interval_ms=self.probe_interval_ms,
-            probe_failures=self.probe_failures,
-            watchers=self.watchers,
-            fence_timeout_ms=self.fence_timeout_ms,
-            bid_batch_ms=self.bid_batch_ms,
-            usage_period_ms=self.usage_period_ms,
-            half_life_ms=self.half_life_ms,
-            reopen_backoff_ms=self.reopen_backoff_ms,
-        )
+        """The scheduler core's `Timing` from these settings (every key but the local
+        `bid_window_ms` is one of its fields, with the same name)."""
+        return Timing(**self.model_dump(exclude={"bid_window_ms"}))
 
 
 class Config(_Section):
