@@ -651,26 +651,26 @@ class Firehose:
         self._nursery.start_soon(self._read_hinted, key)
         return True
 
+    def _proved_event(
+        self, did: str, collection: str, rkey: str, proof: Any, source: Literal["hint", "resync"]
+    ) -> RecordEvent:
+        """The event for a record read from its PDS with a proof (signed commit + MST path);
+        raises InvalidRecord when the lexicon refuses it."""
+        if proof.value is not None:
+            self.lexicons.validate_record(collection, proof.value, rkey=rkey)
+            self.lexicons.validate_size(collection, proof.value)
+        action: Action = "create" if proof.value is not None else "delete"
+        return RecordEvent(
+            did, collection, rkey, action, proof.cid, proof.value, proof.rev, None, source
+        )
+
     async def _read_hinted(self, key: tuple[str, str, str, str | None]) -> None:
         did, collection, rkey = key[:3]
         try:
             proof = await self.reader.prove_record(
                 self.pds_of[did], did, self.keys.get(did), collection, rkey
             )
-            if proof.value is not None:
-                self.lexicons.validate_record(collection, proof.value, rkey=rkey)
-                self.lexicons.validate_size(collection, proof.value)
-            ev = RecordEvent(
-                did,
-                collection,
-                rkey,
-                "create" if proof.value is not None else "delete",
-                proof.cid,
-                proof.value,
-                proof.rev,
-                None,
-                "hint",
-            )
+            ev = self._proved_event(did, collection, rkey, proof, "hint")
             with trio.CancelScope(shield=True):
                 async with self._lock:
                     out = self.mirror.apply(ev)
@@ -746,27 +746,13 @@ class Firehose:
                         proof = await self.reader.prove_record(pds, did, key, collection, rkey)
                     else:
                         raise
-                uri = f"at://{did}/{collection}/{rkey}"
-                if proof.value is not None:
-                    try:
-                        self.lexicons.validate_record(collection, proof.value, rkey=rkey)
-                        self.lexicons.validate_size(collection, proof.value)
-                    except InvalidRecord as e:
-                        reason = f"record {uri}: invalid ({e.message})"
-                        log.warning("anti-entropy: ignored %s", reason)
-                        self._note_drop(reason)
-                        continue
-                ev = RecordEvent(
-                    did,
-                    collection,
-                    rkey,
-                    "create" if proof.value is not None else "delete",
-                    proof.cid,
-                    proof.value,
-                    proof.rev,
-                    None,
-                    "resync",
-                )
+                try:
+                    ev = self._proved_event(did, collection, rkey, proof, "resync")
+                except InvalidRecord as e:
+                    reason = f"record at://{did}/{collection}/{rkey}: invalid ({e.message})"
+                    log.warning("anti-entropy: ignored %s", reason)
+                    self._note_drop(reason)
+                    continue
                 async with self._lock:
                     out = self.mirror.apply(ev)
                     if out is not None:
