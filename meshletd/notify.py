@@ -70,10 +70,43 @@ class SdNotifier:
     def watchdog(self) -> None:
         self.notify(WATCHDOG="1")
 
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """Keep `fds` in systemd's file descriptor store under `name` (FDSTORE=1): they come
+        back in LISTEN_FDS at the next start of the service, restart or crash alike (the
+        unit needs FileDescriptorStoreMax=). False when not under systemd."""
+        if self._sock is None or self.address is None or not fds:
+            return False
+        addr = self.address
+        target: str | bytes = "\0" + addr[1:] if addr.startswith("@") else addr
+        try:
+            socket.send_fds(self._sock, [f"FDSTORE=1\nFDNAME={name}".encode()], fds, 0, target)
+        except OSError:
+            return False
+        return True
+
+    def remove_fds(self, name: str) -> None:
+        """Drop what the file descriptor store holds under `name`."""
+        self.notify(FDSTOREREMOVE="1", FDNAME=name)
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def inherited_fds(environ: Mapping[str, str] | None = None) -> dict[str, list[int]]:
+    """Descriptors systemd passed us (sd_listen_fds): name -> fds, from LISTEN_PID,
+    LISTEN_FDS and LISTEN_FDNAMES. Empty unless they are meant for this process."""
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    out: dict[str, list[int]] = {}
+    for i in range(int(count)):
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        out.setdefault(name, []).append(3 + i)  # SD_LISTEN_FDS_START
+    return out
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:

@@ -526,6 +526,9 @@ class Firehose:
         self.keys: dict[str, str | None] = {}
         self.mirror = RepoMirror()
         self.synced_rev: dict[str, str] = {}  # repo rev whose state we are known to hold
+        # Repos listed in full at least once since start (docs/protocol.md section 13: the
+        # view is complete once every watched repo is here).
+        self.read_once: set[str] = set()
         self.skipped_passes = 0
         self.pds_of: dict[str, str] = {}
         self.subscriptions: dict[str, PdsSubscription] = {}
@@ -567,6 +570,7 @@ class Firehose:
         self.interest.dids.discard(did)
         self.mirror.forget(did)
         self.synced_rev.pop(did, None)
+        self.read_once.discard(did)
 
     async def _ensure_subscription(self, pds: str) -> None:
         if pds in self.subscriptions:
@@ -703,6 +707,10 @@ class Firehose:
         self.dropped.append(reason)
         del self.dropped[:-200]
 
+    async def resync_logged(self, did: str) -> None:
+        """`resync(did)`, forced, with a failure logged instead of raised."""
+        await self._resync_logged(did, force=True)
+
     async def _resync_forced(self, did: str) -> None:
         await self._resync_logged(did, force=True)
 
@@ -763,4 +771,5 @@ class Firehose:
             known = self.synced_rev.get(did)
             if known is None or known < latest:
                 self.synced_rev[did] = latest
+        self.read_once.add(did)
         return changes

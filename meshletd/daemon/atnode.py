@@ -44,6 +44,13 @@ HINT_MAX_PEERS = 16
 _LIVE_STATES = ("pulling", "starting", "running")
 _HANDLE = re.compile(r"^(?=.{3,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*$")
 _REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
+# Login to the PDS is retried with backoff, doubling up to this cap (seconds): the daemon
+# starts scheduling at most this long after its PDS comes back (docs/protocol.md, section 13).
+PDS_RETRY_INITIAL_S = 1.0
+PDS_RETRY_MAX_S = 10.0
+# How long start-up waits for the view before telling systemd it is ready anyway (the view
+# then completes in the background; nothing is decided before it does).
+READY_WAIT_S = 20.0
 
 
 def _clip(text: str) -> str:
@@ -129,6 +136,10 @@ class AtprotoNode:
         self.writes: Any = None
         self._nursery: trio.Nursery | None = None
         self._hint_http: Any = None
+        self.published = False  # our records reached our PDS since start
+        self.pds_problem: str | None = None  # why not (yet), for STATUS= and the log
+        self._publishing = False  # a retry loop is running
+        self.view_loaded = trio.Event()
 
     @staticmethod
     def _clusters(cfg: Config) -> dict[str, list[str]]:
@@ -150,14 +161,40 @@ class AtprotoNode:
 
         self.formation = ClusterFormation(self.view, firehose)
         self.formation.add_listener(self._on_event)
+        self.formation.add_batch_listener(self._on_startup_batch)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            with trio.move_on_after(20):
+            self._make_clients()
+            # One attempt first (a PDS that answers: our records are out before the view is
+            # read), then with backoff in the background while the PDS is unreachable.
+            with trio.move_on_after(PDS_RETRY_MAX_S):
                 await self._login_and_publish()
+            if not self.published:
+                self._keep_publishing()
             await self._start_engine(nursery)
-            await nursery.start(self.formation.run)
-            log.info("cluster view loaded: %s", self.formation.describe())
+            nursery.start_soon(self._follow)
+            with trio.move_on_after(READY_WAIT_S):
+                await self.view_loaded.wait()
+            if not self.view_loaded.is_set():
+                log.warning(
+                    "ready before the cluster view is complete (%s): nothing is decided "
+                    "until it is; replicas keep running",
+                    self.status_line(),
+                )
             task_status.started()
+
+    async def _follow(self) -> None:
+        await self.formation.run()
+
+    def _on_startup_batch(self, batch: list[Any]) -> None:
+        """The start-up read of every watched repo, ours included (docs/protocol.md
+        section 13): our tables, then the scheduler core in one batch."""
+        for ev in batch:
+            self._note(ev)
+        if self.engine is not None:
+            self.engine.view_complete(batch)
+        log.info("cluster view loaded: %s", self.formation.describe())
+        self.view_loaded.set()
 
     def _runtime_kind(self) -> str:
         kind = self.cfg.runtime
@@ -166,13 +203,15 @@ class AtprotoNode:
         return kind
 
     async def _start_engine(self, nursery: trio.Nursery) -> None:
-        """The scheduler core + runtime + write queue; skipped when observing only."""
+        """The scheduler core + runtime + write queue; skipped when observing only. It
+        starts whether or not the PDS answers: the runtime adopts the replicas at once, and
+        the core decides nothing before the view is complete."""
         kind = self._runtime_kind()
         if kind == "none" or self.meshlet_pds is None:
             log.warning(
                 "scheduler not started (runtime %s, %s): this meshlet only observes",
                 kind,
-                "publishing" if self.meshlet_pds else "no meshlet credentials",
+                "meshlet credentials given" if self.meshlet_pds else "no meshlet credentials",
             )
             return
         from meshletd.atproto.pds import Write, WriteQueue
@@ -192,7 +231,10 @@ class AtprotoNode:
             endpoint=self.cfg.public_endpoint or "",
         )
         self.writes = WriteQueue(
-            self.meshlet_pds, journal=StoreJournal(self._store), prime=(BID, STATUS, USAGE)
+            self.meshlet_pds,
+            journal=StoreJournal(self._store),
+            prime=(BID, STATUS, USAGE),
+            backoff_max_s=PDS_RETRY_MAX_S,
         )
         if self.writes.pending:
             log.info("%d write(s) left from the last run will be sent", len(self.writes.pending))
@@ -230,34 +272,64 @@ class AtprotoNode:
             r = await http.get(f"{endpoint.rstrip('/')}/xrpc/farm.meshlet.ping")
         return r.status_code == 200
 
-    async def _login_and_publish(self) -> None:
+    def _make_clients(self) -> None:
+        """The meshlet's PDS client (no request yet: it logs in on first use)."""
+        from meshletd.atproto.pds import PdsClient
+
+        creds = self._credentials
+        if creds.meshlet_app_password is not None and self.meshlet_pds is None:
+            pds = PdsClient(self.cfg.pds, self.did, creds.meshlet_app_password.get_secret_value())
+            pds.on_commit = lambda done, repo=self.did: self._committed(repo, done)
+            self.meshlet_pds = pds
+
+    def _keep_publishing(self) -> None:
+        """Retry login and publication with capped backoff until they succeed."""
+        if self._publishing or self._nursery is None or self.meshlet_pds is None:
+            return
+        self._publishing = True
+        self._nursery.start_soon(self._publish_with_backoff)
+
+    async def _publish_with_backoff(self) -> None:
+        delay = PDS_RETRY_INITIAL_S
+        try:
+            while not await self._login_and_publish():
+                self.pds_problem = f"PDS unreachable, retrying in {delay:.0f} s"
+                await trio.sleep(delay)
+                delay = min(delay * 2, PDS_RETRY_MAX_S)
+        finally:
+            self._publishing = False
+
+    async def _login_and_publish(self) -> bool:
+        """Log in (meshlet and owner) and publish our records; False (logged) if the PDS
+        cannot be reached or refuses."""
         from meshletd.atproto.pds import PdsClient
 
         creds = self._credentials
         try:
-            if creds.meshlet_app_password is not None and self.meshlet_pds is None:
-                pds = PdsClient(
-                    self.cfg.pds, self.did, creds.meshlet_app_password.get_secret_value()
-                )
-                await pds.login()
-                self.meshlet_pds = pds
+            if self.meshlet_pds is None:
+                log.warning("no meshlet-app-password credential: running read-only")
+                return True
+            if self.meshlet_pds.session.access is None:
+                await self.meshlet_pds.login()
             if creds.owner_app_password is not None and self.owner_pds is None:
                 owner_pds_url = self.cfg.owner_pds or await self._pds_of(self.owner)
                 pds = PdsClient(
                     owner_pds_url, self.owner, creds.owner_app_password.get_secret_value()
                 )
                 await pds.login()
+                pds.on_commit = lambda done, repo=self.owner: self._committed(repo, done)
                 self.owner_pds = pds
-            for client in (self.meshlet_pds, self.owner_pds):
-                if client is not None:
-                    client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
-            if self.meshlet_pds is None:
-                log.warning("no meshlet-app-password credential: running read-only")
-                return
             await self._restore_state()
             await self._publish()
         except Exception as e:  # PDS down or wrong password: keep serving, say why
-            log.warning("cannot publish this meshlet's records: %s", e)
+            self.pds_problem = f"PDS unreachable: {e}"
+            log.warning("cannot publish this meshlet's records (will retry): %s", e)
+            return False
+        if self.pds_problem is not None:
+            log.info("the PDS answers again: this meshlet's records are published")
+        self.pds_problem = None
+        self.published = True
+        return True
 
     async def _restore_state(self) -> None:
         """A drain outlives a restart (an operator drains before maintenance, and the reboot
@@ -364,6 +436,10 @@ class AtprotoNode:
     def _on_event(self, ev: Any) -> None:
         if self.engine is not None:
             self.engine.record_changed(ev)
+        self._note(ev)
+
+    def _note(self, ev: Any) -> None:
+        """Keep the tables `meshletctl` reads (workloads, bids, statuses, usage)."""
         if ev.collection == WORKLOAD:
             if ev.action == "delete":
                 self._workloads.pop(ev.uri, None)
@@ -424,13 +500,25 @@ class AtprotoNode:
             "workloads": len(self._workloads),
             "capacity": self.capacity(),
             "backend": "atproto",
-            "publishing": self.meshlet_pds is not None,
+            "publishing": self.published,
         }
 
     def status_line(self) -> str:
         n, r = len(self._peers()), len(self._local_replicas())
+        if self.engine is not None and not self.engine.view_is_complete:
+            r = len(self.engine.adopted)  # adopted, not yet handed to the core
         line = f"{n} member{'s' * (n != 1)}, {r} replica{'s' * (r != 1)}"
-        return line + (", draining" if self._state == "draining" else "")
+        line += ", draining" if self._state == "draining" else ""
+        if self.pds_problem:
+            line += f"; {self.pds_problem}"
+        if not self.view_loaded.is_set():
+            waiting = len(self.formation.waiting_for) if self.formation is not None else 0
+            line += "; reading the cluster's records" + (
+                f" ({waiting} repo(s) unreachable)" if waiting else ""
+            )
+            if self.engine is not None:
+                line += ": not scheduling yet"
+        return line
 
     def capacity(self) -> dict[str, Any]:
         c = self.cfg.contribution
@@ -883,8 +971,11 @@ class AtprotoNode:
         self.view.set_config(self._clusters(cfg))
         if self.formation is not None:
             await self.formation.sync_watches()
-        if self.meshlet_pds is not None:
-            await self._publish()
+        if self.meshlet_pds is not None and not self._publishing:
+            # A reload while the PDS is unreachable must not end the daemon: the new
+            # records go out when it is back.
+            if not await self._login_and_publish():
+                self._keep_publishing()
 
 
 def complete_owner_record(

@@ -5,6 +5,12 @@ changes, probe results, ticks from a single alarm, operator commands); the actio
 returns are carried out: writes go to the PDS write queue (in order, retried), replica starts
 and stops go to the runtime and report back as events, probes go to peers over XRPC. Time
 reaches the core only as `Tick` (wall-clock ms), from the alarm the core sets with `WakeAt`.
+
+Nothing reaches the core before the view is complete (docs/protocol.md, section 13): the
+replicas the runtime adopts at start, their exits and operator commands are held, and
+`view_complete(records)` hands the core the start-up read of every watched repo and then
+what was held, as ONE batch. A restarted meshlet therefore decides nothing about a replica
+(start, stop, bid) on a half-read state; its replicas keep running meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -54,6 +61,13 @@ def workload_uri_of(rid: Any) -> str:
     return f"at://{rid.owner_did}/{WORKLOAD}/{rid.workload}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Events the core takes in one `handle_batch` (the start-up read)."""
+
+    events: list[Event]
+
+
 class Engine:
     """Drives one `meshletd.core.scheduler.Scheduler`."""
 
@@ -86,6 +100,9 @@ class Engine:
         self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
         self.handled = 0
         self.adopted: list[Any] = []
+        # Until the view is complete: events held back from the core, in arrival order.
+        self.view_is_complete = False
+        self._held: list[Event] = []
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -93,22 +110,48 @@ class Engine:
     # -- inputs --------------------------------------------------------------------------
 
     def feed(self, event: Event) -> None:
-        """Queue one event for the core (never blocks)."""
+        """Queue one event for the core (never blocks); held until the view is complete."""
+        if not self.view_is_complete:
+            self._held.append(event)
+            return
         self._send.send_nowait(event)
+
+    def view_complete(self, records: list[Any]) -> None:
+        """The start-up read is done (every watched repo listed, ours included): hand the
+        core `records` (firehose `RecordEvent`s) and then the events held since start, as
+        one batch. From here on events flow one by one."""
+        if self.view_is_complete:
+            return
+        events: list[Event] = [Tick(self.now_ms())]
+        for ev in records:
+            got = self._record_event(ev)
+            if got is not None:
+                events.append(got)
+        held, self._held = self._held, []
+        n = len(events) - 1
+        events += held
+        self.view_is_complete = True
+        log.info(
+            "view complete: %d record(s), then %d held event(s), to the scheduler", n, len(held)
+        )
+        self._send.send_nowait(_Batch(events))
 
     def record_changed(self, ev: Any) -> None:
         """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
+        got = self._record_event(ev)
+        if got is not None:
+            self.feed(got)
+
+    def _record_event(self, ev: Any) -> Event | None:
         trace("seen", uri=ev.uri, action=ev.action, via=getattr(ev, "source", "?"))
         if ev.action == "delete":
-            self.feed(RecordDeleted(ev.uri))
-            return
+            return RecordDeleted(ev.uri)
         try:
             rec = record_from_json(ev.uri, ev.cid or "", ev.record or {})
         except (KeyError, ValueError, TypeError) as e:
             log.warning("record %s ignored by the scheduler: %s", ev.uri, e)
-            return
-        if rec is not None:
-            self.feed(RecordSeen(rec))
+            return None
+        return RecordSeen(rec) if rec is not None else None
 
     def set_draining(self, draining: bool) -> None:
         self.feed(SetDraining(draining))
@@ -129,11 +172,16 @@ class Engine:
             nursery.start_soon(self._runtime_events)
             nursery.start_soon(self._alarm)
             nursery.start_soon(self._loop)
-            self.feed(Tick(self.now_ms()))
+            self.feed(Tick(self.now_ms()))  # (held until the view is complete)
             task_status.started(self.adopted)
 
     async def _loop(self) -> None:
         async for event in self._recv:
+            if isinstance(event, _Batch):
+                self._perform(self.scheduler.handle_batch(event.events))
+                self.handled += len(event.events)
+                await trio.sleep(0)
+                continue
             now = self.now_ms()
             if not isinstance(event, Tick) and now > self.scheduler.now:
                 self._perform(self.scheduler.handle(Tick(now)))

@@ -190,10 +190,16 @@ async def serve_tcp(
     host: str,
     port: int,
     *,
+    sockets: list[socket.socket] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on TCP; `task_status.started` gets the listeners (port 0 picks a free port)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve on TCP; `task_status.started` gets the listeners (port 0 picks a free port).
+    With `sockets` (already listening, e.g. kept by systemd across a restart), serve those
+    instead of binding new ones."""
+    if sockets:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def one(stream: trio.SocketStream) -> None:
         try:

@@ -136,10 +136,16 @@ def untouched(commune: Commune, uri: str, before: dict[str, Any], restarted: Mes
     while time.monotonic() < deadline:
         now = snapshot(commune, uri)
         if now != before:
-            journal = restarted.journal(lines=60)
+            journals = "".join(
+                f"--- meshletd on {m.person} ({m.did}) ---\n"
+                + m.run(
+                    "journalctl", "-u", UNIT, "-n", "50", "--no-pager", "-o", "short-precise"
+                ).stdout
+                for m in commune
+            )
             raise AssertionError(
                 f"after meshletd restarted on {restarted.person}:\nbefore {before}\n"
-                f"now    {now}\n--- meshletd on {restarted.person} ---\n{journal}"
+                f"now    {now}\n{journals}"
             )
         time.sleep(2)
     mine = [s for s, (d, _, _) in before["statuses"].items() if d == restarted.did]
@@ -208,9 +214,7 @@ def test_kill_9_of_meshletd_keeps_every_replica_running_in_place(
     untouched(commune, keeper, before, m)
 
 
-def test_no_machine_runs_anything_extra_after_the_restarts(
-    commune: Commune, keeper: str
-) -> None:
+def test_no_machine_runs_anything_extra_after_the_restarts(commune: Commune, keeper: str) -> None:
     units = {m.person: m.replica_units() for m in commune}
     assert sum(len(u) for u in units.values()) == 2, units
     assert sorted(units) == sorted(PEOPLE)

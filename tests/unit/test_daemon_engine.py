@@ -81,7 +81,16 @@ async def fetch_secret(workload_uri: str, name: str) -> bytes | None:
     return {"db": b"hunter2"}.get(name)
 
 
-async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list) -> Engine:
+async def start(
+    nursery: trio.Nursery,
+    machine: FakeMachine,
+    writes: list,
+    *,
+    view: list[Ev] | None = None,
+    complete: bool = True,
+) -> Engine:
+    """An engine on `machine`; with `complete`, its start-up view (the cluster's records and
+    `view`) is handed over at once."""
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
     raw: dict[str, dict[str, Any]] = {}
@@ -96,9 +105,20 @@ async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list) -> En
     )
     engine.raw = raw  # type: ignore[attr-defined]
     await nursery.start(engine.run)
-    for ev in cluster_records(int(clock() * 1000)):
-        engine.record_changed(ev)
+    if complete:
+        engine.view_complete(cluster_records(int(clock() * 1000)) + list(view or ()))
     return engine
+
+
+def as_records(writes: list) -> list[Ev]:
+    """Our own writes as the PDS gives them back (what a restarted meshlet reads)."""
+    out: dict[tuple[str, str], Ev] = {}
+    for action, collection, rkey, value in writes:
+        if action == "delete":
+            out.pop((collection, rkey), None)
+        else:
+            out[(collection, rkey)] = Ev(ME, collection, rkey, "create", "bafy" + rkey, value)
+    return list(out.values())
 
 
 async def wait_for(predicate, timeout: float = 60) -> None:
@@ -150,6 +170,76 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
         second = await start(inner, machine, [])
         assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
         inner.cancel_scope.cancel()
+
+
+async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_and_keeps_its_replica(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        first.raw[ev.uri] = ev.record
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()  # meshletd stops; the replica runs on
+    container = next(iter(machine.containers))
+    started = machine.started
+
+    # Restarted: it adopts the replica, and while its view is incomplete (the PDS has not
+    # answered yet) it neither stops nor restarts it, whatever time passes.
+    second_writes: list = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    second.raw[ev.uri] = ev.record
+    assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
+    await trio.sleep(120)
+    assert second.handled == 0 and second_writes == []
+    assert list(machine.containers) == [container] and machine.started == started
+
+    # The view arrives (cluster records, the workload, our own bid and status): the core
+    # sees the replica it runs, of a workload it knows, and keeps it.
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+    await wait_for(lambda: second.scheduler.replicas().get((ev.uri, 0)) == "running")
+    await trio.sleep(120)
+    assert list(machine.containers) == [container] and machine.started == started
+    assert machine.containers[container].status == "running"
+    assert not [w for w in second_writes if w[0] == "delete"], second_writes
+
+
+async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_complete(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        ev.record["kind"] = "job"
+        ev.record["restartPolicy"] = "never"
+        first.raw[ev.uri] = ev.record
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()
+    second_writes: list = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    second.raw[ev.uri] = ev.record
+    machine.end(next(iter(machine.containers)), 3)  # the job ends while the PDS is away
+    await trio.sleep(30)
+    assert second_writes == []
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+
+    def final() -> list:
+        return [
+            w[3]
+            for w in second_writes
+            if w[1] == "commune.scheduler.workloadStatus" and w[3]["state"] == "failed"
+        ]
+
+    await wait_for(lambda: final())
+    assert final()[-1]["exitCode"] == 3
 
 
 async def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
