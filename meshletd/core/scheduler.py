@@ -23,6 +23,7 @@ from .actions import (
 )
 from .cluster import ClusterView
 from .events import (
+    BidAbandoned,
     Event,
     ProbeResult,
     RecordDeleted,
@@ -258,6 +259,27 @@ class Scheduler:
         elif isinstance(event, SetDraining):
             self._resched = True
             self._on_drain(event)
+        elif isinstance(event, BidAbandoned):
+            self._on_bid_abandoned(event.uri)
+
+    def _on_bid_abandoned(self, uri: str) -> None:
+        """Forget our bid that was never published (docs/protocol.md, section 14): no
+        observer will ever count it, so neither may we."""
+        repo, coll, rkey = split_at_uri(uri)
+        if repo != self.me.did or coll != NSID_BID:
+            return
+        self._my_rkeys.discard((coll, rkey))
+        for wuri, rkeys in self._my_bids.items():
+            if rkey not in rkeys:
+                continue
+            rkeys.remove(rkey)
+            e = self.workloads.get(wuri)
+            if e is not None:
+                for b in [b for b in e.bids if b.uri == uri]:
+                    e.bids.remove(b)
+                    self._reserved.pop((wuri, b.slot, b.round), None)
+                self._dirty[wuri] = None
+            return
 
     def placement(self) -> dict[str, tuple[Owner | None, ...]]:
         """Slot owners of every workload whose round 0 has closed here."""
@@ -1089,7 +1111,9 @@ class Scheduler:
                 until,
             )
         self._my_bids.setdefault(wl.uri, []).append(rkey)
-        self._put(NSID_BID, rkey, bid)
+        # Honest only if written by the round's deadline + skew (section 5): `until` is the
+        # round's close, deadline + settle.
+        self._put(NSID_BID, rkey, bid, not_after=until - self.t.settle_ms + self.t.skew_ms)
         self._on_bid(bid)
         self._wake(until, wl.uri)
 
@@ -1610,10 +1634,10 @@ class Scheduler:
                 rep.since = max(rep.since, self._period_start)
 
     # ==================================================================== writes
-    def _put(self, coll: str, rkey: str, rec: object) -> None:
+    def _put(self, coll: str, rkey: str, rec: object, not_after: int | None = None) -> None:
         create = (coll, rkey) not in self._my_rkeys
         self._my_rkeys.add((coll, rkey))
-        self._out.insert(0, PutRecord(coll, rkey, rec, create))  # type: ignore[arg-type]
+        self._out.insert(0, PutRecord(coll, rkey, rec, create, not_after))  # type: ignore[arg-type]
 
     def _delete(self, coll: str, rkey: str) -> None:
         if (coll, rkey) not in self._my_rkeys:

@@ -215,6 +215,7 @@ class AtprotoNode:
             )
             return
         from meshletd.atproto.pds import Write, WriteQueue
+        from meshletd.core.events import BidAbandoned
         from meshletd.core.scheduler import MeshletIdentity, Scheduler
         from meshletd.daemon.engine import Engine
         from meshletd.runtime import fake_runtime, systemd_runtime
@@ -230,22 +231,27 @@ class AtprotoNode:
             labels=frozenset(self.cfg.labels),
             endpoint=self.cfg.public_endpoint or "",
         )
+        def dropped(w: Write) -> None:
+            if w.collection == BID and self.engine is not None:
+                self.engine.feed(BidAbandoned(f"at://{self.did}/{w.collection}/{w.rkey}"))
+
         self.writes = WriteQueue(
             self.meshlet_pds,
             journal=StoreJournal(self._store),
             prime=(BID, STATUS, USAGE),
             backoff_max_s=PDS_RETRY_MAX_S,
+            on_dropped=dropped,
         )
         if self.writes.pending:
             log.info("%d write(s) left from the last run will be sent", len(self.writes.pending))
         await nursery.start(self.writes.run)
 
-        def submit(w: tuple[str, str, str, Any]) -> None:
-            action, collection, rkey, value = w
+        def submit(w: tuple[str, str, str, Any, int | None]) -> None:
+            action, collection, rkey, value, not_after = w
             if collection == MESHLET_OWNER and value is not None:
                 value = self._complete_owner_record(value)
             try:
-                self.writes.submit(Write(action, collection, rkey, value))
+                self.writes.submit(Write(action, collection, rkey, value, not_after))
             except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die
                 log.error("write %s/%s dropped: %s (value %r)", collection, rkey, e, value)
 

@@ -200,10 +200,10 @@ class Engine:
                     # lexicon's workloadRef needs it: take it from the record we follow.
                     ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
                 trace("queued", key=f"{a.collection}/{a.rkey}")
-                self._submit_write(("put", a.collection, a.rkey, value))
+                self._submit_write(("put", a.collection, a.rkey, value, a.not_after))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
-                self._submit_write(("delete", a.collection, a.rkey, None))
+                self._submit_write(("delete", a.collection, a.rkey, None, None))
             elif isinstance(a, StartReplica):
                 trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
                 self._nursery.start_soon(self._start, a)

@@ -113,7 +113,7 @@ async def start(
 def as_records(writes: list) -> list[Ev]:
     """Our own writes as the PDS gives them back (what a restarted meshlet reads)."""
     out: dict[tuple[str, str], Ev] = {}
-    for action, collection, rkey, value in writes:
+    for action, collection, rkey, value, _not_after in writes:
         if action == "delete":
             out.pop((collection, rkey), None)
         else:
