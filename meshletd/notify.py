@@ -8,6 +8,7 @@ shell. Tests bind their own datagram socket and point `NOTIFY_SOCKET` at it.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
@@ -78,8 +79,10 @@ class SdNotifier:
             return False
         addr = self.address
         target: str | bytes = "\0" + addr[1:] if addr.startswith("@") else addr
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         try:
-            socket.send_fds(self._sock, [f"FDSTORE=1\nFDNAME={name}".encode()], fds, 0, target)
+            # (socket.send_fds ignores its address argument: sendmsg it is.)
+            self._sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()], rights, 0, target)
         except OSError:
             return False
         return True

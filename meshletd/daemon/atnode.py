@@ -51,6 +51,12 @@ PDS_RETRY_MAX_S = 10.0
 # How long start-up waits for the view before telling systemd it is ready anyway (the view
 # then completes in the background; nothing is decided before it does).
 READY_WAIT_S = 20.0
+# A liveness probe fails when the peer's XRPC port cannot be connected to within
+# PROBE_CONNECT_S, or does not answer within PROBE_ANSWER_S once connected: a peer whose
+# meshletd restarts keeps its listening socket (systemd's file descriptor store), so its
+# probes connect and wait for the new process (docs/protocol.md, section 8).
+PROBE_CONNECT_S = 2.0
+PROBE_ANSWER_S = 30.0
 
 
 def _clip(text: str) -> str:
@@ -231,6 +237,7 @@ class AtprotoNode:
             labels=frozenset(self.cfg.labels),
             endpoint=self.cfg.public_endpoint or "",
         )
+
         def dropped(w: Write) -> None:
             if w.collection == BID and self.engine is not None:
                 self.engine.feed(BidAbandoned(f"at://{self.did}/{w.collection}/{w.rkey}"))
@@ -263,6 +270,7 @@ class AtprotoNode:
             secret=self.fetch_secret,
             workload_cid=lambda uri: (self._workloads.get(uri) or (None, None))[0],
             probe=self._probe,
+            probe_timeout_s=PROBE_CONNECT_S + PROBE_ANSWER_S + 1.0,
         )
         adopted = await nursery.start(self.engine.run)
         log.info("scheduler running on the %s runtime; %d replica(s) adopted", kind, len(adopted))
@@ -274,7 +282,8 @@ class AtprotoNode:
         endpoint = member.endpoint if member else None
         if not endpoint:
             return False
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        timeout = httpx.Timeout(PROBE_ANSWER_S, connect=PROBE_CONNECT_S)
+        async with httpx.AsyncClient(timeout=timeout) as http:
             r = await http.get(f"{endpoint.rstrip('/')}/xrpc/farm.meshlet.ping")
         return r.status_code == 200
 

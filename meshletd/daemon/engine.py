@@ -83,7 +83,9 @@ class Engine:
         probe: Callable[[str], Awaitable[bool]] | None = None,
         owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
         clock: Callable[[], float] = time.time,
+        probe_timeout_s: float = 2.0,
     ) -> None:
+        self.probe_timeout_s = probe_timeout_s  # the probe's own bounds, plus a margin
         self.scheduler = scheduler
         self.runtime = runtime
         self._submit_write = submit_write
@@ -332,7 +334,7 @@ class Engine:
         ok = False
         if self._probe is not None:
             try:
-                with trio.move_on_after(2.0):
+                with trio.move_on_after(self.probe_timeout_s):
                     ok = await self._probe(meshlet)
             except Exception:
                 ok = False
