@@ -22,7 +22,7 @@ from meshletd.core.records import NSID_WORKLOAD
 from meshletd.daemon.followed import Followed, PublishedWorkload, owner_of
 from meshletd.daemon.journal import read_unit
 from meshletd.daemon.local import Local, State
-from meshletd.daemon.peers import Peers
+from meshletd.daemon.peers import LogQuery, Peers
 from meshletd.daemon.publisher import OwnRecords
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import Repo
@@ -212,5 +212,5 @@ class OwnerCommands:
         owner = self.local.owner_repo
         if not uri.startswith(f"at://{self.local.owner}/") or owner is None:
             raise Forbidden("only the owner's meshlet (with the owner's credentials) may fetch it")
-        page = await self.peers.get_logs(host, uri, slot, lines, cursor, auth=owner)
+        page = await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)
         return {"entries": list(page.entries), "cursor": page.cursor}

@@ -43,11 +43,10 @@ from meshletd.core.events import (
 )
 from meshletd.core.records import (
     NSID_WORKLOAD,
-    record_from_json,
     record_to_json,
     split_at_uri,
 )
-from meshletd.daemon.followed import RecordChange
+from meshletd.daemon.followed import RecordChange, core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.runtime import (
     ReplicaExited,
@@ -164,11 +163,7 @@ class Engine:
         if ev.action == "delete":
             self.feed(RecordDeleted(ev.uri))
             return
-        try:
-            rec = record_from_json(ev.uri, ev.cid or "", ev.record or {})
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("record %s ignored by the scheduler: %s", ev.uri, e)
-            return
+        rec = core_record(ev, "scheduler")
         if rec is not None:
             self.feed(RecordSeen(rec))
 

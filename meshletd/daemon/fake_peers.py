@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meshletd.daemon.peers import LogPage, RecordRef, ServiceAuth
+from meshletd.daemon.peers import LogPage, LogQuery, RecordRef, ServiceAuth
 from meshletd.errors import Forbidden, InvalidRequest, NotFound, UpstreamFailure
 
 
@@ -31,12 +31,14 @@ class FakePeers:
     def __init__(self, peers: dict[str, FakePeer] | None = None) -> None:
         self.peers: dict[str, FakePeer] = dict(peers or {})
 
-    def _reach(self, meshlet: str) -> FakePeer:
+    def _call(self, meshlet: str, method: str, auth: ServiceAuth) -> FakePeer:
+        """The peer a call reaches (noting who called), or the client's error."""
         peer = self.peers.get(meshlet)
         if peer is None:
             raise UpstreamFailure(f"{meshlet} publishes no XRPC endpoint")
         if not peer.up:
             raise UpstreamFailure(f"{meshlet} unreachable: connection refused")
+        peer.callers.append((method, auth.did))
         return peer
 
     async def ping(self, meshlet: str) -> bool:
@@ -51,8 +53,7 @@ class FakePeers:
     async def get_secret(
         self, meshlet: str, workload_uri: str, name: str, *, auth: ServiceAuth
     ) -> bytes:
-        peer = self._reach(meshlet)
-        peer.callers.append(("getSecret", auth.did))
+        peer = self._call(meshlet, "getSecret", auth)
         held = peer.secrets.get((workload_uri, name))
         if held is None:
             raise NotFound(f"secret {name!r} is not stored on this meshlet")
@@ -61,21 +62,12 @@ class FakePeers:
             raise Forbidden(f"{auth.did} holds no slot of {workload_uri}")
         return sealed
 
-    async def get_logs(
-        self,
-        meshlet: str,
-        workload_uri: str,
-        slot: int,
-        lines: int,
-        cursor: str | None,
-        *,
-        auth: ServiceAuth,
-    ) -> LogPage:
-        peer = self._reach(meshlet)
-        peer.callers.append(("getLogs", auth.did))
-        entries = peer.logs.get((workload_uri, slot))
+    async def get_logs(self, meshlet: str, query: LogQuery, *, auth: ServiceAuth) -> LogPage:
+        peer = self._call(meshlet, "getLogs", auth)
+        entries = peer.logs.get((query.workload_uri, query.slot))
         if entries is None:
-            raise NotFound(f"workload {workload_uri} has no replica {slot}")
+            raise NotFound(f"workload {query.workload_uri} has no replica {query.slot}")
+        lines, cursor = query.lines, query.cursor
         if cursor is None:
             start = max(len(entries) - lines, 0)
         elif cursor.isdigit() and int(cursor) <= len(entries):

@@ -18,6 +18,7 @@ from meshletd.core.records import (
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
+    Record,
     Usage,
     record_from_json,
 )
@@ -42,6 +43,17 @@ class RecordChange(Protocol):
     def record(self) -> dict[str, Any] | None: ...
     @property
     def uri(self) -> str: ...
+
+
+def core_record(ev: RecordChange, reader: str) -> Record | None:
+    """The core's typed record of a change that is not a delete; None (said in the log,
+    naming the `reader` that skips it) when the record is malformed, or of a collection
+    the core does not read."""
+    try:
+        return record_from_json(ev.uri, ev.cid or "", ev.record or {})
+    except (KeyError, ValueError, TypeError) as e:
+        log.warning("record %s ignored by the %s: %s", ev.uri, reader, e)
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,11 +111,7 @@ class Followed:
         if ev.action == "delete":
             self.usages.pop(ev.uri, None)
             return
-        try:
-            usage = record_from_json(ev.uri, ev.cid or "", ev.record or {})
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("usage record %s ignored: %s", ev.uri, e)
-            return
+        usage = core_record(ev, "fair-share ledger")
         if isinstance(usage, Usage):
             self.usages[ev.uri] = usage
 

@@ -14,6 +14,7 @@ from meshletd.daemon.peers import (
     NOTIFY_RECORDS,
     PING,
     LogPage,
+    LogQuery,
     RecordRef,
     ServiceAuth,
 )
@@ -110,19 +111,14 @@ class HttpPeers:
             raise UpstreamFailure(f"{meshlet} answered getSecret without a sealed value")
         return sealed
 
-    async def get_logs(
-        self,
-        meshlet: str,
-        workload_uri: str,
-        slot: int,
-        lines: int,
-        cursor: str | None,
-        *,
-        auth: ServiceAuth,
-    ) -> LogPage:
-        params: dict[str, str | int] = {"uri": workload_uri, "slot": slot, "lines": lines}
-        if cursor:
-            params["cursor"] = cursor
+    async def get_logs(self, meshlet: str, query: LogQuery, *, auth: ServiceAuth) -> LogPage:
+        params: dict[str, str | int] = {
+            "uri": query.workload_uri,
+            "slot": query.slot,
+            "lines": query.lines,
+        }
+        if query.cursor:
+            params["cursor"] = query.cursor
         body = await self._query(meshlet, GET_LOGS, params, auth)
         # A meshlet from before entries and cursors answers `lines` only: no times, and no
         # cursor (a follower then cannot resume; it sees the last lines again).

@@ -38,6 +38,17 @@ class RecordRef:
 
 
 @dataclass(frozen=True, slots=True)
+class LogQuery:
+    """Which of a replica's log entries: the last `lines`, or at most `lines` of the oldest
+    after `cursor` (opaque: the hosting meshlet's, from an earlier `LogPage`)."""
+
+    workload_uri: str
+    slot: int
+    lines: int
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LogPage:
     """Some of a replica's log entries (`{line, time?}` as in the getLogs lexicon) and the
     cursor to ask for the entries after them (None from peers that predate cursors)."""
@@ -75,16 +86,6 @@ class Peers(Protocol):
         `UpstreamFailure` when it cannot be reached."""
         ...
 
-    async def get_logs(
-        self,
-        meshlet: str,
-        workload_uri: str,
-        slot: int,
-        lines: int,
-        cursor: str | None,
-        *,
-        auth: ServiceAuth,
-    ) -> LogPage:
-        """Replica `slot`'s last `lines` entries, or those after `cursor`. Errors as
-        `get_secret`."""
+    async def get_logs(self, meshlet: str, query: LogQuery, *, auth: ServiceAuth) -> LogPage:
+        """The entries of a replica the meshlet hosts. Errors as `get_secret`."""
         ...

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from meshletd.daemon.fake_peers import FakePeer, FakePeers
-from meshletd.daemon.peers import Peers, RecordRef, ServiceAuth
+from meshletd.daemon.peers import LogQuery, Peers, RecordRef, ServiceAuth
 from meshletd.daemon.repo import FakeRepo
 from meshletd.errors import Forbidden, MeshletError, NotFound, UpstreamFailure
 
@@ -86,20 +86,21 @@ async def contract_unreachable_peers_raise_upstream_failure(h: PeersHarness) -> 
         with raises(UpstreamFailure):
             await h.peers.get_secret(meshlet, h.workload, SECRET, auth=h.slot_holder)
         with raises(UpstreamFailure):
-            await h.peers.get_logs(meshlet, h.workload, 0, 10, None, auth=h.owner)
+            await h.peers.get_logs(meshlet, LogQuery(h.workload, 0, 10), auth=h.owner)
 
 
 async def contract_logs_page_forward_from_a_cursor(h: PeersHarness) -> None:
-    last = await h.peers.get_logs(h.live, h.workload, 0, 2, None, auth=h.owner)
+    last = await h.peers.get_logs(h.live, LogQuery(h.workload, 0, 2), auth=h.owner)
     assert [e["line"] for e in last.entries] == list(LINES[-2:])
     assert last.cursor is not None
-    quiet = await h.peers.get_logs(h.live, h.workload, 0, 10, last.cursor, auth=h.owner)
+    after = LogQuery(h.workload, 0, 10, last.cursor)
+    quiet = await h.peers.get_logs(h.live, after, auth=h.owner)
     assert quiet.entries == () and quiet.cursor == last.cursor
     await h.log("four")
-    more = await h.peers.get_logs(h.live, h.workload, 0, 10, last.cursor, auth=h.owner)
+    more = await h.peers.get_logs(h.live, after, auth=h.owner)
     assert [e["line"] for e in more.entries] == ["four"]
     with raises(NotFound):
-        await h.peers.get_logs(h.live, h.workload, 7, 10, None, auth=h.owner)
+        await h.peers.get_logs(h.live, LogQuery(h.workload, 7, 10), auth=h.owner)
 
 
 PEERS_CONTRACT: list[Callable[[PeersHarness], Awaitable[None]]] = [
