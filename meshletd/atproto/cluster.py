@@ -26,7 +26,8 @@ from typing import Any
 
 import trio
 
-from meshletd.atproto.firehose import Firehose, RecordEvent
+from meshletd.atproto.firehose import Firehose
+from meshletd.atproto.frames import RecordEvent
 from meshletd.atproto.identity import IdentityError
 from meshletd.atproto.pds import PdsClient, Write
 from meshletd.atproto.records import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libipld
 import pytest
 
-from meshletd.atproto.firehose import FrameDecoder, Interest, RecordEvent, RepoMirror
+from meshletd.atproto.frames import FrameDecoder, Interest, RecordEvent, RepoMirror
 from meshletd.atproto.testing import FakeRepo, SigningKey, error_frame, frame
 from meshletd.atproto.verify import Unverified, cid_of, mst_lookup
 

@@ -1,0 +1,262 @@
+"""The firehose's pure parts: frames in, verified record events out (no I/O, no trio).
+
+- `decode_frame(raw)`: (header, body) of one event-stream frame.
+- `FrameDecoder.process(raw) -> FrameOutcome`: decodes one frame (two DAG-CBOR values,
+  header and body, with libipld: the SDK's frame parser would import its whole generated
+  client, tens of MB of idle memory), skips repos and collections nobody asked for before
+  decoding any block, checks the commit signature against the repo DID's signing key and the
+  MST proof of every op, validates each record against its lexicon and size limit, and turns
+  ops into `RecordEvent`s. Everything it refuses is listed in `dropped` with the reason.
+- `RepoMirror`: last known (cid, rev) per record; keeps firehose and anti-entropy from
+  contradicting each other (a change applies only if its commit rev is not older).
+
+The trio side (`PdsSubscription`, `Firehose`) is in `meshletd.atproto.firehose`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import libipld
+
+from meshletd.atproto.lexicon import Lexicons, default_lexicons
+from meshletd.atproto.verify import (
+    Unverified,
+    cid_str,
+    decode_car,
+    verified_record,
+    verify_commit,
+)
+from meshletd.errors import InvalidRecord
+
+COMMUNE_COLLECTIONS = frozenset(
+    {
+        "commune.scheduler.meshlet",
+        "commune.scheduler.meshletOwner",
+        "commune.scheduler.membership",
+        "commune.scheduler.workload",
+        "commune.scheduler.bid",
+        "commune.scheduler.workloadStatus",
+        "commune.scheduler.usage",
+    }
+)
+
+Action = Literal["create", "update", "delete"]
+
+
+@dataclass(frozen=True)
+class RecordEvent:
+    """A verified change of one record."""
+
+    did: str
+    collection: str
+    rkey: str
+    action: Action
+    cid: str | None  # None for deletes
+    record: dict[str, Any] | None  # the validated value; None for deletes
+    rev: str  # repo revision of the commit that made the change
+    seq: int | None = None  # firehose sequence number; None when found by anti-entropy
+    source: Literal["firehose", "resync", "hint"] = "firehose"
+
+    @property
+    def uri(self) -> str:
+        return f"at://{self.did}/{self.collection}/{self.rkey}"
+
+
+@dataclass
+class Interest:
+    """Which repos and collections matter. Shared and mutable: membership changes it."""
+
+    dids: set[str] = field(default_factory=set)
+    collections: frozenset[str] = COMMUNE_COLLECTIONS
+
+
+@dataclass
+class FrameOutcome:
+    seq: int | None = None
+    kind: str = ""
+    did: str | None = None
+    events: list[RecordEvent] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    need_key: str | None = None  # resolve this DID's key, then process the frame again
+    bad_signature: bool = False  # the key we had failed: re-resolve once, then retry
+    resync: set[str] = field(default_factory=set)  # DIDs to heal with anti-entropy
+    identity_changed: str | None = None
+    commit_rev: str | None = None  # a verified commit's rev, and the rev it follows
+    commit_since: str | None = None
+    error: str | None = None  # an error frame (or #info) from the PDS
+
+
+def decode_frame(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, body) of one event-stream frame: `op` 1 is a message whose type is `t`
+    (`#commit`, ...), `op` -1 an error (`error`, `message`). Raises ValueError otherwise."""
+    parts = libipld.decode_dag_cbor_multi(raw)
+    if len(parts) != 2:
+        raise ValueError(f"a frame is a header and a body, not {len(parts)} value(s)")
+    header, body = parts
+    if not isinstance(header, dict) or not isinstance(body, dict):
+        raise ValueError("frame header and body must be maps")
+    op = header.get("op")
+    if op == 1:
+        if not isinstance(header.get("t"), str):
+            raise ValueError("message frame without a type")
+    elif op == -1:
+        if not isinstance(body.get("error"), str):
+            raise ValueError("error frame without an error name")
+    else:
+        raise ValueError(f"invalid frame op {op!r}")
+    return header, body
+
+
+class FrameDecoder:
+    """Pure decoder/verifier of subscribeRepos frames for one `Interest`."""
+
+    def __init__(
+        self,
+        interest: Interest,
+        keys: dict[str, str | None] | None = None,
+        lexicons: Lexicons | None = None,
+    ) -> None:
+        self.interest = interest
+        self.keys: dict[str, str | None] = keys if keys is not None else {}
+        self.lexicons = lexicons or default_lexicons()
+        self.last_rev: dict[str, str] = {}
+        self.frames = 0
+        self.commits = 0
+
+    def process(self, raw: bytes) -> FrameOutcome:
+        self.frames += 1
+        try:
+            header, body = decode_frame(raw)
+        except Exception as e:
+            return FrameOutcome(dropped=[f"undecodable frame ({type(e).__name__}: {e})"])
+        if header["op"] == -1:
+            return FrameOutcome(kind="error", error=f"{body.get('error')}: {body.get('message')}")
+        t = header.get("t")
+        out = FrameOutcome(seq=body.get("seq"), kind=t)
+        if t == "#commit":
+            self.commits += 1
+            self._commit(body, out)
+        elif t == "#identity":
+            did = body.get("did")
+            out.did = did
+            if did in self.interest.dids:
+                out.identity_changed = did
+        elif t in ("#sync", "#account"):
+            did = body.get("did")
+            out.did = did
+            if did in self.interest.dids and (t == "#sync" or body.get("active")):
+                out.resync.add(did)
+        elif t == "#info":
+            out.error = f"{body.get('name')}: {body.get('message')}"
+            if body.get("name") == "OutdatedCursor":
+                out.resync |= set(self.interest.dids)
+        return out
+
+    def _commit(self, body: dict[str, Any], out: FrameOutcome) -> None:
+        did = body.get("repo")
+        out.did = did
+        if did not in self.interest.dids:
+            return
+        wanted = self.interest.collections
+        ops = [op for op in body.get("ops") or () if op["path"].split("/", 1)[0] in wanted]
+        if body.get("tooBig"):
+            out.resync.add(did)
+            return
+        if not ops:
+            return
+        if did not in self.keys:
+            out.need_key = did
+            return
+        seq = body.get("seq")
+        rev = body.get("rev", "")
+        last = self.last_rev.get(did)
+        if last is not None and rev <= last:
+            return  # a replay of something already applied
+        try:
+            _header, blocks = decode_car(body["blocks"])
+            commit = verify_commit(blocks, body["commit"], did, self.keys[did])
+        except Unverified as e:
+            out.bad_signature = "signature" in str(e)
+            out.dropped.append(f"commit seq={seq} repo={did}: {e}")
+            return
+        except Exception as e:
+            out.dropped.append(f"commit seq={seq} repo={did}: undecodable blocks ({e})")
+            return
+        if commit.get("rev") != rev:
+            out.dropped.append(f"commit seq={seq} repo={did}: rev differs from the signed commit")
+            return
+        self.last_rev[did] = rev
+        out.commit_rev, out.commit_since = rev, body.get("since")
+        data_root = commit["data"]
+        for op in ops:
+            path = op["path"]
+            collection, _, rkey = path.partition("/")
+            action = op["action"]
+            uri = f"at://{did}/{path}"
+            try:
+                cid, value = verified_record(blocks, data_root, path, op.get("cid"))
+            except Unverified as e:
+                out.dropped.append(f"record {uri} seq={seq}: {e}")
+                continue
+            if action == "delete":
+                out.events.append(
+                    RecordEvent(did, collection, rkey, "delete", None, None, rev, seq)
+                )
+                continue
+            try:
+                self.lexicons.validate_record(collection, value, rkey=rkey)
+                self.lexicons.validate_size(collection, value)
+            except InvalidRecord as e:
+                out.dropped.append(f"record {uri} seq={seq}: invalid ({e.message})")
+                continue
+            assert cid is not None
+            out.events.append(
+                RecordEvent(did, collection, rkey, action, cid_str(cid), value, rev, seq)
+            )
+
+
+class RepoMirror:
+    """Last known state of every watched record, ordered by commit rev."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str, str], tuple[str | None, str]] = {}
+
+    def apply(self, ev: RecordEvent) -> RecordEvent | None:
+        """The event to deliver (with a corrected action), or None if stale or no change."""
+        key = (ev.did, ev.collection, ev.rkey)
+        known = self.records.get(key)
+        if known is not None:
+            cid, rev = known
+            if ev.rev < rev or (ev.rev == rev and cid == ev.cid):
+                return None
+            if cid == ev.cid:
+                self.records[key] = (cid, ev.rev)
+                return None
+        elif ev.action == "delete":
+            # Unknown to us but maybe not to the consumer (state kept across a restart):
+            # pass it on; deletes of unknown records are no-ops for an idempotent consumer.
+            self.records[key] = (None, ev.rev)
+            return ev
+        self.records[key] = (ev.cid, ev.rev)
+        if ev.action != "delete":
+            existed = known is not None and known[0] is not None
+            action: Action = "update" if existed else "create"
+            if action != ev.action:
+                ev = RecordEvent(**{**ev.__dict__, "action": action})
+        elif known is not None and known[0] is None:
+            return None
+        return ev
+
+    def known(self, did: str, collection: str) -> dict[str, str]:
+        """rkey -> cid of the records we believe exist."""
+        return {
+            k[2]: v[0]
+            for k, v in self.records.items()
+            if k[0] == did and k[1] == collection and v[0] is not None
+        }
+
+    def forget(self, did: str) -> None:
+        for k in [k for k in self.records if k[0] == did]:
+            del self.records[k]
