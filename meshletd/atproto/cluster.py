@@ -353,6 +353,8 @@ class ClusterFormation:
             await self.firehose.watch(did)
         except IdentityError as e:
             log.warning("cluster: cannot watch %s: %s", did, e)
+        except Exception as e:  # one repo's failure never ends the formation
+            log.warning("cluster: cannot watch %s: %s: %s", did, type(e).__name__, e)
 
     async def _on_event(self, ev: RecordEvent) -> None:
         before = self.view.watched_dids()

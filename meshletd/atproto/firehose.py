@@ -34,6 +34,7 @@ from meshletd.atproto.frames import (
     FrameOutcome,
     Interest,
     RecordEvent,
+    Refusal,
     RepoMirror,
     decode_frame,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "MemoryCursorStore",
     "PdsSubscription",
     "RecordEvent",
+    "Refusal",
     "RepoMirror",
     "decode_frame",
 ]
@@ -68,6 +70,14 @@ MAX_HINTS_IN_FLIGHT = 64  # delivery hints read at once; more are ignored (the f
 # cannot make us hammer the PDSes we follow (and get rate-limited by them).
 HINT_READS_PER_S = 10.0
 HINT_BURST = 50
+# Anti-entropy: one repo's pass may take at most this long (a slow or hostile PDS cannot stall
+# healing for the others), and this many repos are read at once.
+REPO_RESYNC_TIMEOUT_S = 60.0
+RESYNC_CONCURRENCY = 4
+# Records refused by validation, remembered (newest first out) so their owners can be shown
+# why: at most this many in all, and at most MAX_REFUSED_PER_REPO of one repo.
+MAX_REFUSED = 2000
+MAX_REFUSED_PER_REPO = 200
 
 
 class CursorStore(Protocol):
@@ -199,6 +209,14 @@ class PdsSubscription:
                     ) as group:
                         e = group.exceptions[0]
                         reason = f"{type(e).__name__}: {e}"
+                    except* Exception as group:
+                        # Anything else (a bad URL, a bug on one frame's path): this
+                        # subscription restarts with backoff; the others and the daemon go on.
+                        e = group.exceptions[0]
+                        reason = f"failed: {type(e).__name__}: {e}"
+                        log.warning(
+                            "firehose %s: subscription failed", self.pds_url, exc_info=group
+                        )
                     finally:
                         self._ws = None
                         self._save(force=True)
@@ -239,9 +257,15 @@ class PdsSubscription:
             raw = await ws.get_message()
             if not isinstance(raw, bytes | bytearray):
                 continue
-            outcome = await self._process(bytes(raw))
-            self.backoff.reset()
-            await self.deliver(outcome)
+            try:
+                outcome = await self._process(bytes(raw))
+                self.backoff.reset()
+                await self.deliver(outcome)
+            except Exception as e:
+                # One frame's failure is that frame's refusal; the stream goes on (and its
+                # repo is healed by anti-entropy at the next pass).
+                log.warning("firehose %s: frame refused (%s)", self.pds_url, e, exc_info=True)
+                continue
             if outcome.seq is not None:
                 self.cursor = outcome.seq
                 self._unsaved = True
@@ -267,7 +291,7 @@ class PdsSubscription:
         try:
             ident = await self.resolver.resolve(did, fresh=fresh)
             key = ident.signing_key
-        except IdentityError as e:
+        except Exception as e:
             log.warning("firehose %s: cannot resolve %s: %s", self.pds_url, did, e)
             key = None
         self.decoder.keys[did] = key
@@ -275,7 +299,11 @@ class PdsSubscription:
 
     def _save(self, force: bool = False) -> None:
         if self._unsaved and self.cursor is not None:
-            self.cursors.save(self.pds_url, self.cursor)
+            try:
+                self.cursors.save(self.pds_url, self.cursor)
+            except OSError as e:  # kept unsaved: the next save tries again
+                log.warning("firehose %s: cursor not saved: %s", self.pds_url, e)
+                return
             self._unsaved = False
 
 
@@ -316,6 +344,9 @@ class Firehose:
         self.pds_of: dict[str, str] = {}
         self.subscriptions: dict[str, PdsSubscription] = {}
         self.dropped: list[str] = []  # recent reasons, for tests and status
+        self.refused: dict[str, Refusal] = {}  # uri -> why its current version is refused
+        self.repo_timeout_s = REPO_RESYNC_TIMEOUT_S
+        self.resync_limiter = trio.CapacityLimiter(RESYNC_CONCURRENCY)
         self.delivered = 0
         self.hinted = 0  # records read because of a delivery hint
         self._hints: set[tuple[str, str, str, str | None]] = set()  # being read now
@@ -331,10 +362,16 @@ class Firehose:
             try:
                 while True:
                     await trio.sleep(self.anti_entropy_every_s)
-                    for did in sorted(self.interest.dids):
-                        await self._resync_logged(did)
+                    await self.resync_all()
             finally:
                 self._nursery = None
+
+    async def resync_all(self) -> None:
+        """One anti-entropy pass over every watched repo: RESYNC_CONCURRENCY repos at a
+        time, each bounded by `repo_timeout_s`; a repo that fails is logged and skipped."""
+        async with trio.open_nursery() as nursery:
+            for did in sorted(self.interest.dids):
+                nursery.start_soon(self._resync_logged, did)
 
     async def watch(self, did: str, *, resync: bool = True) -> None:
         """Start delivering `did`'s records (idempotent)."""
@@ -392,11 +429,13 @@ class Firehose:
         # would then suppress the replay of what the sink never saw).
         with trio.CancelScope(shield=bool(outcome.events)):
             async with self._lock:
+                for refusal in outcome.refused:
+                    self._refuse(refusal)
                 for ev in outcome.events:
                     out = self.mirror.apply(ev)
                     if out is not None:
                         self.delivered += 1
-                        await self.sink(out)
+                        await self._sink_one(out)
                 did = outcome.did
                 if outcome.commit_rev and did and self.synced_rev.get(did) == outcome.commit_since:
                     self.synced_rev[did] = outcome.commit_rev  # still no gap since last pass
@@ -463,8 +502,8 @@ class Firehose:
                     if out is not None:
                         self.hinted += 1
                         self.delivered += 1
-                        await self.sink(out)
-        except (ReadError, Unverified, InvalidRecord, KeyError) as e:
+                        await self._sink_one(out)
+        except Exception as e:
             # The firehose (or anti-entropy) will bring it; nothing is lost.
             log.debug("hint at://%s/%s/%s not read: %s", did, collection, rkey, e)
         finally:
@@ -475,28 +514,63 @@ class Firehose:
         subscription) and maybe a new PDS (account migration): follow it there."""
         try:
             ident = await self.resolver.resolve(did, fresh=True)
-        except IdentityError as e:
-            log.warning("firehose: %s changed identity and cannot be resolved: %s", did, e)
-            return
-        self.keys[did] = ident.signing_key
-        if ident.pds and ident.pds != self.pds_of.get(did) and did in self.interest.dids:
-            log.info("firehose: %s moved from %s to %s", did, self.pds_of.get(did), ident.pds)
-            self.pds_of[did] = ident.pds
-            await self._ensure_subscription(ident.pds)
-            await self._resync_logged(did, force=True)
+            self.keys[did] = ident.signing_key
+            if ident.pds and ident.pds != self.pds_of.get(did) and did in self.interest.dids:
+                log.info("firehose: %s moved from %s to %s", did, self.pds_of.get(did), ident.pds)
+                self.pds_of[did] = ident.pds
+                await self._ensure_subscription(ident.pds)
+                await self._resync_logged(did, force=True)
+        except Exception as e:
+            log.warning("firehose: %s changed identity and cannot be followed: %s", did, e)
 
     def _note_drop(self, reason: str) -> None:
         self.dropped.append(reason)
         del self.dropped[:-200]
 
+    async def _sink_one(self, ev: RecordEvent) -> None:
+        """Hand one event on; whatever the consumer raises costs that event only."""
+        if ev.uri in self.refused:
+            del self.refused[ev.uri]  # a valid version (or a delete) replaces the refused one
+        try:
+            await self.sink(ev)
+        except Exception as e:
+            log.warning("firehose: consumer failed on %s %s", ev.action, ev.uri, exc_info=True)
+            self._note_drop(f"record {ev.uri}: consumer failed ({type(e).__name__})")
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Remember why a record version was refused (bounded: oldest out first, and one
+        repo may hold at most MAX_REFUSED_PER_REPO of the entries)."""
+        self.refused.pop(refusal.uri, None)
+        repo = refusal.uri[len("at://") :].split("/", 1)[0]
+        mine = [u for u in self.refused if u[len("at://") :].split("/", 1)[0] == repo]
+        if len(mine) >= MAX_REFUSED_PER_REPO:
+            del self.refused[mine[0]]
+        while len(self.refused) >= MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
+        self.refused[refusal.uri] = refusal
+
+    def refusals(self, did: str | None = None) -> list[Refusal]:
+        """Records whose current version validation refused (of one repo, or all)."""
+        prefix = f"at://{did}/" if did is not None else "at://"
+        return [r for u, r in self.refused.items() if u.startswith(prefix)]
+
     async def _resync_forced(self, did: str) -> None:
         await self._resync_logged(did, force=True)
 
     async def _resync_logged(self, did: str, *, force: bool = False) -> None:
+        """Anti-entropy for one repo in a scope of its own: bounded in time, sharing the
+        concurrency limit, and whatever it raises is logged (the repo is tried again at the
+        next pass)."""
         try:
-            await self.resync(did, force=force)
+            async with self.resync_limiter:
+                with trio.move_on_after(self.repo_timeout_s) as scope:
+                    await self.resync(did, force=force)
+            if scope.cancelled_caught:
+                log.warning("anti-entropy %s: gave up after %.0fs", did, self.repo_timeout_s)
         except (ReadError, IdentityError, Unverified) as e:
             log.warning("anti-entropy %s: %s", did, e)
+        except Exception as e:
+            log.warning("anti-entropy %s: failed (%s: %s)", did, type(e).__name__, e)
 
     async def resync(self, did: str, *, force: bool = True) -> int:
         """Anti-entropy for one repo: heal anything the firehose missed. Returns changes.
@@ -532,10 +606,17 @@ class Firehose:
                         proof = await self.reader.prove_record(pds, did, key, collection, rkey)
                     else:
                         raise
+                uri = f"at://{did}/{collection}/{rkey}"
                 try:
                     ev = self._proved_event(did, collection, rkey, proof, "resync")
                 except InvalidRecord as e:
-                    reason = f"record at://{did}/{collection}/{rkey}: invalid ({e.message})"
+                    reason = f"record {uri}: invalid ({e.message})"
+                    log.warning("anti-entropy: ignored %s", reason)
+                    self._note_drop(reason)
+                    self._refuse(Refusal(uri, proof.cid, e.field, e.reason))
+                    continue
+                except Exception as e:  # never expected: still costs this record only
+                    reason = f"record {uri}: unreadable ({type(e).__name__})"
                     log.warning("anti-entropy: ignored %s", reason)
                     self._note_drop(reason)
                     continue
@@ -544,7 +625,7 @@ class Firehose:
                     if out is not None:
                         changes += 1
                         self.delivered += 1
-                        await self.sink(out)
+                        await self._sink_one(out)
         if latest is not None:
             known = self.synced_rev.get(did)
             if known is None or known < latest:

@@ -72,6 +72,16 @@ class Interest:
     collections: frozenset[str] = COMMUNE_COLLECTIONS
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A record version refused by validation: which field, and why (shown to its owner)."""
+
+    uri: str
+    cid: str | None
+    field: str | None
+    reason: str
+
+
 @dataclass
 class FrameOutcome:
     seq: int | None = None
@@ -86,6 +96,7 @@ class FrameOutcome:
     commit_rev: str | None = None  # a verified commit's rev, and the rev it follows
     commit_since: str | None = None
     error: str | None = None  # an error frame (or #info) from the PDS
+    refused: list[Refusal] = field(default_factory=list)  # records validation refused
 
 
 def decode_frame(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -126,51 +137,87 @@ class FrameDecoder:
         self.commits = 0
 
     def process(self, raw: bytes) -> FrameOutcome:
+        """What one frame means. Never raises: a frame that is not what the protocol says
+        (wrong types, missing fields, nesting too deep) is one `dropped` reason, and the
+        repo it names is healed by anti-entropy (`resync`) in case it carried a change."""
         self.frames += 1
         try:
             header, body = decode_frame(raw)
         except Exception as e:
             return FrameOutcome(dropped=[f"undecodable frame ({type(e).__name__}: {e})"])
+        out = FrameOutcome()
+        try:
+            self._message(header, body, out)
+        except Exception as e:
+            did = out.did
+            out = FrameOutcome(seq=out.seq, kind=out.kind, did=did)
+            out.dropped.append(
+                f"malformed {out.kind or 'frame'} seq={out.seq} repo={did}: "
+                f"{type(e).__name__}: {str(e)[:200]}"
+            )
+            if did is not None and did in self.interest.dids:
+                out.resync.add(did)
+        return out
+
+    def _message(self, header: dict[str, Any], body: dict[str, Any], out: FrameOutcome) -> None:
         if header["op"] == -1:
-            return FrameOutcome(kind="error", error=f"{body.get('error')}: {body.get('message')}")
-        t = header.get("t")
-        out = FrameOutcome(seq=body.get("seq"), kind=t)
+            out.kind = "error"
+            out.error = f"{_text(body.get('error'))}: {_text(body.get('message'))}"
+            return
+        t = header["t"]
+        out.kind = t
+        seq = body.get("seq")
+        # The cursor is saved and sent back to the PDS: only a plain non-negative integer.
+        out.seq = seq if type(seq) is int and 0 <= seq < 2**63 else None
         if t == "#commit":
             self.commits += 1
             self._commit(body, out)
         elif t == "#identity":
-            did = body.get("did")
+            did = _did(body.get("did"))
             out.did = did
             if did in self.interest.dids:
                 out.identity_changed = did
         elif t in ("#sync", "#account"):
-            did = body.get("did")
+            did = _did(body.get("did"))
             out.did = did
-            if did in self.interest.dids and (t == "#sync" or body.get("active")):
+            if did in self.interest.dids and (t == "#sync" or body.get("active") is True):
                 out.resync.add(did)
         elif t == "#info":
-            out.error = f"{body.get('name')}: {body.get('message')}"
+            out.error = f"{_text(body.get('name'))}: {_text(body.get('message'))}"
             if body.get("name") == "OutdatedCursor":
                 out.resync |= set(self.interest.dids)
-        return out
 
     def _commit(self, body: dict[str, Any], out: FrameOutcome) -> None:
-        did = body.get("repo")
+        did = _did(body.get("repo"))
         out.did = did
-        if did not in self.interest.dids:
+        if did is None or did not in self.interest.dids:
             return
-        wanted = self.interest.collections
-        ops = [op for op in body.get("ops") or () if op["path"].split("/", 1)[0] in wanted]
         if body.get("tooBig"):
             out.resync.add(did)
             return
+        raw_ops = body.get("ops")
+        if not isinstance(raw_ops, list):
+            raise ValueError("ops is not a list")
+        wanted = self.interest.collections
+        ops = []
+        for op in raw_ops:
+            if (
+                not isinstance(op, dict)
+                or not isinstance(op.get("path"), str)
+                or op.get("action") not in ("create", "update", "delete")
+            ):
+                raise ValueError("an op is not {path, action, cid}")
+            if op["path"].split("/", 1)[0] in wanted:
+                ops.append(op)
         if not ops:
             return
         if did not in self.keys:
             out.need_key = did
             return
-        seq = body.get("seq")
-        rev = body.get("rev", "")
+        seq = out.seq
+        rev = body.get("rev")
+        if not isinstance(rev, str):
+            raise ValueError("rev is not a string")
         last = self.last_rev.get(did)
         if last is not None and rev <= last:
             return  # a replay of something already applied
@@ -188,7 +235,8 @@ class FrameDecoder:
             out.dropped.append(f"commit seq={seq} repo={did}: rev differs from the signed commit")
             return
         self.last_rev[did] = rev
-        out.commit_rev, out.commit_since = rev, body.get("since")
+        since = body.get("since")
+        out.commit_rev, out.commit_since = rev, since if isinstance(since, str) else None
         data_root = commit["data"]
         for op in ops:
             path = op["path"]
@@ -200,6 +248,9 @@ class FrameDecoder:
             except Unverified as e:
                 out.dropped.append(f"record {uri} seq={seq}: {e}")
                 continue
+            except Exception as e:  # a malformed op or block: refuse this op only
+                out.dropped.append(f"record {uri} seq={seq}: unreadable ({type(e).__name__})")
+                continue
             if action == "delete":
                 out.events.append(
                     RecordEvent(did, collection, rkey, "delete", None, None, rev, seq)
@@ -210,11 +261,27 @@ class FrameDecoder:
                 self.lexicons.validate_size(collection, value)
             except InvalidRecord as e:
                 out.dropped.append(f"record {uri} seq={seq}: invalid ({e.message})")
+                out.refused.append(Refusal(uri, cid_str(cid) if cid else None, e.field, e.reason))
+                continue
+            except Exception as e:  # never expected (the validator refuses): still one record
+                out.dropped.append(f"record {uri} seq={seq}: unreadable ({type(e).__name__})")
                 continue
             assert cid is not None
             out.events.append(
                 RecordEvent(did, collection, rkey, action, cid_str(cid), value, rev, seq)
             )
+
+
+def _did(value: Any) -> str | None:
+    """A DID named by a frame, or None if the field is not a plausible one."""
+    if isinstance(value, str) and value.startswith("did:") and len(value) <= 2048:
+        return value
+    return None
+
+
+def _text(value: Any) -> str:
+    """A PDS-supplied string for a log line: never anything else, never unbounded."""
+    return value[:300] if isinstance(value, str) else repr(type(value).__name__)
 
 
 class RepoMirror:

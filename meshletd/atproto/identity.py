@@ -86,6 +86,7 @@ def _http_url(url: Any) -> str | None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
     except ValueError:
         return None
     return url if parts.scheme in ("http", "https") and host is not None else None
