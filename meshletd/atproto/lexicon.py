@@ -22,6 +22,7 @@ from typing import Any
 
 import libipld
 
+from meshletd.atproto.validity import RULES
 from meshletd.errors import InvalidRecord
 
 
@@ -297,6 +298,9 @@ class Lexicons:
             if not _RKEY_RE.match(rkey) or rkey in (".", ".."):
                 raise InvalidRecord(f"{nsid}: bad record key {rkey!r}")
         self._validate(nsid, d["record"], value, "", top_level=True)
+        rule = RULES.get(nsid)
+        if rule is not None:  # the protocol's validity rule (meshletd/atproto/validity.py)
+            rule(value)
 
     def validate_size(self, nsid: str, value: Mapping[str, Any]) -> int:
         """Encoded (DAG-CBOR) size of a record; raise `InvalidRecord` above MAX_RECORD_BYTES."""
