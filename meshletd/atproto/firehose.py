@@ -432,7 +432,7 @@ class Firehose:
                 for refusal in outcome.refused:
                     self._refuse(refusal)
                 for ev in outcome.events:
-                    out = self.mirror.apply(ev)
+                    out = self._mirror_apply(ev)
                     if out is not None:
                         self.delivered += 1
                         await self._sink_one(out)
@@ -498,7 +498,7 @@ class Firehose:
             ev = self._proved_event(did, collection, rkey, proof, "hint")
             with trio.CancelScope(shield=True):
                 async with self._lock:
-                    out = self.mirror.apply(ev)
+                    out = self._mirror_apply(ev)
                     if out is not None:
                         self.hinted += 1
                         self.delivered += 1
@@ -526,6 +526,18 @@ class Firehose:
     def _note_drop(self, reason: str) -> None:
         self.dropped.append(reason)
         del self.dropped[:-200]
+
+    def _mirror_apply(self, ev: RecordEvent) -> RecordEvent | None:
+        before = self.mirror.over_bound
+        out = self.mirror.apply(ev)
+        if self.mirror.over_bound != before:
+            reason = (
+                f"record {ev.uri}: its repo holds over {self.mirror.max_per_collection} "
+                f"{ev.collection} records"
+            )
+            log.warning("firehose: ignored %s", reason)
+            self._note_drop(reason)
+        return out
 
     async def _sink_one(self, ev: RecordEvent) -> None:
         """Hand one event on; whatever the consumer raises costs that event only."""
@@ -621,7 +633,7 @@ class Firehose:
                     self._note_drop(reason)
                     continue
                 async with self._lock:
-                    out = self.mirror.apply(ev)
+                    out = self._mirror_apply(ev)
                     if out is not None:
                         changes += 1
                         self.delivered += 1

@@ -284,16 +284,34 @@ def _text(value: Any) -> str:
     return value[:300] if isinstance(value, str) else repr(type(value).__name__)
 
 
-class RepoMirror:
-    """Last known state of every watched record, ordered by commit rev."""
+# Records (and tombstones) the mirror holds per repo and collection: a repo that writes more
+# is not followed beyond them (docs/protocol.md section 19.4). Anti-entropy lists no more.
+MAX_RECORDS_PER_COLLECTION = 50_000
 
-    def __init__(self) -> None:
+
+class RepoMirror:
+    """Last known state of every watched record, ordered by commit rev. Bounded: at most
+    `max_per_collection` entries per (repo, collection); a record beyond them is refused
+    (counted in `over_bound`) and a delete beyond them is passed on without a tombstone."""
+
+    def __init__(self, max_per_collection: int = MAX_RECORDS_PER_COLLECTION) -> None:
         self.records: dict[tuple[str, str, str], tuple[str | None, str]] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+        self.max_per_collection = max_per_collection
+        self.over_bound = 0
 
     def apply(self, ev: RecordEvent) -> RecordEvent | None:
         """The event to deliver (with a corrected action), or None if stale or no change."""
         key = (ev.did, ev.collection, ev.rkey)
         known = self.records.get(key)
+        if known is None:
+            n = self.counts.get(key[:2], 0)
+            if n >= self.max_per_collection:
+                if ev.action == "delete":
+                    return ev
+                self.over_bound += 1
+                return None
+            self.counts[key[:2]] = n + 1
         if known is not None:
             cid, rev = known
             if ev.rev < rev or (ev.rev == rev and cid == ev.cid):
@@ -327,3 +345,5 @@ class RepoMirror:
     def forget(self, did: str) -> None:
         for k in [k for k in self.records if k[0] == did]:
             del self.records[k]
+        for c in [c for c in self.counts if c[0] == did]:
+            del self.counts[c]

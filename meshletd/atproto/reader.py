@@ -26,7 +26,7 @@ class ReadError(Exception):
 # A PDS's answer is untrusted input: bounded in size, parsed in a scope that turns anything
 # unexpected into a ReadError (docs/protocol.md, "Validity").
 MAX_RESPONSE_BYTES = 8 * 2**20
-MAX_LISTED_RECORDS = 10_000  # per collection and repo; more is a ReadError for that repo
+MAX_LISTED_RECORDS = 50_000  # per collection and repo (= the mirror's bound); more: ReadError
 
 
 @dataclass(frozen=True)
