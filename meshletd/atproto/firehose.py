@@ -541,7 +541,7 @@ class Firehose:
 
     async def _sink_one(self, ev: RecordEvent) -> None:
         """Hand one event on; whatever the consumer raises costs that event only."""
-        if ev.uri in self.refused:
+        if not ev.refused and ev.uri in self.refused:
             del self.refused[ev.uri]  # a valid version (or a delete) replaces the refused one
         try:
             await self.sink(ev)
@@ -625,8 +625,21 @@ class Firehose:
                     reason = f"record {uri}: invalid ({e.message})"
                     log.warning("anti-entropy: ignored %s", reason)
                     self._note_drop(reason)
-                    self._refuse(Refusal(uri, proof.cid, e.field, e.reason))
-                    continue
+                    name = Refusal.name_of(proof.value)
+                    self._refuse(Refusal(uri, proof.cid, e.field, e.reason, name))
+                    # An invalid record counts as absent (docs/protocol.md section 19.1).
+                    ev = RecordEvent(
+                        did,
+                        collection,
+                        rkey,
+                        "delete",
+                        None,
+                        None,
+                        proof.rev,
+                        None,
+                        "resync",
+                        refused=True,
+                    )
                 except Exception as e:  # never expected: still costs this record only
                     reason = f"record {uri}: unreadable ({type(e).__name__})"
                     log.warning("anti-entropy: ignored %s", reason)

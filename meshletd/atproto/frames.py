@@ -58,6 +58,10 @@ class RecordEvent:
     rev: str  # repo revision of the commit that made the change
     seq: int | None = None  # firehose sequence number; None when found by anti-entropy
     source: Literal["firehose", "resync", "hint"] = "firehose"
+    # A delete that stands for a version validation refused: an invalid record counts as
+    # absent, the same for every observer, however many valid versions it saw before
+    # (docs/protocol.md section 19.1).
+    refused: bool = False
 
     @property
     def uri(self) -> str:
@@ -80,6 +84,12 @@ class Refusal:
     cid: str | None
     field: str | None
     reason: str
+    name: str | None = None  # the record's `name`, when it is a string (cut to 64 chars)
+
+    @staticmethod
+    def name_of(value: Any) -> str | None:
+        name = value.get("name") if isinstance(value, dict) else None
+        return name[:64] if isinstance(name, str) else None
 
 
 @dataclass
@@ -261,7 +271,18 @@ class FrameDecoder:
                 self.lexicons.validate_size(collection, value)
             except InvalidRecord as e:
                 out.dropped.append(f"record {uri} seq={seq}: invalid ({e.message})")
-                out.refused.append(Refusal(uri, cid_str(cid) if cid else None, e.field, e.reason))
+                out.refused.append(
+                    Refusal(
+                        uri,
+                        cid_str(cid) if cid else None,
+                        e.field,
+                        e.reason,
+                        Refusal.name_of(value),
+                    )
+                )
+                out.events.append(
+                    RecordEvent(did, collection, rkey, "delete", None, None, rev, seq, refused=True)
+                )
                 continue
             except Exception as e:  # never expected (the validator refuses): still one record
                 out.dropped.append(f"record {uri} seq={seq}: unreadable ({type(e).__name__})")

@@ -65,7 +65,7 @@ def test_a_deep_record_on_the_firehose_is_one_refusal_with_field_and_reason():
     alice = FakeRepo("did:plc:alice")
     decoder = FrameDecoder(Interest(dids={alice.did}), {alice.did: alice.key.did_key})
     out = decoder.process(alice.put(WORKLOAD, "deep", workload(extra=nested(990))))
-    assert out.events == []
+    assert [(e.action, e.refused) for e in out.events] == [("delete", True)]
     [refusal] = out.refused
     assert refusal.uri == f"at://{alice.did}/{WORKLOAD}/deep"
     assert "nested deeper" in refusal.reason and refusal.field.startswith("extra.")
@@ -317,7 +317,7 @@ async def test_refused_records_are_remembered_for_their_owner_and_cleared_by_a_f
     seen = []
 
     async def sink(ev):
-        seen.append(ev.rkey)
+        seen.append((ev.rkey, ev.action))
 
     fh = Firehose(
         resolver, MemoryCursorStore(), sink, reader=None, connect=connect, anti_entropy_every_s=3600
@@ -325,15 +325,20 @@ async def test_refused_records_are_remembered_for_their_owner_and_cleared_by_a_f
     async with trio.open_nursery() as nursery:
         await nursery.start(fh.run)
         await fh.watch(alice.did, resync=False)
-        await send.send(alice.put(WORKLOAD, "w", workload(replicas=0)))
+        await send.send(alice.put(WORKLOAD, "w", workload()))
+        await send.send(alice.put(WORKLOAD, "w", workload(replicas=0, name="bad")))
         with trio.fail_after(5):
             while not fh.refusals(alice.did):
                 await trio.sleep(0.01)
         [r] = fh.refusals(alice.did)
-        assert (r.field, r.reason) == ("replicas", "below the minimum 1")
+        assert (r.field, r.reason, r.name) == ("replicas", "below the minimum 1", "bad")
+        # The valid version before it is withdrawn: an invalid record counts as absent for
+        # every observer, also for one that never saw the valid version.
+        assert seen == [("w", "create"), ("w", "delete")]
         await send.send(alice.put(WORKLOAD, "w", workload()))
         with trio.fail_after(5):
-            while not seen:
+            while len(seen) < 3:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+    assert seen[-1] == ("w", "create")
     assert fh.refusals(alice.did) == []
