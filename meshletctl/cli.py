@@ -116,22 +116,27 @@ def handles(c: ControlClient) -> dict[str, str]:
 
 
 def _all_workloads(c: ControlClient, owner: str | None = None) -> list[dict[str, Any]]:
+    """Every workload record the daemon lists: its workload views, then the records it
+    ignores as invalid (`invalidWorkloadView`s, each with a `problem`: field and reason)."""
     out: list[dict[str, Any]] = []
+    invalid: list[dict[str, Any]] = []
     cursor = None
     while True:
         page = c.query("farm.meshlet.listWorkloads", owner=owner, limit=500, cursor=cursor)
         out.extend(page["workloads"])
+        invalid.extend(page.get("invalid", []))
         cursor = page.get("cursor")
         if not cursor:
-            return out
+            return out + invalid
 
 
 def resolve_workload(c: ControlClient, ref: str) -> str:
-    """An at:// URI as given, or the URI of this machine's owner's workload named `ref`."""
+    """An at:// URI as given, or the URI of this machine's owner's workload named `ref`
+    (an invalid record too: its owner may want to stop it)."""
     if ref.startswith("at://"):
         return ref
     owner = c.query(CTL + "getStatus")["ownerDid"]
-    matches = [w["uri"] for w in _all_workloads(c, owner=owner) if w["name"] == ref]
+    matches = [w["uri"] for w in _all_workloads(c, owner=owner) if w.get("name") == ref]
     if not matches:
         raise NotFound(f"no workload named {ref!r} owned by {owner}")
     if len(matches) > 1:
@@ -162,7 +167,8 @@ def workloads(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Workloads of this machine's owner and those running here (--all: the commune's)."""
+    """Workloads of this machine's owner and those running here (--all: the commune's);
+    records ignored as invalid are listed with the field and the reason."""
     from meshletctl import render
 
     def fetch(c: ControlClient) -> list[dict[str, Any]]:

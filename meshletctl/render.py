@@ -199,11 +199,16 @@ def workloads(
     placements: bool = False,
     names: dict[str, str] | None = None,
 ) -> None:
-    """`names`: DID -> handle (or other short name) for display; DIDs stay in --json."""
+    """`names`: DID -> handle (or other short name) for display; DIDs stay in --json.
+    Items with a `problem` are records the daemon ignores as invalid: listed under the
+    table with the field and the reason."""
+    invalid = [w for w in items if "problem" in w]
+    items = [w for w in items if "problem" not in w]
+    name = _namer(names)
     if not items:
         print("no workloads")
+        _invalid(invalid, name, placements)
         return
-    name = _namer(names)
 
     if placements:
         t = _table("WORKLOAD", "OWNER", "SLOT", "ROUND", "MESHLET", "STATE")
@@ -235,6 +240,23 @@ def workloads(
     if notes:
         print()
         print("\n".join(notes))
+    _invalid(invalid, name, placements)
+
+
+def _invalid(items: list[dict[str, Any]], name: Callable[[str | None], str], owners: bool) -> None:
+    """One line per ignored record: its name (or URI), the field and the reason."""
+    if not items:
+        return
+    print()
+    print(f"not run, invalid ({len(items)}; `meshletctl stop NAME` deletes one of yours):")
+    for w in items:
+        p = w.get("problem", {})
+        label = safe(w["name"]) if w.get("name") else safe(w["uri"])
+        if owners:
+            label += f" ({name(w.get('ownerDid'))})"
+        field = safe(p.get("field", "")) or "the record"
+        line = f"{label} invalid: {field}: {_named(p.get('reason', ''), name)}"
+        print(line + (f" ({safe(w['uri'])})" if w.get("name") else ""))
 
 
 def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
