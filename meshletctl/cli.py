@@ -136,7 +136,7 @@ def resolve_workload(c: ControlClient, ref: str) -> str:
     if ref.startswith("at://"):
         return ref
     owner = c.query(CTL + "getStatus")["ownerDid"]
-    matches = [w["uri"] for w in _all_workloads(c, owner=owner) if w.get("name") == ref]
+    matches = [str(w["uri"]) for w in _all_workloads(c, owner=owner) if w.get("name") == ref]
     if not matches:
         raise NotFound(f"no workload named {ref!r} owned by {owner}")
     if len(matches) > 1:
@@ -297,7 +297,10 @@ def logs(
 
             def query(n: int, cursor: str | None) -> dict[str, Any]:
                 more = {"cursor": cursor} if cursor is not None else {}
-                return c.query("farm.meshlet.getLogs", uri=uri, slot=slot, lines=n, **more)
+                got: dict[str, Any] = c.query(
+                    "farm.meshlet.getLogs", uri=uri, slot=slot, lines=n, **more
+                )
+                return got
 
             if not follow:
                 answer = query(lines, None)
