@@ -4,7 +4,7 @@ Start-up is on every command's path (`meshletctl status` has a 200 ms goal and `
 the publish -> running path), so this module imports only typer and the stdlib-only control
 client; rendering (rich, on first table), parsing of `run`'s options, logs and base64 are
 imported by the commands that use them. Measure with `python -X importtime -m meshletctl
-status` (docs/benchmarks.md, "meshletctl start-up").
+status` (docs/benchmarks.md, "One parser").
 """
 
 import json
