@@ -1,5 +1,9 @@
 """The engine: the pure scheduler core driven by the real world.
 
+Who does what: the `Scheduler` (meshletd.core) decides, with no I/O and no clock of its own;
+the engine feeds it and carries out what it decides. The node (atproto_node.py) owns the
+engine and hands it record changes; the engine never reads records or peers by itself.
+
 Events go in one at a time, in order (record changes from the firehose, runtime state
 changes, probe results, ticks from a single alarm, operator commands); the actions the core
 returns are carried out: writes go to the PDS write queue (in order, retried), replica starts
@@ -20,11 +24,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
+from meshletd.atproto.pds import Write
 from meshletd.core.actions import (
+    Action,
     DeleteRecord,
     ProbePeer,
     PutRecord,
@@ -42,23 +48,80 @@ from meshletd.core.events import (
     SetDraining,
     Tick,
 )
-from meshletd.core.records import record_from_json, record_to_json, split_at_uri
+from meshletd.core.records import (
+    NSID_WORKLOAD,
+    record_to_json,
+    split_at_uri,
+)
+from meshletd.daemon.followed import RecordChange, core_record
+from meshletd.daemon.local import PlacementQueries
+from meshletd.runtime import (
+    ReplicaExited,
+    ReplicaFailed,
+    ReplicaId,
+    ReplicaOomKilled,
+    ReplicaRunning,
+    ReplicaSpec,
+    ReplicaStatus,
+    Resources,
+    Runtime,
+    Secret,
+)
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
 
-WORKLOAD = "commune.scheduler.workload"
+
+class Core(PlacementQueries, Protocol):
+    """The scheduler core as the engine drives it (`meshletd.core.scheduler.Scheduler`)."""
+
+    @property
+    def now(self) -> int:
+        """The time of the last event handled (ms)."""
+        ...
+
+    def handle(self, event: Event) -> list[Action]: ...
+
+    def handle_batch(self, events: list[Event]) -> list[Action]: ...
 
 
-def replica_id(workload_uri: str, slot: int) -> Any:
-    from meshletd.runtime import ReplicaId
-
+def replica_id(workload_uri: str, slot: int) -> ReplicaId:
     owner, _, rkey = split_at_uri(workload_uri)
     return ReplicaId(owner_did=owner, workload=rkey, index=slot)
 
 
-def workload_uri_of(rid: Any) -> str:
-    return f"at://{rid.owner_did}/{WORKLOAD}/{rid.workload}"
+def workload_uri_of(rid: ReplicaId) -> str:
+    return f"at://{rid.owner_did}/{NSID_WORKLOAD}/{rid.workload}"
+
+
+def replica_spec(
+    action: StartReplica,
+    raw: dict[str, Any],
+    secret_values: dict[str, bytes],
+    owner_handle: str,
+) -> ReplicaSpec:
+    """What the runtime runs for a slot: the core's workload (image, resources, revision)
+    and the published record's command, args, env and secret references."""
+    wl = action.workload
+    args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
+    env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
+    secrets = []
+    for ref in raw.get("secrets", ()):
+        if ref["name"] not in secret_values:
+            raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
+        secrets.append(
+            Secret(ref.get("target") or ref["name"], secret_values[ref["name"]], env=ref.get("env"))
+        )
+    return ReplicaSpec(
+        replica=replica_id(wl.uri, action.slot),
+        owner_handle=owner_handle,
+        image=wl.image or raw.get("image", ""),
+        resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
+        args=args,
+        env=env,
+        secrets=tuple(secrets),
+        revision=wl.cid,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +132,13 @@ class _Batch:
 
 
 class Engine:
-    """Drives one `meshletd.core.scheduler.Scheduler`."""
+    """Drives one scheduler core (`Core`) over one runtime."""
 
     def __init__(
         self,
-        scheduler: Any,
-        runtime: Any,
-        submit_write: Callable[[Any], None],
+        scheduler: Core,
+        runtime: Runtime,
+        submit_write: Callable[[Write], None],
         *,
         raw_workload: Callable[[str], dict[str, Any] | None],
         secret: Callable[[str, str], Awaitable[bytes | None]] | None = None,
@@ -95,13 +158,13 @@ class Engine:
         self._probe = probe
         self._owner_handle = owner_handle
         self._clock = clock
-        self._send, self._recv = trio.open_memory_channel[Event](math.inf)
+        self._send, self._recv = trio.open_memory_channel[Event | _Batch](math.inf)
         self._wake_at: int | None = None
         self._alarm_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
         self.handled = 0
-        self.adopted: list[Any] = []
+        self.adopted: list[ReplicaStatus] = []
         # Until the view is complete: events held back from the core, in arrival order.
         self.view_is_complete = False
         self._held: list[Event] = []
@@ -118,7 +181,7 @@ class Engine:
             return
         self._send.send_nowait(event)
 
-    def view_complete(self, records: list[Any]) -> None:
+    def view_complete(self, records: list[RecordChange]) -> None:
         """The start-up read is done (every watched repo listed, ours included): hand the
         core `records` (firehose `RecordEvent`s) and then the events held since start, as
         one batch. From here on events flow one by one."""
@@ -138,21 +201,17 @@ class Engine:
         )
         self._send.send_nowait(_Batch(events))
 
-    def record_changed(self, ev: Any) -> None:
+    def record_changed(self, ev: RecordChange) -> None:
         """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
         got = self._record_event(ev)
         if got is not None:
             self.feed(got)
 
-    def _record_event(self, ev: Any) -> Event | None:
+    def _record_event(self, ev: RecordChange) -> Event | None:
         trace("seen", uri=ev.uri, action=ev.action, via=getattr(ev, "source", "?"))
         if ev.action == "delete":
             return RecordDeleted(ev.uri)
-        try:
-            rec = record_from_json(ev.uri, ev.cid or "", ev.record or {})
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("record %s ignored by the scheduler: %s", ev.uri, e)
-            return None
+        rec = core_record(ev, "scheduler")
         return RecordSeen(rec) if rec is not None else None
 
     def set_draining(self, draining: bool) -> None:
@@ -160,7 +219,9 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED):
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[ReplicaStatus]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             adopted = await nursery.start(self.runtime.serve)
@@ -191,7 +252,7 @@ class Engine:
             self.handled += 1
             await trio.sleep(0)
 
-    def _perform(self, actions: list[Any]) -> None:
+    def _perform(self, actions: list[Action]) -> None:
         assert self._nursery is not None
         for a in actions:
             if isinstance(a, PutRecord):
@@ -202,10 +263,10 @@ class Engine:
                     # lexicon's workloadRef needs it: take it from the record we follow.
                     ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
                 trace("queued", key=f"{a.collection}/{a.rkey}")
-                self._submit_write(("put", a.collection, a.rkey, value, a.not_after))
+                self._submit_write(Write("put", a.collection, a.rkey, value, a.not_after))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
-                self._submit_write(("delete", a.collection, a.rkey, None, None))
+                self._submit_write(Write("delete", a.collection, a.rkey))
             elif isinstance(a, StartReplica):
                 trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
                 self._nursery.start_soon(self._start, a)
@@ -246,35 +307,14 @@ class Engine:
             out[ref["name"]] = value
         return out
 
-    def spec_for(self, action: StartReplica, secret_values: dict[str, bytes] | None = None) -> Any:
-        from meshletd.runtime import ReplicaSpec, Resources, Secret
-
-        wl = action.workload
-        raw = self._raw_workload(wl.uri) or {}
-        args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
-        env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
-        values = secret_values or {}
-        secrets = []
-        for ref in raw.get("secrets", ()):
-            if ref["name"] not in values:
-                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
-            secrets.append(
-                Secret(ref.get("target") or ref["name"], values[ref["name"]], env=ref.get("env"))
-            )
-        return ReplicaSpec(
-            replica=replica_id(wl.uri, action.slot),
-            owner_handle=self._owner_handle(wl.owner),
-            image=wl.image or raw.get("image", ""),
-            resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
-            args=args,
-            env=env,
-            secrets=tuple(secrets),
-            revision=wl.cid,
-        )
+    def spec_for(
+        self, action: StartReplica, secret_values: dict[str, bytes] | None = None
+    ) -> ReplicaSpec:
+        raw = self._raw_workload(action.workload.uri) or {}
+        owner_handle = self._owner_handle(action.workload.owner)
+        return replica_spec(action, raw, secret_values or {}, owner_handle)
 
     async def _start(self, action: StartReplica) -> None:
-        from meshletd.runtime import ReplicaRunning
-
         uri, slot = action.workload.uri, action.slot
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
@@ -307,13 +347,6 @@ class Engine:
         self.feed(ReplicaStateChanged(action.workload_uri, action.slot, "stopped"))
 
     async def _runtime_events(self) -> None:
-        from meshletd.runtime import (
-            ReplicaExited,
-            ReplicaFailed,
-            ReplicaOomKilled,
-            ReplicaRunning,
-        )
-
         async for ev in self.runtime.events:
             uri, slot = workload_uri_of(ev.replica), ev.replica.index
             self.units[(uri, slot)] = ev.unit

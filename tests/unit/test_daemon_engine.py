@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import trio
 
-from meshletd.core.records import format_datetime_ms
+from meshletd.atproto.pds import Write
+from meshletd.core.actions import StartReplica
+from meshletd.core.records import format_datetime_ms, record_from_json
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
-from meshletd.daemon.engine import Engine, replica_id
+from meshletd.daemon.engine import Engine, replica_id, replica_spec
 from meshletd.runtime import FakeMachine, fake_runtime
 
 ME, OWNER = "did:plc:alicemesh", "did:plc:alice"
@@ -84,13 +87,12 @@ async def fetch_secret(workload_uri: str, name: str) -> bytes | None:
 async def start(
     nursery: trio.Nursery,
     machine: FakeMachine,
-    writes: list,
+    writes: list[Write],
     *,
-    view: list[Ev] | None = None,
     complete: bool = True,
 ) -> Engine:
-    """An engine on `machine`; with `complete`, its start-up view (the cluster's records and
-    `view`) is handed over at once."""
+    """An engine on `machine`; with `complete`, its start-up view (the cluster's records)
+    is handed over at once."""
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
     raw: dict[str, dict[str, Any]] = {}
@@ -106,18 +108,20 @@ async def start(
     engine.raw = raw  # type: ignore[attr-defined]
     await nursery.start(engine.run)
     if complete:
-        engine.view_complete(cluster_records(int(clock() * 1000)) + list(view or ()))
+        engine.view_complete(cluster_records(int(clock() * 1000)))
     return engine
 
 
-def as_records(writes: list) -> list[Ev]:
+def as_records(writes: list[Write]) -> list[Ev]:
     """Our own writes as the PDS gives them back (what a restarted meshlet reads)."""
     out: dict[tuple[str, str], Ev] = {}
-    for action, collection, rkey, value, _not_after in writes:
-        if action == "delete":
-            out.pop((collection, rkey), None)
-        else:
-            out[(collection, rkey)] = Ev(ME, collection, rkey, "create", "bafy" + rkey, value)
+    for w in writes:
+        if w.action == "delete":
+            out.pop((w.collection, w.rkey), None)
+        elif w.value is not None:
+            out[(w.collection, w.rkey)] = Ev(
+                ME, w.collection, w.rkey, "create", "bafy" + w.rkey, w.value
+            )
     return list(out.values())
 
 
@@ -131,7 +135,7 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
     nursery: trio.Nursery, autojump_clock
 ) -> None:
     machine = FakeMachine()
-    writes: list = []
+    writes: list[Write] = []
     engine = await start(nursery, machine, writes)
     ev = workload(int((T0 + trio.current_time()) * 1000))
     engine.raw[ev.uri] = ev.record
@@ -140,11 +144,11 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
     await wait_for(lambda: engine.scheduler.replicas().get(key) == "running")
     assert engine.units[key].startswith("meshlet-")
     # Our bid and our status were handed to the PDS writer.
-    collections = {w[1] for w in writes}
+    collections = {w.collection for w in writes}
     assert "commune.scheduler.bid" in collections
     assert "commune.scheduler.workloadStatus" in collections
     # Every record naming the workload names its version (CID) too, as the lexicon requires.
-    refs = [w[3]["workload"] for w in writes if w[0] == "put" and "workload" in w[3]]
+    refs = [w.value["workload"] for w in writes if w.value and "workload" in w.value]
     assert refs and all(r == {"uri": ev.uri, "cid": ev.cid} for r in refs)
 
     engine.record_changed(Ev(OWNER, ev.collection, ev.rkey, "delete", None, None))
@@ -158,7 +162,7 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
 
 async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clock) -> None:
     machine = FakeMachine()
-    writes: list = []
+    writes: list[Write] = []
     first = await start(nursery, machine, writes)
     ev = workload(int((T0 + trio.current_time()) * 1000))
     first.raw[ev.uri] = ev.record
@@ -172,94 +176,21 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
         inner.cancel_scope.cancel()
 
 
-async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_and_keeps_its_replica(
-    nursery: trio.Nursery, autojump_clock
-) -> None:
-    machine = FakeMachine()
-    writes: list = []
-    async with trio.open_nursery() as old:
-        first = await start(old, machine, writes)
-        ev = workload(int((T0 + trio.current_time()) * 1000))
-        first.raw[ev.uri] = ev.record
-        first.record_changed(ev)
-        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
-        await trio.sleep(2)
-        old.cancel_scope.cancel()  # meshletd stops; the replica runs on
-    container = next(iter(machine.containers))
-    started = machine.started
-
-    # Restarted: it adopts the replica, and while its view is incomplete (the PDS has not
-    # answered yet) it neither stops nor restarts it, whatever time passes.
-    second_writes: list = []
-    second = await start(nursery, machine, second_writes, complete=False)
-    second.raw[ev.uri] = ev.record
-    assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
-    await trio.sleep(120)
-    assert second.handled == 0 and second_writes == []
-    assert list(machine.containers) == [container] and machine.started == started
-
-    # The view arrives (cluster records, the workload, our own bid and status): the core
-    # sees the replica it runs, of a workload it knows, and keeps it.
-    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
-    await wait_for(lambda: second.scheduler.replicas().get((ev.uri, 0)) == "running")
-    await trio.sleep(120)
-    assert list(machine.containers) == [container] and machine.started == started
-    assert machine.containers[container].status == "running"
-    assert not [w for w in second_writes if w[0] == "delete"], second_writes
-
-
-async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_complete(
-    nursery: trio.Nursery, autojump_clock
-) -> None:
-    machine = FakeMachine()
-    writes: list = []
-    async with trio.open_nursery() as old:
-        first = await start(old, machine, writes)
-        ev = workload(int((T0 + trio.current_time()) * 1000))
-        ev.record["kind"] = "job"
-        ev.record["restartPolicy"] = "never"
-        first.raw[ev.uri] = ev.record
-        first.record_changed(ev)
-        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
-        await trio.sleep(2)
-        old.cancel_scope.cancel()
-    second_writes: list = []
-    second = await start(nursery, machine, second_writes, complete=False)
-    second.raw[ev.uri] = ev.record
-    machine.end(next(iter(machine.containers)), 3)  # the job ends while the PDS is away
-    await trio.sleep(30)
-    assert second_writes == []
-    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
-
-    def final() -> list:
-        return [
-            w[3]
-            for w in second_writes
-            if w[1] == "commune.scheduler.workloadStatus" and w[3]["state"] == "failed"
-        ]
-
-    await wait_for(lambda: final())
-    assert final()[-1]["exitCode"] == 3
-
-
-async def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
-    from meshletd.core.actions import StartReplica
-    from meshletd.core.records import record_from_json
-
+def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
     ev = workload(1_800_000_000_000, secrets=True)
     wl = record_from_json(ev.uri, ev.cid, ev.record)
-    engine = Engine(
-        None,
-        None,
-        lambda w: None,
-        raw_workload={ev.uri: ev.record}.get,
-        secret=fetch_secret,
-    )
-    spec = engine.spec_for(StartReplica(wl, 0, 0), await engine.secrets_for(ev.uri))
+    spec = replica_spec(StartReplica(wl, 0, 0), ev.record, {"db": b"hunter2"}, "alice")
     assert spec.image == "localhost/busybox:latest" and spec.args == ("sleep", "60")
     assert spec.env == (("MODE", "test"),)
     assert spec.secrets[0].name == "db" and spec.secrets[0].data == b"hunter2"
     assert "hunter2" not in repr(spec)
+
+
+def test_a_spec_without_a_referenced_secret_is_refused() -> None:
+    ev = workload(1_800_000_000_000, secrets=True)
+    wl = record_from_json(ev.uri, ev.cid, ev.record)
+    with pytest.raises(LookupError, match="'db' is not available"):
+        replica_spec(StartReplica(wl, 0, 0), ev.record, {}, "alice")
 
 
 async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(
@@ -275,3 +206,76 @@ async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(
     await trio.sleep(10)
     assert engine.scheduler.replicas().get((ev.uri, 0)) != "running"
     assert not [r for r in engine.runtime.replicas() if r.state == "running"]
+
+
+async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_and_keeps_its_replica(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list[Write] = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        first.raw[ev.uri] = ev.record
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()  # meshletd stops; the replica runs on
+    container = next(iter(machine.containers))
+    started = machine.started
+
+    # Restarted: it adopts the replica, and while its view is incomplete (the PDS has not
+    # answered yet) it neither stops nor restarts it, whatever time passes.
+    second_writes: list[Write] = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    second.raw[ev.uri] = ev.record
+    assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
+    await trio.sleep(120)
+    assert second.handled == 0 and second_writes == []
+    assert list(machine.containers) == [container] and machine.started == started
+
+    # The view arrives (cluster records, the workload, our own bid and status): the core
+    # sees the replica it runs, of a workload it knows, and keeps it.
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+    await wait_for(lambda: second.scheduler.replicas().get((ev.uri, 0)) == "running")
+    await trio.sleep(120)
+    assert list(machine.containers) == [container] and machine.started == started
+    assert machine.containers[container].status == "running"
+    assert not [w for w in second_writes if w.action == "delete"], second_writes
+
+
+async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_complete(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list[Write] = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        assert ev.record is not None
+        ev.record["kind"] = "job"
+        ev.record["restartPolicy"] = "never"
+        first.raw[ev.uri] = ev.record
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()
+    second_writes: list[Write] = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    second.raw[ev.uri] = ev.record
+    machine.end(next(iter(machine.containers)), 3)  # the job ends while the PDS is away
+    await trio.sleep(30)
+    assert second_writes == []
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+
+    def final() -> list[dict[str, Any]]:
+        return [
+            w.value
+            for w in second_writes
+            if w.collection == "commune.scheduler.workloadStatus"
+            and w.value is not None
+            and w.value["state"] == "failed"
+        ]
+
+    await wait_for(lambda: final())
+    assert final()[-1]["exitCode"] == 3
