@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -181,7 +181,7 @@ class Engine:
             return
         self._send.send_nowait(event)
 
-    def view_complete(self, records: list[RecordChange]) -> None:
+    def view_complete(self, records: Sequence[RecordChange]) -> None:
         """The start-up read is done (every watched repo listed, ours included): hand the
         core `records` (firehose `RecordEvent`s) and then the events held since start, as
         one batch. From here on events flow one by one."""
