@@ -253,6 +253,10 @@ class PdsClient:
     @property
     def did(self) -> str:
         if self.session.did is None:
+            # Before the first login (e.g. the PDS is unreachable): a DID given as the
+            # identifier is the repo's DID; requests log in on first use.
+            if self.session.identifier.startswith("did:"):
+                return self.session.identifier
             raise AuthRequired("not logged in")
         return self.session.did
 
