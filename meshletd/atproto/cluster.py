@@ -28,7 +28,7 @@ import trio
 
 from meshletd.atproto.firehose import Firehose
 from meshletd.atproto.frames import RecordEvent
-from meshletd.atproto.identity import IdentityError
+from meshletd.atproto.identity import IdentityError, IdentityUnreachable
 from meshletd.atproto.pds import PdsClient, Write
 from meshletd.atproto.records import (
     MEMBERSHIP,
@@ -322,6 +322,7 @@ class ClusterFormation:
         self._startup: list[RecordEvent] = []
         # Repos whose start-up read is still missing, and how often it is tried again.
         self.waiting_for: set[str] = set()
+        self.absent: set[str] = set()  # watched DIDs that resolve to no repo
         self.retry_initial_s = 1.0
         self.retry_max_s = 10.0
         self._deliver_lock = trio.Lock()
@@ -362,8 +363,11 @@ class ClusterFormation:
             # Follow-up watches (new meshlets claimed by owners) are started by _on_event.
 
     def unread(self) -> set[str]:
-        """Watched repos not yet listed in full since start (empty: the view is complete)."""
-        return {d for d in self.view.watched_dids() if d not in self.firehose.read_once}
+        """Watched repos not yet listed in full since start (empty: the view is complete).
+        A DID that resolves to no repo, or a repo its PDS says it does not hold, has
+        nothing to list: it does not hold the view back."""
+        done = self.firehose.read_once | self.absent
+        return {d for d in self.view.watched_dids() if d not in done}
 
     async def _until_complete(self) -> None:
         """Read again, with backoff, every watched repo whose first read failed (its PDS or
@@ -403,7 +407,13 @@ class ClusterFormation:
     async def _watch(self, did: str) -> None:
         try:
             await self.firehose.watch(did)
+            self.absent.discard(did)
+        except IdentityUnreachable as e:
+            log.warning("cluster: cannot watch %s now: %s", did, e)
         except IdentityError as e:
+            # The DID does not resolve to a repo (unknown, no PDS, unusable document): it has
+            # no records to wait for (docs/protocol.md, section 13).
+            self.absent.add(did)
             log.warning("cluster: cannot watch %s: %s", did, e)
         except Exception as e:  # one repo's failure never ends the formation
             log.warning("cluster: cannot watch %s: %s: %s", did, type(e).__name__, e)

@@ -40,7 +40,7 @@ from meshletd.atproto.frames import (
 )
 from meshletd.atproto.identity import IdentityError, IdentityResolverProtocol
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
-from meshletd.atproto.reader import ReadError, RepoReader
+from meshletd.atproto.reader import ReadError, RepoAbsent, RepoReader
 from meshletd.atproto.verify import Unverified
 from meshletd.errors import InvalidRecord
 
@@ -587,6 +587,11 @@ class Firehose:
                     await self.resync(did, force=force)
             if scope.cancelled_caught:
                 log.warning("anti-entropy %s: gave up after %.0fs", did, self.repo_timeout_s)
+        except RepoAbsent as e:
+            # The PDS answered that it holds no such repo: there is nothing to wait for
+            # (docs/protocol.md, section 13); it is read again at the next pass.
+            log.warning("anti-entropy %s: %s (counted as read: empty)", did, e)
+            self.read_once.add(did)
         except (ReadError, IdentityError, Unverified) as e:
             log.warning("anti-entropy %s: %s", did, e)
         except Exception as e:
