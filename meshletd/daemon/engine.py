@@ -168,6 +168,9 @@ class Engine:
         # Until the view is complete: events held back from the core, in arrival order.
         self.view_is_complete = False
         self._held: list[Event] = []
+        # Replicas the core has heard of (adopted running, or started by it): an exit of any
+        # other is one that ended while meshletd was away.
+        self._told: set[tuple[str, int]] = set()
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -231,6 +234,7 @@ class Engine:
                 self.units[(uri, st.replica.index)] = st.unit
                 if st.state in ("running", "starting"):
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
+                    self._told.add((uri, st.replica.index))
                     self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
             nursery.start_soon(self._runtime_events)
             nursery.start_soon(self._alarm)
@@ -316,6 +320,7 @@ class Engine:
 
     async def _start(self, action: StartReplica) -> None:
         uri, slot = action.workload.uri, action.slot
+        self._told.add((uri, slot))
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
             values = await self.secrets_for(uri)
@@ -340,6 +345,7 @@ class Engine:
         log.info("stopping replica %d of %s (%s)", action.slot, action.workload_uri, action.reason)
         try:
             await self.runtime.stop(replica_id(action.workload_uri, action.slot))
+            self._told.discard((action.workload_uri, action.slot))
         except Exception as e:
             log.warning(
                 "replica %d of %s did not stop cleanly: %s", action.slot, action.workload_uri, e
@@ -350,6 +356,12 @@ class Engine:
         async for ev in self.runtime.events:
             uri, slot = workload_uri_of(ev.replica), ev.replica.index
             self.units[(uri, slot)] = ev.unit
+            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and (uri, slot) not in self._told:
+                # It ended while meshletd was away (found ended on adoption): the core learns
+                # that it ran here, then how it ended, and reports it like any exit.
+                log.info("replica %d of %s ended while meshletd was not running", slot, uri)
+                self.feed(ReplicaStateChanged(uri, slot, "running"))
+            self._told.add((uri, slot))
             if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             elif isinstance(ev, ReplicaExited):

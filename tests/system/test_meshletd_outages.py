@@ -141,7 +141,10 @@ def test_meshletd_started_while_its_pds_is_down_keeps_its_replicas_and_schedules
     def job_reported() -> list[dict[str, Any]]:
         return [s for s in records(bob, STATUS, job) if s["state"] in ("failed", "exited")]
 
-    final = wait_for(job_reported, 60, "the job's exit in bob's status record")
+    try:
+        final = wait_for(job_reported, 60, "the job's exit in bob's status record")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- meshletd on bob ---\n{since_start(bob)[-6000:]}") from None
     assert final[-1]["exitCode"] == 3, final
     wait_for(lambda: units_of(bob, after), 60, "the new workload to run on bob")
     assert container(bob, unit) == before, "the service's container changed"

@@ -279,3 +279,38 @@ async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_compl
 
     await wait_for(lambda: final())
     assert final()[-1]["exitCode"] == 3
+
+
+async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the_restart(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list[Write] = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        assert ev.record is not None
+        ev.record["kind"] = "job"
+        ev.record["restartPolicy"] = "never"
+        first.raw[ev.uri] = ev.record
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()
+    machine.end(next(iter(machine.containers)), 3)  # the job ends while meshletd is down
+    second_writes: list[Write] = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    second.raw[ev.uri] = ev.record
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+
+    def final() -> list[dict[str, Any]]:
+        return [
+            w.value
+            for w in second_writes
+            if w.collection == "commune.scheduler.workloadStatus"
+            and w.value is not None
+            and w.value["state"] == "failed"
+        ]
+
+    await wait_for(lambda: final())
+    assert final()[-1]["exitCode"] == 3
