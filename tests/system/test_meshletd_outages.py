@@ -54,11 +54,12 @@ def records(m: Meshlet, collection: str, uri: str) -> list[dict[str, Any]]:
     return [x["value"] for x in recs if x["value"]["workload"]["uri"] == uri]
 
 
-def pinned_to_bob(commune: Commune, name: str, *args: str) -> str:
-    """carol publishes `name`, which only bob's machine may host."""
+def pinned_to_bob(commune: Commune, name: str, *args: str, options: tuple[str, ...] = ()) -> str:
+    """carol publishes `name` (the container runs `args`), which only bob's machine may
+    host."""
     avoid = [x for m in commune if m.person != "bob" for x in ("--constraint", f"avoid={m.did}")]
     done = commune["carol"].ctl_json(
-        "run", "--name", name, "--cpu", "100m", "--memory", "32Mi", *avoid,
+        "run", "--name", name, "--cpu", "100m", "--memory", "32Mi", *avoid, *options,
         "localhost/busybox:latest", "--", *args,
     )  # fmt: skip
     return str(done["uri"])
@@ -99,7 +100,12 @@ def test_meshletd_started_while_its_pds_is_down_keeps_its_replicas_and_schedules
         wait_for(lambda m=m: m.ctl_json("status")["members"] == 2, 90, f"{m.person} in")
     service = pinned_to_bob(commune, "steady", "sleep", "100000")
     job = pinned_to_bob(
-        commune, "shortjob", "--kind", "job", "--restart", "never", "sh", "-c", "sleep 40; exit 3"
+        commune,
+        "shortjob",
+        "sh",
+        "-c",
+        "sleep 40; exit 3",
+        options=("--kind", "job", "--restart", "never"),
     )
     wait_for(lambda: units_of(bob, service) and units_of(bob, job), 60, "both running on bob")
     unit = units_of(bob, service)[0]
