@@ -146,32 +146,67 @@ def _groups_from_proc(pid: int) -> set[int]:
 # -- the connection budget --------------------------------------------------------------
 
 
+class Ticket:
+    """One admitted connection: its peer, whether it was ever answered, how to end it."""
+
+    __slots__ = ("answered", "done", "peer")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.answered = False  # set at our first write: the peer speaks HTTP to us
+        self.done = trio.CancelScope()
+
+
 class ConnectionBudget:
-    """Counts open connections in all and per peer; refuses what would exceed either."""
+    """Open connections in all and per peer.
+
+    Over the per-peer cap, a newcomer is refused: that peer is the one holding too many.
+    Over the total cap, the oldest connection that was never answered (one that connected
+    and sent nothing, or never finished its request: what a flood of idle or slow sockets
+    looks like) is ended to make room; only when every open connection has been answered
+    at least once is the newcomer refused. So a flood from many addresses churns its own
+    sockets, and peers that speak HTTP get in.
+    """
 
     def __init__(self, max_connections: int, max_per_peer: int) -> None:
         self.max_connections = max_connections
         self.max_per_peer = max_per_peer
-        self.held = 0
         self.refused = 0
+        self.evicted = 0
+        self._open: dict[Ticket, None] = {}  # insertion order: oldest first
         self._per_peer: dict[str, int] = {}
 
-    def acquire(self, peer: str) -> bool:
-        n = self._per_peer.get(peer, 0)
-        if self.held >= self.max_connections or n >= self.max_per_peer:
-            self.refused += 1
-            return False
-        self.held += 1
-        self._per_peer[peer] = n + 1
-        return True
+    @property
+    def held(self) -> int:
+        return len(self._open)
 
-    def release(self, peer: str) -> None:
-        self.held -= 1
-        n = self._per_peer[peer] - 1
+    def acquire(self, peer: str) -> Ticket | None:
+        if self._per_peer.get(peer, 0) >= self.max_per_peer:
+            self.refused += 1
+            return None
+        if len(self._open) >= self.max_connections:
+            victim = next((t for t in self._open if not t.answered), None)
+            if victim is None:
+                self.refused += 1
+                return None
+            self.evicted += 1
+            victim.done.cancel()
+            self.release(victim)
+        ticket = Ticket(peer)
+        self._open[ticket] = None
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """Give the ticket's place back (a second time has no effect)."""
+        if ticket not in self._open:
+            return
+        del self._open[ticket]
+        n = self._per_peer[ticket.peer] - 1
         if n:
-            self._per_peer[peer] = n
+            self._per_peer[ticket.peer] = n
         else:
-            del self._per_peer[peer]  # the table holds only peers with open connections
+            del self._per_peer[ticket.peer]  # the table holds only peers with open connections
 
     def held_by(self, peer: str) -> int:
         return self._per_peer.get(peer, 0)
@@ -229,9 +264,10 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
       there is nothing left to wait for.
     """
 
-    def __init__(self, inner: trio.SocketStream, done: trio.CancelScope, limits: Limits) -> None:
+    def __init__(self, inner: trio.SocketStream, ticket: Ticket, limits: Limits) -> None:
         self._inner = inner
-        self._done = done
+        self._ticket = ticket
+        self._done = ticket.done
         self._send_timeout = limits.send_timeout
         self.socket = inner.socket
 
@@ -243,6 +279,7 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             await trio.aclose_forcefully(self._inner)
             self._done.cancel()
             raise trio.BrokenResourceError("the client does not read its answer") from None
+        self._ticket.answered = True
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
@@ -395,22 +432,22 @@ class XrpcServer:
     async def connection(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection; nothing raised here reaches the listener."""
         peer = "?"
-        acquired = False
+        ticket: Ticket | None = None
         try:
             try:
                 peer, remote, cred = self._peer_of(stream)
             except OSError as e:
                 log.warning("%s: connection refused: no peer identity (%s)", self.transport, e)
                 return
-            if not self.budget.acquire(peer):
+            ticket = self.budget.acquire(peer)
+            if ticket is None:
                 self._refusals.note(peer, self.budget)
                 with trio.move_on_after(1):
                     await stream.send_all(_REFUSAL)
                 return
-            acquired = True
             _CONNECTION.set(_Connection(remote, cred))
-            with trio.CancelScope() as done:
-                guarded = _GuardedStream(stream, done, self.limits)
+            with ticket.done:
+                guarded = _GuardedStream(stream, ticket, self.limits)
                 await TCPServer(
                     self._app, self._config, self._context, ConnectionState({}), guarded
                 )
@@ -427,8 +464,8 @@ class XrpcServer:
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
         finally:
-            if acquired:
-                self.budget.release(peer)
+            if ticket is not None:
+                self.budget.release(ticket)
             await trio.aclose_forcefully(stream)
 
 
