@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-import sdnotify
+import sdnotify  # type: ignore[import-untyped]  # no stubs; a 60-line module
 import trio
 
 

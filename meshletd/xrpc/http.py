@@ -448,8 +448,14 @@ class XrpcServer:
             _CONNECTION.set(_Connection(remote, cred))
             with ticket.done:
                 guarded = _GuardedStream(stream, ticket, self.limits)
+                # TCPServer is typed for TLS streams; it uses a plain stream's `socket`
+                # when the stream has no handshake (as hypercorn's own listener does).
                 await TCPServer(
-                    self._app, self._config, self._context, ConnectionState({}), guarded
+                    self._app,
+                    self._config,
+                    self._context,
+                    ConnectionState({}),
+                    guarded,  # type: ignore[arg-type]
                 )
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away
