@@ -68,6 +68,11 @@ class Limits:
     body_timeout: float = 10.0
     max_header_bytes: int = 16 * 1024
     max_body: int = 1 << 20
+    # The kernel's queue of connections not yet accepted. A flood beyond the caps waits
+    # there, ahead of everyone else: a short queue keeps that wait short (the kernel drops
+    # the surplus SYNs, and their senders back off), where the system's default (4096)
+    # would line a newcomer up behind every surplus socket of the flood.
+    backlog: int = 128
 
 
 # Peers: a commune of a few hundred meshlets, a handful of connections each (httpx pools);
@@ -498,7 +503,7 @@ async def serve_tcp(
 
     `server`, when given, receives the `XrpcServer` (tests and benches read its budget).
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=limits.backlog)
     xrpc = XrpcServer(handler, "xrpc", limits, _tcp_peer)
     if server is not None:
         server.append(xrpc)
@@ -530,7 +535,7 @@ async def open_unix_listener(
         except PermissionError:
             pass
     os.chmod(path, mode)
-    sock.listen(128)
+    sock.listen(UNIX_LIMITS.backlog)
     return trio.SocketListener(sock)
 
 
