@@ -158,7 +158,7 @@ class Ticket:
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
-        self.answered = False  # set at our first write: the peer speaks HTTP to us
+        self.answered = False  # set once a request of it was answered by the handler
         self.done = trio.CancelScope()
 
 
@@ -271,7 +271,6 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, inner: trio.SocketStream, ticket: Ticket, limits: Limits) -> None:
         self._inner = inner
-        self._ticket = ticket
         self._done = ticket.done
         self._send_timeout = limits.send_timeout
         self.socket = inner.socket
@@ -284,7 +283,6 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             await trio.aclose_forcefully(self._inner)
             self._done.cancel()
             raise trio.BrokenResourceError("the client does not read its answer") from None
-        self._ticket.answered = True
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
@@ -309,14 +307,10 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
 class _Connection:
     remote: str
     peercred: PeerCred | None
+    ticket: Ticket
 
 
 _CONNECTION: contextvars.ContextVar[_Connection] = contextvars.ContextVar("xrpc_connection")
-
-
-def current_connection() -> _Connection | None:
-    """The connection the running request arrived on (None outside a request)."""
-    return _CONNECTION.get(None)
 
 
 # -- the ASGI side -------------------------------------------------------------------------
@@ -351,6 +345,10 @@ def asgi_app(handler: Handler, limits: Limits) -> Callable[..., Awaitable[None]]
             remote=conn.remote if conn else (f"{client[0]}:{client[1]}" if client else "?"),
         )
         await _send(send, await handler(request))
+        if conn is not None:
+            # A request read whole and answered: this connection speaks HTTP to us. (Not
+            # hypercorn's own answers: a `100 Continue` or a `400` proves nothing.)
+            conn.ticket.answered = True
 
     return app
 
@@ -450,7 +448,7 @@ class XrpcServer:
                 with trio.move_on_after(1):
                     await stream.send_all(_REFUSAL)
                 return
-            _CONNECTION.set(_Connection(remote, cred))
+            _CONNECTION.set(_Connection(remote, cred, ticket))
             with ticket.done:
                 guarded = _GuardedStream(stream, ticket, self.limits)
                 # TCPServer is typed for TLS streams; it uses a plain stream's `socket`

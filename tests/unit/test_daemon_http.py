@@ -364,3 +364,24 @@ async def wait_held(served: Served, kind: str, n: int) -> None:
     with trio.fail_after(5):
         while served.servers[kind].budget.held != n:
             await trio.sleep(0.01)
+
+
+async def test_a_100_continue_does_not_make_a_slow_sender_a_peer_that_keeps_its_place(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    limits = Limits(max_connections=5, max_per_peer=100, idle_timeout=60, body_timeout=60)
+    served = await serve_both(nursery, tmp_path, limits=limits)
+    slow = []
+    for _ in range(5):
+        s = await served.connect("tcp")
+        await s.send_all(
+            b"POST /xrpc/a HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        assert (await s.receive_some(65536)).startswith(b"HTTP/1.1 100")
+        slow.append(s)
+    await wait_held(served, "tcp", 5)
+    assert (await served.ping("tcp"))["n"] == 0  # one of the slow senders made room
+    assert served.servers["tcp"].budget.evicted >= 1
+    for s in slow:
+        await s.aclose()
