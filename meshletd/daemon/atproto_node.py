@@ -47,7 +47,7 @@ from meshletd.daemon.http_peers import HttpPeers
 from meshletd.daemon.local import Local
 from meshletd.daemon.peers import Peers, RecordRef
 from meshletd.daemon.publisher import PdsPublisher, machine_arch, membership_lists
-from meshletd.daemon.readmodel import ReadModel
+from meshletd.daemon.readmodel import ReadModel, invalid_workloads
 from meshletd.daemon.repo import PdsRepo
 from meshletd.daemon.secrets import EncryptionKey, SecretStore
 from meshletd.daemon.stored import Store, StoreCursors, StoreJournal
@@ -321,6 +321,11 @@ class AtprotoNode:
 
     def workloads(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
         return self.read.workloads(owner, everything)
+
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        firehose = self.formation.firehose if self.formation is not None else None
+        refused = firehose.refusals(owner) if firehose is not None else []
+        return invalid_workloads(refused, owner)
 
     def workload(self, uri: str) -> dict[str, Any]:
         return self.read.workload(uri)

@@ -67,6 +67,8 @@ def install(
         limit = params["limit"]
         page = views[start : start + limit]
         out: dict[str, Any] = {"workloads": page}
+        if not params.get("cursor"):
+            out["invalid"] = node.invalid_workloads(owner=params.get("owner"))
         if start + limit < len(views):
             out["cursor"] = str(start + limit)
         return out

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from meshletd.atproto.cluster import ClusterView, Member
+from meshletd.atproto.frames import Refusal
 from meshletd.core.fairshare import balances, meshlet_priority
 from meshletd.core.records import format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
@@ -26,8 +27,42 @@ _LIVE_STATES = ("pulling", "starting", "running")
 _REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 1] + "…"
+def _clip(text: str, limit: int = _REASON_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+WORKLOAD = "commune.scheduler.workload"
+# The lexicon's bounds (farm.meshlet.listWorkloads#invalid, farm.meshlet.defs#recordProblem).
+MAX_INVALID_SHOWN = 500
+_FIELD_MAX, _PROBLEM_MAX = 512, 1000
+
+
+def invalid_workloads(refused: list[Refusal], owner: str | None = None) -> list[dict[str, Any]]:
+    """The workload records among `refused` (oldest first, as the firehose keeps them) as
+    `farm.meshlet.defs#invalidWorkloadView`s, newest first, of `owner` only if given."""
+    out: list[dict[str, Any]] = []
+    for r in reversed(refused):
+        did, _, rest = r.uri[len("at://") :].partition("/")
+        if not r.uri.startswith("at://") or rest.split("/", 1)[0] != WORKLOAD:
+            continue
+        if owner is not None and did != owner:
+            continue
+        view: dict[str, Any] = {
+            "uri": r.uri,
+            "ownerDid": did,
+            "problem": {
+                "field": _clip(r.field or "", _FIELD_MAX),
+                "reason": _clip(r.reason, _PROBLEM_MAX),
+            },
+        }
+        if r.cid:
+            view["cid"] = r.cid
+        if r.name:
+            view["name"] = r.name
+        out.append(view)
+        if len(out) == MAX_INVALID_SHOWN:
+            break
+    return out
 
 
 class ReadModel:

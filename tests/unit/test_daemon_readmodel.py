@@ -87,3 +87,18 @@ def test_bids_are_shown_by_round_best_first_with_the_winners() -> None:
     (round0,) = p.read.bids("web")["rounds"]
     assert [b["meshletDid"] for b in round0["bids"]] == [BOB_MESH, ME]
     assert round0["winners"] == [BOB_MESH]
+
+
+def test_invalid_workloads_are_bounded_newest_first_and_clipped_to_the_lexicon() -> None:
+    from meshletd.atproto.frames import Refusal
+    from meshletd.daemon.readmodel import invalid_workloads
+
+    refused = [
+        Refusal(f"at://{OWNER}/{WORKLOAD}/3k{i:04d}", None, "f" * 600, "r" * 2000)
+        for i in range(600)
+    ]
+    shown = invalid_workloads(refused)
+    assert len(shown) == 500  # farm.meshlet.listWorkloads#invalid maxLength
+    assert shown[0]["uri"].endswith("3k0599") and shown[-1]["uri"].endswith("3k0100")
+    assert len(shown[0]["problem"]["field"]) == 512 and len(shown[0]["problem"]["reason"]) == 1000
+    assert invalid_workloads(refused, owner=BOB_MESH) == []
