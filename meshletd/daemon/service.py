@@ -101,7 +101,8 @@ class Daemon:
         self.node: Node = node or default_node(cfg, self.credentials, self.store)
         if key_resolver is None:
             key_resolver = IdentityKeys(cfg.plc_url)
-        self.verifier = ServiceAuthVerifier(cfg.did, key_resolver)
+        # Issuers that are not members of our clusters are refused before any resolution.
+        self.verifier = ServiceAuthVerifier(cfg.did, key_resolver, is_known=self.node.is_member)
         self.app = self._build_app()
         self.tcp_address: tuple[str, int] | None = None
         self._stop = trio.Event()
