@@ -29,6 +29,7 @@ import trio
 
 from meshletd.atproto.cluster import ClusterFormation, ClusterView
 from meshletd.atproto.firehose import Firehose, RecordEvent
+from meshletd.atproto.frames import Refusal
 from meshletd.atproto.identity import IdentityResolver
 from meshletd.atproto.pds import PdsClient, Write, WriteQueue
 from meshletd.config import Config, Credentials
@@ -78,7 +79,7 @@ class AtprotoNode:
         self.followed = Followed()
         self.key = EncryptionKey(store)
         self.publisher = PdsPublisher(self.local, self.key)
-        self.read = ReadModel(self.local, self.view, self.followed)
+        self.read = ReadModel(self.local, self.view, self.followed, self._refused)
         self.peers: Peers = peers if peers is not None else HttpPeers(self.read.endpoint_of)
         self.commands = OwnerCommands(
             self.local,
@@ -283,6 +284,9 @@ class AtprotoNode:
         for meshlet in peers:
             self._nursery.start_soon(self.peers.notify_records, meshlet, refs)
 
+    def _refused(self) -> list[Refusal]:
+        return self.formation.firehose.refusals() if self.formation is not None else []
+
     def notify_records(self, refs: list[dict[str, Any]]) -> int:
         firehose = self.formation.firehose if self.formation is not None else None
         if firehose is None:
@@ -323,6 +327,9 @@ class AtprotoNode:
 
     def workload(self, uri: str) -> dict[str, Any]:
         return self.read.workload(uri)
+
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        return self.read.invalid_workloads(owner)
 
     def bids(self, uri: str) -> dict[str, Any]:
         return self.read.bids(uri)

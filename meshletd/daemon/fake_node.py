@@ -147,6 +147,9 @@ class InMemoryNode:
     def workload(self, uri: str) -> dict[str, Any]:
         return self._view(self._find(uri))
 
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        return []  # it takes only workloads it was given, checked by the API
+
     def bids(self, uri: str) -> dict[str, Any]:
         w = self._find(uri)
         winners = sorted({r["meshletDid"] for r in w.replicas if r.get("meshletDid")})

@@ -302,3 +302,52 @@ async def test_with_a_runtime_the_published_workload_runs_here(
     finally:
         await ctl.aclose()
         daemon.request_stop()
+
+
+async def test_an_invalid_workload_of_a_member_is_listed_with_its_field_and_reason(
+    setup: Setup,
+) -> None:
+    # bob's repo holds a workload no runtime could run (an image podman reads as an option),
+    # written around the lexicon, as a hostile or buggy client could.
+    bob = setup.bob
+    async with httpx.AsyncClient(base_url=f"{bob.pds_url}/xrpc") as http:
+        login = await http.post(
+            "/com.atproto.server.createSession",
+            json={"identifier": bob.did, "password": bob.app_password},
+        )
+        token = login.json()["accessJwt"]
+        record = {
+            "$type": "commune.scheduler.workload",
+            "name": "bad",
+            "image": "--privileged",
+            "resources": {"milliCpu": 100, "memoryMiB": 32},
+            "replicas": 1,
+            "kind": "job",
+            "cluster": "home",
+            "createdAt": "2026-12-04T05:00:00.000Z",
+        }
+        created = await http.post(
+            "/com.atproto.repo.createRecord",
+            json={
+                "repo": bob.did,
+                "collection": "commune.scheduler.workload",
+                "record": record,
+                "validate": False,
+            },
+            headers={"authorization": f"Bearer {token}"},
+        )
+        assert created.status_code == 200, created.text
+    uri = created.json()["uri"]
+
+    async def listed() -> bool:
+        page = (
+            await setup.ctl.get("/farm.meshlet.listWorkloads", params={"owner": bob.did})
+        ).json()
+        return any(w["uri"] == uri for w in page.get("invalid", []))
+
+    await wait_until(listed, 30)
+    page = (await setup.ctl.get("/farm.meshlet.listWorkloads", params={"owner": bob.did})).json()
+    (bad,) = page["invalid"]
+    assert bad["ownerDid"] == bob.did and bad["name"] == "bad"
+    assert bad["problem"]["field"] == "image" and bad["problem"]["reason"]
+    assert page["workloads"] == []
