@@ -85,7 +85,34 @@ class ClusterView:
             return True
         return False
 
+    def put(self, rec: MeshletOwner | MeshletLink | Membership) -> None:
+        """Any of the three cluster records was seen."""
+        if isinstance(rec, MeshletOwner):
+            self.put_owner(rec)
+        elif isinstance(rec, MeshletLink):
+            self.put_link(rec)
+        else:
+            self.put_membership(rec)
+
+    def forget_repo(self, repo: str) -> None:
+        """Drop every record of one repo (it is no longer followed)."""
+        for uri in [u for u, link in self._links.items() if link.owner == repo]:
+            self.delete(uri, repo)
+        for uri in [u for u, m in self._memberships.items() if m.repo == repo]:
+            self.delete(uri, repo)
+        mo = self.owners.get(repo)
+        if mo is not None:
+            self.delete(mo.uri, repo)
+
     # -- queries ---------------------------------------------------------------------
+    def claimed(self, owner: str) -> frozenset[str]:
+        """Meshlets an owner's meshlet records name (whether or not they name it back)."""
+        return frozenset(self._linked.get(owner, _EMPTY))
+
+    def membership(self, repo: str, cluster: str) -> Membership | None:
+        """One named membership record of a repo."""
+        return self._by_repo.get(repo, {}).get(cluster)
+
     def _fresh(self) -> None:
         if self._cache_version != self.version:
             self._consent_of.clear()

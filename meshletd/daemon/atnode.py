@@ -102,7 +102,7 @@ class AtprotoNode:
     """`Node` over the atproto layer (see module doc)."""
 
     def __init__(self, cfg: Config, credentials: Credentials, store: Any) -> None:
-        from meshletd.atproto.cluster import ClusterView
+        from meshletd.atproto.cluster import ConfiguredClusters
         from meshletd.atproto.identity import IdentityResolver
 
         self.cfg = cfg
@@ -112,7 +112,7 @@ class AtprotoNode:
         self._store = store
         self._state = "active"
         self.resolver = IdentityResolver(cfg.plc_url, ttl_s=300)
-        self.view = ClusterView.create(cfg.did, cfg.owner, self._clusters(cfg))
+        self.view = ConfiguredClusters.create(cfg.did, cfg.owner, self._clusters(cfg))
         self.meshlet_pds: Any = None
         self.owner_pds: Any = None
         self.formation: Any = None
@@ -281,18 +281,20 @@ class AtprotoNode:
     async def _publish(self) -> int:
         from meshletd import __version__
         from meshletd.atproto.cluster import publish_own_records
-        from meshletd.atproto.records import MeshletOwner, Resources
+        from meshletd.core.records import MeshletOwner
 
         c = self.cfg.contribution
         record = MeshletOwner(
-            owner_did=self.owner,
+            uri="",  # publish_own_records addresses it
+            meshlet=self.did,
+            owner=self.owner,
+            milli_cpu=c.milli_cpu,
+            memory_mib=c.memory_mib,
+            storage_mib=c.storage_mib,
             state=self._state,
-            capacity=Resources(
-                milli_cpu=c.milli_cpu, memory_mib=c.memory_mib, storage_mib=c.storage_mib
-            ),
             arch=self.cfg.arch or _machine_arch(),
-            endpoint=self.cfg.public_endpoint,
-            labels=tuple(self.cfg.labels),
+            endpoint=self.cfg.public_endpoint or "",
+            labels=frozenset(self.cfg.labels),
             encryption_key=self.key.public_b64,
             version=__version__,
         )
@@ -375,7 +377,7 @@ class AtprotoNode:
             if ev.action == "delete":
                 self._usages.pop(ev.uri, None)
             else:
-                from meshletd.core.records import record_from_json
+                from meshletd.atproto.records import record_from_json
 
                 try:
                     self._usages[ev.uri] = record_from_json(ev.uri, ev.cid or "", ev.record or {})
@@ -640,7 +642,7 @@ class AtprotoNode:
         # As the core does for its bids: at the start of the current usage period, from the
         # records of periods that ended by then (docs/protocol.md section 11).
         at = now - now % t.usage_period_ms
-        owner_of = {m: rec.owner_did for m, rec in self.view.owners.items()}
+        owner_of = {m: rec.owner for m, rec in self.view.owners.items()}
         taken, given = balances(self._usages.values(), owner_of, at, t.half_life_ms)
         owners = list(dict.fromkeys([self.owner, *self.cfg.members, *taken, *given]))
         return {
@@ -751,9 +753,6 @@ class AtprotoNode:
             for u, (_, r) in self._workloads.items()
         ):
             raise Conflict(f"a workload named {name!r} exists already")
-        # The publisher's default round-0 window ([scheduling] bid_window_ms); the record
-        # carries it, so every meshlet uses the same one for this workload.
-        record = {"bidWindowMs": self.cfg.scheduling.bid_window_ms, **record}
         rkey = new_tid()
         uri = f"at://{self.owner}/{WORKLOAD}/{rkey}"
         trace("publish", uri=uri)

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core.actions import (
     DeleteRecord,
     ProbePeer,
@@ -35,12 +36,11 @@ from meshletd.core.events import (
     SetDraining,
     Tick,
 )
-from meshletd.core.records import record_from_json, record_to_json, split_at_uri
+from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.records import split_at_uri
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
-
-WORKLOAD = "commune.scheduler.workload"
 
 
 def replica_id(workload_uri: str, slot: int) -> Any:
@@ -51,7 +51,7 @@ def replica_id(workload_uri: str, slot: int) -> Any:
 
 
 def workload_uri_of(rid: Any) -> str:
-    return f"at://{rid.owner_did}/{WORKLOAD}/{rid.workload}"
+    return f"at://{rid.owner_did}/{NSID_WORKLOAD}/{rid.workload}"
 
 
 class Engine:

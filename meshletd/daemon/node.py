@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 
@@ -279,9 +280,13 @@ class InMemoryNode:
         for ref in record.get("secrets", []):
             if ref["name"] not in self._secrets:
                 raise NotFound(f"secret {ref['name']!r} was not stored on this meshlet")
+        from meshletd.atproto.lexicon import validate_record
+
         self._seq += 1
         rkey = f"3m{self._seq:011d}"
-        uri = f"at://{self.owner}/commune.scheduler.workload/{rkey}"
+        # As the PDS client does before any write (InvalidRecord names the field).
+        validate_record(NSID_WORKLOAD, record, rkey=rkey)
+        uri = f"at://{self.owner}/{NSID_WORKLOAD}/{rkey}"
         cid = "bafyrei" + hashlib.sha256(repr(sorted(record.items())).encode()).hexdigest()[:52]
         record = {"createdAt": dt.datetime.now(dt.UTC).isoformat(), **record}
         w = _Workload(uri=uri, cid=cid, owner=self.owner, record=record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     Bid,
     DeleteRecord,
@@ -19,8 +20,6 @@ from meshletd.core import (
     StopReplica,
     Tick,
     WorkloadStatus,
-    record_from_json,
-    record_to_json,
 )
 from meshletd.core.records import NSID_STATUS, MeshletOwner, at_uri
 

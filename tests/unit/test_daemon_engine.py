@@ -153,8 +153,8 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
 
 
 async def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
+    from meshletd.atproto.records import record_from_json
     from meshletd.core.actions import StartReplica
-    from meshletd.core.records import record_from_json
 
     ev = workload(1_800_000_000_000, secrets=True)
     wl = record_from_json(ev.uri, ev.cid, ev.record)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from meshletd.atproto.records import MeshletOwner, Resources
 from meshletd.config import Cluster, Config, Credentials
+from meshletd.core.records import MeshletOwner
 from meshletd.daemon.atnode import AtprotoNode
 from meshletd.daemon.secrets import EncryptionKey, SecretStore, seal
 from meshletd.errors import Forbidden, NotFound
@@ -48,10 +49,12 @@ def node_with_placement(slot_holder: str) -> tuple[AtprotoNode, EncryptionKey]:
     winner_key = EncryptionKey(MemoryStore())
     for did in (WINNER, OTHER):
         node.view.owners[did] = MeshletOwner(
-            owner_did="did:plc:someone",
-            capacity=Resources(milli_cpu=1000, memory_mib=1024),
-            arch="amd64",
-            encryption_key=winner_key.public_b64 if did == WINNER else None,
+            uri=f"at://{did}/commune.scheduler.meshletOwner/self",
+            meshlet=did,
+            owner="did:plc:someone",
+            milli_cpu=1000,
+            memory_mib=1024,
+            encryption_key=winner_key.public_b64 if did == WINNER else "",
         )
     sched = SimpleNamespace(placement=lambda: {URI: ((0, slot_holder),)})
     node.engine = SimpleNamespace(scheduler=sched, record_changed=lambda ev: None)
@@ -89,9 +92,7 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
     from meshletd.core.records import format_datetime_ms
 
     node, _ = node_with_placement(WINNER)
-    node.view.owners[WINNER] = node.view.owners[WINNER].model_copy(
-        update={"owner_did": "did:plc:bob"}
-    )
+    node.view.owners[WINNER] = dataclasses.replace(node.view.owners[WINNER], owner="did:plc:bob")
     # A period that ended before the current one began: the ledger is computed at the start
     # of the current usage period, as the core does for its bids.
     now = int(time.time() * 1000)
@@ -138,8 +139,8 @@ def test_a_drained_meshlet_still_publishes_its_encryption_key() -> None:
     """The core rewrites meshletOwner on drain/undrain; the key must survive it, or the
     owner's meshlet refuses every secret to this meshlet ("publishes no encryption key")."""
     from meshletd.atproto.lexicon import validate_record
+    from meshletd.atproto.records import record_to_json
     from meshletd.core.records import MeshletOwner as CoreOwner
-    from meshletd.core.records import record_to_json
 
     cfg = Config(did=ME, owner=OWNER, pds="http://127.0.0.1:1", clusters=[Cluster(name="home")])
     node = AtprotoNode(cfg, Credentials(), MemoryStore())
