@@ -256,6 +256,18 @@ async def test_malformed_calls_get_stable_error_names(running: Running) -> None:
     assert resp.status_code == 501
 
 
+async def test_parameters_are_checked_by_their_lexicon(running: Running) -> None:
+    # Formats and lengths come from lexicons/farm/meshlet/*.json, not from a copy in the
+    # daemon: getWorkloadStatus's `uri` is an at-uri, getLogs' `cursor` at most 1024 bytes.
+    resp = await running.call("farm.meshlet.getWorkloadStatus", who=BOB, params={"uri": "x"})
+    assert resp.status_code == 400 and error(resp) == "InvalidRequest"
+    assert "uri: not a valid at-uri" in resp.json()["message"]
+    uri = f"at://{ALICE}/commune.scheduler.workload/3kweb"
+    params = {"uri": uri, "cursor": "c" * 1025}
+    resp = await running.call("farm.meshlet.getLogs", who=ALICE, params=params)
+    assert resp.status_code == 400 and "cursor: longer than 1024 bytes" in resp.json()["message"]
+
+
 async def test_list_workloads_pages_with_a_cursor(running: Running) -> None:
     for i in range(3):
         await make_workload(running, f"w{i}")
