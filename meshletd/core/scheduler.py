@@ -1554,6 +1554,7 @@ class Scheduler:
             updated_at=self.now,
             exit_code=rep.exit_code,
             restarts=rep.restarts,
+            workload_cid=wl.cid,
         )
         rep.written = state
         self._put(NSID_STATUS, rkey, st)

@@ -63,6 +63,8 @@ def test_the_winner_starts_its_replica_and_reports_running_once() -> None:
     out = core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
     statuses = [a for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
     assert len(statuses) == 1 and statuses[0].create and statuses[0].record.state == "running"
+    # the status names the version of the workload it runs, as the lexicon's workloadRef wants
+    assert statuses[0].record.workload_cid == wl.cid
     out = core.handle(Tick(CLOSE + 5000))
     assert of(out, PutRecord) == []  # no heartbeat writes
     assert core.placement()[wl.uri] == ((0, mesh(0)), (0, mesh(1)))
