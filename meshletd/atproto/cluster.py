@@ -29,11 +29,12 @@ from typing import Any
 
 import trio
 
-from meshletd.atproto.firehose import Firehose, RecordEvent
+from meshletd.atproto.firehose import Firehose
+from meshletd.atproto.frames import RecordEvent
 from meshletd.atproto.identity import IdentityError
 from meshletd.atproto.pds import PdsClient, Write
 from meshletd.atproto.records import record_from_json, record_to_json
-from meshletd.core.cluster import ClusterView
+from meshletd.core.cluster import MAX_MESHLETS_PER_OWNER, MAX_STORED_CLAIMS, ClusterView
 from meshletd.core.nsid import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER
 from meshletd.core.records import (
     Membership,
@@ -358,6 +359,8 @@ class ClusterFormation:
             await self.firehose.watch(did)
         except IdentityError as e:
             log.warning("cluster: cannot watch %s: %s", did, e)
+        except Exception as e:  # one repo's failure never ends the formation
+            log.warning("cluster: cannot watch %s: %s: %s", did, type(e).__name__, e)
 
     async def _on_event(self, ev: RecordEvent) -> None:
         before = self.view.watched_dids()
@@ -396,6 +399,8 @@ class ClusterFormation:
 
 
 __all__ = [
+    "MAX_MESHLETS_PER_OWNER",
+    "MAX_STORED_CLAIMS",
     "ClusterFormation",
     "ClusterSnapshot",
     "ConfiguredClusters",

@@ -1,5 +1,9 @@
 """The engine: the pure scheduler core driven by the real world.
 
+Who does what: the `Scheduler` (meshletd.core) decides, with no I/O and no clock of its own;
+the engine feeds it and carries out what it decides. The node (atproto_node.py) owns the
+engine and hands it record changes; the engine never reads records or peers by itself.
+
 Events go in one at a time, in order (record changes from the firehose, runtime state
 changes, probe results, ticks from a single alarm, operator commands); the actions the core
 returns are carried out: writes go to the PDS write queue (in order, retried), replica starts
@@ -12,13 +16,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 import trio
 
-from meshletd.atproto.records import record_from_json, record_to_json
+from meshletd.atproto.pds import Write
+from meshletd.atproto.records import record_to_json
 from meshletd.core.actions import (
+    Action,
     DeleteRecord,
     ProbePeer,
     PutRecord,
@@ -37,35 +43,80 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import split_at_uri
+from meshletd.core.records import MeshletOwner, Workload, split_at_uri
+from meshletd.daemon.followed import RecordChange, core_record
+from meshletd.daemon.local import PlacementQueries
+from meshletd.runtime import (
+    ReplicaExited,
+    ReplicaFailed,
+    ReplicaId,
+    ReplicaOomKilled,
+    ReplicaRunning,
+    ReplicaSpec,
+    ReplicaStatus,
+    Resources,
+    Runtime,
+    Secret,
+)
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
 
 
-def replica_id(workload_uri: str, slot: int) -> Any:
-    from meshletd.runtime import ReplicaId
+class Core(PlacementQueries, Protocol):
+    """The scheduler core as the engine drives it (`meshletd.core.scheduler.Scheduler`)."""
 
+    @property
+    def now(self) -> int:
+        """The time of the last event handled (ms)."""
+        ...
+
+    def handle(self, event: Event) -> list[Action]: ...
+
+
+def replica_id(workload_uri: str, slot: int) -> ReplicaId:
     owner, _, rkey = split_at_uri(workload_uri)
     return ReplicaId(owner_did=owner, workload=rkey, index=slot)
 
 
-def workload_uri_of(rid: Any) -> str:
+def workload_uri_of(rid: ReplicaId) -> str:
     return f"at://{rid.owner_did}/{NSID_WORKLOAD}/{rid.workload}"
 
 
+def replica_spec(
+    action: StartReplica, secret_values: Mapping[str, bytes], owner_handle: str
+) -> ReplicaSpec:
+    """What the runtime runs for a slot: the core's workload as published (image, command,
+    args, env, resources, secret references; its CID as the revision)."""
+    wl = action.workload
+    secrets = []
+    for ref in wl.secrets:
+        if ref.name not in secret_values:
+            raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
+        secrets.append(Secret(ref.target or ref.name, secret_values[ref.name], env=ref.env))
+    return ReplicaSpec(
+        replica=replica_id(wl.uri, action.slot),
+        owner_handle=owner_handle,
+        image=wl.image,
+        resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
+        args=wl.command + wl.args,
+        env=tuple((e.name, e.value) for e in wl.env),
+        secrets=tuple(secrets),
+        revision=wl.cid,
+    )
+
+
 class Engine:
-    """Drives one `meshletd.core.scheduler.Scheduler`."""
+    """Drives one scheduler core (`Core`) over one runtime."""
 
     def __init__(
         self,
-        scheduler: Any,
-        runtime: Any,
-        submit_write: Callable[[Any], None],
+        scheduler: Core,
+        runtime: Runtime,
+        submit_write: Callable[[Write], None],
         *,
-        raw_workload: Callable[[str], dict[str, Any] | None],
         secret: Callable[[str, str], Awaitable[bytes | None]] | None = None,
-        workload_cid: Callable[[str], str | None] = lambda uri: None,
+        own_record: Callable[[MeshletOwner], MeshletOwner] = lambda decided: decided,
         probe: Callable[[str], Awaitable[bool]] | None = None,
         owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
         clock: Callable[[], float] = time.time,
@@ -73,9 +124,8 @@ class Engine:
         self.scheduler = scheduler
         self.runtime = runtime
         self._submit_write = submit_write
-        self._raw_workload = raw_workload
         self._secret = secret
-        self._workload_cid = workload_cid
+        self._own_record = own_record
         self._probe = probe
         self._owner_handle = owner_handle
         self._clock = clock
@@ -85,7 +135,7 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
         self.handled = 0
-        self.adopted: list[Any] = []
+        self.adopted: list[ReplicaStatus] = []
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -96,17 +146,13 @@ class Engine:
         """Queue one event for the core (never blocks)."""
         self._send.send_nowait(event)
 
-    def record_changed(self, ev: Any) -> None:
+    def record_changed(self, ev: RecordChange) -> None:
         """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
         trace("seen", uri=ev.uri, action=ev.action, via=getattr(ev, "source", "?"))
         if ev.action == "delete":
             self.feed(RecordDeleted(ev.uri))
             return
-        try:
-            rec = record_from_json(ev.uri, ev.cid or "", ev.record or {})
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("record %s ignored by the scheduler: %s", ev.uri, e)
-            return
+        rec = core_record(ev, "scheduler")
         if rec is not None:
             self.feed(RecordSeen(rec))
 
@@ -115,7 +161,9 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED):
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[ReplicaStatus]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             adopted = await nursery.start(self.runtime.serve)
@@ -141,21 +189,21 @@ class Engine:
             self.handled += 1
             await trio.sleep(0)
 
-    def _perform(self, actions: list[Any]) -> None:
+    def _perform(self, actions: list[Action]) -> None:
         assert self._nursery is not None
         for a in actions:
             if isinstance(a, PutRecord):
-                value = record_to_json(a.record)
-                ref = value.get("workload")
-                if isinstance(ref, dict) and not ref.get("cid"):
-                    # The core's status records do not carry the workload's CID; the
-                    # lexicon's workloadRef needs it: take it from the record we follow.
-                    ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
+                record = a.record
+                if isinstance(record, MeshletOwner):
+                    # The core decided a drain or undrain; the publisher shapes the record
+                    # (daemon/publisher.py: the one writer of meshletOwner).
+                    record = self._own_record(record)
+                value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
-                self._submit_write(("put", a.collection, a.rkey, value))
+                self._submit_write(Write("put", a.collection, a.rkey, value))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
-                self._submit_write(("delete", a.collection, a.rkey, None))
+                self._submit_write(Write("delete", a.collection, a.rkey))
             elif isinstance(a, StartReplica):
                 trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
                 self._nursery.start_soon(self._start, a)
@@ -185,50 +233,27 @@ class Engine:
 
     # -- replicas ------------------------------------------------------------------------
 
-    async def secrets_for(self, workload_uri: str) -> dict[str, bytes]:
+    async def secrets_for(self, wl: Workload) -> dict[str, bytes]:
         """The values of the secrets a workload references (fetched where they live)."""
-        raw = self._raw_workload(workload_uri) or {}
         out: dict[str, bytes] = {}
-        for ref in raw.get("secrets", ()):
-            value = await self._secret(workload_uri, ref["name"]) if self._secret else None
+        for ref in wl.secrets:
+            value = await self._secret(wl.uri, ref.name) if self._secret else None
             if value is None:
-                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
-            out[ref["name"]] = value
+                raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
+            out[ref.name] = value
         return out
 
-    def spec_for(self, action: StartReplica, secret_values: dict[str, bytes] | None = None) -> Any:
-        from meshletd.runtime import ReplicaSpec, Resources, Secret
-
-        wl = action.workload
-        raw = self._raw_workload(wl.uri) or {}
-        args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
-        env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
-        values = secret_values or {}
-        secrets = []
-        for ref in raw.get("secrets", ()):
-            if ref["name"] not in values:
-                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
-            secrets.append(
-                Secret(ref.get("target") or ref["name"], values[ref["name"]], env=ref.get("env"))
-            )
-        return ReplicaSpec(
-            replica=replica_id(wl.uri, action.slot),
-            owner_handle=self._owner_handle(wl.owner),
-            image=wl.image or raw.get("image", ""),
-            resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
-            args=args,
-            env=env,
-            secrets=tuple(secrets),
-            revision=wl.cid,
-        )
+    def spec_for(
+        self, action: StartReplica, secret_values: Mapping[str, bytes] | None = None
+    ) -> ReplicaSpec:
+        owner_handle = self._owner_handle(action.workload.owner)
+        return replica_spec(action, secret_values or {}, owner_handle)
 
     async def _start(self, action: StartReplica) -> None:
-        from meshletd.runtime import ReplicaRunning
-
         uri, slot = action.workload.uri, action.slot
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
-            values = await self.secrets_for(uri)
+            values = await self.secrets_for(action.workload)
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("replica %d of %s could not start: %s", slot, uri, e)
@@ -257,13 +282,6 @@ class Engine:
         self.feed(ReplicaStateChanged(action.workload_uri, action.slot, "stopped"))
 
     async def _runtime_events(self) -> None:
-        from meshletd.runtime import (
-            ReplicaExited,
-            ReplicaFailed,
-            ReplicaOomKilled,
-            ReplicaRunning,
-        )
-
         async for ev in self.runtime.events:
             uri, slot = workload_uri_of(ev.replica), ev.replica.index
             self.units[(uri, slot)] = ev.unit

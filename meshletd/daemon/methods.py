@@ -10,7 +10,7 @@ members, bids, balance, publishing a workload).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from meshletd import __version__
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
@@ -27,7 +27,7 @@ from meshletd.core.nsid import (
 )
 from meshletd.daemon.node import Node, check_owner
 from meshletd.errors import Forbidden, InvalidRequest
-from meshletd.xrpc.app import Access, Caller, Param, XrpcApp
+from meshletd.xrpc.app import Access, Caller, MethodHandler, Param, XrpcApp
 
 __all__ = [
     "CTL_BALANCE",
@@ -198,9 +198,8 @@ def install(
         return node.balance()
 
     async def ctl_handles(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
-        # Display names for human tables; a node without identities (in-memory) has none.
-        known = getattr(node, "handles", None)
-        got: dict[str, str] = await known() if known is not None else {}
+        # Display names for human tables.
+        got = await node.handles()
         return {"handles": [{"did": d, "handle": h} for d, h in sorted(got.items())]}
 
     def local_only(handler: Any) -> Any:
@@ -211,9 +210,12 @@ def install(
 
         return guarded
 
-    q, p = "query", "procedure"
+    q: Literal["query"] = "query"
+    p: Literal["procedure"] = "procedure"
 
-    def add(nsid: str, kind: Any, access: Access, handler: Any) -> None:
+    def add(
+        nsid: str, kind: Literal["query", "procedure"], access: Access, handler: MethodHandler
+    ) -> None:
         app.add(nsid, kind, access, handler, lexicon_params(nsid))
 
     add(N.PING, q, Access.ANYONE, ping)

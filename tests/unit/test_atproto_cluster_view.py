@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from meshletd.atproto.cluster import ConfiguredClusters as ClusterView
-from meshletd.atproto.firehose import RecordEvent
+from meshletd.atproto.frames import RecordEvent
 from meshletd.atproto.records import record_to_json
 from meshletd.core.nsid import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER
 from meshletd.core.records import Membership, MeshletLink, MeshletOwner, at_uri, rkey_for_did

@@ -233,7 +233,7 @@ def test_a_record_that_leaves_fields_out_takes_the_lexicon_defaults() -> None:
         "$type": N.NSID_WORKLOAD,
         "name": "w",
         "image": "i",
-        "resources": {"milliCpu": 1, "memoryMiB": 1},
+        "resources": {"milliCpu": 1, "memoryMiB": 4},
         "replicas": 1,
         "kind": "service",
         "cluster": "c",
@@ -259,7 +259,7 @@ def test_an_invalid_record_is_refused_when_asked_to_validate() -> None:
 
 def test_the_defaults_of_meshletctl_run_are_applied_once_and_make_a_valid_record() -> None:
     got = fill_workload(
-        {"name": "w", "image": "i", "resources": {"milliCpu": 1, "memoryMiB": 1}},
+        {"name": "w", "image": "i", "resources": {"milliCpu": 1, "memoryMiB": 4}},
         cluster="home",
         bid_window_ms=700,
         now="2026-11-27T06:00:00.000Z",
