@@ -87,9 +87,6 @@ class OwnerCommands:
         owner, name = self.local.owner, record.get("name")
         if isinstance(name, str) and self.followed.named(owner, name):
             raise Conflict(f"a workload named {name!r} exists already")
-        # The publisher's default round-0 window ([scheduling] bid_window_ms); the record
-        # carries it, so every meshlet uses the same one for this workload.
-        record = {"bidWindowMs": self.local.cfg.scheduling.bid_window_ms, **record}
         rkey = new_tid()
         uri = f"at://{owner}/{NSID_WORKLOAD}/{rkey}"
         trace("publish", uri=uri)
