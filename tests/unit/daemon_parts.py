@@ -8,6 +8,7 @@ from typing import Any
 
 from meshletd.atproto.cluster import ConfiguredClusters
 from meshletd.atproto.firehose import RecordEvent
+from meshletd.atproto.lexicon import default_lexicons
 from meshletd.atproto.records import record_to_json
 from meshletd.config import Cluster, Config
 from meshletd.core.nsid import NSID_MESHLET_OWNER, NSID_WORKLOAD
@@ -37,8 +38,27 @@ def config(**kw: Any) -> Config:
     )
 
 
+STAMP = "2026-12-04T05:00:00.000Z"
+
+
+def workload_value(**fields: Any) -> dict[str, Any]:
+    """A valid workload record value (`fields` replace or add to a small web service)."""
+    value: dict[str, Any] = {
+        "name": "web",
+        "image": "localhost/busybox",
+        "replicas": 1,
+        "kind": "service",
+        "cluster": "home",
+        "resources": {"milliCpu": 100, "memoryMiB": 64},
+        "createdAt": STAMP,
+    }
+    return {**value, **fields}
+
+
 def put(did: str, collection: str, rkey: str, record: dict[str, Any], cid: str = "") -> RecordEvent:
+    """A record event as the firehose delivers it: of a record valid under its lexicon."""
     nsid = f"commune.scheduler.{collection}"
+    default_lexicons().validate_record(nsid, record, rkey=rkey)
     return RecordEvent(did, nsid, rkey, "create", cid or f"bafy{rkey}", record, rev="r1")
 
 

@@ -16,7 +16,16 @@ from meshletd.daemon.publisher import PdsPublisher
 from meshletd.daemon.secrets import EncryptionKey, SecretStore, seal
 from meshletd.errors import Forbidden, NotFound
 from meshletd.store import MemoryStore, StateStore
-from tests.unit.daemon_parts import ME, OWNER, Parts, config, owner_record, parts, put
+from tests.unit.daemon_parts import (
+    ME,
+    OWNER,
+    Parts,
+    config,
+    owner_record,
+    parts,
+    put,
+    workload_value,
+)
 
 WINNER, OTHER = "did:plc:bobmesh", "did:plc:eve"
 URI = f"at://{OWNER}/commune.scheduler.workload/3kweb"
@@ -47,7 +56,7 @@ def with_placement(slot_holder: str) -> tuple[Parts, EncryptionKey]:
     """alice's meshlet schedules a workload referencing secret `db`, whose slot 0 is held
     by `slot_holder`; WINNER publishes an encryption key, OTHER none."""
     p = parts()
-    p.feed(put(OWNER, "workload", "3kweb", {"name": "web", "secrets": [{"name": "db"}]}))
+    p.feed(put(OWNER, "workload", "3kweb", workload_value(secrets=[{"name": "db"}])))
     p.secrets.put("db", b"hunter2")
     winner_key = EncryptionKey(MemoryStore())
     for did in (WINNER, OTHER):
@@ -107,6 +116,7 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
         "periodStart": format_datetime_ms(end - 60_000),
         "periodEnd": format_datetime_ms(end),
         "entries": [{"ownerDid": OWNER, "milliCpuSeconds": 6000, "memoryMiBSeconds": 100}],
+        "createdAt": format_datetime_ms(end),
     }
     p.feed(put(WINNER, "usage", "u1", usage))
     ledger = {o["ownerDid"]: o for o in p.read.balance(now)["owners"]}
@@ -117,12 +127,13 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
 def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
     p, _ = with_placement(WINNER)
     status = {
-        "workload": {"uri": URI, "cid": "bafy3kweb"},
+        "workload": {"uri": URI, "cid": "bafyreiabcdefgh"},
         "slot": 0,
         "round": 0,
         "state": "failed",
         "exitCode": 4,
         "restarts": 0,
+        "updatedAt": format_datetime_ms(1_764_000_000_000),
     }
     p.feed(put(WINNER, "workloadStatus", "s1", status))
     (replica,) = p.read.workload(URI)["running"]

@@ -357,6 +357,23 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
     }
 
 
+async def test_create_workload_fills_the_defaults_once(running: Running) -> None:
+    # `meshletctl run` may leave out what createWorkload's lexicon lists; the publisher's
+    # round-0 window ([scheduling] bid_window_ms) travels in the record.
+    resp = await running.unix.post(
+        "/xrpc/farm.meshlet.ctl.createWorkload",
+        json={
+            "record": {"name": "lean", "image": "i", "resources": {"milliCpu": 1, "memoryMiB": 4}}
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    stored = running.daemon.node._workloads[resp.json()["uri"]].record  # type: ignore[attr-defined]
+    cfg = running.daemon.cfg
+    assert stored["cluster"] == cfg.clusters[0].name and stored["kind"] == "service"
+    assert stored["replicas"] == 1 and stored["bidWindowMs"] == cfg.scheduling.bid_window_ms
+    assert stored["createdAt"].endswith("Z")
+
+
 async def test_create_workload_input_is_checked_against_its_lexicon(running: Running) -> None:
     resp = await running.unix.post("/xrpc/farm.meshlet.ctl.createWorkload", json={})
     assert resp.status_code == 400 and error(resp) == "InvalidRequest"
