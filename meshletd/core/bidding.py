@@ -104,7 +104,7 @@ class Bidding(Rounds):
                     continue
                 chained = chained_round_at(now, close0, t)
                 if chained is None:
-                    continue  # rounds exhausted (section 19): only a new version re-offers
+                    continue  # rounds exhausted (section 20): only a new version re-offers
                 r, start = chained
                 if now < start:
                     self._wake(start, uri)
@@ -164,7 +164,7 @@ class Bidding(Rounds):
         )
         if bid_refusal(bid):
             # A bid the lexicon refuses cannot be published: acting on it (reserving, counting
-            # it here) would make this meshlet the only one to see it (section 19).
+            # it here) would make this meshlet the only one to see it (section 20).
             return
         if slots:
             self._reserved[(wl.uri, slot, round_)] = (
@@ -222,7 +222,7 @@ class Bidding(Rounds):
         cur = e.owners[slot] if e.owners else None
         r = max([*rounds, cur[0] if cur else 0]) + 1
         if r > MAX_ROUND:
-            return  # rounds exhausted (section 19): the slot keeps its owner
+            return  # rounds exhausted (section 20): the slot keeps its owner
         cpu, mem = self.free_capacity()
         fits = (
             cpu >= wl.milli_cpu

@@ -1,5 +1,5 @@
 """The bounds the lexicons put on the values the core reads and writes, and the core's own
-bounds on rounds and on what others' records make it remember (docs/protocol.md, section 19).
+bounds on rounds and on what others' records make it remember (docs/protocol.md, section 20).
 
 The lexicons in `lexicons/` are the truth: tests/unit/test_core_bounds.py checks every
 constant below that mirrors one of them. The core applies them itself, at intake and before

@@ -43,7 +43,7 @@ class UsageLedger:
         rec = None
         used = [(o, v) for o, v in self._period_use.items() if v[0] or v[1]]
         if len(used) > MAX_USAGE_ENTRIES:
-            # The lexicon admits 512 entries: the owners who used most are kept (section 19).
+            # The lexicon admits 512 entries: the owners who used most are kept (section 20).
             used.sort(key=lambda x: (-x[1][0], -x[1][1], x[0]))
             used = used[:MAX_USAGE_ENTRIES]
         entries = tuple(UsageEntry(o, v[0], v[1]) for o, v in sorted(used))

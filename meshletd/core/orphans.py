@@ -2,7 +2,7 @@
 
 A bid can arrive before its workload (another PDS, a lost firehose event healed later), so
 it is kept until the workload comes; but the workload URI is whatever the writer put in its
-record, so what is kept is bounded (docs/protocol.md, section 19): at most
+record, so what is kept is bounded (docs/protocol.md, section 20): at most
 ORPHANS_PER_MESHLET per writing meshlet between events (its oldest go first: a writer that
 floods only loses its own), and none older than ORPHAN_TTL_MS. A deleted bid or status is
 forgotten."""

@@ -139,7 +139,7 @@ def chained_round_start(r: int, close0: int, t: Timing) -> int:
     """When chained round r >= 1 of a never-filled slot opens: every P after round 0's close
     for the first CHAINED_FAST_ROUNDS rounds, then every max(P, 1 min), so that the round
     numbers of any workload stay within the lexicon's bound for ~1.9 years after its
-    createdAt (docs/protocol.md, section 19)."""
+    createdAt (docs/protocol.md, section 20)."""
     period = t.chained_period_ms
     if r <= CHAINED_FAST_ROUNDS:
         return close0 + (r - 1) * period

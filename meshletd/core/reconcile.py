@@ -196,7 +196,7 @@ class Reconciler(Bidding):
             round=rep.round,
             state=state,
             updated_at=self.now,
-            # the runtime's figures, brought into the lexicon's range (section 19)
+            # the runtime's figures, brought into the lexicon's range (section 20)
             exit_code=None
             if rep.exit_code is None
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),

@@ -159,7 +159,7 @@ class Rounds(SchedulerState):
             and 0 <= b.free_memory_mib <= MAX_MEMORY_MIB
             and MIN_TIME_MS <= b.created_at <= MAX_TIME_MS
         ):
-            # `bid_refusal`, inlined: every meshlet takes in every bid (section 19)
+            # `bid_refusal`, inlined: every meshlet takes in every bid (section 20)
             self._refuse(b.uri, bid_refusal(b))
             return
         if b.meshlet == self.me.did:

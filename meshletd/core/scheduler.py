@@ -240,7 +240,7 @@ class Scheduler(Explanations, Reconciler):
             and 0 <= st.restarts <= MAX_RESTARTS
             and MIN_TIME_MS <= st.updated_at <= MAX_TIME_MS
         ) or (st.exit_code is not None and not MIN_EXIT_CODE <= st.exit_code <= MAX_EXIT_CODE):
-            # `status_refusal`, inlined (section 19)
+            # `status_refusal`, inlined (section 20)
             self._refuse(st.uri, status_refusal(st))
             return
         if st.meshlet == self.me.did:
@@ -319,7 +319,7 @@ class Scheduler(Explanations, Reconciler):
             self._delete(NSID_STATUS, status_rkey(uri, s))
 
     def _on_bid_deleted(self, uri: str, meshlet: str, rkey: str) -> None:
-        """Forget a deleted bid (section 19): it no longer counts, here as everywhere. Most
+        """Forget a deleted bid (section 20): it no longer counts, here as everywhere. Most
         deletions are of bids whose workload is gone; then there is nothing to look for."""
         if self._gone_bids.pop(uri, 0) is None:
             return

@@ -1,4 +1,4 @@
-"""The core's bounds (docs/protocol.md, section 19): what the lexicons refuse is refused at
+"""The core's bounds (docs/protocol.md, section 20): what the lexicons refuse is refused at
 intake and never written; a bid the core cannot publish is never acted on; what others'
 records make a meshlet remember is bounded (issue #15, points 1 and 10)."""
 
