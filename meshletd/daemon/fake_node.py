@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
+from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 if TYPE_CHECKING:  # the footprint of `backend = "memory"` stays without the atproto parts
@@ -139,9 +140,7 @@ class InMemoryNode:
         return out
 
     def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
-        from meshletd.daemon.readmodel import invalid_workloads
-
-        return invalid_workloads(self._refused, owner)
+        return invalid_workload_views(self._refused, owner)
 
     def refuse(self, refusal: Refusal) -> None:
         """A record version refused by validation, as the firehose notes one it reads (the

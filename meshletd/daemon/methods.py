@@ -67,10 +67,11 @@ def install(
         limit = params["limit"]
         page = views[start : start + limit]
         out: dict[str, Any] = {"workloads": page}
-        if not params.get("cursor"):
-            out["invalid"] = node.invalid_workloads(owner=params.get("owner"))
         if start + limit < len(views):
             out["cursor"] = str(start + limit)
+        invalid = [] if params.get("cursor") else node.invalid_workloads(params.get("owner"))
+        if invalid:
+            out["invalid"] = invalid[:500]  # the lexicon's bound
         return out
 
     async def get_workload_status(
