@@ -72,8 +72,9 @@ class Followed:
         """Take one verified record change."""
         if ev.collection == NSID_WORKLOAD:
             if ev.action == "delete":
-                self.workloads.pop(ev.uri, None)
-                log.info("workload %s deleted by its owner", ev.uri)
+                # A refused version counts as absent too; the firehose says why it refused.
+                if self.workloads.pop(ev.uri, None) is not None:
+                    log.info("workload %s is gone", ev.uri)
                 return
             wl = core_record(ev, "read model")
             if isinstance(wl, Workload):

@@ -9,7 +9,7 @@ decision, which the engine hands to `owner_record` to shape the record, then que
 the core's other writes, in order.
 
 `OwnRecords` is the Protocol; `PdsPublisher` writes through the PDS clients the root
-attaches after logging in; `FakePublisher` records what would be published.
+sets after logging in; `FakePublisher` records what would be published.
 """
 
 from __future__ import annotations
@@ -96,12 +96,9 @@ class PdsPublisher:
     def __init__(self, local: Local, key: EncryptionKey) -> None:
         self.local = local
         self.key = key
+        # The logged-in clients of this meshlet's repo and of its owner's (set by the root).
         self.meshlet: PdsClient | None = None
         self.owner: PdsClient | None = None
-
-    def attach(self, meshlet: PdsClient | None, owner: PdsClient | None) -> None:
-        """The logged-in clients of this meshlet's repo and of its owner's."""
-        self.meshlet, self.owner = meshlet, owner
 
     def record(self) -> MeshletOwner:
         """This meshlet's self-description in its current state (the state history is
