@@ -219,13 +219,12 @@ def runtime_refusal(wl: Workload, value: dict[str, Any]) -> str | None:
     """Why the runtime would refuse to start a replica of an admitted workload, or None.
     (Admitted means every meshlet bids on it: the runtime must then be able to run it.)"""
     from meshletd.core.actions import StartReplica
-    from meshletd.daemon.engine import Engine
+    from meshletd.daemon.engine import replica_spec
     from meshletd.runtime.spec import InvalidReplicaSpec, validate_spec
 
     secrets = {ref["name"]: b"s" for ref in value.get("secrets", ())}
-    engine = Engine(None, None, lambda w: None, raw_workload=lambda uri: value)
     try:
-        validate_spec(engine.spec_for(StartReplica(wl, 0, 0), secrets))
+        validate_spec(replica_spec(StartReplica(wl, 0, 0), value, secrets, "alice.example.com"))
     except InvalidReplicaSpec as e:
         return e.message
     return None

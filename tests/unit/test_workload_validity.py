@@ -12,7 +12,7 @@ from meshletd.atproto.lexicon import default_lexicons
 from meshletd.atproto.validity import check_workload
 from meshletd.core.actions import StartReplica
 from meshletd.core.records import record_from_json
-from meshletd.daemon.engine import Engine
+from meshletd.daemon.engine import replica_spec
 from meshletd.errors import InvalidRecord
 from meshletd.runtime.spec import InvalidReplicaSpec, validate_spec
 
@@ -98,11 +98,10 @@ def test_the_lexicon_closes_kind_and_restart_policy():
 
 
 def _spec(value):
-    """The ReplicaSpec the daemon would hand the runtime for this record (engine.spec_for)."""
+    """The ReplicaSpec the daemon would hand the runtime for this record."""
     wl = record_from_json(URI, "bafyreiabc", value)
-    engine = Engine(None, None, lambda w: None, raw_workload=lambda uri: value)
     values = {ref["name"]: b"s" for ref in value.get("secrets", ())}
-    return engine.spec_for(StartReplica(wl, 0, 0), values)
+    return replica_spec(StartReplica(wl, 0, 0), value, values, "alice.example.com")
 
 
 _text = st.text(st.characters(codec="utf-8"), max_size=12)
