@@ -482,7 +482,10 @@ class ReplicaRuntime:
             if unit_started:
                 await self.machine.remove_container(rep.container)
                 await self._discard_unit(rep.unit, snap_phase)
-            names = rep.secrets or await self.machine.list_secrets(rep.container + ".")
+            names = rep.secrets or [
+                *await self.machine.list_secrets(naming.secret_prefix(rep.container)),
+                *await self.machine.list_secrets(naming.legacy_secret_prefix(rep.container)),
+            ]
             for name in names:
                 await self.machine.remove_secret(name)
             await self.machine.remove_state_dir(rep.unit)
@@ -502,7 +505,10 @@ class ReplicaRuntime:
                 log.warning("removing orphan container %s", name)
                 await self.machine.remove_container(name)
         for name in await self.machine.list_secrets(naming.UNIT_PREFIX):
-            if not any(name.startswith(c + ".") for c in live_containers):
+            if not any(
+                name.startswith((naming.secret_prefix(c), naming.legacy_secret_prefix(c)))
+                for c in live_containers
+            ):
                 await self.machine.remove_secret(name)
         for unit in await self.machine.list_state_dirs():
             if unit not in live_units:
