@@ -14,6 +14,7 @@ from typing import Any
 
 from meshletd.atproto.cluster import ClusterView, Member
 from meshletd.core.fairshare import balances, meshlet_priority
+from meshletd.core.hashing import rendezvous_score
 from meshletd.core.records import format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.local import Local, Scheduling
@@ -279,6 +280,135 @@ class ReadModel:
                 for r, bs in sorted(rounds.items())
             ],
         }
+
+    def workload_record(self, ref: str) -> dict[str, Any]:
+        """The workload record as its owner published it (kind, image, resources, ...)."""
+        return dict(self.followed.raw_workload(self.uri_of(ref)) or {})
+
+    def meshlets(self) -> list[dict[str, Any]]:
+        """Every meshlet an owner of our clusters claims, verified or not, for the web page:
+        its owner, whether the link holds both ways (the owner claims it, it names the owner
+        back) and whom it consents to, its state (`lost` while our probes suspect it), the
+        capacity it publishes and what the slots it holds take of it."""
+        cfg = self.local.cfg
+        members = self.view.all_members()
+        suspects = self._suspects()
+        slots = self._slots_by_meshlet()
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for owner in dict.fromkeys([self.local.owner, *cfg.members]):
+            claimed = set(self.view.claimed_meshlets(owner))
+            if owner == self.local.owner:
+                claimed.add(self.local.did)
+            for d in sorted(claimed):
+                if d in seen:
+                    continue
+                seen.add(d)
+                rec = self.view.owners.get(d)
+                state = rec.state if rec is not None else "unknown"
+                if d == self.local.did:
+                    state = self.local.state
+                elif d in suspects:
+                    state = "lost"
+                allocated = {"milliCpu": 0, "memoryMiB": 0}
+                for uri in slots.get(d, []):
+                    res = (self.followed.raw_workload(uri) or {}).get("resources", {})
+                    for k in allocated:
+                        allocated[k] += int(res.get(k, 0))
+                if rec is not None:
+                    total = {
+                        "milliCpu": rec.capacity.milli_cpu,
+                        "memoryMiB": rec.capacity.memory_mib,
+                    }
+                elif d == self.local.did:
+                    c = cfg.contribution
+                    total = {"milliCpu": c.milli_cpu, "memoryMiB": c.memory_mib}
+                else:
+                    total = {"milliCpu": 0, "memoryMiB": 0}
+                out.append(
+                    {
+                        "meshletDid": d,
+                        "ownerDid": owner,
+                        "self": d == self.local.did,
+                        "verified": d in members,
+                        "ownerClaims": d in self.view.claimed_meshlets(owner)
+                        or d == self.local.did,
+                        "namesOwner": rec is not None and rec.owner_did == owner,
+                        "consentsTo": sorted(self.view.consented_owners(d)),
+                        "state": state,
+                        "endpoint": rec.endpoint if rec is not None else None,
+                        "labels": list(rec.labels) if rec is not None else [],
+                        "capacity": total,
+                        "allocated": allocated,
+                        "slots": len(slots.get(d, [])),
+                        "reason": self.view.why_not(d, owner) or "",
+                    }
+                )
+        return out
+
+    def _slots_by_meshlet(self) -> dict[str, list[str]]:
+        """meshlet DID -> the workload URI of each slot it holds (the scheduler's placement
+        when it schedules, else the live statuses it reports)."""
+        out: dict[str, list[str]] = {}
+        engine = self.local.engine
+        if engine is not None:
+            for uri, owners in engine.scheduler.placement().items():
+                for owner in owners:
+                    if owner is not None:
+                        out.setdefault(owner[1], []).append(uri)
+            return out
+        for uri, per in self.followed.statuses.items():
+            for s in per.values():
+                if s.get("state") in _LIVE_STATES:
+                    out.setdefault(s["meshletDid"], []).append(uri)
+        return out
+
+    def rounds(self, ref: str) -> dict[str, Any]:
+        """Every round of a workload as the bids this meshlet has seen tell it: per round
+        and slot, each bid (priority, score, offered slots or a decline, the free capacity it
+        stated) and the winners (the slots' owners by the scheduler's placement, else the
+        meshlets that report a replica of that round). For the web page's "rounds,
+        explained"; ordering and scores are docs/protocol.md section 6's."""
+        uri = self.uri_of(ref)
+        members = self.view.all_members()
+        owners: dict[int, tuple[int, str]] = {}
+        engine = self.local.engine
+        if engine is not None:
+            placed = engine.scheduler.placement().get(uri) or ()
+            owners = {s: (o[0], o[1]) for s, o in enumerate(placed) if o is not None}
+        reported: dict[tuple[int, int], set[str]] = {}
+        for st in self.followed.statuses.get(uri, {}).values():
+            key = (int(st.get("round", 0)), int(st.get("slot", 0)))
+            reported.setdefault(key, set()).add(st["meshletDid"])
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for b in self.followed.bids.get(uri, {}).values():
+            rnd = int(b.get("round", 0))
+            slot = int(b["slot"]) if rnd > 0 and "slot" in b else -1
+            free = b.get("free") or {}
+            groups.setdefault((rnd, slot), []).append(
+                {
+                    "meshletDid": b["meshletDid"],
+                    "priority": int(b.get("priority", 0)),
+                    "score": rendezvous_score(uri, rnd, slot, b["meshletDid"]),
+                    "slots": int(b.get("slots", 0)),
+                    "free": {k: int(v) for k, v in free.items() if isinstance(v, int)},
+                    "createdAt": str(b.get("createdAt", "")),
+                    "eligible": b["meshletDid"] in members,
+                }
+            )
+        out = []
+        for (rnd, slot), bids in sorted(groups.items()):
+            bids.sort(key=lambda b: (-b["priority"], b["score"]))
+            won: dict[int, str] = {}
+            for s, (ornd, m) in owners.items():
+                if ornd == rnd and (slot == -1 or s == slot):
+                    won[s] = m
+            if not won:
+                for (srnd, s), ms in reported.items():
+                    if srnd == rnd and (slot == -1 or s == slot):
+                        won[s] = sorted(ms)[0]
+            out.append({"round": rnd, "slot": slot, "bids": bids, "winners": won})
+        return {"workload": uri, "rounds": out}
 
     def balance(self, now_ms: int) -> dict[str, Any]:
         """The fair-share ledger from the usage records seen, with the core's own formula."""
