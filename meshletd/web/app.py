@@ -79,7 +79,11 @@ def _environment() -> Environment:
     return env
 
 
-_STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+_STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 _SECURITY_HEADERS = [
     # Only our own script and style; nothing from elsewhere, no frames.
     (
@@ -156,7 +160,7 @@ class WebApp:
         self.signal = ChangeSignal(self._digest, poll_s)
         self.static: dict[str, bytes] = {}
         base = resources.files("meshletd.web") / "static"
-        for name in ("style.css", "live.js"):
+        for name in ("style.css", "live.js", "icon.svg"):
             self.static[name] = (base / name).read_bytes()
 
     async def run(self) -> None:
@@ -195,6 +199,8 @@ class WebApp:
                 body, ctype = render_metrics(self.node)
                 await self._send(send, 200, body, ctype)
                 return
+            if path == "/favicon.ico":
+                path = "/static/icon.svg"
             if path.startswith("/static/"):
                 name = path[len("/static/") :]
                 data = self.static.get(name)
