@@ -10,14 +10,13 @@ Every string on the page may come from another person's records: jinja2 escapes 
 `shown` (the finalize hook) turns control and bidi characters into visible escapes, as
 meshletctl does in a terminal.
 
-The change signal is a digest of what the pages show, computed every `poll_s` (0.25 s) by
+The change signal is a digest of what the pages show, computed every `poll_s` (0.5 s) by
 one task, and only while someone listens to `/events`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -100,7 +99,7 @@ class ChangeSignal:
     """A version number that moves when what the pages show changes: one task recomputes a
     digest of the read model every `poll_s` while anyone listens."""
 
-    def __init__(self, digest: Callable[[], bytes], poll_s: float = 0.25) -> None:
+    def __init__(self, digest: Callable[[], bytes], poll_s: float = 0.5) -> None:
         self.digest = digest
         self.poll_s = poll_s
         self.version = 0
@@ -154,7 +153,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class WebApp:
     """The ASGI app of the page; `run()` (in the daemon's nursery) drives the change signal."""
 
-    def __init__(self, node: pages.Source, *, poll_s: float = 0.25) -> None:
+    def __init__(self, node: pages.Source, *, poll_s: float = 0.5) -> None:
         self.node = node
         self.env = _environment()
         self.signal = ChangeSignal(self._digest, poll_s)
@@ -167,11 +166,25 @@ class WebApp:
         await self.signal.run()
 
     def _digest(self) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps(self.node.workloads(None, True), sort_keys=True, default=str).encode())
-        h.update(json.dumps(pages.meshlets_of(self.node), sort_keys=True, default=str).encode())
-        h.update(json.dumps(self.node.members(), sort_keys=True, default=str).encode())
-        return h.digest()
+        """What the pages show, reduced to what changes: each slot's host, round and state,
+        each meshlet's state and use, each person's verification."""
+        slots = [
+            (
+                w["uri"],
+                w.get("paused"),
+                [
+                    (r.get("slot"), r.get("round"), r.get("meshletDid"), r.get("state"))
+                    for r in w.get("running", ())
+                ],
+            )
+            for w in self.node.workloads(None, True)
+        ]
+        meshlets = [
+            (m["meshletDid"], m["state"], m.get("verified"), str(m.get("allocated")))
+            for m in pages.meshlets_of(self.node)
+        ]
+        people = [(p["ownerDid"], p.get("verified"), p.get("reason")) for p in self.node.members()]
+        return hashlib.blake2b(repr((slots, meshlets, people)).encode(), digest_size=16).digest()
 
     # -- ASGI ------------------------------------------------------------------------------
 
@@ -233,8 +246,13 @@ class WebApp:
         if path in ("/", "/members"):
             return self._page("members.html", common, pages.members_page(n), "members")
         if path == "/workloads":
+            page = query.get("page", "1")
             ctx = pages.workloads_page(
-                n, query.get("owner", ""), query.get("state", ""), query.get("meshlet", "")
+                n,
+                query.get("owner", ""),
+                query.get("state", ""),
+                query.get("meshlet", ""),
+                page=int(page) if page.isdigit() and len(page) < 6 else 1,
             )
             return self._page("workloads.html", common, ctx, "workloads")
         if path == "/workload":

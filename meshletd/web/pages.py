@@ -136,15 +136,20 @@ def workload_state(view: dict[str, Any]) -> str:
     return "pending"
 
 
+PAGE_SIZE = 100  # workloads per page: a phone scrolls through that many, a p50 stays low
+
+
 def workloads_page(
-    node: Source, owner: str = "", state: str = "", meshlet: str = ""
+    node: Source, owner: str = "", state: str = "", meshlet: str = "", page: int = 1
 ) -> dict[str, Any]:
-    """Every workload, filtered by owner, state and meshlet (each optional)."""
-    rows = []
+    """Every workload, filtered by owner, state and meshlet (each optional), `PAGE_SIZE`
+    per page."""
+    matching = []
     owners: set[str] = set()
     meshlets: set[str] = set()
     states: set[str] = set()
-    for v in node.workloads(None, True):
+    everything = node.workloads(None, True)
+    for v in everything:
         st = workload_state(v)
         hosts = {r["meshletDid"] for r in v.get("running", []) if r.get("meshletDid")}
         owners.add(v["ownerDid"])
@@ -156,6 +161,11 @@ def workloads_page(
             continue
         if meshlet and meshlet not in hosts:
             continue
+        matching.append((v, st))
+    pages_n = max(1, -(-len(matching) // PAGE_SIZE))
+    page = min(max(1, page), pages_n)
+    rows = []
+    for v, st in matching[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]:
         rec = record_of(node, v["uri"])
         rows.append(
             {
@@ -167,13 +177,19 @@ def workloads_page(
                 ),
             }
         )
+    first = (page - 1) * PAGE_SIZE + 1 if rows else 0
     return {
         "rows": rows,
         "filters": {"owner": owner, "state": state, "meshlet": meshlet},
         "owners": sorted(owners),
         "meshlets": sorted(meshlets),
         "states": sorted(states),
-        "total": len(node.workloads(None, True)) if (owner or state or meshlet) else len(rows),
+        "total": len(everything),
+        "matching": len(matching),
+        "page": page,
+        "pages": pages_n,
+        "first": first,
+        "last": first + len(rows) - 1 if rows else 0,
     }
 
 
