@@ -99,11 +99,16 @@ def count_write(collection: str, operation: str) -> None:
 
 
 class _Change(Protocol):
-    did: str
-    collection: str
-    rkey: str
-    action: str
-    record: dict[str, Any] | None
+    @property
+    def did(self) -> str: ...
+    @property
+    def collection(self) -> str: ...
+    @property
+    def rkey(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def record(self) -> dict[str, Any] | None: ...
 
 
 class _Seen(Protocol):

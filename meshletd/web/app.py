@@ -236,10 +236,12 @@ class WebApp:
     def render(self, path: str, query: dict[str, str]) -> str:
         """One page's HTML (tests and the bench call this directly)."""
         n = self.node
+        state = getattr(n, "state", None)
         common = {
             "me": n.did,
             "owner": n.owner,
-            "summary": n.summary(),
+            # The header needs only the state: summary() walks every replica.
+            "summary": {"state": state() if state is not None else n.summary().get("state")},
             "path": path,
             "version": self.signal.version,
         }

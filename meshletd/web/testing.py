@@ -43,6 +43,9 @@ class ViewNode:
     def summary(self) -> dict[str, Any]:
         return self.read.summary()
 
+    def state(self) -> str:
+        return self.read.local.state
+
     def members(self) -> list[dict[str, Any]]:
         return self.read.members()
 
