@@ -136,7 +136,7 @@ def workload_state(view: dict[str, Any]) -> str:
     return "pending"
 
 
-PAGE_SIZE = 100  # workloads per page: a phone scrolls through that many, a p50 stays low
+PAGE_SIZE = 50  # workloads per page: a phone scrolls through that many; rendering stays short
 
 
 def workloads_page(

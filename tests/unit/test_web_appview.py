@@ -206,3 +206,18 @@ def test_shown_escapes_controls_and_bidi_but_keeps_text() -> None:
     assert shown("a\u202eb\x1b[2Jc") == "a\\u202eb\\x1b[2Jc"
     assert shown("café 日本") == "café 日本"
     assert shown(None) == "" and shown(3) == 3
+
+
+def test_a_large_commune_is_shown_fifty_workloads_a_page() -> None:
+    from meshletd.web.app import WebApp
+    from meshletd.web.testing import big_commune
+
+    app = WebApp(big_commune(meshlets=50, workloads=120))
+    first = app.render("/workloads", {})
+    assert first.count('<tr data-uri="') == 50 and "1–50 of 120" in first
+    assert 'rel="next"' in first and 'rel="prev"' not in first
+    last = app.render("/workloads", {"page": "3"})
+    assert last.count('<tr data-uri="') == 20 and "101–120 of 120" in last
+    members = app.render("/members", {})
+    assert members.count('class="meshlet"') == 50
+    assert members.count("verified both ways") == 50
