@@ -440,14 +440,15 @@ class ReadModel:
         out = []
         for (rnd, slot), bids in sorted(groups.items()):
             bids.sort(key=lambda b: (-b["priority"], b["score"]))
+            # The hosts' reports tell past rounds (a slot since moved on); the scheduler's
+            # placement, where it has one, is the word for the rounds that own slots now.
             won: dict[int, str] = {}
+            for (srnd, s), ms in reported.items():
+                if srnd == rnd and (slot == -1 or s == slot):
+                    won[s] = sorted(ms)[0]
             for s, (ornd, m) in owners.items():
                 if ornd == rnd and (slot == -1 or s == slot):
                     won[s] = m
-            if not won:
-                for (srnd, s), ms in reported.items():
-                    if srnd == rnd and (slot == -1 or s == slot):
-                        won[s] = sorted(ms)[0]
             out.append({"round": rnd, "slot": slot, "bids": bids, "winners": won})
         return {"workload": uri, "rounds": out}
 
