@@ -13,8 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
+# `*_created` series (a timestamp per counter) double the output and tell nobody anything.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, open fds, CPU seconds
 
