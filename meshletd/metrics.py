@@ -11,6 +11,7 @@ Names follow Prometheus conventions: `meshlet_` prefix, `_total` on counters, ba
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -119,8 +120,12 @@ class _Change(Protocol):
 
 
 class _Seen(Protocol):
-    bids: dict[str, dict[str, dict[str, Any]]]
-    statuses: dict[str, dict[str, dict[str, Any]]]
+    """The node's `Followed`: workload URI -> record URI -> the core's Bid/WorkloadStatus."""
+
+    @property
+    def bids(self) -> Mapping[str, Mapping[str, Any]]: ...
+    @property
+    def statuses(self) -> Mapping[str, Mapping[str, Any]]: ...
 
 
 def _int(value: Any, default: int) -> int:
@@ -138,7 +143,7 @@ def count_record(ev: _Change, seen: _Seen) -> None:
     uri = ref.get("uri") if isinstance(ref, dict) else None
     if not isinstance(uri, str):
         return
-    key = f"{ev.did}/{ev.rkey}"
+    key = f"at://{ev.did}/{ev.collection}/{ev.rkey}"
     rnd = _int(rec.get("round"), 0)
     slot = _int(rec.get("slot"), -1) if rnd else -1
     if ev.collection.endswith(".bid"):
@@ -148,7 +153,7 @@ def count_record(ev: _Change, seen: _Seen) -> None:
         offer = _int(rec.get("slots"), 0) >= 1
         BIDS_SEEN.labels("offer" if offer else "decline").inc()
         opened = any(
-            _int(b.get("round"), 0) == rnd and (not rnd or _int(b.get("slot"), -1) == slot)
+            getattr(b, "round", None) == rnd and (not rnd or getattr(b, "slot", None) == slot)
             for b in known.values()
         )
         if not opened:
@@ -159,9 +164,9 @@ def count_record(ev: _Change, seen: _Seen) -> None:
         old = seen.statuses.get(uri, {}).get(key)
         if (
             old is not None
-            and old.get("state") == "running"
-            and old.get("round") == rec.get("round")
-            and old.get("slot") == rec.get("slot")
+            and getattr(old, "state", None) == "running"
+            and getattr(old, "round", None) == rnd
+            and getattr(old, "slot", None) == _int(rec.get("slot"), 0)
         ):
             return
         PLACEMENTS_SEEN.inc()

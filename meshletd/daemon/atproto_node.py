@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from meshletd import metrics
-from meshletd.atproto.cluster import ClusterFormation, ClusterView
+from meshletd.atproto.cluster import ClusterFormation, ConfiguredClusters
 from meshletd.atproto.firehose import Firehose, RecordEvent
 from meshletd.atproto.frames import Refusal
 from meshletd.atproto.identity import IdentityResolver
@@ -76,7 +76,7 @@ class AtprotoNode:
         self._store = store
         self.local = Local(cfg)
         self.resolver = IdentityResolver(cfg.plc_url, ttl_s=300)
-        self.view = ClusterView.create(cfg.did, cfg.owner, membership_lists(cfg))
+        self.view = ConfiguredClusters.create(cfg.did, cfg.owner, membership_lists(cfg))
         self.followed = Followed()
         self.key = EncryptionKey(store)
         self.publisher = PdsPublisher(self.local, self.key)
@@ -238,9 +238,8 @@ class AtprotoNode:
             Scheduler(me, cfg.scheduling.timing()),
             runtime,
             self._submit,
-            raw_workload=self.followed.raw_workload,
             secret=self.commands.fetch_secret,
-            workload_cid=self.followed.workload_cid,
+            own_record=self.publisher.owner_record,
             probe=self.peers.ping,
         )
         self.local.engine = engine
@@ -250,10 +249,6 @@ class AtprotoNode:
     def _submit(self, write: Write) -> None:
         """A write of the scheduler core, to the PDS write queue."""
         assert self.writes is not None
-        if write.collection == NSID_MESHLET_OWNER and write.value is not None:
-            write = Write(
-                write.action, write.collection, write.rkey, self.publisher.complete(write.value)
-            )
         try:
             self.writes.submit(write)
         except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
+from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
@@ -264,9 +265,13 @@ class InMemoryNode:
                 raise NotFound(f"secret {ref['name']!r} was not stored on this meshlet")
         self._seq += 1
         rkey = f"3m{self._seq:011d}"
-        uri = f"at://{self.owner}/commune.scheduler.workload/{rkey}"
+        uri = f"at://{self.owner}/{NSID_WORKLOAD}/{rkey}"
         cid = "bafyrei" + hashlib.sha256(repr(sorted(record.items())).encode()).hexdigest()[:52]
         record = {"createdAt": dt.datetime.now(dt.UTC).isoformat(), **record}
+        # As the PDS client does before any write (InvalidRecord names the field).
+        from meshletd.atproto.lexicon import validate_record
+
+        validate_record(NSID_WORKLOAD, record, rkey=rkey)
         w = _Workload(uri=uri, cid=cid, owner=self.owner, record=record)
         res = record.get("resources", {})
         self._workloads[uri] = w

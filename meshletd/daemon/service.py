@@ -127,6 +127,7 @@ class Daemon:
             self.node,
             on_shutdown=self._shutdown_requested,
             default_cluster=lambda: self.cfg.clusters[0].name if self.cfg.clusters else "default",
+            default_bid_window_ms=lambda: self.cfg.scheduling.bid_window_ms,
         )
         return app
 

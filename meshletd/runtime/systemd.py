@@ -29,7 +29,7 @@ from pystemd.systemd1.unit_signatures import (  # type: ignore[import-untyped]
     KNOWN_UNIT_SIGNATURES,
 )
 
-from meshletd.runtime.events import Usage
+from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.naming import PODMAN_CALL_PATTERN, podman_call_unit
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
@@ -597,7 +597,7 @@ class SystemdPodmanMachine:
         except Exception as err:
             raise MachineError(f"could not set the CPU quota of {unit}: {err}") from err
 
-    async def sample_usage(self, unit: str) -> Usage:
+    async def sample_usage(self, unit: str) -> ReplicaUsage:
         def props(bus: Any, manager: Any) -> dict[bytes, Any]:
             path = self._unit_path(manager, unit)
             if path is None:
@@ -612,10 +612,10 @@ class SystemdPodmanMachine:
 
         s = await self._dbus(props)
         if not s:
-            return Usage()
+            return ReplicaUsage()
         return await trio.to_thread.run_sync(self._usage_from, unit, s)
 
-    def _usage_from(self, unit: str, props: dict[bytes, Any]) -> Usage:
+    def _usage_from(self, unit: str, props: dict[bytes, Any]) -> ReplicaUsage:
         cpu_ns = int(props.get(b"CPUUsageNSec", _UNSET))
         memory = memory_cgroup_dir(self.config, unit)
         if cpu_ns == _UNSET:
@@ -631,7 +631,7 @@ class SystemdPodmanMachine:
         if not peak:
             current = int(props.get(b"MemoryCurrent", _UNSET))
             peak = 0 if current == _UNSET else current
-        return Usage(cpu_ms=cpu_ns // 1_000_000, peak_memory_bytes=peak)
+        return ReplicaUsage(cpu_ms=cpu_ns // 1_000_000, peak_memory_bytes=peak)
 
 
 @dataclass(frozen=True)

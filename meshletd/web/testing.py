@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshletd.atproto.cluster import ClusterView
-from meshletd.atproto.records import MeshletOwner, Resources
+from meshletd.atproto.cluster import ConfiguredClusters
+from meshletd.atproto.records import record_to_json
 from meshletd.config import Cluster, Config, Contribution
+from meshletd.core.nsid import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER
+from meshletd.core.records import Membership, MeshletLink, MeshletOwner, at_uri
 from meshletd.daemon.followed import Followed
 from meshletd.daemon.local import Local
 from meshletd.daemon.readmodel import ReadModel
 
 NSID = "commune.scheduler"
+STAMP = "2026-12-04T06:00:02.000Z"
 
 
 class _Ev:
@@ -82,17 +85,34 @@ def big_commune(meshlets: int = 50, workloads: int = 1000, replicas: int = 2) ->
         contribution=Contribution(milli_cpu=64_000, memory_mib=131_072),
         runtime="none",
     )
-    view = ClusterView.create(cfg.did, cfg.owner, {"commune": owners})
+    view = ConfiguredClusters.create(cfg.did, cfg.owner, {"commune": owners})
+    everyone = frozenset(owners)
     for i, (o, m) in enumerate(zip(owners, mesh, strict=True)):
-        view.claims[o] = {"self": m}
-        view.owners[m] = MeshletOwner(
-            owner_did=o,
-            capacity=Resources(milli_cpu=64_000, memory_mib=131_072),
-            arch="amd64",
-            endpoint=f"http://10.0.0.{i + 1}:2585",
+        records = (
+            (o, "meshlet", "self", MeshletLink(at_uri(o, NSID_MESHLET, "self"), o, m)),
+            (
+                m,
+                "meshletOwner",
+                "self",
+                MeshletOwner(
+                    uri=at_uri(m, NSID_MESHLET_OWNER, "self"),
+                    meshlet=m,
+                    owner=o,
+                    milli_cpu=64_000,
+                    memory_mib=131_072,
+                    state_since=1_764_000_000_000,
+                    endpoint=f"http://10.0.0.{i + 1}:2585",
+                ),
+            ),
+            (
+                m,
+                "membership",
+                "commune",
+                Membership(at_uri(m, NSID_MEMBERSHIP, "commune"), m, "commune", everyone),
+            ),
         )
-        view.consents[m] = {"commune": frozenset(owners)}
-    view._snapshot = None
+        for repo, coll, rkey, rec in records:
+            view.apply(_Ev(repo, coll, rkey, record_to_json(rec)))  # type: ignore[arg-type]
     followed = Followed()
     for w in range(workloads):
         owner = owners[w % meshlets]
@@ -139,7 +159,14 @@ def big_commune(meshlets: int = 50, workloads: int = 1000, replicas: int = 2) ->
                     host,
                     "workloadStatus",
                     f"s{w:08d}x{s}",
-                    {"workload": ref, "round": 0, "slot": s, "state": "running", "restarts": 0},
+                    {
+                        "workload": ref,
+                        "round": 0,
+                        "slot": s,
+                        "state": "running",
+                        "restarts": 0,
+                        "updatedAt": STAMP,
+                    },
                 )
             )
     return ViewNode(ReadModel(Local(cfg), view, followed))
@@ -156,6 +183,13 @@ def add_status(node: ViewNode, w: int, slot: int, state: str, round_: int = 1) -
             owner_mesh,
             "workloadStatus",
             f"t{w:08d}x{slot}r{round_}",
-            {"workload": ref, "round": round_, "slot": slot, "state": state, "restarts": 0},
+            {
+                "workload": ref,
+                "round": round_,
+                "slot": slot,
+                "state": state,
+                "restarts": 0,
+                "updatedAt": STAMP,
+            },
         )
     )

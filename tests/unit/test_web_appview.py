@@ -17,7 +17,17 @@ from meshletd.daemon.service import Daemon
 from meshletd.notify import RecordingNotifier
 from meshletd.store import MemoryStore
 from meshletd.web.app import shown
-from tests.unit.daemon_parts import BOB, BOB_MESH, ME, OWNER, owner_record, parts, put
+from tests.unit.daemon_parts import (
+    BOB,
+    BOB_MESH,
+    ME,
+    OWNER,
+    STAMP,
+    owner_record,
+    parts,
+    put,
+    workload_value,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -153,10 +163,13 @@ async def test_metrics_are_prometheus_text_and_move_with_a_placement(daemon: Dae
             assert f"# TYPE {name.removesuffix('_total')}" in r.text, name
 
 
+def _bid(priority: int, slots: int = 1) -> dict[str, object]:
+    ref = {"uri": f"at://{OWNER}/commune.scheduler.workload/3kweb", "cid": "bafyreiabcdefgh"}
+    return {"workload": ref, "round": 0, "priority": priority, "slots": slots, "createdAt": STAMP}
+
+
 def test_record_counters_count_rounds_bids_and_placements_once() -> None:
     p = parts()
-    uri = f"at://{OWNER}/commune.scheduler.workload/3kweb"
-    ref = {"uri": uri, "cid": "bafyx"}
 
     def value(counter: object, *labels: str) -> float:
         c = counter.labels(*labels) if labels else counter  # type: ignore[attr-defined]
@@ -164,14 +177,19 @@ def test_record_counters_count_rounds_bids_and_placements_once() -> None:
 
     opened0, offers0 = value(metrics.ROUNDS_OPENED, "first"), value(metrics.BIDS_SEEN, "offer")
     placed0, failovers0 = value(metrics.PLACEMENTS_SEEN), value(metrics.FAILOVERS)
-    bid = {"workload": ref, "round": 0, "priority": 5, "slots": 1, "createdAt": "x"}
-    for ev in (put(ME, "bid", "b1", bid), put(BOB_MESH, "bid", "b2", bid)):
+    for ev in (put(ME, "bid", "b1", _bid(5)), put(BOB_MESH, "bid", "b2", _bid(5))):
         metrics.count_record(ev, p.followed)
         p.feed(ev)
-    metrics.count_record(put(ME, "bid", "b1", bid), p.followed)  # seen again: not counted
+    metrics.count_record(put(ME, "bid", "b1", _bid(5)), p.followed)  # seen again: not counted
     assert value(metrics.ROUNDS_OPENED, "first") == opened0 + 1
     assert value(metrics.BIDS_SEEN, "offer") == offers0 + 2
-    status = {"workload": ref, "round": 1, "slot": 0, "state": "running"}
+    status = {
+        "workload": _bid(0)["workload"],
+        "round": 1,
+        "slot": 0,
+        "state": "running",
+        "updatedAt": STAMP,
+    }
     for _ in range(2):
         ev = put(BOB_MESH, "workloadStatus", "s0", status)
         metrics.count_record(ev, p.followed)
@@ -182,24 +200,18 @@ def test_record_counters_count_rounds_bids_and_placements_once() -> None:
 
 def test_meshlets_show_both_directions_of_the_link_and_rounds_rank_the_bids() -> None:
     p = parts()
-    p.view.owners[BOB_MESH] = owner_record(BOB)  # bob's meshlet names bob; bob claims nothing
+    # bob's meshlet names bob as its owner, but bob has no meshlet record naming it.
+    p.view.apply(put(BOB_MESH, "meshletOwner", "self", owner_record(BOB_MESH, BOB)))
+    p.feed(put(OWNER, "workload", "3kweb", workload_value()))
     uri = f"at://{OWNER}/commune.scheduler.workload/3kweb"
-    p.feed(put(OWNER, "workload", "3kweb", {"name": "web", "replicas": 1}))
-    ref = {"uri": uri, "cid": "bafyx"}
-    for did, prio in ((ME, 1), (BOB_MESH, 7)):
-        p.feed(
-            put(
-                did,
-                "bid",
-                f"b{prio}",
-                {"workload": ref, "round": 0, "priority": prio, "slots": 1, "createdAt": "x"},
-            )
-        )
+    p.feed(put(ME, "bid", "b1", _bid(1)), put(BOB_MESH, "bid", "b7", _bid(7)))
     rows = {m["meshletDid"]: m for m in p.read.meshlets()}
     assert rows[ME]["self"] and rows[ME]["verified"]
+    assert BOB_MESH not in rows  # nobody claims it: not a member's meshlet
     (r0,) = p.read.rounds(uri)["rounds"]
     assert [b["meshletDid"] for b in r0["bids"]] == [BOB_MESH, ME]  # higher priority first
-    assert r0["slot"] == -1
+    assert r0["slot"] == -1 and not r0["bids"][0]["eligible"]
+    assert p.read.workload_record(uri)["kind"] == "service"
 
 
 def test_shown_escapes_controls_and_bidi_but_keeps_text() -> None:
