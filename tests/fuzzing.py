@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 
 from meshletd.atproto.frames import FrameDecoder, Interest, RepoMirror
 from meshletd.atproto.lexicon import default_lexicons
+from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.atproto.testing import FakeRepo, frame
-from meshletd.core.records import Workload, record_from_json, record_to_json
+from meshletd.core.records import Workload
 from meshletd.errors import InvalidRecord
 from meshletd.sim import world
 
@@ -222,9 +223,9 @@ def runtime_refusal(wl: Workload, value: dict[str, Any]) -> str | None:
     from meshletd.daemon.engine import replica_spec
     from meshletd.runtime.spec import InvalidReplicaSpec, validate_spec
 
-    secrets = {ref["name"]: b"s" for ref in value.get("secrets", ())}
+    secrets = {ref.name: b"s" for ref in wl.secrets}
     try:
-        validate_spec(replica_spec(StartReplica(wl, 0, 0), value, secrets, "alice.example.com"))
+        validate_spec(replica_spec(StartReplica(wl, 0, 0), secrets, "alice.example.com"))
     except InvalidReplicaSpec as e:
         return e.message
     return None

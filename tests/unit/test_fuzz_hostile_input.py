@@ -4,7 +4,6 @@ is reproducible (`dev/bench fuzz` runs the same drivers longer with a seed it pr
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
@@ -35,10 +34,6 @@ def test_generated_records_never_crash_a_meshlet_or_break_placement(values, sim_
     assert tally.admitted + tally.refused == tally.tried
 
 
-@pytest.mark.xfail(
-    reason="issue #15 point 1 (arch-core): rounds for any createdAt; passes once that is in",
-    strict=False,
-)
 @seed(20261205)
 @settings(FUZZ, phases=[Phase.explicit, Phase.generate])  # no shrinking while it is known
 @given(st.lists(workload_values(created_at_extreme), min_size=1, max_size=6), st.integers(0, 99))
