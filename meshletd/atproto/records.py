@@ -343,6 +343,14 @@ def record_from_json(
     return None
 
 
+def _resources(milli_cpu: int, memory_mib: int, storage_mib: int) -> JsonObject:
+    """A commune.scheduler.defs#resources value (storageMiB only when not its default 0)."""
+    out: JsonObject = {"milliCpu": milli_cpu, "memoryMiB": memory_mib}
+    if storage_mib:
+        out["storageMiB"] = storage_mib
+    return out
+
+
 def _put(out: JsonObject, key: str, value: Any) -> None:
     if value is not None:
         out[key] = value
@@ -383,9 +391,7 @@ def record_to_json(record: Record) -> JsonObject:
             out["finishedAt"] = format_datetime_ms(record.finished_at)
         return out
     if isinstance(record, Workload):
-        res: JsonObject = {"milliCpu": record.milli_cpu, "memoryMiB": record.memory_mib}
-        if record.storage_mib:
-            res["storageMiB"] = record.storage_mib
+        res = _resources(record.milli_cpu, record.memory_mib, record.storage_mib)
         out = {
             "$type": NSID_WORKLOAD,
             "name": record.name,
@@ -450,11 +456,8 @@ def record_to_json(record: Record) -> JsonObject:
         more = extra.pop("capacity", None)
         cap: JsonObject = {
             **(more if isinstance(more, dict) else {}),
-            "milliCpu": record.milli_cpu,
-            "memoryMiB": record.memory_mib,
+            **_resources(record.milli_cpu, record.memory_mib, record.storage_mib),
         }
-        if record.storage_mib:
-            cap["storageMiB"] = record.storage_mib
         out = {
             **extra,
             "$type": NSID_MESHLET_OWNER,

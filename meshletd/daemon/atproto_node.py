@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from meshletd import metrics
 from meshletd.atproto.cluster import ClusterFormation, ConfiguredClusters
 from meshletd.atproto.firehose import Firehose, RecordEvent
 from meshletd.atproto.frames import Refusal
@@ -258,6 +259,7 @@ class AtprotoNode:
     # -- records in, hints out (docs/protocol.md, section 17) ----------------------------
 
     def _on_record(self, ev: RecordEvent) -> None:
+        metrics.count_record(ev, self.followed)
         if self.engine is not None:
             self.engine.record_changed(ev)
         self.followed.apply(ev)
@@ -331,6 +333,15 @@ class AtprotoNode:
 
     def balance(self) -> dict[str, Any]:
         return self.read.balance(int(time.time() * 1000))
+
+    def meshlets(self) -> list[dict[str, Any]]:
+        return self.read.meshlets()
+
+    def rounds(self, uri: str) -> dict[str, Any]:
+        return self.read.rounds(uri)
+
+    def workload_record(self, uri: str) -> dict[str, Any]:
+        return self.read.workload_record(uri)
 
     async def handles(self) -> dict[str, str]:
         """DID -> handle for every DID this meshlet shows (itself, owners, members, their

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import trio
 
+from meshletd import metrics
 from meshletd.atproto.pds import Write
 from meshletd.atproto.records import record_to_json
 from meshletd.core.actions import (
@@ -200,14 +201,21 @@ class Engine:
                     record = self._own_record(record)
                 value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
+                metrics.count_write(a.collection, "create" if a.create else "update")
+                if a.collection.endswith(".bid"):
+                    offer = int(value.get("slots", 0)) >= 1
+                    metrics.BIDS_WRITTEN.labels("offer" if offer else "decline").inc()
                 self._submit_write(Write("put", a.collection, a.rkey, value))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
+                metrics.count_write(a.collection, "delete")
                 self._submit_write(Write("delete", a.collection, a.rkey))
             elif isinstance(a, StartReplica):
                 trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
+                metrics.ROUNDS_WON.labels(metrics.kind_of(a.round)).inc()
                 self._nursery.start_soon(self._start, a)
             elif isinstance(a, StopReplica):
+                metrics.REPLICA_STOPS.inc()
                 self._nursery.start_soon(self._stop, a)
             elif isinstance(a, ProbePeer):
                 self._nursery.start_soon(self._run_probe, a.meshlet)
@@ -306,4 +314,7 @@ class Engine:
                     ok = await self._probe(meshlet)
             except Exception:
                 ok = False
+        metrics.PROBES.inc()
+        if not ok:
+            metrics.PROBE_FAILURES.inc()
         self.feed(ProbeResult(meshlet, ok))

@@ -16,6 +16,7 @@ from typing import Any
 from meshletd.atproto.cluster import ConfiguredClusters, Member
 from meshletd.atproto.frames import Refusal
 from meshletd.core.fairshare import balances, meshlet_priority
+from meshletd.core.hashing import rendezvous_score
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.core.records import WorkloadStatus, format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
@@ -336,6 +337,133 @@ class ReadModel:
                 for r, bs in sorted(rounds.items())
             ],
         }
+
+    def workload_record(self, ref: str) -> dict[str, Any]:
+        """The workload record as its owner published it (kind, image, resources, ...)."""
+        from meshletd.atproto.records import record_to_json
+
+        return dict(record_to_json(self.followed.workloads[self.uri_of(ref)]))
+
+    def meshlets(self) -> list[dict[str, Any]]:
+        """Every meshlet an owner of our clusters claims, verified or not, for the web page:
+        its owner, whether the link holds both ways (the owner claims it, it names the owner
+        back) and whom it consents to, its state (`lost` while our probes suspect it), the
+        capacity it publishes and what the slots it holds take of it."""
+        cfg = self.local.cfg
+        members = self.view.all_members()
+        suspects = self._suspects()
+        slots = self._slots_by_meshlet()
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for owner in dict.fromkeys([self.local.owner, *cfg.members]):
+            claimed = set(self.view.claimed_meshlets(owner))
+            if owner == self.local.owner:
+                claimed.add(self.local.did)
+            for d in sorted(claimed):
+                if d in seen:
+                    continue
+                seen.add(d)
+                rec = self.view.owners.get(d)
+                state = rec.state if rec is not None else "unknown"
+                if d == self.local.did:
+                    state = self.local.state
+                elif d in suspects:
+                    state = "lost"
+                allocated = {"milliCpu": 0, "memoryMiB": 0}
+                for uri in slots.get(d, []):
+                    wl = self.followed.workloads.get(uri)
+                    if wl is not None:
+                        allocated["milliCpu"] += wl.milli_cpu
+                        allocated["memoryMiB"] += wl.memory_mib
+                if rec is not None:
+                    total = {"milliCpu": rec.milli_cpu, "memoryMiB": rec.memory_mib}
+                elif d == self.local.did:
+                    c = cfg.contribution
+                    total = {"milliCpu": c.milli_cpu, "memoryMiB": c.memory_mib}
+                else:
+                    total = {"milliCpu": 0, "memoryMiB": 0}
+                out.append(
+                    {
+                        "meshletDid": d,
+                        "ownerDid": owner,
+                        "self": d == self.local.did,
+                        "verified": d in members,
+                        "ownerClaims": d in self.view.claimed_meshlets(owner)
+                        or d == self.local.did,
+                        "namesOwner": rec is not None and rec.owner == owner,
+                        "consentsTo": sorted(self.view.consented_owners(d)),
+                        "state": state,
+                        "endpoint": (rec.endpoint or None) if rec is not None else None,
+                        "labels": sorted(rec.labels) if rec is not None else [],
+                        "capacity": total,
+                        "allocated": allocated,
+                        "slots": len(slots.get(d, [])),
+                        "reason": self.view.why_not(d, owner) or "",
+                    }
+                )
+        return out
+
+    def _slots_by_meshlet(self) -> dict[str, list[str]]:
+        """meshlet DID -> the workload URI of each slot it holds (the scheduler's placement
+        when it schedules, else the live statuses it reports)."""
+        out: dict[str, list[str]] = {}
+        engine = self.local.engine
+        if engine is not None:
+            for uri, owners in engine.scheduler.placement().items():
+                for owner in owners:
+                    if owner is not None:
+                        out.setdefault(owner[1], []).append(uri)
+            return out
+        for uri, per in self.followed.statuses.items():
+            for s in per.values():
+                if s.state in _LIVE_STATES:
+                    out.setdefault(s.meshlet, []).append(uri)
+        return out
+
+    def rounds(self, ref: str) -> dict[str, Any]:
+        """Every round of a workload as the bids this meshlet has seen tell it: per round
+        and slot, each bid (priority, score, offered slots or a decline, the free capacity it
+        stated) and the winners (the slots' owners by the scheduler's placement, else the
+        meshlets that report a replica of that round). For the web page's "rounds,
+        explained"; ordering and scores are docs/protocol.md section 6's."""
+        uri = self.uri_of(ref)
+        members = self.view.all_members()
+        owners: dict[int, tuple[int, str]] = {}
+        engine = self.local.engine
+        if engine is not None:
+            placed = engine.scheduler.placement().get(uri) or ()
+            owners = {s: (o[0], o[1]) for s, o in enumerate(placed) if o is not None}
+        reported: dict[tuple[int, int], set[str]] = {}
+        for st in self.followed.statuses.get(uri, {}).values():
+            reported.setdefault((st.round, st.slot), set()).add(st.meshlet)
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for b in self.followed.bids.get(uri, {}).values():
+            slot = b.slot if b.round > 0 else -1
+            groups.setdefault((b.round, slot), []).append(
+                {
+                    "meshletDid": b.meshlet,
+                    "priority": b.priority,
+                    "score": rendezvous_score(uri, b.round, slot, b.meshlet),
+                    "slots": b.slots,
+                    "free": {"milliCpu": b.free_milli_cpu, "memoryMiB": b.free_memory_mib},
+                    "createdAt": format_datetime_ms(b.created_at),
+                    "eligible": b.meshlet in members,
+                }
+            )
+        out = []
+        for (rnd, slot), bids in sorted(groups.items()):
+            bids.sort(key=lambda b: (-b["priority"], b["score"]))
+            # The hosts' reports tell past rounds (a slot since moved on); the scheduler's
+            # placement, where it has one, is the word for the rounds that own slots now.
+            won: dict[int, str] = {}
+            for (srnd, s), ms in reported.items():
+                if srnd == rnd and (slot == -1 or s == slot):
+                    won[s] = sorted(ms)[0]
+            for s, (ornd, m) in owners.items():
+                if ornd == rnd and (slot == -1 or s == slot):
+                    won[s] = m
+            out.append({"round": rnd, "slot": slot, "bids": bids, "winners": won})
+        return {"workload": uri, "rounds": out}
 
     def balance(self, now_ms: int) -> dict[str, Any]:
         """The fair-share ledger from the usage records seen, with the core's own formula."""

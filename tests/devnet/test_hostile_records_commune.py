@@ -10,6 +10,7 @@ runs on two meshlets, and each invalid record is listed to its owner with field 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,17 @@ class Meshletd:
             self.proc.wait()
 
 
+def _deep_json(value: dict) -> bytes:
+    """JSON of a record nested up to ~1000 levels: the encoder recurses once per level, and
+    pytest and trio already hold part of the default stack budget."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:
+        return json.dumps(value).encode()
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 async def put_record(account, collection: str, rkey: str, value: dict) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         r = await http.post(
@@ -143,10 +155,11 @@ async def put_record(account, collection: str, rkey: str, value: dict) -> None:
         )
         assert r.status_code == 200, r.text
         jwt = r.json()["accessJwt"]
+        body = {"repo": account.did, "collection": collection, "rkey": rkey, "record": value}
         r = await http.post(
             f"{account.pds_url}/xrpc/com.atproto.repo.putRecord",
-            json={"repo": account.did, "collection": collection, "rkey": rkey, "record": value},
-            headers={"authorization": f"Bearer {jwt}"},
+            content=_deep_json(body),
+            headers={"authorization": f"Bearer {jwt}", "content-type": "application/json"},
         )
         assert r.status_code == 200, r.text  # the PDS stores what it does not know
 
