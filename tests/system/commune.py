@@ -98,6 +98,7 @@ class Meshlet:
     members: list[str]
     contribution: dict[str, int]
     scheduling: dict[str, int] = field(default_factory=dict)
+    web_port: int = 0  # the page (`[web] listen`): its own loopback port per host
 
     @property
     def did(self) -> str:
@@ -110,6 +111,10 @@ class Meshlet:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
 
     def config(self, devnet: Any) -> str:
         members = ", ".join(f'"{d}"' for d in self.members)
@@ -129,6 +134,8 @@ class Meshlet:
             *(f"{k} = {v}" for k, v in self.contribution.items()),
             "[listen]",
             f'xrpc = "127.0.0.1:{self.port}"',
+            "[web]",
+            f'listen = "127.0.0.1:{self.web_port}"',
         ]
         if self.scheduling:
             lines += ["[scheduling]", *(f"{k} = {v}" for k, v in self.scheduling.items())]
@@ -270,6 +277,7 @@ class Commune:
                 others,
                 dict(contribution),
                 dict(scheduling or {}),
+                web_port=free_port(),
             )
         commune = cls(
             devnet, meshlets, trace=trace, packaged_restart=crash_hook, crash_hook=crash_hook
