@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from meshletd.atproto.cluster import ClusterFormation, ClusterView
+from meshletd.atproto.cluster import ClusterFormation, ConfiguredClusters
 from meshletd.atproto.identity import IdentityError, IdentityUnreachable
 
 ME, OWNER, BOB, GONE = "did:plc:me", "did:plc:owner", "did:plc:bob", "did:plc:gone"
@@ -51,7 +51,7 @@ class FakeFirehose:
 async def test_the_start_up_batch_waits_for_every_repo_and_retries_with_backoff(
     autojump_clock: Any,
 ) -> None:
-    view = ClusterView.create(ME, OWNER, {"c": [BOB, GONE]})
+    view = ConfiguredClusters.create(ME, OWNER, {"c": [BOB, GONE]})
     fake = FakeFirehose(unreachable_reads={ME: 3}, absent={GONE})
     formation = ClusterFormation(view, lambda sink: fake)  # type: ignore[arg-type,return-value]
     batches: list[list[Any]] = []
@@ -71,7 +71,7 @@ async def test_the_start_up_batch_waits_for_every_repo_and_retries_with_backoff(
 
 
 async def test_a_plc_outage_holds_the_view_back(autojump_clock: Any) -> None:
-    view = ClusterView.create(ME, OWNER, {"c": ["did:plc:plcdown"]})
+    view = ConfiguredClusters.create(ME, OWNER, {"c": ["did:plc:plcdown"]})
     fake = FakeFirehose(unreachable_reads={}, absent=set())
     formation = ClusterFormation(view, lambda sink: fake)  # type: ignore[arg-type,return-value]
     async with trio.open_nursery() as nursery:

@@ -214,7 +214,6 @@ async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_an
     async with trio.open_nursery() as old:
         first = await start(old, machine, writes)
         ev = workload(int((T0 + trio.current_time()) * 1000))
-        first.raw[ev.uri] = ev.record
         first.record_changed(ev)
         await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
         await trio.sleep(2)
@@ -226,7 +225,6 @@ async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_an
     # answered yet) it neither stops nor restarts it, whatever time passes.
     second_writes: list[Write] = []
     second = await start(nursery, machine, second_writes, complete=False)
-    second.raw[ev.uri] = ev.record
     assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
     await trio.sleep(120)
     assert second.handled == 0 and second_writes == []
@@ -253,14 +251,12 @@ async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_compl
         assert ev.record is not None
         ev.record["kind"] = "job"
         ev.record["restartPolicy"] = "never"
-        first.raw[ev.uri] = ev.record
         first.record_changed(ev)
         await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
         await trio.sleep(2)
         old.cancel_scope.cancel()
     second_writes: list[Write] = []
     second = await start(nursery, machine, second_writes, complete=False)
-    second.raw[ev.uri] = ev.record
     machine.end(next(iter(machine.containers)), 3)  # the job ends while the PDS is away
     await trio.sleep(30)
     assert second_writes == []
@@ -290,7 +286,6 @@ async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the
         assert ev.record is not None
         ev.record["kind"] = "job"
         ev.record["restartPolicy"] = "never"
-        first.raw[ev.uri] = ev.record
         first.record_changed(ev)
         await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
         await trio.sleep(2)
@@ -298,7 +293,6 @@ async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the
     machine.end(next(iter(machine.containers)), 3)  # the job ends while meshletd is down
     second_writes: list[Write] = []
     second = await start(nursery, machine, second_writes, complete=False)
-    second.raw[ev.uri] = ev.record
     second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
 
     def final() -> list[dict[str, Any]]:
