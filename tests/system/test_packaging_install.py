@@ -364,7 +364,8 @@ def test_enable_now_starts_meshletd_against_the_local_network_and_status_answers
 
 # The image without a registry: busybox-static from Debian, imported as user meshlet.
 IMPORT_IMAGE = (
-    "apt-get -o DPkg::Lock::Timeout=600 install -y -q busybox-static >/dev/null && d=$(mktemp -d /tmp/bb.XXXXXX)"
+    "apt-get -o DPkg::Lock::Timeout=600 install -y -q busybox-static >/dev/null"
+    " && d=$(mktemp -d /tmp/bb.XXXXXX)"
     " && mkdir -p $d/bin && cp /bin/busybox $d/bin/"
     " && for a in $(/bin/busybox --list); do [ $a = busybox ] || ln -s busybox $d/bin/$a; done"
     " && tar -C $d -cf /tmp/bb.tar . && chmod 644 /tmp/bb.tar && cd /tmp"
