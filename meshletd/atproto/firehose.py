@@ -56,6 +56,7 @@ COMMUNE_COLLECTIONS = frozenset(
         "commune.scheduler.bid",
         "commune.scheduler.workloadStatus",
         "commune.scheduler.usage",
+        "commune.scheduler.lease",
     }
 )
 

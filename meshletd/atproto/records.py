@@ -24,6 +24,7 @@ WORKLOAD = f"{NS}.workload"
 BID = f"{NS}.bid"
 WORKLOAD_STATUS = f"{NS}.workloadStatus"
 USAGE = f"{NS}.usage"
+LEASE = f"{NS}.lease"
 
 MeshletState = Literal["active", "draining"] | str
 ReplicaState = (
@@ -205,8 +206,18 @@ class Usage(Record):
     created_at: str = Field(default_factory=now_datetime)
 
 
+class Lease(Record):
+    """The liveness of a meshlet without endpoint (docs/protocol.md, section 8)."""
+
+    NSID: ClassVar[str] = LEASE
+    renewed_at: str
+    valid_ms: int
+    created_at: str = Field(default_factory=now_datetime)
+
+
 RECORD_MODELS: dict[str, type[Record]] = {
-    m.NSID: m for m in (Meshlet, MeshletOwner, Membership, Workload, Bid, WorkloadStatus, Usage)
+    m.NSID: m
+    for m in (Meshlet, MeshletOwner, Membership, Workload, Bid, WorkloadStatus, Usage, Lease)
 }
 
 # Objects from commune.scheduler.defs, by def name, for the model-vs-lexicon test.

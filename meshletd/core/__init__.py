@@ -27,6 +27,7 @@ from .fairshare import balances, decay, meshlet_priority
 from .hashing import is_candidate, rendezvous_score
 from .records import (
     Bid,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -49,6 +50,7 @@ __all__ = [
     "Bid",
     "DeleteRecord",
     "Event",
+    "Lease",
     "Membership",
     "MeshletIdentity",
     "MeshletLink",

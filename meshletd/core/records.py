@@ -20,6 +20,7 @@ NSID_USAGE = "commune.scheduler.usage"
 NSID_MEMBERSHIP = "commune.scheduler.membership"
 NSID_MESHLET_OWNER = "commune.scheduler.meshletOwner"
 NSID_MESHLET = "commune.scheduler.meshlet"
+NSID_LEASE = "commune.scheduler.lease"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -182,7 +183,18 @@ class MeshletLink:
     meshlet: str
 
 
-Record = Workload | Bid | WorkloadStatus | Usage | Membership | MeshletOwner | MeshletLink
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The liveness of a meshlet that publishes no endpoint (meshlet repo, rkey self).
+    JSON: renewedAt, validMs, createdAt (docs/protocol.md, section 8)."""
+
+    uri: str
+    meshlet: str
+    renewed_at: int
+    valid_ms: int
+
+
+Record = Workload | Bid | WorkloadStatus | Usage | Membership | MeshletOwner | MeshletLink | Lease
 
 COLLECTION_OF: dict[type, str] = {
     Workload: NSID_WORKLOAD,
@@ -192,6 +204,7 @@ COLLECTION_OF: dict[type, str] = {
     Membership: NSID_MEMBERSHIP,
     MeshletOwner: NSID_MESHLET_OWNER,
     MeshletLink: NSID_MESHLET,
+    Lease: NSID_LEASE,
 }
 
 
@@ -319,12 +332,22 @@ def record_from_json(uri: str, cid: str, value: dict[str, Any]) -> Record | None
         )
     if collection == NSID_MESHLET:
         return MeshletLink(uri=uri, owner=repo, meshlet=value["meshletDid"])
+    if collection == NSID_LEASE:
+        valid = int(value["validMs"])
+        if valid < 1:
+            raise ValueError("validMs must be positive")
+        return Lease(
+            uri=uri,
+            meshlet=repo,
+            renewed_at=parse_datetime_ms(value["renewedAt"]),
+            valid_ms=valid,
+        )
     return None
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
     """The JSON value (with $type) of a record the meshlet writes: bid, status, usage,
-    meshletOwner, membership."""
+    meshletOwner, membership, lease."""
     if isinstance(record, Bid):
         out: dict[str, Any] = {
             "$type": NSID_BID,
@@ -399,6 +422,13 @@ def record_to_json(record: Record) -> dict[str, Any]:
             "members": sorted(record.members),
             "createdAt": format_datetime_ms(0),
         }
+    if isinstance(record, Lease):
+        return {
+            "$type": NSID_LEASE,
+            "renewedAt": format_datetime_ms(record.renewed_at),
+            "validMs": record.valid_ms,
+            "createdAt": format_datetime_ms(record.renewed_at),
+        }
     raise TypeError(f"meshletd does not write {type(record).__name__} records")
 
 
@@ -406,6 +436,7 @@ __all__ = [
     "COLLECTION_OF",
     "MAX_DRAINS",
     "Bid",
+    "Lease",
     "Membership",
     "MeshletLink",
     "MeshletOwner",
