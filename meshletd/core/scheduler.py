@@ -36,11 +36,13 @@ from .hashing import is_candidate, own_score, rendezvous_score, watch_score
 from .records import (
     MAX_DRAINS,
     NSID_BID,
+    NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
     Bid,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -52,7 +54,7 @@ from .records import (
     format_datetime_ms,
     split_at_uri,
 )
-from .timing import DEFAULT_TIMING, Timing
+from .timing import DEFAULT_TIMING, LEASE_MAX_VALID_MS, Timing
 
 Owner = tuple[int, str]  # (round, meshlet DID) that owns a slot
 TERMINAL = frozenset({"succeeded", "failed"})
@@ -72,6 +74,9 @@ class MeshletIdentity:
     arch: str = "amd64"
     labels: frozenset[str] = frozenset()
     endpoint: str = ""
+    lease: bool = False
+    """Nobody can reach us (no endpoint, behind NAT): we write a lease every
+    `lease_renew_ms` and our watchers judge us by it (docs/protocol.md, section 8)."""
 
 
 _UNKNOWN: Any = object()  # not in the host table yet
@@ -182,6 +187,9 @@ class Scheduler:
         self.suspects: set[str] = set()
         self._next_probe = 0
         self._next_scan = 0
+        # peers without endpoint are judged by their lease (docs/protocol.md, section 8)
+        self._leases: dict[str, tuple[int, int]] = {}  # peer -> (renewedAt, fresh until)
+        self._next_lease: int | None = None  # when we renew ours (None: we have an endpoint)
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[tuple[str, int], tuple[int, Owner]] = {}
         # fair share
@@ -520,6 +528,8 @@ class Scheduler:
                 self.draining = rec.state == "draining"
                 self.draining_since = rec.state_since
             self._cluster_changed()
+        elif isinstance(rec, Lease):
+            self._on_lease(rec)
         elif isinstance(rec, MeshletLink):
             self.cluster.put_link(rec)
             self._cluster_changed()
@@ -1153,6 +1163,54 @@ class Scheduler:
         self._watch_key = key
         return out
 
+    def _probe_round(self) -> None:
+        """Probe the watched peers; a peer that publishes no endpoint and has a lease cannot
+        be probed, its lease answers for it (docs/protocol.md, section 8). A peer without
+        either (an older meshletd) is probed, and fails, as before."""
+        self._watch_list()
+        if not self._leases:
+            self._out.extend(self._probes)
+            return
+        owners = self.cluster.owners
+        for probe in self._probes:
+            m = probe.meshlet
+            o = owners.get(m)
+            if m in self._leases and o is not None and not o.endpoint:
+                self._on_probe(ProbeResult(m, self._lease_fresh(m)))
+            else:
+                self._out.append(probe)
+
+    def _on_lease(self, rec: Lease) -> None:
+        """A peer's lease: fresh until min(renewedAt, when we first saw it) + validMs
+        (capped). `seen` bounds a lease stamped by a clock running fast, `renewedAt` one we
+        receive late (anti-entropy, our own start): neither is a sign of life now."""
+        self._note_mine(rec.uri)
+        old = self._leases.get(rec.meshlet)
+        if old is not None and old[0] >= rec.renewed_at:
+            return  # the same renewal again, or an older one
+        seen = self.now if self.now > 0 else rec.renewed_at
+        until = min(rec.renewed_at, seen) + min(rec.valid_ms, LEASE_MAX_VALID_MS)
+        self._leases[rec.meshlet] = (rec.renewed_at, until)
+
+    def _lease_fresh(self, meshlet: str) -> bool:
+        got = self._leases.get(meshlet)
+        return got is not None and self.now <= got[1]
+
+    def _renew_lease(self) -> None:
+        """Without an endpoint nobody can probe us: our lease says we are alive."""
+        t = self.t
+        self._next_lease = self.now + t.lease_renew_ms
+        self._put(
+            NSID_LEASE,
+            "self",
+            Lease(
+                uri=at_uri(self.me.did, NSID_LEASE, "self"),
+                meshlet=self.me.did,
+                renewed_at=self.now,
+                valid_ms=min(t.lease_valid_ms, LEASE_MAX_VALID_MS),
+            ),
+        )
+
     def _on_probe(self, p: ProbeResult) -> None:
         if p.ok:
             self._probed[p.meshlet] = self.now
@@ -1287,10 +1345,11 @@ class Scheduler:
         if self._reserved:
             for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
                 del self._reserved[rkey3]
+        if self.me.lease and (self._next_lease is None or now >= self._next_lease):
+            self._renew_lease()
         if now >= self._next_probe:
             self._next_probe = now + self.t.probe_interval_ms
-            self._watch_list()
-            self._out.extend(self._probes)
+            self._probe_round()
         if now >= self._next_scan:
             self._next_scan = now + self.t.reopen_backoff_ms // 2
             lost = set() if self._isolated() else set(self.suspects)
@@ -1361,6 +1420,8 @@ class Scheduler:
             return
         self._resched = False
         nxt = [self._next_probe, self._next_scan]
+        if self._next_lease is not None:
+            nxt.append(self._next_lease)
         if self._closes:
             nxt.append(self._closes[0][0])
         if self._wakes:

@@ -190,6 +190,8 @@ class AtprotoNode:
             arch=self.cfg.arch or _machine_arch(),
             labels=frozenset(self.cfg.labels),
             endpoint=self.cfg.public_endpoint or "",
+            # Without an endpoint nobody can probe us: a lease says we live (protocol §8).
+            lease=not self.cfg.public_endpoint,
         )
         self.writes = WriteQueue(
             self.meshlet_pds, journal=StoreJournal(self._store), prime=(BID, STATUS, USAGE)
