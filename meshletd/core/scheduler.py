@@ -189,6 +189,8 @@ class Scheduler:
         self._next_scan = 0
         # peers without endpoint are judged by their lease (docs/protocol.md, section 8)
         self._leases: dict[str, tuple[int, int]] = {}  # peer -> (renewedAt, fresh until)
+        self._lease_news = 0  # when a lease renewal last reached us (anyone's, ours too)
+        self._fail_since: dict[str, int] = {}  # peer -> first failure of its current streak
         self._next_lease: int | None = None  # when we renew ours (None: we have an endpoint)
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[tuple[str, int], tuple[int, Owner]] = {}
@@ -1166,24 +1168,51 @@ class Scheduler:
     def _probe_round(self) -> None:
         """Probe the watched peers; a peer that publishes no endpoint and has a lease cannot
         be probed, its lease answers for it (docs/protocol.md, section 8). A peer without
-        either (an older meshletd) is probed, and fails, as before."""
+        either (an older meshletd) is probed, and fails, as before.
+
+        An expired lease counts as a failure only when we know our own view is current: a
+        peer we probe answered recently, or a lease renewal (anyone's, our own included)
+        reached us after that lease expired. Otherwise its silence may be ours (we are cut
+        off from the PDSes), and it counts as nothing."""
         self._watch_list()
         if not self._leases:
             self._out.extend(self._probes)
             return
-        owners = self.cluster.owners
+        connected: bool | None = None
         for probe in self._probes:
             m = probe.meshlet
-            o = owners.get(m)
-            if m in self._leases and o is not None and not o.endpoint:
-                self._on_probe(ProbeResult(m, self._lease_fresh(m)))
-            else:
+            if not self._lease_judged(m):
                 self._out.append(probe)
+                continue
+            until = self._leases[m][1]
+            if self.now <= until:
+                self._on_probe(ProbeResult(m, True))
+                continue
+            if connected is None:
+                connected = any(self._answered(p) for p in self._probed_peers())
+            if connected or self._lease_news > until:
+                self._on_probe(ProbeResult(m, False))
+
+    def _lease_judged(self, meshlet: str) -> bool:
+        """A peer that publishes no endpoint and has a lease: judged by it, never probed."""
+        if meshlet not in self._leases:
+            return False
+        o = self.cluster.owners.get(meshlet)
+        return o is not None and not o.endpoint
+
+    def _probed_peers(self) -> list[str]:
+        return [m for m in self._watch_list() if not self._lease_judged(m)]
+
+    def _answered(self, meshlet: str) -> bool:
+        """The peer answered its latest probe, within `probe_failures` probe intervals."""
+        since = self.now - self.t.probe_failures * self.t.probe_interval_ms
+        return self._probed.get(meshlet, since - 1) >= since and not self._fails.get(meshlet)
 
     def _on_lease(self, rec: Lease) -> None:
         """A peer's lease: fresh until min(renewedAt, when we first saw it) + validMs
         (capped). `seen` bounds a lease stamped by a clock running fast, `renewedAt` one we
-        receive late (anti-entropy, our own start): neither is a sign of life now."""
+        receive late (anti-entropy, our own start): neither is a sign of life now. A new
+        renewal, ours included, also shows that what others write reaches us."""
         self._note_mine(rec.uri)
         old = self._leases.get(rec.meshlet)
         if old is not None and old[0] >= rec.renewed_at:
@@ -1191,6 +1220,7 @@ class Scheduler:
         seen = self.now if self.now > 0 else rec.renewed_at
         until = min(rec.renewed_at, seen) + min(rec.valid_ms, LEASE_MAX_VALID_MS)
         self._leases[rec.meshlet] = (rec.renewed_at, until)
+        self._lease_news = self.now
 
     def _lease_fresh(self, meshlet: str) -> bool:
         got = self._leases.get(meshlet)
@@ -1221,6 +1251,8 @@ class Scheduler:
             return
         n = self._fails.get(p.meshlet, 0) + 1
         self._fails[p.meshlet] = n
+        if n == 1:
+            self._fail_since[p.meshlet] = self.now
         if n >= self.t.probe_failures and p.meshlet not in self.suspects:
             self.suspects.add(p.meshlet)
             self._suspect_changes += 1
@@ -1242,9 +1274,22 @@ class Scheduler:
         answered = self._probed
         fails = self._fails
         since = self.now - self.t.probe_failures * self.t.probe_interval_ms
-        return len(watched) > 1 and not any(
-            answered.get(m, since - 1) >= since and fails.get(m, 0) == 0 for m in watched
-        )
+        if not self._leases:
+            return len(watched) > 1 and not any(
+                answered.get(m, since - 1) >= since and fails.get(m, 0) == 0 for m in watched
+            )
+        # A fresh lease shows its writer was alive up to validMs ago, not that we are
+        # connected now: only probes answer that (chaos with half the hosts behind NAT: a
+        # cut-off watcher whose leased peers still looked fresh suspected its probed peers
+        # and opened rounds while cut off). With one probed peer only, its failures are its
+        # fault, not ours, once a lease renewal reached us after they began; with none,
+        # _probe_round already counts an expired lease only when our view is current.
+        probed = self._probed_peers()
+        if len(probed) >= 2:
+            return not any(self._answered(m) for m in probed)
+        if len(watched) < 2 or not probed or self._answered(probed[0]):
+            return False
+        return self._lease_news <= self._fail_since.get(probed[0], self.now)
 
     def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
         """Open replacement rounds for slots owned by lost/draining hosts we answer for."""

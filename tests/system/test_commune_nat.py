@@ -33,11 +33,13 @@ pytestmark = pytest.mark.skipif(
 LEASE_RENEW_MS = 5_000
 LEASE_VALID_MS = 12_000
 SCHEDULING = {"lease_renew_ms": LEASE_RENEW_MS, "lease_valid_ms": LEASE_VALID_MS}
-# docs/protocol.md section 8: detection <= V + 3 probe intervals, then the replacement
-# round (W + settle = 3 s, less with early close), then the start. The test allows 15 s
-# more for a loaded 2-core machine (the e2e's reachable-host failover allows 5 s).
+# docs/protocol.md section 8: detection <= V + 3 probe intervals (+ R when no watcher
+# can probe anyone: it waits for a renewal to show its own view is current), then the
+# replacement round (W + settle = 3 s, less with early close), then the start (~3 s here).
+# The test allows 15 s more for a loaded 2-core machine.
 NAT_FAILOVER_BOUND_S = LEASE_VALID_MS / 1000 + 3 + 3 + 3
-NAT_FAILOVER_LIMIT_S = NAT_FAILOVER_BOUND_S + 15
+ALL_NAT_FAILOVER_BOUND_S = NAT_FAILOVER_BOUND_S + LEASE_RENEW_MS / 1000
+MARGIN_S = 15
 HEALTHY_WATCH_S = 45  # many lease renewals and expiries of a lease not renewed
 BID = "commune.scheduler.bid"
 LEASE = "commune.scheduler.lease"
@@ -79,7 +81,8 @@ def all_behind_nat(devnet: Any) -> Iterator[Commune]:
 
 def list_records(pds_url: str, repo: str, collection: str) -> list[dict[str, Any]]:
     q = urllib.parse.urlencode({"repo": repo, "collection": collection, "limit": "100"})
-    with urllib.request.urlopen(f"{pds_url}/xrpc/com.atproto.repo.listRecords?{q}", 10) as r:
+    url = f"{pds_url}/xrpc/com.atproto.repo.listRecords?{q}"
+    with urllib.request.urlopen(url, timeout=10) as r:
         return list(json.load(r)["records"])
 
 
@@ -130,7 +133,7 @@ def run_service(commune: Commune, person: str, name: str, replicas: int, *extra:
 
 
 def power_off_and_time_failover(
-    commune: Commune, uri: str, n: int, victim: Meshlet
+    commune: Commune, uri: str, n: int, victim: Meshlet, limit_s: float
 ) -> tuple[float, dict[int, str]]:
     """Pull the plug on victim's host; seconds until systemd started its slot elsewhere."""
     before = wait_for(lambda: agreed(commune, uri, n), 60, "a running placement")
@@ -143,7 +146,7 @@ def power_off_and_time_failover(
         now = agreed(commune, uri, n, watchers)
         return now if now and victim.did not in now.values() else None
 
-    after = wait_for(replaced, NAT_FAILOVER_LIMIT_S + 60, f"slot {lost} to run elsewhere")
+    after = wait_for(replaced, limit_s + 60, f"slot {lost} to run elsewhere")
     new_host = commune.by_did(after[lost])
     rkey = uri.rsplit("/", 1)[1]
     units = [u for u in new_host.replica_units() if rkey in u]
@@ -208,12 +211,13 @@ def test_a_meshlet_behind_nat_that_dies_is_replaced_within_the_lease_bound(
 ) -> None:
     c = carol_behind_nat
     uri = shared.get("uri") or pytest.fail("no service from the previous test", False)
-    elapsed, after = power_off_and_time_failover(c, uri, 3, c["carol"])
+    limit = NAT_FAILOVER_BOUND_S + MARGIN_S
+    elapsed, after = power_off_and_time_failover(c, uri, 3, c["carol"], limit)
     print(f"carol (behind NAT) powered off: replacement running after {elapsed:.1f} s")
     assert c["carol"].did not in after.values()
     # Not before her lease could expire: it was the lease, not a probe, that told.
     assert elapsed >= (LEASE_VALID_MS - LEASE_RENEW_MS) / 1000, elapsed
-    assert elapsed <= NAT_FAILOVER_LIMIT_S, (
+    assert elapsed <= limit, (
         f"replacement running after {elapsed:.1f} s (bound {NAT_FAILOVER_BOUND_S:.0f} s)"
     )
 
@@ -238,9 +242,10 @@ def test_a_commune_where_every_meshlet_is_behind_nat_runs_a_service_and_fails_ov
     assert replacement_bids(c, uri) == []
     hosting = [c.by_did(d) for d in first.values()]
     victim = next((m for m in hosting if m.person != "alice"), hosting[0])
-    elapsed, after = power_off_and_time_failover(c, uri, 2, victim)
+    limit = ALL_NAT_FAILOVER_BOUND_S + MARGIN_S
+    elapsed, after = power_off_and_time_failover(c, uri, 2, victim, limit)
     print(f"every host behind NAT, {victim.person} powered off: replaced after {elapsed:.1f} s")
     assert victim.did not in after.values()
-    assert elapsed <= NAT_FAILOVER_LIMIT_S, (
-        f"replacement running after {elapsed:.1f} s (bound {NAT_FAILOVER_BOUND_S:.0f} s)"
+    assert elapsed <= limit, (
+        f"replacement running after {elapsed:.1f} s (bound {ALL_NAT_FAILOVER_BOUND_S:.0f} s)"
     )

@@ -189,3 +189,46 @@ def test_a_commune_where_nobody_has_an_endpoint_watches_by_leases_alone() -> Non
     watchers = [c for c in cores[1:] if mesh(0) in c._watch_list()]
     assert watchers and all(mesh(0) in c.suspects for c in watchers)
     assert not any({mesh(1), mesh(2), mesh(3)} & c.suspects for c in cores[1:])
+
+
+def test_a_cut_off_watcher_opens_nothing_though_its_leased_peers_still_look_fresh() -> None:
+    """Chaos with half the hosts behind NAT: a watcher cut off from everything saw its
+    probed peers fail while its leased peers' leases were still fresh, took itself for
+    connected, and opened rounds against healthy hosts."""
+    core, _ = watcher_of(1, n=6, nat={0, 2})
+    watched = core._watch_list()
+    feed(core, [lease_of(i, CLOSE) for i in (0, 2)])
+    assert any(core._lease_judged(m) for m in watched)
+    assert len(core._probed_peers()) >= 2
+    opened = []
+    for k in range(1, 10):  # cut off: no probe answers, no records
+        out = core.handle(Tick(CLOSE + k * 1000))
+        for p in of(out, ProbePeer):
+            out += core.handle(ProbeResult(p.meshlet, ok=False))
+        opened += [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert core._isolated()
+    assert opened == []
+
+
+def test_an_expired_lease_is_no_failure_while_no_renewal_reaches_us() -> None:
+    """Every meshlet behind NAT and we are cut off from the PDSes: our peers' leases expire
+    one by one, but nothing shows that it is their silence and not ours."""
+    wl = workload(replicas=2, owner_i=3)
+    core = Scheduler(MeshletIdentity(mesh(3), owner(3), CPU, MEM, lease=True), TIMING)
+    core.handle(Tick(T0))
+    feed(core, [*without_endpoint(cluster_records(4), {0, 1, 2, 3}), wl])
+    feed(core, [bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
+    feed(core, [lease_of(i, CLOSE + 1000 * i) for i in range(4)])
+    opened = []
+    for k in range(1, 60):  # a minute cut off: nothing reaches us, our renewals included
+        out = core.handle(Tick(CLOSE + k * 1000))
+        assert of(out, ProbePeer) == []
+        opened += [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert core.suspects == set() and opened == []
+    # The cut heals: our own renewal comes back, proving what we see is current; mesh(0)
+    # really stopped renewing and is suspected, the others renewed meanwhile.
+    now = CLOSE + 60_000
+    feed(core, [lease_of(i, now) for i in (1, 2, 3)])
+    for k in range(1, 5):
+        core.handle(Tick(now + k * 1000))
+    assert core.suspects == {mesh(0)}
