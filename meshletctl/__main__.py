@@ -4,11 +4,6 @@ import sys
 
 
 def main() -> int:
-    from meshletctl.quick import route
-
-    code = route(sys.argv[1:])
-    if code is not None:
-        return code
     from meshletctl.cli import main as cli_main
 
     return cli_main()

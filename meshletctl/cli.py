@@ -1,16 +1,20 @@
-"""meshletctl commands (typer). Rendering (rich) and JSON are imported only when used,
-so `meshletctl status` stays fast to start."""
+"""meshletctl commands: typer is the only parser.
 
-from __future__ import annotations
+Start-up is on every command's path (`meshletctl status` has a 200 ms goal and `run` is on
+the publish -> running path), so this module imports only typer and the stdlib-only control
+client; rendering (rich, on first table), parsing of `run`'s options, logs and base64 are
+imported by the commands that use them. Measure with `python -X importtime -m meshletctl
+status` (docs/benchmarks.md, "One parser").
+"""
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
-from meshletctl import render
 from meshletctl.client import ControlClient
 from meshletd.errors import InvalidRequest, MeshletError, NotFound, TimedOut
 
@@ -48,10 +52,27 @@ def _client() -> ControlClient:
     return ControlClient(_State.socket)
 
 
-def fail(err: MeshletError, as_json: bool) -> typer.Exit:
-    """Report an error (stderr, or a JSON object on stdout with --json); its exit code."""
-    from meshletctl.quick import report
+def report(err: MeshletError, as_json: bool) -> int:
+    """Print an error the way every command does (stderr, escaped; or a JSON object on
+    stdout with --json, exact); return its exit code."""
+    if as_json:
+        print(json.dumps({"error": err.name, "message": err.message}))
+    else:
+        from meshletctl.render import safe
 
+        print(f"meshletctl: {safe(err.message)}", file=sys.stderr)
+    return err.exit_code
+
+
+def _say(line: str) -> None:
+    """Print one line of human output, escaped (it may hold others' strings)."""
+    from meshletctl.render import safe
+
+    print(safe(line))
+
+
+def fail(err: MeshletError, as_json: bool) -> typer.Exit:
+    """Report an error; the typer exit that carries its code."""
     return typer.Exit(report(err, as_json))
 
 
@@ -95,22 +116,27 @@ def handles(c: ControlClient) -> dict[str, str]:
 
 
 def _all_workloads(c: ControlClient, owner: str | None = None) -> list[dict[str, Any]]:
+    """Every workload record the daemon lists: its workload views, then the records it
+    ignores as invalid (`invalidWorkloadView`s, each with a `problem`: field and reason)."""
     out: list[dict[str, Any]] = []
+    invalid: list[dict[str, Any]] = []
     cursor = None
     while True:
         page = c.query("farm.meshlet.listWorkloads", owner=owner, limit=500, cursor=cursor)
         out.extend(page["workloads"])
+        invalid.extend(page.get("invalid", []))
         cursor = page.get("cursor")
         if not cursor:
-            return out
+            return out + invalid
 
 
 def resolve_workload(c: ControlClient, ref: str) -> str:
-    """An at:// URI as given, or the URI of this machine's owner's workload named `ref`."""
+    """An at:// URI as given, or the URI of this machine's owner's workload named `ref`
+    (an invalid record too: its owner may want to stop it)."""
     if ref.startswith("at://"):
         return ref
     owner = c.query(CTL + "getStatus")["ownerDid"]
-    matches = [w["uri"] for w in _all_workloads(c, owner=owner) if w["name"] == ref]
+    matches = [str(w["uri"]) for w in _all_workloads(c, owner=owner) if w.get("name") == ref]
     if not matches:
         raise NotFound(f"no workload named {ref!r} owned by {owner}")
     if len(matches) > 1:
@@ -121,16 +147,16 @@ def resolve_workload(c: ControlClient, ref: str) -> str:
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """This meshlet: identity, state, members, replicas, capacity."""
-    from meshletctl.quick import status as quick_status
+    from meshletctl import render
 
-    code = quick_status(as_json, _State.socket)
-    if code:
-        raise typer.Exit(code)
+    _run(as_json, lambda c: c.query(CTL + "getStatus"), render.status)
 
 
 @app.command()
 def members(as_json: JsonOpt = False) -> None:
     """Cluster members (owner DIDs) and whether they are mutually verified."""
+    from meshletctl import render
+
     _run_named(as_json, lambda c: c.query(CTL + "listMembers")["members"], render.members)
 
 
@@ -141,7 +167,9 @@ def workloads(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Workloads of this machine's owner and those running here (--all: the commune's)."""
+    """Workloads of this machine's owner and those running here (--all: the commune's);
+    records ignored as invalid are listed with the field and the reason."""
+    from meshletctl import render
 
     def fetch(c: ControlClient) -> list[dict[str, Any]]:
         items = _all_workloads(c)
@@ -158,6 +186,18 @@ def workloads(
     _run_named(
         as_json, fetch, lambda data, names: render.workloads(data, placements=all_, names=names)
     )
+
+
+def publish(c: ControlClient, record: dict[str, Any], secrets: list[tuple[str, bytes]]) -> Any:
+    """Store the secrets on the local meshlet, then publish the workload record."""
+    import base64
+
+    for sname, value in secrets:
+        c.procedure(
+            "farm.meshlet.putSecret",
+            {"name": sname, "value": {"$bytes": base64.b64encode(value).decode()}},
+        )
+    return c.procedure(CTL + "createWorkload", {"record": record})
 
 
 @app.command()
@@ -192,7 +232,6 @@ def run(
 ) -> None:
     """Publish a workload record in the owner's repo; the commune places its replicas."""
     from meshletctl import parse
-    from meshletctl.quick import publish
 
     try:
         record, secrets = parse.workload_record(
@@ -214,7 +253,7 @@ def run(
     _run(
         as_json,
         lambda c: publish(c, record, secrets),
-        lambda d: print(f"published {record['name']}: {d['uri']}"),
+        lambda d: _say(f"published {record['name']}: {d['uri']}"),
     )
 
 
@@ -230,7 +269,7 @@ def stop(
         c.procedure("farm.meshlet.deleteWorkload", {"uri": uri})
         return {"uri": uri, "stopped": True}
 
-    _run(as_json, fetch, lambda d: print(f"stopped {d['uri']}"))
+    _run(as_json, fetch, lambda d: _say(f"stopped {d['uri']}"))
 
 
 @app.command()
@@ -258,7 +297,10 @@ def logs(
 
             def query(n: int, cursor: str | None) -> dict[str, Any]:
                 more = {"cursor": cursor} if cursor is not None else {}
-                return c.query("farm.meshlet.getLogs", uri=uri, slot=slot, lines=n, **more)
+                got: dict[str, Any] = c.query(
+                    "farm.meshlet.getLogs", uri=uri, slot=slot, lines=n, **more
+                )
+                return got
 
             if not follow:
                 answer = query(lines, None)
@@ -302,13 +344,15 @@ def drain(
     if as_json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        print(f"state: {result['state']}" + (" (no replica left)" if wait else ""))
+        _say(f"state: {result['state']}" + (" (no replica left)" if wait else ""))
 
 
 def _wait_drained(c: ControlClient, deadline: float | None, show: bool) -> dict[str, Any]:
     start = time.monotonic()
     st = c.query(CTL + "getStatus")
     total = max(st["replicas"], 1)
+    from meshletctl import render
+
     with render.drain_progress(total, enabled=show) as progress:
         while True:
             st = c.query(CTL + "getStatus")
@@ -326,7 +370,7 @@ def undrain(as_json: JsonOpt = False) -> None:
     _run(
         as_json,
         lambda c: c.procedure("farm.meshlet.undrain", {}),
-        lambda d: print(f"state: {d['state']}"),
+        lambda d: _say(f"state: {d['state']}"),
     )
 
 
@@ -336,6 +380,8 @@ def bids(
     as_json: JsonOpt = False,
 ) -> None:
     """Rounds, bids and winners of a workload, and why they won."""
+    from meshletctl import render
+
     _run_named(
         as_json,
         lambda c: c.query(CTL + "getBids", uri=resolve_workload(c, workload)),
@@ -346,6 +392,8 @@ def bids(
 @app.command()
 def balance(as_json: JsonOpt = False) -> None:
     """The fair-share ledger: what each owner gave and took."""
+    from meshletctl import render
+
     _run_named(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
 
 
@@ -364,7 +412,7 @@ def version(as_json: JsonOpt = False) -> None:
         print(json.dumps({"meshletctl": __version__, "meshletd": daemon}))
     else:
         print(f"meshletctl {__version__}")
-        print(f"meshletd {daemon}" if daemon else "meshletd not reachable")
+        _say(f"meshletd {daemon}" if daemon else "meshletd not reachable")
 
 
 def main() -> int:

@@ -70,10 +70,13 @@ def _overlap(before: list[Entry], after: list[Entry]) -> int:
 
 def text(entry: Entry, timestamps: bool) -> str:
     """A line as printed: plain, or after its RFC 3339 time (like `kubectl logs
-    --timestamps`); a line whose meshlet gave no time is printed plain."""
+    --timestamps`); a line whose meshlet gave no time is printed plain. Control and bidi
+    characters are escaped (`render.safe`; tabs are kept): `--json` has the exact line."""
+    from meshletctl.render import safe
+
     if timestamps and entry.get("time"):
-        return f"{entry['time']} {entry['line']}"
-    return entry["line"]
+        return f"{safe(entry['time'])} {safe(entry['line'], keep_tab=True)}"
+    return safe(entry["line"], keep_tab=True)
 
 
 def json_line(entry: Entry) -> str:

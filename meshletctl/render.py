@@ -1,10 +1,35 @@
-"""Human output of meshletctl: rich tables (rich is imported on first use)."""
+"""Human output of meshletctl: rich tables (rich is imported on first use).
+
+Every string shown here may come from another person (workload names, DIDs, reasons, log
+lines, peers' states): `safe` escapes what a terminal would act on or reorder, and rich
+interprets no markup or emoji codes in them. `--json` prints the exact strings instead.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
+
+# C0 controls and DEL, C1 controls, and the Unicode bidi controls: embeddings and overrides
+# (U+202A-U+202E), isolates (U+2066-U+2069), the marks LRM, RLM (U+200E, U+200F) and ALM
+# (U+061C). Line and paragraph separators (U+2028, U+2029) break lines too.
+_ESCAPED = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+    **{c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x061C, 0x2028, 0x2029)},
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+}
+_KEEP_TAB = {c: e for c, e in _ESCAPED.items() if c != 0x09}
+
+
+def safe(text: object, keep_tab: bool = False) -> str:
+    """`text` as it may be printed: control characters (C0, DEL, C1), newlines and bidi
+    controls become visible escapes (`\\n`, `\\x1b`, `\\u202e`); `keep_tab` leaves tabs (log
+    lines). Everything else, backslashes included, is printed as it is."""
+    return str(text).translate(_KEEP_TAB if keep_tab else _ESCAPED)
 
 
 def _console() -> Any:
@@ -18,7 +43,7 @@ def _console() -> Any:
         # A pipe or a file (scripts, grep, ssh without a tty): rich would assume 80 columns
         # and fold handles, DIDs and URIs mid-word; a table is only as wide as its content.
         width = 1000
-    return Console(highlight=False, soft_wrap=False, width=width)
+    return Console(highlight=False, markup=False, emoji=False, soft_wrap=False, width=width)
 
 
 def _table(*columns: str, title: str | None = None) -> Any:
@@ -54,7 +79,7 @@ def status(d: dict[str, Any]) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     bold, plain = ("\x1b[1m", "\x1b[0m") if _styled() else ("", "")
-    print("\n".join(f"{bold}{k}{plain}{' ' * (width - len(k))}  {v}" for k, v in rows))
+    print("\n".join(f"{bold}{k}{plain}{' ' * (width - len(k))}  {safe(v)}" for k, v in rows))
 
 
 def _styled() -> bool:
@@ -71,7 +96,7 @@ def _namer(names: dict[str, str] | None) -> Callable[[str | None], str]:
     known = names or {}
 
     def name(did: str | None) -> str:
-        return known.get(did or "", did or "-")
+        return safe(known.get(did or "", did or "-"))
 
     return name
 
@@ -84,7 +109,7 @@ def members(items: list[dict[str, Any]], names: dict[str, str] | None = None) ->
     t = _table("CLUSTER", "OWNER", "MESHLETS", "VERIFIED", "NOTE")
     for m in items:
         t.add_row(
-            m.get("cluster", ""),
+            safe(m.get("cluster", "")),
             name(m["ownerDid"]),
             "\n".join(name(d) for d in m.get("meshletDids", [])) or "-",
             "yes" if m.get("verified") else "no",
@@ -114,8 +139,8 @@ def replica_state(r: dict[str, Any]) -> str:
     state = str(r.get("state", "?"))
     code = r.get("exitCode")
     if code is not None and state in _TERMINAL:
-        return f"{state} (exit {code})"
-    return state
+        return safe(f"{state} (exit {code})")
+    return safe(state)
 
 
 def workload_state(w: dict[str, Any]) -> str:
@@ -130,7 +155,7 @@ def workload_state(w: dict[str, Any]) -> str:
         codes = [r.get("exitCode") for r in rows]
         bad = [c for c in codes if c not in (None, 0)]
         if bad or any(r.get("state") == "failed" for r in rows):
-            return f"failed (exit {bad[0]})" if bad else "failed"
+            return safe(f"failed (exit {bad[0]})") if bad else "failed"
         return "succeeded"
     counts: dict[str, int] = {}
     for r in rows:
@@ -140,8 +165,8 @@ def workload_state(w: dict[str, Any]) -> str:
     if list(counts) == ["running"]:
         return "running"
     if len(counts) == 1:
-        return next(iter(counts))
-    return ", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return safe(next(iter(counts)))
+    return safe(", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
 def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> list[str]:
@@ -151,7 +176,9 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
     for w in items:
         for slot, r in _slot_rows(w).items():
             if r.get("reason"):
-                label = w["name"] if w.get("replicas", 1) == 1 else f"{w['name']}[{slot}]"
+                label = (
+                    safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
+                )
                 out.append(f"{label} {replica_state(r)}: {_named(r['reason'], name)}")
     return out
 
@@ -160,7 +187,11 @@ def _named(text: str, name: Callable[[str | None], str]) -> str:
     """Replace the DIDs in a sentence by the names the caller knows them by."""
     import re
 
-    return re.sub(r"did:(?:plc|web):[A-Za-z0-9._:%-]+[A-Za-z0-9]", lambda m: name(m.group(0)), text)
+    pattern = r"did:(?:plc|web):[A-Za-z0-9._:%-]+[A-Za-z0-9]"
+    return "".join(
+        name(part) if i % 2 else safe(part)
+        for i, part in enumerate(re.split(f"({pattern})", str(text)))
+    )
 
 
 def workloads(
@@ -168,24 +199,29 @@ def workloads(
     placements: bool = False,
     names: dict[str, str] | None = None,
 ) -> None:
-    """`names`: DID -> handle (or other short name) for display; DIDs stay in --json."""
+    """`names`: DID -> handle (or other short name) for display; DIDs stay in --json.
+    Items with a `problem` are records the daemon ignores as invalid: listed under the
+    table with the field and the reason."""
+    invalid = [w for w in items if "problem" in w]
+    items = [w for w in items if "problem" not in w]
+    name = _namer(names)
     if not items:
         print("no workloads")
+        _invalid(invalid, name, placements)
         return
-    name = _namer(names)
 
     if placements:
         t = _table("WORKLOAD", "OWNER", "SLOT", "ROUND", "MESHLET", "STATE")
         for w in items:
             reps = sorted(w.get("running", []), key=lambda r: (r["slot"], -r.get("round", -1)))
             if not reps:
-                t.add_row(w["name"], name(w["ownerDid"]), "-", "-", "-", "unplaced")
+                t.add_row(safe(w["name"]), name(w["ownerDid"]), "-", "-", "-", "unplaced")
             for r in reps:
                 t.add_row(
-                    w["name"],
+                    safe(w["name"]),
                     name(w["ownerDid"]),
-                    str(r["slot"]),
-                    str(r.get("round", "")),
+                    safe(r["slot"]),
+                    safe(r.get("round", "")),
                     name(r.get("meshletDid")),
                     replica_state(r),
                 )
@@ -193,30 +229,54 @@ def workloads(
         t = _table("NAME", "OWNER", "READY", "STATE")
         for w in items:
             ready = sum(r.get("state") == "running" for r in _slot_rows(w).values())
-            t.add_row(w["name"], name(w["ownerDid"]), f"{ready}/{w['replicas']}", workload_state(w))
+            t.add_row(
+                safe(w["name"]),
+                name(w["ownerDid"]),
+                safe(f"{ready}/{w['replicas']}"),
+                workload_state(w),
+            )
     _console().print(t)
     notes = _notes(items, name)
     if notes:
         print()
         print("\n".join(notes))
+    _invalid(invalid, name, placements)
+
+
+def _invalid(items: list[dict[str, Any]], name: Callable[[str | None], str], owners: bool) -> None:
+    """One line per ignored record: its name (or URI), the field and the reason."""
+    if not items:
+        return
+    print()
+    print(f"not run, invalid ({len(items)}; `meshletctl stop NAME` deletes one of yours):")
+    for w in items:
+        p = w.get("problem", {})
+        label = safe(w["name"]) if w.get("name") else safe(w["uri"])
+        if owners:
+            label += f" ({name(w.get('ownerDid'))})"
+        field = safe(p.get("field", "")) or "the record"
+        line = f"{label} invalid: {field}: {_named(p.get('reason', ''), name)}"
+        print(line + (f" ({safe(w['uri'])})" if w.get("name") else ""))
 
 
 def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
     name = _namer(names)
     console = _console()
-    console.print(f"[bold]{d['workload']}[/bold]")
+    from rich.text import Text
+
+    console.print(Text(safe(d["workload"]), style="bold"))
     for rnd in d.get("rounds", []):
-        t = _table("MESHLET", "PRIORITY", "COUNTED", title=f"round {rnd['round']}")
+        t = _table("MESHLET", "PRIORITY", "COUNTED", title=safe(f"round {rnd['round']}"))
         for b in rnd.get("bids", []):
             t.add_row(
                 name(b["meshletDid"]),
-                str(b.get("priority", "")),
+                safe(b.get("priority", "")),
                 "yes" if b.get("accepted") else "no",
             )
         console.print(t)
         console.print(f"winners: {', '.join(name(w) for w in rnd.get('winners', [])) or '-'}")
         if rnd.get("why"):
-            console.print(f"why: {rnd['why']}")
+            console.print(f"why: {_named(rnd['why'], name)}")
 
 
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
@@ -231,12 +291,12 @@ def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
             f"{gave:g}",
             f"{took:g}",
             f"{gave - took:+g}",
-            "" if prio is None else str(prio),
+            "" if prio is None else safe(prio),
         )
     _console().print(t)
     if d.get("halfLifeSeconds"):
         at = f" as of {d['at']}" if d.get("at") else ""
-        print(f"usage decays with a half-life of {d['halfLifeSeconds']} s{at}")
+        print(safe(f"usage decays with a half-life of {d['halfLifeSeconds']} s{at}"))
 
 
 @contextlib.contextmanager

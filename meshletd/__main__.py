@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The imports below are made here, not at the top, for two reasons: `--version` and
+    # `--help` answer without loading the daemon, and `skip_optional_imports` must run
+    # before anything imports httpx (it keeps httpx's CLI out of the resident set).
     from meshletd.daemon.lean import skip_optional_imports
 
     skip_optional_imports()

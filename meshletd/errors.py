@@ -48,9 +48,18 @@ class InvalidRequest(MeshletError):
 
 
 class InvalidRecord(MeshletError):
+    """A record (or method input) the lexicons or the protocol's validity rules refuse.
+    `field` is the path of the offending field (`resources.milliCpu`, `env[2].name`; `""`
+    for the record as a whole) and `reason` what is wrong with it, when known."""
+
     name = "InvalidRecord"
     exit_code = 3
     status = 400
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.reason = reason if reason is not None else message
 
 
 class NotFound(MeshletError):

@@ -61,7 +61,7 @@ def replay_firehose(pds_url: str, dids: set[str]) -> list[Op]:
     import trio
     from trio_websocket import ConnectionClosed, open_websocket_url
 
-    from meshletd.atproto.firehose import decode_frame
+    from meshletd.atproto.frames import decode_frame
     from meshletd.atproto.verify import cid_bytes, decode_car
 
     url = pds_url.replace("http://", "ws://", 1) + "/xrpc/com.atproto.sync.subscribeRepos"

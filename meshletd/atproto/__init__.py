@@ -14,9 +14,11 @@ Modules (each one job; the pure ones do no I/O):
 - `reader`: unauthenticated repo reads; `prove_record` = verified `sync.getRecord`.
 - `pds`: `PdsClient` (session, get/list/put/delete, `apply_writes` <= 200 ops, idempotent
   puts), `WriteLedger` (points), `WriteQueue` (ordered, retried, optional journal).
-- `firehose`: `FrameDecoder` (pure), `RepoMirror` (pure), `PdsSubscription`, `Firehose`
-  (`watch`/`unwatch`/`resync`, sink of `RecordEvent`s), `CursorStore` protocol with
-  `MemoryCursorStore` / `FileCursorStore`.
+- `frames` (pure): `decode_frame`, `FrameDecoder`, `FrameOutcome`, `RepoMirror`,
+  `RecordEvent`, `Interest`.
+- `firehose`: `PdsSubscription`, `Firehose` (`watch`/`unwatch`/`resync`, sink of
+  `RecordEvent`s), `CursorStore` protocol with `MemoryCursorStore` / `FileCursorStore`;
+  re-exports the names of `frames`.
 - `cluster`: `ClusterView` (pure), `ClusterFormation` (trio), `publish_own_records`.
 - `testing`: `FakeRepo` (signed real-format frames), `SigningKey`, `MeshletNode` harness.
 """

@@ -26,7 +26,8 @@ from typing import Any
 
 import trio
 
-from meshletd.atproto.firehose import Firehose, RecordEvent
+from meshletd.atproto.firehose import Firehose
+from meshletd.atproto.frames import RecordEvent
 from meshletd.atproto.identity import IdentityError
 from meshletd.atproto.pds import PdsClient, Write
 from meshletd.atproto.records import (
@@ -42,6 +43,13 @@ from meshletd.core.records import MAX_DRAINS
 from meshletd.errors import InvalidRecord
 
 log = logging.getLogger("meshletd.cluster")
+
+# docs/protocol.md section 19.4: an owner's meshlet claims that count are the
+# MAX_MESHLETS_PER_OWNER with the smallest record keys (every observer picks the same ones);
+# at most MAX_STORED_CLAIMS per owner are kept (the smallest keys), so a member writing
+# claims without end costs a bounded map.
+MAX_MESHLETS_PER_OWNER = 64
+MAX_STORED_CLAIMS = 1024
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class ClusterView:
     owners: dict[str, MeshletOwner] = field(default_factory=dict)  # meshlet -> its self record
     consents: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)  # meshlet->rkey->
     _snapshot: dict[str, ClusterSnapshot] | None = None
+    _claimed: dict[str, frozenset[str]] = field(default_factory=dict)  # owner -> counted claims
 
     @classmethod
     def create(
@@ -109,11 +118,14 @@ class ClusterView:
         deleted = ev.action == "delete" or ev.record is None
         try:
             if ev.collection == MESHLET:
+                self._claimed.pop(ev.did, None)
                 claims = self.claims.setdefault(ev.did, {})
                 if deleted:
                     claims.pop(ev.rkey, None)
                 else:
                     claims[ev.rkey] = Meshlet.model_validate(ev.record).meshlet_did
+                    if len(claims) > MAX_STORED_CLAIMS:
+                        del claims[max(claims)]
             elif ev.collection == MESHLET_OWNER and ev.rkey == "self":
                 if deleted:
                     self.owners.pop(ev.did, None)
@@ -131,6 +143,7 @@ class ClusterView:
     def forget_repo(self, did: str) -> None:
         """Drop everything known from one repo (it is no longer watched)."""
         self.claims.pop(did, None)
+        self._claimed.pop(did, None)
         self.owners.pop(did, None)
         self.consents.pop(did, None)
         self._snapshot = None
@@ -142,11 +155,21 @@ class ClusterView:
         for members in self.config.values():
             out |= members
         for owner in list(out):
-            out |= set(self.claims.get(owner, {}).values())
+            out |= self.claimed_meshlets(owner)
         return out
 
-    def claimed_meshlets(self, owner: str) -> set[str]:
-        return set(self.claims.get(owner, {}).values())
+    def claimed_meshlets(self, owner: str) -> frozenset[str]:
+        """Meshlets an owner claims: those of its MAX_MESHLETS_PER_OWNER claim records
+        with the smallest record keys (a protocol bound: everyone counts the same ones)."""
+        got = self._claimed.get(owner)
+        if got is None:
+            claims = self.claims.get(owner, {})
+            if len(claims) <= MAX_MESHLETS_PER_OWNER:
+                got = frozenset(claims.values())
+            else:
+                got = frozenset(claims[k] for k in sorted(claims)[:MAX_MESHLETS_PER_OWNER])
+            self._claimed[owner] = got
+        return got
 
     def consented_owners(self, meshlet: str) -> frozenset[str]:
         """Owner DIDs a meshlet consents to (union of its membership records)."""
@@ -352,6 +375,8 @@ class ClusterFormation:
             await self.firehose.watch(did)
         except IdentityError as e:
             log.warning("cluster: cannot watch %s: %s", did, e)
+        except Exception as e:  # one repo's failure never ends the formation
+            log.warning("cluster: cannot watch %s: %s: %s", did, type(e).__name__, e)
 
     async def _on_event(self, ev: RecordEvent) -> None:
         before = self.view.watched_dids()

@@ -1,19 +1,14 @@
 """The firehose: `com.atproto.sync.subscribeRepos` of each member PDS, verified and filtered.
 
-Layers, from pure to I/O:
+The pure parts (`FrameDecoder`, `RepoMirror`, `RecordEvent`, ...) are in
+`meshletd.atproto.frames` and re-exported here. This module is the trio side:
 
-- `FrameDecoder.process(raw) -> FrameOutcome` (pure): decodes one frame (two DAG-CBOR
-  values, header and body, with libipld: the SDK's frame parser would import its whole
-  generated client, tens of MB of idle memory), skips repos and collections nobody asked
-  for before decoding any block, checks the commit signature against the repo DID's
-  signing key and the MST proof of every op, validates each record against its lexicon and
-  size limit, and turns ops into `RecordEvent`s. Everything it refuses is listed in
-  `dropped` with the reason.
-- `RepoMirror` (pure): last known (cid, rev) per record; keeps firehose and anti-entropy
-  from contradicting each other (a change applies only if its commit rev is not older).
-- `PdsSubscription` (trio): one websocket per PDS, resumes from the persisted cursor,
-  reconnects with backoff; `Firehose` (trio) owns one subscription per PDS that hosts a
-  watched DID and runs the anti-entropy pass (listRecords + signed sync.getRecord proofs).
+- `PdsSubscription`: one websocket per PDS, resumes from the persisted cursor, reconnects
+  with backoff; each frame is handled in a scope that turns any failure into a logged refusal
+  of that one frame.
+- `Firehose`: owns one subscription per PDS that hosts a watched DID (each supervised: a
+  subscription that fails is restarted with backoff) and runs the anti-entropy pass
+  (listRecords + signed sync.getRecord proofs).
 
 The sink (an async callable) receives each change once per (record, cid); after a restart
 events from the saved cursor on may be delivered again: consumers must be idempotent.
@@ -25,264 +20,64 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import libipld
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from meshletd.atproto.frames import (
+    COMMUNE_COLLECTIONS,
+    Action,
+    FrameDecoder,
+    FrameOutcome,
+    Interest,
+    RecordEvent,
+    Refusal,
+    RepoMirror,
+    decode_frame,
+)
 from meshletd.atproto.identity import IdentityError, IdentityResolverProtocol
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.atproto.reader import ReadError, RepoReader
-from meshletd.atproto.verify import (
-    Unverified,
-    cid_str,
-    decode_car,
-    verified_record,
-    verify_commit,
-)
+from meshletd.atproto.verify import Unverified
 from meshletd.errors import InvalidRecord
+
+__all__ = [
+    "COMMUNE_COLLECTIONS",
+    "Action",
+    "Backoff",
+    "CursorStore",
+    "EventSink",
+    "FileCursorStore",
+    "Firehose",
+    "FrameDecoder",
+    "FrameOutcome",
+    "Interest",
+    "MemoryCursorStore",
+    "PdsSubscription",
+    "RecordEvent",
+    "Refusal",
+    "RepoMirror",
+    "decode_frame",
+]
 
 log = logging.getLogger("meshletd.firehose")
 
-COMMUNE_COLLECTIONS = frozenset(
-    {
-        "commune.scheduler.meshlet",
-        "commune.scheduler.meshletOwner",
-        "commune.scheduler.membership",
-        "commune.scheduler.workload",
-        "commune.scheduler.bid",
-        "commune.scheduler.workloadStatus",
-        "commune.scheduler.usage",
-        "commune.scheduler.lease",
-    }
-)
-
-Action = Literal["create", "update", "delete"]
 MAX_HINTS_IN_FLIGHT = 64  # delivery hints read at once; more are ignored (the firehose has them)
 # Hints are unauthenticated: reads they cause are rate-limited (a token bucket), so a flood
 # cannot make us hammer the PDSes we follow (and get rate-limited by them).
 HINT_READS_PER_S = 10.0
 HINT_BURST = 50
-
-
-@dataclass(frozen=True)
-class RecordEvent:
-    """A verified change of one record."""
-
-    did: str
-    collection: str
-    rkey: str
-    action: Action
-    cid: str | None  # None for deletes
-    record: dict[str, Any] | None  # the validated value; None for deletes
-    rev: str  # repo revision of the commit that made the change
-    seq: int | None = None  # firehose sequence number; None when found by anti-entropy
-    source: Literal["firehose", "resync", "hint"] = "firehose"
-
-    @property
-    def uri(self) -> str:
-        return f"at://{self.did}/{self.collection}/{self.rkey}"
-
-
-@dataclass
-class Interest:
-    """Which repos and collections matter. Shared and mutable: membership changes it."""
-
-    dids: set[str] = field(default_factory=set)
-    collections: frozenset[str] = COMMUNE_COLLECTIONS
-
-
-@dataclass
-class FrameOutcome:
-    seq: int | None = None
-    kind: str = ""
-    did: str | None = None
-    events: list[RecordEvent] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    need_key: str | None = None  # resolve this DID's key, then process the frame again
-    bad_signature: bool = False  # the key we had failed: re-resolve once, then retry
-    resync: set[str] = field(default_factory=set)  # DIDs to heal with anti-entropy
-    identity_changed: str | None = None
-    commit_rev: str | None = None  # a verified commit's rev, and the rev it follows
-    commit_since: str | None = None
-    error: str | None = None  # an error frame (or #info) from the PDS
-
-
-def decode_frame(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(header, body) of one event-stream frame: `op` 1 is a message whose type is `t`
-    (`#commit`, ...), `op` -1 an error (`error`, `message`). Raises ValueError otherwise."""
-    parts = libipld.decode_dag_cbor_multi(raw)
-    if len(parts) != 2:
-        raise ValueError(f"a frame is a header and a body, not {len(parts)} value(s)")
-    header, body = parts
-    if not isinstance(header, dict) or not isinstance(body, dict):
-        raise ValueError("frame header and body must be maps")
-    op = header.get("op")
-    if op == 1:
-        if not isinstance(header.get("t"), str):
-            raise ValueError("message frame without a type")
-    elif op == -1:
-        if not isinstance(body.get("error"), str):
-            raise ValueError("error frame without an error name")
-    else:
-        raise ValueError(f"invalid frame op {op!r}")
-    return header, body
-
-
-class FrameDecoder:
-    """Pure decoder/verifier of subscribeRepos frames for one `Interest`."""
-
-    def __init__(
-        self,
-        interest: Interest,
-        keys: dict[str, str | None] | None = None,
-        lexicons: Lexicons | None = None,
-    ) -> None:
-        self.interest = interest
-        self.keys: dict[str, str | None] = keys if keys is not None else {}
-        self.lexicons = lexicons or default_lexicons()
-        self.last_rev: dict[str, str] = {}
-        self.frames = 0
-        self.commits = 0
-
-    def process(self, raw: bytes) -> FrameOutcome:
-        self.frames += 1
-        try:
-            header, body = decode_frame(raw)
-        except Exception as e:
-            return FrameOutcome(dropped=[f"undecodable frame ({type(e).__name__}: {e})"])
-        if header["op"] == -1:
-            return FrameOutcome(kind="error", error=f"{body.get('error')}: {body.get('message')}")
-        t = header.get("t")
-        out = FrameOutcome(seq=body.get("seq"), kind=t)
-        if t == "#commit":
-            self.commits += 1
-            self._commit(body, out)
-        elif t == "#identity":
-            did = body.get("did")
-            out.did = did
-            if did in self.interest.dids:
-                out.identity_changed = did
-        elif t in ("#sync", "#account"):
-            did = body.get("did")
-            out.did = did
-            if did in self.interest.dids and (t == "#sync" or body.get("active")):
-                out.resync.add(did)
-        elif t == "#info":
-            out.error = f"{body.get('name')}: {body.get('message')}"
-            if body.get("name") == "OutdatedCursor":
-                out.resync |= set(self.interest.dids)
-        return out
-
-    def _commit(self, body: dict[str, Any], out: FrameOutcome) -> None:
-        did = body.get("repo")
-        out.did = did
-        if did not in self.interest.dids:
-            return
-        wanted = self.interest.collections
-        ops = [op for op in body.get("ops") or () if op["path"].split("/", 1)[0] in wanted]
-        if body.get("tooBig"):
-            out.resync.add(did)
-            return
-        if not ops:
-            return
-        if did not in self.keys:
-            out.need_key = did
-            return
-        seq = body.get("seq")
-        rev = body.get("rev", "")
-        last = self.last_rev.get(did)
-        if last is not None and rev <= last:
-            return  # a replay of something already applied
-        try:
-            _header, blocks = decode_car(body["blocks"])
-            commit = verify_commit(blocks, body["commit"], did, self.keys[did])
-        except Unverified as e:
-            out.bad_signature = "signature" in str(e)
-            out.dropped.append(f"commit seq={seq} repo={did}: {e}")
-            return
-        except Exception as e:
-            out.dropped.append(f"commit seq={seq} repo={did}: undecodable blocks ({e})")
-            return
-        if commit.get("rev") != rev:
-            out.dropped.append(f"commit seq={seq} repo={did}: rev differs from the signed commit")
-            return
-        self.last_rev[did] = rev
-        out.commit_rev, out.commit_since = rev, body.get("since")
-        data_root = commit["data"]
-        for op in ops:
-            path = op["path"]
-            collection, _, rkey = path.partition("/")
-            action = op["action"]
-            uri = f"at://{did}/{path}"
-            try:
-                cid, value = verified_record(blocks, data_root, path, op.get("cid"))
-            except Unverified as e:
-                out.dropped.append(f"record {uri} seq={seq}: {e}")
-                continue
-            if action == "delete":
-                out.events.append(
-                    RecordEvent(did, collection, rkey, "delete", None, None, rev, seq)
-                )
-                continue
-            try:
-                self.lexicons.validate_record(collection, value, rkey=rkey)
-                self.lexicons.validate_size(collection, value)
-            except InvalidRecord as e:
-                out.dropped.append(f"record {uri} seq={seq}: invalid ({e.message})")
-                continue
-            assert cid is not None
-            out.events.append(
-                RecordEvent(did, collection, rkey, action, cid_str(cid), value, rev, seq)
-            )
-
-
-class RepoMirror:
-    """Last known state of every watched record, ordered by commit rev."""
-
-    def __init__(self) -> None:
-        self.records: dict[tuple[str, str, str], tuple[str | None, str]] = {}
-
-    def apply(self, ev: RecordEvent) -> RecordEvent | None:
-        """The event to deliver (with a corrected action), or None if stale or no change."""
-        key = (ev.did, ev.collection, ev.rkey)
-        known = self.records.get(key)
-        if known is not None:
-            cid, rev = known
-            if ev.rev < rev or (ev.rev == rev and cid == ev.cid):
-                return None
-            if cid == ev.cid:
-                self.records[key] = (cid, ev.rev)
-                return None
-        elif ev.action == "delete":
-            # Unknown to us but maybe not to the consumer (state kept across a restart):
-            # pass it on; deletes of unknown records are no-ops for an idempotent consumer.
-            self.records[key] = (None, ev.rev)
-            return ev
-        self.records[key] = (ev.cid, ev.rev)
-        if ev.action != "delete":
-            existed = known is not None and known[0] is not None
-            action: Action = "update" if existed else "create"
-            if action != ev.action:
-                ev = RecordEvent(**{**ev.__dict__, "action": action})
-        elif known is not None and known[0] is None:
-            return None
-        return ev
-
-    def known(self, did: str, collection: str) -> dict[str, str]:
-        """rkey -> cid of the records we believe exist."""
-        return {
-            k[2]: v[0]
-            for k, v in self.records.items()
-            if k[0] == did and k[1] == collection and v[0] is not None
-        }
-
-    def forget(self, did: str) -> None:
-        for k in [k for k in self.records if k[0] == did]:
-            del self.records[k]
+# Anti-entropy: one repo's pass may take at most this long (a slow or hostile PDS cannot stall
+# healing for the others), and this many repos are read at once.
+REPO_RESYNC_TIMEOUT_S = 60.0
+RESYNC_CONCURRENCY = 4
+# Records refused by validation, remembered (newest first out) so their owners can be shown
+# why: at most this many in all, and at most MAX_REFUSED_PER_REPO of one repo.
+MAX_REFUSED = 2000
+MAX_REFUSED_PER_REPO = 200
 
 
 class CursorStore(Protocol):
@@ -414,6 +209,14 @@ class PdsSubscription:
                     ) as group:
                         e = group.exceptions[0]
                         reason = f"{type(e).__name__}: {e}"
+                    except* Exception as group:
+                        # Anything else (a bad URL, a bug on one frame's path): this
+                        # subscription restarts with backoff; the others and the daemon go on.
+                        e = group.exceptions[0]
+                        reason = f"failed: {type(e).__name__}: {e}"
+                        log.warning(
+                            "firehose %s: subscription failed", self.pds_url, exc_info=group
+                        )
                     finally:
                         self._ws = None
                         self._save(force=True)
@@ -454,9 +257,15 @@ class PdsSubscription:
             raw = await ws.get_message()
             if not isinstance(raw, bytes | bytearray):
                 continue
-            outcome = await self._process(bytes(raw))
-            self.backoff.reset()
-            await self.deliver(outcome)
+            try:
+                outcome = await self._process(bytes(raw))
+                self.backoff.reset()
+                await self.deliver(outcome)
+            except Exception as e:
+                # One frame's failure is that frame's refusal; the stream goes on (and its
+                # repo is healed by anti-entropy at the next pass).
+                log.warning("firehose %s: frame refused (%s)", self.pds_url, e, exc_info=True)
+                continue
             if outcome.seq is not None:
                 self.cursor = outcome.seq
                 self._unsaved = True
@@ -482,7 +291,7 @@ class PdsSubscription:
         try:
             ident = await self.resolver.resolve(did, fresh=fresh)
             key = ident.signing_key
-        except IdentityError as e:
+        except Exception as e:
             log.warning("firehose %s: cannot resolve %s: %s", self.pds_url, did, e)
             key = None
         self.decoder.keys[did] = key
@@ -490,7 +299,11 @@ class PdsSubscription:
 
     def _save(self, force: bool = False) -> None:
         if self._unsaved and self.cursor is not None:
-            self.cursors.save(self.pds_url, self.cursor)
+            try:
+                self.cursors.save(self.pds_url, self.cursor)
+            except OSError as e:  # kept unsaved: the next save tries again
+                log.warning("firehose %s: cursor not saved: %s", self.pds_url, e)
+                return
             self._unsaved = False
 
 
@@ -531,6 +344,9 @@ class Firehose:
         self.pds_of: dict[str, str] = {}
         self.subscriptions: dict[str, PdsSubscription] = {}
         self.dropped: list[str] = []  # recent reasons, for tests and status
+        self.refused: dict[str, Refusal] = {}  # uri -> why its current version is refused
+        self.repo_timeout_s = REPO_RESYNC_TIMEOUT_S
+        self.resync_limiter = trio.CapacityLimiter(RESYNC_CONCURRENCY)
         self.delivered = 0
         self.hinted = 0  # records read because of a delivery hint
         self._hints: set[tuple[str, str, str, str | None]] = set()  # being read now
@@ -546,10 +362,16 @@ class Firehose:
             try:
                 while True:
                     await trio.sleep(self.anti_entropy_every_s)
-                    for did in sorted(self.interest.dids):
-                        await self._resync_logged(did)
+                    await self.resync_all()
             finally:
                 self._nursery = None
+
+    async def resync_all(self) -> None:
+        """One anti-entropy pass over every watched repo: RESYNC_CONCURRENCY repos at a
+        time, each bounded by `repo_timeout_s`; a repo that fails is logged and skipped."""
+        async with trio.open_nursery() as nursery:
+            for did in sorted(self.interest.dids):
+                nursery.start_soon(self._resync_logged, did)
 
     async def watch(self, did: str, *, resync: bool = True) -> None:
         """Start delivering `did`'s records (idempotent)."""
@@ -607,11 +429,13 @@ class Firehose:
         # would then suppress the replay of what the sink never saw).
         with trio.CancelScope(shield=bool(outcome.events)):
             async with self._lock:
+                for refusal in outcome.refused:
+                    self._refuse(refusal)
                 for ev in outcome.events:
-                    out = self.mirror.apply(ev)
+                    out = self._mirror_apply(ev)
                     if out is not None:
                         self.delivered += 1
-                        await self.sink(out)
+                        await self._sink_one(out)
                 did = outcome.did
                 if outcome.commit_rev and did and self.synced_rev.get(did) == outcome.commit_since:
                     self.synced_rev[did] = outcome.commit_rev  # still no gap since last pass
@@ -674,12 +498,12 @@ class Firehose:
             ev = self._proved_event(did, collection, rkey, proof, "hint")
             with trio.CancelScope(shield=True):
                 async with self._lock:
-                    out = self.mirror.apply(ev)
+                    out = self._mirror_apply(ev)
                     if out is not None:
                         self.hinted += 1
                         self.delivered += 1
-                        await self.sink(out)
-        except (ReadError, Unverified, InvalidRecord, KeyError) as e:
+                        await self._sink_one(out)
+        except Exception as e:
             # The firehose (or anti-entropy) will bring it; nothing is lost.
             log.debug("hint at://%s/%s/%s not read: %s", did, collection, rkey, e)
         finally:
@@ -690,28 +514,75 @@ class Firehose:
         subscription) and maybe a new PDS (account migration): follow it there."""
         try:
             ident = await self.resolver.resolve(did, fresh=True)
-        except IdentityError as e:
-            log.warning("firehose: %s changed identity and cannot be resolved: %s", did, e)
-            return
-        self.keys[did] = ident.signing_key
-        if ident.pds and ident.pds != self.pds_of.get(did) and did in self.interest.dids:
-            log.info("firehose: %s moved from %s to %s", did, self.pds_of.get(did), ident.pds)
-            self.pds_of[did] = ident.pds
-            await self._ensure_subscription(ident.pds)
-            await self._resync_logged(did, force=True)
+            self.keys[did] = ident.signing_key
+            if ident.pds and ident.pds != self.pds_of.get(did) and did in self.interest.dids:
+                log.info("firehose: %s moved from %s to %s", did, self.pds_of.get(did), ident.pds)
+                self.pds_of[did] = ident.pds
+                await self._ensure_subscription(ident.pds)
+                await self._resync_logged(did, force=True)
+        except Exception as e:
+            log.warning("firehose: %s changed identity and cannot be followed: %s", did, e)
 
     def _note_drop(self, reason: str) -> None:
         self.dropped.append(reason)
         del self.dropped[:-200]
 
+    def _mirror_apply(self, ev: RecordEvent) -> RecordEvent | None:
+        before = self.mirror.over_bound
+        out = self.mirror.apply(ev)
+        if self.mirror.over_bound != before:
+            reason = (
+                f"record {ev.uri}: its repo holds over {self.mirror.max_per_collection} "
+                f"{ev.collection} records"
+            )
+            log.warning("firehose: ignored %s", reason)
+            self._note_drop(reason)
+        return out
+
+    async def _sink_one(self, ev: RecordEvent) -> None:
+        """Hand one event on; whatever the consumer raises costs that event only."""
+        if not ev.refused and ev.uri in self.refused:
+            del self.refused[ev.uri]  # a valid version (or a delete) replaces the refused one
+        try:
+            await self.sink(ev)
+        except Exception as e:
+            log.warning("firehose: consumer failed on %s %s", ev.action, ev.uri, exc_info=True)
+            self._note_drop(f"record {ev.uri}: consumer failed ({type(e).__name__})")
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Remember why a record version was refused (bounded: oldest out first, and one
+        repo may hold at most MAX_REFUSED_PER_REPO of the entries)."""
+        self.refused.pop(refusal.uri, None)
+        repo = refusal.uri[len("at://") :].split("/", 1)[0]
+        mine = [u for u in self.refused if u[len("at://") :].split("/", 1)[0] == repo]
+        if len(mine) >= MAX_REFUSED_PER_REPO:
+            del self.refused[mine[0]]
+        while len(self.refused) >= MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
+        self.refused[refusal.uri] = refusal
+
+    def refusals(self, did: str | None = None) -> list[Refusal]:
+        """Records whose current version validation refused (of one repo, or all)."""
+        prefix = f"at://{did}/" if did is not None else "at://"
+        return [r for u, r in self.refused.items() if u.startswith(prefix)]
+
     async def _resync_forced(self, did: str) -> None:
         await self._resync_logged(did, force=True)
 
     async def _resync_logged(self, did: str, *, force: bool = False) -> None:
+        """Anti-entropy for one repo in a scope of its own: bounded in time, sharing the
+        concurrency limit, and whatever it raises is logged (the repo is tried again at the
+        next pass)."""
         try:
-            await self.resync(did, force=force)
+            async with self.resync_limiter:
+                with trio.move_on_after(self.repo_timeout_s) as scope:
+                    await self.resync(did, force=force)
+            if scope.cancelled_caught:
+                log.warning("anti-entropy %s: gave up after %.0fs", did, self.repo_timeout_s)
         except (ReadError, IdentityError, Unverified) as e:
             log.warning("anti-entropy %s: %s", did, e)
+        except Exception as e:
+            log.warning("anti-entropy %s: failed (%s: %s)", did, type(e).__name__, e)
 
     async def resync(self, did: str, *, force: bool = True) -> int:
         """Anti-entropy for one repo: heal anything the firehose missed. Returns changes.
@@ -747,19 +618,39 @@ class Firehose:
                         proof = await self.reader.prove_record(pds, did, key, collection, rkey)
                     else:
                         raise
+                uri = f"at://{did}/{collection}/{rkey}"
                 try:
                     ev = self._proved_event(did, collection, rkey, proof, "resync")
                 except InvalidRecord as e:
-                    reason = f"record at://{did}/{collection}/{rkey}: invalid ({e.message})"
+                    reason = f"record {uri}: invalid ({e.message})"
+                    log.warning("anti-entropy: ignored %s", reason)
+                    self._note_drop(reason)
+                    name = Refusal.name_of(proof.value)
+                    self._refuse(Refusal(uri, proof.cid, e.field, e.reason, name))
+                    # An invalid record counts as absent (docs/protocol.md section 19.1).
+                    ev = RecordEvent(
+                        did,
+                        collection,
+                        rkey,
+                        "delete",
+                        None,
+                        None,
+                        proof.rev,
+                        None,
+                        "resync",
+                        refused=True,
+                    )
+                except Exception as e:  # never expected: still costs this record only
+                    reason = f"record {uri}: unreadable ({type(e).__name__})"
                     log.warning("anti-entropy: ignored %s", reason)
                     self._note_drop(reason)
                     continue
                 async with self._lock:
-                    out = self.mirror.apply(ev)
+                    out = self._mirror_apply(ev)
                     if out is not None:
                         changes += 1
                         self.delivered += 1
-                        await self.sink(out)
+                        await self._sink_one(out)
         if latest is not None:
             known = self.synced_rev.get(did)
             if known is None or known < latest:

@@ -8,24 +8,35 @@ pydantic models and `cryptography`, which the idle daemon need not carry.
 `did:key`, handle, the meshlet XRPC endpoint if the document names one), cached with an
 expiry. `resolve(did, fresh=True)` bypasses the cache (after a signature failure, the key
 may have rotated).
+
+A DID is chosen by whoever presents it, so resolution must not become a way to make the
+daemon fetch what it should not (docs/protocol.md section 19.5): a did:web whose host is a
+loopback, private, link-local or otherwise non-public address (by literal or by what its
+name resolves to) is refused unless the host is on the resolver's explicit allow-list; the
+configured PLC directory is always allowed. The cache holds at most `max_entries`
+identities (expired ones out first, then the least recently used).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import httpx
+import trio
 
 from meshletd.atproto.keys import BadKey, check_point, did_key_from_method
 from meshletd.errors import NotFound
 
 log = logging.getLogger(__name__)
 
+MAX_DID_DOC_BYTES = 64 * 1024
 MESHLET_SERVICE_ID = "#meshlet"
 MESHLET_SERVICE_TYPE = "MeshletXrpc"
 
@@ -86,6 +97,7 @@ def _http_url(url: Any) -> str | None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
     except ValueError:
         return None
     return url if parts.scheme in ("http", "https") and host is not None else None
@@ -146,8 +158,31 @@ def did_web_url(did: str) -> str:
     return f"{scheme}://{host}/{path}"
 
 
+def _non_public(addr: str) -> bool:
+    """Whether an IP address is one a DID document must not make us fetch."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def _host_port(url: str) -> tuple[str, int | None]:
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port
+
+
+MAX_CACHED_IDENTITIES = 10_000
+
+
 class IdentityResolver:
-    """Resolves DIDs over HTTP, caching each answer for `ttl_s` seconds."""
+    """Resolves DIDs over HTTP, caching each answer for `ttl_s` seconds.
+
+    `allow_hosts`: hosts (`name` or `name:port`) a did:web may name although they are not
+    public addresses (a test network's own servers); the PLC directory's host is always
+    allowed. `lookup` resolves a host name to addresses (tests replace it)."""
 
     def __init__(
         self,
@@ -157,12 +192,18 @@ class IdentityResolver:
         timeout_s: float = 10.0,
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        allow_hosts: Iterable[str] = (),
+        max_entries: int = MAX_CACHED_IDENTITIES,
+        lookup: Callable[[str, int], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.plc_url = plc_url.rstrip("/")
         self.ttl_s = ttl_s
         self._clock = clock
-        self._http = http or httpx.AsyncClient(timeout=timeout_s)
-        self._cache: dict[str, tuple[float, Identity]] = {}
+        self._http = http or httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+        self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self.max_entries = max_entries
+        self.allow_hosts = frozenset(h.lower() for h in allow_hosts)
+        self._lookup = lookup or _getaddrinfo
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -171,11 +212,43 @@ class IdentityResolver:
         now = self._clock()
         hit = self._cache.get(did)
         if hit is not None and not fresh and hit[0] > now:
+            self._cache.move_to_end(did)
             return hit[1]
         doc = await self.fetch_doc(did)
         ident = identity_from_doc(did, doc)
-        self._cache[did] = (now + self.ttl_s, ident)
+        self._remember(did, (now + self.ttl_s, ident), now)
         return ident
+
+    def _remember(self, did: str, entry: tuple[float, Identity], now: float) -> None:
+        self._cache[did] = entry
+        self._cache.move_to_end(did)
+        if len(self._cache) > self.max_entries:
+            for stale in [d for d, (exp, _) in self._cache.items() if exp <= now]:
+                del self._cache[stale]
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+
+    async def check_fetchable(self, url: str) -> None:
+        """Raise IdentityError unless `url` may be fetched for a DID document: its host is
+        allowed, or it is (and resolves only to) public addresses."""
+        host, port = _host_port(url)
+        if not host:
+            raise IdentityError("no host to fetch")
+        scheme_port = port or (443 if url.startswith("https:") else 80)
+        if host in self.allow_hosts or f"{host}:{scheme_port}" in self.allow_hosts:
+            return
+        if host == "localhost" or host.endswith(".localhost"):
+            raise IdentityError(f"{host} is not a public host")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            addrs = [host.strip("[]")]
+        except ValueError:
+            try:
+                addrs = await self._lookup(host, scheme_port)
+            except OSError:
+                raise IdentityError(f"{host} does not resolve") from None
+        if not addrs or any(_non_public(a) for a in addrs):
+            raise IdentityError(f"{host} is not a public host")
 
     def forget(self, did: str) -> None:
         self._cache.pop(did, None)
@@ -188,7 +261,11 @@ class IdentityResolver:
                     r.raise_for_status()
                 doc = r.json() if r.status_code == 200 else None
             elif did.startswith("did:web:"):
-                r = await self._http.get(did_web_url(did))
+                url = did_web_url(did)
+                await self.check_fetchable(url)
+                r = await self._http.get(url)
+                if len(r.content) > MAX_DID_DOC_BYTES:
+                    raise IdentityError(f"{did}: DID document over {MAX_DID_DOC_BYTES} bytes")
                 doc = r.json() if r.status_code == 200 else None
             else:
                 raise IdentityError(f"{did}: unsupported DID method")
@@ -199,6 +276,11 @@ class IdentityResolver:
         if not isinstance(doc, dict):
             raise IdentityError(f"{did}: no DID document")
         return doc
+
+
+async def _getaddrinfo(host: str, port: int) -> list[str]:
+    infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
 class StaticIdentityResolver:

@@ -22,6 +22,7 @@ from typing import Any
 
 import libipld
 
+from meshletd.atproto.validity import RULES
 from meshletd.errors import InvalidRecord
 
 
@@ -37,6 +38,11 @@ LEXICON_DIR = _lexicon_dir()
 
 # Our own cap on a record's encoded size: far below the PDS's 1 MB, far above any valid record.
 MAX_RECORD_BYTES = 64 * 1024
+# Deepest nesting of objects and arrays a record may have (the record itself is level 1).
+# Our lexicons need 4; unknown fields are allowed for forward compatibility but may not nest
+# deeper than this either: a validator that recursed as deep as the data would let one record
+# raise RecursionError in every meshlet (docs/protocol.md, "Validity").
+MAX_DEPTH = 32
 
 _DID_RE = re.compile(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")
 _NSID_RE = re.compile(
@@ -292,6 +298,9 @@ class Lexicons:
             if not _RKEY_RE.match(rkey) or rkey in (".", ".."):
                 raise InvalidRecord(f"{nsid}: bad record key {rkey!r}")
         self._validate(nsid, d["record"], value, "", top_level=True)
+        rule = RULES.get(nsid)
+        if rule is not None:  # the protocol's validity rule (meshletd/atproto/validity.py)
+            rule(value)
 
     def validate_size(self, nsid: str, value: Mapping[str, Any]) -> int:
         """Encoded (DAG-CBOR) size of a record; raise `InvalidRecord` above MAX_RECORD_BYTES."""
@@ -339,19 +348,27 @@ class Lexicons:
                 else:
                     parts.append("." + p)
             where = "".join(parts) or "record"
-            if f.msg == "required":
-                raise InvalidRecord(f"{nsid}: {where}: required") from None
-            raise InvalidRecord(f"{nsid}: {where}: {f.msg}") from None
+            message = f"{nsid}: {where}: {f.msg}"
+            raise InvalidRecord(message, field="".join(parts), reason=f.msg) from None
+        except RecursionError:  # unreachable with MAX_DEPTH; never let it out of here
+            raise InvalidRecord(
+                f"{nsid}: record: nested too deep", field="", reason="nested too deep"
+            ) from None
 
-    def _check(self, nsid: str, s: dict[str, Any], v: Any, top_level: bool = False) -> None:
+    def _check(
+        self, nsid: str, s: dict[str, Any], v: Any, top_level: bool = False, depth: int = 1
+    ) -> None:
         # The path is only built on failure (_Fail collects it on the way out): the success
-        # path, which the firehose runs for every record, allocates nothing.
+        # path, which the firehose runs for every record, allocates nothing. `depth` is the
+        # nesting level of `v` (the record is 1).
         t = s["type"]
         if type(v) is float:
             raise _Fail("floats are not allowed (use integers)")
         if t == "object" or t == "params":
             if not isinstance(v, Mapping):
                 raise _Fail("must be an object")
+            if depth > MAX_DEPTH:
+                raise _Fail(f"nested deeper than {MAX_DEPTH} levels")
             for req in s.get("required", ()):
                 if v.get(req) is None:
                     raise _Fail("required", [req])
@@ -366,9 +383,9 @@ class Lexicons:
                     if sub is not None:
                         if item is None and k in s.get("nullable", ()):
                             continue
-                        self._check(nsid, sub, item)
+                        self._check(nsid, sub, item, depth=depth + 1)
                     else:
-                        self._check_unknown(item)
+                        self._check_unknown(item, depth + 1)
                 except _Fail as f:
                     f.parts.insert(0, k)
                     raise
@@ -421,6 +438,8 @@ class Lexicons:
         elif t == "array":
             if not isinstance(v, list | tuple):
                 raise _Fail("must be an array")
+            if depth > MAX_DEPTH:
+                raise _Fail(f"nested deeper than {MAX_DEPTH} levels")
             if "maxLength" in s and len(v) > s["maxLength"]:
                 raise _Fail(f"more than {s['maxLength']} items")
             if "minLength" in s and len(v) < s["minLength"]:
@@ -428,13 +447,13 @@ class Lexicons:
             items = s["items"]
             for idx, item in enumerate(v):
                 try:
-                    self._check(nsid, items, item)
+                    self._check(nsid, items, item, depth=depth + 1)
                 except _Fail as f:
                     f.parts.insert(0, f"[{idx}]")
                     raise
         elif t == "ref":
             full, target = self._ref(nsid, s["ref"])
-            self._check(full, target, v)
+            self._check(full, target, v, depth=depth)
         elif t == "union":
             if not isinstance(v, Mapping) or not isinstance(v.get("$type"), str):
                 raise _Fail("union member needs a $type")
@@ -442,12 +461,12 @@ class Lexicons:
             for r in s["refs"]:
                 full, target = self.resolve_ref(nsid, r)
                 if full == wanted:
-                    self._check(full.split("#")[0], target, v)
+                    self._check(full.split("#")[0], target, v, depth=depth)
                     return
             if s.get("closed"):
                 raise _Fail(f"$type {v['$type']!r} is not allowed here")
         elif t == "unknown":
-            self._check_unknown(v)
+            self._check_unknown(v, depth)
         elif t == "cid-link":
             if not isinstance(v, bytes | bytearray | str):
                 raise _Fail("must be a CID link")
@@ -462,22 +481,27 @@ class Lexicons:
             hit = self._ref_cache[key] = (full.split("#")[0], target)
         return hit
 
-    def _check_unknown(self, v: Any) -> None:
-        # Unknown fields are allowed (forward compatibility) but must still be plain data.
+    def _check_unknown(self, v: Any, depth: int) -> None:
+        # Unknown fields are allowed (forward compatibility) but must still be plain data,
+        # nested no deeper than MAX_DEPTH.
         tv = type(v)
         if tv is float:
             raise _Fail("floats are not allowed (use integers)")
         if tv is dict:
+            if depth > MAX_DEPTH:
+                raise _Fail(f"nested deeper than {MAX_DEPTH} levels")
             for k, item in v.items():
                 try:
-                    self._check_unknown(item)
+                    self._check_unknown(item, depth + 1)
                 except _Fail as f:
                     f.parts.insert(0, str(k))
                     raise
         elif tv is list or tv is tuple:
+            if depth > MAX_DEPTH:
+                raise _Fail(f"nested deeper than {MAX_DEPTH} levels")
             for idx, item in enumerate(v):
                 try:
-                    self._check_unknown(item)
+                    self._check_unknown(item, depth + 1)
                 except _Fail as f:
                     f.parts.insert(0, f"[{idx}]")
                     raise

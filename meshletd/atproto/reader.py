@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,35 @@ from meshletd.atproto.verify import (
 
 
 class ReadError(Exception):
-    """The PDS could not be read (down, or answered with an error)."""
+    """The PDS could not be read (down, answered with an error, or with something that is
+    not the answer the method promises)."""
+
+
+# A PDS's answer is untrusted input: bounded in size, parsed in a scope that turns anything
+# unexpected into a ReadError (docs/protocol.md, "Validity").
+MAX_RESPONSE_BYTES = 8 * 2**20
+MAX_LISTED_RECORDS = 50_000  # per collection and repo (= the mirror's bound); more: ReadError
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+def _json_object(r: _Answer, what: str) -> dict[str, Any]:
+    """The JSON object of an answer, or ReadError (not JSON, too deep, not an object)."""
+    try:
+        body = json.loads(r.content)
+    except (ValueError, RecursionError) as e:
+        raise ReadError(f"{what}: answer is not JSON ({type(e).__name__})") from None
+    if not isinstance(body, dict):
+        raise ReadError(f"{what}: answer is not a JSON object")
+    return body
 
 
 @dataclass(frozen=True)
@@ -40,12 +69,21 @@ class RepoReader:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _get(self, pds: str, nsid: str, params: dict[str, Any]) -> httpx.Response:
+    async def _get(self, pds: str, nsid: str, params: dict[str, Any]) -> _Answer:
+        """GET one XRPC query; the (decoded) body is read up to MAX_RESPONSE_BYTES (more is
+        a ReadError, so a hostile PDS cannot make us hold an endless answer)."""
         try:
-            r = await self.http.get(f"{pds}/xrpc/{nsid}", params=params)
-        except httpx.HTTPError as e:
+            async with self.http.stream("GET", f"{pds}/xrpc/{nsid}", params=params) as r:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in r.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_RESPONSE_BYTES:
+                        raise ReadError(f"{pds} {nsid}: answer over {MAX_RESPONSE_BYTES} bytes")
+                    chunks.append(chunk)
+                return _Answer(r.status_code, b"".join(chunks))
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             raise ReadError(f"{pds} {nsid}: {type(e).__name__}: {e}") from e
-        return r
 
     async def list_records(self, pds: str, did: str, collection: str) -> dict[str, str]:
         """rkey -> cid of every record in one collection (unverified; pages of 100)."""
@@ -60,11 +98,21 @@ class RepoReader:
                 raise ReadError(
                     f"{pds} listRecords {did} {collection}: {r.status_code} {r.text[:200]}"
                 )
-            body = r.json()
-            for rec in body.get("records", []):
-                out[rec["uri"].rsplit("/", 1)[1]] = rec["cid"]
+            what = f"{pds} listRecords {did} {collection}"
+            body = _json_object(r, what)
+            records = body.get("records", [])
+            if not isinstance(records, list):
+                raise ReadError(f"{what}: records is not a list")
+            for rec in records:
+                uri = rec.get("uri") if isinstance(rec, dict) else None
+                cid = rec.get("cid") if isinstance(rec, dict) else None
+                if not isinstance(uri, str) or not isinstance(cid, str):
+                    raise ReadError(f"{what}: a listed record has no uri and cid")
+                out[uri.rsplit("/", 1)[-1]] = cid
+            if len(out) > MAX_LISTED_RECORDS:
+                raise ReadError(f"{what}: more than {MAX_LISTED_RECORDS} records")
             cursor = body.get("cursor")
-            if not cursor or not body.get("records"):
+            if not isinstance(cursor, str) or not cursor or not records:
                 return out
 
     async def get_record(self, pds: str, did: str, collection: str, rkey: str) -> dict | None:
@@ -78,7 +126,7 @@ class RepoReader:
             return None
         if r.status_code != 200:
             raise ReadError(f"{pds} getRecord {did}/{collection}/{rkey}: {r.status_code}")
-        return r.json()
+        return _json_object(r, f"{pds} getRecord {did}/{collection}/{rkey}")
 
     async def prove_record(
         self, pds: str, did: str, did_key: str | None, collection: str, rkey: str
@@ -111,13 +159,17 @@ class RepoReader:
         r = await self._get(pds, "com.atproto.repo.describeRepo", {"repo": did})
         if r.status_code != 200:
             return None
-        return set(r.json().get("collections") or ())
+        got = _json_object(r, f"{pds} describeRepo {did}").get("collections") or ()
+        if not isinstance(got, list):
+            return None
+        return {c for c in got if isinstance(c, str)}
 
     async def latest_rev(self, pds: str, did: str) -> str | None:
         r = await self._get(pds, "com.atproto.sync.getLatestCommit", {"did": did})
         if r.status_code != 200:
             return None
-        return r.json().get("rev")
+        rev = _json_object(r, f"{pds} getLatestCommit {did}").get("rev")
+        return rev if isinstance(rev, str) else None
 
 
 __all__ = ["ProvenRecord", "ReadError", "RepoReader", "cid_bytes"]

@@ -1,5 +1,9 @@
 """The engine: the pure scheduler core driven by the real world.
 
+Who does what: the `Scheduler` (meshletd.core) decides, with no I/O and no clock of its own;
+the engine feeds it and carries out what it decides. The node (atproto_node.py) owns the
+engine and hands it record changes; the engine never reads records or peers by itself.
+
 Events go in one at a time, in order (record changes from the firehose, runtime state
 changes, probe results, ticks from a single alarm, operator commands); the actions the core
 returns are carried out: writes go to the PDS write queue (in order, retried), replica starts
@@ -13,11 +17,13 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
+from meshletd.atproto.pds import Write
 from meshletd.core.actions import (
+    Action,
     DeleteRecord,
     ProbePeer,
     PutRecord,
@@ -35,33 +41,88 @@ from meshletd.core.events import (
     SetDraining,
     Tick,
 )
-from meshletd.core.records import record_from_json, record_to_json, split_at_uri
+from meshletd.core.records import (
+    NSID_WORKLOAD,
+    record_to_json,
+    split_at_uri,
+)
+from meshletd.daemon.followed import RecordChange, core_record
+from meshletd.daemon.local import PlacementQueries
+from meshletd.runtime import (
+    ReplicaExited,
+    ReplicaFailed,
+    ReplicaId,
+    ReplicaOomKilled,
+    ReplicaRunning,
+    ReplicaSpec,
+    ReplicaStatus,
+    Resources,
+    Runtime,
+    Secret,
+)
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
 
-WORKLOAD = "commune.scheduler.workload"
+
+class Core(PlacementQueries, Protocol):
+    """The scheduler core as the engine drives it (`meshletd.core.scheduler.Scheduler`)."""
+
+    @property
+    def now(self) -> int:
+        """The time of the last event handled (ms)."""
+        ...
+
+    def handle(self, event: Event) -> list[Action]: ...
 
 
-def replica_id(workload_uri: str, slot: int) -> Any:
-    from meshletd.runtime import ReplicaId
-
+def replica_id(workload_uri: str, slot: int) -> ReplicaId:
     owner, _, rkey = split_at_uri(workload_uri)
     return ReplicaId(owner_did=owner, workload=rkey, index=slot)
 
 
-def workload_uri_of(rid: Any) -> str:
-    return f"at://{rid.owner_did}/{WORKLOAD}/{rid.workload}"
+def workload_uri_of(rid: ReplicaId) -> str:
+    return f"at://{rid.owner_did}/{NSID_WORKLOAD}/{rid.workload}"
+
+
+def replica_spec(
+    action: StartReplica,
+    raw: dict[str, Any],
+    secret_values: dict[str, bytes],
+    owner_handle: str,
+) -> ReplicaSpec:
+    """What the runtime runs for a slot: the core's workload (image, resources, revision)
+    and the published record's command, args, env and secret references."""
+    wl = action.workload
+    args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
+    env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
+    secrets = []
+    for ref in raw.get("secrets", ()):
+        if ref["name"] not in secret_values:
+            raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
+        secrets.append(
+            Secret(ref.get("target") or ref["name"], secret_values[ref["name"]], env=ref.get("env"))
+        )
+    return ReplicaSpec(
+        replica=replica_id(wl.uri, action.slot),
+        owner_handle=owner_handle,
+        image=wl.image or raw.get("image", ""),
+        resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
+        args=args,
+        env=env,
+        secrets=tuple(secrets),
+        revision=wl.cid,
+    )
 
 
 class Engine:
-    """Drives one `meshletd.core.scheduler.Scheduler`."""
+    """Drives one scheduler core (`Core`) over one runtime."""
 
     def __init__(
         self,
-        scheduler: Any,
-        runtime: Any,
-        submit_write: Callable[[Any], None],
+        scheduler: Core,
+        runtime: Runtime,
+        submit_write: Callable[[Write], None],
         *,
         raw_workload: Callable[[str], dict[str, Any] | None],
         secret: Callable[[str, str], Awaitable[bytes | None]] | None = None,
@@ -85,7 +146,7 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
         self.handled = 0
-        self.adopted: list[Any] = []
+        self.adopted: list[ReplicaStatus] = []
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -96,17 +157,13 @@ class Engine:
         """Queue one event for the core (never blocks)."""
         self._send.send_nowait(event)
 
-    def record_changed(self, ev: Any) -> None:
+    def record_changed(self, ev: RecordChange) -> None:
         """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
         trace("seen", uri=ev.uri, action=ev.action, via=getattr(ev, "source", "?"))
         if ev.action == "delete":
             self.feed(RecordDeleted(ev.uri))
             return
-        try:
-            rec = record_from_json(ev.uri, ev.cid or "", ev.record or {})
-        except (KeyError, ValueError, TypeError) as e:
-            log.warning("record %s ignored by the scheduler: %s", ev.uri, e)
-            return
+        rec = core_record(ev, "scheduler")
         if rec is not None:
             self.feed(RecordSeen(rec))
 
@@ -115,7 +172,9 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED):
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[ReplicaStatus]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             adopted = await nursery.start(self.runtime.serve)
@@ -141,7 +200,7 @@ class Engine:
             self.handled += 1
             await trio.sleep(0)
 
-    def _perform(self, actions: list[Any]) -> None:
+    def _perform(self, actions: list[Action]) -> None:
         assert self._nursery is not None
         for a in actions:
             if isinstance(a, PutRecord):
@@ -152,10 +211,10 @@ class Engine:
                     # lexicon's workloadRef needs it: take it from the record we follow.
                     ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
                 trace("queued", key=f"{a.collection}/{a.rkey}")
-                self._submit_write(("put", a.collection, a.rkey, value))
+                self._submit_write(Write("put", a.collection, a.rkey, value))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
-                self._submit_write(("delete", a.collection, a.rkey, None))
+                self._submit_write(Write("delete", a.collection, a.rkey))
             elif isinstance(a, StartReplica):
                 trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
                 self._nursery.start_soon(self._start, a)
@@ -196,35 +255,14 @@ class Engine:
             out[ref["name"]] = value
         return out
 
-    def spec_for(self, action: StartReplica, secret_values: dict[str, bytes] | None = None) -> Any:
-        from meshletd.runtime import ReplicaSpec, Resources, Secret
-
-        wl = action.workload
-        raw = self._raw_workload(wl.uri) or {}
-        args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
-        env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
-        values = secret_values or {}
-        secrets = []
-        for ref in raw.get("secrets", ()):
-            if ref["name"] not in values:
-                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
-            secrets.append(
-                Secret(ref.get("target") or ref["name"], values[ref["name"]], env=ref.get("env"))
-            )
-        return ReplicaSpec(
-            replica=replica_id(wl.uri, action.slot),
-            owner_handle=self._owner_handle(wl.owner),
-            image=wl.image or raw.get("image", ""),
-            resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
-            args=args,
-            env=env,
-            secrets=tuple(secrets),
-            revision=wl.cid,
-        )
+    def spec_for(
+        self, action: StartReplica, secret_values: dict[str, bytes] | None = None
+    ) -> ReplicaSpec:
+        raw = self._raw_workload(action.workload.uri) or {}
+        owner_handle = self._owner_handle(action.workload.owner)
+        return replica_spec(action, raw, secret_values or {}, owner_handle)
 
     async def _start(self, action: StartReplica) -> None:
-        from meshletd.runtime import ReplicaRunning
-
         uri, slot = action.workload.uri, action.slot
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
@@ -257,13 +295,6 @@ class Engine:
         self.feed(ReplicaStateChanged(action.workload_uri, action.slot, "stopped"))
 
     async def _runtime_events(self) -> None:
-        from meshletd.runtime import (
-            ReplicaExited,
-            ReplicaFailed,
-            ReplicaOomKilled,
-            ReplicaRunning,
-        )
-
         async for ev in self.runtime.events:
             uri, slot = workload_uri_of(ev.replica), ev.replica.index
             self.units[(uri, slot)] = ev.unit

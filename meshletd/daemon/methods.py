@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from meshletd import __version__
+from meshletd.atproto.lexicon import validate_record
 from meshletd.daemon.node import Node, check_owner
 from meshletd.errors import Forbidden, InvalidRequest
 from meshletd.xrpc.app import Access, Caller, Param, XrpcApp
@@ -162,8 +163,6 @@ def install(
             "createdAt": _now(),
             **record,
         }
-        from meshletd.atproto.lexicon import validate_record
-
         validate_record(WORKLOAD, record)  # InvalidRecord names the offending field
         return await node.create_workload(record)
 
@@ -174,9 +173,8 @@ def install(
         return node.balance()
 
     async def ctl_handles(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
-        # Display names for human tables; a node without identities (in-memory) has none.
-        known = getattr(node, "handles", None)
-        got: dict[str, str] = await known() if known is not None else {}
+        # Display names for human tables.
+        got = await node.handles()
         return {"handles": [{"did": d, "handle": h} for d, h in sorted(got.items())]}
 
     def local_only(handler: Any) -> Any:
@@ -187,7 +185,8 @@ def install(
 
         return guarded
 
-    q, p = "query", "procedure"
+    q: Literal["query"] = "query"
+    p: Literal["procedure"] = "procedure"
     add = app.add
     add("farm.meshlet.ping", q, Access.ANYONE, ping)
     add("farm.meshlet.notifyRecords", p, Access.ANYONE, notify_records)

@@ -22,7 +22,10 @@ leak metadata and cost PDS writes. Pulling costs no write and reaches exactly th
 from __future__ import annotations
 
 import base64
-from typing import Any
+
+from nacl.public import PrivateKey, PublicKey, SealedBox
+
+from meshletd.daemon.stored import Store
 
 SECRET_KEY = "secrets"  # state-store key of the owner's secrets (root-only file)
 ENCRYPTION_KEY = "encryption-key"  # state-store key of this meshlet's X25519 private key
@@ -30,17 +33,13 @@ ENCRYPTION_KEY = "encryption-key"  # state-store key of this meshlet's X25519 pr
 
 def seal(public_b64: str, value: bytes) -> bytes:
     """Seal `value` to an X25519 public key (standard base64 of 32 bytes)."""
-    from nacl.public import PublicKey, SealedBox
-
     return SealedBox(PublicKey(base64.b64decode(public_b64))).encrypt(value)
 
 
 class EncryptionKey:
     """This meshlet's X25519 key pair, created once and kept in the state store."""
 
-    def __init__(self, store: Any) -> None:
-        from nacl.public import PrivateKey
-
+    def __init__(self, store: Store) -> None:
         raw = store.get(ENCRYPTION_KEY)
         if raw and isinstance(raw.get("private"), str):
             self._private = PrivateKey(base64.b64decode(raw["private"]))
@@ -53,8 +52,6 @@ class EncryptionKey:
         return base64.b64encode(bytes(self._private.public_key)).decode()
 
     def unseal(self, sealed: bytes) -> bytes:
-        from nacl.public import SealedBox
-
         return SealedBox(self._private).decrypt(sealed)
 
     def __repr__(self) -> str:
@@ -64,7 +61,7 @@ class EncryptionKey:
 class SecretStore:
     """The owner's secrets on this meshlet: name → value, persisted root-only."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         raw = store.get(SECRET_KEY, {}) or {}
         self._values = {k: base64.b64decode(v) for k, v in raw.items()}

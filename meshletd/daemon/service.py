@@ -13,22 +13,34 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import trio
 
 from meshletd import config as config_mod
+from meshletd.atproto.lexicon import default_lexicons
 from meshletd.config import Config, Credentials
 from meshletd.daemon import methods
-from meshletd.daemon.node import InMemoryNode, Node
+from meshletd.daemon.fake_node import InMemoryNode
+from meshletd.daemon.node import Node
+from meshletd.daemon.stored import Store
 from meshletd.errors import ConfigError
-from meshletd.notify import SdNotifier, run_watchdog, watchdog_interval
+from meshletd.notify import Notifier, SdNotifier, run_watchdog, watchdog_interval
 from meshletd.store import StateStore
 from meshletd.xrpc.app import XrpcApp
-from meshletd.xrpc.auth import ServiceAuthVerifier, SigningKeyResolver
+from meshletd.xrpc.auth import IdentityKeys, ServiceAuthVerifier, SigningKeyResolver
 from meshletd.xrpc.http import serve_tcp, serve_unix
 
 log = logging.getLogger("meshletd")
+
+
+class Lifecycle(Notifier, Protocol):
+    """What the daemon tells its service manager (`SdNotifier`, `RecordingNotifier`)."""
+
+    def ready(self, status: str | None = None) -> None: ...
+    def status(self, text: str) -> None: ...
+    def stopping(self, status: str | None = None) -> None: ...
+    def reloading(self) -> None: ...
 
 
 def _gid(name: str) -> int | None:
@@ -46,9 +58,11 @@ def capacity_of(cfg: Config) -> dict[str, int]:
     }
 
 
-def default_node(cfg: Config, credentials: Credentials, store: Any) -> Node:
+def default_node(cfg: Config, credentials: Credentials, store: Store) -> Node:
     if cfg.backend == "atproto":
-        from meshletd.daemon.atnode import AtprotoNode
+        # Lazy: the atproto layer, the scheduler core and the runtime are megabytes of
+        # resident modules that `backend = "memory"` never uses (dev/bench footprint).
+        from meshletd.daemon.atproto_node import AtprotoNode
 
         return AtprotoNode(cfg, credentials, store)
     return InMemoryNode(
@@ -70,26 +84,25 @@ class Daemon:
         *,
         config_path: Path | None = None,
         node: Node | None = None,
-        notifier: Any = None,
+        notifier: Lifecycle | None = None,
         key_resolver: SigningKeyResolver | None = None,
         environ: dict[str, str] | None = None,
         handle_signals: bool = True,
-        store: Any = None,
+        store: Store | None = None,
     ) -> None:
         self.cfg = cfg
         self.credentials = credentials or Credentials()
         self.config_path = config_path
         env = dict(os.environ if environ is None else environ)
-        self.notifier = notifier if notifier is not None else SdNotifier(env)
+        self.notifier: Lifecycle = notifier if notifier is not None else SdNotifier(env)
         self.watchdog_interval = watchdog_interval(env)
         self.handle_signals = handle_signals
-        self.store = store if store is not None else StateStore(cfg.state_dir)
+        self.store: Store = store if store is not None else StateStore(cfg.state_dir)
         self.node: Node = node or default_node(cfg, self.credentials, self.store)
         if key_resolver is None:
-            from meshletd.xrpc.auth import IdentityKeys
-
             key_resolver = IdentityKeys(cfg.plc_url)
-        self.verifier = ServiceAuthVerifier(cfg.did, key_resolver)
+        # Issuers that are not members of our clusters are refused before any resolution.
+        self.verifier = ServiceAuthVerifier(cfg.did, key_resolver, is_known=self.node.is_member)
         self.app = self._build_app()
         self.tcp_address: tuple[str, int] | None = None
         self._stop = trio.Event()
@@ -99,8 +112,6 @@ class Daemon:
     def _build_app(self) -> XrpcApp:
         admin = _gid(self.cfg.control.admin_group)
         reader = _gid(self.cfg.control.group)
-        from meshletd.atproto.lexicon import default_lexicons
-
         app = XrpcApp(
             lexicons=default_lexicons(),
             verifier=self.verifier,
@@ -209,7 +220,9 @@ class Daemon:
                 last = line
             await trio.sleep(5)
 
-    async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+    async def _signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             task_status.started()
             async for signum in sigs:

@@ -6,14 +6,17 @@ Scheme (documented in docs/runtime.md)::
 
 - `<owner-handle>` is the owner's handle (`alice.example.com`), `<workload>` the workload
   record key, each reduced to the characters a unit name allows ([A-Za-z0-9.:_-]; anything
-  else becomes `_`) and shortened to 48 characters;
+  else becomes `_`) and shortened to 40 characters;
 - `<replica>` the replica index (0, 1, ...);
-- `<tag>` the first 6 hex digits of sha256(owner DID + "/" + workload), so two workloads
-  whose readable parts collide (handles change, `a-b`+`c` vs `a`+`b-c`) get distinct units.
+- `<tag>` the first 32 hex digits (128 bits) of sha256(owner DID + "/" + workload), so two
+  workloads whose readable parts collide (handles change, `a-b`+`c` vs `a`+`b-c`, or a
+  member who picks a handle and record key to match someone else's) get distinct units.
+  (It was 6 digits: a colliding name was found by brute force in about a minute.)
 
 The podman container has the unit's name without `.service`; podman secrets are named
 `<container>.<secret name>`. Identity is never parsed back from a name: it is stored in the
-unit (`MESHLET_*` environment entries, see `units.py`) and read back on adoption.
+unit (`MESHLET_*` environment entries, see `units.py`), read back and checked against the
+name before a unit is adopted or taken as an already started replica (`unit_belongs`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from meshletd.runtime.spec import ReplicaId
 UNIT_PREFIX = "meshlet-"
 UNIT_SUFFIX = ".service"
 UNIT_PATTERN = "meshlet-*.service"
-_PART_MAX = 48
+_PART_MAX = 40  # with the 32-digit tag a name stays under 140 characters
+TAG_HEX = 32
+LEGACY_TAG_HEX = 6  # units started before the tag was widened; still recognised on adoption
 _UNSAFE = re.compile(r"[^A-Za-z0-9.:_-]")
 
 
@@ -35,9 +40,9 @@ def _part(text: str) -> str:
     return cleaned[:_PART_MAX]
 
 
-def workload_tag(owner_did: str, workload: str) -> str:
-    """Six hex digits that tell workloads apart whatever their readable names."""
-    return hashlib.sha256(f"{owner_did}/{workload}".encode()).hexdigest()[:6]
+def workload_tag(owner_did: str, workload: str, digits: int = TAG_HEX) -> str:
+    """Hex digits of a hash that tell workloads apart whatever their readable names."""
+    return hashlib.sha256(f"{owner_did}/{workload}".encode()).hexdigest()[:digits]
 
 
 def container_name(replica: ReplicaId, owner_handle: str) -> str:
@@ -51,6 +56,23 @@ def container_name(replica: ReplicaId, owner_handle: str) -> str:
 def unit_name(replica: ReplicaId, owner_handle: str) -> str:
     """The transient systemd unit for one replica: `journalctl -u <this>` shows its output."""
     return container_name(replica, owner_handle) + UNIT_SUFFIX
+
+
+def unit_belongs(unit: str, replica: ReplicaId, container: str | None) -> bool:
+    """Whether a unit's name fits the replica its environment names (and the container it
+    names is the unit's own): the name ends with the replica's index and tag (current or
+    legacy width). A unit whose stored identity does not fit its name was not started by us
+    for that replica: it is neither adopted nor taken as started."""
+    if not unit.endswith(UNIT_SUFFIX):
+        return False
+    base = unit[: -len(UNIT_SUFFIX)]
+    if container is not None and container != base:
+        return False
+    for digits in (TAG_HEX, LEGACY_TAG_HEX):
+        tag = workload_tag(replica.owner_did, replica.workload, digits)
+        if base.endswith(f"-{replica.index}-{tag}"):
+            return True
+    return False
 
 
 def secret_name(container: str, secret: str) -> str:

@@ -149,6 +149,21 @@ class ReplicaRuntime:
         container = naming.container_name(spec.replica, spec.owner_handle)
         unit = naming.unit_name(spec.replica, spec.owner_handle)
         found = await self.machine.unit_snapshot(unit)
+        if unit_phase(found) != "gone":
+            # A unit of this name exists: it is ours only if the identity it carries is this
+            # replica's. Another's (a name collision, a unit made by hand) is left alone.
+            ident = identity_from_environment(found.environment)
+            if ident is None or ident.replica != spec.replica or ident.container != container:
+                who = "no replica identity" if ident is None else f"replica {ident.replica}"
+                log.warning("unit %s carries %s, not %s: not taken", unit, who, spec.replica)
+                return self._emit(
+                    ReplicaFailed(
+                        spec.replica,
+                        unit,
+                        "UnitNameTaken",
+                        f"unit {unit} exists and belongs to {who}",
+                    )
+                )
         if unit_phase(found) in ("starting", "running"):
             # Someone (an earlier meshletd) started it and we did not adopt it yet.
             rep = self._track(spec.replica, unit, container, spec.revision or "", ran=True)
@@ -215,6 +230,13 @@ class ReplicaRuntime:
             ident = identity_from_environment(snap.environment)
             if ident is None:
                 continue  # named like ours but not a replica (e.g. a podman pause unit)
+            if not naming.unit_belongs(unit, ident.replica, ident.container):
+                log.warning(
+                    "unit %s names replica %s but its name does not fit it: not adopted",
+                    unit,
+                    ident.replica,
+                )
+                continue
             if ident.replica in self._replicas:
                 continue
             rep = self._track(

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from meshletd.atproto.validity import IMAGE_TRANSPORTS
 from meshletd.errors import InvalidRequest, RuntimeFailure
 
 
@@ -133,6 +134,11 @@ def validate_image(image: object) -> str:
             f"image {image!r} is not a valid image reference "
             "(registry/name[:tag][@digest], no spaces or shell characters)"
         )
+    prefix = image.split(":", 1)[0]
+    if ":" in image and "/" not in prefix and prefix in IMAGE_TRANSPORTS:
+        # `oci-archive:x` fits the grammar (name `oci-archive`, tag `x`) but podman reads
+        # a transport there (docs/protocol.md, section 19).
+        raise InvalidReplicaSpec(f"image {image!r} starts with a podman transport")
     return image
 
 

@@ -815,8 +815,8 @@ class Sim:
         for n in live:
             assert n.core is not None
             e = n.core.workloads.get(uri)
-            if e is not None and e.done:
-                return set(e.done)
+            if e is not None and e.finished:
+                return set(e.finished)
         return set()
 
 

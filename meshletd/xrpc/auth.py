@@ -7,13 +7,20 @@ not require `exp` or `jti`, and keeps no memory of used tokens. We add those:
 - `exp` required, and at most `MAX_LIFETIME` seconds ahead (a leaked long token is a risk);
 - `lxm` must equal the NSID being called (a token for `ping` cannot delete a workload);
 - `jti` required, and each (iss, jti) accepted once until its `exp` (replay cache);
-- `iss` must be a bare DID (no `#service` fragment).
+- `iss` must be a bare DID (no `#service` fragment);
+- `iss` must be somebody we know (`is_known`: a member of one of our clusters, or our
+  owner), checked BEFORE any DID resolution: a stranger costs no network request, and
+  cannot make us fetch a document it points at (docs/protocol.md section 19.5);
+- what resolution failed on is logged, never sent back to the caller.
 
-Key resolution is behind `SigningKeyResolver` so tests can use keys they made themselves.
+The replay cache is bounded in all and per issuer, so one issuer (even a member) cannot
+fill it and lock the others out. Key resolution is behind `SigningKeyResolver` so tests can
+use keys they made themselves.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -23,9 +30,12 @@ from meshletd.errors import (
     BadJwtAudience,
     BadJwtLexiconMethod,
     BadJwtSignature,
+    Forbidden,
     JwtExpired,
     JwtReplayed,
 )
+
+log = logging.getLogger("meshletd.xrpc.auth")
 
 MAX_LIFETIME = 3600
 LEEWAY = 5
@@ -37,32 +47,57 @@ class SigningKeyResolver(Protocol):
         ...
 
 
-class ReplayCache:
-    """Remembers (iss, jti) pairs until their token expires; bounded in size."""
+MAX_JTI_LENGTH = 256
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._seen: dict[tuple[str, str], float] = {}
+
+class ReplayCache:
+    """Remembers (iss, jti) pairs until their token expires; bounded in all (`max_entries`)
+    and per issuer (`per_issuer`). Expired entries go first; a live one is never forgotten
+    (that would allow its replay): an issuer at its share is refused until some of its own
+    tokens expire, and nobody else is affected."""
+
+    def __init__(self, max_entries: int = 100_000, per_issuer: int = 4096) -> None:
+        self._seen: dict[str, dict[str, float]] = {}  # iss -> jti -> exp
+        self._count = 0
         self._max = max_entries
+        self._per_issuer = per_issuer
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return self._count
 
     def check_and_add(self, iss: str, jti: str, exp: float, now: float) -> bool:
-        """True if new (and now remembered); False if this token was already used."""
-        if len(self._seen) >= self._max:
-            self._purge(now)
-        key = (iss, jti)
-        if key in self._seen and self._seen[key] > now - LEEWAY:
-            return False
-        if len(self._seen) >= self._max:
-            # Still full of live tokens: refuse rather than forget (forgetting allows replay).
-            return False
-        self._seen[key] = exp
+        """True if new (and now remembered); False if this token was already used (or the
+        issuer holds its whole share of live tokens)."""
+        mine = self._seen.get(iss)
+        if mine is not None:
+            seen_exp = mine.get(jti)
+            if seen_exp is not None and seen_exp > now - LEEWAY:
+                return False
+            if len(mine) >= self._per_issuer:
+                self._purge_issuer(iss, now)
+                mine = self._seen.get(iss)
+                if mine is not None and len(mine) >= self._per_issuer:
+                    return False
+        if self._count >= self._max:
+            for other in list(self._seen):
+                self._purge_issuer(other, now)
+            if self._count >= self._max:
+                return False
+        mine = self._seen.setdefault(iss, {})
+        if jti not in mine:
+            self._count += 1
+        mine[jti] = exp
         return True
 
-    def _purge(self, now: float) -> None:
+    def _purge_issuer(self, iss: str, now: float) -> None:
         cutoff = now - LEEWAY
-        self._seen = {k: v for k, v in self._seen.items() if v > cutoff}
+        mine = self._seen[iss]
+        live = {j: e for j, e in mine.items() if e > cutoff}
+        self._count -= len(mine) - len(live)
+        if live:
+            self._seen[iss] = live
+        else:
+            del self._seen[iss]
 
 
 class ServiceAuthVerifier:
@@ -75,11 +110,15 @@ class ServiceAuthVerifier:
         *,
         clock: Callable[[], float] = time.time,
         replay_cache: ReplayCache | None = None,
+        is_known: Callable[[str], bool] | None = None,
     ) -> None:
         self.own_did = own_did
         self._resolver = resolver
         self._clock = clock
         self._replay = replay_cache or ReplayCache()
+        # Who may be resolved at all (members of our clusters, our owner). None: anyone
+        # (tests of the token checks alone).
+        self.is_known = is_known
 
     async def verify(self, token: str, nsid: str) -> str:
         """The verified issuer DID, or raise a `BadJwt…`/`JwtExpired`/`JwtReplayed` error."""
@@ -112,9 +151,14 @@ class ServiceAuthVerifier:
             raise BadJwtLexiconMethod(f"token is for method {lxm!r}, not {nsid}")
         if not payload.jti:
             raise BadJwt("token has no jti")
+        if not isinstance(payload.jti, str) or len(payload.jti) > MAX_JTI_LENGTH:
+            raise BadJwt(f"token jti must be a string of at most {MAX_JTI_LENGTH} characters")
         iss = payload.iss
-        if not iss or not iss.startswith("did:") or "#" in iss:
+        if not iss or not iss.startswith("did:") or "#" in iss or len(iss) > 2048:
             raise BadJwt("token iss must be a DID")
+        if self.is_known is not None and not self.is_known(iss):
+            # Before any resolution: a stranger costs no request and learns nothing.
+            raise Forbidden("the token's issuer is not a member of this meshlet's clusters")
 
         async def get_key(did: str, force_refresh: bool) -> str:
             try:
@@ -127,7 +171,9 @@ class ServiceAuthVerifier:
             # has already decided expiry above, so give it the same leeway.
             await sdk_jwt.verify_jwt_async(token, get_key, own_did=self.own_did, leeway=LEEWAY)
         except _Unresolvable as e:
-            raise BadJwt(f"cannot resolve the signing key of {iss}: {e}") from None
+            # The detail (an address, an HTTP error) is for the operator, not the caller.
+            log.warning("service auth: cannot resolve the signing key of %s: %s", iss, e)
+            raise BadJwt("cannot resolve the signing key of the token's issuer") from None
         except TokenExpiredSignatureError:
             raise JwtExpired("token has expired") from None
         except TokenInvalidAudienceError:

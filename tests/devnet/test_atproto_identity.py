@@ -56,7 +56,8 @@ async def test_did_web_on_a_localhost_port_resolves(devnet):
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(_serve_did_json, doc_for)
-        ident = await IdentityResolver(devnet.plc_url).resolve(f"did:web:localhost%3A{port}")
+        resolver = IdentityResolver(devnet.plc_url, allow_hosts={f"localhost:{port}"})
+        ident = await resolver.resolve(f"did:web:localhost%3A{port}")
         nursery.cancel_scope.cancel()
     assert ident.signing_key == key.did_key
     assert ident.pds == devnet.pds_urls[0].rstrip("/")

@@ -1,10 +1,13 @@
 """A real commune end to end (issue 7): three meshlets, each meshletd on its own booted
 systemd host, mutually consenting, on two PDSes of the local atproto network.
 
-The steps run in order of dependency and share one commune (booted once for the module)
-and one service workload ("ticker"). Each step that the daemon cannot do yet is marked
-`xfail(strict=True)` with the precise missing piece, so the gap stays visible and the
-mark must go when the piece lands.
+The tests share one commune (booted once for the module) and one service workload
+("ticker"). What a test needs done before it is a module-scoped fixture that does it once:
+`formed` (every meshlet verified the other two), `ticker_running` (ticker placed the same
+everywhere), `failover` (a hosting machine powered off and its slot run elsewhere),
+`host_back` (that machine powered on again, with a fresh disk), `ticker_stopped`. So each
+test runs alone too (`-k`), doing only the steps it depends on; in file order each fixture
+runs once, where the test that checks it first needs it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ BID_WINDOW_S = 30  # generous: bid window + settle + image check + unit start, o
 FAILOVER_TARGET_S = 10.0
 FAILOVER_LIMIT_S = FAILOVER_TARGET_S + 5.0
 WORKLOAD = "commune.scheduler.workload"
-# Fair share within minutes, not days (step 9): a usage record per meshlet every 5 s and a
+# Fair share within minutes, not days (the fair-share test): a usage record per meshlet every 5 s and a
 # one-minute half-life, so old use fades while bob's fresh use counts (docs/protocol.md §11).
 # Both are commune-wide settings: every meshlet of the commune gets the same values.
 SCHEDULING = {"usage_period_ms": 5000, "half_life_ms": 60_000}
@@ -59,7 +62,7 @@ def commune(devnet: Any) -> Iterator[Commune]:
 def find(m: Meshlet, name: str, owner: str | None = None) -> dict[str, Any] | None:
     """The workload view named `name` as m's meshletd reports it (`workloads --all`)."""
     for w in m.ctl_json("workloads", "--all"):
-        if w["name"] == name and (owner is None or w["ownerDid"] == owner):
+        if w.get("name") == name and (owner is None or w["ownerDid"] == owner):
             return w
     return None
 
@@ -140,18 +143,14 @@ def stop_workload(m: Meshlet, name: str) -> None:
     assert done.returncode in (0, 4), done.stderr  # 4: gone already
 
 
+# -- fixtures: the steps the tests depend on ----------------------------------------------
+
+
 @pytest.fixture(scope="module")
-def ticker(commune: Commune) -> dict[str, Any]:
-    """alice's 2-replica service, published once; steps 2, 4, 5 and 6 use it."""
-    t0 = time.monotonic()
-    uri = publish(commune["alice"], TICKER, *RUN_TICKER)
-    return {"uri": uri, "published": t0}
-
-
-# -- 1. the cluster forms -----------------------------------------------------------------
-
-
-def test_1_the_cluster_forms_and_each_meshlet_lists_the_other_two(commune: Commune) -> None:
+def formed(commune: Commune) -> dict[str, list[dict[str, Any]]]:
+    """The cluster has formed: each meshlet lists the other two as verified members
+    (person -> `meshletctl members --json`)."""
+    out = {}
     for m in commune:
         others = {o.owner_did: o.did for o in commune if o is not m}
 
@@ -160,7 +159,86 @@ def test_1_the_cluster_forms_and_each_meshlet_lists_the_other_two(commune: Commu
             ok = {r["ownerDid"]: r["meshletDids"] for r in rows if r["verified"]}
             return rows if ok == {o: [d] for o, d in others.items()} else []
 
-        rows = wait_for(verified, 60, f"{m.person}'s meshletd to verify the other two")
+        out[m.person] = wait_for(verified, 60, f"{m.person}'s meshletd to verify the other two")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ticker(commune: Commune, formed: Any) -> dict[str, Any]:
+    """alice's 2-replica service, published once; the fixtures below record in it what
+    they did (`placement`, `victim`)."""
+    t0 = time.monotonic()
+    uri = publish(commune["alice"], TICKER, *RUN_TICKER)
+    return {"uri": uri, "published": t0}
+
+
+@pytest.fixture(scope="module")
+def ticker_running(commune: Commune, ticker: dict[str, Any]) -> dict[int, str]:
+    """ticker runs its two replicas and every meshlet reports the same placement
+    (slot -> meshlet DID), within the bid window."""
+    placement = wait_for(
+        lambda: agreed_placement(commune, "ticker", 2),
+        BID_WINDOW_S,
+        "every meshlet to report the same running placement of ticker",
+    )
+    ticker["placement"] = placement
+    ticker["running_after_s"] = time.monotonic() - ticker["published"]
+    return placement
+
+
+@pytest.fixture(scope="module")
+def failover(commune: Commune, ticker: dict[str, Any], ticker_running: Any) -> dict[str, Any]:
+    """A machine hosting a replica of ticker (not alice's if possible) is powered off, and
+    the other two agree on a placement without it: {victim, slot, t0, placement}."""
+    placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
+    victim = _victim(commune, placement)
+    lost = next(s for s, d in placement.items() if d == victim.did)
+    watchers = tuple(p for p in PEOPLE if p != victim.person)
+    t0 = time.monotonic()
+    commune.power_off(victim.person)
+    ticker["victim"] = victim.person
+
+    def replaced() -> dict[int, str] | None:
+        now = agreed_placement(commune, "ticker", 2, watchers)
+        return now if now and victim.did not in now.values() else None
+
+    after = wait_for(replaced, 60, f"slot {lost} of ticker to run off {victim.person}'s machine")
+    return {"victim": victim, "slot": lost, "t0": t0, "placement": after}
+
+
+@pytest.fixture(scope="module")
+def host_back(commune: Commune, failover: dict[str, Any]) -> Meshlet:
+    """The powered-off machine is on again (a fresh disk: new state dir and keys) and its
+    meshletd has rejoined: the commune is whole again."""
+    victim = failover["victim"]
+    commune.power_on(victim.person)
+    back = commune[victim.person]
+    wait_for(
+        lambda: back.ctl_json("status")["members"] == 2, 60, f"{victim.person}'s meshletd to rejoin"
+    )
+    return back
+
+
+@pytest.fixture(scope="module")
+def ticker_stopped(commune: Commune, ticker: dict[str, Any], ticker_running: Any) -> Any:
+    """alice has run `meshletctl stop ticker` (its answer)."""
+    return commune["alice"].ctl("stop", "ticker")
+
+
+def _victim(commune: Commune, placement: dict[int, str]) -> Meshlet:
+    """A hosting meshlet, not alice's if possible (her machine stays up to watch)."""
+    hosting = [commune.by_did(d) for d in placement.values()]
+    return next((m for m in hosting if m.person != "alice"), hosting[0])
+
+
+# -- the cluster forms --------------------------------------------------------------------
+
+
+def test_the_cluster_forms_and_each_meshlet_lists_the_other_two(
+    commune: Commune, formed: dict[str, list[dict[str, Any]]]
+) -> None:
+    for m in commune:
+        rows = formed[m.person]
         assert {r["cluster"] for r in rows} == {"commune"}
         status = m.ctl_json("status")
         assert status["members"] == 2 and status["state"] == "active"
@@ -173,19 +251,13 @@ def test_1_the_cluster_forms_and_each_meshlet_lists_the_other_two(commune: Commu
                 assert o.owner.handle in table and o.mesh.handle in table, table
 
 
-# -- 2. a service with two replicas --------------------------------------------------------
+# -- a service with two replicas ----------------------------------------------------------
 
 
-def test_2_a_service_runs_two_replicas_with_the_same_placement_on_every_meshlet(
-    commune: Commune, ticker: dict[str, Any]
+def test_a_service_runs_two_replicas_with_the_same_placement_on_every_meshlet(
+    commune: Commune, ticker: dict[str, Any], ticker_running: dict[int, str]
 ) -> None:
-    placement = wait_for(
-        lambda: agreed_placement(commune, "ticker", 2),
-        BID_WINDOW_S,
-        "every meshlet to report the same running placement of ticker",
-    )
-    ticker["placement"] = placement
-    ticker["running_after_s"] = time.monotonic() - ticker["published"]
+    placement = ticker_running
     hosts = set(placement.values())
     assert len(hosts) == 2, f"two replicas on one meshlet: {placement}"
     # `journalctl -u <unit>` on each hosting machine shows the output.
@@ -204,11 +276,11 @@ def test_2_a_service_runs_two_replicas_with_the_same_placement_on_every_meshlet(
         assert len(units_of(m, ticker["uri"])) == (1 if m.did in hosts else 0), m.person
 
 
-def test_2_alice_reads_every_replica_s_logs_from_her_own_machine(
-    commune: Commune, ticker: dict[str, Any]
+def test_alice_reads_every_replica_s_logs_from_her_own_machine(
+    commune: Commune, ticker_running: dict[int, str]
 ) -> None:
     alice = commune["alice"]
-    placement = ticker.get("placement") or pytest.fail("step 2 did not place ticker", False)
+    placement = ticker_running
     assert any(d != alice.did for d in placement.values())  # at least one is remote
     for slot, did in placement.items():
         done = alice.ctl("logs", "ticker", "--slot", str(slot), "-n", "5")
@@ -223,11 +295,11 @@ def test_2_alice_reads_every_replica_s_logs_from_her_own_machine(
         assert ticks and all(line.startswith("tick ") for line in ticks), done.stdout
 
 
-def test_2_alice_follows_a_replica_on_another_meshlet_without_repeats_or_gaps(
-    commune: Commune, ticker: dict[str, Any]
+def test_alice_follows_a_replica_on_another_meshlet_without_repeats_or_gaps(
+    commune: Commune, ticker_running: dict[int, str]
 ) -> None:
     alice = commune["alice"]
-    placement = ticker.get("placement") or pytest.fail("step 2 did not place ticker", False)
+    placement = ticker_running
     slot = next(s for s, d in placement.items() if d != alice.did)
     # Follow for 8 s (a tick a second), stopped by ^C as a user would; -n 2, so the window
     # of the last lines is full long before the end.
@@ -246,11 +318,11 @@ def test_2_alice_follows_a_replica_on_another_meshlet_without_repeats_or_gaps(
     assert stamps == sorted(stamps) and all(t.endswith("Z") and "T" in t for t in stamps)
 
 
-# -- 3. a job -----------------------------------------------------------------------------
+# -- a job --------------------------------------------------------------------------------
 
 
-def test_3_a_job_runs_to_completion_and_its_exit_code_is_in_its_status_record(
-    commune: Commune,
+def test_a_job_runs_to_completion_and_its_exit_code_is_in_its_status_record(
+    commune: Commune, formed: Any
 ) -> None:
     bob = commune["bob"]
     uri = publish(
@@ -278,7 +350,7 @@ def test_3_a_job_runs_to_completion_and_its_exit_code_is_in_its_status_record(
     stop_workload(bob, "job3")
 
 
-def test_3_meshletctl_shows_the_job_s_exit_code_on_every_meshlet(commune: Commune) -> None:
+def test_meshletctl_shows_a_job_s_exit_code_on_every_meshlet(commune: Commune, formed: Any) -> None:
     bob = commune["bob"]
     uri = publish(
         bob,
@@ -305,31 +377,13 @@ def test_3_meshletctl_shows_the_job_s_exit_code_on_every_meshlet(commune: Commun
         stop_workload(bob, "job4")
 
 
-# -- 4. power-off failover ----------------------------------------------------------------
+# -- power-off failover -------------------------------------------------------------------
 
 
-def _victim(commune: Commune, placement: dict[int, str]) -> Meshlet:
-    """A hosting meshlet, not alice's if possible (her machine stays up to watch)."""
-    hosting = [commune.by_did(d) for d in placement.values()]
-    return next((m for m in hosting if m.person != "alice"), hosting[0])
-
-
-def test_4_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
-    commune: Commune, ticker: dict[str, Any]
+def test_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
+    commune: Commune, ticker: dict[str, Any], failover: dict[str, Any]
 ) -> None:
-    placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
-    victim = _victim(commune, placement)
-    lost = next(s for s, d in placement.items() if d == victim.did)
-    watchers = tuple(p for p in PEOPLE if p != victim.person)
-    t0 = time.monotonic()
-    commune.power_off(victim.person)
-    ticker["victim"] = victim.person
-
-    def replaced() -> dict[int, str] | None:
-        now = agreed_placement(commune, "ticker", 2, watchers)
-        return now if now and victim.did not in now.values() else None
-
-    after = wait_for(replaced, 60, f"slot {lost} of ticker to run off {victim.person}'s machine")
+    lost, t0, after = failover["slot"], failover["t0"], failover["placement"]
     new_host = commune.by_did(after[lost])
     unit = unit_of(new_host, ticker["uri"], lost)
     assert unit, f"{new_host.person} names no unit for slot {lost}"
@@ -341,13 +395,10 @@ def test_4_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
     assert elapsed <= FAILOVER_LIMIT_S, f"replacement running after {elapsed:.1f} s"
 
 
-def test_4_the_host_coming_back_starts_no_duplicate(
-    commune: Commune, ticker: dict[str, Any]
+def test_the_host_coming_back_starts_no_duplicate(
+    commune: Commune, ticker: dict[str, Any], host_back: Meshlet
 ) -> None:
-    victim = ticker.get("victim") or pytest.fail("no host was powered off", False)
-    commune.power_on(victim)
-    back = commune[victim]
-    wait_for(lambda: back.ctl_json("status")["members"] == 2, 60, f"{victim}'s meshletd to rejoin")
+    back = host_back
     # It sees the workload and the current placement, and runs nothing of it.
     wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "one placement everywhere")
     time.sleep(8)  # longer than a bid window: a wrongly started duplicate would show by now
@@ -357,9 +408,10 @@ def test_4_the_host_coming_back_starts_no_duplicate(
     assert sum(len(units_of(m, ticker["uri"])) for m in commune) == 2
 
 
-def test_4_a_host_cut_off_and_back_stops_its_stale_replica(
-    commune: Commune, ticker: dict[str, Any]
+def test_a_host_cut_off_and_back_stops_its_stale_replica(
+    commune: Commune, ticker: dict[str, Any], ticker_running: Any, host_back: Meshlet
 ) -> None:
+    # host_back: the commune is whole again after the power-off (when that ran at all).
     placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
     victim = _victim(commune, placement)
     watchers = tuple(p for p in PEOPLE if p != victim.person)
@@ -384,11 +436,11 @@ def test_4_a_host_cut_off_and_back_stops_its_stale_replica(
     assert victim.did not in placement.values()
 
 
-# -- 5. drain -----------------------------------------------------------------------------
+# -- drain --------------------------------------------------------------------------------
 
 
-def test_5_drain_moves_replicas_away_and_takes_no_new_work_until_undrain(
-    commune: Commune, ticker: dict[str, Any]
+def test_drain_moves_replicas_away_and_takes_no_new_work_until_undrain(
+    commune: Commune, ticker: dict[str, Any], ticker_running: Any, host_back: Meshlet
 ) -> None:
     placement = wait_for(lambda: agreed_placement(commune, "ticker", 2), 30, "ticker placed")
     drained = _victim(commune, placement)
@@ -435,11 +487,13 @@ def test_5_drain_moves_replicas_away_and_takes_no_new_work_until_undrain(
         stop_workload(commune["carol"], "trio2")
 
 
-# -- 6. stop ------------------------------------------------------------------------------
+# -- stop ---------------------------------------------------------------------------------
 
 
-def test_6_stop_stops_every_replica_on_every_host(commune: Commune, ticker: dict[str, Any]) -> None:
-    done = commune["alice"].ctl("stop", "ticker")
+def test_stop_stops_every_replica_on_every_host(
+    commune: Commune, ticker: dict[str, Any], ticker_stopped: Any
+) -> None:
+    done = ticker_stopped
     assert done.returncode == 0, done.stderr
     for m in commune:
         wait_for(lambda m=m: not units_of(m, ticker["uri"]), 30, f"{m.person} to stop ticker")
@@ -447,11 +501,11 @@ def test_6_stop_stops_every_replica_on_every_host(commune: Commune, ticker: dict
         wait_for(lambda m=m: find(m, "ticker") is None, 15, f"{m.person} to forget ticker")
 
 
-# -- 7. pending ---------------------------------------------------------------------------
+# -- pending ------------------------------------------------------------------------------
 
 
-def test_7_a_workload_larger_than_any_free_capacity_is_pending_with_a_reason(
-    commune: Commune,
+def test_a_workload_larger_than_any_free_capacity_is_pending_with_a_reason(
+    commune: Commune, formed: Any
 ) -> None:
     alice = commune["alice"]
     publish(alice, ["sleep", "1000"], "--name", "huge", "--cpu", "1500m", "--memory", "32Mi")
@@ -471,7 +525,7 @@ def test_7_a_workload_larger_than_any_free_capacity_is_pending_with_a_reason(
         stop_workload(alice, "huge")
 
 
-def test_7_a_pending_workload_is_placed_once_capacity_frees(commune: Commune) -> None:
+def test_a_pending_workload_is_placed_once_capacity_frees(commune: Commune, formed: Any) -> None:
     alice, bob = commune["alice"], commune["bob"]
     publish(
         alice, ["sleep", "1000"], "--name", "filler", "--replicas", "3", "--cpu", "700m",
@@ -490,23 +544,17 @@ def test_7_a_pending_workload_is_placed_once_capacity_frees(commune: Commune) ->
         stop_workload(bob, "big")
 
 
-# -- 8. secrets ---------------------------------------------------------------------------
+# -- secrets ------------------------------------------------------------------------------
 
 SECRET = "mesh-let-s3cr3t-9f2c7a"
 
 
-def _rebooted(commune: Commune, ticker: dict[str, Any]) -> Meshlet:
-    """The meshlet power-cycled in step 4 (fresh disk: a new state dir and new keys)."""
-    victim = ticker.get("victim") or pytest.fail("step 4 powered no host off", False)
-    return commune[victim]
-
-
-def test_8_a_secret_reaches_the_container_and_no_record_unit_or_log(
-    commune: Commune, ticker: dict[str, Any]
+def test_a_secret_reaches_the_container_and_no_record_unit_or_log(
+    commune: Commune, host_back: Meshlet
 ) -> None:
     alice = commune["alice"]
-    # The meshlets that kept their disk (a rebooted one is step 8's second test).
-    avoid = _rebooted(commune, ticker).did
+    # The meshlets that kept their disk (the power-cycled one is the next test's).
+    avoid = host_back.did
     alice.write("/root/db-password", SECRET, "600")  # on stdin: never in an argv
     digest = hashlib.sha256(SECRET.encode()).hexdigest()
     # The container proves it holds the value by printing its hash, never the value.
@@ -553,10 +601,10 @@ def test_8_a_secret_reaches_the_container_and_no_record_unit_or_log(
         stop_workload(alice, "vault")
 
 
-def test_8_a_secret_reaches_a_meshlet_that_came_back_with_a_fresh_disk(
-    commune: Commune, ticker: dict[str, Any]
+def test_a_secret_reaches_a_meshlet_that_came_back_with_a_fresh_disk(
+    commune: Commune, host_back: Meshlet
 ) -> None:
-    alice, back = commune["alice"], _rebooted(commune, ticker)
+    alice, back = commune["alice"], host_back
     alice.write("/root/db-password", SECRET, "600")
     digest = hashlib.sha256(SECRET.encode()).hexdigest()
     others = [m.did for m in commune if m is not back and m is not alice]
@@ -574,7 +622,7 @@ def test_8_a_secret_reaches_a_meshlet_that_came_back_with_a_fresh_disk(
         stop_workload(alice, "vault2")
 
 
-# -- 9. fair share ------------------------------------------------------------------------
+# -- fair share ---------------------------------------------------------------------------
 
 
 def _ledger(m: Meshlet) -> dict[str, Any]:
@@ -582,7 +630,9 @@ def _ledger(m: Meshlet) -> dict[str, Any]:
     return {"at": got.get("at"), "owners": sorted(got["owners"], key=lambda e: e["ownerDid"])}
 
 
-def test_9_after_bob_consumes_heavily_placement_favours_his_meshlet(commune: Commune) -> None:
+def test_after_bob_consumes_heavily_placement_favours_his_meshlet(
+    commune: Commune, formed: Any
+) -> None:
     bob, carol = commune["bob"], commune["carol"]
     # bob takes from alice's and carol's machines (one replica per meshlet: 3 replicas).
     publish(

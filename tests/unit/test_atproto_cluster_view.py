@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from meshletd.atproto.cluster import ClusterView
-from meshletd.atproto.firehose import RecordEvent
+from meshletd.atproto.frames import RecordEvent
 from meshletd.atproto.records import Membership, Meshlet, MeshletOwner, Resources, rkey_for_did
 
 A, B, C = "did:plc:alice", "did:plc:bob", "did:plc:carol"

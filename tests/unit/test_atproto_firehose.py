@@ -5,7 +5,7 @@ from __future__ import annotations
 import libipld
 import pytest
 
-from meshletd.atproto.firehose import FrameDecoder, Interest, RecordEvent, RepoMirror
+from meshletd.atproto.frames import FrameDecoder, Interest, RecordEvent, RepoMirror
 from meshletd.atproto.testing import FakeRepo, SigningKey, error_frame, frame
 from meshletd.atproto.verify import Unverified, cid_of, mst_lookup
 
@@ -79,14 +79,15 @@ def test_other_collections_are_skipped(alice, decoder):
 
 def test_invalid_record_is_dropped_naming_the_field(alice, decoder):
     out = decoder.process(alice.put(MEMBERSHIP, "home", membership(["not a did"])))
-    assert out.events == []
+    # an invalid record counts as absent: consumers see it deleted (protocol 19.1)
+    assert [(e.action, e.refused) for e in out.events] == [("delete", True)]
     assert "members[0]: not a valid did" in out.dropped[0]
 
 
 def test_oversized_record_is_dropped(alice, decoder):
     big = {**membership([]), "pad": "x" * 70_000}
     out = decoder.process(alice.put(MEMBERSHIP, "home", big))
-    assert out.events == [] and "over the" in out.dropped[0]
+    assert [e.action for e in out.events] == ["delete"] and "over the" in out.dropped[0]
 
 
 def test_unknown_key_asks_for_resolution(alice):

@@ -56,6 +56,7 @@ async def test_did_web_resolution_is_cached_until_it_expires():
         ttl_s=60,
         clock=lambda: now[0],
         http=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        allow_hosts={"localhost:9999"},  # a test server: loopback is refused otherwise
     )
     assert (await r.resolve(did)).signing_key == key.did_key
     await r.resolve(did)

@@ -203,7 +203,7 @@ def test_the_daemon_idles_without_the_sdk_client_cryptography_or_rich() -> None:
         "import sys\n"
         "from meshletd.daemon.lean import skip_optional_imports\n"
         "skip_optional_imports()\n"
-        "import meshletd.daemon.service, meshletd.daemon.atnode, meshletd.atproto.cluster\n"
+        "import meshletd.daemon.service, meshletd.daemon.atproto_node, meshletd.atproto.cluster\n"
         "import meshletd.atproto.firehose, meshletd.atproto.identity, meshletd.atproto.pds\n"
         "import meshletd.daemon.engine, meshletd.runtime, meshletd.daemon.secrets\n"
         "heavy = ('atproto_client', 'atproto', 'cryptography', 'rich', 'click', 'pygments')\n"

@@ -65,7 +65,7 @@ def watcher_of(target: int, n: int, nat: set[int]) -> tuple[Scheduler, object]:
         feed(core, [bid(wl, target, priority=2), bid(wl, 1 if target != 1 else 2, priority=1)])
         feed(core, [lease_of(i, T0) for i in nat])
         core.handle(Tick(CLOSE - 1))
-        if mesh(target) in core._watch_list():
+        if mesh(target) in core.liveness.watch_list():
             return core, wl
     raise AssertionError(f"nobody watches mesh({target})")
 
@@ -186,7 +186,7 @@ def test_a_commune_where_nobody_has_an_endpoint_watches_by_leases_alone() -> Non
             feed(core, leases)
             out = core.handle(Tick(now))
             assert of(out, ProbePeer) == [], "nobody can be probed"
-    watchers = [c for c in cores[1:] if mesh(0) in c._watch_list()]
+    watchers = [c for c in cores[1:] if mesh(0) in c.liveness.watch_list()]
     assert watchers and all(mesh(0) in c.suspects for c in watchers)
     assert not any({mesh(1), mesh(2), mesh(3)} & c.suspects for c in cores[1:])
 
@@ -196,17 +196,17 @@ def test_a_cut_off_watcher_opens_nothing_though_its_leased_peers_still_look_fres
     probed peers fail while its leased peers' leases were still fresh, took itself for
     connected, and opened rounds against healthy hosts."""
     core, _ = watcher_of(1, n=6, nat={0, 2})
-    watched = core._watch_list()
+    watched = core.liveness.watch_list()
     feed(core, [lease_of(i, CLOSE) for i in (0, 2)])
-    assert any(core._lease_judged(m) for m in watched)
-    assert len(core._probed_peers()) >= 2
+    assert any(core.liveness.lease_judged(m) for m in watched)
+    assert len(core.liveness._probed_peers()) >= 2
     opened = []
     for k in range(1, 10):  # cut off: no probe answers, no records
         out = core.handle(Tick(CLOSE + k * 1000))
         for p in of(out, ProbePeer):
             out += core.handle(ProbeResult(p.meshlet, ok=False))
         opened += [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
-    assert core._isolated()
+    assert core.liveness.isolated(core.now)
     assert opened == []
 
 

@@ -349,13 +349,15 @@ def test_shell_completion_completes_commands_and_options() -> None:
     assert {"--wait", "--deadline", "--json"} <= set(done.stdout.split())
 
 
-def test_the_fast_status_path_answers_like_the_full_cli(daemon: Daemon, tmp_path: Path) -> None:
+def test_the_meshletctl_command_prints_status_or_says_the_daemon_is_down(
+    daemon: Daemon, tmp_path: Path
+) -> None:
     env = {**os.environ, "MESHLET_SOCKET": str(daemon.socket)}
-    fast = subprocess.run(
+    as_json = subprocess.run(
         [PY, "-m", "meshletctl", "status", "--json"], env=env, capture_output=True, text=True
     )
-    assert fast.returncode == 0, fast.stderr
-    assert json.loads(fast.stdout)["did"] == ctl_json(daemon, "status")["did"]
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["did"] == ctl_json(daemon, "status")["did"]
     human = subprocess.run(
         [PY, "-m", "meshletctl", "status"], env=env, capture_output=True, text=True
     )

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from meshletd.daemon import methods
-from meshletd.daemon.node import InMemoryNode
+from meshletd.daemon.fake_node import InMemoryNode
 from meshletd.xrpc.app import Access, XrpcApp
 
 LEXICONS = Path(__file__).parents[2] / "lexicons" / "farm" / "meshlet"

@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import trio
 
-from meshletd.core.records import format_datetime_ms
+from meshletd.atproto.pds import Write
+from meshletd.core.actions import StartReplica
+from meshletd.core.records import format_datetime_ms, record_from_json
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
-from meshletd.daemon.engine import Engine, replica_id
+from meshletd.daemon.engine import Engine, replica_id, replica_spec
 from meshletd.runtime import FakeMachine, fake_runtime
 
 ME, OWNER = "did:plc:alicemesh", "did:plc:alice"
@@ -81,7 +84,7 @@ async def fetch_secret(workload_uri: str, name: str) -> bytes | None:
     return {"db": b"hunter2"}.get(name)
 
 
-async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list) -> Engine:
+async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list[Write]) -> Engine:
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
     raw: dict[str, dict[str, Any]] = {}
@@ -111,7 +114,7 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
     nursery: trio.Nursery, autojump_clock
 ) -> None:
     machine = FakeMachine()
-    writes: list = []
+    writes: list[Write] = []
     engine = await start(nursery, machine, writes)
     ev = workload(int((T0 + trio.current_time()) * 1000))
     engine.raw[ev.uri] = ev.record
@@ -120,11 +123,11 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
     await wait_for(lambda: engine.scheduler.replicas().get(key) == "running")
     assert engine.units[key].startswith("meshlet-")
     # Our bid and our status were handed to the PDS writer.
-    collections = {w[1] for w in writes}
+    collections = {w.collection for w in writes}
     assert "commune.scheduler.bid" in collections
     assert "commune.scheduler.workloadStatus" in collections
     # Every record naming the workload names its version (CID) too, as the lexicon requires.
-    refs = [w[3]["workload"] for w in writes if w[0] == "put" and "workload" in w[3]]
+    refs = [w.value["workload"] for w in writes if w.value and "workload" in w.value]
     assert refs and all(r == {"uri": ev.uri, "cid": ev.cid} for r in refs)
 
     engine.record_changed(Ev(OWNER, ev.collection, ev.rkey, "delete", None, None))
@@ -138,7 +141,7 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
 
 async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clock) -> None:
     machine = FakeMachine()
-    writes: list = []
+    writes: list[Write] = []
     first = await start(nursery, machine, writes)
     ev = workload(int((T0 + trio.current_time()) * 1000))
     first.raw[ev.uri] = ev.record
@@ -152,24 +155,21 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
         inner.cancel_scope.cancel()
 
 
-async def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
-    from meshletd.core.actions import StartReplica
-    from meshletd.core.records import record_from_json
-
+def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
     ev = workload(1_800_000_000_000, secrets=True)
     wl = record_from_json(ev.uri, ev.cid, ev.record)
-    engine = Engine(
-        None,
-        None,
-        lambda w: None,
-        raw_workload={ev.uri: ev.record}.get,
-        secret=fetch_secret,
-    )
-    spec = engine.spec_for(StartReplica(wl, 0, 0), await engine.secrets_for(ev.uri))
+    spec = replica_spec(StartReplica(wl, 0, 0), ev.record, {"db": b"hunter2"}, "alice")
     assert spec.image == "localhost/busybox:latest" and spec.args == ("sleep", "60")
     assert spec.env == (("MODE", "test"),)
     assert spec.secrets[0].name == "db" and spec.secrets[0].data == b"hunter2"
     assert "hunter2" not in repr(spec)
+
+
+def test_a_spec_without_a_referenced_secret_is_refused() -> None:
+    ev = workload(1_800_000_000_000, secrets=True)
+    wl = record_from_json(ev.uri, ev.cid, ev.record)
+    with pytest.raises(LookupError, match="'db' is not available"):
+        replica_spec(StartReplica(wl, 0, 0), ev.record, {}, "alice")
 
 
 async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from meshletd.atproto.records import MeshletOwner, Resources
-from meshletd.config import Cluster, Config, Credentials
-from meshletd.daemon.atnode import AtprotoNode
+from meshletd.atproto.lexicon import validate_record
+from meshletd.core.records import MeshletOwner as CoreOwner
+from meshletd.core.records import format_datetime_ms, record_to_json
+from meshletd.daemon.local import Local
+from meshletd.daemon.publisher import PdsPublisher
 from meshletd.daemon.secrets import EncryptionKey, SecretStore, seal
 from meshletd.errors import Forbidden, NotFound
 from meshletd.store import MemoryStore, StateStore
+from tests.unit.daemon_parts import ME, OWNER, Parts, config, owner_record, parts, put
 
-OWNER, ME, WINNER, OTHER = "did:plc:alice", "did:plc:alicemesh", "did:plc:bobmesh", "did:plc:eve"
+WINNER, OTHER = "did:plc:bobmesh", "did:plc:eve"
 URI = f"at://{OWNER}/commune.scheduler.workload/3kweb"
 
 
@@ -40,96 +42,93 @@ def test_keys_and_secrets_survive_a_restart_in_private_files(tmp_path: Path) -> 
         assert f.stat().st_mode & 0o077 == 0
 
 
-def node_with_placement(slot_holder: str) -> tuple[AtprotoNode, EncryptionKey]:
-    cfg = Config(did=ME, owner=OWNER, pds="http://127.0.0.1:1", clusters=[Cluster(name="home")])
-    node = AtprotoNode(cfg, Credentials(), MemoryStore())
-    node._workloads[URI] = ("bafyx", {"name": "web", "secrets": [{"name": "db"}]})
-    node._secrets.put("db", b"hunter2")
+def with_placement(slot_holder: str) -> tuple[Parts, EncryptionKey]:
+    """alice's meshlet schedules a workload referencing secret `db`, whose slot 0 is held
+    by `slot_holder`; WINNER publishes an encryption key, OTHER none."""
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", {"name": "web", "secrets": [{"name": "db"}]}))
+    p.secrets.put("db", b"hunter2")
     winner_key = EncryptionKey(MemoryStore())
     for did in (WINNER, OTHER):
-        node.view.owners[did] = MeshletOwner(
-            owner_did="did:plc:someone",
-            capacity=Resources(milli_cpu=1000, memory_mib=1024),
-            arch="amd64",
-            encryption_key=winner_key.public_b64 if did == WINNER else None,
+        key = winner_key.public_b64 if did == WINNER else None
+        p.view.apply(
+            put(
+                did, "meshletOwner", "self", owner_record("did:plc:bob", key).to_record(rkey="self")
+            )
         )
-    sched = SimpleNamespace(placement=lambda: {URI: ((0, slot_holder),)})
-    node.engine = SimpleNamespace(scheduler=sched, record_changed=lambda ev: None)
-    return node, winner_key
+    p.schedule().scheduler.slots[URI] = ((0, slot_holder),)
+    return p, winner_key
 
 
 async def test_the_slot_holder_gets_the_secret_sealed_to_its_key() -> None:
-    node, winner_key = node_with_placement(WINNER)
-    sealed = await node.get_secret(WINNER, URI, "db")
+    p, winner_key = with_placement(WINNER)
+    sealed = await p.commands.get_secret(WINNER, URI, "db")
     assert winner_key.unseal(sealed) == b"hunter2"
 
 
 async def test_a_meshlet_without_a_slot_is_refused() -> None:
-    node, _ = node_with_placement(WINNER)
+    p, _ = with_placement(WINNER)
     with pytest.raises(Forbidden, match="holds no slot"):
-        await node.get_secret(OTHER, URI, "db")
+        await p.commands.get_secret(OTHER, URI, "db")
+
+
+async def test_a_slot_holder_without_an_encryption_key_is_refused() -> None:
+    p, _ = with_placement(OTHER)
+    with pytest.raises(Forbidden, match="publishes no encryption key"):
+        await p.commands.get_secret(OTHER, URI, "db")
 
 
 async def test_a_secret_the_workload_does_not_reference_is_refused() -> None:
-    node, _ = node_with_placement(WINNER)
-    node._secrets.put("other", b"x")
+    p, _ = with_placement(WINNER)
+    p.secrets.put("other", b"x")
     with pytest.raises(Forbidden, match="does not reference"):
-        await node.get_secret(WINNER, URI, "other")
+        await p.commands.get_secret(WINNER, URI, "other")
 
 
 async def test_another_owners_workload_and_unknown_workloads_are_refused() -> None:
-    node, _ = node_with_placement(WINNER)
+    p, _ = with_placement(WINNER)
     with pytest.raises(Forbidden):
-        await node.get_secret(WINNER, "at://did:plc:bob/commune.scheduler.workload/x", "db")
+        await p.commands.get_secret(WINNER, "at://did:plc:bob/commune.scheduler.workload/x", "db")
     with pytest.raises(NotFound):
-        await node.get_secret(WINNER, f"at://{OWNER}/commune.scheduler.workload/nope", "db")
+        await p.commands.get_secret(WINNER, f"at://{OWNER}/commune.scheduler.workload/nope", "db")
+
+
+async def test_a_meshlet_that_does_not_schedule_cannot_tell_slot_holders() -> None:
+    p, _ = with_placement(WINNER)
+    p.local.engine = None
+    with pytest.raises(Forbidden, match="does not schedule"):
+        await p.commands.get_secret(WINNER, URI, "db")
 
 
 def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
-    from meshletd.core.records import format_datetime_ms
-
-    node, _ = node_with_placement(WINNER)
-    node.view.owners[WINNER] = node.view.owners[WINNER].model_copy(
-        update={"owner_did": "did:plc:bob"}
-    )
+    p, _ = with_placement(WINNER)
     # A period that ended before the current one began: the ledger is computed at the start
     # of the current usage period, as the core does for its bids.
     now = int(time.time() * 1000)
-    end = now - now % node.cfg.scheduling.usage_period_ms - 1000
-    ev = SimpleNamespace(
-        did=WINNER,
-        collection="commune.scheduler.usage",
-        rkey="u1",
-        action="create",
-        cid="bafyu",
-        record={
-            "periodStart": format_datetime_ms(end - 60_000),
-            "periodEnd": format_datetime_ms(end),
-            "entries": [{"ownerDid": OWNER, "milliCpuSeconds": 6000, "memoryMiBSeconds": 100}],
-        },
-        uri=f"at://{WINNER}/commune.scheduler.usage/u1",
-    )
-    node._on_event(ev)
-    ledger = {o["ownerDid"]: o for o in node.balance()["owners"]}
+    end = now - now % p.local.cfg.scheduling.usage_period_ms - 1000
+    usage = {
+        "periodStart": format_datetime_ms(end - 60_000),
+        "periodEnd": format_datetime_ms(end),
+        "entries": [{"ownerDid": OWNER, "milliCpuSeconds": 6000, "memoryMiBSeconds": 100}],
+    }
+    p.feed(put(WINNER, "usage", "u1", usage))
+    ledger = {o["ownerDid"]: o for o in p.read.balance(now)["owners"]}
     assert 5900 <= ledger[OWNER]["tookMilliCpuSeconds"] <= 6000
     assert 5900 <= ledger["did:plc:bob"]["gaveMilliCpuSeconds"] <= 6000
 
 
 def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
-    node, _ = node_with_placement(WINNER)
-    node.engine.scheduler.replicas = lambda: {}
-    node.engine.units = {}
-    node._statuses[URI] = {
-        f"{WINNER}/s1": {
-            "meshletDid": WINNER,
-            "slot": 0,
-            "round": 0,
-            "state": "failed",
-            "exitCode": 4,
-            "restarts": 0,
-        }
+    p, _ = with_placement(WINNER)
+    status = {
+        "workload": {"uri": URI, "cid": "bafy3kweb"},
+        "slot": 0,
+        "round": 0,
+        "state": "failed",
+        "exitCode": 4,
+        "restarts": 0,
     }
-    (replica,) = node.workload(URI)["running"]
+    p.feed(put(WINNER, "workloadStatus", "s1", status))
+    (replica,) = p.read.workload(URI)["running"]
     assert replica["meshletDid"] == WINNER and replica["state"] == "failed"
     assert replica["exitCode"] == 4 and replica["round"] == 0
 
@@ -137,12 +136,8 @@ def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
 def test_a_drained_meshlet_still_publishes_its_encryption_key() -> None:
     """The core rewrites meshletOwner on drain/undrain; the key must survive it, or the
     owner's meshlet refuses every secret to this meshlet ("publishes no encryption key")."""
-    from meshletd.atproto.lexicon import validate_record
-    from meshletd.core.records import MeshletOwner as CoreOwner
-    from meshletd.core.records import record_to_json
-
-    cfg = Config(did=ME, owner=OWNER, pds="http://127.0.0.1:1", clusters=[Cluster(name="home")])
-    node = AtprotoNode(cfg, Credentials(), MemoryStore())
+    key = EncryptionKey(MemoryStore())
+    publisher = PdsPublisher(Local(config()), key)
     drained = CoreOwner(
         uri=f"at://{ME}/commune.scheduler.meshletOwner/self",
         meshlet=ME,
@@ -152,8 +147,8 @@ def test_a_drained_meshlet_still_publishes_its_encryption_key() -> None:
         state="draining",
         state_since=1_700_000_000_000,
     )
-    value = node._complete_owner_record(record_to_json(drained))
+    value = publisher.complete(record_to_json(drained))
     validate_record("commune.scheduler.meshletOwner", value)
-    assert value["encryptionKey"] == node.key.public_b64
+    assert value["encryptionKey"] == key.public_b64
     assert value["state"] == "draining" and value["capacity"]["storageMiB"] == 10_240
     assert "endpoint" not in value  # none configured: no empty string the lexicon refuses

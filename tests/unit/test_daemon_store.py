@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from meshletd.daemon.stored import StoreJournal
 from meshletd.store import MemoryStore, StateStore
 
 
@@ -76,8 +77,6 @@ def test_the_memory_store_behaves_the_same() -> None:
 
 
 def test_pending_pds_writes_are_journaled_in_the_store(tmp_path: Path) -> None:
-    from meshletd.daemon.atnode import StoreJournal
-
     j = StoreJournal(StateStore(tmp_path))
     assert j.load() == []
     pending = [{"action": "put", "collection": "c", "rkey": "r", "value": {"a": 1}}]

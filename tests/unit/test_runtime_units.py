@@ -33,7 +33,8 @@ def test_unit_name_names_owner_workload_and_replica() -> None:
     name = unit_name(SPEC.replica, SPEC.owner_handle)
     assert name.startswith("meshlet-alice.example.com-web-2-")
     assert name.endswith(".service") and is_replica_unit(name)
-    assert len(name.removesuffix(".service").rsplit("-", 1)[1]) == 6
+    # 128 bits of tag: a name cannot be made to collide with someone else's (issue #15)
+    assert len(name.removesuffix(".service").rsplit("-", 1)[1]) == 32
 
 
 def test_workloads_whose_readable_names_collide_get_different_units() -> None:

@@ -1,0 +1,241 @@
+"""Bidding: when this meshlet bids, in which round, for how many slots, and when it opens a
+replacement round for a slot whose host is lost or draining (docs/protocol.md, sections 5-8).
+"""
+
+from __future__ import annotations
+
+from .fairshare import meshlet_priority
+from .placement import Owner, WorkloadEntry, round0_window
+from .records import NSID_BID, Bid, Workload, at_uri
+from .rounds import Rounds
+from .state import bid_rkey
+
+
+class Bidding(Rounds):
+    """Bids in open rounds where this meshlet is a candidate, and opens replacement rounds."""
+
+    def _bid_batch(self) -> None:
+        """Consider every workload queued for bidding, owners who used least first."""
+        queue = self._bid_queue
+        self._bid_queue = set()
+        self._bid_batch_at = None
+        if self.draining or not self.cluster.verified(self.me.did):
+            return
+        ledger = self.ledger
+        ledger.refresh_balances(self.now, self.cluster)
+        taken = ledger.taken
+        entries = [self.workloads[u] for u in queue if u in self.workloads]
+        # Capacity is short? Serve owners who used least first.
+        entries.sort(key=lambda e: (taken.get(e.wl.owner, 0), e.wl.created_at, e.wl.uri))
+        prio = meshlet_priority(self.me.owner, taken, ledger.given)
+        for e in entries:
+            self._consider(e, prio)
+
+    def _holds_other(self, e: WorkloadEntry, slot: int) -> bool:
+        """Whether we own, run or have bid for another slot of e (one replica per meshlet
+        unless the workload allows packing)."""
+        uri = e.wl.uri
+        if any(k[0] == uri and k[1] != slot for k in self._owned_capacity):
+            return True
+        # The reservation of a round-0 bid outlives an early close; once round 0 has closed
+        # here without giving us a slot it is not a slot we hold (we may bid for one).
+        closed0 = e.owners is not None
+        return any(
+            k[0] == uri and k[1] != slot and not (closed0 and k[1] == -1) for k in self._reserved
+        )
+
+    def _consider(self, e: WorkloadEntry, prio: int) -> None:
+        """Bid on whatever round of e is open and where this meshlet is a candidate."""
+        wl = e.wl
+        me = self.me.did
+        now = self.now
+        uri = wl.uri
+        if not self.cluster.eligible(wl, me):
+            return
+        cpu, mem = self.free_capacity()
+        fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib
+        opens0, deadline0, close0 = round0_window(wl, self.t)
+        if e.owners is None:
+            # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
+            if (
+                now < opens0
+                or now > deadline0
+                or (uri, -1, 0) in self._reserved
+                or any(b.meshlet == me and b.round == 0 for b in e.bids)
+            ):
+                if now < opens0:
+                    self._wake(opens0, uri)
+                return
+            if not self._is_candidate(wl, -1, 0):
+                return
+            slots = 0
+            if fits:
+                slots = 1
+                if wl.allow_packing:
+                    slots = min(
+                        wl.replicas, cpu // max(wl.milli_cpu, 1), mem // max(wl.memory_mib, 1)
+                    )
+            if slots == 0 and not self._small_cluster(wl):
+                return  # declines only help early close in small clusters
+            self._bid(wl, 0, -1, prio, slots, cpu, mem, close0)
+            return
+        # Later rounds, slot by slot.
+        owners = e.owners
+        t = self.t
+        for s, cur in enumerate(owners):
+            if e.finished and s in e.finished:
+                continue
+            if cur is not None and cur[1] == me:
+                continue
+            if not wl.allow_packing and self._holds_other(e, s):
+                return
+            slot_bids = [b for b in e.bids if b.slot == s and b.round > 0]
+            if cur is None:
+                # Chained round for a slot no round has filled.
+                if now < close0:
+                    self._wake(close0, uri)
+                    continue
+                period = t.chained_period_ms
+                r = (now - close0) // period + 1
+                start = close0 + (r - 1) * period
+                if now > start + t.replacement_window_ms:
+                    r += 1
+                    start += period
+                    self._wake(start, uri)
+                    continue
+                if any(b.meshlet == me and b.round == r for b in slot_bids):
+                    continue
+                if not fits or not self._is_candidate(wl, s, r):
+                    self._wake(start + period, uri)
+                    continue
+                self._bid(
+                    wl, r, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms
+                )
+                return
+            # Replacement round opened by someone else and still open here?
+            last = max((b.round for b in slot_bids), default=0)
+            if last <= cur[0]:
+                continue
+            bs = [b for b in slot_bids if b.round == last]
+            if any(b.meshlet == me for b in bs):
+                continue
+            start = min(b.created_at for b in bs)
+            if now > start + t.replacement_window_ms or now < start:
+                continue
+            if not fits:
+                continue
+            if not self._is_candidate(wl, s, last, frozenset({cur[1]})):
+                continue
+            self._bid(wl, last, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms)
+            return
+
+    def _bid(
+        self,
+        wl: Workload,
+        round_: int,
+        slot: int,
+        prio: int,
+        slots: int,
+        cpu: int,
+        mem: int,
+        until: int,
+    ) -> None:
+        """Write our bid (slots 0: a decline), reserve what it offers until `until`, and
+        count it here at once."""
+        rkey = bid_rkey(wl.uri, round_, slot)
+        bid = Bid(
+            uri=at_uri(self.me.did, NSID_BID, rkey),
+            meshlet=self.me.did,
+            workload_uri=wl.uri,
+            workload_cid=wl.cid,
+            round=round_,
+            slot=slot,
+            priority=prio,
+            slots=slots,
+            free_milli_cpu=max(cpu, 0),
+            free_memory_mib=max(mem, 0),
+            created_at=self.now,
+        )
+        if slots:
+            self._reserved[(wl.uri, slot, round_)] = (
+                wl.milli_cpu * slots,
+                wl.memory_mib * slots,
+                until,
+            )
+        self._my_bids.setdefault(wl.uri, []).append(rkey)
+        self._put(NSID_BID, rkey, bid)
+        self._on_bid(bid)
+        self._wake(until, wl.uri)
+
+    # -- replacement rounds --------------------------------------------------------------
+    def _scan_lost(self, hosts: set[str], force: bool = False) -> None:
+        """Open replacement rounds for slots owned by lost/draining hosts we answer for."""
+        for e in self.workloads.values():
+            if e.owners is None:
+                continue
+            for s, cur in enumerate(e.owners):
+                if cur is None or cur[1] not in hosts:
+                    continue
+                self._reopen(e, s, cur, force)
+
+    def _reopen(self, e: WorkloadEntry, s: int, cur: Owner, force: bool) -> None:
+        """Open the next round of slot s, owned by `cur`, unless one is under way.
+
+        Nothing is opened while a round above the owner's is still open (we bid in it as a
+        candidate instead), nor when we opened a round against this same owner less than the
+        backoff ago: the backoff is per owner, so a slot whose new owner is lost gets its
+        round at once. Without `force` (the periodic re-scan) a round someone else opened
+        against this owner is left to them; `force` (a fresh suspicion, a drain) opens
+        anyway (docs/protocol.md, section 8)."""
+        if e.finished and s in e.finished:
+            return
+        t = self.t
+        now = self.now
+        last = self._reopened.get((e.wl.uri, s))
+        mine = last is not None and last[1] == cur
+        if last is not None and mine and now - last[0] < t.reopen_backoff_ms:
+            return
+        higher = [b for b in e.bids if b.slot == s and b.round > cur[0]]
+        if higher:
+            top = max(b.round for b in higher)
+            start = min(b.created_at for b in higher if b.round == top)
+            if now < start + t.replacement_window_ms + t.settle_ms:
+                return
+            if not mine and not force:
+                return
+        self._open_replacement(e, s)
+
+    def _open_replacement(self, e: WorkloadEntry, slot: int) -> None:
+        """Open the next round for a slot whose owner is lost or draining."""
+        wl = e.wl
+        rounds = [b.round for b in e.bids if b.slot == slot]
+        cur = e.owners[slot] if e.owners else None
+        r = max([*rounds, cur[0] if cur else 0]) + 1
+        cpu, mem = self.free_capacity()
+        fits = (
+            cpu >= wl.milli_cpu
+            and mem >= wl.memory_mib
+            and not self.draining
+            and self.cluster.eligible(wl, self.me.did)
+            and (cur is None or cur[1] != self.me.did)
+            and (wl.allow_packing or not self._holds_other(e, slot))
+        )
+        ledger = self.ledger
+        ledger.refresh_balances(self.now, self.cluster)
+        prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)
+        t = self.t
+        if cur is not None:
+            self._reopened[(wl.uri, slot)] = (self.now, cur)
+        self._bid(
+            wl,
+            r,
+            slot,
+            prio,
+            1 if fits else 0,
+            cpu,
+            mem,
+            self.now + t.replacement_window_ms + t.settle_ms,
+        )
+
+
+__all__ = ["Bidding"]

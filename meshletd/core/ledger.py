@@ -1,0 +1,75 @@
+"""The usage ledger of one meshlet: what each owner's replicas used here in the current
+period, the usage records of every meshlet, and the fair-share balances computed from them
+(docs/protocol.md, "Fair share")."""
+
+from __future__ import annotations
+
+from .cluster import ClusterView
+from .fairshare import balances
+from .records import NSID_USAGE, Usage, UsageEntry, at_uri
+from .timing import Timing
+
+
+class UsageLedger:
+    """Usage measured here (per owner, this period) and usage published by every meshlet."""
+
+    def __init__(self, me: str, timing: Timing) -> None:
+        self.me = me
+        self.t = timing
+        self.usages: dict[str, Usage] = {}  # usage record URI -> record (every meshlet)
+        self.period_start: int | None = None  # None until the first tick
+        self._period_use: dict[str, list[int]] = {}  # owner -> [milli-CPU s, MiB s]
+        self._balance_at = -1
+        self.taken: dict[str, int] = {}
+        self.given: dict[str, int] = {}
+
+    def add(self, owner: str, milli_cpu: int, memory_mib: int, ms: int) -> None:
+        """Count `ms` milliseconds of a replica of `owner` reserving these resources."""
+        use = self._period_use.setdefault(owner, [0, 0])
+        use[0] += milli_cpu * ms // 1000
+        use[1] += memory_mib * ms // 1000
+
+    def period_end(self) -> int | None:
+        """When the current period ends (None before the first tick)."""
+        if self.period_start is None:
+            return None
+        return self.period_start + self.t.usage_period_ms
+
+    def close_period(self, end: int) -> Usage | None:
+        """End the current period at `end`: our usage record of it (None when nothing ran),
+        kept among the usages. The caller has counted every running replica up to `end`."""
+        assert self.period_start is not None
+        rec = None
+        entries = tuple(
+            UsageEntry(o, v[0], v[1]) for o, v in sorted(self._period_use.items()) if v[0] or v[1]
+        )
+        if entries:
+            rkey = f"u{self.period_start}"
+            rec = Usage(
+                uri=at_uri(self.me, NSID_USAGE, rkey),
+                meshlet=self.me,
+                period_start=self.period_start,
+                period_end=end,
+                entries=entries,
+            )
+            self.usages[rec.uri] = rec
+        self._period_use = {}
+        return rec
+
+    def start_period(self, now: int) -> int:
+        """Start the period that contains `now`; returns its start."""
+        self.period_start = now - now % self.t.usage_period_ms
+        return self.period_start
+
+    def refresh_balances(self, now: int, cluster: ClusterView) -> None:
+        """Recompute taken/given once per usage period (a snapshot every member can redo)."""
+        at = now - now % self.t.usage_period_ms
+        if at != self._balance_at:
+            owner_of = {m: mo.owner for m, mo in cluster.owners.items()}
+            self.taken, self.given = balances(
+                self.usages.values(), owner_of, at, self.t.half_life_ms
+            )
+            self._balance_at = at
+
+
+__all__ = ["UsageLedger"]

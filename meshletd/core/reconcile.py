@@ -1,0 +1,258 @@
+"""Reconciliation: make the local replicas match the placement (start what we own, stop what
+we lost, make-before-break on moves), follow the runtime's reports, write our status records,
+and count usage in the ledger (docs/protocol.md, sections 9-11)."""
+
+from __future__ import annotations
+
+from .actions import StartReplica, StopReplica
+from .bidding import Bidding
+from .events import ReplicaStateChanged
+from .placement import WorkloadEntry
+from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
+from .state import Replica, ReplicaKey, status_rkey
+
+
+class Reconciler(Bidding):
+    """Local replicas: started, restarted, fenced and stopped by the placement."""
+
+    def _waiting_replicas(self) -> list[tuple[ReplicaKey, Replica]]:
+        """Local replicas waiting for a restart or a fence timeout (most wait for nothing:
+        ticks and wake-ups look only at these)."""
+        out = []
+        waiting = self._replicas_waiting
+        for key in list(waiting):
+            rep = self._replicas.get(key)
+            if rep is None or (rep.restart_at is None and rep.lost_at is None):
+                del waiting[key]
+            else:
+                out.append((key, rep))
+        return out
+
+    def _reconcile_gone(self, uri: str) -> None:
+        """The workload is gone: stop whatever we run of it."""
+        self._involved.discard(uri)
+        for key in [k for k in self._replicas if k[0] == uri]:
+            self._stop(key, "deleted")
+
+    def _reconcile(self, e: WorkloadEntry) -> None:
+        """Make local replicas of e match the placement (make-before-break on moves)."""
+        wl = e.wl
+        uri = wl.uri
+        me = self.me.did
+        owners = e.owners or ()
+        if uri not in self._involved:
+            for c in owners:
+                if c is not None and c[1] == me:
+                    break
+            else:
+                return
+        self._involved.add(uri)
+        mine: dict[int, int] = {}  # our slots -> the round we own each in
+        for s, cur in enumerate(owners):
+            if cur is not None and cur[1] == me:
+                mine[s] = cur[0]
+        owned = self._owned_capacity
+        for key in [
+            k for k in owned if k[0] == uri and k[1] not in mine and k not in self._replicas
+        ]:
+            del owned[key]
+        for s, rnd in mine.items():
+            owned[(uri, s)] = (wl.milli_cpu, wl.memory_mib)
+            self._reserved.pop((uri, s, rnd), None)
+            if s == 0 or rnd == 0:
+                self._reserved.pop((uri, -1, 0), None)
+        for s in sorted(mine):
+            key = (uri, s)
+            rep = self._replicas.get(key)
+            rnd = mine[s]
+            if e.finished and s in e.finished and e.finished[s][0] == me:
+                continue
+            if rep is None and self.draining:
+                # A draining meshlet starts nothing it does not already run. It can still
+                # learn late that it won a round that closed before its drain (a bid seen
+                # late moved the round's anchor): it re-offers the slot instead of starting
+                # it, and the previous host keeps running it until the new owner runs
+                # (docs/protocol.md, section 8).
+                self._reopen(e, s, (rnd, me), force=True)
+                continue
+            if rep is None:
+                rep = Replica(rnd)
+                self._replicas[key] = rep
+                self._out.append(StartReplica(wl, s, rnd))
+                continue
+            rep.lost_at = None
+            if rep.round != rnd:
+                rep.round = rnd
+                if rep.state == "running":
+                    self._write_status(wl, s, rep, "running", force=True)
+            if rep.restart_at is not None and rep.restart_at <= self.now:
+                rep.restart_at = None
+                rep.restarts += 1
+                rep.state = "starting"
+                self._out.append(StartReplica(wl, s, rnd))
+        for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
+            rep = self._replicas[key]
+            if rep.state == "stopping":
+                continue
+            s = key[1]
+            if rep.state == "exited" or s >= wl.replicas or e.owners is None:
+                if e.owners is None:
+                    continue
+                self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
+                continue
+            if rep.lost_at is None:
+                rep.lost_at = self.now
+                self._replicas_waiting[key] = None
+            new = owners[s] if s < len(owners) else None
+            replaced = False
+            if new is not None and e.statuses:
+                st = e.statuses.get((new[1], s))
+                replaced = (
+                    st is not None and st.round >= new[0] and st.state in ("running", "succeeded")
+                )
+            if new is None and not self.draining and me not in self.liveness.suspects:
+                replaced = True
+            if replaced or self.now >= rep.lost_at + self.t.fence_timeout_ms:
+                self._stop(key, "drained" if self.draining else "lost-slot")
+        if not mine and not any(k[0] == uri for k in self._replicas):
+            self._involved.discard(uri)
+
+    def _stop(self, key: ReplicaKey, reason: str) -> None:
+        """Stop a local replica (once) and delete its status record unless the workload is
+        gone (its statuses are deleted with it)."""
+        rep = self._replicas.get(key)
+        if rep is None or rep.state == "stopping":
+            return
+        self._account(key, rep)
+        rep.state = "stopping"
+        self._out.append(StopReplica(key[0], key[1], reason))
+        if reason != "deleted" and rep.written:
+            self._delete(NSID_STATUS, status_rkey(key[0], key[1]))
+            rep.written = ""
+
+    # -- the runtime's reports -----------------------------------------------------------
+    def _on_replica(self, ev: ReplicaStateChanged) -> None:
+        """The runtime reports a local replica running, exited, failed to start or stopped."""
+        key = (ev.workload_uri, ev.slot)
+        rep = self._replicas.get(key)
+        if rep is None:
+            if ev.state == "running":
+                # Adopt a replica found at start-up; reconcile decides whether it stays.
+                rep = Replica(0)
+                self._replicas[key] = rep
+                self._involved.add(ev.workload_uri)
+            else:
+                return
+        e = self.workloads.get(ev.workload_uri)
+        if ev.state == "stopped":
+            self._account(key, rep)
+            del self._replicas[key]
+            self._owned_capacity.pop(key, None)
+            if e is not None:
+                self._dirty[ev.workload_uri] = None
+                self._bid_queue.add(ev.workload_uri)
+            return
+        if ev.state == "running":
+            if rep.state == "stopping":
+                return  # started, then stopped before it ran: the stop wins, no status
+            rep.state = "running"
+            rep.since = self.now
+            if e is not None:
+                self._write_status(e.wl, ev.slot, rep, "running")
+            self._dirty[ev.workload_uri] = None
+            return
+        # exited or failed to start
+        self._account(key, rep)
+        rep.state = "exited"
+        rep.exit_code = ev.exit_code if ev.exit_code is not None else -1
+        if e is None:
+            self._stop(key, "deleted")
+            return
+        wl = e.wl
+        ok = rep.exit_code == 0
+        if _restarts(wl, ok):
+            rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            self._replicas_waiting[key] = None
+            return
+        final = "succeeded" if ok else "failed"
+        self._write_status(wl, ev.slot, rep, final, force=True)
+        if e.finished is None:
+            e.finished = {}
+        e.finished[ev.slot] = (self.me.did, rep.round, final)
+
+    def _write_status(
+        self, wl: Workload, slot: int, rep: Replica, state: str, force: bool = False
+    ) -> None:
+        """Write our status record of (wl, slot) when its state changed (or `force`)."""
+        if rep.written == state and not force:
+            return
+        rkey = status_rkey(wl.uri, slot)
+        st = WorkloadStatus(
+            uri=at_uri(self.me.did, NSID_STATUS, rkey),
+            meshlet=self.me.did,
+            workload_uri=wl.uri,
+            slot=slot,
+            round=rep.round,
+            state=state,
+            updated_at=self.now,
+            exit_code=rep.exit_code,
+            restarts=rep.restarts,
+        )
+        rep.written = state
+        self._put(NSID_STATUS, rkey, st)
+
+    # -- usage ---------------------------------------------------------------------------
+    def _account(self, key: ReplicaKey, rep: Replica) -> None:
+        """Count a running replica's use up to now in the ledger."""
+        if rep.state != "running":
+            return
+        e = self.workloads.get(key[0])
+        period_start = self.ledger.period_start
+        if e is None or period_start is None:
+            rep.since = self.now
+            return
+        start = max(rep.since, period_start)
+        self.ledger.add(e.wl.owner, e.wl.milli_cpu, e.wl.memory_mib, max(self.now - start, 0))
+        rep.since = self.now
+
+    def _usage_tick(self) -> None:
+        """At the end of a usage period: count every replica up to it, write our usage
+        record of it, start the next period."""
+        ledger = self.ledger
+        end = ledger.period_end()
+        if end is None:
+            ledger.start_period(self.now)
+            return
+        if self.now < end:
+            return
+        saved = self.now
+        self.now = end
+        for key, rep in self._replicas.items():
+            self._account(key, rep)
+        self.now = saved
+        rec = ledger.close_period(end)
+        if rec is not None:
+            self._put(NSID_USAGE, f"u{rec.period_start}", rec)
+        start = ledger.start_period(self.now)
+        for rep in self._replicas.values():
+            if rep.state == "running":
+                rep.since = max(rep.since, start)
+
+
+def _restarts(wl: Workload, ok: bool) -> bool:
+    """Whether a replica that exited (ok: with code 0) is restarted, by kind and policy."""
+    policy = wl.restart_policy
+    if wl.kind == "job" and ok:
+        restart = False
+    elif policy == "always":
+        restart = True
+    elif policy == "on-failure":
+        restart = not ok
+    else:
+        restart = False
+    if wl.kind == "service" and ok and policy == "on-failure":
+        restart = False
+    return restart
+
+
+__all__ = ["Reconciler"]

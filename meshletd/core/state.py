@@ -1,0 +1,174 @@
+"""The state of one meshlet's scheduler core, shared by the layers that build on it
+(rounds → bidding → reconciliation → scheduler), and the few helpers every layer uses:
+writing our records, asking for a wake-up, queueing a bid."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from hashlib import blake2b
+
+from .actions import Action, DeleteRecord, PutRecord
+from .cluster import ClusterView
+from .ledger import UsageLedger
+from .liveness import Liveness
+from .placement import Owner, WorkloadEntry
+from .records import Bid, Record, WorkloadStatus, at_uri
+from .timing import DEFAULT_TIMING, Timing
+
+
+@dataclass(frozen=True, slots=True)
+class MeshletIdentity:
+    """Who this meshlet is and what it offers (the content of its meshletOwner record)."""
+
+    did: str
+    owner: str
+    milli_cpu: int
+    memory_mib: int
+    arch: str = "amd64"
+    labels: frozenset[str] = frozenset()
+    endpoint: str = ""
+    lease: bool = False
+    """Nobody can reach us (no endpoint, behind NAT): we write a lease every
+    `lease_renew_ms` and our watchers judge us by it (docs/protocol.md, section 8)."""
+
+
+def _rkey(prefix: str, text: str) -> str:
+    return prefix + blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def bid_rkey(workload_uri: str, round_: int, slot: int) -> str:
+    """Deterministic rkey of our bid for (workload, round, slot): rewriting is idempotent."""
+    return _rkey("b", f"{workload_uri}|{round_}|{slot}")
+
+
+def status_rkey(workload_uri: str, slot: int) -> str:
+    """Deterministic rkey of our status record for (workload, slot)."""
+    return _rkey("s", f"{workload_uri}|{slot}")
+
+
+class Replica:
+    """A replica this meshlet runs (or starts, or stops) for one slot of a workload."""
+
+    __slots__ = (
+        "exit_code",
+        "lost_at",
+        "restart_at",
+        "restarts",
+        "round",
+        "since",
+        "state",
+        "written",
+    )
+
+    def __init__(self, round_: int) -> None:
+        self.round = round_
+        self.state = "starting"  # starting | running | exited | stopping
+        self.since = 0  # counted in the usage ledger up to this time
+        self.restarts = 0
+        self.exit_code: int | None = None
+        self.restart_at: int | None = None
+        self.lost_at: int | None = None  # when we learnt the slot is no longer ours
+        self.written = ""  # last state written in our status record
+
+
+ReplicaKey = tuple[str, int]
+"""(workload URI, slot)."""
+
+
+class SchedulerState:
+    """Everything one meshlet's core remembers. The layers above read and change it; only
+    `Scheduler` is public."""
+
+    def __init__(self, me: MeshletIdentity, timing: Timing = DEFAULT_TIMING) -> None:
+        self.me = me
+        self.t = timing
+        self.now = 0
+        self.cluster = ClusterView()
+        self.workloads: dict[str, WorkloadEntry] = {}
+        # meshlet -> the (0, meshlet) owner tuple shared by every slot it wins in round 0
+        self._round0_owner_of: dict[str, Owner] = {}
+        self._orphan_bids: dict[str, list[Bid]] = {}
+        self._orphan_status: dict[str, list[WorkloadStatus]] = {}
+        # status URI -> (workload URI, slot) of every non-terminal status kept (for deletions)
+        self._status_keys: dict[str, ReplicaKey] = {}
+        self._replicas: dict[ReplicaKey, Replica] = {}
+        # replicas with a restart or a fence deadline (restart_at or lost_at set)
+        self._replicas_waiting: dict[ReplicaKey, None] = {}
+        # (workload, slot, round) of our open bids -> (milli-CPU, MiB, until) they reserve
+        self._reserved: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+        # slots we own or still run -> (milli-CPU, MiB) they take
+        self._owned_capacity: dict[ReplicaKey, tuple[int, int]] = {}
+        self._my_rkeys: set[tuple[str, str]] = set()
+        self._my_bids: dict[str, list[str]] = {}  # workload uri -> our bid rkeys
+        self._closes: list[tuple[int, str]] = []  # heap of (close time, workload uri)
+        self._lazy_closes: list[tuple[int, str]] = []  # closes that need no exact wake-up
+        self._wakes: list[tuple[int, str]] = []  # heap of (time, workload uri) to re-evaluate
+        self._bid_queue: set[str] = set()
+        self._bid_batch_at: int | None = None
+        self._dirty: dict[str, None] = {}  # workloads to re-resolve, in a deterministic order
+        self._candidates_cache: dict[tuple[object, ...], list[str]] = {}
+        self._small_cluster_cache: dict[tuple[str, str], bool] = {}
+        self._small_cluster_version = -1
+        self._involved: set[str] = set()  # workloads where we own a slot or run a replica
+        self.draining = False
+        self.draining_since = 0
+        self.liveness = Liveness(me.did, self.cluster, timing)
+        self._next_lease: int | None = None  # when we renew our lease (if we write one)
+        self._next_scan = 0
+        # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
+        self._reopened: dict[ReplicaKey, tuple[int, Owner]] = {}
+        self.ledger = UsageLedger(me.did, timing)
+        self.decisions = 0
+        self._out: list[Action] = []
+        self._resched = True
+        self._last_wake = -1
+
+    @property
+    def suspects(self) -> set[str]:
+        """Peers our probes currently say are lost."""
+        return self.liveness.suspects
+
+    def free_capacity(self) -> tuple[int, int]:
+        """(milli-CPU, MiB) not held by owned slots, running replicas or open bids."""
+        cpu, mem = self.me.milli_cpu, self.me.memory_mib
+        for c, m in self._owned_capacity.values():
+            cpu -= c
+            mem -= m
+        for c, m, _ in self._reserved.values():
+            cpu -= c
+            mem -= m
+        return cpu, mem
+
+    # -- helpers every layer uses ------------------------------------------------------
+    def _put(self, coll: str, rkey: str, rec: Record) -> None:
+        create = (coll, rkey) not in self._my_rkeys
+        self._my_rkeys.add((coll, rkey))
+        self._out.insert(0, PutRecord(coll, rkey, rec, create))
+
+    def _delete(self, coll: str, rkey: str) -> None:
+        if (coll, rkey) not in self._my_rkeys:
+            return
+        self._my_rkeys.discard((coll, rkey))
+        self._out.insert(0, DeleteRecord(coll, rkey, at_uri(self.me.did, coll, rkey)))
+
+    def _wake(self, at: int, uri: str) -> None:
+        heapq.heappush(self._wakes, (at, uri))
+        self._resched = True
+
+    def _queue_bid(self, uri: str) -> None:
+        self._bid_queue.add(uri)
+        self._resched = True
+        at = self.now + self.t.bid_batch_ms
+        if self._bid_batch_at is None or at < self._bid_batch_at:
+            self._bid_batch_at = at
+
+
+__all__ = [
+    "MeshletIdentity",
+    "Replica",
+    "ReplicaKey",
+    "SchedulerState",
+    "bid_rkey",
+    "status_rkey",
+]

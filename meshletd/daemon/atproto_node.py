@@ -1,0 +1,390 @@
+"""The real node: this meshlet in its clusters, over the atproto layer. The composition root.
+
+It builds the parts and wires them; the parts do the work (docs/architecture.md):
+
+- `Local` (local.py): what this meshlet knows of itself, shared by the parts;
+- the cluster view and its formation (atproto/cluster.py): verified members, live from
+  the members' firehoses (cursors in the state store);
+- `Followed` (followed.py): the workload, bid, status and usage records of watched repos;
+- `PdsPublisher` (publisher.py): this meshlet's own records;
+- `Engine` (engine.py): the scheduler core driven against the runtime, writing through
+  the PDS write queue; only when a runtime is configured and this meshlet can publish;
+- `HttpPeers` (http_peers.py): calls to other meshlets (probes, hints, secrets, logs);
+- `ReadModel` (readmodel.py): every view the API shows;
+- `OwnerCommands` (commands.py): workloads, drain/undrain, secrets, logs.
+
+It serves the `Node` protocol (node.py) for the XRPC methods by handing each call to the
+part that owns it. The start-up sequence is `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import trio
+
+from meshletd.atproto.cluster import ClusterFormation, ClusterView
+from meshletd.atproto.firehose import Firehose, RecordEvent
+from meshletd.atproto.identity import IdentityResolver
+from meshletd.atproto.pds import PdsClient, Write, WriteQueue
+from meshletd.config import Config, Credentials
+from meshletd.core.records import (
+    NSID_BID,
+    NSID_MESHLET_OWNER,
+    NSID_STATUS,
+    NSID_USAGE,
+    NSID_WORKLOAD,
+)
+from meshletd.core.scheduler import MeshletIdentity, Scheduler
+from meshletd.daemon.commands import OwnerCommands
+from meshletd.daemon.engine import Engine
+from meshletd.daemon.followed import Followed
+from meshletd.daemon.http_peers import HttpPeers
+from meshletd.daemon.local import Local
+from meshletd.daemon.peers import Peers, RecordRef
+from meshletd.daemon.publisher import PdsPublisher, machine_arch, membership_lists
+from meshletd.daemon.readmodel import ReadModel
+from meshletd.daemon.repo import PdsRepo
+from meshletd.daemon.secrets import EncryptionKey, SecretStore
+from meshletd.daemon.stored import Store, StoreCursors, StoreJournal
+from meshletd.errors import UpstreamFailure
+from meshletd.runtime import ReplicaRuntime, fake_runtime, systemd_runtime
+
+log = logging.getLogger("meshletd.node")
+
+# Records whose writes we hint to peers (docs/protocol.md, section 17), and up to how many
+# peers (beyond that, the firehose alone: a hint per peer per write would not scale).
+HINTED = frozenset({NSID_WORKLOAD, NSID_BID, NSID_STATUS, NSID_MESHLET_OWNER})
+HINT_MAX_PEERS = 16
+LOGIN_TIMEOUT_S = 20
+_HANDLE = re.compile(r"^(?=.{3,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*$")
+
+
+class AtprotoNode:
+    """`Node` over the atproto layer (see the module doc)."""
+
+    def __init__(
+        self, cfg: Config, credentials: Credentials, store: Store, *, peers: Peers | None = None
+    ) -> None:
+        self._credentials = credentials
+        self._store = store
+        self.local = Local(cfg)
+        self.resolver = IdentityResolver(cfg.plc_url, ttl_s=300)
+        self.view = ClusterView.create(cfg.did, cfg.owner, membership_lists(cfg))
+        self.followed = Followed()
+        self.key = EncryptionKey(store)
+        self.publisher = PdsPublisher(self.local, self.key)
+        self.read = ReadModel(self.local, self.view, self.followed)
+        self.peers: Peers = peers if peers is not None else HttpPeers(self.read.endpoint_of)
+        self.commands = OwnerCommands(
+            self.local,
+            self.view,
+            self.followed,
+            self.read,
+            self.publisher,
+            self.peers,
+            SecretStore(store),
+            self.key,
+        )
+        self.formation: ClusterFormation | None = None
+        self.engine: Engine | None = None
+        self.writes: WriteQueue | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def did(self) -> str:
+        return self.local.did
+
+    @property
+    def owner(self) -> str:
+        return self.local.owner
+
+    @property
+    def cfg(self) -> Config:
+        return self.local.cfg
+
+    @property
+    def meshlet_pds(self) -> PdsClient | None:
+        return self.publisher.meshlet
+
+    @property
+    def owner_pds(self) -> PdsClient | None:
+        return self.publisher.owner
+
+    # -- the start-up sequence -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start this meshlet; `started` once the cluster view is loaded. Runs until
+        cancelled."""
+        cursors = StoreCursors(self._store)
+
+        def firehose(sink: Any) -> Firehose:
+            return Firehose(self.resolver, cursors, sink)
+
+        formation = self.formation = ClusterFormation(self.view, firehose)
+        formation.add_listener(self._on_record)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                # 1. Log in to the PDSes; take back a drain from before a restart; publish
+                #    our own records. Best effort: without a PDS the meshlet still serves.
+                with trio.move_on_after(LOGIN_TIMEOUT_S):
+                    await self._login_and_publish()
+                # 2. The scheduler core, the runtime and the write queue (adopting the
+                #    replicas left running), unless this meshlet only observes.
+                await self._start_engine(nursery)
+                # 3. Follow the cluster: read every watched repo, then their firehoses.
+                await nursery.start(formation.run)
+                log.info("cluster view loaded: %s", formation.describe())
+                task_status.started()
+        finally:
+            if isinstance(self.peers, HttpPeers):
+                with trio.CancelScope(shield=True):
+                    await self.peers.aclose()
+
+    async def _login_and_publish(self) -> None:
+        creds, cfg = self._credentials, self.local.cfg
+        meshlet, owner = self.publisher.meshlet, self.publisher.owner
+        try:
+            if creds.meshlet_app_password is not None and meshlet is None:
+                meshlet = PdsClient(cfg.pds, cfg.did, creds.meshlet_app_password.get_secret_value())
+                await meshlet.login()
+            if creds.owner_app_password is not None and owner is None:
+                owner_pds_url = cfg.owner_pds or await self._pds_of(cfg.owner)
+                owner = PdsClient(
+                    owner_pds_url, cfg.owner, creds.owner_app_password.get_secret_value()
+                )
+                await owner.login()
+        except Exception as e:  # PDS down or wrong password: keep serving, say why
+            log.warning("cannot publish this meshlet's records: %s", e)
+        self._attach(meshlet, owner)
+        if meshlet is None:
+            if creds.meshlet_app_password is None:
+                log.warning("no meshlet-app-password credential: running read-only")
+            return
+        try:
+            await self._restore_state()
+            await self.publisher.publish()
+        except Exception as e:
+            log.warning("cannot publish this meshlet's records: %s", e)
+
+    def _attach(self, meshlet: PdsClient | None, owner: PdsClient | None) -> None:
+        self.publisher.attach(meshlet, owner)
+        self.local.meshlet_repo = PdsRepo(meshlet) if meshlet is not None else None
+        self.local.owner_repo = PdsRepo(owner) if owner is not None else None
+        for client in (meshlet, owner):
+            if client is not None:
+                client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
+
+    async def _restore_state(self) -> None:
+        """A drain outlives a restart (an operator drains before maintenance, and the reboot
+        must not put the machine back to work): start in the state our published
+        meshletOwner record has. The core reads the same record and keeps draining."""
+        if await self.publisher.published_state() == "draining":
+            if self.local.state != "draining":
+                self.local.state = "draining"
+                log.info(
+                    "this meshlet was draining when meshletd stopped: it stays draining "
+                    "until `meshletctl undrain`"
+                )
+
+    async def _pds_of(self, did: str) -> str:
+        ident = await self.resolver.resolve(did)
+        if not ident.pds:
+            raise UpstreamFailure(f"{did} has no PDS in its DID document")
+        return ident.pds
+
+    def _runtime_kind(self) -> str:
+        kind = self.local.cfg.runtime
+        if kind == "auto":
+            kind = "systemd" if os.path.isdir("/run/systemd/system") else "none"
+        return kind
+
+    async def _start_engine(self, nursery: trio.Nursery) -> None:
+        """The scheduler core + runtime + write queue; skipped when observing only."""
+        kind, meshlet = self._runtime_kind(), self.publisher.meshlet
+        if kind == "none" or meshlet is None:
+            log.warning(
+                "scheduler not started (runtime %s, %s): this meshlet only observes",
+                kind,
+                "publishing" if meshlet else "no meshlet credentials",
+            )
+            return
+        runtime: ReplicaRuntime = systemd_runtime() if kind == "systemd" else fake_runtime()
+        cfg = self.local.cfg
+        me = MeshletIdentity(
+            did=cfg.did,
+            owner=cfg.owner,
+            milli_cpu=cfg.contribution.milli_cpu,
+            memory_mib=cfg.contribution.memory_mib,
+            arch=cfg.arch or machine_arch(),
+            labels=frozenset(cfg.labels),
+            endpoint=cfg.public_endpoint or "",
+            # Without an endpoint nobody can probe us: a lease says we live (protocol §8).
+            lease=not cfg.public_endpoint,
+        )
+        writes = self.writes = WriteQueue(
+            meshlet,
+            journal=StoreJournal(self._store),
+            prime=(NSID_BID, NSID_STATUS, NSID_USAGE),
+        )
+        if writes.pending:
+            log.info("%d write(s) left from the last run will be sent", len(writes.pending))
+        await nursery.start(writes.run)
+        engine = self.engine = Engine(
+            Scheduler(me, cfg.scheduling.timing()),
+            runtime,
+            self._submit,
+            raw_workload=self.followed.raw_workload,
+            secret=self.commands.fetch_secret,
+            workload_cid=self.followed.workload_cid,
+            probe=self.peers.ping,
+        )
+        self.local.engine = engine
+        adopted = await nursery.start(engine.run)
+        log.info("scheduler running on the %s runtime; %d replica(s) adopted", kind, len(adopted))
+
+    def _submit(self, write: Write) -> None:
+        """A write of the scheduler core, to the PDS write queue."""
+        assert self.writes is not None
+        if write.collection == NSID_MESHLET_OWNER and write.value is not None:
+            write = Write(
+                write.action, write.collection, write.rkey, self.publisher.complete(write.value)
+            )
+        try:
+            self.writes.submit(write)
+        except Exception as e:  # a record the lexicon refuses: a bug, not a reason to die
+            log.error(
+                "write %s/%s dropped: %s (value %r)", write.collection, write.rkey, e, write.value
+            )
+
+    # -- records in, hints out (docs/protocol.md, section 17) ----------------------------
+
+    def _on_record(self, ev: RecordEvent) -> None:
+        if self.engine is not None:
+            self.engine.record_changed(ev)
+        self.followed.apply(ev)
+
+    def _committed(self, repo: str, done: list[tuple[str, str, str | None]]) -> None:
+        """Records we just wrote: tell our peers, so they need not wait for the firehose."""
+        refs = [
+            RecordRef(f"at://{repo}/{coll}/{rkey}", cid)
+            for coll, rkey, cid in done
+            if coll in HINTED
+        ]
+        if not refs:
+            return
+        if repo == self.local.owner:
+            self.notify_records([ref.to_json() for ref in refs])  # our scheduler follows it too
+        peers = sorted(d for d, m in self.read.peers().items() if m.endpoint)
+        if not peers or len(peers) > HINT_MAX_PEERS or self._nursery is None:
+            return
+        for meshlet in peers:
+            self._nursery.start_soon(self.peers.notify_records, meshlet, refs)
+
+    def notify_records(self, refs: list[dict[str, Any]]) -> int:
+        firehose = self.formation.firehose if self.formation is not None else None
+        if firehose is None:
+            return 0
+        accepted = 0
+        for ref in refs:
+            uri, cid = ref.get("uri", ""), ref.get("cid")
+            parts = uri[len("at://") :].split("/") if uri.startswith("at://") else []
+            if len(parts) != 3 or not all(parts):
+                continue
+            did, coll, rkey = parts
+            if firehose.hint(did, coll, rkey, cid if isinstance(cid, str) else None):
+                accepted += 1
+        return accepted
+
+    # -- reads (the read model) ------------------------------------------------------------
+
+    def state(self) -> str:
+        return self.local.state
+
+    def summary(self) -> dict[str, Any]:
+        return self.read.summary()
+
+    def status_line(self) -> str:
+        return self.read.status_line()
+
+    def capacity(self) -> dict[str, Any]:
+        return self.read.capacity()
+
+    def is_member(self, did: str) -> bool:
+        return self.read.is_member(did)
+
+    def members(self) -> list[dict[str, Any]]:
+        return self.read.members()
+
+    def workloads(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
+        return self.read.workloads(owner, everything)
+
+    def workload(self, uri: str) -> dict[str, Any]:
+        return self.read.workload(uri)
+
+    def bids(self, uri: str) -> dict[str, Any]:
+        return self.read.bids(uri)
+
+    def balance(self) -> dict[str, Any]:
+        return self.read.balance(int(time.time() * 1000))
+
+    async def handles(self) -> dict[str, str]:
+        """DID -> handle for every DID this meshlet shows (itself, owners, members, their
+        meshlets, workload owners), from the DID documents (cached by the resolver). Display
+        only: a handle is a claim of the DID document, not checked against DNS here, and a
+        handle claimed by two DIDs names neither."""
+        found: dict[str, str] = {}
+        with trio.move_on_after(3):
+            for did in sorted(self.read.shown_dids()):
+                try:
+                    ident = await self.resolver.resolve(did)
+                except Exception:  # unresolvable now: show the DID
+                    continue
+                handle = (ident.handle or "").lower()
+                if _HANDLE.match(handle):
+                    found[did] = handle
+        claims: dict[str, int] = {}
+        for h in found.values():
+            claims[h] = claims.get(h, 0) + 1
+        return {d: h for d, h in found.items() if claims[h] == 1}
+
+    # -- the owner's commands ----------------------------------------------------------
+
+    async def logs(
+        self, uri: str, slot: int, lines: int, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return await self.commands.logs(uri, slot, lines, cursor)
+
+    async def create_workload(self, record: dict[str, Any]) -> dict[str, Any]:
+        return await self.commands.create_workload(record)
+
+    async def delete_workload(self, uri: str) -> None:
+        await self.commands.delete_workload(uri)
+
+    async def set_paused(self, uri: str, paused: bool) -> None:
+        await self.commands.set_paused(uri, paused)
+
+    async def drain(self) -> str:
+        return await self.commands.drain()
+
+    async def undrain(self) -> str:
+        return await self.commands.undrain()
+
+    async def put_secret(self, name: str, value: bytes) -> None:
+        await self.commands.put_secret(name, value)
+
+    async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
+        return await self.commands.get_secret(caller_did, workload_uri, name)
+
+    async def reconfigure(self, cfg: Config) -> None:
+        self.local.cfg = cfg
+        self.view.set_config(membership_lists(cfg))
+        if self.formation is not None:
+            await self.formation.sync_watches()
+        if self.publisher.meshlet is not None:
+            await self.publisher.publish()

@@ -1,0 +1,132 @@
+"""`Peers` over HTTP: the real client of other meshlets' XRPC servers (httpx)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from meshletd.daemon.peers import (
+    GET_LOGS,
+    GET_SECRET,
+    NOTIFY_RECORDS,
+    PING,
+    LogPage,
+    LogQuery,
+    RecordRef,
+    ServiceAuth,
+)
+from meshletd.errors import UpstreamFailure, from_xrpc
+from meshletd.xrpc.app import from_json
+
+log = logging.getLogger("meshletd.peers")
+
+# Seconds: a probe that takes longer counts as failed; a hint is worth little once late;
+# secrets and logs may wait on the peer's journal or PDS.
+PING_TIMEOUT_S = 2.0
+HINT_TIMEOUT_S = 1.0
+CALL_TIMEOUT_S = 10.0
+
+
+class HttpPeers:
+    """Calls peers at the endpoint `endpoint_of(meshlet DID)` gives (their meshletOwner
+    record's); one connection pool for all of them. `aclose()` when done."""
+
+    def __init__(self, endpoint_of: Callable[[str], str | None]) -> None:
+        self._endpoint_of = endpoint_of
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        # Made on first use, inside the trio run that uses it.
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _url(self, meshlet: str, nsid: str) -> str | None:
+        endpoint = self._endpoint_of(meshlet)
+        return f"{endpoint.rstrip('/')}/xrpc/{nsid}" if endpoint else None
+
+    async def ping(self, meshlet: str) -> bool:
+        url = self._url(meshlet, PING)
+        if url is None:
+            return False
+        try:
+            r = await self.http.get(url, timeout=PING_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    async def notify_records(self, meshlet: str, refs: Sequence[RecordRef]) -> None:
+        url = self._url(meshlet, NOTIFY_RECORDS)
+        if url is None:
+            return
+        body = {"records": [ref.to_json() for ref in refs]}
+        try:
+            await self.http.post(url, json=body, timeout=HINT_TIMEOUT_S)
+        except httpx.HTTPError as e:  # a hint is best effort: the firehose brings it anyway
+            log.debug("hint to %s not sent: %s", meshlet, e)
+
+    async def _query(
+        self, meshlet: str, nsid: str, params: Mapping[str, str | int], auth: ServiceAuth
+    ) -> dict[str, Any]:
+        url = self._url(meshlet, nsid)
+        if url is None:
+            raise UpstreamFailure(f"{meshlet} publishes no XRPC endpoint")
+        token = await auth.token(meshlet, nsid)
+        try:
+            r = await self.http.get(
+                url,
+                params=dict(params),
+                headers={"authorization": f"Bearer {token}"},
+                timeout=CALL_TIMEOUT_S,
+            )
+        except httpx.HTTPError as e:
+            raise UpstreamFailure(f"{meshlet} unreachable: {e}") from None
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code != 200:
+            raise from_xrpc(body, r.status_code)
+        if not isinstance(body, dict):
+            raise UpstreamFailure(f"{meshlet} answered {nsid} with no JSON object")
+        return body
+
+    async def get_secret(
+        self, meshlet: str, workload_uri: str, name: str, *, auth: ServiceAuth
+    ) -> bytes:
+        body = await self._query(
+            meshlet, GET_SECRET, {"workload": workload_uri, "name": name}, auth
+        )
+        sealed = from_json(body).get("sealed")
+        if not isinstance(sealed, bytes):
+            raise UpstreamFailure(f"{meshlet} answered getSecret without a sealed value")
+        return sealed
+
+    async def get_logs(self, meshlet: str, query: LogQuery, *, auth: ServiceAuth) -> LogPage:
+        params: dict[str, str | int] = {
+            "uri": query.workload_uri,
+            "slot": query.slot,
+            "lines": query.lines,
+        }
+        if query.cursor:
+            params["cursor"] = query.cursor
+        body = await self._query(meshlet, GET_LOGS, params, auth)
+        # A meshlet from before entries and cursors answers `lines` only: no times, and no
+        # cursor (a follower then cannot resume; it sees the last lines again).
+        raw = body.get("entries") or [{"line": str(x)} for x in body.get("lines", [])]
+        entries = tuple(
+            {k: str(v) for k, v in e.items() if k in ("line", "time")}
+            for e in raw
+            if isinstance(e, dict)
+        )
+        got = body.get("cursor")
+        return LogPage(entries, got if isinstance(got, str) else None)

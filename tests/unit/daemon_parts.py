@@ -1,0 +1,95 @@
+"""The daemon's parts wired over fakes, as the composition root wires them over the real
+adapters: a meshlet of alice's (`ME`), with peers in memory and records fed as events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshletd.atproto.cluster import ClusterView
+from meshletd.atproto.firehose import RecordEvent
+from meshletd.atproto.records import MeshletOwner, Resources
+from meshletd.config import Cluster, Config
+from meshletd.daemon.commands import OwnerCommands
+from meshletd.daemon.fake_peers import FakePeers
+from meshletd.daemon.followed import Followed
+from meshletd.daemon.local import FakeScheduling, Local
+from meshletd.daemon.publisher import FakePublisher, membership_lists
+from meshletd.daemon.readmodel import ReadModel
+from meshletd.daemon.repo import FakeRepo
+from meshletd.daemon.secrets import EncryptionKey, SecretStore
+from meshletd.store import MemoryStore
+
+OWNER, ME = "did:plc:alice", "did:plc:alicemesh"
+BOB, BOB_MESH = "did:plc:bob", "did:plc:bobmesh"
+WORKLOAD = "commune.scheduler.workload"
+
+
+def config(**kw: Any) -> Config:
+    return Config(
+        did=ME,
+        owner=OWNER,
+        pds="http://127.0.0.1:1",
+        clusters=[Cluster(name="home", members=[BOB])],
+        **kw,
+    )
+
+
+def put(did: str, collection: str, rkey: str, record: dict[str, Any], cid: str = "") -> RecordEvent:
+    nsid = f"commune.scheduler.{collection}"
+    return RecordEvent(did, nsid, rkey, "create", cid or f"bafy{rkey}", record, rev="r1")
+
+
+def delete(did: str, collection: str, rkey: str) -> RecordEvent:
+    return RecordEvent(did, f"commune.scheduler.{collection}", rkey, "delete", None, None, rev="r2")
+
+
+def owner_record(owner: str, key: str | None = None, endpoint: str | None = None) -> MeshletOwner:
+    return MeshletOwner(
+        owner_did=owner,
+        capacity=Resources(milli_cpu=1000, memory_mib=1024),
+        arch="amd64",
+        encryption_key=key,
+        endpoint=endpoint,
+    )
+
+
+@dataclass
+class Parts:
+    local: Local
+    view: ClusterView
+    followed: Followed
+    read: ReadModel
+    publisher: FakePublisher
+    peers: FakePeers
+    secrets: SecretStore
+    key: EncryptionKey
+    commands: OwnerCommands
+    engine: FakeScheduling | None = None
+    owner_repo: FakeRepo = field(default_factory=lambda: FakeRepo(OWNER))
+
+    def feed(self, *events: RecordEvent) -> None:
+        for ev in events:
+            self.followed.apply(ev)
+
+    def schedule(self) -> FakeScheduling:
+        """This meshlet schedules (the engine runs), with placements set by the test."""
+        self.engine = self.local.engine = FakeScheduling()
+        return self.engine
+
+
+def parts(*, logged_in: bool = True, **cfg: Any) -> Parts:
+    c = config(**cfg)
+    local = Local(c)
+    view = ClusterView.create(c.did, c.owner, membership_lists(c))
+    followed = Followed()
+    read = ReadModel(local, view, followed)
+    publisher = FakePublisher(local, can_publish=logged_in)
+    peers = FakePeers()
+    secrets, key = SecretStore(MemoryStore()), EncryptionKey(MemoryStore())
+    commands = OwnerCommands(local, view, followed, read, publisher, peers, secrets, key)
+    p = Parts(local, view, followed, read, publisher, peers, secrets, key, commands)
+    if logged_in:
+        local.owner_repo = p.owner_repo
+        local.meshlet_repo = FakeRepo(ME)
+    return p

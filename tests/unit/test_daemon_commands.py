@@ -1,0 +1,140 @@
+"""The owner's commands over fakes: workloads in the owner's repo, drain/undrain, secrets
+fetched from the owner's meshlet, logs from the hosting meshlet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meshletd.daemon.fake_peers import FakePeer
+from meshletd.daemon.secrets import seal
+from meshletd.errors import Conflict, Forbidden, NotFound
+from tests.unit.daemon_parts import (
+    BOB,
+    BOB_MESH,
+    ME,
+    OWNER,
+    WORKLOAD,
+    parts,
+    put,
+)
+
+RECORD = {"name": "web", "image": "localhost/busybox", "replicas": 1}
+BOB_URI = f"at://{BOB}/{WORKLOAD}/3kbob"
+NOW = "2026-12-04T05:00:00.000Z"
+
+
+async def test_a_published_workload_is_in_the_owners_repo_and_shown_at_once() -> None:
+    p = parts()
+    got = await p.commands.create_workload(dict(RECORD))
+    rkey = got["uri"].rsplit("/", 1)[1]
+    cid, stored = p.owner_repo.records[(WORKLOAD, rkey)]
+    assert got["cid"] == cid and stored["name"] == "web"
+    # The publisher's round-0 window travels in the record.
+    assert stored["bidWindowMs"] == p.local.cfg.scheduling.bid_window_ms
+    assert [w["uri"] for w in p.read.workloads()] == [got["uri"]]
+    with pytest.raises(Conflict):
+        await p.commands.create_workload(dict(RECORD))
+
+
+async def test_without_the_owners_credential_nothing_is_published() -> None:
+    p = parts(logged_in=False)
+    with pytest.raises(Forbidden, match="owner-app-password"):
+        await p.commands.create_workload(dict(RECORD))
+
+
+async def test_pause_and_delete_by_name_rewrite_the_owners_record() -> None:
+    p = parts()
+    uri = (await p.commands.create_workload(dict(RECORD)))["uri"]
+    rkey = uri.rsplit("/", 1)[1]
+    await p.commands.set_paused("web", True)
+    assert p.owner_repo.records[(WORKLOAD, rkey)][1]["paused"] is True
+    assert p.read.workload(uri)["paused"] is True
+    await p.commands.delete_workload("web")
+    assert (WORKLOAD, rkey) not in p.owner_repo.records
+    with pytest.raises(NotFound):
+        p.read.workload(uri)
+
+
+async def test_another_owners_workload_cannot_be_paused_or_deleted_here() -> None:
+    p = parts()
+    p.feed(put(BOB, "workload", "3kbob", dict(RECORD)))
+    with pytest.raises(Forbidden, match="not a workload of this meshlet's owner"):
+        await p.commands.delete_workload(BOB_URI)
+    with pytest.raises(Forbidden):
+        await p.commands.set_paused(BOB_URI, True)
+
+
+async def test_drain_without_a_scheduler_republishes_the_state() -> None:
+    p = parts()
+    assert await p.commands.drain() == "draining"
+    assert p.publisher.published == ["draining"] and p.read.summary()["state"] == "draining"
+    assert await p.commands.undrain() == "active"
+    assert p.publisher.published == ["draining", "active"]
+
+
+async def test_drain_with_a_scheduler_is_the_cores_to_carry_out() -> None:
+    p = parts()
+    engine = p.schedule()
+    assert await p.commands.drain() == "draining"
+    assert engine.draining == [True] and p.publisher.published == []
+    assert p.read.status_line().endswith(", draining")
+
+
+async def test_a_drain_that_cannot_be_published_leaves_the_state_as_it_was() -> None:
+    p = parts(logged_in=False)
+    with pytest.raises(Forbidden):
+        await p.commands.drain()
+    assert p.local.state == "active"
+
+
+async def test_a_secret_of_another_owner_is_fetched_from_its_meshlet_and_unsealed() -> None:
+    p = parts()
+    # bob claims two meshlets; the first refuses, the second holds the sealed value.
+    for rkey, meshlet in (("a", "did:plc:bobmesh0"), ("b", BOB_MESH)):
+        p.view.apply(put(BOB, "meshlet", rkey, {"meshletDid": meshlet, "createdAt": NOW}))
+    sealed = seal(p.key.public_b64, b"hunter2")
+    p.peers.peers["did:plc:bobmesh0"] = FakePeer()
+    p.peers.peers[BOB_MESH] = FakePeer(secrets={(BOB_URI, "db"): (ME, sealed)})
+    assert await p.commands.fetch_secret(BOB_URI, "db") == b"hunter2"
+    assert p.peers.peers[BOB_MESH].callers == [("getSecret", ME)]
+    assert await p.commands.fetch_secret(BOB_URI, "nope") is None
+
+
+async def test_our_owners_secret_comes_from_the_local_store() -> None:
+    p = parts()
+    await p.commands.put_secret("db", b"hunter2")
+    assert await p.commands.fetch_secret(f"at://{OWNER}/{WORKLOAD}/x", "db") == b"hunter2"
+
+
+async def test_logs_of_a_replica_elsewhere_come_from_its_host_as_the_owner() -> None:
+    p = parts()
+    uri = (await p.commands.create_workload(dict(RECORD)))["uri"]
+    status = {"workload": {"uri": uri, "cid": "bafyx"}, "slot": 0, "round": 0, "state": "running"}
+    p.feed(put(BOB_MESH, "workloadStatus", "s1", status))
+    lines = [{"line": "hello"}, {"line": "world"}]
+    p.peers.peers[BOB_MESH] = FakePeer(logs={(uri, 0): lines})
+    got = await p.commands.logs("web", 0, 1)
+    assert got == {"entries": [{"line": "world"}], "cursor": "2"}
+    assert p.peers.peers[BOB_MESH].callers == [("getLogs", OWNER)]
+    with pytest.raises(NotFound):
+        await p.commands.logs("web", 3, 1)
+
+
+async def test_logs_of_a_replica_here_come_from_its_unit_journal() -> None:
+    asked: list[tuple[str, int, str | None]] = []
+
+    async def journal(unit: str, lines: int, cursor: str | None) -> dict[str, Any]:
+        asked.append((unit, lines, cursor))
+        return {"entries": [{"line": "local"}], "cursor": "c1"}
+
+    p = parts()
+    p.commands.journal = journal
+    uri = (await p.commands.create_workload(dict(RECORD)))["uri"]
+    engine = p.schedule()
+    engine.scheduler.slots[uri] = ((0, ME),)
+    engine.scheduler.local[(uri, 0)] = "running"
+    engine.units[(uri, 0)] = "meshlet-web-0.service"
+    assert (await p.commands.logs(uri, 0, 5, "c0"))["entries"] == [{"line": "local"}]
+    assert asked == [("meshlet-web-0.service", 5, "c0")]

@@ -1,0 +1,89 @@
+"""The read model: what `meshletctl workloads`, `bids` and `status` show, from the records
+followed and the scheduler core's answers (here fixed by a fake)."""
+
+from __future__ import annotations
+
+from tests.unit.daemon_parts import BOB_MESH, ME, OWNER, WORKLOAD, parts, put
+
+URI = f"at://{OWNER}/{WORKLOAD}/3kweb"
+RECORD = {"name": "web", "replicas": 3, "resources": {"milliCpu": 100, "memoryMiB": 64}}
+
+
+def status(meshlet_slot: int, state: str, round_: int = 0) -> dict[str, object]:
+    return {
+        "workload": {"uri": URI, "cid": "bafyx"},
+        "slot": meshlet_slot,
+        "round": round_,
+        "state": state,
+    }
+
+
+def test_slots_show_where_they_run_how_they_do_and_why_others_wait() -> None:
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", RECORD))
+    p.feed(put(BOB_MESH, "workloadStatus", "s1", status(1, "running")))
+    engine = p.schedule()
+    engine.scheduler.slots[URI] = ((0, ME), (0, BOB_MESH), None)
+    engine.scheduler.local[(URI, 0)] = "running"
+    engine.scheduler.reasons[URI] = {2: "no meshlet has 100 mCPU free"}
+    engine.units[(URI, 0)] = "meshlet-web-0.service"
+    here, there, pending = p.read.workload("web")["running"]
+    assert here == {
+        "workload": URI,
+        "slot": 0,
+        "round": 0,
+        "meshletDid": ME,
+        "state": "running",
+        "unit": "meshlet-web-0.service",
+    }
+    assert there["meshletDid"] == BOB_MESH and there["state"] == "running"
+    assert pending == {
+        "workload": URI,
+        "slot": 2,
+        "state": "pending",
+        "reason": "no meshlet has 100 mCPU free",
+    }
+    assert p.read.summary()["replicas"] == 1
+    assert p.read.capacity()["allocated"]["milliCpu"] == 100
+
+
+def test_a_suspected_host_shows_its_replica_lost_and_a_moved_slot_stopping() -> None:
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", {**RECORD, "replicas": 1}))
+    p.feed(put(BOB_MESH, "workloadStatus", "s1", status(0, "running")))
+    engine = p.schedule()
+    engine.scheduler.slots[URI] = ((0, BOB_MESH),)
+    engine.scheduler.suspects.add(BOB_MESH)
+    (slot,) = p.read.workload(URI)["running"]
+    assert slot["state"] == "lost"
+    # The slot moved to us in round 1: bob's status is a replica on its way out.
+    engine.scheduler.suspects.clear()
+    engine.scheduler.slots[URI] = ((1, ME),)
+    ours, old = p.read.workload(URI)["running"]
+    assert ours["meshletDid"] == ME and ours["state"] == "starting"
+    assert old["meshletDid"] == BOB_MESH and old["state"] == "stopping"
+    assert old["reason"] == f"slot moved to {ME} (make-before-break)"
+
+
+def test_without_a_scheduler_replicas_are_those_the_hosts_report() -> None:
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", RECORD))
+    p.feed(put(ME, "workloadStatus", "s0", status(0, "running")))
+    p.feed(put(BOB_MESH, "workloadStatus", "s1", status(1, "failed")))
+    rows = p.read.workload(URI)["running"]
+    assert [(r["meshletDid"], r["state"]) for r in rows] == [(ME, "running"), (BOB_MESH, "failed")]
+    assert p.read.status_line() == "0 members, 1 replica"
+    assert [w["uri"] for w in p.read.workloads(owner=OWNER)] == [URI]
+    assert p.read.workloads(owner="did:plc:someone") == []
+
+
+def test_bids_are_shown_by_round_best_first_with_the_winners() -> None:
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", RECORD))
+    for rkey, meshlet, priority in (("b1", ME, 5), ("b2", BOB_MESH, 9)):
+        bid = {"workload": {"uri": URI, "cid": "bafyx"}, "round": 0, "priority": priority}
+        p.feed(put(meshlet, "bid", rkey, bid))
+    p.feed(put(BOB_MESH, "workloadStatus", "s1", status(0, "running")))
+    (round0,) = p.read.bids("web")["rounds"]
+    assert [b["meshletDid"] for b in round0["bids"]] == [BOB_MESH, ME]
+    assert round0["winners"] == [BOB_MESH]
