@@ -119,11 +119,30 @@ he_host_public() {  # the address a host behind NAT is seen from
     echo "${a%.*}.$(( ${a##*.} + HE_NAT_OFFSET ))"
 }
 
-# he_net_remove N: the bridge and the network's state (its hosts must be down).
+# he_net_remove N: the bridge and the network's state (its hosts must be down), and what a
+# host of it left if something else tore it down (an older dev/hostenv knows no namespaces).
 he_net_remove() {
-    local n="$1"
+    local n="$1" f link
+    for f in "$HE_NET_DIR/$n/hosts/"*; do
+        [ -e "$f" ] || continue
+        [ -d "$(he_dir "$(basename "$f")")" ] || ip netns del "$(he_netns "$(basename "$f")")" 2>/dev/null || true
+    done
+    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }' \
+            | grep "^mhv${n}x" || true); do
+        ip link del "$link" 2>/dev/null || true
+    done
     ip link del "$(he_net_bridge "$n")" 2>/dev/null || true
     rm -rf "${HE_NET_DIR:?}/$n"
+}
+
+# Namespaces mh-NAME of hosts that are gone (torn down by an older dev/hostenv, or a
+# teardown that was killed): removed by `down --stale`.
+he_netns_remove_orphans() {
+    local ns
+    for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^mh-/ { print $1 }'); do
+        [ -d "$(he_dir "${ns#mh-}")" ] || ip netns del "$ns" 2>/dev/null || true
+    done
+    return 0
 }
 
 he_net_hosts_up() {  # names of hosts still up in network N
@@ -263,6 +282,7 @@ cmd_net() {
 
 # Networks whose owner died and that have no host left (after `down --stale`).
 he_net_remove_stale() {
+    he_netns_remove_orphans
     local d n owner
     for d in "$HE_NET_DIR"/*/; do
         [ -d "$d" ] || continue
