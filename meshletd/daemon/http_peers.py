@@ -24,8 +24,11 @@ from meshletd.xrpc.app import from_json
 log = logging.getLogger("meshletd.peers")
 
 # Seconds: a probe that takes longer counts as failed; a hint is worth little once late;
-# secrets and logs may wait on the peer's journal or PDS.
-PING_TIMEOUT_S = 2.0
+# secrets and logs may wait on the peer's journal or PDS. The probe timeout is one probe
+# interval: a powered-off host on a real network answers nothing (no RST as on loopback),
+# so its 3rd failure lands 2 intervals + this timeout after its first; at 2 s the
+# failover took p50 5.6 s on hosts with their own addresses (docs/benchmarks.md).
+PING_TIMEOUT_S = 1.0
 HINT_TIMEOUT_S = 1.0
 CALL_TIMEOUT_S = 10.0
 
