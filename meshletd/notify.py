@@ -1,19 +1,24 @@
-"""sd_notify over `$NOTIFY_SOCKET`, in pure Python, plus the watchdog task.
+"""sd_notify through the `sdnotify` package, plus the watchdog task.
 
-The protocol is one datagram of `KEY=VALUE` lines to the AF_UNIX socket systemd names in
-`NOTIFY_SOCKET` (a leading `@` means the abstract namespace). Outside systemd the variable
-is absent and every call is a no-op, so the daemon runs the same way under a test or a
-shell. Tests bind their own datagram socket and point `NOTIFY_SOCKET` at it.
+systemd names a datagram socket in `NOTIFY_SOCKET` (a leading `@`: the abstract namespace);
+`sdnotify.SystemdNotifier` connects to it and sends `KEY=VALUE` lines. Outside systemd the
+variable is absent and every call is a no-op, so the daemon runs the same way under a test
+or a shell. Tests bind their own datagram socket and point `NOTIFY_SOCKET` at it.
+
+What this module adds to `sdnotify`: the socket is made non-blocking (an overloaded systemd
+must not stall the event loop: a notification is dropped instead, and counted), values are
+kept to one ASCII line (a newline in a status would inject a field), and the fields our
+daemon sends have names (`ready`, `status`, `watchdog`, `stopping`, `reloading`).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+import sdnotify  # type: ignore[import-untyped]  # no stubs; a 60-line module
 import trio
 
 
@@ -22,35 +27,35 @@ class Notifier(Protocol):
 
 
 class SdNotifier:
-    """Sends sd_notify messages; silent when not started by systemd."""
+    """Sends sd_notify messages to `$NOTIFY_SOCKET`; silent when not started by systemd."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self.address: str | None = env.get("NOTIFY_SOCKET") or None
-        self._sock: socket.socket | None = None
+    def __init__(self) -> None:
+        self.address: str | None = os.environ.get("NOTIFY_SOCKET") or None
+        self.dropped = 0  # messages systemd did not take (socket gone or full)
+        self._systemd: sdnotify.SystemdNotifier | None = None
         if self.address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.setblocking(False)
+            try:
+                # debug=True: sdnotify raises instead of swallowing, so drops are counted.
+                self._systemd = sdnotify.SystemdNotifier(debug=True)
+            except OSError:
+                self.dropped += 1
+            else:
+                self._systemd.socket.setblocking(False)
 
     @property
     def enabled(self) -> bool:
-        return self._sock is not None
+        return self._systemd is not None
 
     def notify(self, **fields: str) -> None:
         """Send `KEY=VALUE` lines; keyword names are the keys (`READY="1"`, `STATUS=…`)."""
-        if self._sock is None or self.address is None:
+        if self._systemd is None:
             return
-        lines = []
-        for key, value in fields.items():
-            value = str(value).replace("\n", " ")
-            lines.append(f"{key}={value}")
-        addr = self.address
-        target: str | bytes = "\0" + addr[1:] if addr.startswith("@") else addr
+        lines = [f"{key}={_one_line(value)}" for key, value in fields.items()]
         try:
-            self._sock.sendto("\n".join(lines).encode(), target)
-        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            self._systemd.notify("\n".join(lines))
+        except OSError:
             # systemd gone or overloaded: notifications are best effort by design.
-            pass
+            self.dropped += 1
 
     def ready(self, status: str | None = None) -> None:
         self.notify(READY="1", **({"STATUS": status} if status else {}))
@@ -71,9 +76,16 @@ class SdNotifier:
         self.notify(WATCHDOG="1")
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._systemd is not None:
+            self._systemd.socket.close()
+            self._systemd = None
+
+
+def _one_line(value: object) -> str:
+    # One line (a newline would start a field of the caller's choosing), ASCII (sdnotify
+    # encodes latin-1, systemd reads UTF-8: anything else would arrive garbled).
+    text = str(value).replace("\r", " ").replace("\n", " ")
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:

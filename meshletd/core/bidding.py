@@ -4,8 +4,15 @@ replacement round for a slot whose host is lost or draining (docs/protocol.md, s
 
 from __future__ import annotations
 
+from .bounds import MAX_MEMORY_MIB, MAX_MILLI_CPU, MAX_ROUND, bid_refusal, clamp
 from .fairshare import meshlet_priority
-from .placement import Owner, WorkloadEntry, round0_window
+from .placement import (
+    Owner,
+    WorkloadEntry,
+    chained_round_at,
+    chained_round_start,
+    round0_window,
+)
 from .records import NSID_BID, Bid, Workload, at_uri
 from .rounds import Rounds
 from .state import bid_rkey
@@ -95,18 +102,17 @@ class Bidding(Rounds):
                 if now < close0:
                     self._wake(close0, uri)
                     continue
-                period = t.chained_period_ms
-                r = (now - close0) // period + 1
-                start = close0 + (r - 1) * period
-                if now > start + t.replacement_window_ms:
-                    r += 1
-                    start += period
+                chained = chained_round_at(now, close0, t)
+                if chained is None:
+                    continue  # rounds exhausted (section 20): only a new version re-offers
+                r, start = chained
+                if now < start:
                     self._wake(start, uri)
                     continue
                 if any(b.meshlet == me and b.round == r for b in slot_bids):
                     continue
                 if not fits or not self._is_candidate(wl, s, r):
-                    self._wake(start + period, uri)
+                    self._wake(chained_round_start(r + 1, close0, t), uri)
                     continue
                 self._bid(
                     wl, r, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms
@@ -152,10 +158,14 @@ class Bidding(Rounds):
             slot=slot,
             priority=prio,
             slots=slots,
-            free_milli_cpu=max(cpu, 0),
-            free_memory_mib=max(mem, 0),
+            free_milli_cpu=clamp(cpu, 0, MAX_MILLI_CPU),
+            free_memory_mib=clamp(mem, 0, MAX_MEMORY_MIB),
             created_at=self.now,
         )
+        if bid_refusal(bid):
+            # A bid the lexicon refuses cannot be published: acting on it (reserving, counting
+            # it here) would make this meshlet the only one to see it (section 20).
+            return
         if slots:
             self._reserved[(wl.uri, slot, round_)] = (
                 wl.milli_cpu * slots,
@@ -211,6 +221,8 @@ class Bidding(Rounds):
         rounds = [b.round for b in e.bids if b.slot == slot]
         cur = e.owners[slot] if e.owners else None
         r = max([*rounds, cur[0] if cur else 0]) + 1
+        if r > MAX_ROUND:
+            return  # rounds exhausted (section 20): the slot keeps its owner
         cpu, mem = self.free_capacity()
         fits = (
             cpu >= wl.milli_cpu

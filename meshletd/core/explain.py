@@ -4,7 +4,8 @@ replaced), judged from what the core knows. Pure queries: they change nothing
 
 from __future__ import annotations
 
-from .placement import round0_owners, round0_window
+from .bounds import MAX_ROUND
+from .placement import chained_round_at, round0_owners, round0_window
 from .records import Bid, Workload, format_datetime_ms
 from .rounds import Rounds
 
@@ -95,11 +96,14 @@ class Explanations(Rounds):
             else:
                 why = "round 0 closed without a winner: "
             why += self._why_no_winner(wl, b0, opens0, deadline0)
-        period = t.chained_period_ms
-        r = max(now - close0, 0) // period + 1
-        start = close0 + (r - 1) * period
-        if now > start + t.replacement_window_ms:
-            r, start = r + 1, start + period
+        next_round = chained_round_at(now, close0, t)
+        if next_round is None:
+            return (
+                f"{why}; not offered again: its rounds would pass the lexicon's maximum "
+                f"({MAX_ROUND}) (createdAt {self._when(opens0)}); publish a new version"
+            )
+        r, start = next_round
+        if now < start:
             return f"{why}; offered again in round {r} at {self._when(start)}"
         until = self._when(start + t.replacement_window_ms)
         return f"{why}; offered again in round {r}, open until {until}"

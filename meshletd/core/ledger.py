@@ -4,6 +4,7 @@ period, the usage records of every meshlet, and the fair-share balances computed
 
 from __future__ import annotations
 
+from .bounds import MAX_USAGE_ENTRIES
 from .cluster import ClusterView
 from .fairshare import balances
 from .records import NSID_USAGE, Usage, UsageEntry, at_uri
@@ -40,9 +41,12 @@ class UsageLedger:
         kept among the usages. The caller has counted every running replica up to `end`."""
         assert self.period_start is not None
         rec = None
-        entries = tuple(
-            UsageEntry(o, v[0], v[1]) for o, v in sorted(self._period_use.items()) if v[0] or v[1]
-        )
+        used = [(o, v) for o, v in self._period_use.items() if v[0] or v[1]]
+        if len(used) > MAX_USAGE_ENTRIES:
+            # The lexicon admits 512 entries: the owners who used most are kept (section 20).
+            used.sort(key=lambda x: (-x[1][0], -x[1][1], x[0]))
+            used = used[:MAX_USAGE_ENTRIES]
+        entries = tuple(UsageEntry(o, v[0], v[1]) for o, v in sorted(used))
         if entries:
             rkey = f"u{self.period_start}"
             rec = Usage(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .bounds import CHAINED_FAST_ROUNDS, CHAINED_SLOW_PERIOD_MS, MAX_ROUND
 from .cluster import ClusterView
 from .hashing import rendezvous_score
 from .records import Bid, Workload, WorkloadStatus
@@ -134,6 +135,38 @@ def later_round_bids(bids: Sequence[Bid], slot: int) -> dict[int, list[Bid]]:
     return dict(sorted(by_round.items()))
 
 
+def chained_round_start(r: int, close0: int, t: Timing) -> int:
+    """When chained round r >= 1 of a never-filled slot opens: every P after round 0's close
+    for the first CHAINED_FAST_ROUNDS rounds, then every max(P, 1 min), so that the round
+    numbers of any workload stay within the lexicon's bound for ~1.9 years after its
+    createdAt (docs/protocol.md, section 20)."""
+    period = t.chained_period_ms
+    if r <= CHAINED_FAST_ROUNDS:
+        return close0 + (r - 1) * period
+    slow = max(period, CHAINED_SLOW_PERIOD_MS)
+    return close0 + (CHAINED_FAST_ROUNDS - 1) * period + (r - CHAINED_FAST_ROUNDS) * slow
+
+
+def chained_round_at(now: int, close0: int, t: Timing) -> tuple[int, int] | None:
+    """(round, start) of the chained round whose window [start, start + W] holds `now`, or
+    else of the next one to open; None when that round would be above MAX_ROUND (the slot is
+    never offered again: only a new version of the workload re-offers it)."""
+    period = t.chained_period_ms
+    elapsed = max(now - close0, 0)
+    if elapsed < CHAINED_FAST_ROUNDS * period:
+        r = elapsed // period + 1
+    else:
+        slow = max(period, CHAINED_SLOW_PERIOD_MS)
+        r = CHAINED_FAST_ROUNDS + (elapsed - (CHAINED_FAST_ROUNDS - 1) * period) // slow
+    start = chained_round_start(r, close0, t)
+    if now > start + t.replacement_window_ms:
+        r += 1
+        start = chained_round_start(r, close0, t)
+    if r > MAX_ROUND:
+        return None
+    return r, start
+
+
 def round_window(
     r: int, bids: list[Bid], owner: Owner | None, close0: int, t: Timing
 ) -> RoundWindow:
@@ -141,7 +174,7 @@ def round_window(
     has filled starts at a fixed time after round 0's close; a replacement round (the slot
     has an owner) starts at the earliest createdAt of its own bids."""
     if owner is None:
-        start = close0 + (r - 1) * t.chained_period_ms
+        start = chained_round_start(r, close0, t)
     else:
         start = min(b.created_at for b in bids)
     deadline = start + t.replacement_window_ms
@@ -216,6 +249,8 @@ __all__ = [
     "RoundWindow",
     "WorkloadEntry",
     "bid_counts",
+    "chained_round_at",
+    "chained_round_start",
     "fill_round0",
     "later_round_bids",
     "reference_owners",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .actions import StartReplica, StopReplica
 from .bidding import Bidding
+from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
@@ -195,8 +196,11 @@ class Reconciler(Bidding):
             round=rep.round,
             state=state,
             updated_at=self.now,
-            exit_code=rep.exit_code,
-            restarts=rep.restarts,
+            # the runtime's figures, brought into the lexicon's range (section 20)
+            exit_code=None
+            if rep.exit_code is None
+            else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
+            restarts=min(rep.restarts, MAX_RESTARTS),
         )
         rep.written = state
         self._put(NSID_STATUS, rkey, st)

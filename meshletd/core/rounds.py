@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import heapq
 
+from .bounds import (
+    MAX_MEMORY_MIB,
+    MAX_MILLI_CPU,
+    MAX_PRIORITY,
+    MAX_ROUND,
+    MAX_SLOT,
+    MAX_SLOTS_OFFERED,
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    bid_refusal,
+)
 from .hashing import is_candidate, rendezvous_score
 from .placement import (
     Owner,
@@ -52,6 +63,8 @@ class Rounds(SchedulerState):
         got = self._small_cluster_cache.get(key)
         if got is None:
             got = self.cluster.member_estimate(wl) <= EARLY_CLOSE_MAX_MEMBERS
+            if len(self._small_cluster_cache) >= 4096:
+                self._small_cluster_cache.clear()  # keyed by what records name: capped
             self._small_cluster_cache[key] = got
         return got
 
@@ -137,11 +150,23 @@ class Rounds(SchedulerState):
     # -- bids ----------------------------------------------------------------------------
     def _on_bid(self, b: Bid) -> None:
         """A bid was seen (ours included): keep it as evidence for its round."""
+        if not (
+            0 <= b.round <= MAX_ROUND
+            and (-1 if b.round == 0 else 0) <= b.slot <= MAX_SLOT
+            and 0 <= b.slots <= MAX_SLOTS_OFFERED
+            and -MAX_PRIORITY <= b.priority <= MAX_PRIORITY
+            and 0 <= b.free_milli_cpu <= MAX_MILLI_CPU
+            and 0 <= b.free_memory_mib <= MAX_MEMORY_MIB
+            and MIN_TIME_MS <= b.created_at <= MAX_TIME_MS
+        ):
+            # `bid_refusal`, inlined: every meshlet takes in every bid (section 20)
+            self._refuse(b.uri, bid_refusal(b))
+            return
         if b.meshlet == self.me.did:
             self._my_rkeys.add((NSID_BID, split_at_uri(b.uri)[2]))
         e = self.workloads.get(b.workload_uri)
         if e is None:
-            self._orphan_bids.setdefault(b.workload_uri, []).append(b)
+            self.orphans.add_bid(b, self.now)
             return
         bids = e.bids
         buri = b.uri

@@ -19,6 +19,18 @@ from __future__ import annotations
 import heapq
 
 from .actions import Action, Reply, WakeAt
+from .bounds import (
+    GONE_BIDS_KEPT,
+    MAX_EXIT_CODE,
+    MAX_RESTARTS,
+    MAX_ROUND,
+    MAX_SLOT,
+    MAX_TIME_MS,
+    MIN_EXIT_CODE,
+    MIN_TIME_MS,
+    status_refusal,
+    workload_refusal,
+)
 from .events import (
     Event,
     ProbeResult,
@@ -204,15 +216,18 @@ class Scheduler(Explanations, Reconciler):
             self._my_rkeys.add((coll, rkey))
 
     def _on_workload(self, wl: Workload) -> None:
+        refusal = workload_refusal(wl)
+        if refusal:
+            self._refuse(wl.uri, refusal)
+            return
         e = self.workloads.get(wl.uri)
         if e is None:
             e = WorkloadEntry(wl)
             self.workloads[wl.uri] = e
-            orphans = self._orphan_bids.pop(wl.uri, None)
-            if orphans:
-                e.bids.extend(orphans)
-            for st in self._orphan_status.pop(wl.uri, ()):
-                self._status_keys.pop(st.uri, None)
+            orphan_bids, orphan_statuses = self.orphans.take(wl.uri)
+            if orphan_bids:
+                e.bids.extend(orphan_bids)
+            for st in orphan_statuses:
                 self._store_status(e, st)
             uri = wl.uri
             small = self._entry_in_small_cluster(e)
@@ -241,13 +256,21 @@ class Scheduler(Explanations, Reconciler):
         self._dirty[wl.uri] = None
 
     def _on_status(self, st: WorkloadStatus) -> None:
+        if not (
+            0 <= st.round <= MAX_ROUND
+            and 0 <= st.slot <= MAX_SLOT
+            and 0 <= st.restarts <= MAX_RESTARTS
+            and MIN_TIME_MS <= st.updated_at <= MAX_TIME_MS
+        ) or (st.exit_code is not None and not MIN_EXIT_CODE <= st.exit_code <= MAX_EXIT_CODE):
+            # `status_refusal`, inlined (section 20)
+            self._refuse(st.uri, status_refusal(st))
+            return
         if st.meshlet == self.me.did:
             self._my_rkeys.add((NSID_STATUS, split_at_uri(st.uri)[2]))
         e = self.workloads.get(st.workload_uri)
         if e is None:
             if st.state in TERMINAL or st.state == "running":
-                self._orphan_status.setdefault(st.workload_uri, []).append(st)
-                self._status_keys[st.uri] = (st.workload_uri, st.slot)
+                self.orphans.add_status(st, self.now)
             return
         if self._store_status(e, st):
             self._dirty[st.workload_uri] = None
@@ -281,8 +304,7 @@ class Scheduler(Explanations, Reconciler):
             self._on_workload_deleted(uri)
             return
         if coll == NSID_BID:
-            # Bids are evidence for a placement and stay until their workload is deleted
-            # (docs/protocol.md, "Records"); a bid deletion before that is ignored.
+            self._on_bid_deleted(uri, repo, rkey)
             return
         if coll == NSID_STATUS:
             self._on_status_deleted(uri, repo)
@@ -295,11 +317,16 @@ class Scheduler(Explanations, Reconciler):
 
     def _on_workload_deleted(self, uri: str) -> None:
         e = self.workloads.pop(uri, None)
-        self._orphan_bids.pop(uri, None)
-        for st in self._orphan_status.pop(uri, ()):
-            self._status_keys.pop(st.uri, None)
+        self.orphans.take(uri)
         if e is None:
             return
+        gone = self._gone_bids
+        for b in e.bids:
+            gone[b.uri] = None  # their deletions will come: nothing to look for then
+        while len(gone) > GONE_BIDS_KEPT:
+            del gone[next(iter(gone))]
+        for s in range(e.wl.replicas):
+            self._reopened.pop((uri, s), None)
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)
         for key in [k for k in self._replicas if k[0] == uri]:
@@ -313,6 +340,27 @@ class Scheduler(Explanations, Reconciler):
         for s in range(e.wl.replicas):
             self._delete(NSID_STATUS, status_rkey(uri, s))
 
+    def _on_bid_deleted(self, uri: str, meshlet: str, rkey: str) -> None:
+        """Forget a deleted bid (section 20): it no longer counts, here as everywhere. Most
+        deletions are of bids whose workload is gone; then there is nothing to look for."""
+        if self._gone_bids.pop(uri, 0) is None:
+            return
+        if self.orphans.remove_bid(uri):
+            return
+        if meshlet == self.me.did:
+            # one of ours (e.g. a write the PDS refused): the workload is known by its rkey
+            found = [u for u, rkeys in self._my_bids.items() if rkey in rkeys]
+            entries = [self.workloads[u] for u in found if u in self.workloads]
+        else:
+            entries = list(self.workloads.values())
+        for e in entries:
+            for i, b in enumerate(e.bids):
+                if b.uri == uri:
+                    del e.bids[i]
+                    self._reserved.pop((b.workload_uri, b.slot, b.round), None)
+                    self._dirty[b.workload_uri] = None
+                    return
+
     def _on_status_deleted(self, uri: str, meshlet: str) -> None:
         """Forget a deleted status: a host deletes it when it loses the slot, and a stale
         `running` kept here would pass for the new owner's make-before-break signal if the
@@ -320,15 +368,11 @@ class Scheduler(Explanations, Reconciler):
         finished job stays finished (e.finished is kept): it is never re-placed."""
         key = self._status_keys.pop(uri, None)
         if key is None:
+            self.orphans.remove_status(uri)
             return
         wl_uri, slot = key
         e = self.workloads.get(wl_uri)
         if e is None:
-            orphans = self._orphan_status.get(wl_uri)
-            if orphans:
-                orphans[:] = [st for st in orphans if st.uri != uri]
-                if not orphans:
-                    del self._orphan_status[wl_uri]
             return
         if e.statuses:
             st = e.statuses.get((meshlet, slot))
@@ -423,6 +467,7 @@ class Scheduler(Explanations, Reconciler):
                     self._dirty[key[0]] = None
                 if rep.lost_at is not None:
                     self._dirty[key[0]] = None
+        self.orphans.expire(now)
         self._usage_tick()
 
     # ==================================================================== decide
@@ -433,6 +478,8 @@ class Scheduler(Explanations, Reconciler):
         if self._bid_batch_at is not None and self._bid_batch_at <= self.now:
             self._bid_batch()
             self._resolve_dirty()
+        if self.orphans.over:
+            self.orphans.trim()
         if self._resched or self._out:
             self._schedule()
 

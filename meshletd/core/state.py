@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from hashlib import blake2b
 
 from .actions import Action, DeleteRecord, PutRecord
+from .bounds import REFUSALS_KEPT
 from .cluster import ClusterView
 from .ledger import UsageLedger
 from .liveness import Liveness
+from .orphans import Orphans
 from .placement import Owner, WorkloadEntry
-from .records import Bid, Record, WorkloadStatus, at_uri
+from .records import Record, at_uri
 from .timing import DEFAULT_TIMING, Timing
 
 
@@ -88,8 +90,11 @@ class SchedulerState:
         self.workloads: dict[str, WorkloadEntry] = {}
         # meshlet -> the (0, meshlet) owner tuple shared by every slot it wins in round 0
         self._round0_owner_of: dict[str, Owner] = {}
-        self._orphan_bids: dict[str, list[Bid]] = {}
-        self._orphan_status: dict[str, list[WorkloadStatus]] = {}
+        self.orphans = Orphans()  # bids and statuses naming workloads not seen (yet)
+        # URIs of the bids of deleted workloads, until their own deletion comes (bounded)
+        self._gone_bids: dict[str, None] = {}
+        # records refused at intake -> why (the newest REFUSALS_KEPT)
+        self.refused: dict[str, str] = {}
         # status URI -> (workload URI, slot) of every non-terminal status kept (for deletions)
         self._status_keys: dict[str, ReplicaKey] = {}
         self._replicas: dict[ReplicaKey, Replica] = {}
@@ -141,6 +146,14 @@ class SchedulerState:
         return cpu, mem
 
     # -- helpers every layer uses ------------------------------------------------------
+    def _refuse(self, uri: str, reason: str) -> None:
+        """A record refused at intake: it takes no part in anything; remember why."""
+        refused = self.refused
+        refused.pop(uri, None)
+        refused[uri] = reason
+        if len(refused) > REFUSALS_KEPT:
+            del refused[next(iter(refused))]
+
     def _put(self, coll: str, rkey: str, rec: Record) -> None:
         create = (coll, rkey) not in self._my_rkeys
         self._my_rkeys.add((coll, rkey))

@@ -29,6 +29,7 @@ import trio
 
 from meshletd.atproto.cluster import ClusterFormation, ClusterView
 from meshletd.atproto.firehose import Firehose, RecordEvent
+from meshletd.atproto.frames import Refusal
 from meshletd.atproto.identity import IdentityResolver
 from meshletd.atproto.pds import PdsClient, Write, WriteQueue
 from meshletd.config import Config, Credentials
@@ -78,7 +79,7 @@ class AtprotoNode:
         self.followed = Followed()
         self.key = EncryptionKey(store)
         self.publisher = PdsPublisher(self.local, self.key)
-        self.read = ReadModel(self.local, self.view, self.followed)
+        self.read = ReadModel(self.local, self.view, self.followed, self._refused)
         self.peers: Peers = peers if peers is not None else HttpPeers(self.read.endpoint_of)
         self.commands = OwnerCommands(
             self.local,
@@ -148,37 +149,36 @@ class AtprotoNode:
 
     async def _login_and_publish(self) -> None:
         creds, cfg = self._credentials, self.local.cfg
-        meshlet, owner = self.publisher.meshlet, self.publisher.owner
         try:
-            if creds.meshlet_app_password is not None and meshlet is None:
-                meshlet = PdsClient(cfg.pds, cfg.did, creds.meshlet_app_password.get_secret_value())
-                await meshlet.login()
-            if creds.owner_app_password is not None and owner is None:
-                owner_pds_url = cfg.owner_pds or await self._pds_of(cfg.owner)
-                owner = PdsClient(
-                    owner_pds_url, cfg.owner, creds.owner_app_password.get_secret_value()
-                )
-                await owner.login()
-        except Exception as e:  # PDS down or wrong password: keep serving, say why
-            log.warning("cannot publish this meshlet's records: %s", e)
-        self._attach(meshlet, owner)
-        if meshlet is None:
-            if creds.meshlet_app_password is None:
+            if creds.meshlet_app_password is not None and self.publisher.meshlet is None:
+                password = creds.meshlet_app_password.get_secret_value()
+                self._attach(await self._logged_in(cfg.pds, cfg.did, password), owner=False)
+            if creds.owner_app_password is not None and self.publisher.owner is None:
+                url = cfg.owner_pds or await self._pds_of(cfg.owner)
+                password = creds.owner_app_password.get_secret_value()
+                self._attach(await self._logged_in(url, cfg.owner, password), owner=True)
+            if self.publisher.meshlet is None:
                 log.warning("no meshlet-app-password credential: running read-only")
-            return
-        try:
+                return
             await self._restore_state()
             await self.publisher.publish()
-        except Exception as e:
+        except Exception as e:  # PDS down or wrong password: keep serving, say why
             log.warning("cannot publish this meshlet's records: %s", e)
 
-    def _attach(self, meshlet: PdsClient | None, owner: PdsClient | None) -> None:
-        self.publisher.attach(meshlet, owner)
-        self.local.meshlet_repo = PdsRepo(meshlet) if meshlet is not None else None
-        self.local.owner_repo = PdsRepo(owner) if owner is not None else None
-        for client in (meshlet, owner):
-            if client is not None:
-                client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
+    @staticmethod
+    async def _logged_in(pds_url: str, did: str, password: str) -> PdsClient:
+        client = PdsClient(pds_url, did, password)
+        await client.login()
+        return client
+
+    def _attach(self, client: PdsClient, *, owner: bool) -> None:
+        """A logged-in client of this meshlet's repo or of its owner's: the publisher and
+        the owner's commands write through it, and each commit is hinted to our peers."""
+        if owner:
+            self.publisher.owner, self.local.owner_repo = client, PdsRepo(client)
+        else:
+            self.publisher.meshlet, self.local.meshlet_repo = client, PdsRepo(client)
+        client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
 
     async def _restore_state(self) -> None:
         """A drain outlives a restart (an operator drains before maintenance, and the reboot
@@ -286,6 +286,9 @@ class AtprotoNode:
         for meshlet in peers:
             self._nursery.start_soon(self.peers.notify_records, meshlet, refs)
 
+    def _refused(self) -> list[Refusal]:
+        return self.formation.firehose.refusals() if self.formation is not None else []
+
     def notify_records(self, refs: list[dict[str, Any]]) -> int:
         firehose = self.formation.firehose if self.formation is not None else None
         if firehose is None:
@@ -326,6 +329,9 @@ class AtprotoNode:
 
     def workload(self, uri: str) -> dict[str, Any]:
         return self.read.workload(uri)
+
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        return self.read.invalid_workloads(owner)
 
     def bids(self, uri: str) -> dict[str, Any]:
         return self.read.bids(uri)

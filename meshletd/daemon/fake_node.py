@@ -11,10 +11,14 @@ import datetime as dt
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
+from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
+
+if TYPE_CHECKING:  # the footprint of `backend = "memory"` stays without the atproto parts
+    from meshletd.atproto.frames import Refusal
 
 
 def _now() -> str:
@@ -52,6 +56,7 @@ class InMemoryNode:
         self._workloads: dict[str, _Workload] = {}
         self._secrets: dict[str, bytes] = {}
         self._seq = 0
+        self._refused: list[Refusal] = []
 
     # -- reads -------------------------------------------------------------------------
 
@@ -133,6 +138,14 @@ class InMemoryNode:
                 continue
             out.append(self._view(w))
         return out
+
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        return invalid_workload_views(self._refused, owner)
+
+    def refuse(self, refusal: Refusal) -> None:
+        """A record version refused by validation, as the firehose notes one it reads (the
+        in-memory node reads no repo: tests hand it what a hostile member would write)."""
+        self._refused = [r for r in self._refused if r.uri != refusal.uri] + [refusal]
 
     def _find(self, uri_or_name: str) -> _Workload:
         if uri_or_name in self._workloads:

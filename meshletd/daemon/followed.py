@@ -89,8 +89,9 @@ class Followed:
         """Take one verified record change."""
         if ev.collection == NSID_WORKLOAD:
             if ev.action == "delete":
-                self.workloads.pop(ev.uri, None)
-                log.info("workload %s deleted by its owner", ev.uri)
+                # A refused version counts as absent too; the firehose says why it refused.
+                if self.workloads.pop(ev.uri, None) is not None:
+                    log.info("workload %s is gone", ev.uri)
             else:
                 self.workloads[ev.uri] = PublishedWorkload(ev.cid, dict(ev.record or {}))
                 log.info("workload %s (%s) seen", (ev.record or {}).get("name"), ev.uri)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from meshletd.config import Config
-from meshletd.core.scheduler import Owner
+from meshletd.core.placement import Owner
 from meshletd.daemon.repo import Repo
 
 State = Literal["active", "draining"]

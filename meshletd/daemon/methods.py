@@ -69,6 +69,9 @@ def install(
         out: dict[str, Any] = {"workloads": page}
         if start + limit < len(views):
             out["cursor"] = str(start + limit)
+        invalid = [] if params.get("cursor") else node.invalid_workloads(params.get("owner"))
+        if invalid:
+            out["invalid"] = invalid[:500]  # the lexicon's bound
         return out
 
     async def get_workload_status(

@@ -7,7 +7,7 @@ capacity it acts on); those writes pass through `complete`, which adds the field
 daemon holds (encryption key, version, storage), so no write ever drops them.
 
 `OwnRecords` is the Protocol; `PdsPublisher` writes through the PDS clients the root
-attaches after logging in; `FakePublisher` records what would be published.
+sets after logging in; `FakePublisher` records what would be published.
 """
 
 from __future__ import annotations
@@ -74,12 +74,9 @@ class PdsPublisher:
     def __init__(self, local: Local, key: EncryptionKey) -> None:
         self.local = local
         self.key = key
+        # The logged-in clients of this meshlet's repo and of its owner's (set by the root).
         self.meshlet: PdsClient | None = None
         self.owner: PdsClient | None = None
-
-    def attach(self, meshlet: PdsClient | None, owner: PdsClient | None) -> None:
-        """The logged-in clients of this meshlet's repo and of its owner's."""
-        self.meshlet, self.owner = meshlet, owner
 
     def record(self) -> MeshletOwner:
         cfg = self.local.cfg

@@ -10,11 +10,13 @@ page can serve them as they are.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from meshletd.atproto.cluster import ClusterView, Member
+from meshletd.atproto.frames import Refusal
 from meshletd.core.fairshare import balances, meshlet_priority
-from meshletd.core.records import format_datetime_ms
+from meshletd.core.records import NSID_WORKLOAD, format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.local import Local, Scheduling
 from meshletd.errors import NotFound
@@ -24,17 +26,51 @@ log = logging.getLogger("meshletd.node")
 _REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
 _LIVE_STATES = ("pulling", "starting", "running")
 _REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
+_PROBLEM_MAX = 1000  # characters: the lexicon's bound on recordProblem.reason
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 1] + "…"
+def _clip(text: str, limit: int = _REASON_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def invalid_workload_views(
+    refused: Iterable[Refusal], owner: str | None = None
+) -> list[dict[str, Any]]:
+    """The workload records among `refused` (of `owner`, or of anyone) as
+    `farm.meshlet.defs#invalidWorkloadView`s, newest first (by rkey)."""
+    prefix = f"at://{owner}/" if owner else "at://"
+    out = []
+    for r in refused:
+        if not r.uri.startswith(prefix) or r.uri.split("/")[3:4] != [NSID_WORKLOAD]:
+            continue
+        row: dict[str, Any] = {
+            "uri": r.uri,
+            "ownerDid": owner_of(r.uri),
+            "problem": {"field": r.field or "", "reason": _clip(r.reason, _PROBLEM_MAX)},
+        }
+        if r.cid:
+            row["cid"] = r.cid
+        if r.name is not None:
+            row["name"] = r.name
+        out.append(row)
+    return sorted(out, key=lambda row: row["uri"].rsplit("/", 1)[1], reverse=True)
 
 
 class ReadModel:
-    def __init__(self, local: Local, view: ClusterView, followed: Followed) -> None:
+    """`refused` gives the records whose current version validation refused (the
+    firehose's `refusals()`), for the owners to see why their workload is ignored."""
+
+    def __init__(
+        self,
+        local: Local,
+        view: ClusterView,
+        followed: Followed,
+        refused: Callable[[], Iterable[Refusal]] = lambda: (),
+    ) -> None:
         self.local = local
         self.view = view
         self.followed = followed
+        self.refused = refused
 
     # -- this meshlet ----------------------------------------------------------------------
 
@@ -150,6 +186,11 @@ class ReadModel:
 
     def workload(self, ref: str) -> dict[str, Any]:
         return self._view(self.uri_of(ref))
+
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Workload records (of `owner`, or of anyone) ignored as invalid, newest first,
+        each with the offending field and the reason (`invalidWorkloadView`)."""
+        return invalid_workload_views(self.refused(), owner)
 
     def _view(self, uri: str) -> dict[str, Any]:
         published = self.followed.workloads[uri]

@@ -94,7 +94,7 @@ class Daemon:
         self.credentials = credentials or Credentials()
         self.config_path = config_path
         env = dict(os.environ if environ is None else environ)
-        self.notifier: Lifecycle = notifier if notifier is not None else SdNotifier(env)
+        self.notifier: Lifecycle = notifier if notifier is not None else SdNotifier()
         self.watchdog_interval = watchdog_interval(env)
         self.handle_signals = handle_signals
         self.store: Store = store if store is not None else StateStore(cfg.state_dir)

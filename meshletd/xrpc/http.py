@@ -1,17 +1,38 @@
-"""A small HTTP/1.1 server over trio streams (h11), for both XRPC transports.
+"""The XRPC app over HTTP, served by hypercorn's trio worker on both transports.
 
-Why not hypercorn: its trio worker can bind a Unix socket, but the ASGI scope only carries
-`getpeername()`, so the control socket could not learn the caller's uid/gid (SO_PEERCRED)
-without patching it. XRPC needs little of HTTP: GET and POST, JSON bodies, keep-alive.
-h11 (already a dependency of httpx and hypercorn) does the parsing; this module only moves
-bytes and enforces limits.
+hypercorn (h11 and h2 underneath) speaks HTTP: parsing, keep-alive, `HEAD`, bad requests
+answered with their 4xx. This module adds the three things hypercorn has no setting for:
+
+- **A connection budget**, checked at accept: at most `max_connections` in all and
+  `max_per_peer` per peer (the IP address on TCP, the uid on the Unix socket). One over
+  the budget gets a canned `503` and is closed at once, so a flood of sockets costs us a
+  file descriptor for a moment, never for the flood's duration (hypercorn has no such cap:
+  pgjones/hypercorn#81). Each transport has its own budget: a TCP flood cannot take the
+  control socket with it.
+- **The caller's kernel credentials** on the Unix socket (SO_PEERCRED), read once per
+  connection at accept. hypercorn's ASGI scope only carries `getpeername()`, so they travel
+  in a context variable: trio copies the accepting task's context into the tasks hypercorn
+  spawns for each request, so a request sees exactly its own connection's credentials.
+- **One scope per connection**: whatever escapes hypercorn's handling of one connection is
+  logged and ends that connection only; the listener and the daemon go on. (Serving
+  hypercorn's own way, `worker_serve`, runs every connection in one nursery: one exception
+  there would end the server.)
+
+Limits of one request: headers up to `max_header_bytes` (`431`), a body up to `max_body`
+(`413`) read within `body_timeout` (`408`); a connection idle (or still sending its
+headers) for `idle_timeout` is closed, and so is one that does not take our bytes within
+`send_timeout` (hypercorn shields its writes from cancellation, so the deadline lives in the
+stream we hand it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import grp
 import json
+import logging
+import math
 import os
 import socket
 import struct
@@ -19,14 +40,45 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-import h11
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
 
-MAX_BODY = 1 << 20
-IDLE_TIMEOUT = 30.0
+from meshletd.errors import RateLimited
+
+log = logging.getLogger("meshletd.xrpc.http")
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one transport accepts: connections, and the size and pace of one request."""
+
+    max_connections: int = 512
+    max_per_peer: int = 32
+    idle_timeout: float = 20.0
+    read_timeout: float = 30.0
+    send_timeout: float = 30.0
+    body_timeout: float = 10.0
+    max_header_bytes: int = 16 * 1024
+    max_body: int = 1 << 20
+    # The kernel's queue of connections not yet accepted. A flood beyond the caps waits
+    # there, ahead of everyone else: a short queue keeps that wait short (the kernel drops
+    # the surplus SYNs, and their senders back off), where the system's default (4096)
+    # would line a newcomer up behind every surplus socket of the flood.
+    backlog: int = 128
+
+
+# Peers: a commune of a few hundred meshlets, a handful of connections each (httpx pools);
+# several meshlets may share one NAT address. The control socket: meshletctl and scripts.
+TCP_LIMITS = Limits()
+UNIX_LIMITS = Limits(max_connections=64, max_per_peer=32)
 
 
 @dataclass(frozen=True)
@@ -64,6 +116,10 @@ class Response:
     def json(cls, status: int, payload: Any) -> Response:
         return cls(status, json.dumps(payload, separators=(",", ":")).encode())
 
+    @classmethod
+    def error(cls, status: int, message: str) -> Response:
+        return cls.json(status, {"error": "InvalidRequest", "message": message})
+
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -92,97 +148,344 @@ def _groups_from_proc(pid: int) -> set[int]:
     return set()
 
 
-async def _send(stream: trio.abc.Stream, conn: h11.Connection, *events: h11.Event) -> None:
-    for ev in events:
-        data = conn.send(ev)
-        if data:
-            await stream.send_all(data)
+# -- the connection budget --------------------------------------------------------------
 
 
-async def _respond(stream: trio.abc.Stream, conn: h11.Connection, resp: Response) -> None:
-    headers = [
-        ("content-type", resp.content_type),
-        ("content-length", str(len(resp.body))),
-        *resp.headers,
-    ]
-    await _send(
-        stream,
-        conn,
-        h11.Response(status_code=resp.status, headers=headers),
-        h11.Data(data=resp.body),
-        h11.EndOfMessage(),
-    )
+class Ticket:
+    """One admitted connection: its peer, whether it was ever answered, how to end it."""
+
+    __slots__ = ("answered", "done", "peer")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.answered = False  # set once a request of it was answered by the handler
+        self.done = trio.CancelScope()
 
 
-async def serve_stream(
-    stream: trio.abc.Stream,
-    handler: Handler,
-    *,
-    peercred: PeerCred | None = None,
-    remote: str = "",
-    idle_timeout: float = IDLE_TIMEOUT,
-    max_body: int = MAX_BODY,
-) -> None:
-    """Serve HTTP/1.1 requests on one connection until it closes."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
-    try:
-        while True:
-            head: h11.Request | None = None
-            body = bytearray()
-            with trio.move_on_after(idle_timeout) as idle:
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Request):
-                        head = event
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                        if len(body) > max_body:
-                            await _respond(
-                                stream,
-                                conn,
-                                Response.json(
-                                    413, {"error": "InvalidRequest", "message": "body too large"}
-                                ),
-                            )
-                            return
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                        return
-            if idle.cancelled_caught or head is None:
-                return
-            url = urlsplit(head.target.decode("latin-1"))
-            request = Request(
-                method=head.method.decode("ascii"),
-                path=url.path,
-                query=parse_qsl(url.query, keep_blank_values=True),
-                headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers},
-                body=bytes(body),
-                peercred=peercred,
-                remote=remote,
+class ConnectionBudget:
+    """Open connections in all and per peer.
+
+    Over the per-peer cap, a newcomer is refused: that peer is the one holding too many.
+    Over the total cap, the oldest connection that was never answered (one that connected
+    and sent nothing, or never finished its request: what a flood of idle or slow sockets
+    looks like) is ended to make room; only when every open connection has been answered
+    at least once is the newcomer refused. So a flood from many addresses churns its own
+    sockets, and peers that speak HTTP get in.
+    """
+
+    def __init__(self, max_connections: int, max_per_peer: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
+        self.refused = 0
+        self.evicted = 0
+        self._open: dict[Ticket, None] = {}  # insertion order: oldest first
+        self._per_peer: dict[str, int] = {}
+
+    @property
+    def held(self) -> int:
+        return len(self._open)
+
+    def acquire(self, peer: str) -> Ticket | None:
+        if self._per_peer.get(peer, 0) >= self.max_per_peer:
+            self.refused += 1
+            return None
+        if len(self._open) >= self.max_connections:
+            victim = next((t for t in self._open if not t.answered), None)
+            if victim is None:
+                self.refused += 1
+                return None
+            self.evicted += 1
+            victim.done.cancel()
+            self.release(victim)
+        ticket = Ticket(peer)
+        self._open[ticket] = None
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """Give the ticket's place back (a second time has no effect)."""
+        if ticket not in self._open:
+            return
+        del self._open[ticket]
+        n = self._per_peer[ticket.peer] - 1
+        if n:
+            self._per_peer[ticket.peer] = n
+        else:
+            del self._per_peer[ticket.peer]  # the table holds only peers with open connections
+
+    def held_by(self, peer: str) -> int:
+        return self._per_peer.get(peer, 0)
+
+
+# A stable error name (meshletctl exits 13, "rate limited"), sent without parsing anything.
+_REFUSAL_BODY = json.dumps(
+    RateLimited("too many connections to this meshlet; retry later").to_xrpc()
+).encode()
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\n"
+    b"content-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
+)
+
+
+class _RefusalLog:
+    """One journal line per burst of refusals, not one per refused socket."""
+
+    def __init__(self, transport: str, every: float = 10.0) -> None:
+        self.transport = transport
+        self.every = every
+        self.since = 0
+        self.last = -math.inf
+
+    def note(self, peer: str, budget: ConnectionBudget) -> None:
+        self.since += 1
+        now = trio.current_time()
+        if now - self.last >= self.every:
+            log.warning(
+                "%s: connection budget full (%d open, %d from %s): refused %d connection(s)",
+                self.transport,
+                budget.held,
+                budget.held_by(peer),
+                peer,
+                self.since,
             )
-            response = await handler(request)
-            await _respond(stream, conn, response)
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            self.last = now
+            self.since = 0
+
+
+# -- the stream hypercorn drives ----------------------------------------------------------
+
+
+class _GuardedStream(trio.abc.HalfCloseableStream):
+    """The socket stream hypercorn drives, with the ends hypercorn leaves open.
+
+    - Writes give up after `send_timeout`: a client that stops reading would otherwise hold
+      hypercorn's write (shielded from cancellation), and its connection, forever.
+    - When hypercorn closes the stream (an error answered, `connection: close`, a write that
+      failed), or the client hangs up between requests, the connection is done: `done` is
+      cancelled at once. hypercorn would otherwise keep the task, and the socket, until its
+      keep-alive timer ran out (`idle_timeout`). The client's end of stream ends the
+      connection too: hypercorn drops the answer to a request whose client half-closed, so
+      there is nothing left to wait for.
+    """
+
+    def __init__(self, inner: trio.SocketStream, ticket: Ticket, limits: Limits) -> None:
+        self._inner = inner
+        self._done = ticket.done
+        self._send_timeout = limits.send_timeout
+        self.socket = inner.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            with trio.fail_after(self._send_timeout):
+                await self._inner.send_all(data)
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(self._inner)
+            self._done.cancel()
+            raise trio.BrokenResourceError("the client does not read its answer") from None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._inner.receive_some(max_bytes)
+        if not data:
+            self._done.cancel()
+        return data
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._done.cancel()
+
+
+@dataclass(frozen=True)
+class _Connection:
+    remote: str
+    peercred: PeerCred | None
+    ticket: Ticket
+
+
+_CONNECTION: contextvars.ContextVar[_Connection] = contextvars.ContextVar("xrpc_connection")
+
+
+# -- the ASGI side -------------------------------------------------------------------------
+
+
+def asgi_app(handler: Handler, limits: Limits) -> Callable[..., Awaitable[None]]:
+    """An ASGI 3 app that reads one bounded request and answers with `handler`."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return  # nothing to start or stop; hypercorn's TCPServer sends no lifespan
+        if scope["type"] != "http":
+            return  # websocket: hypercorn refuses the handshake when the app returns
+        body, refusal = await _read_body(receive, limits)
+        if refusal is not None:
+            # Answer, and keep draining what the client still sends until hypercorn closes
+            # the stream: its queue to us is bounded, and a full one would stall the close.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_drain, receive)
+                await _send(send, refusal)
+            return
+        conn = _CONNECTION.get(None)
+        client = scope.get("client")
+        query: bytes = scope.get("query_string") or b""
+        request = Request(
+            method=scope["method"],
+            path=scope["path"],
+            query=parse_qsl(query.decode("latin-1"), keep_blank_values=True),
+            headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
+            body=body,
+            peercred=conn.peercred if conn else None,
+            remote=conn.remote if conn else (f"{client[0]}:{client[1]}" if client else "?"),
+        )
+        await _send(send, await handler(request))
+        if conn is not None:
+            # A request read whole and answered: this connection speaks HTTP to us. (Not
+            # hypercorn's own answers: a `100 Continue` or a `400` proves nothing.)
+            conn.ticket.answered = True
+
+    return app
+
+
+async def _read_body(receive: Any, limits: Limits) -> tuple[bytes, Response | None]:
+    body = bytearray()
+    with trio.move_on_after(limits.body_timeout):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", None  # nobody to answer; hypercorn drops a late answer
+            body += message.get("body", b"")
+            if len(body) > limits.max_body:
+                return b"", Response(413, b'{"error":"InvalidRequest","message":"body too large"}')
+            if not message.get("more_body", False):
+                return bytes(body), None
+    return b"", Response.error(408, "request body too slow")
+
+
+async def _drain(receive: Any) -> None:
+    with trio.move_on_after(2):
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+async def _send(send: Any, response: Response) -> None:
+    headers = [
+        (b"content-type", response.content_type.encode("latin-1")),
+        (b"content-length", str(len(response.body)).encode()),
+        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers),
+    ]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def hypercorn_config(limits: Limits) -> HypercornConfig:
+    config = HypercornConfig()
+    config.keep_alive_timeout = limits.idle_timeout
+    config.read_timeout = math.ceil(limits.read_timeout)
+    config.h11_max_incomplete_size = limits.max_header_bytes
+    config.h2_max_header_list_size = limits.max_header_bytes
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("meshletd.xrpc.hypercorn")
+    return config
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+class XrpcServer:
+    """Serves one `handler` on listeners of one transport, within one `ConnectionBudget`.
+
+    `peer_of(stream)` names the connection for the budget and the logs and, on the Unix
+    socket, returns the caller's credentials; it may raise `OSError` to refuse.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        transport: str,
+        limits: Limits,
+        peer_of: Callable[[trio.SocketStream], tuple[str, str, PeerCred | None]],
+    ) -> None:
+        self.transport = transport
+        self.limits = limits
+        self.budget = ConnectionBudget(limits.max_connections, limits.max_per_peer)
+        self.failures = 0
+        self._peer_of = peer_of
+        self._config = hypercorn_config(limits)
+        self._app = wrap_app(asgi_app(handler, limits), self._config.wsgi_max_body_size, "asgi")
+        self._context = WorkerContext(None)
+        self._refusals = _RefusalLog(transport)
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on `listeners` until cancelled; `task_status.started` gets them."""
+        await trio.serve_listeners(self.connection, listeners, task_status=task_status)
+
+    async def connection(self, stream: trio.SocketStream) -> None:
+        """Serve one accepted connection; nothing raised here reaches the listener."""
+        peer = "?"
+        ticket: Ticket | None = None
+        try:
+            try:
+                peer, remote, cred = self._peer_of(stream)
+            except OSError as e:
+                log.warning("%s: connection refused: no peer identity (%s)", self.transport, e)
                 return
-            conn.start_next_cycle()
-    except h11.RemoteProtocolError:
-        with contextlib.suppress(Exception):
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _respond(
-                    stream,
-                    conn,
-                    Response.json(400, {"error": "InvalidRequest", "message": "bad HTTP"}),
+            ticket = self.budget.acquire(peer)
+            if ticket is None:
+                self._refusals.note(peer, self.budget)
+                with trio.move_on_after(1):
+                    await stream.send_all(_REFUSAL)
+                return
+            _CONNECTION.set(_Connection(remote, cred, ticket))
+            with ticket.done:
+                guarded = _GuardedStream(stream, ticket, self.limits)
+                # TCPServer is typed for TLS streams; it uses a plain stream's `socket`
+                # when the stream has no handshake (as hypercorn's own listener does).
+                await TCPServer(
+                    self._app,
+                    self._config,
+                    self._context,
+                    ConnectionState({}),
+                    guarded,  # type: ignore[arg-type]
                 )
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception as e:
+            self.failures += 1
+            log.warning(
+                "%s: connection from %s refused after an error: %s: %s",
+                self.transport,
+                peer,
+                type(e).__name__,
+                e,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+        finally:
+            if ticket is not None:
+                self.budget.release(ticket)
+            await trio.aclose_forcefully(stream)
+
+
+def _tcp_peer(stream: trio.SocketStream) -> tuple[str, str, PeerCred | None]:
+    addr = stream.socket.getpeername()
+    return str(addr[0]), f"{addr[0]}:{addr[1]}", None
+
+
+def _unix_peer(stream: trio.SocketStream) -> tuple[str, str, PeerCred | None]:
+    cred = peercred_of(stream.socket)
+    return f"uid={cred.uid}", f"uid={cred.uid}", cred
 
 
 async def serve_tcp(
@@ -190,20 +493,19 @@ async def serve_tcp(
     host: str,
     port: int,
     *,
+    limits: Limits = TCP_LIMITS,
+    server: list[XrpcServer] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on TCP; `task_status.started` gets the listeners (port 0 picks a free port)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve on TCP; `task_status.started` gets the listeners (port 0 picks a free port).
 
-    async def one(stream: trio.SocketStream) -> None:
-        try:
-            addr = stream.socket.getpeername()
-            remote = f"{addr[0]}:{addr[1]}"
-        except OSError:
-            remote = "?"
-        await serve_stream(stream, handler, remote=remote)
-
-    await trio.serve_listeners(one, listeners, task_status=task_status)
+    `server`, when given, receives the `XrpcServer` (tests and benches read its budget).
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=limits.backlog)
+    xrpc = XrpcServer(handler, "xrpc", limits, _tcp_peer)
+    if server is not None:
+        server.append(xrpc)
+    await xrpc.serve(listeners, task_status=task_status)  # type: ignore[arg-type]
 
 
 async def open_unix_listener(
@@ -231,7 +533,7 @@ async def open_unix_listener(
         except PermissionError:
             pass
     os.chmod(path, mode)
-    sock.listen(128)
+    sock.listen(UNIX_LIMITS.backlog)
     return trio.SocketListener(sock)
 
 
@@ -241,23 +543,19 @@ async def serve_unix(
     *,
     mode: int = 0o660,
     group: str | None = None,
+    limits: Limits = UNIX_LIMITS,
+    server: list[XrpcServer] | None = None,
     task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on a Unix socket; every request carries the caller's `PeerCred`."""
     listener = await open_unix_listener(path, mode=mode, group=group)
-
-    async def one(stream: trio.SocketStream) -> None:
-        try:
-            cred = peercred_of(stream.socket)
-        except OSError:
-            await stream.aclose()
-            return
-        await serve_stream(stream, handler, peercred=cred, remote=f"uid={cred.uid}")
-
+    xrpc = XrpcServer(handler, "control", limits, _unix_peer)
+    if server is not None:
+        server.append(xrpc)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(xrpc.serve, [listener])
             task_status.started(listener)
-            await nursery.start(trio.serve_listeners, one, [listener])
     finally:
         with contextlib.suppress(OSError):
             path.unlink()

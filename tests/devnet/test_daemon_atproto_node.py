@@ -302,3 +302,47 @@ async def test_with_a_runtime_the_published_workload_runs_here(
     finally:
         await ctl.aclose()
         daemon.request_stop()
+
+
+async def test_a_member_s_invalid_workload_is_listed_with_the_field_and_the_reason(
+    setup: Setup,
+) -> None:
+    """bob writes to his own repo a workload podman would misread (an image that is an
+    option): no meshlet bids on it, and `listWorkloads` names it with the field and why."""
+    from meshletd.atproto.pds import PdsClient
+
+    bob = PdsClient(setup.bob.pds_url, setup.bob.did, setup.bob.app_password)
+    await bob.login()
+    record = {
+        "$type": "commune.scheduler.workload",
+        "name": "sneaky\u202etxt",
+        "image": "--privileged",
+        "resources": {"milliCpu": 100, "memoryMiB": 32},
+        "replicas": 1,
+        "kind": "service",
+        "cluster": "home",
+        "createdAt": "2026-12-04T05:00:00.000Z",
+    }
+    r = await bob.session.request(  # without our own validation, as a hostile member would
+        "POST",
+        "com.atproto.repo.putRecord",
+        json={
+            "repo": bob.did,
+            "collection": "commune.scheduler.workload",
+            "rkey": "3kbadimage2aa",
+            "record": record,
+        },
+    )
+    assert r.status_code == 200, r.text
+    uri = f"at://{setup.bob.did}/commune.scheduler.workload/3kbadimage2aa"
+
+    async def listed() -> bool:
+        got = (await setup.ctl.get("/farm.meshlet.listWorkloads")).json()
+        return any(w["uri"] == uri for w in got.get("invalid", []))
+
+    await wait_until(listed, 30)
+    got = await setup.ctl.get("/farm.meshlet.listWorkloads", params={"owner": setup.bob.did})
+    (bad,) = got.json()["invalid"]
+    assert bad["ownerDid"] == setup.bob.did and bad["name"] == "sneaky\u202etxt"
+    assert bad["problem"]["field"] == "image" and bad["problem"]["reason"]
+    assert uri not in [w["uri"] for w in got.json()["workloads"]]

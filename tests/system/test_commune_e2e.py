@@ -39,8 +39,9 @@ BID_WINDOW_S = 30  # generous: bid window + settle + image check + unit start, o
 FAILOVER_TARGET_S = 10.0
 FAILOVER_LIMIT_S = FAILOVER_TARGET_S + 5.0
 WORKLOAD = "commune.scheduler.workload"
-# Fair share within minutes, not days (the fair-share test): a usage record per meshlet every 5 s and a
-# one-minute half-life, so old use fades while bob's fresh use counts (docs/protocol.md §11).
+# Fair share within minutes, not days (the fair-share test): a usage record per meshlet
+# every 5 s and a one-minute half-life, so old use fades while bob's fresh use counts
+# (docs/protocol.md §11).
 # Both are commune-wide settings: every meshlet of the commune gets the same values.
 SCHEDULING = {"usage_period_ms": 5000, "half_life_ms": 60_000}
 

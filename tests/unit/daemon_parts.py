@@ -8,6 +8,7 @@ from typing import Any
 
 from meshletd.atproto.cluster import ClusterView
 from meshletd.atproto.firehose import RecordEvent
+from meshletd.atproto.frames import Refusal
 from meshletd.atproto.records import MeshletOwner, Resources
 from meshletd.config import Cluster, Config
 from meshletd.daemon.commands import OwnerCommands
@@ -65,6 +66,7 @@ class Parts:
     secrets: SecretStore
     key: EncryptionKey
     commands: OwnerCommands
+    refused: list[Refusal]  # what the firehose refused as invalid
     engine: FakeScheduling | None = None
     owner_repo: FakeRepo = field(default_factory=lambda: FakeRepo(OWNER))
 
@@ -83,12 +85,13 @@ def parts(*, logged_in: bool = True, **cfg: Any) -> Parts:
     local = Local(c)
     view = ClusterView.create(c.did, c.owner, membership_lists(c))
     followed = Followed()
-    read = ReadModel(local, view, followed)
+    refused: list[Refusal] = []
+    read = ReadModel(local, view, followed, lambda: refused)
     publisher = FakePublisher(local, can_publish=logged_in)
     peers = FakePeers()
     secrets, key = SecretStore(MemoryStore()), EncryptionKey(MemoryStore())
     commands = OwnerCommands(local, view, followed, read, publisher, peers, secrets, key)
-    p = Parts(local, view, followed, read, publisher, peers, secrets, key, commands)
+    p = Parts(local, view, followed, read, publisher, peers, secrets, key, commands, refused)
     if logged_in:
         local.owner_repo = p.owner_repo
         local.meshlet_repo = FakeRepo(ME)

@@ -234,15 +234,23 @@ def test_a_deleted_status_does_not_pass_for_the_new_owner_running() -> None:
     assert [(s.slot, s.reason) for s in of(out, StopReplica)] == [(0, "lost-slot")]
 
 
-def test_a_bid_deletion_is_ignored_while_its_workload_exists() -> None:
+def test_a_deleted_bid_no_longer_counts_and_observers_agree_once_they_see_it() -> None:
+    # Placement is a function of the records that exist (docs/protocol.md, section 19): a
+    # bid deleted while its workload exists stops counting (it used to be ignored, and so
+    # stayed in memory for the workload's life, and a meshlet whose bid write was refused
+    # had no way to withdraw it). Seen in any order, the deletion gives the same answer.
     wl = workload(owner_i=2)
-    core = observer(5)
-    feed(core, [*cluster_records(3), wl, bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
-    core.handle(Tick(CLOSE))
-    assert core.placement()[wl.uri] == ((0, mesh(0)),)
-    core.handle(RecordDeleted(bid(wl, 0).uri))
-    core.handle(Tick(CLOSE + 1000))
-    assert core.placement()[wl.uri] == ((0, mesh(0)),)
+    records = [*cluster_records(3), wl, bid(wl, 0, priority=2), bid(wl, 1, priority=1)]
+    early, late = observer(5), observer(6)
+    feed(early, records)
+    early.handle(Tick(CLOSE))
+    assert early.placement()[wl.uri] == ((0, mesh(0)),)
+    early.handle(RecordDeleted(bid(wl, 0).uri))
+    early.handle(Tick(CLOSE + 1000))
+    assert early.placement()[wl.uri] == ((0, mesh(1)),)
+    feed(late, [r for r in records if r != bid(wl, 0, priority=2)])
+    late.handle(Tick(CLOSE + 1000))
+    assert late.placement() == early.placement()
 
 
 def test_republishing_our_record_at_start_keeps_the_drain_history() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from meshletd.atproto.lexicon import default_lexicons
 from meshletd.daemon import methods
 from meshletd.daemon.fake_node import InMemoryNode
 from meshletd.xrpc.app import Access, XrpcApp
+from meshletd.xrpc.http import PeerCred, Request
 
 LEXICONS = Path(__file__).parents[2] / "lexicons" / "farm" / "meshlet"
 
@@ -88,3 +91,28 @@ def test_docs_records_md_documents_every_field_of_every_method() -> None:
         for schema in schemas:
             for field in schema.get("properties", {}):
                 assert f"`{field}`" in doc, f"{nsid}: {field} is not in docs/records.md"
+
+
+class NodeIgnoringOne(InMemoryNode):
+    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+        uri = "at://did:plc:o/commune.scheduler.workload/3kbad"
+        problem = {"field": "image", "reason": "not an image reference"}
+        return [{"uri": uri, "ownerDid": "did:plc:o", "problem": problem}]
+
+
+async def test_invalid_workloads_come_with_the_first_page_only() -> None:
+    app = XrpcApp(lexicons=default_lexicons())
+    methods.install(app, NodeIgnoringOne("did:plc:m", "did:plc:o"), on_shutdown=lambda _: None)
+    root = PeerCred(pid=1, uid=0, gid=0)
+
+    async def page(query: list[tuple[str, str]]) -> dict[str, Any]:
+        request = Request("GET", "/xrpc/farm.meshlet.listWorkloads", query, {}, b"", root)
+        response = await app.unix_handler(request)
+        assert response.status == 200
+        body: dict[str, Any] = json.loads(response.body)
+        default_lexicons().validate_output("farm.meshlet.listWorkloads", body)
+        return body
+
+    first = await page([])
+    assert [w["problem"]["field"] for w in first["invalid"]] == ["image"]
+    assert "invalid" not in await page([("cursor", "0")])

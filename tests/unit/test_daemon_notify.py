@@ -1,4 +1,8 @@
-"""sd_notify messages reach the socket systemd names; nothing happens outside systemd."""
+"""sd_notify messages reach the socket systemd names; nothing happens outside systemd.
+
+`SdNotifier` reads `NOTIFY_SOCKET` from the process environment, as sdnotify and systemd's
+own sd_notify do: each test points it at a datagram socket of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 
 from meshletd.notify import RecordingNotifier, SdNotifier, run_watchdog, watchdog_interval
@@ -19,9 +24,12 @@ def bound(tmp_path: Path) -> tuple[socket.socket, str]:
     return s, path
 
 
-def test_ready_and_status_arrive_as_one_datagram(tmp_path: Path) -> None:
+def test_ready_and_status_arrive_as_one_datagram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     s, path = bound(tmp_path)
-    n = SdNotifier({"NOTIFY_SOCKET": path})
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    n = SdNotifier()
     n.ready("3 members, 2 replicas")
     assert s.recv(4096) == b"READY=1\nSTATUS=3 members, 2 replicas"
     n.stopping()
@@ -33,31 +41,59 @@ def test_ready_and_status_arrive_as_one_datagram(tmp_path: Path) -> None:
     s.close()
 
 
-def test_abstract_namespace_sockets_work() -> None:
+def test_abstract_namespace_sockets_work(monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"meshlet-test-{os.getpid()}"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind("\0" + name)
     s.settimeout(2)
-    SdNotifier({"NOTIFY_SOCKET": "@" + name}).watchdog()
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    SdNotifier().watchdog()
     assert s.recv(100) == b"WATCHDOG=1"
     s.close()
 
 
-def test_without_notify_socket_nothing_is_sent() -> None:
-    n = SdNotifier({})
+def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    n = SdNotifier()
     assert not n.enabled
-    n.ready()  # no error
+    n.ready()
+    assert n.dropped == 0  # nothing was even tried
 
 
-def test_newlines_cannot_inject_extra_fields(tmp_path: Path) -> None:
+def test_newlines_cannot_inject_extra_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     s, path = bound(tmp_path)
-    SdNotifier({"NOTIFY_SOCKET": path}).status("ok\nREADY=1")
-    assert s.recv(4096) == b"STATUS=ok READY=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    n = SdNotifier()
+    n.status("ok\nREADY=1\rX=1")
+    assert s.recv(4096) == b"STATUS=ok READY=1 X=1"
+    n.status("caf\u00e9 \u202e")  # systemd reads UTF-8; sdnotify writes latin-1: keep ASCII
+    assert s.recv(4096) == b"STATUS=caf? ?"
     s.close()
 
 
-def test_a_vanished_systemd_socket_is_not_an_error(tmp_path: Path) -> None:
-    SdNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready()
+def test_a_vanished_or_full_systemd_socket_drops_messages_without_blocking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "never.sock"))
+    never = SdNotifier()
+    never.ready()
+    assert not never.enabled and never.dropped == 1
+
+    s, path = bound(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    n = SdNotifier()
+    # Nobody reads: the receive queue fills, and sends fail at once instead of blocking the
+    # event loop (sdnotify's socket is blocking by default).
+    for _ in range(2000):
+        n.status("x" * 1000)
+    assert n.dropped > 0
+    s.close()
+    os.unlink(path)
+    before = n.dropped
+    n.ready()  # systemd went away after we connected
+    assert n.dropped == before + 1
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec() -> None:

@@ -3,7 +3,8 @@ followed and the scheduler core's answers (here fixed by a fake)."""
 
 from __future__ import annotations
 
-from tests.unit.daemon_parts import BOB_MESH, ME, OWNER, WORKLOAD, parts, put
+from meshletd.atproto.frames import Refusal
+from tests.unit.daemon_parts import BOB, BOB_MESH, ME, OWNER, WORKLOAD, parts, put
 
 URI = f"at://{OWNER}/{WORKLOAD}/3kweb"
 RECORD = {"name": "web", "replicas": 3, "resources": {"milliCpu": 100, "memoryMiB": 64}}
@@ -87,3 +88,24 @@ def test_bids_are_shown_by_round_best_first_with_the_winners() -> None:
     (round0,) = p.read.bids("web")["rounds"]
     assert [b["meshletDid"] for b in round0["bids"]] == [BOB_MESH, ME]
     assert round0["winners"] == [BOB_MESH]
+
+
+def test_invalid_workload_records_are_listed_newest_first_with_the_field_and_reason() -> None:
+    p = parts()
+    p.refused += [
+        Refusal(f"at://{OWNER}/{WORKLOAD}/3kaaa", "bafyold", "image", "an option", "web"),
+        Refusal(f"at://{OWNER}/{WORKLOAD}/3kzzz", None, None, "x" * 2000),
+        Refusal(f"at://{BOB}/{WORKLOAD}/3kbbb", "bafyb", "env[0].name", "holds '='"),
+        Refusal(f"at://{OWNER}/commune.scheduler.bid/3kccc", "bafyc", "round", "negative"),
+    ]
+    newest, oldest = p.read.invalid_workloads(OWNER)
+    assert newest["uri"].endswith("/3kzzz") and "cid" not in newest and "name" not in newest
+    assert newest["problem"]["field"] == "" and len(newest["problem"]["reason"]) == 1000
+    assert oldest == {
+        "uri": f"at://{OWNER}/{WORKLOAD}/3kaaa",
+        "ownerDid": OWNER,
+        "cid": "bafyold",
+        "name": "web",
+        "problem": {"field": "image", "reason": "an option"},
+    }
+    assert [r["ownerDid"] for r in p.read.invalid_workloads()] == [OWNER, BOB, OWNER]

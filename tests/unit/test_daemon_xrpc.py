@@ -280,6 +280,43 @@ async def test_list_workloads_pages_with_a_cursor(running: Running) -> None:
     assert "cursor" not in rest.json()
 
 
+async def test_list_workloads_names_the_invalid_records_with_field_and_reason(
+    running: Running,
+) -> None:
+    from meshletd.atproto.frames import Refusal
+    from meshletd.daemon.fake_node import InMemoryNode
+
+    await make_workload(running, "ok")
+    node = running.daemon.node
+    assert isinstance(node, InMemoryNode)
+    bad = f"at://{ALICE}/commune.scheduler.workload/3kbad"
+    cid = "bafyreia" + "a" * 52
+    node.refuse(Refusal(bad, cid, "image", "starts with '-': podman reads an option", "evil"))
+    node.refuse(
+        Refusal(f"at://{BOB}/commune.scheduler.workload/3knoname", None, None, "not an object")
+    )
+    node.refuse(Refusal(f"at://{BOB}/commune.scheduler.bid/3kbid", None, "round", "too large"))
+    call = "farm.meshlet.listWorkloads"
+    first = (await running.call(call, who=BOB, params={"limit": 1})).json()
+    assert [w["name"] for w in first["workloads"]] == ["ok"]
+    assert first["invalid"] == [  # workloads only, newest first
+        {"uri": f"at://{BOB}/commune.scheduler.workload/3knoname", "ownerDid": BOB,
+         "problem": {"field": "", "reason": "not an object"}},
+        {"uri": bad, "ownerDid": ALICE, "cid": cid, "name": "evil",
+         "problem": {"field": "image", "reason": "starts with '-': podman reads an option"}},
+    ]  # fmt: skip
+    mine = (await running.call(call, who=BOB, params={"owner": ALICE})).json()
+    assert [w["uri"] for w in mine["invalid"]] == [bad]
+    # Answered once, on the first page: a client paging on does not list them twice.
+    await make_workload(running, "ok2")
+    rest = (await running.call(call, who=BOB, params={"limit": 1, "cursor": "1"})).json()
+    assert "invalid" not in rest
+    # A newer refused version of the same record replaces the older one.
+    node.refuse(Refusal(bad, cid, "image", "again"))
+    again = (await running.call(call, who=BOB, params={"owner": ALICE})).json()
+    assert [w["problem"]["reason"] for w in again["invalid"]] == ["again"]
+
+
 async def test_get_logs_pages_forward_from_a_cursor(running: Running) -> None:
     uri = await make_workload(running)
     logs = "farm.meshlet.getLogs"
