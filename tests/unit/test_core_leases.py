@@ -232,3 +232,22 @@ def test_an_expired_lease_is_no_failure_while_no_renewal_reaches_us() -> None:
     for k in range(1, 5):
         core.handle(Tick(now + k * 1000))
     assert core.suspects == {mesh(0)}
+
+
+def test_with_one_probed_peer_a_renewal_after_its_failures_starts_the_failover_at_once() -> None:
+    """Our only probed peer stops answering: that may be us cut off, so no round yet; a
+    lease renewal arriving afterwards shows our view is current, and the round opens then,
+    not at the next periodic scan (chaos, 30 % behind NAT: +15-30 s failovers)."""
+    core, _ = watcher_of(0, n=4, nat={2, 3})
+    assert core.liveness._probed_peers() == [mesh(0)]
+    feed(core, [lease_of(2, CLOSE), lease_of(3, CLOSE)])
+    opened = []
+    for k in range(1, 5):
+        out = core.handle(Tick(CLOSE + k * 1000))
+        for p in of(out, ProbePeer):
+            out += core.handle(ProbeResult(p.meshlet, ok=False))
+        opened += [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert mesh(0) in core.suspects and opened == []
+    out = feed(core, [lease_of(2, CLOSE + 5000)])
+    bids = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert [(b.round, b.slot) for b in bids] == [(1, 0)]
