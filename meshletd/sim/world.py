@@ -785,12 +785,14 @@ class Sim:
         }
 
     def _nat_bound_ms(self) -> int:
-        """docs/protocol.md section 8: the lease expires at most V after the host died, 3
-        probe intervals later it is suspected, then the replacement round and the start
-        (the simulator's start takes up to 800 ms)."""
+        """docs/protocol.md section 8: the lease expires at most V after the host died; a
+        watcher that probes nobody may wait up to R more for a renewal showing its view is
+        current; 3 probe intervals later it is suspected, then the replacement round and
+        the start (the simulator's start takes up to 800 ms)."""
         t = self.t
         return (
             t.lease_valid_ms
+            + t.lease_renew_ms
             + t.probe_failures * t.probe_interval_ms
             + t.replacement_window_ms
             + t.settle_ms
