@@ -213,7 +213,9 @@ def run(
     memory: Annotated[
         str, typer.Option(help="Memory per replica: MiB (64) or with a unit (64Mi, 1Gi)")
     ] = "128Mi",
-    replicas: Annotated[int, typer.Option(min=1, max=1000)] = 1,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="[default: 1, filled in by meshletd]")
+    ] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (plaintext; repeatable)")
     ] = None,
@@ -221,8 +223,13 @@ def run(
         list[str] | None,
         typer.Option(help="NAME=@FILE: stored on this meshlet, never in the record (repeatable)"),
     ] = None,
-    kind: Annotated[str, typer.Option(help="service or job")] = "service",
-    restart: Annotated[str, typer.Option(help="always, on-failure or never")] = "on-failure",
+    kind: Annotated[
+        str | None, typer.Option(help="service or job [default: service, filled in by meshletd]")
+    ] = None,
+    restart: Annotated[
+        str | None,
+        typer.Option(help="always, on-failure or never [default: on-failure, the lexicon's]"),
+    ] = None,
     constraint: Annotated[
         list[str] | None,
         typer.Option(help="arch=amd64, label=K[=V], prefer=DID, avoid=DID, packing"),

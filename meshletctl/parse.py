@@ -109,30 +109,33 @@ def workload_record(
     name: str | None = None,
     cpu: str = "100m",
     memory: str = "128Mi",
-    replicas: int = 1,
+    replicas: int | None = None,
     env: list[str] = (),  # type: ignore[assignment]
     secret: list[str] = (),  # type: ignore[assignment]
-    kind: str = "service",
-    restart: str = "on-failure",
+    kind: str | None = None,
+    restart: str | None = None,
     constraint: list[str] = (),  # type: ignore[assignment]
     cluster: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """The workload record `meshletctl run` publishes, and the secrets (name, value) it
-    stores first on the local meshlet (values read from @FILE, never from the command line)."""
+    stores first on the local meshlet (values read from @FILE, never from the command line).
+    Only what the user gave goes in: meshletd fills what is left out, once
+    (farm.meshlet.ctl.createWorkload: replicas, kind, cluster; restartPolicy is the lexicon's
+    default)."""
     from pathlib import Path
 
-    if kind not in ("service", "job"):
+    if kind is not None and kind not in ("service", "job"):
         raise ParseError("--kind must be service or job")
-    if restart not in ("always", "on-failure", "never"):
+    if restart is not None and restart not in ("always", "on-failure", "never"):
         raise ParseError("--restart must be always, on-failure or never")
     record: dict[str, Any] = {
         "name": name or name_from_image(image),
         "image": image,
         "resources": {"milliCpu": milli_cpu(cpu), "memoryMiB": memory_mib(memory)},
-        "replicas": replicas,
-        "kind": kind,
-        "restartPolicy": restart,
     }
+    for key, given in (("replicas", replicas), ("kind", kind), ("restartPolicy", restart)):
+        if given is not None:
+            record[key] = given
     if args:
         record["args"] = list(args)
     if env:

@@ -104,6 +104,36 @@ class Listen(_Section):
         return int(self.xrpc.rpartition(":")[2])
 
 
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8788")
+    return value
+
+
+class Web(_Section):
+    """The read-only web page of the commune and its /metrics (meshletd/web).
+
+    Loopback by default: the page shows only public records, but it is this machine's page
+    and opening it to a network is the operator's decision."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8788"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        return _check_host_port(value)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class Control(_Section):
     """Who may use the control socket: reads for `group`, mutations for root or `admin_group`."""
 
@@ -196,6 +226,7 @@ class Config(_Section):
     contribution: Contribution = Field(default_factory=Contribution)
     listen: Listen = Field(default_factory=Listen)
     control: Control = Field(default_factory=Control)
+    web: Web = Field(default_factory=Web)
     scheduling: Scheduling = Field(default_factory=Scheduling)
     state_dir: Path = Path("/var/lib/meshlet")
     # "atproto": the real cluster (PDS, firehose); "memory": a self-contained stand-in node

@@ -75,6 +75,7 @@ def main(state: Path) -> int:
             f"  {m.person:<6} host {m.host.name} at {m.address}: meshlet {m.did} "
             f"(owner {m.owner_did})"
         )
+    (state / "web").write_text("".join(f"{m.person} {m.web_url}/\n" for m in commune))
 
     say("the cluster forms: alice's `meshletctl members`")
     deadline = time.monotonic() + 90
@@ -123,6 +124,7 @@ def main(state: Path) -> int:
         say(f"alice, on her own machine: meshletctl logs hello --slot {slot} -n 3")
         print(indent(commune["alice"].ctl("logs", "hello", "--slot", str(slot), "-n", "3").stdout))
 
+    web = "\n".join(f"  {m.person:<6} {m.web_url}/" for m in commune)
     print(f"""
 Everything is up (it took {time.monotonic() - t0:.0f} s). Try, on any host (demo-a is alice's,
 demo-b bob's, demo-c carol's):
@@ -132,6 +134,8 @@ demo-b bob's, demo-c carol's):
   dev/hostenv exec demo-a -- {CTL} stop hello
   dev/hostenv shell demo-a    (then journalctl -u 'meshlet-*', systemctl status meshletd)
   dev/devnet status --state {state / "devnet"}    (URLs, DIDs; read any repo with listRecords)
+The commune's web page, as each meshlet serves it (read-only; /metrics for Prometheus):
+{web}
 Stop it all with: dev/demo down""")
     return 0
 

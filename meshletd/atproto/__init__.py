@@ -4,9 +4,9 @@ Modules (each one job; the pure ones do no I/O):
 
 - `lexicon` (pure): `Lexicons.load()`, `validate_record(nsid, value, rkey=)`; the files in
   `lexicons/` are the truth. `MAX_RECORD_BYTES`.
-- `records` (pure): pydantic models `Meshlet`, `MeshletOwner`, `Membership`, `Workload`,
-  `Bid`, `WorkloadStatus`, `Usage` (+ `Resources`, `WorkloadRef`, ...); `model.to_record()`
-  validates; `parse_any_record(nsid, value)`; `rkey_for_did`.
+- `records` (pure): the one conversion between the record vocabulary
+  (`meshletd.core.records`) and JSON, under the lexicons: `record_from_json`,
+  `record_to_json`, `fill_workload` (the defaults of `meshletctl run`, once).
 - `identity`: `IdentityResolver(plc_url).resolve(did, fresh=)` -> `Identity(pds,
   signing_key, handle, meshlet_endpoint)`, cached; did:plc via the SDK, did:web (incl.
   `localhost%3APORT` over http) by our own resolver. `StaticIdentityResolver` fake.
@@ -19,6 +19,7 @@ Modules (each one job; the pure ones do no I/O):
 - `firehose`: `PdsSubscription`, `Firehose` (`watch`/`unwatch`/`resync`, sink of
   `RecordEvent`s), `CursorStore` protocol with `MemoryCursorStore` / `FileCursorStore`;
   re-exports the names of `frames`.
-- `cluster`: `ClusterView` (pure), `ClusterFormation` (trio), `publish_own_records`.
+- `cluster`: `ConfiguredClusters` (pure, over the core's `ClusterView`), `ClusterFormation`
+  (trio), `publish_own_records`.
 - `testing`: `FakeRepo` (signed real-format frames), `SigningKey`, `MeshletNode` harness.
 """

@@ -12,16 +12,19 @@ The sketch's five steps, kept:
 4. Only meshlets passing 1-3 (plus ourselves) form the active cluster.
 5. A meshlet may be in several clusters; each configured cluster has its own view.
 
-`ClusterView` is pure: feed it `RecordEvent`s (from the firehose or anti-entropy), ask it for
-`clusters()`. `ClusterFormation` (trio) publishes our own records idempotently, watches the
-right repos on the firehose and keeps the view live; `changed` fires on every change.
+`ConfiguredClusters` is pure: feed it `RecordEvent`s (from the firehose or anti-entropy), ask
+it for `clusters()`; it keeps the records in the core's `ClusterView`, the one index of
+cluster records, so the scheduler and this view judge from the same rules.
+`ClusterFormation` (trio) publishes our own records idempotently, watches the right repos on
+the firehose and keeps the view live; `changed` fires on every change.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -30,26 +33,22 @@ from meshletd.atproto.firehose import Firehose
 from meshletd.atproto.frames import RecordEvent
 from meshletd.atproto.identity import IdentityError
 from meshletd.atproto.pds import PdsClient, Write
-from meshletd.atproto.records import (
-    MEMBERSHIP,
-    MESHLET,
-    MESHLET_OWNER,
+from meshletd.atproto.records import record_from_json, record_to_json
+from meshletd.core.cluster import MAX_MESHLETS_PER_OWNER, MAX_STORED_CLAIMS, ClusterView
+from meshletd.core.nsid import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER
+from meshletd.core.records import (
     Membership,
-    Meshlet,
+    MeshletLink,
     MeshletOwner,
+    at_uri,
     rkey_for_did,
+    with_state_history,
 )
-from meshletd.core.records import MAX_DRAINS
 from meshletd.errors import InvalidRecord
 
 log = logging.getLogger("meshletd.cluster")
 
-# docs/protocol.md section 19.4: an owner's meshlet claims that count are the
-# MAX_MESHLETS_PER_OWNER with the smallest record keys (every observer picks the same ones);
-# at most MAX_STORED_CLAIMS per owner are kept (the smallest keys), so a member writing
-# claims without end costs a bounded map.
-MAX_MESHLETS_PER_OWNER = 64
-MAX_STORED_CLAIMS = 1024
+_CLUSTER_NSIDS = frozenset({NSID_MESHLET, NSID_MESHLET_OWNER, NSID_MEMBERSHIP})
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Member:
 
     @property
     def endpoint(self) -> str | None:
-        return self.owner_record.endpoint if self.owner_record else None
+        return (self.owner_record.endpoint or None) if self.owner_record else None
 
     @property
     def state(self) -> str:
@@ -80,72 +79,62 @@ class ClusterSnapshot:
         return frozenset(self.members)
 
 
-@dataclass
-class ClusterView:
-    """Pure: records in, verified cluster membership out."""
+class ConfiguredClusters:
+    """Pure: the clusters this meshlet is configured with, judged over the one
+    `ClusterView` (meshletd.core.cluster) that the scheduler judges eligibility with: record
+    events in, verified membership of each configured cluster out."""
 
-    meshlet_did: str
-    owner_did: str
-    config: dict[str, frozenset[str]] = field(default_factory=dict)
-    # Raw state, from records:
-    claims: dict[str, dict[str, str]] = field(default_factory=dict)  # owner -> rkey -> meshlet
-    owners: dict[str, MeshletOwner] = field(default_factory=dict)  # meshlet -> its self record
-    consents: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)  # meshlet->rkey->
-    _snapshot: dict[str, ClusterSnapshot] | None = None
-    _claimed: dict[str, frozenset[str]] = field(default_factory=dict)  # owner -> counted claims
+    def __init__(
+        self,
+        meshlet_did: str,
+        owner_did: str,
+        clusters: Mapping[str, Iterable[str]] | None = None,
+        records: ClusterView | None = None,
+    ) -> None:
+        self.meshlet_did = meshlet_did
+        self.owner_did = owner_did
+        self.records = records if records is not None else ClusterView()
+        self.config: dict[str, frozenset[str]] = {}
+        self._snapshot: dict[str, ClusterSnapshot] | None = None
+        self.set_config(clusters or {})
 
     @classmethod
     def create(
         cls, meshlet_did: str, owner_did: str, clusters: Mapping[str, Iterable[str]]
-    ) -> ClusterView:
-        view = cls(meshlet_did, owner_did)
-        view.set_config(clusters)
-        return view
+    ) -> ConfiguredClusters:
+        return cls(meshlet_did, owner_did, clusters)
 
     def set_config(self, clusters: Mapping[str, Iterable[str]]) -> None:
         self.config = {name: frozenset(m) | {self.owner_did} for name, m in clusters.items()}
         self._snapshot = None
 
+    @property
+    def owners(self) -> dict[str, MeshletOwner]:
+        """meshlet DID -> its meshletOwner record (read-only)."""
+        return self.records.owners
+
     # -- inputs ---------------------------------------------------------------------------
     def apply(self, ev: RecordEvent) -> bool:
         """Take one record change; True if any cluster's membership may have changed."""
+        if ev.collection not in _CLUSTER_NSIDS:
+            return False
         before = self.clusters()
-        self._apply(ev)
+        if ev.action == "delete" or ev.record is None:
+            self.records.delete(ev.uri, ev.did)
+        else:
+            try:
+                rec = record_from_json(ev.uri, ev.cid or "", ev.record)
+            except (KeyError, ValueError, TypeError) as e:  # the firehose validated it
+                log.warning("cluster: ignored %s: %s", ev.uri, e)
+                return False
+            if isinstance(rec, MeshletOwner | MeshletLink | Membership):
+                self.records.put(rec)
         self._snapshot = None
         return self.clusters() != before
 
-    def _apply(self, ev: RecordEvent) -> None:
-        deleted = ev.action == "delete" or ev.record is None
-        try:
-            if ev.collection == MESHLET:
-                self._claimed.pop(ev.did, None)
-                claims = self.claims.setdefault(ev.did, {})
-                if deleted:
-                    claims.pop(ev.rkey, None)
-                else:
-                    claims[ev.rkey] = Meshlet.model_validate(ev.record).meshlet_did
-                    if len(claims) > MAX_STORED_CLAIMS:
-                        del claims[max(claims)]
-            elif ev.collection == MESHLET_OWNER and ev.rkey == "self":
-                if deleted:
-                    self.owners.pop(ev.did, None)
-                else:
-                    self.owners[ev.did] = MeshletOwner.model_validate(ev.record)
-            elif ev.collection == MEMBERSHIP:
-                consents = self.consents.setdefault(ev.did, {})
-                if deleted:
-                    consents.pop(ev.rkey, None)
-                else:
-                    consents[ev.rkey] = frozenset(Membership.model_validate(ev.record).members)
-        except ValueError as e:  # pydantic: the firehose already validated, so unlikely
-            log.warning("cluster: ignored %s: %s", ev.uri, e)
-
     def forget_repo(self, did: str) -> None:
         """Drop everything known from one repo (it is no longer watched)."""
-        self.claims.pop(did, None)
-        self._claimed.pop(did, None)
-        self.owners.pop(did, None)
-        self.consents.pop(did, None)
+        self.records.forget_repo(did)
         self._snapshot = None
 
     # -- outputs --------------------------------------------------------------------------
@@ -155,45 +144,32 @@ class ClusterView:
         for members in self.config.values():
             out |= members
         for owner in list(out):
-            out |= self.claimed_meshlets(owner)
+            out |= self.records.claimed(owner)
         return out
 
-    def claimed_meshlets(self, owner: str) -> frozenset[str]:
-        """Meshlets an owner claims: those of its MAX_MESHLETS_PER_OWNER claim records
-        with the smallest record keys (a protocol bound: everyone counts the same ones)."""
-        got = self._claimed.get(owner)
-        if got is None:
-            claims = self.claims.get(owner, {})
-            if len(claims) <= MAX_MESHLETS_PER_OWNER:
-                got = frozenset(claims.values())
-            else:
-                got = frozenset(claims[k] for k in sorted(claims)[:MAX_MESHLETS_PER_OWNER])
-            self._claimed[owner] = got
-        return got
+    def claimed_meshlets(self, owner: str) -> set[str]:
+        return set(self.records.claimed(owner))
 
     def consented_owners(self, meshlet: str) -> frozenset[str]:
         """Owner DIDs a meshlet consents to (union of its membership records)."""
-        out: frozenset[str] = frozenset()
-        for members in self.consents.get(meshlet, {}).values():
-            out |= members
-        return out
+        return self.records.consent_of(meshlet)
 
     def membership_of(self, meshlet: str, cluster: str) -> frozenset[str] | None:
-        """One named membership record of a meshlet (the scheduler judges bids by the
-        workload owner's cluster)."""
-        return self.consents.get(meshlet, {}).get(cluster)
+        """One named membership record of a meshlet."""
+        rec = self.records.membership(meshlet, cluster)
+        return None if rec is None else rec.members
 
     def why_not(self, meshlet: str, owner: str) -> str | None:
         """None if `meshlet` of `owner` is verified for us; otherwise the reason."""
         if meshlet == self.meshlet_did:
             return None
-        if meshlet not in self.claimed_meshlets(owner):
-            return f"{owner} has no commune.scheduler.meshlet record naming {meshlet}"
-        rec = self.owners.get(meshlet)
+        if meshlet not in self.records.claimed(owner):
+            return f"{owner} has no {NSID_MESHLET} record naming {meshlet}"
+        rec = self.records.owners.get(meshlet)
         if rec is None:
             return f"{meshlet} has no meshletOwner record"
-        if rec.owner_did != owner:
-            return f"{meshlet} names {rec.owner_did} as owner, not {owner} (one-way link)"
+        if rec.owner != owner:
+            return f"{meshlet} names {rec.owner} as owner, not {owner} (one-way link)"
         if owner != self.owner_did and self.owner_did not in self.consented_owners(meshlet):
             return f"{meshlet} does not list {self.owner_did} in any membership record"
         return None
@@ -202,16 +178,17 @@ class ClusterView:
         if self._snapshot is not None:
             return self._snapshot
         out: dict[str, ClusterSnapshot] = {}
+        owners_of = self.records.owners
         for name, owners in sorted(self.config.items()):
             members: dict[str, Member] = {
                 self.meshlet_did: Member(
-                    self.meshlet_did, self.owner_did, self.owners.get(self.meshlet_did)
+                    self.meshlet_did, self.owner_did, owners_of.get(self.meshlet_did)
                 )
             }
             for owner in sorted(owners):
-                for meshlet in sorted(self.claimed_meshlets(owner)):
+                for meshlet in sorted(self.records.claimed(owner)):
                     if meshlet != self.meshlet_did and self.why_not(meshlet, owner) is None:
-                        members[meshlet] = Member(meshlet, owner, self.owners[meshlet])
+                        members[meshlet] = Member(meshlet, owner, owners_of[meshlet])
             out[name] = ClusterSnapshot(name, owners, members)
         self._snapshot = out
         return out
@@ -229,7 +206,7 @@ async def _maybe_await(result: Any) -> None:
         await result
 
 
-def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+def _same(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
     """Equal apart from timestamps (so a restart does not rewrite unchanged records)."""
     if a is None:
         return False
@@ -239,25 +216,8 @@ def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
     }
 
 
-def keep_state_history(old: Mapping[str, Any] | None, value: dict[str, Any]) -> None:
-    """Fill `stateSince` and `drains` of the meshletOwner value about to replace `old`
-    (docs/protocol.md, sections 2 and 4): stateSince says when `state` last changed (kept
-    while the state stays, stamped when it changes); past drain intervals are kept, and
-    leaving a drain appends the interval it ends, so that the rounds that closed during the
-    drain keep their judgement (the newest MAX_DRAINS are kept)."""
-    old = old or {}
-    if "stateSince" not in value:
-        if old.get("state") == value["state"] and old.get("stateSince"):
-            value["stateSince"] = old["stateSince"]
-        else:
-            value["stateSince"] = value["createdAt"]
-    if "drains" not in value:
-        drains = list(old.get("drains") or ())
-        since = old.get("stateSince")
-        if old.get("state") == "draining" and value["state"] != "draining" and since:
-            drains.append({"since": since, "until": value["stateSince"]})
-        if drains:
-            value["drains"] = drains[-MAX_DRAINS:]
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 async def publish_own_records(
@@ -267,34 +227,58 @@ async def publish_own_records(
     clusters: Mapping[str, Iterable[str]],
     *,
     meshlet_name: str | None = None,
+    now_ms: int | None = None,
 ) -> int:
     """Publish the owner link, meshletOwner and one membership per cluster, idempotently.
 
-    Membership records of clusters no longer configured are deleted. Returns the number of
-    writes made (0 when everything was already in place).
+    `owner_record` is the self-description wanted; its stateSince and past drains follow
+    the one rule of `with_state_history` from the record published before. Membership
+    records of clusters no longer configured are deleted. Returns the number of writes
+    made (0 when everything was already in place).
     """
+    now = _now_ms() if now_ms is None else now_ms
     writes = 0
     meshlet_did = meshlet.did
     if owner is not None:
-        link = Meshlet(meshlet_did=meshlet_did, name=meshlet_name).to_record()
         rkey = rkey_for_did(meshlet_did)
-        got = await owner.get_record(MESHLET, rkey)
+        link = record_to_json(
+            MeshletLink(
+                at_uri(owner.did, NSID_MESHLET, rkey), owner.did, meshlet_did, meshlet_name, now
+            )
+        )
+        got = await owner.get_record(NSID_MESHLET, rkey)
         if not _same(got[1] if got else None, link):
-            await owner.put_record(MESHLET, rkey, link)
+            await owner.put_record(NSID_MESHLET, rkey, link)
             writes += 1
     batch: list[Write] = []
-    value = owner_record.to_record(rkey="self")
-    got = await meshlet.get_record(MESHLET_OWNER, "self")
-    keep_state_history(got[1] if got else None, value)
+    uri = at_uri(meshlet_did, NSID_MESHLET_OWNER, "self")
+    got = await meshlet.get_record(NSID_MESHLET_OWNER, "self")
+    last = None
+    if got is not None:
+        try:
+            old = record_from_json(uri, got[0], got[1])
+            last = old if isinstance(old, MeshletOwner) else None
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("our published meshletOwner record is unreadable (%s): rewriting it", e)
+    wanted = replace(owner_record, uri=uri, meshlet=meshlet_did, extra=last.extra if last else "")
+    value = record_to_json(with_state_history(wanted, last, now))
     if not _same(got[1] if got else None, value):
-        batch.append(Write("put", MESHLET_OWNER, "self", value))
-    existing = {rkey: v for rkey, _cid, v in await meshlet.list_records(MEMBERSHIP)}
+        batch.append(Write("put", NSID_MESHLET_OWNER, "self", value))
+    existing = {rkey: v for rkey, _cid, v in await meshlet.list_records(NSID_MEMBERSHIP)}
     for name, members in sorted(clusters.items()):
-        value = Membership(cluster=name, members=tuple(sorted(set(members)))).to_record(rkey=name)
+        value = record_to_json(
+            Membership(
+                at_uri(meshlet_did, NSID_MEMBERSHIP, name),
+                meshlet_did,
+                name,
+                frozenset(members),
+                now,
+            )
+        )
         if not _same(existing.get(name), value):
-            batch.append(Write("put", MEMBERSHIP, name, value))
+            batch.append(Write("put", NSID_MEMBERSHIP, name, value))
     for stale in sorted(set(existing) - set(clusters)):
-        batch.append(Write("delete", MEMBERSHIP, stale))
+        batch.append(Write("delete", NSID_MEMBERSHIP, stale))
     if batch:
         await meshlet.apply_writes(batch)
         writes += len(batch)
@@ -302,11 +286,11 @@ async def publish_own_records(
 
 
 class ClusterFormation:
-    """Keeps a `ClusterView` live from the firehose (trio)."""
+    """Keeps a `ConfiguredClusters` view live from the firehose (trio)."""
 
     def __init__(
         self,
-        view: ClusterView,
+        view: ConfiguredClusters,
         firehose_factory: Callable[[Callable[[RecordEvent], Any]], Firehose],
     ) -> None:
         self.view = view
@@ -403,7 +387,9 @@ class ClusterFormation:
             f"{name}=[{', '.join(sorted(s.members))}]" for name, s in self.view.clusters().items()
         )
 
-    async def wait_for(self, predicate: Callable[[ClusterView], bool], timeout_s: float) -> bool:
+    async def wait_for(
+        self, predicate: Callable[[ConfiguredClusters], bool], timeout_s: float
+    ) -> bool:
         """Wait until `predicate(view)` holds (tests, startup)."""
         with trio.move_on_after(timeout_s):
             while not predicate(self.view):
@@ -413,9 +399,11 @@ class ClusterFormation:
 
 
 __all__ = [
+    "MAX_MESHLETS_PER_OWNER",
+    "MAX_STORED_CLAIMS",
     "ClusterFormation",
     "ClusterSnapshot",
-    "ClusterView",
+    "ConfiguredClusters",
     "InvalidRecord",
     "Member",
     "publish_own_records",

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from meshletd import metrics
 from meshletd.atproto.frames import (
     COMMUNE_COLLECTIONS,
     Action,
@@ -227,6 +228,7 @@ class PdsSubscription:
                     started = True
                     self.started.set()
                     task_status.started()
+                metrics.FIREHOSE_RECONNECTS.inc()
                 delay = self.backoff.next()
                 log.warning(
                     "firehose %s: disconnected (%s); retry in %.1fs", self.pds_url, reason, delay

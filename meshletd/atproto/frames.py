@@ -28,20 +28,10 @@ from meshletd.atproto.verify import (
     verified_record,
     verify_commit,
 )
+from meshletd.core.nsid import RECORD_NSIDS
 from meshletd.errors import InvalidRecord
 
-COMMUNE_COLLECTIONS = frozenset(
-    {
-        "commune.scheduler.meshlet",
-        "commune.scheduler.meshletOwner",
-        "commune.scheduler.membership",
-        "commune.scheduler.workload",
-        "commune.scheduler.bid",
-        "commune.scheduler.workloadStatus",
-        "commune.scheduler.usage",
-        "commune.scheduler.lease",
-    }
-)
+COMMUNE_COLLECTIONS = RECORD_NSIDS  # every collection meshlet follows
 
 Action = Literal["create", "update", "delete"]
 

@@ -278,6 +278,47 @@ class Lexicons:
     def record_nsids(self) -> list[str]:
         return sorted(n for n, d in self.docs.items() if d.main and d.main["type"] == "record")
 
+    def record_properties(self, nsid: str) -> dict[str, tuple[dict[str, Any], bool]]:
+        """Every property of a record, by dotted path through nested objects (refs to
+        objects followed; arrays are leaves): path -> (schema, required where it is)."""
+        out: dict[str, tuple[dict[str, Any], bool]] = {}
+        self._walk(nsid, self.record_def(nsid)["record"], "", out)
+        return out
+
+    def object_properties(self, ref: str) -> dict[str, tuple[dict[str, Any], bool]]:
+        """The same for a named object definition (`nsid#name`)."""
+        full, schema = self.resolve_ref(ref.partition("#")[0], ref)
+        out: dict[str, tuple[dict[str, Any], bool]] = {}
+        self._walk(full.partition("#")[0], schema, "", out)
+        return out
+
+    def _walk(
+        self, nsid: str, s: dict[str, Any], prefix: str, out: dict[str, tuple[dict[str, Any], bool]]
+    ) -> None:
+        required = set(s.get("required", ()))
+        for name, p in s.get("properties", {}).items():
+            path = prefix + name
+            ctx, target = nsid, p
+            if p["type"] == "ref":
+                full, target = self.resolve_ref(nsid, p["ref"])
+                ctx = full.partition("#")[0]
+            if target.get("type") == "object":
+                self._walk(ctx, target, path + ".", out)
+            else:
+                out[path] = (target, name in required)
+
+    def defaults(self, nsid: str) -> dict[str, Any]:
+        """The `default` of every record property that declares one, by dotted path: what a
+        record that leaves the property out means."""
+        return {
+            p: s["default"] for p, (s, _) in self.record_properties(nsid).items() if "default" in s
+        }
+
+    def parameters(self, nsid: str) -> dict[str, Any] | None:
+        """The `parameters` schema of an XRPC method (None if it takes none)."""
+        got: dict[str, Any] | None = self._method(nsid).get("parameters")
+        return got
+
     # -- validation ---------------------------------------------------------------------------
     def validate_record(
         self, nsid: str, value: Mapping[str, Any], *, rkey: str | None = None

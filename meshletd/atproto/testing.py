@@ -229,7 +229,7 @@ class MeshletNode:
     async def publish(self, *, state: str = "active") -> int:
         from meshletd.atproto.cluster import publish_own_records
         from meshletd.atproto.pds import PdsClient
-        from meshletd.atproto.records import MeshletOwner, Resources
+        from meshletd.core.records import MeshletOwner
 
         self.meshlet_pds = PdsClient(
             self.meshlet_account.pds_url,
@@ -242,9 +242,13 @@ class MeshletNode:
         await self.meshlet_pds.login()
         await self.owner_pds.login()
         record = MeshletOwner(
-            owner_did=self.owner_account.did,
+            uri="",  # publish_own_records addresses it
+            meshlet=self.meshlet_account.did,
+            owner=self.owner_account.did,
+            milli_cpu=2000,
+            memory_mib=2048,
+            storage_mib=4096,
             state=state,
-            capacity=Resources(milli_cpu=2000, memory_mib=2048, storage_mib=4096),
             arch="amd64",
             endpoint="http://127.0.0.1:1",
         )
@@ -255,9 +259,11 @@ class MeshletNode:
         return set(snap.members) if snap else set()
 
     async def start(self, nursery: Any) -> None:
-        from meshletd.atproto.cluster import ClusterFormation, ClusterView
+        from meshletd.atproto.cluster import ClusterFormation, ConfiguredClusters
 
-        view = ClusterView.create(self.meshlet_account.did, self.owner_account.did, self.clusters)
+        view = ConfiguredClusters.create(
+            self.meshlet_account.did, self.owner_account.did, self.clusters
+        )
         self.formation = ClusterFormation(view, self._firehose)
         self.formation.add_listener(self.events.append)
         self.startup_batch = await nursery.start(self.formation.run)

@@ -18,9 +18,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.errors import InvalidRecord
-
-WORKLOAD = "commune.scheduler.workload"
 
 # Image references as the distribution spec defines them (registry[:port]/path[:tag][@digest]).
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -61,7 +60,7 @@ RESTART_POLICIES = ("always", "on-failure", "never")
 
 
 def _refuse(field: str, reason: str) -> InvalidRecord:
-    return InvalidRecord(f"{WORKLOAD}: {field}: {reason}", field=field, reason=reason)
+    return InvalidRecord(f"{NSID_WORKLOAD}: {field}: {reason}", field=field, reason=reason)
 
 
 def image_problem(image: Any) -> str | None:
@@ -132,4 +131,4 @@ def check_workload(value: Mapping[str, Any]) -> None:
             names.add(env_name)
 
 
-RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {WORKLOAD: check_workload}
+RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {NSID_WORKLOAD: check_workload}

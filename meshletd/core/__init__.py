@@ -27,19 +27,19 @@ from .fairshare import balances, decay, meshlet_priority
 from .hashing import is_candidate, rendezvous_score
 from .records import (
     Bid,
+    EnvVar,
     Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
     Record,
+    SecretRef,
     Usage,
     UsageEntry,
     Workload,
     WorkloadStatus,
     format_datetime_ms,
     parse_datetime_ms,
-    record_from_json,
-    record_to_json,
 )
 from .scheduler import MeshletIdentity, Scheduler, bid_rkey, status_rkey
 from .timing import DEFAULT_TIMING, Timing
@@ -49,6 +49,7 @@ __all__ = [
     "Action",
     "Bid",
     "DeleteRecord",
+    "EnvVar",
     "Event",
     "Lease",
     "Membership",
@@ -64,6 +65,7 @@ __all__ = [
     "ReplicaStateChanged",
     "Reply",
     "Scheduler",
+    "SecretRef",
     "SetDraining",
     "StartReplica",
     "StopReplica",
@@ -81,8 +83,6 @@ __all__ = [
     "is_candidate",
     "meshlet_priority",
     "parse_datetime_ms",
-    "record_from_json",
-    "record_to_json",
     "rendezvous_score",
     "status_rkey",
 ]

@@ -7,13 +7,21 @@ A meshlet M may host a workload of owner O (cluster c) when
     the repo of one of O's linked meshlets lists P;
   * M satisfies the workload's constraints (arch, labels, avoidMeshlets).
 Every observer evaluates this from the same records, so overlapping clusters agree.
+
+An owner's claims that count are the MAX_MESHLETS_PER_OWNER meshlet records with the
+smallest record keys, and at most MAX_STORED_CLAIMS per owner are kept (the smallest keys):
+docs/protocol.md section 19.4. This is the one view of cluster records in meshlet: the
+scheduler judges eligibility with it, and the daemon its configured clusters
+(`meshletd.atproto.cluster.ConfiguredClusters`).
 """
 
 from __future__ import annotations
 
-from .records import Membership, MeshletLink, MeshletOwner, Workload
+from .records import Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
 
 _EMPTY: frozenset[str] = frozenset()
+MAX_MESHLETS_PER_OWNER = 64
+MAX_STORED_CLAIMS = 1024
 
 
 class ClusterView:
@@ -25,6 +33,7 @@ class ClusterView:
         self._drainy: dict[str, MeshletOwner] = {}
         self._links: dict[str, MeshletLink] = {}  # uri -> link
         self._linked: dict[str, set[str]] = {}  # owner DID -> meshlet DIDs it claims
+        self._claims: dict[str, dict[str, str]] = {}  # owner DID -> rkey -> meshlet DID
         self._memberships: dict[str, Membership] = {}  # uri -> record
         self._by_repo: dict[str, dict[str, Membership]] = {}  # repo -> cluster -> record
         self.version = 0
@@ -50,12 +59,23 @@ class ClusterView:
 
     def put_link(self, rec: MeshletLink) -> None:
         """A meshlet (owner → machine) record was seen."""
-        old = self._links.get(rec.uri)
-        if old is not None:
-            self._linked.get(old.owner, set()).discard(old.meshlet)
+        claims = self._claims.setdefault(rec.owner, {})
+        claims[split_at_uri(rec.uri)[2]] = rec.meshlet
         self._links[rec.uri] = rec
-        self._linked.setdefault(rec.owner, set()).add(rec.meshlet)
+        if len(claims) > MAX_STORED_CLAIMS:
+            drop = max(claims)
+            del claims[drop]
+            self._links.pop(rec.uri.rsplit("/", 1)[0] + "/" + drop, None)
+        self._count_claims(rec.owner)
         self._changed()
+
+    def _count_claims(self, owner: str) -> None:
+        """The meshlets an owner's claims name that count (section 19.4)."""
+        claims = self._claims.get(owner, {})
+        if len(claims) <= MAX_MESHLETS_PER_OWNER:
+            self._linked[owner] = set(claims.values())
+        else:
+            self._linked[owner] = {claims[k] for k in sorted(claims)[:MAX_MESHLETS_PER_OWNER]}
 
     def put_membership(self, rec: Membership) -> None:
         """A membership record was seen."""
@@ -67,7 +87,8 @@ class ClusterView:
         """Forget a record of ours by URI; True when it was one of the three kinds."""
         link = self._links.pop(uri, None)
         if link is not None:
-            self._linked.get(link.owner, set()).discard(link.meshlet)
+            self._claims.get(link.owner, {}).pop(split_at_uri(uri)[2], None)
+            self._count_claims(link.owner)
             self._changed()
             return True
         mem = self._memberships.pop(uri, None)
@@ -85,7 +106,39 @@ class ClusterView:
             return True
         return False
 
+    def put(self, rec: MeshletOwner | MeshletLink | Membership) -> None:
+        """Any of the three cluster records was seen."""
+        if isinstance(rec, MeshletOwner):
+            self.put_owner(rec)
+        elif isinstance(rec, MeshletLink):
+            self.put_link(rec)
+        else:
+            self.put_membership(rec)
+
+    def forget_repo(self, repo: str) -> None:
+        """Drop every record of one repo (it is no longer followed)."""
+        for uri in [u for u, link in self._links.items() if link.owner == repo]:
+            self.delete(uri, repo)
+        for uri in [u for u, m in self._memberships.items() if m.repo == repo]:
+            self.delete(uri, repo)
+        mo = self.owners.get(repo)
+        if mo is not None:
+            self.delete(mo.uri, repo)
+
     # -- queries ---------------------------------------------------------------------
+    def claims(self, owner: str) -> dict[str, str]:
+        """The claims of an owner kept (rkey -> meshlet DID; at most MAX_STORED_CLAIMS)."""
+        return dict(self._claims.get(owner, {}))
+
+    def claimed(self, owner: str) -> frozenset[str]:
+        """Meshlets an owner's meshlet records name that count (whether or not they name
+        it back): those of its MAX_MESHLETS_PER_OWNER claims with the smallest keys."""
+        return frozenset(self._linked.get(owner, _EMPTY))
+
+    def membership(self, repo: str, cluster: str) -> Membership | None:
+        """One named membership record of a repo."""
+        return self._by_repo.get(repo, {}).get(cluster)
+
     def _fresh(self) -> None:
         if self._cache_version != self.version:
             self._consent_of.clear()

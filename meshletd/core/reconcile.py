@@ -201,6 +201,7 @@ class Reconciler(Bidding):
             if rep.exit_code is None
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
+            workload_cid=wl.cid,
         )
         rep.written = state
         self._put(NSID_STATUS, rkey, st)

@@ -1,26 +1,30 @@
-"""Typed, immutable views of the public records the scheduler reads and writes.
+"""The record vocabulary: every record meshlet reads or writes, once, as a frozen value.
 
-Every time is an integer count of milliseconds since the Unix epoch (records carry atproto
-datetime strings; `parse_datetime_ms` / `format_datetime_ms` convert). Every resource amount
-is an integer (milli-CPU, MiB). The field names in each class's docstring are the JSON field
-names of the record (see docs/protocol.md, "Records").
+These classes are the only model of the `commune.scheduler.*` records in meshlet: the core
+schedules with them, the daemon runs replicas from them, and `meshletd.atproto.records`
+converts them from and to their JSON form under the lexicons (`lexicons/` is the truth; a
+unit test checks every field here against its lexicon, and records meshletd writes are
+validated against it). Every time is an integer count of milliseconds since the Unix epoch
+(records carry atproto datetime strings; `parse_datetime_ms` / `format_datetime_ms`
+convert). Every resource amount is an integer (milli-CPU, MiB). The field names in each
+class's docstring are the JSON field names of the record (see docs/records.md).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
 
-NSID_WORKLOAD = "commune.scheduler.workload"
-NSID_BID = "commune.scheduler.bid"
-NSID_STATUS = "commune.scheduler.workloadStatus"
-NSID_USAGE = "commune.scheduler.usage"
-NSID_MEMBERSHIP = "commune.scheduler.membership"
-NSID_MESHLET_OWNER = "commune.scheduler.meshletOwner"
-NSID_MESHLET = "commune.scheduler.meshlet"
-NSID_LEASE = "commune.scheduler.lease"
+from .nsid import (
+    NSID_BID,
+    NSID_LEASE,
+    NSID_MEMBERSHIP,
+    NSID_MESHLET,
+    NSID_MESHLET_OWNER,
+    NSID_STATUS,
+    NSID_USAGE,
+    NSID_WORKLOAD,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -53,11 +57,37 @@ def split_at_uri(uri: str) -> tuple[str, str, str]:
     return repo, collection, rkey
 
 
+def rkey_for_did(did: str) -> str:
+    """The record key naming a DID (an owner's meshlet record): '%' is not allowed in keys."""
+    return did.replace("%", "~")
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    """One environment variable of a workload's container. JSON: name, value."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """A secret a workload's container needs (its value never is in a record). JSON: name,
+    target (file name under /run/secrets; default: name), env (also as this variable)."""
+
+    name: str
+    target: str | None = None
+    env: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """A workload (owner repo). JSON: resources{milliCpu,memoryMiB}, replicas, kind
-    (service|job), restartPolicy (always|on-failure|never), constraints{arch[], labels[],
-    avoidMeshlets[], allowPacking}, cluster, bidWindowMs, createdAt (+ image, command...)."""
+    """A workload (owner repo). JSON: name, image, command[], args[], env[{name, value}],
+    resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
+    (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
+    avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
+    paused, createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose record
+    it is."""
 
     uri: str
     cid: str
@@ -75,6 +105,15 @@ class Workload:
     labels: tuple[str, ...] = ()
     avoid: frozenset[str] = frozenset()
     image: str = ""
+    # What the runtime needs to run a replica (the scheduler does not read these).
+    name: str = ""
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: tuple[EnvVar, ...] = ()
+    secrets: tuple[SecretRef, ...] = ()
+    storage_mib: int = 0
+    prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +137,7 @@ class Bid:
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
-    exitCode, restarts, updatedAt."""
+    exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt."""
 
     uri: str
     meshlet: str
@@ -109,6 +148,11 @@ class WorkloadStatus:
     updated_at: int
     exit_code: int | None = None
     restarts: int = 0
+    workload_cid: str = ""  # the version of the workload record the replica runs
+    message: str | None = None
+    unit: str | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +174,7 @@ class Usage:
     period_start: int
     period_end: int
     entries: tuple[UsageEntry, ...]
+    created_at: int | None = None  # None: written as periodEnd (when the period closed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +186,20 @@ class Membership:
     repo: str
     cluster: str
     members: frozenset[str]
+    created_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class MeshletOwner:
     """The meshlet's self-description (meshlet repo, rkey self). JSON: ownerDid, endpoint,
     state (active|draining), stateSince, drains[{since, until}] (past drain intervals, oldest
-    first), capacity{milliCpu,memoryMiB}, arch, labels[].
+    first), capacity{milliCpu, memoryMiB, storageMiB}, arch, labels[], encryptionKey,
+    version, createdAt (written as stateSince).
 
-    `extra` holds the fields the core does not model (encryptionKey, version,
-    capacity.storageMiB, ...) as canonical JSON, so that the core's own rewrite of the record
-    (drain, undrain) keeps them; it takes no part in equality."""
+    The fields after `drains` take no part in placement, hence none in equality: a new
+    version or key published does not make observers re-judge anything. `extra` holds, as
+    canonical JSON, fields of a newer meshletd this one does not know, so that a rewrite of
+    the record keeps them."""
 
     uri: str
     meshlet: str
@@ -165,6 +213,9 @@ class MeshletOwner:
     endpoint: str = ""
     drains: tuple[tuple[int, int], ...] = ()  # (since, until): draining in [since, until)
     extra: str = field(default="", compare=False)
+    storage_mib: int = field(default=0, compare=False)
+    encryption_key: str = field(default="", compare=False)  # X25519, base64 (secrets)
+    version: str = field(default="", compare=False)  # the meshletd release that wrote it
 
     def drained_at(self, t: int) -> bool:
         """Whether the meshlet was draining at time t: its current drain started at or before
@@ -174,13 +225,30 @@ class MeshletOwner:
         return any(since <= t < until for since, until in self.drains)
 
 
+def with_state_history(wanted: MeshletOwner, last: MeshletOwner | None, now: int) -> MeshletOwner:
+    """The meshletOwner record to publish in place of `last` (docs/protocol.md, sections 2
+    and 4): `wanted`'s self-description, with `stateSince` kept while the state stays and
+    `now` when it changes, and the past drains kept; leaving a drain appends the interval it
+    ends (the newest MAX_DRAINS), so that the rounds that closed during the drain keep their
+    judgement."""
+    if last is None:
+        return replace(wanted, state_since=now, drains=wanted.drains[-MAX_DRAINS:])
+    since = last.state_since if last.state == wanted.state and last.state_since else now
+    drains = last.drains
+    if last.state == "draining" and wanted.state != "draining":
+        drains = (*drains, (last.state_since, max(last.state_since, since)))
+    return replace(wanted, state_since=since, drains=drains[-MAX_DRAINS:])
+
+
 @dataclass(frozen=True, slots=True)
 class MeshletLink:
-    """The owner's claim of a machine (owner repo). JSON: meshletDid, createdAt."""
+    """The owner's claim of a machine (owner repo). JSON: meshletDid, name, createdAt."""
 
     uri: str
     owner: str
     meshlet: str
+    name: str | None = None
+    created_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,239 +276,25 @@ COLLECTION_OF: dict[type, str] = {
 }
 
 
-_OWNER_FIELDS = frozenset(
-    {"$type", "ownerDid", "endpoint", "state", "stateSince", "drains", "capacity", "arch"}
-    | {"labels", "createdAt"}
-)
-
-
-def _owner_extra(value: dict[str, Any]) -> str:
-    """Canonical JSON of the meshletOwner fields the core does not model ('' if none)."""
-    extra = {k: v for k, v in value.items() if k not in _OWNER_FIELDS}
-    cap = value.get("capacity")
-    if isinstance(cap, dict):
-        more = {k: v for k, v in cap.items() if k not in ("milliCpu", "memoryMiB")}
-        if more:
-            extra["capacity"] = more
-    return json.dumps(extra, sort_keys=True, separators=(",", ":")) if extra else ""
-
-
-def _drains(value: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-    """Past drain intervals of a meshletOwner record, sorted, the newest MAX_DRAINS; an
-    interval that ends before it starts is ignored."""
-    got = []
-    for d in value.get("drains") or ():
-        since, until = parse_datetime_ms(d["since"]), parse_datetime_ms(d["until"])
-        if since <= until:
-            got.append((since, until))
-    got.sort()
-    return tuple(got[-MAX_DRAINS:])
-
-
-def _res(value: dict[str, Any], key: str) -> tuple[int, int]:
-    res = value.get(key) or {}
-    return int(res.get("milliCpu", 0)), int(res.get("memoryMiB", 0))
-
-
-def record_from_json(uri: str, cid: str, value: dict[str, Any]) -> Record | None:
-    """Build the typed view of a record from its JSON value; None for collections the
-    scheduler does not read. Raises KeyError/ValueError on a malformed record."""
-    repo, collection, rkey = split_at_uri(uri)
-    if collection == NSID_WORKLOAD:
-        cpu, mem = _res(value, "resources")
-        c = value.get("constraints") or {}
-        return Workload(
-            uri=uri,
-            cid=cid,
-            owner=repo,
-            cluster=str(value.get("cluster", "")),
-            milli_cpu=cpu,
-            memory_mib=mem,
-            replicas=int(value["replicas"]),
-            created_at=parse_datetime_ms(value["createdAt"]),
-            kind=str(value.get("kind", "service")),
-            restart_policy=str(value.get("restartPolicy", "on-failure")),
-            bid_window_ms=int(value.get("bidWindowMs", 5000)),
-            allow_packing=bool(c.get("allowPacking", False)),
-            arch=tuple(c.get("arch", ())),
-            labels=tuple(c.get("labels", ())),
-            avoid=frozenset(c.get("avoidMeshlets", ())),
-            image=str(value.get("image", "")),
-        )
-    if collection == NSID_BID:
-        cpu, mem = _res(value, "free")
-        return Bid(
-            uri=uri,
-            meshlet=repo,
-            workload_uri=value["workload"]["uri"],
-            workload_cid=value["workload"].get("cid", ""),
-            round=int(value["round"]),
-            slot=int(value.get("slot", -1)),
-            priority=int(value["priority"]),
-            slots=int(value["slots"]),
-            free_milli_cpu=cpu,
-            free_memory_mib=mem,
-            created_at=parse_datetime_ms(value["createdAt"]),
-        )
-    if collection == NSID_STATUS:
-        ec = value.get("exitCode")
-        return WorkloadStatus(
-            uri=uri,
-            meshlet=repo,
-            workload_uri=value["workload"]["uri"],
-            slot=int(value["slot"]),
-            round=int(value["round"]),
-            state=str(value["state"]),
-            updated_at=parse_datetime_ms(value["updatedAt"]),
-            exit_code=None if ec is None else int(ec),
-            restarts=int(value.get("restarts", 0)),
-        )
-    if collection == NSID_USAGE:
-        return Usage(
-            uri=uri,
-            meshlet=repo,
-            period_start=parse_datetime_ms(value["periodStart"]),
-            period_end=parse_datetime_ms(value["periodEnd"]),
-            entries=tuple(
-                UsageEntry(e["ownerDid"], int(e["milliCpuSeconds"]), int(e["memoryMiBSeconds"]))
-                for e in value["entries"]
-            ),
-        )
-    if collection == NSID_MEMBERSHIP:
-        return Membership(
-            uri=uri,
-            repo=repo,
-            cluster=str(value.get("cluster", rkey)),
-            members=frozenset(value["members"]),
-        )
-    if collection == NSID_MESHLET_OWNER:
-        cpu, mem = _res(value, "capacity")
-        since = value.get("stateSince") or value.get("createdAt")
-        return MeshletOwner(
-            uri=uri,
-            meshlet=repo,
-            owner=value["ownerDid"],
-            milli_cpu=cpu,
-            memory_mib=mem,
-            state=str(value.get("state", "active")),
-            state_since=parse_datetime_ms(since) if since else 0,
-            arch=str(value.get("arch", "amd64")),
-            labels=frozenset(value.get("labels", ())),
-            endpoint=str(value.get("endpoint", "")),
-            drains=_drains(value),
-            extra=_owner_extra(value),
-        )
-    if collection == NSID_MESHLET:
-        return MeshletLink(uri=uri, owner=repo, meshlet=value["meshletDid"])
-    if collection == NSID_LEASE:
-        valid = int(value["validMs"])
-        if valid < 1:
-            raise ValueError("validMs must be positive")
-        return Lease(
-            uri=uri,
-            meshlet=repo,
-            renewed_at=parse_datetime_ms(value["renewedAt"]),
-            valid_ms=valid,
-        )
-    return None
-
-
-def record_to_json(record: Record) -> dict[str, Any]:
-    """The JSON value (with $type) of a record the meshlet writes: bid, status, usage,
-    meshletOwner, membership, lease."""
-    if isinstance(record, Bid):
-        out: dict[str, Any] = {
-            "$type": NSID_BID,
-            "workload": {"uri": record.workload_uri, "cid": record.workload_cid},
-            "round": record.round,
-            "priority": record.priority,
-            "slots": record.slots,
-            "free": {"milliCpu": record.free_milli_cpu, "memoryMiB": record.free_memory_mib},
-            "createdAt": format_datetime_ms(record.created_at),
-        }
-        if record.slot >= 0:
-            out["slot"] = record.slot
-        return out
-    if isinstance(record, WorkloadStatus):
-        out = {
-            "$type": NSID_STATUS,
-            "workload": {"uri": record.workload_uri, "cid": ""},
-            "round": record.round,
-            "slot": record.slot,
-            "state": record.state,
-            "restarts": record.restarts,
-            "updatedAt": format_datetime_ms(record.updated_at),
-        }
-        if record.exit_code is not None:
-            out["exitCode"] = record.exit_code
-        return out
-    if isinstance(record, Usage):
-        return {
-            "$type": NSID_USAGE,
-            "periodStart": format_datetime_ms(record.period_start),
-            "periodEnd": format_datetime_ms(record.period_end),
-            "entries": [
-                {
-                    "ownerDid": e.owner,
-                    "milliCpuSeconds": e.milli_cpu_seconds,
-                    "memoryMiBSeconds": e.memory_mib_seconds,
-                }
-                for e in record.entries
-            ],
-            "createdAt": format_datetime_ms(record.period_end),
-        }
-    if isinstance(record, MeshletOwner):
-        extra: dict[str, Any] = json.loads(record.extra) if record.extra else {}
-        cap = extra.pop("capacity", None)
-        out = {
-            **extra,
-            "$type": NSID_MESHLET_OWNER,
-            "ownerDid": record.owner,
-            "state": record.state,
-            "stateSince": format_datetime_ms(record.state_since),
-            "capacity": {
-                **(cap if isinstance(cap, dict) else {}),
-                "milliCpu": record.milli_cpu,
-                "memoryMiB": record.memory_mib,
-            },
-            "arch": record.arch,
-            "labels": sorted(record.labels),
-            "createdAt": format_datetime_ms(record.state_since),
-        }
-        if record.endpoint:  # the lexicon wants a URI or nothing
-            out["endpoint"] = record.endpoint
-        if record.drains:
-            out["drains"] = [
-                {"since": format_datetime_ms(a), "until": format_datetime_ms(b)}
-                for a, b in record.drains
-            ]
-        return out
-    if isinstance(record, Membership):
-        return {
-            "$type": NSID_MEMBERSHIP,
-            "cluster": record.cluster,
-            "members": sorted(record.members),
-            "createdAt": format_datetime_ms(0),
-        }
-    if isinstance(record, Lease):
-        return {
-            "$type": NSID_LEASE,
-            "renewedAt": format_datetime_ms(record.renewed_at),
-            "validMs": record.valid_ms,
-            "createdAt": format_datetime_ms(record.renewed_at),
-        }
-    raise TypeError(f"meshletd does not write {type(record).__name__} records")
-
-
 __all__ = [
     "COLLECTION_OF",
     "MAX_DRAINS",
+    "NSID_BID",
+    "NSID_LEASE",
+    "NSID_MEMBERSHIP",
+    "NSID_MESHLET",
+    "NSID_MESHLET_OWNER",
+    "NSID_STATUS",
+    "NSID_USAGE",
+    "NSID_WORKLOAD",
     "Bid",
+    "EnvVar",
     "Lease",
     "Membership",
     "MeshletLink",
     "MeshletOwner",
     "Record",
+    "SecretRef",
     "Usage",
     "UsageEntry",
     "Workload",
@@ -448,7 +302,7 @@ __all__ = [
     "at_uri",
     "format_datetime_ms",
     "parse_datetime_ms",
-    "record_from_json",
-    "record_to_json",
+    "rkey_for_did",
     "split_at_uri",
+    "with_state_history",
 ]

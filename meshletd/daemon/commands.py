@@ -17,9 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from meshletd.atproto.cluster import ClusterView
-from meshletd.core.records import NSID_WORKLOAD
-from meshletd.daemon.followed import Followed, PublishedWorkload, owner_of
+from meshletd.atproto.cluster import ConfiguredClusters
+from meshletd.atproto.records import record_from_json
+from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.records import Workload
+from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.journal import read_unit
 from meshletd.daemon.local import Local, State
 from meshletd.daemon.peers import LogQuery, Peers
@@ -53,7 +55,7 @@ class OwnerCommands:
     def __init__(
         self,
         local: Local,
-        view: ClusterView,
+        view: ConfiguredClusters,
         followed: Followed,
         read: ReadModel,
         publisher: OwnRecords,
@@ -87,14 +89,11 @@ class OwnerCommands:
         owner, name = self.local.owner, record.get("name")
         if isinstance(name, str) and self.followed.named(owner, name):
             raise Conflict(f"a workload named {name!r} exists already")
-        # The publisher's default round-0 window ([scheduling] bid_window_ms); the record
-        # carries it, so every meshlet uses the same one for this workload.
-        record = {"bidWindowMs": self.local.cfg.scheduling.bid_window_ms, **record}
         rkey = new_tid()
         uri = f"at://{owner}/{NSID_WORKLOAD}/{rkey}"
         trace("publish", uri=uri)
         cid = await repo.create_record(NSID_WORKLOAD, rkey, record)
-        self.followed.workloads[uri] = PublishedWorkload(cid, dict(record))
+        self._note(uri, cid, record)
         log.info("workload %s published as %s", name, uri)
         return {"uri": uri, "cid": cid}
 
@@ -114,9 +113,24 @@ class OwnerCommands:
 
     async def set_paused(self, ref: str, paused: bool) -> None:
         uri, rkey = self._own_rkey(ref)
-        new = {**self.followed.workloads[uri].record, "paused": paused}
-        cid = await self._owner_repo().put_record(NSID_WORKLOAD, rkey, new)
-        self.followed.workloads[uri] = PublishedWorkload(cid, new)
+        repo = self._owner_repo()
+        # The record as stored, so that fields this meshletd does not know are kept.
+        got = await repo.get_record(NSID_WORKLOAD, rkey)
+        if got is None:
+            raise NotFound(f"no workload {uri} in the owner's repo")
+        new = {**got[1], "paused": paused}
+        cid = await repo.put_record(NSID_WORKLOAD, rkey, new)
+        self._note(uri, cid, new)
+
+    def _note(self, uri: str, cid: str, value: dict[str, Any]) -> None:
+        """Show a workload we just wrote before the firehose brings it back."""
+        try:
+            wl = record_from_json(uri, cid, value)
+        except (KeyError, ValueError, TypeError) as e:  # the PDS client validated it
+            log.warning("workload %s written but not shown: %s", uri, e)
+            return
+        if isinstance(wl, Workload):
+            self.followed.workloads[uri] = wl
 
     # -- this meshlet's state ----------------------------------------------------------------
 
@@ -152,10 +166,10 @@ class OwnerCommands:
         """Serve a secret of our owner's workload, sealed to a meshlet that holds a slot."""
         if not workload_uri.startswith(f"at://{self.local.owner}/{NSID_WORKLOAD}/"):
             raise Forbidden("secrets are served by the workload owner's own meshlet")
-        raw = self.followed.raw_workload(workload_uri)
-        if raw is None:
+        wl = self.followed.workloads.get(workload_uri)
+        if wl is None:
             raise NotFound(f"no workload {workload_uri}")
-        if name not in [ref.get("name") for ref in raw.get("secrets", ())]:
+        if name not in [ref.name for ref in wl.secrets]:
             raise Forbidden(f"{workload_uri} does not reference a secret named {name!r}")
         value = self.secrets.get(name)
         if value is None:

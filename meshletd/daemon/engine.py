@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 import trio
 
+from meshletd import metrics
 from meshletd.atproto.pds import Write
+from meshletd.atproto.records import record_to_json
 from meshletd.core.actions import (
     Action,
     DeleteRecord,
@@ -41,11 +43,8 @@ from meshletd.core.events import (
     SetDraining,
     Tick,
 )
-from meshletd.core.records import (
-    NSID_WORKLOAD,
-    record_to_json,
-    split_at_uri,
-)
+from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.records import MeshletOwner, Workload, split_at_uri
 from meshletd.daemon.followed import RecordChange, core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.runtime import (
@@ -86,30 +85,23 @@ def workload_uri_of(rid: ReplicaId) -> str:
 
 
 def replica_spec(
-    action: StartReplica,
-    raw: dict[str, Any],
-    secret_values: dict[str, bytes],
-    owner_handle: str,
+    action: StartReplica, secret_values: Mapping[str, bytes], owner_handle: str
 ) -> ReplicaSpec:
-    """What the runtime runs for a slot: the core's workload (image, resources, revision)
-    and the published record's command, args, env and secret references."""
+    """What the runtime runs for a slot: the core's workload as published (image, command,
+    args, env, resources, secret references; its CID as the revision)."""
     wl = action.workload
-    args = tuple(raw.get("command", ())) + tuple(raw.get("args", ()))
-    env = tuple((e["name"], e["value"]) for e in raw.get("env", ()))
     secrets = []
-    for ref in raw.get("secrets", ()):
-        if ref["name"] not in secret_values:
-            raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
-        secrets.append(
-            Secret(ref.get("target") or ref["name"], secret_values[ref["name"]], env=ref.get("env"))
-        )
+    for ref in wl.secrets:
+        if ref.name not in secret_values:
+            raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
+        secrets.append(Secret(ref.target or ref.name, secret_values[ref.name], env=ref.env))
     return ReplicaSpec(
         replica=replica_id(wl.uri, action.slot),
         owner_handle=owner_handle,
-        image=wl.image or raw.get("image", ""),
+        image=wl.image,
         resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
-        args=args,
-        env=env,
+        args=wl.command + wl.args,
+        env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
         revision=wl.cid,
     )
@@ -124,9 +116,8 @@ class Engine:
         runtime: Runtime,
         submit_write: Callable[[Write], None],
         *,
-        raw_workload: Callable[[str], dict[str, Any] | None],
         secret: Callable[[str, str], Awaitable[bytes | None]] | None = None,
-        workload_cid: Callable[[str], str | None] = lambda uri: None,
+        own_record: Callable[[MeshletOwner], MeshletOwner] = lambda decided: decided,
         probe: Callable[[str], Awaitable[bool]] | None = None,
         owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
         clock: Callable[[], float] = time.time,
@@ -134,9 +125,8 @@ class Engine:
         self.scheduler = scheduler
         self.runtime = runtime
         self._submit_write = submit_write
-        self._raw_workload = raw_workload
         self._secret = secret
-        self._workload_cid = workload_cid
+        self._own_record = own_record
         self._probe = probe
         self._owner_handle = owner_handle
         self._clock = clock
@@ -204,21 +194,28 @@ class Engine:
         assert self._nursery is not None
         for a in actions:
             if isinstance(a, PutRecord):
-                value = record_to_json(a.record)
-                ref = value.get("workload")
-                if isinstance(ref, dict) and not ref.get("cid"):
-                    # The core's status records do not carry the workload's CID; the
-                    # lexicon's workloadRef needs it: take it from the record we follow.
-                    ref["cid"] = self._workload_cid(ref.get("uri", "")) or ""
+                record = a.record
+                if isinstance(record, MeshletOwner):
+                    # The core decided a drain or undrain; the publisher shapes the record
+                    # (daemon/publisher.py: the one writer of meshletOwner).
+                    record = self._own_record(record)
+                value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
+                metrics.count_write(a.collection, "create" if a.create else "update")
+                if a.collection.endswith(".bid"):
+                    offer = int(value.get("slots", 0)) >= 1
+                    metrics.BIDS_WRITTEN.labels("offer" if offer else "decline").inc()
                 self._submit_write(Write("put", a.collection, a.rkey, value))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
+                metrics.count_write(a.collection, "delete")
                 self._submit_write(Write("delete", a.collection, a.rkey))
             elif isinstance(a, StartReplica):
                 trace("start", uri=a.workload.uri, slot=a.slot, round=a.round)
+                metrics.ROUNDS_WON.labels(metrics.kind_of(a.round)).inc()
                 self._nursery.start_soon(self._start, a)
             elif isinstance(a, StopReplica):
+                metrics.REPLICA_STOPS.inc()
                 self._nursery.start_soon(self._stop, a)
             elif isinstance(a, ProbePeer):
                 self._nursery.start_soon(self._run_probe, a.meshlet)
@@ -244,29 +241,27 @@ class Engine:
 
     # -- replicas ------------------------------------------------------------------------
 
-    async def secrets_for(self, workload_uri: str) -> dict[str, bytes]:
+    async def secrets_for(self, wl: Workload) -> dict[str, bytes]:
         """The values of the secrets a workload references (fetched where they live)."""
-        raw = self._raw_workload(workload_uri) or {}
         out: dict[str, bytes] = {}
-        for ref in raw.get("secrets", ()):
-            value = await self._secret(workload_uri, ref["name"]) if self._secret else None
+        for ref in wl.secrets:
+            value = await self._secret(wl.uri, ref.name) if self._secret else None
             if value is None:
-                raise LookupError(f"secret {ref['name']!r} is not available to this meshlet")
-            out[ref["name"]] = value
+                raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
+            out[ref.name] = value
         return out
 
     def spec_for(
-        self, action: StartReplica, secret_values: dict[str, bytes] | None = None
+        self, action: StartReplica, secret_values: Mapping[str, bytes] | None = None
     ) -> ReplicaSpec:
-        raw = self._raw_workload(action.workload.uri) or {}
         owner_handle = self._owner_handle(action.workload.owner)
-        return replica_spec(action, raw, secret_values or {}, owner_handle)
+        return replica_spec(action, secret_values or {}, owner_handle)
 
     async def _start(self, action: StartReplica) -> None:
         uri, slot = action.workload.uri, action.slot
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
-            values = await self.secrets_for(uri)
+            values = await self.secrets_for(action.workload)
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("replica %d of %s could not start: %s", slot, uri, e)
@@ -319,4 +314,7 @@ class Engine:
                     ok = await self._probe(meshlet)
             except Exception:
                 ok = False
+        metrics.PROBES.inc()
+        if not ok:
+            metrics.PROBE_FAILURES.inc()
         self.feed(ProbeResult(meshlet, ok))

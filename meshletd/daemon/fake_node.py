@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
+from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
@@ -175,6 +176,49 @@ class InMemoryNode:
             ],
         }
 
+    def workload_record(self, uri: str) -> dict[str, Any]:
+        return dict(self._find(uri).record)
+
+    def meshlets(self) -> list[dict[str, Any]]:
+        """Itself: the only meshlet an in-memory node knows."""
+        cap = self.capacity()
+        return [
+            {
+                "meshletDid": self.did,
+                "ownerDid": self.owner,
+                "self": True,
+                "verified": True,
+                "ownerClaims": True,
+                "namesOwner": True,
+                "consentsTo": sorted({self.owner, *self._members}),
+                "state": self._state,
+                "endpoint": None,
+                "labels": [],
+                "capacity": cap["total"],
+                "allocated": cap["allocated"],
+                "slots": len(self._local_replicas()),
+                "reason": "",
+            }
+        ]
+
+    def rounds(self, uri: str) -> dict[str, Any]:
+        """Round 0 only, with itself as the only bidder (it wins every slot it has room for)."""
+        w = self._find(uri)
+        won = {r["slot"]: r["meshletDid"] for r in w.replicas if r.get("meshletDid")}
+        bid = {
+            "meshletDid": self.did,
+            "priority": 0,
+            "score": 0,
+            "slots": int(w.record.get("replicas", 1)),
+            "free": self.capacity()["free"],
+            "createdAt": str(w.record.get("createdAt", "")),
+            "eligible": True,
+        }
+        return {
+            "workload": w.uri,
+            "rounds": [{"round": 0, "slot": -1, "bids": [bid], "winners": won}],
+        }
+
     def balance(self) -> dict[str, Any]:
         return {
             "halfLifeSeconds": 0,
@@ -221,9 +265,13 @@ class InMemoryNode:
                 raise NotFound(f"secret {ref['name']!r} was not stored on this meshlet")
         self._seq += 1
         rkey = f"3m{self._seq:011d}"
-        uri = f"at://{self.owner}/commune.scheduler.workload/{rkey}"
+        uri = f"at://{self.owner}/{NSID_WORKLOAD}/{rkey}"
         cid = "bafyrei" + hashlib.sha256(repr(sorted(record.items())).encode()).hexdigest()[:52]
         record = {"createdAt": dt.datetime.now(dt.UTC).isoformat(), **record}
+        # As the PDS client does before any write (InvalidRecord names the field).
+        from meshletd.atproto.lexicon import validate_record
+
+        validate_record(NSID_WORKLOAD, record, rkey=rkey)
         w = _Workload(uri=uri, cid=cid, owner=self.owner, record=record)
         res = record.get("resources", {})
         self._workloads[uri] = w

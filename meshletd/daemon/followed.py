@@ -1,9 +1,10 @@
 """The records this meshlet follows, as the read model and the owner's commands need them.
 
 `Followed` is fed every verified record event of the watched repos (firehose, resync,
-hints): workloads as published (JSON and CID), bids and workloadStatus records grouped by
-the workload they name, and usage records. The owner's commands also note the workloads
-they just wrote, so `meshletctl` sees a new workload before the firehose brings it back.
+hints): workloads, bids and workloadStatus records grouped by the workload they name, and
+usage records, each as its core record (`meshletd.core.records`). The owner's commands
+also note the workloads they just wrote, so `meshletctl` sees a new workload before the
+firehose brings it back.
 Pure: no I/O, no clock.
 """
 
@@ -13,15 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshletd.core.records import (
-    NSID_BID,
-    NSID_STATUS,
-    NSID_USAGE,
-    NSID_WORKLOAD,
-    Record,
-    Usage,
-    record_from_json,
-)
+from meshletd.atproto.records import record_from_json
+from meshletd.core.nsid import NSID_BID, NSID_STATUS, NSID_USAGE, NSID_WORKLOAD
+from meshletd.core.records import Bid, Record, Usage, Workload, WorkloadStatus
 
 log = logging.getLogger("meshletd.node")
 
@@ -56,22 +51,6 @@ def core_record(ev: RecordChange, reader: str) -> Record | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class PublishedWorkload:
-    """A workload record as its owner published it."""
-
-    cid: str | None
-    record: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.record.get("name", ""))
-
-    @property
-    def replicas(self) -> int:
-        return int(self.record.get("replicas", 1))
-
-
 def owner_of(uri: str) -> str:
     """The repo (DID) in `at://<did>/<collection>/<rkey>`."""
     return uri[len("at://") :].split("/", 1)[0]
@@ -79,10 +58,14 @@ def owner_of(uri: str) -> str:
 
 @dataclass
 class Followed:
-    workloads: dict[str, PublishedWorkload] = field(default_factory=dict)  # by URI
-    # workload URI -> "<meshlet DID>/<rkey>" -> the record, with `meshletDid` added
-    bids: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    statuses: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Workloads, bids, statuses and usage of the watched repos, as core records (the one
+    vocabulary: `meshletd.core.records`). A record the conversion refuses is left out, with
+    a log line."""
+
+    workloads: dict[str, Workload] = field(default_factory=dict)  # by URI
+    # workload URI -> record URI -> the bid / status naming that workload
+    bids: dict[str, dict[str, Bid]] = field(default_factory=dict)
+    statuses: dict[str, dict[str, WorkloadStatus]] = field(default_factory=dict)
     usages: dict[str, Usage] = field(default_factory=dict)  # by URI
 
     def apply(self, ev: RecordChange) -> None:
@@ -92,21 +75,24 @@ class Followed:
                 # A refused version counts as absent too; the firehose says why it refused.
                 if self.workloads.pop(ev.uri, None) is not None:
                     log.info("workload %s is gone", ev.uri)
-            else:
-                self.workloads[ev.uri] = PublishedWorkload(ev.cid, dict(ev.record or {}))
-                log.info("workload %s (%s) seen", (ev.record or {}).get("name"), ev.uri)
+                return
+            wl = core_record(ev, "read model")
+            if isinstance(wl, Workload):
+                self.workloads[ev.uri] = wl
+                log.info("workload %s (%s) seen", wl.name, ev.uri)
         elif ev.collection == NSID_USAGE:
             self._apply_usage(ev)
-        elif ev.collection in (NSID_BID, NSID_STATUS):
-            table = self.bids if ev.collection == NSID_BID else self.statuses
-            record = ev.record or {}
-            target = (record.get("workload") or {}).get("uri")
-            key = f"{ev.did}/{ev.rkey}"
+        elif ev.collection == NSID_BID or ev.collection == NSID_STATUS:
             if ev.action == "delete":
-                for per in table.values():
-                    per.pop(key, None)
-            elif target:
-                table.setdefault(target, {})[key] = {"meshletDid": ev.did, **record}
+                tables = self.bids if ev.collection == NSID_BID else self.statuses
+                for per in tables.values():
+                    per.pop(ev.uri, None)
+                return
+            rec = core_record(ev, "read model")
+            if isinstance(rec, Bid):
+                self.bids.setdefault(rec.workload_uri, {})[ev.uri] = rec
+            elif isinstance(rec, WorkloadStatus):
+                self.statuses.setdefault(rec.workload_uri, {})[ev.uri] = rec
 
     def _apply_usage(self, ev: RecordChange) -> None:
         if ev.action == "delete":
@@ -116,16 +102,6 @@ class Followed:
         if isinstance(usage, Usage):
             self.usages[ev.uri] = usage
 
-    def raw_workload(self, uri: str) -> dict[str, Any] | None:
-        """The workload's record as published (the engine builds replica specs from it)."""
-        got = self.workloads.get(uri)
-        return got.record if got is not None else None
-
-    def workload_cid(self, uri: str) -> str | None:
-        got = self.workloads.get(uri)
-        return got.cid if got is not None else None
-
     def named(self, owner: str, name: str) -> list[str]:
         """URIs of `owner`'s workloads called `name`."""
-        prefix = f"at://{owner}/"
-        return [u for u, w in self.workloads.items() if u.startswith(prefix) and w.name == name]
+        return [u for u, w in self.workloads.items() if w.owner == owner and w.name == name]

@@ -8,16 +8,8 @@ from typing import Any
 
 import httpx
 
-from meshletd.daemon.peers import (
-    GET_LOGS,
-    GET_SECRET,
-    NOTIFY_RECORDS,
-    PING,
-    LogPage,
-    LogQuery,
-    RecordRef,
-    ServiceAuth,
-)
+from meshletd.core.nsid import GET_LOGS, GET_SECRET, NOTIFY_RECORDS, PING
+from meshletd.daemon.peers import LogPage, LogQuery, RecordRef, ServiceAuth
 from meshletd.errors import UpstreamFailure, from_xrpc
 from meshletd.xrpc.app import from_json
 

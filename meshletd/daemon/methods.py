@@ -1,37 +1,65 @@
 """The `farm.meshlet.*` methods, bound to a `Node`, with their access rules.
 
-Peer-facing methods follow `lexicons/farm/meshlet/*.json` (a unit test checks names, kinds
-and parameters against the lexicons). The `farm.meshlet.ctl.*` methods exist only on the
-control socket, for meshletctl (status, members, bids, balance, publishing a workload).
+Every method follows its lexicon under `lexicons/farm/meshlet/` (a unit test checks names
+and kinds against them): the query parameters each method takes, their types, defaults and
+bounds are read from its lexicon (`lexicon_params`), never retyped here. The
+`farm.meshlet.ctl.*` methods exist only on the control socket, for meshletctl (status,
+members, bids, balance, publishing a workload).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from typing import Any, Literal
 
 from meshletd import __version__
-from meshletd.atproto.lexicon import validate_record
+from meshletd.atproto.lexicon import Lexicons, default_lexicons
+from meshletd.atproto.records import fill_workload
+from meshletd.core import nsid as N
+from meshletd.core.nsid import (
+    CTL_BALANCE,
+    CTL_BIDS,
+    CTL_CREATE,
+    CTL_HANDLES,
+    CTL_MEMBERS,
+    CTL_STATUS,
+    NSID_WORKLOAD,
+)
 from meshletd.daemon.node import Node, check_owner
 from meshletd.errors import Forbidden, InvalidRequest
-from meshletd.xrpc.app import Access, Caller, Param, XrpcApp
+from meshletd.xrpc.app import Access, Caller, MethodHandler, Param, XrpcApp
 
-URI = Param("string", required=True)
-WORKLOAD = "commune.scheduler.workload"
+__all__ = [
+    "CTL_BALANCE",
+    "CTL_BIDS",
+    "CTL_CREATE",
+    "CTL_HANDLES",
+    "CTL_MEMBERS",
+    "CTL_STATUS",
+    "install",
+    "lexicon_params",
+]
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# Local-only methods (not part of the peer lexicons).
-CTL_STATUS = "farm.meshlet.ctl.getStatus"
-CTL_MEMBERS = "farm.meshlet.ctl.listMembers"
-CTL_CREATE = "farm.meshlet.ctl.createWorkload"
-CTL_BIDS = "farm.meshlet.ctl.getBids"
-CTL_BALANCE = "farm.meshlet.ctl.getBalance"
-CTL_HANDLES = "farm.meshlet.ctl.getHandles"
+def lexicon_params(nsid: str, lexicons: Lexicons | None = None) -> dict[str, Param]:
+    """The query parameters of `nsid` as its lexicon declares them (name, type, required,
+    default, bounds); the lexicon's other rules (lengths, formats) are checked by the app
+    against the same lexicon once the values are parsed."""
+    schema = (lexicons or default_lexicons()).parameters(nsid) or {}
+    required = set(schema.get("required", ()))
+    out: dict[str, Param] = {}
+    for name, p in schema.get("properties", {}).items():
+        array = p["type"] == "array"
+        item = p["items"] if array else p
+        out[name] = Param(
+            item["type"],
+            required=name in required,
+            default=p.get("default"),
+            minimum=item.get("minimum"),
+            maximum=item.get("maximum"),
+            array=array,
+        )
+    return out
 
 
 def _uri(body: Any) -> str:
@@ -47,6 +75,7 @@ def install(
     *,
     on_shutdown: Callable[[bool], None],
     default_cluster: Callable[[], str] = lambda: "default",
+    default_bid_window_ms: Callable[[], int] = lambda: 5000,
 ) -> None:
     """Register every method of the API on `app`, served by `node`."""
 
@@ -156,17 +185,13 @@ def install(
         record = body.get("record")
         if not isinstance(record, dict):
             raise InvalidRequest("input needs a record object")
-        if record.get("$type", WORKLOAD) != WORKLOAD:
-            raise InvalidRequest(f"record must be a {WORKLOAD}")
-        record = {
-            "$type": WORKLOAD,
-            "cluster": default_cluster(),
-            "kind": "service",
-            "replicas": 1,
-            "createdAt": _now(),
-            **record,
-        }
-        validate_record(WORKLOAD, record)  # InvalidRecord names the offending field
+        if record.get("$type", NSID_WORKLOAD) != NSID_WORKLOAD:
+            raise InvalidRequest(f"record must be a {NSID_WORKLOAD}")
+        # The defaults, once; the lexicon check, once, where the record is written (the
+        # PDS client raises InvalidRecord naming the offending field).
+        record = fill_workload(
+            record, cluster=default_cluster(), bid_window_ms=default_bid_window_ms()
+        )
         return await node.create_workload(record)
 
     async def ctl_bids(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
@@ -190,51 +215,29 @@ def install(
 
     q: Literal["query"] = "query"
     p: Literal["procedure"] = "procedure"
-    add = app.add
-    add("farm.meshlet.ping", q, Access.ANYONE, ping)
-    add("farm.meshlet.notifyRecords", p, Access.ANYONE, notify_records)
-    add("farm.meshlet.getCapacity", q, Access.MEMBER, get_capacity)
-    add(
-        "farm.meshlet.listWorkloads",
-        q,
-        Access.MEMBER,
-        list_workloads,
-        {
-            "owner": Param("string"),
-            "limit": Param("integer", default=100, minimum=1, maximum=500),
-            "cursor": Param("string"),
-        },
-    )
-    add("farm.meshlet.getWorkloadStatus", q, Access.MEMBER, get_workload_status, {"uri": URI})
-    add("farm.meshlet.deleteWorkload", p, Access.AUTHENTICATED, delete_workload)
-    add("farm.meshlet.pauseWorkload", p, Access.AUTHENTICATED, pause_workload)
-    add("farm.meshlet.resumeWorkload", p, Access.AUTHENTICATED, resume_workload)
-    add("farm.meshlet.drain", p, Access.MESHLET_OWNER, drain)
-    add("farm.meshlet.undrain", p, Access.MESHLET_OWNER, undrain)
-    add(
-        "farm.meshlet.getLogs",
-        q,
-        Access.AUTHENTICATED,
-        get_logs,
-        {
-            "uri": URI,
-            "slot": Param("integer", default=0, minimum=0, maximum=999),
-            "lines": Param("integer", default=200, minimum=1, maximum=10000),
-            "cursor": Param("string"),
-        },
-    )
-    add(
-        "farm.meshlet.getSecret",
-        q,
-        Access.AUTHENTICATED,
-        get_secret,
-        {"workload": Param("string", required=True), "name": Param("string", required=True)},
-    )
-    add("farm.meshlet.putSecret", p, Access.LOCAL, local_only(put_secret))
-    add("farm.meshlet.shutdown", p, Access.LOCAL, local_only(shutdown))
+
+    def add(
+        nsid: str, kind: Literal["query", "procedure"], access: Access, handler: MethodHandler
+    ) -> None:
+        app.add(nsid, kind, access, handler, lexicon_params(nsid))
+
+    add(N.PING, q, Access.ANYONE, ping)
+    add(N.NOTIFY_RECORDS, p, Access.ANYONE, notify_records)
+    add(N.GET_CAPACITY, q, Access.MEMBER, get_capacity)
+    add(N.LIST_WORKLOADS, q, Access.MEMBER, list_workloads)
+    add(N.GET_WORKLOAD_STATUS, q, Access.MEMBER, get_workload_status)
+    add(N.DELETE_WORKLOAD, p, Access.AUTHENTICATED, delete_workload)
+    add(N.PAUSE_WORKLOAD, p, Access.AUTHENTICATED, pause_workload)
+    add(N.RESUME_WORKLOAD, p, Access.AUTHENTICATED, resume_workload)
+    add(N.DRAIN, p, Access.MESHLET_OWNER, drain)
+    add(N.UNDRAIN, p, Access.MESHLET_OWNER, undrain)
+    add(N.GET_LOGS, q, Access.AUTHENTICATED, get_logs)
+    add(N.GET_SECRET, q, Access.AUTHENTICATED, get_secret)
+    add(N.PUT_SECRET, p, Access.LOCAL, local_only(put_secret))
+    add(N.SHUTDOWN, p, Access.LOCAL, local_only(shutdown))
     add(CTL_STATUS, q, Access.LOCAL, local_only(ctl_status))
     add(CTL_MEMBERS, q, Access.LOCAL, local_only(ctl_members))
     add(CTL_CREATE, p, Access.LOCAL, local_only(ctl_create))
-    add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids), {"uri": URI})
+    add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids))
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))

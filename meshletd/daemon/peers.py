@@ -20,11 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-PING = "farm.meshlet.ping"
-NOTIFY_RECORDS = "farm.meshlet.notifyRecords"
-GET_SECRET = "farm.meshlet.getSecret"
-GET_LOGS = "farm.meshlet.getLogs"
-
 
 @dataclass(frozen=True, slots=True)
 class RecordRef:

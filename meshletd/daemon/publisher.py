@@ -1,10 +1,12 @@
 """This meshlet's own records: the owner link, `meshletOwner` and one membership per cluster.
 
-The publisher is the one place that shapes them. It publishes them at start, after a
-reload, and on drain/undrain when this meshlet does not schedule. When it schedules, the
-scheduler core rewrites `meshletOwner` itself on drain/undrain (it knows the state and
-capacity it acts on); those writes pass through `complete`, which adds the fields only the
-daemon holds (encryption key, version, storage), so no write ever drops them.
+The publisher is the one writer of these records: every value of them is shaped here, from
+the configuration (docs/protocol.md, section 4, "One writer of meshletOwner"). It publishes
+them at start, after a reload, and on drain/undrain when this meshlet does not schedule.
+When it schedules, the scheduler core decides drain and undrain and the state history every
+observer judges by (state, stateSince, drains): its `PutRecord(meshletOwner)` is that
+decision, which the engine hands to `owner_record` to shape the record, then queues with
+the core's other writes, in order.
 
 `OwnRecords` is the Protocol; `PdsPublisher` writes through the PDS clients the root
 sets after logging in; `FakePublisher` records what would be published.
@@ -14,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Protocol
 
 from meshletd import __version__
 from meshletd.atproto.cluster import publish_own_records
 from meshletd.atproto.pds import PdsClient
-from meshletd.atproto.records import MeshletOwner, Resources
 from meshletd.config import Config
-from meshletd.core.records import NSID_MESHLET_OWNER
+from meshletd.core.nsid import NSID_MESHLET_OWNER
+from meshletd.core.records import MeshletOwner, at_uri
 from meshletd.daemon.local import Local, State
 from meshletd.daemon.secrets import EncryptionKey
 from meshletd.errors import Forbidden
@@ -41,18 +44,35 @@ def machine_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
-def complete_owner_record(
-    value: dict[str, Any], *, encryption_key: str, storage_mib: int, version: str
-) -> dict[str, Any]:
-    """A meshletOwner value written by the scheduler core, with the daemon's own fields
-    (`encryptionKey`, `version`, `capacity.storageMiB`) that the core does not model."""
-    out = dict(value)
-    out["encryptionKey"] = encryption_key
-    out["version"] = version
-    out["capacity"] = {**(out.get("capacity") or {}), "storageMiB": storage_mib}
-    if not out.get("endpoint"):
-        out.pop("endpoint", None)  # the lexicon wants a URI or nothing
-    return out
+def self_description(local: Local, encryption_key: str) -> MeshletOwner:
+    """The meshletOwner record of this meshlet, from its configuration and state."""
+    cfg = local.cfg
+    c = cfg.contribution
+    return MeshletOwner(
+        uri=at_uri(cfg.did, NSID_MESHLET_OWNER, "self"),
+        meshlet=cfg.did,
+        owner=cfg.owner,
+        milli_cpu=c.milli_cpu,
+        memory_mib=c.memory_mib,
+        storage_mib=c.storage_mib,
+        state=local.state,
+        arch=cfg.arch or machine_arch(),
+        endpoint=cfg.public_endpoint or "",
+        labels=frozenset(cfg.labels),
+        encryption_key=encryption_key,
+        version=__version__,
+    )
+
+
+def decided_state(description: MeshletOwner, decided: MeshletOwner) -> MeshletOwner:
+    """`description` in the state the core decided, with the core's state history."""
+    return replace(
+        description,
+        state=decided.state,
+        state_since=decided.state_since,
+        drains=decided.drains,
+        extra=decided.extra,
+    )
 
 
 class OwnRecords(Protocol):
@@ -65,8 +85,10 @@ class OwnRecords(Protocol):
         """The state our published meshletOwner record has (None: no record, no login)."""
         ...
 
-    def complete(self, value: dict[str, Any]) -> dict[str, Any]:
-        """The core's meshletOwner value with the fields only the daemon knows."""
+    def owner_record(self, decided: MeshletOwner) -> MeshletOwner:
+        """The meshletOwner record to write for the core's decision `decided`: this
+        meshlet's self-description (configuration, key, version) in the decided state,
+        with the decided state history (stateSince, drains)."""
         ...
 
 
@@ -79,20 +101,9 @@ class PdsPublisher:
         self.owner: PdsClient | None = None
 
     def record(self) -> MeshletOwner:
-        cfg = self.local.cfg
-        c = cfg.contribution
-        return MeshletOwner(
-            owner_did=cfg.owner,
-            state=self.local.state,
-            capacity=Resources(
-                milli_cpu=c.milli_cpu, memory_mib=c.memory_mib, storage_mib=c.storage_mib
-            ),
-            arch=cfg.arch or machine_arch(),
-            endpoint=cfg.public_endpoint,
-            labels=tuple(cfg.labels),
-            encryption_key=self.key.public_b64,
-            version=__version__,
-        )
+        """This meshlet's self-description in its current state (the state history is
+        added from the record published before, when published)."""
+        return self_description(self.local, self.key.public_b64)
 
     async def publish(self) -> int:
         if self.meshlet is None:
@@ -112,13 +123,8 @@ class PdsPublisher:
         state = got[1].get("state")
         return state if state in ("active", "draining") else None
 
-    def complete(self, value: dict[str, Any]) -> dict[str, Any]:
-        return complete_owner_record(
-            value,
-            encryption_key=self.key.public_b64,
-            storage_mib=self.local.cfg.contribution.storage_mib,
-            version=__version__,
-        )
+    def owner_record(self, decided: MeshletOwner) -> MeshletOwner:
+        return decided_state(self.record(), decided)
 
 
 class FakePublisher:
@@ -140,5 +146,5 @@ class FakePublisher:
     async def published_state(self) -> State | None:
         return self.stored
 
-    def complete(self, value: dict[str, Any]) -> dict[str, Any]:
-        return dict(value)
+    def owner_record(self, decided: MeshletOwner) -> MeshletOwner:
+        return decided_state(self_description(self.local, "fake-key"), decided)

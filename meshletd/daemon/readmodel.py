@@ -13,20 +13,38 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from meshletd.atproto.cluster import ClusterView, Member
+from meshletd.atproto.cluster import ConfiguredClusters, Member
 from meshletd.atproto.frames import Refusal
 from meshletd.core.fairshare import balances, meshlet_priority
-from meshletd.core.records import NSID_WORKLOAD, format_datetime_ms
+from meshletd.core.hashing import rendezvous_score
+from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.records import WorkloadStatus, format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.local import Local, Scheduling
 from meshletd.errors import NotFound
 
 log = logging.getLogger("meshletd.node")
 
-_REPLICA_FIELDS = ("slot", "round", "state", "exitCode", "restarts", "unit")
 _LIVE_STATES = ("pulling", "starting", "running")
 _REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
 _PROBLEM_MAX = 1000  # characters: the lexicon's bound on recordProblem.reason
+
+
+def _status_row(s: WorkloadStatus) -> dict[str, Any]:
+    """A replicaView row from a host's status record."""
+    row: dict[str, Any] = {
+        "workload": s.workload_uri,
+        "meshletDid": s.meshlet,
+        "slot": s.slot,
+        "round": s.round,
+        "state": s.state,
+        "restarts": s.restarts,
+    }
+    if s.exit_code is not None:
+        row["exitCode"] = s.exit_code
+    if s.unit is not None:
+        row["unit"] = s.unit
+    return row
 
 
 def _clip(text: str, limit: int = _REASON_MAX) -> str:
@@ -63,7 +81,7 @@ class ReadModel:
     def __init__(
         self,
         local: Local,
-        view: ClusterView,
+        view: ConfiguredClusters,
         followed: Followed,
         refused: Callable[[], Iterable[Refusal]] = lambda: (),
     ) -> None:
@@ -91,10 +109,15 @@ class ReadModel:
                 if state in ("starting", "running")
             ]
         return [
-            s
+            {
+                "workload": {"uri": s.workload_uri},
+                "slot": s.slot,
+                "state": s.state,
+                "meshletDid": me,
+            }
             for per in self.followed.statuses.values()
             for s in per.values()
-            if s["meshletDid"] == me and s.get("state") in ("starting", "running")
+            if s.meshlet == me and s.state in ("starting", "running")
         ]
 
     def summary(self) -> dict[str, Any]:
@@ -120,10 +143,11 @@ class ReadModel:
         total = {"milliCpu": c.milli_cpu, "memoryMiB": c.memory_mib, "storageMiB": c.storage_mib}
         used = {"milliCpu": 0, "memoryMiB": 0, "storageMiB": 0}
         for s in self._local_replicas():
-            uri = (s.get("workload") or {}).get("uri", "")
-            res = (self.followed.raw_workload(uri) or {}).get("resources", {})
-            for k in used:
-                used[k] += int(res.get(k, 0))
+            wl = self.followed.workloads.get(s["workload"]["uri"])
+            if wl is not None:
+                used["milliCpu"] += wl.milli_cpu
+                used["memoryMiB"] += wl.memory_mib
+                used["storageMiB"] += wl.storage_mib
         free = {k: max(0, total[k] - used[k]) for k in total}
         return {"total": total, "allocated": used, "free": free}
 
@@ -193,43 +217,39 @@ class ReadModel:
         return invalid_workload_views(self.refused(), owner)
 
     def _view(self, uri: str) -> dict[str, Any]:
-        published = self.followed.workloads[uri]
+        wl = self.followed.workloads[uri]
         engine = self.local.engine
         running: list[dict[str, Any]] = []
         owners: dict[int, str] = {}  # slot -> owner, when the scheduler knows the placement
         if engine is not None:
-            running = self._placed(engine, uri, published.replicas)
+            running = self._placed(engine, uri, wl.replicas)
             owners = {r["slot"]: r["meshletDid"] for r in running if r.get("meshletDid")}
         suspects = self._suspects()
         statuses = self.followed.statuses.get(uri, {}).values()
-        for s in sorted(statuses, key=lambda s: s.get("slot", 0)):
-            if any(
-                r["slot"] == s.get("slot") and r.get("meshletDid") == s["meshletDid"]
-                for r in running
-            ):
+        for s in sorted(statuses, key=lambda s: s.slot):
+            if any(r["slot"] == s.slot and r.get("meshletDid") == s.meshlet for r in running):
                 continue
-            r = {k: s[k] for k in _REPLICA_FIELDS if k in s}
-            row: dict[str, Any] = {"workload": uri, "meshletDid": s["meshletDid"], **r}
-            moved_to = owners.get(s.get("slot", -1))
-            if moved_to is not None and s.get("state") in _LIVE_STATES:
+            row = _status_row(s)
+            moved_to = owners.get(s.slot)
+            if moved_to is not None and s.state in _LIVE_STATES:
                 # A status left by a host that lost the slot: it is not a serving replica.
-                if s["meshletDid"] in suspects:
+                if s.meshlet in suspects:
                     row["state"] = "lost"
-                    row["reason"] = f"{s['meshletDid']} is suspected lost (probes fail)"
+                    row["reason"] = f"{s.meshlet} is suspected lost (probes fail)"
                 else:
                     row["state"] = "stopping"
                     row["reason"] = f"slot moved to {moved_to} (make-before-break)"
             running.append(row)
         view: dict[str, Any] = {
             "uri": uri,
-            "name": published.name,
-            "ownerDid": owner_of(uri),
-            "replicas": published.replicas,
-            "paused": bool(published.record.get("paused", False)),
+            "name": wl.name,
+            "ownerDid": wl.owner,
+            "replicas": wl.replicas,
+            "paused": wl.paused,
             "running": running,
         }
-        if published.cid:
-            view["cid"] = published.cid
+        if wl.cid:
+            view["cid"] = wl.cid
         return view
 
     def _suspects(self) -> set[str]:
@@ -270,20 +290,21 @@ class ReadModel:
             reported = [
                 st
                 for st in self.followed.statuses.get(uri, {}).values()
-                if st["meshletDid"] == meshlet and st.get("slot") == slot
+                if st.meshlet == meshlet and st.slot == slot
             ]
-            status = max(reported, key=lambda st: st.get("round", 0)) if reported else None
+            status = max(reported, key=lambda st: st.round) if reported else None
             if meshlet == me and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
-            elif status is not None and status.get("round", 0) >= rnd:
-                r["state"] = status["state"]
+            elif status is not None and status.round >= rnd:
+                r["state"] = status.state
             else:
                 r["state"] = "starting" if status is None else "pending"
             if meshlet != me and meshlet in suspects and r["state"] in _LIVE_STATES:
                 r["state"] = "lost"
-            for key in ("exitCode", "restarts"):
-                if status is not None and key in status:
-                    r[key] = status[key]
+            if status is not None:
+                if status.exit_code is not None:
+                    r["exitCode"] = status.exit_code
+                r["restarts"] = status.restarts
             if slot in reasons:
                 r["reason"] = _clip(reasons[slot])
             if meshlet == me:
@@ -298,16 +319,12 @@ class ReadModel:
         members = self.view.all_members()
         rounds: dict[int, list[dict[str, Any]]] = {}
         for b in self.followed.bids.get(uri, {}).values():
-            rounds.setdefault(int(b.get("round", 0)), []).append(
-                {
-                    "meshletDid": b["meshletDid"],
-                    "priority": b.get("priority", 0),
-                    "accepted": b["meshletDid"] in members,
-                }
+            rounds.setdefault(b.round, []).append(
+                {"meshletDid": b.meshlet, "priority": b.priority, "accepted": b.meshlet in members}
             )
         winners: dict[int, set[str]] = {}
         for s in self.followed.statuses.get(uri, {}).values():
-            winners.setdefault(int(s.get("round", 0)), set()).add(s["meshletDid"])
+            winners.setdefault(s.round, set()).add(s.meshlet)
         return {
             "workload": uri,
             "rounds": [
@@ -321,13 +338,140 @@ class ReadModel:
             ],
         }
 
+    def workload_record(self, ref: str) -> dict[str, Any]:
+        """The workload record as its owner published it (kind, image, resources, ...)."""
+        from meshletd.atproto.records import record_to_json
+
+        return dict(record_to_json(self.followed.workloads[self.uri_of(ref)]))
+
+    def meshlets(self) -> list[dict[str, Any]]:
+        """Every meshlet an owner of our clusters claims, verified or not, for the web page:
+        its owner, whether the link holds both ways (the owner claims it, it names the owner
+        back) and whom it consents to, its state (`lost` while our probes suspect it), the
+        capacity it publishes and what the slots it holds take of it."""
+        cfg = self.local.cfg
+        members = self.view.all_members()
+        suspects = self._suspects()
+        slots = self._slots_by_meshlet()
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for owner in dict.fromkeys([self.local.owner, *cfg.members]):
+            claimed = set(self.view.claimed_meshlets(owner))
+            if owner == self.local.owner:
+                claimed.add(self.local.did)
+            for d in sorted(claimed):
+                if d in seen:
+                    continue
+                seen.add(d)
+                rec = self.view.owners.get(d)
+                state = rec.state if rec is not None else "unknown"
+                if d == self.local.did:
+                    state = self.local.state
+                elif d in suspects:
+                    state = "lost"
+                allocated = {"milliCpu": 0, "memoryMiB": 0}
+                for uri in slots.get(d, []):
+                    wl = self.followed.workloads.get(uri)
+                    if wl is not None:
+                        allocated["milliCpu"] += wl.milli_cpu
+                        allocated["memoryMiB"] += wl.memory_mib
+                if rec is not None:
+                    total = {"milliCpu": rec.milli_cpu, "memoryMiB": rec.memory_mib}
+                elif d == self.local.did:
+                    c = cfg.contribution
+                    total = {"milliCpu": c.milli_cpu, "memoryMiB": c.memory_mib}
+                else:
+                    total = {"milliCpu": 0, "memoryMiB": 0}
+                out.append(
+                    {
+                        "meshletDid": d,
+                        "ownerDid": owner,
+                        "self": d == self.local.did,
+                        "verified": d in members,
+                        "ownerClaims": d in self.view.claimed_meshlets(owner)
+                        or d == self.local.did,
+                        "namesOwner": rec is not None and rec.owner == owner,
+                        "consentsTo": sorted(self.view.consented_owners(d)),
+                        "state": state,
+                        "endpoint": (rec.endpoint or None) if rec is not None else None,
+                        "labels": sorted(rec.labels) if rec is not None else [],
+                        "capacity": total,
+                        "allocated": allocated,
+                        "slots": len(slots.get(d, [])),
+                        "reason": self.view.why_not(d, owner) or "",
+                    }
+                )
+        return out
+
+    def _slots_by_meshlet(self) -> dict[str, list[str]]:
+        """meshlet DID -> the workload URI of each slot it holds (the scheduler's placement
+        when it schedules, else the live statuses it reports)."""
+        out: dict[str, list[str]] = {}
+        engine = self.local.engine
+        if engine is not None:
+            for uri, owners in engine.scheduler.placement().items():
+                for owner in owners:
+                    if owner is not None:
+                        out.setdefault(owner[1], []).append(uri)
+            return out
+        for uri, per in self.followed.statuses.items():
+            for s in per.values():
+                if s.state in _LIVE_STATES:
+                    out.setdefault(s.meshlet, []).append(uri)
+        return out
+
+    def rounds(self, ref: str) -> dict[str, Any]:
+        """Every round of a workload as the bids this meshlet has seen tell it: per round
+        and slot, each bid (priority, score, offered slots or a decline, the free capacity it
+        stated) and the winners (the slots' owners by the scheduler's placement, else the
+        meshlets that report a replica of that round). For the web page's "rounds,
+        explained"; ordering and scores are docs/protocol.md section 6's."""
+        uri = self.uri_of(ref)
+        members = self.view.all_members()
+        owners: dict[int, tuple[int, str]] = {}
+        engine = self.local.engine
+        if engine is not None:
+            placed = engine.scheduler.placement().get(uri) or ()
+            owners = {s: (o[0], o[1]) for s, o in enumerate(placed) if o is not None}
+        reported: dict[tuple[int, int], set[str]] = {}
+        for st in self.followed.statuses.get(uri, {}).values():
+            reported.setdefault((st.round, st.slot), set()).add(st.meshlet)
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for b in self.followed.bids.get(uri, {}).values():
+            slot = b.slot if b.round > 0 else -1
+            groups.setdefault((b.round, slot), []).append(
+                {
+                    "meshletDid": b.meshlet,
+                    "priority": b.priority,
+                    "score": rendezvous_score(uri, b.round, slot, b.meshlet),
+                    "slots": b.slots,
+                    "free": {"milliCpu": b.free_milli_cpu, "memoryMiB": b.free_memory_mib},
+                    "createdAt": format_datetime_ms(b.created_at),
+                    "eligible": b.meshlet in members,
+                }
+            )
+        out = []
+        for (rnd, slot), bids in sorted(groups.items()):
+            bids.sort(key=lambda b: (-b["priority"], b["score"]))
+            # The hosts' reports tell past rounds (a slot since moved on); the scheduler's
+            # placement, where it has one, is the word for the rounds that own slots now.
+            won: dict[int, str] = {}
+            for (srnd, s), ms in reported.items():
+                if srnd == rnd and (slot == -1 or s == slot):
+                    won[s] = sorted(ms)[0]
+            for s, (ornd, m) in owners.items():
+                if ornd == rnd and (slot == -1 or s == slot):
+                    won[s] = m
+            out.append({"round": rnd, "slot": slot, "bids": bids, "winners": won})
+        return {"workload": uri, "rounds": out}
+
     def balance(self, now_ms: int) -> dict[str, Any]:
         """The fair-share ledger from the usage records seen, with the core's own formula."""
         t = self.local.cfg.scheduling
         # As the core does for its bids: at the start of the current usage period, from the
         # records of periods that ended by then (docs/protocol.md section 11).
         at = now_ms - now_ms % t.usage_period_ms
-        owner_of_meshlet = {m: rec.owner_did for m, rec in self.view.owners.items()}
+        owner_of_meshlet = {m: rec.owner for m, rec in self.view.owners.items()}
         usages = self.followed.usages.values()
         taken, given = balances(usages, owner_of_meshlet, at, t.half_life_ms)
         owners = list(dict.fromkeys([self.local.owner, *self.local.cfg.members, *taken, *given]))

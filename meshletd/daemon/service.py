@@ -8,6 +8,7 @@ next start); SIGHUP reloads the configuration (RELOADING=1 … READY=1).
 
 from __future__ import annotations
 
+import functools
 import grp
 import logging
 import os
@@ -105,6 +106,7 @@ class Daemon:
         self.verifier = ServiceAuthVerifier(cfg.did, key_resolver, is_known=self.node.is_member)
         self.app = self._build_app()
         self.tcp_address: tuple[str, int] | None = None
+        self.web_address: tuple[str, int] | None = None
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.stop_replicas_on_exit = False
@@ -125,6 +127,7 @@ class Daemon:
             self.node,
             on_shutdown=self._shutdown_requested,
             default_cluster=lambda: self.cfg.clusters[0].name if self.cfg.clusters else "default",
+            default_bid_window_ms=lambda: self.cfg.scheduling.bid_window_ms,
         )
         return app
 
@@ -171,6 +174,8 @@ class Daemon:
             listeners = await nursery.start(
                 serve_tcp, self.app.tcp_handler, cfg.listen.xrpc_host, cfg.listen.xrpc_port
             )
+            if cfg.web.enabled:
+                await self._start_web(nursery)
             run_node = getattr(self.node, "run", None)
             if run_node is not None:
                 self.notifier.status("loading the cluster view")
@@ -194,6 +199,32 @@ class Daemon:
             nursery.cancel_scope.cancel()
         self._nursery = None
         self.notifier.status("stopped")
+
+    async def _start_web(self, nursery: trio.Nursery) -> None:
+        """The read-only page and /metrics on `[web] listen`. An aid, not the meshlet's job:
+        if its address cannot be bound the daemon says so and goes on without it."""
+        from meshletd.web.app import WEB_LIMITS, WebApp
+        from meshletd.xrpc.http import serve_asgi_tcp
+
+        web = WebApp(self.node)
+        try:
+            listeners = await nursery.start(
+                functools.partial(
+                    serve_asgi_tcp,
+                    web,
+                    self.cfg.web.host,
+                    self.cfg.web.port,
+                    transport="web",
+                    limits=WEB_LIMITS,
+                )
+            )
+        except OSError as e:
+            log.error("web page not served: cannot listen on %s: %s", self.cfg.web.listen, e)
+            return
+        nursery.start_soon(web.run)
+        name = listeners[0].socket.getsockname()
+        self.web_address = (name[0], name[1])
+        log.info("web page on http://%s:%d/", *self.web_address)
 
     def _chgrp_socket(self) -> None:
         gid = _gid(self.cfg.control.group)

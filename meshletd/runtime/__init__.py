@@ -6,7 +6,7 @@ Public face (see docs/runtime.md):
 - `Runtime` (Protocol) and `ReplicaRuntime`, its one implementation, over a `Machine`;
 - `systemd_runtime(config)` for the real machine, `fake_runtime()` for tests/simulation;
 - events: `ReplicaStarting`, `ReplicaRunning`, `ReplicaExited`, `ReplicaOomKilled`,
-  `ReplicaFailed`, `ReplicaStopped`, with `Usage` (CPU ms, peak memory bytes).
+  `ReplicaFailed`, `ReplicaStopped`, with `ReplicaUsage` (CPU ms, peak memory bytes).
 """
 
 from meshletd.runtime.events import (
@@ -18,8 +18,8 @@ from meshletd.runtime.events import (
     ReplicaStarting,
     ReplicaStatus,
     ReplicaStopped,
+    ReplicaUsage,
     RuntimeEvent,
-    Usage,
 )
 from meshletd.runtime.fake import FakeMachine, fake_runtime
 from meshletd.runtime.machine import Machine, MachineError
@@ -63,13 +63,13 @@ __all__ = [
     "ReplicaStarting",
     "ReplicaStatus",
     "ReplicaStopped",
+    "ReplicaUsage",
     "Resources",
     "Runtime",
     "RuntimeConfig",
     "RuntimeEvent",
     "Secret",
     "UnitStartFailed",
-    "Usage",
     "fake_runtime",
     "systemd_runtime",
     "unit_name",

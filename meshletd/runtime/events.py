@@ -21,15 +21,15 @@ from meshletd.runtime.spec import ReplicaId
 
 
 @dataclass(frozen=True)
-class Usage:
+class ReplicaUsage:
     """Resources a replica consumed, for the fair-share ledger (0 when not measurable)."""
 
     cpu_ms: int = 0
     peak_memory_bytes: int = 0
 
-    def merge(self, other: Usage) -> Usage:
+    def merge(self, other: ReplicaUsage) -> ReplicaUsage:
         """The larger of each figure (both only grow over a replica's life)."""
-        return Usage(
+        return ReplicaUsage(
             max(self.cpu_ms, other.cpu_ms), max(self.peak_memory_bytes, other.peak_memory_bytes)
         )
 
@@ -59,7 +59,7 @@ class ReplicaExited:
     replica: ReplicaId
     unit: str
     exit_code: int
-    usage: Usage = Usage()
+    usage: ReplicaUsage = ReplicaUsage()
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class ReplicaOomKilled:
 
     replica: ReplicaId
     unit: str
-    usage: Usage = Usage()
+    usage: ReplicaUsage = ReplicaUsage()
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ReplicaFailed:
     unit: str
     error: str
     message: str
-    usage: Usage = Usage()
+    usage: ReplicaUsage = ReplicaUsage()
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ReplicaStopped:
 
     replica: ReplicaId
     unit: str
-    usage: Usage = Usage()
+    usage: ReplicaUsage = ReplicaUsage()
 
 
 RuntimeEvent = (
@@ -112,4 +112,4 @@ class ReplicaStatus:
     unit: str
     state: ReplicaState
     revision: str = ""
-    usage: Usage = Usage()
+    usage: ReplicaUsage = ReplicaUsage()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from meshletd.runtime.events import Usage
+from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.runtime import ReplicaRuntime
@@ -242,13 +242,13 @@ class FakeMachine:
         if u is not None and u.active_state == "failed":
             del self.units[unit]
 
-    async def sample_usage(self, unit: str) -> Usage:
+    async def sample_usage(self, unit: str) -> ReplicaUsage:
         u = self.units.get(unit)
         if u is None:
-            return Usage()
+            return ReplicaUsage()
         c = self.containers.get(_container_of(u))
         looks = c.looks if c else 0
-        return Usage(cpu_ms=looks * self.cpu_ms_per_look, peak_memory_bytes=8 << 20)
+        return ReplicaUsage(cpu_ms=looks * self.cpu_ms_per_look, peak_memory_bytes=8 << 20)
 
     async def cpu_quota_usec(self, unit: str) -> int | None:
         await trio.lowlevel.checkpoint()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from meshletd.runtime.events import Usage
+from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.outcome import ContainerSnapshot, UnitSnapshot
 
 
@@ -50,7 +50,7 @@ class Machine(Protocol):
     async def list_units(self, pattern: str) -> list[str]: ...
     async def stop_unit(self, unit: str) -> None: ...
     async def reset_failed(self, unit: str) -> None: ...
-    async def sample_usage(self, unit: str) -> Usage: ...
+    async def sample_usage(self, unit: str) -> ReplicaUsage: ...
 
     async def cpu_quota_usec(self, unit: str) -> int | None:
         """The unit's CPUQuotaPerSecUSec (None: no such unit; 2**64-1: no quota)."""

@@ -14,7 +14,9 @@ Scheme (documented in docs/runtime.md)::
   (It was 6 digits: a colliding name was found by brute force in about a minute.)
 
 The podman container has the unit's name without `.service`; podman secrets are named
-`<container>.<secret name>`. Identity is never parsed back from a name: it is stored in the
+`meshlet-<16 hex digits of sha256(container)>.<secret name>` (podman allows 64 characters;
+a secret name that does not fit is replaced by 16 hex digits of its own hash).
+Identity is never parsed back from a name: it is stored in the
 unit (`MESHLET_*` environment entries, see `units.py`), read back and checked against the
 name before a unit is adopted or taken as an already started replica (`unit_belongs`).
 """
@@ -75,9 +77,25 @@ def unit_belongs(unit: str, replica: ReplicaId, container: str | None) -> bool:
     return False
 
 
+SECRET_NAME_MAX = 64  # podman: "only 64 [a-zA-Z0-9-_.] characters allowed"
+
+
+def secret_prefix(container: str) -> str:
+    """What every podman secret of the replica in `container` starts with."""
+    return f"{UNIT_PREFIX}{hashlib.sha256(container.encode()).hexdigest()[:16]}."
+
+
+def legacy_secret_prefix(container: str) -> str:
+    """The prefix of secrets made before names were shortened (`<container>.`)."""
+    return f"{container}."
+
+
 def secret_name(container: str, secret: str) -> str:
-    """The podman secret holding `secret` for the replica in `container`."""
-    return f"{container}.{secret}"
+    """The podman secret holding `secret` for the replica in `container` (<= 64 chars)."""
+    name = secret_prefix(container) + secret
+    if len(name) > SECRET_NAME_MAX:
+        name = secret_prefix(container) + hashlib.sha256(secret.encode()).hexdigest()[:16]
+    return name
 
 
 # meshletd's own podman calls (image, secret, inspect, rm, ps) each run in a short transient

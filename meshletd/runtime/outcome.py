@@ -15,7 +15,7 @@ from meshletd.runtime.events import (
     ReplicaFailed,
     ReplicaOomKilled,
     ReplicaStopped,
-    Usage,
+    ReplicaUsage,
 )
 from meshletd.runtime.spec import ReplicaId, UnitStartFailed
 
@@ -97,7 +97,7 @@ def end_event(
     ran: bool,
     stop_requested: bool,
     oom_counted: bool,
-    usage: Usage,
+    usage: ReplicaUsage,
 ) -> EndEvent:
     """How a replica that is no longer running ended.
 

@@ -12,8 +12,8 @@ from meshletd.runtime.events import (
     ReplicaRunning,
     ReplicaStatus,
     ReplicaStopped,
+    ReplicaUsage,
     RuntimeEvent,
-    Usage,
 )
 from meshletd.runtime.spec import ReplicaId, ReplicaSpec
 
@@ -43,6 +43,6 @@ class Runtime(Protocol):
         """The replicas currently looked after."""
         ...
 
-    async def usage(self, replica: ReplicaId) -> Usage:
+    async def usage(self, replica: ReplicaId) -> ReplicaUsage:
         """CPU time and peak memory of a running replica so far."""
         ...

@@ -27,8 +27,8 @@ from meshletd.runtime.events import (
     ReplicaStarting,
     ReplicaStatus,
     ReplicaStopped,
+    ReplicaUsage,
     RuntimeEvent,
-    Usage,
 )
 from meshletd.runtime.machine import Machine, MachineError
 from meshletd.runtime.outcome import (
@@ -76,7 +76,7 @@ class _Replica:
     milli_cpu: int | None = None  # the workload's CPU limit (None: unknown, not checked)
     ran: bool = False
     stop_requested: bool = False
-    usage: Usage = field(default_factory=Usage)
+    usage: ReplicaUsage = field(default_factory=ReplicaUsage)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -293,11 +293,11 @@ class ReplicaRuntime:
             elif phase in ("ended", "gone"):
                 await self._finish(rep)
 
-    async def usage(self, replica: ReplicaId) -> Usage:
+    async def usage(self, replica: ReplicaId) -> ReplicaUsage:
         """CPU time and peak memory of a running replica so far."""
         rep = self._replicas.get(replica)
         if rep is None:
-            return Usage()
+            return ReplicaUsage()
         rep.usage = rep.usage.merge(await self._sample(rep))
         return rep.usage
 
@@ -439,7 +439,7 @@ class ReplicaRuntime:
         snap = await self.machine.unit_snapshot(rep.unit)
         container = await self.machine.inspect_container(rep.container)
         counters = await self.machine.read_saved_counters(rep.unit)
-        usage = rep.usage.merge(Usage(0, peak_memory_from_counters(counters)))
+        usage = rep.usage.merge(ReplicaUsage(0, peak_memory_from_counters(counters)))
         if (
             not rep.ran
             and not snap.start_post_failed  # systemd ended it before it counted as running
@@ -482,7 +482,10 @@ class ReplicaRuntime:
             if unit_started:
                 await self.machine.remove_container(rep.container)
                 await self._discard_unit(rep.unit, snap_phase)
-            names = rep.secrets or await self.machine.list_secrets(rep.container + ".")
+            names = rep.secrets or [
+                *await self.machine.list_secrets(naming.secret_prefix(rep.container)),
+                *await self.machine.list_secrets(naming.legacy_secret_prefix(rep.container)),
+            ]
             for name in names:
                 await self.machine.remove_secret(name)
             await self.machine.remove_state_dir(rep.unit)
@@ -502,7 +505,10 @@ class ReplicaRuntime:
                 log.warning("removing orphan container %s", name)
                 await self.machine.remove_container(name)
         for name in await self.machine.list_secrets(naming.UNIT_PREFIX):
-            if not any(name.startswith(c + ".") for c in live_containers):
+            if not any(
+                name.startswith((naming.secret_prefix(c), naming.legacy_secret_prefix(c)))
+                for c in live_containers
+            ):
                 await self.machine.remove_secret(name)
         for unit in await self.machine.list_state_dirs():
             if unit not in live_units:
@@ -517,11 +523,11 @@ class ReplicaRuntime:
         self._replicas[replica] = rep
         return rep
 
-    async def _sample(self, rep: _Replica) -> Usage:
+    async def _sample(self, rep: _Replica) -> ReplicaUsage:
         try:
             return await self.machine.sample_usage(rep.unit)
         except MachineError:
-            return Usage()
+            return ReplicaUsage()
 
     def _emit(self, event: _E) -> _E:
         self._send.send_nowait(event)

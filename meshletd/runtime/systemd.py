@@ -5,6 +5,11 @@ time over one bus connection. Podman runs as the replica user in a transient uni
 (never as meshletd's child, so meshletd's own unit can be strict), with an argv list (no
 shell) and stdio over pipes, secrets on stdin. Nothing here decides anything: it reads and
 does; `ReplicaRuntime` decides.
+
+By concern: the bus connection and value conversions are `dbus.py`; podman as one transient
+unit per call is `podman_call.py` (mixed in); here are the unit operations (start, snapshot,
+stop, CPU quota, usage), the state directories, and the Machine's image, secret and
+container calls over podman.
 """
 
 from __future__ import annotations
@@ -13,59 +18,28 @@ import contextlib
 import json
 import os
 import pwd
-import secrets
 import shutil
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError  # type: ignore[import-untyped]
-from pystemd.dbuslib import DBus, DBusAddress, apply_signature  # type: ignore[import-untyped]
-from pystemd.systemd1 import Manager  # type: ignore[import-untyped]
-from pystemd.systemd1.unit_signatures import (  # type: ignore[import-untyped]
-    KNOWN_UNIT_SIGNATURES,
-)
+from pystemd.dbuslib import apply_signature  # type: ignore[import-untyped]
 
-from meshletd.runtime.events import Usage
+from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, from_dbus, to_dbus
+from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
-from meshletd.runtime.naming import PODMAN_CALL_PATTERN, podman_call_unit
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
-from meshletd.runtime.units import (
-    RuntimeConfig,
-    memory_cgroup_dir,
-    podman_call_properties,
-    replica_state_dir,
-)
+from meshletd.runtime.podman_call import PodmanCalls, PodmanResult, call_ended
+from meshletd.runtime.units import RuntimeConfig, memory_cgroup_dir, replica_state_dir
+
+__all__ = ["PodmanResult", "SystemdPodmanMachine", "call_ended", "detect_cgroup_v2", "to_dbus"]
 
 _T = TypeVar("_T")
-_SYSTEMD = b"org.freedesktop.systemd1"
-_PROPS = b"org.freedesktop.DBus.Properties"
 _UNSET = (1 << 64) - 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-# StartTransientUnit properties pystemd's signature table lacks (systemd >= 236, >= 243).
-KNOWN_UNIT_SIGNATURES.setdefault(b"AddRef", b"b")
-KNOWN_UNIT_SIGNATURES.setdefault(b"LogLevelMax", b"i")
-KNOWN_UNIT_SIGNATURES.setdefault(b"ExecStartPostEx", b"a(sasas)")
-# How long one podman call may take (a pull has its own, longer, limit).
-_CALL_TIMEOUT_S = 120
-
-
-def _b(value: object) -> Any:
-    """Our property values with str turned into the bytes pystemd wants."""
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, list):
-        return [_b(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_b(v) for v in value)
-    return value
-
-
-def _s(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def detect_cgroup_v2(root: str = "/sys/fs/cgroup") -> bool:
@@ -73,52 +47,13 @@ def detect_cgroup_v2(root: str = "/sys/fs/cgroup") -> bool:
     return os.path.exists(os.path.join(root, "cgroup.controllers"))
 
 
-class _Bus:
-    """One connection to a service manager, used from one worker thread at a time.
-
-    `address` None is the system bus; otherwise a peer-to-peer socket (a user manager's
-    `/run/user/UID/systemd/private`, which root may use).
-    """
-
-    def __init__(self, address: bytes | None = None) -> None:
-        self._address = address
-        self.p2p = address is not None
-        self._bus: Any = None
-        self._manager: Any = None
-        self._lock = threading.Lock()
-
-    def call(self, fn: Callable[[Any, Any], _T]) -> _T:
-
-        with self._lock:
-            for attempt in (1, 2):
-                if self._bus is None:
-                    if self._address is None:
-                        self._bus = DBus()
-                    else:
-                        self._bus = DBusAddress(self._address, peer_to_peer=True)
-                    self._bus.open()
-                    self._manager = Manager(bus=self._bus, _autoload=True)
-                try:
-                    return fn(self._bus, self._manager)
-                except DBusBaseError as err:
-                    if attempt == 1 and _is_connection_error(err):
-                        self._bus = None  # systemd re-executed or the bus dropped: reconnect
-                        continue
-                    raise
-            raise AssertionError("unreachable")
-
-
-def _is_connection_error(err: Exception) -> bool:
-    return getattr(err, "errno", 0) in (-104, -107, -32, -110)  # RESET, NOTCONN, PIPE, TIMEDOUT
-
-
-class SystemdPodmanMachine:
+class SystemdPodmanMachine(PodmanCalls):
     """`Machine` on this host's system manager, with podman run as `config.user`."""
 
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
         private = f"unix:path={config.runtime_dir}/systemd/private".encode()
-        self._bus = _Bus(None if config.manager == "system" else private)
+        self._bus = Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
         self._swept = False
 
@@ -152,7 +87,7 @@ class SystemdPodmanMachine:
     def _get_all(bus: Any, path: bytes, interface: bytes) -> dict[bytes, Any]:
 
         body = bus.call_method(
-            _SYSTEMD, path, _PROPS, b"GetAll", apply_signature(b"s", [interface])
+            SYSTEMD, path, PROPS, b"GetAll", apply_signature(b"s", [interface])
         ).body
         return dict(body)
 
@@ -163,185 +98,6 @@ class SystemdPodmanMachine:
             return manager.Manager.GetUnit(unit.encode())  # type: ignore[no-any-return]
         except DBusNoSuchUnitError:
             return None
-
-    # ---- podman plumbing ----------------------------------------------------------------
-
-    async def _podman(
-        self, *args: str, stdin: bytes = b"", check: bool = True, timeout_s: int = _CALL_TIMEOUT_S
-    ) -> PodmanResult:
-        """Run `podman ARGS` as the replica user in a transient unit; wait for its end.
-
-        Not a child of meshletd: a child would inherit meshletd.service's sandbox, where
-        rootless podman cannot work. stdin/stdout/stderr are pipes handed to systemd with
-        the unit (`Standard*FileDescriptor`), so data such as a secret goes through a pipe,
-        never a command line, a unit property or the journal.
-        """
-        await self._sweep_podman_calls()
-        unit = podman_call_unit(secrets.token_hex(8))
-        props = podman_call_properties(self.config, args, timeout_s)
-        try:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (-1, -1)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        except OSError as exc:
-            raise MachineError(f"podman {args[0]}: no pipe: {exc}") from exc
-        stdio = {fd for fd in (in_r, in_w, out_r, out_w, err_r, err_w) if fd >= 0}
-
-        def close(fd: int) -> None:
-            # Each fd is closed exactly once: a second close could hit a reused number.
-            if fd in stdio:
-                stdio.discard(fd)
-                os.close(fd)
-
-        if stdin:
-            props["StandardInputFileDescriptor"] = in_r
-        props["StandardOutputFileDescriptor"] = out_w
-        props["StandardErrorFileDescriptor"] = err_w
-        if self._bus.p2p:
-            # A user manager's private socket has no bus names, so it cannot pin a unit
-            # for its caller (AddRef): the unit stays (active/exited or failed) until we
-            # have read how it ended and clean it up.
-            props["RemainAfterExit"] = True
-        else:
-            # Pinned while our bus connection lives (systemd-run --wait does the same): it
-            # can be read after it ended, and systemd collects it when we let go or die.
-            props["AddRef"] = True
-            props["CollectMode"] = "inactive-or-failed"
-        out, err = bytearray(), bytearray()
-        started = False
-        try:
-            await self.start_unit(unit, props)
-            started = True
-            # systemd holds its own copies now; ours of the far ends would hide EOF.
-            for fd in (in_r, out_w, err_w):
-                close(fd)
-            snap = await self._wait_call(unit, out_r, out, err_r, err, in_w, stdin, close)
-        finally:
-            if started:
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    await self._release_call(unit)
-            for fd in list(stdio):
-                with contextlib.suppress(OSError):
-                    close(fd)
-        if snap.main_code == CLD_EXITED:
-            code = snap.main_status
-        elif snap.main_code:
-            code = 128 + snap.main_status
-        else:
-            code = 255  # it never ran (e.g. systemd could not set the user up)
-        if check and code != 0:
-            lines = err.decode(errors="replace").strip().splitlines()
-            why = lines[-1] if lines else f"no message (unit result {snap.result!r})"
-            raise MachineError(
-                f"podman {args[0]} {args[1] if len(args) > 1 else ''} exited {code}: {why}"
-            )
-        return PodmanResult(code, bytes(out), bytes(err))
-
-    async def _wait_call(
-        self,
-        unit: str,
-        out_r: int,
-        out: bytearray,
-        err_r: int,
-        err: bytearray,
-        in_w: int,
-        stdin: bytes,
-        close: Callable[[int], None],
-    ) -> UnitSnapshot:
-        """Feed stdin, collect stdout/stderr, and return the unit's snapshot once it ended."""
-        eof = trio.Event()
-        closed = 0
-
-        async def pump(fd: int, buf: bytearray) -> None:
-            nonlocal closed
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                chunk = _read_some(fd)
-                if chunk is None:
-                    continue
-                if not chunk:
-                    break
-                buf += chunk
-            closed += 1
-            if closed == 2:
-                eof.set()
-
-        async def feed() -> None:
-            view = memoryview(stdin)
-            try:
-                while view:
-                    await trio.lowlevel.wait_writable(in_w)
-                    try:
-                        view = view[os.write(in_w, view) :]
-                    except BlockingIOError:
-                        continue
-            except OSError:
-                pass  # podman ended without reading it all: its exit status says why
-            finally:
-                with contextlib.suppress(OSError):
-                    close(in_w)  # EOF: `podman secret create NAME -` reads until it
-
-        for fd in (out_r, err_r, in_w):
-            if fd >= 0:
-                os.set_blocking(fd, False)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, out_r, out)
-            nursery.start_soon(pump, err_r, err)
-            if stdin:
-                nursery.start_soon(feed)
-            # Poll the unit; systemd closes its copies of the pipes when podman ends, so
-            # EOF on both is the usual wake-up and the interval only bounds the odd case.
-            interval = 0.01
-            while True:
-                snap = await self.unit_snapshot(unit)
-                if _call_ended(snap):
-                    break
-                with trio.move_on_after(interval):
-                    await eof.wait()
-                interval = min(interval * 2, 0.25)
-            nursery.cancel_scope.cancel()
-        # Whatever podman wrote before it ended is in the pipes by now.
-        for fd, buf in ((out_r, out), (err_r, err)):
-            while chunk := _read_some(fd):
-                buf += chunk
-        return snap
-
-    async def _release_call(self, unit: str) -> None:
-        """Let systemd forget a podman call's unit (stopping it if it still runs)."""
-        p2p = self._bus.p2p
-
-        def release(bus: Any, manager: Any) -> None:
-            path = self._unit_path(manager, unit)
-            if path is None:
-                return
-            state = bus.get_property(
-                _SYSTEMD, path, b"org.freedesktop.systemd1.Unit", b"ActiveState", b"s"
-            )
-            with contextlib.suppress(DBusBaseError):
-                if state == b"failed":
-                    manager.Manager.ResetFailedUnit(unit.encode())
-                elif state != b"inactive":
-                    manager.Manager.StopUnit(unit.encode(), b"replace")
-            if not p2p:
-                with contextlib.suppress(DBusBaseError):
-                    manager.Manager.UnrefUnit(unit.encode())
-
-        with contextlib.suppress(MachineError):
-            await self._dbus(release)
-
-    async def _sweep_podman_calls(self) -> None:
-        """Once per process: remove podman-call units an earlier meshletd left behind.
-
-        Only a user manager keeps them (see `_podman`); on the system bus systemd collects
-        a pinned unit when its caller's connection goes away.
-        """
-        if self._swept:
-            return
-        self._swept = True
-        if not self._bus.p2p:
-            return
-        for unit in await self.list_units(PODMAN_CALL_PATTERN):
-            await self._release_call(unit)
 
     # ---- images -------------------------------------------------------------------------
 
@@ -454,7 +210,7 @@ class SystemdPodmanMachine:
 
     async def ensure_slice(self, properties: dict[str, object]) -> None:
         name = self.config.slice
-        props = {k.encode(): _b(v) for k, v in properties.items()}
+        props = {k.encode(): to_dbus(v) for k, v in properties.items()}
 
         def ensure(bus: Any, manager: Any) -> None:
 
@@ -476,7 +232,7 @@ class SystemdPodmanMachine:
             raise MachineError(f"could not set up slice {name}: {err}") from err
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
-        props = {k.encode(): _b(v) for k, v in properties.items()}
+        props = {k.encode(): to_dbus(v) for k, v in properties.items()}
 
         def start(bus: Any, manager: Any) -> None:
             manager.Manager.StartTransientUnit(unit.encode(), b"fail", props)
@@ -495,7 +251,7 @@ class SystemdPodmanMachine:
             # Only cheap reads: the Service interface's GetAll reads cgroup files in PID 1,
             # and this is polled while a unit starts.
             u = self._get_all(bus, path, b"org.freedesktop.systemd1.Unit")
-            active, sub = _s(u.get(b"ActiveState", b"")), _s(u.get(b"SubState", b""))
+            active, sub = from_dbus(u.get(b"ActiveState", b"")), from_dbus(u.get(b"SubState", b""))
             service: dict[str, Any] = {}
             names = [("Environment", b"as")]
             ended = not (active == "active" and sub == "running") and active != "activating"
@@ -505,20 +261,20 @@ class SystemdPodmanMachine:
             for name, rtype in names:
                 try:
                     service[name] = bus.get_property(
-                        _SYSTEMD, path, b"org.freedesktop.systemd1.Service", name.encode(), rtype
+                        SYSTEMD, path, b"org.freedesktop.systemd1.Service", name.encode(), rtype
                     )
                 except DBusBaseError:
                     pass
             return UnitSnapshot(
                 name=unit,
-                load_state=_s(u.get(b"LoadState", b"")),
+                load_state=from_dbus(u.get(b"LoadState", b"")),
                 active_state=active,
                 sub_state=sub,
-                result=_s(service.get("Result", b"")),
+                result=from_dbus(service.get("Result", b"")),
                 main_code=int(service.get("ExecMainCode", 0)),
                 main_status=int(service.get("ExecMainStatus", 0)),
                 main_pid=int(service.get("MainPID", 0)),
-                environment=tuple(_s(e) for e in service.get("Environment", [])),
+                environment=tuple(from_dbus(e) for e in service.get("Environment", [])),
                 job_pending=bool(u.get(b"Job", (0, b"/"))[0]),
                 start_post_failed=any(
                     # (path, argv, ignore, 4 timestamps, pid, code, status); pid 0: not run
@@ -532,7 +288,7 @@ class SystemdPodmanMachine:
     async def list_units(self, pattern: str) -> list[str]:
         def ls(bus: Any, manager: Any) -> list[str]:
             units = manager.Manager.ListUnitsByPatterns([], [pattern.encode()])
-            return sorted(_s(u[0]) for u in units)
+            return sorted(from_dbus(u[0]) for u in units)
 
         return await self._dbus(ls)
 
@@ -579,7 +335,7 @@ class SystemdPodmanMachine:
             # The configured value (no cgroup file is read for it).
             return int(
                 bus.get_property(
-                    _SYSTEMD, path, b"org.freedesktop.systemd1.Service", b"CPUQuotaPerSecUSec", b"t"
+                    SYSTEMD, path, b"org.freedesktop.systemd1.Service", b"CPUQuotaPerSecUSec", b"t"
                 )
             )
 
@@ -597,7 +353,7 @@ class SystemdPodmanMachine:
         except Exception as err:
             raise MachineError(f"could not set the CPU quota of {unit}: {err}") from err
 
-    async def sample_usage(self, unit: str) -> Usage:
+    async def sample_usage(self, unit: str) -> ReplicaUsage:
         def props(bus: Any, manager: Any) -> dict[bytes, Any]:
             path = self._unit_path(manager, unit)
             if path is None:
@@ -605,17 +361,17 @@ class SystemdPodmanMachine:
             # Two single reads, not GetAll: that would make PID 1 read every cgroup file.
             return {
                 name: bus.get_property(
-                    _SYSTEMD, path, b"org.freedesktop.systemd1.Service", name, b"t"
+                    SYSTEMD, path, b"org.freedesktop.systemd1.Service", name, b"t"
                 )
                 for name in (b"CPUUsageNSec", b"MemoryCurrent")
             }
 
         s = await self._dbus(props)
         if not s:
-            return Usage()
+            return ReplicaUsage()
         return await trio.to_thread.run_sync(self._usage_from, unit, s)
 
-    def _usage_from(self, unit: str, props: dict[bytes, Any]) -> Usage:
+    def _usage_from(self, unit: str, props: dict[bytes, Any]) -> ReplicaUsage:
         cpu_ns = int(props.get(b"CPUUsageNSec", _UNSET))
         memory = memory_cgroup_dir(self.config, unit)
         if cpu_ns == _UNSET:
@@ -631,35 +387,7 @@ class SystemdPodmanMachine:
         if not peak:
             current = int(props.get(b"MemoryCurrent", _UNSET))
             peak = 0 if current == _UNSET else current
-        return Usage(cpu_ms=cpu_ns // 1_000_000, peak_memory_bytes=peak)
-
-
-@dataclass(frozen=True)
-class PodmanResult:
-    """How one podman call ended: its exit status and what it wrote."""
-
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-
-def _call_ended(snap: UnitSnapshot) -> bool:
-    """Whether a podman call's unit has run and ended (exited, failed, or gone)."""
-    if snap.job_pending:
-        return False
-    if snap.load_state in ("not-found", ""):
-        return True
-    if snap.active_state in ("inactive", "failed"):
-        return True
-    return snap.active_state == "active" and snap.sub_state == "exited"
-
-
-def _read_some(fd: int) -> bytes | None:
-    """One non-blocking read: data, b"" at EOF, None when nothing is there yet."""
-    try:
-        return os.read(fd, 65536)
-    except BlockingIOError:
-        return None
+        return ReplicaUsage(cpu_ms=cpu_ns // 1_000_000, peak_memory_bytes=peak)
 
 
 def _proc_cpu_ns(procs_file: Path) -> int:

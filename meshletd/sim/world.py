@@ -43,7 +43,13 @@ from meshletd.core import (
     WakeAt,
     Workload,
 )
-from meshletd.core.records import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER, at_uri
+from meshletd.core.records import (
+    NSID_MEMBERSHIP,
+    NSID_MESHLET,
+    NSID_MESHLET_OWNER,
+    NSID_WORKLOAD,
+    at_uri,
+)
 
 CREATE, UPDATE, DELETE = 3, 2, 1
 EPOCH = 1_800_000_000_000  # virtual time 0, in epoch ms
@@ -214,7 +220,7 @@ class Sim:
         owner = self.nodes[rng.randrange(len(self.nodes))].owner
         kind = "job" if rng.random() < 0.2 else "service"
         wl = Workload(
-            uri=at_uri(owner, "commune.scheduler.workload", f"w{w:06d}"),
+            uri=at_uri(owner, NSID_WORKLOAD, f"w{w:06d}"),
             cid=f"cid{w}",
             owner=owner,
             cluster=CLUSTER,

@@ -204,8 +204,11 @@ class XrpcApp:
             self._authorize(caller, method)
             params = self._params(request, method)
             body = self._body(request, method)
-            if body is not None and self.lexicons is not None and nsid in self.lexicons.docs:
-                self._check_input(nsid, body)
+            if self.lexicons is not None and nsid in self.lexicons.docs:
+                if params:
+                    self._check_params(nsid, params)
+                if body is not None:
+                    self._check_input(nsid, body)
             result = await method.handler(caller, params, body)
             return Response.json(200, {} if result is None else to_json(result))
         except MeshletError as e:
@@ -279,6 +282,14 @@ class XrpcApp:
         if grouped:
             raise InvalidRequest(f"unknown parameter(s): {', '.join(sorted(grouped))}")
         return out
+
+    def _check_params(self, nsid: str, params: dict[str, Any]) -> None:
+        from meshletd.errors import InvalidRecord
+
+        try:
+            self.lexicons.validate_params(nsid, params)
+        except InvalidRecord as e:
+            raise InvalidRequest(e.message) from None
 
     def _check_input(self, nsid: str, body: dict[str, Any]) -> None:
         from meshletd.errors import InvalidRecord

@@ -412,6 +412,8 @@ class XrpcServer:
         transport: str,
         limits: Limits,
         peer_of: Callable[[trio.SocketStream], tuple[str, str, PeerCred | None]],
+        *,
+        asgi: Callable[..., Awaitable[None]] | None = None,
     ) -> None:
         self.transport = transport
         self.limits = limits
@@ -419,7 +421,10 @@ class XrpcServer:
         self.failures = 0
         self._peer_of = peer_of
         self._config = hypercorn_config(limits)
-        self._app = wrap_app(asgi_app(handler, limits), self._config.wsgi_max_body_size, "asgi")
+        # `asgi`: another ASGI app behind the same budget and limits (the web page, whose
+        # event stream is a response that does not end at once); `handler` is then unused.
+        app = asgi if asgi is not None else asgi_app(handler, limits)
+        self._app = wrap_app(app, self._config.wsgi_max_body_size, "asgi")
         self._context = WorkerContext(None)
         self._refusals = _RefusalLog(transport)
 
@@ -506,6 +511,33 @@ async def serve_tcp(
     if server is not None:
         server.append(xrpc)
     await xrpc.serve(listeners, task_status=task_status)  # type: ignore[arg-type]
+
+
+def mark_answered() -> None:
+    """For an ASGI app served by `XrpcServer(asgi=...)`: this connection was answered once,
+    so the budget keeps it over connections that never spoke HTTP."""
+    conn = _CONNECTION.get(None)
+    if conn is not None:
+        conn.ticket.answered = True
+
+
+async def serve_asgi_tcp(
+    app: Callable[..., Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    transport: str,
+    limits: Limits,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve an ASGI app on TCP with the same connection budget and limits as XRPC."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=limits.backlog)
+
+    async def unused(request: Request) -> Response:  # pragma: no cover - asgi= replaces it
+        raise AssertionError("served by the ASGI app")
+
+    server = XrpcServer(unused, transport, limits, _tcp_peer, asgi=app)
+    await server.serve(listeners, task_status=task_status)  # type: ignore[arg-type]
 
 
 async def open_unix_listener(

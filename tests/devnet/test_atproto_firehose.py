@@ -79,7 +79,16 @@ async def test_bad_records_and_non_members_are_ignored_with_a_reason(devnet, cap
         await got.wait(lambda: "good" in got.rkeys())
         await trio.sleep(0.3)
         nursery.cancel_scope.cancel()
-    assert got.rkeys() == ["good"]
+    # Invalid records count as absent (docs/protocol.md 19.1): handed on as refused deletes,
+    # and listed with field and reason for their owner.
+    assert [e.rkey for e in got.events if not e.refused] == ["good"]
+    assert sorted((e.rkey, e.action) for e in got.events if e.refused) == [
+        ("bad", "delete"),
+        ("big", "delete"),
+    ]
+    refusals = {r.uri.rsplit("/", 1)[1]: r for r in fh.refusals(acct.did)}
+    assert refusals["bad"].field == "members[0]" and "not a valid did" in refusals["bad"].reason
+    assert "over the 65536 limit" in refusals["big"].reason
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert f"at://{acct.did}/{MEMBERSHIP}/bad" in log and "not a valid did" in log
     assert f"at://{acct.did}/{MEMBERSHIP}/big" in log and "over the 65536 limit" in log

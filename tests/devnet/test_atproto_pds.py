@@ -7,9 +7,10 @@ import itertools
 import trio
 
 from meshletd.atproto.pds import MAX_BATCH, PdsClient, Write, WriteQueue
-from meshletd.atproto.records import Membership
+from meshletd.atproto.records import record_to_json
+from meshletd.core.nsid import NSID_MEMBERSHIP as MEMBERSHIP
+from meshletd.core.records import Membership, at_uri, parse_datetime_ms
 
-MEMBERSHIP = "commune.scheduler.membership"
 _n = itertools.count()
 
 
@@ -21,9 +22,9 @@ async def client_for(devnet, pds=0, url=None):
 
 
 def rec(cluster, did="did:plc:x"):
-    return Membership(
-        cluster=cluster, members=(did,), created_at="2026-11-27T06:00:00.000Z"
-    ).to_record(rkey=cluster)
+    when = parse_datetime_ms("2026-11-27T06:00:00.000Z")
+    uri = at_uri("did:plc:x", MEMBERSHIP, cluster)
+    return record_to_json(Membership(uri, "did:plc:x", cluster, frozenset({did}), when))
 
 
 async def test_idempotent_puts_batches_and_the_ledger(devnet):

@@ -65,13 +65,14 @@ async def test_a_one_way_owner_link_is_rejected(devnet):
     await na.publish()
     await nb.publish()
     # carol's meshlet says carol owns it, but bob claims it too: bob's claim is one-way.
-    from meshletd.atproto.records import Meshlet, rkey_for_did
+    from meshletd.atproto.records import record_to_json
+    from meshletd.core.nsid import NSID_MESHLET
+    from meshletd.core.records import MeshletLink, at_uri, rkey_for_did
 
-    await nb.owner_pds.put_record(
-        "commune.scheduler.meshlet",
-        rkey_for_did(c[1].did),
-        Meshlet(meshlet_did=c[1].did).to_record(),
-    )
+    rkey = rkey_for_did(c[1].did)
+    owner = nb.owner_pds.did
+    link = MeshletLink(at_uri(owner, NSID_MESHLET, rkey), owner, c[1].did, created_at=1)
+    await nb.owner_pds.put_record(NSID_MESHLET, rkey, record_to_json(link))
     nc = node(devnet, c, {"home": [a[0].did]})
     await nc.publish()
     async with trio.open_nursery() as nursery:

@@ -108,6 +108,7 @@ class Meshlet:
     scheduling: dict[str, int] = field(default_factory=dict)
     # Behind NAT: no one can reach it, so it publishes no endpoint.
     nat: bool = False
+    web_port: int = 0  # the page (`[web] listen`), on the host's own address
 
     @property
     def did(self) -> str:
@@ -129,6 +130,10 @@ class Meshlet:
     def endpoint(self) -> str:
         return f"http://{self.address}:{self.port}"
 
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.address}:{self.web_port}"
+
     def config(self, devnet: Any) -> str:
         members = ", ".join(f'"{d}"' for d in self.members)
         lines = [
@@ -147,6 +152,8 @@ class Meshlet:
             *(f"{k} = {v}" for k, v in self.contribution.items()),
             "[listen]",
             f'xrpc = "{self.address}:{self.port}"',
+            "[web]",
+            f'listen = "{self.address}:{self.web_port}"',
         ]
         if self.scheduling:
             lines += ["[scheduling]", *(f"{k} = {v}" for k, v in self.scheduling.items())]
@@ -279,6 +286,7 @@ class Commune:
                 others,
                 dict(contribution),
                 dict(scheduling or {}),
+                web_port=free_port(),
                 nat=person in nat,
             )
         commune = cls(devnet, meshlets, trace=trace)

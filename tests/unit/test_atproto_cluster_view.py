@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
-from meshletd.atproto.cluster import ClusterView
+from meshletd.atproto.cluster import ConfiguredClusters as ClusterView
 from meshletd.atproto.frames import RecordEvent
-from meshletd.atproto.records import Membership, Meshlet, MeshletOwner, Resources, rkey_for_did
+from meshletd.atproto.records import record_to_json
+from meshletd.core.nsid import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER
+from meshletd.core.records import Membership, MeshletLink, MeshletOwner, at_uri, rkey_for_did
 
 A, B, C = "did:plc:alice", "did:plc:bob", "did:plc:carol"
 AM, BM, CM = "did:plc:alice-mesh", "did:plc:bob-mesh", "did:plc:carol-mesh"
 _rev = iter(range(10_000, 99_999))
+T = 1_764_000_000_000
 
 
-def put(did, model, rkey):
-    value = model.to_record(rkey=rkey)
-    return RecordEvent(did, model.NSID, rkey, "create", "cid", value, str(next(_rev)))
+def put(did, nsid, rkey, rec):
+    return RecordEvent(did, nsid, rkey, "create", "cid", record_to_json(rec), str(next(_rev)))
+
+
+def claim(owner, meshlet):
+    rkey = rkey_for_did(meshlet)
+    return put(
+        owner,
+        NSID_MESHLET,
+        rkey,
+        MeshletLink(at_uri(owner, NSID_MESHLET, rkey), owner, meshlet, created_at=T),
+    )
+
+
+def self_record(meshlet, owner, state="active", arch="amd64"):
+    uri = at_uri(meshlet, NSID_MESHLET_OWNER, "self")
+    rec = MeshletOwner(uri, meshlet, owner, 1000, 512, state=state, state_since=T, arch=arch)
+    return put(meshlet, NSID_MESHLET_OWNER, "self", rec)
+
+
+def consent(meshlet, members, cluster="home"):
+    uri = at_uri(meshlet, NSID_MEMBERSHIP, cluster)
+    return put(
+        meshlet, NSID_MEMBERSHIP, cluster, Membership(uri, meshlet, cluster, frozenset(members), T)
+    )
 
 
 def delete(did, nsid, rkey):
@@ -21,20 +46,10 @@ def delete(did, nsid, rkey):
 
 
 def link(view, owner, meshlet, consents_to=(), owner_back=None):
-    view.apply(put(owner, Meshlet(meshlet_did=meshlet), rkey_for_did(meshlet)))
-    view.apply(
-        put(
-            meshlet,
-            MeshletOwner(
-                owner_did=owner_back or owner,
-                capacity=Resources(milli_cpu=1000, memory_mib=512),
-                arch="amd64",
-            ),
-            "self",
-        )
-    )
+    view.apply(claim(owner, meshlet))
+    view.apply(self_record(meshlet, owner_back or owner))
     if consents_to:
-        view.apply(put(meshlet, Membership(cluster="home", members=tuple(consents_to)), "home"))
+        view.apply(consent(meshlet, consents_to))
 
 
 def members(view, cluster="home"):
@@ -65,14 +80,8 @@ def test_one_way_owner_link_is_rejected():
     assert members(v) == {AM}
     assert "one-way" in v.why_not(BM, B)
     v2 = ClusterView.create(AM, A, {"home": [B]})
-    v2.apply(
-        put(
-            BM,
-            MeshletOwner(owner_did=B, capacity=Resources(milli_cpu=1, memory_mib=1), arch="amd64"),
-            "self",
-        )
-    )
-    v2.apply(put(BM, Membership(cluster="home", members=(A,)), "home"))  # no claim by bob
+    v2.apply(self_record(BM, B))
+    v2.apply(consent(BM, [A]))  # no claim by bob
     assert members(v2) == {AM}
 
 
@@ -100,18 +109,7 @@ def test_overlapping_clusters_give_each_meshlet_its_own_view():
 def test_meshlet_owner_edits_and_draining_are_visible():
     v = ClusterView.create(AM, A, {"home": [B]})
     link(v, B, BM, [A])
-    v.apply(
-        put(
-            BM,
-            MeshletOwner(
-                owner_did=B,
-                state="draining",
-                capacity=Resources(milli_cpu=1, memory_mib=1),
-                arch="arm64",
-            ),
-            "self",
-        )
-    )
+    v.apply(self_record(BM, B, state="draining", arch="arm64"))
     assert v.clusters()["home"].members[BM].state == "draining"
     v.apply(delete(B, "commune.scheduler.meshlet", rkey_for_did(BM)))
     assert members(v) == {AM}

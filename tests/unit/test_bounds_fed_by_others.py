@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import trio
 
-from meshletd.atproto.cluster import MAX_MESHLETS_PER_OWNER, ClusterView
+from meshletd.atproto.cluster import MAX_MESHLETS_PER_OWNER
+from meshletd.atproto.cluster import ConfiguredClusters as ClusterView
 from meshletd.atproto.firehose import Firehose, MemoryCursorStore
 from meshletd.atproto.frames import RecordEvent, RepoMirror
 from meshletd.atproto.identity import Identity, StaticIdentityResolver
@@ -31,8 +32,32 @@ def test_an_owner_claiming_thousands_of_meshlets_is_bounded_the_same_way_everywh
         b.apply(ev)
     assert len(a.claimed_meshlets(owner)) == MAX_MESHLETS_PER_OWNER
     assert a.claimed_meshlets(owner) == b.claimed_meshlets(owner)
-    assert len(a.claims[owner]) <= 1024
+    assert len(a.records.claims(owner)) <= 1024
     assert len(a.watched_dids()) <= MAX_MESHLETS_PER_OWNER + 3
+
+
+def test_the_scheduler_counts_the_same_claims_as_the_cluster_view():
+    # One ClusterView (meshletd.core.cluster): eligibility is judged from the claims that
+    # count, so a meshlet named by an owner's 65th claim is not verified anywhere.
+    owner = "did:plc:mallory"
+    view = ClusterView.create("did:plc:me", "did:plc:myowner", {"home": [owner]})
+    for i in range(MAX_MESHLETS_PER_OWNER + 1):
+        meshlet = f"did:plc:m{i}"
+        view.apply(claim(owner, f"k{i:05d}", meshlet))
+        self_record = {
+            "$type": "commune.scheduler.meshletOwner",
+            "ownerDid": owner,
+            "state": "active",
+            "capacity": {"milliCpu": 1000, "memoryMiB": 1024},
+            "arch": "amd64",
+            "createdAt": NOW,
+        }
+        view.apply(
+            RecordEvent(meshlet, self_record["$type"], "self", "create", "bafy", self_record, "r")
+        )
+    core = view.records  # the scheduler's kind of view, fed the same records
+    assert core.verified("did:plc:m0")
+    assert not core.verified(f"did:plc:m{MAX_MESHLETS_PER_OWNER}")
 
 
 def test_the_mirror_holds_a_bounded_number_of_records_per_repo_and_collection():

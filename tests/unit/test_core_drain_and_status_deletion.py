@@ -7,11 +7,11 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     MeshletIdentity,
     PutRecord,
     RecordDeleted,
-    RecordSeen,
     ReplicaStateChanged,
     Scheduler,
     SetDraining,
@@ -19,8 +19,6 @@ from meshletd.core import (
     StopReplica,
     Tick,
     WorkloadStatus,
-    record_from_json,
-    record_to_json,
 )
 from meshletd.core.records import (
     MAX_DRAINS,
@@ -29,6 +27,7 @@ from meshletd.core.records import (
     MeshletOwner,
     at_uri,
     format_datetime_ms,
+    with_state_history,
 )
 from meshletd.core.scheduler import status_rkey
 
@@ -156,35 +155,17 @@ def test_the_drain_history_keeps_the_newest_intervals() -> None:
     assert as_published(last).drains == last.drains
 
 
-def test_draining_keeps_the_fields_the_daemon_published_in_our_record() -> None:
-    # The daemon publishes meshletOwner with fields the core does not model; the core's own
-    # rewrite (drain, undrain) keeps them, so peers can still seal secrets to us.
-    uri = at_uri(mesh(0), NSID_MESHLET_OWNER, "self")
-    published = {
-        "$type": NSID_MESHLET_OWNER,
-        "ownerDid": owner(0),
-        "state": "active",
-        "stateSince": format_datetime_ms(T0 - 1),
-        "capacity": {"milliCpu": CPU, "memoryMiB": MEM, "storageMiB": 20_480},
-        "arch": "amd64",
-        "labels": [],
-        "encryptionKey": "k" * 44,
-        "version": "0.9.1",
-        "createdAt": format_datetime_ms(T0 - 1),
-    }
+def test_a_drain_record_read_back_from_its_json_is_the_one_written() -> None:
+    # What the core writes on drain and undrain is what every peer reads back (the
+    # publisher adds only fields that take no part in placement: key, version, storage).
     core = Scheduler(MeshletIdentity(mesh(0), owner(0), CPU, MEM))
     core.handle(Tick(T0))
-    feed(core, [r for r in cluster_records(2) if getattr(r, "uri", "") != uri])
-    core.handle(RecordSeen(record_from_json(uri, "cid", published)))  # type: ignore[arg-type]
+    feed(core, cluster_records(2))
     for draining in (True, False):
         core.handle(Tick(T0 + 1000 + 1000 * draining))
         (rec,) = my_owner_records(core.handle(SetDraining(draining)))
-        value = record_to_json(rec)
-        assert value["encryptionKey"] == "k" * 44
-        assert value["version"] == "0.9.1"
-        assert value["capacity"] == {"milliCpu": CPU, "memoryMiB": MEM, "storageMiB": 20_480}
-        assert "endpoint" not in value  # the lexicon wants a URI or nothing
-        feed(core, [record_from_json(uri, "cid2", value)])
+        assert as_published(rec) == rec
+        assert "endpoint" not in record_to_json(rec)  # the lexicon wants a URI or nothing
 
 
 def test_the_drain_record_validates_against_the_lexicon() -> None:
@@ -254,23 +235,16 @@ def test_a_deleted_bid_no_longer_counts_and_observers_agree_once_they_see_it() -
 
 
 def test_republishing_our_record_at_start_keeps_the_drain_history() -> None:
-    # The daemon rebuilds meshletOwner from its configuration at start (state active); it
+    # The publisher rebuilds meshletOwner from its configuration at start (state active); it
     # must not drop past drains, and leaving a drain that way records its interval too.
-    from meshletd.atproto.cluster import keep_state_history
-
-    d, u, now = (format_datetime_ms(x) for x in (DRAIN, UNDRAIN, UNDRAIN + 5000))
-    old = {"state": "active", "stateSince": u, "drains": [{"since": d, "until": u}]}
-    value = {"state": "active", "createdAt": now}
-    keep_state_history(old, value)
-    assert value == {**old, "createdAt": now}
-    was_draining = {"state": "draining", "stateSince": d}
-    value = {"state": "active", "createdAt": now}
-    keep_state_history(was_draining, value)
-    assert value["stateSince"] == now
-    assert value["drains"] == [{"since": d, "until": now}]
-    value = {"state": "active", "createdAt": now}
-    keep_state_history(None, value)
-    assert value == {"state": "active", "createdAt": now, "stateSince": now}
+    now = UNDRAIN + 5000
+    was = owner_record(0, "active", UNDRAIN, [(DRAIN, UNDRAIN)])
+    wanted = owner_record(0, "active", 0)
+    assert with_state_history(wanted, was, now) == was
+    was_draining = owner_record(0, "draining", DRAIN)
+    got = with_state_history(wanted, was_draining, now)
+    assert (got.state_since, got.drains) == (now, ((DRAIN, now),))
+    assert with_state_history(wanted, None, now) == owner_record(0, "active", now)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -303,26 +277,3 @@ def test_an_undrain_never_changes_the_placement_of_closed_rounds(scen, k, d, u, 
     feed(late, records)
     late.handle(Tick(undrain_at + 1000))
     assert late.placement() == before
-
-
-def test_draining_keeps_the_newest_fields_the_daemon_published() -> None:
-    # The daemon republishes our record with a new version (an upgrade): the placement
-    # fields are the same, but the next drain must carry the new version, not the old one.
-    uri = at_uri(mesh(0), NSID_MESHLET_OWNER, "self")
-    value = {
-        "$type": NSID_MESHLET_OWNER,
-        "ownerDid": owner(0),
-        "state": "active",
-        "stateSince": format_datetime_ms(T0 - 1),
-        "capacity": {"milliCpu": CPU, "memoryMiB": MEM},
-        "arch": "amd64",
-        "version": "0.9.1",
-        "createdAt": format_datetime_ms(T0 - 1),
-    }
-    core = Scheduler(MeshletIdentity(mesh(0), owner(0), CPU, MEM))
-    core.handle(Tick(T0))
-    feed(core, [r for r in cluster_records(2) if getattr(r, "uri", "") != uri])
-    feed(core, [record_from_json(uri, "cid", value)])
-    feed(core, [record_from_json(uri, "cid2", {**value, "version": "0.9.2"})])
-    (rec,) = my_owner_records(core.handle(SetDraining(True)))
-    assert record_to_json(rec)["version"] == "0.9.2"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     Bid,
     Lease,
@@ -18,8 +19,6 @@ from meshletd.core import (
     Tick,
     Timing,
     WakeAt,
-    record_from_json,
-    record_to_json,
 )
 from meshletd.core.records import NSID_LEASE, at_uri
 from meshletd.core.timing import LEASE_MAX_VALID_MS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     Bid,
     DeleteRecord,
@@ -19,8 +20,6 @@ from meshletd.core import (
     StopReplica,
     Tick,
     WorkloadStatus,
-    record_from_json,
-    record_to_json,
 )
 from meshletd.core.records import NSID_STATUS, MeshletOwner, at_uri
 
@@ -64,6 +63,8 @@ def test_the_winner_starts_its_replica_and_reports_running_once() -> None:
     out = core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
     statuses = [a for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
     assert len(statuses) == 1 and statuses[0].create and statuses[0].record.state == "running"
+    # the status names the version of the workload it runs, as the lexicon's workloadRef wants
+    assert statuses[0].record.workload_cid == wl.cid
     out = core.handle(Tick(CLOSE + 5000))
     assert of(out, PutRecord) == []  # no heartbeat writes
     assert core.placement()[wl.uri] == ((0, mesh(0)), (0, mesh(1)))

@@ -17,10 +17,7 @@ BUSYBOX = {
     "name": "busybox",
     "image": "localhost/busybox:latest",
     "resources": {"milliCpu": 100, "memoryMiB": 128},
-    "replicas": 1,
-    "kind": "service",
-    "restartPolicy": "on-failure",
-}
+}  # replicas, kind and restartPolicy left out: meshletd fills them, once
 
 CASES = [
     (["run", "localhost/busybox:latest"], BUSYBOX),
@@ -36,7 +33,7 @@ CASES = [
          "B=x=y", "--constraint", "arch=amd64", "--constraint", "packing", "--cluster", "home",
          "img:1"],
         {"name": "job1", "image": "img:1", "resources": {"milliCpu": 100, "memoryMiB": 128},
-         "replicas": 1, "kind": "job", "restartPolicy": "never",
+         "kind": "job", "restartPolicy": "never",
          "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "x=y"}],
          "constraints": {"arch": ["amd64"], "allowPacking": True}, "cluster": "home"},
     ),

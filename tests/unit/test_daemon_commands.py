@@ -18,9 +18,10 @@ from tests.unit.daemon_parts import (
     WORKLOAD,
     parts,
     put,
+    workload_value,
 )
 
-RECORD = {"name": "web", "image": "localhost/busybox", "replicas": 1}
+RECORD = workload_value()
 BOB_URI = f"at://{BOB}/{WORKLOAD}/3kbob"
 NOW = "2026-12-04T05:00:00.000Z"
 
@@ -31,8 +32,7 @@ async def test_a_published_workload_is_in_the_owners_repo_and_shown_at_once() ->
     rkey = got["uri"].rsplit("/", 1)[1]
     cid, stored = p.owner_repo.records[(WORKLOAD, rkey)]
     assert got["cid"] == cid and stored["name"] == "web"
-    # The publisher's round-0 window travels in the record.
-    assert stored["bidWindowMs"] == p.local.cfg.scheduling.bid_window_ms
+    assert stored == RECORD  # written as given: the defaults were filled once, before
     assert [w["uri"] for w in p.read.workloads()] == [got["uri"]]
     with pytest.raises(Conflict):
         await p.commands.create_workload(dict(RECORD))
@@ -111,7 +111,13 @@ async def test_our_owners_secret_comes_from_the_local_store() -> None:
 async def test_logs_of_a_replica_elsewhere_come_from_its_host_as_the_owner() -> None:
     p = parts()
     uri = (await p.commands.create_workload(dict(RECORD)))["uri"]
-    status = {"workload": {"uri": uri, "cid": "bafyx"}, "slot": 0, "round": 0, "state": "running"}
+    status = {
+        "workload": {"uri": uri, "cid": "bafyreiabcdefgh"},
+        "slot": 0,
+        "round": 0,
+        "state": "running",
+        "updatedAt": NOW,
+    }
     p.feed(put(BOB_MESH, "workloadStatus", "s1", status))
     lines = [{"line": "hello"}, {"line": "world"}]
     p.peers.peers[BOB_MESH] = FakePeer(logs={(uri, 0): lines})

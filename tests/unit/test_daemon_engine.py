@@ -3,15 +3,17 @@ seen on the firehose ends as a running replica here, and its deletion stops it."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 import trio
 
 from meshletd.atproto.pds import Write
+from meshletd.atproto.records import record_from_json
 from meshletd.core.actions import StartReplica
-from meshletd.core.records import format_datetime_ms, record_from_json
+from meshletd.core.events import SetDraining
+from meshletd.core.records import MeshletOwner, Workload, format_datetime_ms
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
 from meshletd.daemon.engine import Engine, replica_id, replica_spec
 from meshletd.runtime import FakeMachine, fake_runtime
@@ -87,17 +89,14 @@ async def fetch_secret(workload_uri: str, name: str) -> bytes | None:
 async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list[Write]) -> Engine:
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
-    raw: dict[str, dict[str, Any]] = {}
     engine = Engine(
         sched,
         fake_runtime(machine),
         writes.append,
-        raw_workload=raw.get,
         secret=fetch_secret,
-        workload_cid=lambda uri: "bafy" + uri.rsplit("/", 1)[1],
+        own_record=lambda decided: replace(decided, version="9.9.9", encryption_key="a2V5"),
         clock=clock,
     )
-    engine.raw = raw  # type: ignore[attr-defined]
     await nursery.start(engine.run)
     for ev in cluster_records(int(clock() * 1000)):
         engine.record_changed(ev)
@@ -117,7 +116,6 @@ async def test_a_workload_seen_becomes_a_running_replica_and_stops_when_deleted(
     writes: list[Write] = []
     engine = await start(nursery, machine, writes)
     ev = workload(int((T0 + trio.current_time()) * 1000))
-    engine.raw[ev.uri] = ev.record
     engine.record_changed(ev)
     key = (ev.uri, 0)
     await wait_for(lambda: engine.scheduler.replicas().get(key) == "running")
@@ -144,7 +142,6 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
     writes: list[Write] = []
     first = await start(nursery, machine, writes)
     ev = workload(int((T0 + trio.current_time()) * 1000))
-    first.raw[ev.uri] = ev.record
     first.record_changed(ev)
     await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
 
@@ -158,7 +155,8 @@ async def test_replicas_are_adopted_on_start(nursery: trio.Nursery, autojump_clo
 def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> None:
     ev = workload(1_800_000_000_000, secrets=True)
     wl = record_from_json(ev.uri, ev.cid, ev.record)
-    spec = replica_spec(StartReplica(wl, 0, 0), ev.record, {"db": b"hunter2"}, "alice")
+    assert isinstance(wl, Workload)
+    spec = replica_spec(StartReplica(wl, 0, 0), {"db": b"hunter2"}, "alice")
     assert spec.image == "localhost/busybox:latest" and spec.args == ("sleep", "60")
     assert spec.env == (("MODE", "test"),)
     assert spec.secrets[0].name == "db" and spec.secrets[0].data == b"hunter2"
@@ -168,8 +166,9 @@ def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> No
 def test_a_spec_without_a_referenced_secret_is_refused() -> None:
     ev = workload(1_800_000_000_000, secrets=True)
     wl = record_from_json(ev.uri, ev.cid, ev.record)
+    assert isinstance(wl, Workload)
     with pytest.raises(LookupError, match="'db' is not available"):
-        replica_spec(StartReplica(wl, 0, 0), ev.record, {}, "alice")
+        replica_spec(StartReplica(wl, 0, 0), {}, "alice")
 
 
 async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(
@@ -179,9 +178,24 @@ async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(
     engine = await start(nursery, machine, [])
     ev = workload(int((T0 + trio.current_time()) * 1000), secrets=True)
     ev.record["secrets"] = [{"name": "missing"}]
-    engine.raw[ev.uri] = ev.record
     engine.record_changed(ev)
     await wait_for(lambda: engine.handled > 20 and not engine.runtime.replicas(), 30)
     await trio.sleep(10)
     assert engine.scheduler.replicas().get((ev.uri, 0)) != "running"
     assert not [r for r in engine.runtime.replicas() if r.state == "running"]
+
+
+async def test_a_drain_decided_by_the_core_is_written_as_the_publisher_shapes_it(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    writes: list[Write] = []
+    engine = await start(nursery, FakeMachine(), writes)
+    await wait_for(lambda: engine.handled >= 3)
+    engine.feed(SetDraining(True))
+    await wait_for(lambda: any(w.collection.endswith("meshletOwner") for w in writes))
+    (w,) = [w for w in writes if w.collection.endswith("meshletOwner")]
+    assert w.value is not None and w.value["state"] == "draining"
+    # the publisher's fields (own_record), the core's decision (state and since)
+    assert w.value["version"] == "9.9.9" and w.value["encryptionKey"] == "a2V5"
+    rec = record_from_json(f"at://{ME}/{w.collection}/self", "cid", w.value)
+    assert isinstance(rec, MeshletOwner) and rec.state_since == engine.scheduler.draining_since

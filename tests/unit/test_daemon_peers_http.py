@@ -112,7 +112,14 @@ async def harness(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[HttpHa
     host, port = daemon.tcp_address
     h = HttpHarness(node, f"http://{host}:{port}", issuers)
     created = await node.create_workload(
-        {"name": "web", "replicas": 1, "resources": {"milliCpu": 100, "memoryMiB": 64}}
+        {
+            "name": "web",
+            "image": "localhost/busybox:latest",
+            "kind": "service",
+            "cluster": "home",
+            "replicas": 1,
+            "resources": {"milliCpu": 100, "memoryMiB": 64},
+        }
     )
     h.workload = created["uri"]
     for line in LINES:

@@ -4,18 +4,29 @@ followed and the scheduler core's answers (here fixed by a fake)."""
 from __future__ import annotations
 
 from meshletd.atproto.frames import Refusal
-from tests.unit.daemon_parts import BOB, BOB_MESH, ME, OWNER, WORKLOAD, parts, put
+from tests.unit.daemon_parts import (
+    BOB,
+    BOB_MESH,
+    ME,
+    OWNER,
+    STAMP,
+    WORKLOAD,
+    parts,
+    put,
+    workload_value,
+)
 
 URI = f"at://{OWNER}/{WORKLOAD}/3kweb"
-RECORD = {"name": "web", "replicas": 3, "resources": {"milliCpu": 100, "memoryMiB": 64}}
+RECORD = workload_value(replicas=3)
 
 
 def status(meshlet_slot: int, state: str, round_: int = 0) -> dict[str, object]:
     return {
-        "workload": {"uri": URI, "cid": "bafyx"},
+        "workload": {"uri": URI, "cid": "bafyreiabcdefgh"},
         "slot": meshlet_slot,
         "round": round_,
         "state": state,
+        "updatedAt": STAMP,
     }
 
 
@@ -82,7 +93,13 @@ def test_bids_are_shown_by_round_best_first_with_the_winners() -> None:
     p = parts()
     p.feed(put(OWNER, "workload", "3kweb", RECORD))
     for rkey, meshlet, priority in (("b1", ME, 5), ("b2", BOB_MESH, 9)):
-        bid = {"workload": {"uri": URI, "cid": "bafyx"}, "round": 0, "priority": priority}
+        bid = {
+            "workload": {"uri": URI, "cid": "bafyreiabcdefgh"},
+            "round": 0,
+            "priority": priority,
+            "slots": 1,
+            "createdAt": STAMP,
+        }
         p.feed(put(meshlet, "bid", rkey, bid))
     p.feed(put(BOB_MESH, "workloadStatus", "s1", status(0, "running")))
     (round0,) = p.read.bids("web")["rounds"]

@@ -8,14 +8,24 @@ from pathlib import Path
 import pytest
 
 from meshletd.atproto.lexicon import validate_record
+from meshletd.atproto.records import record_to_json
 from meshletd.core.records import MeshletOwner as CoreOwner
-from meshletd.core.records import format_datetime_ms, record_to_json
+from meshletd.core.records import format_datetime_ms
 from meshletd.daemon.local import Local
 from meshletd.daemon.publisher import PdsPublisher
 from meshletd.daemon.secrets import EncryptionKey, SecretStore, seal
 from meshletd.errors import Forbidden, NotFound
 from meshletd.store import MemoryStore, StateStore
-from tests.unit.daemon_parts import ME, OWNER, Parts, config, owner_record, parts, put
+from tests.unit.daemon_parts import (
+    ME,
+    OWNER,
+    Parts,
+    config,
+    owner_record,
+    parts,
+    put,
+    workload_value,
+)
 
 WINNER, OTHER = "did:plc:bobmesh", "did:plc:eve"
 URI = f"at://{OWNER}/commune.scheduler.workload/3kweb"
@@ -46,16 +56,12 @@ def with_placement(slot_holder: str) -> tuple[Parts, EncryptionKey]:
     """alice's meshlet schedules a workload referencing secret `db`, whose slot 0 is held
     by `slot_holder`; WINNER publishes an encryption key, OTHER none."""
     p = parts()
-    p.feed(put(OWNER, "workload", "3kweb", {"name": "web", "secrets": [{"name": "db"}]}))
+    p.feed(put(OWNER, "workload", "3kweb", workload_value(secrets=[{"name": "db"}])))
     p.secrets.put("db", b"hunter2")
     winner_key = EncryptionKey(MemoryStore())
     for did in (WINNER, OTHER):
         key = winner_key.public_b64 if did == WINNER else None
-        p.view.apply(
-            put(
-                did, "meshletOwner", "self", owner_record("did:plc:bob", key).to_record(rkey="self")
-            )
-        )
+        p.view.apply(put(did, "meshletOwner", "self", owner_record(did, "did:plc:bob", key)))
     p.schedule().scheduler.slots[URI] = ((0, slot_holder),)
     return p, winner_key
 
@@ -110,6 +116,7 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
         "periodStart": format_datetime_ms(end - 60_000),
         "periodEnd": format_datetime_ms(end),
         "entries": [{"ownerDid": OWNER, "milliCpuSeconds": 6000, "memoryMiBSeconds": 100}],
+        "createdAt": format_datetime_ms(end),
     }
     p.feed(put(WINNER, "usage", "u1", usage))
     ledger = {o["ownerDid"]: o for o in p.read.balance(now)["owners"]}
@@ -120,12 +127,13 @@ def test_the_balance_follows_usage_records_with_the_cores_formula() -> None:
 def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
     p, _ = with_placement(WINNER)
     status = {
-        "workload": {"uri": URI, "cid": "bafy3kweb"},
+        "workload": {"uri": URI, "cid": "bafyreiabcdefgh"},
         "slot": 0,
         "round": 0,
         "state": "failed",
         "exitCode": 4,
         "restarts": 0,
+        "updatedAt": format_datetime_ms(1_764_000_000_000),
     }
     p.feed(put(WINNER, "workloadStatus", "s1", status))
     (replica,) = p.read.workload(URI)["running"]
@@ -134,8 +142,9 @@ def test_replica_views_carry_the_hosts_reported_exit_code() -> None:
 
 
 def test_a_drained_meshlet_still_publishes_its_encryption_key() -> None:
-    """The core rewrites meshletOwner on drain/undrain; the key must survive it, or the
-    owner's meshlet refuses every secret to this meshlet ("publishes no encryption key")."""
+    """The core decides drain/undrain; the publisher shapes the record it writes, so the key
+    survives it, or the owner's meshlet would refuse every secret to this meshlet
+    ("publishes no encryption key")."""
     key = EncryptionKey(MemoryStore())
     publisher = PdsPublisher(Local(config()), key)
     drained = CoreOwner(
@@ -146,9 +155,14 @@ def test_a_drained_meshlet_still_publishes_its_encryption_key() -> None:
         memory_mib=1024,
         state="draining",
         state_since=1_700_000_000_000,
+        drains=((1_600_000_000_000, 1_600_000_100_000),),
     )
-    value = publisher.complete(record_to_json(drained))
-    validate_record("commune.scheduler.meshletOwner", value)
+    value = record_to_json(publisher.owner_record(drained))
+    validate_record("commune.scheduler.meshletOwner", value, rkey="self")
     assert value["encryptionKey"] == key.public_b64
     assert value["state"] == "draining" and value["capacity"]["storageMiB"] == 10_240
+    assert value["stateSince"] == format_datetime_ms(drained.state_since)
+    assert value["drains"] == [
+        {"since": format_datetime_ms(a), "until": format_datetime_ms(b)} for a, b in drained.drains
+    ]
     assert "endpoint" not in value  # none configured: no empty string the lexicon refuses

@@ -268,6 +268,18 @@ async def test_malformed_calls_get_stable_error_names(running: Running) -> None:
     assert resp.status_code == 501
 
 
+async def test_parameters_are_checked_by_their_lexicon(running: Running) -> None:
+    # Formats and lengths come from lexicons/farm/meshlet/*.json, not from a copy in the
+    # daemon: getWorkloadStatus's `uri` is an at-uri, getLogs' `cursor` at most 1024 bytes.
+    resp = await running.call("farm.meshlet.getWorkloadStatus", who=BOB, params={"uri": "x"})
+    assert resp.status_code == 400 and error(resp) == "InvalidRequest"
+    assert "uri: not a valid at-uri" in resp.json()["message"]
+    uri = f"at://{ALICE}/commune.scheduler.workload/3kweb"
+    params = {"uri": uri, "cursor": "c" * 1025}
+    resp = await running.call("farm.meshlet.getLogs", who=ALICE, params=params)
+    assert resp.status_code == 400 and "cursor: longer than 1024 bytes" in resp.json()["message"]
+
+
 async def test_list_workloads_pages_with_a_cursor(running: Running) -> None:
     for i in range(3):
         await make_workload(running, f"w{i}")
@@ -380,6 +392,23 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
             "getHandles",
         )
     }
+
+
+async def test_create_workload_fills_the_defaults_once(running: Running) -> None:
+    # `meshletctl run` may leave out what createWorkload's lexicon lists; the publisher's
+    # round-0 window ([scheduling] bid_window_ms) travels in the record.
+    resp = await running.unix.post(
+        "/xrpc/farm.meshlet.ctl.createWorkload",
+        json={
+            "record": {"name": "lean", "image": "i", "resources": {"milliCpu": 1, "memoryMiB": 4}}
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    stored = running.daemon.node._workloads[resp.json()["uri"]].record  # type: ignore[attr-defined]
+    cfg = running.daemon.cfg
+    assert stored["cluster"] == cfg.clusters[0].name and stored["kind"] == "service"
+    assert stored["replicas"] == 1 and stored["bidWindowMs"] == cfg.scheduling.bid_window_ms
+    assert stored["createdAt"].endswith("Z")
 
 
 async def test_create_workload_input_is_checked_against_its_lexicon(running: Running) -> None:

@@ -7,7 +7,7 @@ from meshletd.runtime.events import (
     ReplicaFailed,
     ReplicaOomKilled,
     ReplicaStopped,
-    Usage,
+    ReplicaUsage,
 )
 from meshletd.runtime.outcome import (
     CLD_EXITED,
@@ -44,7 +44,7 @@ def test_unit_phases() -> None:
 
 
 def end(unit: UnitSnapshot, container: ContainerSnapshot | None = None, **kw: object):
-    args = {"ran": True, "stop_requested": False, "oom_counted": False, "usage": Usage()}
+    args = {"ran": True, "stop_requested": False, "oom_counted": False, "usage": ReplicaUsage()}
     args.update(kw)
     return end_event(R, unit, container, **args)  # type: ignore[arg-type]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meshletd.runtime.systemd import _b, _proc_cpu_ns, detect_cgroup_v2
+from meshletd.runtime.dbus import to_dbus as _b
+from meshletd.runtime.systemd import _proc_cpu_ns, detect_cgroup_v2
 
 
 def test_unit_properties_are_turned_into_the_bytes_pystemd_sends() -> None:
@@ -30,7 +31,7 @@ def test_a_hybrid_cgroup_layout_counts_as_v1(tmp_path: Path) -> None:
 
 def test_a_podman_call_has_ended_only_once_its_unit_ran_and_stopped() -> None:
     from meshletd.runtime.outcome import UnitSnapshot
-    from meshletd.runtime.systemd import _call_ended
+    from meshletd.runtime.podman_call import call_ended as _call_ended
 
     loaded = {"name": "u", "load_state": "loaded"}
     # StartTransientUnit returned, the start job has not run yet: inactive but not ended.

@@ -80,3 +80,19 @@ def test_names_keep_a_readable_prefix_for_operators() -> None:
     name = naming.unit_name(ReplicaId("did:plc:alice", "web", 0), "alice.example.com")
     assert name.startswith("meshlet-alice.example.com-web-0-")
     assert len(name) < 140
+
+
+def test_podman_secret_names_fit_podmans_64_characters() -> None:
+    """The 128-bit tag made `<container>.<secret>` longer than podman allows (seen in the
+    e2e: `podman secret create` refused the name)."""
+    import re
+
+    rid = ReplicaId("did:plc:bussyd4mkaqeuhzz", "3n3t3vw7jbaze" + "x" * 40, 9999)
+    container = naming.container_name(rid, "h" * 253)
+    for secret in ("db", "a" * 63, "db.password_1"):
+        name = naming.secret_name(container, secret)
+        assert len(name) <= 64 and re.fullmatch(r"[A-Za-z0-9_.-]+", name)
+        assert name.startswith(naming.secret_prefix(container))
+    assert naming.secret_name(container, "db") != naming.secret_name(container, "dc")
+    other = naming.container_name(ReplicaId("did:plc:x", "w", 0), "h")
+    assert naming.secret_prefix(other) != naming.secret_prefix(container)

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshletd.atproto.lexicon import InvalidRecord, validate_record
-from meshletd.core import PutRecord, Scheduler, Workload, record_from_json, record_to_json
+from meshletd.atproto.records import record_from_json, record_to_json
+from meshletd.core import PutRecord, Scheduler, Workload
 from meshletd.core.records import NSID_WORKLOAD, format_datetime_ms
 from meshletd.sim.world import CLUSTER, EPOCH, Config, Node, Sim
 
@@ -75,9 +76,7 @@ class LexiconSim(Sim):
         kept = []
         for a in actions:
             if isinstance(a, PutRecord):
-                value = record_to_json(a.record)
-                if isinstance(value.get("workload"), dict) and not value["workload"]["cid"]:
-                    value["workload"]["cid"] = CID  # the daemon fills it in the same way
+                value = record_to_json(a.record)  # what the daemon writes, CIDs included
                 try:
                     validate_record(a.collection, value)
                 except InvalidRecord as e:

@@ -9,10 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshletd.atproto.lexicon import default_lexicons
+from meshletd.atproto.records import record_from_json
 from meshletd.atproto.validity import check_workload
 from meshletd.core.actions import StartReplica
-from meshletd.core.records import record_from_json
-from meshletd.daemon.engine import Engine
+from meshletd.core.records import Workload
+from meshletd.daemon.engine import replica_spec
 from meshletd.errors import InvalidRecord
 from meshletd.runtime.spec import InvalidReplicaSpec, validate_spec
 
@@ -100,9 +101,9 @@ def test_the_lexicon_closes_kind_and_restart_policy():
 def _spec(value):
     """The ReplicaSpec the daemon would hand the runtime for this record (engine.spec_for)."""
     wl = record_from_json(URI, "bafyreiabc", value)
-    engine = Engine(None, None, lambda w: None, raw_workload=lambda uri: value)
-    values = {ref["name"]: b"s" for ref in value.get("secrets", ())}
-    return engine.spec_for(StartReplica(wl, 0, 0), values)
+    assert isinstance(wl, Workload)
+    values = {ref.name: b"s" for ref in wl.secrets}
+    return replica_spec(StartReplica(wl, 0, 0), values, wl.owner.rsplit(":", 1)[-1][:16])
 
 
 _text = st.text(st.characters(codec="utf-8"), max_size=12)

@@ -1,0 +1,78 @@
+"""One connection to a systemd manager over D-Bus (pystemd), and the value conversions it
+needs. Every call is blocking: `Bus.call` runs in one worker thread at a time (the caller
+uses `trio.to_thread`), and reconnects once when systemd re-executed or the bus dropped."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pystemd.dbusexc import DBusBaseError  # type: ignore[import-untyped]
+from pystemd.dbuslib import DBus, DBusAddress  # type: ignore[import-untyped]
+from pystemd.systemd1 import Manager  # type: ignore[import-untyped]
+from pystemd.systemd1.unit_signatures import (  # type: ignore[import-untyped]
+    KNOWN_UNIT_SIGNATURES,
+)
+
+_T = TypeVar("_T")
+SYSTEMD = b"org.freedesktop.systemd1"
+PROPS = b"org.freedesktop.DBus.Properties"
+# StartTransientUnit properties pystemd's signature table lacks (systemd >= 236, >= 243).
+KNOWN_UNIT_SIGNATURES.setdefault(b"AddRef", b"b")
+KNOWN_UNIT_SIGNATURES.setdefault(b"LogLevelMax", b"i")
+KNOWN_UNIT_SIGNATURES.setdefault(b"ExecStartPostEx", b"a(sasas)")
+
+
+def to_dbus(value: object) -> Any:
+    """Our property values with str turned into the bytes pystemd wants."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, list):
+        return [to_dbus(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_dbus(v) for v in value)
+    return value
+
+
+def from_dbus(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Bus:
+    """One connection to a service manager, used from one worker thread at a time.
+
+    `address` None is the system bus; otherwise a peer-to-peer socket (a user manager's
+    `/run/user/UID/systemd/private`, which root may use).
+    """
+
+    def __init__(self, address: bytes | None = None) -> None:
+        self._address = address
+        self.p2p = address is not None
+        self._bus: Any = None
+        self._manager: Any = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[[Any, Any], _T]) -> _T:
+
+        with self._lock:
+            for attempt in (1, 2):
+                if self._bus is None:
+                    if self._address is None:
+                        self._bus = DBus()
+                    else:
+                        self._bus = DBusAddress(self._address, peer_to_peer=True)
+                    self._bus.open()
+                    self._manager = Manager(bus=self._bus, _autoload=True)
+                try:
+                    return fn(self._bus, self._manager)
+                except DBusBaseError as err:
+                    if attempt == 1 and _is_connection_error(err):
+                        self._bus = None  # systemd re-executed or the bus dropped: reconnect
+                        continue
+                    raise
+            raise AssertionError("unreachable")
+
+
+def _is_connection_error(err: Exception) -> bool:
+    return getattr(err, "errno", 0) in (-104, -107, -32, -110)  # RESET, NOTCONN, PIPE, TIMEDOUT
