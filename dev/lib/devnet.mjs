@@ -5,7 +5,12 @@
 //          "fast_firehose": bool}
 // Writes STATE_DIR/devnet.json once every server is up and every account exists, then
 // runs until SIGTERM/SIGINT, when it stops the servers and exits 0.
+//
+// A PDS can be stopped and started again with its data (an outage, for tests):
+// POST <control_url>/pds/<i>/stop and POST <control_url>/pds/<i>/start (devnet.json names
+// control_url; loopback only).
 import fs from 'node:fs'
+import http from 'node:http'
 import { createRequire } from 'node:module'
 import net from 'node:net'
 import path from 'node:path'
@@ -63,10 +68,54 @@ async function startPds(index, port, plcUrl) {
     bskyAppViewUrl: undefined,
     crawlers: [],
   }
+  const server = await createPds(env)
+  return { server, env, url: `http://localhost:${port}`, did: env.serviceDid, handleDomain: `.pds${index}.test` }
+}
+
+async function createPds(env) {
   const server = await PDS.create(envToCfg(env), envToSecrets(env))
   if (cfg.fast_firehose) capSequencerBackoff(server)
   await server.start()
-  return { server, url: `http://localhost:${port}`, did: env.serviceDid, handleDomain: `.pds${index}.test` }
+  return server
+}
+
+// Outages: stop one PDS (its port closes; its data directory stays) and start it again on
+// the same port, keys and data.
+async function stopPds(pds) {
+  if (!pds.server) return 'stopped already'
+  const server = pds.server
+  pds.server = null
+  const i = servers.indexOf(server)
+  if (i >= 0) servers.splice(i, 1)
+  await server.destroy()
+  return 'stopped'
+}
+
+async function resumePds(pds) {
+  if (pds.server) return 'running already'
+  pds.server = await createPds(pds.env)
+  servers.push(pds.server)
+  return 'started'
+}
+
+function serveControl(pdses, port) {
+  const server = http.createServer(async (req, res) => {
+    const m = /^\/pds\/(\d+)\/(stop|start)$/.exec(req.url || '')
+    const pds = m && pdses[Number(m[1])]
+    if (req.method !== 'POST' || !pds) {
+      res.writeHead(404).end('POST /pds/<i>/stop or /pds/<i>/start\n')
+      return
+    }
+    try {
+      const what = await (m[2] === 'stop' ? stopPds(pds) : resumePds(pds))
+      log(`pds${m[1]} (${pds.url}): ${what}`)
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ pds: Number(m[1]), state: what }))
+    } catch (e) {
+      log(`pds${m[1]} ${m[2]} failed: ${e.stack || e}`)
+      res.writeHead(500).end(String(e))
+    }
+  })
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)))
 }
 
 // The sequencer polls its outbox with exponential backoff up to 1 s when idle. Real PDSes
@@ -125,9 +174,12 @@ try {
   }
   const accounts = {}
   for (const a of cfg.accounts) accounts[a.name] = await createAccount(a.name, pdses[a.pds])
+  const control = await serveControl(pdses, cfg.control_port || 0)
+  servers.push({ destroy: () => new Promise((resolve) => control.close(() => resolve())) })
   const desc = {
     pid: process.pid,
     plc_url: p.url,
+    control_url: `http://127.0.0.1:${control.address().port}`,
     pds: pdses.map((s) => ({ url: s.url, did: s.did, handle_domain: s.handleDomain })),
     accounts,
     fast_firehose: !!cfg.fast_firehose,

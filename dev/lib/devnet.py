@@ -143,6 +143,7 @@ class Devnet:
     pds_dids: list[str] = field(default_factory=list)
     accounts: dict[str, Account] = field(default_factory=dict)
     pid: int = 0
+    control_url: str = ""
 
     @classmethod
     def load(cls, state_dir: Path) -> Devnet:
@@ -154,6 +155,7 @@ class Devnet:
             pds_dids=[p["did"] for p in desc["pds"]],
             accounts={k: Account(**v) for k, v in desc["accounts"].items()},
             pid=desc["pid"],
+            control_url=desc.get("control_url", ""),
         )
 
     @classmethod
@@ -211,6 +213,24 @@ class Devnet:
         if pid_file.exists():
             _stop_pid(int(pid_file.read_text()))
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def stop_pds(self, pds: int) -> None:
+        """Stop PDS number `pds` (an outage): its port closes, its data stays."""
+        self._control(pds, "stop")
+
+    def start_pds(self, pds: int) -> None:
+        """Start PDS number `pds` again, on the same port with the same accounts and data."""
+        self._control(pds, "start")
+
+    def _control(self, pds: int, what: str) -> None:
+        if not self.control_url:
+            raise DevnetError("this devnet has no control endpoint (started by an older script)")
+        req = urllib.request.Request(f"{self.control_url}/pds/{pds}/{what}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as res:
+                res.read()
+        except urllib.error.HTTPError as e:
+            raise DevnetError(f"pds {pds} {what}: HTTP {e.code} {e.read().decode()}") from e
 
     def create_account(self, name: str, pds: int = 0) -> Account:
         """Create a fresh account (with an app password) on PDS number `pds`."""

@@ -15,6 +15,7 @@ from .actions import (
     WakeAt,
 )
 from .events import (
+    BidAbandoned,
     Event,
     ProbeResult,
     RecordDeleted,
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_TIMING",
     "Action",
     "Bid",
+    "BidAbandoned",
     "DeleteRecord",
     "EnvVar",
     "Event",

@@ -27,6 +27,7 @@ from .bounds import (
     workload_refusal,
 )
 from .events import (
+    BidAbandoned,
     Event,
     ProbeResult,
     RecordDeleted,
@@ -131,6 +132,8 @@ class Scheduler(Explanations, Reconciler):
         elif type(event) is SetDraining:
             self._resched = True
             self._on_drain(event)
+        elif type(event) is BidAbandoned:
+            self._on_bid_abandoned(event.uri)
 
     def _on_probe(self, p: ProbeResult) -> None:
         if self.liveness.on_probe(p.meshlet, p.ok, self.now) and not self.liveness.isolated(

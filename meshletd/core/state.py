@@ -150,10 +150,10 @@ class SchedulerState:
         if len(refused) > REFUSALS_KEPT:
             del refused[next(iter(refused))]
 
-    def _put(self, coll: str, rkey: str, rec: Record) -> None:
+    def _put(self, coll: str, rkey: str, rec: Record, not_after: int | None = None) -> None:
         create = (coll, rkey) not in self._my_rkeys
         self._my_rkeys.add((coll, rkey))
-        self._out.insert(0, PutRecord(coll, rkey, rec, create))
+        self._out.insert(0, PutRecord(coll, rkey, rec, create, not_after))
 
     def _delete(self, coll: str, rkey: str) -> None:
         if (coll, rkey) not in self._my_rkeys:

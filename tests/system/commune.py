@@ -204,11 +204,21 @@ class Meshlet:
 class Commune:
     """Three meshlets (alice, bob, carol) on three booted hosts; see the module doc."""
 
-    def __init__(self, devnet: Any, meshlets: dict[str, Meshlet], *, trace: bool = False) -> None:
+    def __init__(
+        self,
+        devnet: Any,
+        meshlets: dict[str, Meshlet],
+        *,
+        trace: bool = False,
+        packaged_restart: bool = False,
+        crash_hook: bool = False,
+    ) -> None:
         self.devnet = devnet
         self.meshlets = meshlets
         self.hosts = [m.host for m in meshlets.values()]
         self.trace = trace  # meshletd logs its timing trace (meshletd/trace.py)
+        self.packaged_restart = packaged_restart  # keep the unit's own RestartSec=
+        self.crash_hook = crash_hook  # MESHLET_DEBUG_CRASH=1: SIGUSR2 crashes meshletd
 
     def __getitem__(self, person: str) -> Meshlet:
         return self.meshlets[person]
@@ -233,11 +243,14 @@ class Commune:
         scheduling: dict[str, int] | None = None,
         start: bool = True,
         trace: bool = False,
+        crash_hook: bool = False,
     ) -> Commune:
         """Accounts for alice, bob and carol (+ meshlets), three booted hosts, meshletd
         installed and (with `start`) started on each. Host names default to
         cm-a/cm-b/cm-c with a per-process suffix (test sessions run side by side). With
-        `trace`, each meshletd logs the timing trace benches read (meshletd/trace.py)."""
+        `trace`, each meshletd logs the timing trace benches read (meshletd/trace.py). With
+        `crash_hook`, SIGUSR2 makes meshletd crash (MESHLET_DEBUG_CRASH=1, docs/cli.md) and
+        the unit keeps its packaged restart delay (restart tests)."""
         tag = tag or f"{os.getpid()}x{next(_serial)}"
         names = list(names or (f"cm-{c}-{tag}"[:31] for c in "abc"))
         contribution = contribution or {"milli_cpu": 1000, "memory_mib": 512, "max_replicas": 8}
@@ -266,7 +279,9 @@ class Commune:
                 dict(scheduling or {}),
                 web_port=free_port(),
             )
-        commune = cls(devnet, meshlets, trace=trace)
+        commune = cls(
+            devnet, meshlets, trace=trace, packaged_restart=crash_hook, crash_hook=crash_hook
+        )
         try:
             for m in commune:
                 commune.install(m)
@@ -280,7 +295,11 @@ class Commune:
 
     def install(self, m: Meshlet) -> None:
         """The unit, its drop-in, meshlet.toml and the two app passwords on m's host."""
-        extra = "RestartSec=1s" + ("\nEnvironment=MESHLET_TRACE=1" if self.trace else "")
+        extra = "" if self.packaged_restart else "RestartSec=1s"
+        if self.trace:
+            extra += "\nEnvironment=MESHLET_TRACE=1"
+        if self.crash_hook:
+            extra += "\nEnvironment=MESHLET_DEBUG_CRASH=1"
         install_meshletd_unit(m.host, name="commune.conf", extra=extra)
         m.write("/etc/meshlet/meshlet.toml", m.config(self.devnet))
         m.write("/etc/meshlet/credentials/meshlet-app-password", m.mesh.app_password, "600")
