@@ -4,6 +4,7 @@ is reproducible (`dev/bench fuzz` runs the same drivers longer with a seed it pr
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
