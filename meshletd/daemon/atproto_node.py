@@ -231,6 +231,7 @@ class AtprotoNode:
             owner=cfg.owner,
             milli_cpu=cfg.contribution.milli_cpu,
             memory_mib=cfg.contribution.memory_mib,
+            max_replicas=cfg.contribution.max_replicas,
             arch=cfg.arch or machine_arch(),
             labels=frozenset(cfg.labels),
             endpoint=cfg.public_endpoint or "",

@@ -68,6 +68,7 @@ class Config:
     delete_fraction: float = 0.05  # of the initial workloads, deleted during the run
     cpu_milli: int = 16_000
     memory_mib: int = 32_768
+    max_replicas: int | None = None  # per meshlet ([contribution] max_replicas)
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
 
@@ -240,7 +241,13 @@ class Sim:
             self.push(at, K_FAULT, ("drain", rng.randrange(n), rng.random() < 0.5))
 
     def _boot(self, node: Node) -> None:
-        me = MeshletIdentity(node.did, node.owner, self.cfg.cpu_milli, self.cfg.memory_mib)
+        me = MeshletIdentity(
+            node.did,
+            node.owner,
+            self.cfg.cpu_milli,
+            self.cfg.memory_mib,
+            max_replicas=self.cfg.max_replicas,
+        )
         core = Scheduler(me, self.t)
         node.core = core
         node.alive = True
