@@ -24,9 +24,9 @@ class Orphans:
         self.bids: dict[str, list[Bid]] = {}
         self.statuses: dict[str, list[WorkloadStatus]] = {}
         # workload URI -> local time its first orphan arrived; insertion order is time order
-        self._since: dict[str, int] = {}
+        self.first_seen: dict[str, int] = {}
         self._per_meshlet: dict[str, int] = {}  # writer -> orphans it has here
-        self._over: set[str] = set()  # writers above ORPHANS_PER_MESHLET
+        self.over: set[str] = set()  # writers above ORPHANS_PER_MESHLET (trim them)
 
     def __len__(self) -> int:
         return sum(self._per_meshlet.values())
@@ -42,12 +42,12 @@ class Orphans:
         self._count(st.workload_uri, st.meshlet, now)
 
     def _count(self, workload_uri: str, meshlet: str, now: int) -> None:
-        if workload_uri not in self._since:
-            self._since[workload_uri] = now
+        if workload_uri not in self.first_seen:
+            self.first_seen[workload_uri] = now
         n = self._per_meshlet.get(meshlet, 0) + 1
         self._per_meshlet[meshlet] = n
         if n > ORPHANS_PER_MESHLET:
-            self._over.add(meshlet)
+            self.over.add(meshlet)
 
     def _uncount(self, meshlet: str) -> None:
         n = self._per_meshlet[meshlet] - 1
@@ -60,7 +60,7 @@ class Orphans:
         """The orphans of a workload that arrived (or was deleted), forgotten here."""
         bids = self.bids.pop(workload_uri, [])
         statuses = self.statuses.pop(workload_uri, [])
-        self._since.pop(workload_uri, None)
+        self.first_seen.pop(workload_uri, None)
         for b in bids:
             self._uncount(b.meshlet)
         for st in statuses:
@@ -95,34 +95,29 @@ class Orphans:
         if not self.statuses.get(workload_uri, True):
             del self.statuses[workload_uri]
         if workload_uri not in self.bids and workload_uri not in self.statuses:
-            self._since.pop(workload_uri, None)
+            self.first_seen.pop(workload_uri, None)
 
     def expire(self, now: int) -> None:
         """Drop the orphans of workloads that have not arrived ORPHAN_TTL_MS after their
         first orphan."""
-        since = self._since
+        since = self.first_seen
         while since:
             workload_uri, at = next(iter(since.items()))
             if at > now - ORPHAN_TTL_MS:
                 break
             self.take(workload_uri)
 
-    @property
-    def over(self) -> bool:
-        """Some writer has more orphans here than ORPHANS_PER_MESHLET."""
-        return bool(self._over)
-
     def trim(self) -> None:
         """Bring every writer back to ORPHANS_PER_MESHLET, dropping its oldest orphans."""
-        for meshlet in sorted(self._over):
+        for meshlet in sorted(self.over):
             excess = self._per_meshlet.get(meshlet, 0) - ORPHANS_PER_MESHLET
-            for workload_uri in list(self._since):
+            for workload_uri in list(self.first_seen):
                 if excess <= 0:
                     break
                 excess = self._drop_from(self.bids.get(workload_uri, []), meshlet, excess)
                 excess = self._drop_from(self.statuses.get(workload_uri, []), meshlet, excess)
                 self._forget_if_empty(workload_uri)
-        self._over.clear()
+        self.over.clear()
 
     def _drop_from(self, kept: list[_R], meshlet: str, excess: int) -> int:
         """Drop up to `excess` records of `meshlet` from `kept`, oldest first; the rest."""

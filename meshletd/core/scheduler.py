@@ -21,13 +21,8 @@ import heapq
 from .actions import Action, Reply, WakeAt
 from .bounds import (
     GONE_BIDS_KEPT,
-    MAX_EXIT_CODE,
-    MAX_RESTARTS,
     MAX_ROUND,
     MAX_SLOT,
-    MAX_TIME_MS,
-    MIN_EXIT_CODE,
-    MIN_TIME_MS,
     status_refusal,
     workload_refusal,
 )
@@ -234,13 +229,9 @@ class Scheduler(Explanations, Reconciler):
         self._dirty[wl.uri] = None
 
     def _on_status(self, st: WorkloadStatus) -> None:
-        if not (
-            0 <= st.round <= MAX_ROUND
-            and 0 <= st.slot <= MAX_SLOT
-            and 0 <= st.restarts <= MAX_RESTARTS
-            and MIN_TIME_MS <= st.updated_at <= MAX_TIME_MS
-        ) or (st.exit_code is not None and not MIN_EXIT_CODE <= st.exit_code <= MAX_EXIT_CODE):
-            # `status_refusal`, inlined (section 20)
+        if not (0 <= st.round <= MAX_ROUND and 0 <= st.slot <= MAX_SLOT):
+            # the fields that enter make-before-break, judged here whatever fed the status
+            # (section 20)
             self._refuse(st.uri, status_refusal(st))
             return
         if st.meshlet == self.me.did:
@@ -440,7 +431,8 @@ class Scheduler(Explanations, Reconciler):
                     self._dirty[key[0]] = None
                 if rep.lost_at is not None:
                     self._dirty[key[0]] = None
-        self.orphans.expire(now)
+        if self.orphans.first_seen:
+            self.orphans.expire(now)
         self._usage_tick()
 
     # ==================================================================== decide
@@ -451,7 +443,7 @@ class Scheduler(Explanations, Reconciler):
         if self._bid_batch_at is not None and self._bid_batch_at <= self.now:
             self._bid_batch()
             self._resolve_dirty()
-        if self.orphans.over:
+        if self.orphans.over:  # a writer above its share (section 20)
             self.orphans.trim()
         if self._resched or self._out:
             self._schedule()

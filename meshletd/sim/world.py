@@ -320,15 +320,6 @@ class Sim:
             elif isinstance(a, DeleteRecord):
                 node.points += DELETE
                 self._write(node, a.uri, None)
-            elif isinstance(a, WakeAt):
-                at = a.at - EPOCH - node.skew
-                if at < self.now:
-                    at = self.now
-                if node.wake_at != at:  # the latest WakeAt supersedes earlier ones
-                    node.wake_at = at
-                    self.push(at, K_TICK, (node.idx, node.core, at))
-            elif isinstance(a, ProbePeer):
-                probes.append(a.meshlet)
             elif isinstance(a, StartReplica):
                 self._start(node, a)
             elif isinstance(a, StopReplica):
