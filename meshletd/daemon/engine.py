@@ -138,6 +138,11 @@ class Engine:
         self.handled = 0
         self.adopted: list[ReplicaStatus] = []
 
+    @property
+    def admin_slice_keys(self) -> frozenset[str]:
+        """Slice limits an administrator's drop-in sets (the runtime leaves them to it)."""
+        return self.runtime.admin_slice_keys
+
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
