@@ -13,7 +13,9 @@ daemon sends have names (`ready`, `status`, `watchdog`, `stopping`, `reloading`)
 
 from __future__ import annotations
 
+import array
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -75,6 +77,25 @@ class SdNotifier:
     def watchdog(self) -> None:
         self.notify(WATCHDOG="1")
 
+    def store_fds(self, name: str, fds: list[int]) -> bool:
+        """Keep `fds` in systemd's file descriptor store under `name` (FDSTORE=1): they come
+        back in LISTEN_FDS at the next start of the service, restart or crash alike (the
+        unit needs FileDescriptorStoreMax=). False when not under systemd."""
+        if self._systemd is None or not fds:
+            return False
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        try:
+            # sdnotify's socket is connected to systemd's: one datagram with the fds.
+            self._systemd.socket.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()], rights)
+        except OSError:
+            self.dropped += 1
+            return False
+        return True
+
+    def remove_fds(self, name: str) -> None:
+        """Drop what the file descriptor store holds under `name`."""
+        self.notify(FDSTOREREMOVE="1", FDNAME=name)
+
     def close(self) -> None:
         if self._systemd is not None:
             self._systemd.socket.close()
@@ -86,6 +107,21 @@ def _one_line(value: object) -> str:
     # encodes latin-1, systemd reads UTF-8: anything else would arrive garbled).
     text = str(value).replace("\r", " ").replace("\n", " ")
     return text.encode("ascii", "replace").decode("ascii")
+
+
+def inherited_fds(environ: Mapping[str, str] | None = None) -> dict[str, list[int]]:
+    """Descriptors systemd passed us (sd_listen_fds): name -> fds, from LISTEN_PID,
+    LISTEN_FDS and LISTEN_FDNAMES. Empty unless they are meant for this process."""
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    out: dict[str, list[int]] = {}
+    for i in range(int(count)):
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        out.setdefault(name, []).append(3 + i)  # SD_LISTEN_FDS_START
+    return out
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:

@@ -31,7 +31,7 @@ import trio
 
 from meshletd.atproto.firehose import Firehose
 from meshletd.atproto.frames import RecordEvent
-from meshletd.atproto.identity import IdentityError
+from meshletd.atproto.identity import IdentityError, IdentityUnreachable
 from meshletd.atproto.pds import PdsClient, Write
 from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core.cluster import MAX_MESHLETS_PER_OWNER, MAX_STORED_CLAIMS, ClusterView
@@ -304,6 +304,11 @@ class ClusterFormation:
         # handed over as one batch (docs/protocol.md section 13: no decision on half a state).
         self._starting = True
         self._startup: list[RecordEvent] = []
+        # Repos whose start-up read is still missing, and how often it is tried again.
+        self.waiting_for: set[str] = set()
+        self.absent: set[str] = set()  # watched DIDs that resolve to no repo
+        self.retry_initial_s = 1.0
+        self.retry_max_s = 10.0
         self._deliver_lock = trio.Lock()
 
     def add_listener(self, fn: Callable[[RecordEvent], Any]) -> None:
@@ -326,6 +331,7 @@ class ClusterFormation:
             self._nursery = nursery
             await nursery.start(self.firehose.run)
             await self.sync_watches()
+            await self._until_complete()
             async with self._deliver_lock:
                 self._starting = False
                 batch, self._startup = self._startup, []
@@ -339,6 +345,34 @@ class ClusterFormation:
                 nursery.start_soon(self.sync_watches)  # changed while we handed over
             task_status.started(batch)
             # Follow-up watches (new meshlets claimed by owners) are started by _on_event.
+
+    def unread(self) -> set[str]:
+        """Watched repos not yet listed in full since start (empty: the view is complete).
+        A DID that resolves to no repo, or a repo its PDS says it does not hold, has
+        nothing to list: it does not hold the view back."""
+        done = self.firehose.read_once | self.absent
+        return {d for d in self.view.watched_dids() if d not in done}
+
+    async def _until_complete(self) -> None:
+        """Read again, with backoff, every watched repo whose first read failed (its PDS or
+        the PLC down): the start-up batch must hold every member's records, ours included
+        (docs/protocol.md section 13), so nothing is decided on half a view."""
+        delay = self.retry_initial_s
+        while unread := self.unread():
+            self.waiting_for = unread
+            log.warning(
+                "cluster: view incomplete, %d repo(s) not read yet (%s); reading again in %.0f s",
+                len(unread),
+                ", ".join(sorted(unread)),
+                delay,
+            )
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.retry_max_s)
+            await self.sync_watches()
+            async with trio.open_nursery() as nursery:
+                for did in sorted(self.unread() & self.firehose.interest.dids):
+                    nursery.start_soon(self.firehose.resync_logged, did)
+        self.waiting_for = set()
 
     async def sync_watches(self) -> None:
         """Watch every repo the view needs; stop watching the ones it no longer needs."""
@@ -357,7 +391,13 @@ class ClusterFormation:
     async def _watch(self, did: str) -> None:
         try:
             await self.firehose.watch(did)
+            self.absent.discard(did)
+        except IdentityUnreachable as e:
+            log.warning("cluster: cannot watch %s now: %s", did, e)
         except IdentityError as e:
+            # The DID does not resolve to a repo (unknown, no PDS, unusable document): it has
+            # no records to wait for (docs/protocol.md, section 13).
+            self.absent.add(did)
             log.warning("cluster: cannot watch %s: %s", did, e)
         except Exception as e:  # one repo's failure never ends the formation
             log.warning("cluster: cannot watch %s: %s: %s", did, type(e).__name__, e)

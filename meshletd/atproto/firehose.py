@@ -41,7 +41,7 @@ from meshletd.atproto.frames import (
 )
 from meshletd.atproto.identity import IdentityError, IdentityResolverProtocol
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
-from meshletd.atproto.reader import ReadError, RepoReader
+from meshletd.atproto.reader import ReadError, RepoAbsent, RepoReader
 from meshletd.atproto.verify import Unverified
 from meshletd.errors import InvalidRecord
 
@@ -342,6 +342,9 @@ class Firehose:
         self.keys: dict[str, str | None] = {}
         self.mirror = RepoMirror()
         self.synced_rev: dict[str, str] = {}  # repo rev whose state we are known to hold
+        # Repos listed in full at least once since start (docs/protocol.md section 13: the
+        # view is complete once every watched repo is here).
+        self.read_once: set[str] = set()
         self.skipped_passes = 0
         self.pds_of: dict[str, str] = {}
         self.subscriptions: dict[str, PdsSubscription] = {}
@@ -392,6 +395,7 @@ class Firehose:
         self.interest.dids.discard(did)
         self.mirror.forget(did)
         self.synced_rev.pop(did, None)
+        self.read_once.discard(did)
 
     async def _ensure_subscription(self, pds: str) -> None:
         if pds in self.subscriptions:
@@ -529,6 +533,10 @@ class Firehose:
         self.dropped.append(reason)
         del self.dropped[:-200]
 
+    async def resync_logged(self, did: str) -> None:
+        """`resync(did)`, forced, with a failure logged instead of raised."""
+        await self._resync_logged(did, force=True)
+
     def _mirror_apply(self, ev: RecordEvent) -> RecordEvent | None:
         before = self.mirror.over_bound
         out = self.mirror.apply(ev)
@@ -581,6 +589,11 @@ class Firehose:
                     await self.resync(did, force=force)
             if scope.cancelled_caught:
                 log.warning("anti-entropy %s: gave up after %.0fs", did, self.repo_timeout_s)
+        except RepoAbsent as e:
+            # The PDS answered that it holds no such repo: there is nothing to wait for
+            # (docs/protocol.md, section 13); it is read again at the next pass.
+            log.warning("anti-entropy %s: %s (counted as read: empty)", did, e)
+            self.read_once.add(did)
         except (ReadError, IdentityError, Unverified) as e:
             log.warning("anti-entropy %s: %s", did, e)
         except Exception as e:
@@ -657,4 +670,5 @@ class Firehose:
             known = self.synced_rev.get(did)
             if known is None or known < latest:
                 self.synced_rev[did] = latest
+        self.read_once.add(did)
         return changes

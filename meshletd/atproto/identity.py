@@ -45,6 +45,11 @@ class IdentityError(NotFound):
     name = "IdentityError"
 
 
+class IdentityUnreachable(IdentityError):
+    """The DID could not be resolved now (the PLC or the did:web host unreachable): unlike
+    the other identity errors, this says nothing about whether the DID exists."""
+
+
 @dataclass(frozen=True)
 class Identity:
     did: str
@@ -272,7 +277,7 @@ class IdentityResolver:
         except IdentityError:
             raise
         except Exception as e:
-            raise IdentityError(f"{did}: resolution failed ({type(e).__name__}: {e})") from e
+            raise IdentityUnreachable(f"{did}: resolution failed ({type(e).__name__}: {e})") from e
         if not isinstance(doc, dict):
             raise IdentityError(f"{did}: no DID document")
         return doc

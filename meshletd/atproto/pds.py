@@ -204,6 +204,9 @@ class Write:
     collection: str
     rkey: str
     value: dict[str, Any] | None = None
+    # Wall-clock ms after which this write must not be made (a bid whose round's deadline
+    # passed while the PDS was unreachable: docs/protocol.md, section 14). None: always.
+    not_after: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -250,6 +253,10 @@ class PdsClient:
     @property
     def did(self) -> str:
         if self.session.did is None:
+            # Before the first login (e.g. the PDS is unreachable): a DID given as the
+            # identifier is the repo's DID; requests log in on first use.
+            if self.session.identifier.startswith("did:"):
+                return self.session.identifier
             raise AuthRequired("not logged in")
         return self.session.did
 
@@ -427,12 +434,17 @@ class WriteQueue:
         linger_s: float = 0.005,
         journal: WriteJournal | None = None,
         prime: Sequence[str] = (),
+        on_dropped: Callable[[Write], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.journal = journal
         self.prime = tuple(prime)
+        self.on_dropped = on_dropped
+        self.clock = clock
+        self.dropped: list[Write] = []  # writes past their `not_after`, never made
         self.pending: deque[Write] = deque(
-            Write(w["action"], w["collection"], w["rkey"], w.get("value"))
+            Write(w["action"], w["collection"], w["rkey"], w.get("value"), w.get("notAfter"))
             for w in (journal.load() if journal is not None else [])
         )
         self.backoff_initial_s = backoff_initial_s
@@ -454,6 +466,7 @@ class WriteQueue:
                         "collection": w.collection,
                         "rkey": w.rkey,
                         "value": w.value,
+                        **({"notAfter": w.not_after} if w.not_after is not None else {}),
                     }
                     for w in self.pending
                 ]
@@ -489,7 +502,10 @@ class WriteQueue:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 await trio.sleep(self.linger_s)  # let a burst gather into one commit
+            self._drop_expired()
             batch = list(self.pending)[:MAX_BATCH]
+            if not batch:
+                continue
             try:
                 await self.client.apply_writes(batch)
             except (PdsUnavailable, AuthRequired) as e:
@@ -516,6 +532,30 @@ class WriteQueue:
                 continue
             delay = 0.0
             self._remove(batch)
+
+    def _drop_expired(self) -> None:
+        """Drop writes that may no longer be made (their `not_after` passed while the PDS
+        was unreachable): a bid published after its round's deadline would be judged by
+        its old `createdAt` and could move a slot that was settled without it."""
+        now_ms = int(self.clock() * 1000)
+        expired = [w for w in self.pending if w.not_after is not None and w.not_after < now_ms]
+        if not expired:
+            return
+        for w in expired:
+            late = (now_ms - (w.not_after or now_ms)) / 1000
+            log.warning(
+                "pds: %s/%s dropped unwritten: its round's deadline passed %.1f s ago while "
+                "the PDS was unreachable",
+                w.collection,
+                w.rkey,
+                late,
+            )
+            self.dropped.append(w)
+            del self.dropped[:-100]
+        self._remove(expired)
+        for w in expired:
+            if self.on_dropped is not None:
+                self.on_dropped(w)
 
     async def _one_by_one(self, batch: list[Write]) -> None:
         for w in batch:

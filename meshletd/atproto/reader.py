@@ -23,6 +23,11 @@ class ReadError(Exception):
     not the answer the method promises)."""
 
 
+class RepoAbsent(ReadError):
+    """The PDS answered that it does not list this repo (a 4xx other than 429: no such
+    repo, deactivated, taken down): there is nothing to read there, now."""
+
+
 # A PDS's answer is untrusted input: bounded in size, parsed in a scope that turns anything
 # unexpected into a ReadError (docs/protocol.md, "Validity").
 MAX_RESPONSE_BYTES = 8 * 2**20
@@ -95,9 +100,10 @@ class RepoReader:
                 params["cursor"] = cursor
             r = await self._get(pds, "com.atproto.repo.listRecords", params)
             if r.status_code != 200:
-                raise ReadError(
-                    f"{pds} listRecords {did} {collection}: {r.status_code} {r.text[:200]}"
+                kind = (
+                    RepoAbsent if 400 <= r.status_code < 500 and r.status_code != 429 else ReadError
                 )
+                raise kind(f"{pds} listRecords {did} {collection}: {r.status_code} {r.text[:200]}")
             what = f"{pds} listRecords {did} {collection}"
             body = _json_object(r, what)
             records = body.get("records", [])
@@ -172,4 +178,4 @@ class RepoReader:
         return rev if isinstance(rev, str) else None
 
 
-__all__ = ["ProvenRecord", "ReadError", "RepoReader", "cid_bytes"]
+__all__ = ["ProvenRecord", "ReadError", "RepoAbsent", "RepoReader", "cid_bytes"]

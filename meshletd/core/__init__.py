@@ -15,6 +15,7 @@ from .actions import (
     WakeAt,
 )
 from .events import (
+    BidAbandoned,
     Event,
     ProbeResult,
     RecordDeleted,
@@ -28,6 +29,7 @@ from .hashing import is_candidate, rendezvous_score
 from .records import (
     Bid,
     EnvVar,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -47,9 +49,11 @@ __all__ = [
     "DEFAULT_TIMING",
     "Action",
     "Bid",
+    "BidAbandoned",
     "DeleteRecord",
     "EnvVar",
     "Event",
+    "Lease",
     "Membership",
     "MeshletIdentity",
     "MeshletLink",

@@ -10,12 +10,15 @@ from .records import Record, Workload
 @dataclass(frozen=True, slots=True)
 class PutRecord:
     """Write one of our records (create=True: a new rkey, 3 write points; else an update,
-    2 points). Batch the actions of one event into one applyWrites."""
+    2 points). Batch the actions of one event into one applyWrites. `not_after` (local ms,
+    bids only): a write that cannot reach the PDS by then is dropped, and the core told
+    with `BidAbandoned` (docs/protocol.md, section 14)."""
 
     collection: str
     rkey: str
     record: Record
     create: bool
+    not_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

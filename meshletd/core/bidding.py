@@ -13,7 +13,7 @@ from .placement import (
     chained_round_start,
     round0_window,
 )
-from .records import NSID_BID, Bid, Workload, at_uri
+from .records import NSID_BID, Bid, Workload, at_uri, split_at_uri
 from .rounds import Rounds
 from .state import bid_rkey
 
@@ -177,9 +177,30 @@ class Bidding(Rounds):
                 slots,
             )
         self._my_bids.setdefault(wl.uri, []).append(rkey)
-        self._put(NSID_BID, rkey, bid)
+        # Honest only if written by the round's deadline + skew (section 5): `until` is the
+        # round's close, deadline + settle. The daemon drops it unwritten after that.
+        self._put(NSID_BID, rkey, bid, not_after=until - self.t.settle_ms + self.t.skew_ms)
         self._on_bid(bid)
         self._wake(until, wl.uri)
+
+    def _on_bid_abandoned(self, uri: str) -> None:
+        """Forget our bid that was never published (docs/protocol.md, section 14): no
+        observer will ever count it, so neither may we."""
+        repo, coll, rkey = split_at_uri(uri)
+        if repo != self.me.did or coll != NSID_BID:
+            return
+        self._my_rkeys.discard((coll, rkey))
+        for wuri, rkeys in self._my_bids.items():
+            if rkey not in rkeys:
+                continue
+            rkeys.remove(rkey)
+            e = self.workloads.get(wuri)
+            if e is not None:
+                for b in [b for b in e.bids if b.uri == uri]:
+                    e.bids.remove(b)
+                    self._reserved.pop((wuri, b.slot, b.round), None)
+                self._dirty[wuri] = None
+            return
 
     # -- replacement rounds --------------------------------------------------------------
     def _scan_lost(self, hosts: set[str], force: bool = False) -> None:

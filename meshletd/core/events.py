@@ -55,9 +55,28 @@ class SetDraining:
     request_id: str = ""
 
 
-Event = RecordSeen | RecordDeleted | ProbeResult | Tick | ReplicaStateChanged | SetDraining
+@dataclass(frozen=True, slots=True)
+class BidAbandoned:
+    """Our own bid (its at-URI) will never be published: the daemon dropped it from its
+    write queue because the PDS was unreachable until past the round's deadline
+    (`PutRecord.not_after`). The core forgets it, as if it had never bid
+    (docs/protocol.md, section 14)."""
+
+    uri: str
+
+
+Event = (
+    RecordSeen
+    | RecordDeleted
+    | ProbeResult
+    | Tick
+    | ReplicaStateChanged
+    | SetDraining
+    | BidAbandoned
+)
 
 __all__ = [
+    "BidAbandoned",
     "Event",
     "ProbeResult",
     "RecordDeleted",

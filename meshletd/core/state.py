@@ -33,6 +33,9 @@ class MeshletIdentity:
     # Replicas at once on this machine ([contribution] max_replicas; None: no limit): this
     # meshlet never bids for more slots than it has left (docs/protocol.md, section 7).
     max_replicas: int | None = None
+    lease: bool = False
+    """Nobody can reach us (no endpoint, behind NAT): we write a lease every
+    `lease_renew_ms` and our watchers judge us by it (docs/protocol.md, section 8)."""
 
 
 def _rkey(prefix: str, text: str) -> str:
@@ -119,6 +122,7 @@ class SchedulerState:
         self.draining = False
         self.draining_since = 0
         self.liveness = Liveness(me.did, self.cluster, timing)
+        self._next_lease: int | None = None  # when we renew our lease (if we write one)
         self._next_scan = 0
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[ReplicaKey, tuple[int, Owner]] = {}
@@ -162,10 +166,10 @@ class SchedulerState:
         if len(refused) > REFUSALS_KEPT:
             del refused[next(iter(refused))]
 
-    def _put(self, coll: str, rkey: str, rec: Record) -> None:
+    def _put(self, coll: str, rkey: str, rec: Record, not_after: int | None = None) -> None:
         create = (coll, rkey) not in self._my_rkeys
         self._my_rkeys.add((coll, rkey))
-        self._out.insert(0, PutRecord(coll, rkey, rec, create))
+        self._out.insert(0, PutRecord(coll, rkey, rec, create, not_after))
 
     def _delete(self, coll: str, rkey: str) -> None:
         if (coll, rkey) not in self._my_rkeys:

@@ -34,6 +34,7 @@ from meshletd.atproto.frames import Refusal
 from meshletd.atproto.identity import IdentityResolver
 from meshletd.atproto.pds import PdsClient, Write, WriteQueue
 from meshletd.config import Config, Credentials
+from meshletd.core.events import BidAbandoned
 from meshletd.core.records import (
     NSID_BID,
     NSID_MESHLET_OWNER,
@@ -45,7 +46,7 @@ from meshletd.core.scheduler import MeshletIdentity, Scheduler
 from meshletd.daemon.commands import OwnerCommands
 from meshletd.daemon.engine import Engine
 from meshletd.daemon.followed import Followed
-from meshletd.daemon.http_peers import HttpPeers
+from meshletd.daemon.http_peers import PROBE_TIMEOUT_S, HttpPeers
 from meshletd.daemon.local import Local
 from meshletd.daemon.peers import Peers, RecordRef
 from meshletd.daemon.publisher import PdsPublisher, machine_arch, membership_lists
@@ -67,7 +68,13 @@ log = logging.getLogger("meshletd.node")
 # peers (beyond that, the firehose alone: a hint per peer per write would not scale).
 HINTED = frozenset({NSID_WORKLOAD, NSID_BID, NSID_STATUS, NSID_MESHLET_OWNER})
 HINT_MAX_PEERS = 16
-LOGIN_TIMEOUT_S = 20
+# Login to the PDS is retried with backoff, doubling up to this cap (seconds): the daemon
+# starts scheduling at most this long after its PDS comes back (docs/protocol.md, section 13).
+PDS_RETRY_INITIAL_S = 1.0
+PDS_RETRY_MAX_S = 10.0
+# How long start-up waits for the view before telling systemd it is ready anyway (the view
+# then completes in the background; nothing is decided before it does).
+READY_WAIT_S = 20.0
 _HANDLE = re.compile(r"^(?=.{3,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*$")
 
 
@@ -101,6 +108,10 @@ class AtprotoNode:
         self.engine: Engine | None = None
         self.writes: WriteQueue | None = None
         self._nursery: trio.Nursery | None = None
+        self.published = False  # our records reached our PDS since start
+        self.pds_problem: str | None = None  # why not (yet), for STATUS= and the log
+        self._publishing = False  # a retry loop is running
+        self.view_loaded = trio.Event()
 
     @property
     def did(self) -> str:
@@ -125,8 +136,9 @@ class AtprotoNode:
     # -- the start-up sequence -----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start this meshlet; `started` once the cluster view is loaded. Runs until
-        cancelled."""
+        """Start this meshlet; `started` once the cluster view is loaded, or after
+        READY_WAIT_S while it is not (a PDS unreachable): nothing is decided before the view
+        is complete either way (docs/protocol.md, section 13). Runs until cancelled."""
         cursors = StoreCursors(self._store)
 
         def firehose(sink: Any) -> Firehose:
@@ -134,42 +146,104 @@ class AtprotoNode:
 
         formation = self.formation = ClusterFormation(self.view, firehose)
         formation.add_listener(self._on_record)
+        formation.add_batch_listener(self._on_startup_batch)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 # 1. Log in to the PDSes; take back a drain from before a restart; publish
-                #    our own records. Best effort: without a PDS the meshlet still serves.
-                with trio.move_on_after(LOGIN_TIMEOUT_S):
+                #    our own records. One attempt now, then with backoff in the background
+                #    while the PDS is unreachable: the meshlet serves meanwhile.
+                self._make_clients()
+                with trio.move_on_after(PDS_RETRY_MAX_S):
                     await self._login_and_publish()
+                if not self.published:
+                    self._keep_publishing()
                 # 2. The scheduler core, the runtime and the write queue (adopting the
-                #    replicas left running), unless this meshlet only observes.
+                #    replicas left running), unless this meshlet only observes. It starts
+                #    whether or not the PDS answers; the core decides nothing before 3.
                 await self._start_engine(nursery)
-                # 3. Follow the cluster: read every watched repo, then their firehoses.
-                await nursery.start(formation.run)
-                log.info("cluster view loaded: %s", formation.describe())
+                # 3. Follow the cluster: read every watched repo (again, with backoff, until
+                #    every one was read), hand them over as one batch, then the firehoses.
+                nursery.start_soon(self._follow, formation)
+                with trio.move_on_after(READY_WAIT_S):
+                    await self.view_loaded.wait()
+                if not self.view_loaded.is_set():
+                    log.warning(
+                        "ready before the cluster view is complete (%s): nothing is decided "
+                        "until it is; replicas keep running",
+                        self.status_line(),
+                    )
                 task_status.started()
         finally:
             if isinstance(self.peers, HttpPeers):
                 with trio.CancelScope(shield=True):
                     await self.peers.aclose()
 
-    async def _login_and_publish(self) -> None:
+    async def _follow(self, formation: ClusterFormation) -> None:
+        await formation.run()
+
+    def _on_startup_batch(self, batch: list[RecordEvent]) -> None:
+        """The start-up read of every watched repo, ours included (docs/protocol.md
+        section 13): our tables, then the scheduler core in one batch."""
+        for ev in batch:
+            self.followed.apply(ev)
+        if self.engine is not None:
+            self.engine.view_complete(batch)
+        if self.formation is not None:
+            log.info("cluster view loaded: %s", self.formation.describe())
+        self.view_loaded.set()
+
+    def _make_clients(self) -> None:
+        """The meshlet's PDS client, before any request (it logs in on first use): the
+        write queue can take writes while the PDS is unreachable."""
         creds, cfg = self._credentials, self.local.cfg
+        if creds.meshlet_app_password is not None and self.publisher.meshlet is None:
+            meshlet = PdsClient(cfg.pds, cfg.did, creds.meshlet_app_password.get_secret_value())
+            self._attach(meshlet, owner=False)
+
+    def _keep_publishing(self) -> None:
+        """Retry login and publication with capped backoff until they succeed."""
+        if self._publishing or self._nursery is None or self.publisher.meshlet is None:
+            return
+        self._publishing = True
+        self._nursery.start_soon(self._publish_with_backoff)
+
+    async def _publish_with_backoff(self) -> None:
+        delay = PDS_RETRY_INITIAL_S
         try:
-            if creds.meshlet_app_password is not None and self.publisher.meshlet is None:
-                password = creds.meshlet_app_password.get_secret_value()
-                self._attach(await self._logged_in(cfg.pds, cfg.did, password), owner=False)
-            if creds.owner_app_password is not None and self.publisher.owner is None:
+            while not await self._login_and_publish():
+                self.pds_problem = f"PDS unreachable, retrying in {delay:.0f} s"
+                await trio.sleep(delay)
+                delay = min(delay * 2, PDS_RETRY_MAX_S)
+        finally:
+            self._publishing = False
+
+    async def _login_and_publish(self) -> bool:
+        """Log in (meshlet and owner) and publish our records; False (logged) when the PDS
+        cannot be reached or refuses."""
+        creds, cfg = self._credentials, self.local.cfg
+        meshlet, owner = self.publisher.meshlet, self.publisher.owner
+        if meshlet is None:
+            log.warning("no meshlet-app-password credential: running read-only")
+            return True
+        try:
+            if meshlet.session.access is None:
+                await meshlet.login()
+            if creds.owner_app_password is not None and owner is None:
                 url = cfg.owner_pds or await self._pds_of(cfg.owner)
                 password = creds.owner_app_password.get_secret_value()
                 self._attach(await self._logged_in(url, cfg.owner, password), owner=True)
-            if self.publisher.meshlet is None:
-                log.warning("no meshlet-app-password credential: running read-only")
-                return
             await self._restore_state()
             await self.publisher.publish()
         except Exception as e:  # PDS down or wrong password: keep serving, say why
-            log.warning("cannot publish this meshlet's records: %s", e)
+            self.pds_problem = f"PDS unreachable: {e}"
+            log.warning("cannot publish this meshlet's records (will retry): %s", e)
+            return False
+        if self.pds_problem is not None:
+            log.info("the PDS answers again: this meshlet's records are published")
+        self.pds_problem = None
+        self.published = True
+        return True
 
     @staticmethod
     async def _logged_in(pds_url: str, did: str, password: str) -> PdsClient:
@@ -235,11 +309,20 @@ class AtprotoNode:
             arch=cfg.arch or machine_arch(),
             labels=frozenset(cfg.labels),
             endpoint=cfg.public_endpoint or "",
+            # Without an endpoint nobody can probe us: a lease says we live (protocol §8).
+            lease=not cfg.public_endpoint,
         )
+
+        def dropped(w: Write) -> None:
+            if w.collection == NSID_BID and self.engine is not None:
+                self.engine.feed(BidAbandoned(f"at://{cfg.did}/{w.collection}/{w.rkey}"))
+
         writes = self.writes = WriteQueue(
             meshlet,
             journal=StoreJournal(self._store),
             prime=(NSID_BID, NSID_STATUS, NSID_USAGE),
+            backoff_max_s=PDS_RETRY_MAX_S,
+            on_dropped=dropped,
         )
         if writes.pending:
             log.info("%d write(s) left from the last run will be sent", len(writes.pending))
@@ -251,6 +334,7 @@ class AtprotoNode:
             secret=self.commands.fetch_secret,
             own_record=self.publisher.owner_record,
             probe=self.peers.ping,
+            probe_timeout_s=PROBE_TIMEOUT_S + 1.0,
         )
         self.local.engine = engine
         adopted = await nursery.start(engine.run)
@@ -318,7 +402,20 @@ class AtprotoNode:
         return self.read.summary()
 
     def status_line(self) -> str:
-        return self.read.status_line()
+        line = self.read.status_line()
+        engine = self.engine
+        if engine is not None and not engine.view_is_complete and engine.adopted:
+            line += f", {len(engine.adopted)} adopted"
+        if self.pds_problem:
+            line += f"; {self.pds_problem}"
+        if not self.view_loaded.is_set():
+            waiting = len(self.formation.waiting_for) if self.formation is not None else 0
+            line += "; reading the cluster's records" + (
+                f" ({waiting} repo(s) unreachable)" if waiting else ""
+            )
+            if engine is not None:
+                line += ": not scheduling yet"
+        return line
 
     def capacity(self) -> dict[str, Any]:
         return self.read.capacity()
@@ -406,5 +503,8 @@ class AtprotoNode:
         self.view.set_config(membership_lists(cfg))
         if self.formation is not None:
             await self.formation.sync_watches()
-        if self.publisher.meshlet is not None:
-            await self.publisher.publish()
+        if self.publisher.meshlet is not None and not self._publishing:
+            # A reload while the PDS is unreachable must not end the daemon: the new
+            # records go out when it is back.
+            if not await self._login_and_publish():
+                self._keep_publishing()

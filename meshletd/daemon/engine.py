@@ -9,6 +9,12 @@ changes, probe results, ticks from a single alarm, operator commands); the actio
 returns are carried out: writes go to the PDS write queue (in order, retried), replica starts
 and stops go to the runtime and report back as events, probes go to peers over XRPC. Time
 reaches the core only as `Tick` (wall-clock ms), from the alarm the core sets with `WakeAt`.
+
+Nothing reaches the core before the view is complete (docs/protocol.md, section 13): the
+replicas the runtime adopts at start, their exits and operator commands are held, and
+`view_complete(records)` hands the core the start-up read of every watched repo and then
+what was held, as ONE batch. A restarted meshlet therefore decides nothing about a replica
+(start, stop, bid) on a half-read state; its replicas keep running meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -74,6 +81,8 @@ class Core(PlacementQueries, Protocol):
 
     def handle(self, event: Event) -> list[Action]: ...
 
+    def handle_batch(self, events: list[Event]) -> list[Action]: ...
+
 
 def replica_id(workload_uri: str, slot: int) -> ReplicaId:
     owner, _, rkey = split_at_uri(workload_uri)
@@ -107,6 +116,13 @@ def replica_spec(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Events the core takes in one `handle_batch` (the start-up read)."""
+
+    events: list[Event]
+
+
 class Engine:
     """Drives one scheduler core (`Core`) over one runtime."""
 
@@ -121,7 +137,9 @@ class Engine:
         probe: Callable[[str], Awaitable[bool]] | None = None,
         owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
         clock: Callable[[], float] = time.time,
+        probe_timeout_s: float = 2.0,
     ) -> None:
+        self.probe_timeout_s = probe_timeout_s  # the probe's own bounds, plus a margin
         self.scheduler = scheduler
         self.runtime = runtime
         self._submit_write = submit_write
@@ -130,13 +148,19 @@ class Engine:
         self._probe = probe
         self._owner_handle = owner_handle
         self._clock = clock
-        self._send, self._recv = trio.open_memory_channel[Event](math.inf)
+        self._send, self._recv = trio.open_memory_channel[Event | _Batch](math.inf)
         self._wake_at: int | None = None
         self._alarm_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
         self.handled = 0
         self.adopted: list[ReplicaStatus] = []
+        # Until the view is complete: events held back from the core, in arrival order.
+        self.view_is_complete = False
+        self._held: list[Event] = []
+        # Replicas the core has heard of (adopted running, or started by it): an exit of any
+        # other is one that ended while meshletd was away.
+        self._told: set[tuple[str, int]] = set()
 
     @property
     def admin_slice_keys(self) -> frozenset[str]:
@@ -149,18 +173,44 @@ class Engine:
     # -- inputs --------------------------------------------------------------------------
 
     def feed(self, event: Event) -> None:
-        """Queue one event for the core (never blocks)."""
+        """Queue one event for the core (never blocks); held until the view is complete."""
+        if not self.view_is_complete:
+            self._held.append(event)
+            return
         self._send.send_nowait(event)
+
+    def view_complete(self, records: Sequence[RecordChange]) -> None:
+        """The start-up read is done (every watched repo listed, ours included): hand the
+        core `records` (firehose `RecordEvent`s) and then the events held since start, as
+        one batch. From here on events flow one by one."""
+        if self.view_is_complete:
+            return
+        events: list[Event] = [Tick(self.now_ms())]
+        for ev in records:
+            got = self._record_event(ev)
+            if got is not None:
+                events.append(got)
+        held, self._held = self._held, []
+        n = len(events) - 1
+        events += held
+        self.view_is_complete = True
+        log.info(
+            "view complete: %d record(s), then %d held event(s), to the scheduler", n, len(held)
+        )
+        self._send.send_nowait(_Batch(events))
 
     def record_changed(self, ev: RecordChange) -> None:
         """A firehose `RecordEvent` (created/updated/deleted) → the core's record events."""
+        got = self._record_event(ev)
+        if got is not None:
+            self.feed(got)
+
+    def _record_event(self, ev: RecordChange) -> Event | None:
         trace("seen", uri=ev.uri, action=ev.action, via=getattr(ev, "source", "?"))
         if ev.action == "delete":
-            self.feed(RecordDeleted(ev.uri))
-            return
+            return RecordDeleted(ev.uri)
         rec = core_record(ev, "scheduler")
-        if rec is not None:
-            self.feed(RecordSeen(rec))
+        return RecordSeen(rec) if rec is not None else None
 
     def set_draining(self, draining: bool) -> None:
         self.feed(SetDraining(draining))
@@ -179,15 +229,21 @@ class Engine:
                 self.units[(uri, st.replica.index)] = st.unit
                 if st.state in ("running", "starting"):
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
+                    self._told.add((uri, st.replica.index))
                     self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
             nursery.start_soon(self._runtime_events)
             nursery.start_soon(self._alarm)
             nursery.start_soon(self._loop)
-            self.feed(Tick(self.now_ms()))
+            self.feed(Tick(self.now_ms()))  # (held until the view is complete)
             task_status.started(self.adopted)
 
     async def _loop(self) -> None:
         async for event in self._recv:
+            if isinstance(event, _Batch):
+                self._perform(self.scheduler.handle_batch(event.events))
+                self.handled += len(event.events)
+                await trio.sleep(0)
+                continue
             now = self.now_ms()
             if not isinstance(event, Tick) and now > self.scheduler.now:
                 self._perform(self.scheduler.handle(Tick(now)))
@@ -210,7 +266,7 @@ class Engine:
                 if a.collection.endswith(".bid"):
                     offer = int(value.get("slots", 0)) >= 1
                     metrics.BIDS_WRITTEN.labels("offer" if offer else "decline").inc()
-                self._submit_write(Write("put", a.collection, a.rkey, value))
+                self._submit_write(Write("put", a.collection, a.rkey, value, a.not_after))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)
                 metrics.count_write(a.collection, "delete")
@@ -264,6 +320,7 @@ class Engine:
 
     async def _start(self, action: StartReplica) -> None:
         uri, slot = action.workload.uri, action.slot
+        self._told.add((uri, slot))
         log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
         try:
             values = await self.secrets_for(action.workload)
@@ -288,6 +345,7 @@ class Engine:
         log.info("stopping replica %d of %s (%s)", action.slot, action.workload_uri, action.reason)
         try:
             await self.runtime.stop(replica_id(action.workload_uri, action.slot))
+            self._told.discard((action.workload_uri, action.slot))
         except Exception as e:
             log.warning(
                 "replica %d of %s did not stop cleanly: %s", action.slot, action.workload_uri, e
@@ -298,6 +356,12 @@ class Engine:
         async for ev in self.runtime.events:
             uri, slot = workload_uri_of(ev.replica), ev.replica.index
             self.units[(uri, slot)] = ev.unit
+            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and (uri, slot) not in self._told:
+                # It ended while meshletd was away (found ended on adoption): the core learns
+                # that it ran here, then how it ended, and reports it like any exit.
+                log.info("replica %d of %s ended while meshletd was not running", slot, uri)
+                self.feed(ReplicaStateChanged(uri, slot, "running"))
+            self._told.add((uri, slot))
             if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             elif isinstance(ev, ReplicaExited):
@@ -315,7 +379,7 @@ class Engine:
         ok = False
         if self._probe is not None:
             try:
-                with trio.move_on_after(2.0):
+                with trio.move_on_after(self.probe_timeout_s):
                     ok = await self._probe(meshlet)
             except Exception:
                 ok = False

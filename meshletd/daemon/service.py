@@ -13,6 +13,8 @@ import grp
 import logging
 import os
 import signal
+import socket
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -26,13 +28,20 @@ from meshletd.daemon.fake_node import InMemoryNode
 from meshletd.daemon.node import Node
 from meshletd.daemon.stored import Store
 from meshletd.errors import ConfigError
-from meshletd.notify import Notifier, SdNotifier, run_watchdog, watchdog_interval
+from meshletd.notify import (
+    Notifier,
+    SdNotifier,
+    inherited_fds,
+    run_watchdog,
+    watchdog_interval,
+)
 from meshletd.store import StateStore
 from meshletd.xrpc.app import XrpcApp
 from meshletd.xrpc.auth import IdentityKeys, ServiceAuthVerifier, SigningKeyResolver
 from meshletd.xrpc.http import serve_tcp, serve_unix
 
 log = logging.getLogger("meshletd")
+XRPC_FDNAME = "xrpc"  # our name for the XRPC listener in systemd's file descriptor store
 
 
 class Lifecycle(Notifier, Protocol):
@@ -95,6 +104,7 @@ class Daemon:
         self.credentials = credentials or Credentials()
         self.config_path = config_path
         env = dict(os.environ if environ is None else environ)
+        self.environ = env
         self.notifier: Lifecycle = notifier if notifier is not None else SdNotifier()
         self.watchdog_interval = watchdog_interval(env)
         self.handle_signals = handle_signals
@@ -171,9 +181,15 @@ class Daemon:
             )
             # Group after bind: serve_unix sets mode; chown here where we know the config.
             self._chgrp_socket()
+            kept = self._kept_listeners()
             listeners = await nursery.start(
-                serve_tcp, self.app.tcp_handler, cfg.listen.xrpc_host, cfg.listen.xrpc_port
+                partial(serve_tcp, sockets=kept),
+                self.app.tcp_handler,
+                cfg.listen.xrpc_host,
+                cfg.listen.xrpc_port,
             )
+            if not kept:
+                self._keep_listeners(listeners)
             if cfg.web.enabled:
                 await self._start_web(nursery)
             run_node = getattr(self.node, "run", None)
@@ -199,6 +215,39 @@ class Daemon:
             nursery.cancel_scope.cancel()
         self._nursery = None
         self.notifier.status("stopped")
+
+    def _kept_listeners(self) -> list[socket.socket]:
+        """The XRPC listening sockets systemd kept for us across a restart (its file
+        descriptor store), if they are bound where the configuration says. Peers' probes
+        that arrive while meshletd restarts then wait in the socket's backlog instead of
+        being refused, so a restart does not look like a lost host (docs/protocol.md,
+        section 13)."""
+        fds = inherited_fds(self.environ).get(XRPC_FDNAME, [])
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        want = (self.cfg.listen.xrpc_host, self.cfg.listen.xrpc_port)
+        usable = bool(socks) and all(
+            s.type == socket.SOCK_STREAM
+            and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            and s.getsockname()[:2] == want
+            for s in socks
+        )
+        if socks and not usable:
+            log.info("the kept XRPC socket is not bound to %s:%d: binding anew", *want)
+            remove = getattr(self.notifier, "remove_fds", None)
+            if remove is not None:
+                remove(XRPC_FDNAME)
+            for s in socks:
+                s.close()
+            return []
+        if socks:
+            log.info("listening on the XRPC socket kept across the restart")
+        return socks
+
+    def _keep_listeners(self, listeners: list[trio.SocketListener]) -> None:
+        store = getattr(self.notifier, "store_fds", None)
+        if store is None or self.cfg.listen.xrpc_port == 0:
+            return
+        store(XRPC_FDNAME, [ln.socket.fileno() for ln in listeners])
 
     async def _start_web(self, nursery: trio.Nursery) -> None:
         """The read-only page and /metrics on `[web] listen`. An aid, not the meshlet's job:
@@ -254,9 +303,17 @@ class Daemon:
     async def _signals(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        # A test hook, off unless the unit's environment sets it: SIGUSR2 makes the daemon
+        # crash with an exception, as a bug would (the restart tests need a real crash).
+        crash_hook = self.environ.get("MESHLET_DEBUG_CRASH") == "1"
+        if crash_hook:
+            wanted.append(signal.SIGUSR2)
+        with trio.open_signal_receiver(*wanted) as sigs:
             task_status.started()
             async for signum in sigs:
+                if signum == signal.SIGUSR2 and crash_hook:
+                    raise RuntimeError("crash requested with SIGUSR2 (MESHLET_DEBUG_CRASH=1)")
                 if signum == signal.SIGHUP:
                     await self.reload()
                 else:
@@ -281,4 +338,6 @@ class Daemon:
             log.info("configuration reloaded: %d member(s)", len(self.cfg.members))
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e.message)
+        except Exception as e:  # e.g. the PDS unreachable: a reload never ends the daemon
+            log.error("reload incomplete, the daemon runs on: %s", e)
         self.notifier.ready(self._status())

@@ -5,6 +5,12 @@ through one ordered firehose stream per recipient (FIFO), after a per-link delay
 can be lost (healed by periodic anti-entropy, which replays what was missed, in order);
 meshlets can be cut off (partition), crash and restart (state rebuilt from records), have a
 skewed clock, drain and undrain; workloads arrive and are deleted. One seed fixes everything.
+
+Hosts without inbound reachability (`Config.nat`, a fraction of the meshlets; 1.0 = every
+one): no probe reaches them, so they publish no endpoint and live by their lease record
+(docs/protocol.md, section 8), which travels like every other record (delays, losses,
+anti-entropy) and costs its write points. Their failovers are reported apart
+(`failover_nat_*`): their bound is the lease's, not the probes'.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class Config:
     max_replicas: int | None = None  # per meshlet ([contribution] max_replicas)
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
+    nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Node:
     latency: int = 30
     alive: bool = True
     cut: bool = False  # partitioned: no traffic in or out
+    nat: bool = False  # no inbound reachability: never answers a probe, writes a lease
     last_delivery: int = 0
     missed: list[tuple[str, Any]] = field(default_factory=list)
     wake_at: int | None = None
@@ -118,6 +126,8 @@ class Sim:
         self.over_max = 0
         self.lost_at: dict[tuple[str, int], int] = {}
         self.failovers: list[int] = []
+        self.failovers_nat: list[int] = []  # of slots whose host was behind NAT
+        self.lost_nat: set[tuple[str, int]] = set()
         self.decision_ns: list[float] = []
         self.violations: list[str] = []
         # slot moves without a cause (docs/protocol.md section 14): a host stops a replica
@@ -169,6 +179,12 @@ class Sim:
             self.store[at_uri(did, NSID_MEMBERSHIP, CLUSTER)] = Membership(
                 at_uri(did, NSID_MEMBERSHIP, CLUSTER), did, CLUSTER, members
             )
+        if cfg.nat > 0:
+            # Its own stream, so that a run without NAT hosts stays what it was.
+            pick = random.Random(cfg.seed * 1_000_003 + 17)
+            k = round(cfg.nat * cfg.meshlets)
+            for i in pick.sample(range(cfg.meshlets), k):
+                self.nodes[i].nat = True
         by_lat: dict[int, list[int]] = {}
         for node in self.nodes:
             by_lat.setdefault(node.latency - node.latency % BUCKET_MS, []).append(node.idx)
@@ -246,6 +262,7 @@ class Sim:
             node.owner,
             self.cfg.cpu_milli,
             self.cfg.memory_mib,
+            lease=node.nat,
             max_replicas=self.cfg.max_replicas,
         )
         core = Scheduler(me, self.t)
@@ -403,6 +420,7 @@ class Sim:
             ok = (
                 peer is not None
                 and peer.alive
+                and not peer.nat  # nobody connects to it
                 and not peer.cut
                 and not node.cut
                 and not (self.chaos and self.rng.random() < 0.01)
@@ -470,7 +488,12 @@ class Sim:
         rs.add(node.idx)
         self.run_since[(key, node.idx)] = self.now
         if key in self.lost_at:
-            self.failovers.append(self.now - self.lost_at.pop(key))
+            took = self.now - self.lost_at.pop(key)
+            if key in self.lost_nat:
+                self.lost_nat.discard(key)
+                self.failovers_nat.append(took)
+            else:
+                self.failovers.append(took)
         if len(rs) >= 2 and key not in self.over_since:
             self.over_since[key] = self.now
 
@@ -498,6 +521,8 @@ class Sim:
                 wl = self.workloads.get(key[0])
                 self._not_running(node, key)
                 if wl is not None and not self.runners.get(key):
+                    if key not in self.lost_at and node.nat:
+                        self.lost_nat.add(key)
                     self.lost_at.setdefault(key, self.now)
             if f[2] is not None and self.now + f[2] < self.quiet_at:
                 self.push(self.now + f[2], K_FAULT, ("restart", f[1]))
@@ -726,6 +751,7 @@ class Sim:
         if self.over_max > bound_ms:
             violations.append(f"over-replication {self.over_max} ms above bound {bound_ms} ms")
         fo = sorted(self.failovers)
+        fo_nat = sorted(self.failovers_nat)
         dec = sorted(self.decision_ns)
         days = self.cfg.hours / 24
         points = sum(n.points for n in self.nodes)
@@ -745,6 +771,11 @@ class Sim:
             "failovers_unrecovered": len(self.lost_at),
             "failover_p50_s": _pct(fo, 50) / 1000 if fo else None,
             "failover_p99_s": _pct(fo, 99) / 1000 if fo else None,
+            "nat_meshlets": sum(1 for n in self.nodes if n.nat),
+            "failovers_nat": len(fo_nat),
+            "failover_nat_p50_s": _pct(fo_nat, 50) / 1000 if fo_nat else None,
+            "failover_nat_p99_s": _pct(fo_nat, 99) / 1000 if fo_nat else None,
+            "failover_nat_bound_s": round(self._nat_bound_ms() / 1000, 3),
             "write_points_per_meshlet_day": round(points / len(self.nodes) / days, 1),
             "decision_us_p50": round(_pct(dec, 50) / 1000, 2) if dec else None,
             "decisions": len(dec),
@@ -755,6 +786,21 @@ class Sim:
             "needless_move_examples": self.needless_examples,
             "violations": violations,
         }
+
+    def _nat_bound_ms(self) -> int:
+        """docs/protocol.md section 8: the lease expires at most V after the host died; a
+        watcher that probes nobody may wait up to R more for a renewal showing its view is
+        current; 3 probe intervals later it is suspected, then the replacement round and
+        the start (the simulator's start takes up to 800 ms)."""
+        t = self.t
+        return (
+            t.lease_valid_ms
+            + t.lease_renew_ms
+            + t.probe_failures * t.probe_interval_ms
+            + t.replacement_window_ms
+            + t.settle_ms
+            + 800
+        )
 
     def _free_capacity(self, live: list[Node]) -> list[tuple[int, int]]:
         out = []

@@ -498,15 +498,21 @@ async def serve_tcp(
     host: str,
     port: int,
     *,
+    sockets: list[socket.socket] | None = None,
     limits: Limits = TCP_LIMITS,
     server: list[XrpcServer] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on TCP; `task_status.started` gets the listeners (port 0 picks a free port).
+    With `sockets` (already listening, e.g. kept by systemd across a restart), serve those
+    instead of binding new ones.
 
     `server`, when given, receives the `XrpcServer` (tests and benches read its budget).
     """
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=limits.backlog)
+    if sockets:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=limits.backlog)
     xrpc = XrpcServer(handler, "xrpc", limits, _tcp_peer)
     if server is not None:
         server.append(xrpc)

@@ -27,8 +27,6 @@ def drop_in(extra: str = "") -> str:
     return (
         "[Service]\n"
         f"BindReadOnlyPaths={ROOT}\n"
-        "ExecStartPre=\n"
-        f"ExecStartPre={VENV}/meshletd --check\n"
         "ExecStart=\n"
         f"ExecStart={VENV}/meshletd\n"
         f"{extra.strip()}\n"

@@ -425,7 +425,9 @@ def test_a_host_cut_off_and_back_stops_its_stale_replica(
                 (p := agreed_placement(commune, "ticker", 2, watchers))
                 and victim.did not in p.values()
             ),
-            60,
+            # Its kernel still accepts the watchers' probes (its frozen meshletd does not
+            # answer): a probe fails after 30 s unanswered (docs/protocol.md, section 8).
+            120,
             f"ticker to be re-placed away from the frozen {victim.person}",
         )
     finally:

@@ -273,6 +273,7 @@ class State:
     files: list[str]
     mesh_did: str
     pds: str
+    replica: tuple[str, str, str]
 
 
 state = State()
@@ -327,9 +328,12 @@ def test_enable_now_starts_meshletd_against_the_local_network_and_status_answers
     owner = devnet.create_account(f"pkgown{k}", pds=0)
     mesh = devnet.create_account(f"pkgmsh{k}", pds=0)
     state.mesh_did, state.pds = mesh.did, mesh.pds_url
+    # A commune of one (its owner consents to itself), so that it can run a replica that
+    # the upgrade must leave alone.
     config = (
         f'did = "{mesh.did}"\nowner = "{owner.did}"\npds = "{mesh.pds_url}"\n'
         f'plc_url = "{devnet.plc_url}"\n\n[listen]\nxrpc = "127.0.0.1:{2600 + k % 1000}"\n'
+        '\n[[clusters]]\nname = "home"\nmembers = []\n'
     )
     host.ok(f"cat > /etc/meshlet/meshlet.toml <<'EOF'\n{config}EOF")
     host.ok(
@@ -358,6 +362,50 @@ def test_enable_now_starts_meshletd_against_the_local_network_and_status_answers
     assert r.json().get("records"), "meshletd published no meshletOwner record"
 
 
+# The image without a registry: busybox-static from Debian, imported as user meshlet.
+IMPORT_IMAGE = (
+    "apt-get -o DPkg::Lock::Timeout=600 install -y -q busybox-static >/dev/null"
+    " && d=$(mktemp -d /tmp/bb.XXXXXX)"
+    " && mkdir -p $d/bin && cp /bin/busybox $d/bin/"
+    " && for a in $(/bin/busybox --list); do [ $a = busybox ] || ln -s busybox $d/bin/$a; done"
+    " && tar -C $d -cf /tmp/bb.tar . && chmod 644 /tmp/bb.tar && cd /tmp"
+    " && runuser -u meshlet -- env XDG_RUNTIME_DIR=/run/user/$(id -u meshlet)"
+    " podman import --change 'CMD [\"/bin/sh\"]' /tmp/bb.tar localhost/busybox:latest"
+)
+
+
+def replica_container(host: CleanHost) -> tuple[str, str, str] | None:
+    """(unit, container id, start time) of the one replica running on the host, or None."""
+    units = host.run(
+        "systemctl list-units --plain --no-legend --state=active 'meshlet-*' | awk '{print $1}'"
+    ).stdout.split()
+    units = [u for u in units if u != "meshlet-podman-pause.service"]
+    if len(units) != 1:
+        return None
+    got = host.run(
+        f"runuser -u meshlet -- env XDG_RUNTIME_DIR=/run/user/$(id -u meshlet) podman inspect"
+        f" --format '{{{{.Id}}}} {{{{.State.StartedAt}}}}' {units[0].removesuffix('.service')}"
+    )
+    if got.returncode != 0:
+        return None
+    cid, started = got.stdout.strip().split(" ", 1)
+    return units[0], cid, started
+
+
+def test_a_replica_runs_on_the_installed_meshlet(host: CleanHost) -> None:
+    host.ok(IMPORT_IMAGE, timeout=600)
+    out = host.ok(
+        "meshletctl run --json --name keep --cpu 100m --memory 32Mi localhost/busybox:latest"
+        " -- sleep 100000"
+    )
+    assert "at://" in out, out
+    deadline = time.monotonic() + 120
+    while (got := replica_container(host)) is None:
+        assert time.monotonic() < deadline, host.run("journalctl -u meshletd -n 60").stdout
+        time.sleep(1)
+    state.replica = got
+
+
 def test_upgrade_keeps_the_config_and_restarts_the_service(
     host: CleanHost, packages: Packages
 ) -> None:
@@ -371,6 +419,23 @@ def test_upgrade_keeps_the_config_and_restarts_the_service(
     assert host.ok("systemctl show meshletd -p MainPID --value").strip() not in {pid, "0"}
     assert host.run("systemctl is-enabled meshletd").stdout.strip() == "enabled"
     assert state.mesh_did in host.ok("meshletctl status")
+
+
+def test_upgrade_leaves_the_running_replica_alone(host: CleanHost) -> None:
+    """The upgrade restarted meshletd; the replica is the very same container (id and start
+    time) and stays so while the new meshletd settles (issue 13)."""
+    before = getattr(state, "replica", None) or pytest.fail("no replica ran before", False)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = replica_container(host)
+        assert now == before, (
+            f"replica before the upgrade {before}, now {now}\n"
+            + host.run("journalctl -u meshletd -n 60 --no-pager").stdout
+        )
+        time.sleep(2)
+    said = host.run("journalctl -u meshletd -n 300 --no-pager -o cat").stdout
+    since = said.rsplit("starting: meshlet", 1)[-1]
+    assert "stopping replica" not in since and "starting replica" not in since, since
 
 
 def test_remove_stops_meshletd_and_keeps_configuration(host: CleanHost) -> None:

@@ -66,3 +66,46 @@ def test_ledger_counts_points_per_hour_and_day():
     assert ledger.points_this_hour() == 1
     assert ledger.points_today() == 10
     assert ledger.summary()["commits"] == 2 and ledger.total_points == 10
+
+
+async def test_a_bid_past_its_round_s_deadline_is_dropped_and_the_rest_is_written(
+    autojump_clock,
+):
+    """A bid queued while the PDS is unreachable is dropped once its `not_after` passed
+    (docs/protocol.md section 14); every other write reaches the PDS when it is back."""
+    pds = FlakyPds(failures=1000)
+    dropped: list[Write] = []
+    q = WriteQueue(
+        pds,
+        backoff_initial_s=0.5,
+        backoff_max_s=2,
+        on_dropped=dropped.append,
+        clock=trio.current_time,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        deadline_ms = int((trio.current_time() + 5) * 1000)
+        q.submit(Write("put", "commune.scheduler.bid", "b1", {"v": 1}, not_after=deadline_ms))
+        q.submit(Write("put", "commune.scheduler.workloadStatus", "s1", {"v": 1}))
+        await trio.sleep(4)
+        assert [w.rkey for w in q.pending] == ["b1", "s1"] and not dropped
+        await trio.sleep(4)  # the deadline passes while the PDS is still down
+        assert [w.rkey for w in q.pending] == ["s1"]
+        assert [w.rkey for w in dropped] == ["b1"]
+        pds.failures = 0  # the PDS is back
+        await q.flushed()
+        nursery.cancel_scope.cancel()
+    assert pds.commits == [[("put", "s1")]]
+
+
+async def test_a_bid_written_in_time_is_not_dropped(autojump_clock):
+    pds = FlakyPds(failures=2)
+    dropped: list[Write] = []
+    q = WriteQueue(pds, backoff_initial_s=0.5, on_dropped=dropped.append, clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        deadline_ms = int((trio.current_time() + 30) * 1000)
+        q.submit(Write("put", "commune.scheduler.bid", "b1", {"v": 1}, not_after=deadline_ms))
+        await q.flushed()
+        nursery.cancel_scope.cancel()
+    assert pds.commits == [[("put", "b1")]] and not dropped

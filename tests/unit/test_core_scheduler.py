@@ -297,3 +297,21 @@ def test_a_replica_stopped_before_it_came_up_is_not_reported_running() -> None:
     out = core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
     assert [a for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)] == []
     assert core.replicas().get((wl.uri, 0)) == "stopping"
+
+
+def test_a_bid_the_daemon_could_not_publish_in_time_is_forgotten_and_wins_nothing() -> None:
+    """docs/protocol.md section 14: the daemon drops a queued bid past `not_after` (its
+    round's deadline + skew) and tells the core, which must not count it either."""
+    from meshletd.core import BidAbandoned
+
+    wl = workload(replicas=1, owner_i=1)
+    core = observer(0)
+    feed(core, [*cluster_records(2), wl])
+    out = core.handle(Tick(T0 + 100))
+    put = next(a for a in of(out, PutRecord) if isinstance(a.record, Bid))
+    # Honest only if written by the round's deadline (createdAt + window) + skew.
+    assert put.not_after == T0 + 2000 + 250
+    core.handle(BidAbandoned(put.record.uri))
+    out = core.handle(Tick(CLOSE + 1))
+    assert of(out, StartReplica) == [], "a bid nobody else will ever see won the slot"
+    assert core.placement().get(wl.uri) in (None, (None,))

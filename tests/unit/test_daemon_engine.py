@@ -86,7 +86,15 @@ async def fetch_secret(workload_uri: str, name: str) -> bytes | None:
     return {"db": b"hunter2"}.get(name)
 
 
-async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list[Write]) -> Engine:
+async def start(
+    nursery: trio.Nursery,
+    machine: FakeMachine,
+    writes: list[Write],
+    *,
+    complete: bool = True,
+) -> Engine:
+    """An engine on `machine`; with `complete`, its start-up view (the cluster's records)
+    is handed over at once."""
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
     engine = Engine(
@@ -98,9 +106,22 @@ async def start(nursery: trio.Nursery, machine: FakeMachine, writes: list[Write]
         clock=clock,
     )
     await nursery.start(engine.run)
-    for ev in cluster_records(int(clock() * 1000)):
-        engine.record_changed(ev)
+    if complete:
+        engine.view_complete(cluster_records(int(clock() * 1000)))
     return engine
+
+
+def as_records(writes: list[Write]) -> list[Ev]:
+    """Our own writes as the PDS gives them back (what a restarted meshlet reads)."""
+    out: dict[tuple[str, str], Ev] = {}
+    for w in writes:
+        if w.action == "delete":
+            out.pop((w.collection, w.rkey), None)
+        elif w.value is not None:
+            out[(w.collection, w.rkey)] = Ev(
+                ME, w.collection, w.rkey, "create", "bafy" + w.rkey, w.value
+            )
+    return list(out.values())
 
 
 async def wait_for(predicate, timeout: float = 60) -> None:
@@ -183,6 +204,108 @@ async def test_a_replica_whose_secret_cannot_be_had_fails_instead_of_starting(
     await trio.sleep(10)
     assert engine.scheduler.replicas().get((ev.uri, 0)) != "running"
     assert not [r for r in engine.runtime.replicas() if r.state == "running"]
+
+
+async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_and_keeps_its_replica(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list[Write] = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()  # meshletd stops; the replica runs on
+    container = next(iter(machine.containers))
+    started = machine.started
+
+    # Restarted: it adopts the replica, and while its view is incomplete (the PDS has not
+    # answered yet) it neither stops nor restarts it, whatever time passes.
+    second_writes: list[Write] = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    assert [st.replica for st in second.adopted] == [replica_id(ev.uri, 0)]
+    await trio.sleep(120)
+    assert second.handled == 0 and second_writes == []
+    assert list(machine.containers) == [container] and machine.started == started
+
+    # The view arrives (cluster records, the workload, our own bid and status): the core
+    # sees the replica it runs, of a workload it knows, and keeps it.
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+    await wait_for(lambda: second.scheduler.replicas().get((ev.uri, 0)) == "running")
+    await trio.sleep(120)
+    assert list(machine.containers) == [container] and machine.started == started
+    assert machine.containers[container].status == "running"
+    assert not [w for w in second_writes if w.action == "delete"], second_writes
+
+
+async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_complete(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list[Write] = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        assert ev.record is not None
+        ev.record["kind"] = "job"
+        ev.record["restartPolicy"] = "never"
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()
+    second_writes: list[Write] = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    machine.end(next(iter(machine.containers)), 3)  # the job ends while the PDS is away
+    await trio.sleep(30)
+    assert second_writes == []
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+
+    def final() -> list[dict[str, Any]]:
+        return [
+            w.value
+            for w in second_writes
+            if w.collection == "commune.scheduler.workloadStatus"
+            and w.value is not None
+            and w.value["state"] == "failed"
+        ]
+
+    await wait_for(lambda: final())
+    assert final()[-1]["exitCode"] == 3
+
+
+async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the_restart(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    writes: list[Write] = []
+    async with trio.open_nursery() as old:
+        first = await start(old, machine, writes)
+        ev = workload(int((T0 + trio.current_time()) * 1000))
+        assert ev.record is not None
+        ev.record["kind"] = "job"
+        ev.record["restartPolicy"] = "never"
+        first.record_changed(ev)
+        await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
+        await trio.sleep(2)
+        old.cancel_scope.cancel()
+    machine.end(next(iter(machine.containers)), 3)  # the job ends while meshletd is down
+    second_writes: list[Write] = []
+    second = await start(nursery, machine, second_writes, complete=False)
+    second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
+
+    def final() -> list[dict[str, Any]]:
+        return [
+            w.value
+            for w in second_writes
+            if w.collection == "commune.scheduler.workloadStatus"
+            and w.value is not None
+            and w.value["state"] == "failed"
+        ]
+
+    await wait_for(lambda: final())
+    assert final()[-1]["exitCode"] == 3
 
 
 async def test_a_drain_decided_by_the_core_is_written_as_the_publisher_shapes_it(

@@ -113,3 +113,31 @@ async def test_watchdog_pings_only_while_the_loop_is_alive(autojump_clock) -> No
             await trio.sleep(4.5)
             healthy = False
     assert rec.messages.count({"WATCHDOG": "1"}) == 5
+
+
+def test_a_listening_socket_goes_to_the_fd_store_and_comes_back_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What keeps the XRPC port open across a restart (docs/protocol.md section 13): the
+    daemon sends its listener with FDSTORE=1, systemd hands it back in LISTEN_FDS."""
+    from meshletd.notify import inherited_fds
+
+    s, path = bound(tmp_path)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert SdNotifier().store_fds("xrpc", [listener.fileno()])
+    msg, fds, _flags, _addr = socket.recv_fds(s, 4096, 4)
+    assert msg == b"FDSTORE=1\nFDNAME=xrpc" and len(fds) == 1
+    kept = socket.socket(fileno=fds[0])
+    assert kept.getsockname() == listener.getsockname()
+    kept.close()
+    listener.close()
+    s.close()
+    # The next start: LISTEN_* name the descriptors (from fd 3), for this process only.
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "xrpc:other"}
+    assert inherited_fds(env) == {"xrpc": [3], "other": [4]}
+    assert inherited_fds({**env, "LISTEN_PID": "1"}) == {}
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not SdNotifier().store_fds("xrpc", [0])
