@@ -41,7 +41,6 @@ from meshletd.runtime.spec import (
 )
 from meshletd.runtime.units import RuntimeConfig
 
-
 if TYPE_CHECKING:
     from meshletd.config import Contribution
 

@@ -55,9 +55,9 @@ class RuntimeConfig:
 
     `slice_milli_cpu`/`slice_memory_mib`/`slice_tasks_max` cap what all replicas together may
     take (None: no cap), unless an administrator's drop-in for the slice sets that limit
-    (`slice_properties`). Each replica's unit gets its workload's memory and tasks *plus* an overhead for
-    conmon, slirp4netns and podman itself while it starts (measured: podman run peaks near
-    40 MiB and 30 threads), so a workload asking 16 MiB can still be started.
+    (`slice_properties`). Each replica's unit gets its workload's memory and tasks *plus* an
+    overhead for conmon, slirp4netns and podman itself while it starts (measured: podman run
+    peaks near 40 MiB and 30 threads), so a workload asking 16 MiB can still be started.
     """
 
     manager: Literal["system", "user"] = "system"
@@ -315,9 +315,7 @@ SLICE_LIMIT_KEYS: dict[str, str] = {
 }
 
 
-def slice_properties(
-    config: RuntimeConfig, admin_keys: Collection[str] = ()
-) -> dict[str, object]:
+def slice_properties(config: RuntimeConfig, admin_keys: Collection[str] = ()) -> dict[str, object]:
     """The slice every replica runs in: the machine's contribution cap.
 
     Set at run time (not persistent). A limit an administrator's drop-in sets (`admin_keys`:
