@@ -158,6 +158,8 @@ async def test_metrics_are_prometheus_text_and_move_with_a_placement(daemon: Dae
             "meshlet_firehose_reconnects_total",
             "meshlet_probe_failures_total",
             "meshlet_pds_write_queue_depth",
+            "meshlet_failover_seconds",
+            "meshlet_firehose_lag_seconds",
             "process_resident_memory_bytes",
         ):
             assert f"# TYPE {name.removesuffix('_total')}" in r.text, name
@@ -196,6 +198,62 @@ def test_record_counters_count_rounds_bids_and_placements_once() -> None:
         p.feed(ev)
     assert value(metrics.PLACEMENTS_SEEN) == placed0 + 1
     assert value(metrics.FAILOVERS) == failovers0 + 1
+
+
+def test_failover_duration_runs_from_the_replacement_round_to_the_replica_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prometheus_client import generate_latest
+
+    p = parts()
+    now = [1000.0]
+    monkeypatch.setattr(metrics, "clock", lambda: now[0])
+    hist = metrics.FAILOVER_SECONDS
+    count0, sum0 = _sample(hist, "_count"), _sample(hist, "_sum")
+    replacement = {**_bid(5), "round": 1, "slot": 3}
+    # Our own bid of the replacement round starts the clock; bob's, seen later, does not.
+    metrics.bid_written(replacement)
+    now[0] += 4.0
+    for ev in (put(BOB_MESH, "bid", "r1", replacement), put(ME, "bid", "r2", replacement)):
+        metrics.count_record(ev, p.followed)
+        p.feed(ev)
+    now[0] += 8.5
+    status = {**replacement, "state": "running", "updatedAt": STAMP}
+    del status["priority"], status["slots"], status["createdAt"]
+    for _ in range(2):  # seen twice (hint, then firehose): one failover
+        ev = put(BOB_MESH, "workloadStatus", "s3", status)
+        metrics.count_record(ev, p.followed)
+        p.feed(ev)
+    assert _sample(hist, "_count") == count0 + 1
+    assert _sample(hist, "_sum") == pytest.approx(sum0 + 12.5)
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert re.search(r'^meshlet_failover_seconds_bucket\{le="15\.0"\} [1-9]', text, re.M)
+
+
+def test_firehose_lag_is_now_minus_the_frames_time_per_pds() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from meshletd.atproto.frames import FrameDecoder, Interest
+    from meshletd.atproto.testing import FakeRepo
+
+    alice = FakeRepo("did:plc:alice")
+    out = FrameDecoder(Interest(dids={alice.did}), {alice.did: alice.key.did_key}).process(
+        alice.put("commune.scheduler.membership", "home", {"members": []})
+    )
+    assert out.time == "2026-11-27T00:00:00.000Z"
+    sent = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    metrics.firehose_frame("http://pds.test:2583", sent)
+    metrics.firehose_frame("http://pds.test:2583", "not a time")  # ignored
+    lag = metrics.FIREHOSE_LAG.labels("http://pds.test:2583")._value.get()
+    assert 30 <= lag < 40
+
+
+def _sample(metric: object, suffix: str) -> float:
+    for fam in metric.collect():  # type: ignore[attr-defined]
+        for s in fam.samples:
+            if s.name.endswith(suffix):
+                return float(s.value)
+    raise AssertionError(suffix)
 
 
 def test_meshlets_show_both_directions_of_the_link_and_rounds_rank_the_bids() -> None:
