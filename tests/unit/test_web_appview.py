@@ -272,6 +272,52 @@ def test_meshlets_show_both_directions_of_the_link_and_rounds_rank_the_bids() ->
     assert p.read.workload_record(uri)["kind"] == "service"
 
 
+def test_fair_share_plots_lent_and_used_per_owner_per_usage_period() -> None:
+    from meshletd.core.records import format_datetime_ms
+    from meshletd.web.app import WebApp
+    from meshletd.web.testing import ViewNode
+
+    p = parts()
+    p.view.apply(put(BOB_MESH, "meshletOwner", "self", owner_record(BOB_MESH, BOB)))
+    p.view.apply(put(ME, "meshletOwner", "self", owner_record(ME, OWNER)))
+    length = p.local.cfg.scheduling.usage_period_ms
+    base = 1_799_990_000_000 - 1_799_990_000_000 % length
+
+    def usage(host: str, rkey: str, period: int, entries: list[tuple[str, int]]) -> None:
+        start = base + period * length
+        value = {
+            "periodStart": format_datetime_ms(start),
+            "periodEnd": format_datetime_ms(start + length),
+            "entries": [
+                {"ownerDid": o, "milliCpuSeconds": m, "memoryMiBSeconds": 1} for o, m in entries
+            ],
+            "createdAt": format_datetime_ms(start + length),
+        }
+        p.feed(put(host, "usage", rkey, value))
+
+    usage(BOB_MESH, "u0", 0, [(OWNER, 6000), (BOB, 999)])  # bob's own use counts as neither
+    usage(ME, "u1", 1, [(BOB, 2500)])
+    usage(BOB_MESH, "u2", 1, [(OWNER, 1000)])
+    usage("did:plc:stranger", "u3", 1, [(OWNER, 7)])  # no known owner: left out
+    page = WebApp(ViewNode(p.read)).render("/fairshare", {})
+    history = page.split("<h2>Over time</h2>", 1)[1]
+    assert "2 period(s)" in history
+    assert history.count('<figure class="history">') == 2  # alice (OWNER) and bob
+    assert history.count("<polyline") == 4
+    # alice used 6000 then 1000 and lent 0 then 2500; bob the mirror image.
+    assert re.search(r"lent 0, used 6000</title>.*lent 2500, used 1000</title>", history, re.S)
+    assert re.search(r"lent 6000, used 0</title>.*lent 1000, used 2500</title>", history, re.S)
+    assert "lent 2500, used 7000" in history  # alice's caption: the stranger's 7 not counted
+
+
+def test_fair_share_without_usage_records_says_so() -> None:
+    from meshletd.web.app import WebApp
+    from meshletd.web.testing import ViewNode
+
+    page = WebApp(ViewNode(parts().read)).render("/fairshare", {})
+    assert "No usage records yet" in page
+
+
 def test_shown_escapes_controls_and_bidi_but_keeps_text() -> None:
     assert shown("a\u202eb\x1b[2Jc") == "a\\u202eb\\x1b[2Jc"
     assert shown("café 日本") == "café 日本"
