@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 # `*_created` series (a timestamp per counter) double the output and tell nobody anything.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, open fds, CPU seconds
 

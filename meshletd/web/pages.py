@@ -280,7 +280,8 @@ def rounds_page(node: Source, uri: str, slot: int | None) -> dict[str, Any]:
     rule that made them win."""
     v = node.workload(uri)
     rec = record_of(node, v["uri"])
-    res = rec.get("resources") if isinstance(rec.get("resources"), dict) else {}
+    raw = rec.get("resources")
+    res = raw if isinstance(raw, dict) else {}
     need = {k: int(res.get(k, 0)) for k in ("milliCpu", "memoryMiB") if isinstance(res.get(k), int)}
     rounds = []
     for r in rounds_of(node, v["uri"]):
