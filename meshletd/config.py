@@ -43,7 +43,7 @@ from pydantic import (
     field_validator,
 )
 
-from meshletd.core.timing import DEFAULT_TIMING, Timing
+from meshletd.core.timing import DEFAULT_TIMING, LEASE_MAX_VALID_MS, Timing
 from meshletd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/meshlet/meshlet.toml")
@@ -153,7 +153,9 @@ class Scheduling(_Section):
     `half_life_ms` SHOULD be equal too, so every member can reproduce the fair-share ledger.
     Local (this machine only): `bid_window_ms` (the default `bidWindowMs` of the workloads
     this meshlet publishes; each workload carries its own), probing (`probe_interval_ms`,
-    `probe_failures`, `watchers`), `fence_timeout_ms`, `reopen_backoff_ms`, `bid_batch_ms`.
+    `probe_failures`, `watchers`), `fence_timeout_ms`, `reopen_backoff_ms`, `bid_batch_ms`,
+    and the lease a meshlet without `public_endpoint` writes (`lease_renew_ms`,
+    `lease_valid_ms`: the validity travels in the lease, docs/protocol.md section 8).
     The defaults are the protocol's; read at start (a reload does not change them).
     """
 
@@ -175,6 +177,20 @@ class Scheduling(_Section):
     # 10 ms, not the core's 50: enough to gather the records of one firehose frame, and it
     # is on the publish -> running path (docs/benchmarks.md, "End to end").
     bid_batch_ms: int = Field(default=10, ge=0, le=10_000)
+    # only written by a meshlet without public_endpoint (it cannot be probed)
+    lease_renew_ms: int = Field(default=_T.lease_renew_ms, ge=1000, le=600_000)
+    lease_valid_ms: int = Field(default=_T.lease_valid_ms, ge=1000, le=LEASE_MAX_VALID_MS)
+
+    @field_validator("lease_valid_ms")
+    @classmethod
+    def _lease_outlives_its_renewal(cls, value: int, info: ValidationInfo) -> int:
+        renew = info.data.get("lease_renew_ms")
+        if renew is not None and value <= renew:
+            raise ValueError(
+                f"must be more than lease_renew_ms ({renew}): a lease that expires before "
+                "its renewal makes a healthy meshlet look dead between the two"
+            )
+        return value
 
     @field_validator("half_life_ms")
     @classmethod

@@ -81,8 +81,31 @@ sys.path.insert(0, str(_HERE.parent / "dev" / "lib"))
 
 
 @pytest.fixture(scope="session")
-def devnet() -> Iterator[Devnet]:
-    """PLC + two reference PDSes on loopback with alice, bob, carol and their meshlets.
+def hostenv_network() -> Iterator[str]:
+    """The address the local atproto network listens on: the gateway of this run's
+    dev/hostenv network (booted hosts sit on it, each at an address of its own), or
+    loopback where hosts are not booted (not root, MESHLET_SYSTEM_HOST=local) or when
+    MESHLET_DEVNET_HOST=loopback. The network is removed after the session's hosts."""
+    local = os.environ.get("MESHLET_SYSTEM_HOST") == "local"
+    if os.geteuid() != 0 or local or os.environ.get("MESHLET_DEVNET_HOST") == "loopback":
+        yield "127.0.0.1"
+        return
+    from tests.system.hostenv import HostEnvError, Network
+
+    try:
+        net = Network.up()
+    except HostEnvError as e:
+        pytest.fail(f"the hosts' network did not come up: {e}", pytrace=False)
+    try:
+        yield net.gateway
+    finally:
+        net.down()
+
+
+@pytest.fixture(scope="session")
+def devnet(hostenv_network: str) -> Iterator[Devnet]:
+    """PLC + two reference PDSes with alice, bob, carol and their meshlets, on the address
+    booted hosts reach (`hostenv_network`).
 
     Tests that need accounts of their own (to stay independent) call
     `devnet.create_account(name, pds)` or `await devnet.create_account_async(...)`.
@@ -90,7 +113,8 @@ def devnet() -> Iterator[Devnet]:
     from devnet import Devnet, DevnetError
 
     try:
-        net = Devnet.up(owner_pid=os.getpid())  # gone with this run, even if killed
+        # gone with this run, even if killed
+        net = Devnet.up(owner_pid=os.getpid(), host=hostenv_network)
     except DevnetError as e:
         pytest.fail(f"the local atproto network did not start: {e}", pytrace=False)
     try:

@@ -48,7 +48,7 @@ apt_install() {
 
 host_packages() {
     apt_install systemd-container debootstrap libsystemd-dev pkg-config gcc python3-dev \
-        python3-venv iproute2 ca-certificates lintian rpm rpmlint groff-base \
+        python3-venv iproute2 nftables ca-certificates lintian rpm rpmlint groff-base \
         chromium chromium-driver
 }
 

@@ -12,6 +12,7 @@ Usage: demo_commune.py STATE_DIR
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT / "dev" / "lib"))
 from devnet import Devnet  # noqa: E402
 
 from tests.system.commune import CTL, HOSTENV_RUN, Commune, Meshlet  # noqa: E402
+from tests.system.hostenv import Network  # noqa: E402
 
 HOSTS = ["demo-a", "demo-b", "demo-c"]
 HELLO = [
@@ -58,7 +60,10 @@ def placement(m: Meshlet) -> dict[int, str] | None:
 
 def main(state: Path) -> int:
     t0 = time.monotonic()
-    net = Devnet.up(state / "devnet")
+    # The demo's hosts and network outlive this process (until `dev/demo down`).
+    os.environ["MESHLET_HOSTENV_OWNER"] = "demo"
+    gateway = Network.up().gateway
+    net = Devnet.up(state / "devnet", host=gateway)
     print(f"  PLC {net.plc_url}; PDS0 {net.pds_urls[0]}; PDS1 {net.pds_urls[1]}")
     say("three meshlets on three booted systemd hosts (meshletd as a Type=notify service)")
     commune = Commune.up(net, HOSTS, tag="demo")
@@ -66,7 +71,10 @@ def main(state: Path) -> int:
         (HOSTENV_RUN / name / "owner").write_text("\n")
     (state / "hosts").write_text("\n".join(HOSTS) + "\n")
     for m in commune:
-        print(f"  {m.person:<6} host {m.host.name}: meshlet {m.did} (owner {m.owner_did})")
+        print(
+            f"  {m.person:<6} host {m.host.name} at {m.address}: meshlet {m.did} "
+            f"(owner {m.owner_did})"
+        )
     (state / "web").write_text("".join(f"{m.person} {m.web_url}/\n" for m in commune))
 
     say("the cluster forms: alice's `meshletctl members`")

@@ -1,5 +1,10 @@
 """The local atproto network (reference PDS + PLC from npm) for tests and the demo.
 
+It listens on loopback, or (`host=`) on the gateway address of a dev/hostenv network, so
+that booted hosts in network namespaces of their own reach it. A running network takes
+faults through its control socket: `stop_pds(i, seconds)` / `start_pds(i)` (the PDS comes
+back with its data, keys and accounts) and `kill_firehose(i)`.
+
 `python dev/lib/devnet.py install|up|down|status` is what `dev/devnet` runs; tests use the
 `Devnet` class through the session fixture in tests/conftest.py. Stdlib only, so it runs
 before the project's virtualenv exists.
@@ -117,10 +122,20 @@ def install() -> None:
     stamp.write_text(want)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` and on loopback (the PLC listens on both)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if host == "127.0.0.1":
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 @dataclass
@@ -138,24 +153,24 @@ class Devnet:
     """A running local atproto network, described by STATE_DIR/devnet.json."""
 
     state_dir: Path
+    host: str = "127.0.0.1"
     plc_url: str = ""
     pds_urls: list[str] = field(default_factory=list)
     pds_dids: list[str] = field(default_factory=list)
     accounts: dict[str, Account] = field(default_factory=dict)
     pid: int = 0
-    control_url: str = ""
 
     @classmethod
     def load(cls, state_dir: Path) -> Devnet:
         desc = json.loads((state_dir / "devnet.json").read_text())
         return cls(
             state_dir=state_dir,
+            host=desc.get("host", "127.0.0.1"),
             plc_url=desc["plc_url"],
             pds_urls=[p["url"] for p in desc["pds"]],
             pds_dids=[p["did"] for p in desc["pds"]],
             accounts={k: Account(**v) for k, v in desc["accounts"].items()},
             pid=desc["pid"],
-            control_url=desc.get("control_url", ""),
         )
 
     @classmethod
@@ -167,8 +182,10 @@ class Devnet:
         fast_firehose: bool = False,
         timeout: float = 120.0,
         owner_pid: int | None = None,
+        host: str = "127.0.0.1",
     ) -> Devnet:
-        """Start PLC and `pds` PDSes on free loopback ports; return once accounts exist.
+        """Start PLC and `pds` PDSes on free ports of `host` (loopback, or a dev/hostenv
+        network's gateway); return once accounts exist.
 
         With `owner_pid` the network stops by itself once that process is gone."""
         install()
@@ -178,8 +195,9 @@ class Devnet:
         accounts = DEFAULT_ACCOUNTS if accounts is None else accounts
         cfg = {
             "state_dir": str(state_dir),
-            "plc_port": free_port(),
-            "pds_ports": [free_port() for _ in range(pds)],
+            "host": host,
+            "plc_port": free_port(host),
+            "pds_ports": [free_port(host) for _ in range(pds)],
             "accounts": [{"name": n, "pds": i} for n, i in accounts],
             "fast_firehose": fast_firehose,
             "owner_pid": owner_pid,
@@ -214,24 +232,6 @@ class Devnet:
             _stop_pid(int(pid_file.read_text()))
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def stop_pds(self, pds: int) -> None:
-        """Stop PDS number `pds` (an outage): its port closes, its data stays."""
-        self._control(pds, "stop")
-
-    def start_pds(self, pds: int) -> None:
-        """Start PDS number `pds` again, on the same port with the same accounts and data."""
-        self._control(pds, "start")
-
-    def _control(self, pds: int, what: str) -> None:
-        if not self.control_url:
-            raise DevnetError("this devnet has no control endpoint (started by an older script)")
-        req = urllib.request.Request(f"{self.control_url}/pds/{pds}/{what}", method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as res:
-                res.read()
-        except urllib.error.HTTPError as e:
-            raise DevnetError(f"pds {pds} {what}: HTTP {e.code} {e.read().decode()}") from e
-
     def create_account(self, name: str, pds: int = 0) -> Account:
         """Create a fresh account (with an app password) on PDS number `pds`."""
         url = self.pds_urls[pds]
@@ -257,6 +257,47 @@ class Devnet:
         import trio
 
         return await trio.to_thread.run_sync(self.create_account, name, pds)
+
+    # -- faults (dev/lib/devnet.mjs serves them on STATE_DIR/control.sock) ---------------
+
+    def control(self, line: str, timeout: float = 30.0) -> str:
+        """Send one control line; return the answer, or raise DevnetError."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.state_dir / "control.sock"))
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        answer = b"".join(chunks).decode().strip()
+        if not answer.startswith(("ok", "{")):
+            raise DevnetError(f"devnet control {line!r}: {answer}")
+        return answer
+
+    def pds_index(self, url: str) -> int:
+        """Which PDS (0, 1, ...) serves `url`."""
+        return self.pds_urls.index(url.rstrip("/"))
+
+    def pds_port(self, index: int) -> int:
+        return int(self.pds_urls[index].rsplit(":", 1)[1])
+
+    def stop_pds(self, index: int, seconds: float | None = None) -> None:
+        """Stop PDS `index` (its data kept); with `seconds` it starts again by itself."""
+        self.control(f"stop {index}" + (f" {seconds:g}" if seconds else ""))
+
+    def start_pds(self, index: int) -> None:
+        """Start a stopped PDS again: same URL, data, keys and accounts."""
+        self.control(f"start {index}")
+
+    def kill_firehose(self, index: int | None = None) -> int:
+        """Close the firehose (subscribeRepos) connections of one PDS, or of all."""
+        return int(
+            self.control("kill-firehose" + ("" if index is None else f" {index}")).split()[1]
+        )
+
+    def status(self) -> dict:
+        """Each PDS: url, up, restartAt (when a timed stop ends), open firehoses."""
+        return json.loads(self.control("status"))
 
 
 def _xrpc(url: str, nsid: str, body: dict, token: str | None = None) -> dict:
@@ -316,10 +357,26 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--fast-firehose", action="store_true", help="cap the PDS sequencer's idle backoff at 20 ms"
     )
+    up.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default loopback; a dev/hostenv network's gateway, "
+        "as `dev/hostenv net up` prints it, lets booted hosts reach it)",
+    )
     down = sub.add_parser("down", help="stop the network started with --state")
     down.add_argument("--state", type=Path, required=True)
-    st = sub.add_parser("status", help="print the network's description")
+    st = sub.add_parser("status", help="print the network's description and its PDSes' state")
     st.add_argument("--state", type=Path, required=True)
+    stop = sub.add_parser("stop-pds", help="stop one PDS (its data kept)")
+    stop.add_argument("--state", type=Path, required=True)
+    stop.add_argument("index", type=int)
+    stop.add_argument("--minutes", type=float, help="start it again after this long")
+    start = sub.add_parser("start-pds", help="start a stopped PDS again")
+    start.add_argument("--state", type=Path, required=True)
+    start.add_argument("index", type=int)
+    kill = sub.add_parser("kill-firehose", help="close firehose connections (of one PDS)")
+    kill.add_argument("--state", type=Path, required=True)
+    kill.add_argument("index", type=int, nargs="?")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "install":
@@ -332,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
                     for a in args.accounts.split(",")
                 ]
             net = Devnet.up(
-                args.state, pds=args.pds, accounts=accounts, fast_firehose=args.fast_firehose
+                args.state,
+                pds=args.pds,
+                accounts=accounts,
+                fast_firehose=args.fast_firehose,
+                host=args.host,
             )
             print(
                 json.dumps(
@@ -347,7 +408,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "down":
             Devnet(state_dir=args.state).down()
         elif args.cmd == "status":
-            print((args.state / "devnet.json").read_text())
+            net = Devnet.load(args.state)
+            desc = json.loads((args.state / "devnet.json").read_text())
+            print(json.dumps({**desc, "faults": net.status()}, indent=2))
+        elif args.cmd == "stop-pds":
+            Devnet.load(args.state).stop_pds(
+                args.index, args.minutes * 60 if args.minutes else None
+            )
+        elif args.cmd == "start-pds":
+            Devnet.load(args.state).start_pds(args.index)
+        elif args.cmd == "kill-firehose":
+            print(Devnet.load(args.state).kill_firehose(args.index))
     except DevnetError as e:
         print(f"dev/devnet {args.cmd}: {e}", file=sys.stderr)
         return 1

@@ -53,7 +53,9 @@ he_launch() {
         echo $$ > "$cg/cgroup.procs"
     done
     export SYSTEMD_NSPAWN_API_VFS_WRITABLE=network
-    exec systemd-nspawn -q -D "$dir/root" -M "$name" --register=no --keep-unit \
+    local net=()
+    if [ -s "$dir/address" ]; then net=(--network-namespace-path="/run/netns/$(he_netns "$name")"); fi
+    exec systemd-nspawn -q -D "$dir/root" -M "$name" --register=no --keep-unit "${net[@]}" \
         --kill-signal=SIGRTMIN+3 --system-call-filter=@keyring --link-journal=no \
         --console=read-only \
         --bind="$dir/dev/tun:/dev/net/tun" --bind="$dir/dev/fuse:/dev/fuse" \
@@ -161,9 +163,15 @@ cmd_up() {
         [ -e "$(he_dir "$name")" ] && he_teardown "$name" >/dev/null 2>&1
     done
     mkdir -p "$HE_RUN"
+    # The hosts of one owner share a network; MESHLET_HOSTENV_NET=shared keeps the old way
+    # (this machine's network, loopback between hosts).
+    local net=""
+    if [ "${MESHLET_HOSTENV_NET:-own}" != shared ]; then
+        net=$(he_net_for_owner "$(he_net_owner_key)") || exit 1
+    fi
     for name in "$@"; do
         local log="$LOGDIR/hostenv-up-$name.log"
-        if ! he_prepare "$name" >"$log" 2>&1; then
+        if ! { he_prepare "$name" && { [ -z "$net" ] || he_net_attach "$name" "$net"; }; } >"$log" 2>&1; then
             echo "dev/hostenv: step 'prepare overlay for $name' FAILED" >&2
             he_log_tail "$log"; he_teardown "$name" >/dev/null 2>&1; exit 1
         fi
@@ -272,6 +280,7 @@ he_teardown() {
         for i in $(seq 1 50); do he_alive "$nspawn" || break; sleep 0.1; done
     fi
     he_kill_cgroups "$name"
+    he_net_detach "$name"
     # What nspawn leaves behind when it was killed rather than let exit.
     if [ -s "$dir/nspawn.lock" ]; then rm -f "/run/systemd/nspawn/locks/$(cat "$dir/nspawn.lock")"; fi
     rm -rf "/run/systemd/nspawn/propagate/$name"
@@ -304,7 +313,7 @@ cmd_down() {
     else
         for name in "$@"; do he_check_name "$name"; names+=("$name"); done
     fi
-    [ ${#names[@]} -gt 0 ] || return 0
+    [ ${#names[@]} -gt 0 ] || { [ "$1" = --stale ] && he_net_remove_stale; return 0; }
     local pids=() rc=0
     for name in "${names[@]}"; do
         he_teardown "$name" $mode >"$LOGDIR/hostenv-down-$name.log" 2>&1 &
@@ -320,13 +329,14 @@ cmd_down() {
         fi
         i=$((i + 1))
     done
+    [ "$1" = --stale ] && he_net_remove_stale
     return "$rc"
 }
 
 cmd_status() {
     [ -d "$HE_RUN" ] || { echo "no hosts"; return 0; }
-    local d name nspawn leader state
-    printf '%-16s %-8s %-8s %s\n' NAME NSPAWN LEADER STATE
+    local d name nspawn leader state faults
+    printf '%-24s %-8s %-8s %-14s %-10s %s\n' NAME NSPAWN LEADER ADDRESS STATE FAULTS
     for d in "$HE_RUN"/*/; do
         [ -d "$d" ] || continue
         name=$(basename "$d"); nspawn=$(he_pid "$name" nspawn); leader=$(he_pid "$name" leader)
@@ -334,6 +344,10 @@ cmd_status() {
             state=$(he_in "$leader" systemctl is-system-running 2>/dev/null || true)
         elif he_alive "$nspawn"; then state=booting
         else state="dead (clean up: dev/hostenv down $name)"; fi
-        printf '%-16s %-8s %-8s %s\n' "$name" "${nspawn:--}" "${leader:--}" "$state"
+        faults=""
+        [ -n "$(he_host_address "$name")" ] && faults=$(he_faults "$name" | tr '\n' ' ')
+        printf '%-24s %-8s %-8s %-14s %-10s %s\n' "$name" "${nspawn:--}" "${leader:--}" \
+            "$(he_host_address "$name" | grep . || echo shared)" "$state" "${faults:--}"
     done
+    if compgen -G "$HE_NET_DIR/*/owner" >/dev/null; then echo; cmd_net status; fi
 }

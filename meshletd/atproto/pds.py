@@ -138,7 +138,9 @@ class PdsSession:
         self.refresh_token = body["refreshJwt"]
         self.generation += 1
 
-    async def _post_raw(self, nsid: str, body: dict[str, Any], token: str | None = None) -> dict:
+    async def _post_raw(
+        self, nsid: str, body: dict[str, Any], token: str | None = None
+    ) -> dict[str, Any]:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         try:
             r = await self.http.post(f"{self.pds_url}/xrpc/{nsid}", json=body, headers=headers)
@@ -148,7 +150,8 @@ class PdsSession:
             raise PdsUnavailable(f"{self.pds_url} {nsid}: {r.status_code} {r.text[:200]}")
         if r.status_code != 200:
             raise AuthRequired(f"{self.pds_url} {nsid}: {r.status_code} {r.text[:200]}")
-        return r.json()
+        answer: dict[str, Any] = r.json()
+        return answer
 
     async def renew(self, seen_generation: int) -> None:
         """Refresh the access token unless another task already did since `seen_generation`."""
@@ -167,7 +170,7 @@ class PdsSession:
                 await self.login()
 
     async def request(
-        self, method: str, nsid: str, *, params: dict | None = None, json: Any = None
+        self, method: str, nsid: str, *, params: dict[str, Any] | None = None, json: Any = None
     ) -> httpx.Response:
         """An authenticated XRPC call; renews the session once if the token expired."""
         if self.access is None:
@@ -268,7 +271,9 @@ class PdsClient:
         await self.http.aclose()
 
     # -- reads ----------------------------------------------------------------------------
-    async def get_record(self, collection: str, rkey: str, repo: str | None = None):
+    async def get_record(
+        self, collection: str, rkey: str, repo: str | None = None
+    ) -> tuple[str, dict[str, Any]] | None:
         """(cid, value) or None."""
         r = await self.session.request(
             "GET",
@@ -284,7 +289,9 @@ class PdsClient:
             self.known[(collection, rkey)] = body["cid"]
         return body["cid"], body["value"]
 
-    async def list_records(self, collection: str, repo: str | None = None):
+    async def list_records(
+        self, collection: str, repo: str | None = None
+    ) -> list[tuple[str, str, dict[str, Any]]]:
         """[(rkey, cid, value)] of one collection (all pages)."""
         out = []
         cursor = None

@@ -121,7 +121,9 @@ class RepoReader:
             if not isinstance(cursor, str) or not cursor or not records:
                 return out
 
-    async def get_record(self, pds: str, did: str, collection: str, rkey: str) -> dict | None:
+    async def get_record(
+        self, pds: str, did: str, collection: str, rkey: str
+    ) -> dict[str, Any] | None:
         """The JSON view of one record (unverified), or None if absent."""
         r = await self._get(
             pds, "com.atproto.repo.getRecord", {"repo": did, "collection": collection, "rkey": rkey}

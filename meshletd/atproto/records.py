@@ -26,6 +26,7 @@ from typing import Any, Final
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.core.nsid import (
     NSID_BID,
+    NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
     NSID_MESHLET_OWNER,
@@ -37,6 +38,7 @@ from meshletd.core.records import (
     MAX_DRAINS,
     Bid,
     EnvVar,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -129,6 +131,11 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "createdAt": "",  # written as stateSince; read only when stateSince is absent
     },
     MeshletLink: {"meshletDid": "meshlet", "name": "name", "createdAt": "created_at"},
+    Lease: {
+        "renewedAt": "renewed_at",
+        "validMs": "valid_ms",
+        "createdAt": "",  # written as renewedAt
+    },
 }
 # Objects of commune.scheduler.defs carried by their own core class: property -> field.
 DEF_FIELDS: Final[dict[str, tuple[type, dict[str, str]]]] = {
@@ -340,6 +347,13 @@ def record_from_json(
             name=value.get("name"),
             created_at=_ms(value.get("createdAt")) or 0,
         )
+    if collection == NSID_LEASE:
+        return Lease(
+            uri=uri,
+            meshlet=repo,
+            renewed_at=parse_datetime_ms(value["renewedAt"]),
+            valid_ms=int(value["validMs"]),
+        )
     return None
 
 
@@ -496,6 +510,13 @@ def record_to_json(record: Record) -> JsonObject:
         }
         _put(out, "name", record.name)
         return out
+    if isinstance(record, Lease):
+        return {
+            "$type": NSID_LEASE,
+            "renewedAt": format_datetime_ms(record.renewed_at),
+            "validMs": record.valid_ms,
+            "createdAt": format_datetime_ms(record.renewed_at),
+        }
     raise TypeError(f"not a record: {type(record).__name__}")
 
 

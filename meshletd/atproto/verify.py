@@ -43,7 +43,7 @@ def cid_bytes(cid: str) -> bytes:
         + _varint(d["codec"])
         + _varint(h["code"])
         + _varint(h["size"])
-        + h["digest"]
+        + bytes(h["digest"])
     )
 
 
@@ -123,7 +123,9 @@ def block(blocks: Blocks, cid: bytes, what: str) -> Any:
     return value
 
 
-def verify_commit(blocks: Blocks, commit_cid: bytes, did: str, did_key: str | None) -> dict:
+def verify_commit(
+    blocks: Blocks, commit_cid: bytes, did: str, did_key: str | None
+) -> dict[str, Any]:
     """The signed commit object named by `commit_cid`, checked against `did` and its key."""
     commit = block(blocks, commit_cid, "commit")
     if not isinstance(commit, dict):
@@ -163,7 +165,8 @@ def mst_lookup(blocks: Blocks, root: bytes, key: str) -> bytes | None:
             k = prev[: e["p"]] + e["k"]
             prev = k
             if k == target:
-                return e["v"]
+                value: bytes | None = e["v"]
+                return value
             if target < k:
                 break
             next_cid = e.get("t")

@@ -29,6 +29,7 @@ from .hashing import is_candidate, rendezvous_score
 from .records import (
     Bid,
     EnvVar,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -52,6 +53,7 @@ __all__ = [
     "DeleteRecord",
     "EnvVar",
     "Event",
+    "Lease",
     "Membership",
     "MeshletIdentity",
     "MeshletLink",

@@ -1,13 +1,15 @@
 """Liveness: which peers this meshlet probes, and which it suspects lost (docs/protocol.md,
 section 8). Probes travel over XRPC (no PDS writes); the core only decides whom to probe
-and what the answers mean."""
+and what the answers mean. A peer that publishes no endpoint (behind NAT) cannot be
+probed: it writes a lease record, and its lease answers for it."""
 
 from __future__ import annotations
 
 from .actions import ProbePeer
 from .cluster import ClusterView
 from .hashing import watch_score
-from .timing import Timing
+from .records import Lease
+from .timing import LEASE_MAX_VALID_MS, Timing
 
 
 class Liveness:
@@ -31,6 +33,9 @@ class Liveness:
         self._ring_after: list[str] = []
         self._ring_version = -1
         self._failures: dict[str, int] = {}  # peer -> consecutive failed probes
+        self._fail_since: dict[str, int] = {}  # peer -> first failure of its current streak
+        self._leases: dict[str, tuple[int, int]] = {}  # peer -> (renewedAt, fresh until)
+        self._lease_news = 0  # when a lease renewal last reached us (anyone's, ours too)
 
     def watch_list(self) -> list[str]:
         """The peers we probe: our successors on the watch ring until `watchers` of them are
@@ -65,6 +70,66 @@ class Liveness:
         self.watch_list()
         return self._probes
 
+    def probe_round(self, now: int) -> tuple[list[ProbePeer], list[tuple[str, bool]]]:
+        """One probe round: the probes to send, and the answers the leases of the watched
+        peers that cannot be probed give at once (meshlet, ok).
+
+        An expired lease counts as a failure only when we know our own view is current: a
+        peer we probe answered recently, or a lease renewal (anyone's, our own included)
+        reached us after that lease expired. Otherwise its silence may be ours (we are cut
+        off from the PDSes), and it counts as nothing."""
+        self.watch_list()
+        if not self._leases:
+            return self._probes, []
+        probes: list[ProbePeer] = []
+        answers: list[tuple[str, bool]] = []
+        connected: bool | None = None
+        for probe in self._probes:
+            m = probe.meshlet
+            if not self.lease_judged(m):
+                probes.append(probe)
+                continue
+            until = self._leases[m][1]
+            if now <= until:
+                answers.append((m, True))
+                continue
+            if connected is None:
+                connected = any(self._answered(p, now) for p in self._probed_peers())
+            if connected or self._lease_news > until:
+                answers.append((m, False))
+        return probes, answers
+
+    def on_lease(self, rec: Lease, now: int) -> None:
+        """A lease: fresh until min(renewedAt, when we first saw it) + validMs (capped).
+        `seen` bounds a lease stamped by a clock running fast, `renewedAt` one we receive
+        late (anti-entropy, our own start): neither is a sign of life now. A new renewal,
+        ours included, also shows that what others write reaches us."""
+        old = self._leases.get(rec.meshlet)
+        if old is not None and old[0] >= rec.renewed_at:
+            return  # the same renewal again, or an older one
+        seen = now if now > 0 else rec.renewed_at
+        until = min(rec.renewed_at, seen) + min(rec.valid_ms, LEASE_MAX_VALID_MS)
+        self._leases[rec.meshlet] = (rec.renewed_at, until)
+        self._lease_news = now
+
+    def lease_judged(self, meshlet: str) -> bool:
+        """A peer that publishes no endpoint and has a lease: judged by it, never probed.
+        One with neither (an older meshletd) is probed, and fails, as before."""
+        if meshlet not in self._leases:
+            return False
+        o = self.cluster.owners.get(meshlet)
+        return o is not None and not o.endpoint
+
+    def _probed_peers(self) -> list[str]:
+        return [m for m in self.watch_list() if not self.lease_judged(m)]
+
+    def _answered(self, meshlet: str, now: int) -> bool:
+        """The peer answered its latest probe, within `probe_failures` probe intervals."""
+        since = now - self.t.probe_failures * self.t.probe_interval_ms
+        return self._answered_at.get(meshlet, since - 1) >= since and not self._failures.get(
+            meshlet
+        )
+
     def on_probe(self, meshlet: str, ok: bool, now: int) -> bool:
         """Record one probe's answer at local time `now`; True when it makes `meshlet` a new
         suspect (its `probe_failures`-th failure in a row)."""
@@ -77,6 +142,8 @@ class Liveness:
             return False
         n = self._failures.get(meshlet, 0) + 1
         self._failures[meshlet] = n
+        if n == 1:
+            self._fail_since[meshlet] = now
         if n >= self.t.probe_failures and meshlet not in self.suspects:
             self.suspects.add(meshlet)
             self._suspect_changes += 1
@@ -95,9 +162,22 @@ class Liveness:
         answered = self._answered_at
         failures = self._failures
         since = now - self.t.probe_failures * self.t.probe_interval_ms
-        return len(watched) > 1 and not any(
-            answered.get(m, since - 1) >= since and failures.get(m, 0) == 0 for m in watched
-        )
+        if not self._leases:
+            return len(watched) > 1 and not any(
+                answered.get(m, since - 1) >= since and failures.get(m, 0) == 0 for m in watched
+            )
+        # A fresh lease shows its writer was alive up to validMs ago, not that we are
+        # connected now: only probes answer that (chaos with half the hosts behind NAT: a
+        # cut-off watcher whose leased peers still looked fresh suspected its probed peers
+        # and opened rounds while cut off). With one probed peer only, its failures are its
+        # fault, not ours, once a lease renewal reached us after they began; with none,
+        # `probe_round` counts an expired lease only when our view is current.
+        probed = self._probed_peers()
+        if len(probed) >= 2:
+            return not any(self._answered(m, now) for m in probed)
+        if len(watched) < 2 or not probed or self._answered(probed[0], now):
+            return False
+        return self._lease_news <= self._fail_since.get(probed[0], now)
 
 
 __all__ = ["Liveness"]

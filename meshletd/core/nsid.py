@@ -13,6 +13,7 @@ NSID_USAGE = "commune.scheduler.usage"
 NSID_MEMBERSHIP = "commune.scheduler.membership"
 NSID_MESHLET_OWNER = "commune.scheduler.meshletOwner"
 NSID_MESHLET = "commune.scheduler.meshlet"
+NSID_LEASE = "commune.scheduler.lease"  # liveness of a meshlet without endpoint (§8)
 NSID_DEFS = "commune.scheduler.defs"  # shared object definitions, no record
 
 RECORD_NSIDS = frozenset(
@@ -24,6 +25,7 @@ RECORD_NSIDS = frozenset(
         NSID_MEMBERSHIP,
         NSID_MESHLET_OWNER,
         NSID_MESHLET,
+        NSID_LEASE,
     }
 )
 

@@ -69,22 +69,18 @@ class Orphans:
 
     def remove_bid(self, uri: str) -> bool:
         """Forget a deleted orphan bid; False when it is not one."""
-        for workload_uri, bids in self.bids.items():
-            for i, b in enumerate(bids):
-                if b.uri == uri:
-                    del bids[i]
-                    self._uncount(b.meshlet)
-                    self._forget_if_empty(workload_uri)
-                    return True
-        return False
+        return self._remove(self.bids, uri)
 
     def remove_status(self, uri: str) -> bool:
         """Forget a deleted orphan status; False when it is not one."""
-        for workload_uri, statuses in self.statuses.items():
-            for i, st in enumerate(statuses):
-                if st.uri == uri:
-                    del statuses[i]
-                    self._uncount(st.meshlet)
+        return self._remove(self.statuses, uri)
+
+    def _remove(self, store: dict[str, list[_R]], uri: str) -> bool:
+        for workload_uri, kept in store.items():
+            for i, rec in enumerate(kept):
+                if rec.uri == uri:
+                    del kept[i]
+                    self._uncount(rec.meshlet)
                     self._forget_if_empty(workload_uri)
                     return True
         return False

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from .nsid import (
     NSID_BID,
+    NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
     NSID_MESHLET_OWNER,
@@ -250,7 +251,18 @@ class MeshletLink:
     created_at: int = 0
 
 
-Record = Workload | Bid | WorkloadStatus | Usage | Membership | MeshletOwner | MeshletLink
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The liveness of a meshlet that publishes no endpoint (meshlet repo, rkey self).
+    JSON: renewedAt, validMs, createdAt (docs/protocol.md, section 8)."""
+
+    uri: str
+    meshlet: str
+    renewed_at: int
+    valid_ms: int
+
+
+Record = Workload | Bid | WorkloadStatus | Usage | Membership | MeshletOwner | MeshletLink | Lease
 
 COLLECTION_OF: dict[type, str] = {
     Workload: NSID_WORKLOAD,
@@ -260,6 +272,7 @@ COLLECTION_OF: dict[type, str] = {
     Membership: NSID_MEMBERSHIP,
     MeshletOwner: NSID_MESHLET_OWNER,
     MeshletLink: NSID_MESHLET,
+    Lease: NSID_LEASE,
 }
 
 
@@ -267,6 +280,7 @@ __all__ = [
     "COLLECTION_OF",
     "MAX_DRAINS",
     "NSID_BID",
+    "NSID_LEASE",
     "NSID_MEMBERSHIP",
     "NSID_MESHLET",
     "NSID_MESHLET_OWNER",
@@ -275,6 +289,7 @@ __all__ = [
     "NSID_WORKLOAD",
     "Bid",
     "EnvVar",
+    "Lease",
     "Membership",
     "MeshletLink",
     "MeshletOwner",

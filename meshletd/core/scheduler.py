@@ -43,11 +43,13 @@ from .reconcile import Reconciler
 from .records import (
     MAX_DRAINS,
     NSID_BID,
+    NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
     Bid,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -60,6 +62,7 @@ from .records import (
 )
 from .rounds import ROUND0_SPARE
 from .state import MeshletIdentity, bid_rkey, status_rkey
+from .timing import LEASE_MAX_VALID_MS
 
 TERMINAL = frozenset({"succeeded", "failed"})
 
@@ -145,6 +148,22 @@ class Scheduler(Explanations, Reconciler):
         # cut-off clear at the first probe that answers (acting on them at once re-placed
         # healthy slots).
 
+    def _renew_lease(self) -> None:
+        """Without an endpoint nobody can probe us: our lease says we are alive
+        (docs/protocol.md, section 8). Renewed every `lease_renew_ms`: 2 points each."""
+        t = self.t
+        self._next_lease = self.now + t.lease_renew_ms
+        self._put(
+            NSID_LEASE,
+            "self",
+            Lease(
+                uri=at_uri(self.me.did, NSID_LEASE, "self"),
+                meshlet=self.me.did,
+                renewed_at=self.now,
+                valid_ms=min(t.lease_valid_ms, LEASE_MAX_VALID_MS),
+            ),
+        )
+
     # ==================================================================== records
     def _on_record(self, rec: Record) -> None:
         if type(rec) is Bid:
@@ -164,6 +183,17 @@ class Scheduler(Explanations, Reconciler):
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
             self._cluster_changed()
+        elif type(rec) is Lease:
+            liveness = self.liveness
+            was_isolated = bool(liveness.suspects) and liveness.isolated(self.now)
+            liveness.on_lease(rec, self.now)
+            self._note_mine(rec.uri)
+            if was_isolated and not liveness.isolated(self.now):
+                # The renewal shows our view is current: the suspicions we held back while
+                # we might have been the one cut off are acted on now, not at the next scan
+                # (chaos, 30 % of hosts behind NAT: +15-30 s failovers of reachable hosts
+                # whose watcher probed no other peer).
+                self._scan_lost(set(liveness.suspects))
 
     def _on_meshlet_owner(self, rec: MeshletOwner) -> None:
         old = self.cluster.owners.get(rec.meshlet)
@@ -418,9 +448,14 @@ class Scheduler(Explanations, Reconciler):
             for rkey3 in [k for k, v in self._reserved.items() if v[2] <= now]:
                 del self._reserved[rkey3]
         liveness = self.liveness
+        if self.me.lease and (self._next_lease is None or now >= self._next_lease):
+            self._renew_lease()
         if now >= liveness.next_probe:
             liveness.next_probe = now + self.t.probe_interval_ms
-            self._out.extend(liveness.probes())
+            probes, answers = liveness.probe_round(now)
+            self._out.extend(probes)
+            for meshlet, ok in answers:  # peers behind NAT: their lease answers
+                self._on_probe(ProbeResult(meshlet, ok))
         if now >= self._next_scan:
             self._next_scan = now + self.t.reopen_backoff_ms // 2
             lost = set() if liveness.isolated(now) else set(liveness.suspects)
@@ -482,6 +517,8 @@ class Scheduler(Explanations, Reconciler):
             return
         self._resched = False
         nxt = [self.liveness.next_probe, self._next_scan]
+        if self._next_lease is not None:
+            nxt.append(self._next_lease)
         if self._closes:
             nxt.append(self._closes[0][0])
         if self._wakes:

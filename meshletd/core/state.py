@@ -30,6 +30,9 @@ class MeshletIdentity:
     arch: str = "amd64"
     labels: frozenset[str] = frozenset()
     endpoint: str = ""
+    lease: bool = False
+    """Nobody can reach us (no endpoint, behind NAT): we write a lease every
+    `lease_renew_ms` and our watchers judge us by it (docs/protocol.md, section 8)."""
 
 
 def _rkey(prefix: str, text: str) -> str:
@@ -116,6 +119,7 @@ class SchedulerState:
         self.draining = False
         self.draining_since = 0
         self.liveness = Liveness(me.did, self.cluster, timing)
+        self._next_lease: int | None = None  # when we renew our lease (if we write one)
         self._next_scan = 0
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[ReplicaKey, tuple[int, Owner]] = {}

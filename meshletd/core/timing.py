@@ -29,6 +29,10 @@ class Timing:
     half_life_ms: int = 7 * 86_400_000
     reopen_backoff_ms: int = 30_000
     """Wait before reopening a replacement round that found no winner."""
+    lease_renew_ms: int = 90_000
+    """A meshlet without endpoint (nobody can probe it) rewrites its lease this often."""
+    lease_valid_ms: int = 150_000
+    """How long after its renewal our lease counts as fresh (written into the lease)."""
 
     @property
     def settle_ms(self) -> int:
@@ -43,4 +47,8 @@ class Timing:
 
 DEFAULT_TIMING = Timing()
 
-__all__ = ["DEFAULT_TIMING", "Timing"]
+LEASE_MAX_VALID_MS = 600_000
+"""Observers count a lease fresh for at most this long after its renewal, whatever its
+`validMs` says (a bound on what a peer's record can make us believe)."""
+
+__all__ = ["DEFAULT_TIMING", "LEASE_MAX_VALID_MS", "Timing"]

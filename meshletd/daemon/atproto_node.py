@@ -299,6 +299,8 @@ class AtprotoNode:
             arch=cfg.arch or machine_arch(),
             labels=frozenset(cfg.labels),
             endpoint=cfg.public_endpoint or "",
+            # Without an endpoint nobody can probe us: a lease says we live (protocol §8).
+            lease=not cfg.public_endpoint,
         )
 
         def dropped(w: Write) -> None:

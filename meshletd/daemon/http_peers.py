@@ -18,10 +18,15 @@ log = logging.getLogger("meshletd.peers")
 # Seconds: a probe that takes longer counts as failed; a hint is worth little once late;
 # secrets and logs may wait on the peer's journal or PDS.
 # A liveness probe fails when the peer's XRPC port cannot be connected to within
-# PING_CONNECT_S, or does not answer within PING_ANSWER_S once connected: a peer whose
-# meshletd restarts keeps its listening socket (systemd's file descriptor store), so its
-# probes connect and wait for the new process (docs/protocol.md, sections 8 and 13).
-PING_CONNECT_S = 2.0
+# PING_CONNECT_S, or does not answer within PING_ANSWER_S once connected.
+# - Connect: one probe interval. A powered-off host on a real network answers nothing (no
+#   RST as on loopback), so its 3rd failure lands 2 intervals + this timeout after its
+#   first; at 2 s the failover took p50 5.6 s on hosts with their own addresses
+#   (docs/benchmarks.md).
+# - Answer: a peer whose meshletd restarts keeps its listening socket (systemd's file
+#   descriptor store), so its probes connect and wait for the new process; 30 s covers a
+#   start on a loaded machine (docs/protocol.md, sections 8 and 13).
+PING_CONNECT_S = 1.0
 PING_ANSWER_S = 30.0
 PING_TIMEOUT = httpx.Timeout(PING_ANSWER_S, connect=PING_CONNECT_S)
 PROBE_TIMEOUT_S = PING_CONNECT_S + PING_ANSWER_S  # the longest a probe can take

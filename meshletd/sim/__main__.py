@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra workload arrivals per day, each deleted after a random lifetime",
     )
     p.add_argument("--lifetime-hours", type=float, default=12.0)
+    p.add_argument(
+        "--nat",
+        type=float,
+        default=0.0,
+        help="fraction of meshlets without inbound reachability (behind NAT; 1 = all)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     a = p.parse_args(argv)
     cfg = Config(
@@ -36,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         hours=a.hours,
         arrivals_per_day=a.arrivals_per_day,
         lifetime_hours=a.lifetime_hours,
+        nat=a.nat,
     )
     sim = Sim(cfg)
     figures = sim.run()

@@ -5,6 +5,12 @@ through one ordered firehose stream per recipient (FIFO), after a per-link delay
 can be lost (healed by periodic anti-entropy, which replays what was missed, in order);
 meshlets can be cut off (partition), crash and restart (state rebuilt from records), have a
 skewed clock, drain and undrain; workloads arrive and are deleted. One seed fixes everything.
+
+Hosts without inbound reachability (`Config.nat`, a fraction of the meshlets; 1.0 = every
+one): no probe reaches them, so they publish no endpoint and live by their lease record
+(docs/protocol.md, section 8), which travels like every other record (delays, losses,
+anti-entropy) and costs its write points. Their failovers are reported apart
+(`failover_nat_*`): their bound is the lease's, not the probes'.
 """
 
 from __future__ import annotations
@@ -13,11 +19,11 @@ import gc
 import heapq
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from meshletd.core import (
     DeleteRecord,
+    Event,
     Membership,
     MeshletIdentity,
     MeshletLink,
@@ -29,11 +35,9 @@ from meshletd.core import (
     RecordSeen,
     ReplicaStateChanged,
     Scheduler,
-    SetDraining,
     StartReplica,
     StopReplica,
     Tick,
-    Timing,
     WakeAt,
     Workload,
 )
@@ -45,53 +49,26 @@ from meshletd.core.records import (
     at_uri,
 )
 
-CREATE, UPDATE, DELETE = 3, 2, 1
-EPOCH = 1_800_000_000_000  # virtual time 0, in epoch ms
-CLUSTER = "commune"
-BUCKET_MS = 20
-
-# event kinds
-K_TICK, K_DELIVER, K_PROBE, K_RUNTIME, K_FAULT, K_ARRIVE, K_REMOVE, K_AE = range(8)
-
-
-@dataclass
-class Config:
-    """What to simulate."""
-
-    meshlets: int = 50
-    workloads: int = 200
-    seed: int = 1
-    faults: str = "none"  # none | chaos
-    hours: float = 1.0
-    arrivals_per_day: float = 0.0  # extra arrivals after the initial workloads
-    lifetime_hours: float = 12.0  # mean lifetime of those extra arrivals
-    delete_fraction: float = 0.05  # of the initial workloads, deleted during the run
-    cpu_milli: int = 16_000
-    memory_mib: int = 32_768
-    ae_interval_ms: int = 30_000
-    timing: Timing = field(default_factory=Timing)
-
-
-@dataclass
-class Node:
-    idx: int
-    did: str
-    owner: str
-    core: Scheduler | None
-    skew: int = 0
-    latency: int = 30
-    alive: bool = True
-    cut: bool = False  # partitioned: no traffic in or out
-    last_delivery: int = 0
-    missed: list[tuple[str, Any]] = field(default_factory=list)
-    wake_at: int | None = None
-    running: dict[tuple[str, int], int] = field(default_factory=dict)  # -> job end time or 0
-    points: int = 0
-    draining_since: int | None = None
-    pending_writes: list[Any] = field(default_factory=list)
-    disturbed_at: int = -1  # last crash, restart, cut, heal, drain or undrain
-    starts: dict[tuple[str, int], int] = field(default_factory=dict)  # StartReplica count
-    stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
+from .chaos import apply_fault, schedule_chaos
+from .figures import report
+from .model import (
+    BUCKET_MS,
+    CLUSTER,
+    CREATE,
+    DELETE,
+    EPOCH,
+    K_AE,
+    K_ARRIVE,
+    K_DELIVER,
+    K_FAULT,
+    K_PROBE,
+    K_REMOVE,
+    K_RUNTIME,
+    K_TICK,
+    UPDATE,
+    Config,
+    Node,
+)
 
 
 class Sim:
@@ -117,6 +94,8 @@ class Sim:
         self.over_max = 0
         self.lost_at: dict[tuple[str, int], int] = {}
         self.failovers: list[int] = []
+        self.failovers_nat: list[int] = []  # of slots whose host was behind NAT
+        self.lost_nat: set[tuple[str, int]] = set()
         self.decision_ns: list[float] = []
         self.violations: list[str] = []
         # slot moves without a cause (docs/protocol.md section 14): a host stops a replica
@@ -168,6 +147,12 @@ class Sim:
             self.store[at_uri(did, NSID_MEMBERSHIP, CLUSTER)] = Membership(
                 at_uri(did, NSID_MEMBERSHIP, CLUSTER), did, CLUSTER, members
             )
+        if cfg.nat > 0:
+            # Its own stream, so that a run without NAT hosts stays what it was.
+            pick = random.Random(cfg.seed * 1_000_003 + 17)
+            k = round(cfg.nat * cfg.meshlets)
+            for i in pick.sample(range(cfg.meshlets), k):
+                self.nodes[i].nat = True
         by_lat: dict[int, list[int]] = {}
         for node in self.nodes:
             by_lat.setdefault(node.latency - node.latency % BUCKET_MS, []).append(node.idx)
@@ -178,8 +163,8 @@ class Sim:
         # workloads
         spread = max(int(self.end * 0.4), 1)
         for w in range(cfg.workloads):
-            at = rng.randint(0, spread)
-            self.push(at, K_ARRIVE, self._make_workload(w, at))
+            first = rng.randint(0, spread)
+            self.push(first, K_ARRIVE, self._make_workload(w, first))
         if cfg.arrivals_per_day > 0:
             mean_gap = 86_400_000 / cfg.arrivals_per_day
             at = 0.0
@@ -222,25 +207,12 @@ class Sim:
         return wl
 
     def _schedule_chaos(self) -> None:
-        rng, n = self.rng, len(self.nodes)
-        horizon = self.quiet_at
-        k = max(1, n // 10)
-        for _ in range(k):  # crashes; a quarter never come back
-            at = rng.randint(int(horizon * 0.3), horizon)
-            down = rng.randint(20_000, 300_000)
-            restart = rng.random() >= 0.25
-            self.push(at, K_FAULT, ("crash", rng.randrange(n), down if restart else None))
-        for _ in range(k):  # partitions of one to three meshlets
-            at = rng.randint(int(horizon * 0.3), horizon)
-            dur = rng.randint(5_000, 60_000)
-            group = rng.sample(range(n), rng.randint(1, min(3, n)))
-            self.push(at, K_FAULT, ("cut", group, dur))
-        for _ in range(max(1, n // 25)):  # drains, some undrained later
-            at = rng.randint(int(horizon * 0.3), horizon)
-            self.push(at, K_FAULT, ("drain", rng.randrange(n), rng.random() < 0.5))
+        schedule_chaos(self)
 
     def _boot(self, node: Node) -> None:
-        me = MeshletIdentity(node.did, node.owner, self.cfg.cpu_milli, self.cfg.memory_mib)
+        me = MeshletIdentity(
+            node.did, node.owner, self.cfg.cpu_milli, self.cfg.memory_mib, lease=node.nat
+        )
         core = Scheduler(me, self.t)
         node.core = core
         node.alive = True
@@ -265,21 +237,10 @@ class Sim:
         return self.now + EPOCH + node.skew
 
     def _feed(self, node: Node, event: Any) -> None:
-        core = node.core
-        if core is None:
-            return
-        d0 = core.decisions
-        t0 = time.perf_counter_ns()
-        actions = core.handle(event)
-        dt = time.perf_counter_ns() - t0
-        dd = core.decisions - d0
-        if dd:
-            self.decision_ns.append(dt / dd)
-        self.events += 1
-        if actions:
-            self._perform(node, actions)
+        self._feed_many(node, [event])
 
     def _feed_many(self, node: Node, events: list[Any]) -> None:
+        """Hand a meshlet's core some events at once; time its decisions, perform its actions."""
         core = node.core
         if core is None:
             return
@@ -396,6 +357,7 @@ class Sim:
             ok = (
                 peer is not None
                 and peer.alive
+                and not peer.nat  # nobody connects to it
                 and not peer.cut
                 and not node.cut
                 and not (self.chaos and self.rng.random() < 0.01)
@@ -463,7 +425,12 @@ class Sim:
         rs.add(node.idx)
         self.run_since[(key, node.idx)] = self.now
         if key in self.lost_at:
-            self.failovers.append(self.now - self.lost_at.pop(key))
+            took = self.now - self.lost_at.pop(key)
+            if key in self.lost_nat:
+                self.lost_nat.discard(key)
+                self.failovers_nat.append(took)
+            else:
+                self.failovers.append(took)
         if len(rs) >= 2 and key not in self.over_since:
             self.over_since[key] = self.now
 
@@ -479,60 +446,7 @@ class Sim:
 
     # ------------------------------------------------------------------ faults
     def _fault(self, f: tuple[Any, ...]) -> None:
-        kind = f[0]
-        if kind == "crash":
-            node = self.nodes[f[1]]
-            if not node.alive:
-                return
-            node.alive = False
-            node.core = None
-            node.disturbed_at = self.now
-            for key in list(node.running):
-                wl = self.workloads.get(key[0])
-                self._not_running(node, key)
-                if wl is not None and not self.runners.get(key):
-                    self.lost_at.setdefault(key, self.now)
-            if f[2] is not None and self.now + f[2] < self.quiet_at:
-                self.push(self.now + f[2], K_FAULT, ("restart", f[1]))
-        elif kind == "restart":
-            node = self.nodes[f[1]]
-            if not node.alive:
-                node.disturbed_at = self.now
-                self._boot(node)
-        elif kind == "cut":
-            dur = min(f[2], max(self.quiet_at - self.now, 0))
-            for i in f[1]:
-                self.nodes[i].cut = True
-                self.nodes[i].disturbed_at = self.now
-            self.max_cut_ms = max(self.max_cut_ms, dur)
-            self.push(self.now + dur, K_FAULT, ("heal", f[1]))
-        elif kind == "heal":
-            for i in f[1]:
-                node = self.nodes[i]
-                if not node.cut:
-                    continue
-                node.cut = False
-                node.disturbed_at = self.now
-                for uri, rec in node.pending_writes:
-                    self._write(node, uri, rec)
-                node.pending_writes = []
-                self._anti_entropy(node)
-        elif kind == "drain":
-            node = self.nodes[f[1]]
-            if node.alive and node.draining_since is None:
-                node.draining_since = self.now
-                node.disturbed_at = self.now
-                self._feed(node, SetDraining(True))
-                if f[2]:
-                    self.push(
-                        self.now + self.rng.randint(60_000, 600_000), K_FAULT, ("undrain", f[1])
-                    )
-        elif kind == "undrain":
-            node = self.nodes[f[1]]
-            if node.alive and node.draining_since is not None and self.now < self.quiet_at:
-                node.draining_since = None
-                node.disturbed_at = self.now
-                self._feed(node, SetDraining(False))
+        apply_fault(self, f)
 
     def _anti_entropy(self, node: Node) -> None:
         if not node.alive or node.cut or not node.missed:
@@ -574,7 +488,9 @@ class Sim:
             if kind == K_DELIVER:
                 box = self.inbox.pop(p)
                 for idxs, items in box.items():
-                    evs = [RecordDeleted(u) if r is None else RecordSeen(r) for u, r in items]
+                    evs: list[Event] = [
+                        RecordDeleted(u) if r is None else RecordSeen(r) for u, r in items
+                    ]
                     fed = 0
                     for i in idxs:
                         n = nodes[i]
@@ -662,118 +578,11 @@ class Sim:
 
     # ------------------------------------------------------------------ figures
     def _report(self, wall: float) -> dict[str, Any]:
-        live = [n for n in self.nodes if n.alive and n.core is not None]
-        views = []
-        for n in live:
-            assert n.core is not None
-            views.append({u: o for u, o in n.core.placement().items() if u in self.workloads})
-        identical = all(v == views[0] for v in views[1:]) if views else True
-        ref = views[0] if views else {}
-        missing = sum(1 for u in self.workloads if u not in ref)
-        dead = {n.did for n in self.nodes if not n.alive}
-        problems: list[str] = []
-        unplaced = 0
-        free = self._free_capacity(live)
-        for uri, wl in self.workloads.items():
-            owners = ref.get(uri)
-            if owners is None:
-                continue
-            done: set[int] | None = None  # finished slots, looked up only when needed
-            for s, cur in enumerate(owners):
-                if cur is not None and cur[1] not in dead:
-                    if (uri, s) in self.by_did[cur[1]].running:
-                        continue  # fine whether or not the slot is done
-                if done is None:
-                    done = self._done_slots(live, uri)
-                if s in done:
-                    continue
-                if cur is None:
-                    if any(c >= wl.milli_cpu and m >= wl.memory_mib for c, m in free):
-                        unplaced += 1
-                    continue
-                if cur[1] in dead:
-                    problems.append(f"{uri}#{s} owned by dead meshlet {cur[1]}")
-                    continue
-                node = self.by_did[cur[1]]
-                if (uri, s) not in node.running:
-                    problems.append(f"{uri}#{s} owner {cur[1]} is not running it")
-        extra = 0
-        for n in live:
-            for key in n.running:
-                owners = ref.get(key[0])
-                cur = owners[key[1]] if owners and key[1] < len(owners) else None
-                if cur is None or cur[1] != n.did:
-                    extra += 1
-                    problems.append(f"{key[0]}#{key[1]} runs on non-owner {n.did}")
-        for since in self.over_since.values():
-            self.over_max = max(self.over_max, self.now - since)
-        violations = list(self.violations)
-        if not identical:
-            violations.append("placements differ between live meshlets")
-        violations.extend(problems[:20])
-        if len(problems) > 20:
-            violations.append(f"... and {len(problems) - 20} more")
-        bound_ms = (
-            self.max_cut_ms + self.cfg.ae_interval_ms + self.t.fence_timeout_ms + self.t.settle_ms
-        )
-        if self.over_max > bound_ms:
-            violations.append(f"over-replication {self.over_max} ms above bound {bound_ms} ms")
-        fo = sorted(self.failovers)
-        dec = sorted(self.decision_ns)
-        days = self.cfg.hours / 24
-        points = sum(n.points for n in self.nodes)
-        return {
-            "meshlets": self.cfg.meshlets,
-            "workloads": self.cfg.workloads,
-            "workloads_at_end": len(self.workloads),
-            "seed": self.cfg.seed,
-            "faults": self.cfg.faults,
-            "hours": self.cfg.hours,
-            "converged": identical and not problems and missing == 0,
-            "placements_identical": identical,
-            "unplaced_with_capacity": unplaced,
-            "over_replication_max_s": round(self.over_max / 1000, 3),
-            "over_replication_bound_s": round(bound_ms / 1000, 3),
-            "failovers": len(fo),
-            "failovers_unrecovered": len(self.lost_at),
-            "failover_p50_s": _pct(fo, 50) / 1000 if fo else None,
-            "failover_p99_s": _pct(fo, 99) / 1000 if fo else None,
-            "write_points_per_meshlet_day": round(points / len(self.nodes) / days, 1),
-            "decision_us_p50": round(_pct(dec, 50) / 1000, 2) if dec else None,
-            "decisions": len(dec),
-            "events": self.events,
-            "wall_s": round(wall, 2),
-            "needless_moves": sum(self.needless.values()),
-            "needless_moves_by_round": dict(self.needless),
-            "needless_move_examples": self.needless_examples,
-            "violations": violations,
-        }
-
-    def _free_capacity(self, live: list[Node]) -> list[tuple[int, int]]:
-        out = []
-        for n in live:
-            if n.draining_since is not None or n.cut:
-                continue
-            cpu, mem = self.cfg.cpu_milli, self.cfg.memory_mib
-            for key in n.running:
-                wl = self.workloads.get(key[0])
-                if wl is not None:
-                    cpu -= wl.milli_cpu
-                    mem -= wl.memory_mib
-            out.append((cpu, mem))
-        return out
-
-    def _done_slots(self, live: list[Node], uri: str) -> set[int]:
-        for n in live:
-            assert n.core is not None
-            e = n.core.workloads.get(uri)
-            if e is not None and e.finished:
-                return set(e.finished)
-        return set()
+        return report(self, wall)
 
 
 def _fields(wl: Workload) -> dict[str, Any]:
-    return {f: getattr(wl, f) for f in wl.__slots__}  # type: ignore[attr-defined]
+    return {f: getattr(wl, f) for f in wl.__slots__}
 
 
 def _sync_rank(rec: Any) -> int:
@@ -784,16 +593,9 @@ def _sync_rank(rec: Any) -> int:
     return 2
 
 
-def _pct(xs: list[Any], p: int) -> float:
-    if not xs:
-        return 0.0
-    i = min(len(xs) - 1, max(0, (len(xs) * p + 99) // 100 - 1))
-    return float(xs[i])
-
-
 def run(cfg: Config) -> dict[str, Any]:
     """Simulate and return the figures."""
     return Sim(cfg).run()
 
 
-__all__ = ["Config", "Sim", "run"]
+__all__ = ["CLUSTER", "EPOCH", "K_FAULT", "Config", "Node", "Sim", "run"]

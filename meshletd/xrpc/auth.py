@@ -187,7 +187,7 @@ class ServiceAuthVerifier:
         # Only a verified token may consume its jti (else anyone could burn others' jtis).
         if not self._replay.check_and_add(iss, payload.jti, float(payload.exp), now):
             raise JwtReplayed("token was already used")
-        return iss
+        return str(iss)
 
 
 class _Unresolvable(Exception):
@@ -214,7 +214,7 @@ class IdentityKeys:
         ident = await self._resolver.resolve(did, fresh=force_refresh)
         if not ident.signing_key:
             raise LookupError(f"{did} has no atproto signing key")
-        return ident.signing_key
+        return str(ident.signing_key)
 
 
 class StaticKeys:

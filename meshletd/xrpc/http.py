@@ -516,7 +516,7 @@ async def serve_tcp(
     xrpc = XrpcServer(handler, "xrpc", limits, _tcp_peer)
     if server is not None:
         server.append(xrpc)
-    await xrpc.serve(listeners, task_status=task_status)  # type: ignore[arg-type]
+    await xrpc.serve(listeners, task_status=task_status)
 
 
 def mark_answered() -> None:
@@ -543,7 +543,7 @@ async def serve_asgi_tcp(
         raise AssertionError("served by the ASGI app")
 
     server = XrpcServer(unused, transport, limits, _tcp_peer, asgi=app)
-    await server.serve(listeners, task_status=task_status)  # type: ignore[arg-type]
+    await server.serve(listeners, task_status=task_status)
 
 
 async def open_unix_listener(

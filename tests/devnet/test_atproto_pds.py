@@ -56,7 +56,8 @@ async def test_many_tasks_hitting_an_expired_session_refresh_it_once(devnet):
 class Proxy:
     """A TCP forwarder to the PDS that can be taken down and brought back."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_host, target_port):
+        self.target_host = target_host  # where the devnet listens (loopback or a gateway)
         self.target_port = target_port
         self.up = True
         self.port = 0
@@ -74,7 +75,7 @@ class Proxy:
             return
         with trio.CancelScope() as scope:
             self._conns.append(scope)
-            async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as up:
+            async with client, await trio.open_tcp_stream(self.target_host, self.target_port) as up:
 
                 async def pump(a, b):
                     while data := await a.receive_some(65536):
@@ -94,7 +95,7 @@ class Proxy:
 async def test_writes_are_kept_in_order_while_the_pds_is_down(devnet):
     acct = await devnet.create_account_async(f"w{next(_n)}p", pds=1)
     port = int(acct.pds_url.rsplit(":", 1)[1])
-    proxy = Proxy(port)
+    proxy = Proxy(devnet.host, port)
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         c = PdsClient(f"http://127.0.0.1:{proxy.port}", acct.did, acct.app_password)

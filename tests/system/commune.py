@@ -9,8 +9,11 @@ each meshletd a `Type=notify` service on its own booted systemd host.
 alice and bob live on PDS 0 and carol on PDS 1 of the local atproto network (dev/devnet);
 every person gets fresh accounts (owner + meshlet), so a commune never sees another test's
 records. Each meshlet lists the other two owners in one cluster ("commune"): mutual consent.
-The hosts share this machine's network, so each meshletd listens for peers on its own
-loopback port and publishes it as its endpoint.
+Each host has a network namespace and an address of its own (dev/hostenv); meshletd listens
+for peers on that address and publishes it as its endpoint, and reaches the PLC and PDSes at
+the network's gateway. Nothing goes over loopback between hosts. Faults for the tests:
+`behind_nat(person)` (or `Commune.up(nat=...)`, from boot), `cut(a, b, both=)`,
+`cut_from_pds(person)`, `heal(person)`, `stop_pds(person, seconds)`, `kill_firehoses()`.
 
 The unit is the packaged systemd/meshletd.service, with a drop-in that runs the project's
 venv inside the host and binds the checkout read-only (PrivateTmp/ProtectHome would hide a
@@ -33,6 +36,7 @@ from typing import Any, TypeVar
 from tests.system.hostenv import (
     HOSTENV_RUN,
     HostEnvError,
+    Network,
     NspawnHost,
     build,
     remove_stale_hosts,
@@ -58,8 +62,12 @@ class CommuneError(RuntimeError):
     """Setting up the commune failed; the message says which meshlet and carries its log."""
 
 
+# meshletd's XRPC port on a host with an address of its own.
+XRPC_PORT = 2585
+
+
 def free_port() -> int:
-    """A free TCP port on loopback (the hosts share this machine's network)."""
+    """A free TCP port on loopback (for hosts that share this machine's network)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -98,7 +106,9 @@ class Meshlet:
     members: list[str]
     contribution: dict[str, int]
     scheduling: dict[str, int] = field(default_factory=dict)
-    web_port: int = 0  # the page (`[web] listen`): its own loopback port per host
+    # Behind NAT: no one can reach it, so it publishes no endpoint.
+    nat: bool = False
+    web_port: int = 0  # the page (`[web] listen`), on the host's own address
 
     @property
     def did(self) -> str:
@@ -109,12 +119,20 @@ class Meshlet:
         return str(self.owner.did)
 
     @property
+    def address(self) -> str:
+        """The host's own address, or loopback on a host without a network of its own."""
+        try:
+            return self.host.address
+        except FileNotFoundError:
+            return "127.0.0.1"
+
+    @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     @property
     def web_url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
+        return f"http://{self.address}:{self.web_port}"
 
     def config(self, devnet: Any) -> str:
         members = ", ".join(f'"{d}"' for d in self.members)
@@ -124,7 +142,7 @@ class Meshlet:
             f'pds = "{self.mesh.pds_url}"',
             f'owner_pds = "{self.owner.pds_url}"',
             f'plc_url = "{devnet.plc_url}"',
-            f'public_endpoint = "{self.endpoint}"',
+            *([] if self.nat else [f'public_endpoint = "{self.endpoint}"']),
             'runtime = "systemd"',
             'log_level = "info"',
             "[[clusters]]",
@@ -133,9 +151,9 @@ class Meshlet:
             "[contribution]",
             *(f"{k} = {v}" for k, v in self.contribution.items()),
             "[listen]",
-            f'xrpc = "127.0.0.1:{self.port}"',
+            f'xrpc = "{self.address}:{self.port}"',
             "[web]",
-            f'listen = "127.0.0.1:{self.web_port}"',
+            f'listen = "{self.address}:{self.web_port}"',
         ]
         if self.scheduling:
             lines += ["[scheduling]", *(f"{k} = {v}" for k, v in self.scheduling.items())]
@@ -244,13 +262,17 @@ class Commune:
         start: bool = True,
         trace: bool = False,
         crash_hook: bool = False,
+        nat: Iterable[str] = (),
     ) -> Commune:
         """Accounts for alice, bob and carol (+ meshlets), three booted hosts, meshletd
         installed and (with `start`) started on each. Host names default to
         cm-a/cm-b/cm-c with a per-process suffix (test sessions run side by side). With
         `trace`, each meshletd logs the timing trace benches read (meshletd/trace.py). With
         `crash_hook`, SIGUSR2 makes meshletd crash (MESHLET_DEBUG_CRASH=1, docs/cli.md) and
-        the unit keeps its packaged restart delay (restart tests)."""
+        the unit keeps its packaged restart delay (restart tests). The people in `nat` have
+        their host behind NAT from boot (before meshletd starts), and their meshlet
+        publishes no endpoint."""
+        nat = set(nat)
         tag = tag or f"{os.getpid()}x{next(_serial)}"
         names = list(names or (f"cm-{c}-{tag}"[:31] for c in "abc"))
         contribution = contribution or {"milli_cpu": 1000, "memory_mib": 512, "max_replicas": 8}
@@ -273,16 +295,20 @@ class Commune:
                 host,
                 owner,
                 mesh,
-                free_port(),
+                XRPC_PORT if (HOSTENV_RUN / host.name / "address").exists() else free_port(),
                 others,
                 dict(contribution),
                 dict(scheduling or {}),
                 web_port=free_port(),
+                nat=person in nat,
             )
         commune = cls(
             devnet, meshlets, trace=trace, packaged_restart=crash_hook, crash_hook=crash_hook
         )
         try:
+            for m in commune:
+                if m.nat:
+                    m.host.behind_nat()
             for m in commune:
                 commune.install(m)
             if start:
@@ -311,6 +337,34 @@ class Commune:
         """Pull the plug on person's host: every process of it killed at once."""
         self[person].host.down(abrupt=True)
 
+    def behind_nat(self, person: str) -> None:
+        """Put person's host behind NAT now (outbound only; see NspawnHost.behind_nat)."""
+        self[person].host.behind_nat()
+
+    def cut(self, a: str, b: str, *, both: bool = False) -> None:
+        """Cut the link from a's host to b's (and back, with `both`)."""
+        self[a].host.cut_link(self[b].host, both=both)
+
+    def cut_from_pds(self, person: str) -> None:
+        """Cut person's host from its meshlet's PDS only (peers and other PDSes reachable)."""
+        m = self[person]
+        self[person].host.cut_port(self.devnet.pds_port(self.devnet.pds_index(m.mesh.pds_url)))
+
+    def heal(self, person: str, *faults: str) -> None:
+        """Undo faults of person's host (all of them without `faults`)."""
+        self[person].host.heal(*faults)
+
+    def stop_pds(self, person: str, seconds: float | None = None) -> None:
+        """Stop the PDS of person's meshlet (its data kept); back after `seconds` if given."""
+        self.devnet.stop_pds(self.devnet.pds_index(self[person].mesh.pds_url), seconds)
+
+    def start_pds(self, person: str) -> None:
+        self.devnet.start_pds(self.devnet.pds_index(self[person].mesh.pds_url))
+
+    def kill_firehoses(self) -> int:
+        """Close every firehose connection of every PDS (subscribers reconnect)."""
+        return int(self.devnet.kill_firehose())
+
     def power_on(self, person: str) -> None:
         """Boot person's host again and start meshletd with the same identity and port.
 
@@ -326,6 +380,8 @@ class Commune:
                 raise
             build()
             m.host.up()
+        if m.nat:
+            m.host.behind_nat()
         self.install(m)
         m.start_daemon()
 
@@ -400,6 +456,7 @@ class commune_session:
     def __init__(self, **commune_kw: Any) -> None:
         self._kw = commune_kw
         self.devnet: Any = None
+        self.network: Any = None
         self.commune: Commune | None = None
 
     def __enter__(self) -> tuple[Any, Commune]:
@@ -411,11 +468,17 @@ class commune_session:
 
         # SIGTERM (a CI timeout, `kill`) tears down like Ctrl-C does.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        self.devnet = Devnet.up()
+        remove_stale_hosts()
+        self.network = Network.up()
         try:
-            self.commune = Commune.up(self.devnet, **self._kw)
+            self.devnet = Devnet.up(host=self.network.gateway)
+            try:
+                self.commune = Commune.up(self.devnet, **self._kw)
+            except BaseException:
+                self.devnet.down()
+                raise
         except BaseException:
-            self.devnet.down()
+            self.network.down()
             raise
         return self.devnet, self.commune
 
@@ -424,4 +487,7 @@ class commune_session:
             if self.commune is not None:
                 self.commune.down()
         finally:
-            self.devnet.down()
+            try:
+                self.devnet.down()
+            finally:
+                self.network.down()

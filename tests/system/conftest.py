@@ -24,7 +24,7 @@ from tests.system.hostenv import (
 
 
 @pytest.fixture(scope="session")
-def systemd_host() -> Iterator[NspawnHost | LocalHost]:
+def systemd_host(hostenv_network: str) -> Iterator[NspawnHost | LocalHost]:
     """A booted systemd host with rootless podman (user meshlet) and pystemd in `.python`."""
     if host_kind() == "local":
         yield LocalHost()

@@ -4,6 +4,11 @@
 `dev/hostenv`); `LocalHost` uses this machine itself when its PID 1 is systemd and the caller
 asks for it (`MESHLET_SYSTEM_HOST=local`). Both run commands the same way: as a transient
 systemd service inside the host, in the project folder, with the exit status passed back.
+
+Each booted host has a network namespace and an address of its own (`host.address`) on
+this test run's `Network` (a bridge; its gateway is where the local atproto network
+listens), and takes faults: `behind_nat()`, `cut_link(peer, both=)`, `cut_port(port)`,
+`heal()`, each one nftables table in the host's namespace (dev/lib/hostenv-net.sh).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ class HostEnvError(RuntimeError):
 
 
 def _hostenv(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    # Hosts are owned by this process: `dev/hostenv down --stale` removes them if it dies.
-    env = {**os.environ, "MESHLET_HOSTENV_OWNER": str(os.getpid())}
+    # Hosts (and their network) are owned by this process: `dev/hostenv down --stale`
+    # removes them if it dies. A caller may name another owner (dev/demo: "demo").
+    owner = os.environ.get("MESHLET_HOSTENV_OWNER") or str(os.getpid())
+    env = {**os.environ, "MESHLET_HOSTENV_OWNER": owner}
     proc = subprocess.run(
         [str(HOSTENV), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
@@ -39,6 +46,27 @@ def _hostenv(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[st
             f"dev/hostenv {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr.strip()}"
         )
     return proc
+
+
+@dataclass(frozen=True)
+class Network:
+    """This process's dev/hostenv network: the bridge its hosts' links hang on."""
+
+    number: int
+    gateway: str
+    subnet: str
+    bridge: str
+
+    @classmethod
+    def up(cls) -> Network:
+        """Create (or find) the network this process owns; hosts it boots join it."""
+        out = _hostenv("net", "up", timeout=60).stdout.split()
+        kv = dict(word.split("=", 1) for word in out)
+        return cls(int(kv["network"]), kv["gateway"], kv["subnet"], kv["bridge"])
+
+    def down(self) -> None:
+        """Remove the bridge (every host on it must be down)."""
+        _hostenv("net", "down", str(self.number), timeout=60)
 
 
 def build() -> None:
@@ -157,6 +185,51 @@ class NspawnHost(_Host):
         """
         _hostenv("down", *(["--abrupt"] if abrupt else []), self.name, timeout=120)
         self._up = False
+
+    @property
+    def address(self) -> str:
+        """The host's own IPv4 address (its eth0 on this run's network)."""
+        return (HOSTENV_RUN / self.name / "address").read_text().strip()
+
+    @property
+    def public_address(self) -> str:
+        """The address a host behind NAT is seen from (no one can connect to it)."""
+        a, b, c, d = self.address.split(".")
+        return f"{a}.{b}.{c}.{int(d) + 128}"
+
+    # -- faults: each an nftables table in the host's namespace, gone with `heal` --------
+
+    def behind_nat(self) -> None:
+        """Outbound only: connections leave from `public_address`, none come in."""
+        _hostenv("fault", self.name, "nat", timeout=30)
+
+    def cut_link(self, peer: NspawnHost, *, both: bool = False) -> None:
+        """Drop what this host sends to `peer` (and, with `both`, what peer sends here)."""
+        _hostenv("fault", self.name, "cut", peer.name, *(["--both"] if both else []), timeout=30)
+
+    def cut_port(self, port: int) -> None:
+        """Drop what this host sends to the gateway's TCP `port` (e.g. its PDS)."""
+        _hostenv("fault", self.name, "cut-port", str(port), timeout=30)
+
+    def heal(self, *faults: str) -> None:
+        """Undo `faults` (names as `faults()` lists them), or every fault."""
+        _hostenv("heal", self.name, *faults, timeout=30)
+
+    def faults(self) -> list[str]:
+        """The faults in force: nat, cut-to-PEER, cut-port-PORT."""
+        ns = f"mh-{self.name}"
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "list", "tables"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        return [
+            line.split()[2][len("meshlet-") :]
+            for line in out.splitlines()
+            if len(line.split()) == 3 and line.split()[2].startswith("meshlet-")
+        ]
 
     @property
     def leader_pid(self) -> int:

@@ -23,6 +23,7 @@ from meshletd.core.records import (
     COLLECTION_OF,
     Bid,
     EnvVar,
+    Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
@@ -200,6 +201,12 @@ SAMPLES = [
         meshlet="did:plc:m",
         name="box",
         created_at=T,
+    ),
+    Lease(
+        uri=at_uri("did:plc:m", N.NSID_LEASE, "self"),
+        meshlet="did:plc:m",
+        renewed_at=T,
+        valid_ms=150_000,
     ),
 ]
 
