@@ -422,12 +422,11 @@ def history_plots(history: list[dict[str, Any]], owners: list[str]) -> list[dict
         used = [int(p["used"].get(owner, 0)) for p in history]
         top = max([1, *lent, *used])
 
-        def points(values: list[int], top: int = top) -> str:
-            inner = PLOT_H - 2 * PLOT_TOP
-            return " ".join(
-                f"{PLOT_LEFT + i * step:.1f},{PLOT_TOP + inner * (1 - v / top):.1f}"
-                for i, v in enumerate(values)
-            )
+        def y(v: int, top: int = top) -> float:
+            return round(PLOT_TOP + (PLOT_H - 2 * PLOT_TOP) * (1 - v / top), 1)
+
+        def points(values: list[int]) -> str:
+            return " ".join(f"{PLOT_LEFT + i * step:.1f},{y(v):.1f}" for i, v in enumerate(values))
 
         plots.append(
             {
@@ -444,6 +443,8 @@ def history_plots(history: list[dict[str, Any]], owners: list[str]) -> list[dict
                         "end": _stamp(p["end"]),
                         "lent": lent[i],
                         "used": used[i],
+                        "lent_y": y(lent[i]),
+                        "used_y": y(used[i]),
                     }
                     for i, p in enumerate(history)
                 ],

@@ -303,7 +303,7 @@ def test_fair_share_plots_lent_and_used_per_owner_per_usage_period() -> None:
     history = page.split("<h2>Over time</h2>", 1)[1]
     assert "2 period(s)" in history
     assert history.count('<figure class="history">') == 2  # alice (OWNER) and bob
-    assert history.count("<polyline") == 4
+    assert history.count("<polyline") == 4 and history.count("<circle") == 8  # a dot a period
     # alice used 6000 then 1000 and lent 0 then 2500; bob the mirror image.
     assert re.search(r"lent 0, used 6000</title>.*lent 2500, used 1000</title>", history, re.S)
     assert re.search(r"lent 6000, used 0</title>.*lent 1000, used 2500</title>", history, re.S)
