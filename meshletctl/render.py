@@ -61,6 +61,22 @@ def _res(r: dict[str, Any] | None) -> str:
     return f"{cpu:g} CPU, {r.get('memoryMiB', 0)} MiB"
 
 
+def _limits(lim: dict[str, Any]) -> str:
+    """The slice caps and max replicas in force, e.g. "slice 1.5 CPU, 512 MiB, 300 tasks;
+    at most 4 replicas; MemoryMax from an admin drop-in"."""
+    tasks = f", {lim['tasksMax']} tasks" if "tasksMax" in lim else ""
+    text = (
+        f"slice {lim.get('milliCpu', 0) / 1000:g} CPU, {lim.get('memoryMiB', 0)} MiB{tasks}; "
+        f"at most {lim.get('maxReplicas', '?')} replicas"
+    )
+    admin = lim.get("adminSet") or []
+    if admin:
+        text += f"; {', '.join(map(str, admin))} from an admin drop-in (it wins)"
+    if not lim.get("enforced", True):
+        text += " (not enforced: no runtime, observing only)"
+    return text
+
+
 def status(d: dict[str, Any]) -> None:
     # Plain text, not a rich table: importing rich costs ~100 ms, most of what
     # `meshletctl status` would take (dev/bench ctl).
@@ -75,6 +91,7 @@ def status(d: dict[str, Any]) -> None:
         ("capacity", _res(cap.get("total"))),
         ("allocated", _res(cap.get("allocated"))),
         ("free", _res(cap.get("free"))),
+        *([("limits", _limits(d["limits"]))] if "limits" in d else []),
         ("version", d.get("version", "?")),
     ]
     width = max(len(k) for k, _ in rows)

@@ -79,6 +79,8 @@ class Contribution(_Section):
     memory_mib: int = Field(default=1024, ge=0, le=16_777_216)
     storage_mib: int = Field(default=10_240, ge=0, le=16_777_216)
     max_replicas: int = Field(default=16, ge=0, le=1000)
+    # Processes and threads of all replicas together (None: no cap beyond systemd's own).
+    tasks_max: int | None = Field(default=None, ge=1, le=4_194_304)
 
 
 class Listen(_Section):

@@ -60,7 +60,8 @@ class Bidding(Rounds):
         if not self.cluster.eligible(wl, me):
             return
         cpu, mem = self.free_capacity()
-        fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib
+        room = self.free_replicas()
+        fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -82,6 +83,8 @@ class Bidding(Rounds):
                     slots = min(
                         wl.replicas, cpu // max(wl.milli_cpu, 1), mem // max(wl.memory_mib, 1)
                     )
+                    if room is not None:
+                        slots = min(slots, room)
             if slots == 0 and not self._small_cluster(wl):
                 return  # declines only help early close in small clusters
             self._bid(wl, 0, -1, prio, slots, cpu, mem, close0)
@@ -171,6 +174,7 @@ class Bidding(Rounds):
                 wl.milli_cpu * slots,
                 wl.memory_mib * slots,
                 until,
+                slots,
             )
         self._my_bids.setdefault(wl.uri, []).append(rkey)
         # Honest only if written by the round's deadline + skew (section 5): `until` is the
@@ -248,6 +252,7 @@ class Bidding(Rounds):
         fits = (
             cpu >= wl.milli_cpu
             and mem >= wl.memory_mib
+            and self.free_replicas() != 0
             and not self.draining
             and self.cluster.eligible(wl, self.me.did)
             and (cur is None or cur[1] != self.me.did)

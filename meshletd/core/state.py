@@ -30,6 +30,9 @@ class MeshletIdentity:
     arch: str = "amd64"
     labels: frozenset[str] = frozenset()
     endpoint: str = ""
+    # Replicas at once on this machine ([contribution] max_replicas; None: no limit): this
+    # meshlet never bids for more slots than it has left (docs/protocol.md, section 7).
+    max_replicas: int | None = None
     lease: bool = False
     """Nobody can reach us (no endpoint, behind NAT): we write a lease every
     `lease_renew_ms` and our watchers judge us by it (docs/protocol.md, section 8)."""
@@ -100,8 +103,8 @@ class SchedulerState:
         self._replicas: dict[ReplicaKey, Replica] = {}
         # replicas with a restart or a fence deadline (restart_at or lost_at set)
         self._replicas_waiting: dict[ReplicaKey, None] = {}
-        # (workload, slot, round) of our open bids -> (milli-CPU, MiB, until) they reserve
-        self._reserved: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+        # (workload, slot, round) of our open bids -> (milli-CPU, MiB, until, slots) they reserve
+        self._reserved: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
         # slots we own or still run -> (milli-CPU, MiB) they take
         self._owned_capacity: dict[ReplicaKey, tuple[int, int]] = {}
         self._my_rkeys: set[tuple[str, str]] = set()
@@ -140,10 +143,19 @@ class SchedulerState:
         for c, m in self._owned_capacity.values():
             cpu -= c
             mem -= m
-        for c, m, _ in self._reserved.values():
+        for c, m, *_ in self._reserved.values():
             cpu -= c
             mem -= m
         return cpu, mem
+
+    def free_replicas(self) -> int | None:
+        """Replicas this meshlet may still bid for under its `max_replicas` (None: no limit):
+        the limit less the slots it owns or runs and the slots its open bids reserve."""
+        limit = self.me.max_replicas
+        if limit is None:
+            return None
+        held = len(self._owned_capacity) + sum(r[3] for r in self._reserved.values())
+        return max(limit - held, 0)
 
     # -- helpers every layer uses ------------------------------------------------------
     def _refuse(self, uri: str, reason: str) -> None:

@@ -55,7 +55,12 @@ from meshletd.daemon.repo import PdsRepo
 from meshletd.daemon.secrets import EncryptionKey, SecretStore
 from meshletd.daemon.stored import Store, StoreCursors, StoreJournal
 from meshletd.errors import UpstreamFailure
-from meshletd.runtime import ReplicaRuntime, fake_runtime, systemd_runtime
+from meshletd.runtime import (
+    ReplicaRuntime,
+    contribution_runtime_config,
+    fake_runtime,
+    systemd_runtime,
+)
 
 log = logging.getLogger("meshletd.node")
 
@@ -289,13 +294,18 @@ class AtprotoNode:
                 "publishing" if meshlet else "no meshlet credentials",
             )
             return
-        runtime: ReplicaRuntime = systemd_runtime() if kind == "systemd" else fake_runtime()
         cfg = self.local.cfg
+        runtime: ReplicaRuntime = (
+            systemd_runtime(contribution_runtime_config(cfg.contribution))
+            if kind == "systemd"
+            else fake_runtime()
+        )
         me = MeshletIdentity(
             did=cfg.did,
             owner=cfg.owner,
             milli_cpu=cfg.contribution.milli_cpu,
             memory_mib=cfg.contribution.memory_mib,
+            max_replicas=cfg.contribution.max_replicas,
             arch=cfg.arch or machine_arch(),
             labels=frozenset(cfg.labels),
             endpoint=cfg.public_endpoint or "",

@@ -162,6 +162,11 @@ class Engine:
         # other is one that ended while meshletd was away.
         self._told: set[tuple[str, int]] = set()
 
+    @property
+    def admin_slice_keys(self) -> frozenset[str]:
+        """Slice limits an administrator's drop-in sets (the runtime leaves them to it)."""
+        return self.runtime.admin_slice_keys
+
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 

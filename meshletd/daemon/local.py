@@ -53,6 +53,11 @@ class Scheduling(Protocol):
         """(workload URI, slot) -> the systemd unit of the replica here."""
         ...
 
+    @property
+    def admin_slice_keys(self) -> frozenset[str]:
+        """Slice limits an administrator's drop-in sets (meshletd leaves them to it)."""
+        ...
+
     def set_draining(self, draining: bool) -> None: ...
 
 
@@ -99,6 +104,7 @@ class FakeScheduling:
     scheduler: FakePlacement = field(default_factory=FakePlacement)
     units: dict[tuple[str, int], str] = field(default_factory=dict)
     draining: list[bool] = field(default_factory=list)
+    admin_slice_keys: frozenset[str] = frozenset()
 
     def set_draining(self, draining: bool) -> None:
         self.draining.append(draining)

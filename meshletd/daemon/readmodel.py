@@ -129,9 +129,27 @@ class ReadModel:
             "replicas": len(self._local_replicas()),
             "workloads": len(self.followed.workloads),
             "capacity": self.capacity(),
+            "limits": self.limits(),
             "backend": "atproto",
             "publishing": self.local.meshlet_repo is not None,
         }
+
+    def limits(self) -> dict[str, Any]:
+        """The limits in force: [contribution]'s caps on the slice, max replicas, and which
+        slice limits an administrator's drop-in sets instead (docs/runtime.md)."""
+        c = self.local.cfg.contribution
+        out: dict[str, Any] = {
+            "milliCpu": c.milli_cpu,
+            "memoryMiB": c.memory_mib,
+            "maxReplicas": c.max_replicas,
+            "enforced": self.local.engine is not None,
+        }
+        if c.tasks_max is not None:
+            out["tasksMax"] = c.tasks_max
+        engine = self.local.engine
+        if engine is not None and engine.admin_slice_keys:
+            out["adminSet"] = sorted(engine.admin_slice_keys)
+        return out
 
     def status_line(self) -> str:
         n, r = len(self.peers()), len(self._local_replicas())

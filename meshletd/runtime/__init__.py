@@ -9,6 +9,10 @@ Public face (see docs/runtime.md):
   `ReplicaFailed`, `ReplicaStopped`, with `ReplicaUsage` (CPU ms, peak memory bytes).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from meshletd.runtime.events import (
     EndEvent,
     ReplicaExited,
@@ -36,6 +40,18 @@ from meshletd.runtime.spec import (
     UnitStartFailed,
 )
 from meshletd.runtime.units import RuntimeConfig
+
+if TYPE_CHECKING:
+    from meshletd.config import Contribution
+
+
+def contribution_runtime_config(contribution: Contribution) -> RuntimeConfig:
+    """The runtime config whose slice carries `[contribution]`'s caps (meshlet.toml)."""
+    return RuntimeConfig(
+        slice_milli_cpu=contribution.milli_cpu,
+        slice_memory_mib=contribution.memory_mib,
+        slice_tasks_max=contribution.tasks_max,
+    )
 
 
 def systemd_runtime(config: RuntimeConfig | None = None) -> ReplicaRuntime:
@@ -70,6 +86,7 @@ __all__ = [
     "RuntimeEvent",
     "Secret",
     "UnitStartFailed",
+    "contribution_runtime_config",
     "fake_runtime",
     "systemd_runtime",
     "unit_name",

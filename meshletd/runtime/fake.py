@@ -25,7 +25,7 @@ from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.runtime import ReplicaRuntime
-from meshletd.runtime.units import INFINITY, LABEL, RuntimeConfig
+from meshletd.runtime.units import INFINITY, LABEL, RuntimeConfig, slice_properties
 
 _EXIT_RE = re.compile(r"^\s*exit\s+(\d+)\s*$")
 
@@ -71,6 +71,8 @@ class FakeMachine:
     saved: dict[str, dict[str, str]] = field(default_factory=dict)
     state_dirs: set[str] = field(default_factory=set)
     slice_properties: dict[str, object] | None = None
+    # Unit-file keys an administrator's drop-in for the slice sets (e.g. {"MemoryMax"}).
+    admin_slice_keys: set[str] = field(default_factory=set)
     behaviours: dict[tuple[str, ...], str] = field(default_factory=dict)
     cpu_ms_per_look: int = 10
     started: int = 0
@@ -162,8 +164,11 @@ class FakeMachine:
     async def list_state_dirs(self) -> list[str]:
         return sorted(self.state_dirs)
 
-    async def ensure_slice(self, properties: dict[str, object]) -> None:
-        self.slice_properties = dict(properties)
+    async def ensure_slice(self, config: RuntimeConfig) -> frozenset[str]:
+        await trio.lowlevel.checkpoint()
+        admin = frozenset(self.admin_slice_keys)
+        self.slice_properties = slice_properties(config, admin)
+        return admin
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
         await trio.lowlevel.checkpoint()

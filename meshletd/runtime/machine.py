@@ -13,6 +13,7 @@ from typing import Protocol
 
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.outcome import ContainerSnapshot, UnitSnapshot
+from meshletd.runtime.units import RuntimeConfig
 
 
 class MachineError(Exception):
@@ -44,7 +45,14 @@ class Machine(Protocol):
     async def list_state_dirs(self) -> list[str]: ...
 
     # systemd
-    async def ensure_slice(self, properties: dict[str, object]) -> None: ...
+    async def ensure_slice(self, config: RuntimeConfig) -> frozenset[str]:
+        """Start (or update) the replicas' slice with `slice_properties`, at run time.
+
+        Leaves out every limit an administrator's drop-in for the slice sets, and returns
+        those unit-file keys (e.g. {"MemoryMax"}).
+        """
+        ...
+
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None: ...
     async def unit_snapshot(self, unit: str) -> UnitSnapshot: ...
     async def list_units(self, pattern: str) -> list[str]: ...

@@ -19,6 +19,9 @@ from meshletd.runtime.spec import ReplicaId, ReplicaSpec
 
 
 class Runtime(Protocol):
+    # The slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
+    admin_slice_keys: frozenset[str]
+
     @property
     def events(self) -> trio.MemoryReceiveChannel[RuntimeEvent]:
         """Every state change of every replica, in order (unbounded; read it)."""

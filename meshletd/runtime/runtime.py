@@ -51,7 +51,6 @@ from meshletd.runtime.units import (
     RuntimeConfig,
     cpu_quota_per_sec_usec,
     identity_from_environment,
-    slice_properties,
     unit_properties,
 )
 
@@ -96,6 +95,8 @@ class ReplicaRuntime:
         self._send, self._events = trio.open_memory_channel[RuntimeEvent](math.inf)
         self._replicas: dict[ReplicaId, _Replica] = {}
         self._image_seen: dict[str, float] = {}  # image -> when found present
+        # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
+        self.admin_slice_keys: frozenset[str] = frozenset()
 
     # ---- public face -------------------------------------------------------------------
 
@@ -120,7 +121,15 @@ class ReplicaRuntime:
 
         `nursery.start(runtime.serve)` returns the adopted replicas.
         """
-        await self.machine.ensure_slice(slice_properties(self.config))
+        admin = await self.machine.ensure_slice(self.config)
+        self.admin_slice_keys = admin
+        if admin:
+            log.info(
+                "%s: keeping the administrator's %s (a drop-in sets it; meshletd never "
+                "overrides it)",
+                self.config.slice,
+                ", ".join(sorted(admin)),
+            )
         adopted = await self.adopt()
         task_status.started(adopted)
         while True:

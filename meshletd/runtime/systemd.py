@@ -33,7 +33,14 @@ from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.podman_call import PodmanCalls, PodmanResult, call_ended
-from meshletd.runtime.units import RuntimeConfig, memory_cgroup_dir, replica_state_dir
+from meshletd.runtime.units import (
+    RuntimeConfig,
+    dropin_limit_keys,
+    is_admin_dropin,
+    memory_cgroup_dir,
+    replica_state_dir,
+    slice_properties,
+)
 
 __all__ = ["PodmanResult", "SystemdPodmanMachine", "call_ended", "detect_cgroup_v2", "to_dbus"]
 
@@ -208,26 +215,45 @@ class SystemdPodmanMachine(PodmanCalls):
 
     # ---- systemd ------------------------------------------------------------------------
 
-    async def ensure_slice(self, properties: dict[str, object]) -> None:
-        name = self.config.slice
-        props = {k.encode(): to_dbus(v) for k, v in properties.items()}
+    async def ensure_slice(self, config: RuntimeConfig) -> frozenset[str]:
+        name = config.slice
 
-        def ensure(bus: Any, manager: Any) -> None:
-
-            path = self._unit_path(manager, name)
-            if path is not None:
-                active = self._get_all(bus, path, b"org.freedesktop.systemd1.Unit")
-                if active.get(b"ActiveState") == b"active":
-                    manager.Manager.SetUnitProperties(name.encode(), True, props)
-                    return
+        def ensure(bus: Any, manager: Any) -> frozenset[str]:
+            # LoadUnit (not GetUnit): the package's slice file and its drop-ins are read even
+            # before the slice first starts.
+            path = manager.Manager.LoadUnit(name.encode())
+            unit = self._get_all(bus, path, b"org.freedesktop.systemd1.Unit")
+            dropins = [from_dbus(p) for p in unit.get(b"DropInPaths", [])]
+            admin: set[str] = set()
+            for dropin in filter(is_admin_dropin, dropins):
+                try:
+                    admin |= dropin_limit_keys(Path(dropin).read_text(errors="replace"))
+                except OSError:
+                    continue
+            # A run-time setting meshletd made earlier in this boot outranks the admin's
+            # drop-in (systemd reads system.control last): remove it so the admin's holds.
+            stale = [
+                d
+                for d in dropins
+                if not is_admin_dropin(d) and Path(d).name in {f"50-{k}.conf" for k in admin}
+            ]
+            for d in stale:
+                Path(d).unlink(missing_ok=True)
+            if stale:
+                manager.Manager.Reload()
+            props = {k.encode(): to_dbus(v) for k, v in slice_properties(config, admin).items()}
+            if unit.get(b"ActiveState") == b"active":
+                manager.Manager.SetUnitProperties(name.encode(), True, props)
+                return frozenset(admin)
             try:
                 manager.Manager.StartTransientUnit(name.encode(), b"fail", props)
             except DBusBaseError:
                 # It exists (a unit file shipped by the package): set the caps at runtime.
                 manager.Manager.SetUnitProperties(name.encode(), True, props)
+            return frozenset(admin)
 
         try:
-            await self._dbus(ensure)
+            return await self._dbus(ensure)
         except Exception as err:
             raise MachineError(f"could not set up slice {name}: {err}") from err
 

@@ -20,7 +20,7 @@ follow quadlet's generated units, with the facts measured on our hosts (docs/run
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -53,10 +53,11 @@ class RuntimeConfig:
     (`user@UID.service`, podman's supported home; `journalctl --user-unit`). On cgroup v1 a
     user manager has no memory/cpu/pids controllers, so its limits only hold on v2.
 
-    `slice_milli_cpu`/`slice_memory_mib` cap what all replicas together may take (None: no
-    cap). Each replica's unit gets its workload's memory and tasks *plus* an overhead for
-    conmon, slirp4netns and podman itself while it starts (measured: podman run peaks near
-    40 MiB and 30 threads), so a workload asking 16 MiB can still be started.
+    `slice_milli_cpu`/`slice_memory_mib`/`slice_tasks_max` cap what all replicas together may
+    take (None: no cap), unless an administrator's drop-in for the slice sets that limit
+    (`slice_properties`). Each replica's unit gets its workload's memory and tasks *plus* an
+    overhead for conmon, slirp4netns and podman itself while it starts (measured: podman run
+    peaks near 40 MiB and 30 threads), so a workload asking 16 MiB can still be started.
     """
 
     manager: Literal["system", "user"] = "system"
@@ -70,6 +71,7 @@ class RuntimeConfig:
     slice: str = "meshlet.slice"
     slice_milli_cpu: int | None = None
     slice_memory_mib: int | None = None
+    slice_tasks_max: int | None = None
     memory_overhead_mib: int = 64
     tasks_overhead: int = 64
     # The CPU quota a replica's unit starts with, before its own limit is set: podman run,
@@ -305,8 +307,21 @@ def podman_call_properties(
     }
 
 
-def slice_properties(config: RuntimeConfig) -> dict[str, object]:
-    """The slice every replica runs in: the machine's contribution cap."""
+# The slice limits meshletd sets, by the unit-file key an administrator's drop-in uses.
+SLICE_LIMIT_KEYS: dict[str, str] = {
+    "CPUQuota": "CPUQuotaPerSecUSec",
+    "MemoryMax": "MemoryMax",
+    "TasksMax": "TasksMax",
+}
+
+
+def slice_properties(config: RuntimeConfig, admin_keys: Collection[str] = ()) -> dict[str, object]:
+    """The slice every replica runs in: the machine's contribution cap.
+
+    Set at run time (not persistent). A limit an administrator's drop-in sets (`admin_keys`:
+    unit-file keys such as "MemoryMax", see `dropin_limit_keys`) is left out: the admin's
+    value holds, meshletd never overrides it (docs/runtime.md, "The slice").
+    """
     props: dict[str, object] = {
         "Description": "meshlet: what this machine contributes to its communes",
         "CPUAccounting": True,
@@ -314,15 +329,50 @@ def slice_properties(config: RuntimeConfig) -> dict[str, object]:
         "TasksAccounting": True,
     }
     # No cap is "infinity", set explicitly so that removing a cap from the config lifts it.
-    props["CPUQuotaPerSecUSec"] = (
-        INFINITY
-        if config.slice_milli_cpu is None
-        else cpu_quota_per_sec_usec(config.slice_milli_cpu)
-    )
-    props["MemoryMax"] = (
-        INFINITY if config.slice_memory_mib is None else config.slice_memory_mib * 1024 * 1024
-    )
+    if "CPUQuota" not in admin_keys:
+        props["CPUQuotaPerSecUSec"] = (
+            INFINITY
+            if config.slice_milli_cpu is None
+            else cpu_quota_per_sec_usec(config.slice_milli_cpu)
+        )
+    if "MemoryMax" not in admin_keys:
+        props["MemoryMax"] = (
+            INFINITY if config.slice_memory_mib is None else config.slice_memory_mib * 1024 * 1024
+        )
+    if "TasksMax" not in admin_keys:
+        props["TasksMax"] = INFINITY if config.slice_tasks_max is None else config.slice_tasks_max
     return props
+
+
+def dropin_limit_keys(text: str) -> set[str]:
+    """The slice limits (`SLICE_LIMIT_KEYS`) a drop-in file's `[Slice]` section sets.
+
+    An empty assignment (`MemoryMax=`) resets the key to its default: not an admin limit.
+    """
+    keys: set[str] = set()
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if section == "Slice" and sep and key in SLICE_LIMIT_KEYS:
+            if value.strip():
+                keys.add(key)
+            else:
+                keys.discard(key)
+    return keys
+
+
+def is_admin_dropin(path: str) -> bool:
+    """A drop-in an administrator wrote, not one systemd keeps for run-time settings."""
+    return not any(
+        f"/systemd/{d}/" in path for d in ("system.control", "user.control", "transient")
+    )
 
 
 @dataclass(frozen=True)

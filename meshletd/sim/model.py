@@ -31,6 +31,7 @@ class Config:
     delete_fraction: float = 0.05  # of the initial workloads, deleted during the run
     cpu_milli: int = 16_000
     memory_mib: int = 32_768
+    max_replicas: int | None = None  # per meshlet ([contribution] max_replicas)
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
     nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)

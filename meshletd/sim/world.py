@@ -211,7 +211,12 @@ class Sim:
 
     def _boot(self, node: Node) -> None:
         me = MeshletIdentity(
-            node.did, node.owner, self.cfg.cpu_milli, self.cfg.memory_mib, lease=node.nat
+            node.did,
+            node.owner,
+            self.cfg.cpu_milli,
+            self.cfg.memory_mib,
+            lease=node.nat,
+            max_replicas=self.cfg.max_replicas,
         )
         core = Scheduler(me, self.t)
         node.core = core

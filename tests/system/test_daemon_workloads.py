@@ -63,6 +63,11 @@ runtime = "systemd"
 [[clusters]]
 name = "home"
 members = []
+[contribution]
+milli_cpu = 3000
+memory_mib = 2048
+tasks_max = 4000
+max_replicas = 8
 [listen]
 xrpc = "127.0.0.1:0"
 """
@@ -97,6 +102,21 @@ def meshlet_units(host: Host) -> list[str]:
     units = [line.split()[0] for line in out.splitlines() if line.strip()]
     # The host's podman pause holder (dev/hostenv) is not a replica.
     return [u for u in units if u != "meshlet-podman-pause.service"]
+
+
+def test_meshletd_caps_its_slice_with_the_contribution_and_status_shows_it(host: Host) -> None:
+    shown = host.run(
+        "systemctl", "show", "meshlet.slice", "-p", "CPUQuotaPerSecUSec,MemoryMax,TasksMax"
+    ).stdout.split()
+    assert shown == ["CPUQuotaPerSecUSec=3s", f"MemoryMax={2048 << 20}", "TasksMax=4000"], shown
+    limits = ctl_json(host, "status")["limits"]
+    assert limits == {
+        "milliCpu": 3000,
+        "memoryMiB": 2048,
+        "tasksMax": 4000,
+        "maxReplicas": 8,
+        "enforced": True,
+    }, limits
 
 
 def test_a_workload_runs_survives_a_meshletd_restart_and_stops(host: Host) -> None:

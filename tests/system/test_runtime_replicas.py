@@ -84,6 +84,27 @@ def test_the_slice_caps_what_all_replicas_together_may_take(
     assert got["measured_total"] <= 0.33
 
 
+def test_the_contribution_caps_the_slice_an_admin_dropin_survives_and_a_hog_is_contained(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "slice_contribution")
+    # [contribution] milli_cpu = 700, memory_mib = 160, tasks_max = 500
+    assert got["shown"] == [
+        "CPUQuotaPerSecUSec=700ms",
+        f"MemoryMax={160 << 20}",
+        "TasksMax=500",
+    ], got
+    # The hog's unit would allow 1 GiB: the slice's 160 MiB killed it, nothing else.
+    assert got["hog_event"] == "ReplicaOomKilled" and not got["hog_survived"], got
+    # ... at the slice's cap (peak near 160 MiB), far below its own unit's 1 GiB + overhead.
+    assert 0.9 * (160 << 20) <= got["hog_peak_bytes"] <= 1.05 * (160 << 20), got
+    assert got["bystander"] == "active" and got["host"] in ("running", "degraded"), got
+    # The admin's TasksMax=321 drop-in wins over the config's 500; the rest still holds.
+    assert "TasksMax=321" in got["shown_with_dropin"], got
+    assert f"MemoryMax={160 << 20}" in got["shown_with_dropin"], got
+    assert got["admin_keys"] == ["TasksMax"]
+
+
 def test_the_user_manager_fallback_runs_adopts_and_logs_replicas_too(
     systemd_host: NspawnHost | LocalHost,
 ) -> None:

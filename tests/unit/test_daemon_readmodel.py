@@ -126,3 +126,28 @@ def test_invalid_workload_records_are_listed_newest_first_with_the_field_and_rea
         "problem": {"field": "image", "reason": "an option"},
     }
     assert [r["ownerDid"] for r in p.read.invalid_workloads()] == [OWNER, BOB, OWNER]
+
+
+def test_status_shows_the_limits_in_force_and_what_an_admin_dropin_sets() -> None:
+    from meshletctl import render
+    from meshletd.config import Contribution
+
+    contribution = Contribution(milli_cpu=1500, memory_mib=512, tasks_max=300, max_replicas=4)
+    p = parts(contribution=contribution)
+    observing = p.read.summary()["limits"]
+    assert observing == {
+        "milliCpu": 1500,
+        "memoryMiB": 512,
+        "tasksMax": 300,
+        "maxReplicas": 4,
+        "enforced": False,
+    }
+    engine = p.schedule()
+    engine.admin_slice_keys = frozenset({"MemoryMax"})
+    limits = p.read.summary()["limits"]
+    assert limits["enforced"] and limits["adminSet"] == ["MemoryMax"]
+    line = render._limits(limits)
+    assert line == (
+        "slice 1.5 CPU, 512 MiB, 300 tasks; at most 4 replicas; "
+        "MemoryMax from an admin drop-in (it wins)"
+    )

@@ -389,6 +389,63 @@ async def check_slice_cap() -> dict:
     return {"slice_cap": 0.3, "measured_total": round(total, 3), "shown": shown.split()}
 
 
+async def check_slice_contribution() -> dict:
+    """[contribution] caps the slice; an admin drop-in survives a start; a hog is held inside."""
+    from meshletd.config import parse
+    from meshletd.runtime import contribution_runtime_config
+
+    cfg = parse(
+        'did = "did:plc:limitsmesh"\nowner = "did:plc:limits"\npds = "http://127.0.0.1:1"\n'
+        "[contribution]\nmilli_cpu = 700\nmemory_mib = 160\ntasks_max = 500\n"
+    )
+    config = replace(contribution_runtime_config(cfg.contribution), poll_interval_s=0.2)
+    capped = RealHarness(config=config)
+    dropin = Path("/etc/systemd/system/meshlet.slice.d/50-admin-limits-test.conf")
+    props = "CPUQuotaPerSecUSec,MemoryMax,TasksMax"
+    out: dict = {}
+    # Something of the host's, outside the slice, that a runaway replica must not touch.
+    bystander = "limits-bystander.service"
+    sh("systemd-run", "--unit", bystander, "--collect", "sleep", "600")
+    try:
+        rt = capped.runtime()
+        async with testing.serving(rt):
+            out["shown"] = sh("systemctl", "show", "meshlet.slice", "-p", props).split()
+            hog = testing.spec(
+                capped,
+                workload="slicehog",
+                args=OOM_ARGS,  # ~200 MB and more: past the slice's 160 MiB
+                # The unit alone would allow 1 GiB + overhead: only the slice can stop it.
+                resources=Resources(milli_cpu=500, memory_mib=1024, tasks=8),
+            )
+            r = await rt.start(hog)
+            ev = await testing.wait_event(
+                rt, lambda e: isinstance(e, EndEvent) and e.replica == hog.replica, 90
+            )
+            out["hog_event"] = type(ev).__name__
+            out["hog_peak_bytes"] = ev.usage.peak_memory_bytes if ev.usage else None
+            out["hog_survived"] = "survived" in journal(r.unit)
+        out["bystander"] = show(bystander, "ActiveState")
+        out["host"] = sh("systemctl", "is-system-running").strip()
+
+        # The administrator lowers TasksMax in a drop-in; the next start keeps it.
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text("[Slice]\nTasksMax=321\n")
+        sh("systemctl", "daemon-reload")
+        rt = capped.runtime()
+        async with testing.serving(rt):
+            out["shown_with_dropin"] = sh("systemctl", "show", "meshlet.slice", "-p", props).split()
+            out["admin_keys"] = sorted(rt.admin_slice_keys)
+    finally:
+        dropin.unlink(missing_ok=True)
+        sh("systemctl", "daemon-reload")
+        sh("systemctl", "stop", bystander)
+        uncapped = H.runtime()  # lift the caps again for the other checks
+        async with testing.serving(uncapped):
+            pass
+    await testing.assert_clean(H)
+    return out
+
+
 async def check_user_manager() -> dict:
     """The fallback: replicas as units of meshlet's own user manager (user@1000.service)."""
     user = RealHarness(config=replace(H.config, manager="user"))
