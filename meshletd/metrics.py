@@ -11,18 +11,22 @@ Names follow Prometheus conventions: `meshlet_` prefix, `_total` on counters, ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
+    Histogram,
     ProcessCollector,
     disable_created_metrics,
 )
 
 # `*_created` series (a timestamp per counter) double the output and tell nobody anything.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, open fds, CPU seconds
 
@@ -94,6 +98,29 @@ FIREHOSE_RECONNECTS = Counter(
     registry=REGISTRY,
 )
 
+FAILOVER_SECONDS = Histogram(
+    "meshlet_failover_seconds",
+    "Failover duration as this meshlet saw it: from the first sign that a slot lost its "
+    "host (this meshlet writing, or taking in, the first bid of a replacement round >= 1 "
+    "for the slot) to a workloadStatus of that slot reported running in a round >= 1. "
+    "Repeated rounds for the same slot count from the first.",
+    buckets=(1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600),
+    registry=REGISTRY,
+)
+FIREHOSE_LAG = Gauge(
+    "meshlet_firehose_lag_seconds",
+    "Now (this host's wall clock) minus the `time` of the last firehose frame taken in, by "
+    "PDS (frames replayed after a reconnect show as lag; negative means clock skew).",
+    ["pds"],
+    registry=REGISTRY,
+)
+
+# Monotonic clock of the failover histogram (tests replace it).
+clock: Callable[[], float] = time.monotonic
+# (workload URI, slot) -> when its replacement round was first seen; bounded.
+_failing: dict[tuple[str, int], float] = {}
+_FAILING_MAX = 10_000
+
 
 def kind_of(round_: int) -> str:
     return "first" if round_ == 0 else "replacement"
@@ -104,6 +131,42 @@ def count_write(collection: str, operation: str) -> None:
     short = collection.rpartition(".")[2] or collection
     WRITES.labels(short, operation).inc()
     WRITE_POINTS.labels(short).inc(POINTS.get(operation, 0))
+
+
+def firehose_frame(pds: str, stamp: str | None) -> None:
+    """A frame from `pds` carrying the PDS's `time` (RFC 3339): record the lag."""
+    if not isinstance(stamp, str):
+        return
+    try:
+        sent = datetime.fromisoformat(stamp).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return
+    FIREHOSE_LAG.labels(pds).set(time.time() - sent)
+
+
+def failover_started(uri: str, slot: int, round_: int) -> None:
+    """A replacement round of (uri, slot) is open: the failover clock starts (once)."""
+    if round_ < 1 or slot < 0:
+        return
+    if (uri, slot) not in _failing and len(_failing) >= _FAILING_MAX:
+        del _failing[next(iter(_failing))]  # the oldest: never finished
+    _failing.setdefault((uri, slot), clock())
+
+
+def bid_written(value: Mapping[str, Any]) -> None:
+    """This meshlet wrote a bid (`value`, the record's JSON): counted, and a bid of a
+    replacement round starts that slot's failover clock."""
+    BIDS_WRITTEN.labels("offer" if _int(value.get("slots"), 0) >= 1 else "decline").inc()
+    ref = value.get("workload")
+    uri = ref.get("uri") if isinstance(ref, dict) else None
+    if isinstance(uri, str):
+        failover_started(uri, _int(value.get("slot"), -1), _int(value.get("round"), 0))
+
+
+def _failover_done(uri: str, slot: int) -> None:
+    start = _failing.pop((uri, slot), None)
+    if start is not None:
+        FAILOVER_SECONDS.observe(max(0.0, clock() - start))
 
 
 class _Change(Protocol):
@@ -158,6 +221,7 @@ def count_record(ev: _Change, seen: _Seen) -> None:
         )
         if not opened:
             ROUNDS_OPENED.labels(kind_of(rnd)).inc()
+        failover_started(uri, slot, rnd)
     elif ev.collection.endswith(".workloadStatus"):
         if rec.get("state") != "running":
             return
@@ -172,3 +236,4 @@ def count_record(ev: _Change, seen: _Seen) -> None:
         PLACEMENTS_SEEN.inc()
         if rnd > 0:
             FAILOVERS.inc()
+            _failover_done(uri, _int(rec.get("slot"), 0))

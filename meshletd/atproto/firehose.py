@@ -261,6 +261,7 @@ class PdsSubscription:
                 continue
             try:
                 outcome = await self._process(bytes(raw))
+                metrics.firehose_frame(self.pds_url, outcome.time)
                 self.backoff.reset()
                 await self.deliver(outcome)
             except Exception as e:

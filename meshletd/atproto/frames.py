@@ -98,6 +98,7 @@ class FrameOutcome:
     commit_since: str | None = None
     error: str | None = None  # an error frame (or #info) from the PDS
     refused: list[Refusal] = field(default_factory=list)  # records validation refused
+    time: str | None = None  # the frame's `time` (when the PDS sequenced it), unchecked
 
 
 def decode_frame(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -170,6 +171,7 @@ class FrameDecoder:
         seq = body.get("seq")
         # The cursor is saved and sent back to the PDS: only a plain non-negative integer.
         out.seq = seq if type(seq) is int and 0 <= seq < 2**63 else None
+        out.time = body["time"] if isinstance(body.get("time"), str) else None
         if t == "#commit":
             self.commits += 1
             self._commit(body, out)

@@ -264,8 +264,7 @@ class Engine:
                 trace("queued", key=f"{a.collection}/{a.rkey}")
                 metrics.count_write(a.collection, "create" if a.create else "update")
                 if a.collection.endswith(".bid"):
-                    offer = int(value.get("slots", 0)) >= 1
-                    metrics.BIDS_WRITTEN.labels("offer" if offer else "decline").inc()
+                    metrics.bid_written(value)
                 self._submit_write(Write("put", a.collection, a.rkey, value, a.not_after))
             elif isinstance(a, DeleteRecord):
                 trace("queued", key=f"{a.collection}/{a.rkey}", delete=1)

@@ -280,7 +280,8 @@ def rounds_page(node: Source, uri: str, slot: int | None) -> dict[str, Any]:
     rule that made them win."""
     v = node.workload(uri)
     rec = record_of(node, v["uri"])
-    res = rec.get("resources") if isinstance(rec.get("resources"), dict) else {}
+    raw = rec.get("resources")
+    res = raw if isinstance(raw, dict) else {}
     need = {k: int(res.get(k, 0)) for k in ("milliCpu", "memoryMiB") if isinstance(res.get(k), int)}
     rounds = []
     for r in rounds_of(node, v["uri"]):
@@ -356,8 +357,97 @@ def fairshare_page(node: Source) -> dict[str, Any]:
                 "took_w": round(300 * took / top),
             }
         )
+    history = usage_history(node)
     return {
         "balance": b,
         "rows": rows,
         "svg_height": 16 + 34 * len(rows),
+        "plots": history_plots(history, [str(o.get("ownerDid", "")) for o in owners]),
+        "periods": len(history),
+        "first_period": _stamp(history[0]["start"]) if history else "",
+        "last_period": _stamp(history[-1]["end"]) if history else "",
+        "plot": {"w": PLOT_W, "h": PLOT_H, "left": PLOT_LEFT, "top": PLOT_TOP},
     }
+
+
+HISTORY_PERIODS = 48  # the plot shows at most this many recent usage periods
+PLOT_W, PLOT_H, PLOT_LEFT, PLOT_TOP = 560, 110, 70, 10
+
+
+def usage_history(node: Source) -> list[dict[str, Any]]:
+    """Per period (`[periodStart, periodEnd)` of the usage records this meshlet holds), what
+    each owner lent (their meshlets hosted others' work) and used (their work ran on others'
+    meshlets), in milli-CPU seconds of that period, not decayed. The same accounting as the
+    ledger (core/fairshare.py `balances`): use on one's own meshlet counts as neither, a
+    meshlet whose owner is unknown is left out. Records are grouped by period start (the
+    core aligns periods to the usage period length), oldest first."""
+    read = getattr(node, "read", None)
+    followed, view = getattr(read, "followed", None), getattr(read, "view", None)
+    if read is None or followed is None or view is None:
+        return []
+    owner_of = {m: rec.owner for m, rec in view.owners.items()}
+    length = max(1, int(read.local.cfg.scheduling.usage_period_ms))
+    periods: dict[int, dict[str, Any]] = {}
+    for u in followed.usages.values():
+        host = owner_of.get(u.meshlet)
+        if host is None:
+            continue
+        start = u.period_start - u.period_start % length
+        p = periods.setdefault(start, {"start": start, "end": start, "lent": {}, "used": {}})
+        p["end"] = max(p["end"], u.period_end)
+        for e in u.entries:
+            if e.owner == host:
+                continue
+            p["used"][e.owner] = p["used"].get(e.owner, 0) + e.milli_cpu_seconds
+            p["lent"][host] = p["lent"].get(host, 0) + e.milli_cpu_seconds
+    return [periods[k] for k in sorted(periods)][-HISTORY_PERIODS:]
+
+
+def _stamp(ms: int) -> str:
+    from meshletd.core.records import format_datetime_ms
+
+    return format_datetime_ms(ms)[:16].replace("T", " ")
+
+
+def history_plots(history: list[dict[str, Any]], owners: list[str]) -> list[dict[str, Any]]:
+    """One small plot per owner over `usage_history`: lent and used per period as two
+    polylines (SVG points computed here; the template escapes every label)."""
+    if not history:
+        return []
+    n = len(history)
+    step = (PLOT_W - PLOT_LEFT - 10) / max(1, n - 1)
+    plots = []
+    for owner in owners:
+        lent = [int(p["lent"].get(owner, 0)) for p in history]
+        used = [int(p["used"].get(owner, 0)) for p in history]
+        top = max([1, *lent, *used])
+
+        def y(v: int, top: int = top) -> float:
+            return round(PLOT_TOP + (PLOT_H - 2 * PLOT_TOP) * (1 - v / top), 1)
+
+        def points(values: list[int]) -> str:
+            return " ".join(f"{PLOT_LEFT + i * step:.1f},{y(v):.1f}" for i, v in enumerate(values))
+
+        plots.append(
+            {
+                "ownerDid": owner,
+                "top": top,
+                "lent_points": points(lent),
+                "used_points": points(used),
+                "lent_total": sum(lent),
+                "used_total": sum(used),
+                "dots": [
+                    {
+                        "x": round(PLOT_LEFT + i * step, 1),
+                        "start": _stamp(p["start"]),
+                        "end": _stamp(p["end"]),
+                        "lent": lent[i],
+                        "used": used[i],
+                        "lent_y": y(lent[i]),
+                        "used_y": y(used[i]),
+                    }
+                    for i, p in enumerate(history)
+                ],
+            }
+        )
+    return plots

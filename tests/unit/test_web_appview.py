@@ -158,6 +158,8 @@ async def test_metrics_are_prometheus_text_and_move_with_a_placement(daemon: Dae
             "meshlet_firehose_reconnects_total",
             "meshlet_probe_failures_total",
             "meshlet_pds_write_queue_depth",
+            "meshlet_failover_seconds",
+            "meshlet_firehose_lag_seconds",
             "process_resident_memory_bytes",
         ):
             assert f"# TYPE {name.removesuffix('_total')}" in r.text, name
@@ -198,6 +200,62 @@ def test_record_counters_count_rounds_bids_and_placements_once() -> None:
     assert value(metrics.FAILOVERS) == failovers0 + 1
 
 
+def test_failover_duration_runs_from_the_replacement_round_to_the_replica_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prometheus_client import generate_latest
+
+    p = parts()
+    now = [1000.0]
+    monkeypatch.setattr(metrics, "clock", lambda: now[0])
+    hist = metrics.FAILOVER_SECONDS
+    count0, sum0 = _sample(hist, "_count"), _sample(hist, "_sum")
+    replacement = {**_bid(5), "round": 1, "slot": 3}
+    # Our own bid of the replacement round starts the clock; bob's, seen later, does not.
+    metrics.bid_written(replacement)
+    now[0] += 4.0
+    for ev in (put(BOB_MESH, "bid", "r1", replacement), put(ME, "bid", "r2", replacement)):
+        metrics.count_record(ev, p.followed)
+        p.feed(ev)
+    now[0] += 8.5
+    status = {**replacement, "state": "running", "updatedAt": STAMP}
+    del status["priority"], status["slots"], status["createdAt"]
+    for _ in range(2):  # seen twice (hint, then firehose): one failover
+        ev = put(BOB_MESH, "workloadStatus", "s3", status)
+        metrics.count_record(ev, p.followed)
+        p.feed(ev)
+    assert _sample(hist, "_count") == count0 + 1
+    assert _sample(hist, "_sum") == pytest.approx(sum0 + 12.5)
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert re.search(r'^meshlet_failover_seconds_bucket\{le="15\.0"\} [1-9]', text, re.M)
+
+
+def test_firehose_lag_is_now_minus_the_frames_time_per_pds() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from meshletd.atproto.frames import FrameDecoder, Interest
+    from meshletd.atproto.testing import FakeRepo
+
+    alice = FakeRepo("did:plc:alice")
+    out = FrameDecoder(Interest(dids={alice.did}), {alice.did: alice.key.did_key}).process(
+        alice.put("commune.scheduler.membership", "home", {"members": []})
+    )
+    assert out.time == "2026-11-27T00:00:00.000Z"
+    sent = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    metrics.firehose_frame("http://pds.test:2583", sent)
+    metrics.firehose_frame("http://pds.test:2583", "not a time")  # ignored
+    lag = metrics.FIREHOSE_LAG.labels("http://pds.test:2583")._value.get()
+    assert 30 <= lag < 40
+
+
+def _sample(metric: object, suffix: str) -> float:
+    for fam in metric.collect():  # type: ignore[attr-defined]
+        for s in fam.samples:
+            if s.name.endswith(suffix):
+                return float(s.value)
+    raise AssertionError(suffix)
+
+
 def test_meshlets_show_both_directions_of_the_link_and_rounds_rank_the_bids() -> None:
     p = parts()
     # bob's meshlet names bob as its owner, but bob has no meshlet record naming it.
@@ -212,6 +270,52 @@ def test_meshlets_show_both_directions_of_the_link_and_rounds_rank_the_bids() ->
     assert [b["meshletDid"] for b in r0["bids"]] == [BOB_MESH, ME]  # higher priority first
     assert r0["slot"] == -1 and not r0["bids"][0]["eligible"]
     assert p.read.workload_record(uri)["kind"] == "service"
+
+
+def test_fair_share_plots_lent_and_used_per_owner_per_usage_period() -> None:
+    from meshletd.core.records import format_datetime_ms
+    from meshletd.web.app import WebApp
+    from meshletd.web.testing import ViewNode
+
+    p = parts()
+    p.view.apply(put(BOB_MESH, "meshletOwner", "self", owner_record(BOB_MESH, BOB)))
+    p.view.apply(put(ME, "meshletOwner", "self", owner_record(ME, OWNER)))
+    length = p.local.cfg.scheduling.usage_period_ms
+    base = 1_799_990_000_000 - 1_799_990_000_000 % length
+
+    def usage(host: str, rkey: str, period: int, entries: list[tuple[str, int]]) -> None:
+        start = base + period * length
+        value = {
+            "periodStart": format_datetime_ms(start),
+            "periodEnd": format_datetime_ms(start + length),
+            "entries": [
+                {"ownerDid": o, "milliCpuSeconds": m, "memoryMiBSeconds": 1} for o, m in entries
+            ],
+            "createdAt": format_datetime_ms(start + length),
+        }
+        p.feed(put(host, "usage", rkey, value))
+
+    usage(BOB_MESH, "u0", 0, [(OWNER, 6000), (BOB, 999)])  # bob's own use counts as neither
+    usage(ME, "u1", 1, [(BOB, 2500)])
+    usage(BOB_MESH, "u2", 1, [(OWNER, 1000)])
+    usage("did:plc:stranger", "u3", 1, [(OWNER, 7)])  # no known owner: left out
+    page = WebApp(ViewNode(p.read)).render("/fairshare", {})
+    history = page.split("<h2>Over time</h2>", 1)[1]
+    assert "2 period(s)" in history
+    assert history.count('<figure class="history">') == 2  # alice (OWNER) and bob
+    assert history.count("<polyline") == 4 and history.count("<circle") == 8  # a dot a period
+    # alice used 6000 then 1000 and lent 0 then 2500; bob the mirror image.
+    assert re.search(r"lent 0, used 6000</title>.*lent 2500, used 1000</title>", history, re.S)
+    assert re.search(r"lent 6000, used 0</title>.*lent 1000, used 2500</title>", history, re.S)
+    assert "lent 2500, used 7000" in history  # alice's caption: the stranger's 7 not counted
+
+
+def test_fair_share_without_usage_records_says_so() -> None:
+    from meshletd.web.app import WebApp
+    from meshletd.web.testing import ViewNode
+
+    page = WebApp(ViewNode(parts().read)).render("/fairshare", {})
+    assert "No usage records yet" in page
 
 
 def test_shown_escapes_controls_and_bidi_but_keeps_text() -> None:
