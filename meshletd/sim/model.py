@@ -1,5 +1,12 @@
 """What the simulator simulates: its configuration, one simulated meshlet, and the constants
-of the virtual world (time origin, write prices, event kinds)."""
+of the virtual world (time origin, write prices, event kinds).
+
+Hosts without inbound reachability (`Config.nat`, a fraction of the meshlets; 1.0 = every
+one): no probe reaches them, so they publish no endpoint and live by their lease record
+(docs/protocol.md, section 8), which travels like every other record (delays, losses,
+anti-entropy) and costs its write points. Their failovers are reported apart
+(`failover_nat_*`): their bound is the lease's, not the probes'.
+"""
 
 from __future__ import annotations
 

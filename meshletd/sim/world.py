@@ -4,14 +4,8 @@ The network model: every record write goes to the writer's PDS and reaches every
 through one ordered firehose stream per recipient (FIFO), after a per-link delay; deliveries
 can be lost (healed by periodic anti-entropy, which replays what was missed, in order);
 meshlets can be cut off (partition), crash and restart (state rebuilt from records), have a
-skewed clock, drain and undrain; workloads arrive and are deleted. One seed fixes everything.
-
-Hosts without inbound reachability (`Config.nat`, a fraction of the meshlets; 1.0 = every
-one): no probe reaches them, so they publish no endpoint and live by their lease record
-(docs/protocol.md, section 8), which travels like every other record (delays, losses,
-anti-entropy) and costs its write points. Their failovers are reported apart
-(`failover_nat_*`): their bound is the lease's, not the probes'.
-"""
+skewed clock, drain and undrain, sit behind NAT (`meshletd.sim.model`); workloads arrive
+and are deleted. One seed fixes everything."""
 
 from __future__ import annotations
 
