@@ -28,7 +28,23 @@ class Notifier(Protocol):
     def notify(self, **fields: str) -> None: ...
 
 
-class SdNotifier:
+class _Messages:
+    """The messages meshletd sends, over whatever `notify` delivers them."""
+
+    def notify(self, **fields: str) -> None:
+        raise NotImplementedError
+
+    def ready(self, status: str | None = None) -> None:
+        self.notify(READY="1", **({"STATUS": status} if status else {}))
+
+    def status(self, text: str) -> None:
+        self.notify(STATUS=text)
+
+    def stopping(self, status: str | None = None) -> None:
+        self.notify(STOPPING="1", **({"STATUS": status} if status else {}))
+
+
+class SdNotifier(_Messages):
     """Sends sd_notify messages to `$NOTIFY_SOCKET`; silent when not started by systemd."""
 
     def __init__(self) -> None:
@@ -58,15 +74,6 @@ class SdNotifier:
         except OSError:
             # systemd gone or overloaded: notifications are best effort by design.
             self.dropped += 1
-
-    def ready(self, status: str | None = None) -> None:
-        self.notify(READY="1", **({"STATUS": status} if status else {}))
-
-    def status(self, text: str) -> None:
-        self.notify(STATUS=text)
-
-    def stopping(self, status: str | None = None) -> None:
-        self.notify(STOPPING="1", **({"STATUS": status} if status else {}))
 
     def reloading(self) -> None:
         # systemd >= 253 wants MONOTONIC_USEC with RELOADING=1 (Type=notify-reload).
@@ -156,7 +163,7 @@ async def run_watchdog(
         await trio.sleep(interval)
 
 
-class RecordingNotifier:
+class RecordingNotifier(_Messages):
     """Fake notifier for unit tests: remembers every message."""
 
     def __init__(self) -> None:
@@ -164,15 +171,6 @@ class RecordingNotifier:
 
     def notify(self, **fields: str) -> None:
         self.messages.append(dict(fields))
-
-    def ready(self, status: str | None = None) -> None:
-        self.notify(READY="1", **({"STATUS": status} if status else {}))
-
-    def status(self, text: str) -> None:
-        self.notify(STATUS=text)
-
-    def stopping(self, status: str | None = None) -> None:
-        self.notify(STOPPING="1", **({"STATUS": status} if status else {}))
 
     def reloading(self) -> None:
         self.notify(RELOADING="1")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from meshletd.atproto.validity import IMAGE_TRANSPORTS
+from meshletd.atproto.validity import image_problem
 from meshletd.errors import InvalidRequest, RuntimeFailure
 
 
@@ -98,14 +98,6 @@ MAX_SECRET_BYTES = 512 * 1024  # podman's own limit
 MAX_ARGS_BYTES = 128 * 1024
 MAX_STOP_TIMEOUT_S = 600
 
-# Image references as the distribution spec defines them (registry[:port]/path[:tag][@digest]).
-_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?"
-_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_NAME = rf"(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*"
-_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
-_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
-IMAGE_RE = re.compile(rf"^{_NAME}(?::{_TAG})?(?:@{_DIGEST})?$")
 
 DID_RE = re.compile(r"^did:[a-z]+:[A-Za-z0-9._:%-]{1,2000}$")
 RKEY_RE = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
@@ -126,19 +118,13 @@ def _check_range(field_name: str, value: object, low: int, high: int) -> None:
 
 
 def validate_image(image: object) -> str:
-    """The image reference, or `InvalidReplicaSpec` naming what is wrong with it."""
-    if not isinstance(image, str) or not image:
-        raise InvalidReplicaSpec(f"image must be a non-empty string, got {image!r}")
-    if len(image) > 512 or not IMAGE_RE.match(image):
-        raise InvalidReplicaSpec(
-            f"image {image!r} is not a valid image reference "
-            "(registry/name[:tag][@digest], no spaces or shell characters)"
-        )
-    prefix = image.split(":", 1)[0]
-    if ":" in image and "/" not in prefix and prefix in IMAGE_TRANSPORTS:
-        # `oci-archive:x` fits the grammar (name `oci-archive`, tag `x`) but podman reads
-        # a transport there (docs/protocol.md, section 19).
-        raise InvalidReplicaSpec(f"image {image!r} starts with a podman transport")
+    """The image reference, or `InvalidReplicaSpec` naming what is wrong with it: the same
+    rule every meshlet applies at intake (`atproto.validity.image_problem`), so a workload
+    the commune admits is one the runtime can start (docs/protocol.md, section 19)."""
+    problem = image_problem(image)
+    if problem is not None:
+        raise InvalidReplicaSpec(f"image {image!r} {problem}")
+    assert isinstance(image, str)
     return image
 
 
