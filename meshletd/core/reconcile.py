@@ -85,7 +85,7 @@ class Reconciler(Bidding):
                 self._replicas[key] = rep
                 if wl.paused:
                     # Won (or learnt again after a restart) while paused: held, not started
-                    # until the owner resumes it (docs/protocol.md, section 9).
+                    # until the owner resumes it (docs/protocol.md, section 10).
                     rep.state = "paused"
                     self._write_status(wl, s, rep, "paused")
                 else:

@@ -1,4 +1,4 @@
-"""Pausing a workload (docs/protocol.md, section 9): its replicas stop and keep their slots,
+"""Pausing a workload (docs/protocol.md, section 10): its replicas stop and keep their slots,
 rounds and capacity; resuming starts them again where they were."""
 
 from __future__ import annotations
