@@ -683,6 +683,10 @@ class Sim:
                 if cur is not None and cur[1] not in dead:
                     if (uri, s) in self.by_did[cur[1]].running:
                         continue  # fine whether or not the slot is done
+                    held = self.by_did[cur[1]].core
+                    if wl.paused and held is not None:
+                        if held.replicas().get((uri, s)) in ("paused", "pausing"):
+                            continue  # held, stopped, by a live owner (protocol section 10)
                 if done is None:
                     done = self._done_slots(live, uri)
                 if s in done:
