@@ -279,6 +279,36 @@ def stop(
     _run(as_json, fetch, lambda d: _say(f"stopped {d['uri']}"))
 
 
+def _set_paused(workload: str, paused: bool, as_json: bool) -> None:
+    method = "farm.meshlet.pauseWorkload" if paused else "farm.meshlet.resumeWorkload"
+    word = "paused" if paused else "resumed"
+
+    def fetch(c: ControlClient) -> dict[str, Any]:
+        uri = resolve_workload(c, workload)
+        c.procedure(method, {"uri": uri})
+        return {"uri": uri, "paused": paused}
+
+    _run(as_json, fetch, lambda d: _say(f"{word} {d['uri']}"))
+
+
+@app.command()
+def pause(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Pause a workload: its replicas stop and keep their placement."""
+    _set_paused(workload, True, as_json)
+
+
+@app.command()
+def resume(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Resume a paused workload: its replicas start again where they were."""
+    _set_paused(workload, False, as_json)
+
+
 @app.command()
 def logs(
     workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],

@@ -33,7 +33,11 @@ class Reconciler(Bidding):
         """The workload is gone: stop whatever we run of it."""
         self._involved.discard(uri)
         for key in [k for k in self._replicas if k[0] == uri]:
-            self._stop(key, "deleted")
+            if self._replicas[key].state == "paused":  # nothing runs; statuses go with it
+                del self._replicas[key]
+                self._owned_capacity.pop(key, None)
+            else:
+                self._stop(key, "deleted")
 
     def _reconcile(self, e: WorkloadEntry) -> None:
         """Make local replicas of e match the placement (make-before-break on moves)."""
@@ -79,13 +83,22 @@ class Reconciler(Bidding):
             if rep is None:
                 rep = Replica(rnd)
                 self._replicas[key] = rep
-                self._out.append(StartReplica(wl, s, rnd))
+                if wl.paused:
+                    # Won (or learnt again after a restart) while paused: held, not started
+                    # until the owner resumes it (docs/protocol.md, section 10).
+                    rep.state = "paused"
+                    self._write_status(wl, s, rep, "paused")
+                else:
+                    self._out.append(StartReplica(wl, s, rnd))
                 continue
             rep.lost_at = None
             if rep.round != rnd:
                 rep.round = rnd
-                if rep.state == "running":
-                    self._write_status(wl, s, rep, "running", force=True)
+                if rep.state in ("running", "paused"):
+                    self._write_status(wl, s, rep, rep.state, force=True)
+            if wl.paused or rep.state in ("paused", "pausing"):
+                self._pause_or_resume(key, rep, wl)
+                continue
             if rep.restart_at is not None and rep.restart_at <= self.now:
                 rep.restart_at = None
                 rep.restarts += 1
@@ -96,6 +109,14 @@ class Reconciler(Bidding):
             if rep.state == "stopping":
                 continue
             s = key[1]
+            if rep.state == "paused":
+                # Nothing runs: no make-before-break to wait for.
+                self._forget_paused(key, rep)
+                continue
+            if rep.state == "pausing":
+                rep.state = "running"  # its stop is on the way: make it a plain stop
+                self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
+                continue
             if rep.state == "exited" or s >= wl.replicas or e.owners is None:
                 if e.owners is None:
                     continue
@@ -117,6 +138,40 @@ class Reconciler(Bidding):
                 self._stop(key, "drained" if self.draining else "lost-slot")
         if not mine and not any(k[0] == uri for k in self._replicas):
             self._involved.discard(uri)
+
+    def _pause_or_resume(self, key: ReplicaKey, rep: Replica, wl: Workload) -> None:
+        """A slot we own of a paused workload stops its replica and keeps its placement and
+        capacity; once resumed, it starts again here, in the same slot and round."""
+        if rep.state in ("pausing", "stopping"):
+            return  # the runtime's `stopped` decides what follows
+        if wl.paused:
+            if rep.state == "paused":
+                self._write_status(wl, key[1], rep, "paused")
+                return
+            rep.restart_at = None
+            if rep.state == "exited":  # waiting for a restart: nothing runs
+                rep.state = "paused"
+                self._write_status(wl, key[1], rep, "paused")
+                return
+            self._account(key, rep)
+            rep.state = "pausing"
+            self._out.append(StopReplica(key[0], key[1], "paused"))
+            return
+        # resumed
+        rep.state = "starting"
+        rep.exit_code = None
+        self._out.append(StartReplica(wl, key[1], rep.round))
+
+    def _forget_paused(self, key: ReplicaKey, rep: Replica) -> None:
+        """A paused replica whose slot is no longer ours (or whose workload is gone): there
+        is nothing to stop, only our status record to delete and the capacity to free."""
+        del self._replicas[key]
+        self._owned_capacity.pop(key, None)
+        if rep.written:
+            self._delete(NSID_STATUS, status_rkey(key[0], key[1]))
+        e = self.workloads.get(key[0])
+        if e is not None:
+            self._bid_queue.add(key[0])
 
     def _stop(self, key: ReplicaKey, reason: str) -> None:
         """Stop a local replica (once) and delete its status record unless the workload is
@@ -145,6 +200,13 @@ class Reconciler(Bidding):
             else:
                 return
         e = self.workloads.get(ev.workload_uri)
+        if ev.state == "stopped" and rep.state == "pausing":
+            # Paused: the replica keeps its slot, its round and its capacity.
+            rep.state = "paused"
+            if e is not None and e.wl.paused:
+                self._write_status(e.wl, ev.slot, rep, "paused")
+            self._dirty[ev.workload_uri] = None  # resumed or moved meanwhile: reconcile says
+            return
         if ev.state == "stopped":
             self._account(key, rep)
             del self._replicas[key]
@@ -154,7 +216,7 @@ class Reconciler(Bidding):
                 self._bid_queue.add(ev.workload_uri)
             return
         if ev.state == "running":
-            if rep.state == "stopping":
+            if rep.state in ("stopping", "pausing"):
                 return  # started, then stopped before it ran: the stop wins, no status
             rep.state = "running"
             rep.since = self.now
@@ -163,6 +225,8 @@ class Reconciler(Bidding):
             self._dirty[ev.workload_uri] = None
             return
         # exited or failed to start
+        if rep.state in ("pausing", "paused"):
+            return  # ended by (or after) the pause: no restart, no final status
         self._account(key, rep)
         rep.state = "exited"
         rep.exit_code = ev.exit_code if ev.exit_code is not None else -1

@@ -332,7 +332,10 @@ class Scheduler(Explanations, Reconciler):
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)
         for key in [k for k in self._replicas if k[0] == uri]:
-            self._stop(key, "deleted")
+            if self._replicas[key].state == "paused":  # nothing runs
+                del self._replicas[key]
+            else:
+                self._stop(key, "deleted")
         for key in [k for k in self._owned_capacity if k[0] == uri]:
             del self._owned_capacity[key]
         for rkey3 in [k for k in self._reserved if k[0] == uri]:

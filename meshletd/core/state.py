@@ -68,7 +68,7 @@ class Replica:
 
     def __init__(self, round_: int) -> None:
         self.round = round_
-        self.state = "starting"  # starting | running | exited | stopping
+        self.state = "starting"  # starting | running | exited | stopping | pausing | paused
         self.since = 0  # counted in the usage ledger up to this time
         self.restarts = 0
         self.exit_code: int | None = None

@@ -34,6 +34,10 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
             if cur is not None and cur[1] not in dead:
                 if (uri, s) in sim.by_did[cur[1]].running:
                     continue  # fine whether or not the slot is done
+                held = sim.by_did[cur[1]].core
+                if wl.paused and held is not None:
+                    if held.replicas().get((uri, s)) in ("paused", "pausing"):
+                        continue  # held, stopped, by a live owner (protocol section 10)
             if done is None:
                 done = done_slots(sim, live, uri)
             if s in done:

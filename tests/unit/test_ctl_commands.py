@@ -367,3 +367,21 @@ def test_the_meshletctl_command_prints_status_or_says_the_daemon_is_down(
         [PY, "-m", "meshletctl", "status"], env=env, capture_output=True, text=True
     )
     assert down.returncode == 7 and "meshletd is not running" in down.stderr
+
+
+def test_pause_shows_paused_and_resume_runs_it_again(daemon: Daemon) -> None:
+    ctl_json(daemon, "run", "busybox", "--name", "pausable")
+    r = ctl(daemon, "pause", "pausable")
+    assert r.exit_code == 0 and "paused at://" in r.stdout, r.output
+    listed = {w["name"]: w for w in ctl_json(daemon, "workloads")}
+    assert listed["pausable"]["paused"] is True
+    r = ctl(daemon, "workloads")
+    row = [line for line in r.stdout.splitlines() if "pausable" in line]
+    assert row and "paused" in row[0]
+    assert ctl_json(daemon, "resume", "pausable")["paused"] is False
+    listed = {w["name"]: w for w in ctl_json(daemon, "workloads")}
+    assert listed["pausable"]["paused"] is False
+    r = ctl(daemon, "workloads")
+    row = [line for line in r.stdout.splitlines() if "pausable" in line]
+    assert row and "paused" not in row[0]
+    ctl_json(daemon, "stop", "pausable")
