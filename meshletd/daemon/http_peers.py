@@ -24,10 +24,13 @@ log = logging.getLogger("meshletd.peers")
 #   first; at 2 s the failover took p50 5.6 s on hosts with their own addresses
 #   (docs/benchmarks.md).
 # - Answer: a peer whose meshletd restarts keeps its listening socket (systemd's file
-#   descriptor store), so its probes connect and wait for the new process; 30 s covers a
-#   start on a loaded machine (docs/protocol.md, sections 8 and 13).
+#   descriptor store), so its probes connect and wait for the new process. Every probe
+#   started less than PING_ANSWER_S before the new process answers succeeds, so a restart
+#   is suspected only if it takes about (probe_failures + 1) x PING_ANSWER_S (20 s);
+#   a host that accepts connections but never answers is suspected ~5 s later than one
+#   that is gone (docs/protocol.md, sections 8, 9 and 13).
 PING_CONNECT_S = 1.0
-PING_ANSWER_S = 30.0
+PING_ANSWER_S = 5.0
 PING_TIMEOUT = httpx.Timeout(PING_ANSWER_S, connect=PING_CONNECT_S)
 PROBE_TIMEOUT_S = PING_CONNECT_S + PING_ANSWER_S  # the longest a probe can take
 HINT_TIMEOUT_S = 1.0
