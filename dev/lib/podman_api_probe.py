@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import trio
+from podman_service import start_podman_service
 
 from meshletd.runtime.systemd import SystemdPodmanMachine
 from meshletd.runtime.units import RuntimeConfig
@@ -57,28 +58,7 @@ def api_side() -> dict[str, object]:
     os.chown(SOCK_DIR, 1000, 1000)
     subprocess.run(["systemctl", "stop", UNIT], capture_output=True)
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            "systemd-run",
-            "--unit",
-            UNIT,
-            "-p",
-            "User=meshlet",
-            "-p",
-            "Delegate=yes",
-            "-p",
-            "Environment=XDG_RUNTIME_DIR=/run/user/1000",
-            "-p",
-            "WorkingDirectory=~",
-            "/usr/bin/podman",
-            "system",
-            "service",
-            "--time=0",
-            f"unix://{SOCK}",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    start_podman_service(UNIT, f"unix://{SOCK}")
     client = podman.PodmanClient(base_url=f"unix://{SOCK}")
     first = None
     while time.perf_counter() - t0 < 20:

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from podman_service import start_podman_service
+
 SOCK_DIR = Path("/run/meshlet-podman-api")
 CONNECT = (
     "import socket,sys; s=socket.socket(socket.AF_UNIX); "
@@ -54,28 +56,7 @@ def main() -> None:
         ("meshlet-podman-api-a.service", f"unix://{SOCK_DIR}/podman.sock"),
         ("meshlet-podman-api-b.service", "unix:///run/user/1000/podman/podman.sock"),
     ]:
-        subprocess.run(
-            [
-                "systemd-run",
-                "--unit",
-                unit,
-                "-p",
-                "User=meshlet",
-                "-p",
-                "Delegate=yes",
-                "-p",
-                "Environment=XDG_RUNTIME_DIR=/run/user/1000",
-                "-p",
-                "WorkingDirectory=~",
-                "/usr/bin/podman",
-                "system",
-                "service",
-                "--time=0",
-                url,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        start_podman_service(unit, url)
         units.append(unit)
     time.sleep(2)
     a = f"{SOCK_DIR}/podman.sock"
