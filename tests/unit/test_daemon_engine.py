@@ -240,6 +240,17 @@ async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_an
     assert not [w for w in second_writes if w.action == "delete"], second_writes
 
 
+def failed_statuses(writes: list[Write]) -> list[dict[str, Any]]:
+    """The `failed` workloadStatus records among the writes the engine submitted."""
+    return [
+        w.value
+        for w in writes
+        if w.collection == "commune.scheduler.workloadStatus"
+        and w.value is not None
+        and w.value["state"] == "failed"
+    ]
+
+
 async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_complete(
     nursery: trio.Nursery, autojump_clock
 ) -> None:
@@ -262,17 +273,8 @@ async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_compl
     assert second_writes == []
     second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
 
-    def final() -> list[dict[str, Any]]:
-        return [
-            w.value
-            for w in second_writes
-            if w.collection == "commune.scheduler.workloadStatus"
-            and w.value is not None
-            and w.value["state"] == "failed"
-        ]
-
-    await wait_for(lambda: final())
-    assert final()[-1]["exitCode"] == 3
+    await wait_for(lambda: failed_statuses(second_writes))
+    assert failed_statuses(second_writes)[-1]["exitCode"] == 3
 
 
 async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the_restart(
@@ -295,17 +297,8 @@ async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the
     second = await start(nursery, machine, second_writes, complete=False)
     second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
 
-    def final() -> list[dict[str, Any]]:
-        return [
-            w.value
-            for w in second_writes
-            if w.collection == "commune.scheduler.workloadStatus"
-            and w.value is not None
-            and w.value["state"] == "failed"
-        ]
-
-    await wait_for(lambda: final())
-    assert final()[-1]["exitCode"] == 3
+    await wait_for(lambda: failed_statuses(second_writes))
+    assert failed_statuses(second_writes)[-1]["exitCode"] == 3
 
 
 async def test_a_drain_decided_by_the_core_is_written_as_the_publisher_shapes_it(
