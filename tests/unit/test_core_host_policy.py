@@ -325,3 +325,13 @@ def test_a_job_declaring_more_time_than_a_host_allows_is_not_bid_on_there() -> N
     core = host(0)
     feed(core, [*cluster_records(3), policy(0, job_max_runtime_s=3600), job])
     assert my_bids(core.handle(Tick(T0 + 100))) == []
+
+
+def test_why_pending_says_when_every_host_policy_refuses_a_workload() -> None:
+    wl = replace(workload(replicas=1, owner_i=2), image="busybox", network="lan")
+    core = observer()
+    feed(core, [*cluster_records(3), wl])
+    core.handle(Tick(CLOSE + 10_000))
+    reasons = core.pending_reasons(wl.uri)
+    assert "host policy refuses it" in reasons[0], reasons
+    assert "network" in reasons[0]
