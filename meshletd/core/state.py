@@ -91,6 +91,8 @@ class SchedulerState:
         self.now = 0
         self.cluster = ClusterView()
         self.workloads: dict[str, WorkloadEntry] = {}
+        # owner DID -> record keys of its workloads that take part (WORKLOADS_PER_OWNER)
+        self._owner_keys: dict[str, set[str]] = {}
         # meshlet -> the (0, meshlet) owner tuple shared by every slot it wins in round 0
         self._round0_owner_of: dict[str, Owner] = {}
         self.orphans = Orphans()  # bids and statuses naming workloads not seen (yet)
