@@ -12,6 +12,7 @@ import pytest
 
 from meshletd.core import (
     Membership,
+    RecordDeleted,
     RecordSeen,
     StopReplica,
     Tick,
@@ -47,7 +48,7 @@ def test_an_owner_s_workloads_beyond_the_bound_take_no_part_and_observers_agree(
     assert other.uri in cores[0].workloads
 
 
-def test_a_workload_set_aside_by_a_smaller_key_stops_here_and_comes_back_when_room_frees(
+def test_a_workload_set_aside_by_a_smaller_key_stops_here_and_takes_part_when_seen_with_room(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("meshletd.core.scheduler.WORKLOADS_PER_OWNER", 2)
@@ -55,13 +56,16 @@ def test_a_workload_set_aside_by_a_smaller_key_stops_here_and_comes_back_when_ro
     a, c = workload("a", owner_i=2), workload("c", owner_i=2)
     feed(core, [*cluster_records(3), a, c, bid(c, 0, priority=2)])
     core.handle(Tick(CLOSE))
-    core.handle(RecordSeen(replace(bid(c, 0, priority=2), uri=bid(c, 0).uri)))
     assert core.placement()[c.uri] == ((0, mesh(0)),)
     out = core.handle(RecordSeen(workload("b", owner_i=2)))  # a smaller key than c's
     assert [s.workload_uri for s in out if isinstance(s, StopReplica)] == [c.uri]
     assert c.uri not in core.workloads and c.uri in core.refused
     core.handle(Tick(CLOSE + 1))
     assert core.replicas().get((c.uri, 0)) in (None, "stopping")
+    # room again (b deleted), and c seen again (a new version, a start-up read): it takes part
+    core.handle(RecordDeleted(workload("b", owner_i=2).uri))
+    core.handle(RecordSeen(c))
+    assert c.uri in core.workloads and c.uri not in core.refused
 
 
 def test_a_meshlet_s_bids_for_one_workload_beyond_the_bound_count_nowhere() -> None:
