@@ -21,6 +21,7 @@ import heapq
 from .actions import Action, Reply, WakeAt
 from .bounds import (
     GONE_BIDS_KEPT,
+    MAX_REPLICAS,
     MAX_ROUND,
     MAX_SLOT,
     WORKLOADS_PER_OWNER,
@@ -225,7 +226,7 @@ class Scheduler(Explanations, Reconciler):
     def _on_workload(self, wl: Workload) -> None:
         refusal = workload_refusal(wl)
         if refusal:
-            self._refuse(wl.uri, refusal)
+            self._refuse(wl.uri, refusal, min(max(wl.replicas, 0), MAX_REPLICAS))
             return
         e = self.workloads.get(wl.uri)
         if e is None:
@@ -272,17 +273,21 @@ class Scheduler(Explanations, Reconciler):
         keys = self._owner_keys.setdefault(wl.owner, set())
         rkey = split_at_uri(wl.uri)[2]
         if len(keys) >= WORKLOADS_PER_OWNER:
-            reason = f"{wl.owner} has {WORKLOADS_PER_OWNER} workloads with smaller record keys"
+            reason = (
+                f"its owner has {WORKLOADS_PER_OWNER} workloads with smaller record keys "
+                "(at most that many take part, docs/protocol.md section 20)"
+            )
             largest = max(keys)
             if rkey > largest:
-                self._refuse(wl.uri, reason)
+                self._refuse(wl.uri, reason, wl.replicas)
                 return False
             uri = at_uri(wl.owner, NSID_WORKLOAD, largest)
+            aside = self.workloads[uri].wl.replicas
             self._on_workload_deleted(uri)
             self._dirty[uri] = None  # reconciled as gone: nothing of it runs here
-            self._refuse(uri, reason)
+            self._refuse(uri, reason, aside)
         keys.add(rkey)
-        self.refused.pop(wl.uri, None)
+        self._unrefuse(wl.uri)
         return True
 
     def _on_status(self, st: WorkloadStatus) -> None:
@@ -346,6 +351,7 @@ class Scheduler(Explanations, Reconciler):
             self._cluster_changed()
 
     def _on_workload_deleted(self, uri: str) -> None:
+        self._unrefuse(uri)
         e = self.workloads.pop(uri, None)
         self.orphans.take(uri)
         if e is None:

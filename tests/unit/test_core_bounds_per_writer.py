@@ -60,12 +60,15 @@ def test_a_workload_set_aside_by_a_smaller_key_stops_here_and_takes_part_when_se
     out = core.handle(RecordSeen(workload("b", owner_i=2)))  # a smaller key than c's
     assert [s.workload_uri for s in out if isinstance(s, StopReplica)] == [c.uri]
     assert c.uri not in core.workloads and c.uri in core.refused
+    assert "smaller record keys" in core.pending_reasons(c.uri)[0]  # what its owner is shown
     core.handle(Tick(CLOSE + 1))
     assert core.replicas().get((c.uri, 0)) in (None, "stopping")
     # room again (b deleted), and c seen again (a new version, a start-up read): it takes part
     core.handle(RecordDeleted(workload("b", owner_i=2).uri))
     core.handle(RecordSeen(c))
     assert c.uri in core.workloads and c.uri not in core.refused
+    core.handle(RecordDeleted(c.uri))
+    assert core.pending_reasons(c.uri) == {}
 
 
 def test_a_meshlet_s_bids_for_one_workload_beyond_the_bound_count_nowhere() -> None:
