@@ -39,7 +39,7 @@ def _same_values_in_any_run() -> Iterator[None]:
 # Seed 20261204: at 4185ebd (before the core bounded its rounds, 13de329), with every module
 # of ours imported (as in the full unit run), it drew records with `createdAt` decades off
 # and failed ("a meshlet wrote a record its lexicon refuses": bid round above 1 000 000,
-# point 1); a lone run drew other records and passed. Seeds 20261205/6 below likewise.
+# point 1); a lone run drew other records and passed. (20261205/6 below: pinned alike.)
 @seed(20261204)
 @settings(FUZZ, max_examples=60)
 @given(st.lists(workload_values(), min_size=1, max_size=6), st.integers(0, 2**16))
