@@ -335,3 +335,28 @@ def test_why_pending_says_when_every_host_policy_refuses_a_workload() -> None:
     reasons = core.pending_reasons(wl.uri)
     assert "host policy refuses it" in reasons[0], reasons
     assert "network" in reasons[0]
+
+
+def test_image_patterns_match_by_path_component_and_double_star_spans_components() -> None:
+    from meshletd.core.policy import pattern_matches
+
+    assert pattern_matches("reg.example/alice/**", "reg.example/alice/a/b/c:1")
+    assert pattern_matches("reg.example/**/app:*", "reg.example/alice/team/app:2")
+    assert pattern_matches("**", "docker.io/library/busybox")
+    assert not pattern_matches("reg.example/**/app:*", "reg.example/alice/team/web:2")
+    assert pattern_matches("reg.example/a*e/*", "reg.example/alice/x")
+    assert not pattern_matches("reg.example*/alice/*", "reg.example.evil/bob/x")
+    assert pattern_matches("*/alice/*@sha256:*", "reg.example/alice/app@sha256:00")
+
+
+def test_a_hostile_pattern_costs_no_backtracking() -> None:
+    import time
+
+    from meshletd.core.policy import pattern_matches
+
+    pattern = "/".join(["*a" * 100 + "*b"] + ["**"] * 20)  # exponential for a regex
+    ref = "/".join(["a" * 500] + ["x"] * 10)
+    t0 = time.perf_counter()
+    assert not pattern_matches(pattern, ref)
+    assert not pattern_matches("/".join(["**", "*a*a*a*a*a*b"] * 16), "/".join(["a" * 30] * 16))
+    assert time.perf_counter() - t0 < 0.5
