@@ -7,7 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from meshletd.atproto.lexicon import default_lexicons
+from meshletd.atproto.records import record_from_json
 from meshletd.core import (
     Bid,
     MeshletIdentity,
@@ -37,6 +41,7 @@ from meshletd.core.records import (
     ScheduleWindow,
     at_uri,
 )
+from meshletd.errors import InvalidRecord
 
 from .core_helpers import CPU, MEM, T0, bid, cluster_records, feed, mesh, observer, owner, workload
 
@@ -360,3 +365,63 @@ def test_a_hostile_pattern_costs_no_backtracking() -> None:
     assert not pattern_matches(pattern, ref)
     assert not pattern_matches("/".join(["**", "*a*a*a*a*a*b"] * 16), "/".join(["a" * 30] * 16))
     assert time.perf_counter() - t0 < 0.5
+
+
+# -- hostile records: any policy the lexicon admits is judged without an error -----------------
+
+_text = st.text(min_size=0, max_size=40)
+_did = st.sampled_from(["did:plc:owner002", "did:plc:x", "did:web:a.example"])
+_policy_values = st.fixed_dictionaries(
+    {"createdAt": st.sampled_from(["2027-01-15T08:00:00.000Z", "0001-01-01T00:00:00Z"])},
+    optional={
+        "owners": st.fixed_dictionaries(
+            {},
+            optional={
+                "defaultShare": st.integers(-5, 1200),
+                "caps": st.lists(
+                    st.fixed_dictionaries({"did": _did, "share": st.integers(0, 1001)}),
+                    max_size=4,
+                ),
+            },
+        ),
+        "evicted": st.lists(_did, max_size=3),
+        "images": st.fixed_dictionaries(
+            {},
+            optional={
+                "allow": st.lists(st.one_of(_text, st.just("**"), st.just("*/*")), max_size=4),
+                "digestsOnly": st.booleans(),
+            },
+        ),
+        "network": st.one_of(st.sampled_from(["none", "internet", "lan"]), _text),
+        "schedule": st.lists(
+            st.fixed_dictionaries(
+                {"start": st.integers(-1, 1441), "end": st.integers(-1, 1441)},
+                optional={"days": st.lists(st.integers(-1, 8), max_size=8)},
+            ),
+            max_size=4,
+        ),
+        "jobMaxRuntimeS": st.integers(-1, 40_000_000),
+        "extra": st.integers(),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_policy_values, st.integers(0, 3_000_000_000))
+def test_any_policy_the_lexicon_admits_is_judged_without_an_error(value, dt) -> None:
+    uri = at_uri(mesh(0), NSID_HOST_POLICY, "self")
+    try:
+        default_lexicons().validate_record(NSID_HOST_POLICY, value, rkey="self")
+    except InvalidRecord:
+        return  # refused at intake: takes no part
+    pol = record_from_json(uri, "cid", value)
+    assert isinstance(pol, HostPolicy)
+    for wl in (
+        image_wl("busybox"),
+        replace(image_wl("reg.example/a/b:1", kind="job"), network="lan", max_runtime_s=5),
+    ):
+        refusal(pol, wl)
+        admits(pol, wl, T0 + dt)
+    core = observer()
+    feed(core, [*cluster_records(3), pol, image_wl("busybox")])
+    core.handle(Tick(CLOSE))
