@@ -153,7 +153,15 @@ class Reconciler(Bidding):
         source, a network, a run time, an owner over its cap): the next round of each, as a
         drain does, with the reason in the replica's status; it keeps running until the new
         owner runs (make-before-break, section 9)."""
-        for e, s, cur, why in self._policy_misfits():
+        misfits = self._policy_misfits()
+        moving = {(e.wl.uri, s) for e, s, _cur, _why in misfits}
+        for key, rep in self._replicas.items():
+            if rep.note is not None and rep.note != MAX_RUNTIME and key not in moving:
+                rep.note = None  # the policy admits it again: no longer moving
+                e = self.workloads.get(key[0])
+                if e is not None and rep.written:
+                    self._write_status(e.wl, key[1], rep, rep.written, force=True)
+        for e, s, cur, why in misfits:
             rep = self._replicas.get((e.wl.uri, s))
             if rep is not None and rep.note != why:
                 rep.note = why

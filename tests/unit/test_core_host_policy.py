@@ -425,3 +425,12 @@ def test_any_policy_the_lexicon_admits_is_judged_without_an_error(value, dt) -> 
     core = observer()
     feed(core, [*cluster_records(3), pol, image_wl("busybox")])
     core.handle(Tick(CLOSE))
+
+
+def test_taking_an_eviction_back_clears_the_reason_from_the_status() -> None:
+    wl = image_wl("busybox")
+    core = placed_on_0(wl)
+    feed(core, [policy(0, created=CLOSE + 100, evicted=frozenset({owner(2)}))])
+    out = feed(core, [policy(0, created=CLOSE + 200)])
+    st = [a.record for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
+    assert [(s.state, s.message) for s in st] == [("running", None)]
