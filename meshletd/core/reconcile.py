@@ -155,12 +155,12 @@ class Reconciler(Bidding):
         owner runs (make-before-break, section 9)."""
         misfits = self._policy_misfits()
         moving = {(e.wl.uri, s) for e, s, _cur, _why in misfits}
-        for key, rep in self._replicas.items():
-            if rep.note is not None and rep.note != MAX_RUNTIME and key not in moving:
-                rep.note = None  # the policy admits it again: no longer moving
-                e = self.workloads.get(key[0])
-                if e is not None and rep.written:
-                    self._write_status(e.wl, key[1], rep, rep.written, force=True)
+        for key, held in self._replicas.items():
+            if held.note is not None and held.note != MAX_RUNTIME and key not in moving:
+                held.note = None  # the policy admits it again: no longer moving
+                entry = self.workloads.get(key[0])
+                if entry is not None and held.written:
+                    self._write_status(entry.wl, key[1], held, held.written, force=True)
         for e, s, cur, why in misfits:
             rep = self._replicas.get((e.wl.uri, s))
             if rep is not None and rep.note != why:
