@@ -24,6 +24,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
+from meshletd.atproto.services import (
+    endpoints_from_json,
+    health_from_json,
+    ports_from_json,
+    status_services_json,
+    workload_services_json,
+)
 from meshletd.core.nsid import (
     NSID_BID,
     NSID_LEASE,
@@ -37,11 +44,13 @@ from meshletd.core.nsid import (
 from meshletd.core.records import (
     MAX_DRAINS,
     Bid,
+    Endpoint,
     EnvVar,
     Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
+    PortSpec,
     Record,
     SecretRef,
     Usage,
@@ -80,6 +89,12 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "cluster": "cluster",
         "bidWindowMs": "bid_window_ms",
         "paused": "paused",
+        "ports": "ports",
+        "healthCheck.command": "health_command",
+        "healthCheck.intervalS": "health_interval_s",
+        "healthCheck.timeoutS": "health_timeout_s",
+        "healthCheck.retries": "health_retries",
+        "healthCheck.startPeriodS": "health_start_period_s",
         "createdAt": "created_at",
     },
     Bid: {
@@ -106,6 +121,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "unit": "unit",
         "startedAt": "started_at",
         "finishedAt": "finished_at",
+        "health": "health",
+        "endpoints": "endpoints",
         "updatedAt": "updated_at",
     },
     Usage: {
@@ -141,6 +158,14 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
 DEF_FIELDS: Final[dict[str, tuple[type, dict[str, str]]]] = {
     "envVar": (EnvVar, {"name": "name", "value": "value"}),
     "secretRef": (SecretRef, {"name": "name", "target": "target", "env": "env"}),
+    "portSpec": (
+        PortSpec,
+        {"name": "name", "containerPort": "container_port", "protocol": "protocol"},
+    ),
+    "endpoint": (
+        Endpoint,
+        {"name": "name", "address": "address", "port": "port", "protocol": "protocol"},
+    ),
     "usageEntry": (
         UsageEntry,
         {
@@ -170,6 +195,11 @@ class _Defaults:
 
     def __init__(self, lex: Lexicons, nsid: str) -> None:
         self._d = lex.defaults(nsid)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every default of the record type, by dotted path."""
+        return self._d
 
     def get(self, obj: Mapping[str, Any], key: str, path: str) -> Any:
         got = obj.get(key)
@@ -264,6 +294,8 @@ def record_from_json(
             unit=value.get("unit"),
             started_at=_ms(value.get("startedAt")),
             finished_at=_ms(value.get("finishedAt")),
+            health=value.get("health"),
+            endpoints=endpoints_from_json(value),
         )
     if collection == NSID_WORKLOAD:
         d = _defaults(NSID_WORKLOAD)
@@ -297,6 +329,8 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            ports=ports_from_json(value),
+            **health_from_json(value, d.defaults),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -403,6 +437,7 @@ def record_to_json(record: Record) -> JsonObject:
             out["startedAt"] = format_datetime_ms(record.started_at)
         if record.finished_at is not None:
             out["finishedAt"] = format_datetime_ms(record.finished_at)
+        out.update(status_services_json(record))
         return out
     if isinstance(record, Workload):
         res = _resources(record.milli_cpu, record.memory_mib, record.storage_mib)
@@ -448,6 +483,7 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        out.update(workload_services_json(record))
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at
