@@ -329,6 +329,7 @@ class Scheduler(Explanations, Reconciler):
             del gone[next(iter(gone))]
         for s in range(e.wl.replicas):
             self._reopened.pop((uri, s), None)
+        self._gave_up.pop(uri, None)
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)
         for key in [k for k in self._replicas if k[0] == uri]:

@@ -1,0 +1,192 @@
+"""Ports, endpoints, health and hand-off in the core (docs/protocol.md, section 22)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from meshletd.core import Bid, PutRecord, ReplicaStateChanged, StartReplica, Tick, WorkloadStatus
+from meshletd.core.records import Endpoint, PortSpec
+from meshletd.core.services import (
+    MAX_TRIES,
+    STABLE_MS,
+    Inbound,
+    choose_endpoints,
+    inbound_refusal,
+    replica_ready,
+)
+
+from .core_helpers import T0, bid, cluster_records, feed, mesh, observer, workload
+
+CLOSE = T0 + 2000 + 2000
+OPEN = Inbound(True, 20000, 20009, "10.0.0.1")
+
+
+def of(actions: list[object], kind: type) -> list:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def statuses(actions: list[object]) -> list[WorkloadStatus]:
+    return [a.record for a in of(actions, PutRecord) if isinstance(a.record, WorkloadStatus)]
+
+
+def bids(actions: list[object]) -> list[Bid]:
+    return [a.record for a in of(actions, PutRecord) if isinstance(a.record, Bid)]
+
+
+def web(**kw: object):
+    wl = workload(owner_i=2)
+    return replace(wl, ports=(PortSpec("http", 8080), PortSpec("dns", 53, "udp")), **kw)
+
+
+def core_with(inbound: dict[int, Inbound], me: int = 0):
+    core = observer(me)
+    for i, ib in inbound.items():
+        core.cluster.put_inbound(mesh(i), ib)
+    feed(core, cluster_records(3))
+    return core
+
+
+def test_a_host_that_does_not_publish_ports_is_not_eligible_for_a_workload_with_ports() -> None:
+    wl = web()
+    core = core_with({1: OPEN})  # mesh(0) has no policy: inbound not allowed
+    feed(core, [wl, bid(wl, 0, priority=9), bid(wl, 1, priority=1)])
+    core.handle(Tick(CLOSE))
+    assert core.placement()[wl.uri] == ((0, mesh(1)),)
+    # the same bids for a workload without ports: the higher priority wins
+    plain = replace(web(), uri=wl.uri + "x", ports=())
+    feed(core, [plain, bid(plain, 0, priority=9), bid(plain, 1, priority=1)])
+    core.handle(Tick(CLOSE + 1))
+    assert core.placement()[plain.uri] == ((0, mesh(0)),)
+
+
+def test_a_range_smaller_than_the_declared_ports_makes_a_host_ineligible() -> None:
+    wl = web()
+    assert inbound_refusal(Inbound(True, 20000, 20000, "10.0.0.1"), wl) == "ports"
+    assert inbound_refusal(Inbound(True, 20000, 20001, "10.0.0.1"), wl) is None
+    assert inbound_refusal(Inbound(False, 20000, 20009, "10.0.0.1"), wl) == "ports"
+    assert inbound_refusal(Inbound(True, 20000, 20009, None), wl) == "ports"
+    assert inbound_refusal(Inbound(), replace(wl, ports=())) is None
+
+
+def test_endpoints_take_the_lowest_free_ports_of_the_range_in_declaration_order() -> None:
+    wl = web()
+    got = choose_endpoints(wl, OPEN, [20000, 20002])
+    assert got == (
+        Endpoint("http", "10.0.0.1", 20001, "tcp"),
+        Endpoint("dns", "10.0.0.1", 20003, "udp"),
+    )
+    assert choose_endpoints(wl, Inbound(True, 20000, 20002, "10.0.0.1"), [20001, 20002]) is None
+
+
+def running_web(**kw: object):
+    wl = web(**kw)
+    core = core_with({0: OPEN, 1: OPEN})
+    out = feed(core, [wl, bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
+    out += core.handle(Tick(CLOSE))
+    return core, wl, out
+
+
+def test_the_winner_publishes_each_port_from_its_range_and_its_status_says_where() -> None:
+    core, wl, out = running_web()
+    [start] = of(out, StartReplica)
+    assert start.endpoints == (
+        Endpoint("http", "10.0.0.1", 20000, "tcp"),
+        Endpoint("dns", "10.0.0.1", 20001, "udp"),
+    )
+    [st] = statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running")))
+    assert st.state == "running" and st.endpoints == start.endpoints
+    assert st.health is None  # no check declared
+    assert replica_ready(st, wl)
+
+
+def test_a_replica_with_a_health_check_reports_starting_then_healthy() -> None:
+    core, wl, _ = running_web(health_command=("true",))
+    [st] = statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running")))
+    assert (st.state, st.health) == ("running", "starting")
+    assert not replica_ready(st, wl)
+    [st] = statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running", health="healthy")))
+    assert (st.state, st.health) == ("running", "healthy")
+    assert replica_ready(st, wl)
+    # the same news again writes nothing
+    assert statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running", health="healthy"))) == []
+
+
+def test_an_adopted_replica_keeps_the_endpoints_it_was_published_at() -> None:
+    core, wl, _ = running_web()
+    there = (Endpoint("http", "10.0.0.1", 20007), Endpoint("dns", "10.0.0.1", 20008, "udp"))
+    [st] = statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running", endpoints=there)))
+    assert st.endpoints == there
+
+
+def fail(core, wl, t: int, **kw: object) -> list[object]:
+    out = core.handle(Tick(t))
+    out += core.handle(ReplicaStateChanged(wl.uri, 0, "exited", **kw))
+    return out
+
+
+def test_an_unhealthy_replica_is_restarted_then_handed_off_after_its_tries() -> None:
+    core, wl, _ = running_web(health_command=("true",))
+    t = CLOSE
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    for n in range(1, MAX_TRIES + 1):
+        out = fail(core, wl, t, exit_code=137, health="unhealthy")
+        t += 61_000
+        if n < MAX_TRIES:
+            assert [(s.state, s.health) for s in statuses(out)] == [("running", "unhealthy")]
+            assert bids(out) == []
+            out = core.handle(Tick(t))
+            [start] = of(out, StartReplica)  # restarted in place, same endpoints
+            assert start.endpoints[0].port == 20000
+            core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    [st] = statuses(out)
+    assert st.state == "failing"
+    assert st.message == f"unhealthy (exit 137); handed off after {MAX_TRIES} tries"
+    # the slot is offered to the others: a decline opens the next round
+    [b] = bids(out)
+    assert (b.round, b.slot, b.slots) == (1, 0, 0)
+
+
+def test_a_replica_that_cannot_start_is_handed_off_not_restarted_for_ever() -> None:
+    core, wl, _ = running_web()
+    t = CLOSE
+    for _ in range(MAX_TRIES):
+        out = core.handle(Tick(t))
+        out += core.handle(ReplicaStateChanged(wl.uri, 0, "failed", message="ImageNotFound: x"))
+        t += 61_000
+    [st] = statuses(out)
+    assert (st.state, st.message) == (
+        "failing",
+        f"cannot start: ImageNotFound: x; handed off after {MAX_TRIES} tries",
+    )
+    assert [(b.round, b.slots) for b in bids(out)] == [(1, 0)]
+    # it is still retried here until another meshlet runs it (make-before-break)...
+    assert of(core.handle(Tick(t + 61_000)), StartReplica)
+    # ...without a second status or a second round of its own
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "failed", message="ImageNotFound: x"))
+    assert statuses(out) == [] and bids(out) == []
+
+
+def test_a_replica_that_ran_long_enough_starts_its_tries_afresh() -> None:
+    core, wl, _ = running_web()
+    t = CLOSE
+    for _ in range(MAX_TRIES * 2):
+        core.handle(Tick(t))
+        core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+        t += STABLE_MS
+        out = fail(core, wl, t, exit_code=1)
+        assert all(s.state != "failing" for s in statuses(out))
+        t += 61_000
+
+
+def test_a_host_whose_range_is_taken_declines_a_workload_with_ports() -> None:
+    wl = web()
+    core = core_with({0: Inbound(True, 20000, 20002, "10.0.0.1"), 1: OPEN})
+    feed(core, [wl, bid(wl, 1, priority=1)])
+    out = core.handle(Tick(T0 + 200))
+    [mine] = [b for b in bids(out) if b.meshlet == mesh(0)]
+    assert mine.slots == 1  # three ports free, two needed
+    second = replace(web(), uri=wl.uri + "2")
+    feed(core, [second])
+    out = core.handle(Tick(T0 + 400))
+    [mine] = [b for b in bids(out) if b.meshlet == mesh(0)]
+    assert mine.slots == 0  # one left: it declines
