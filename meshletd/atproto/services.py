@@ -88,9 +88,7 @@ def status_services_json(st: WorkloadStatus) -> JsonObject:
     return out
 
 
-def check_services(
-    value: Mapping[str, Any], refuse: Callable[[str, str], Exception]
-) -> None:
+def check_services(value: Mapping[str, Any], refuse: Callable[[str, str], Exception]) -> None:
     """Raise `refuse(field, reason)` unless the ports and health check of a lexicon-valid
     workload record are ones every meshlet can publish and run (section 19)."""
     names: set[str] = set()
@@ -99,8 +97,8 @@ def check_services(
         name = p.get("name")
         if not isinstance(name, str) or not PORT_NAME_RE.match(name):
             raise refuse(
-                f"ports[{i}].name", "must be 1-15 of [a-z0-9-], starting and ending with a "
-                "letter or digit"
+                f"ports[{i}].name",
+                "must be 1-15 of [a-z0-9-], starting and ending with a letter or digit",
             )
         if name in names:
             raise refuse(f"ports[{i}].name", f"{name} is given twice")
@@ -122,9 +120,7 @@ def check_services(
         if not hc.get("command"):
             raise refuse("healthCheck.command", "must name a program")
         if total > MAX_HEALTH_COMMAND_BYTES:
-            raise refuse(
-                "healthCheck.command", f"is over {MAX_HEALTH_COMMAND_BYTES} bytes in all"
-            )
+            raise refuse("healthCheck.command", f"is over {MAX_HEALTH_COMMAND_BYTES} bytes in all")
 
 
 __all__ = [
