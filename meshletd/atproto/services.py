@@ -18,6 +18,8 @@ JsonObject = dict[str, Any]
 PORT_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,13}[a-z0-9])?$")
 PROTOCOLS = ("tcp", "udp")
 MAX_HEALTH_COMMAND_BYTES = 4096
+# First words podman reads as the form of a health check, not as the program to run.
+HEALTH_KEYWORDS = frozenset({"CMD", "CMD-SHELL", "NONE"})
 
 
 def ports_from_json(value: Mapping[str, Any]) -> tuple[PortSpec, ...]:
@@ -109,7 +111,7 @@ def check_services(value: Mapping[str, Any], refuse: Callable[[str, str], Except
         key = (p.get("containerPort"), proto)
         if key in bound:
             raise refuse(f"ports[{i}].containerPort", f"{key[0]}/{proto} is given twice")
-        bound.add(key)  # type: ignore[arg-type]
+        bound.add(key)
     hc = value.get("healthCheck")
     if isinstance(hc, Mapping):
         total = 0
@@ -119,6 +121,10 @@ def check_services(value: Mapping[str, Any], refuse: Callable[[str, str], Except
             total += len(arg.encode("utf-8"))
         if not hc.get("command"):
             raise refuse("healthCheck.command", "must name a program")
+        if str(hc["command"][0]).upper() in HEALTH_KEYWORDS:
+            raise refuse(
+                "healthCheck.command[0]", "is a keyword podman reads (CMD, CMD-SHELL, NONE)"
+            )
         if total > MAX_HEALTH_COMMAND_BYTES:
             raise refuse("healthCheck.command", f"is over {MAX_HEALTH_COMMAND_BYTES} bytes in all")
 
