@@ -296,6 +296,23 @@ def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
             console.print(f"why: {_named(rnd['why'], name)}")
 
 
+def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("SLOT", "PORT", "ENDPOINT", "MESHLET", "STATE", "HEALTH", title=safe(d["workload"]))
+    for e in d.get("endpoints", []):
+        address = str(e["address"])
+        host = f"[{address}]" if ":" in address else address
+        t.add_row(
+            safe(e["slot"]),
+            safe(f"{e['name']}/{e.get('protocol', 'tcp')}"),
+            safe(f"{host}:{e['port']}"),
+            name(e["meshletDid"]),
+            safe(e.get("state", "")),
+            safe(e.get("health", "-")),
+        )
+    _console().print(t)
+
+
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
     name = _namer(names)
     t = _table("OWNER", "GAVE (CPU·s)", "TOOK (CPU·s)", "BALANCE", "PRIORITY")

@@ -75,6 +75,10 @@ class Node(Protocol):
 
     def bids(self, uri: str) -> dict[str, Any]: ...
 
+    def endpoints(self, uri: str) -> dict[str, Any]:
+        """Where each serving replica of a workload publishes its ports (ctl.getEndpoints)."""
+        ...
+
     def balance(self) -> dict[str, Any]: ...
 
     async def handles(self) -> dict[str, str]:
