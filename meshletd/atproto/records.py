@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.atproto.services import (
     endpoints_from_json,
@@ -33,6 +34,7 @@ from meshletd.atproto.services import (
 )
 from meshletd.core.nsid import (
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
@@ -46,6 +48,7 @@ from meshletd.core.records import (
     Bid,
     Endpoint,
     EnvVar,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -95,6 +98,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "healthCheck.timeoutS": "health_timeout_s",
         "healthCheck.retries": "health_retries",
         "healthCheck.startPeriodS": "health_start_period_s",
+        "network": "network",
+        "maxRuntimeS": "max_runtime_s",
         "createdAt": "created_at",
     },
     Bid: {
@@ -152,6 +157,24 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "renewedAt": "renewed_at",
         "validMs": "valid_ms",
         "createdAt": "",  # written as renewedAt
+    },
+    HostPolicy: {
+        "owners.defaultShare": "default_share",
+        "owners.caps": "caps",
+        "evicted": "evicted",
+        "images.allow": "image_allow",
+        "images.digestsOnly": "digests_only",
+        "network": "network",
+        "inbound.allowed": "inbound_allowed",
+        "inbound.portMin": "port_min",
+        "inbound.portMax": "port_max",
+        "inbound.address": "inbound_address",
+        "schedule": "schedule",
+        "jobMaxRuntimeS": "job_max_runtime_s",
+        "minContribution.ratioPermille": "min_ratio_permille",
+        "minContribution.periodDays": "min_period_days",
+        "minContribution.mode": "min_mode",
+        "createdAt": "created_at",
     },
 }
 # Objects of commune.scheduler.defs carried by their own core class: property -> field.
@@ -331,6 +354,8 @@ def record_from_json(
             paused=bool(d.get(value, "paused", "paused")),
             ports=ports_from_json(value),
             **health_from_json(value, d.defaults),
+            network=str(d.get(value, "network", "network")),
+            max_runtime_s=None if value.get("maxRuntimeS") is None else int(value["maxRuntimeS"]),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -388,6 +413,8 @@ def record_from_json(
             renewed_at=parse_datetime_ms(value["renewedAt"]),
             valid_ms=int(value["validMs"]),
         )
+    if collection == NSID_HOST_POLICY:
+        return host_policy_from_json(uri, value)
     return None
 
 
@@ -484,6 +511,9 @@ def record_to_json(record: Record) -> JsonObject:
         if record.paused:
             out["paused"] = True
         out.update(workload_services_json(record))
+        if record.network != "internet":
+            out["network"] = record.network
+        _put(out, "maxRuntimeS", record.max_runtime_s)
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at
@@ -546,6 +576,8 @@ def record_to_json(record: Record) -> JsonObject:
         }
         _put(out, "name", record.name)
         return out
+    if isinstance(record, HostPolicy):
+        return host_policy_to_json(record)
     if isinstance(record, Lease):
         return {
             "$type": NSID_LEASE,

@@ -43,12 +43,14 @@ from .reconcile import Reconciler
 from .records import (
     MAX_DRAINS,
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
     Bid,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -61,6 +63,7 @@ from .records import (
     split_at_uri,
 )
 from .rounds import ROUND0_SPARE
+from .services import NO_INBOUND, inbound_of
 from .state import MeshletIdentity, bid_rkey, status_rkey
 from .timing import LEASE_MAX_VALID_MS
 
@@ -182,6 +185,11 @@ class Scheduler(Explanations, Reconciler):
             self._cluster_changed()
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
+            self._cluster_changed()
+        elif type(rec) is HostPolicy:
+            # what it says about publishing ports (section 22)
+            self.cluster.put_inbound(rec.meshlet, inbound_of(rec))
+            self._note_mine(rec.uri)
             self._cluster_changed()
         elif type(rec) is Lease:
             liveness = self.liveness
@@ -313,6 +321,10 @@ class Scheduler(Explanations, Reconciler):
             return
         if coll == NSID_USAGE:
             self.ledger.usages.pop(uri, None)
+            return
+        if coll == NSID_HOST_POLICY:
+            self.cluster.put_inbound(repo, NO_INBOUND)
+            self._cluster_changed()
             return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()

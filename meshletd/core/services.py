@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .records import Endpoint, Workload, WorkloadStatus
+from .records import Endpoint, HostPolicy, Workload, WorkloadStatus
 
 PORTS = "ports"
 """The reason word of a host that cannot publish a workload's ports (eligibility)."""
@@ -46,6 +46,13 @@ class Inbound:
 
 NO_INBOUND = Inbound()
 """A host without a policy, or whose policy does not allow inbound publishing."""
+
+
+def inbound_of(policy: HostPolicy) -> Inbound:
+    """The `inbound` of a host policy record."""
+    if not policy.inbound_allowed:
+        return NO_INBOUND
+    return Inbound(True, policy.port_min, policy.port_max, policy.inbound_address)
 
 
 def inbound_refusal(inbound: Inbound, wl: Workload) -> str | None:
@@ -96,6 +103,7 @@ __all__ = [
     "STABLE_MS",
     "Inbound",
     "choose_endpoints",
+    "inbound_of",
     "inbound_refusal",
     "replica_ready",
 ]

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from meshletd.core import Bid, PutRecord, ReplicaStateChanged, StartReplica, Tick, WorkloadStatus
-from meshletd.core.records import Endpoint, PortSpec
+from meshletd.core import (
+    Bid,
+    PutRecord,
+    RecordDeleted,
+    ReplicaStateChanged,
+    StartReplica,
+    Tick,
+    WorkloadStatus,
+)
+from meshletd.core.records import Endpoint, HostPolicy, PortSpec
 from meshletd.core.services import (
     MAX_TRIES,
     STABLE_MS,
@@ -38,11 +46,21 @@ def web(**kw: object):
     return replace(wl, ports=(PortSpec("http", 8080), PortSpec("dns", 53, "udp")), **kw)
 
 
+def policy(i: int, ib: Inbound) -> HostPolicy:
+    """mesh(i)'s host policy record, with this `inbound`."""
+    return replace(
+        HostPolicy.default(mesh(i)),
+        created_at=T0 - 10,
+        inbound_allowed=ib.allowed,
+        port_min=ib.port_min,
+        port_max=ib.port_max,
+        inbound_address=ib.address,
+    )
+
+
 def core_with(inbound: dict[int, Inbound], me: int = 0):
     core = observer(me)
-    for i, ib in inbound.items():
-        core.cluster.put_inbound(mesh(i), ib)
-    feed(core, cluster_records(3))
+    feed(core, [*cluster_records(3), *(policy(i, ib) for i, ib in inbound.items())])
     return core
 
 
@@ -57,6 +75,16 @@ def test_a_host_that_does_not_publish_ports_is_not_eligible_for_a_workload_with_
     feed(core, [plain, bid(plain, 0, priority=9), bid(plain, 1, priority=1)])
     core.handle(Tick(CLOSE + 1))
     assert core.placement()[plain.uri] == ((0, mesh(0)),)
+
+
+def test_a_host_policy_that_stops_publishing_makes_its_host_ineligible() -> None:
+    wl = web()
+    core = core_with({0: OPEN, 1: OPEN})
+    assert core.cluster.eligible(wl, mesh(0))
+    feed(core, [policy(0, Inbound())])
+    assert not core.cluster.eligible(wl, mesh(0)) and core.cluster.eligible(wl, mesh(1))
+    core.handle(RecordDeleted(policy(1, OPEN).uri))
+    assert not core.cluster.eligible(wl, mesh(1))
 
 
 def test_a_range_smaller_than_the_declared_ports_makes_a_host_ineligible() -> None:
