@@ -327,6 +327,8 @@ class ReadModel:
             status = max(reported, key=lambda st: st.round) if reported else None
             if meshlet == me and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
+                if status is not None and status.round >= rnd and status.state == "failing":
+                    r["state"] = "failing"  # what our status says: it is being handed off
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:
