@@ -218,3 +218,12 @@ def test_a_host_whose_range_is_taken_declines_a_workload_with_ports() -> None:
     out = core.handle(Tick(T0 + 400))
     [mine] = [b for b in bids(out) if b.meshlet == mesh(0)]
     assert mine.slots == 0  # one left: it declines
+
+
+def test_a_workload_no_host_may_publish_says_so_while_pending() -> None:
+    wl = web()
+    core = core_with({})
+    feed(core, [wl])
+    core.handle(Tick(CLOSE + 1))
+    [why] = core.pending_reasons(wl.uri).values()
+    assert "no eligible meshlet" in why and "ports=2" in why
