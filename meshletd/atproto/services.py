@@ -112,6 +112,8 @@ def check_services(value: Mapping[str, Any], refuse: Callable[[str, str], Except
         if key in bound:
             raise refuse(f"ports[{i}].containerPort", f"{key[0]}/{proto} is given twice")
         bound.add(key)
+    if names and value.get("network") == "none":
+        raise refuse("ports", "cannot be published by a workload whose network is none")
     hc = value.get("healthCheck")
     if isinstance(hc, Mapping):
         total = 0
