@@ -10,6 +10,7 @@ from meshletd.core import (
     RecordDeleted,
     ReplicaStateChanged,
     StartReplica,
+    StopReplica,
     Tick,
     WorkloadStatus,
 )
@@ -227,3 +228,56 @@ def test_a_workload_no_host_may_publish_says_so_while_pending() -> None:
     core.handle(Tick(CLOSE + 1))
     [why] = core.pending_reasons(wl.uri).values()
     assert "no eligible meshlet" in why and "ports=2" in why
+
+
+def handed_off_core():
+    """mesh(0) ran the slot, could not start it three times and handed it off (round 1)."""
+    core, wl, _ = running_web()
+    t = CLOSE
+    out: list[object] = []
+    for _ in range(MAX_TRIES):
+        out = core.handle(Tick(t))
+        out += core.handle(ReplicaStateChanged(wl.uri, 0, "failed", message="x"))
+        t += 61_000
+    [decline] = bids(out)
+    return core, wl, decline, t
+
+
+def test_a_meshlet_that_handed_a_version_off_does_not_take_it_back() -> None:
+    core, wl, decline, t = handed_off_core()
+    # mesh(1) wins round 1; mesh(0)'s copy, not running (waiting for its next try), stops
+    won = bid(wl, 1, round_=1, slot=0, at=decline.created_at + 10)
+    out = feed(core, [won])
+    out += core.handle(Tick(decline.created_at + 5000))
+    assert core.placement()[wl.uri] == ((1, mesh(1)),)
+    assert [s.reason for s in of(out, StopReplica)] == ["lost-slot"]
+    core.handle(ReplicaStateChanged(wl.uri, 0, "stopped"))
+    # later mesh(1) hands it off too: mesh(0), a candidate again, declines to bid
+    opener = replace(bid(wl, 1, round_=2, slot=0, at=t + 100_000), slots=0)
+    out = feed(core, [opener])
+    out += core.handle(Tick(t + 100_500))
+    assert [b for b in bids(out) if b.meshlet == mesh(0)] == []
+    # a new version of the workload is a fresh start: it bids again
+    newer = replace(wl, cid="c2")
+    feed(core, [newer])
+    out = core.handle(Tick(t + 100_600))
+    out += feed(core, [replace(bid(newer, 1, round_=3, slot=0, at=t + 100_550), slots=0)])
+    out += core.handle(Tick(t + 100_700))
+    assert [b.slots for b in bids(out) if b.meshlet == mesh(0)] == [1]
+
+
+def test_a_replica_without_a_free_port_left_is_handed_off_at_once() -> None:
+    one = replace(web(), ports=(PortSpec("http", 8080),))
+    other = replace(one, uri=one.uri + "b")
+    core = core_with({0: Inbound(True, 20000, 20000, "10.0.0.1"), 1: OPEN})
+    out = feed(core, [one, bid(one, 0, priority=2), bid(one, 1, priority=1)])
+    out += core.handle(Tick(CLOSE))
+    [start] = of(out, StartReplica)
+    assert start.endpoints[0].port == 20000  # the range's one port
+    # a bid of ours for another workload (made before a restart, say) wins too: no port left
+    out = feed(core, [other, bid(other, 0, priority=2), bid(other, 1, priority=1)])
+    out += core.handle(Tick(CLOSE + 10))
+    assert of(out, StartReplica) == []
+    [st] = statuses(out)
+    assert st.state == "failing" and "no free port" in (st.message or "")
+    assert [(b.round, b.slots) for b in bids(out)] == [(1, 0)]
