@@ -253,7 +253,11 @@ class Engine:
                     self._told.add((uri, st.replica.index))
                     self.feed(
                         ReplicaStateChanged(
-                            uri, st.replica.index, "running", endpoints=endpoints_of(st)
+                            uri,
+                            st.replica.index,
+                            "running",
+                            health=st.health or None,
+                            endpoints=endpoints_of(st),
                         )
                     )
             nursery.start_soon(self._runtime_events)

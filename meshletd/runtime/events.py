@@ -125,3 +125,4 @@ class ReplicaStatus:
     revision: str = ""
     usage: ReplicaUsage = ReplicaUsage()
     endpoints: tuple[PortBinding, ...] = ()
+    health: str = ""  # its health check's last verdict ("" none, or not read yet)

@@ -122,6 +122,7 @@ class ReplicaRuntime:
                 r.revision,
                 r.usage,
                 r.endpoints,
+                r.health,
             )
             for r in sorted(self._replicas.values(), key=lambda r: r.replica)
         ]
@@ -283,6 +284,8 @@ class ReplicaRuntime:
                     async with rep.lock:
                         if await self._enforce_cpu_limit(rep):
                             continue
+                        if rep.health_check:  # what it was: the status need not say starting
+                            await self._read_health(rep)
                     self._emit(
                         ReplicaRunning(rep.replica, unit, adopted=True, revision=rep.revision)
                     )

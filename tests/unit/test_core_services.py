@@ -140,11 +140,12 @@ def test_a_replica_with_a_health_check_reports_starting_then_healthy() -> None:
     assert statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running", health="healthy"))) == []
 
 
-def test_an_adopted_replica_keeps_the_endpoints_it_was_published_at() -> None:
-    core, wl, _ = running_web()
+def test_an_adopted_replica_keeps_its_endpoints_and_health_in_one_write() -> None:
+    core, wl, _ = running_web(health_command=("true",))
     there = (Endpoint("http", "10.0.0.1", 20007), Endpoint("dns", "10.0.0.1", 20008, "udp"))
-    [st] = statuses(core.handle(ReplicaStateChanged(wl.uri, 0, "running", endpoints=there)))
-    assert st.endpoints == there
+    ev = ReplicaStateChanged(wl.uri, 0, "running", health="healthy", endpoints=there)
+    [st] = statuses(core.handle(ev))
+    assert (st.endpoints, st.health) == (there, "healthy")
 
 
 def fail(core, wl, t: int, **kw: object) -> list[object]:

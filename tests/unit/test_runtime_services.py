@@ -98,14 +98,17 @@ async def test_the_runtime_reports_the_verdicts_and_an_unhealthy_end() -> None:
     assert isinstance(ev, ReplicaExited) and (ev.exit_code, ev.health) == (137, "unhealthy")
 
 
-async def test_an_adopted_replica_says_where_its_ports_are() -> None:
+async def test_an_adopted_replica_says_where_its_ports_are_and_how_healthy_it_is() -> None:
     h = FakeHarness(FakeMachine())
     rt = h.runtime()
-    s = spec(h, ports=PORTS)
+    s = spec(h, ports=PORTS, health=CHECK)
     async with serving(rt):
-        await rt.start(s)
+        running = await rt.start(s)
+        assert isinstance(running, ReplicaRunning)
+    h.machine.containers[running.unit.removesuffix(".service")].health = "healthy"
     async with serving(fake_runtime(h.machine)) as adopted:
         assert [(p.name, p.address, p.host_port) for p in adopted[0].endpoints] == [
             ("http", "10.251.1.2", 20000),
             ("dns", "fd00::2", 20001),
         ]
+        assert adopted[0].health == "healthy"
