@@ -51,7 +51,13 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import Endpoint, MeshletOwner, Workload, split_at_uri
+from meshletd.core.records import (
+    Endpoint,
+    MeshletOwner,
+    Workload,
+    WorkloadStatus,
+    split_at_uri,
+)
 from meshletd.daemon.followed import RecordChange, core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.runtime import (
@@ -289,6 +295,13 @@ class Engine:
                     # The core decided a drain or undrain; the publisher shapes the record
                     # (daemon/publisher.py: the one writer of meshletOwner).
                     record = self._own_record(record)
+                elif isinstance(record, WorkloadStatus) and record.state == "failing":
+                    log.warning(
+                        "replica %d of %s handed off: %s",
+                        record.slot,
+                        record.workload_uri,
+                        record.message,
+                    )
                 value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
                 metrics.count_write(a.collection, "create" if a.create else "update")
