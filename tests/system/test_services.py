@@ -225,9 +225,11 @@ def test_an_unhealthy_replica_is_restarted_then_handed_to_another_meshlet(
     first = wait_for(lambda: (hosts() or [None])[0], 90, "flaky placed")
 
     def moved() -> str | None:
+        rows = views()
+        seen.extend(rows)
         live = [
             r["meshletDid"]
-            for r in views()
+            for r in rows
             if r.get("meshletDid") not in (None, first) and r.get("state") == "running"
         ]
         return live[0] if live else None
@@ -241,9 +243,9 @@ def test_an_unhealthy_replica_is_restarted_then_handed_to_another_meshlet(
     assert journal.count("is healthy") >= 2, journal  # it started healthy, and again
     assert journal.count("(unhealthy: killed by its health check)") >= 3, journal
     assert "handed off: unhealthy (exit 137); handed off after 3 tries" in journal, journal
-    # the status said so too while it was handed off, where a look caught it
+    # its status said how healthy it was (healthy ~6 s of each ~8 s try: a look catches it)
     shown = [r for r in seen if r.get("meshletDid") == first]
-    assert any(r.get("health") in ("starting", "healthy", "unhealthy") for r in shown), shown
+    assert any(r.get("health") == "healthy" for r in shown), shown
     # make-before-break: the first host stops its copy once the new one runs
     wait_for(
         lambda: not [r for r in views() if r.get("meshletDid") == first] or None,
