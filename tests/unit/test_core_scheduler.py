@@ -315,3 +315,47 @@ def test_a_bid_the_daemon_could_not_publish_in_time_is_forgotten_and_wins_nothin
     out = core.handle(Tick(CLOSE + 1))
     assert of(out, StartReplica) == [], "a bid nobody else will ever see won the slot"
     assert core.placement().get(wl.uri) in (None, (None,))
+
+
+def _succeeded(wl, i: int, slot: int = 0, round_: int = 0) -> WorkloadStatus:  # type: ignore[no-untyped-def]
+    return WorkloadStatus(
+        at_uri(mesh(i), NSID_STATUS, f"s{slot}"),
+        mesh(i),
+        wl.uri,
+        slot,
+        round_,
+        "succeeded",
+        exit_code=0,
+        updated_at=T0 + 3000,
+    )
+
+
+def test_a_job_slot_another_meshlet_finished_is_not_started_here() -> None:
+    core, wl = placed_core(0, kind="job", replicas=1)
+    feed(core, [_succeeded(wl, 1)])
+    assert of(core.handle(Tick(CLOSE)), StartReplica) == []
+    assert of(core.handle(Tick(CLOSE + 120_000)), StartReplica) == []
+
+
+def test_a_running_copy_of_a_job_another_meshlet_finished_is_stopped() -> None:
+    # dev/chaos seed 4: a later round of a job slot, opened while the first copy still ran,
+    # kept its copy running after the first one's `succeeded`: the job completed twice.
+    core, wl = placed_core(0, kind="job", replicas=1)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = feed(core, [_succeeded(wl, 1)])
+    assert [(s.slot, s.reason) for s in of(out, StopReplica)] == [(0, "finished-elsewhere")]
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "stopped"))
+    assert of(out + core.handle(Tick(CLOSE + 120_000)), StartReplica) == []
+
+
+def test_a_job_that_finished_after_its_slot_moved_keeps_its_result() -> None:
+    core, wl = placed_core(0, kind="job", replicas=1)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "exited", 0))
+    # mesh(1) opened and won a replacement round it had started before the result came.
+    out = feed(core, [bid(wl, 1, round_=1, slot=0, priority=1, slots=1, at=CLOSE + 100)])
+    out += core.handle(Tick(CLOSE + 60_000))
+    deleted = [d for d in of(out, DeleteRecord) if d.collection == NSID_STATUS]
+    assert deleted == []
