@@ -175,6 +175,7 @@ def test_a_bid_queued_while_the_pds_is_down_is_dropped_after_its_round_s_deadlin
         )
     finally:
         devnet.start_pds(BOBS_PDS)
+
     # The round-0 bid never reaches bob's repo; the slot is filled by a later round that
     # bob bids in once its PDS is back.
     def running() -> list[dict[str, Any]]:
