@@ -64,7 +64,6 @@ from meshletd.runtime import (
     ReplicaStatus,
     Resources,
     Runtime,
-    RuntimeEvent,
     Secret,
 )
 from meshletd.trace import trace
@@ -232,16 +231,18 @@ class Engine:
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
                     self._told.add((uri, st.replica.index))
                     self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
-            # What the runtime reported while adopting (a replica that ended while meshletd
-            # was away) is held now, before anyone can complete the view: handed over
-            # later, it would reach a core that already saw our `running` status and no
-            # replica, and started the finished job again.
-            while True:
-                try:
-                    self._runtime_event(self.runtime.events.receive_nowait())
-                except trio.WouldBlock:
-                    break
             nursery.start_soon(self._runtime_events)
+            # What the runtime reported while adopting (a replica that ended while meshletd
+            # was away) is held before anyone can complete the view: handed over later, it
+            # would reach a core that saw our `running` status and no replica, and that
+            # started the finished job again. The events task handles each event without
+            # an await, so once it waits on an empty channel every one was handled.
+            with trio.move_on_after(5):
+                while True:
+                    st = self.runtime.events.statistics()
+                    if not st.current_buffer_used and st.tasks_waiting_receive:
+                        break
+                    await trio.sleep(0)
             nursery.start_soon(self._alarm)
             nursery.start_soon(self._loop)
             self.feed(Tick(self.now_ms()))  # (held until the view is complete)
@@ -363,29 +364,26 @@ class Engine:
 
     async def _runtime_events(self) -> None:
         async for ev in self.runtime.events:
-            self._runtime_event(ev)
-
-    def _runtime_event(self, ev: RuntimeEvent) -> None:
-        uri, slot = workload_uri_of(ev.replica), ev.replica.index
-        self.units[(uri, slot)] = ev.unit
-        if isinstance(ev, ReplicaExited | ReplicaOomKilled) and (uri, slot) not in self._told:
-            # It ended while meshletd was away (found ended on adoption): the core learns
-            # that it ran here, then how it ended, and reports it like any exit.
-            log.info("replica %d of %s ended while meshletd was not running", slot, uri)
-            self.feed(ReplicaStateChanged(uri, slot, "running"))
-        self._told.add((uri, slot))
-        if isinstance(ev, ReplicaRunning):
-            self.feed(ReplicaStateChanged(uri, slot, "running"))
-        elif isinstance(ev, ReplicaExited):
-            log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
-            self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code))
-        elif isinstance(ev, ReplicaOomKilled):
-            log.info("replica %d of %s was killed: out of memory", slot, uri)
-            self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
-        elif isinstance(ev, ReplicaFailed):
-            log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
-            self.feed(ReplicaStateChanged(uri, slot, "failed"))
-        # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
+            uri, slot = workload_uri_of(ev.replica), ev.replica.index
+            self.units[(uri, slot)] = ev.unit
+            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and (uri, slot) not in self._told:
+                # It ended while meshletd was away (found ended on adoption): the core learns
+                # that it ran here, then how it ended, and reports it like any exit.
+                log.info("replica %d of %s ended while meshletd was not running", slot, uri)
+                self.feed(ReplicaStateChanged(uri, slot, "running"))
+            self._told.add((uri, slot))
+            if isinstance(ev, ReplicaRunning):
+                self.feed(ReplicaStateChanged(uri, slot, "running"))
+            elif isinstance(ev, ReplicaExited):
+                log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code))
+            elif isinstance(ev, ReplicaOomKilled):
+                log.info("replica %d of %s was killed: out of memory", slot, uri)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
+            elif isinstance(ev, ReplicaFailed):
+                log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
+                self.feed(ReplicaStateChanged(uri, slot, "failed"))
+            # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
 
     async def _run_probe(self, meshlet: str) -> None:
         ok = False
