@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 from meshletd.atproto.records import record_from_json, record_to_json
@@ -359,3 +360,30 @@ def test_a_job_that_finished_after_its_slot_moved_keeps_its_result() -> None:
     out += core.handle(Tick(CLOSE + 60_000))
     deleted = [d for d in of(out, DeleteRecord) if d.collection == NSID_STATUS]
     assert deleted == []
+
+
+def test_writes_decided_together_keep_the_order_they_were_decided_in() -> None:
+    """A restarted meshlet hands its start-up read and the held runtime reports to the core
+    as one batch (docs/protocol.md, section 13): an adopted job that ended while the view
+    was incomplete is reported `running`, then `failed`, in the same batch. The daemon's
+    write queue keeps the last write of a record, so the writes must come out in the order
+    they were decided, or `running` would overwrite `failed` on the PDS for good."""
+    wl = replace(workload(replicas=2, owner_i=2, kind="job"), restart_policy="never")
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl])
+    feed(core, [bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
+    core.handle(Tick(CLOSE))
+    out = core.handle_batch(
+        [
+            ReplicaStateChanged(wl.uri, 0, "running"),
+            ReplicaStateChanged(wl.uri, 0, "exited", 3),
+        ]
+    )
+    puts = [a for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
+    assert [(p.record.state, p.record.exit_code) for p in puts] == [
+        ("running", None),
+        ("failed", 3),
+    ]
+    # Writes still come before the other actions.
+    kinds = [isinstance(a, PutRecord | DeleteRecord) for a in out]
+    assert kinds == sorted(kinds, reverse=True), out
