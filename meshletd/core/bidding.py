@@ -66,9 +66,14 @@ class Bidding(Hosting):
         uri = wl.uri
         if not self.cluster.eligible(wl, me) or self.cluster.policy_refusal(wl, me) is not None:
             return  # not eligible, or our host policy refuses wl (section 21)
+        if self._gave_up and self._gave_up.get(uri) == wl.cid:
+            return  # we handed a slot of this version off: it fails here (section 22)
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
         fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        ports = self.free_ports() if wl.ports else 0
+        if wl.ports and ports < len(wl.ports):
+            fits = False
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -92,6 +97,8 @@ class Bidding(Hosting):
                     )
                     if room is not None:
                         slots = min(slots, room)
+                    if wl.ports:
+                        slots = min(slots, ports // len(wl.ports))
                 slots = self._policy_slots(wl, close0, slots)
             if slots == 0 and not self._small_cluster(wl):
                 return  # declines only help early close in small clusters
@@ -277,6 +284,8 @@ class Bidding(Hosting):
             and self.cluster.eligible(wl, self.me.did)
             and (cur is None or cur[1] != self.me.did)
             and (wl.allow_packing or not self._holds_other(e, slot))
+            and (not wl.ports or self.free_ports() >= len(wl.ports))
+            and self._gave_up.get(wl.uri) != wl.cid
             and self.cluster.policy_refusal(wl, self.me.did) is None
             and self._policy_slots(wl, close, 1) > 0
         )

@@ -54,6 +54,7 @@ CTL_CREATE = "farm.meshlet.ctl.createWorkload"
 CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
 CTL_HANDLES = "farm.meshlet.ctl.getHandles"
+CTL_ENDPOINTS = "farm.meshlet.ctl.getEndpoints"
 CTL_GET_POLICY = "farm.meshlet.ctl.getPolicy"
 CTL_SET_POLICY = "farm.meshlet.ctl.setPolicy"
 
@@ -79,6 +80,7 @@ METHOD_NSIDS = frozenset(
         CTL_BIDS,
         CTL_BALANCE,
         CTL_HANDLES,
+        CTL_ENDPOINTS,
         CTL_GET_POLICY,
         CTL_SET_POLICY,
     }

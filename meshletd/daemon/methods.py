@@ -20,6 +20,7 @@ from meshletd.core.nsid import (
     CTL_BALANCE,
     CTL_BIDS,
     CTL_CREATE,
+    CTL_ENDPOINTS,
     CTL_GET_POLICY,
     CTL_HANDLES,
     CTL_MEMBERS,
@@ -35,6 +36,7 @@ __all__ = [
     "CTL_BALANCE",
     "CTL_BIDS",
     "CTL_CREATE",
+    "CTL_ENDPOINTS",
     "CTL_HANDLES",
     "CTL_MEMBERS",
     "CTL_STATUS",
@@ -199,6 +201,9 @@ def install(
     async def ctl_bids(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.bids(params["uri"])
 
+    async def ctl_endpoints(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return node.endpoints(params["uri"])
+
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
 
@@ -251,5 +256,6 @@ def install(
     add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids))
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
+    add(CTL_ENDPOINTS, q, Access.LOCAL, local_only(ctl_endpoints))
     add(CTL_GET_POLICY, q, Access.LOCAL, local_only(ctl_get_policy))
     add(CTL_SET_POLICY, p, Access.LOCAL, local_only(ctl_set_policy))
