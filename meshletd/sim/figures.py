@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from meshletd.core.records import HostPolicy
+from meshletd.core.records import HostPolicy, Workload
 
 from .model import Node
 
@@ -26,6 +26,7 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
     dead = {n.did for n in sim.nodes if not n.alive}
     problems: list[str] = []
     unplaced = 0
+    unplaceable = 0  # slots of a dead host that no live host's policy admits
     free = free_capacity(sim, live)
     for uri, wl in sim.workloads.items():
         owners = ref.get(uri)
@@ -49,6 +50,11 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
                     unplaced += 1
                 continue
             if cur[1] in dead:
+                if not _someone_admits(live, wl):
+                    # every live meshlet is ineligible or its host policy refuses wl (e.g.
+                    # the only host granting `lan` died): no round can move it (section 21)
+                    unplaceable += 1
+                    continue
                 problems.append(f"{uri}#{s} owned by dead meshlet {cur[1]}")
                 continue
             node = sim.by_did[cur[1]]
@@ -88,6 +94,7 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "converged": identical and not problems and missing == 0,
         "placements_identical": identical,
         "unplaced_with_capacity": unplaced,
+        "held_by_dead_no_host_admits": unplaceable,
         "over_replication_max_s": round(sim.over_max / 1000, 3),
         "over_replication_bound_s": round(bound_ms / 1000, 3),
         "failovers": len(fo),
@@ -126,6 +133,16 @@ def nat_bound_ms(sim: Sim) -> int:
         + t.replacement_window_ms
         + t.settle_ms
         + 800
+    )
+
+
+def _someone_admits(live: list[Node], wl: Workload) -> bool:
+    """Whether some live meshlet is eligible for wl and its host policy does not refuse it."""
+    if not live or live[0].core is None:
+        return False
+    cluster = live[0].core.cluster
+    return any(
+        cluster.eligible(wl, n.did) and cluster.policy_refusal(wl, n.did) is None for n in live
     )
 
 
