@@ -50,9 +50,10 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
                     unplaced += 1
                 continue
             if cur[1] in dead:
-                if not _someone_admits(live, wl):
-                    # every live meshlet is ineligible or its host policy refuses wl (e.g.
-                    # the only host granting `lan` died): no round can move it (section 21)
+                if not _someone_could_take(live, wl, owners):
+                    # no live meshlet may take it: each is ineligible, refused by its host
+                    # policy (e.g. the only host granting `lan` died), outside its lending
+                    # window, full, or holds another slot of wl (section 21)
                     unplaceable += 1
                     continue
                 problems.append(f"{uri}#{s} owned by dead meshlet {cur[1]}")
@@ -136,14 +137,27 @@ def nat_bound_ms(sim: Sim) -> int:
     )
 
 
-def _someone_admits(live: list[Node], wl: Workload) -> bool:
-    """Whether some live meshlet is eligible for wl and its host policy does not refuse it."""
+def _someone_could_take(live: list[Node], wl: Workload, owners: Any) -> bool:
+    """Whether some live meshlet could take a slot of wl: eligible, its host policy admits
+    wl now (lending window included), not draining or cut off, holding no other slot of wl
+    (unless packing) and with room for it."""
     if not live or live[0].core is None:
         return False
     cluster = live[0].core.cluster
-    return any(
-        cluster.eligible(wl, n.did) and cluster.policy_refusal(wl, n.did) is None for n in live
-    )
+    now = live[0].core.now
+    holders = {c[1] for c in owners if c is not None}
+    for n in live:
+        core = n.core
+        if core is None or n.cut or n.draining_since is not None:
+            continue
+        if not wl.allow_packing and n.did in holders:
+            continue
+        if not (cluster.eligible(wl, n.did) and cluster.policy_admits(wl, n.did, now)):
+            continue
+        cpu, mem = core.free_capacity()
+        if cpu >= wl.milli_cpu and mem >= wl.memory_mib:
+            return True
+    return False
 
 
 def free_capacity(sim: Sim, live: list[Node]) -> list[tuple[int, int]]:
