@@ -362,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda m=m: m.ctl_json("status")["members"] == len(people) - 1, 120, "the cluster"
             )
         world = World(commune, people, nat)
+        for p in people:  # one steady service per owner, so the first fault finds replicas
+            out = commune[p].ctl_json(
+                "run", "--name", "steady", "--cpu", "50", "--memory", "16", IMAGE, "--",
+                "sleep", "1000000", timeout=60,
+            )  # fmt: skip
+            world.add_workload(Workload(out["uri"], p, 1, False, time.monotonic()), "steady")
         gateway = devnet.host
         witness = Witness(gateway)
         rng = random.Random(a.seed * 7919 + 1)
