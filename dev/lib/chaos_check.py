@@ -64,7 +64,10 @@ class Workload:
     slots: int
     job: bool
     created: float  # when `meshletctl run` returned
-    deleted: float | None = None  # when `meshletctl stop` returned
+    deleted: float | None = None  # when `meshletctl stop` was asked (and returned)
+    # `meshletctl stop` failed (e.g. the owner's PDS was down): the delete may still land
+    # later (meshletd queues it), or not; either way the owner meant it from `deleted` on.
+    stop_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -466,7 +469,7 @@ def lost_writes(
         name = w.uri.rsplit("/", 1)[1]
         if w.deleted is None and w.uri not in final.workloads:
             lost(f"workload {name} published by {w.owner} is not on the PDS")
-        if w.deleted is not None and w.uri in final.workloads:
+        if w.deleted is not None and w.uri in final.workloads and not w.stop_failed:
             lost(f"workload {name} deleted by {w.owner} is still on the PDS")
     statuses = {(st.meshlet, st.uri, st.slot): st for st in final.statuses}
     deleted = {w.uri for w in workloads if w.deleted is not None}

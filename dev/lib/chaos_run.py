@@ -217,10 +217,16 @@ def churn(world: World, rng: random.Random, witness: Witness, until: float) -> N
         try:
             if mine and (roll < 0.3 or replicas >= MAX_REPLICAS):
                 w = rng.choice(mine)
-                c[owner].ctl_json("stop", w.uri, timeout=60)
+                asked = time.monotonic()
+                failed = False
+                try:
+                    c[owner].ctl_json("stop", w.uri, timeout=60)
+                except Exception as e:
+                    failed = True
+                    log(f"churn: {owner}: stop failed: {str(e).splitlines()[0][:160]}")
                 with world.lock:
                     world.workloads[w.uri] = Workload(
-                        w.uri, w.owner, w.slots, w.job, w.created, time.monotonic()
+                        w.uri, w.owner, w.slots, w.job, w.created, asked, failed
                     )
             elif replicas >= MAX_REPLICAS:
                 continue
@@ -247,7 +253,7 @@ def churn(world: World, rng: random.Random, witness: Witness, until: float) -> N
                 )  # fmt: skip
                 world.add_workload(Workload(out["uri"], owner, 1, True, time.monotonic()), name)
         except Exception as e:  # the owner's PDS or meshletd may be down: a real failure
-            log(f"churn: {owner}: {str(e).splitlines()[0][:160]}")
+            log(f"churn: {owner}: {' '.join(str(e).split())[:400]}")
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -336,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lease-renew", type=float, default=5.0)
     ap.add_argument("--lease-valid", type=float, default=12.0)
     ap.add_argument("--plan", action="store_true", help="print the schedule and exit")
+    ap.add_argument("--logs", help="save each host's meshletd journal in this folder at the end")
     a = ap.parse_args(argv)
     if a.hosts < 2 or a.hosts > len(PEOPLE) + len(MORE_PEOPLE):
         ap.error("--hosts must be 2..8")
@@ -396,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
             churner.join(timeout=90)
             observer.join(timeout=60)
         world.stop.clear()
+        if a.logs:
+            Path(a.logs).mkdir(parents=True, exist_ok=True)
+            for m in commune:
+                if commune.is_up(m.person):
+                    text = m.run(
+                        "journalctl", "-u", UNIT, "--no-pager", "-o", "short-iso", timeout=120
+                    ).stdout
+                    (Path(a.logs) / f"{m.person}.journal").write_text(text)
         last = Snapshot(time.monotonic(), {p: read_host(world, p) for p in people})
         world.snaps.append(last)
         try:

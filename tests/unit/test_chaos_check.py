@@ -155,6 +155,9 @@ def test_lost_writes_are_records_meshletd_meant_to_write_that_are_missing() -> N
     leftover = Final(frozenset(), (Status("bob", SVC, 0, "running"),))
     v = lost_writes(snap(600, {}), [deleted], {}, leftover, 600, 0)
     assert len(v) == 1 and "status of deleted" in v[0].what
+    # a stop that failed (its PDS was down) is no lost write if the record stayed
+    failed = Workload(SVC, "alice", 1, False, 0.0, deleted=300.0, stop_failed=True)
+    assert lost_writes(snap(600, {}), [failed], {}, Final(frozenset({SVC}), ()), 600, 0) == []
 
 
 def test_check_reports_a_clean_run_as_clean() -> None:
