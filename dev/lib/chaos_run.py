@@ -19,6 +19,7 @@ few minutes sees lease-based failovers; the bound follows (docs/protocol.md sect
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.server
 import json
 import os
@@ -283,8 +284,15 @@ def inject(world: World, f: Fault) -> Applied:
     elif f.kind == "kill-daemon":
         c[f.target].run("systemctl", "kill", "--kill-who=main", "-s", "KILL", UNIT, timeout=60)
     elif f.kind == "power-off":
+        # A pulled plug sends nothing more: the host's links to its peers are cut first, so
+        # no FIN or RST of its dying processes tells a peer (dev/hostenv's abrupt power-off
+        # kills the processes before it removes the network, and the kernel closes their
+        # connections meanwhile). The peers' probes then meet what a real power loss gives.
         world.powered_off.add(f.target)
         began = time.monotonic()
+        for p in world.people:
+            if p != f.target:
+                c[f.target].host.cut_link(c[p].host)
         c.power_off(f.target)
         time.sleep(f.duration)
         try:
@@ -335,15 +343,21 @@ def read_final(world: World) -> Final:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dev/chaos", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--minutes", type=float, required=True)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--minutes", type=float)
     ap.add_argument("--hosts", type=int, default=4)
     ap.add_argument("--nat", type=int, default=1, help="how many hosts are behind NAT")
     ap.add_argument("--lease-renew", type=float, default=5.0)
     ap.add_argument("--lease-valid", type=float, default=12.0)
     ap.add_argument("--plan", action="store_true", help="print the schedule and exit")
+    ap.add_argument("--record", help="save what the run observed (JSON) in this file")
+    ap.add_argument("--recheck", metavar="FILE", help="check a saved run again, run nothing")
     ap.add_argument("--logs", help="save each host's meshletd journal in this folder at the end")
     a = ap.parse_args(argv)
+    if a.recheck:
+        return report(Record.load(a.recheck))
+    if a.seed is None or a.minutes is None:
+        ap.error("--seed and --minutes are required")
     if a.hosts < 2 or a.hosts > len(PEOPLE) + len(MORE_PEOPLE):
         ap.error("--hosts must be 2..8")
     people = list((PEOPLE + MORE_PEOPLE)[: a.hosts])
@@ -424,18 +438,95 @@ def main(argv: list[str] | None = None) -> int:
             for n, cid, t in witness.hits
             if n in world.jobs_by_name
         ]
-        rep = check(
+        record = Record(
             world.snaps,
             list(world.workloads.values()),
             world.applied,
             completions,
             final,
-            nat=nat,
-            bounds=bounds,
-            t0=t0,
-            end=last.t,
-            job_s=JOB_S,
+            nat,
+            bounds,
+            t0,
+            last.t,
+            world.errors,
+            {"seed": a.seed, "hosts": a.hosts, "minutes": a.minutes},
         )
+        if a.record:
+            record.save(a.record)
+    return report(record)
+
+
+@dataclass
+class Record:
+    """Everything a run observed: the checker's input (`--record FILE` saves it, `--recheck
+    FILE` checks it again, e.g. after a fix of the checker)."""
+
+    snaps: list[Snapshot]
+    workloads: list[Workload]
+    applied: list[Applied]
+    completions: list[Completion]
+    final: Final | None
+    nat: list[str]
+    bounds: Bounds
+    t0: float
+    end: float
+    errors: list[str]
+    meta: dict[str, Any]
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), default=sorted))
+
+    @classmethod
+    def load(cls, path: str) -> Record:
+        d = json.loads(Path(path).read_text())
+        snaps = [
+            Snapshot(
+                s["t"],
+                {
+                    p: HostView(**{**h, "replicas": tuple(Replica(**r) for r in h["replicas"])})
+                    for p, h in s["hosts"].items()
+                },
+            )
+            for s in d["snaps"]
+        ]
+        fin = d["final"]
+        final = (
+            None
+            if fin is None
+            else Final(frozenset(fin["workloads"]), tuple(Status(**x) for x in fin["statuses"]))
+        )
+        return cls(
+            snaps,
+            [Workload(**w) for w in d["workloads"]],
+            [Applied(Fault(**x["fault"]), x["began"], x["healed"]) for x in d["applied"]],
+            [Completion(**c) for c in d["completions"]],
+            final,
+            d["nat"],
+            Bounds(**d["bounds"]),
+            d["t0"],
+            d["end"],
+            d["errors"],
+            d["meta"],
+        )
+
+
+def report(r: Record) -> int:
+    """Check the run and print what was found; the last line is the JSON summary."""
+    rep = check(
+        r.snaps,
+        r.workloads,
+        r.applied,
+        r.completions,
+        r.final,
+        nat=r.nat,
+        bounds=r.bounds,
+        t0=r.t0,
+        end=r.end,
+        job_s=JOB_S,
+    )
+    world = r  # the names below read as before
+    completions = r.completions
+    nat = r.nat
     for what, took in rep.recoveries:
         log(f"recovered {what}: {'never' if took is None else f'{took:.1f} s'}")
     for n in rep.notes:
@@ -445,16 +536,16 @@ def main(argv: list[str] | None = None) -> int:
     for e in world.errors:
         log(f"ERROR {e}")
     result = {
-        "seed": a.seed,
-        "hosts": a.hosts,
+        "seed": r.meta["seed"],
+        "hosts": r.meta["hosts"],
         "nat_hosts": len(nat),
-        "minutes": a.minutes,
+        "minutes": r.meta["minutes"],
         "faults_injected": len(world.applied),
         "faults_by_kind": {
             k: sum(1 for x in world.applied if x.fault.kind == k)
             for k in sorted({x.fault.kind for x in world.applied})
         },
-        "workloads": len(world.workloads),
+        "workloads": len(r.workloads),
         "jobs_completed": len({c.uri for c in completions}),
         "snapshots": len(world.snaps),
         "violations": [v.as_json() for v in rep.violations]

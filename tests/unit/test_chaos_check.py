@@ -177,3 +177,25 @@ def test_percentiles_are_nearest_rank() -> None:
     assert pct([], 50) is None
     assert pct([3.0, 1.0, 2.0], 50) == 2.0
     assert pct([float(i) for i in range(1, 101)], 99) == 99.0
+
+
+def test_a_saved_run_loads_back_as_it_was_observed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from chaos_run import Record
+
+    off = Applied(Fault(50, "power-off", "alice", duration=30), began=150, healed=190)
+    rec = Record(
+        [snap(140, {"alice": [rep()]}), snap(156, {}, down=("alice",))],
+        [SERVICE, Workload(JOB, "bob", 1, True, 1.0, 9.0, True)],
+        [off],
+        [Completion(JOB, "c1", 30)],
+        Final(frozenset({SVC}), (Status("bob", SVC, 0, "running", 1),)),
+        ["dave"],
+        B,
+        0.0,
+        200.0,
+        [],
+        {"seed": 1, "hosts": 3, "minutes": 3},
+    )
+    path = tmp_path / "run.json"
+    rec.save(str(path))
+    assert Record.load(str(path)) == rec
