@@ -457,7 +457,7 @@ def lost_writes(
     - a workload `meshletctl run` published exists, one `meshletctl stop` deleted does not;
     - a replica running on a meshlet has that meshlet's `running` status;
     - a job that completed has a `succeeded` status;
-    - no status is left for a deleted workload (the delete was meant too)."""
+    - no status is left for a workload whose record is gone (the delete was meant too)."""
     if final is None or last is None:
         return [Violation("the final records could not be read", end - t0)]
     out = []
@@ -491,7 +491,7 @@ def lost_writes(
         if not any(st.uri == uri and st.state == "succeeded" for st in final.statuses):
             lost(f"job {uri.rsplit('/', 1)[1]} completed but no `succeeded` status")
     for st in final.statuses:
-        if st.uri in deleted:
+        if st.uri in deleted and st.uri not in final.workloads:
             lost(f"{st.meshlet}'s status of deleted {st.uri.rsplit('/', 1)[1]}#{st.slot}")
     return out
 
