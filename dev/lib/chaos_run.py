@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                         "journalctl", "-u", UNIT, "--no-pager", "-o", "short-iso", timeout=120
                     ).stdout
                     (Path(a.logs) / f"{m.person}.journal").write_text(text)
+                    # why anything is pending, as this meshlet sees it
+                    text = m.ctl("workloads", "--all", timeout=120).stdout
+                    (Path(a.logs) / f"{m.person}.workloads").write_text(text)
         last = Snapshot(time.monotonic(), {p: read_host(world, p) for p in people})
         world.snaps.append(last)
         try:
