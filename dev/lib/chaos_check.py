@@ -249,11 +249,15 @@ def recovery(
 
 
 def failovers(
-    snaps: Sequence[Snapshot], faults: Sequence[Applied], done_jobs: dict[str, float]
+    snaps: Sequence[Snapshot],
+    faults: Sequence[Applied],
+    done_jobs: dict[str, float],
+    workloads: Sequence[Workload] = (),
 ) -> tuple[list[float], list[str]]:
     """For each power-off: per slot its host ran (and no one else did), seconds until a
     replica of it was active again (systemd's activation time); and the slots never seen
-    running again."""
+    running again (a workload its owner deleted before that counts as neither)."""
+    deleted = {w.uri: w.deleted for w in workloads if w.deleted is not None}
     samples: list[float] = []
     missing: list[str] = []
     for a in faults:
@@ -280,6 +284,9 @@ def failovers(
                             found = r.active_since
                 if found is not None:
                     break
+            gone = deleted.get(key[0])
+            if gone is not None and (found is None or gone < found):
+                continue
             if found is None:
                 if key[0] not in done_jobs:
                     missing.append(f"{key[0].rsplit('/', 1)[1]}#{key[1]} after {f.describe()}")
@@ -523,8 +530,8 @@ def check(
     natted: list[float] = []
     nat_faults = [a for a in faults if a.fault.target in nat]
     other = [a for a in faults if a.fault.target not in nat]
-    reach, miss_a = failovers(snaps, other, done)
-    natted, miss_b = failovers(snaps, nat_faults, done)
+    reach, miss_a = failovers(snaps, other, done, workloads)
+    natted, miss_b = failovers(snaps, nat_faults, done, workloads)
     rep.failovers, rep.failovers_nat = reach, natted
     v_miss = [Violation(f"slot never ran again: {m}", end - t0) for m in miss_a + miss_b]
     v_daemon = daemon_exits(snaps, faults, t0)

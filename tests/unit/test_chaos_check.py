@@ -90,6 +90,9 @@ def test_failover_is_timed_from_the_power_off_to_systemds_activation_elsewhere()
     assert samples == [4.5] and missing == []
     samples, missing = failovers(snaps[:1], [off], {})
     assert samples == [] and len(missing) == 1
+    # deleted by its owner before anyone ran it again: no failover to time
+    gone = Workload(SVC, "alice", 1, False, 0.0, deleted=152.0)
+    assert failovers(snaps[:1], [off], {}, [gone]) == ([], [])
 
 
 def test_a_scheduled_kill_explains_a_daemon_restart_an_unscheduled_one_is_a_crash() -> None:
