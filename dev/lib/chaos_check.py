@@ -16,6 +16,7 @@ on two meshlets, failover times, lost writes and unscheduled daemon exits. No cl
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def pct(xs: Iterable[float], p: float) -> float | None:
     s = sorted(xs)
     if not s:
         return None
-    return s[min(len(s) - 1, max(0, -(-len(s) * p // 100) - 1))]
+    return s[min(len(s) - 1, max(0, math.ceil(len(s) * p / 100) - 1))]
 
 
 # -- helpers over snapshots ------------------------------------------------------------------
@@ -152,7 +153,7 @@ def desired_slots(
 ) -> set[tuple[str, int]]:
     """Slots that must run at `t`: workloads published long enough ago, not deleted, not a
     job that already finished."""
-    out = set()
+    out: set[tuple[str, int]] = set()
     for w in workloads:
         if w.created + FIRST_PLACEMENT_S > t or (w.deleted is not None and w.deleted <= t):
             continue
