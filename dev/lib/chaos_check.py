@@ -28,7 +28,10 @@ FENCE_S = 60.0  # docs/protocol.md section 3
 ANTI_ENTROPY_S = 30.0
 SETTLE_S = 2.0
 FIRST_PLACEMENT_S = 25.0  # a new workload: round-0 window, settle, image start (+ load)
-STOP_GRACE_S = 15.0  # a deleted workload's replicas stop within this (a loaded machine)
+STOP_GRACE_S = 15.0
+# A job's published completion reaches every meshlet within G (1.5 s) + S: a copy started
+# later than this after the runner first read it on a PDS was started against it.
+PUBLISHED_SLACK_S = 1.75  # a deleted workload's replicas stop within this (a loaded machine)
 
 
 @dataclass(frozen=True)
@@ -423,33 +426,56 @@ def jobs(
     end: float,
     job_s: float,
     t0: float,
+    snaps: Sequence[Snapshot] = (),
+    published: dict[str, float] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[dict[str, float], list[Violation]]:
     """Every job ran to completion (it reported itself, or its `succeeded` status is on the
-    PDS) and none ran to completion twice (two containers reported). Returns when each job
-    first completed."""
+    PDS), and no job was started again after its completion was published (docs/protocol.md
+    section 10: jobs run at least once; `published` = when the runner first read a terminal
+    status of the job on a PDS; a replica started more than `PUBLISHED_SLACK_S` later is a
+    violation). A job completed by two containers is counted in `notes` (at least once
+    allows it). Returns when each job first completed."""
+    published = published or {}
+    notes = [] if notes is None else notes
     done: dict[str, float] = {}
     who: dict[str, set[str]] = defaultdict(set)
     for c in sorted(completions, key=lambda c: c.t):
         done.setdefault(c.uri, c.t)
         who[c.uri].add(c.container)
     succeeded = {st.uri for st in (final.statuses if final else ()) if st.state == "succeeded"}
+    started: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for s in snaps:
+        for p, h in s.hosts.items():
+            if h.ok:
+                for r in h.replicas:
+                    started[r.uri].append((r.active_since, p))
     out = []
+    twice = 0
     for w in workloads:
         if not w.job:
             continue
         name = w.uri.rsplit("/", 1)[1]
         if len(who[w.uri]) > 1:
-            out.append(
-                Violation(
-                    f"job {name} ran to completion {len(who[w.uri])} times "
-                    f"(containers {', '.join(sorted(c[:12] for c in who[w.uri]))})",
-                    done[w.uri] - t0,
+            twice += 1
+        at = published.get(w.uri)
+        if at is not None:
+            late = sorted({(t, p) for t, p in started[w.uri] if t > at + PUBLISHED_SLACK_S})
+            if late:
+                t, p = late[0]
+                out.append(
+                    Violation(
+                        f"job {name} started again on {p} {t - at:.1f} s after its completion "
+                        "was published",
+                        t - t0,
+                    )
                 )
-            )
         if w.deleted is not None and w.uri not in done:
             continue  # the churn stopped it
         if w.uri not in done and w.uri not in succeeded and w.created + job_s + 120 < end:
             out.append(Violation(f"job {name} never ran to completion", end - t0))
+    if twice:
+        notes.append(f"jobs completed by two or more containers (at least once): {twice}")
     return done, out
 
 
@@ -516,10 +542,11 @@ def check(
     t0: float,
     end: float,
     job_s: float,
+    published: dict[str, float] | None = None,
 ) -> Report:
     """Every invariant of the issue over one run."""
     rep = Report()
-    done, v_jobs = jobs(workloads, completions, final, end, job_s, t0)
+    done, v_jobs = jobs(workloads, completions, final, end, job_s, t0, snaps, published, rep.notes)
     longest_cut = max(
         (a.healed - a.began for a in faults if a.fault.kind in ("cut", "cut-both", "cut-pds")),
         default=0.0,

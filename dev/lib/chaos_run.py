@@ -125,6 +125,7 @@ class World:
     applied: list[Applied] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     powered_off: set[str] = field(default_factory=set)
+    published: dict[str, float] = field(default_factory=dict)  # job uri -> first seen done
     stop: threading.Event = field(default_factory=threading.Event)
 
     def add_workload(self, w: Workload, name: str) -> None:
@@ -182,6 +183,20 @@ def read_host(world: World, person: str) -> HostView:
     )
 
 
+def read_published(world: World, person: str, t: float) -> None:
+    """Note when a terminal status (a job's completion) is first seen on person's PDS."""
+    m = world.commune[person]
+    try:
+        recs = list_records(m.mesh.pds_url, m.did, STATUS, timeout=5)
+    except Exception:
+        return  # that PDS is down or cut: read again next time
+    with world.lock:
+        for r in recs:
+            v = r["value"]
+            if v.get("state") in ("succeeded", "failed"):
+                world.published.setdefault(v["workload"]["uri"], t)
+
+
 def observe(world: World) -> None:
     with ThreadPoolExecutor(len(world.people)) as pool:
         while not world.stop.is_set():
@@ -190,6 +205,8 @@ def observe(world: World) -> None:
             snap = Snapshot(t, {v.person: v for v in views})
             with world.lock:
                 world.snaps.append(snap)
+            seen = time.monotonic()
+            list(pool.map(lambda p, at=seen: read_published(world, p, at), world.people))
             world.stop.wait(max(0.0, SNAPSHOT_EVERY_S - (time.monotonic() - t)))
 
 
@@ -313,7 +330,9 @@ def inject(world: World, f: Fault) -> Applied:
 # -- the end: records on the PDSes ---------------------------------------------------------
 
 
-def list_records(pds_url: str, repo: str, collection: str) -> list[dict[str, Any]]:
+def list_records(
+    pds_url: str, repo: str, collection: str, timeout: float = 20
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     cursor = ""
     while True:
@@ -321,7 +340,7 @@ def list_records(pds_url: str, repo: str, collection: str) -> list[dict[str, Any
         if cursor:
             q["cursor"] = cursor
         url = f"{pds_url}/xrpc/com.atproto.repo.listRecords?{urllib.parse.urlencode(q)}"
-        with urllib.request.urlopen(url, timeout=20) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             page = json.load(r)
         out += page.get("records", [])
         cursor = page.get("cursor") or ""
@@ -459,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             last.t,
             world.errors,
             {"seed": a.seed, "hosts": a.hosts, "minutes": a.minutes},
+            dict(world.published),
         )
         if a.record:
             record.save(a.record)
@@ -481,6 +501,7 @@ class Record:
     end: float
     errors: list[str]
     meta: dict[str, Any]
+    published: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), default=sorted))
@@ -516,6 +537,7 @@ class Record:
             d["end"],
             d["errors"],
             d["meta"],
+            d.get("published", {}),
         )
 
 
@@ -532,6 +554,7 @@ def report(r: Record) -> int:
         t0=r.t0,
         end=r.end,
         job_s=JOB_S,
+        published=r.published,
     )
     world = r  # the names below read as before
     completions = r.completions

@@ -17,7 +17,6 @@ from tests.system.hostenv import PROJECT, host_kind, nspawn_available
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots four hosts of its own: dev/hostenv hosts only"
 )
-TWICE = "ran to completion"  # the checker's words for a job completed more than once
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +42,10 @@ def run() -> dict[str, Any]:
 def test_a_short_chaos_run_breaks_no_invariant_and_replaces_the_powered_off_host(
     run: dict[str, Any],
 ) -> None:
-    others = [v for v in run["violations"] if TWICE not in v["what"]]
-    assert others == [], run["log"]
+    # Jobs run at least once (docs/protocol.md section 10): the checker flags a job started
+    # again after its completion was published, and only notes one completed twice before.
+    assert run["violations"] == [], run["log"]
     assert run["faults_injected"] == 1
     assert run["failovers"] == 0 or run["failover_p99_s"] <= 10
     assert run["daemon_crashes"] == 0 and run["lost_writes"] == 0
     assert run["jobs_completed"] >= 1
-
-
-@pytest.mark.xfail(
-    reason="issue 14, open (board chaos.md, docs/benchmarks.md dev/chaos): a job slot moved "
-    "while its first copy runs is completed by both copies; the core starts a later round of "
-    "a job another meshlet finished",
-    strict=False,
-)
-def test_no_job_runs_to_completion_twice(run: dict[str, Any]) -> None:
-    assert [v for v in run["violations"] if TWICE in v["what"]] == []

@@ -130,19 +130,26 @@ def test_a_stop_by_the_owner_a_protocol_move_a_job_exit_or_a_power_off_is_no_vio
     assert replica_disturbances(rebooted, [SERVICE], 0) == []
 
 
-def test_a_job_must_complete_once_never_twice() -> None:
+def test_a_job_must_complete_and_never_start_again_after_its_completion_was_published() -> None:
     job = Workload(JOB, "bob", 1, True, created=0.0)
     done, v = jobs([job], [Completion(JOB, "c1", 30)], None, end=600, job_s=15, t0=0)
     assert done == {JOB: 30} and v == []
-    twice = [Completion(JOB, "c1", 30), Completion(JOB, "c2", 80), Completion(JOB, "c1", 31)]
-    _, v = jobs([job], twice, None, end=600, job_s=15, t0=0)
-    assert len(v) == 1 and "2 times" in v[0].what
     _, v = jobs([job], [], None, end=600, job_s=15, t0=0)
     assert len(v) == 1 and "never ran to completion" in v[0].what
     # its succeeded status counts as completion when the report got lost
     final = Final(frozenset({JOB}), (Status("bob", JOB, 0, "succeeded"),))
     _, v = jobs([job], [], final, end=600, job_s=15, t0=0)
     assert v == []
+    # two copies that both ran before the completion was published: at least once, a note
+    ran = [snap(20, {"bob": [rep(JOB, since=10)], "carol": [rep(JOB, since=25, cid="c2")]})]
+    twice = [Completion(JOB, "c1", 30), Completion(JOB, "c2", 31)]
+    notes: list[str] = []
+    _, v = jobs([job], twice, None, 600, 15, 0, ran, {JOB: 32.0}, notes)
+    assert v == [] and notes == ["jobs completed by two or more containers (at least once): 1"]
+    # a copy started after the completion was published is a violation
+    again = [*ran, snap(50, {"alice": [rep(JOB, since=45, cid="c3")]})]
+    _, v = jobs([job], twice, None, 600, 15, 0, again, {JOB: 32.0})
+    assert len(v) == 1 and "started again on alice 13.0 s after" in v[0].what
 
 
 def test_lost_writes_are_records_meshletd_meant_to_write_that_are_missing() -> None:
