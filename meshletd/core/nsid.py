@@ -54,6 +54,8 @@ CTL_CREATE = "farm.meshlet.ctl.createWorkload"
 CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
 CTL_HANDLES = "farm.meshlet.ctl.getHandles"
+CTL_GET_POLICY = "farm.meshlet.ctl.getPolicy"
+CTL_SET_POLICY = "farm.meshlet.ctl.setPolicy"
 
 METHOD_NSIDS = frozenset(
     {
@@ -77,5 +79,7 @@ METHOD_NSIDS = frozenset(
         CTL_BIDS,
         CTL_BALANCE,
         CTL_HANDLES,
+        CTL_GET_POLICY,
+        CTL_SET_POLICY,
     }
 )

@@ -51,6 +51,7 @@ from .records import (
     NSID_USAGE,
     NSID_WORKLOAD,
     Bid,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -182,6 +183,13 @@ class Scheduler(Explanations, Reconciler):
         elif type(rec) is MeshletLink:
             self.cluster.put_link(rec)
             self._cluster_changed()
+        elif type(rec) is HostPolicy:
+            if self.cluster.put_policy(rec):
+                self._note_mine(rec.uri)
+                self._cluster_changed()
+                if rec.meshlet == self.me.did:
+                    self._replace_misfits(force=True)
+                    self._apply_runtime_limits()
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
             self._cluster_changed()
@@ -505,11 +513,12 @@ class Scheduler(Explanations, Reconciler):
                 lost.add(self.me.did)
             if lost:
                 self._scan_lost(lost)
+            self._replace_misfits(force=False)
         if self._replicas_waiting:
             for key, rep in self._waiting_replicas():
                 if rep.restart_at is not None and rep.restart_at <= now:
                     self._dirty[key[0]] = None
-                if rep.lost_at is not None:
+                if rep.lost_at is not None or (rep.stop_at is not None and rep.stop_at <= now):
                     self._dirty[key[0]] = None
         if self.orphans.first_seen:
             self.orphans.expire(now)
@@ -572,6 +581,8 @@ class Scheduler(Explanations, Reconciler):
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
                 nxt.append(rep.lost_at + self.t.fence_timeout_ms)
+            if rep.stop_at is not None:
+                nxt.append(rep.stop_at)
         period_end = self.ledger.period_end()
         if period_end is not None:
             nxt.append(period_end)

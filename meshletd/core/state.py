@@ -58,11 +58,14 @@ class Replica:
     __slots__ = (
         "exit_code",
         "lost_at",
+        "note",
         "restart_at",
         "restarts",
         "round",
         "since",
+        "started",
         "state",
+        "stop_at",
         "written",
     )
 
@@ -75,6 +78,9 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.note: str | None = None  # why it moves or stopped (host policy), in its status
+        self.started: int | None = None  # when it first ran here (a job's run time)
+        self.stop_at: int | None = None  # a job stopped then: its run time is up
 
 
 ReplicaKey = tuple[str, int]

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
 from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.records import HostPolicy
+from meshletd.daemon.hostpolicy import now_ms, policy_view, requested_policy
 from meshletd.daemon.peers import LogPage
 from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from meshletd.policy_settings import record_value, same_rules
 
 if TYPE_CHECKING:  # the footprint of `backend = "memory"` stays without the atproto parts
     from meshletd.atproto.frames import Refusal
@@ -52,6 +55,7 @@ class InMemoryNode:
         self.did = did
         self.owner = owner
         self._state = "active"
+        self._policy: HostPolicy | None = None  # the host policy "published" (memory)
         self._members = list(members)
         self._clusters = clusters or {"default": list(self._members)}
         self._capacity = dict(capacity or {"milliCpu": 1000, "memoryMiB": 1024})
@@ -317,6 +321,17 @@ class InMemoryNode:
                     r.pop("unit", None)
                     r["state"] = "pending"
         return self._state
+
+    async def policy(self) -> dict[str, Any]:
+        current = self._policy or HostPolicy.default(self.did)
+        return policy_view(current, self._policy is not None)
+
+    async def set_policy(self, body: dict[str, Any]) -> dict[str, Any]:
+        current = self._policy or HostPolicy.default(self.did)
+        wanted = requested_policy(body, current, now_ms())
+        if self._policy is None or not same_rules(self._policy, wanted):
+            self._policy = wanted
+        return {"policy": record_value(self._policy)}
 
     async def undrain(self) -> str:
         if self._state == "stopping":

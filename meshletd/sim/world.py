@@ -62,7 +62,10 @@ from .model import (
     UPDATE,
     Config,
     Node,
+    _fields,
+    _sync_rank,
 )
+from .policies import check_start, dress_workload
 
 
 class Sim:
@@ -198,7 +201,7 @@ class Sim:
         )
         if w < self.cfg.workloads and rng.random() < self.cfg.delete_fraction:
             self.push(at + rng.randint(60_000, max(self.quiet_at - at, 60_001)), K_REMOVE, wl.uri)
-        return wl
+        return dress_workload(self, wl, w)
 
     def _schedule_chaos(self) -> None:
         schedule_chaos(self)
@@ -371,6 +374,7 @@ class Sim:
 
     def _start(self, node: Node, a: StartReplica) -> None:
         key = (a.workload.uri, a.slot)
+        check_start(self, node, a)
         delay = self.rng.randint(300, 800)
         end = 0
         if a.workload.kind == "job":
@@ -578,18 +582,6 @@ class Sim:
     # ------------------------------------------------------------------ figures
     def _report(self, wall: float) -> dict[str, Any]:
         return report(self, wall)
-
-
-def _fields(wl: Workload) -> dict[str, Any]:
-    return {f: getattr(wl, f) for f in wl.__slots__}
-
-
-def _sync_rank(rec: Any) -> int:
-    if isinstance(rec, (MeshletLink, MeshletOwner, Membership)):
-        return 0
-    if isinstance(rec, Workload):
-        return 1
-    return 2
 
 
 def run(cfg: Config) -> dict[str, Any]:
