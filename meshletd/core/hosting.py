@@ -34,7 +34,7 @@ class Hosting(Rounds):
                 cpu, mem, n = cpu + c, mem + m, n + slots
         return cpu, mem, n
 
-    def _owner_room(self, owner: str) -> tuple[int, int, int | None] | None:
+    def _owner_share_room(self, owner: str) -> tuple[int, int, int | None] | None:
         """(milli-CPU, MiB, replicas or None) this meshlet may still offer `owner` under its
         per-owner cap; None when the owner may hold the whole contribution."""
         pol = self.cluster.policies.get(self.me.did)
@@ -55,7 +55,7 @@ class Hosting(Rounds):
         me = self.me.did
         if slots <= 0 or not self.cluster.policy_admits(wl, me, close):
             return 0
-        room = self._owner_room(wl.owner)
+        room = self._owner_share_room(wl.owner)
         if room is None:
             return slots
         cpu, mem, n = room
