@@ -12,6 +12,7 @@ from .bounds import (
     bid_refusal,
     clamp,
 )
+from .commons import AFTER, DEFERRED_PRIORITY, REFUSE, standing
 from .fairshare import meshlet_priority
 from .hosting import Hosting
 from .placement import (
@@ -39,11 +40,30 @@ class Bidding(Hosting):
         ledger.refresh_balances(self.now, self.cluster)
         taken = ledger.taken
         entries = [self.workloads[u] for u in queue if u in self.workloads]
-        # Capacity is short? Serve owners who used least first.
-        entries.sort(key=lambda e: (taken.get(e.wl.owner, 0), e.wl.created_at, e.wl.uri))
+        # Capacity is short? Serve contributors before owners below our minContribution
+        # (section 22), then owners who used least first.
+        below = self._below_minimum
+        entries.sort(
+            key=lambda e: (
+                below(e.wl.owner) is not None,
+                taken.get(e.wl.owner, 0),
+                e.wl.created_at,
+                e.wl.uri,
+            )
+        )
         prio = meshlet_priority(self.me.owner, taken, ledger.given)
         for e in entries:
             self._consider(e, prio)
+
+    def _below_minimum(self, owner: str) -> str | None:
+        """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
+        stands below it here (section 22), else None. Our own owner always stands well."""
+        if owner == self.me.owner:
+            return None
+        rule, lent, used = self.ledger.contribution(self.now, self.cluster, self.me.did)
+        if rule is None or not standing(owner, lent, used, rule).below:
+            return None
+        return rule.mode
 
     def _holds_other(self, e: WorkloadEntry, slot: int) -> bool:
         """Whether we own, run or have bid for another slot of e (one replica per meshlet
@@ -69,6 +89,11 @@ class Bidding(Hosting):
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
         fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        below = self._below_minimum(wl.owner)
+        if below == REFUSE:
+            fits = False  # below our minContribution: we offer it nothing (section 22)
+        elif below == AFTER:
+            prio = DEFERRED_PRIORITY  # any host that does not defer it ranks first
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -280,9 +305,14 @@ class Bidding(Hosting):
             and self.cluster.policy_refusal(wl, self.me.did) is None
             and self._policy_slots(wl, close, 1) > 0
         )
+        below = self._below_minimum(wl.owner)
+        if below == REFUSE:
+            fits = False  # an empty bid still opens the round for the others (section 22)
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)
         prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)
+        if below == AFTER:
+            prio = DEFERRED_PRIORITY
         if cur is not None:
             self._reopened[(wl.uri, slot)] = (self.now, cur)
         self._bid(
