@@ -12,7 +12,7 @@ from .bounds import (
     bid_refusal,
     clamp,
 )
-from .commons import AFTER, DEFERRED_PRIORITY, REFUSE, standing
+from .commons import AFTER, DEFAULT_PERIOD_DAYS, DEFERRED_PRIORITY, REFUSE, Rule, rule_of, standing
 from .fairshare import meshlet_priority
 from .hosting import Hosting
 from .placement import (
@@ -54,6 +54,13 @@ class Bidding(Hosting):
         prio = meshlet_priority(self.me.owner, taken, ledger.given)
         for e in entries:
             self._consider(e, prio)
+
+    def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        """Our host policy's free-rider rule (None: none) and (lent, used) per owner as our
+        bids judge them (section 22); over the default period when we set no rule."""
+        rule = rule_of(self.cluster.policies.get(self.me.did))
+        days = None if rule is not None else DEFAULT_PERIOD_DAYS
+        return self.ledger.contribution(self.now, self.cluster, self.me.did, days)
 
     def _below_minimum(self, owner: str) -> str | None:
         """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
