@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .commons import commons_figures
 from .model import Node
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "needless_moves_by_round": dict(sim.needless),
         "needless_move_examples": sim.needless_examples,
         "violations": violations,
+        **commons_figures(sim),
     }
 
 
