@@ -13,7 +13,14 @@ import random
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from meshletd.core.records import NSID_HOST_POLICY, HostPolicy, MeshletOwner, Usage, at_uri
+from meshletd.core.records import (
+    NSID_HOST_POLICY,
+    NSID_MESHLET_OWNER,
+    HostPolicy,
+    MeshletOwner,
+    Usage,
+    at_uri,
+)
 
 from .model import EPOCH
 
@@ -47,7 +54,7 @@ def setup_commons(sim: Sim) -> None:
     riders = set(free_rider_indexes(sim))
     rule = parse_rule(sim.cfg.min_contribution)
     for node in sim.nodes:
-        uri = at_uri(node.did, "commune.scheduler.meshletOwner", "self")
+        uri = at_uri(node.did, NSID_MESHLET_OWNER, "self")
         if node.idx in riders:
             rec = sim.store[uri]
             assert isinstance(rec, MeshletOwner)
