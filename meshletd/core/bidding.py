@@ -62,6 +62,32 @@ class Bidding(Hosting):
         days = None if rule is not None else DEFAULT_PERIOD_DAYS
         return self.ledger.contribution(self.now, self.cluster, self.me.did, days)
 
+    def _contributor_waiting(self, cpu: int, mem: int) -> bool:
+        """Whether a workload of an owner in good standing here has a slot nobody holds,
+        not finished, that we could take now (eligible, fits our free room): mode "after"
+        keeps that room for it rather than offer it to an owner below (section 22)."""
+        me = self.me.did
+        cluster = self.cluster
+        for e in self.workloads.values():
+            owners = e.owners
+            wl = e.wl
+            if owners is None or None not in owners:
+                continue
+            if wl.milli_cpu > cpu or wl.memory_mib > mem:
+                continue
+            if not any(
+                c is None
+                and not (e.finished and s in e.finished)
+                and (wl.allow_packing or not self._holds_other(e, s))
+                for s, c in enumerate(owners)
+            ):
+                continue
+            if self._below_minimum(wl.owner) is not None:
+                continue
+            if cluster.eligible(wl, me) and cluster.policy_refusal(wl, me) is None:
+                return True
+        return False
+
     def _below_minimum(self, owner: str) -> str | None:
         """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
         stands below it here (section 22), else None. Our own owner always stands well."""
@@ -101,6 +127,8 @@ class Bidding(Hosting):
             fits = False  # below our minContribution: we offer it nothing (section 22)
         elif below == AFTER:
             prio = DEFERRED_PRIORITY  # any host that does not defer it ranks first
+            if fits and self._contributor_waiting(cpu, mem):
+                fits = False  # our room goes to the contributor first
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].

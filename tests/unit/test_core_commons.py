@@ -173,3 +173,17 @@ def test_a_hosts_own_owner_is_never_below_its_rule() -> None:
     feed(core, [policy(0, 500, "refuse"), of_owner(0, "mine0")])
     out = core.handle(Tick(T0 + 100))
     assert [b.slots for b in bids_of(out)] == [1]
+
+
+def test_in_mode_after_a_host_keeps_its_room_for_a_contributors_waiting_slot() -> None:
+    # lender0's round 0 closed without a bid: its slot waits for a chained round; the
+    # rider's round 0 opens now, between two of lender0's chained rounds. Room for one
+    # 3000 milli-CPU replica.
+    waiting = replace(of_owner(1, "lender0", cpu=3000), created_at=T0 - 11_500)
+    rider = of_owner(2, "rider1", cpu=3000)
+    core = host0(policy(0, 500, "after"), waiting, rider)
+    out = core.handle(Tick(T0 + 100))
+    assert [(b.workload_uri, b.slots) for b in bids_of(out)] == [(rider.uri, 0)]
+    core = host0(policy(0, 500, "after"), rider)  # nobody waits: the rider is served
+    out = core.handle(Tick(T0 + 100))
+    assert [(b.workload_uri, b.slots) for b in bids_of(out)] == [(rider.uri, 1)]
