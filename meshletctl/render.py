@@ -157,6 +157,8 @@ def replica_state(r: dict[str, Any]) -> str:
     code = r.get("exitCode")
     if code is not None and state in _TERMINAL:
         return safe(f"{state} (exit {code})")
+    if r.get("health") and state in ("running", "failing"):
+        return safe(f"{state} ({r['health']})")  # its health check's verdict
     return safe(state)
 
 
@@ -192,11 +194,12 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
     out = []
     for w in items:
         for slot, r in _slot_rows(w).items():
-            if r.get("reason"):
+            why = r.get("reason") or (r.get("message") if r.get("state") == "failing" else "")
+            if why:
                 label = (
                     safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
                 )
-                out.append(f"{label} {replica_state(r)}: {_named(r['reason'], name)}")
+                out.append(f"{label} {replica_state(r)}: {_named(why, name)}")
     return out
 
 
@@ -298,6 +301,23 @@ def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
 
 def _ratio(permille: object) -> str:
     return "-" if not isinstance(permille, int) else f"{permille / 1000:.3g}"
+
+
+def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("SLOT", "PORT", "ENDPOINT", "MESHLET", "STATE", "HEALTH", title=safe(d["workload"]))
+    for e in d.get("endpoints", []):
+        address = str(e["address"])
+        host = f"[{address}]" if ":" in address else address
+        t.add_row(
+            safe(e["slot"]),
+            safe(f"{e['name']}/{e.get('protocol', 'tcp')}"),
+            safe(f"{host}:{e['port']}"),
+            name(e["meshletDid"]),
+            safe(e.get("state", "")),
+            safe(e.get("health", "-")),
+        )
+    _console().print(t)
 
 
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:

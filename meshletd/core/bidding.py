@@ -41,7 +41,7 @@ class Bidding(Hosting):
         taken = ledger.taken
         entries = [self.workloads[u] for u in queue if u in self.workloads]
         # Capacity is short? Serve contributors before owners below our minContribution
-        # (section 22), then owners who used least first.
+        # (section 23), then owners who used least first.
         below = self._below_minimum
         entries.sort(
             key=lambda e: (
@@ -57,7 +57,7 @@ class Bidding(Hosting):
 
     def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
         """Our host policy's free-rider rule (None: none) and (lent, used) per owner as our
-        bids judge them (section 22); over the default period when we set no rule."""
+        bids judge them (section 23); over the default period when we set no rule."""
         rule = rule_of(self.cluster.policies.get(self.me.did))
         days = None if rule is not None else DEFAULT_PERIOD_DAYS
         return self.ledger.contribution(self.now, self.cluster, self.me.did, days)
@@ -65,7 +65,7 @@ class Bidding(Hosting):
     def _contributor_waiting(self, cpu: int, mem: int) -> bool:
         """Whether a workload of an owner in good standing here has a slot nobody holds,
         not finished, that we could take now (eligible, fits our free room): mode "after"
-        keeps that room for it rather than offer it to an owner below (section 22)."""
+        keeps that room for it rather than offer it to an owner below (section 23)."""
         me = self.me.did
         cluster = self.cluster
         for e in self.workloads.values():
@@ -90,7 +90,7 @@ class Bidding(Hosting):
 
     def _below_minimum(self, owner: str) -> str | None:
         """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
-        stands below it here (section 22), else None. Our own owner always stands well."""
+        stands below it here (section 23), else None. Our own owner always stands well."""
         if owner == self.me.owner:
             return None
         rule, lent, used = self.ledger.contribution(self.now, self.cluster, self.me.did)
@@ -119,12 +119,17 @@ class Bidding(Hosting):
         uri = wl.uri
         if not self.cluster.eligible(wl, me) or self.cluster.policy_refusal(wl, me) is not None:
             return  # not eligible, or our host policy refuses wl (section 21)
+        if self._gave_up and self._gave_up.get(uri) == wl.cid:
+            return  # we handed a slot of this version off: it fails here (section 22)
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
         fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        ports = self.free_ports() if wl.ports else 0
+        if wl.ports and ports < len(wl.ports):
+            fits = False
         below = self._below_minimum(wl.owner)
         if below == REFUSE:
-            fits = False  # below our minContribution: we offer it nothing (section 22)
+            fits = False  # below our minContribution: we offer it nothing (section 23)
         elif below == AFTER:
             prio = DEFERRED_PRIORITY  # any host that does not defer it ranks first
             if fits and self._contributor_waiting(cpu, mem):
@@ -152,6 +157,8 @@ class Bidding(Hosting):
                     )
                     if room is not None:
                         slots = min(slots, room)
+                    if wl.ports:
+                        slots = min(slots, ports // len(wl.ports))
                 slots = self._policy_slots(wl, close0, slots)
             if slots == 0 and not self._small_cluster(wl):
                 return  # declines only help early close in small clusters
@@ -337,12 +344,14 @@ class Bidding(Hosting):
             and self.cluster.eligible(wl, self.me.did)
             and (cur is None or cur[1] != self.me.did)
             and (wl.allow_packing or not self._holds_other(e, slot))
+            and (not wl.ports or self.free_ports() >= len(wl.ports))
+            and self._gave_up.get(wl.uri) != wl.cid
             and self.cluster.policy_refusal(wl, self.me.did) is None
             and self._policy_slots(wl, close, 1) > 0
         )
         below = self._below_minimum(wl.owner)
         if below == REFUSE:
-            fits = False  # an empty bid still opens the round for the others (section 22)
+            fits = False  # an empty bid still opens the round for the others (section 23)
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)
         prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)

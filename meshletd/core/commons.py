@@ -1,4 +1,4 @@
-"""The free-rider rule (docs/protocol.md, section 22): what each owner lent and used over a
+"""The free-rider rule (docs/protocol.md, section 23): what each owner lent and used over a
 host's period, from the public usage records, and whether it stands below the host's
 `minContribution`.
 

@@ -27,7 +27,7 @@ class UsageLedger:
         self.given: dict[str, int] = {}
         self._contribution_key: tuple[int, int, int, int] | None = None
         self._usage_version = 0
-        self.lent: dict[str, int] = {}  # over this host's minContribution period (section 22)
+        self.lent: dict[str, int] = {}  # over this host's minContribution period (section 23)
         self.used: dict[str, int] = {}
 
     def put_usage(self, rec: Usage) -> None:
@@ -109,7 +109,7 @@ class UsageLedger:
         self, now: int, cluster: ClusterView, me: str, period_days: int | None = None
     ) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
         """This host's free-rider rule (from its own hostPolicy) and (lent, used) per owner
-        over its period (section 22), recomputed when the usage period, the cluster or the
+        over its period (section 23), recomputed when the usage period, the cluster or the
         usage records change.
         `period_days` overrides the policy's period (to explain standings without a rule);
         with neither, nothing is computed."""

@@ -45,6 +45,7 @@ from .reconcile import Reconciler
 from .records import (
     MAX_DRAINS,
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
@@ -186,12 +187,7 @@ class Scheduler(Explanations, Reconciler):
             self.cluster.put_link(rec)
             self._cluster_changed()
         elif type(rec) is HostPolicy:
-            if self.cluster.put_policy(rec):
-                self._note_mine(rec.uri)
-                self._cluster_changed()
-                if rec.meshlet == self.me.did:
-                    self._replace_misfits(force=True)
-                    self._apply_runtime_limits()
+            self._on_host_policy(rec)
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
             self._cluster_changed()
@@ -221,17 +217,6 @@ class Scheduler(Explanations, Reconciler):
             self.draining = rec.state == "draining"
             self.draining_since = rec.state_since
         self._cluster_changed()
-
-    def _cluster_changed(self) -> None:
-        """Eligibility is part of the placement function: re-resolve every placed workload."""
-        for uri, e in self.workloads.items():
-            if e.owners is not None:
-                self._dirty[uri] = None
-
-    def _note_mine(self, uri: str) -> None:
-        repo, coll, rkey = split_at_uri(uri)
-        if repo == self.me.did:
-            self._my_rkeys.add((coll, rkey))
 
     def _on_workload(self, wl: Workload) -> None:
         refusal = workload_refusal(wl)
@@ -357,6 +342,9 @@ class Scheduler(Explanations, Reconciler):
         if coll == NSID_USAGE:
             self.ledger.delete_usage(uri)
             return
+        if coll == NSID_HOST_POLICY:
+            self._on_host_policy_deleted(uri, repo)
+            return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()
 
@@ -378,6 +366,7 @@ class Scheduler(Explanations, Reconciler):
             del gone[next(iter(gone))]
         for s in range(e.wl.replicas):
             self._reopened.pop((uri, s), None)
+        self._gave_up.pop(uri, None)
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)
         for key in [k for k in self._replicas if k[0] == uri]:

@@ -15,12 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import HostPolicy
-from meshletd.daemon.hostpolicy import now_ms, policy_view, requested_policy
 from meshletd.daemon.peers import LogPage
 from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from meshletd.policy_settings import record_value, same_rules
 
 if TYPE_CHECKING:  # the footprint of `backend = "memory"` stays without the atproto parts
     from meshletd.atproto.frames import Refusal
@@ -55,7 +52,7 @@ class InMemoryNode:
         self.did = did
         self.owner = owner
         self._state = "active"
-        self._policy: HostPolicy | None = None  # the host policy "published" (memory)
+        self._policy: Any = None  # the HostPolicy "published" (memory), None: none yet
         self._members = list(members)
         self._clusters = clusters or {"default": list(self._members)}
         self._capacity = dict(capacity or {"milliCpu": 1000, "memoryMiB": 1024})
@@ -165,6 +162,10 @@ class InMemoryNode:
 
     def workload(self, uri: str) -> dict[str, Any]:
         return self._view(self._find(uri))
+
+    def endpoints(self, uri: str) -> dict[str, Any]:
+        # the in-memory node publishes no ports
+        return {"workload": self._find(uri).uri, "endpoints": []}
 
     def bids(self, uri: str) -> dict[str, Any]:
         w = self._find(uri)
@@ -326,10 +327,18 @@ class InMemoryNode:
         return self._state
 
     async def policy(self) -> dict[str, Any]:
+        # Lazy: the record layer is not otherwise loaded by `backend = "memory"`.
+        from meshletd.core.records import HostPolicy
+        from meshletd.daemon.hostpolicy import policy_view
+
         current = self._policy or HostPolicy.default(self.did)
         return policy_view(current, self._policy is not None)
 
     async def set_policy(self, body: dict[str, Any]) -> dict[str, Any]:
+        from meshletd.core.records import HostPolicy
+        from meshletd.daemon.hostpolicy import now_ms, requested_policy
+        from meshletd.policy_settings import record_value, same_rules
+
         current = self._policy or HostPolicy.default(self.did)
         wanted = requested_policy(body, current, now_ms())
         if self._policy is None or not same_rules(self._policy, wanted):

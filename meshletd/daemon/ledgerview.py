@@ -1,5 +1,5 @@
 """What `meshletctl balance` and `meshletctl usage` show: each owner's standing under this
-host's free-rider rule (docs/protocol.md, section 22) beside the fair-share ledger (section
+host's free-rider rule (docs/protocol.md, section 23) beside the fair-share ledger (section
 11), and what ran on this machine per owner and per UTC day, from the usage records.
 
 Pure: every function takes the records and the time it needs.

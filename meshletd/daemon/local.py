@@ -43,7 +43,7 @@ class PlacementQueries(Protocol):
         ...
 
     def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
-        """This host's free-rider rule and (lent, used) per owner (docs/protocol.md s. 22)."""
+        """This host's free-rider rule and (lent, used) per owner (docs/protocol.md s. 23)."""
         ...
 
 

@@ -20,6 +20,7 @@ from meshletd.core.nsid import (
     CTL_BALANCE,
     CTL_BIDS,
     CTL_CREATE,
+    CTL_ENDPOINTS,
     CTL_GET_POLICY,
     CTL_HANDLES,
     CTL_MEMBERS,
@@ -36,6 +37,7 @@ __all__ = [
     "CTL_BALANCE",
     "CTL_BIDS",
     "CTL_CREATE",
+    "CTL_ENDPOINTS",
     "CTL_HANDLES",
     "CTL_MEMBERS",
     "CTL_STATUS",
@@ -201,6 +203,9 @@ def install(
     async def ctl_bids(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.bids(params["uri"])
 
+    async def ctl_endpoints(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return node.endpoints(params["uri"])
+
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
 
@@ -257,5 +262,6 @@ def install(
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
     add(CTL_USAGE, q, Access.LOCAL, local_only(ctl_usage))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
+    add(CTL_ENDPOINTS, q, Access.LOCAL, local_only(ctl_endpoints))
     add(CTL_GET_POLICY, q, Access.LOCAL, local_only(ctl_get_policy))
     add(CTL_SET_POLICY, p, Access.LOCAL, local_only(ctl_set_policy))

@@ -84,6 +84,10 @@ class Node(Protocol):
 
     def bids(self, uri: str) -> JsonObject: ...
 
+    def endpoints(self, uri: str) -> JsonObject:
+        """Where each serving replica of a workload publishes its ports (ctl.getEndpoints)."""
+        ...
+
     def balance(self) -> JsonObject: ...
 
     def usage(self, days: int) -> JsonObject:

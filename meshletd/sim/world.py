@@ -103,6 +103,7 @@ class Sim:
         self.start_round: dict[tuple[tuple[str, int], int], int] = {}
         self.needless_examples: list[str] = []
         self.max_cut_ms = 0
+        self.policy_stops = {"policy": 0, "maxRuntime": 0}
         self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
         self.events = 0
         self.inbox: dict[int, dict[tuple[int, ...], list[tuple[str, Any]]]] = {}
@@ -282,6 +283,8 @@ class Sim:
                 self._start(node, a)
             elif isinstance(a, StopReplica):
                 self._check_stop(node, a)
+                if a.reason in self.policy_stops:  # moved or ended by a host policy
+                    self.policy_stops[a.reason] += 1
                 # The runtime does what it is told in order: a start still under way when
                 # the stop comes never reports running.
                 node.stopped_start[(a.workload_uri, a.slot)] = node.starts.get(

@@ -1,5 +1,5 @@
 """The free-rider rule between three real meshletd daemons on the reference PDS (issue #16,
-docs/protocol.md section 22): alice's meshlet sets minContribution mode "refuse"; bob used
+docs/protocol.md section 23): alice's meshlet sets minContribution mode "refuse"; bob used
 2 CPU-hours of carol's machine and lent nothing (a free rider), carol lent them (a
 contributor). alice's meshlet never bids for bob's workload, and carol's is placed on it.
 

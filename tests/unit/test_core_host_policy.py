@@ -7,7 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from meshletd.atproto.lexicon import default_lexicons
+from meshletd.atproto.records import record_from_json
 from meshletd.core import (
     Bid,
     MeshletIdentity,
@@ -37,6 +41,7 @@ from meshletd.core.records import (
     ScheduleWindow,
     at_uri,
 )
+from meshletd.errors import InvalidRecord
 
 from .core_helpers import CPU, MEM, T0, bid, cluster_records, feed, mesh, observer, owner, workload
 
@@ -325,3 +330,107 @@ def test_a_job_declaring_more_time_than_a_host_allows_is_not_bid_on_there() -> N
     core = host(0)
     feed(core, [*cluster_records(3), policy(0, job_max_runtime_s=3600), job])
     assert my_bids(core.handle(Tick(T0 + 100))) == []
+
+
+def test_why_pending_says_when_every_host_policy_refuses_a_workload() -> None:
+    wl = replace(workload(replicas=1, owner_i=2), image="busybox", network="lan")
+    core = observer()
+    feed(core, [*cluster_records(3), wl])
+    core.handle(Tick(CLOSE + 10_000))
+    reasons = core.pending_reasons(wl.uri)
+    assert "host policy refuses it" in reasons[0], reasons
+    assert "network" in reasons[0]
+
+
+def test_image_patterns_match_by_path_component_and_double_star_spans_components() -> None:
+    from meshletd.core.policy import pattern_matches
+
+    assert pattern_matches("reg.example/alice/**", "reg.example/alice/a/b/c:1")
+    assert pattern_matches("reg.example/**/app:*", "reg.example/alice/team/app:2")
+    assert pattern_matches("**", "docker.io/library/busybox")
+    assert not pattern_matches("reg.example/**/app:*", "reg.example/alice/team/web:2")
+    assert pattern_matches("reg.example/a*e/*", "reg.example/alice/x")
+    assert not pattern_matches("reg.example*/alice/*", "reg.example.evil/bob/x")
+    assert pattern_matches("*/alice/*@sha256:*", "reg.example/alice/app@sha256:00")
+
+
+def test_a_hostile_pattern_costs_no_backtracking() -> None:
+    import time
+
+    from meshletd.core.policy import pattern_matches
+
+    pattern = "/".join(["*a" * 100 + "*b"] + ["**"] * 20)  # exponential for a regex
+    ref = "/".join(["a" * 500] + ["x"] * 10)
+    t0 = time.perf_counter()
+    assert not pattern_matches(pattern, ref)
+    assert not pattern_matches("/".join(["**", "*a*a*a*a*a*b"] * 16), "/".join(["a" * 30] * 16))
+    assert time.perf_counter() - t0 < 0.5
+
+
+# -- hostile records: any policy the lexicon admits is judged without an error -----------------
+
+_text = st.text(min_size=0, max_size=40)
+_did = st.sampled_from(["did:plc:owner002", "did:plc:x", "did:web:a.example"])
+_policy_values = st.fixed_dictionaries(
+    {"createdAt": st.sampled_from(["2027-01-15T08:00:00.000Z", "0001-01-01T00:00:00Z"])},
+    optional={
+        "owners": st.fixed_dictionaries(
+            {},
+            optional={
+                "defaultShare": st.integers(-5, 1200),
+                "caps": st.lists(
+                    st.fixed_dictionaries({"did": _did, "share": st.integers(0, 1001)}),
+                    max_size=4,
+                ),
+            },
+        ),
+        "evicted": st.lists(_did, max_size=3),
+        "images": st.fixed_dictionaries(
+            {},
+            optional={
+                "allow": st.lists(st.one_of(_text, st.just("**"), st.just("*/*")), max_size=4),
+                "digestsOnly": st.booleans(),
+            },
+        ),
+        "network": st.one_of(st.sampled_from(["none", "internet", "lan"]), _text),
+        "schedule": st.lists(
+            st.fixed_dictionaries(
+                {"start": st.integers(-1, 1441), "end": st.integers(-1, 1441)},
+                optional={"days": st.lists(st.integers(-1, 8), max_size=8)},
+            ),
+            max_size=4,
+        ),
+        "jobMaxRuntimeS": st.integers(-1, 40_000_000),
+        "extra": st.integers(),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_policy_values, st.integers(0, 3_000_000_000))
+def test_any_policy_the_lexicon_admits_is_judged_without_an_error(value, dt) -> None:
+    uri = at_uri(mesh(0), NSID_HOST_POLICY, "self")
+    try:
+        default_lexicons().validate_record(NSID_HOST_POLICY, value, rkey="self")
+    except InvalidRecord:
+        return  # refused at intake: takes no part
+    pol = record_from_json(uri, "cid", value)
+    assert isinstance(pol, HostPolicy)
+    for wl in (
+        image_wl("busybox"),
+        replace(image_wl("reg.example/a/b:1", kind="job"), network="lan", max_runtime_s=5),
+    ):
+        refusal(pol, wl)
+        admits(pol, wl, T0 + dt)
+    core = observer()
+    feed(core, [*cluster_records(3), pol, image_wl("busybox")])
+    core.handle(Tick(CLOSE))
+
+
+def test_taking_an_eviction_back_clears_the_reason_from_the_status() -> None:
+    wl = image_wl("busybox")
+    core = placed_on_0(wl)
+    feed(core, [policy(0, created=CLOSE + 100, evicted=frozenset({owner(2)}))])
+    out = feed(core, [policy(0, created=CLOSE + 200)])
+    st = [a.record for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
+    assert [(s.state, s.message) for s in st] == [("running", None)]

@@ -377,6 +377,7 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
         running.unix.get(ctl + "getBalance"),
         running.unix.get(ctl + "getUsage", params={"days": 2}),
         running.unix.get(ctl + "getHandles"),
+        running.unix.get(ctl + "getEndpoints", params={"uri": uri}),
         running.unix.get(ctl + "getPolicy"),
         running.unix.post(ctl + "setPolicy", json={"key": "evict", "value": "did:plc:mallory"}),
     ]
@@ -394,6 +395,7 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
             "getBalance",
             "getUsage",
             "getHandles",
+            "getEndpoints",
             "getPolicy",
             "setPolicy",
         )

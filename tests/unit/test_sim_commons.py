@@ -1,4 +1,4 @@
-"""The simulator's commune with free riders (docs/protocol.md section 22): every meshlet
+"""The simulator's commune with free riders (docs/protocol.md section 23): every meshlet
 still computes one placement with the rule in force, and the figures say what each owner
 received against what it lent."""
 
