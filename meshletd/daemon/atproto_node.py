@@ -447,6 +447,9 @@ class AtprotoNode:
     def balance(self) -> dict[str, Any]:
         return self.read.balance(int(time.time() * 1000))
 
+    def usage(self, days: int) -> dict[str, Any]:
+        return self.read.usage(int(time.time() * 1000), days)
+
     def meshlets(self) -> list[dict[str, Any]]:
         return self.read.meshlets()
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshletd.core.records import HostPolicy, Workload
 
+from .commons import commons_figures
 from .model import Node
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "needless_moves_by_round": dict(sim.needless),
         "needless_move_examples": sim.needless_examples,
         "violations": violations,
+        **commons_figures(sim),
     }
 
 

@@ -42,6 +42,8 @@ class Config:
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
     nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)
+    free_riders: float = 0.0  # fraction of owners whose meshlets lend nothing (sim/commons.py)
+    min_contribution: str = ""  # MODE:PERMILLE[:DAYS] set by every contributor's host
 
 
 @dataclass
