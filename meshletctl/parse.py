@@ -116,6 +116,7 @@ def workload_record(
     restart: str | None = None,
     constraint: list[str] = (),  # type: ignore[assignment]
     cluster: str | None = None,
+    pull_secret: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """The workload record `meshletctl run` publishes, and the secrets (name, value) it
     stores first on the local meshlet (values read from @FILE, never from the command line).
@@ -155,6 +156,19 @@ def workload_record(
             raise ParseError(f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}") from None
     if secrets:
         record["secrets"] = [{"name": s} for s, _ in secrets]
+    if pull_secret is not None:
+        # Registry credentials: stored like a secret, named in imagePullSecret, used only
+        # for the pull (never mounted into the container).
+        pname, spec = key_value(pull_secret, "--pull-secret")
+        if not spec.startswith("@"):
+            raise ParseError(f"--pull-secret {pname}: give the value as @FILE")
+        try:
+            secrets.append((pname, Path(spec[1:]).read_bytes()))
+        except OSError as e:
+            raise ParseError(
+                f"--pull-secret {pname}: cannot read {spec[1:]}: {e.strerror}"
+            ) from None
+        record["imagePullSecret"] = pname
     if cluster:
         record["cluster"] = cluster
     return record, secrets

@@ -80,6 +80,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "cluster": "cluster",
         "bidWindowMs": "bid_window_ms",
         "paused": "paused",
+        "imageDigest": "image_digest",
+        "imagePullSecret": "image_pull_secret",
         "createdAt": "created_at",
     },
     Bid: {
@@ -297,6 +299,8 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            image_digest=str(value.get("imageDigest", "")),
+            image_pull_secret=str(value.get("imagePullSecret", "")),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -448,6 +452,10 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.image_digest:
+            out["imageDigest"] = record.image_digest
+        if record.image_pull_secret:
+            out["imagePullSecret"] = record.image_pull_secret
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at

@@ -38,13 +38,15 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaStateChanged:
-    """The runtime reports a local replica's state: running, exited (with exit_code),
-    stopped (after StopReplica) or failed (could not start)."""
+    """The runtime reports a local replica's state: pulling (its image, `message` says how
+    far), running, exited (with exit_code), stopped (after StopReplica) or failed (could
+    not start; `message` says why, e.g. why its image could not be pulled)."""
 
     workload_uri: str
     slot: int
     state: str
     exit_code: int | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .actions import StartReplica, StopReplica
 from .bidding import Bidding
-from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MIN_EXIT_CODE, clamp
+from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MAX_STATUS_MESSAGE, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
@@ -200,6 +200,11 @@ class Reconciler(Bidding):
             else:
                 return
         e = self.workloads.get(ev.workload_uri)
+        if ev.state == "pulling":
+            # Progress of the image pull, shown in the status until the replica runs.
+            if rep.state == "starting" and e is not None:
+                self._write_status(e.wl, ev.slot, rep, "pulling", message=ev.message)
+            return
         if ev.state == "stopped" and rep.state == "pausing":
             # Paused: the replica keeps its slot, its round and its capacity.
             rep.state = "paused"
@@ -238,18 +243,31 @@ class Reconciler(Bidding):
         if _restarts(wl, ok):
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
             self._replicas_waiting[key] = None
+            if ev.state == "failed" and ev.message:
+                # It could not start (e.g. its image could not be pulled): say why while
+                # it waits to try again. "pending", not "failed": a failed status is
+                # terminal to every observer (the slot would never be placed again).
+                self._write_status(wl, ev.slot, rep, "pending", message=ev.message)
             return
         final = "succeeded" if ok else "failed"
-        self._write_status(wl, ev.slot, rep, final, force=True)
+        self._write_status(wl, ev.slot, rep, final, force=True, message=ev.message)
         if e.finished is None:
             e.finished = {}
         e.finished[ev.slot] = (self.me.did, rep.round, final)
 
     def _write_status(
-        self, wl: Workload, slot: int, rep: Replica, state: str, force: bool = False
+        self,
+        wl: Workload,
+        slot: int,
+        rep: Replica,
+        state: str,
+        force: bool = False,
+        message: str = "",
     ) -> None:
-        """Write our status record of (wl, slot) when its state changed (or `force`)."""
-        if rep.written == state and not force:
+        """Write our status record of (wl, slot) when its state or message changed (or
+        `force`)."""
+        message = message[:MAX_STATUS_MESSAGE]
+        if rep.written == state and rep.message == message and not force:
             return
         rkey = status_rkey(wl.uri, slot)
         st = WorkloadStatus(
@@ -266,8 +284,10 @@ class Reconciler(Bidding):
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
+            message=message or None,
         )
         rep.written = state
+        rep.message = message
         self._put(NSID_STATUS, rkey, st)
 
     # -- usage ---------------------------------------------------------------------------

@@ -86,8 +86,8 @@ class Workload:
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose record
-    it is."""
+    paused, imageDigest, imagePullSecret, createdAt. `uri`, `cid` and `owner` (the repo) say
+    which version of whose record it is."""
 
     uri: str
     cid: str
@@ -114,6 +114,10 @@ class Workload:
     storage_mib: int = 0
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
+    # The digest `image` meant when the owner published (sha256:...; "" = not resolved:
+    # a local image), and the owner's secret that holds the registry credentials.
+    image_digest: str = ""
+    image_pull_secret: str = ""
 
 
 @dataclass(frozen=True, slots=True)

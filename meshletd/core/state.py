@@ -58,6 +58,7 @@ class Replica:
     __slots__ = (
         "exit_code",
         "lost_at",
+        "message",
         "restart_at",
         "restarts",
         "round",
@@ -75,6 +76,7 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.message = ""  # the message written with it
 
 
 ReplicaKey = tuple[str, int]

@@ -59,6 +59,7 @@ from meshletd.runtime import (
     ReplicaFailed,
     ReplicaId,
     ReplicaOomKilled,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaSpec,
     ReplicaStatus,
@@ -66,6 +67,8 @@ from meshletd.runtime import (
     Runtime,
     Secret,
 )
+from meshletd.runtime.reference import parse_image, pinned_image
+from meshletd.runtime.registry import auth_file
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
@@ -104,10 +107,18 @@ def replica_spec(
         if ref.name not in secret_values:
             raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
         secrets.append(Secret(ref.target or ref.name, secret_values[ref.name], env=ref.env))
+    pull_auth = None
+    if wl.image_pull_secret:
+        value = secret_values.get(wl.image_pull_secret)
+        if value is None:
+            raise LookupError(f"pull secret {wl.image_pull_secret!r} is not available")
+        pull_auth = auth_file(value, parse_image(wl.image).registry)
     return ReplicaSpec(
         replica=replica_id(wl.uri, action.slot),
         owner_handle=owner_handle,
-        image=wl.image,
+        # Pinned to the digest resolved when the owner published: the same bits everywhere.
+        image=pinned_image(wl.image, wl.image_digest),
+        pull_auth=pull_auth,
         resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
         args=wl.command + wl.args,
         env=tuple((e.name, e.value) for e in wl.env),
@@ -304,11 +315,14 @@ class Engine:
     async def secrets_for(self, wl: Workload) -> dict[str, bytes]:
         """The values of the secrets a workload references (fetched where they live)."""
         out: dict[str, bytes] = {}
-        for ref in wl.secrets:
-            value = await self._secret(wl.uri, ref.name) if self._secret else None
+        names = [ref.name for ref in wl.secrets]
+        if wl.image_pull_secret:
+            names.append(wl.image_pull_secret)
+        for name in names:
+            value = await self._secret(wl.uri, name) if self._secret else None
             if value is None:
-                raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
-            out[ref.name] = value
+                raise LookupError(f"secret {name!r} is not available to this meshlet")
+            out[name] = value
         return out
 
     def spec_for(
@@ -326,7 +340,7 @@ class Engine:
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("replica %d of %s could not start: %s", slot, uri, e)
-            self.feed(ReplicaStateChanged(uri, slot, "failed"))
+            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)))
             return
         self.units[(uri, slot)] = outcome.unit
         if isinstance(outcome, ReplicaRunning):
@@ -361,7 +375,9 @@ class Engine:
                 log.info("replica %d of %s ended while meshletd was not running", slot, uri)
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             self._told.add((uri, slot))
-            if isinstance(ev, ReplicaRunning):
+            if isinstance(ev, ReplicaPulling):
+                self.feed(ReplicaStateChanged(uri, slot, "pulling", message=ev.message))
+            elif isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             elif isinstance(ev, ReplicaExited):
                 log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
@@ -371,7 +387,9 @@ class Engine:
                 self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
             elif isinstance(ev, ReplicaFailed):
                 log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
-                self.feed(ReplicaStateChanged(uri, slot, "failed"))
+                self.feed(
+                    ReplicaStateChanged(uri, slot, "failed", message=f"{ev.error}: {ev.message}")
+                )
             # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
 
     async def _run_probe(self, meshlet: str) -> None:

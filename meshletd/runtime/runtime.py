@@ -19,10 +19,12 @@ from typing import TypeVar
 
 import trio
 
+from meshletd.errors import RuntimeFailure
 from meshletd.runtime import naming
 from meshletd.runtime.events import (
     EndEvent,
     ReplicaFailed,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaStarting,
     ReplicaStatus,
@@ -37,6 +39,7 @@ from meshletd.runtime.outcome import (
     peak_memory_from_counters,
     unit_phase,
 )
+from meshletd.runtime.pull import fetch_image
 from meshletd.runtime.spec import (
     ImageNotFound,
     InvalidReplicaSpec,
@@ -192,14 +195,15 @@ class ReplicaRuntime:
             spec.replica, unit, container, spec.revision or "", milli_cpu=spec.resources.milli_cpu
         )
         t0 = self._clock()
-        if failed := await self._ensure_image(rep, spec.image):
-            return failed
-        t1 = self._clock()
         started = False
         try:
+            # First: a pull with the owner's credentials keeps its auth file in here.
+            await self.machine.prepare_state_dir(unit)
+            if failed := await self._ensure_image(rep, spec):
+                return failed
+            t1 = self._clock()
             if failed := await self._create_secrets(rep, spec):
                 return failed
-            await self.machine.prepare_state_dir(unit)
             if failed := await self._start_unit(rep, spec):
                 return failed
             started = True
@@ -312,17 +316,28 @@ class ReplicaRuntime:
 
     # ---- the steps ----------------------------------------------------------------------
 
-    async def _ensure_image(self, rep: _Replica, image: str) -> ReplicaFailed | None:
+    async def _ensure_image(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
+        image = spec.image
         seen = self._image_seen.get(image)
         if seen is not None and self._clock() - seen < IMAGE_FRESH_S:
             return None
+
+        def progress(begun: int, layers: int, size: int) -> None:
+            self._emit(ReplicaPulling(rep.replica, rep.unit, image, begun, layers, size))
+
         try:
-            if await self.machine.image_present(image):
-                self._image_seen[image] = self._clock()
-                return None
-            with trio.fail_after(self.config.pull_timeout_s):
-                await self.machine.pull_image(image)
-        except (MachineError, trio.TooSlowError) as err:
+            await fetch_image(
+                self.machine,
+                self.config,
+                image,
+                auth=spec.pull_auth,
+                scratch=rep.unit,
+                progress=progress,
+            )
+        except RuntimeFailure as err:
+            log.warning("replica %s: image %s: %s", rep.replica, image, err.message)
+            return self._emit(ReplicaFailed(rep.replica, rep.unit, err.name, err.message))
+        except MachineError as err:
             return self._emit(
                 ReplicaFailed(
                     rep.replica,
@@ -331,6 +346,7 @@ class ReplicaRuntime:
                     f"image {image} is not present and could not be pulled: {err}",
                 )
             )
+        self._image_seen[image] = self._clock()
         return None
 
     async def _create_secrets(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:

@@ -133,6 +133,8 @@ SAMPLES = [
         storage_mib=10,
         prefer=("did:plc:y",),
         paused=True,
+        image_digest="sha256:" + "ab" * 32,
+        image_pull_secret="regcreds",
     ),
     Bid(
         uri=at_uri("did:plc:m", N.NSID_BID, "b1"),
