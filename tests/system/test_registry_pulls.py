@@ -43,9 +43,7 @@ def registry(systemd_host: NspawnHost | LocalHost, hostenv_network: str) -> Iter
         reg.configure_host(systemd_host)
         yield reg
     finally:
-        systemd_host.run(
-            "rm", "-f", "/etc/containers/registries.conf.d/50-meshlet-test-registry.conf"
-        )
+        systemd_host.run("rm", "-f", DROP_IN)
         reg.stop()
 
 
