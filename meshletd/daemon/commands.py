@@ -119,7 +119,7 @@ class OwnerCommands:
         owner, name = self.local.owner, record.get("name")
         if isinstance(name, str) and self.followed.named(owner, name):
             raise Conflict(f"a workload named {name!r} exists already")
-        record = await self._pin_image(record)
+        record = await self.pin_image(record)
         rkey = new_tid()
         uri = f"at://{owner}/{NSID_WORKLOAD}/{rkey}"
         trace("publish", uri=uri)
@@ -131,11 +131,12 @@ class OwnerCommands:
             out["imageDigest"] = record["imageDigest"]
         return out
 
-    async def _pin_image(self, record: dict[str, Any]) -> dict[str, Any]:
+    async def pin_image(self, record: dict[str, Any]) -> dict[str, Any]:
         """The record with `imageDigest`: the digest its image's tag means now, asked of the
         registry once, here, so every replica runs the same bits (docs/protocol.md, section
         21). A reference that names a digest already is pinned to it; a local image
-        (localhost/NAME) is in no registry and stays as written."""
+        (localhost/NAME) is in no registry and stays as written. A record that has an
+        `imageDigest` keeps it: whoever changes `image` (an update) drops it first."""
         image = record.get("image")
         if not isinstance(image, str) or record.get("imageDigest"):
             return record
