@@ -192,11 +192,13 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
     out = []
     for w in items:
         for slot, r in _slot_rows(w).items():
-            if r.get("reason"):
+            # the scheduler's reason, or the host's own message (e.g. why a pull failed)
+            said = r.get("reason") or r.get("message")
+            if said:
                 label = (
                     safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
                 )
-                out.append(f"{label} {replica_state(r)}: {_named(r['reason'], name)}")
+                out.append(f"{label} {replica_state(r)}: {_named(said, name)}")
     return out
 
 

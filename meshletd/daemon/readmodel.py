@@ -313,6 +313,13 @@ class ReadModel:
             status = max(reported, key=lambda st: st.round) if reported else None
             if meshlet == me and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
+                if (
+                    r["state"] == "starting"
+                    and status is not None
+                    and status.round >= rnd
+                    and status.state in ("pulling", "pending")
+                ):
+                    r["state"] = status.state  # how far the start is (an image pull)
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:
@@ -323,6 +330,8 @@ class ReadModel:
                 if status.exit_code is not None:
                     r["exitCode"] = status.exit_code
                 r["restarts"] = status.restarts
+                if status.message and status.round >= rnd:
+                    r["message"] = _clip(status.message)  # e.g. why its image did not pull
             if slot in reasons:
                 r["reason"] = _clip(reasons[slot])
             if meshlet == me:
