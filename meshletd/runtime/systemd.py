@@ -151,7 +151,9 @@ class SystemdPodmanMachine(PodmanCalls):
         """root:meshlet 0640 (podman reads it as user meshlet), written before it is named."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            if os.geteuid() == 0:
+            # Under the packaged unit (Group=meshlet) the file has the group already, and
+            # chown is a syscall its filter refuses (@privileged): only fix it elsewhere.
+            if os.geteuid() == 0 and os.fstat(fd).st_gid != self.config.gid:
                 os.fchown(fd, 0, self.config.gid)
             os.fchmod(fd, 0o640)
             os.write(fd, auth)
