@@ -99,3 +99,17 @@ def test_a_slot_holder_runs_the_pinned_image_with_the_pull_secret_as_auth_file()
     assert credentials(spec.pull_auth, "registry.test:5000") == ("alice", "s3cret")
     assert spec.secrets == ()  # never mounted into the container
     assert "s3cret" not in repr(spec)
+
+
+def test_run_pull_secret_is_stored_like_a_secret_and_named_only_in_image_pull_secret(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from meshletctl import parse
+
+    auth = tmp_path / "auth.json"
+    auth.write_text('{"auths": {"r.test": {"auth": "YTpi"}}}')
+    record, secrets = parse.workload_record(IMAGE, [], pull_secret=f"reg=@{auth}")
+    assert record["imagePullSecret"] == "reg" and "secrets" not in record
+    assert secrets == [("reg", auth.read_bytes())]
+    with pytest.raises(parse.ParseError, match="@FILE"):
+        parse.workload_record(IMAGE, [], pull_secret="reg=hunter2")
