@@ -26,7 +26,7 @@ from meshletd.core.records import Workload
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.journal import read_unit
 from meshletd.daemon.local import Local, State
-from meshletd.daemon.peers import LogQuery, Peers
+from meshletd.daemon.peers import LogPage, LogQuery, Peers
 from meshletd.daemon.publisher import OwnRecords
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import Repo
@@ -52,7 +52,7 @@ _PUBLISH_ERRORS: dict[str, type[MeshletError]] = {
     "unauthorized": Forbidden,
 }
 
-JournalReader = Callable[[str, int, str | None], Awaitable[dict[str, Any]]]
+JournalReader = Callable[[str, int, str | None], Awaitable[LogPage]]
 # (image, auth file content or None) -> the digest the image's tag means now
 ImageResolver = Callable[[str, bytes | None], Awaitable[str]]
 
@@ -134,7 +134,7 @@ class OwnerCommands:
     async def pin_image(self, record: dict[str, Any]) -> dict[str, Any]:
         """The record with `imageDigest`: the digest its image's tag means now, asked of the
         registry once, here, so every replica runs the same bits (docs/protocol.md, section
-        21). A reference that names a digest already is pinned to it; a local image
+        23). A reference that names a digest already is pinned to it; a local image
         (localhost/NAME) is in no registry and stays as written. A record that has an
         `imageDigest` keeps it: whoever changes `image` (an update) drops it first."""
         image = record.get("image")
@@ -278,9 +278,7 @@ class OwnerCommands:
 
     # -- logs ----------------------------------------------------------------------------------
 
-    async def logs(
-        self, ref: str, slot: int, lines: int, cursor: str | None = None
-    ) -> dict[str, Any]:
+    async def logs(self, ref: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         """A replica's lines: from journald when it runs here; for our owner's workloads
         running elsewhere, from the hosting meshlet (as the owner, service auth), passing
         the cursor through (it is the hosting meshlet's journal cursor)."""
@@ -296,5 +294,4 @@ class OwnerCommands:
         owner = self.local.owner_repo
         if not uri.startswith(f"at://{self.local.owner}/") or owner is None:
             raise Forbidden("only the owner's meshlet (with the owner's credentials) may fetch it")
-        page = await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)
-        return {"entries": list(page.entries), "cursor": page.cursor}
+        return await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)

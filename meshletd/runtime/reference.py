@@ -4,7 +4,7 @@
 "." or a ":" or is "localhost" (the distribution spec's rule); without one the image is
 Docker Hub's (`docker.io`, `library/` for a single component). `localhost/NAME` with no
 port is podman's namespace for images built or imported on the machine: it lives in no
-registry, so it is never resolved or pulled (docs/protocol.md, section 21).
+registry, so it is never resolved or pulled (docs/protocol.md, section 23).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A registry's manifest endpoint, read the way podman reads it: which digest a tag means
-now, and how many bytes pulling it costs (docs/protocol.md, section 21).
+now, and how many bytes pulling it costs (docs/protocol.md, section 23).
 
 meshletd asks a registry two things itself, before podman pulls anything: the owner's
 meshlet resolves a tag to its digest when the workload is published, and the meshlet that

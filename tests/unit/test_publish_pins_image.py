@@ -113,3 +113,21 @@ def test_run_pull_secret_is_stored_like_a_secret_and_named_only_in_image_pull_se
     assert secrets == [("reg", auth.read_bytes())]
     with pytest.raises(parse.ParseError, match="@FILE"):
         parse.workload_record(IMAGE, [], pull_secret="reg=hunter2")
+
+
+def test_a_digests_only_host_accepts_a_tag_pinned_at_publish_time() -> None:
+    from dataclasses import replace
+
+    from meshletd.core.policy import IMAGE as REFUSED_IMAGE
+    from meshletd.core.policy import refusal
+    from meshletd.core.records import HostPolicy
+
+    value = workload_value(image=IMAGE)
+    wl = record_from_json(f"at://{OWNER}/{WORKLOAD}/3kweb", "bafyreiabc", value)
+    strict = replace(
+        HostPolicy.default("did:plc:host"),
+        digests_only=True,
+        image_allow=("registry.test:5000/team/*",),
+    )
+    assert refusal(strict, wl) == REFUSED_IMAGE  # a bare tag could mean anything later
+    assert refusal(strict, replace(wl, image_digest=DIGEST)) is None  # type: ignore[arg-type]
