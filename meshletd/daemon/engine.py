@@ -72,6 +72,8 @@ from meshletd.runtime.registry import auth_file
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
+# How often a replica's pull progress reaches its status record (each one is a PDS write).
+PULL_PROGRESS_EVERY_S = 30.0
 
 
 class Core(PlacementQueries, Protocol):
@@ -172,6 +174,7 @@ class Engine:
         # Replicas the core has heard of (adopted running, or started by it): an exit of any
         # other is one that ended while meshletd was away.
         self._told: set[tuple[str, int]] = set()
+        self._pull_said: dict[tuple[str, int], float] = {}  # last pull progress forwarded
 
     @property
     def admin_slice_keys(self) -> frozenset[str]:
@@ -376,8 +379,16 @@ class Engine:
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             self._told.add((uri, slot))
             if isinstance(ev, ReplicaPulling):
-                self.feed(ReplicaStateChanged(uri, slot, "pulling", message=ev.message))
-            elif isinstance(ev, ReplicaRunning):
+                # Each forwarded step is a status write: the first at once, then at most
+                # one per PULL_PROGRESS_EVERY_S (a long pull of many layers costs few).
+                last = self._pull_said.get((uri, slot))
+                now = self._clock()
+                if last is None or ev.layers_done == 0 or now - last >= PULL_PROGRESS_EVERY_S:
+                    self._pull_said[(uri, slot)] = now
+                    self.feed(ReplicaStateChanged(uri, slot, "pulling", message=ev.message))
+                continue
+            self._pull_said.pop((uri, slot), None)
+            if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             elif isinstance(ev, ReplicaExited):
                 log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
