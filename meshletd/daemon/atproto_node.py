@@ -43,7 +43,7 @@ from meshletd.core.records import (
     NSID_WORKLOAD,
 )
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
-from meshletd.daemon.commands import OwnerCommands, resolve_digest
+from meshletd.daemon.commands import DigestResolver, OwnerCommands
 from meshletd.daemon.engine import Engine
 from meshletd.daemon.followed import Followed
 from meshletd.daemon.http_peers import PROBE_TIMEOUT_S, HttpPeers
@@ -103,7 +103,7 @@ class AtprotoNode:
             self.peers,
             SecretStore(store),
             self.key,
-            resolve_image=resolve_digest if cfg.images.resolve_tags else None,
+            resolve_image=DigestResolver() if cfg.images.resolve_tags else None,
         )
         self.formation: ClusterFormation | None = None
         self.engine: Engine | None = None

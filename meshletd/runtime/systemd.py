@@ -65,6 +65,7 @@ class SystemdPodmanMachine(PodmanCalls):
         self._bus = Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
         self._swept = False
+        self._registry: RegistryClient | None = None
 
     @classmethod
     def for_user(cls, config: RuntimeConfig) -> SystemdPodmanMachine:
@@ -115,12 +116,11 @@ class SystemdPodmanMachine(PodmanCalls):
         return proc.returncode == 0
 
     async def remote_image(self, image: str, auth: bytes | None = None) -> RemoteImage:
-        client = RegistryClient(timeout_s=min(30, self.config.pull_timeout_s))
-        try:
-            return await client.inspect(parse_image(image), auth=auth)
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
+        # One client for the process: making one costs ~90 ms (its TLS context), and its
+        # connections to a registry are kept for the next replica's pull.
+        if self._registry is None:
+            self._registry = RegistryClient(timeout_s=min(30, self.config.pull_timeout_s))
+        return await self._registry.inspect(parse_image(image), auth=auth)
 
     async def pull_image(
         self,
