@@ -198,3 +198,30 @@ def test_a_replica_whose_image_cannot_be_pulled_says_why_on_every_meshlet(
         assert "ImageNotFound" in out, out
     finally:
         stop_workload(alice, "missing")
+
+
+def test_a_slow_pull_shows_its_progress_in_the_status_until_the_replica_runs(
+    commune: Commune, registry: LocalRegistry, formed: None
+) -> None:
+    alice = commune["alice"]
+    pushed = f"{registry.open}/alice/slowpull:v1"
+    registry.build_and_push(alice.host, pushed, "slow bits", extra_mib=1)
+    ref = pushed.replace(registry.open, registry.slow)  # the same image over a 64 KiB/s link
+    done = alice.ctl_json(
+        "run", "--name", "slowpull", "--cpu", "100m", "--memory", "32Mi", ref,
+        "--", *PRINT_MARKER,
+    )  # fmt: skip
+    try:
+
+        def pulling_seen_by_alice() -> dict[str, Any] | None:
+            rows = (find(alice, "slowpull") or {}).get("running", [])
+            row = next((r for r in rows if r.get("meshletDid")), None)
+            if row and row.get("state") == "pulling" and "layer" in row.get("message", ""):
+                return row
+            return None
+
+        row = wait_for(pulling_seen_by_alice, BID_WINDOW_S + 30, "status 'pulling' with progress")
+        assert ref.split(":v1")[0] in row["message"] and done["imageDigest"] in row["message"]
+        wait_for(lambda: agreed_placement(commune, "slowpull", 1), 120, "slowpull running")
+    finally:
+        stop_workload(alice, "slowpull")
