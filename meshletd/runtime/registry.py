@@ -260,13 +260,14 @@ class RegistryClient:
             query["service"] = params["service"]
         headers = {"Authorization": basic} if basic else {}
         try:
-            got = await self._http.get(params["realm"], params=query, headers=headers)
-        except httpx.HTTPError as err:
+            # Read within the same bound as a manifest: the realm is the registry's word.
+            got = await self._send(str(httpx.URL(params["realm"], params=query)), headers)
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
             raise RegistryError("unreachable", f"token service unreachable: {err!r}") from err
         if got.status_code != 200:
             raise RegistryError("unauthorized", f"{ref}: token refused ({got.status_code})")
         try:
-            data = got.json()
+            data = json.loads(got.body)
             return "Bearer " + str(data.get("token") or data["access_token"])
         except (ValueError, KeyError, AttributeError) as err:
             raise RegistryError("unauthorized", f"{ref}: no token in the answer") from err
