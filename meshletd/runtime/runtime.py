@@ -98,6 +98,7 @@ class ReplicaRuntime:
         self._send, self._events = trio.open_memory_channel[RuntimeEvent](math.inf)
         self._replicas: dict[ReplicaId, _Replica] = {}
         self._image_seen: dict[str, float] = {}  # image -> when found present
+        self._pulling: dict[ReplicaId, trio.CancelScope] = {}  # starts in their image step
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
 
@@ -199,7 +200,23 @@ class ReplicaRuntime:
         try:
             # First: a pull with the owner's credentials keeps its auth file in here.
             await self.machine.prepare_state_dir(unit)
-            if failed := await self._ensure_image(rep, spec):
+            # A pull may take minutes: a stop() meanwhile cancels it (nothing started yet).
+            with trio.CancelScope() as pulling:
+                self._pulling[spec.replica] = pulling
+                try:
+                    failed = await self._ensure_image(rep, spec)
+                finally:
+                    self._pulling.pop(spec.replica, None)
+            if pulling.cancelled_caught:
+                failed = self._emit(
+                    ReplicaFailed(
+                        rep.replica,
+                        unit,
+                        UnitStartFailed.name,
+                        "stopped while its image was pulled",
+                    )
+                )
+            if failed:
                 return failed
             t1 = self._clock()
             if failed := await self._create_secrets(rep, spec):
@@ -220,6 +237,8 @@ class ReplicaRuntime:
         """Stop a replica and remove its container; None when no such replica runs."""
         rep = self._replicas.get(replica)
         if rep is None:
+            if (pulling := self._pulling.get(replica)) is not None:
+                pulling.cancel()  # its start ends without a unit (and says so)
             return None
         async with rep.lock:
             if self._replicas.get(replica) is not rep:

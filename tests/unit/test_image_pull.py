@@ -183,3 +183,25 @@ async def test_a_local_only_image_that_is_missing_is_never_pulled() -> None:
     result = await rt.start(spec(h, image="localhost/absent:latest"))
     assert isinstance(result, ReplicaFailed) and result.error == "ImageNotFound"
     assert machine.pulls == []
+
+
+async def test_a_stop_during_a_long_pull_cancels_it_and_leaves_nothing() -> None:
+    from meshletd.runtime.runtime import ReplicaRuntime
+
+    h, machine = _harness(pull_delay_s=60.0)
+    rt = ReplicaRuntime(machine, RuntimeConfig())
+    got: list[object] = []
+    s = spec(h, image=PINNED)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def start() -> None:
+                got.append(await rt.start(s))
+
+            nursery.start_soon(start)
+            await trio.sleep(0.5)
+            assert await rt.stop(s.replica) is None
+    (result,) = got
+    assert isinstance(result, ReplicaFailed) and "stopped while" in result.message
+    assert machine.leftovers() == {"units": [], "containers": [], "secrets": [], "state_dirs": []}
+    assert PINNED not in machine.images
