@@ -108,6 +108,18 @@ async def start_once(rt: ReplicaRuntime, s: ReplicaSpec, *, keep: bool = False) 
 
 
 async def leftovers() -> dict:
+    """What replicas and pulls left, once systemd has collected ended podman-call units
+    (it may take a moment on a loaded machine): polled for up to 10 s."""
+    got = await _leftovers()
+    for _ in range(50):
+        if not any(got.values()):
+            break
+        await trio.sleep(0.2)
+        got = await _leftovers()
+    return got
+
+
+async def _leftovers() -> dict:
     m = SystemdPodmanMachine.for_user(RuntimeConfig())
     calls = sh("systemctl", "list-units", "--all", "--no-legend", "meshletd-podman-*").stdout
     return {
