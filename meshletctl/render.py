@@ -157,6 +157,8 @@ def replica_state(r: dict[str, Any]) -> str:
     code = r.get("exitCode")
     if code is not None and state in _TERMINAL:
         return safe(f"{state} (exit {code})")
+    if r.get("health") and state in ("running", "failing"):
+        return safe(f"{state} ({r['health']})")  # its health check's verdict
     return safe(state)
 
 
@@ -186,19 +188,25 @@ def workload_state(w: dict[str, Any]) -> str:
     return safe(", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
+# States whose host message is shown under the table.
+MESSAGE_STATES = ("failing", "failed", "pending", "pulling")
+
+
 def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> list[str]:
     """One line per slot that has a reason (pending, lost, moving): printed under the table
     as plain text, so a narrow terminal or a pipe never splits it mid-word."""
     out = []
     for w in items:
         for slot, r in _slot_rows(w).items():
-            # the scheduler's reason, or the host's own message (e.g. why a pull failed)
-            said = r.get("reason") or r.get("message")
-            if said:
+            # the scheduler's reason, or the host's own message: why it is handed off
+            # (failing) or why it did not start yet (e.g. its image did not pull)
+            said = r.get("message") if r.get("state") in MESSAGE_STATES else ""
+            why = r.get("reason") or said
+            if why:
                 label = (
                     safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
                 )
-                out.append(f"{label} {replica_state(r)}: {_named(said, name)}")
+                out.append(f"{label} {replica_state(r)}: {_named(why, name)}")
     return out
 
 
@@ -296,6 +304,23 @@ def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
         console.print(f"winners: {', '.join(name(w) for w in rnd.get('winners', [])) or '-'}")
         if rnd.get("why"):
             console.print(f"why: {_named(rnd['why'], name)}")
+
+
+def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("SLOT", "PORT", "ENDPOINT", "MESHLET", "STATE", "HEALTH", title=safe(d["workload"]))
+    for e in d.get("endpoints", []):
+        address = str(e["address"])
+        host = f"[{address}]" if ":" in address else address
+        t.add_row(
+            safe(e["slot"]),
+            safe(f"{e['name']}/{e.get('protocol', 'tcp')}"),
+            safe(f"{host}:{e['port']}"),
+            name(e["meshletDid"]),
+            safe(e.get("state", "")),
+            safe(e.get("health", "-")),
+        )
+    _console().print(t)
 
 
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:

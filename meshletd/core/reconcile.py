@@ -10,6 +10,7 @@ from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MAX_STATUS_MESSAGE, MIN_EXIT_CO
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
+from .services import MAX_TRIES, STABLE_MS, choose_endpoints
 from .state import Replica, ReplicaKey, status_rkey
 
 
@@ -95,7 +96,7 @@ class Reconciler(Bidding):
                     rep.state = "paused"
                     self._write_status(wl, s, rep, "paused")
                 else:
-                    self._out.append(StartReplica(wl, s, rnd))
+                    self._start(e, s, rep)
                 continue
             rep.lost_at = None
             if rep.round != rnd:
@@ -108,8 +109,7 @@ class Reconciler(Bidding):
             if rep.restart_at is not None and rep.restart_at <= self.now:
                 rep.restart_at = None
                 rep.restarts += 1
-                rep.state = "starting"
-                self._out.append(StartReplica(wl, s, rnd))
+                self._start(e, s, rep)
         for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
             rep = self._replicas[key]
             if rep.state == "stopping":
@@ -170,9 +170,41 @@ class Reconciler(Bidding):
             self._out.append(StopReplica(key[0], key[1], "paused"))
             return
         # resumed
-        rep.state = "starting"
         rep.exit_code = None
-        self._out.append(StartReplica(wl, key[1], rep.round))
+        e = self.workloads.get(key[0])
+        if e is not None:
+            self._start(e, key[1], rep)
+
+    def _start(self, e: WorkloadEntry, slot: int, rep: Replica) -> None:
+        """Start (or restart) our replica of a slot, its ports published at the endpoints it
+        holds, or at new ones from our inbound range (docs/protocol.md, section 22). With
+        no free port left in the range it cannot start here: its slot is handed off."""
+        wl = e.wl
+        if [p.name for p in wl.ports] != [x.name for x in rep.endpoints]:
+            key = (wl.uri, slot)
+            used = [x.port for k, r in self._replicas.items() if k != key for x in r.endpoints]
+            got = choose_endpoints(wl, self.cluster.inbound_of(self.me.did), used)
+            if got is None:
+                rep.state = "exited"
+                if not rep.failing:
+                    self._hand_off(e, slot, rep, "no free port in this meshlet's inbound range")
+                return
+            rep.endpoints = got
+        rep.state = "starting"
+        self._out.append(StartReplica(wl, slot, rep.round, rep.endpoints))
+
+    def _hand_off(self, e: WorkloadEntry, slot: int, rep: Replica, why: str) -> None:
+        """Our replica of a slot failed its tries here: say why in its status, offer the
+        slot to the others in a new round (a decline: make-before-break, as a drain does),
+        and bid for this version of the workload no more (docs/protocol.md, section 22)."""
+        wl = e.wl
+        rep.failing = why
+        self._gave_up[wl.uri] = wl.cid
+        self._write_status(wl, slot, rep, "failing", force=True)
+        owners = e.owners
+        cur = owners[slot] if owners is not None and slot < len(owners) else None
+        if cur is not None and cur[1] == self.me.did:
+            self._reopen(e, slot, cur, force=True)
 
     def _forget_paused(self, key: ReplicaKey, rep: Replica) -> None:
         """A paused replica whose slot is no longer ours (or whose workload is gone): there
@@ -235,9 +267,17 @@ class Reconciler(Bidding):
         if ev.state == "running":
             if rep.state in ("stopping", "pausing"):
                 return  # started, then stopped before it ran: the stop wins, no status
-            rep.state = "running"
-            rep.since = self.now
-            if e is not None:
+            if ev.endpoints:
+                rep.endpoints = ev.endpoints  # adopted: where it was published
+            if rep.state != "running":
+                rep.state = "running"
+                rep.since = self.now
+                rep.up_since = self.now
+                rep.health = "starting"
+            if ev.health is not None:
+                rep.health = ev.health
+            if e is not None and not rep.failing:
+                # a failing replica keeps its "failing" status while it is retried here
                 self._write_status(e.wl, ev.slot, rep, "running")
             self._dirty[ev.workload_uri] = None
             return
@@ -251,11 +291,30 @@ class Reconciler(Bidding):
             self._stop(key, "deleted")
             return
         wl = e.wl
-        ok = rep.exit_code == 0
+        ok = rep.exit_code == 0 and ev.state != "failed"
+        unhealthy = ev.health == "unhealthy" or rep.health == "unhealthy"
+        if ev.health is not None:
+            rep.health = ev.health
+        if rep.up_since is not None and self.now - rep.up_since >= STABLE_MS:
+            rep.tries = 0  # it ran long enough: the failures before are forgotten
+        rep.up_since = None
+        if not ok:
+            rep.tries += 1
         if _restarts(wl, ok):
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
             self._replicas_waiting[key] = None
-            if ev.state == "failed" and ev.message:
+            if rep.tries >= MAX_TRIES and not rep.failing:
+                why = (
+                    f"cannot start: {ev.message or 'start failed'}"
+                    if ev.state == "failed"
+                    else f"unhealthy (exit {rep.exit_code})"
+                    if unhealthy
+                    else f"crashed (exit {rep.exit_code})"
+                )
+                self._hand_off(e, ev.slot, rep, f"{why}; handed off after {rep.tries} tries")
+            elif unhealthy and not rep.failing:
+                self._write_status(wl, ev.slot, rep, rep.written or "running")
+            elif ev.state == "failed" and ev.message and not rep.failing:
                 # It could not start (e.g. its image could not be pulled): say why while
                 # it waits to try again. "pending", not "failed": a failed status is
                 # terminal to every observer (the slot would never be placed again).
@@ -276,10 +335,16 @@ class Reconciler(Bidding):
         force: bool = False,
         message: str = "",
     ) -> None:
-        """Write our status record of (wl, slot) when its state or message changed (or
-        `force`)."""
+        """Write our status record of (wl, slot) when its state, health or message changed
+        (or `force`)."""
+        health = rep.health if wl.health_command and state in ("running", "failing") else None
         message = message[:MAX_STATUS_MESSAGE]
-        if rep.written == state and rep.message == message and not force:
+        if (
+            rep.written == state
+            and rep.written_health == health
+            and rep.message == message
+            and not force
+        ):
             return
         rkey = status_rkey(wl.uri, slot)
         st = WorkloadStatus(
@@ -296,9 +361,12 @@ class Reconciler(Bidding):
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
-            message=message or None,
+            message=rep.failing[:1024] if state == "failing" else message or None,
+            health=health,
+            endpoints=rep.endpoints if state in ("running", "failing") else (),
         )
         rep.written = state
+        rep.written_health = health
         rep.message = message
         self._put(NSID_STATUS, rkey, st)
 

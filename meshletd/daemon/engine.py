@@ -51,12 +51,21 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import MeshletOwner, Workload, split_at_uri
+from meshletd.core.records import (
+    Endpoint,
+    MeshletOwner,
+    Workload,
+    WorkloadStatus,
+    split_at_uri,
+)
 from meshletd.daemon.followed import RecordChange, core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.runtime import (
+    HealthCheck,
+    PortBinding,
     ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
     ReplicaId,
     ReplicaOomKilled,
     ReplicaPulling,
@@ -126,7 +135,25 @@ def replica_spec(
         env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
         revision=wl.cid,
+        ports=tuple(
+            PortBinding(e.name, e.address, e.port, p.container_port, p.protocol)
+            for e, p in zip(action.endpoints, wl.ports, strict=False)
+        ),
+        health=HealthCheck(
+            wl.health_command,
+            wl.health_interval_s,
+            wl.health_timeout_s,
+            wl.health_retries,
+            wl.health_start_period_s,
+        )
+        if wl.health_command
+        else None,
     )
+
+
+def endpoints_of(status: ReplicaStatus) -> tuple[Endpoint, ...]:
+    """Where an adopted replica's unit says its ports are published."""
+    return tuple(Endpoint(p.name, p.address, p.host_port, p.protocol) for p in status.endpoints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +271,15 @@ class Engine:
                 if st.state in ("running", "starting"):
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
                     self._told.add((uri, st.replica.index))
-                    self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
+                    self.feed(
+                        ReplicaStateChanged(
+                            uri,
+                            st.replica.index,
+                            "running",
+                            health=st.health or None,
+                            endpoints=endpoints_of(st),
+                        )
+                    )
             nursery.start_soon(self._runtime_events)
             # What the runtime reported while adopting (a replica that ended while meshletd
             # was away) is held before anyone can complete the view: handed over later, it
@@ -285,6 +320,13 @@ class Engine:
                     # The core decided a drain or undrain; the publisher shapes the record
                     # (daemon/publisher.py: the one writer of meshletOwner).
                     record = self._own_record(record)
+                elif isinstance(record, WorkloadStatus) and record.state == "failing":
+                    log.warning(
+                        "replica %d of %s handed off: %s",
+                        record.slot,
+                        record.workload_uri,
+                        record.message,
+                    )
                 value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
                 metrics.count_write(a.collection, "create" if a.create else "update")
@@ -354,7 +396,7 @@ class Engine:
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("replica %d of %s could not start: %s", slot, uri, e)
-            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)))
+            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)[:200]))
             return
         self.units[(uri, slot)] = outcome.unit
         if isinstance(outcome, ReplicaRunning):
@@ -401,16 +443,29 @@ class Engine:
             self._pull_said.pop((uri, slot), None)
             if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
+            elif isinstance(ev, ReplicaHealth):
+                log.info("replica %d of %s is %s", slot, uri, ev.health)
+                self.feed(ReplicaStateChanged(uri, slot, "running", health=ev.health))
             elif isinstance(ev, ReplicaExited):
-                log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
-                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code))
+                log.info(
+                    "replica %d of %s exited with %d%s",
+                    slot,
+                    uri,
+                    ev.exit_code,
+                    " (unhealthy: killed by its health check)" if ev.health else "",
+                )
+                self.feed(
+                    ReplicaStateChanged(uri, slot, "exited", ev.exit_code, health=ev.health or None)
+                )
             elif isinstance(ev, ReplicaOomKilled):
                 log.info("replica %d of %s was killed: out of memory", slot, uri)
                 self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
             elif isinstance(ev, ReplicaFailed):
                 log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
                 self.feed(
-                    ReplicaStateChanged(uri, slot, "failed", message=f"{ev.error}: {ev.message}")
+                    ReplicaStateChanged(
+                        uri, slot, "failed", message=f"{ev.error}: {ev.message}"[:200]
+                    )
                 )
             # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
 
