@@ -26,7 +26,7 @@ from meshletd.runtime.spec import ImageNotFound, ImageTooLarge, ImageUnauthorize
 from meshletd.runtime.units import RuntimeConfig
 
 # (layers begun, layers in all, bytes in all)
-Progress = Callable[[int, int, int], None]
+Progress = Callable[[int, int, int], object]
 
 # What podman's last stderr line says when the registry refused the credentials.
 _UNAUTHORIZED = ("unauthorized", "authentication required", "denied", "401", "403")
@@ -60,8 +60,11 @@ async def fetch_image(
 ) -> int:
     """Make `image` present; returns the bytes pulled (0 if it was there). Raises
     `ImageNotFound`, `ImageUnauthorized`, `ImageTooLarge` or `PullTimedOut`, each saying why."""
-    if await machine.image_present(image):
-        return 0
+    try:
+        if await machine.image_present(image):
+            return 0
+    except MachineError as err:
+        raise ImageNotFound(f"image {image} could not be checked: {err}") from err
     ref = parse_image(image)
     if ref.local_only:
         raise ImageNotFound(f"image {image} is not on this machine (localhost/ is never pulled)")

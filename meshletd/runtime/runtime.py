@@ -44,7 +44,6 @@ from meshletd.runtime.outcome import (
 )
 from meshletd.runtime.pull import fetch_image
 from meshletd.runtime.spec import (
-    ImageNotFound,
     InvalidReplicaSpec,
     PortBinding,
     ReplicaId,
@@ -219,23 +218,7 @@ class ReplicaRuntime:
         try:
             # First: a pull with the owner's credentials keeps its auth file in here.
             await self.machine.prepare_state_dir(unit)
-            # A pull may take minutes: a stop() meanwhile cancels it (nothing started yet).
-            with trio.CancelScope() as pulling:
-                self._pulling[spec.replica] = pulling
-                try:
-                    failed = await self._ensure_image(rep, spec)
-                finally:
-                    self._pulling.pop(spec.replica, None)
-            if pulling.cancelled_caught:
-                failed = self._emit(
-                    ReplicaFailed(
-                        rep.replica,
-                        unit,
-                        UnitStartFailed.name,
-                        "stopped while its image was pulled",
-                    )
-                )
-            if failed:
+            if failed := await self._ensure_image(rep, spec):
                 return failed
             t1 = self._clock()
             if failed := await self._create_secrets(rep, spec):
@@ -372,37 +355,29 @@ class ReplicaRuntime:
     # ---- the steps ----------------------------------------------------------------------
 
     async def _ensure_image(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
+        """The image step (pull.py); a pull may take minutes, and a stop() meanwhile
+        cancels it (nothing is started yet)."""
         image = spec.image
         seen = self._image_seen.get(image)
         if seen is not None and self._clock() - seen < IMAGE_FRESH_S:
             return None
-
-        def progress(begun: int, layers: int, size: int) -> None:
-            self._emit(ReplicaPulling(rep.replica, rep.unit, image, begun, layers, size))
-
-        try:
-            await fetch_image(
-                self.machine,
-                self.config,
-                image,
-                auth=spec.pull_auth,
-                scratch=rep.unit,
-                progress=progress,
-            )
-        except RuntimeFailure as err:
-            log.warning("replica %s: image %s: %s", rep.replica, image, err.message)
-            return self._emit(ReplicaFailed(rep.replica, rep.unit, err.name, err.message))
-        except MachineError as err:
-            return self._emit(
-                ReplicaFailed(
-                    rep.replica,
-                    rep.unit,
-                    ImageNotFound.name,
-                    f"image {image} is not present and could not be pulled: {err}",
-                )
-            )
-        self._image_seen[image] = self._clock()
-        return None
+        why: RuntimeFailure = UnitStartFailed("stopped while its image was pulled")
+        with trio.CancelScope() as self._pulling[spec.replica]:
+            try:
+                await fetch_image(
+                    self.machine, self.config, image, auth=spec.pull_auth, scratch=rep.unit,
+                    progress=lambda n, of, size: self._emit(
+                        ReplicaPulling(rep.replica, rep.unit, image, n, of, size)
+                    ),
+                )  # fmt: skip
+                self._image_seen[image] = self._clock()
+                return None
+            except RuntimeFailure as err:
+                log.warning("replica %s: image %s: %s", rep.replica, image, err.message)
+                why = err
+            finally:
+                self._pulling.pop(spec.replica, None)
+        return self._emit(ReplicaFailed(rep.replica, rep.unit, why.name, why.message))
 
     async def _create_secrets(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
         for secret in spec.secrets:
