@@ -185,8 +185,11 @@ def test_a_replica_whose_image_cannot_be_pulled_says_why_on_every_meshlet(
             for m in commune:
                 view = find(m, "missing")
                 rows = (view or {}).get("running", [])
-                msg = next((r.get("message", "") for r in rows if r.get("meshletDid")), "")
-                if "ImageNotFound" not in msg:
+                # any row of the slot (after a few tries the slot may be handed on and
+                # a new holder be starting: the message then stays in the failing row)
+                said = [r.get("message", "") for r in rows if r.get("meshletDid")]
+                msg = next((m for m in said if "ImageNotFound" in m), "")
+                if not msg:
                     return None
                 seen[m.person] = (slots(view), msg)
             return seen
