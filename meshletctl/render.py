@@ -188,13 +188,20 @@ def workload_state(w: dict[str, Any]) -> str:
     return safe(", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
+# States whose host message is shown under the table.
+MESSAGE_STATES = ("failing", "failed", "pending", "pulling")
+
+
 def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> list[str]:
     """One line per slot that has a reason (pending, lost, moving): printed under the table
     as plain text, so a narrow terminal or a pipe never splits it mid-word."""
     out = []
     for w in items:
         for slot, r in _slot_rows(w).items():
-            why = r.get("reason") or (r.get("message") if r.get("state") == "failing" else "")
+            # the scheduler's reason, or the host's own message: why it is handed off
+            # (failing) or why it did not start yet (e.g. its image did not pull)
+            said = r.get("message") if r.get("state") in MESSAGE_STATES else ""
+            why = r.get("reason") or said
             if why:
                 label = (
                     safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"

@@ -147,6 +147,17 @@ class Control(_Section):
 _T = DEFAULT_TIMING
 
 
+class Images(_Section):
+    """[images]: where replicas' images come from and what a pull may cost (docs/runtime.md,
+    "Images from registries")."""
+
+    # Resolve a published workload's tag to its digest at publish time (the owner's
+    # meshlet asks the registry once; every replica then runs exactly those bits).
+    resolve_tags: bool = True
+    pull_timeout_s: int = Field(default=900, ge=1, le=86_400)
+    pull_max_mib: int = Field(default=10_240, ge=1, le=16_777_216)
+
+
 class Scheduling(_Section):
     """Timing of the scheduling protocol (docs/protocol.md section 3), in milliseconds.
 
@@ -231,6 +242,7 @@ class Config(_Section):
     control: Control = Field(default_factory=Control)
     web: Web = Field(default_factory=Web)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    images: Images = Field(default_factory=Images)
     # The host policy published at start (None: no [policy] section; the record in the
     # repo, if any, is left as it is). docs/protocol.md section 21, docs/cli.md.
     policy: PolicySettings | None = None

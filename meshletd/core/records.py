@@ -107,10 +107,10 @@ class Workload:
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, network (none|internet|lan), maxRuntimeS, ports[{name, containerPort,
-    protocol}], healthCheck{command[], intervalS, timeoutS, retries, startPeriodS} (no
-    check: `health_command` empty), createdAt. `uri`, `cid` and `owner` (the repo) say
-    which version of whose record it is."""
+    paused, imageDigest, imagePullSecret, network (none|internet|lan), maxRuntimeS,
+    ports[{name, containerPort, protocol}], healthCheck{command[], intervalS, timeoutS,
+    retries, startPeriodS} (no check: `health_command` empty), createdAt. `uri`, `cid` and
+    `owner` (the repo) say which version of whose record it is."""
 
     uri: str
     cid: str
@@ -137,6 +137,10 @@ class Workload:
     storage_mib: int = 0
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
+    # The digest `image` meant when the owner published (sha256:...; "" = not resolved:
+    # a local image), and the owner's secret that holds the registry credentials.
+    image_digest: str = ""
+    image_pull_secret: str = ""
     network: str = "internet"  # what its replicas need: none | internet | lan (section 21)
     max_runtime_s: int | None = None  # a job's longest run, seconds (section 21)
     ports: tuple[PortSpec, ...] = ()  # published only where the host policy allows (sec. 22)

@@ -61,6 +61,7 @@ class Replica:
         "failing",
         "health",
         "lost_at",
+        "message",
         "note",
         "restart_at",
         "restarts",
@@ -84,6 +85,7 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.message = ""  # the message written with it
         self.written_health: str | None = None  # and the health written with it
         self.endpoints: tuple[Endpoint, ...] = ()  # where its ports are published
         self.health: str | None = None  # its health check's verdict (None: no check)

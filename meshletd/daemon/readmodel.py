@@ -337,6 +337,13 @@ class ReadModel:
                 r["state"] = local[(uri, slot)]
                 if status is not None and status.round >= rnd and status.state == "failing":
                     r["state"] = "failing"  # what our status says: it is being handed off
+                elif (
+                    r["state"] == "starting"
+                    and status is not None
+                    and status.round >= rnd
+                    and status.state in ("pulling", "pending")
+                ):
+                    r["state"] = status.state  # how far the start is (an image pull)
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:

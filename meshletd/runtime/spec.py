@@ -29,6 +29,24 @@ class ImageNotFound(RuntimeFailure):
     name = "ImageNotFound"
 
 
+class ImageUnauthorized(RuntimeFailure):
+    """The registry refused the image: no pull secret, or a wrong one."""
+
+    name = "ImageUnauthorized"
+
+
+class ImageTooLarge(RuntimeFailure):
+    """The image is bigger than this meshlet pulls (`RuntimeConfig.pull_max_bytes`)."""
+
+    name = "ImageTooLarge"
+
+
+class PullTimedOut(RuntimeFailure):
+    """The pull took longer than this meshlet allows (`RuntimeConfig.pull_timeout_s`)."""
+
+    name = "PullTimedOut"
+
+
 class UnitStartFailed(RuntimeFailure):
     """systemd refused the unit or the container did not reach "running"."""
 
@@ -110,6 +128,9 @@ class ReplicaSpec:
     writable_root: bool = False
     stop_timeout_s: int = 10
     revision: str | None = ""
+    # The owner's registry credentials for this pull only (a containers-auth.json), given
+    # to podman as a file that is removed once the pull ended; never in a unit or argv.
+    pull_auth: bytes | None = field(default=None, repr=False)
     ports: tuple[PortBinding, ...] = ()
     health: HealthCheck | None = None
 
