@@ -296,7 +296,7 @@ class AtprotoNode:
             return
         cfg = self.local.cfg
         runtime: ReplicaRuntime = (
-            systemd_runtime(contribution_runtime_config(cfg.contribution))
+            systemd_runtime(contribution_runtime_config(cfg.contribution, cfg.isolation))
             if kind == "systemd"
             else fake_runtime()
         )

@@ -11,6 +11,7 @@ Public face (see docs/runtime.md):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from meshletd.runtime.events import (
@@ -42,16 +43,29 @@ from meshletd.runtime.spec import (
 from meshletd.runtime.units import RuntimeConfig
 
 if TYPE_CHECKING:
-    from meshletd.config import Contribution
+    from meshletd.config import Contribution, Isolation
+    from meshletd.runtime.network import NetworkGrant
 
 
-def contribution_runtime_config(contribution: Contribution) -> RuntimeConfig:
-    """The runtime config whose slice carries `[contribution]`'s caps (meshlet.toml)."""
-    return RuntimeConfig(
+def contribution_runtime_config(
+    contribution: Contribution,
+    isolation: Isolation | None = None,
+    network_grant: NetworkGrant = "internet",
+) -> RuntimeConfig:
+    """The runtime config whose slice carries `[contribution]`'s caps and whose replicas
+    are kept apart as `[isolation]` says (meshlet.toml), under the host policy's network
+    grant."""
+    config = RuntimeConfig(
         slice_milli_cpu=contribution.milli_cpu,
         slice_memory_mib=contribution.memory_mib,
         slice_tasks_max=contribution.tasks_max,
+        network_grant=network_grant,
     )
+    if isolation is not None:
+        config = replace(
+            config, userns_size=isolation.userns_size, network_rules=isolation.network_rules
+        )
+    return config
 
 
 def systemd_runtime(config: RuntimeConfig | None = None) -> ReplicaRuntime:

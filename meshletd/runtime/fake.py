@@ -80,6 +80,10 @@ class FakeMachine:
     # SetUnitProperties from the runtime fails.
     start_post_fails: bool = False
     set_quota_fails: bool = False
+    # The network rules (`apply_network_rules`): the grant last applied, and whether
+    # loading them fails (no nft on the host: a replica's ExecStartPre fails).
+    network_grant: str | None = None
+    network_rules_fail: bool = False
 
     # ---- test controls ---------------------------------------------------------------
 
@@ -170,6 +174,12 @@ class FakeMachine:
         self.slice_properties = slice_properties(config, admin)
         return admin
 
+    async def apply_network_rules(self, config: RuntimeConfig) -> None:
+        await trio.lowlevel.checkpoint()
+        self.network_grant = config.network_grant
+        if self.network_rules_fail:
+            raise MachineError("nft -f exited 1: Operation not permitted")
+
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
         await trio.lowlevel.checkpoint()
         if unit in self.units:
@@ -177,6 +187,10 @@ class FakeMachine:
         fake = FakeUnit(unit, dict(properties))
         self.units[unit] = fake
         self.started += 1
+        if properties.get("ExecStartPreEx") and self.network_rules_fail:
+            # The rules could not be loaded: systemd fails the unit before podman runs.
+            fake.active_state, fake.sub_state, fake.result = "failed", "failed", "exit-code"
+            return
         argv = _exec_argv(properties)
         name, image, args, labels, secrets = _parse_podman_run(argv)
         if image not in self.images:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import trio
@@ -31,6 +31,7 @@ from meshletd.runtime.events import (
     RuntimeEvent,
 )
 from meshletd.runtime.machine import Machine, MachineError
+from meshletd.runtime.network import NetworkGrant
 from meshletd.runtime.outcome import (
     end_event,
     oom_killed_from_counters,
@@ -130,11 +131,37 @@ class ReplicaRuntime:
                 self.config.slice,
                 ", ".join(sorted(admin)),
             )
+        await self.apply_network_rules()
         adopted = await self.adopt()
         task_status.started(adopted)
         while True:
             await trio.sleep(self.config.poll_interval_s)
             await self.poll()
+
+    async def apply_network_rules(self) -> bool:
+        """Write and load the network rules for `config.network_grant` (when
+        `config.network_rules`); True when they are in force. A failure is logged: every
+        replica's unit loads them again before podman runs and does not start without."""
+        if not self.config.network_rules:
+            return False
+        try:
+            await self.machine.apply_network_rules(self.config)
+        except MachineError as err:
+            log.error(
+                "network rules (grant %r) not loaded: %s; replicas with a network will not "
+                "start until they are",
+                self.config.network_grant,
+                err,
+            )
+            return False
+        log.info("network rules in force: grant %r", self.config.network_grant)
+        return True
+
+    async def set_network_grant(self, grant: NetworkGrant) -> bool:
+        """The host policy's `network` grant changed: new replicas get it (running ones
+        keep their podman network; the rules apply to all of them at once)."""
+        self.config = replace(self.config, network_grant=grant)
+        return await self.apply_network_rules()
 
     async def start(self, spec: ReplicaSpec) -> ReplicaRunning | EndEvent:
         """Start one replica; returns its `ReplicaRunning`, or how it failed.

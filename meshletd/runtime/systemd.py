@@ -31,12 +31,14 @@ from pystemd.dbuslib import apply_signature  # type: ignore[import-untyped]
 from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, from_dbus, to_dbus
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
+from meshletd.runtime.network import resolvers_from, ruleset
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.podman_call import PodmanCalls, PodmanResult, call_ended
 from meshletd.runtime.units import (
     RuntimeConfig,
     dropin_limit_keys,
     is_admin_dropin,
+    load_network_rules_argv,
     memory_cgroup_dir,
     replica_state_dir,
     slice_properties,
@@ -209,7 +211,8 @@ class SystemdPodmanMachine(PodmanCalls):
         root = Path(self.config.state_dir)
 
         def ls() -> list[str]:
-            return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+            # Directories only: the network rules file lives beside them.
+            return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
         return await trio.to_thread.run_sync(ls)
 
@@ -256,6 +259,31 @@ class SystemdPodmanMachine(PodmanCalls):
             return await self._dbus(ensure)
         except Exception as err:
             raise MachineError(f"could not set up slice {name}: {err}") from err
+
+    async def apply_network_rules(self, config: RuntimeConfig) -> None:
+        def write() -> None:
+            try:
+                resolv = Path("/etc/resolv.conf").read_text(errors="replace")
+            except OSError:
+                resolv = ""
+            dns4, dns6 = resolvers_from(resolv)
+            text = ruleset(
+                config.network_grant,
+                uid=config.uid,
+                cgroup_v2=config.cgroup_v2,
+                resolvers_v4=dns4,
+                resolvers_v6=dns6,
+            )
+            path = Path(config.network_rules_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            tmp.replace(path)
+
+        await trio.to_thread.run_sync(write)
+        # As root (nft needs CAP_NET_ADMIN, which meshletd's own unit does not have).
+        await self._call(load_network_rules_argv(config), as_root=True, timeout_s=30)
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
         props = {k.encode(): to_dbus(v) for k, v in properties.items()}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshletd.runtime.naming import secret_name
+from meshletd.runtime.network import NetworkGrant
 from meshletd.runtime.spec import ReplicaId, ReplicaSpec
 
 # Environment entries that carry a replica's identity in its unit (read back on adoption).
@@ -78,6 +79,16 @@ class RuntimeConfig:
     # conmon and slirp4netns start inside the unit, and at a workload's 10 % they took
     # ~0.9 s instead of ~0.2 s (docs/runtime.md, "CPU quota: full speed to start").
     launch_milli_cpu: int = 2000
+    # Each replica in a user namespace of its own (`--userns=auto:size=N`): container ids
+    # 0..N-1 on subordinate ids no other replica holds (0: all replicas share the meshlet
+    # user's one mapping, the old way). The meshlet user needs N x (replicas at once) + 1
+    # subordinate ids (the package gives 64 x 65536).
+    userns_size: int = 65536
+    # What the host lends the network (the host policy's `network` grant) and whether
+    # meshlet's nftables rules enforce it (`network_rules`, docs/runtime.md "The network").
+    network_grant: NetworkGrant = "internet"
+    network_rules: bool = True
+    nft: str = "/usr/sbin/nft"
     # Not under /run/meshlet: that is meshletd.service's RuntimeDirectory, removed when the
     # daemon stops, while replicas (and their ExecStopPost) outlive the daemon.
     state_dir: str = "/run/meshlet-replicas"
@@ -86,6 +97,11 @@ class RuntimeConfig:
     poll_interval_s: float = 1.0
     start_timeout_s: int = 120
     pull_timeout_s: int = 900
+
+    @property
+    def network_rules_file(self) -> str:
+        """Where meshletd leaves the rules each replica's unit loads before podman runs."""
+        return f"{self.state_dir}/network.nft"
 
     @property
     def runtime_dir(self) -> str:
@@ -158,7 +174,7 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
         "--pull=never",
         "--cap-drop=all",
         "--security-opt=no-new-privileges",
-        f"--network={'none' if spec.network == 'none' else 'slirp4netns'}",
+        f"--network={replica_network(spec, config)}",
         "--label",
         f"{LABEL}={spec.replica}",
         "--stop-timeout",
@@ -166,6 +182,8 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
     ]
     if config.cgroup_v2:
         argv.append("--cgroups=split")
+    if config.userns_size:
+        argv.append(f"--userns=auto:size={config.userns_size}")
     if not spec.writable_root:
         argv.append("--read-only")
     for name, value in spec.env:
@@ -181,6 +199,18 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
     # container's own, whatever they look like.
     argv += list(spec.args)
     return argv
+
+
+def replica_network(spec: ReplicaSpec, config: RuntimeConfig) -> str:
+    """podman's network for a replica: none when the workload or the host says so, else
+    slirp4netns (no host loopback: podman's default `allow_host_loopback=false`), whose
+    traffic meshlet's nftables rules confine to the host's grant."""
+    return "none" if spec.network == "none" or config.network_grant == "none" else "slirp4netns"
+
+
+def load_network_rules_argv(config: RuntimeConfig) -> list[str]:
+    """The unit's `ExecStartPre=+`: (re)load meshlet's rules before podman starts."""
+    return [config.nft, "-f", config.network_rules_file]
 
 
 def podman_rm_argv(config: RuntimeConfig, container: str, timeout_s: int) -> list[str]:
@@ -237,6 +267,7 @@ def unit_properties(
     run = podman_run_argv(spec, config, container)
     limit = set_cpu_quota_argv(config, unit, spec.resources.milli_cpu)
     rm = podman_rm_argv(config, container, spec.stop_timeout_s)
+    rules = load_network_rules_argv(config)
     cg = memory_cgroup_dir(config, unit)
     files = MEMORY_FILES_V2 if config.cgroup_v2 else MEMORY_FILES_V1
     save = [config.copy, "-f", *(f"{cg}/{f}" for f in files), replica_state_dir(config, unit)]
@@ -254,6 +285,11 @@ def unit_properties(
         # `+` prefix): as root (or the user manager's own user), not `User=`. If it fails
         # the start fails and systemd stops the container: never active without its limit.
         "ExecStartPostEx": [(limit[0], limit, ["privileged"])],
+        **(
+            {"ExecStartPreEx": [(rules[0], rules, ["privileged"])]}
+            if config.network_rules and replica_network(spec, config) != "none"
+            else {}
+        ),
         "ExecStop": [(rm[0], rm, True)],
         "ExecStopPost": [(save[0], save, True)],
         "RemainAfterExit": True,

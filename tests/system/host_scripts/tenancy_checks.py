@@ -1,0 +1,180 @@
+"""Tenancy checks that run INSIDE a booted systemd host (as root, like meshletd).
+
+    python tests/system/host_scripts/tenancy_checks.py CHECK [ARG...]
+
+- `userns`: replicas of two owners (and a second of the first) each run in a user
+  namespace of their own: their uid maps, and the host uids of their processes, differ and
+  do not overlap, and none is the meshlet user's;
+- `network GRANT HOST_PORT ADDR:PORT...`: a replica of a workload under the host's network
+  GRANT tries each ADDR:PORT (an HTTP GET) and says which answer; the host itself tries the
+  same ones (the control: each one answers the host).
+
+The last stdout line is a JSON object with what was seen (tests/system/test_tenancy.py).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runtime_checks import RealHarness, journal, wait_for
+
+from meshletd.runtime import testing
+from meshletd.runtime.events import ReplicaRunning
+from meshletd.runtime.spec import ReplicaId
+from meshletd.runtime.units import RuntimeConfig
+
+H = RealHarness(config=RuntimeConfig(poll_interval_s=0.2))
+OWNERS = ("did:plc:tenantalice", "did:plc:tenantbob")
+
+
+def _map(text: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(x) for x in line.split()) for line in text.strip().splitlines()]  # type: ignore[misc]
+
+
+def host_uids(unit: str) -> set[int]:
+    """The host uids of the processes in a replica's unit (conmon's children included)."""
+    cg = subprocess.run(
+        ["systemctl", "show", unit, "-p", "ControlGroup", "--value"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    pids = Path(f"/sys/fs/cgroup/systemd{cg}/cgroup.procs").read_text().split()
+    uids = set()
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        uids.add(int(next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1]))
+    return uids
+
+
+async def check_userns() -> dict:
+    rt = H.runtime()
+    args = ("sh", "-c", "echo map; cat /proc/self/uid_map; echo end; sleep 600")
+    seen: dict[str, dict] = {}
+    async with testing.serving(rt):
+        specs = [
+            replace(testing.spec(H, workload="iso", index=i), replica=ReplicaId(owner, "iso", i))
+            for i, owner in ((0, OWNERS[0]), (1, OWNERS[0]), (0, OWNERS[1]))
+        ]
+        units = []
+        for s in specs:
+            r = await rt.start(replace(s, args=args))
+            assert isinstance(r, ReplicaRunning), r
+            units.append(r.unit)
+        for s, unit in zip(specs, units, strict=True):
+            await wait_for(lambda u=unit: "end" in journal(u).splitlines(), 30, "uid map")
+            lines = journal(unit).splitlines()
+            text = "\n".join(lines[lines.index("map") + 1 : lines.index("end")])
+            seen[str(s.replica)] = {"uid_map": _map(text), "host_uids": sorted(host_uids(unit))}
+        for s in specs:
+            await rt.stop(s.replica)
+    await testing.assert_clean(H)
+    # The pause process's namespace: container-side id -> host uid.
+    pause = Path("/run/user/1000/libpod/tmp/pause.pid").read_text().strip()
+    outer = _map(Path(f"/proc/{pause}/uid_map").read_text())
+    return {"replicas": seen, "rootless_map": outer}
+
+
+def probe_from_host(addr: str) -> bool:
+    host, port = addr.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=3) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return c.recv(16).startswith(b"HTTP")
+    except OSError:
+        return False
+
+
+async def check_network(grant: str, host_port: str, *addrs: str) -> dict:
+    # A service of the host's own, on every address of the host (its "host port").
+    svc = "tenancy-host-service.service"
+    subprocess.run(
+        [
+            "systemd-run",
+            "--unit",
+            svc,
+            "--collect",
+            sys.executable,
+            "-m",
+            "http.server",
+            host_port,
+            "--bind",
+            "0.0.0.0",
+        ],
+        check=True,
+    )
+    try:
+        config = replace(H.config, network_grant=grant)  # type: ignore[arg-type]
+        h = RealHarness(config=config)
+        own = next(a for a in addrs if a.endswith(f":{host_port}"))
+        for _ in range(100):  # the service is up once it answers the host
+            if probe_from_host(own):
+                break
+            await trio.sleep(0.1)
+        from_host = {a: probe_from_host(a) for a in addrs}
+        rt = h.runtime()
+        probe = (
+            'for a in "$@"; do if printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 3 "${a%:*}" '
+            '"${a##*:}" 2>/dev/null | grep -q HTTP; then echo "$a open"; '
+            'else echo "$a blocked"; fi; done; echo probed; sleep 600'
+        )
+        async with testing.serving(rt):
+            s = testing.spec(h, workload="netprobe", args=("sh", "-c", probe, "sh", *addrs))
+            r = await rt.start(s)
+            assert isinstance(r, ReplicaRunning), r
+            await wait_for(lambda: "probed" in journal(r.unit).splitlines(), 60, "probes")
+            lines = journal(r.unit).splitlines()
+            argv = subprocess.run(
+                ["systemctl", "show", r.unit, "-p", "ExecStart", "--value"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            await rt.stop(s.replica)
+        await testing.assert_clean(h)
+        from_replica = {
+            ln.rsplit(" ", 1)[0]: ln.endswith(" open") for ln in lines if ln[:1].isdigit()
+        }
+        rules = subprocess.run(
+            ["nft", "list", "table", "inet", "meshlet"], capture_output=True, text=True, check=False
+        ).stdout
+    finally:
+        subprocess.run(["systemctl", "stop", svc], check=False)
+    return {
+        "grant": grant,
+        "from_host": from_host,
+        "from_replica": from_replica,
+        "podman_network": "none" if "--network=none" in argv else "slirp4netns",
+        "userns_auto": "--userns=auto" in argv,
+        "rules_loaded": "chain replica" in rules,
+    }
+
+
+async def check_restore_default() -> dict:
+    """Load the default ("internet") rules again."""
+    rt = H.runtime()
+    return {"loaded": await rt.apply_network_rules()}
+
+
+async def main(argv: list[str]) -> dict:
+    return await globals()[f"check_{argv[0]}"](*argv[1:])  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    print(json.dumps(trio.run(main, sys.argv[1:])))

@@ -1,0 +1,128 @@
+"""Tenants apart: a user namespace per replica, and the network rules of the host's grant."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import trio
+
+from meshletd.config import parse
+from meshletd.runtime import (
+    FakeMachine,
+    ReplicaFailed,
+    ReplicaRunning,
+    ReplicaRuntime,
+    contribution_runtime_config,
+)
+from meshletd.runtime.network import resolvers_from, ruleset
+from meshletd.runtime.spec import ReplicaId, ReplicaSpec, Resources
+from meshletd.runtime.units import RuntimeConfig, podman_run_argv, unit_properties
+
+SPEC = ReplicaSpec(
+    replica=ReplicaId("did:plc:alice", "web", 0),
+    owner_handle="alice.test",
+    image="localhost/busybox:latest",
+    resources=Resources(milli_cpu=100, memory_mib=16),
+)
+
+
+def test_each_replica_gets_a_user_namespace_of_its_own() -> None:
+    argv = podman_run_argv(SPEC, RuntimeConfig(), "c")
+    assert "--userns=auto:size=65536" in argv
+    assert argv.index("--userns=auto:size=65536") < argv.index(SPEC.image)
+    assert not any(
+        a.startswith("--userns") for a in podman_run_argv(SPEC, RuntimeConfig(userns_size=0), "c")
+    )
+
+
+def test_the_unit_loads_the_network_rules_as_root_before_podman_runs() -> None:
+    config = RuntimeConfig()
+    props = unit_properties(SPEC, config, "u.service", "c")
+    ((_path, argv, flags),) = props["ExecStartPreEx"]  # type: ignore[misc]
+    assert argv == ["/usr/sbin/nft", "-f", "/run/meshlet-replicas/network.nft"]
+    assert flags == ["privileged"]
+    # A replica without a network, or a host that enforces it otherwise: no rules step.
+    assert "ExecStartPreEx" not in unit_properties(replace(SPEC, network="none"), config, "u", "c")
+    off = replace(config, network_rules=False)
+    assert "ExecStartPreEx" not in unit_properties(SPEC, off, "u", "c")
+
+
+def test_a_host_that_grants_no_network_starts_replicas_without_one() -> None:
+    argv = podman_run_argv(SPEC, RuntimeConfig(network_grant="none"), "c")
+    assert "--network=none" in argv
+    assert "--network=slirp4netns" in podman_run_argv(SPEC, RuntimeConfig(), "c")
+
+
+def test_the_internet_rules_drop_private_metadata_and_the_host_itself() -> None:
+    text = ruleset("internet", uid=1000, cgroup_v2=False, resolvers_v4=["192.168.1.1"])
+    assert text.startswith("table inet meshlet\ndelete table inet meshlet\n")  # atomic swap
+    assert "meta skuid != 1000 return" in text
+    # meshletd's own pulls (system.slice units) may still reach a registry on the LAN.
+    assert 'socket cgroupv2 level 1 "unified/system.slice" return' in text
+    assert "fib daddr type local counter drop" in text
+    for cidr in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+    ):
+        assert cidr in text
+    assert "169.254.169.254" in text
+    # DNS to the host's resolver (often on the LAN) stays open, port 53 only.
+    dns = next(ln for ln in text.splitlines() if "192.168.1.1" in ln)
+    assert "th dport 53 accept" in dns
+    assert text.index(dns) < text.index("10.0.0.0/8")
+    assert 'level 1 "system.slice"' in ruleset("internet", uid=7, cgroup_v2=True)
+
+
+def test_lan_keeps_only_metadata_and_the_host_closed_and_none_drops_all() -> None:
+    lan = ruleset("lan", uid=1000, cgroup_v2=True)
+    assert "169.254.169.254" in lan and "fib daddr type local" in lan
+    assert "10.0.0.0/8" not in lan
+    none = ruleset("none", uid=1000, cgroup_v2=True)
+    assert none.split("chain replica {")[1].split("}")[0].strip() == "counter drop"
+    with pytest.raises(ValueError):
+        ruleset("everything", uid=1000, cgroup_v2=True)  # type: ignore[arg-type]
+
+
+def test_resolvers_are_read_from_resolv_conf() -> None:
+    text = "# x\nnameserver 192.168.1.1\nnameserver fe80::1%eth0\nnameserver bogus\nsearch a\n"
+    assert resolvers_from(text) == (["192.168.1.1"], ["fe80::1"])
+
+
+def test_isolation_settings_come_from_meshlet_toml() -> None:
+    cfg = parse(
+        'did = "did:plc:m"\nowner = "did:plc:o"\npds = "http://127.0.0.1:1"\n'
+        "[isolation]\nuserns_size = 4096\nnetwork_rules = false\n"
+    )
+    config = contribution_runtime_config(cfg.contribution, cfg.isolation, "lan")
+    assert (config.userns_size, config.network_rules, config.network_grant) == (4096, False, "lan")
+    default = parse('did = "did:plc:m"\nowner = "did:plc:o"\npds = "http://127.0.0.1:1"\n')
+    assert default.isolation.userns_size == 65536 and default.isolation.network_rules
+
+
+def test_rules_are_applied_on_serve_and_a_replica_does_not_start_without_them() -> None:
+    machine = FakeMachine()
+    machine.images.add(SPEC.image)
+    runtime = ReplicaRuntime(machine, RuntimeConfig())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.serve)
+            assert machine.network_grant == "internet"
+            assert await runtime.set_network_grant("lan") and machine.network_grant == "lan"
+            assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+            machine.network_rules_fail = True
+            assert not await runtime.apply_network_rules()
+            other = replace(SPEC, replica=ReplicaId("did:plc:bob", "web", 0))
+            assert isinstance(await runtime.start(other), ReplicaFailed)
+            # A replica without a network needs no rules.
+            quiet = replace(SPEC, replica=ReplicaId("did:plc:bob", "q", 0), network="none")
+            assert isinstance(await runtime.start(quiet), ReplicaRunning)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
