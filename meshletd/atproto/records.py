@@ -23,9 +23,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.core.nsid import (
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
@@ -38,6 +40,7 @@ from meshletd.core.records import (
     MAX_DRAINS,
     Bid,
     EnvVar,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -80,6 +83,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "cluster": "cluster",
         "bidWindowMs": "bid_window_ms",
         "paused": "paused",
+        "network": "network",
+        "maxRuntimeS": "max_runtime_s",
         "createdAt": "created_at",
     },
     Bid: {
@@ -135,6 +140,24 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "renewedAt": "renewed_at",
         "validMs": "valid_ms",
         "createdAt": "",  # written as renewedAt
+    },
+    HostPolicy: {
+        "owners.defaultShare": "default_share",
+        "owners.caps": "caps",
+        "evicted": "evicted",
+        "images.allow": "image_allow",
+        "images.digestsOnly": "digests_only",
+        "network": "network",
+        "inbound.allowed": "inbound_allowed",
+        "inbound.portMin": "port_min",
+        "inbound.portMax": "port_max",
+        "inbound.address": "inbound_address",
+        "schedule": "schedule",
+        "jobMaxRuntimeS": "job_max_runtime_s",
+        "minContribution.ratioPermille": "min_ratio_permille",
+        "minContribution.periodDays": "min_period_days",
+        "minContribution.mode": "min_mode",
+        "createdAt": "created_at",
     },
 }
 # Objects of commune.scheduler.defs carried by their own core class: property -> field.
@@ -297,6 +320,8 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            network=str(d.get(value, "network", "network")),
+            max_runtime_s=None if value.get("maxRuntimeS") is None else int(value["maxRuntimeS"]),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -354,6 +379,8 @@ def record_from_json(
             renewed_at=parse_datetime_ms(value["renewedAt"]),
             valid_ms=int(value["validMs"]),
         )
+    if collection == NSID_HOST_POLICY:
+        return host_policy_from_json(uri, value)
     return None
 
 
@@ -448,6 +475,9 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.network != "internet":
+            out["network"] = record.network
+        _put(out, "maxRuntimeS", record.max_runtime_s)
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at
@@ -510,6 +540,8 @@ def record_to_json(record: Record) -> JsonObject:
         }
         _put(out, "name", record.name)
         return out
+    if isinstance(record, HostPolicy):
+        return host_policy_to_json(record)
     if isinstance(record, Lease):
         return {
             "$type": NSID_LEASE,

@@ -24,7 +24,7 @@ from meshletd.core.records import Workload
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.journal import read_unit
 from meshletd.daemon.local import Local, State
-from meshletd.daemon.peers import LogQuery, Peers
+from meshletd.daemon.peers import LogPage, LogQuery, Peers
 from meshletd.daemon.publisher import OwnRecords
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import Repo
@@ -36,7 +36,7 @@ log = logging.getLogger("meshletd.node")
 
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 
-JournalReader = Callable[[str, int, str | None], Awaitable[dict[str, Any]]]
+JournalReader = Callable[[str, int, str | None], Awaitable[LogPage]]
 
 
 def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
@@ -208,9 +208,7 @@ class OwnerCommands:
 
     # -- logs ----------------------------------------------------------------------------------
 
-    async def logs(
-        self, ref: str, slot: int, lines: int, cursor: str | None = None
-    ) -> dict[str, Any]:
+    async def logs(self, ref: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         """A replica's lines: from journald when it runs here; for our owner's workloads
         running elsewhere, from the hosting meshlet (as the owner, service auth), passing
         the cursor through (it is the hosting meshlet's journal cursor)."""
@@ -226,5 +224,4 @@ class OwnerCommands:
         owner = self.local.owner_repo
         if not uri.startswith(f"at://{self.local.owner}/") or owner is None:
             raise Forbidden("only the owner's meshlet (with the owner's credentials) may fetch it")
-        page = await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)
-        return {"entries": list(page.entries), "cursor": page.cursor}
+        return await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)
