@@ -79,6 +79,10 @@ class Contribution(_Section):
     memory_mib: int = Field(default=1024, ge=0, le=16_777_216)
     storage_mib: int = Field(default=10_240, ge=0, le=16_777_216)
     max_replicas: int = Field(default=16, ge=0, le=1000)
+    # Memory each replica costs beyond its workload's (conmon, slirp4netns, the container's
+    # init), counted against memory_mib when this meshlet bids: what it promises fits in
+    # the slice (measured ~2 MiB at rest; docs/runtime.md).
+    replica_overhead_mib: int = Field(default=8, ge=0, le=1024)
     # Processes and threads of all replicas together (None: no cap beyond systemd's own).
     tasks_max: int | None = Field(default=None, ge=1, le=4_194_304)
 

@@ -61,7 +61,7 @@ class Bidding(Rounds):
             return
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
-        fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        fits = cpu >= wl.milli_cpu and mem >= self.replica_memory_mib(wl.memory_mib) and room != 0
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -81,7 +81,9 @@ class Bidding(Rounds):
                 slots = 1
                 if wl.allow_packing:
                     slots = min(
-                        wl.replicas, cpu // max(wl.milli_cpu, 1), mem // max(wl.memory_mib, 1)
+                        wl.replicas,
+                        cpu // max(wl.milli_cpu, 1),
+                        mem // max(self.replica_memory_mib(wl.memory_mib), 1),
                     )
                     if room is not None:
                         slots = min(slots, room)
@@ -172,7 +174,7 @@ class Bidding(Rounds):
         if slots:
             self._reserved[(wl.uri, slot, round_)] = (
                 wl.milli_cpu * slots,
-                wl.memory_mib * slots,
+                self.replica_memory_mib(wl.memory_mib) * slots,
                 until,
                 slots,
             )
@@ -251,7 +253,7 @@ class Bidding(Rounds):
         cpu, mem = self.free_capacity()
         fits = (
             cpu >= wl.milli_cpu
-            and mem >= wl.memory_mib
+            and mem >= self.replica_memory_mib(wl.memory_mib)
             and self.free_replicas() != 0
             and not self.draining
             and self.cluster.eligible(wl, self.me.did)

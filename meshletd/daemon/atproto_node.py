@@ -306,6 +306,8 @@ class AtprotoNode:
             milli_cpu=cfg.contribution.milli_cpu,
             memory_mib=cfg.contribution.memory_mib,
             max_replicas=cfg.contribution.max_replicas,
+            # Real only where replicas are real (conmon, slirp4netns beside each workload).
+            replica_overhead_mib=cfg.contribution.replica_overhead_mib if kind == "systemd" else 0,
             arch=cfg.arch or machine_arch(),
             labels=frozenset(cfg.labels),
             endpoint=cfg.public_endpoint or "",

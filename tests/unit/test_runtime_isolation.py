@@ -126,3 +126,65 @@ def test_rules_are_applied_on_serve_and_a_replica_does_not_start_without_them() 
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_meshlet_bids_for_no_more_than_fits_with_each_replicas_overhead() -> None:
+    from meshletd.core import StartReplica, Workload
+    from meshletd.core.records import at_uri
+    from meshletd.sim.world import K_ARRIVE, Config, Node, Sim
+
+    class Tiny(Sim):
+        """Meshlets of 100 MiB; 1000 replicas of a 1 MiB service, packing allowed."""
+
+        def __init__(self, overhead: int) -> None:
+            super().__init__(
+                Config(
+                    meshlets=3,
+                    workloads=0,
+                    seed=5,
+                    hours=0.05,
+                    memory_mib=100,
+                    replica_overhead_mib=overhead,
+                )
+            )
+            owner = self.nodes[0].owner
+            self.push(
+                1000,
+                K_ARRIVE,
+                Workload(
+                    uri=at_uri(owner, "commune.scheduler.workload", "tiny"),
+                    cid="c",
+                    owner=owner,
+                    cluster="commune",
+                    milli_cpu=1,
+                    memory_mib=1,
+                    replicas=1000,
+                    created_at=0,
+                    kind="service",
+                    allow_packing=True,
+                    bid_window_ms=5000,
+                ),
+            )
+            self.most: dict[int, int] = {}
+
+        def _start(self, node: Node, a: StartReplica) -> None:
+            super()._start(node, a)
+            self.most[node.idx] = max(self.most.get(node.idx, 0), len(node.core.replicas()))
+
+    without = Tiny(overhead=0)
+    without.run()
+    assert max(without.most.values()) == 100  # 100 x 1 MiB: the slice would be overrun
+    sim = Tiny(overhead=9)
+    figures = sim.run()
+    # (1 MiB + 9 MiB overhead) x 10 = the 100 MiB promised, never more.
+    assert max(sim.most.values()) == 10, sim.most
+    assert figures["violations"] == []
+
+
+def test_a_replicas_overhead_is_counted_against_the_capacity_it_bids_with() -> None:
+    from meshletd.core.state import MeshletIdentity
+
+    cfg = parse('did = "did:plc:m"\nowner = "did:plc:o"\npds = "http://127.0.0.1:1"\n')
+    assert cfg.contribution.replica_overhead_mib == 8
+    me = MeshletIdentity("did:plc:m", "did:plc:o", 1000, 100, replica_overhead_mib=8)
+    assert me.replica_overhead_mib == 8
