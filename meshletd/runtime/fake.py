@@ -81,7 +81,7 @@ class FakeMachine:
     start_post_fails: bool = False
     set_quota_fails: bool = False
     # The network rules (`apply_network_rules`): the grant last applied, and whether
-    # loading them fails (no nft on the host: a replica's ExecStartPre fails).
+    # loading them fails (e.g. no nft on the host).
     network_grant: str | None = None
     network_rules_fail: bool = False
 
@@ -187,10 +187,6 @@ class FakeMachine:
         fake = FakeUnit(unit, dict(properties))
         self.units[unit] = fake
         self.started += 1
-        if properties.get("ExecStartPreEx") and self.network_rules_fail:
-            # The rules could not be loaded: systemd fails the unit before podman runs.
-            fake.active_state, fake.sub_state, fake.result = "failed", "failed", "exit-code"
-            return
         argv = _exec_argv(properties)
         name, image, args, labels, secrets = _parse_podman_run(argv)
         if image not in self.images:

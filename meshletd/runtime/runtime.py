@@ -52,6 +52,7 @@ from meshletd.runtime.units import (
     RuntimeConfig,
     cpu_quota_per_sec_usec,
     identity_from_environment,
+    replica_network,
     unit_properties,
 )
 
@@ -98,6 +99,7 @@ class ReplicaRuntime:
         self._image_seen: dict[str, float] = {}  # image -> when found present
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
+        self._rules_in_force = False
 
     # ---- public face -------------------------------------------------------------------
 
@@ -134,27 +136,35 @@ class ReplicaRuntime:
         await self.apply_network_rules()
         adopted = await self.adopt()
         task_status.started(adopted)
+        rules_due = self._clock() + self.config.network_rules_refresh_s
         while True:
             await trio.sleep(self.config.poll_interval_s)
             await self.poll()
+            if self.config.network_rules and self._clock() >= rules_due:
+                rules_due = self._clock() + self.config.network_rules_refresh_s
+                await self.apply_network_rules(quiet=True)
 
-    async def apply_network_rules(self) -> bool:
+    async def apply_network_rules(self, *, quiet: bool = False) -> bool:
         """Write and load the network rules for `config.network_grant` (when
-        `config.network_rules`); True when they are in force. A failure is logged: every
-        replica's unit loads them again before podman runs and does not start without."""
+        `config.network_rules`); True when they are in force. Until they are, no replica
+        with a network starts (`start` tries once more, then fails it)."""
         if not self.config.network_rules:
             return False
         try:
             await self.machine.apply_network_rules(self.config)
         except MachineError as err:
-            log.error(
-                "network rules (grant %r) not loaded: %s; replicas with a network will not "
-                "start until they are",
-                self.config.network_grant,
-                err,
-            )
+            if self._rules_in_force or not quiet:
+                log.error(
+                    "network rules (grant %r) not loaded: %s; replicas with a network will "
+                    "not start until they are",
+                    self.config.network_grant,
+                    err,
+                )
+            self._rules_in_force = False
             return False
-        log.info("network rules in force: grant %r", self.config.network_grant)
+        if not quiet or not self._rules_in_force:
+            log.info("network rules in force: grant %r", self.config.network_grant)
+        self._rules_in_force = True
         return True
 
     async def set_network_grant(self, grant: NetworkGrant) -> bool:
@@ -214,6 +224,21 @@ class ReplicaRuntime:
             async with rep.lock:
                 await self._finish(rep)
 
+        if (
+            self.config.network_rules
+            and replica_network(spec, self.config) != "none"
+            and not self._rules_in_force
+            and not await self.apply_network_rules()
+        ):
+            return self._emit(
+                ReplicaFailed(
+                    spec.replica,
+                    unit,
+                    UnitStartFailed.name,
+                    f"the host's network rules (grant {self.config.network_grant!r}) are not "
+                    "in force: not started with a network (see meshletd's log)",
+                )
+            )
         self._emit(ReplicaStarting(spec.replica, unit))
         rep = _Replica(
             spec.replica, unit, container, spec.revision or "", milli_cpu=spec.resources.milli_cpu
@@ -403,8 +428,9 @@ class ReplicaRuntime:
                 snap = await self.machine.unit_snapshot(rep.unit)
                 phase = unit_phase(snap)
                 if phase == "running":
-                    if failed := await self._enforce_cpu_limit(rep):
-                        return failed
+                    # No quota check here: the unit became active only after its own
+                    # ExecStartPost set the workload's quota (a failure fails the unit).
+                    # The watcher checks it from its next look on.
                     rep.ran = True
                     return self._emit(
                         ReplicaRunning(

@@ -89,6 +89,9 @@ class RuntimeConfig:
     network_grant: NetworkGrant = "internet"
     network_rules: bool = True
     nft: str = "/usr/sbin/nft"
+    # The rules are loaded again this often (an administrator's `nft flush ruleset` or a
+    # restart of nftables.service removes them; replicas keep running meanwhile).
+    network_rules_refresh_s: float = 30.0
     # Not under /run/meshlet: that is meshletd.service's RuntimeDirectory, removed when the
     # daemon stops, while replicas (and their ExecStopPost) outlive the daemon.
     state_dir: str = "/run/meshlet-replicas"
@@ -100,7 +103,7 @@ class RuntimeConfig:
 
     @property
     def network_rules_file(self) -> str:
-        """Where meshletd leaves the rules each replica's unit loads before podman runs."""
+        """Where meshletd leaves the network rules it loads (and an administrator can read)."""
         return f"{self.state_dir}/network.nft"
 
     @property
@@ -209,7 +212,7 @@ def replica_network(spec: ReplicaSpec, config: RuntimeConfig) -> str:
 
 
 def load_network_rules_argv(config: RuntimeConfig) -> list[str]:
-    """The unit's `ExecStartPre=+`: (re)load meshlet's rules before podman starts."""
+    """`nft -f` of meshlet's rules file (as root, in a transient unit of meshletd's)."""
     return [config.nft, "-f", config.network_rules_file]
 
 
@@ -267,7 +270,6 @@ def unit_properties(
     run = podman_run_argv(spec, config, container)
     limit = set_cpu_quota_argv(config, unit, spec.resources.milli_cpu)
     rm = podman_rm_argv(config, container, spec.stop_timeout_s)
-    rules = load_network_rules_argv(config)
     cg = memory_cgroup_dir(config, unit)
     files = MEMORY_FILES_V2 if config.cgroup_v2 else MEMORY_FILES_V1
     save = [config.copy, "-f", *(f"{cg}/{f}" for f in files), replica_state_dir(config, unit)]
@@ -285,11 +287,6 @@ def unit_properties(
         # `+` prefix): as root (or the user manager's own user), not `User=`. If it fails
         # the start fails and systemd stops the container: never active without its limit.
         "ExecStartPostEx": [(limit[0], limit, ["privileged"])],
-        **(
-            {"ExecStartPreEx": [(rules[0], rules, ["privileged"])]}
-            if config.network_rules and replica_network(spec, config) != "none"
-            else {}
-        ),
         "ExecStop": [(rm[0], rm, True)],
         "ExecStopPost": [(save[0], save, True)],
         "RemainAfterExit": True,
