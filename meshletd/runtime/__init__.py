@@ -59,6 +59,7 @@ def contribution_runtime_config(
         slice_milli_cpu=contribution.milli_cpu,
         slice_memory_mib=contribution.memory_mib,
         slice_tasks_max=contribution.tasks_max,
+        image_store_max_mib=contribution.storage_mib or None,
         network_grant=network_grant,
     )
     if isolation is not None:

@@ -137,9 +137,13 @@ class ReplicaRuntime:
         adopted = await self.adopt()
         task_status.started(adopted)
         rules_due = self._clock() + self.config.network_rules_refresh_s
+        storage_due = self._clock()
         while True:
             await trio.sleep(self.config.poll_interval_s)
             await self.poll()
+            if self._clock() >= storage_due:
+                storage_due = self._clock() + self.config.storage_check_s
+                await self.keep_image_store_in_bounds()
             if self.config.network_rules and self._clock() >= rules_due:
                 rules_due = self._clock() + self.config.network_rules_refresh_s
                 await self.apply_network_rules(quiet=True)
@@ -165,6 +169,30 @@ class ReplicaRuntime:
         if not quiet or not self._rules_in_force:
             log.info("network rules in force: grant %r", self.config.network_grant)
         self._rules_in_force = True
+        return True
+
+    async def keep_image_store_in_bounds(self) -> bool:
+        """Past `config.image_store_max_mib`, remove every image no container uses.
+        True when it pruned."""
+        cap = self.config.image_store_max_mib
+        if cap is None:
+            return False
+        try:
+            used = await self.machine.image_store_bytes()
+            if used <= cap * 1024 * 1024:
+                return False
+            await self.machine.prune_images()
+            after = await self.machine.image_store_bytes()
+        except MachineError as err:
+            log.error("could not check or prune the image store: %s", err)
+            return False
+        self._image_seen.clear()
+        log.info(
+            "image store at %d MiB, over its %d MiB: unused images removed (%d MiB left)",
+            used >> 20,
+            cap,
+            after >> 20,
+        )
         return True
 
     async def set_network_grant(self, grant: NetworkGrant) -> bool:

@@ -117,6 +117,14 @@ class SystemdPodmanMachine(PodmanCalls):
     async def pull_image(self, image: str) -> None:
         await self._podman("pull", "--quiet", image, timeout_s=self.config.pull_timeout_s)
 
+    async def image_store_bytes(self) -> int:
+        proc = await self._podman("image", "ls", "--format", "json")
+        images = json.loads(proc.stdout or b"[]") or []
+        return sum(int(i.get("Size", 0)) for i in images if isinstance(i, dict))
+
+    async def prune_images(self) -> None:
+        await self._podman("image", "prune", "--all", "--force", timeout_s=300)
+
     # ---- secrets ------------------------------------------------------------------------
 
     async def create_secret(self, name: str, data: bytes) -> None:

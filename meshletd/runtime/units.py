@@ -92,6 +92,10 @@ class RuntimeConfig:
     # The rules are loaded again this often (an administrator's `nft flush ruleset` or a
     # restart of nftables.service removes them; replicas keep running meanwhile).
     network_rules_refresh_s: float = 30.0
+    # The image store's cap ([contribution] storage_mib): past it, every image no container
+    # uses is removed (looked at every `storage_check_s`). None: never pruned.
+    image_store_max_mib: int | None = None
+    storage_check_s: float = 300.0
     # Not under /run/meshlet: that is meshletd.service's RuntimeDirectory, removed when the
     # daemon stops, while replicas (and their ExecStopPost) outlive the daemon.
     state_dir: str = "/run/meshlet-replicas"

@@ -196,3 +196,28 @@ def test_a_replicas_overhead_is_counted_against_the_capacity_it_bids_with() -> N
     assert cfg.contribution.replica_overhead_mib == 8
     me = MeshletIdentity("did:plc:m", "did:plc:o", 1000, 100, replica_overhead_mib=8)
     assert me.replica_overhead_mib == 8
+
+
+def test_unused_images_are_pruned_once_the_store_passes_storage_mib() -> None:
+    cfg = parse('did = "did:plc:m"\nowner = "did:plc:o"\npds = "http://127.0.0.1:1"\n')
+    assert contribution_runtime_config(cfg.contribution).image_store_max_mib == 10_240
+    machine = FakeMachine()
+    machine.images |= {SPEC.image, "localhost/old:1", "localhost/old:2"}
+    machine.image_sizes = {
+        SPEC.image: 5 << 20,
+        "localhost/old:1": 4 << 20,
+        "localhost/old:2": 4 << 20,
+    }
+    runtime = ReplicaRuntime(machine, RuntimeConfig(image_store_max_mib=12))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.serve)
+            assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+            assert await runtime.keep_image_store_in_bounds()  # 13 MiB > 12 MiB
+            # The running replica's image stays; the unused ones are gone.
+            assert SPEC.image in machine.images and "localhost/old:1" not in machine.images
+            assert not await runtime.keep_image_store_in_bounds()  # 5 MiB: nothing to do
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

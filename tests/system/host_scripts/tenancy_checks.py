@@ -163,6 +163,44 @@ async def check_network(grant: str, host_port: str, *addrs: str) -> dict:
     }
 
 
+async def check_storage() -> dict:
+    """Past the store's cap, unused images go and used ones stay; what podman cannot cap."""
+    m = H.machine()
+    tar = "/tmp/tenancy-unused.tar"
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            f"d=$(mktemp -d); echo x > $d/x; tar -C $d -cf {tar} .; chmod 644 {tar}; rm -rf $d",
+        ],
+        check=True,
+    )
+    await m._podman("import", tar, "localhost/tenancy-unused:1")
+    h = RealHarness(config=replace(H.config, image_store_max_mib=1))
+    rt = h.runtime()
+    async with testing.serving(rt):
+        s = testing.spec(h, workload="store")
+        r = await rt.start(s)
+        assert isinstance(r, ReplicaRunning), r
+        before = await m.image_store_bytes()
+        pruned = await rt.keep_image_store_in_bounds()
+        after = await m.image_store_bytes()
+        present = {i: await m.image_present(i) for i in (h.image, "localhost/tenancy-unused:1")}
+        # A size cap on a container's writable layer: podman refuses it on this filesystem.
+        size = await m._podman(
+            "run", "--rm", "--storage-opt", "size=10M", h.image, "true", check=False
+        )
+        await rt.stop(s.replica)
+    await testing.assert_clean(h)
+    return {
+        "store_bytes_before": before,
+        "pruned": pruned,
+        "store_bytes_after": after,
+        "present_after": present,
+        "storage_opt_size": size.stderr.decode().strip().splitlines()[-1:],
+    }
+
+
 async def check_restore_default() -> dict:
     """Load the default ("internet") rules again."""
     rt = H.runtime()
