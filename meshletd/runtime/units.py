@@ -73,6 +73,9 @@ class RuntimeConfig:
     slice_milli_cpu: int | None = None
     slice_memory_mib: int | None = None
     slice_tasks_max: int | None = None
+    # The slice's CPU weight against the host's own slices (systemd's default is 100; on
+    # cgroup v1 systemd turns it into cpu.shares): replicas get what the host leaves.
+    slice_cpu_weight: int = 20
     memory_overhead_mib: int = 64
     tasks_overhead: int = 64
     # The CPU quota a replica's unit starts with, before its own limit is set: podman run,
@@ -349,6 +352,7 @@ SLICE_LIMIT_KEYS: dict[str, str] = {
     "CPUQuota": "CPUQuotaPerSecUSec",
     "MemoryMax": "MemoryMax",
     "TasksMax": "TasksMax",
+    "CPUWeight": "CPUWeight",
 }
 
 
@@ -376,6 +380,9 @@ def slice_properties(config: RuntimeConfig, admin_keys: Collection[str] = ()) ->
         props["MemoryMax"] = (
             INFINITY if config.slice_memory_mib is None else config.slice_memory_mib * 1024 * 1024
         )
+    if "CPUWeight" not in admin_keys:
+        # Lent, not given: under contention the host's own services come first.
+        props["CPUWeight"] = config.slice_cpu_weight
     if "TasksMax" not in admin_keys:
         props["TasksMax"] = INFINITY if config.slice_tasks_max is None else config.slice_tasks_max
     return props

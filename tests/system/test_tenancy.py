@@ -151,3 +151,20 @@ def test_past_the_store_cap_unused_images_are_pruned_and_used_ones_kept(
     }
     # Evidence for docs/runtime.md: no per-container disk cap on ext4 (XFS pquota only).
     assert "only supported for backingFS XFS" in got["storage_opt_size"][0], got
+
+
+def test_replicas_exceeding_the_slice_are_contained_and_a_host_service_keeps_its_share(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "contained_under_load")
+    # Slice: 500 milli-CPU, 256 MiB, 150 tasks; each unit alone would allow far more.
+    assert got["hog_event"] == "ReplicaOomKilled", got
+    assert got["replicas_cpu"] <= 0.55, got  # two burners and a fork loop together
+    tasks = dict(kv.split("=") for kv in got["slice_tasks"])
+    assert tasks["TasksMax"] == "150" and 140 <= int(tasks["TasksCurrent"]) <= 150, got
+    assert got["fork_refused"], got  # the fork loop hit the slice's 150, not its own 4160
+    # The host's own service (outside the slice, CPUWeight 100 against the slice's 20)
+    # gets the CPU first: more than all replicas together. (Absolute figures depend on
+    # what else the machine runs; the ratio does not.)
+    assert got["host_under_load_cpu"] >= 2 * got["replicas_cpu"], got
+    assert got["host_state"] in ("running", "degraded"), got

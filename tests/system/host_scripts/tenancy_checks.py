@@ -15,6 +15,7 @@ The last stdout line is a JSON object with what was seen (tests/system/test_tena
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -199,6 +200,135 @@ async def check_storage() -> dict:
         "present_after": present,
         "storage_opt_size": size.stderr.decode().strip().splitlines()[-1:],
     }
+
+
+def _cpu_s_of_unit(unit: str) -> float:
+    """CPU seconds of a unit's processes so far (utime + stime, cgroup v1 host)."""
+    cg = subprocess.run(
+        ["systemctl", "show", unit, "-p", "ControlGroup", "--value"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ticks = 0
+    for pid in Path(f"/sys/fs/cgroup/systemd{cg}/cgroup.procs").read_text().split():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def _host_share(unit: str, seconds: float) -> float:
+    a, t0 = _cpu_s_of_unit(unit), trio.current_time()
+    await trio.sleep(seconds)
+    return (_cpu_s_of_unit(unit) - a) / (trio.current_time() - t0)
+
+
+async def check_contained_under_load() -> dict:
+    """Replicas that try to take more than the slice (CPU, tasks, memory) are held inside
+    it, and a service of the host's own, outside the slice, keeps its CPU."""
+    from meshletd.runtime.events import EndEvent
+    from meshletd.runtime.spec import Resources
+
+    config = replace(H.config, slice_milli_cpu=500, slice_memory_mib=256, slice_tasks_max=150)
+    h = RealHarness(config=config)
+    host_svc = "tenancy-host-busy.service"
+    subprocess.run(
+        ["systemd-run", "--unit", host_svc, "--collect", "sh", "-c", "while :; do :; done"],
+        check=True,
+    )
+    out: dict = {}
+    try:
+        out["host_alone_cpu"] = round(await _host_share(host_svc, 4.0), 3)
+        rt = h.runtime()
+        busy = ("sh", "-c", "while :; do :; done")
+        # busybox sh exits when a fork fails: fork in a subshell, then exec.
+        forks = (
+            "sh",
+            "-c",
+            "(i=0; while [ $i -lt 2000 ]; do sleep 1000 & i=$((i+1)); done); "
+            "echo forks-done; exec sleep 1000",
+        )
+        hog = ("sh", "-c", "x=$(head -c 600000000 /dev/zero | tr '\\0' x); echo survived")
+        specs = [
+            testing.spec(
+                h,
+                workload="burn",
+                index=i,
+                args=busy,
+                resources=Resources(milli_cpu=1000, memory_mib=32, tasks=8),
+            )
+            for i in range(2)
+        ]
+        specs.append(
+            testing.spec(
+                h,
+                workload="forks",
+                args=forks,
+                resources=Resources(milli_cpu=1000, memory_mib=64, tasks=4096),
+            )
+        )
+        specs.append(
+            testing.spec(
+                h,
+                workload="hog",
+                args=hog,
+                resources=Resources(milli_cpu=1000, memory_mib=1024, tasks=8),
+            )
+        )
+        async with testing.serving(rt):
+            # The memory hog first (while it fills the slice, any fork fails for memory).
+            r = await rt.start(specs[3])
+            assert isinstance(r, ReplicaRunning), r
+            hog_end = await testing.wait_event(
+                rt, lambda e: isinstance(e, EndEvent) and e.replica == specs[3].replica, 120
+            )
+            out["hog_event"] = type(hog_end).__name__
+            units = []
+            for s in specs[:3]:
+                r = await rt.start(s)
+                assert isinstance(r, ReplicaRunning), r
+                units.append(r.unit)
+            await wait_for(lambda: "forks-done" in journal(units[2]), 90, "forks-done")
+            out["slice_tasks_at_refusal"] = int(
+                subprocess.run(
+                    ["systemctl", "show", "meshlet.slice", "-p", "TasksCurrent", "--value"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.strip()
+            )
+            out["fork_refused"] = "can't fork" in journal(units[2])
+            await trio.sleep(2.0)
+            burners = specs[:3]
+            u0 = [await rt.usage(s.replica) for s in burners]
+            t0 = trio.current_time()
+            out["host_under_load_cpu"] = round(await _host_share(host_svc, 6.0), 3)
+            u1 = [await rt.usage(s.replica) for s in burners]
+            wall = trio.current_time() - t0
+            out["replicas_cpu"] = round(
+                sum(b.cpu_ms - a.cpu_ms for a, b in zip(u0, u1, strict=True)) / 1000 / wall, 3
+            )
+            slice_show = subprocess.run(
+                ["systemctl", "show", "meshlet.slice", "-p", "TasksCurrent,TasksMax"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            out["slice_tasks"] = slice_show
+            out["host_state"] = subprocess.run(
+                ["systemctl", "is-system-running"], capture_output=True, text=True
+            ).stdout.strip()
+            for s in burners:
+                await rt.stop(s.replica)
+    finally:
+        subprocess.run(["systemctl", "stop", host_svc], check=False)
+        async with testing.serving(H.runtime()):
+            pass  # lift the caps for whatever runs next
+    await testing.assert_clean(h)
+    return out
 
 
 async def check_restore_default() -> dict:
