@@ -82,6 +82,10 @@ class RuntimeConfig:
     # conmon and slirp4netns start inside the unit, and at a workload's 10 % they took
     # ~0.9 s instead of ~0.2 s (docs/runtime.md, "CPU quota: full speed to start").
     launch_milli_cpu: int = 2000
+    # A workload of at least this much CPU starts under its own quota, with no launch step
+    # (no `systemctl` in ExecStartPost): podman's start needs about one CPU, so a quota of
+    # one CPU or more does not slow it (docs/runtime.md, "CPU quota").
+    launch_full_milli_cpu: int = 1000
     # Each replica in a user namespace of its own (`--userns=auto:size=N`): container ids
     # 0..N-1 on subordinate ids no other replica holds (0: all replicas share the meshlet
     # user's one mapping, the old way). The meshlet user needs N x (replicas at once) + 1
@@ -146,9 +150,16 @@ def cpu_quota_percent(milli_cpu: int) -> str:
     return f"{milli_cpu // 10}.{milli_cpu % 10}%"
 
 
+def needs_launch_step(spec: ReplicaSpec, config: RuntimeConfig) -> bool:
+    """Whether the unit starts at the launch quota and sets the workload's once running."""
+    return spec.resources.milli_cpu < min(config.launch_full_milli_cpu, config.launch_milli_cpu)
+
+
 def launch_cpu_quota_usec(spec: ReplicaSpec, config: RuntimeConfig) -> int:
-    """The quota the unit starts with: the launch quota, or the workload's if larger."""
-    return cpu_quota_per_sec_usec(max(spec.resources.milli_cpu, config.launch_milli_cpu))
+    """The quota the unit starts with: the launch quota for a small workload, else its own."""
+    if not needs_launch_step(spec, config):
+        return cpu_quota_per_sec_usec(spec.resources.milli_cpu)
+    return cpu_quota_per_sec_usec(config.launch_milli_cpu)
 
 
 def set_cpu_quota_argv(config: RuntimeConfig, unit: str, milli_cpu: int) -> list[str]:
@@ -293,7 +304,11 @@ def unit_properties(
         # Runs once conmon said READY and before the unit is "active"; "privileged" (the
         # `+` prefix): as root (or the user manager's own user), not `User=`. If it fails
         # the start fails and systemd stops the container: never active without its limit.
-        "ExecStartPostEx": [(limit[0], limit, ["privileged"])],
+        **(
+            {"ExecStartPostEx": [(limit[0], limit, ["privileged"])]}
+            if needs_launch_step(spec, config)
+            else {}
+        ),
         "ExecStop": [(rm[0], rm, True)],
         "ExecStopPost": [(save[0], save, True)],
         "RemainAfterExit": True,
