@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
@@ -31,7 +31,6 @@ from meshletd.runtime.events import (
     RuntimeEvent,
 )
 from meshletd.runtime.machine import Machine, MachineError
-from meshletd.runtime.network import NetworkGrant
 from meshletd.runtime.outcome import (
     end_event,
     oom_killed_from_counters,
@@ -55,6 +54,7 @@ from meshletd.runtime.units import (
     replica_network,
     unit_properties,
 )
+from meshletd.runtime.upkeep import HostUpkeep
 
 log = logging.getLogger("meshletd.runtime")
 _E = TypeVar("_E", bound=RuntimeEvent)
@@ -81,7 +81,7 @@ class _Replica:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class ReplicaRuntime:
+class ReplicaRuntime(HostUpkeep):
     """Runs replicas as transient units; see the module docstring and docs/runtime.md."""
 
     def __init__(
@@ -147,59 +147,6 @@ class ReplicaRuntime:
             if self.config.network_rules and self._clock() >= rules_due:
                 rules_due = self._clock() + self.config.network_rules_refresh_s
                 await self.apply_network_rules(quiet=True)
-
-    async def apply_network_rules(self, *, quiet: bool = False) -> bool:
-        """Write and load the network rules for `config.network_grant` (when
-        `config.network_rules`); True when they are in force. Until they are, no replica
-        with a network starts (`start` tries once more, then fails it)."""
-        if not self.config.network_rules:
-            return False
-        try:
-            await self.machine.apply_network_rules(self.config)
-        except MachineError as err:
-            if self._rules_in_force or not quiet:
-                log.error(
-                    "network rules (grant %r) not loaded: %s; replicas with a network will "
-                    "not start until they are",
-                    self.config.network_grant,
-                    err,
-                )
-            self._rules_in_force = False
-            return False
-        if not quiet or not self._rules_in_force:
-            log.info("network rules in force: grant %r", self.config.network_grant)
-        self._rules_in_force = True
-        return True
-
-    async def keep_image_store_in_bounds(self) -> bool:
-        """Past `config.image_store_max_mib`, remove every image no container uses.
-        True when it pruned."""
-        cap = self.config.image_store_max_mib
-        if cap is None:
-            return False
-        try:
-            used = await self.machine.image_store_bytes()
-            if used <= cap * 1024 * 1024:
-                return False
-            await self.machine.prune_images()
-            after = await self.machine.image_store_bytes()
-        except MachineError as err:
-            log.error("could not check or prune the image store: %s", err)
-            return False
-        self._image_seen.clear()
-        log.info(
-            "image store at %d MiB, over its %d MiB: unused images removed (%d MiB left)",
-            used >> 20,
-            cap,
-            after >> 20,
-        )
-        return True
-
-    async def set_network_grant(self, grant: NetworkGrant) -> bool:
-        """The host policy's `network` grant changed: new replicas get it (running ones
-        keep their podman network; the rules apply to all of them at once)."""
-        self.config = replace(self.config, network_grant=grant)
-        return await self.apply_network_rules()
 
     async def start(self, spec: ReplicaSpec) -> ReplicaRunning | EndEvent:
         """Start one replica; returns its `ReplicaRunning`, or how it failed.
