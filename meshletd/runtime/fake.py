@@ -85,6 +85,7 @@ class FakeMachine:
     network_grant: str | None = None
     image_sizes: dict[str, int] = field(default_factory=dict)  # image -> bytes
     prunes: int = 0
+    network_applies: int = 0
     network_rules_fail: bool = False
 
     # ---- test controls ---------------------------------------------------------------
@@ -189,6 +190,7 @@ class FakeMachine:
     async def apply_network_rules(self, config: RuntimeConfig) -> None:
         await trio.lowlevel.checkpoint()
         self.network_grant = config.network_grant
+        self.network_applies += 1
         if self.network_rules_fail:
             raise MachineError("nft -f exited 1: Operation not permitted")
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import trio
+import trio.testing
 
 from meshletd.config import parse
 from meshletd.runtime import (
@@ -221,3 +222,19 @@ def test_unused_images_are_pruned_once_the_store_passes_storage_mib() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_the_rules_are_loaded_again_while_the_runtime_serves() -> None:
+    # An administrator's `nft flush ruleset` must not leave replicas unconfined for long.
+    machine = FakeMachine()
+    runtime = ReplicaRuntime(machine, RuntimeConfig(network_rules_refresh_s=30.0))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.serve)
+            assert machine.network_applies == 1
+            await trio.sleep(95)
+            assert machine.network_applies == 4  # at start, then at 30, 60 and 90 s
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
