@@ -171,9 +171,8 @@ class PodmanCalls:
             lines = err.decode(errors="replace").strip().splitlines()
             why = lines[-1] if lines else f"no message (unit result {snap.result!r})"
             what = "podman" if argv[0] == self.config.podman else argv[0]
-            raise MachineError(
-                f"{what} {args[0]} {args[1] if len(args) > 1 else ''} exited {code}: {why}"
-            )
+            rest = argv[1:3]
+            raise MachineError(f"{what} {' '.join(rest)} exited {code}: {why}")
         return PodmanResult(code, bytes(out), bytes(err))
 
     async def _wait_call(

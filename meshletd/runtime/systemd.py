@@ -19,6 +19,7 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -290,8 +291,19 @@ class SystemdPodmanMachine(PodmanCalls):
             tmp.replace(path)
 
         await trio.to_thread.run_sync(write)
-        # As root (nft needs CAP_NET_ADMIN, which meshletd's own unit does not have).
-        await self._call(load_network_rules_argv(config), as_root=True, timeout_s=30)
+        argv = load_network_rules_argv(config)
+        if config.manager == "system":
+            # As root (nft needs CAP_NET_ADMIN, which meshletd's own unit does not have).
+            await self._call(argv, as_root=True, timeout_s=30)
+            return
+        # A user manager's units run as its user: meshletd, root without the packaged
+        # sandbox in this mode (see "Two homes for the units"), loads them itself.
+        try:
+            with trio.fail_after(30):
+                await trio.run_process(argv, capture_stdout=True, capture_stderr=True)
+        except (OSError, subprocess.CalledProcessError, trio.TooSlowError) as err:
+            why = getattr(err, "stderr", b"") or b""
+            raise MachineError(f"{' '.join(argv)}: {why.decode(errors='replace') or err}") from err
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
         props = {k.encode(): to_dbus(v) for k, v in properties.items()}
