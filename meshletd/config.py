@@ -80,8 +80,24 @@ class Contribution(_Section):
     memory_mib: int = Field(default=1024, ge=0, le=16_777_216)
     storage_mib: int = Field(default=10_240, ge=0, le=16_777_216)
     max_replicas: int = Field(default=16, ge=0, le=1000)
+    # Memory each replica costs beyond its workload's (conmon, slirp4netns, the container's
+    # init), counted against memory_mib when this meshlet bids: what it promises fits in
+    # the slice (measured ~2 MiB at rest; docs/runtime.md).
+    replica_overhead_mib: int = Field(default=8, ge=0, le=1024)
     # Processes and threads of all replicas together (None: no cap beyond systemd's own).
     tasks_max: int | None = Field(default=None, ge=1, le=4_194_304)
+
+
+class Isolation(_Section):
+    """How tenants are kept apart from each other and from the host (docs/runtime.md)."""
+
+    # Ids of each replica's own user namespace (podman --userns=auto:size=N); 0: all
+    # replicas share the meshlet user's one mapping (no isolation between tenants).
+    userns_size: int = Field(default=65536, ge=0, le=1 << 24)
+    # meshlet's nftables rules hold replicas to the host policy's network grant (default
+    # "internet": no LAN, private ranges, metadata or host ports). False: the host's
+    # administrator enforces it some other way.
+    network_rules: bool = True
 
 
 class Listen(_Section):
@@ -238,6 +254,7 @@ class Config(_Section):
     )
     clusters: list[Cluster] = Field(default_factory=list)
     contribution: Contribution = Field(default_factory=Contribution)
+    isolation: Isolation = Field(default_factory=Isolation)
     listen: Listen = Field(default_factory=Listen)
     control: Control = Field(default_factory=Control)
     web: Web = Field(default_factory=Web)

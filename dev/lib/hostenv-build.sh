@@ -15,6 +15,12 @@ HE_PACKAGES="podman uidmap slirp4netns fuse-overlayfs crun catatonit conmon
  util-linux ca-certificates"
 
 # The Debian mirror and security mirror the host itself uses (deb822 or one-line format).
+# Packages each host gets on top of the base, unpacked into its overlay at `up` (see
+# he_prepare): adding one here does not rebuild the base, which hosts may be running from.
+# nftables: meshlet's network rules for replicas (docs/runtime.md, "The network").
+HE_EXTRA_PACKAGES="nftables libnftables1 libedit2"
+HE_EXTRA_DEBS="$HE_CACHE/extra-debs"
+
 he_mirrors() {
     python3 - <<'EOF'
 import glob, re
@@ -255,6 +261,18 @@ he_prune_venvs() {
     done
 }
 
+# The extra packages' .debs, downloaded on this machine (Debian bookworm too) by apt.
+he_stage_extra_debs() {
+    local dir="$1"
+    rm -rf "$dir" "$dir.tmp"; mkdir -p "$dir.tmp"
+    # shellcheck disable=SC2086
+    (cd "$dir.tmp" && apt-get download -q $HE_EXTRA_PACKAGES 2>&1 | grep -v '^W: Download is performed unsandboxed') || true
+    [ "$(ls "$dir.tmp"/*.deb 2>/dev/null | wc -l)" -eq "$(echo $HE_EXTRA_PACKAGES | wc -w)" ] \
+        || { echo "could not download $HE_EXTRA_PACKAGES" >&2; rm -rf "$dir.tmp"; return 1; }
+    mv -T "$dir.tmp" "$dir"
+}
+he_extra_debs_dir() { echo "$HE_EXTRA_DEBS/$(echo "$HE_EXTRA_PACKAGES" | sha256sum | cut -c1-16)"; }
+
 he_hosts_running() { compgen -G "$HE_RUN/*/nspawn.pid" >/dev/null; }
 
 he_guard_base() {
@@ -295,6 +313,10 @@ cmd_build() {
         he_guard_base image
         step "hostenv: busybox image" he_stage_image
         he_stamp_set image "$key"
+    fi
+    local extra; extra=$(he_extra_debs_dir)
+    if [ ! -d "$extra" ]; then
+        step "hostenv: extra packages ($HE_EXTRA_PACKAGES)" he_stage_extra_debs "$extra"
     fi
     local venv; venv=$(he_venv_dir)
     if [ ! -f "$venv/pyvenv.cfg" ]; then

@@ -9,6 +9,7 @@
 
 HE_NAME_RE='^[a-z0-9][a-z0-9-]{0,30}$'
 HE_PODMAN_STORE=/home/meshlet/.local/share/containers
+HE_SUBIDS=$((65536 * 64))
 HE_BOOT_TIMEOUT="${MESHLET_HOSTENV_BOOT_TIMEOUT:-60}"
 
 he_dir() { echo "$HE_RUN/$1"; }
@@ -54,7 +55,10 @@ he_launch() {
     done
     export SYSTEMD_NSPAWN_API_VFS_WRITABLE=network
     local net=()
-    if [ -s "$dir/address" ]; then net=(--network-namespace-path="/run/netns/$(he_netns "$name")"); fi
+    # In its own namespace the host may set its own firewall (meshlet's replica rules).
+    if [ -s "$dir/address" ]; then
+        net=(--network-namespace-path="/run/netns/$(he_netns "$name")" --capability=CAP_NET_ADMIN)
+    fi
     exec systemd-nspawn -q -D "$dir/root" -M "$name" --register=no --keep-unit "${net[@]}" \
         --kill-signal=SIGRTMIN+3 --system-call-filter=@keyring --link-journal=no \
         --console=read-only \
@@ -101,6 +105,17 @@ he_prepare() {
     else
         mkdir -p "$dir/containers" && chown 1000:1000 "$dir/containers"
     fi
+    # The extra packages (hostenv-build.sh), unpacked without their maintainer scripts.
+    # --keep-directory-symlink: /lib is a symlink to usr/lib (merged /usr) and stays one.
+    local deb
+    for deb in "$(he_extra_debs_dir)"/*.deb; do
+        [ -f "$deb" ] || continue
+        dpkg-deb --fsys-tarfile "$deb" | tar -x --keep-directory-symlink -C "$dir/root"
+    done
+    # Rootless podman gives each replica a user namespace of its own (--userns=auto, 65536
+    # ids each): room for 64 at once, as the package's postinst allocates.
+    echo "meshlet:100000:$HE_SUBIDS" > "$dir/root/etc/subuid"
+    echo "meshlet:100000:$HE_SUBIDS" > "$dir/root/etc/subgid"
     mknod -m 666 "$dir/dev/tun" c 10 200
     mknod -m 666 "$dir/dev/fuse" c 10 229
 }
@@ -147,7 +162,8 @@ he_wait_ready() {
 }
 
 he_base_ready() {
-    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/image" ] && [ -f "$(he_venv_dir)/pyvenv.cfg" ] || {
+    [ -d "$HE_BASE" ] && [ -f "$HE_STAMPS/image" ] && [ -f "$(he_venv_dir)/pyvenv.cfg" ] \
+        && [ -d "$(he_extra_debs_dir)" ] || {
         echo "dev/hostenv: the base rootfs is not built; run: dev/hostenv build" >&2; exit 1; }
 }
 

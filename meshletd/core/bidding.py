@@ -123,7 +123,7 @@ class Bidding(Hosting):
             return  # we handed a slot of this version off: it fails here (section 22)
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
-        fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        fits = cpu >= wl.milli_cpu and mem >= self.replica_memory_mib(wl.memory_mib) and room != 0
         ports = self.free_ports() if wl.ports else 0
         if wl.ports and ports < len(wl.ports):
             fits = False
@@ -153,7 +153,9 @@ class Bidding(Hosting):
                 slots = 1
                 if wl.allow_packing:
                     slots = min(
-                        wl.replicas, cpu // max(wl.milli_cpu, 1), mem // max(wl.memory_mib, 1)
+                        wl.replicas,
+                        cpu // max(wl.milli_cpu, 1),
+                        mem // max(self.replica_memory_mib(wl.memory_mib), 1),
                     )
                     if room is not None:
                         slots = min(slots, room)
@@ -255,7 +257,7 @@ class Bidding(Hosting):
         if slots:
             self._reserved[(wl.uri, slot, round_)] = (
                 wl.milli_cpu * slots,
-                wl.memory_mib * slots,
+                self.replica_memory_mib(wl.memory_mib) * slots,
                 until,
                 slots,
             )
@@ -338,7 +340,7 @@ class Bidding(Hosting):
         close = self.now + t.replacement_window_ms + t.settle_ms
         fits = (
             cpu >= wl.milli_cpu
-            and mem >= wl.memory_mib
+            and mem >= self.replica_memory_mib(wl.memory_mib)
             and self.free_replicas() != 0
             and not self.draining
             and self.cluster.eligible(wl, self.me.did)

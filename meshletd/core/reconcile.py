@@ -66,7 +66,7 @@ class Reconciler(Bidding):
         ]:
             del owned[key]
         for s, rnd in mine.items():
-            owned[(uri, s)] = (wl.milli_cpu, wl.memory_mib)
+            owned[(uri, s)] = (wl.milli_cpu, self.replica_memory_mib(wl.memory_mib))
             self._reserved.pop((uri, s, rnd), None)
             if s == 0 or rnd == 0:
                 self._reserved.pop((uri, -1, 0), None)

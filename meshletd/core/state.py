@@ -33,6 +33,11 @@ class MeshletIdentity:
     # Replicas at once on this machine ([contribution] max_replicas; None: no limit): this
     # meshlet never bids for more slots than it has left (docs/protocol.md, section 7).
     max_replicas: int | None = None
+    # What each replica costs this machine beyond its workload's memory (conmon,
+    # slirp4netns, the container's init: measured ~2 MiB, more under traffic). Counted
+    # against our capacity for every slot we hold or bid for, so that what the commune was
+    # promised fits inside the slice (docs/runtime.md, "What a replica really costs").
+    replica_overhead_mib: int = 0
     lease: bool = False
     """Nobody can reach us (no endpoint, behind NAT): we write a lease every
     `lease_renew_ms` and our watchers judge us by it (docs/protocol.md, section 8)."""
@@ -175,6 +180,10 @@ class SchedulerState:
             cpu -= c
             mem -= m
         return cpu, mem
+
+    def replica_memory_mib(self, workload_memory_mib: int) -> int:
+        """The memory one replica of a workload takes here: its own and its overhead."""
+        return workload_memory_mib + self.me.replica_overhead_mib
 
     def free_replicas(self) -> int | None:
         """Replicas this meshlet may still bid for under its `max_replicas` (None: no limit):

@@ -300,7 +300,9 @@ class AtprotoNode:
             return
         cfg = self.local.cfg
         runtime: ReplicaRuntime = (
-            systemd_runtime(contribution_runtime_config(cfg.contribution, cfg.images))
+            systemd_runtime(
+                contribution_runtime_config(cfg.contribution, cfg.images, isolation=cfg.isolation)
+            )
             if kind == "systemd"
             else fake_runtime()
         )
@@ -310,6 +312,8 @@ class AtprotoNode:
             milli_cpu=cfg.contribution.milli_cpu,
             memory_mib=cfg.contribution.memory_mib,
             max_replicas=cfg.contribution.max_replicas,
+            # Real only where replicas are real (conmon, slirp4netns beside each workload).
+            replica_overhead_mib=cfg.contribution.replica_overhead_mib if kind == "systemd" else 0,
             arch=cfg.arch or machine_arch(),
             labels=frozenset(cfg.labels),
             endpoint=cfg.public_endpoint or "",

@@ -29,7 +29,7 @@ from meshletd.core.nsid import (
     CTL_USAGE,
     NSID_WORKLOAD,
 )
-from meshletd.daemon.node import Node, check_owner
+from meshletd.daemon.node import Node, check_owner, workload_owner
 from meshletd.errors import Forbidden, InvalidRequest
 from meshletd.xrpc.app import Access, Caller, MethodHandler, Param, XrpcApp
 
@@ -142,10 +142,29 @@ def install(
     async def undrain(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return {"state": await node.undrain()}
 
-    async def get_logs(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
-        uri = params["uri"]
+    def may_read_logs(caller: Caller, uri: str) -> None:
+        """A tenant's logs go to that tenant and to the host's administrators only.
+
+        Over XRPC: the workload's owner (service auth). On the control socket: an
+        administrator (root, the admin group) for any workload; a reader (the meshlet
+        group) only for this meshlet's owner's own workloads, not other tenants'.
+        """
         if caller.did is not None:
             owner_only(caller, uri)
+            return
+        if caller.is_admin:
+            return
+        # A bare name is resolved among this meshlet's owner's workloads only.
+        owner = workload_owner(uri) if uri.startswith("at://") else node.owner
+        if owner != node.owner:
+            raise Forbidden(
+                f"the logs of {uri} are its owner's: on the control socket only root or the "
+                "meshlet admin group may read another tenant's logs"
+            )
+
+    async def get_logs(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        uri = params["uri"]
+        may_read_logs(caller, uri)
         got = await node.logs(uri, params["slot"], params["lines"], params.get("cursor"))
         entries = list(got.entries)
         # `lines` (the bare text) is what callers before entries and cursors read.

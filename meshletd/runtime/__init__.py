@@ -47,24 +47,36 @@ from meshletd.runtime.spec import (
 from meshletd.runtime.units import RuntimeConfig
 
 if TYPE_CHECKING:
-    from meshletd.config import Contribution, Images
+    from meshletd.config import Contribution, Images, Isolation
+    from meshletd.runtime.network import NetworkGrant
 
 
 def contribution_runtime_config(
-    contribution: Contribution, images: Images | None = None
+    contribution: Contribution,
+    images: Images | None = None,
+    *,
+    isolation: Isolation | None = None,
+    network_grant: NetworkGrant = "internet",
 ) -> RuntimeConfig:
-    """The runtime config whose slice carries `[contribution]`'s caps and whose pulls
-    `[images]`' bounds (meshlet.toml)."""
+    """The runtime config whose slice carries `[contribution]`'s caps, whose pulls
+    `[images]`' bounds and whose replicas are kept apart as `[isolation]` says
+    (meshlet.toml), under the host policy's network grant."""
     config = RuntimeConfig(
         slice_milli_cpu=contribution.milli_cpu,
         slice_memory_mib=contribution.memory_mib,
         slice_tasks_max=contribution.tasks_max,
+        image_store_max_mib=contribution.storage_mib or None,
+        network_grant=network_grant,
     )
     if images is not None:
         config = replace(
             config,
             pull_timeout_s=images.pull_timeout_s,
             pull_max_bytes=images.pull_max_mib << 20,
+        )
+    if isolation is not None:
+        config = replace(
+            config, userns_size=isolation.userns_size, network_rules=isolation.network_rules
         )
     return config
 

@@ -22,6 +22,7 @@ PROPS = b"org.freedesktop.DBus.Properties"
 KNOWN_UNIT_SIGNATURES.setdefault(b"AddRef", b"b")
 KNOWN_UNIT_SIGNATURES.setdefault(b"LogLevelMax", b"i")
 KNOWN_UNIT_SIGNATURES.setdefault(b"ExecStartPostEx", b"a(sasas)")
+KNOWN_UNIT_SIGNATURES.setdefault(b"CPUWeight", b"t")
 
 
 def to_dbus(value: object) -> Any:

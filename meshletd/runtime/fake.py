@@ -89,6 +89,13 @@ class FakeMachine:
     # SetUnitProperties from the runtime fails.
     start_post_fails: bool = False
     set_quota_fails: bool = False
+    # The network rules (`apply_network_rules`): the grant last applied, and whether
+    # loading them fails (e.g. no nft on the host).
+    network_grant: str | None = None
+    image_sizes: dict[str, int] = field(default_factory=dict)  # image -> bytes
+    prunes: int = 0
+    network_applies: int = 0
+    network_rules_fail: bool = False
 
     # ---- test controls ---------------------------------------------------------------
 
@@ -204,6 +211,23 @@ class FakeMachine:
         admin = frozenset(self.admin_slice_keys)
         self.slice_properties = slice_properties(config, admin)
         return admin
+
+    async def image_store_bytes(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return sum(self.image_sizes.get(i, 0) for i in self.images)
+
+    async def prune_images(self) -> None:
+        await trio.lowlevel.checkpoint()
+        used = {c.image for c in self.containers.values()}
+        self.images = {i for i in self.images if i in used}
+        self.prunes += 1
+
+    async def apply_network_rules(self, config: RuntimeConfig) -> None:
+        await trio.lowlevel.checkpoint()
+        self.network_grant = config.network_grant
+        self.network_applies += 1
+        if self.network_rules_fail:
+            raise MachineError("nft -f exited 1: Operation not permitted")
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
         await trio.lowlevel.checkpoint()

@@ -42,6 +42,14 @@ class Machine(Protocol):
         dir of unit `scratch`); `on_line` gets podman's progress lines."""
         ...
 
+    async def image_store_bytes(self) -> int:
+        """What the images in the replica user's store take (each image's size)."""
+        ...
+
+    async def prune_images(self) -> None:
+        """Remove every image no container uses (`podman image prune --all --force`)."""
+        ...
+
     # podman secrets (data goes through stdin, never a command line)
     async def create_secret(self, name: str, data: bytes) -> None: ...
     async def remove_secret(self, name: str) -> None: ...
@@ -68,6 +76,11 @@ class Machine(Protocol):
         Leaves out every limit an administrator's drop-in for the slice sets, and returns
         those unit-file keys (e.g. {"MemoryMax"}).
         """
+        ...
+
+    async def apply_network_rules(self, config: RuntimeConfig) -> None:
+        """Write meshlet's nftables rules for `config.network_grant` where each replica's
+        unit loads them (`config.network_rules_file`), and load them now, as root."""
         ...
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None: ...

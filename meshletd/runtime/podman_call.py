@@ -98,9 +98,35 @@ class PodmanCalls:
         the unit (`Standard*FileDescriptor`), so data such as a secret goes through a pipe,
         never a command line, a unit property or the journal.
         """
+        return await self._call(
+            [self.config.podman, *args],
+            stdin=stdin,
+            check=check,
+            timeout_s=timeout_s,
+            on_line=on_line,
+        )
+
+    async def _call(
+        self,
+        argv: list[str],
+        *,
+        as_root: bool = False,
+        stdin: bytes = b"",
+        check: bool = True,
+        timeout_s: int = CALL_TIMEOUT_S,
+        on_line: Callable[[str], None] | None = None,
+    ) -> PodmanResult:
+        """Run `argv` in a transient unit (as the replica user, or as root with `as_root`:
+        only for meshlet's own fixed commands, e.g. `nft -f FILE`) and wait for its end."""
+        args = argv[1:] if argv[0] == self.config.podman else argv
         await self._sweep_podman_calls()
         unit = podman_call_unit(secrets.token_hex(8))
         props = podman_call_properties(self.config, args, timeout_s)
+        props["ExecStart"] = [(argv[0], argv, False)]
+        if as_root:
+            props.pop("User", None)
+            props.pop("Group", None)
+            props["Description"] = f"meshletd: {' '.join(argv[:2])}"
         try:
             in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (-1, -1)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -154,9 +180,9 @@ class PodmanCalls:
         if check and code != 0:
             lines = err.decode(errors="replace").strip().splitlines()
             why = lines[-1] if lines else f"no message (unit result {snap.result!r})"
-            raise MachineError(
-                f"podman {args[0]} {args[1] if len(args) > 1 else ''} exited {code}: {why}"
-            )
+            what = "podman" if argv[0] == self.config.podman else argv[0]
+            rest = argv[1:3]
+            raise MachineError(f"{what} {' '.join(rest)} exited {code}: {why}")
         return PodmanResult(code, bytes(out), bytes(err))
 
     async def _wait_call(

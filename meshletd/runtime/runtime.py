@@ -57,8 +57,10 @@ from meshletd.runtime.units import (
     RuntimeConfig,
     cpu_quota_per_sec_usec,
     identity_from_environment,
+    replica_network,
     unit_properties,
 )
+from meshletd.runtime.upkeep import HostUpkeep
 
 log = logging.getLogger("meshletd.runtime")
 _E = TypeVar("_E", bound=RuntimeEvent)
@@ -88,7 +90,7 @@ class _Replica:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class ReplicaRuntime:
+class ReplicaRuntime(HostUpkeep):
     """Runs replicas as transient units; see the module docstring and docs/runtime.md."""
 
     def __init__(
@@ -107,6 +109,7 @@ class ReplicaRuntime:
         self._pulling: dict[ReplicaId, trio.CancelScope] = {}  # starts in their image step
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
+        self._rules_in_force = False
 
     # ---- public face -------------------------------------------------------------------
 
@@ -146,11 +149,20 @@ class ReplicaRuntime:
                 self.config.slice,
                 ", ".join(sorted(admin)),
             )
+        await self.apply_network_rules()
         adopted = await self.adopt()
         task_status.started(adopted)
+        rules_due = self._clock() + self.config.network_rules_refresh_s
+        storage_due = self._clock()
         while True:
             await trio.sleep(self.config.poll_interval_s)
             await self.poll()
+            if self._clock() >= storage_due:
+                storage_due = self._clock() + self.config.storage_check_s
+                await self.keep_image_store_in_bounds()
+            if self.config.network_rules and self._clock() >= rules_due:
+                rules_due = self._clock() + self.config.network_rules_refresh_s
+                await self.apply_network_rules(quiet=True)
 
     async def start(self, spec: ReplicaSpec) -> ReplicaRunning | EndEvent:
         """Start one replica; returns its `ReplicaRunning`, or how it failed.
@@ -203,6 +215,21 @@ class ReplicaRuntime:
             async with rep.lock:
                 await self._finish(rep)
 
+        if (
+            self.config.network_rules
+            and replica_network(spec, self.config) != "none"
+            and not self._rules_in_force
+            and not await self.apply_network_rules()
+        ):
+            return self._emit(
+                ReplicaFailed(
+                    spec.replica,
+                    unit,
+                    UnitStartFailed.name,
+                    f"the host's network rules (grant {self.config.network_grant!r}) are not "
+                    "in force: not started with a network (see meshletd's log)",
+                )
+            )
         self._emit(ReplicaStarting(spec.replica, unit))
         rep = _Replica(
             spec.replica,
@@ -422,8 +449,9 @@ class ReplicaRuntime:
                 snap = await self.machine.unit_snapshot(rep.unit)
                 phase = unit_phase(snap)
                 if phase == "running":
-                    if failed := await self._enforce_cpu_limit(rep):
-                        return failed
+                    # No quota check here: the unit became active only after its own
+                    # ExecStartPost set the workload's quota (a failure fails the unit).
+                    # The watcher checks it from its next look on.
                     rep.ran = True
                     return self._emit(
                         ReplicaRunning(

@@ -19,6 +19,7 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from pystemd.dbuslib import apply_signature  # type: ignore[import-untyped]
 from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, from_dbus, to_dbus
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
+from meshletd.runtime.network import resolvers_from, ruleset
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.podman_call import PodmanCalls, PodmanResult, call_ended
 from meshletd.runtime.reference import parse_image
@@ -39,6 +41,7 @@ from meshletd.runtime.units import (
     RuntimeConfig,
     dropin_limit_keys,
     is_admin_dropin,
+    load_network_rules_argv,
     memory_cgroup_dir,
     replica_state_dir,
     slice_properties,
@@ -160,6 +163,14 @@ class SystemdPodmanMachine(PodmanCalls):
         finally:
             os.close(fd)
 
+    async def image_store_bytes(self) -> int:
+        proc = await self._podman("image", "ls", "--format", "json")
+        images = json.loads(proc.stdout or b"[]") or []
+        return sum(int(i.get("Size", 0)) for i in images if isinstance(i, dict))
+
+    async def prune_images(self) -> None:
+        await self._podman("image", "prune", "--all", "--force", timeout_s=300)
+
     # ---- secrets ------------------------------------------------------------------------
 
     async def create_secret(self, name: str, data: bytes) -> None:
@@ -256,7 +267,8 @@ class SystemdPodmanMachine(PodmanCalls):
         root = Path(self.config.state_dir)
 
         def ls() -> list[str]:
-            return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+            # Directories only: the network rules file lives beside them.
+            return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
         return await trio.to_thread.run_sync(ls)
 
@@ -303,6 +315,42 @@ class SystemdPodmanMachine(PodmanCalls):
             return await self._dbus(ensure)
         except Exception as err:
             raise MachineError(f"could not set up slice {name}: {err}") from err
+
+    async def apply_network_rules(self, config: RuntimeConfig) -> None:
+        def write() -> None:
+            try:
+                resolv = Path("/etc/resolv.conf").read_text(errors="replace")
+            except OSError:
+                resolv = ""
+            dns4, dns6 = resolvers_from(resolv)
+            text = ruleset(
+                config.network_grant,
+                uid=config.uid,
+                cgroup_v2=config.cgroup_v2,
+                resolvers_v4=dns4,
+                resolvers_v6=dns6,
+            )
+            path = Path(config.network_rules_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            tmp.replace(path)
+
+        await trio.to_thread.run_sync(write)
+        argv = load_network_rules_argv(config)
+        if config.manager == "system":
+            # As root (nft needs CAP_NET_ADMIN, which meshletd's own unit does not have).
+            await self._call(argv, as_root=True, timeout_s=30)
+            return
+        # A user manager's units run as its user: meshletd, root without the packaged
+        # sandbox in this mode (see "Two homes for the units"), loads them itself.
+        try:
+            with trio.fail_after(30):
+                await trio.run_process(argv, capture_stdout=True, capture_stderr=True)
+        except (OSError, subprocess.CalledProcessError, trio.TooSlowError) as err:
+            why = getattr(err, "stderr", b"") or b""
+            raise MachineError(f"{' '.join(argv)}: {why.decode(errors='replace') or err}") from err
 
     async def start_unit(self, unit: str, properties: dict[str, object]) -> None:
         props = {k.encode(): to_dbus(v) for k, v in properties.items()}

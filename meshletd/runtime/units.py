@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshletd.runtime.naming import secret_name
+from meshletd.runtime.network import NetworkGrant
 from meshletd.runtime.spec import PortBinding, ReplicaId, ReplicaSpec
 
 # Environment entries that carry a replica's identity in its unit (read back on adoption).
@@ -77,12 +78,36 @@ class RuntimeConfig:
     slice_milli_cpu: int | None = None
     slice_memory_mib: int | None = None
     slice_tasks_max: int | None = None
+    # The slice's CPU weight against the host's own slices (systemd's default is 100; on
+    # cgroup v1 systemd turns it into cpu.shares): replicas get what the host leaves.
+    slice_cpu_weight: int = 20
     memory_overhead_mib: int = 64
     tasks_overhead: int = 64
     # The CPU quota a replica's unit starts with, before its own limit is set: podman run,
     # conmon and slirp4netns start inside the unit, and at a workload's 10 % they took
     # ~0.9 s instead of ~0.2 s (docs/runtime.md, "CPU quota: full speed to start").
     launch_milli_cpu: int = 2000
+    # A workload of at least this much CPU starts under its own quota, with no launch step
+    # (no `systemctl` in ExecStartPost): podman's start needs about one CPU, so a quota of
+    # one CPU or more does not slow it (docs/runtime.md, "CPU quota").
+    launch_full_milli_cpu: int = 1000
+    # Each replica in a user namespace of its own (`--userns=auto:size=N`): container ids
+    # 0..N-1 on subordinate ids no other replica holds (0: all replicas share the meshlet
+    # user's one mapping, the old way). The meshlet user needs N x (replicas at once) + 1
+    # subordinate ids (the package gives 64 x 65536).
+    userns_size: int = 65536
+    # What the host lends the network (the host policy's `network` grant) and whether
+    # meshlet's nftables rules enforce it (`network_rules`, docs/runtime.md "The network").
+    network_grant: NetworkGrant = "internet"
+    network_rules: bool = True
+    nft: str = "/usr/sbin/nft"
+    # The rules are loaded again this often (an administrator's `nft flush ruleset` or a
+    # restart of nftables.service removes them; replicas keep running meanwhile).
+    network_rules_refresh_s: float = 30.0
+    # The image store's cap ([contribution] storage_mib): past it, every image no container
+    # uses is removed (looked at every `storage_check_s`). None: never pruned.
+    image_store_max_mib: int | None = None
+    storage_check_s: float = 300.0
     # Not under /run/meshlet: that is meshletd.service's RuntimeDirectory, removed when the
     # daemon stops, while replicas (and their ExecStopPost) outlive the daemon.
     state_dir: str = "/run/meshlet-replicas"
@@ -94,6 +119,11 @@ class RuntimeConfig:
     # image (config + layers as its manifest declares them, compressed) may be.
     pull_timeout_s: int = 900
     pull_max_bytes: int = 10 << 30
+
+    @property
+    def network_rules_file(self) -> str:
+        """Where meshletd leaves the network rules it loads (and an administrator can read)."""
+        return f"{self.state_dir}/network.nft"
 
     @property
     def runtime_dir(self) -> str:
@@ -128,9 +158,16 @@ def cpu_quota_percent(milli_cpu: int) -> str:
     return f"{milli_cpu // 10}.{milli_cpu % 10}%"
 
 
+def needs_launch_step(spec: ReplicaSpec, config: RuntimeConfig) -> bool:
+    """Whether the unit starts at the launch quota and sets the workload's once running."""
+    return spec.resources.milli_cpu < min(config.launch_full_milli_cpu, config.launch_milli_cpu)
+
+
 def launch_cpu_quota_usec(spec: ReplicaSpec, config: RuntimeConfig) -> int:
-    """The quota the unit starts with: the launch quota, or the workload's if larger."""
-    return cpu_quota_per_sec_usec(max(spec.resources.milli_cpu, config.launch_milli_cpu))
+    """The quota the unit starts with: the launch quota for a small workload, else its own."""
+    if not needs_launch_step(spec, config):
+        return cpu_quota_per_sec_usec(spec.resources.milli_cpu)
+    return cpu_quota_per_sec_usec(config.launch_milli_cpu)
 
 
 def set_cpu_quota_argv(config: RuntimeConfig, unit: str, milli_cpu: int) -> list[str]:
@@ -166,7 +203,7 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
         "--pull=never",
         "--cap-drop=all",
         "--security-opt=no-new-privileges",
-        f"--network={'none' if spec.network == 'none' else 'slirp4netns'}",
+        f"--network={replica_network(spec, config)}",
         "--label",
         f"{LABEL}={spec.replica}",
         "--stop-timeout",
@@ -174,6 +211,8 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
     ]
     if config.cgroup_v2:
         argv.append("--cgroups=split")
+    if config.userns_size:
+        argv.append(f"--userns=auto:size={config.userns_size}")
     if not spec.writable_root:
         argv.append("--read-only")
     argv += publish_argv(spec)
@@ -238,6 +277,18 @@ def endpoints_from_env(text: str) -> tuple[tuple[str, str, int, str], ...]:
         if sep and port.isdigit() and address and proto:
             out.append((name, address.strip("[]"), int(port), proto))
     return tuple(out)
+
+
+def replica_network(spec: ReplicaSpec, config: RuntimeConfig) -> str:
+    """podman's network for a replica: none when the workload or the host says so, else
+    slirp4netns (no host loopback: podman's default `allow_host_loopback=false`), whose
+    traffic meshlet's nftables rules confine to the host's grant."""
+    return "none" if spec.network == "none" or config.network_grant == "none" else "slirp4netns"
+
+
+def load_network_rules_argv(config: RuntimeConfig) -> list[str]:
+    """`nft -f` of meshlet's rules file (as root, in a transient unit of meshletd's)."""
+    return [config.nft, "-f", config.network_rules_file]
 
 
 def podman_rm_argv(config: RuntimeConfig, container: str, timeout_s: int) -> list[str]:
@@ -314,7 +365,11 @@ def unit_properties(
         # Runs once conmon said READY and before the unit is "active"; "privileged" (the
         # `+` prefix): as root (or the user manager's own user), not `User=`. If it fails
         # the start fails and systemd stops the container: never active without its limit.
-        "ExecStartPostEx": [(limit[0], limit, ["privileged"])],
+        **(
+            {"ExecStartPostEx": [(limit[0], limit, ["privileged"])]}
+            if needs_launch_step(spec, config)
+            else {}
+        ),
         "ExecStop": [(rm[0], rm, True)],
         "ExecStopPost": [(save[0], save, True)],
         "RemainAfterExit": True,
@@ -373,6 +428,7 @@ SLICE_LIMIT_KEYS: dict[str, str] = {
     "CPUQuota": "CPUQuotaPerSecUSec",
     "MemoryMax": "MemoryMax",
     "TasksMax": "TasksMax",
+    "CPUWeight": "CPUWeight",
 }
 
 
@@ -400,6 +456,9 @@ def slice_properties(config: RuntimeConfig, admin_keys: Collection[str] = ()) ->
         props["MemoryMax"] = (
             INFINITY if config.slice_memory_mib is None else config.slice_memory_mib * 1024 * 1024
         )
+    if "CPUWeight" not in admin_keys:
+        # Lent, not given: under contention the host's own services come first.
+        props["CPUWeight"] = config.slice_cpu_weight
     if "TasksMax" not in admin_keys:
         props["TasksMax"] = INFINITY if config.slice_tasks_max is None else config.slice_tasks_max
     return props

@@ -39,6 +39,7 @@ class Config:
     cpu_milli: int = 16_000
     memory_mib: int = 32_768
     max_replicas: int | None = None  # per meshlet ([contribution] max_replicas)
+    replica_overhead_mib: int = 0  # per replica ([contribution] replica_overhead_mib)
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
     nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)

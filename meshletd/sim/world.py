@@ -217,6 +217,7 @@ class Sim:
             self.cfg.memory_mib,
             lease=node.nat,
             max_replicas=self.cfg.max_replicas,
+            replica_overhead_mib=self.cfg.replica_overhead_mib,
         )
         core = Scheduler(me, self.t)
         node.core = core

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -486,3 +487,34 @@ async def test_the_host_policy_is_set_one_key_at_a_time_and_shown(running: Runni
     assert "owners" not in resp.json()["policy"]
     bad = await running.unix.post(ctl + "setPolicy", json={"key": "network", "value": "wan"})
     assert bad.status_code == 400 and "network" in bad.json()["message"]
+
+
+async def test_a_tenants_logs_go_only_to_that_owner_and_the_hosts_admins(
+    running: Running,
+) -> None:
+    app = running.daemon.app
+    app.reader_gids, app.admin_gids = frozenset({500}), frozenset({501})
+    reader = PeerCred(pid=1, uid=1000, gid=1000, groups=frozenset({500}))
+    admin = PeerCred(pid=1, uid=1001, gid=1001, groups=frozenset({501}))
+    mine = await make_workload(running)  # this meshlet's owner's (alice's)
+    bobs = "at://did:plc:bob/commune.scheduler.workload/web"
+
+    async def logs_as(cred: PeerCred, uri: str) -> tuple[int, str]:
+        request = Request(
+            "GET", "/xrpc/farm.meshlet.getLogs", [("uri", uri)], {}, b"", peercred=cred
+        )
+        resp = await app.unix_handler(request)
+        return resp.status, json.loads(resp.body).get("error", "")
+
+    # A reader of the control socket (group meshlet) reads the host owner's logs, not Bob's.
+    assert (await logs_as(reader, mine))[0] == 200
+    assert await logs_as(reader, bobs) == (403, "Forbidden")
+    # An administrator reads any tenant's (Bob's runs nowhere here: not found, not refused).
+    assert (await logs_as(admin, mine))[0] == 200
+    assert await logs_as(admin, bobs) == (404, "NotFound")
+    # Over XRPC only the workload's owner: Bob may not read Alice's, the host owner Alice
+    # may not read Bob's.
+    resp = await running.call("farm.meshlet.getLogs", who=BOB, params={"uri": mine})
+    assert resp.status_code == 403 and error(resp) == "Forbidden"
+    resp = await running.call("farm.meshlet.getLogs", who=ALICE, params={"uri": bobs})
+    assert resp.status_code == 403 and error(resp) == "Forbidden"

@@ -87,3 +87,9 @@ def test_runtime_settings_are_not_taken_for_an_administrators_dropin() -> None:
     assert is_admin_dropin("/run/systemd/system/meshlet.slice.d/10-admin.conf")
     assert not is_admin_dropin("/run/systemd/system.control/meshlet.slice.d/50-MemoryMax.conf")
     assert not is_admin_dropin("/run/systemd/transient/meshlet.slice.d/50-Description.conf")
+
+
+def test_the_slice_yields_cpu_to_the_hosts_own_services_unless_an_admin_says_otherwise() -> None:
+    assert slice_properties(RuntimeConfig())["CPUWeight"] == 20
+    assert "CPUWeight" not in slice_properties(RuntimeConfig(), {"CPUWeight"})
+    assert dropin_limit_keys("[Slice]\nCPUWeight=500\n") == {"CPUWeight"}

@@ -121,8 +121,14 @@ def test_a_replica_starts_at_the_launch_quota_and_its_unit_then_sets_the_workloa
     assert argv == [path, "set-property", "--runtime", "--", "u.service", "CPUQuota=25.0%"]
     big = replace(SPEC, resources=Resources(milli_cpu=3005, memory_mib=128, tasks=16))
     props = unit_properties(big, CONFIG, "u.service", "c")
-    assert props["CPUQuotaPerSecUSec"] == 3_005_000
-    assert props["ExecStartPostEx"][0][1][-1] == "CPUQuota=300.5%"  # type: ignore[index]
+    # One CPU or more: podman is not slowed by it, so the unit starts under the workload's
+    # own quota and no launch step runs (no systemctl on the start path).
+    assert props["CPUQuotaPerSecUSec"] == 3_005_000 and "ExecStartPostEx" not in props
+    one = replace(SPEC, resources=Resources(milli_cpu=1000, memory_mib=128, tasks=16))
+    assert unit_properties(one, CONFIG, "u", "c")["CPUQuotaPerSecUSec"] == 1_000_000
+    assert "ExecStartPostEx" not in unit_properties(one, CONFIG, "u", "c")
+    nearly = replace(SPEC, resources=Resources(milli_cpu=999, memory_mib=128, tasks=16))
+    assert "ExecStartPostEx" in unit_properties(nearly, CONFIG, "u", "c")
     user = unit_properties(SPEC, replace(CONFIG, manager="user"), "u.service", "c")
     assert user["ExecStartPostEx"][0][1][1] == "--user"  # type: ignore[index]
     ident = identity_from_environment(props["Environment"])  # type: ignore[arg-type]
