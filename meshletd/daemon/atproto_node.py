@@ -51,7 +51,12 @@ from meshletd.daemon.hostpolicy import now_ms, policy_view, requested_policy
 from meshletd.daemon.http_peers import PROBE_TIMEOUT_S, HttpPeers
 from meshletd.daemon.local import Local
 from meshletd.daemon.peers import LogPage, Peers, RecordRef
-from meshletd.daemon.publisher import PdsPublisher, machine_arch, membership_lists
+from meshletd.daemon.publisher import (
+    PdsPublisher,
+    configured_policy,
+    machine_arch,
+    membership_lists,
+)
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import PdsRepo
 from meshletd.daemon.secrets import EncryptionKey, SecretStore
@@ -64,6 +69,7 @@ from meshletd.runtime import (
     fake_runtime,
     systemd_runtime,
 )
+from meshletd.runtime.network import NetworkGrant, grant_of
 
 log = logging.getLogger("meshletd.node")
 
@@ -301,7 +307,12 @@ class AtprotoNode:
         cfg = self.local.cfg
         runtime: ReplicaRuntime = (
             systemd_runtime(
-                contribution_runtime_config(cfg.contribution, cfg.images, isolation=cfg.isolation)
+                contribution_runtime_config(
+                    cfg.contribution,
+                    cfg.images,
+                    isolation=cfg.isolation,
+                    network_grant=await self._network_grant(),
+                )
             )
             if kind == "systemd"
             else fake_runtime()
@@ -511,7 +522,19 @@ class AtprotoNode:
     async def set_policy(self, body: dict[str, Any]) -> dict[str, Any]:
         current = await self.publisher.published_policy() or HostPolicy.default(self.did)
         got = await self.publisher.publish_policy(requested_policy(body, current, now_ms()))
+        engine = self.local.engine
+        if engine is not None and got.network != current.network:
+            # What replicas may reach follows the published grant (docs/runtime.md).
+            await engine.set_network_grant(grant_of(got.network))
         return {"policy": record_value(got)}
+
+    async def _network_grant(self) -> NetworkGrant:
+        """The `network` of our host policy: published, else meshlet.toml's, else the
+        default (internet only)."""
+        policy = await self.publisher.published_policy()
+        if policy is None:
+            policy = configured_policy(self.local, now_ms())
+        return "internet" if policy is None else grant_of(policy.network)
 
     async def put_secret(self, name: str, value: bytes) -> None:
         await self.commands.put_secret(name, value)

@@ -76,6 +76,7 @@ from meshletd.runtime import (
     Runtime,
     Secret,
 )
+from meshletd.runtime.network import NetworkGrant
 from meshletd.runtime.reference import parse_image, pinned_image
 from meshletd.runtime.registry import auth_file
 from meshletd.trace import trace
@@ -255,6 +256,10 @@ class Engine:
 
     def set_draining(self, draining: bool) -> None:
         self.feed(SetDraining(draining))
+
+    async def set_network_grant(self, grant: NetworkGrant) -> None:
+        if not await self.runtime.set_network_grant(grant):
+            log.error("the network rules for grant %r could not be loaded", grant)
 
     # -- the loop ------------------------------------------------------------------------
 

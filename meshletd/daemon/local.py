@@ -18,6 +18,7 @@ from meshletd.config import Config
 from meshletd.core.commons import Rule
 from meshletd.core.placement import Owner
 from meshletd.daemon.repo import Repo
+from meshletd.runtime.network import NetworkGrant
 
 State = Literal["active", "draining"]
 
@@ -64,6 +65,10 @@ class Scheduling(Protocol):
         ...
 
     def set_draining(self, draining: bool) -> None: ...
+
+    async def set_network_grant(self, grant: NetworkGrant) -> None:
+        """The host policy's `network` changed: replicas here may reach what it grants."""
+        ...
 
 
 @dataclass
@@ -117,5 +122,10 @@ class FakeScheduling:
     draining: list[bool] = field(default_factory=list)
     admin_slice_keys: frozenset[str] = frozenset()
 
+    network_grants: list[str] = field(default_factory=list)
+
     def set_draining(self, draining: bool) -> None:
         self.draining.append(draining)
+
+    async def set_network_grant(self, grant: NetworkGrant) -> None:
+        self.network_grants.append(grant)

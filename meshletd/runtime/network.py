@@ -37,6 +37,16 @@ from typing import Literal
 NetworkGrant = Literal["none", "internet", "lan"]
 GRANTS: tuple[NetworkGrant, ...] = ("none", "internet", "lan")
 
+
+def grant_of(network: str) -> NetworkGrant:
+    """A host policy's `network` as a grant (the lexicon admits only these three; anything
+    else is read as the default, internet only)."""
+    for g in GRANTS:
+        if g == network:
+            return g
+    return "internet"
+
+
 TABLE = "meshlet"
 MAX_LEVEL = 8
 
@@ -111,6 +121,9 @@ def ruleset(
     if grant == "none":
         lines.append("    counter drop")
     else:
+        # Replies of connections others opened to a published port (rootlessport runs as
+        # the replica user) go back to whoever connected, private address or not.
+        lines.append("    ct direction reply counter accept")
         lines.append(f"    ip daddr {_set(METADATA_V4)} counter drop")
         lines.append(f"    ip6 daddr {_set(METADATA_V6)} counter drop")
         if grant == "internet":

@@ -15,6 +15,7 @@ from meshletd.runtime.events import (
     ReplicaUsage,
     RuntimeEvent,
 )
+from meshletd.runtime.network import NetworkGrant
 from meshletd.runtime.spec import ReplicaId, ReplicaSpec
 
 
@@ -48,4 +49,9 @@ class Runtime(Protocol):
 
     async def usage(self, replica: ReplicaId) -> ReplicaUsage:
         """CPU time and peak memory of a running replica so far."""
+        ...
+
+    async def set_network_grant(self, grant: NetworkGrant) -> bool:
+        """What replicas may reach (the host policy's `network`); False if the rules could
+        not be loaded (said in the log)."""
         ...

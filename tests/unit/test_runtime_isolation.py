@@ -240,3 +240,13 @@ def test_the_rules_are_loaded_again_while_the_runtime_serves() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_published_port_answers_clients_on_private_addresses() -> None:
+    # rootlessport runs as the replica user: without this rule the replies to a LAN client
+    # of a published port were dropped with the container's own private traffic (services,
+    # on a booted host).
+    for grant in ("internet", "lan"):
+        chain = ruleset(grant, uid=1000, cgroup_v2=True).split("chain replica {")[1]  # type: ignore[arg-type]
+        rules = [line.strip() for line in chain.splitlines() if line.strip()]
+        assert rules[0] == "ct direction reply counter accept"
