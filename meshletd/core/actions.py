@@ -32,21 +32,26 @@ class DeleteRecord:
 
 @dataclass(frozen=True, slots=True)
 class StartReplica:
-    """Start (or restart) the local replica of (workload, slot), placed in `round`."""
+    """Start (or restart) the local replica of (workload, slot), placed in `round`. `lane`
+    (0 or 1) tells apart the two replicas of one slot while an update runs the new version
+    beside the old (docs/protocol.md, section 21)."""
 
     workload: Workload
     slot: int
     round: int
+    lane: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class StopReplica:
-    """Stop and remove the local replica of (workload, slot). reason: lost-slot, deleted,
-    drained, scaled-down."""
+    """Stop and remove the local replica of (workload, slot) in `lane`. reason: lost-slot,
+    deleted, drained, scaled-down, paused, updated (the old version, once the new one
+    serves), update-failed (the new version, which did not)."""
 
     workload_uri: str
     slot: int
     reason: str
+    lane: int = 0
 
 
 @dataclass(frozen=True, slots=True)

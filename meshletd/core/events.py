@@ -39,12 +39,16 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class ReplicaStateChanged:
     """The runtime reports a local replica's state: running, exited (with exit_code),
-    stopped (after StopReplica) or failed (could not start)."""
+    stopped (after StopReplica) or failed (could not start). `lane`: which of the slot's two
+    replicas (an update runs the new version beside the old); `version`: the spec version
+    it runs, when the runtime knows it (adopted replicas: the one stored with the unit)."""
 
     workload_uri: str
     slot: int
     state: str
     exit_code: int | None = None
+    lane: int = 0
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

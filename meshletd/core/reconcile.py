@@ -23,7 +23,7 @@ class Reconciler(Bidding):
         waiting = self._replicas_waiting
         for key in list(waiting):
             rep = self._replicas.get(key)
-            if rep is None or (rep.restart_at is None and rep.lost_at is None):
+            if rep is None or (rep.restart_at is None and rep.lost_at is None and not rep.surge):
                 del waiting[key]
             else:
                 out.append((key, rep))
@@ -81,7 +81,7 @@ class Reconciler(Bidding):
                 self._reopen(e, s, (rnd, me), force=True)
                 continue
             if rep is None:
-                rep = Replica(rnd)
+                rep = Replica(rnd, wl)
                 self._replicas[key] = rep
                 if wl.paused:
                     # Won (or learnt again after a restart) while paused: held, not started
@@ -103,7 +103,10 @@ class Reconciler(Bidding):
                 rep.restart_at = None
                 rep.restarts += 1
                 rep.state = "starting"
-                self._out.append(StartReplica(wl, s, rnd))
+                # the version it ran (an update replaces it in turn, section 21)
+                self._out.append(StartReplica(rep.spec or wl, s, rnd, rep.lane))
+                continue
+            self._roll(e, key, rep)
         for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
             rep = self._replicas[key]
             if rep.state == "stopping":
@@ -149,18 +152,22 @@ class Reconciler(Bidding):
                 self._write_status(wl, key[1], rep, "paused")
                 return
             rep.restart_at = None
+            self._end_surge(key, rep, "paused")
             if rep.state == "exited":  # waiting for a restart: nothing runs
                 rep.state = "paused"
                 self._write_status(wl, key[1], rep, "paused")
                 return
             self._account(key, rep)
             rep.state = "pausing"
-            self._out.append(StopReplica(key[0], key[1], "paused"))
+            self._out.append(StopReplica(key[0], key[1], "paused", rep.lane))
             return
-        # resumed
+        # resumed: nothing runs, so it starts as the record is now (no rolling to do)
         rep.state = "starting"
         rep.exit_code = None
-        self._out.append(StartReplica(wl, key[1], rep.round))
+        rep.spec = wl
+        rep.version = wl.version
+        rep.failed = rep.failed_reason = ""
+        self._out.append(StartReplica(wl, key[1], rep.round, rep.lane))
 
     def _forget_paused(self, key: ReplicaKey, rep: Replica) -> None:
         """A paused replica whose slot is no longer ours (or whose workload is gone): there
@@ -180,8 +187,9 @@ class Reconciler(Bidding):
         if rep is None or rep.state == "stopping":
             return
         self._account(key, rep)
+        self._end_surge(key, rep, reason)
         rep.state = "stopping"
-        self._out.append(StopReplica(key[0], key[1], reason))
+        self._out.append(StopReplica(key[0], key[1], reason, rep.lane))
         if reason != "deleted" and rep.written:
             self._delete(NSID_STATUS, status_rkey(key[0], key[1]))
             rep.written = ""
@@ -194,11 +202,15 @@ class Reconciler(Bidding):
         if rep is None:
             if ev.state == "running":
                 # Adopt a replica found at start-up; reconcile decides whether it stays.
-                rep = Replica(0)
+                rep = Replica(0, lane=ev.lane)
+                rep.version = ev.version
                 self._replicas[key] = rep
                 self._involved.add(ev.workload_uri)
             else:
                 return
+        if ev.lane != rep.lane:
+            self._on_other_lane(ev, key, rep)
+            return
         e = self.workloads.get(ev.workload_uri)
         if ev.state == "stopped" and rep.state == "pausing":
             # Paused: the replica keeps its slot, its round and its capacity.
@@ -248,8 +260,12 @@ class Reconciler(Bidding):
     def _write_status(
         self, wl: Workload, slot: int, rep: Replica, state: str, force: bool = False
     ) -> None:
-        """Write our status record of (wl, slot) when its state changed (or `force`)."""
-        if rep.written == state and not force:
+        """Write our status record of (wl, slot) when its state or version changed (or
+        `force`). It names the version the replica runs and, while the record still wants
+        it, a version whose update failed here and why (section 21)."""
+        failed = rep.failed if rep.failed and rep.failed == wl.version else ""
+        versions = f"{rep.version}/{failed}"
+        if rep.written == state and rep.written_version == versions and not force:
             return
         rkey = status_rkey(wl.uri, slot)
         st = WorkloadStatus(
@@ -266,9 +282,23 @@ class Reconciler(Bidding):
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
+            version=rep.version,
+            failed_version=failed,
+            message=rep.failed_reason[:1000] if failed else None,
         )
         rep.written = state
+        rep.written_version = versions
         self._put(NSID_STATUS, rkey, st)
+
+    # -- rolling updates (the layer above, updates.py) --------------------------------------
+    def _roll(self, e: WorkloadEntry, key: ReplicaKey, rep: Replica) -> None:
+        """One step of the update of a slot we own (updates.py)."""
+
+    def _end_surge(self, key: ReplicaKey, rep: Replica, reason: str) -> None:
+        """Stop the new version started beside the old one (updates.py)."""
+
+    def _on_other_lane(self, ev: ReplicaStateChanged, key: ReplicaKey, rep: Replica) -> None:
+        """A report from the other lane of a slot (updates.py)."""
 
     # -- usage ---------------------------------------------------------------------------
     def _account(self, key: ReplicaKey, rep: Replica) -> None:

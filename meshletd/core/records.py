@@ -86,8 +86,11 @@ class Workload:
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose record
-    it is."""
+    paused, previous (the spec before the last update, kept for its rollback), rollback
+    {version, reason, at} (the last update rolled back, and why), createdAt. `uri`, `cid` and
+    `owner` (the repo) say which version of whose record it is; `version` is the spec
+    version every observer derives from the record's value (`meshletd.core.versions`,
+    docs/protocol.md, section 21)."""
 
     uri: str
     cid: str
@@ -114,6 +117,10 @@ class Workload:
     storage_mib: int = 0
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
+    version: str = ""  # the spec version, derived from the record's value (section 21)
+    # The last update rolled back (display only): the version it tried and why it failed.
+    rollback_version: str = ""
+    rollback_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +144,9 @@ class Bid:
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
-    exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt."""
+    exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt, version (the spec
+    version the replica runs), failedVersion (a version this slot's update to failed: the
+    rollout stops there; `message` says why; docs/protocol.md, section 21)."""
 
     uri: str
     meshlet: str
@@ -153,6 +162,8 @@ class WorkloadStatus:
     unit: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
+    version: str = ""
+    failed_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

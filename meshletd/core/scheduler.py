@@ -39,7 +39,6 @@ from .events import (
 from .explain import Explanations
 from .hashing import is_candidate, own_score
 from .placement import Owner, WorkloadEntry, round0_window
-from .reconcile import Reconciler
 from .records import (
     MAX_DRAINS,
     NSID_BID,
@@ -63,11 +62,12 @@ from .records import (
 from .rounds import ROUND0_SPARE
 from .state import MeshletIdentity, bid_rkey, status_rkey
 from .timing import LEASE_MAX_VALID_MS
+from .updates import Updates
 
 TERMINAL = frozenset({"succeeded", "failed"})
 
 
-class Scheduler(Explanations, Reconciler):
+class Scheduler(Explanations, Updates):
     """One meshlet's scheduler core. Feed events to `handle`; perform the returned actions.
 
     Public read-only views: `placement()` (the slots of every known workload as this meshlet
@@ -472,6 +472,9 @@ class Scheduler(Explanations, Reconciler):
                     self._dirty[key[0]] = None
                 if rep.lost_at is not None:
                     self._dirty[key[0]] = None
+                surge = rep.surge
+                if surge is not None and now >= surge.started_at + self.t.update_timeout_ms:
+                    self._dirty[key[0]] = None
         if self.orphans.first_seen:
             self.orphans.expire(now)
         self._usage_tick()
@@ -533,6 +536,8 @@ class Scheduler(Explanations, Reconciler):
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
                 nxt.append(rep.lost_at + self.t.fence_timeout_ms)
+            if rep.surge is not None:
+                nxt.append(rep.surge.started_at + self.t.update_timeout_ms)
         period_end = self.ledger.period_end()
         if period_end is not None:
             nxt.append(period_end)

@@ -15,7 +15,7 @@ from .ledger import UsageLedger
 from .liveness import Liveness
 from .orphans import Orphans
 from .placement import Owner, WorkloadEntry
-from .records import Record, at_uri
+from .records import Record, Workload, at_uri
 from .timing import DEFAULT_TIMING, Timing
 
 
@@ -52,21 +52,40 @@ def status_rkey(workload_uri: str, slot: int) -> str:
     return _rkey("s", f"{workload_uri}|{slot}")
 
 
+class Surge:
+    """The new version of a slot started beside the old one (docs/protocol.md, section 21):
+    in the other lane, until it serves (then the old one stops) or fails."""
+
+    __slots__ = ("lane", "started_at", "wl")
+
+    def __init__(self, wl: Workload, lane: int, started_at: int) -> None:
+        self.wl = wl
+        self.lane = lane
+        self.started_at = started_at
+
+
 class Replica:
     """A replica this meshlet runs (or starts, or stops) for one slot of a workload."""
 
     __slots__ = (
         "exit_code",
+        "failed",
+        "failed_reason",
+        "lane",
         "lost_at",
         "restart_at",
         "restarts",
         "round",
         "since",
+        "spec",
         "state",
+        "surge",
+        "version",
         "written",
+        "written_version",
     )
 
-    def __init__(self, round_: int) -> None:
+    def __init__(self, round_: int, spec: Workload | None = None, lane: int = 0) -> None:
         self.round = round_
         self.state = "starting"  # starting | running | exited | stopping | pausing | paused
         self.since = 0  # counted in the usage ledger up to this time
@@ -75,6 +94,15 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.written_version = ""  # (version, failed version) last written, joined by "/"
+        # What runs (section 21): the workload version it was started with (None: adopted
+        # after a restart, only its version known), in which lane.
+        self.spec = spec
+        self.version = spec.version if spec is not None else ""
+        self.lane = lane
+        self.surge: Surge | None = None  # the new version starting beside it
+        self.failed = ""  # a version whose update failed here (the rollout stops there)
+        self.failed_reason = ""
 
 
 ReplicaKey = tuple[str, int]
@@ -107,6 +135,8 @@ class SchedulerState:
         self._reserved: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
         # slots we own or still run -> (milli-CPU, MiB) they take
         self._owned_capacity: dict[ReplicaKey, tuple[int, int]] = {}
+        # slots whose update runs a second replica here -> (milli-CPU, MiB) it takes
+        self._surge_capacity: dict[ReplicaKey, tuple[int, int]] = {}
         self._my_rkeys: set[tuple[str, str]] = set()
         self._my_bids: dict[str, list[str]] = {}  # workload uri -> our bid rkeys
         self._closes: list[tuple[int, str]] = []  # heap of (close time, workload uri)
@@ -146,6 +176,9 @@ class SchedulerState:
         for c, m, *_ in self._reserved.values():
             cpu -= c
             mem -= m
+        for c, m in self._surge_capacity.values():
+            cpu -= c
+            mem -= m
         return cpu, mem
 
     def free_replicas(self) -> int | None:
@@ -155,6 +188,7 @@ class SchedulerState:
         if limit is None:
             return None
         held = len(self._owned_capacity) + sum(r[3] for r in self._reserved.values())
+        held += len(self._surge_capacity)
         return max(limit - held, 0)
 
     # -- helpers every layer uses ------------------------------------------------------
@@ -194,6 +228,7 @@ __all__ = [
     "Replica",
     "ReplicaKey",
     "SchedulerState",
+    "Surge",
     "bid_rkey",
     "status_rkey",
 ]
