@@ -52,6 +52,7 @@ from meshletd.core.records import (
     parse_datetime_ms,
     split_at_uri,
 )
+from meshletd.core.versions import spec_version
 
 JsonObject = dict[str, Any]
 
@@ -80,6 +81,10 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "cluster": "cluster",
         "bidWindowMs": "bid_window_ms",
         "paused": "paused",
+        "previous": "",  # not modelled: read by the owner's meshlet for a rollback
+        "rollback.version": "rollback_version",
+        "rollback.reason": "rollback_reason",
+        "rollback.at": "",  # shown from the record by whoever reads it; not modelled
         "createdAt": "created_at",
     },
     Bid: {
@@ -107,6 +112,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "startedAt": "started_at",
         "finishedAt": "finished_at",
         "updatedAt": "updated_at",
+        "version": "version",
+        "failedVersion": "failed_version",
     },
     Usage: {
         "periodStart": "period_start",
@@ -150,8 +157,9 @@ DEF_FIELDS: Final[dict[str, tuple[type, dict[str, str]]]] = {
         },
     ),
 }
-# Fields a record takes from its address (at://repo/collection/rkey, cid), not its value.
-ADDRESS_FIELDS: Final = frozenset({"uri", "cid", "owner", "meshlet", "repo", "extra"})
+# Fields a record takes from its address (at://repo/collection/rkey, cid), not its value,
+# or derives from its value as a whole (a workload's spec version, core/versions.py).
+ADDRESS_FIELDS: Final = frozenset({"uri", "cid", "owner", "meshlet", "repo", "extra", "version"})
 
 
 _OWNER_KNOWN = frozenset(k.split(".")[0] for k in FIELDS[MeshletOwner]) | {"$type"}
@@ -264,11 +272,14 @@ def record_from_json(
             unit=value.get("unit"),
             started_at=_ms(value.get("startedAt")),
             finished_at=_ms(value.get("finishedAt")),
+            version=str(value.get("version", "")),
+            failed_version=str(value.get("failedVersion", "")),
         )
     if collection == NSID_WORKLOAD:
         d = _defaults(NSID_WORKLOAD)
         res = _obj(value, "resources")
         c = _obj(value, "constraints")
+        rollback = _obj(value, "rollback")
         return Workload(
             uri=uri,
             cid=cid,
@@ -297,6 +308,9 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            version=spec_version(value),
+            rollback_version=str(rollback.get("version", "")),
+            rollback_reason=str(rollback.get("reason", "")),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -399,6 +413,10 @@ def record_to_json(record: Record) -> JsonObject:
         _put(out, "exitCode", record.exit_code)
         _put(out, "message", record.message)
         _put(out, "unit", record.unit)
+        if record.version:
+            out["version"] = record.version
+        if record.failed_version:
+            out["failedVersion"] = record.failed_version
         if record.started_at is not None:
             out["startedAt"] = format_datetime_ms(record.started_at)
         if record.finished_at is not None:
@@ -448,6 +466,11 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.rollback_version:
+            out["rollback"] = {
+                "version": record.rollback_version,
+                "reason": record.rollback_reason,
+            }
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at

@@ -36,6 +36,7 @@ from meshletd.core.records import (
     rkey_for_did,
 )
 from meshletd.errors import InvalidRecord
+from meshletd.core.versions import spec_version
 
 LEX = Lexicons.load()
 ROOT = Path(__file__).parents[2]
@@ -133,6 +134,8 @@ SAMPLES = [
         storage_mib=10,
         prefer=("did:plc:y",),
         paused=True,
+        rollback_version="00aa11bb22cc33dd",
+        rollback_reason="update to version 00aa11bb22cc33dd failed: it could not start",
     ),
     Bid(
         uri=at_uri("did:plc:m", N.NSID_BID, "b1"),
@@ -162,6 +165,8 @@ SAMPLES = [
         unit="meshlet-x.service",
         started_at=T + 1,
         finished_at=T + 2,
+        version="0123456789abcdef",
+        failed_version="fedcba9876543210",
     ),
     Usage(
         uri=at_uri("did:plc:m", N.NSID_USAGE, "u1"),
@@ -209,6 +214,13 @@ SAMPLES = [
         valid_ms=150_000,
     ),
 ]
+
+
+# A workload's version is derived from its value: the sample carries the one it derives.
+SAMPLES[0] = dataclasses.replace(
+    SAMPLES[0],  # type: ignore[type-var]
+    version=spec_version(record_to_json(SAMPLES[0])),  # type: ignore[arg-type]
+)
 
 
 def _all_fields(rec: object) -> dict[str, object]:
