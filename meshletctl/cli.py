@@ -310,6 +310,29 @@ def resume(
 
 
 @app.command()
+def update(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    image: Annotated[str, typer.Option(help="The new container image")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Roll a workload to a new image: one replica at a time, each new one started beside
+    the old and the old stopped once the new runs; a version that never runs is rolled
+    back, with the reason in `meshletctl workloads`."""
+
+    def fetch(c: ControlClient) -> dict[str, Any]:
+        uri = resolve_workload(c, workload)
+        return dict(c.procedure("farm.meshlet.updateWorkload", {"uri": uri, "image": image}))
+
+    def show(d: dict[str, Any]) -> None:
+        if "cid" not in d:
+            _say(f"{d['uri']} already runs version {d['version']}: nothing to roll")
+            return
+        _say(f"updating {d['uri']}: version {d['previousVersion']} -> {d['version']}")
+
+    _run(as_json, fetch, show)
+
+
+@app.command()
 def logs(
     workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
     follow: Annotated[

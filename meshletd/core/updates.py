@@ -70,13 +70,20 @@ class Updates(Reconciler):
         self._out.append(StartReplica(wl, key[1], rep.round, lane))
 
     def _halted(self, e: WorkloadEntry, version: str) -> bool:
-        """Whether the update to `version` failed on some slot (ours, or as its owner's
-        status says): then no other slot starts it."""
+        """Whether the update to `version` failed on some slot (ours, or as the status of
+        the slot's owner says; anyone else's word does not count): then no other slot
+        starts it."""
         uri = e.wl.uri
         for (u, _), rep in self._replicas.items():
             if u == uri and rep.failed == version:
                 return True
-        return any(st.failed_version == version for st in (e.statuses or {}).values())
+        owners = e.owners or ()
+        for (meshlet, slot), st in (e.statuses or {}).items():
+            if st.failed_version == version and slot < len(owners):
+                cur = owners[slot]
+                if cur is not None and cur[1] == meshlet:
+                    return True
+        return False
 
     def _my_turn(self, e: WorkloadEntry, slot: int, version: str) -> bool:
         """Slot `slot` may start `version` once every lower slot serves it, as its owner's

@@ -84,9 +84,9 @@ class Core(PlacementQueries, Protocol):
     def handle_batch(self, events: list[Event]) -> list[Action]: ...
 
 
-def replica_id(workload_uri: str, slot: int) -> ReplicaId:
+def replica_id(workload_uri: str, slot: int, lane: int = 0) -> ReplicaId:
     owner, _, rkey = split_at_uri(workload_uri)
-    return ReplicaId(owner_did=owner, workload=rkey, index=slot)
+    return ReplicaId(owner_did=owner, workload=rkey, index=slot, lane=lane)
 
 
 def workload_uri_of(rid: ReplicaId) -> str:
@@ -97,7 +97,8 @@ def replica_spec(
     action: StartReplica, secret_values: Mapping[str, bytes], owner_handle: str
 ) -> ReplicaSpec:
     """What the runtime runs for a slot: the core's workload as published (image, command,
-    args, env, resources, secret references; its CID as the revision)."""
+    args, env, resources, secret references; its spec version as the revision, handed
+    back on adoption: docs/protocol.md, section 21)."""
     wl = action.workload
     secrets = []
     for ref in wl.secrets:
@@ -105,14 +106,14 @@ def replica_spec(
             raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
         secrets.append(Secret(ref.target or ref.name, secret_values[ref.name], env=ref.env))
     return ReplicaSpec(
-        replica=replica_id(wl.uri, action.slot),
+        replica=replica_id(wl.uri, action.slot, action.lane),
         owner_handle=owner_handle,
         image=wl.image,
         resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
         args=wl.command + wl.args,
         env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
-        revision=wl.cid,
+        revision=wl.version or wl.cid,
     )
 
 
@@ -152,15 +153,16 @@ class Engine:
         self._wake_at: int | None = None
         self._alarm_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
+        # (workload uri, slot) -> the unit of its replica (the lane that last came up)
+        self.units: dict[tuple[str, int], str] = {}
         self.handled = 0
         self.adopted: list[ReplicaStatus] = []
         # Until the view is complete: events held back from the core, in arrival order.
         self.view_is_complete = False
         self._held: list[Event] = []
-        # Replicas the core has heard of (adopted running, or started by it): an exit of any
-        # other is one that ended while meshletd was away.
-        self._told: set[tuple[str, int]] = set()
+        # Replicas the core has heard of (adopted running, or started by it), by (uri, slot,
+        # lane): an exit of any other is one that ended while meshletd was away.
+        self._told: set[tuple[str, int, int]] = set()
 
     @property
     def admin_slice_keys(self) -> frozenset[str]:
@@ -226,11 +228,14 @@ class Engine:
             self.adopted = list(adopted)
             for st in adopted:
                 uri = workload_uri_of(st.replica)
-                self.units[(uri, st.replica.index)] = st.unit
+                slot, lane = st.replica.index, st.replica.lane
+                self.units[(uri, slot)] = st.unit
                 if st.state in ("running", "starting"):
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
-                    self._told.add((uri, st.replica.index))
-                    self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
+                    self._told.add((uri, slot, lane))
+                    self.feed(
+                        ReplicaStateChanged(uri, slot, "running", lane=lane, version=st.revision)
+                    )
             nursery.start_soon(self._runtime_events)
             nursery.start_soon(self._alarm)
             nursery.start_soon(self._loop)
@@ -318,18 +323,19 @@ class Engine:
         return replica_spec(action, secret_values or {}, owner_handle)
 
     async def _start(self, action: StartReplica) -> None:
-        uri, slot = action.workload.uri, action.slot
-        self._told.add((uri, slot))
-        log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
+        uri, slot, lane = action.workload.uri, action.slot, action.lane
+        self._told.add((uri, slot, lane))
+        what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+        log.info("starting %s (round %d, version %s)", what, action.round, action.workload.version)
         try:
             values = await self.secrets_for(action.workload)
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
-            log.warning("replica %d of %s could not start: %s", slot, uri, e)
-            self.feed(ReplicaStateChanged(uri, slot, "failed"))
+            log.warning("%s could not start: %s", what, e)
+            self.feed(ReplicaStateChanged(uri, slot, "failed", lane=lane))
             return
-        self.units[(uri, slot)] = outcome.unit
         if isinstance(outcome, ReplicaRunning):
+            self.units[(uri, slot)] = outcome.unit
             trace(
                 "running",
                 uri=uri,
@@ -337,41 +343,46 @@ class Engine:
                 pull_ms=outcome.pull_ms,
                 start_ms=outcome.start_ms,
             )
-            self.feed(ReplicaStateChanged(uri, slot, "running"))
+            self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
         # An immediate end (failed pull, exit) arrives as a runtime event too.
 
     async def _stop(self, action: StopReplica) -> None:
-        log.info("stopping replica %d of %s (%s)", action.slot, action.workload_uri, action.reason)
+        uri, slot, lane = action.workload_uri, action.slot, action.lane
+        what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+        log.info("stopping %s (%s)", what, action.reason)
         try:
-            await self.runtime.stop(replica_id(action.workload_uri, action.slot))
-            self._told.discard((action.workload_uri, action.slot))
+            await self.runtime.stop(replica_id(uri, slot, lane))
+            self._told.discard((uri, slot, lane))
         except Exception as e:
-            log.warning(
-                "replica %d of %s did not stop cleanly: %s", action.slot, action.workload_uri, e
-            )
-        self.feed(ReplicaStateChanged(action.workload_uri, action.slot, "stopped"))
+            log.warning("%s did not stop cleanly: %s", what, e)
+        self.feed(ReplicaStateChanged(uri, slot, "stopped", lane=lane))
 
     async def _runtime_events(self) -> None:
         async for ev in self.runtime.events:
-            uri, slot = workload_uri_of(ev.replica), ev.replica.index
-            self.units[(uri, slot)] = ev.unit
-            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and (uri, slot) not in self._told:
+            uri, slot, lane = workload_uri_of(ev.replica), ev.replica.index, ev.replica.lane
+            if isinstance(ev, ReplicaRunning):
+                self.units[(uri, slot)] = ev.unit
+            else:
+                self.units.setdefault((uri, slot), ev.unit)
+            what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+            told = (uri, slot, lane) in self._told
+            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and not told:
                 # It ended while meshletd was away (found ended on adoption): the core learns
                 # that it ran here, then how it ended, and reports it like any exit.
-                log.info("replica %d of %s ended while meshletd was not running", slot, uri)
-                self.feed(ReplicaStateChanged(uri, slot, "running"))
-            self._told.add((uri, slot))
+                log.info("%s ended while meshletd was not running", what)
+                self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
+            self._told.add((uri, slot, lane))
             if isinstance(ev, ReplicaRunning):
-                self.feed(ReplicaStateChanged(uri, slot, "running"))
+                self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
             elif isinstance(ev, ReplicaExited):
-                log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
-                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code))
+                log.info("%s exited with %d", what, ev.exit_code)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code, lane=lane))
             elif isinstance(ev, ReplicaOomKilled):
-                log.info("replica %d of %s was killed: out of memory", slot, uri)
-                self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
+                log.info("%s was killed: out of memory", what)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", 137, lane=lane))
             elif isinstance(ev, ReplicaFailed):
-                log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
-                self.feed(ReplicaStateChanged(uri, slot, "failed"))
+                log.warning("%s failed: %s", what, ev.message)
+                self.feed(ReplicaStateChanged(uri, slot, "failed", lane=lane))
             # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
 
     async def _run_probe(self, meshlet: str) -> None:

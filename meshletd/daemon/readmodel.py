@@ -44,7 +44,19 @@ def _status_row(s: WorkloadStatus) -> dict[str, Any]:
         row["exitCode"] = s.exit_code
     if s.unit is not None:
         row["unit"] = s.unit
+    _versions(row, s)
     return row
+
+
+def _versions(row: dict[str, Any], s: WorkloadStatus) -> None:
+    """The version a status says its replica runs, and a failed update with its reason
+    (docs/protocol.md, section 21)."""
+    if s.version:
+        row["version"] = s.version
+    if s.failed_version:
+        row["failedVersion"] = s.failed_version
+        if s.message:
+            row["message"] = _clip(s.message)
 
 
 def _clip(text: str, limit: int = _REASON_MAX) -> str:
@@ -266,6 +278,12 @@ class ReadModel:
             "paused": wl.paused,
             "running": running,
         }
+        if wl.version:
+            view["version"] = wl.version
+        if wl.rollback_version:
+            view["rollback"] = _clip(
+                f"update to version {wl.rollback_version} rolled back: {wl.rollback_reason}"
+            )
         if wl.cid:
             view["cid"] = wl.cid
         return view
@@ -323,6 +341,7 @@ class ReadModel:
                 if status.exit_code is not None:
                     r["exitCode"] = status.exit_code
                 r["restarts"] = status.restarts
+                _versions(r, status)
             if slot in reasons:
                 r["reason"] = _clip(reasons[slot])
             if meshlet == me:
