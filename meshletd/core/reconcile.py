@@ -103,8 +103,7 @@ class Reconciler(Bidding):
                 rep.restart_at = None
                 rep.restarts += 1
                 rep.state = "starting"
-                # the version it ran (an update replaces it in turn, section 21)
-                self._out.append(StartReplica(rep.spec or wl, s, rnd, rep.lane))
+                self._out.append(StartReplica(self._restart_spec(e, rep), s, rnd, rep.lane))
                 continue
             self._roll(e, key, rep)
         for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
@@ -125,6 +124,9 @@ class Reconciler(Bidding):
                     continue
                 self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
                 continue
+            if rep.surge is not None:
+                # the slot moved on: its update is the new owner's now (section 21)
+                self._end_surge(key, rep, "lost-slot")
             if rep.lost_at is None:
                 rep.lost_at = self.now
                 self._replicas_waiting[key] = None
@@ -232,6 +234,7 @@ class Reconciler(Bidding):
                 return  # started, then stopped before it ran: the stop wins, no status
             rep.state = "running"
             rep.since = self.now
+            rep.served = rep.version
             if e is not None:
                 self._write_status(e.wl, ev.slot, rep, "running")
             self._dirty[ev.workload_uri] = None
@@ -246,6 +249,7 @@ class Reconciler(Bidding):
             self._stop(key, "deleted")
             return
         wl = e.wl
+        self._never_ran(e, key, rep, ev)
         ok = rep.exit_code == 0
         if _restarts(wl, ok):
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
@@ -296,6 +300,15 @@ class Reconciler(Bidding):
 
     def _end_surge(self, key: ReplicaKey, rep: Replica, reason: str) -> None:
         """Stop the new version started beside the old one (updates.py)."""
+
+    def _never_ran(
+        self, e: WorkloadEntry, key: ReplicaKey, rep: Replica, ev: ReplicaStateChanged
+    ) -> None:
+        """A start of the record's version ended before it ever ran here (updates.py)."""
+
+    def _restart_spec(self, e: WorkloadEntry, rep: Replica) -> Workload:
+        """What a replica restarts as (updates.py)."""
+        return rep.spec or e.wl
 
     def _on_other_lane(self, ev: ReplicaStateChanged, key: ReplicaKey, rep: Replica) -> None:
         """A report from the other lane of a slot (updates.py)."""

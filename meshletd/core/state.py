@@ -76,6 +76,7 @@ class Replica:
         "restart_at",
         "restarts",
         "round",
+        "served",
         "since",
         "spec",
         "state",
@@ -101,6 +102,7 @@ class Replica:
         self.version = spec.version if spec is not None else ""
         self.lane = lane
         self.surge: Surge | None = None  # the new version starting beside it
+        self.served = ""  # the last version that ran here (a start that never ran: failed)
         self.failed = ""  # a version whose update failed here (the rollout stops there)
         self.failed_reason = ""
 

@@ -15,6 +15,7 @@ from .actions import StartReplica, StopReplica
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .reconcile import Reconciler
+from .records import Workload
 from .state import Replica, ReplicaKey, Surge
 from .versions import serving
 
@@ -68,6 +69,30 @@ class Updates(Reconciler):
         self._replicas_waiting[key] = None
         self._resched = True
         self._out.append(StartReplica(wl, key[1], rep.round, lane))
+
+    def _never_ran(
+        self, e: WorkloadEntry, key: ReplicaKey, rep: Replica, ev: ReplicaStateChanged
+    ) -> None:
+        """The record's version, started here with nothing else running (a new slot, a
+        failover, a restart), ended before it ever ran: that is a failed version as much as
+        an update's that does not run, so the status says so and the owner rolls it back
+        (the restart policy keeps trying meanwhile)."""
+        version = rep.version
+        if not version or rep.served == version or rep.failed == version:
+            return
+        if version != e.wl.version or e.wl.kind != "service":
+            return
+        rep.failed = version
+        rep.failed_reason = f"update to version {version} failed: {_why(ev)}"
+        self._write_status(e.wl, key[1], rep, "starting", force=True)
+
+    def _restart_spec(self, e: WorkloadEntry, rep: Replica) -> Workload:
+        """A replica that restarts (nothing of it runs, so there is nothing to roll) starts
+        as the record is now, unless the record's version failed somewhere: then as it ran."""
+        wl = e.wl
+        if rep.spec is None or (rep.version != wl.version and not self._halted(e, wl.version)):
+            rep.spec, rep.version = wl, wl.version
+        return rep.spec
 
     def _halted(self, e: WorkloadEntry, version: str) -> bool:
         """Whether the update to `version` failed on some slot (ours, or as the status of
@@ -147,7 +172,7 @@ class Updates(Reconciler):
         self._out.append(StopReplica(key[0], key[1], "updated", rep.lane))
         rep.lane = surge.lane
         rep.spec = surge.wl
-        rep.version = surge.wl.version
+        rep.version = rep.served = surge.wl.version
         rep.failed = rep.failed_reason = ""
         rep.state = "running"
         rep.restarts = 0
@@ -181,12 +206,14 @@ class Updates(Reconciler):
             return
         if ev.state == "stopped" or e is None:
             return
-        why = (
-            "it could not start"
-            if ev.state == "failed"
-            else f"it exited with code {ev.exit_code} before serving"
-        )
-        self._update_failed(e, key, rep, why)
+        self._update_failed(e, key, rep, _why(ev))
+
+
+def _why(ev: ReplicaStateChanged) -> str:
+    """Why a start ended before it ran, in words."""
+    if ev.state == "failed":
+        return "it could not start"
+    return f"it exited with code {ev.exit_code} before serving"
 
 
 __all__ = ["Updates"]

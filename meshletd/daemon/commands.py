@@ -139,7 +139,17 @@ class OwnerCommands:
         out: dict[str, Any] = {"uri": uri, "version": after, "previousVersion": before}
         if before == after:
             return out  # nothing to roll
-        new["previous"] = {k: v for k, v in spec_of(old).items() if k != "$type"}
+        runs = {
+            st.version
+            for st in self.followed.statuses.get(uri, {}).values()
+            if st.version and st.state == "running"
+        }
+        if isinstance(old.get("previous"), dict) and runs - {before}:
+            # The current spec has not reached every slot (an update under way, or one
+            # that failed): the spec to roll back to stays the one the replicas ran.
+            new["previous"] = old["previous"]
+        else:
+            new["previous"] = {k: v for k, v in spec_of(old).items() if k != "$type"}
         cid = await repo.put_record(NSID_WORKLOAD, rkey, new)
         self._note(uri, cid, new)
         log.info("workload %s updated: version %s -> %s (%s)", uri, before, after, image)

@@ -29,7 +29,8 @@ class Updates:
 
     def __init__(self, sim: Sim) -> None:
         self.rng = random.Random(sim.cfg.seed * 1_000_003 + 29)  # its own stream
-        self.bad: set[str] = set()  # versions that never start
+        self.bad: set[str] = set()  # versions that never start: they fail at once...
+        self.hang: set[str] = set()  # ... or hang, never reporting running
         self.previous: dict[str, Workload] = {}  # uri -> the record before its last update
         self.updates = 0
         self.rollbacks = 0
@@ -58,8 +59,30 @@ def apply_update(sim: Sim, pick: float) -> None:
     version = f"{wl.version or '1'}.u{u.updates}"
     if u.rng.random() < sim.cfg.bad_update_fraction:
         u.bad.add(version)
-    u.previous[uri] = wl
+        if u.rng.random() < 0.5:
+            u.hang.add(version)
+    if uri not in u.previous or rolled_out(sim, wl):
+        # the spec to roll back to: the last one every slot ran (as the daemon keeps it)
+        u.previous[uri] = wl
     _publish(sim, replace(wl, cid=f"{wl.cid}+u{u.updates}", version=version))
+
+
+def rolled_out(sim: Sim, wl: Workload) -> bool:
+    """Whether every status of the workload says its replica runs the record's version."""
+    return all(
+        st.version == wl.version
+        for st in sim.store.values()
+        if type(st) is WorkloadStatus and st.workload_uri == wl.uri and st.state == "running"
+    )
+
+
+def halted(sim: Sim, wl: Workload) -> bool:
+    """Whether the record asks for a version some slot's owner reported failed (and no
+    previous spec is left to roll back to): the rollout stops there, every slot served."""
+    return any(
+        type(st) is WorkloadStatus and st.workload_uri == wl.uri and st.failed_version == wl.version
+        for st in sim.store.values()
+    )
 
 
 def _publish(sim: Sim, wl: Workload) -> None:
@@ -91,6 +114,7 @@ def apply_rollback(sim: Sim, uri: str, failed: str) -> None:
         sim.push(sim.now + 30_000, K_FAULT, ("rollback", uri, failed))
         return
     u.rollbacks += 1
+    del u.previous[uri]  # written back, and removed from the record
     _publish(sim, replace(prev, cid=f"{wl.cid}+r"))
 
 
@@ -135,12 +159,15 @@ def check_versions(sim: Sim, live: list[Node]) -> dict[str, Any]:
     its record asks for (one lane), and its owner's status record says so."""
     u = sim.upd
     problems = list(u.violations)
+    stopped = {uri for uri, wl in sim.workloads.items() if halted(sim, wl)}
     for n in live:
         for key, lanes in n.lanes.items():
             wl = sim.workloads.get(key[0])
             if wl is None or wl.kind != "service" or key not in n.running:
                 continue
-            if sorted(lanes.values()) != [wl.version]:
+            if len(lanes) != 1 or (
+                key[0] not in stopped and sorted(lanes.values()) != [wl.version]
+            ):
                 problems.append(
                     f"{key[0]}#{key[1]} on {n.did} runs {sorted(lanes.values())},"
                     f" the record asks for {wl.version}"
@@ -151,6 +178,7 @@ def check_versions(sim: Sim, live: list[Node]) -> dict[str, Any]:
     return {
         "updates": u.updates,
         "updates_rolled_back": u.rollbacks,
+        "updates_stopped_without_previous": len(stopped),
         "update_side_by_side_max_s": round(u.side_by_side_max / 1000, 3),
         "update_side_by_side_bound_s": round(bound / 1000, 3),
         "update_violations": problems,

@@ -389,6 +389,8 @@ class Sim:
         lane_starting(self, node, key)
         version = a.workload.version
         up = "failed" if version in self.upd.bad else "running"
+        if version in self.upd.hang:
+            up, delay = "failed", 90_000  # comes up never; the runtime's own bound ends it
         self.push(
             self.now + delay, K_RUNTIME, (up, node.idx, node.core, key, end, gen, a.lane, version)
         )

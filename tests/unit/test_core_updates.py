@@ -159,7 +159,10 @@ def test_pausing_during_an_update_stops_both_and_resume_starts_the_new_version()
     core, wl = running(0)
     feed(core, [v2(wl)])
     out = feed(core, [replace(v2(wl), cid="c3", paused=True)])
-    assert sorted((s.lane, s.reason) for s in of(out, StopReplica)) == [(0, "paused"), (1, "paused")]
+    assert sorted((s.lane, s.reason) for s in of(out, StopReplica)) == [
+        (0, "paused"),
+        (1, "paused"),
+    ]
     core.handle(ReplicaStateChanged(wl.uri, 0, "stopped", lane=1))
     core.handle(ReplicaStateChanged(wl.uri, 0, "stopped", lane=0))
     assert core.replicas() == {(wl.uri, 0): "paused"}
@@ -220,3 +223,43 @@ def test_the_version_ignores_what_does_not_change_what_runs() -> None:
         {"ports": [{"name": "http", "containerPort": 80}]},  # a field this release lacks
     ):
         assert spec_version({**base, **change}) != v
+
+
+def test_a_failed_version_in_the_status_of_a_meshlet_not_holding_the_slot_halts_nothing() -> None:
+    core, wl = running(1)
+    feed(core, [status(wl, 0, 0, "v2"), status(wl, 2, 0, "v1", failed="v2")])  # mesh 2: no slot
+    out = feed(core, [v2(wl)])
+    assert [s.workload.version for s in of(out, StartReplica)] == ["v2"]
+
+
+def test_a_replica_that_restarts_starts_as_the_record_is_now() -> None:
+    core, wl = running(0)
+    core.handle(ReplicaStateChanged(wl.uri, 0, "exited", 1))  # on-failure: restarts later
+    feed(core, [v2(wl)])
+    out = core.handle(Tick(CLOSE + 5_000))
+    assert [(s.lane, s.workload.version) for s in of(out, StartReplica)] == [(0, "v2")]
+
+
+def test_a_slot_that_moves_away_during_its_update_stops_the_new_version_at_once() -> None:
+    core, wl = running(0)
+    feed(core, [v2(wl)])
+    # another meshlet wins a replacement round for slot 0
+    feed(core, [bid(wl, 2, round_=1, slot=0, at=CLOSE + 100)])
+    out = core.handle(Tick(CLOSE + 100 + 1000 + 2000 + 1))
+    stops = [(s.lane, s.reason) for s in of(out, StopReplica)]
+    assert (1, "lost-slot") in stops and (0, "lost-slot") not in stops  # old: make-before-break
+
+
+def test_a_version_that_never_ran_on_a_fresh_start_is_reported_failed_too() -> None:
+    wl = replace(workload(replicas=1, owner_i=2), version="v9")
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl, bid(wl, 0)])
+    core.handle(Tick(CLOSE))  # won: starts v9 with nothing else running (a failover, say)
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "failed"))
+    (st,) = my_statuses(out)
+    assert (st.state, st.failed_version) == ("starting", "v9")
+    assert "could not start" in (st.message or "")
+    # rolled back by the owner: the restart starts the record's version
+    feed(core, [replace(wl, cid="c2", version="v1")])
+    out = core.handle(Tick(CLOSE + 5_000))
+    assert [s.workload.version for s in of(out, StartReplica)] == ["v1"]
