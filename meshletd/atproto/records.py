@@ -52,7 +52,8 @@ from meshletd.core.records import (
     parse_datetime_ms,
     split_at_uri,
 )
-from meshletd.core.versions import spec_version
+from meshletd.core.versions import NOT_SPEC, spec_of, spec_version
+from meshletd.errors import InvalidRecord
 
 JsonObject = dict[str, Any]
 
@@ -81,7 +82,7 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "cluster": "cluster",
         "bidWindowMs": "bid_window_ms",
         "paused": "paused",
-        "previous": "",  # not modelled: read by the owner's meshlet for a rollback
+        "previous": "previous",
         "rollback.version": "rollback_version",
         "rollback.reason": "rollback_reason",
         "rollback.at": "",  # shown from the record by whoever reads it; not modelled
@@ -225,6 +226,22 @@ def _drains(value: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(got[-MAX_DRAINS:])
 
 
+def _previous(uri: str, cid: str, value: Mapping[str, Any]) -> Workload | None:
+    """The workload's previous spec (`previous`) as a workload of the same name, placement
+    and history fields; None when absent, or when it would not be a valid workload (it is
+    an `unknown` in the lexicon: judged here by the same rule as any workload, 19.1)."""
+    prev = value.get("previous")
+    if not isinstance(prev, Mapping) or not prev:
+        return None
+    kept = {k: v for k, v in value.items() if k in NOT_SPEC and k not in ("previous", "rollback")}
+    merged = {**kept, **{k: v for k, v in prev.items() if k not in NOT_SPEC}}
+    try:
+        got = record_from_json(uri, cid, merged, validate=True)
+    except (InvalidRecord, KeyError, ValueError, TypeError):
+        return None
+    return got if isinstance(got, Workload) else None
+
+
 def record_from_json(
     uri: str, cid: str, value: Mapping[str, Any], *, validate: bool = False
 ) -> Record | None:
@@ -311,6 +328,7 @@ def record_from_json(
             version=spec_version(value),
             rollback_version=str(rollback.get("version", "")),
             rollback_reason=str(rollback.get("reason", "")),
+            previous=_previous(uri, cid, value),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -466,6 +484,9 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.previous is not None:
+            prev = spec_of(record_to_json(record.previous))
+            out["previous"] = {k: v for k, v in prev.items() if k != "$type"}
         if record.rollback_version:
             out["rollback"] = {
                 "version": record.rollback_version,

@@ -89,7 +89,8 @@ class Reconciler(Bidding):
                     rep.state = "paused"
                     self._write_status(wl, s, rep, "paused")
                 else:
-                    self._out.append(StartReplica(wl, s, rnd))
+                    spec = self._restart_spec(e, rep)
+                    self._out.append(StartReplica(spec, s, rnd))
                 continue
             rep.lost_at = None
             if rep.round != rnd:

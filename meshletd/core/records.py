@@ -118,6 +118,9 @@ class Workload:
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
     version: str = ""  # the spec version, derived from the record's value (section 21)
+    # The spec before the last update (`previous`), as a workload of the same name and
+    # placement: what a slot starts when the record's version failed (section 21).
+    previous: Workload | None = None
     # The last update rolled back (display only): the version it tried and why it failed.
     rollback_version: str = ""
     rollback_reason: str = ""

@@ -87,12 +87,19 @@ class Updates(Reconciler):
         self._write_status(e.wl, key[1], rep, "starting", force=True)
 
     def _restart_spec(self, e: WorkloadEntry, rep: Replica) -> Workload:
-        """A replica that restarts (nothing of it runs, so there is nothing to roll) starts
-        as the record is now, unless the record's version failed somewhere: then as it ran."""
+        """What a replica starts as when nothing of it runs (a new slot, a failover, a
+        restart: there is nothing to roll): the record as it is now, unless the record's
+        version failed (here, or in a slot owner's status): then the version it last ran
+        here, else the record's previous spec, else the record anyway."""
         wl = e.wl
-        if rep.spec is None or (rep.version != wl.version and not self._halted(e, wl.version)):
-            rep.spec, rep.version = wl, wl.version
-        return rep.spec
+        spec = wl
+        if rep.failed == wl.version or self._halted(e, wl.version):
+            if rep.spec is not None and rep.served == rep.version != wl.version:
+                spec = rep.spec
+            elif wl.previous is not None:
+                spec = wl.previous
+        rep.spec, rep.version = spec, spec.version
+        return spec
 
     def _halted(self, e: WorkloadEntry, version: str) -> bool:
         """Whether the update to `version` failed on some slot (ours, or as the status of

@@ -63,8 +63,9 @@ def apply_update(sim: Sim, pick: float) -> None:
             u.hang.add(version)
     if uri not in u.previous or rolled_out(sim, wl):
         # the spec to roll back to: the last one every slot ran (as the daemon keeps it)
-        u.previous[uri] = wl
-    _publish(sim, replace(wl, cid=f"{wl.cid}+u{u.updates}", version=version))
+        u.previous[uri] = replace(wl, previous=None)
+    new = replace(wl, cid=f"{wl.cid}+u{u.updates}", version=version, previous=u.previous[uri])
+    _publish(sim, new)
 
 
 def rolled_out(sim: Sim, wl: Workload) -> bool:
@@ -115,7 +116,7 @@ def apply_rollback(sim: Sim, uri: str, failed: str) -> None:
         return
     u.rollbacks += 1
     del u.previous[uri]  # written back, and removed from the record
-    _publish(sim, replace(prev, cid=f"{wl.cid}+r"))
+    _publish(sim, replace(prev, cid=f"{wl.cid}+r", previous=None))
 
 
 def lane_up(sim: Sim, node: Node, key: tuple[str, int], lane: int, version: str) -> bool:

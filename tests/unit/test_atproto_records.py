@@ -52,6 +52,8 @@ def _annotation_fits(lexicon: dict, annotation: str) -> bool:
         return base.startswith(("tuple[", "frozenset["))
     if t == "string" and lexicon.get("format") == "datetime":
         return base == "int"  # ms since the epoch
+    if t == "unknown":  # an object the core models as a record of its own (`previous`)
+        return base == "Workload"
     return base == {"string": "str", "integer": "int", "boolean": "bool"}.get(t)
 
 
@@ -217,6 +219,18 @@ SAMPLES = [
 
 
 # A workload's version is derived from its value: the sample carries the one it derives.
+# Its previous spec is a workload with the same name, placement and history fields.
+_PREV = dataclasses.replace(
+    SAMPLES[0],  # type: ignore[type-var]
+    image="nginx:0",
+    env=(),
+    rollback_version="",
+    rollback_reason="",
+)
+SAMPLES[0] = dataclasses.replace(
+    SAMPLES[0],  # type: ignore[type-var]
+    previous=dataclasses.replace(_PREV, version=spec_version(record_to_json(_PREV))),
+)
 SAMPLES[0] = dataclasses.replace(
     SAMPLES[0],  # type: ignore[type-var]
     version=spec_version(record_to_json(SAMPLES[0])),  # type: ignore[arg-type]

@@ -263,3 +263,19 @@ def test_a_version_that_never_ran_on_a_fresh_start_is_reported_failed_too() -> N
     feed(core, [replace(wl, cid="c2", version="v1")])
     out = core.handle(Tick(CLOSE + 5_000))
     assert [s.workload.version for s in of(out, StartReplica)] == ["v1"]
+
+
+def test_a_slot_whose_version_failed_restarts_the_record_s_previous_spec() -> None:
+    prev = replace(workload(replicas=1, owner_i=2), version="v1", image="registry.test/app:1")
+    wl = replace(prev, cid="c2", version="v2", image="registry.test/app:2", previous=prev)
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl, bid(wl, 0)])
+    out = core.handle(Tick(CLOSE))  # a failover, say: starts the record's version
+    assert [s.workload.version for s in of(out, StartReplica)] == ["v2"]
+    core.handle(ReplicaStateChanged(wl.uri, 0, "failed"))
+    # the owner's meshlet is away: no rollback yet; the restart serves the previous spec
+    out = core.handle(Tick(CLOSE + 5_000))
+    assert [s.workload.image for s in of(out, StartReplica)] == ["registry.test/app:1"]
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    (st,) = my_statuses(out)
+    assert (st.state, st.version, st.failed_version) == ("running", "v1", "v2")
