@@ -25,6 +25,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from meshletd.jsonvalue import JsonObject
+
 # `*_created` series (a timestamp per counter) double the output and tell nobody anything.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -179,7 +181,7 @@ class _Change(Protocol):
     @property
     def action(self) -> str: ...
     @property
-    def record(self) -> dict[str, Any] | None: ...
+    def record(self) -> JsonObject | None: ...
 
 
 class _Seen(Protocol):

@@ -23,9 +23,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.core.nsid import (
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
@@ -38,6 +40,7 @@ from meshletd.core.records import (
     MAX_DRAINS,
     Bid,
     EnvVar,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -82,6 +85,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "cluster": "cluster",
         "bidWindowMs": "bid_window_ms",
         "paused": "paused",
+        "network": "network",
+        "maxRuntimeS": "max_runtime_s",
         "previous": "previous",
         "rollback.version": "rollback_version",
         "rollback.reason": "rollback_reason",
@@ -143,6 +148,24 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "renewedAt": "renewed_at",
         "validMs": "valid_ms",
         "createdAt": "",  # written as renewedAt
+    },
+    HostPolicy: {
+        "owners.defaultShare": "default_share",
+        "owners.caps": "caps",
+        "evicted": "evicted",
+        "images.allow": "image_allow",
+        "images.digestsOnly": "digests_only",
+        "network": "network",
+        "inbound.allowed": "inbound_allowed",
+        "inbound.portMin": "port_min",
+        "inbound.portMax": "port_max",
+        "inbound.address": "inbound_address",
+        "schedule": "schedule",
+        "jobMaxRuntimeS": "job_max_runtime_s",
+        "minContribution.ratioPermille": "min_ratio_permille",
+        "minContribution.periodDays": "min_period_days",
+        "minContribution.mode": "min_mode",
+        "createdAt": "created_at",
     },
 }
 # Objects of commune.scheduler.defs carried by their own core class: property -> field.
@@ -325,6 +348,8 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            network=str(d.get(value, "network", "network")),
+            max_runtime_s=None if value.get("maxRuntimeS") is None else int(value["maxRuntimeS"]),
             version=spec_version(value),
             rollback_version=str(rollback.get("version", "")),
             rollback_reason=str(rollback.get("reason", "")),
@@ -386,6 +411,8 @@ def record_from_json(
             renewed_at=parse_datetime_ms(value["renewedAt"]),
             valid_ms=int(value["validMs"]),
         )
+    if collection == NSID_HOST_POLICY:
+        return host_policy_from_json(uri, value)
     return None
 
 
@@ -484,6 +511,9 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.network != "internet":
+            out["network"] = record.network
+        _put(out, "maxRuntimeS", record.max_runtime_s)
         if record.previous is not None:
             prev = spec_of(record_to_json(record.previous))
             out["previous"] = {k: v for k, v in prev.items() if k != "$type"}
@@ -554,6 +584,8 @@ def record_to_json(record: Record) -> JsonObject:
         }
         _put(out, "name", record.name)
         return out
+    if isinstance(record, HostPolicy):
+        return host_policy_to_json(record)
     if isinstance(record, Lease):
         return {
             "$type": NSID_LEASE,

@@ -14,6 +14,7 @@ NSID_MEMBERSHIP = "commune.scheduler.membership"
 NSID_MESHLET_OWNER = "commune.scheduler.meshletOwner"
 NSID_MESHLET = "commune.scheduler.meshlet"
 NSID_LEASE = "commune.scheduler.lease"  # liveness of a meshlet without endpoint (§8)
+NSID_HOST_POLICY = "commune.scheduler.hostPolicy"  # what a meshlet lends, to whom (§21)
 NSID_DEFS = "commune.scheduler.defs"  # shared object definitions, no record
 
 RECORD_NSIDS = frozenset(
@@ -26,6 +27,7 @@ RECORD_NSIDS = frozenset(
         NSID_MESHLET_OWNER,
         NSID_MESHLET,
         NSID_LEASE,
+        NSID_HOST_POLICY,
     }
 )
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from .nsid import (
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
@@ -86,11 +87,11 @@ class Workload:
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, previous (the spec before the last update, kept for its rollback), rollback
-    {version, reason, at} (the last update rolled back, and why), createdAt. `uri`, `cid` and
-    `owner` (the repo) say which version of whose record it is; `version` is the spec
-    version every observer derives from the record's value (`meshletd.core.versions`,
-    docs/protocol.md, section 21)."""
+    paused, network (none|internet|lan), maxRuntimeS, previous (the spec before the last
+    update, kept for its rollback), rollback {version, reason, at} (the last update rolled
+    back, and why), createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose
+    record it is; `version` is the spec version every observer derives from the record's
+    value (`meshletd.core.versions`, docs/protocol.md, section 22)."""
 
     uri: str
     cid: str
@@ -117,9 +118,11 @@ class Workload:
     storage_mib: int = 0
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
-    version: str = ""  # the spec version, derived from the record's value (section 21)
+    network: str = "internet"  # what its replicas need: none | internet | lan (section 21)
+    max_runtime_s: int | None = None  # a job's longest run, seconds (section 21)
+    version: str = ""  # the spec version, derived from the record's value (section 22)
     # The spec before the last update (`previous`), as a workload of the same name and
-    # placement: what a slot starts when the record's version failed (section 21).
+    # placement: what a slot starts when the record's version failed (section 22).
     previous: Workload | None = None
     # The last update rolled back (display only): the version it tried and why it failed.
     rollback_version: str = ""
@@ -149,7 +152,7 @@ class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
     exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt, version (the spec
     version the replica runs), failedVersion (a version this slot's update to failed: the
-    rollout stops there; `message` says why; docs/protocol.md, section 21)."""
+    rollout stops there; `message` says why; docs/protocol.md, section 22)."""
 
     uri: str
     meshlet: str
@@ -276,7 +279,82 @@ class Lease:
     valid_ms: int
 
 
-Record = Workload | Bid | WorkloadStatus | Usage | Membership | MeshletOwner | MeshletLink | Lease
+@dataclass(frozen=True, slots=True)
+class OwnerCap:
+    """A share of a meshlet's contribution one owner may hold there. JSON: did, share
+    (permille, 1..1000)."""
+
+    did: str
+    share: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleWindow:
+    """A lending window of a host policy, in UTC. JSON: days[] (Monday = 0; absent: every
+    day), start (minute of the day, inside), end (minute of the day, first one after)."""
+
+    start: int
+    end: int
+    days: frozenset[int] = frozenset(range(7))
+
+
+@dataclass(frozen=True, slots=True)
+class HostPolicy:
+    """What a meshlet lends and to whom (meshlet repo, rkey self; docs/protocol.md, section
+    21). JSON: owners{defaultShare, caps[{did, share}]}, evicted[], images{allow[],
+    digestsOnly}, network (none|internet|lan), inbound{allowed, portMin, portMax, address},
+    schedule[{days[], start, end}], jobMaxRuntimeS, minContribution{ratioPermille,
+    periodDays, mode}, createdAt. An absent record is `HostPolicy.default(meshlet)`.
+
+    The rules every observer judges by are in `meshletd.core.policy`; `inbound` is for the
+    services (ports) and `minContribution` for the free-rider rule, which judge them."""
+
+    uri: str
+    meshlet: str
+    created_at: int
+    default_share: int = 1000
+    caps: tuple[OwnerCap, ...] = ()
+    evicted: frozenset[str] = frozenset()
+    image_allow: tuple[str, ...] | None = None  # None: any source
+    digests_only: bool = False
+    network: str = "internet"
+    inbound_allowed: bool = False
+    port_min: int | None = None
+    port_max: int | None = None
+    inbound_address: str | None = None
+    schedule: tuple[ScheduleWindow, ...] | None = None  # None: always
+    job_max_runtime_s: int | None = None
+    min_ratio_permille: int | None = None  # None: no free-rider rule
+    min_period_days: int | None = None
+    min_mode: str = "after"
+
+    @staticmethod
+    def default(meshlet: str) -> HostPolicy:
+        """The policy of a meshlet that publishes none: every default, in force always."""
+        return HostPolicy(
+            uri=at_uri(meshlet, NSID_HOST_POLICY, "self"), meshlet=meshlet, created_at=0
+        )
+
+    def share_of(self, owner: str) -> int:
+        """The permille of the contribution `owner` may hold here (the first cap naming it,
+        else defaultShare)."""
+        for cap in self.caps:
+            if cap.did == owner:
+                return cap.share
+        return self.default_share
+
+
+Record = (
+    Workload
+    | Bid
+    | WorkloadStatus
+    | Usage
+    | Membership
+    | MeshletOwner
+    | MeshletLink
+    | Lease
+    | HostPolicy
+)
 
 COLLECTION_OF: dict[type, str] = {
     Workload: NSID_WORKLOAD,
@@ -287,6 +365,7 @@ COLLECTION_OF: dict[type, str] = {
     MeshletOwner: NSID_MESHLET_OWNER,
     MeshletLink: NSID_MESHLET,
     Lease: NSID_LEASE,
+    HostPolicy: NSID_HOST_POLICY,
 }
 
 
@@ -294,6 +373,7 @@ __all__ = [
     "COLLECTION_OF",
     "MAX_DRAINS",
     "NSID_BID",
+    "NSID_HOST_POLICY",
     "NSID_LEASE",
     "NSID_MEMBERSHIP",
     "NSID_MESHLET",
@@ -303,11 +383,14 @@ __all__ = [
     "NSID_WORKLOAD",
     "Bid",
     "EnvVar",
+    "HostPolicy",
     "Lease",
     "Membership",
     "MeshletLink",
     "MeshletOwner",
+    "OwnerCap",
     "Record",
+    "ScheduleWindow",
     "SecretRef",
     "Usage",
     "UsageEntry",

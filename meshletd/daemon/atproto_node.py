@@ -48,7 +48,7 @@ from meshletd.daemon.engine import Engine
 from meshletd.daemon.followed import Followed
 from meshletd.daemon.http_peers import PROBE_TIMEOUT_S, HttpPeers
 from meshletd.daemon.local import Local
-from meshletd.daemon.peers import Peers, RecordRef
+from meshletd.daemon.peers import LogPage, Peers, RecordRef
 from meshletd.daemon.publisher import PdsPublisher, machine_arch, membership_lists
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import PdsRepo
@@ -367,7 +367,7 @@ class AtprotoNode:
 
     def _maybe_roll_back(self, ev: RecordEvent) -> None:
         """A slot's status says an update of one of our owner's workloads failed: write
-        the previous spec back (docs/protocol.md, section 21), once per failed version."""
+        the previous spec back (docs/protocol.md, section 22), once per failed version."""
         rec = ev.record
         if not isinstance(rec, dict):
             return
@@ -511,9 +511,7 @@ class AtprotoNode:
 
     # -- the owner's commands ----------------------------------------------------------
 
-    async def logs(
-        self, uri: str, slot: int, lines: int, cursor: str | None = None
-    ) -> dict[str, Any]:
+    async def logs(self, uri: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         return await self.commands.logs(uri, slot, lines, cursor)
 
     async def create_workload(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from meshletd.core.versions import NOT_SPEC, spec_of, spec_version
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.journal import read_unit
 from meshletd.daemon.local import Local, State
-from meshletd.daemon.peers import LogQuery, Peers
+from meshletd.daemon.peers import LogPage, LogQuery, Peers
 from meshletd.daemon.publisher import OwnRecords
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import Repo
@@ -37,7 +37,7 @@ log = logging.getLogger("meshletd.node")
 
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 
-JournalReader = Callable[[str, int, str | None], Awaitable[dict[str, Any]]]
+JournalReader = Callable[[str, int, str | None], Awaitable[LogPage]]
 
 
 def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
@@ -126,7 +126,7 @@ class OwnerCommands:
     async def update_workload(self, ref: str, image: str) -> dict[str, Any]:
         """A new image for one of our owner's workloads. The record keeps its createdAt (its
         placement) and gets the spec it had in `previous`, so that the owner's meshlet can
-        write it back if the new version never runs (docs/protocol.md, section 21)."""
+        write it back if the new version never runs (docs/protocol.md, section 22)."""
         uri, rkey = self._own_rkey(ref)
         repo = self._owner_repo()
         got = await repo.get_record(NSID_WORKLOAD, rkey)  # as stored: unknown fields kept
@@ -135,6 +135,9 @@ class OwnerCommands:
         old = got[1]
         new = {**old, "image": image}
         new.pop("rollback", None)
+        # A digest pinned for the old image would run the old bits under the new name: the
+        # new image is pinned again when digests are resolved at publish (issue 18).
+        new.pop("imageDigest", None)
         before, after = spec_version(old), spec_version(new)
         out: dict[str, Any] = {"uri": uri, "version": after, "previousVersion": before}
         if before == after:
@@ -158,7 +161,7 @@ class OwnerCommands:
 
     async def roll_back(self, uri: str, failed: str, reason: str) -> None:
         """The update of our owner's workload to `failed` did not run on some slot: write
-        the previous spec back, with the reason in `rollback` (section 21). Nothing is
+        the previous spec back, with the reason in `rollback` (section 22). Nothing is
         written when the record no longer asks for that version, or keeps no previous
         spec (the rollout then stays stopped where it failed)."""
         rkey = uri.rsplit("/", 1)[1]
@@ -288,9 +291,7 @@ class OwnerCommands:
 
     # -- logs ----------------------------------------------------------------------------------
 
-    async def logs(
-        self, ref: str, slot: int, lines: int, cursor: str | None = None
-    ) -> dict[str, Any]:
+    async def logs(self, ref: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         """A replica's lines: from journald when it runs here; for our owner's workloads
         running elsewhere, from the hosting meshlet (as the owner, service auth), passing
         the cursor through (it is the hosting meshlet's journal cursor)."""
@@ -306,5 +307,4 @@ class OwnerCommands:
         owner = self.local.owner_repo
         if not uri.startswith(f"at://{self.local.owner}/") or owner is None:
             raise Forbidden("only the owner's meshlet (with the owner's credentials) may fetch it")
-        page = await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)
-        return {"entries": list(page.entries), "cursor": page.cursor}
+        return await self.peers.get_logs(host, LogQuery(uri, slot, lines, cursor), auth=owner)

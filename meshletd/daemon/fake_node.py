@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from meshletd.config import Config
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.core.versions import spec_version
+from meshletd.daemon.peers import LogPage
 from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
@@ -232,9 +233,7 @@ class InMemoryNode:
     async def handles(self) -> dict[str, str]:
         return {}  # no identities to resolve
 
-    async def logs(
-        self, uri: str, slot: int, lines: int, cursor: str | None = None
-    ) -> dict[str, Any]:
+    async def logs(self, uri: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         w = self._find(uri)
         if not any(r["slot"] == slot for r in w.replicas):
             raise NotFound(f"workload {w.uri} has no replica {slot}")
@@ -247,7 +246,7 @@ class InMemoryNode:
             raise InvalidRequest(f"not a log cursor of this meshlet: {cursor!r}")
         got = w.logs[start : start + lines]
         end = start + len(got)
-        return {"entries": got, "cursor": str(end)}
+        return LogPage(tuple(got), str(end))
 
     def log(self, uri: str, line: str) -> None:
         """Append a line to a workload's log (what its replicas "print")."""

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from meshletd.atproto.records import record_from_json
 from meshletd.core.nsid import NSID_BID, NSID_STATUS, NSID_USAGE, NSID_WORKLOAD
 from meshletd.core.records import Bid, Record, Usage, Workload, WorkloadStatus
+from meshletd.jsonvalue import JsonObject
 
 log = logging.getLogger("meshletd.node")
 
@@ -35,7 +36,7 @@ class RecordChange(Protocol):
     @property
     def cid(self) -> str | None: ...
     @property
-    def record(self) -> dict[str, Any] | None: ...
+    def record(self) -> JsonObject | None: ...
     @property
     def uri(self) -> str: ...
 

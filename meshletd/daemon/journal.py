@@ -11,10 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-from typing import Any
 
 import trio
 
+from meshletd.daemon.peers import LogPage
 from meshletd.errors import InvalidRequest, UpstreamFailure
 
 MAX_LINE = 16384  # the lexicon's bound on one line
@@ -67,8 +67,8 @@ def journalctl_argv(unit: str, lines: int, cursor: str | None) -> list[str]:
     return [*argv, f"--after-cursor={cursor}"] if cursor else [*argv, "-n", str(lines)]
 
 
-async def read_unit(unit: str, lines: int, cursor: str | None) -> dict[str, Any]:
-    """`{entries, cursor}` of a unit's journal: the last `lines`, or at most `lines` of the
+async def read_unit(unit: str, lines: int, cursor: str | None) -> LogPage:
+    """The entries and cursor of a unit's journal: the last `lines`, or at most `lines` of the
     oldest after `cursor`. The cursor answered is the last entry's, else the one given, else
     `HEAD` (the unit has written nothing yet)."""
     proc = await trio.lowlevel.open_process(
@@ -112,4 +112,4 @@ async def read_unit(unit: str, lines: int, cursor: str | None) -> dict[str, Any]
         if cursor and cursor != HEAD and "cursor" in why.lower():
             raise InvalidRequest(f"not a cursor of this meshlet's journal: {why}")
         raise UpstreamFailure(f"journalctl -u {unit} failed: {why or proc.returncode}")
-    return {"entries": entries, "cursor": last or HEAD}
+    return LogPage(tuple(entries), last or HEAD)

@@ -149,10 +149,10 @@ def install(
         if caller.did is not None:
             owner_only(caller, uri)
         got = await node.logs(uri, params["slot"], params["lines"], params.get("cursor"))
-        entries = got["entries"]
+        entries = list(got.entries)
         # `lines` (the bare text) is what callers before entries and cursors read.
         out = {"lines": [e["line"] for e in entries], "entries": entries}
-        return out if got.get("cursor") is None else {**out, "cursor": got["cursor"]}
+        return out if got.cursor is None else {**out, "cursor": got.cursor}
 
     async def get_secret(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         if caller.did is None:

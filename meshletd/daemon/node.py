@@ -10,10 +10,12 @@ lexicon objects (camelCase keys, integers only).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from meshletd.config import Config
+from meshletd.daemon.peers import LogPage
 from meshletd.errors import Forbidden, InvalidRequest
+from meshletd.jsonvalue import JsonObject
 
 
 class Node(Protocol):
@@ -31,37 +33,37 @@ class Node(Protocol):
         """active | draining | stopping."""
         ...
 
-    def summary(self) -> dict[str, Any]: ...
+    def summary(self) -> JsonObject: ...
 
     def status_line(self) -> str:
         """One short line for systemd's STATUS= ("3 members, 2 replicas, draining")."""
         ...
 
-    def capacity(self) -> dict[str, Any]: ...
+    def capacity(self) -> JsonObject: ...
 
     def is_member(self, did: str) -> bool: ...
 
-    def members(self) -> list[dict[str, Any]]: ...
+    def members(self) -> list[JsonObject]: ...
 
-    def workloads(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
+    def workloads(self, owner: str | None = None, everything: bool = True) -> list[JsonObject]:
         """Workload views; `everything=False` keeps those with a replica on this meshlet."""
         ...
 
-    def invalid_workloads(self, owner: str | None = None) -> list[dict[str, Any]]:
+    def invalid_workloads(self, owner: str | None = None) -> list[JsonObject]:
         """The workload records (of `owner`, or of every repo followed) that this meshlet
         ignores as invalid, newest first, each a `farm.meshlet.defs#invalidWorkloadView`
         (uri, ownerDid, cid, name, problem {field, reason}): so an owner learns why."""
         ...
 
-    def workload(self, uri: str) -> dict[str, Any]: ...
+    def workload(self, uri: str) -> JsonObject: ...
 
-    async def create_workload(self, record: dict[str, Any]) -> dict[str, Any]: ...
+    async def create_workload(self, record: JsonObject) -> JsonObject: ...
 
     async def delete_workload(self, uri: str) -> None: ...
 
     async def set_paused(self, uri: str, paused: bool) -> None: ...
 
-    async def update_workload(self, uri: str, image: str) -> dict[str, Any]:
+    async def update_workload(self, uri: str, image: str) -> JsonObject:
         """Write a new image into one of the owner's workloads (the previous spec kept in
         `previous`): {uri, cid?, version, previousVersion}."""
         ...
@@ -70,17 +72,15 @@ class Node(Protocol):
 
     async def undrain(self) -> str: ...
 
-    async def logs(
-        self, uri: str, slot: int, lines: int, cursor: str | None = None
-    ) -> dict[str, Any]:
-        """`{entries: [{line, time}], cursor}`: the last `lines` entries, or at most `lines`
+    async def logs(self, uri: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
+        """Entries `{line, time}` and a cursor: the last `lines` entries, or at most `lines`
         of the oldest after `cursor` (opaque, from an earlier answer); the cursor answered is
         the last entry's, else the one given."""
         ...
 
-    def bids(self, uri: str) -> dict[str, Any]: ...
+    def bids(self, uri: str) -> JsonObject: ...
 
-    def balance(self) -> dict[str, Any]: ...
+    def balance(self) -> JsonObject: ...
 
     async def handles(self) -> dict[str, str]:
         """DID -> handle of the DIDs this node shows, for human tables (may be empty)."""
@@ -88,7 +88,7 @@ class Node(Protocol):
 
     async def put_secret(self, name: str, value: bytes) -> None: ...
 
-    def notify_records(self, refs: list[dict[str, Any]]) -> int:
+    def notify_records(self, refs: list[JsonObject]) -> int:
         """A peer's delivery hint ({uri, cid} of records it just wrote): read those we
         follow from their PDS, verified, without waiting for the firehose. Never blocks;
         returns how many will be read."""

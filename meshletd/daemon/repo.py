@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from meshletd.atproto.pds import PdsClient
 from meshletd.errors import UpstreamFailure
+from meshletd.jsonvalue import JsonObject
 
 SERVICE_AUTH = "com.atproto.server.getServiceAuth"
 TOKEN_TTL_S = 60
@@ -23,15 +24,15 @@ class Repo(Protocol):
     @property
     def did(self) -> str: ...
 
-    async def get_record(self, collection: str, rkey: str) -> tuple[str, dict[str, Any]] | None:
+    async def get_record(self, collection: str, rkey: str) -> tuple[str, JsonObject] | None:
         """(cid, value), or None if there is no such record."""
         ...
 
-    async def create_record(self, collection: str, rkey: str, value: dict[str, Any]) -> str:
+    async def create_record(self, collection: str, rkey: str, value: JsonObject) -> str:
         """Create a record under a fresh key; returns its CID."""
         ...
 
-    async def put_record(self, collection: str, rkey: str, value: dict[str, Any]) -> str:
+    async def put_record(self, collection: str, rkey: str, value: JsonObject) -> str:
         """Create or update a record; returns its CID."""
         ...
 

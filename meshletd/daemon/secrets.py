@@ -41,8 +41,9 @@ class EncryptionKey:
 
     def __init__(self, store: Store) -> None:
         raw = store.get(ENCRYPTION_KEY)
-        if raw and isinstance(raw.get("private"), str):
-            self._private = PrivateKey(base64.b64decode(raw["private"]))
+        private = raw.get("private") if isinstance(raw, dict) else None
+        if isinstance(private, str):
+            self._private = PrivateKey(base64.b64decode(private))
         else:
             self._private = PrivateKey.generate()
             store.put(ENCRYPTION_KEY, {"private": base64.b64encode(bytes(self._private)).decode()})
@@ -63,8 +64,9 @@ class SecretStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        raw = store.get(SECRET_KEY, {}) or {}
-        self._values = {k: base64.b64decode(v) for k, v in raw.items()}
+        raw = store.get(SECRET_KEY, {})
+        items = raw.items() if isinstance(raw, dict) else ()
+        self._values = {k: base64.b64decode(v) for k, v in items if isinstance(v, str)}
 
     def get(self, name: str) -> bytes | None:
         return self._values.get(name)

@@ -9,8 +9,13 @@ from typing import Any, Protocol
 class Store(Protocol):
     """`meshletd.store.StateStore` (files) or `MemoryStore` (tests)."""
 
-    def get(self, key: str, default: Any = None) -> Any: ...
-    def put(self, key: str, value: Any) -> None: ...
+    def get(self, key: str, default: object = None) -> object:
+        """The JSON value stored under `key` (a reader checks its shape), or `default`."""
+        ...
+
+    def put(self, key: str, value: object) -> None:
+        """Store a JSON-serialisable value under `key`."""
+        ...
 
 
 class StoreCursors:
@@ -20,7 +25,12 @@ class StoreCursors:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._cursors: dict[str, int] = dict(store.get(self.KEY, {}) or {})
+        raw = store.get(self.KEY, {})
+        self._cursors: dict[str, int] = (
+            {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, int)}
+            if isinstance(raw, dict)
+            else {}
+        )
 
     def load(self, pds_url: str) -> int | None:
         return self._cursors.get(pds_url)
@@ -43,7 +53,7 @@ class StoreJournal:
 
     def load(self) -> list[dict[str, Any]]:
         value = self._store.get(self.KEY, [])
-        return value if isinstance(value, list) else []
+        return [w for w in value if isinstance(w, dict)] if isinstance(value, list) else []
 
     def save(self, pending: list[dict[str, Any]]) -> None:
         self._store.put(self.KEY, pending)

@@ -20,16 +20,18 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote
 
 import trio
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from meshletd.errors import MeshletError, NotFound
 from meshletd.web import pages
 from meshletd.web.metrics import render_metrics
 from meshletd.xrpc.http import Limits, mark_answered
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 log = logging.getLogger("meshletd.web")
 
@@ -65,6 +67,10 @@ def _short(did: Any) -> str:
 
 
 def _environment() -> Environment:
+    """jinja2 is imported here, on the first page asked for: an idle meshlet whose page
+    nobody opens does not carry it (about 2.5 MB of its idle footprint, docs/benchmarks.md)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
     here = resources.files("meshletd.web")
     env = Environment(
         loader=FileSystemLoader(str(here / "templates")),
@@ -155,12 +161,18 @@ class WebApp:
 
     def __init__(self, node: pages.Source, *, poll_s: float = 0.5) -> None:
         self.node = node
-        self.env = _environment()
+        self._env: Environment | None = None
         self.signal = ChangeSignal(self._digest, poll_s)
         self.static: dict[str, bytes] = {}
         base = resources.files("meshletd.web") / "static"
         for name in ("style.css", "live.js", "icon.svg"):
             self.static[name] = (base / name).read_bytes()
+
+    @property
+    def env(self) -> Environment:
+        if self._env is None:
+            self._env = _environment()
+        return self._env
 
     async def run(self) -> None:
         await self.signal.run()

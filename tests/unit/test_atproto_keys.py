@@ -197,7 +197,7 @@ def test_a_document_whose_key_is_off_the_curve_is_unusable() -> None:
         identity_from_doc("did:plc:abc", did_doc("did:plc:abc", bad, "http://pds"))
 
 
-def test_the_daemon_idles_without_the_sdk_client_cryptography_or_rich() -> None:
+def test_the_daemon_idles_without_the_sdk_client_cryptography_rich_or_jinja2() -> None:
     # What a meshletd with the atproto backend imports to run (the footprint's bulk).
     code = (
         "import sys\n"
@@ -206,7 +206,9 @@ def test_the_daemon_idles_without_the_sdk_client_cryptography_or_rich() -> None:
         "import meshletd.daemon.service, meshletd.daemon.atproto_node, meshletd.atproto.cluster\n"
         "import meshletd.atproto.firehose, meshletd.atproto.identity, meshletd.atproto.pds\n"
         "import meshletd.daemon.engine, meshletd.runtime, meshletd.daemon.secrets\n"
-        "heavy = ('atproto_client', 'atproto', 'cryptography', 'rich', 'click', 'pygments')\n"
+        "import meshletd.web.app\n"
+        "heavy = ('atproto_client', 'atproto', 'cryptography', 'rich', 'click', 'pygments',\n"
+        "         'jinja2')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

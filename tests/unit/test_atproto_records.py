@@ -23,10 +23,13 @@ from meshletd.core.records import (
     COLLECTION_OF,
     Bid,
     EnvVar,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
     MeshletOwner,
+    OwnerCap,
+    ScheduleWindow,
     SecretRef,
     Usage,
     UsageEntry,
@@ -35,8 +38,8 @@ from meshletd.core.records import (
     at_uri,
     rkey_for_did,
 )
-from meshletd.errors import InvalidRecord
 from meshletd.core.versions import spec_version
+from meshletd.errors import InvalidRecord
 
 LEX = Lexicons.load()
 ROOT = Path(__file__).parents[2]
@@ -136,6 +139,8 @@ SAMPLES = [
         storage_mib=10,
         prefer=("did:plc:y",),
         paused=True,
+        network="lan",
+        max_runtime_s=600,
         rollback_version="00aa11bb22cc33dd",
         rollback_reason="update to version 00aa11bb22cc33dd failed: it could not start",
     ),
@@ -214,6 +219,26 @@ SAMPLES = [
         meshlet="did:plc:m",
         renewed_at=T,
         valid_ms=150_000,
+    ),
+    HostPolicy(
+        uri=at_uri("did:plc:m", N.NSID_HOST_POLICY, "self"),
+        meshlet="did:plc:m",
+        created_at=T,
+        default_share=250,
+        caps=(OwnerCap("did:plc:alice", 1000), OwnerCap("did:plc:bob", 100)),
+        evicted=frozenset({"did:plc:mallory"}),
+        image_allow=("registry.example:5000/alice/*", "docker.io/library/**"),
+        digests_only=True,
+        network="none",
+        inbound_allowed=True,
+        port_min=30000,
+        port_max=30100,
+        inbound_address="192.0.2.7",
+        schedule=(ScheduleWindow(480, 1080, frozenset({0, 1, 2, 3, 4})), ScheduleWindow(0, 60)),
+        job_max_runtime_s=3600,
+        min_ratio_permille=500,
+        min_period_days=30,
+        min_mode="refuse",
     ),
 ]
 

@@ -3,11 +3,10 @@ fetched from the owner's meshlet, logs from the hosting meshlet."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from meshletd.daemon.fake_peers import FakePeer
+from meshletd.daemon.peers import LogPage
 from meshletd.daemon.secrets import seal
 from meshletd.errors import Conflict, Forbidden, NotFound
 from tests.unit.daemon_parts import (
@@ -122,7 +121,7 @@ async def test_logs_of_a_replica_elsewhere_come_from_its_host_as_the_owner() -> 
     lines = [{"line": "hello"}, {"line": "world"}]
     p.peers.peers[BOB_MESH] = FakePeer(logs={(uri, 0): lines})
     got = await p.commands.logs("web", 0, 1)
-    assert got == {"entries": [{"line": "world"}], "cursor": "2"}
+    assert got == LogPage(({"line": "world"},), "2")
     assert p.peers.peers[BOB_MESH].callers == [("getLogs", OWNER)]
     with pytest.raises(NotFound):
         await p.commands.logs("web", 3, 1)
@@ -131,9 +130,9 @@ async def test_logs_of_a_replica_elsewhere_come_from_its_host_as_the_owner() -> 
 async def test_logs_of_a_replica_here_come_from_its_unit_journal() -> None:
     asked: list[tuple[str, int, str | None]] = []
 
-    async def journal(unit: str, lines: int, cursor: str | None) -> dict[str, Any]:
+    async def journal(unit: str, lines: int, cursor: str | None) -> LogPage:
         asked.append((unit, lines, cursor))
-        return {"entries": [{"line": "local"}], "cursor": "c1"}
+        return LogPage(({"line": "local"},), "c1")
 
     p = parts()
     p.commands.journal = journal
@@ -142,5 +141,5 @@ async def test_logs_of_a_replica_here_come_from_its_unit_journal() -> None:
     engine.scheduler.slots[uri] = ((0, ME),)
     engine.scheduler.local[(uri, 0)] = "running"
     engine.units[(uri, 0)] = "meshlet-web-0.service"
-    assert (await p.commands.logs(uri, 0, 5, "c0"))["entries"] == [{"line": "local"}]
+    assert (await p.commands.logs(uri, 0, 5, "c0")).entries == ({"line": "local"},)
     assert asked == [("meshlet-web-0.service", 5, "c0")]

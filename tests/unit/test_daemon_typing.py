@@ -28,3 +28,21 @@ def test_the_daemon_is_mypy_strict_clean() -> None:
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_daemon_s_interfaces_name_their_types_not_any() -> None:
+    # Every Protocol a part of the daemon offers the others: JSON is `JsonObject`
+    # (meshletd/jsonvalue.py), stored values are `object` a reader narrows, never `Any`.
+    import ast
+
+    loose = []
+    for path in sorted((ROOT / "meshletd" / "daemon").glob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(b, "id", None) == "Protocol" for b in node.bases
+            ):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Name) and sub.id == "Any":
+                        loose.append(f"{path.name}:{sub.lineno} {node.name}")
+    assert loose == []
