@@ -395,7 +395,17 @@ class AtprotoNode:
         self._rolled_back.add((uri, failed))
         reason = rec.get("message")
         why = reason if isinstance(reason, str) and reason else f"version {failed} failed"
-        self._nursery.start_soon(self.commands.roll_back, uri, failed, why)
+        self._nursery.start_soon(self._roll_back, uri, failed, why)
+
+    async def _roll_back(self, uri: str, failed: str, why: str) -> None:
+        """Roll back, trying again while the owner's PDS does not answer (about 2 min)."""
+        delay = 2.0
+        for _ in range(6):
+            if await self.commands.roll_back(uri, failed, why):
+                return
+            await trio.sleep(delay)
+            delay *= 2
+        self._rolled_back.discard((uri, failed))  # the next status naming it tries again
 
     def _committed(self, repo: str, done: list[tuple[str, str, str | None]]) -> None:
         """Records we just wrote: tell our peers, so they need not wait for the firehose."""

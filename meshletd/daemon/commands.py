@@ -159,11 +159,12 @@ class OwnerCommands:
         out["cid"] = cid
         return out
 
-    async def roll_back(self, uri: str, failed: str, reason: str) -> None:
+    async def roll_back(self, uri: str, failed: str, reason: str) -> bool:
         """The update of our owner's workload to `failed` did not run on some slot: write
         the previous spec back, with the reason in `rollback` (section 22). Nothing is
         written when the record no longer asks for that version, or keeps no previous
-        spec (the rollout then stays stopped where it failed)."""
+        spec (the rollout then stays stopped where it failed). False: the owner's PDS did
+        not answer (worth trying again)."""
         rkey = uri.rsplit("/", 1)[1]
         try:
             got = await self._owner_repo().get_record(NSID_WORKLOAD, rkey)
@@ -171,9 +172,9 @@ class OwnerCommands:
             log.warning(
                 "rollback of %s (version %s): reading the record failed: %s", uri, failed, e
             )
-            return
+            return False
         if got is None or spec_version(got[1]) != failed:
-            return
+            return True
         value = got[1]
         previous = value.get("previous")
         if not isinstance(previous, dict) or not previous:
@@ -183,7 +184,7 @@ class OwnerCommands:
                 failed,
                 reason,
             )
-            return
+            return True
         kept = {k: v for k, v in value.items() if k in NOT_SPEC and k != "previous"}
         new = {**kept, **{k: v for k, v in previous.items() if k not in NOT_SPEC}}
         new["rollback"] = {
@@ -195,7 +196,7 @@ class OwnerCommands:
             cid = await self._owner_repo().put_record(NSID_WORKLOAD, rkey, new)
         except Exception as e:
             log.warning("rollback of %s (version %s) failed: %s", uri, failed, e)
-            return
+            return False
         self._note(uri, cid, new)
         log.warning(
             "workload %s: update to version %s rolled back to %s: %s",
@@ -204,6 +205,7 @@ class OwnerCommands:
             spec_version(new),
             reason,
         )
+        return True
 
     def _note(self, uri: str, cid: str, value: dict[str, Any]) -> None:
         """Show a workload we just wrote before the firehose brings it back."""
