@@ -9,6 +9,8 @@ layer. The core is built in layers, each in its own module:
 - `rounds`: bid intake, closing rounds (at their time or early), resolving slot owners;
 - `bidding`: when and what this meshlet bids, replacement rounds;
 - `reconcile`: local replicas, status records, usage counting;
+- `updates`: rolling updates of the slots we own, one slot at a time (`versions`: what a
+  spec version is);
 - `explain`: "why pending";
 - `liveness` (probes, suspicions) and `ledger` (usage, fair-share balances): components;
 - this module: the public `Scheduler`, record intake, ticks and wake-ups, drain.
