@@ -173,6 +173,12 @@ def check_versions(sim: Sim, live: list[Node]) -> dict[str, Any]:
                     f"{key[0]}#{key[1]} on {n.did} runs {sorted(lanes.values())},"
                     f" the record asks for {wl.version}"
                 )
+    for n in live:  # every meshlet knows the version the record asks for
+        assert n.core is not None
+        for uri, e in n.core.workloads.items():
+            wl = sim.workloads.get(uri)
+            if wl is not None and e.wl.version != wl.version:
+                problems.append(f"{n.did} sees {uri} at {e.wl.version}, not {wl.version}")
     bound = sim.t.update_timeout_ms + 1000  # + the runtime's start and stop delays
     if u.side_by_side_max > bound:
         problems.append(f"old and new replica side by side {u.side_by_side_max} ms > {bound}")
