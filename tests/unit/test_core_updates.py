@@ -279,3 +279,15 @@ def test_a_slot_whose_version_failed_restarts_the_record_s_previous_spec() -> No
     out = core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
     (st,) = my_statuses(out)
     assert (st.state, st.version, st.failed_version) == ("running", "v1", "v2")
+
+
+def test_without_room_for_a_second_copy_the_slot_is_re_offered_instead() -> None:
+    wl = replace(workload(replicas=1, owner_i=2, cpu=2500), version="v1")
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl, bid(wl, 0)])
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = feed(core, [v2(wl)])
+    assert of(out, StartReplica) == [] and of(out, StopReplica) == []  # the old one runs on
+    bids = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert [(b.round, b.slot, b.slots) for b in bids] == [(1, 0, 0)]  # a replacement round
