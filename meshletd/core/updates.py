@@ -39,8 +39,8 @@ class Updates(Reconciler):
                 return
             else:
                 return
-        if rep.state != "running":
-            return
+        if rep.state != "running" or wl.kind != "service":
+            return  # a running job finishes as it started (a restart takes the record)
         if rep.spec is None and rep.version == wl.cid and wl.cid:
             # Adopted from a meshletd that stored the record's CID, not the version: it
             # runs this very record (a restart or upgrade of meshletd touches nothing).

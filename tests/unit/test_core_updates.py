@@ -291,3 +291,13 @@ def test_without_room_for_a_second_copy_the_slot_is_re_offered_instead() -> None
     assert of(out, StartReplica) == [] and of(out, StopReplica) == []  # the old one runs on
     bids = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
     assert [(b.round, b.slot, b.slots) for b in bids] == [(1, 0, 0)]  # a replacement round
+
+
+def test_a_running_job_finishes_as_it_started() -> None:
+    wl = replace(workload(replicas=1, owner_i=2, kind="job"), version="v1")
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl, bid(wl, 0)])
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = feed(core, [v2(wl)])
+    assert of(out, StartReplica) == [] and of(out, StopReplica) == []
