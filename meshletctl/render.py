@@ -206,7 +206,7 @@ def _update_notes(
     w: dict[str, Any], rows: dict[int, dict[str, Any]], name: Callable[[str | None], str]
 ) -> list[str]:
     """A rolling update under way (how many slots run the wanted version), and the last
-    update rolled back with its reason (docs/protocol.md, section 22)."""
+    update rolled back with its reason (docs/protocol.md, section 23)."""
     out = []
     want = w.get("version")
     known = [r for r in rows.values() if r.get("version")]

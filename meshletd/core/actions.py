@@ -34,7 +34,7 @@ class DeleteRecord:
 class StartReplica:
     """Start (or restart) the local replica of (workload, slot), placed in `round`. `lane`
     (0 or 1) tells apart the two replicas of one slot while an update runs the new version
-    beside the old (docs/protocol.md, section 22)."""
+    beside the old (docs/protocol.md, section 23)."""
 
     workload: Workload
     slot: int

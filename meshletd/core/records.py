@@ -91,7 +91,7 @@ class Workload:
     update, kept for its rollback), rollback {version, reason, at} (the last update rolled
     back, and why), createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose
     record it is; `version` is the spec version every observer derives from the record's
-    value (`meshletd.core.versions`, docs/protocol.md, section 22)."""
+    value (`meshletd.core.versions`, docs/protocol.md, section 23)."""
 
     uri: str
     cid: str
@@ -120,9 +120,9 @@ class Workload:
     paused: bool = False
     network: str = "internet"  # what its replicas need: none | internet | lan (section 21)
     max_runtime_s: int | None = None  # a job's longest run, seconds (section 21)
-    version: str = ""  # the spec version, derived from the record's value (section 22)
+    version: str = ""  # the spec version, derived from the record's value (section 23)
     # The spec before the last update (`previous`), as a workload of the same name and
-    # placement: what a slot starts when the record's version failed (section 22).
+    # placement: what a slot starts when the record's version failed (section 23).
     previous: Workload | None = None
     # The last update rolled back (display only): the version it tried and why it failed.
     rollback_version: str = ""
@@ -152,7 +152,7 @@ class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
     exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt, version (the spec
     version the replica runs), failedVersion (a version this slot's update to failed: the
-    rollout stops there; `message` says why; docs/protocol.md, section 22)."""
+    rollout stops there; `message` says why; docs/protocol.md, section 23)."""
 
     uri: str
     meshlet: str

@@ -53,7 +53,7 @@ def status_rkey(workload_uri: str, slot: int) -> str:
 
 
 class Surge:
-    """The new version of a slot started beside the old one (docs/protocol.md, section 22):
+    """The new version of a slot started beside the old one (docs/protocol.md, section 23):
     in the other lane, until it serves (then the old one stops) or fails."""
 
     __slots__ = ("lane", "started_at", "wl")
@@ -96,7 +96,7 @@ class Replica:
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
         self.written_version = ""  # (version, failed version) last written, joined by "/"
-        # What runs (section 22): the workload version it was started with (None: adopted
+        # What runs (section 23): the workload version it was started with (None: adopted
         # after a restart, only its version known), in which lane.
         self.spec = spec
         self.version = spec.version if spec is not None else ""

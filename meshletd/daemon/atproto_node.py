@@ -367,7 +367,7 @@ class AtprotoNode:
 
     def _maybe_roll_back(self, ev: RecordEvent) -> None:
         """A slot's status says an update of one of our owner's workloads failed: write
-        the previous spec back (docs/protocol.md, section 22), once per failed version."""
+        the previous spec back (docs/protocol.md, section 23), once per failed version."""
         rec = ev.record
         if not isinstance(rec, dict):
             return

@@ -50,7 +50,7 @@ def _status_row(s: WorkloadStatus) -> dict[str, Any]:
 
 def _versions(row: dict[str, Any], s: WorkloadStatus) -> None:
     """The version a status says its replica runs, and a failed update with its reason
-    (docs/protocol.md, section 22)."""
+    (docs/protocol.md, section 23)."""
     if s.version:
         row["version"] = s.version
     if s.failed_version:

@@ -6,7 +6,7 @@ meshlets, each meshletd on its own booted systemd host, one module-scoped commun
 - `meshletctl update NAME --image ...` rolls the replicas to the new version one slot at
   a time, make-before-break (the container of one slot changes, then the other's; never
   both down), and a version that cannot start is rolled back with the reason shown
-  (docs/protocol.md, section 22).
+  (docs/protocol.md, section 23).
 """
 
 from __future__ import annotations
