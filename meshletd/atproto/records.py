@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from meshletd.atproto.history import history_fields, history_json
 from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.core.nsid import (
@@ -55,8 +56,6 @@ from meshletd.core.records import (
     parse_datetime_ms,
     split_at_uri,
 )
-from meshletd.core.versions import NOT_SPEC, spec_of, spec_version
-from meshletd.errors import InvalidRecord
 
 JsonObject = dict[str, Any]
 
@@ -249,22 +248,6 @@ def _drains(value: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(got[-MAX_DRAINS:])
 
 
-def _previous(uri: str, cid: str, value: Mapping[str, Any]) -> Workload | None:
-    """The workload's previous spec (`previous`) as a workload of the same name, placement
-    and history fields; None when absent, or when it would not be a valid workload (it is
-    an `unknown` in the lexicon: judged here by the same rule as any workload, 19.1)."""
-    prev = value.get("previous")
-    if not isinstance(prev, Mapping) or not prev:
-        return None
-    kept = {k: v for k, v in value.items() if k in NOT_SPEC and k not in ("previous", "rollback")}
-    merged = {**kept, **{k: v for k, v in prev.items() if k not in NOT_SPEC}}
-    try:
-        got = record_from_json(uri, cid, merged, validate=True)
-    except (InvalidRecord, KeyError, ValueError, TypeError):
-        return None
-    return got if isinstance(got, Workload) else None
-
-
 def record_from_json(
     uri: str, cid: str, value: Mapping[str, Any], *, validate: bool = False
 ) -> Record | None:
@@ -319,7 +302,6 @@ def record_from_json(
         d = _defaults(NSID_WORKLOAD)
         res = _obj(value, "resources")
         c = _obj(value, "constraints")
-        rollback = _obj(value, "rollback")
         return Workload(
             uri=uri,
             cid=cid,
@@ -350,10 +332,7 @@ def record_from_json(
             paused=bool(d.get(value, "paused", "paused")),
             network=str(d.get(value, "network", "network")),
             max_runtime_s=None if value.get("maxRuntimeS") is None else int(value["maxRuntimeS"]),
-            version=spec_version(value),
-            rollback_version=str(rollback.get("version", "")),
-            rollback_reason=str(rollback.get("reason", "")),
-            previous=_previous(uri, cid, value),
+            **history_fields(uri, cid, value, record_from_json),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -514,14 +493,7 @@ def record_to_json(record: Record) -> JsonObject:
         if record.network != "internet":
             out["network"] = record.network
         _put(out, "maxRuntimeS", record.max_runtime_s)
-        if record.previous is not None:
-            prev = spec_of(record_to_json(record.previous))
-            out["previous"] = {k: v for k, v in prev.items() if k != "$type"}
-        if record.rollback_version:
-            out["rollback"] = {
-                "version": record.rollback_version,
-                "reason": record.rollback_reason,
-            }
+        out.update(history_json(record, record_to_json))
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at
