@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="fraction of meshlets without inbound reachability (behind NAT; 1 = all)",
     )
+    p.add_argument(
+        "--updates",
+        type=int,
+        default=0,
+        help="new versions of running services published during the run (a quarter never run)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     a = p.parse_args(argv)
     cfg = Config(
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         arrivals_per_day=a.arrivals_per_day,
         lifetime_hours=a.lifetime_hours,
         nat=a.nat,
+        updates=a.updates,
     )
     sim = Sim(cfg)
     figures = sim.run()

@@ -246,6 +246,30 @@ def test_an_update_rolls_the_replicas_one_at_a_time_never_both_down(
     roller["containers"] = new
 
 
+def test_a_meshletd_restart_after_an_update_adopts_the_new_lane_and_touches_nothing(
+    commune: Commune, roller: dict[str, Any]
+) -> None:
+    """The updated replicas run in lane 1 (units `-<slot>.1-`): a restarted meshletd adopts
+    them as they are, same containers, same version (DESIGN: restarts touch nothing)."""
+    if "containers" not in roller:
+        pytest.skip("needs the rolling update above")
+    uri = roller["uri"]
+    before = by_slot(running_containers(commune, uri))
+    host = commune.by_did(roller["placement"][0])
+    done = host.run("systemctl", "restart", "meshletd.service", timeout=150)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: host.ctl_json("status")["members"] == 2, 60, "meshletd back")
+    time.sleep(10)  # long enough for a wrong decision to show
+    assert by_slot(running_containers(commune, uri)) == before
+    want = roller["v2"]
+    wait_for(
+        lambda: versions(host, "roller") == (want, {0: want, 1: want}),
+        30,
+        "the restarted meshletd to report both slots at the new version",
+    )
+    assert "adopted replica" in host.journal(lines=200)
+
+
 def test_a_version_that_cannot_start_is_rolled_back_with_the_reason_shown(
     commune: Commune, roller: dict[str, Any]
 ) -> None:
