@@ -106,8 +106,10 @@ class Updates(Reconciler):
         the slot's owner says; anyone else's word does not count): then no other slot
         starts it."""
         uri = e.wl.uri
-        for (u, _), rep in self._replicas.items():
-            if u == uri and rep.failed == version:
+        replicas = self._replicas
+        for s in range(e.wl.replicas):
+            rep = replicas.get((uri, s))
+            if rep is not None and rep.failed == version:
                 return True
         owners = e.owners or ()
         for (meshlet, slot), st in (e.statuses or {}).items():
