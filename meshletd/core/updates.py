@@ -35,7 +35,7 @@ class Updates(Reconciler):
                 self._end_surge(key, rep, "superseded")
             elif self.now >= surge.started_at + self.t.update_timeout_ms:
                 secs = self.t.update_timeout_ms // 1000
-                self._update_failed(e, key, rep, f"not running within {secs} s")
+                self._update_failed(e, key, rep, f"not serving within {secs} s")
                 return
             else:
                 return
@@ -145,7 +145,9 @@ class Updates(Reconciler):
                 return False  # its owner has not reported it yet
             if st.state == "paused" or not st.version:
                 continue
-            if st.version != version or not serving(st.state):
+            if st.version != version or not serving(
+                st.state, getattr(st, "health", ""), _checked(e.wl)
+            ):
                 return False
         return True
 
@@ -210,12 +212,18 @@ class Updates(Reconciler):
                 self._out.append(StopReplica(key[0], key[1], "updated", ev.lane))
             return
         if ev.state == "running":
-            if serving(ev.state):
+            if serving(ev.state, getattr(ev, "health", ""), _checked(surge.wl)):
                 self._promote(key, rep)
             return
         if ev.state == "stopped" or e is None:
             return
         self._update_failed(e, key, rep, _why(ev))
+
+
+def _checked(wl: Workload) -> bool:
+    """Whether the workload declares a health check (a field of the services' records;
+    absent from records that predate it): its replicas serve once healthy."""
+    return bool(getattr(wl, "health_command", ()))
 
 
 def _why(ev: ReplicaStateChanged) -> str:

@@ -50,10 +50,13 @@ def spec_version(value: Mapping[str, Any]) -> str:
     return blake2b(text.encode(), digest_size=VERSION_HEX // 2).hexdigest()
 
 
-def serving(state: str) -> bool:
-    """Whether a replica in `state` (local, or as a status record says) serves: the one
-    place an update asks "is the new version healthy?". Until replicas report health
-    (`healthy`/`unhealthy`), a running replica counts as serving."""
+def serving(state: str, health: str = "", checked: bool = False) -> bool:
+    """Whether a replica serves (local, or as a status record says): the one place an
+    update asks "is the new version healthy?". `health` is the replica's health verdict
+    when it reports one, `checked` whether its workload declares a health check: then it
+    serves only once healthy; without a check, running is serving."""
+    if checked:
+        return state == "running" and health == "healthy"
     return state in ("running", "healthy")
 
 

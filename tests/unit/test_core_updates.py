@@ -116,7 +116,7 @@ def test_a_version_that_does_not_run_within_the_bound_is_stopped_and_the_old_one
     assert [(s.lane, s.reason) for s in of(out, StopReplica)] == [(1, "update-failed")]
     st = my_statuses(out)
     assert [(s.state, s.version, s.failed_version) for s in st] == [("running", "v1", "v2")]
-    assert "not running within 60 s" in (st[0].message or "")
+    assert "not serving within 60 s" in (st[0].message or "")
     assert core.replicas() == {(wl.uri, 0): "running"}
     assert core.free_capacity() == free
     # and it is not tried again for this version
@@ -301,3 +301,12 @@ def test_a_running_job_finishes_as_it_started() -> None:
     core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
     out = feed(core, [v2(wl)])
     assert of(out, StartReplica) == [] and of(out, StopReplica) == []
+
+
+def test_with_a_health_check_a_replica_serves_only_once_healthy() -> None:
+    from meshletd.core.versions import serving
+
+    assert serving("running") and not serving("starting") and not serving("exited")
+    assert not serving("running", "starting", checked=True)
+    assert not serving("running", "unhealthy", checked=True)
+    assert serving("running", "healthy", checked=True)
