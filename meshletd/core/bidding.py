@@ -4,7 +4,14 @@ replacement round for a slot whose host is lost or draining (docs/protocol.md, s
 
 from __future__ import annotations
 
-from .bounds import MAX_MEMORY_MIB, MAX_MILLI_CPU, MAX_ROUND, bid_refusal, clamp
+from .bounds import (
+    BIDS_PER_MESHLET,
+    MAX_MEMORY_MIB,
+    MAX_MILLI_CPU,
+    MAX_ROUND,
+    bid_refusal,
+    clamp,
+)
 from .fairshare import meshlet_priority
 from .placement import (
     Owner,
@@ -152,6 +159,10 @@ class Bidding(Rounds):
         """Write our bid (slots 0: a decline), reserve what it offers until `until`, and
         count it here at once."""
         rkey = bid_rkey(wl.uri, round_, slot)
+        mine = self._my_bids.get(wl.uri, ())
+        if len(mine) >= BIDS_PER_MESHLET and rkey not in mine:
+            # Beyond the bound our new bids would count nowhere (section 20).
+            return
         bid = Bid(
             uri=at_uri(self.me.did, NSID_BID, rkey),
             meshlet=self.me.did,
@@ -176,7 +187,9 @@ class Bidding(Rounds):
                 until,
                 slots,
             )
-        self._my_bids.setdefault(wl.uri, []).append(rkey)
+        rkeys = self._my_bids.setdefault(wl.uri, [])
+        if rkey not in rkeys:
+            rkeys.append(rkey)
         # Honest only if written by the round's deadline + skew (section 5): `until` is the
         # round's close, deadline + settle. The daemon drops it unwritten after that.
         self._put(NSID_BID, rkey, bid, not_after=until - self.t.settle_ms + self.t.skew_ms)

@@ -43,6 +43,14 @@ GONE_BIDS_KEPT = 4096
 """Bid URIs of deleted workloads remembered until their own deletion arrives."""
 REFUSALS_KEPT = 256
 """Records refused at intake remembered with their reason (the newest)."""
+WORKLOADS_PER_OWNER = 512
+"""Live workloads of one owner that take part: those with the smallest record keys."""
+BIDS_PER_MESHLET = 1024
+"""Bids of one meshlet for one live workload that count: the smallest (round, slot, rkey)."""
+USAGES_PER_MESHLET = 2048
+"""Usage records of one meshlet kept for fair share: the newest by (periodStart, URI)."""
+MEMBERSHIPS_PER_REPO = 64
+"""Membership records of one repo that count: those with the smallest cluster names."""
 
 
 def workload_refusal(wl: Workload) -> str:
@@ -98,6 +106,7 @@ def clamp(value: int, low: int, high: int) -> int:
 
 
 __all__ = [
+    "BIDS_PER_MESHLET",
     "CHAINED_FAST_ROUNDS",
     "CHAINED_SLOW_PERIOD_MS",
     "GONE_BIDS_KEPT",
@@ -113,12 +122,15 @@ __all__ = [
     "MAX_SLOTS_OFFERED",
     "MAX_TIME_MS",
     "MAX_USAGE_ENTRIES",
+    "MEMBERSHIPS_PER_REPO",
     "MIN_BID_WINDOW_MS",
     "MIN_EXIT_CODE",
     "MIN_TIME_MS",
     "ORPHANS_PER_MESHLET",
     "ORPHAN_TTL_MS",
     "REFUSALS_KEPT",
+    "USAGES_PER_MESHLET",
+    "WORKLOADS_PER_OWNER",
     "bid_refusal",
     "clamp",
     "status_refusal",

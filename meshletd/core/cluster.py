@@ -17,6 +17,7 @@ scheduler judges eligibility with it, and the daemon its configured clusters
 
 from __future__ import annotations
 
+from .bounds import MEMBERSHIPS_PER_REPO
 from .records import Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
 
 _EMPTY: frozenset[str] = frozenset()
@@ -79,8 +80,16 @@ class ClusterView:
 
     def put_membership(self, rec: Membership) -> None:
         """A membership record was seen."""
+        by = self._by_repo.setdefault(rec.repo, {})
+        replaced = by.get(rec.cluster)
+        if replaced is not None and replaced.uri != rec.uri:
+            self._memberships.pop(replaced.uri, None)  # one record per cluster name counts
         self._memberships[rec.uri] = rec
-        self._by_repo.setdefault(rec.repo, {})[rec.cluster] = rec
+        by[rec.cluster] = rec
+        if len(by) > MEMBERSHIPS_PER_REPO:
+            # A repo's memberships that count: the smallest cluster names (section 20).
+            dropped = by.pop(max(by))
+            self._memberships.pop(dropped.uri, None)
         self._changed()
 
     def delete(self, uri: str, repo: str) -> bool:

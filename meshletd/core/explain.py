@@ -15,10 +15,14 @@ class Explanations(Rounds):
 
     def pending_reasons(self, workload_uri: str) -> dict[int, str]:
         """slot -> why that slot of the workload is not (or may soon not be) served, for every
-        slot `pending_reason` has a reason for; {} when all are served or it is unknown."""
+        slot `pending_reason` has a reason for; {} when all are served or it is unknown. A
+        workload refused at intake (section 20: beyond its owner's bound) gives the refusal
+        for each of its slots."""
         e = self.workloads.get(workload_uri)
         if e is None:
-            return {}
+            why = self.refused.get(workload_uri)
+            n = self._refused_slots.get(workload_uri, 0)
+            return {s: f"not scheduled: {why}" for s in range(n)} if why else {}
         out: dict[int, str] = {}
         for s in range(e.wl.replicas):
             why = self.pending_reason(workload_uri, s)

@@ -4,7 +4,7 @@ period, the usage records of every meshlet, and the fair-share balances computed
 
 from __future__ import annotations
 
-from .bounds import MAX_USAGE_ENTRIES
+from .bounds import MAX_USAGE_ENTRIES, USAGES_PER_MESHLET
 from .cluster import ClusterView
 from .fairshare import balances
 from .records import NSID_USAGE, Usage, UsageEntry, at_uri
@@ -18,11 +18,34 @@ class UsageLedger:
         self.me = me
         self.t = timing
         self.usages: dict[str, Usage] = {}  # usage record URI -> record (every meshlet)
+        self._usages_of: dict[str, set[str]] = {}  # meshlet -> URIs of its usages kept
         self.period_start: int | None = None  # None until the first tick
         self._period_use: dict[str, list[int]] = {}  # owner -> [milli-CPU s, MiB s]
         self._balance_at = -1
         self.taken: dict[str, int] = {}
         self.given: dict[str, int] = {}
+
+    def put_usage(self, rec: Usage) -> None:
+        """Keep a usage record: of one meshlet's, the USAGES_PER_MESHLET newest by
+        (periodStart, URI) count for fair share (section 20)."""
+        self.usages[rec.uri] = rec
+        kept = self._usages_of.setdefault(rec.meshlet, set())
+        kept.add(rec.uri)
+        if len(kept) > USAGES_PER_MESHLET:
+            usages = self.usages
+            oldest = min(kept, key=lambda u: (usages[u].period_start, u))
+            kept.discard(oldest)
+            del usages[oldest]
+
+    def delete_usage(self, uri: str) -> None:
+        """Forget a deleted usage record."""
+        rec = self.usages.pop(uri, None)
+        if rec is not None:
+            kept = self._usages_of.get(rec.meshlet)
+            if kept is not None:
+                kept.discard(uri)
+                if not kept:
+                    del self._usages_of[rec.meshlet]
 
     def add(self, owner: str, milli_cpu: int, memory_mib: int, ms: int) -> None:
         """Count `ms` milliseconds of a replica of `owner` reserving these resources."""
@@ -56,7 +79,7 @@ class UsageLedger:
                 period_end=end,
                 entries=entries,
             )
-            self.usages[rec.uri] = rec
+            self.put_usage(rec)
         self._period_use = {}
         return rec
 

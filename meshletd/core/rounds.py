@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 
-from .bounds import MAX_ROUND, MAX_SLOT, bid_refusal
+from .bounds import BIDS_PER_MESHLET, MAX_ROUND, MAX_SLOT, bid_refusal
 from .hashing import is_candidate, rendezvous_score
 from .placement import (
     Owner,
@@ -36,6 +36,11 @@ _NOT_IN_TABLE: tuple[MeshletOwner, frozenset[str]] = (MeshletOwner("", "", "", 0
 
 def _rank_key(x: tuple[int, int, Bid]) -> tuple[int, int]:
     return x[0], x[1]
+
+
+def _bid_order(b: Bid) -> tuple[int, int, str]:
+    """Which bids of one meshlet for one workload count first (section 20)."""
+    return (b.round, b.slot, b.uri)
 
 
 class Rounds(SchedulerState):
@@ -153,15 +158,21 @@ class Rounds(SchedulerState):
             return
         bids = e.bids
         buri = b.uri
+        bidder = b.meshlet
         i = 0
+        same = 0  # bids of the same meshlet for this workload
         for old in bids:
             if old.uri == buri:
                 if old is b or old == b:
                     return
                 bids[i] = b
                 break
+            if old.meshlet == bidder:
+                same += 1
             i += 1
         else:
+            if same >= BIDS_PER_MESHLET and not self._bid_room(e, b):
+                return
             bids.append(b)
         if e.owners is not None:
             # round 0 closed here: a late or a later-round bid may change the answer.
@@ -174,6 +185,21 @@ class Rounds(SchedulerState):
             else self._entry_in_small_cluster(e)
         ):
             self._dirty[b.workload_uri] = None  # early close may now hold
+
+    def _bid_room(self, e: WorkloadEntry, b: Bid) -> bool:
+        """A meshlet at BIDS_PER_MESHLET bids for one workload: only its smallest
+        (round, slot, rkey) count (section 20). Make room for `b` by dropping its largest
+        other bid, or refuse `b` (False) when it is the largest itself."""
+        key = _bid_order
+        mine = [old for old in e.bids if old.meshlet == b.meshlet]
+        largest = max(mine, key=key)
+        if key(b) > key(largest):
+            self._refuse(b.uri, f"{b.meshlet} has {BIDS_PER_MESHLET} bids for this workload")
+            return False
+        e.bids.remove(largest)
+        self._refuse(largest.uri, f"{b.meshlet} has {BIDS_PER_MESHLET} bids for this workload")
+        self._reserved.pop((largest.workload_uri, largest.slot, largest.round), None)
+        return True
 
     def _push_close(self, at: int, uri: str) -> None:
         """Remember to resolve uri at `at`. Rounds we take part in (or any round in a small

@@ -23,8 +23,10 @@ import heapq
 from .actions import Action, Reply, WakeAt
 from .bounds import (
     GONE_BIDS_KEPT,
+    MAX_REPLICAS,
     MAX_ROUND,
     MAX_SLOT,
+    WORKLOADS_PER_OWNER,
     status_refusal,
     workload_refusal,
 )
@@ -175,7 +177,7 @@ class Scheduler(Explanations, Updates):
         elif type(rec) is Workload:
             self._on_workload(rec)
         elif type(rec) is Usage:
-            self.ledger.usages[rec.uri] = rec
+            self.ledger.put_usage(rec)
             self._note_mine(rec.uri)
         elif type(rec) is MeshletOwner:
             self._on_meshlet_owner(rec)
@@ -226,10 +228,12 @@ class Scheduler(Explanations, Updates):
     def _on_workload(self, wl: Workload) -> None:
         refusal = workload_refusal(wl)
         if refusal:
-            self._refuse(wl.uri, refusal)
+            self._refuse(wl.uri, refusal, min(max(wl.replicas, 0), MAX_REPLICAS))
             return
         e = self.workloads.get(wl.uri)
         if e is None:
+            if not self._owner_room(wl):
+                return
             e = WorkloadEntry(wl)
             self.workloads[wl.uri] = e
             orphan_bids, orphan_statuses = self.orphans.take(wl.uri)
@@ -263,6 +267,31 @@ class Scheduler(Explanations, Updates):
             e.wl = wl
         self._dirty[wl.uri] = None
 
+    def _owner_room(self, wl: Workload) -> bool:
+        """An owner's workloads that take part are the WORKLOADS_PER_OWNER with the smallest
+        record keys (section 20): make room for `wl` by setting aside (forgetting, as if
+        deleted) the owner's one with the largest key, or refuse `wl` (False) when its key
+        is larger than all of theirs."""
+        keys = self._owner_keys.setdefault(wl.owner, set())
+        rkey = split_at_uri(wl.uri)[2]
+        if len(keys) >= WORKLOADS_PER_OWNER:
+            reason = (
+                f"its owner has {WORKLOADS_PER_OWNER} workloads with smaller record keys "
+                "(at most that many take part, docs/protocol.md section 20)"
+            )
+            largest = max(keys)
+            if rkey > largest:
+                self._refuse(wl.uri, reason, wl.replicas)
+                return False
+            uri = at_uri(wl.owner, NSID_WORKLOAD, largest)
+            aside = self.workloads[uri].wl.replicas
+            self._on_workload_deleted(uri)
+            self._dirty[uri] = None  # reconciled as gone: nothing of it runs here
+            self._refuse(uri, reason, aside)
+        keys.add(rkey)
+        self._unrefuse(wl.uri)
+        return True
+
     def _on_status(self, st: WorkloadStatus) -> None:
         if not (0 <= st.round <= MAX_ROUND and 0 <= st.slot <= MAX_SLOT):
             # the fields that enter make-before-break, judged here whatever fed the status
@@ -292,6 +321,10 @@ class Scheduler(Explanations, Updates):
             return False
         if e.statuses is None:
             e.statuses = {}
+        replaced = e.statuses.get((st.meshlet, st.slot))
+        if replaced is not None and replaced.uri != st.uri:
+            # one status per (meshlet, slot) is kept: so is one URI for it (section 20)
+            self._status_keys.pop(replaced.uri, None)
         e.statuses[(st.meshlet, st.slot)] = st
         self._status_keys[st.uri] = (uri, st.slot)
         finished = e.finished
@@ -314,16 +347,22 @@ class Scheduler(Explanations, Updates):
             self._on_status_deleted(uri, repo)
             return
         if coll == NSID_USAGE:
-            self.ledger.usages.pop(uri, None)
+            self.ledger.delete_usage(uri)
             return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()
 
     def _on_workload_deleted(self, uri: str) -> None:
+        self._unrefuse(uri)
         e = self.workloads.pop(uri, None)
         self.orphans.take(uri)
         if e is None:
             return
+        keys = self._owner_keys.get(e.wl.owner)
+        if keys is not None:
+            keys.discard(split_at_uri(uri)[2])
+            if not keys:
+                del self._owner_keys[e.wl.owner]
         gone = self._gone_bids
         for b in e.bids:
             gone[b.uri] = None  # their deletions will come: nothing to look for then

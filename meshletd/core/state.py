@@ -121,6 +121,8 @@ class SchedulerState:
         self.now = 0
         self.cluster = ClusterView()
         self.workloads: dict[str, WorkloadEntry] = {}
+        # owner DID -> record keys of its workloads that take part (WORKLOADS_PER_OWNER)
+        self._owner_keys: dict[str, set[str]] = {}
         # meshlet -> the (0, meshlet) owner tuple shared by every slot it wins in round 0
         self._round0_owner_of: dict[str, Owner] = {}
         self.orphans = Orphans()  # bids and statuses naming workloads not seen (yet)
@@ -128,6 +130,7 @@ class SchedulerState:
         self._gone_bids: dict[str, None] = {}
         # records refused at intake -> why (the newest REFUSALS_KEPT)
         self.refused: dict[str, str] = {}
+        self._refused_slots: dict[str, int] = {}  # refused workload URI -> its replicas
         # status URI -> (workload URI, slot) of every non-terminal status kept (for deletions)
         self._status_keys: dict[str, ReplicaKey] = {}
         self._replicas: dict[ReplicaKey, Replica] = {}
@@ -194,13 +197,23 @@ class SchedulerState:
         return max(limit - held, 0)
 
     # -- helpers every layer uses ------------------------------------------------------
-    def _refuse(self, uri: str, reason: str) -> None:
-        """A record refused at intake: it takes no part in anything; remember why."""
+    def _refuse(self, uri: str, reason: str, slots: int = 0) -> None:
+        """A record refused at intake: it takes no part in anything; remember why (and, for
+        a workload, its number of slots, so that each can say why it is not served)."""
         refused = self.refused
         refused.pop(uri, None)
         refused[uri] = reason
+        if slots > 0:
+            self._refused_slots[uri] = slots
         if len(refused) > REFUSALS_KEPT:
-            del refused[next(iter(refused))]
+            oldest = next(iter(refused))
+            del refused[oldest]
+            self._refused_slots.pop(oldest, None)
+
+    def _unrefuse(self, uri: str) -> None:
+        """A record refused before was taken in or deleted: forget the refusal."""
+        self.refused.pop(uri, None)
+        self._refused_slots.pop(uri, None)
 
     def _put(self, coll: str, rkey: str, rec: Record, not_after: int | None = None) -> None:
         create = (coll, rkey) not in self._my_rkeys

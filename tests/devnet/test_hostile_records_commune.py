@@ -10,19 +10,19 @@ runs on two meshlets, and each invalid record is listed to its owner with field 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from tests.hostile_records import WORKLOAD, ancient, hostile
+from tests.hostile_records import put_record as write_record
+
 _n = itertools.count()
-WORKLOAD = "commune.scheduler.workload"
 
 CONFIG = """
 did = "{did}"
@@ -41,50 +41,8 @@ control_socket = "{base}/control.sock"
 """
 
 
-def nested(depth: int) -> dict:
-    v: dict = {"leaf": 1}
-    for _ in range(depth - 1):
-        v = {"x": v}
-    return v
-
-
-def workload(name: str, **changes) -> dict:
-    value = {
-        "$type": WORKLOAD,
-        "name": name,
-        "image": "localhost/busybox:latest",
-        "args": ["sleep", "600"],
-        "resources": {"milliCpu": 100, "memoryMiB": 32},
-        "replicas": 1,
-        "kind": "service",
-        "cluster": "home",
-        "bidWindowMs": 1000,
-        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-    }
-    value.update(changes)
-    return value
-
-
-# rkey -> (record, the field its refusal must name; None: valid, must run exactly once)
-HOSTILE = {
-    "deep200": (workload("deep200", extra=nested(200)), "extra."),
-    "deep500": (workload("deep500", extra=nested(500)), "extra."),
-    "deep990": (workload("deep990", extra=nested(990)), "extra."),
-    "privileged": (workload("privileged", image="--privileged"), "image"),
-    "ociarchive": (workload("ociarchive", image="oci-archive:/tmp/x.tar"), "image"),
-    "dockerdaemon": (workload("dockerdaemon", image="docker-daemon:busybox"), "image"),
-    "envequals": (workload("envequals", env=[{"name": "A=B", "value": "1"}]), "env[0].name"),
-    "envnul": (workload("envnul", env=[{"name": "A\u0000B", "value": "1"}]), "env[0].name"),
-    "nocpu": (workload("nocpu", resources={"milliCpu": 0, "memoryMiB": 32}), "resources."),
-    "daemonset": (workload("daemonset", kind="daemonset"), "kind"),
-    "sometimes": (workload("sometimes", restartPolicy="sometimes"), "restartPolicy"),
-    "fine": (workload("fine"), None),
-}
-# Point 1: lexicon-valid, created decades ago. At db8aa19 it ran on all three meshlets.
-ANCIENT = {
-    "ancient": (workload("ancient", createdAt="1990-01-01T00:00:00.000Z"), None),
-    "fine": (workload("fine"), None),
-}
+HOSTILE = hostile()
+ANCIENT = ancient()
 
 
 class Meshletd:
@@ -141,32 +99,8 @@ class Meshletd:
             self.proc.wait()
 
 
-def _deep_json(value: dict) -> bytes:
-    """JSON of a record nested up to ~1000 levels: the encoder recurses once per level, and
-    pytest and trio already hold part of the default stack budget."""
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 10_000))
-    try:
-        return json.dumps(value).encode()
-    finally:
-        sys.setrecursionlimit(limit)
-
-
 async def put_record(account, collection: str, rkey: str, value: dict) -> None:
-    async with httpx.AsyncClient(timeout=30) as http:
-        r = await http.post(
-            f"{account.pds_url}/xrpc/com.atproto.server.createSession",
-            json={"identifier": account.did, "password": account.app_password},
-        )
-        assert r.status_code == 200, r.text
-        jwt = r.json()["accessJwt"]
-        body = {"repo": account.did, "collection": collection, "rkey": rkey, "record": value}
-        r = await http.post(
-            f"{account.pds_url}/xrpc/com.atproto.repo.putRecord",
-            content=_deep_json(body),
-            headers={"authorization": f"Bearer {jwt}", "content-type": "application/json"},
-        )
-        assert r.status_code == 200, r.text  # the PDS stores what it does not know
+    await trio.to_thread.run_sync(write_record, account, collection, rkey, value)
 
 
 async def until(predicate, timeout: float, what: str) -> None:

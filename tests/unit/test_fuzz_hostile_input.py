@@ -4,12 +4,15 @@ is reproducible (`dev/bench fuzz` runs the same drivers longer with a seed it pr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.fuzzing import (
     created_at_extreme,
+    fixed_constants,
     frame_steps,
     frames_through_decoder,
     records_through_sim,
@@ -25,11 +28,18 @@ FUZZ = settings(
 )
 
 
-@pytest.mark.xfail(
-    reason="fails only inside the full unit run (order-dependent), passes alone; "
-    "not yet diagnosed (hostile, 07:10)",
-    strict=False,
-)
+@pytest.fixture(autouse=True)
+def _same_values_in_any_run() -> Iterator[None]:
+    """The seeds below draw the same records alone and in the full suite (tests/fuzzing.py:
+    without this, hypothesis mixed constants of whatever modules were imported into them)."""
+    with fixed_constants():
+        yield
+
+
+# Seed 20261204: at 4185ebd (before the core bounded its rounds, 13de329), with every module
+# of ours imported (as in the full unit run), it drew records with `createdAt` decades off
+# and failed ("a meshlet wrote a record its lexicon refuses": bid round above 1 000 000,
+# point 1); a lone run drew other records and passed. (20261205/6 below: pinned alike.)
 @seed(20261204)
 @settings(FUZZ, max_examples=60)
 @given(st.lists(workload_values(), min_size=1, max_size=6), st.integers(0, 2**16))
