@@ -314,3 +314,74 @@ def test_a_version_that_cannot_start_is_rolled_back_with_the_reason_shown(
             30,
             f"{m.person} to see roller back at its version",
         )
+
+
+def xrpc(pds: str, method: str, body: dict[str, Any] | None = None, token: str = "") -> Any:
+    """One XRPC call to a PDS (a query when `body` is None)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{pds}/xrpc/{method}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            **({"Content-Type": "application/json"} if body is not None else {}),
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+    )
+    with urllib.request.urlopen(req, timeout=15) as r:
+        return json.load(r)
+
+
+def test_a_spec_change_written_by_any_tool_rolls_the_replicas_too(
+    commune: Commune, roller: dict[str, Any]
+) -> None:
+    """The owner rewrites the record with the PDS's own putRecord (not meshletd): a new env
+    is a new version, rolled like any update (docs/protocol.md, section 23)."""
+    import urllib.parse
+
+    alice, uri = commune["alice"], roller["uri"]
+    owner = alice.owner
+    before = {s: v[0][0] for s, v in by_slot(running_containers(commune, uri)).items()}
+    assert all(len(v) == 1 for v in by_slot(running_containers(commune, uri)).values())
+    session = xrpc(
+        owner.pds_url,
+        "com.atproto.server.createSession",
+        {"identifier": owner.did, "password": owner.app_password},
+    )
+    rkey = uri.rsplit("/", 1)[1]
+    q = urllib.parse.urlencode(
+        {"repo": owner.did, "collection": "commune.scheduler.workload", "rkey": rkey}
+    )
+    record = xrpc(owner.pds_url, f"com.atproto.repo.getRecord?{q}")["value"]
+    record["env"] = [*record.get("env", []), {"name": "MODE", "value": "b"}]
+    xrpc(
+        owner.pds_url,
+        "com.atproto.repo.putRecord",
+        {
+            "repo": owner.did,
+            "collection": "commune.scheduler.workload",
+            "rkey": rkey,
+            "record": record,
+        },
+        token=session["accessJwt"],
+    )
+
+    down: list[dict[int, list[tuple[str, str]]]] = []
+
+    def rolled() -> dict[int, list[tuple[str, str]]] | None:
+        now = by_slot(running_containers(commune, uri))
+        if sorted(now) != [0, 1]:
+            down.append(now)
+        done = all(len(v) == 1 and v[0][0] != before[s] for s, v in now.items())
+        return now if done and sorted(now) == [0, 1] else None
+
+    wait_for(rolled, 120, "both replicas replaced by the new version", every=0.2)
+    assert down == [], f"a slot had no running container: {down}"
+    want, _ = wait_for(
+        lambda: v if (v := versions(alice, "roller"))[1] == {0: v[0], 1: v[0]} else None,
+        30,
+        "both slots at the record's new version",
+    )
+    assert want not in (roller.get("v2"), "")
+    assert agreed_placement(commune, "roller", 2) == roller["placement"]
