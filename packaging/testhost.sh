@@ -92,6 +92,7 @@ pt_launch() {
     exec systemd-nspawn -q -D "$dir/root" -M "$name" --register=no --keep-unit \
         --kill-signal=SIGRTMIN+3 --system-call-filter=@keyring --link-journal=no \
         --console=read-only --bind-ro="$ROOT:$ROOT" \
+        --bind="$dir/dev/tun:/dev/net/tun" --bind="$dir/dev/fuse:/dev/fuse" \
         --bind="$PT_CACHE/apt-archives:/var/cache/apt/archives" \
         /usr/local/sbin/pkgtest-init
 }
@@ -112,7 +113,14 @@ pt_up() {
     [ -d "$PT_BASE" ] || { echo "the clean base is not built: dev/package testhost build" >&2; return 1; }
     pt_alive "$(pt_pid "$name" nspawn)" && { echo "host '$name' is already up" >&2; return 1; }
     pt_down "$name" >/dev/null 2>&1 || true
-    mkdir -p "$dir/upper" "$dir/work" "$dir/root" "$PT_CACHE/apt-archives/partial"
+    mkdir -p "$dir/upper" "$dir/work" "$dir/root" "$dir/dev" "$PT_CACHE/apt-archives/partial"
+    # /dev/net/tun and /dev/fuse as an installed Debian has them: 0666, set by udev's rules
+    # (minbase has no udev). nspawn would copy this machine's nodes, 0600 on a VM without
+    # udev, and rootless podman's slirp4netns could not open the tun device: every replica
+    # exited 126 ("open(/dev/net/tun): Permission denied"). Our own nodes, not the
+    # machine's: what the host's tmpfiles do to them stays inside.
+    mknod -m 666 "$dir/dev/tun" c 10 200
+    mknod -m 666 "$dir/dev/fuse" c 10 229
     mount -t overlay "meshlet-pkgtest-$name" \
         -o "lowerdir=$PT_BASE,upperdir=$dir/upper,workdir=$dir/work" "$dir/root" || return 1
     stat -c 'inode-%d:%i' "$dir/root" > "$dir/nspawn.lock"

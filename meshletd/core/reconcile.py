@@ -70,7 +70,13 @@ class Reconciler(Bidding):
             key = (uri, s)
             rep = self._replicas.get(key)
             rnd = mine[s]
-            if e.finished and s in e.finished and e.finished[s][0] == me:
+            done = e.finished.get(s) if e.finished else None
+            if done is not None:
+                # A job slot someone finished is finished (section 10): the finisher keeps
+                # its exited replica and terminal status; a copy here of a later round
+                # (opened before the completion was seen) is stopped, or never started.
+                if done[0] != me and rep is not None and rep.state not in ("stopping", "exited"):
+                    self._stop(key, "finished-elsewhere")
                 continue
             if rep is None and self.draining:
                 # A draining meshlet starts nothing it does not already run. It can still
@@ -122,6 +128,12 @@ class Reconciler(Bidding):
                 continue
             if rep.state == "exited" or s >= wl.replicas or e.owners is None:
                 if e.owners is None:
+                    continue
+                done = e.finished.get(s) if e.finished else None
+                if rep.state == "exited" and s < wl.replicas and done and done[0] == me:
+                    # Our copy finished the job after the slot moved on: its terminal
+                    # status is the job's result and stays (the slot is never re-placed).
+                    self._stop(key, "finished", keep_status=True)
                     continue
                 self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
                 continue
@@ -183,9 +195,9 @@ class Reconciler(Bidding):
         if e is not None:
             self._bid_queue.add(key[0])
 
-    def _stop(self, key: ReplicaKey, reason: str) -> None:
+    def _stop(self, key: ReplicaKey, reason: str, keep_status: bool = False) -> None:
         """Stop a local replica (once) and delete its status record unless the workload is
-        gone (its statuses are deleted with it)."""
+        gone (its statuses are deleted with it) or the status is a job's result to keep."""
         rep = self._replicas.get(key)
         if rep is None or rep.state == "stopping":
             return
@@ -193,7 +205,7 @@ class Reconciler(Bidding):
         self._end_surge(key, rep, reason)
         rep.state = "stopping"
         self._out.append(StopReplica(key[0], key[1], reason, rep.lane))
-        if reason != "deleted" and rep.written:
+        if reason != "deleted" and rep.written and not keep_status:
             self._delete(NSID_STATUS, status_rkey(key[0], key[1]))
             rep.written = ""
 

@@ -84,6 +84,7 @@ class Scheduler(Explanations, Updates):
         """Apply one event; return the actions to perform, in order (writes first)."""
         out: list[Action] = []
         self._out = out
+        self._writes_out = 0
         self._apply(event)
         self._flush()
         return out
@@ -94,6 +95,7 @@ class Scheduler(Explanations, Updates):
         half-read state (docs/protocol.md, section 13)."""
         out: list[Action] = []
         self._out = out
+        self._writes_out = 0
         on_record = self._on_record
         on_bid = self._on_bid
         on_status = self._on_status

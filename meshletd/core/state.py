@@ -164,6 +164,9 @@ class SchedulerState:
         self.ledger = UsageLedger(me.did, timing)
         self.decisions = 0
         self._out: list[Action] = []
+        # How many writes lead `_out`: writes go before the other actions, in the order
+        # they were decided (the daemon's queue keeps the last write of a record).
+        self._writes_out = 0
         self._resched = True
         self._last_wake = -1
 
@@ -218,13 +221,17 @@ class SchedulerState:
     def _put(self, coll: str, rkey: str, rec: Record, not_after: int | None = None) -> None:
         create = (coll, rkey) not in self._my_rkeys
         self._my_rkeys.add((coll, rkey))
-        self._out.insert(0, PutRecord(coll, rkey, rec, create, not_after))
+        self._out.insert(self._writes_out, PutRecord(coll, rkey, rec, create, not_after))
+        self._writes_out += 1
 
     def _delete(self, coll: str, rkey: str) -> None:
         if (coll, rkey) not in self._my_rkeys:
             return
         self._my_rkeys.discard((coll, rkey))
-        self._out.insert(0, DeleteRecord(coll, rkey, at_uri(self.me.did, coll, rkey)))
+        self._out.insert(
+            self._writes_out, DeleteRecord(coll, rkey, at_uri(self.me.did, coll, rkey))
+        )
+        self._writes_out += 1
 
     def _wake(self, at: int, uri: str) -> None:
         heapq.heappush(self._wakes, (at, uri))

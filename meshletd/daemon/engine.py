@@ -237,6 +237,17 @@ class Engine:
                         ReplicaStateChanged(uri, slot, "running", lane=lane, version=st.revision)
                     )
             nursery.start_soon(self._runtime_events)
+            # What the runtime reported while adopting (a replica that ended while meshletd
+            # was away) is held before anyone can complete the view: handed over later, it
+            # would reach a core that saw our `running` status and no replica, and that
+            # started the finished job again. The events task handles each event without
+            # an await, so once it waits on an empty channel every one was handled.
+            with trio.move_on_after(5):
+                while True:
+                    st = self.runtime.events.statistics()
+                    if not st.current_buffer_used and st.tasks_waiting_receive:
+                        break
+                    await trio.sleep(0)
             nursery.start_soon(self._alarm)
             nursery.start_soon(self._loop)
             self.feed(Tick(self.now_ms()))  # (held until the view is complete)

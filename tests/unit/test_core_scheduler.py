@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 from meshletd.atproto.records import record_from_json, record_to_json
@@ -315,3 +316,74 @@ def test_a_bid_the_daemon_could_not_publish_in_time_is_forgotten_and_wins_nothin
     out = core.handle(Tick(CLOSE + 1))
     assert of(out, StartReplica) == [], "a bid nobody else will ever see won the slot"
     assert core.placement().get(wl.uri) in (None, (None,))
+
+
+def _succeeded(wl, i: int, slot: int = 0, round_: int = 0) -> WorkloadStatus:  # type: ignore[no-untyped-def]
+    return WorkloadStatus(
+        at_uri(mesh(i), NSID_STATUS, f"s{slot}"),
+        mesh(i),
+        wl.uri,
+        slot,
+        round_,
+        "succeeded",
+        exit_code=0,
+        updated_at=T0 + 3000,
+    )
+
+
+def test_a_job_slot_another_meshlet_finished_is_not_started_here() -> None:
+    core, wl = placed_core(0, kind="job", replicas=1)
+    feed(core, [_succeeded(wl, 1)])
+    assert of(core.handle(Tick(CLOSE)), StartReplica) == []
+    assert of(core.handle(Tick(CLOSE + 120_000)), StartReplica) == []
+
+
+def test_a_running_copy_of_a_job_another_meshlet_finished_is_stopped() -> None:
+    # dev/chaos seed 4: a later round of a job slot, opened while the first copy still ran,
+    # kept its copy running after the first one's `succeeded`: the job completed twice.
+    core, wl = placed_core(0, kind="job", replicas=1)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = feed(core, [_succeeded(wl, 1)])
+    assert [(s.slot, s.reason) for s in of(out, StopReplica)] == [(0, "finished-elsewhere")]
+    out = core.handle(ReplicaStateChanged(wl.uri, 0, "stopped"))
+    assert of(out + core.handle(Tick(CLOSE + 120_000)), StartReplica) == []
+
+
+def test_a_job_that_finished_after_its_slot_moved_keeps_its_result() -> None:
+    core, wl = placed_core(0, kind="job", replicas=1)
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "exited", 0))
+    # mesh(1) opened and won a replacement round it had started before the result came.
+    out = feed(core, [bid(wl, 1, round_=1, slot=0, priority=1, slots=1, at=CLOSE + 100)])
+    out += core.handle(Tick(CLOSE + 60_000))
+    deleted = [d for d in of(out, DeleteRecord) if d.collection == NSID_STATUS]
+    assert deleted == []
+
+
+def test_writes_decided_together_keep_the_order_they_were_decided_in() -> None:
+    """A restarted meshlet hands its start-up read and the held runtime reports to the core
+    as one batch (docs/protocol.md, section 13): an adopted job that ended while the view
+    was incomplete is reported `running`, then `failed`, in the same batch. The daemon's
+    write queue keeps the last write of a record, so the writes must come out in the order
+    they were decided, or `running` would overwrite `failed` on the PDS for good."""
+    wl = replace(workload(replicas=2, owner_i=2, kind="job"), restart_policy="never")
+    core = observer(0)
+    feed(core, [*cluster_records(3), wl])
+    feed(core, [bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
+    core.handle(Tick(CLOSE))
+    out = core.handle_batch(
+        [
+            ReplicaStateChanged(wl.uri, 0, "running"),
+            ReplicaStateChanged(wl.uri, 0, "exited", 3),
+        ]
+    )
+    puts = [a for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
+    assert [(p.record.state, p.record.exit_code) for p in puts] == [
+        ("running", None),
+        ("failed", 3),
+    ]
+    # Writes still come before the other actions.
+    kinds = [isinstance(a, PutRecord | DeleteRecord) for a in out]
+    assert kinds == sorted(kinds, reverse=True), out

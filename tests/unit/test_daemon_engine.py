@@ -240,15 +240,30 @@ async def test_a_restarted_engine_decides_nothing_before_its_view_is_complete_an
     assert not [w for w in second_writes if w.action == "delete"], second_writes
 
 
-def failed_statuses(writes: list[Write]) -> list[dict[str, Any]]:
-    """The `failed` workloadStatus records among the writes the engine submitted."""
-    return [
-        w.value
-        for w in writes
-        if w.collection == "commune.scheduler.workloadStatus"
-        and w.value is not None
-        and w.value["state"] == "failed"
-    ]
+def reported_status(before: list[Write], after: list[Write]) -> dict[str, Any] | None:
+    """The workloadStatus record our repo holds once the writes `before` (the last run) and
+    then `after` (this run) are made in order: the write queue keeps only the last write of a
+    record, so this, not any one write, is what the cluster ends up reading."""
+    for ev in as_records([*before, *after]):
+        if ev.collection == "commune.scheduler.workloadStatus":
+            return ev.record
+    return None
+
+
+async def reported_failed_and_not_started_again(
+    machine: FakeMachine, started: int, before: list[Write], after: list[Write]
+) -> None:
+    """The job's exit (3) ends up in our repo, stays there, and the job does not run again."""
+
+    def failed() -> bool:
+        st = reported_status(before, after)
+        return st is not None and st["state"] == "failed"
+
+    await wait_for(failed)
+    await trio.sleep(60)  # and nothing decided later undoes it
+    st = reported_status(before, after)
+    assert st is not None and (st["state"], st["exitCode"]) == ("failed", 3), after
+    assert machine.started == started, "the finished job was started again"
 
 
 async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_complete(
@@ -266,6 +281,7 @@ async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_compl
         await wait_for(lambda: first.scheduler.replicas().get((ev.uri, 0)) == "running")
         await trio.sleep(2)
         old.cancel_scope.cancel()
+    started = machine.started
     second_writes: list[Write] = []
     second = await start(nursery, machine, second_writes, complete=False)
     machine.end(next(iter(machine.containers)), 3)  # the job ends while the PDS is away
@@ -273,8 +289,7 @@ async def test_an_exit_while_the_view_is_incomplete_is_reported_once_it_is_compl
     assert second_writes == []
     second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
 
-    await wait_for(lambda: failed_statuses(second_writes))
-    assert failed_statuses(second_writes)[-1]["exitCode"] == 3
+    await reported_failed_and_not_started_again(machine, started, writes, second_writes)
 
 
 async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the_restart(
@@ -293,12 +308,12 @@ async def test_a_job_that_ended_while_meshletd_was_stopped_is_reported_after_the
         await trio.sleep(2)
         old.cancel_scope.cancel()
     machine.end(next(iter(machine.containers)), 3)  # the job ends while meshletd is down
+    started = machine.started
     second_writes: list[Write] = []
     second = await start(nursery, machine, second_writes, complete=False)
     second.view_complete([*cluster_records(int(T0 * 1000)), ev, *as_records(writes)])
 
-    await wait_for(lambda: failed_statuses(second_writes))
-    assert failed_statuses(second_writes)[-1]["exitCode"] == 3
+    await reported_failed_and_not_started_again(machine, started, writes, second_writes)
 
 
 async def test_a_drain_decided_by_the_core_is_written_as_the_publisher_shapes_it(
