@@ -235,12 +235,37 @@ def run(
         typer.Option(help="arch=amd64, label=K[=V], prefer=DID, avoid=DID, packing"),
     ] = None,
     cluster: Annotated[str | None, typer.Option(help="Cluster to offer it to")] = None,
+    port: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME:PORT (or NAME:PORT/udp) the container serves, published where the "
+            "host allows it (repeatable)"
+        ),
+    ] = None,
+    health_cmd: Annotated[
+        str | None, typer.Option(help="Health check run in the container (no shell)")
+    ] = None,
+    health_interval: Annotated[
+        str | None, typer.Option(help="Between checks (default 30s)")
+    ] = None,
+    health_timeout: Annotated[str | None, typer.Option(help="Per check (default 30s)")] = None,
+    health_retries: Annotated[
+        int | None, typer.Option(min=1, max=100, help="Failures = unhealthy (default 3)")
+    ] = None,
+    health_start_period: Annotated[
+        str | None, typer.Option(help="Failures do not count before (default 0s)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Publish a workload record in the owner's repo; the commune places its replicas."""
     from meshletctl import parse
 
     try:
+        health = None
+        if health_cmd is not None:
+            health = parse.health_check(
+                health_cmd, health_interval, health_timeout, health_retries, health_start_period
+            )
         record, secrets = parse.workload_record(
             image,
             args or [],
@@ -254,6 +279,8 @@ def run(
             restart=restart,
             constraint=constraint or [],
             cluster=cluster,
+            port=port or [],
+            health=health,
         )
     except parse.ParseError as e:
         raise fail(InvalidRequest(str(e)), as_json) from None
@@ -446,6 +473,21 @@ def bids(
         as_json,
         lambda c: c.query(CTL + "getBids", uri=resolve_workload(c, workload)),
         render.bids,
+    )
+
+
+@app.command()
+def endpoints(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Where each replica of a workload serves its ports (address:port), and its health."""
+    from meshletctl import render
+
+    _run_named(
+        as_json,
+        lambda c: c.query(CTL + "getEndpoints", uri=resolve_workload(c, workload)),
+        render.endpoints,
     )
 
 

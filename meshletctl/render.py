@@ -157,6 +157,8 @@ def replica_state(r: dict[str, Any]) -> str:
     code = r.get("exitCode")
     if code is not None and state in _TERMINAL:
         return safe(f"{state} (exit {code})")
+    if r.get("health") and state in ("running", "failing"):
+        return safe(f"{state} ({r['health']})")  # its health check's verdict
     return safe(state)
 
 
@@ -194,8 +196,9 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
         rows = _slot_rows(w)
         for slot, r in rows.items():
             label = safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
-            if r.get("reason"):
-                out.append(f"{label} {replica_state(r)}: {_named(r['reason'], name)}")
+            why = r.get("reason") or (r.get("message") if r.get("state") == "failing" else "")
+            if why:
+                out.append(f"{label} {replica_state(r)}: {_named(why, name)}")
             if r.get("failedVersion") and r.get("message"):
                 out.append(f"{label} {_named(r['message'], name)}")
         out.extend(_update_notes(w, rows, name))
@@ -314,6 +317,23 @@ def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
         console.print(f"winners: {', '.join(name(w) for w in rnd.get('winners', [])) or '-'}")
         if rnd.get("why"):
             console.print(f"why: {_named(rnd['why'], name)}")
+
+
+def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("SLOT", "PORT", "ENDPOINT", "MESHLET", "STATE", "HEALTH", title=safe(d["workload"]))
+    for e in d.get("endpoints", []):
+        address = str(e["address"])
+        host = f"[{address}]" if ":" in address else address
+        t.add_row(
+            safe(e["slot"]),
+            safe(f"{e['name']}/{e.get('protocol', 'tcp')}"),
+            safe(f"{host}:{e['port']}"),
+            name(e["meshletDid"]),
+            safe(e.get("state", "")),
+            safe(e.get("health", "-")),
+        )
+    _console().print(t)
 
 
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshletd.atproto.services import check_services
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.errors import InvalidRecord
 
@@ -129,6 +130,7 @@ def check_workload(value: Mapping[str, Any]) -> None:
             if env_name in names:
                 raise _refuse(f"secrets[{i}].env", f"{env_name} is also set by env or a secret")
             names.add(env_name)
+    check_services(value, _refuse)
 
 
 RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {NSID_WORKLOAD: check_workload}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .records import Record, Workload
+from .records import Endpoint, Record, Workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +32,16 @@ class DeleteRecord:
 
 @dataclass(frozen=True, slots=True)
 class StartReplica:
-    """Start (or restart) the local replica of (workload, slot), placed in `round`. `lane`
+    """Start (or restart) the local replica of (workload, slot), placed in `round`,
+    publishing its declared ports at `endpoints` (docs/protocol.md, section 22). `lane`
     (0 or 1) tells apart the two replicas of one slot while an update runs the new version
-    beside the old (docs/protocol.md, section 23)."""
+    beside the old (section 23)."""
 
     workload: Workload
     slot: int
     round: int
     lane: int = 0
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,9 +66,14 @@ class Bidding(Rounds):
         uri = wl.uri
         if not self.cluster.eligible(wl, me):
             return
+        if self._gave_up and self._gave_up.get(uri) == wl.cid:
+            return  # we handed a slot of this version off: it fails here (section 22)
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
         fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        ports = self.free_ports() if wl.ports else 0
+        if wl.ports and ports < len(wl.ports):
+            fits = False
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -92,6 +97,8 @@ class Bidding(Rounds):
                     )
                     if room is not None:
                         slots = min(slots, room)
+                    if wl.ports:
+                        slots = min(slots, ports // len(wl.ports))
             if slots == 0 and not self._small_cluster(wl):
                 return  # declines only help early close in small clusters
             self._bid(wl, 0, -1, prio, slots, cpu, mem, close0)
@@ -270,6 +277,8 @@ class Bidding(Rounds):
             and self.cluster.eligible(wl, self.me.did)
             and (cur is None or cur[1] != self.me.did)
             and (wl.allow_packing or not self._holds_other(e, slot))
+            and (not wl.ports or self.free_ports() >= len(wl.ports))
+            and self._gave_up.get(wl.uri) != wl.cid
         )
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)

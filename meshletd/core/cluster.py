@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .bounds import MEMBERSHIPS_PER_REPO
 from .records import Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
+from .services import NO_INBOUND, Inbound, inbound_refusal
 
 _EMPTY: frozenset[str] = frozenset()
 MAX_MESHLETS_PER_OWNER = 64
@@ -44,6 +45,8 @@ class ClusterView:
         # meshlet -> (its meshletOwner record, the owners it consents to); None: not verified
         self._hosts: dict[str, tuple[MeshletOwner, frozenset[str]] | None] = {}
         self._cache_version = -1
+        # meshlet -> what its host policy says about publishing ports (section 22)
+        self._inbound: dict[str, Inbound] = {}
 
     # -- updates ---------------------------------------------------------------------
     def _changed(self) -> None:
@@ -57,6 +60,20 @@ class ClusterView:
         else:
             self._drainy.pop(rec.meshlet, None)
         self._changed()
+
+    def put_inbound(self, meshlet: str, inbound: Inbound) -> None:
+        """The `inbound` of a meshlet's host policy record (NO_INBOUND: none, or deleted)."""
+        if self._inbound.get(meshlet, NO_INBOUND) == inbound:
+            return
+        if inbound == NO_INBOUND:
+            self._inbound.pop(meshlet, None)
+        else:
+            self._inbound[meshlet] = inbound
+        self._changed()
+
+    def inbound_of(self, meshlet: str) -> Inbound:
+        """What a meshlet's host policy says about publishing ports."""
+        return self._inbound.get(meshlet, NO_INBOUND)
 
     def put_link(self, rec: MeshletLink) -> None:
         """A meshlet (owner → machine) record was seen."""
@@ -221,6 +238,8 @@ class ClusterView:
             return False
         if wl.arch and mo.arch not in wl.arch:
             return False
+        if wl.ports and inbound_refusal(self._inbound.get(meshlet, NO_INBOUND), wl):
+            return False
         return not (wl.labels and not all(lab in mo.labels for lab in wl.labels))
 
     def host_table(
@@ -232,7 +251,7 @@ class ClusterView:
         (mo, consent) is not None, wl.owner is in consent, and mo.owner is wl.owner or in the
         cluster consent. A meshlet not listed yet: call `eligible` (it fills the table).
         None for a workload with constraints (call `eligible`)."""
-        if wl.avoid or wl.arch or wl.labels:
+        if wl.avoid or wl.arch or wl.labels or wl.ports:
             return None
         if self._cache_version != self.version:
             self._fresh()

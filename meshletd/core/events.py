@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .records import Record
+from .records import Endpoint, Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +39,13 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class ReplicaStateChanged:
     """The runtime reports a local replica's state: running, exited (with exit_code),
-    stopped (after StopReplica) or failed (could not start). `lane`: which of the slot's two
-    replicas (an update runs the new version beside the old); `version`: the spec version
-    it runs, when the runtime knows it (adopted replicas: the one stored with the unit)."""
+    stopped (after StopReplica) or failed (could not start; `message` says why). `health`:
+    its health check's verdict (starting|healthy|unhealthy; None: no news or no check) —
+    a running replica reports each change, an exit says "unhealthy" when the check's
+    failure ended it. `endpoints`: where an adopted running replica publishes its ports.
+    `lane`: which of the slot's two replicas (an update runs the new version beside the
+    old); `version`: the spec version it runs, when the runtime knows it (adopted replicas:
+    the one stored with the unit; docs/protocol.md, section 23)."""
 
     workload_uri: str
     slot: int
@@ -49,6 +53,9 @@ class ReplicaStateChanged:
     exit_code: int | None = None
     lane: int = 0
     version: str = ""
+    health: str | None = None
+    message: str = ""
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

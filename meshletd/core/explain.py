@@ -126,6 +126,8 @@ class Explanations(Rounds):
             cons.append("labels=" + ",".join(wl.labels))
         if wl.avoid:
             cons.append("avoid=" + ",".join(sorted(wl.avoid)))
+        if wl.ports:  # section 22: only hosts whose policy publishes ports
+            cons.append(f"ports={len(wl.ports)} (a host policy publishing that many)")
         got = f" (constraints {' '.join(cons)})" if cons else ""
         return f"no eligible meshlet in cluster {wl.cluster!r} of {wl.owner}{got}"
 

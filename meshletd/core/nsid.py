@@ -55,6 +55,7 @@ CTL_CREATE = "farm.meshlet.ctl.createWorkload"
 CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
 CTL_HANDLES = "farm.meshlet.ctl.getHandles"
+CTL_ENDPOINTS = "farm.meshlet.ctl.getEndpoints"
 
 METHOD_NSIDS = frozenset(
     {
@@ -79,5 +80,6 @@ METHOD_NSIDS = frozenset(
         CTL_BIDS,
         CTL_BALANCE,
         CTL_HANDLES,
+        CTL_ENDPOINTS,
     }
 )

@@ -10,6 +10,7 @@ from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
+from .services import MAX_TRIES, STABLE_MS, choose_endpoints
 from .state import Replica, ReplicaKey, status_rkey
 
 
@@ -95,8 +96,7 @@ class Reconciler(Bidding):
                     rep.state = "paused"
                     self._write_status(wl, s, rep, "paused")
                 else:
-                    spec = self._restart_spec(e, rep)
-                    self._out.append(StartReplica(spec, s, rnd))
+                    self._start(e, s, rep)
                 continue
             rep.lost_at = None
             if rep.round != rnd:
@@ -109,8 +109,7 @@ class Reconciler(Bidding):
             if rep.restart_at is not None and rep.restart_at <= self.now:
                 rep.restart_at = None
                 rep.restarts += 1
-                rep.state = "starting"
-                self._out.append(StartReplica(self._restart_spec(e, rep), s, rnd, rep.lane))
+                self._start(e, s, rep)
                 continue
             self._roll(e, key, rep)
         for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
@@ -177,12 +176,45 @@ class Reconciler(Bidding):
             self._out.append(StopReplica(key[0], key[1], "paused", rep.lane))
             return
         # resumed: nothing runs, so it starts as the record is now (no rolling to do)
-        rep.state = "starting"
         rep.exit_code = None
-        rep.spec = wl
-        rep.version = wl.version
         rep.failed = rep.failed_reason = ""
-        self._out.append(StartReplica(wl, key[1], rep.round, rep.lane))
+        e = self.workloads.get(key[0])
+        if e is not None:
+            self._start(e, key[1], rep)
+
+    def _start(self, e: WorkloadEntry, slot: int, rep: Replica) -> None:
+        """Start (or restart) our replica of a slot, its ports published at the endpoints it
+        holds, or at new ones from our inbound range (docs/protocol.md, section 22). With
+        no free port left in the range it cannot start here: its slot is handed off."""
+        wl = e.wl
+        if [p.name for p in wl.ports] != [x.name for x in rep.endpoints]:
+            key = (wl.uri, slot)
+            used = [x.port for k, r in self._replicas.items() if k != key for x in r.endpoints]
+            got = choose_endpoints(wl, self.cluster.inbound_of(self.me.did), used)
+            if got is None:
+                rep.state = "exited"
+                if not rep.failing:
+                    self._hand_off(e, slot, rep, "no free port in this meshlet's inbound range")
+                return
+            rep.endpoints = got
+        rep.state = "starting"
+        spec = self._restart_spec(e, rep)  # the record, or what ran if its version failed
+        self._out.append(
+            StartReplica(spec, slot, rep.round, lane=rep.lane, endpoints=rep.endpoints)
+        )
+
+    def _hand_off(self, e: WorkloadEntry, slot: int, rep: Replica, why: str) -> None:
+        """Our replica of a slot failed its tries here: say why in its status, offer the
+        slot to the others in a new round (a decline: make-before-break, as a drain does),
+        and bid for this version of the workload no more (docs/protocol.md, section 22)."""
+        wl = e.wl
+        rep.failing = why
+        self._gave_up[wl.uri] = wl.cid
+        self._write_status(wl, slot, rep, "failing", force=True)
+        owners = e.owners
+        cur = owners[slot] if owners is not None and slot < len(owners) else None
+        if cur is not None and cur[1] == self.me.did:
+            self._reopen(e, slot, cur, force=True)
 
     def _forget_paused(self, key: ReplicaKey, rep: Replica) -> None:
         """A paused replica whose slot is no longer ours (or whose workload is gone): there
@@ -245,10 +277,18 @@ class Reconciler(Bidding):
         if ev.state == "running":
             if rep.state in ("stopping", "pausing"):
                 return  # started, then stopped before it ran: the stop wins, no status
-            rep.state = "running"
-            rep.since = self.now
-            rep.served = rep.version
-            if e is not None:
+            if ev.endpoints:
+                rep.endpoints = ev.endpoints  # adopted: where it was published
+            if rep.state != "running":
+                rep.state = "running"
+                rep.since = self.now
+                rep.up_since = self.now
+                rep.health = "starting"
+                rep.served = rep.version
+            if ev.health is not None:
+                rep.health = ev.health
+            if e is not None and not rep.failing:
+                # a failing replica keeps its "failing" status while it is retried here
                 self._write_status(e.wl, ev.slot, rep, "running")
             self._dirty[ev.workload_uri] = None
             return
@@ -263,10 +303,29 @@ class Reconciler(Bidding):
             return
         wl = e.wl
         self._never_ran(e, key, rep, ev)
-        ok = rep.exit_code == 0
+        ok = rep.exit_code == 0 and ev.state != "failed"
+        unhealthy = ev.health == "unhealthy" or rep.health == "unhealthy"
+        if ev.health is not None:
+            rep.health = ev.health
+        if rep.up_since is not None and self.now - rep.up_since >= STABLE_MS:
+            rep.tries = 0  # it ran long enough: the failures before are forgotten
+        rep.up_since = None
+        if not ok:
+            rep.tries += 1
         if _restarts(wl, ok):
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
             self._replicas_waiting[key] = None
+            if rep.tries >= MAX_TRIES and not rep.failing:
+                why = (
+                    f"cannot start: {ev.message or 'start failed'}"
+                    if ev.state == "failed"
+                    else f"unhealthy (exit {rep.exit_code})"
+                    if unhealthy
+                    else f"crashed (exit {rep.exit_code})"
+                )
+                self._hand_off(e, ev.slot, rep, f"{why}; handed off after {rep.tries} tries")
+            elif unhealthy and not rep.failing:
+                self._write_status(wl, ev.slot, rep, rep.written or "running")
             return
         final = "succeeded" if ok else "failed"
         self._write_status(wl, ev.slot, rep, final, force=True)
@@ -277,12 +336,18 @@ class Reconciler(Bidding):
     def _write_status(
         self, wl: Workload, slot: int, rep: Replica, state: str, force: bool = False
     ) -> None:
-        """Write our status record of (wl, slot) when its state or version changed (or
-        `force`). It names the version the replica runs and, while the record still wants
-        it, a version whose update failed here and why (section 23)."""
+        """Write our status record of (wl, slot) when its state, health or version changed
+        (or `force`). It names the version the replica runs and, while the record still
+        wants it, a version whose update failed here and why (section 23)."""
+        health = rep.health if wl.health_command and state in ("running", "failing") else None
         failed = rep.failed if rep.failed and rep.failed == wl.version else ""
         versions = f"{rep.version}/{failed}"
-        if rep.written == state and rep.written_version == versions and not force:
+        if (
+            rep.written == state
+            and rep.written_health == health
+            and rep.written_version == versions
+            and not force
+        ):
             return
         rkey = status_rkey(wl.uri, slot)
         st = WorkloadStatus(
@@ -299,11 +364,16 @@ class Reconciler(Bidding):
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
+            message=rep.failing[:1024]
+            if state == "failing"
+            else (rep.failed_reason[:1000] if failed else None),
+            health=health,
+            endpoints=rep.endpoints if state in ("running", "failing") else (),
             version=rep.version,
             failed_version=failed,
-            message=rep.failed_reason[:1000] if failed else None,
         )
         rep.written = state
+        rep.written_health = health
         rep.written_version = versions
         self._put(NSID_STATUS, rkey, st)
 

@@ -82,16 +82,38 @@ class SecretRef:
 
 
 @dataclass(frozen=True, slots=True)
+class PortSpec:
+    """A port a workload's container serves. JSON: name, containerPort, protocol (tcp|udp)."""
+
+    name: str
+    container_port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one declared port of a replica is published. JSON: name, address, port,
+    protocol."""
+
+    name: str
+    address: str
+    port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """A workload (owner repo). JSON: name, image, command[], args[], env[{name, value}],
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, network (none|internet|lan), maxRuntimeS, previous (the spec before the last
-    update, kept for its rollback), rollback {version, reason, at} (the last update rolled
-    back, and why), createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose
-    record it is; `version` is the spec version every observer derives from the record's
-    value (`meshletd.core.versions`, docs/protocol.md, section 23)."""
+    paused, network (none|internet|lan), maxRuntimeS, ports[{name, containerPort,
+    protocol}], healthCheck{command[], intervalS, timeoutS, retries, startPeriodS} (no
+    check: `health_command` empty), previous (the spec before the last update, kept for its
+    rollback), rollback {version, reason, at} (the last update rolled back, and why),
+    createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose record it is;
+    `version` is the spec version every observer derives from the record's value
+    (`meshletd.core.versions`, docs/protocol.md, section 23)."""
 
     uri: str
     cid: str
@@ -120,6 +142,12 @@ class Workload:
     paused: bool = False
     network: str = "internet"  # what its replicas need: none | internet | lan (section 21)
     max_runtime_s: int | None = None  # a job's longest run, seconds (section 21)
+    ports: tuple[PortSpec, ...] = ()  # published only where the host policy allows (sec. 22)
+    health_command: tuple[str, ...] = ()  # healthCheck.command; empty: no health check
+    health_interval_s: int = 30
+    health_timeout_s: int = 30
+    health_retries: int = 3
+    health_start_period_s: int = 0
     version: str = ""  # the spec version, derived from the record's value (section 23)
     # The spec before the last update (`previous`), as a workload of the same name and
     # placement: what a slot starts when the record's version failed (section 23).
@@ -150,9 +178,11 @@ class Bid:
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
-    exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt, version (the spec
-    version the replica runs), failedVersion (a version this slot's update to failed: the
-    rollout stops there; `message` says why; docs/protocol.md, section 23)."""
+    exitCode, restarts, message, unit, startedAt, finishedAt, health (starting|healthy|
+    unhealthy; None: no check declared), endpoints[{name, address, port, protocol}],
+    updatedAt, version (the spec version the replica runs), failedVersion (a version this
+    slot's update to failed: the rollout stops there; `message` says why; docs/protocol.md,
+    section 23)."""
 
     uri: str
     meshlet: str
@@ -168,6 +198,8 @@ class WorkloadStatus:
     unit: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
+    health: str | None = None
+    endpoints: tuple[Endpoint, ...] = ()
     version: str = ""
     failed_version: str = ""
 
@@ -382,6 +414,7 @@ __all__ = [
     "NSID_USAGE",
     "NSID_WORKLOAD",
     "Bid",
+    "Endpoint",
     "EnvVar",
     "HostPolicy",
     "Lease",
@@ -389,6 +422,7 @@ __all__ = [
     "MeshletLink",
     "MeshletOwner",
     "OwnerCap",
+    "PortSpec",
     "Record",
     "ScheduleWindow",
     "SecretRef",

@@ -46,12 +46,14 @@ from .placement import Owner, WorkloadEntry, round0_window
 from .records import (
     MAX_DRAINS,
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
     Bid,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -64,6 +66,7 @@ from .records import (
     split_at_uri,
 )
 from .rounds import ROUND0_SPARE
+from .services import NO_INBOUND, inbound_of
 from .state import MeshletIdentity, bid_rkey, status_rkey
 from .timing import LEASE_MAX_VALID_MS
 from .updates import Updates
@@ -188,6 +191,11 @@ class Scheduler(Explanations, Updates):
             self._cluster_changed()
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
+            self._cluster_changed()
+        elif type(rec) is HostPolicy:
+            # what it says about publishing ports (section 22)
+            self.cluster.put_inbound(rec.meshlet, inbound_of(rec))
+            self._note_mine(rec.uri)
             self._cluster_changed()
         elif type(rec) is Lease:
             liveness = self.liveness
@@ -351,6 +359,10 @@ class Scheduler(Explanations, Updates):
         if coll == NSID_USAGE:
             self.ledger.delete_usage(uri)
             return
+        if coll == NSID_HOST_POLICY:
+            self.cluster.put_inbound(repo, NO_INBOUND)
+            self._cluster_changed()
+            return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()
 
@@ -372,6 +384,7 @@ class Scheduler(Explanations, Updates):
             del gone[next(iter(gone))]
         for s in range(e.wl.replicas):
             self._reopened.pop((uri, s), None)
+        self._gave_up.pop(uri, None)
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)
         for key in [k for k in self._replicas if k[0] == uri]:

@@ -15,7 +15,7 @@ from .ledger import UsageLedger
 from .liveness import Liveness
 from .orphans import Orphans
 from .placement import Owner, WorkloadEntry
-from .records import Record, Workload, at_uri
+from .records import Endpoint, Record, Workload, at_uri
 from .timing import DEFAULT_TIMING, Timing
 
 
@@ -56,21 +56,27 @@ class Surge:
     """The new version of a slot started beside the old one (docs/protocol.md, section 23):
     in the other lane, until it serves (then the old one stops) or fails."""
 
-    __slots__ = ("lane", "started_at", "wl")
+    __slots__ = ("endpoints", "lane", "started_at", "wl")
 
-    def __init__(self, wl: Workload, lane: int, started_at: int) -> None:
+    def __init__(
+        self, wl: Workload, lane: int, started_at: int, endpoints: tuple[Endpoint, ...] = ()
+    ) -> None:
         self.wl = wl
         self.lane = lane
         self.started_at = started_at
+        self.endpoints = endpoints  # its own ports: the old one still holds the slot's
 
 
 class Replica:
     """A replica this meshlet runs (or starts, or stops) for one slot of a workload."""
 
     __slots__ = (
+        "endpoints",
         "exit_code",
         "failed",
         "failed_reason",
+        "failing",
+        "health",
         "lane",
         "lost_at",
         "restart_at",
@@ -81,8 +87,11 @@ class Replica:
         "spec",
         "state",
         "surge",
+        "tries",
+        "up_since",
         "version",
         "written",
+        "written_health",
         "written_version",
     )
 
@@ -95,6 +104,12 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.written_health: str | None = None  # and the health written with it
+        self.endpoints: tuple[Endpoint, ...] = ()  # where its ports are published
+        self.health: str | None = None  # its health check's verdict (None: no check)
+        self.up_since: int | None = None  # when it last started running
+        self.tries = 0  # failed tries since it last ran STABLE_MS (section 22)
+        self.failing = ""  # why we handed its slot off ("" while we have not)
         self.written_version = ""  # (version, failed version) last written, joined by "/"
         # What runs (section 23): the workload version it was started with (None: adopted
         # after a restart, only its version known), in which lane.
@@ -159,6 +174,8 @@ class SchedulerState:
         self.liveness = Liveness(me.did, self.cluster, timing)
         self._next_lease: int | None = None  # when we renew our lease (if we write one)
         self._next_scan = 0
+        # workload -> the version (cid) whose slot we handed off: we bid for it no more
+        self._gave_up: dict[str, str] = {}
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[ReplicaKey, tuple[int, Owner]] = {}
         self.ledger = UsageLedger(me.did, timing)
@@ -198,6 +215,25 @@ class SchedulerState:
         held = len(self._owned_capacity) + sum(r[3] for r in self._reserved.values())
         held += len(self._surge_capacity)
         return max(limit - held, 0)
+
+    def free_ports(self) -> int:
+        """Host ports this meshlet may still promise (docs/protocol.md, section 22): its
+        policy's inbound range less the ports of the slots it owns or runs and of the slots
+        its open bids reserve."""
+        size = self.cluster.inbound_of(self.me.did).size
+        if not size:
+            return 0
+        held = 0
+        workloads = self.workloads
+        for uri, _slot in self._owned_capacity:
+            e = workloads.get(uri)
+            if e is not None:
+                held += len(e.wl.ports)
+        for (uri, _slot, _round), r in self._reserved.items():
+            e = workloads.get(uri)
+            if e is not None:
+                held += r[3] * len(e.wl.ports)
+        return size - held
 
     # -- helpers every layer uses ------------------------------------------------------
     def _refuse(self, uri: str, reason: str, slots: int = 0) -> None:

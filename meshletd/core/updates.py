@@ -15,7 +15,8 @@ from .actions import StartReplica, StopReplica
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .reconcile import Reconciler
-from .records import Workload
+from .records import Endpoint, Workload
+from .services import choose_endpoints
 from .state import Replica, ReplicaKey, Surge
 from .versions import serving
 
@@ -54,7 +55,12 @@ class Updates(Reconciler):
             return
         cpu, mem = self.free_capacity()
         left = self.free_replicas()
-        if cpu < wl.milli_cpu or mem < wl.memory_mib or left == 0:
+        endpoints: tuple[Endpoint, ...] | None = ()
+        if wl.ports:  # the new one publishes on ports of its own, beside the old one's
+            used = [x.port for r in self._replicas.values() for x in r.endpoints]
+            used += [x.port for r in self._replicas.values() if r.surge for x in r.surge.endpoints]
+            endpoints = choose_endpoints(wl, self.cluster.inbound_of(self.me.did), used)
+        if cpu < wl.milli_cpu or mem < wl.memory_mib or left == 0 or endpoints is None:
             # No room for the new version beside the old: hand the slot on instead (a
             # replacement round; the winner starts the new version, make-before-break,
             # section 9).
@@ -64,11 +70,11 @@ class Updates(Reconciler):
                 self._reopen(e, key[1], cur, force=True)
             return
         lane = 1 - rep.lane
-        rep.surge = Surge(wl, lane, self.now)
+        rep.surge = Surge(wl, lane, self.now, endpoints)
         self._surge_capacity[key] = (wl.milli_cpu, wl.memory_mib)
         self._replicas_waiting[key] = None
         self._resched = True
-        self._out.append(StartReplica(wl, key[1], rep.round, lane))
+        self._out.append(StartReplica(wl, key[1], rep.round, lane=lane, endpoints=endpoints))
 
     def _never_ran(
         self, e: WorkloadEntry, key: ReplicaKey, rep: Replica, ev: ReplicaStateChanged
@@ -184,12 +190,15 @@ class Updates(Reconciler):
         rep.lane = surge.lane
         rep.spec = surge.wl
         rep.version = rep.served = surge.wl.version
+        rep.endpoints = surge.endpoints  # the status names where the new one publishes
+        rep.health = "healthy" if _checked(surge.wl) else None
         rep.failed = rep.failed_reason = ""
         rep.state = "running"
         rep.restarts = 0
         rep.exit_code = None
         rep.restart_at = None
-        rep.since = self.now
+        rep.since = rep.up_since = self.now
+        rep.tries = 0
         e = self.workloads.get(key[0])
         if e is not None:
             self._write_status(e.wl, key[1], rep, "running", force=True)

@@ -487,6 +487,9 @@ class AtprotoNode:
     def bids(self, uri: str) -> dict[str, Any]:
         return self.read.bids(uri)
 
+    def endpoints(self, uri: str) -> dict[str, Any]:
+        return self.read.endpoints(uri)
+
     def balance(self) -> dict[str, Any]:
         return self.read.balance(int(time.time() * 1000))
 

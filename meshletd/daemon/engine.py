@@ -51,12 +51,21 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import MeshletOwner, Workload, split_at_uri
+from meshletd.core.records import (
+    Endpoint,
+    MeshletOwner,
+    Workload,
+    WorkloadStatus,
+    split_at_uri,
+)
 from meshletd.daemon.followed import RecordChange, core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.runtime import (
+    HealthCheck,
+    PortBinding,
     ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
     ReplicaId,
     ReplicaOomKilled,
     ReplicaRunning,
@@ -114,7 +123,25 @@ def replica_spec(
         env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
         revision=wl.version or wl.cid,
+        ports=tuple(
+            PortBinding(e.name, e.address, e.port, p.container_port, p.protocol)
+            for e, p in zip(action.endpoints, wl.ports, strict=False)
+        ),
+        health=HealthCheck(
+            wl.health_command,
+            wl.health_interval_s,
+            wl.health_timeout_s,
+            wl.health_retries,
+            wl.health_start_period_s,
+        )
+        if wl.health_command
+        else None,
     )
+
+
+def endpoints_of(status: ReplicaStatus) -> tuple[Endpoint, ...]:
+    """Where an adopted replica's unit says its ports are published."""
+    return tuple(Endpoint(p.name, p.address, p.host_port, p.protocol) for p in status.endpoints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +261,15 @@ class Engine:
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
                     self._told.add((uri, slot, lane))
                     self.feed(
-                        ReplicaStateChanged(uri, slot, "running", lane=lane, version=st.revision)
+                        ReplicaStateChanged(
+                            uri,
+                            slot,
+                            "running",
+                            health=st.health or None,
+                            endpoints=endpoints_of(st),
+                            lane=lane,
+                            version=st.revision,
+                        )
                     )
             nursery.start_soon(self._runtime_events)
             # What the runtime reported while adopting (a replica that ended while meshletd
@@ -276,6 +311,13 @@ class Engine:
                     # The core decided a drain or undrain; the publisher shapes the record
                     # (daemon/publisher.py: the one writer of meshletOwner).
                     record = self._own_record(record)
+                elif isinstance(record, WorkloadStatus) and record.state == "failing":
+                    log.warning(
+                        "replica %d of %s handed off: %s",
+                        record.slot,
+                        record.workload_uri,
+                        record.message,
+                    )
                 value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
                 metrics.count_write(a.collection, "create" if a.create else "update")
@@ -343,7 +385,7 @@ class Engine:
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("%s could not start: %s", what, e)
-            self.feed(ReplicaStateChanged(uri, slot, "failed", lane=lane))
+            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)[:200], lane=lane))
             return
         if isinstance(outcome, ReplicaRunning):
             self.units[(uri, slot)] = outcome.unit
@@ -385,15 +427,31 @@ class Engine:
             self._told.add((uri, slot, lane))
             if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
+            elif isinstance(ev, ReplicaHealth):
+                log.info("%s is %s", what, ev.health)
+                self.feed(ReplicaStateChanged(uri, slot, "running", health=ev.health, lane=lane))
             elif isinstance(ev, ReplicaExited):
-                log.info("%s exited with %d", what, ev.exit_code)
-                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code, lane=lane))
+                log.info(
+                    "%s exited with %d%s",
+                    what,
+                    ev.exit_code,
+                    " (unhealthy: killed by its health check)" if ev.health else "",
+                )
+                self.feed(
+                    ReplicaStateChanged(
+                        uri, slot, "exited", ev.exit_code, health=ev.health or None, lane=lane
+                    )
+                )
             elif isinstance(ev, ReplicaOomKilled):
                 log.info("%s was killed: out of memory", what)
                 self.feed(ReplicaStateChanged(uri, slot, "exited", 137, lane=lane))
             elif isinstance(ev, ReplicaFailed):
                 log.warning("%s failed: %s", what, ev.message)
-                self.feed(ReplicaStateChanged(uri, slot, "failed", lane=lane))
+                self.feed(
+                    ReplicaStateChanged(
+                        uri, slot, "failed", message=f"{ev.error}: {ev.message}"[:200], lane=lane
+                    )
+                )
             # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
 
     async def _run_probe(self, meshlet: str) -> None:

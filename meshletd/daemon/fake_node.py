@@ -163,6 +163,10 @@ class InMemoryNode:
     def workload(self, uri: str) -> dict[str, Any]:
         return self._view(self._find(uri))
 
+    def endpoints(self, uri: str) -> dict[str, Any]:
+        # the in-memory node publishes no ports
+        return {"workload": self._find(uri).uri, "endpoints": []}
+
     def bids(self, uri: str) -> dict[str, Any]:
         w = self._find(uri)
         winners = sorted({r["meshletDid"] for r in w.replicas if r.get("meshletDid")})

@@ -20,6 +20,7 @@ from meshletd.core.nsid import (
     CTL_BALANCE,
     CTL_BIDS,
     CTL_CREATE,
+    CTL_ENDPOINTS,
     CTL_HANDLES,
     CTL_MEMBERS,
     CTL_STATUS,
@@ -33,6 +34,7 @@ __all__ = [
     "CTL_BALANCE",
     "CTL_BIDS",
     "CTL_CREATE",
+    "CTL_ENDPOINTS",
     "CTL_HANDLES",
     "CTL_MEMBERS",
     "CTL_STATUS",
@@ -205,6 +207,9 @@ def install(
     async def ctl_bids(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.bids(params["uri"])
 
+    async def ctl_endpoints(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return node.endpoints(params["uri"])
+
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
 
@@ -250,3 +255,4 @@ def install(
     add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids))
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
+    add(CTL_ENDPOINTS, q, Access.LOCAL, local_only(ctl_endpoints))

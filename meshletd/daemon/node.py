@@ -80,6 +80,10 @@ class Node(Protocol):
 
     def bids(self, uri: str) -> JsonObject: ...
 
+    def endpoints(self, uri: str) -> JsonObject:
+        """Where each serving replica of a workload publishes its ports (ctl.getEndpoints)."""
+        ...
+
     def balance(self) -> JsonObject: ...
 
     async def handles(self) -> dict[str, str]:

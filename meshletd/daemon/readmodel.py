@@ -44,8 +44,22 @@ def _status_row(s: WorkloadStatus) -> dict[str, Any]:
         row["exitCode"] = s.exit_code
     if s.unit is not None:
         row["unit"] = s.unit
+    _serving(row, s)
     _versions(row, s)
     return row
+
+
+def _serving(row: dict[str, Any], s: WorkloadStatus) -> None:
+    """What a host's status says of how its replica serves: health, endpoints, message."""
+    if s.health is not None:
+        row["health"] = s.health
+    if s.endpoints:
+        row["endpoints"] = [
+            {"name": e.name, "address": e.address, "port": e.port, "protocol": e.protocol}
+            for e in s.endpoints
+        ]
+    if s.message:
+        row["message"] = s.message
 
 
 def _versions(row: dict[str, Any], s: WorkloadStatus) -> None:
@@ -331,6 +345,8 @@ class ReadModel:
             status = max(reported, key=lambda st: st.round) if reported else None
             if meshlet == me and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
+                if status is not None and status.round >= rnd and status.state == "failing":
+                    r["state"] = "failing"  # what our status says: it is being handed off
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:
@@ -341,6 +357,8 @@ class ReadModel:
                 if status.exit_code is not None:
                     r["exitCode"] = status.exit_code
                 r["restarts"] = status.restarts
+                if status.round >= rnd:
+                    _serving(r, status)
                 _versions(r, status)
             if slot in reasons:
                 r["reason"] = _clip(reasons[slot])
@@ -350,6 +368,23 @@ class ReadModel:
                     r["unit"] = unit
             out.append(r)
         return out
+
+    def endpoints(self, ref: str) -> dict[str, Any]:
+        """Where each serving replica of a workload publishes its ports (its host's status
+        record: the endpoint moves with the replica), slot by slot; replicas a host is
+        leaving (make-before-break) or that are lost are left out."""
+        uri = self.uri_of(ref)
+        out = []
+        for r in self._view(uri)["running"]:
+            if r.get("state") in ("stopping", "lost", "pending") or not r.get("meshletDid"):
+                continue
+            for e in r.get("endpoints", ()):
+                row = {"slot": r["slot"], "meshletDid": r["meshletDid"], **e}
+                row["state"] = r["state"]
+                if "health" in r:
+                    row["health"] = r["health"]
+                out.append(row)
+        return {"workload": uri, "endpoints": sorted(out, key=lambda e: (e["slot"], e["name"]))}
 
     def bids(self, ref: str) -> dict[str, Any]:
         uri = self.uri_of(ref)

@@ -17,6 +17,7 @@ from meshletd.runtime.events import (
     EndEvent,
     ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
     ReplicaOomKilled,
     ReplicaRunning,
     ReplicaStarting,
@@ -31,8 +32,10 @@ from meshletd.runtime.naming import unit_name
 from meshletd.runtime.protocol import Runtime
 from meshletd.runtime.runtime import ReplicaRuntime
 from meshletd.runtime.spec import (
+    HealthCheck,
     ImageNotFound,
     InvalidReplicaSpec,
+    PortBinding,
     ReplicaId,
     ReplicaSpec,
     Resources,
@@ -65,12 +68,15 @@ def systemd_runtime(config: RuntimeConfig | None = None) -> ReplicaRuntime:
 __all__ = [
     "EndEvent",
     "FakeMachine",
+    "HealthCheck",
     "ImageNotFound",
     "InvalidReplicaSpec",
     "Machine",
     "MachineError",
+    "PortBinding",
     "ReplicaExited",
     "ReplicaFailed",
+    "ReplicaHealth",
     "ReplicaId",
     "ReplicaOomKilled",
     "ReplicaRunning",

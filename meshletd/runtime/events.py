@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from meshletd.runtime.spec import ReplicaId
+from meshletd.runtime.spec import PortBinding, ReplicaId
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,15 @@ class ReplicaRunning:
 
 
 @dataclass(frozen=True)
+class ReplicaHealth:
+    """The container's health check changed its verdict: starting, healthy, unhealthy."""
+
+    replica: ReplicaId
+    unit: str
+    health: str
+
+
+@dataclass(frozen=True)
 class ReplicaExited:
     """The container's process ended by itself with `exit_code`."""
 
@@ -60,6 +69,7 @@ class ReplicaExited:
     unit: str
     exit_code: int
     usage: ReplicaUsage = ReplicaUsage()
+    health: str = ""  # "unhealthy": its health check's failure ended it (podman killed it)
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ class ReplicaStopped:
 RuntimeEvent = (
     ReplicaStarting
     | ReplicaRunning
+    | ReplicaHealth
     | ReplicaExited
     | ReplicaOomKilled
     | ReplicaFailed
@@ -113,3 +124,5 @@ class ReplicaStatus:
     state: ReplicaState
     revision: str = ""
     usage: ReplicaUsage = ReplicaUsage()
+    endpoints: tuple[PortBinding, ...] = ()
+    health: str = ""  # its health check's last verdict ("" none, or not read yet)

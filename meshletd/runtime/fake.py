@@ -40,6 +40,7 @@ class FakeContainer:
     status: str = "running"
     exit_code: int = 0
     looks: int = 0
+    health: str = ""  # a test sets the health check's verdict (podman's State.Health)
 
 
 @dataclass
@@ -141,7 +142,7 @@ class FakeMachine:
     async def inspect_container(self, name: str) -> ContainerSnapshot | None:
         await trio.lowlevel.checkpoint()
         c = self.containers.get(name)
-        return None if c is None else ContainerSnapshot(c.status, c.exit_code, False)
+        return None if c is None else ContainerSnapshot(c.status, c.exit_code, False, c.health)
 
     async def remove_container(self, name: str) -> None:
         self.containers.pop(name, None)

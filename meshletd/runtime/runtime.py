@@ -11,6 +11,7 @@ replica that could not start leaves nothing behind. Every state change is an eve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -22,7 +23,9 @@ import trio
 from meshletd.runtime import naming
 from meshletd.runtime.events import (
     EndEvent,
+    ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
     ReplicaRunning,
     ReplicaStarting,
     ReplicaStatus,
@@ -40,6 +43,7 @@ from meshletd.runtime.outcome import (
 from meshletd.runtime.spec import (
     ImageNotFound,
     InvalidReplicaSpec,
+    PortBinding,
     ReplicaId,
     ReplicaSpec,
     UnitStartFailed,
@@ -73,6 +77,9 @@ class _Replica:
     revision: str
     secrets: list[str] = field(default_factory=list)
     milli_cpu: int | None = None  # the workload's CPU limit (None: unknown, not checked)
+    endpoints: tuple[PortBinding, ...] = ()  # where its ports are published
+    health_check: bool = False  # podman checks its health: the runtime reads the verdict
+    health: str = ""  # the last verdict reported
     ran: bool = False
     stop_requested: bool = False
     usage: ReplicaUsage = field(default_factory=ReplicaUsage)
@@ -109,7 +116,13 @@ class ReplicaRuntime:
         """The replicas this runtime looks after right now."""
         return [
             ReplicaStatus(
-                r.replica, r.unit, "running" if r.ran else "starting", r.revision, r.usage
+                r.replica,
+                r.unit,
+                "running" if r.ran else "starting",
+                r.revision,
+                r.usage,
+                r.endpoints,
+                r.health,
             )
             for r in sorted(self._replicas.values(), key=lambda r: r.replica)
         ]
@@ -189,7 +202,13 @@ class ReplicaRuntime:
 
         self._emit(ReplicaStarting(spec.replica, unit))
         rep = _Replica(
-            spec.replica, unit, container, spec.revision or "", milli_cpu=spec.resources.milli_cpu
+            spec.replica,
+            unit,
+            container,
+            spec.revision or "",
+            milli_cpu=spec.resources.milli_cpu,
+            endpoints=spec.ports,
+            health_check=spec.health is not None,
         )
         t0 = self._clock()
         if failed := await self._ensure_image(rep, spec.image):
@@ -252,6 +271,10 @@ class ReplicaRuntime:
                 ident.replica, unit, ident.container, ident.revision, ran=phase == "running"
             )
             rep.milli_cpu = ident.milli_cpu
+            rep.endpoints = tuple(
+                PortBinding(n, a, p, 0, proto) for n, a, p, proto in ident.endpoints
+            )
+            rep.health_check = ident.health_check
             if phase in ("starting", "running", "stopping"):
                 log.info("adopted replica %s (unit %s)", ident.replica, unit)
                 # /run may have been cleaned while meshletd was away; the unit's
@@ -261,6 +284,8 @@ class ReplicaRuntime:
                     async with rep.lock:
                         if await self._enforce_cpu_limit(rep):
                             continue
+                        if rep.health_check:  # what it was: the status need not say starting
+                            await self._read_health(rep)
                     self._emit(
                         ReplicaRunning(rep.replica, unit, adopted=True, revision=rep.revision)
                     )
@@ -299,8 +324,19 @@ class ReplicaRuntime:
                     self._emit(
                         ReplicaRunning(rep.replica, rep.unit, adopted=True, revision=rep.revision)
                     )
+                if rep.health_check and rep.health != "healthy":
+                    await self._read_health(rep)
             elif phase in ("ended", "gone"):
                 await self._finish(rep)
+
+    async def _read_health(self, rep: _Replica) -> None:
+        """Report the verdict of podman's health check when it changed. Read until the
+        replica is first healthy: after that the only change is to unhealthy, which podman
+        ends by killing the container (`--health-on-failure=kill`), reported with the exit."""
+        container = await self.machine.inspect_container(rep.container)
+        if container is not None and container.health and container.health != rep.health:
+            rep.health = container.health
+            self._emit(ReplicaHealth(rep.replica, rep.unit, container.health))
 
     async def usage(self, replica: ReplicaId) -> ReplicaUsage:
         """CPU time and peak memory of a running replica so far."""
@@ -467,6 +503,9 @@ class ReplicaRuntime:
             oom_counted=oom_killed_from_counters(counters),
             usage=usage,
         )
+        if isinstance(event, ReplicaExited) and container is not None:
+            if container.health == "unhealthy" or rep.health == "unhealthy":
+                event = dataclasses.replace(event, health="unhealthy")
         with trio.CancelScope(shield=True):
             await self._cleanup(rep, unit_started=True, snap_phase=unit_phase(snap))
         self._replicas.pop(rep.replica, None)

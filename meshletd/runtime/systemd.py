@@ -134,10 +134,12 @@ class SystemdPodmanMachine(PodmanCalls):
         if proc.returncode != 0:
             return None
         state = json.loads(proc.stdout)[0]["State"]
+        health = state.get("Health") or state.get("Healthcheck") or {}
         return ContainerSnapshot(
             str(state.get("Status", "")),
             int(state.get("ExitCode", 0)),
             bool(state.get("OOMKilled", False)),
+            str(health.get("Status", "")) if isinstance(health, dict) else "",
         )
 
     async def remove_container(self, name: str) -> None:

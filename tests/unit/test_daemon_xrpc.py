@@ -376,6 +376,7 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
         running.unix.get(ctl + "getBids", params={"uri": uri}),
         running.unix.get(ctl + "getBalance"),
         running.unix.get(ctl + "getHandles"),
+        running.unix.get(ctl + "getEndpoints", params={"uri": uri}),
     ]
     for call in calls:
         resp = await call  # the response hook validates the output against the lexicon
@@ -390,6 +391,7 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
             "getBids",
             "getBalance",
             "getHandles",
+            "getEndpoints",
         )
     }
 
