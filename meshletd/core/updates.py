@@ -86,6 +86,8 @@ class Updates(Reconciler):
         version = rep.version
         if not version or rep.served == version or rep.failed == version:
             return
+        if e.wl.previous is None:
+            return  # nothing to roll back to: the restart policy alone, as for any replica
         if version != e.wl.version or e.wl.kind != "service":
             return
         rep.failed = version

@@ -251,7 +251,8 @@ def test_a_slot_that_moves_away_during_its_update_stops_the_new_version_at_once(
 
 
 def test_a_version_that_never_ran_on_a_fresh_start_is_reported_failed_too() -> None:
-    wl = replace(workload(replicas=1, owner_i=2), version="v9")
+    prev = replace(workload(replicas=1, owner_i=2), version="v1")
+    wl = replace(prev, cid="c9", version="v9", image="registry.test/app:9", previous=prev)
     core = observer(0)
     feed(core, [*cluster_records(3), wl, bid(wl, 0)])
     core.handle(Tick(CLOSE))  # won: starts v9 with nothing else running (a failover, say)
