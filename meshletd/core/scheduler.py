@@ -8,9 +8,7 @@ layer. The core is built in layers, each in its own module:
 - `placement`: the placement rule, pure (which bids count, round 0, the later rounds);
 - `rounds`: bid intake, closing rounds (at their time or early), resolving slot owners;
 - `bidding`: when and what this meshlet bids, replacement rounds;
-- `reconcile`: local replicas, status records, usage counting;
-- `updates`: rolling updates of the slots we own, one slot at a time (`versions`: what a
-  spec version is);
+- `reconcile`: local replicas, status records, usage counting; `updates`: rolling updates;
 - `explain`: "why pending";
 - `liveness` (probes, suspicions) and `ledger` (usage, fair-share balances): components;
 - this module: the public `Scheduler`, record intake, ticks and wake-ups, drain.
@@ -526,10 +524,7 @@ class Scheduler(Explanations, Updates):
             for key, rep in self._waiting_replicas():
                 if rep.restart_at is not None and rep.restart_at <= now:
                     self._dirty[key[0]] = None
-                if rep.lost_at is not None:
-                    self._dirty[key[0]] = None
-                surge = rep.surge
-                if surge is not None and now >= surge.started_at + self.t.update_timeout_ms:
+                if rep.lost_at is not None or self._surge_due(rep) <= now:
                     self._dirty[key[0]] = None
         if self.orphans.first_seen:
             self.orphans.expire(now)
@@ -592,8 +587,7 @@ class Scheduler(Explanations, Updates):
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
                 nxt.append(rep.lost_at + self.t.fence_timeout_ms)
-            if rep.surge is not None:
-                nxt.append(rep.surge.started_at + self.t.update_timeout_ms)
+            nxt.append(self._surge_due(rep))  # far away without an update under way
         period_end = self.ledger.period_end()
         if period_end is not None:
             nxt.append(period_end)

@@ -109,6 +109,11 @@ class Updates(Reconciler):
         rep.spec, rep.version = spec, spec.version
         return spec
 
+    def _surge_due(self, rep: Replica) -> int:
+        """When the new version started beside `rep` must serve by (far away: none)."""
+        surge = rep.surge
+        return (1 << 62) if surge is None else surge.started_at + self.t.update_timeout_ms
+
     def _halted(self, e: WorkloadEntry, version: str) -> bool:
         """Whether the update to `version` failed on some slot (ours, or as the status of
         the slot's owner says; anyone else's word does not count): then no other slot
