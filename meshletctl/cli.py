@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from meshletctl.client import ControlClient
+from meshletctl.update import update as update_command
 from meshletd.errors import InvalidRequest, MeshletError, NotFound, TimedOut
 
 CTL = "farm.meshlet.ctl."
@@ -337,29 +338,6 @@ def resume(
 
 
 @app.command()
-def update(
-    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
-    image: Annotated[str, typer.Option(help="The new container image")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Roll a workload to a new image: one replica at a time, each new one started beside
-    the old and the old stopped once the new runs; a version that never runs is rolled
-    back, with the reason in `meshletctl workloads`."""
-
-    def fetch(c: ControlClient) -> dict[str, Any]:
-        uri = resolve_workload(c, workload)
-        return dict(c.procedure("farm.meshlet.updateWorkload", {"uri": uri, "image": image}))
-
-    def show(d: dict[str, Any]) -> None:
-        if "cid" not in d:
-            _say(f"{d['uri']} already runs version {d['version']}: nothing to roll")
-            return
-        _say(f"updating {d['uri']}: version {d['previousVersion']} -> {d['version']}")
-
-    _run(as_json, fetch, show)
-
-
-@app.command()
 def logs(
     workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
     follow: Annotated[
@@ -499,6 +477,91 @@ def balance(as_json: JsonOpt = False) -> None:
     _run_named(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
 
 
+policy_app = typer.Typer(
+    help="This machine's host policy: show it, set one key, or replace it from a file.",
+    no_args_is_help=False,
+)
+app.add_typer(policy_app, name="policy")
+
+
+def _toml(v: Any) -> str:
+    """A setting's value as TOML (JSON strings escape control characters)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def _show_policy(data: dict[str, Any]) -> None:
+    if not data.get("published"):
+        print("# no host policy published yet: the defaults apply")
+    settings = data.get("settings") or {}
+    if not settings:
+        print("# every setting at its default (docs/cli.md, [policy])")
+    for key, value in settings.items():
+        print(f"{key} = {_toml(value)}")
+
+
+@policy_app.callback(invoke_without_command=True)
+def policy(
+    ctx: typer.Context,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Replace the whole policy: a TOML file of [policy] keys (as in "
+            "meshlet.toml), or a .json file holding a hostPolicy record value.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the host policy this machine publishes (or replace it with --file)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if file is None:
+        _run(as_json, lambda c: c.query(CTL + "getPolicy"), _show_policy)
+        return
+    body = _policy_file(file, as_json)
+
+    def put(c: ControlClient) -> Any:
+        c.procedure(CTL + "setPolicy", body)
+        return c.query(CTL + "getPolicy")
+
+    _run(as_json, put, _show_policy)
+
+
+def _policy_file(path: str, as_json: bool) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if path.endswith(".json"):
+            return {"policy": json.loads(raw)}
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise fail(InvalidRequest(f"{path}: {e}"), as_json) from None
+    table = doc.get("policy", doc)
+    return {"settings": table if isinstance(table, dict) else {}}
+
+
+@policy_app.command("set")
+def policy_set(
+    key: Annotated[str, typer.Argument(help="A [policy] key (docs/cli.md), or evict/unevict.")],
+    value: Annotated[str, typer.Argument(help="Its value as text; '' restores the default.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Change one setting of the host policy and publish it."""
+
+    def put(c: ControlClient) -> Any:
+        c.procedure(CTL + "setPolicy", {"key": key, "value": value})
+        return c.query(CTL + "getPolicy")
+
+    _run(as_json, put, _show_policy)
+
+
 @app.command()
 def version(as_json: JsonOpt = False) -> None:
     """meshletctl's version, and the daemon's when it is running."""
@@ -515,6 +578,9 @@ def version(as_json: JsonOpt = False) -> None:
     else:
         print(f"meshletctl {__version__}")
         _say(f"meshletd {daemon}" if daemon else "meshletd not reachable")
+
+
+app.command(name="update")(update_command)
 
 
 def main() -> int:

@@ -45,6 +45,7 @@ from pydantic import (
 
 from meshletd.core.timing import DEFAULT_TIMING, LEASE_MAX_VALID_MS, Timing
 from meshletd.errors import ConfigError
+from meshletd.policy_settings import PolicySettings
 
 DEFAULT_PATH = Path("/etc/meshlet/meshlet.toml")
 DEFAULT_CREDENTIALS_FILE = Path("/etc/meshlet/credentials.toml")
@@ -232,6 +233,9 @@ class Config(_Section):
     control: Control = Field(default_factory=Control)
     web: Web = Field(default_factory=Web)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    # The host policy published at start (None: no [policy] section; the record in the
+    # repo, if any, is left as it is). docs/protocol.md section 21, docs/cli.md.
+    policy: PolicySettings | None = None
     state_dir: Path = Path("/var/lib/meshlet")
     # "atproto": the real cluster (PDS, firehose); "memory": a self-contained stand-in node
     # that runs every workload itself (demos, tests, benchmarks).

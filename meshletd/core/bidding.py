@@ -13,6 +13,7 @@ from .bounds import (
     clamp,
 )
 from .fairshare import meshlet_priority
+from .hosting import Hosting
 from .placement import (
     Owner,
     WorkloadEntry,
@@ -21,11 +22,10 @@ from .placement import (
     round0_window,
 )
 from .records import NSID_BID, Bid, Workload, at_uri, split_at_uri
-from .rounds import Rounds
 from .state import bid_rkey
 
 
-class Bidding(Rounds):
+class Bidding(Hosting):
     """Bids in open rounds where this meshlet is a candidate, and opens replacement rounds."""
 
     def _bid_batch(self) -> None:
@@ -64,8 +64,8 @@ class Bidding(Rounds):
         me = self.me.did
         now = self.now
         uri = wl.uri
-        if not self.cluster.eligible(wl, me):
-            return
+        if not self.cluster.eligible(wl, me) or self.cluster.policy_refusal(wl, me) is not None:
+            return  # not eligible, or our host policy refuses wl (section 21)
         if self._gave_up and self._gave_up.get(uri) == wl.cid:
             return  # we handed a slot of this version off: it fails here (section 22)
         cpu, mem = self.free_capacity()
@@ -99,6 +99,7 @@ class Bidding(Rounds):
                         slots = min(slots, room)
                     if wl.ports:
                         slots = min(slots, ports // len(wl.ports))
+                slots = self._policy_slots(wl, close0, slots)
             if slots == 0 and not self._small_cluster(wl):
                 return  # declines only help early close in small clusters
             self._bid(wl, 0, -1, prio, slots, cpu, mem, close0)
@@ -128,12 +129,15 @@ class Bidding(Rounds):
                     continue
                 if any(b.meshlet == me and b.round == r for b in slot_bids):
                     continue
-                if not fits or not self._is_candidate(wl, s, r):
+                close = start + t.replacement_window_ms + t.settle_ms
+                if (
+                    not fits
+                    or not self._is_candidate(wl, s, r)
+                    or not self._policy_slots(wl, close, 1)
+                ):
                     self._wake(chained_round_start(r + 1, close0, t), uri)
                     continue
-                self._bid(
-                    wl, r, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms
-                )
+                self._bid(wl, r, s, prio, 1, cpu, mem, close)
                 return
             # Replacement round opened by someone else and still open here?
             last = max((b.round for b in slot_bids), default=0)
@@ -145,11 +149,12 @@ class Bidding(Rounds):
             start = min(b.created_at for b in bs)
             if now > start + t.replacement_window_ms or now < start:
                 continue
-            if not fits:
+            close = start + t.replacement_window_ms + t.settle_ms
+            if not fits or not self._policy_slots(wl, close, 1):
                 continue
             if not self._is_candidate(wl, s, last, frozenset({cur[1]})):
                 continue
-            self._bid(wl, last, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms)
+            self._bid(wl, last, s, prio, 1, cpu, mem, close)
             return
 
     def _bid(
@@ -269,6 +274,8 @@ class Bidding(Rounds):
         if r > MAX_ROUND:
             return  # rounds exhausted (section 20): the slot keeps its owner
         cpu, mem = self.free_capacity()
+        t = self.t
+        close = self.now + t.replacement_window_ms + t.settle_ms
         fits = (
             cpu >= wl.milli_cpu
             and mem >= wl.memory_mib
@@ -279,11 +286,12 @@ class Bidding(Rounds):
             and (wl.allow_packing or not self._holds_other(e, slot))
             and (not wl.ports or self.free_ports() >= len(wl.ports))
             and self._gave_up.get(wl.uri) != wl.cid
+            and self.cluster.policy_refusal(wl, self.me.did) is None
+            and self._policy_slots(wl, close, 1) > 0
         )
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)
         prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)
-        t = self.t
         if cur is not None:
             self._reopened[(wl.uri, slot)] = (self.now, cur)
         self._bid(
@@ -294,7 +302,7 @@ class Bidding(Rounds):
             1 if fits else 0,
             cpu,
             mem,
-            self.now + t.replacement_window_ms + t.settle_ms,
+            close,
         )
 
 

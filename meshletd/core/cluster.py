@@ -6,7 +6,9 @@ A meshlet M may host a workload of owner O (cluster c) when
   * O consents to P: P == O, or a membership record with rkey/cluster c in O's repo or in
     the repo of one of O's linked meshlets lists P;
   * M satisfies the workload's constraints (arch, labels, avoidMeshlets).
-Every observer evaluates this from the same records, so overlapping clusters agree.
+Every observer evaluates this from the same records, so overlapping clusters agree. M's host
+policy (its hostPolicy record) is judged per round, at the round's close (`policy_admits`,
+docs/protocol.md section 21), so it is kept here but is not part of `eligible`.
 
 An owner's claims that count are the MAX_MESHLETS_PER_OWNER meshlet records with the
 smallest record keys, and at most MAX_STORED_CLAIMS per owner are kept (the smallest keys):
@@ -18,7 +20,8 @@ scheduler judges eligibility with it, and the daemon its configured clusters
 from __future__ import annotations
 
 from .bounds import MEMBERSHIPS_PER_REPO
-from .records import Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
+from .policy import admits, refusal, restrictive
+from .records import HostPolicy, Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
 from .services import NO_INBOUND, Inbound, inbound_refusal
 
 _EMPTY: frozenset[str] = frozenset()
@@ -47,6 +50,9 @@ class ClusterView:
         self._cache_version = -1
         # meshlet -> what its host policy says about publishing ports (section 22)
         self._inbound: dict[str, Inbound] = {}
+        self.policies: dict[str, HostPolicy] = {}  # meshlet DID -> its hostPolicy record
+        # meshlets whose policy can refuse a workload that needs no more than `internet`
+        self._strict: dict[str, HostPolicy] = {}
 
     # -- updates ---------------------------------------------------------------------
     def _changed(self) -> None:
@@ -130,7 +136,25 @@ class ClusterView:
             self._drainy.pop(repo, None)
             self._changed()
             return True
+        pol = self.policies.get(repo)
+        if pol is not None and pol.uri == uri:
+            del self.policies[repo]
+            self._strict.pop(repo, None)
+            self._changed()
+            return True
         return False
+
+    def put_policy(self, rec: HostPolicy) -> bool:
+        """A hostPolicy record was seen; False when it changes nothing."""
+        if self.policies.get(rec.meshlet) == rec:
+            return False
+        self.policies[rec.meshlet] = rec
+        if restrictive(rec):
+            self._strict[rec.meshlet] = rec
+        else:
+            self._strict.pop(rec.meshlet, None)
+        self._changed()
+        return True
 
     def put(self, rec: MeshletOwner | MeshletLink | Membership) -> None:
         """Any of the three cluster records was seen."""
@@ -150,6 +174,9 @@ class ClusterView:
         mo = self.owners.get(repo)
         if mo is not None:
             self.delete(mo.uri, repo)
+        pol = self.policies.get(repo)
+        if pol is not None:
+            self.delete(pol.uri, repo)
 
     # -- queries ---------------------------------------------------------------------
     def claims(self, owner: str) -> dict[str, str]:
@@ -265,6 +292,30 @@ class ClusterView:
         not in it is never `drained_at` any time."""
         return self._drainy
 
+    def policy_of(self, meshlet: str) -> HostPolicy:
+        """The meshlet's host policy: its record, or the defaults when it publishes none."""
+        got = self.policies.get(meshlet)
+        return got if got is not None else HostPolicy.default(meshlet)
+
+    def strict(self) -> dict[str, HostPolicy]:
+        """Meshlets whose policy can refuse a workload that needs no more network than
+        `internet` (read-only): for such a workload, a meshlet not in it admits it always."""
+        return self._strict
+
+    def policy_admits(self, wl: Workload, meshlet: str, close: int) -> bool:
+        """Whether the meshlet's host policy lets its bid for wl count in a round that
+        closes at `close` (docs/protocol.md, section 21)."""
+        if wl.network != "lan":
+            pol = self._strict.get(meshlet)
+            return pol is None or admits(pol, wl, close)
+        return admits(self.policy_of(meshlet), wl, close)
+
+    def policy_refusal(self, wl: Workload, meshlet: str) -> str | None:
+        """Why the meshlet's current policy refuses wl whatever the time, or None."""
+        if wl.network != "lan" and meshlet not in self._strict:
+            return None
+        return refusal(self.policy_of(meshlet), wl)
+
     def _host(self, meshlet: str) -> tuple[MeshletOwner, frozenset[str]] | None:
         mo = self.owners.get(meshlet)
         got = None
@@ -312,6 +363,9 @@ class ClusterView:
                         out.append(m)
             got = tuple(out)
             self._members[key] = got
+        if self._strict or wl.network == "lan":
+            # a meshlet whose policy refuses wl will not bid: not a candidate either
+            return tuple(m for m in got if self.policy_refusal(wl, m) is None)
         return got
 
     def eligible_members(self, wl: Workload) -> list[str]:

@@ -56,6 +56,8 @@ CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
 CTL_HANDLES = "farm.meshlet.ctl.getHandles"
 CTL_ENDPOINTS = "farm.meshlet.ctl.getEndpoints"
+CTL_GET_POLICY = "farm.meshlet.ctl.getPolicy"
+CTL_SET_POLICY = "farm.meshlet.ctl.setPolicy"
 
 METHOD_NSIDS = frozenset(
     {
@@ -81,5 +83,7 @@ METHOD_NSIDS = frozenset(
         CTL_BALANCE,
         CTL_HANDLES,
         CTL_ENDPOINTS,
+        CTL_GET_POLICY,
+        CTL_SET_POLICY,
     }
 )

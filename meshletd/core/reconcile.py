@@ -9,8 +9,9 @@ from .bidding import Bidding
 from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
-from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
-from .services import MAX_TRIES, STABLE_MS, choose_endpoints
+from .policy import MAX_RUNTIME, REASON_TEXT, runtime_limit_s
+from .records import NSID_STATUS, NSID_USAGE, HostPolicy, Workload, WorkloadStatus, at_uri
+from .services import MAX_TRIES, NO_INBOUND, STABLE_MS, choose_endpoints, inbound_of
 from .state import Replica, ReplicaKey, status_rkey
 
 
@@ -24,7 +25,12 @@ class Reconciler(Bidding):
         waiting = self._replicas_waiting
         for key in list(waiting):
             rep = self._replicas.get(key)
-            if rep is None or (rep.restart_at is None and rep.lost_at is None and not rep.surge):
+            if rep is None or (
+                rep.restart_at is None
+                and rep.lost_at is None
+                and rep.stop_at is None
+                and not rep.surge
+            ):
                 del waiting[key]
             else:
                 out.append((key, rep))
@@ -79,12 +85,13 @@ class Reconciler(Bidding):
                 if done[0] != me and rep is not None and rep.state not in ("stopping", "exited"):
                     self._stop(key, "finished-elsewhere")
                 continue
-            if rep is None and self.draining:
+            if rep is None and (self.draining or self.cluster.policy_refusal(wl, me) is not None):
                 # A draining meshlet starts nothing it does not already run. It can still
                 # learn late that it won a round that closed before its drain (a bid seen
                 # late moved the round's anchor): it re-offers the slot instead of starting
                 # it, and the previous host keeps running it until the new owner runs
-                # (docs/protocol.md, section 8).
+                # (docs/protocol.md, section 8). The same for a slot our host policy now
+                # refuses (section 21).
                 self._reopen(e, s, (rnd, me), force=True)
                 continue
             if rep is None:
@@ -105,6 +112,9 @@ class Reconciler(Bidding):
                     self._write_status(wl, s, rep, rep.state, force=True)
             if wl.paused or rep.state in ("paused", "pausing"):
                 self._pause_or_resume(key, rep, wl)
+                continue
+            if rep.stop_at is not None and rep.stop_at <= self.now and rep.state == "running":
+                self._stop_overrun(e, key, rep)
                 continue
             if rep.restart_at is not None and rep.restart_at <= self.now:
                 rep.restart_at = None
@@ -152,9 +162,75 @@ class Reconciler(Bidding):
             if new is None and not self.draining and me not in self.liveness.suspects:
                 replaced = True
             if replaced or self.now >= rep.lost_at + self.t.fence_timeout_ms:
-                self._stop(key, "drained" if self.draining else "lost-slot")
+                why = "policy" if rep.note else "lost-slot"
+                self._stop(key, "drained" if self.draining else why)
         if not mine and not any(k[0] == uri for k in self._replicas):
             self._involved.discard(uri)
+
+    # -- host policy (docs/protocol.md, section 21) ---------------------------------------
+    def _on_host_policy(self, rec: HostPolicy) -> None:
+        """A hostPolicy record was seen: what it says about publishing ports (section 22)
+        and what it lends, to whom (section 21); our own re-places what no longer fits."""
+        self._note_mine(rec.uri)
+        self.cluster.put_inbound(rec.meshlet, inbound_of(rec))
+        if self.cluster.put_policy(rec) and rec.meshlet == self.me.did:
+            self._replace_misfits(force=True)
+            self._apply_runtime_limits()
+        self._cluster_changed()
+
+    def _on_host_policy_deleted(self, uri: str, repo: str) -> None:
+        """A hostPolicy record was deleted: its meshlet is back to the defaults."""
+        self.cluster.put_inbound(repo, NO_INBOUND)
+        self.cluster.delete(uri, repo)
+        self._cluster_changed()
+
+    def _replace_misfits(self, force: bool) -> None:
+        """Re-offer the slots our host policy no longer admits (an evicted owner, an image
+        source, a network, a run time, an owner over its cap): the next round of each, as a
+        drain does, with the reason in the replica's status; it keeps running until the new
+        owner runs (make-before-break, section 9)."""
+        misfits = self._policy_misfits()
+        moving = {(e.wl.uri, s) for e, s, _cur, _why in misfits}
+        for key, held in self._replicas.items():
+            if held.note is not None and held.note != MAX_RUNTIME and key not in moving:
+                held.note = None  # the policy admits it again: no longer moving
+                entry = self.workloads.get(key[0])
+                if entry is not None and held.written:
+                    self._write_status(entry.wl, key[1], held, held.written, force=True)
+        for e, s, cur, why in misfits:
+            rep = self._replicas.get((e.wl.uri, s))
+            if rep is not None and rep.note != why:
+                rep.note = why
+                if rep.written:
+                    self._write_status(e.wl, s, rep, rep.written, force=True)
+            self._reopen(e, s, cur, force)
+
+    def _apply_runtime_limits(self) -> None:
+        """Our host policy changed: every job running here gets the run time it now allows
+        (counted from when it first ran here)."""
+        pol = self.cluster.policies.get(self.me.did)
+        for key, rep in self._replicas.items():
+            e = self.workloads.get(key[0])
+            if e is None or rep.started is None or rep.state != "running":
+                continue
+            limit = runtime_limit_s(pol, e.wl)
+            rep.stop_at = None if limit is None else rep.started + limit * 1000
+            if rep.stop_at is not None:
+                self._replicas_waiting[key] = None
+                self._dirty[key[0]] = None
+
+    def _stop_overrun(self, e: WorkloadEntry, key: ReplicaKey, rep: Replica) -> None:
+        """A job ran its time out (its maxRuntimeS or our jobMaxRuntimeS): stop it, report
+        it failed with the reason, and never run the slot again."""
+        self._account(key, rep)
+        rep.state = "stopping"
+        rep.stop_at = None
+        rep.note = MAX_RUNTIME
+        self._out.append(StopReplica(key[0], key[1], MAX_RUNTIME))
+        self._write_status(e.wl, key[1], rep, "failed", force=True)
+        if e.finished is None:
+            e.finished = {}
+        e.finished[key[1]] = (self.me.did, rep.round, "failed")
 
     def _pause_or_resume(self, key: ReplicaKey, rep: Replica, wl: Workload) -> None:
         """A slot we own of a paused workload stops its replica and keeps its placement and
@@ -287,13 +363,20 @@ class Reconciler(Bidding):
                 rep.served = rep.version
             if ev.health is not None:
                 rep.health = ev.health
+            if rep.started is None:
+                rep.started = self.now
+            if e is not None:
+                limit = runtime_limit_s(self.cluster.policies.get(self.me.did), e.wl)
+                if limit is not None:
+                    rep.stop_at = rep.started + limit * 1000
+                    self._replicas_waiting[key] = None
             if e is not None and not rep.failing:
                 # a failing replica keeps its "failing" status while it is retried here
                 self._write_status(e.wl, ev.slot, rep, "running")
             self._dirty[ev.workload_uri] = None
             return
         # exited or failed to start
-        if rep.state in ("pausing", "paused"):
+        if rep.state in ("pausing", "paused") or rep.note == MAX_RUNTIME:
             return  # ended by (or after) the pause: no restart, no final status
         self._account(key, rep)
         rep.state = "exited"
@@ -366,7 +449,7 @@ class Reconciler(Bidding):
             workload_cid=wl.cid,
             message=rep.failing[:1024]
             if state == "failing"
-            else (rep.failed_reason[:1000] if failed else None),
+            else (rep.failed_reason[:1000] if failed else _status_message(rep.note)),
             health=health,
             endpoints=rep.endpoints if state in ("running", "failing") else (),
             version=rep.version,
@@ -432,6 +515,16 @@ class Reconciler(Bidding):
         for rep in self._replicas.values():
             if rep.state == "running":
                 rep.since = max(rep.since, start)
+
+
+def _status_message(note: str | None) -> str | None:
+    """The status message of a replica our host policy moves or stopped: the reason word
+    first (stable, for tools), then what it means."""
+    if note is None:
+        return None
+    if note == MAX_RUNTIME:
+        return MAX_RUNTIME
+    return f"moving ({note}): {REASON_TEXT.get(note, note)}"
 
 
 def _restarts(wl: Workload, ok: bool) -> bool:

@@ -64,7 +64,6 @@ from .records import (
     split_at_uri,
 )
 from .rounds import ROUND0_SPARE
-from .services import NO_INBOUND, inbound_of
 from .state import MeshletIdentity, bid_rkey, status_rkey
 from .timing import LEASE_MAX_VALID_MS
 from .updates import Updates
@@ -187,13 +186,10 @@ class Scheduler(Explanations, Updates):
         elif type(rec) is MeshletLink:
             self.cluster.put_link(rec)
             self._cluster_changed()
+        elif type(rec) is HostPolicy:
+            self._on_host_policy(rec)
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
-            self._cluster_changed()
-        elif type(rec) is HostPolicy:
-            # what it says about publishing ports (section 22)
-            self.cluster.put_inbound(rec.meshlet, inbound_of(rec))
-            self._note_mine(rec.uri)
             self._cluster_changed()
         elif type(rec) is Lease:
             liveness = self.liveness
@@ -221,17 +217,6 @@ class Scheduler(Explanations, Updates):
             self.draining = rec.state == "draining"
             self.draining_since = rec.state_since
         self._cluster_changed()
-
-    def _cluster_changed(self) -> None:
-        """Eligibility is part of the placement function: re-resolve every placed workload."""
-        for uri, e in self.workloads.items():
-            if e.owners is not None:
-                self._dirty[uri] = None
-
-    def _note_mine(self, uri: str) -> None:
-        repo, coll, rkey = split_at_uri(uri)
-        if repo == self.me.did:
-            self._my_rkeys.add((coll, rkey))
 
     def _on_workload(self, wl: Workload) -> None:
         refusal = workload_refusal(wl)
@@ -358,8 +343,7 @@ class Scheduler(Explanations, Updates):
             self.ledger.delete_usage(uri)
             return
         if coll == NSID_HOST_POLICY:
-            self.cluster.put_inbound(repo, NO_INBOUND)
-            self._cluster_changed()
+            self._on_host_policy_deleted(uri, repo)
             return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()
@@ -520,11 +504,12 @@ class Scheduler(Explanations, Updates):
                 lost.add(self.me.did)
             if lost:
                 self._scan_lost(lost)
+            self._replace_misfits(force=False)
         if self._replicas_waiting:
             for key, rep in self._waiting_replicas():
                 if rep.restart_at is not None and rep.restart_at <= now:
                     self._dirty[key[0]] = None
-                if rep.lost_at is not None or self._surge_due(rep) <= now:
+                if rep.lost_at is not None or self._due(rep) <= now:
                     self._dirty[key[0]] = None
         if self.orphans.first_seen:
             self.orphans.expire(now)
@@ -587,7 +572,7 @@ class Scheduler(Explanations, Updates):
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
                 nxt.append(rep.lost_at + self.t.fence_timeout_ms)
-            nxt.append(self._surge_due(rep))  # far away without an update under way
+            nxt.append(self._due(rep))  # a job's stop, an update's bound (far: none)
         period_end = self.ledger.period_end()
         if period_end is not None:
             nxt.append(period_end)

@@ -15,7 +15,7 @@ from .ledger import UsageLedger
 from .liveness import Liveness
 from .orphans import Orphans
 from .placement import Owner, WorkloadEntry
-from .records import Endpoint, Record, Workload, at_uri
+from .records import Endpoint, Record, Workload, at_uri, split_at_uri
 from .timing import DEFAULT_TIMING, Timing
 
 
@@ -79,13 +79,16 @@ class Replica:
         "health",
         "lane",
         "lost_at",
+        "note",
         "restart_at",
         "restarts",
         "round",
         "served",
         "since",
         "spec",
+        "started",
         "state",
+        "stop_at",
         "surge",
         "tries",
         "up_since",
@@ -110,6 +113,9 @@ class Replica:
         self.up_since: int | None = None  # when it last started running
         self.tries = 0  # failed tries since it last ran STABLE_MS (section 22)
         self.failing = ""  # why we handed its slot off ("" while we have not)
+        self.note: str | None = None  # why it moves or stopped (host policy), in its status
+        self.started: int | None = None  # when it first ran here (a job's run time)
+        self.stop_at: int | None = None  # a job stopped then: its run time is up
         self.written_version = ""  # (version, failed version) last written, joined by "/"
         # What runs (section 23): the workload version it was started with (None: adopted
         # after a restart, only its version known), in which lane.
@@ -268,6 +274,17 @@ class SchedulerState:
             self._writes_out, DeleteRecord(coll, rkey, at_uri(self.me.did, coll, rkey))
         )
         self._writes_out += 1
+
+    def _cluster_changed(self) -> None:
+        """Eligibility is part of the placement function: re-resolve every placed workload."""
+        for uri, e in self.workloads.items():
+            if e.owners is not None:
+                self._dirty[uri] = None
+
+    def _note_mine(self, uri: str) -> None:
+        repo, coll, rkey = split_at_uri(uri)
+        if repo == self.me.did:
+            self._my_rkeys.add((coll, rkey))
 
     def _wake(self, at: int, uri: str) -> None:
         heapq.heappush(self._wakes, (at, uri))

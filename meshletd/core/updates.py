@@ -109,10 +109,13 @@ class Updates(Reconciler):
         rep.spec, rep.version = spec, spec.version
         return spec
 
-    def _surge_due(self, rep: Replica) -> int:
-        """When the new version started beside `rep` must serve by (far away: none)."""
-        surge = rep.surge
-        return (1 << 62) if surge is None else surge.started_at + self.t.update_timeout_ms
+    def _due(self, rep: Replica) -> int:
+        """The first deadline of `rep` besides its restart and fence: a job's stop (its
+        run time is up), the time the new version started beside it must serve by."""
+        due = rep.stop_at if rep.stop_at is not None else 1 << 62
+        if rep.surge is not None:
+            due = min(due, rep.surge.started_at + self.t.update_timeout_ms)
+        return due
 
     def _halted(self, e: WorkloadEntry, version: str) -> bool:
         """Whether the update to `version` failed on some slot (ours, or as the status of

@@ -53,6 +53,7 @@ class InMemoryNode:
         self.did = did
         self.owner = owner
         self._state = "active"
+        self._policy: Any = None  # the HostPolicy "published" (memory), None: none yet
         self._members = list(members)
         self._clusters = clusters or {"default": list(self._members)}
         self._capacity = dict(capacity or {"milliCpu": 1000, "memoryMiB": 1024})
@@ -330,6 +331,25 @@ class InMemoryNode:
                     r.pop("unit", None)
                     r["state"] = "pending"
         return self._state
+
+    async def policy(self) -> dict[str, Any]:
+        # Lazy: the record layer is not otherwise loaded by `backend = "memory"`.
+        from meshletd.core.records import HostPolicy
+        from meshletd.daemon.hostpolicy import policy_view
+
+        current = self._policy or HostPolicy.default(self.did)
+        return policy_view(current, self._policy is not None)
+
+    async def set_policy(self, body: dict[str, Any]) -> dict[str, Any]:
+        from meshletd.core.records import HostPolicy
+        from meshletd.daemon.hostpolicy import now_ms, requested_policy
+        from meshletd.policy_settings import record_value, same_rules
+
+        current = self._policy or HostPolicy.default(self.did)
+        wanted = requested_policy(body, current, now_ms())
+        if self._policy is None or not same_rules(self._policy, wanted):
+            self._policy = wanted
+        return {"policy": record_value(self._policy)}
 
     async def undrain(self) -> str:
         if self._state == "stopping":

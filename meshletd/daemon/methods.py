@@ -21,8 +21,10 @@ from meshletd.core.nsid import (
     CTL_BIDS,
     CTL_CREATE,
     CTL_ENDPOINTS,
+    CTL_GET_POLICY,
     CTL_HANDLES,
     CTL_MEMBERS,
+    CTL_SET_POLICY,
     CTL_STATUS,
     NSID_WORKLOAD,
 )
@@ -218,6 +220,14 @@ def install(
         got = await node.handles()
         return {"handles": [{"did": d, "handle": h} for d, h in sorted(got.items())]}
 
+    async def ctl_get_policy(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return await node.policy()
+
+    async def ctl_set_policy(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InvalidRequest("input needs policy, settings, or key and value")
+        return await node.set_policy(body)
+
     def local_only(handler: Any) -> Any:
         async def guarded(caller: Caller, params: dict[str, Any], body: Any) -> Any:
             if not caller.local:
@@ -256,3 +266,5 @@ def install(
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
     add(CTL_ENDPOINTS, q, Access.LOCAL, local_only(ctl_endpoints))
+    add(CTL_GET_POLICY, q, Access.LOCAL, local_only(ctl_get_policy))
+    add(CTL_SET_POLICY, p, Access.LOCAL, local_only(ctl_set_policy))

@@ -72,6 +72,15 @@ class Node(Protocol):
 
     async def undrain(self) -> str: ...
 
+    async def policy(self) -> JsonObject:
+        """This meshlet's host policy: `policy` (record value), `published`, `settings`."""
+        ...
+
+    async def set_policy(self, body: JsonObject) -> JsonObject:
+        """Change the host policy as a setPolicy request says and publish it; returns
+        `{policy}` (the record value in force). Raises InvalidRequest, Forbidden."""
+        ...
+
     async def logs(self, uri: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         """Entries `{line, time}` and a cursor: the last `lines` entries, or at most `lines`
         of the oldest after `cursor` (opaque, from an earlier answer); the cursor answered is

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from meshletd.core import StopReplica
+from meshletd.core.records import HostPolicy
 
 from .model import Node
 from .updates import check_versions
@@ -109,6 +110,8 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "decisions": len(dec),
         "events": sim.events,
         "wall_s": round(wall, 2),
+        "host_policies": sum(1 for r in sim.store.values() if isinstance(r, HostPolicy)),
+        "policy_stops": dict(sim.policy_stops),
         "needless_moves": sum(sim.needless.values()),
         "needless_moves_by_round": dict(sim.needless),
         "needless_move_examples": sim.needless_examples,

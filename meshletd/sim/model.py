@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshletd.core import Scheduler, Timing
+from meshletd.core import Membership, MeshletLink, MeshletOwner, Scheduler, Timing, Workload
 
 CREATE, UPDATE, DELETE = 3, 2, 1
 EPOCH = 1_800_000_000_000  # virtual time 0, in epoch ms
@@ -69,6 +69,18 @@ class Node:
     stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
     # (workload, slot) -> lane -> version running (two lanes while an update runs)
     lanes: dict[tuple[str, int], dict[int, str]] = field(default_factory=dict)
+
+
+def _fields(wl: Workload) -> dict[str, Any]:
+    return {f: getattr(wl, f) for f in wl.__slots__}
+
+
+def _sync_rank(rec: Any) -> int:
+    if isinstance(rec, (MeshletLink, MeshletOwner, Membership)):
+        return 0
+    if isinstance(rec, Workload):
+        return 1
+    return 2
 
 
 __all__ = ["BUCKET_MS", "CLUSTER", "CREATE", "DELETE", "EPOCH", "UPDATE", "Config", "Node"]
