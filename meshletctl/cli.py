@@ -471,10 +471,22 @@ def endpoints(
 
 @app.command()
 def balance(as_json: JsonOpt = False) -> None:
-    """The fair-share ledger: what each owner gave and took."""
+    """Each owner's standing: what it gave and took (fair share), lent and used over this
+    host's minContribution period, the ratio, and how this host serves it."""
     from meshletctl import render
 
     _run_named(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
+
+
+@app.command()
+def usage(
+    days: Annotated[int, typer.Option(min=1, max=366, help="UTC days back, today included")] = 7,
+    as_json: JsonOpt = False,
+) -> None:
+    """What ran on this machine, per owner and per UTC day, from its usage records."""
+    from meshletctl import render
+
+    _run_named(as_json, lambda c: c.query(CTL + "getUsage", days=days), render.usage)
 
 
 policy_app = typer.Typer(

@@ -209,7 +209,7 @@ def _update_notes(
     w: dict[str, Any], rows: dict[int, dict[str, Any]], name: Callable[[str | None], str]
 ) -> list[str]:
     """A rolling update under way (how many slots run the wanted version), and the last
-    update rolled back with its reason (docs/protocol.md, section 23)."""
+    update rolled back with its reason (docs/protocol.md, section 24)."""
     out = []
     want = w.get("version")
     known = [r for r in rows.values() if r.get("version")]
@@ -319,6 +319,10 @@ def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
             console.print(f"why: {_named(rnd['why'], name)}")
 
 
+def _ratio(permille: object) -> str:
+    return "-" if not isinstance(permille, int) else f"{permille / 1000:.3g}"
+
+
 def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
     name = _namer(names)
     t = _table("SLOT", "PORT", "ENDPOINT", "MESHLET", "STATE", "HEALTH", title=safe(d["workload"]))
@@ -338,7 +342,18 @@ def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
 
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
     name = _namer(names)
-    t = _table("OWNER", "GAVE (CPU·s)", "TOOK (CPU·s)", "BALANCE", "PRIORITY")
+    t = _table(
+        "OWNER",
+        "GAVE (CPU·s)",
+        "TOOK (CPU·s)",
+        "BALANCE",
+        "PRIORITY",
+        "LENT (CPU·h)",
+        "USED (CPU·h)",
+        "RATIO",
+        "STANDING",
+        "SERVED",
+    )
     for o in d.get("owners", []):
         gave = o.get("gaveMilliCpuSeconds", 0) / 1000
         took = o.get("tookMilliCpuSeconds", 0) / 1000
@@ -349,11 +364,43 @@ def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
             f"{took:g}",
             f"{gave - took:+g}",
             "" if prio is None else safe(prio),
+            f"{o.get('lentMilliCpuSeconds', 0) / 3_600_000:.2f}",
+            f"{o.get('usedMilliCpuSeconds', 0) / 3_600_000:.2f}",
+            _ratio(o.get("ratioPermille")),
+            safe(o.get("standing", "")),
+            safe(o.get("served", "")),
         )
     _console().print(t)
     if d.get("halfLifeSeconds"):
         at = f" as of {d['at']}" if d.get("at") else ""
         print(safe(f"usage decays with a half-life of {d['halfLifeSeconds']} s{at}"))
+    rule = d.get("minContribution")
+    if isinstance(rule, dict):
+        print(
+            safe(
+                f"this host asks owners to lend {_ratio(rule.get('ratioPermille'))} x what "
+                f"they use over {rule.get('periodDays')} days; those below come "
+                + ("not at all" if rule.get("mode") == "refuse" else "after contributors")
+            )
+        )
+    elif d.get("periodDays"):
+        print(safe(f"lent and used over {d['periodDays']} days; this host sets no minimum"))
+
+
+def usage(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("DAY (UTC)", "OWNER", "CPU·h", "MEMORY (GiB·h)", "PERIODS")
+    for r in d.get("rows", []):
+        t.add_row(
+            safe(r.get("day", "")),
+            name(r.get("ownerDid")),
+            f"{r.get('milliCpuSeconds', 0) / 3_600_000:.2f}",
+            f"{r.get('memoryMiBSeconds', 0) / 1024 / 3600:.2f}",
+            safe(r.get("periods", "")),
+        )
+    _console().print(t)
+    if not d.get("rows"):
+        print(safe(f"no usage records of this meshlet in the last {d.get('days', '?')} days"))
 
 
 @contextlib.contextmanager

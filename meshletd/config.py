@@ -157,7 +157,7 @@ class Scheduling(_Section):
     Local (this machine only): `bid_window_ms` (the default `bidWindowMs` of the workloads
     this meshlet publishes; each workload carries its own), probing (`probe_interval_ms`,
     `probe_failures`, `watchers`), `fence_timeout_ms`, `reopen_backoff_ms`, `bid_batch_ms`,
-    `update_timeout_ms` (how long an update's new replica may take to run, section 23),
+    `update_timeout_ms` (how long an update's new replica may take to run, section 24),
     and the lease a meshlet without `public_endpoint` writes (`lease_renew_ms`,
     `lease_valid_ms`: the validity travels in the lease, docs/protocol.md section 8).
     The defaults are the protocol's; read at start (a reload does not change them).

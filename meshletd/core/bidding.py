@@ -12,6 +12,7 @@ from .bounds import (
     bid_refusal,
     clamp,
 )
+from .commons import AFTER, DEFAULT_PERIOD_DAYS, DEFERRED_PRIORITY, REFUSE, Rule, rule_of, standing
 from .fairshare import meshlet_priority
 from .hosting import Hosting
 from .placement import (
@@ -39,11 +40,63 @@ class Bidding(Hosting):
         ledger.refresh_balances(self.now, self.cluster)
         taken = ledger.taken
         entries = [self.workloads[u] for u in queue if u in self.workloads]
-        # Capacity is short? Serve owners who used least first.
-        entries.sort(key=lambda e: (taken.get(e.wl.owner, 0), e.wl.created_at, e.wl.uri))
+        # Capacity is short? Serve contributors before owners below our minContribution
+        # (section 24), then owners who used least first.
+        below = self._below_minimum
+        entries.sort(
+            key=lambda e: (
+                below(e.wl.owner) is not None,
+                taken.get(e.wl.owner, 0),
+                e.wl.created_at,
+                e.wl.uri,
+            )
+        )
         prio = meshlet_priority(self.me.owner, taken, ledger.given)
         for e in entries:
             self._consider(e, prio)
+
+    def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        """Our host policy's free-rider rule (None: none) and (lent, used) per owner as our
+        bids judge them (section 24); over the default period when we set no rule."""
+        rule = rule_of(self.cluster.policies.get(self.me.did))
+        days = None if rule is not None else DEFAULT_PERIOD_DAYS
+        return self.ledger.contribution(self.now, self.cluster, self.me.did, days)
+
+    def _contributor_waiting(self, cpu: int, mem: int) -> bool:
+        """Whether a workload of an owner in good standing here has a slot nobody holds,
+        not finished, that we could take now (eligible, fits our free room): mode "after"
+        keeps that room for it rather than offer it to an owner below (section 24)."""
+        me = self.me.did
+        cluster = self.cluster
+        for e in self.workloads.values():
+            owners = e.owners
+            wl = e.wl
+            if owners is None or None not in owners:
+                continue
+            if wl.milli_cpu > cpu or wl.memory_mib > mem:
+                continue
+            if not any(
+                c is None
+                and not (e.finished and s in e.finished)
+                and (wl.allow_packing or not self._holds_other(e, s))
+                for s, c in enumerate(owners)
+            ):
+                continue
+            if self._below_minimum(wl.owner) is not None:
+                continue
+            if cluster.eligible(wl, me) and cluster.policy_refusal(wl, me) is None:
+                return True
+        return False
+
+    def _below_minimum(self, owner: str) -> str | None:
+        """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
+        stands below it here (section 24), else None. Our own owner always stands well."""
+        if owner == self.me.owner:
+            return None
+        rule, lent, used = self.ledger.contribution(self.now, self.cluster, self.me.did)
+        if rule is None or not standing(owner, lent, used, rule).below:
+            return None
+        return rule.mode
 
     def _holds_other(self, e: WorkloadEntry, slot: int) -> bool:
         """Whether we own, run or have bid for another slot of e (one replica per meshlet
@@ -74,6 +127,13 @@ class Bidding(Hosting):
         ports = self.free_ports() if wl.ports else 0
         if wl.ports and ports < len(wl.ports):
             fits = False
+        below = self._below_minimum(wl.owner)
+        if below == REFUSE:
+            fits = False  # below our minContribution: we offer it nothing (section 23)
+        elif below == AFTER:
+            prio = DEFERRED_PRIORITY  # any host that does not defer it ranks first
+            if fits and self._contributor_waiting(cpu, mem):
+                fits = False  # our room goes to the contributor first
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -289,9 +349,14 @@ class Bidding(Hosting):
             and self.cluster.policy_refusal(wl, self.me.did) is None
             and self._policy_slots(wl, close, 1) > 0
         )
+        below = self._below_minimum(wl.owner)
+        if below == REFUSE:
+            fits = False  # an empty bid still opens the round for the others (section 24)
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)
         prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)
+        if below == AFTER:
+            prio = DEFERRED_PRIORITY
         if cur is not None:
             self._reopened[(wl.uri, slot)] = (self.now, cur)
         self._bid(

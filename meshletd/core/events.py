@@ -45,7 +45,7 @@ class ReplicaStateChanged:
     failure ended it. `endpoints`: where an adopted running replica publishes its ports.
     `lane`: which of the slot's two replicas (an update runs the new version beside the
     old); `version`: the spec version it runs, when the runtime knows it (adopted replicas:
-    the one stored with the unit; docs/protocol.md, section 23)."""
+    the one stored with the unit; docs/protocol.md, section 24)."""
 
     workload_uri: str
     slot: int

@@ -147,7 +147,7 @@ class Reconciler(Bidding):
                 self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
                 continue
             if rep.surge is not None:
-                # the slot moved on: its update is the new owner's now (section 23)
+                # the slot moved on: its update is the new owner's now (section 24)
                 self._end_surge(key, rep, "lost-slot")
             if rep.lost_at is None:
                 rep.lost_at = self.now
@@ -421,7 +421,7 @@ class Reconciler(Bidding):
     ) -> None:
         """Write our status record of (wl, slot) when its state, health or version changed
         (or `force`). It names the version the replica runs and, while the record still
-        wants it, a version whose update failed here and why (section 23)."""
+        wants it, a version whose update failed here and why (section 24)."""
         health = rep.health if wl.health_command and state in ("running", "failing") else None
         failed = rep.failed if rep.failed and rep.failed == wl.version else ""
         versions = f"{rep.version}/{failed}"

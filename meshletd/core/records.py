@@ -113,7 +113,7 @@ class Workload:
     rollback), rollback {version, reason, at} (the last update rolled back, and why),
     createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose record it is;
     `version` is the spec version every observer derives from the record's value
-    (`meshletd.core.versions`, docs/protocol.md, section 23)."""
+    (`meshletd.core.versions`, docs/protocol.md, section 24)."""
 
     uri: str
     cid: str
@@ -148,9 +148,9 @@ class Workload:
     health_timeout_s: int = 30
     health_retries: int = 3
     health_start_period_s: int = 0
-    version: str = ""  # the spec version, derived from the record's value (section 23)
+    version: str = ""  # the spec version, derived from the record's value (section 24)
     # The spec before the last update (`previous`), as a workload of the same name and
-    # placement: what a slot starts when the record's version failed (section 23).
+    # placement: what a slot starts when the record's version failed (section 24).
     previous: Workload | None = None
     # The last update rolled back (display only): the version it tried and why it failed.
     rollback_version: str = ""
@@ -182,7 +182,7 @@ class WorkloadStatus:
     unhealthy; None: no check declared), endpoints[{name, address, port, protocol}],
     updatedAt, version (the spec version the replica runs), failedVersion (a version this
     slot's update to failed: the rollout stops there; `message` says why; docs/protocol.md,
-    section 23)."""
+    section 24)."""
 
     uri: str
     meshlet: str

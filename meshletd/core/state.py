@@ -53,7 +53,7 @@ def status_rkey(workload_uri: str, slot: int) -> str:
 
 
 class Surge:
-    """The new version of a slot started beside the old one (docs/protocol.md, section 23):
+    """The new version of a slot started beside the old one (docs/protocol.md, section 24):
     in the other lane, until it serves (then the old one stops) or fails."""
 
     __slots__ = ("endpoints", "lane", "started_at", "wl")
@@ -117,7 +117,7 @@ class Replica:
         self.started: int | None = None  # when it first ran here (a job's run time)
         self.stop_at: int | None = None  # a job stopped then: its run time is up
         self.written_version = ""  # (version, failed version) last written, joined by "/"
-        # What runs (section 23): the workload version it was started with (None: adopted
+        # What runs (section 24): the workload version it was started with (None: adopted
         # after a restart, only its version known), in which lane.
         self.spec = spec
         self.version = spec.version if spec is not None else ""

@@ -1,4 +1,4 @@
-"""Rolling updates of the slots we own (docs/protocol.md, section 23).
+"""Rolling updates of the slots we own (docs/protocol.md, section 24).
 
 When a workload record's spec version changes, each slot's owner starts the new version
 beside the old one, in the slot's other lane, when its turn comes (every lower slot serves

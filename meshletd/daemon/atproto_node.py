@@ -370,7 +370,7 @@ class AtprotoNode:
 
     def _maybe_roll_back(self, ev: RecordEvent) -> None:
         """A slot's status says an update of one of our owner's workloads failed: write
-        the previous spec back (docs/protocol.md, section 23), once per failed version."""
+        the previous spec back (docs/protocol.md, section 24), once per failed version."""
         rec = ev.record
         if not isinstance(rec, dict):
             return
@@ -495,6 +495,9 @@ class AtprotoNode:
 
     def balance(self) -> dict[str, Any]:
         return self.read.balance(int(time.time() * 1000))
+
+    def usage(self, days: int) -> dict[str, Any]:
+        return self.read.usage(int(time.time() * 1000), days)
 
     def meshlets(self) -> list[dict[str, Any]]:
         return self.read.meshlets()

@@ -126,7 +126,7 @@ class OwnerCommands:
     async def update_workload(self, ref: str, image: str) -> dict[str, Any]:
         """A new image for one of our owner's workloads. The record keeps its createdAt (its
         placement) and gets the spec it had in `previous`, so that the owner's meshlet can
-        write it back if the new version never runs (docs/protocol.md, section 23)."""
+        write it back if the new version never runs (docs/protocol.md, section 24)."""
         uri, rkey = self._own_rkey(ref)
         repo = self._owner_repo()
         got = await repo.get_record(NSID_WORKLOAD, rkey)  # as stored: unknown fields kept
@@ -161,7 +161,7 @@ class OwnerCommands:
 
     async def roll_back(self, uri: str, failed: str, reason: str) -> bool:
         """The update of our owner's workload to `failed` did not run on some slot: write
-        the previous spec back, with the reason in `rollback` (section 23). Nothing is
+        the previous spec back, with the reason in `rollback` (section 24). Nothing is
         written when the record no longer asks for that version, or keeps no previous
         spec (the rollout then stays stopped where it failed). False: the owner's PDS did
         not answer (worth trying again)."""

@@ -107,7 +107,7 @@ def replica_spec(
 ) -> ReplicaSpec:
     """What the runtime runs for a slot: the core's workload as published (image, command,
     args, env, resources, secret references; its spec version as the revision, handed
-    back on adoption: docs/protocol.md, section 23)."""
+    back on adoption: docs/protocol.md, section 24)."""
     wl = action.workload
     secrets = []
     for ref in wl.secrets:

@@ -235,6 +235,9 @@ class InMemoryNode:
             ],
         }
 
+    def usage(self, days: int) -> dict[str, Any]:
+        return {"meshletDid": self.did, "days": days, "rows": []}  # nothing runs here
+
     async def handles(self) -> dict[str, str]:
         return {}  # no identities to resolve
 

@@ -26,6 +26,7 @@ from meshletd.core.nsid import (
     CTL_MEMBERS,
     CTL_SET_POLICY,
     CTL_STATUS,
+    CTL_USAGE,
     NSID_WORKLOAD,
 )
 from meshletd.daemon.node import Node, check_owner
@@ -40,6 +41,7 @@ __all__ = [
     "CTL_HANDLES",
     "CTL_MEMBERS",
     "CTL_STATUS",
+    "CTL_USAGE",
     "install",
     "lexicon_params",
 ]
@@ -215,6 +217,9 @@ def install(
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
 
+    async def ctl_usage(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return node.usage(int(params.get("days") or 7))
+
     async def ctl_handles(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         # Display names for human tables.
         got = await node.handles()
@@ -264,6 +269,7 @@ def install(
     add(CTL_CREATE, p, Access.LOCAL, local_only(ctl_create))
     add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids))
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
+    add(CTL_USAGE, q, Access.LOCAL, local_only(ctl_usage))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
     add(CTL_ENDPOINTS, q, Access.LOCAL, local_only(ctl_endpoints))
     add(CTL_GET_POLICY, q, Access.LOCAL, local_only(ctl_get_policy))

@@ -95,6 +95,10 @@ class Node(Protocol):
 
     def balance(self) -> JsonObject: ...
 
+    def usage(self, days: int) -> JsonObject:
+        """What ran on this meshlet per UTC day and owner over the last `days` days."""
+        ...
+
     async def handles(self) -> dict[str, str]:
         """DID -> handle of the DIDs this node shows, for human tables (may be empty)."""
         ...

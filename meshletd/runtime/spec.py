@@ -39,7 +39,7 @@ class UnitStartFailed(RuntimeFailure):
 class ReplicaId:
     """One replica of one workload: the workload is `at://<owner_did>/…workload/<workload>`.
     `lane` (0 or 1) tells apart the two replicas of one slot while a rolling update runs
-    the new version beside the old (docs/protocol.md, section 23)."""
+    the new version beside the old (docs/protocol.md, section 24)."""
 
     owner_did: str
     workload: str

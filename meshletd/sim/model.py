@@ -44,6 +44,8 @@ class Config:
     nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)
     updates: int = 0  # new versions of running services published during the run
     bad_update_fraction: float = 0.25  # of those, versions that never start (rolled back)
+    free_riders: float = 0.0  # fraction of owners whose meshlets lend nothing (sim/commons.py)
+    min_contribution: str = ""  # MODE:PERMILLE[:DAYS] set by every contributor's host
 
 
 @dataclass

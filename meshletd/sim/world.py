@@ -45,6 +45,7 @@ from meshletd.core.records import (
 )
 
 from .chaos import apply_fault, schedule_chaos
+from .commons import setup_commons
 from .figures import count_needless, report
 from .model import (
     BUCKET_MS,
@@ -148,6 +149,7 @@ class Sim:
             self.store[at_uri(did, NSID_MEMBERSHIP, CLUSTER)] = Membership(
                 at_uri(did, NSID_MEMBERSHIP, CLUSTER), did, CLUSTER, members
             )
+        setup_commons(self)
         if cfg.nat > 0:
             # Its own stream, so that a run without NAT hosts stays what it was.
             pick = random.Random(cfg.seed * 1_000_003 + 17)
