@@ -236,6 +236,12 @@ def run(
         typer.Option(help="arch=amd64, label=K[=V], prefer=DID, avoid=DID, packing"),
     ] = None,
     cluster: Annotated[str | None, typer.Option(help="Cluster to offer it to")] = None,
+    pull_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="NAME=@FILE: registry credentials (auth file or user:password), for pulls only"
+        ),
+    ] = None,
     port: Annotated[
         list[str] | None,
         typer.Option(
@@ -258,7 +264,10 @@ def run(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Publish a workload record in the owner's repo; the commune places its replicas."""
+    """Publish a workload record in the owner's repo; the commune places its replicas.
+
+    The image's tag is resolved to a digest once, now, by this meshlet: every replica runs
+    exactly those bits (shown as "pinned to sha256:...")."""
     from meshletctl import parse
 
     try:
@@ -280,16 +289,19 @@ def run(
             restart=restart,
             constraint=constraint or [],
             cluster=cluster,
+            pull_secret=pull_secret,
             port=port or [],
             health=health,
         )
     except parse.ParseError as e:
         raise fail(InvalidRequest(str(e)), as_json) from None
-    _run(
-        as_json,
-        lambda c: publish(c, record, secrets),
-        lambda d: _say(f"published {record['name']}: {d['uri']}"),
-    )
+
+    def said(d: dict[str, Any]) -> None:
+        _say(f"published {record['name']}: {d['uri']}")
+        if d.get("imageDigest"):
+            _say(f"image {image} pinned to {d['imageDigest']}")
+
+    _run(as_json, lambda c: publish(c, record, secrets), said)
 
 
 @app.command()

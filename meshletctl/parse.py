@@ -166,6 +166,7 @@ def workload_record(
     restart: str | None = None,
     constraint: list[str] = (),  # type: ignore[assignment]
     cluster: str | None = None,
+    pull_secret: str | None = None,
     port: list[str] = (),  # type: ignore[assignment]
     health: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
@@ -207,6 +208,19 @@ def workload_record(
             raise ParseError(f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}") from None
     if secrets:
         record["secrets"] = [{"name": s} for s, _ in secrets]
+    if pull_secret is not None:
+        # Registry credentials: stored like a secret, named in imagePullSecret, used only
+        # for the pull (never mounted into the container).
+        pname, spec = key_value(pull_secret, "--pull-secret")
+        if not spec.startswith("@"):
+            raise ParseError(f"--pull-secret {pname}: give the value as @FILE")
+        try:
+            secrets.append((pname, Path(spec[1:]).read_bytes()))
+        except OSError as e:
+            raise ParseError(
+                f"--pull-secret {pname}: cannot read {spec[1:]}: {e.strerror}"
+            ) from None
+        record["imagePullSecret"] = pname
     if cluster:
         record["cluster"] = cluster
     if port:

@@ -188,6 +188,10 @@ def workload_state(w: dict[str, Any]) -> str:
     return safe(", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
+# States whose host message is shown under the table.
+MESSAGE_STATES = ("failing", "failed", "pending", "pulling")
+
+
 def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> list[str]:
     """One line per slot that has a reason (pending, lost, moving): printed under the table
     as plain text, so a narrow terminal or a pipe never splits it mid-word."""
@@ -196,7 +200,10 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
         rows = _slot_rows(w)
         for slot, r in rows.items():
             label = safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
-            why = r.get("reason") or (r.get("message") if r.get("state") == "failing" else "")
+            # the scheduler's reason, or the host's own message: why it is handed off
+            # (failing) or why it did not start yet (e.g. its image did not pull)
+            said = r.get("message") if r.get("state") in MESSAGE_STATES else ""
+            why = r.get("reason") or said
             if why:
                 out.append(f"{label} {replica_state(r)}: {_named(why, name)}")
             if r.get("failedVersion") and r.get("message"):
@@ -209,7 +216,7 @@ def _update_notes(
     w: dict[str, Any], rows: dict[int, dict[str, Any]], name: Callable[[str | None], str]
 ) -> list[str]:
     """A rolling update under way (how many slots run the wanted version), and the last
-    update rolled back with its reason (docs/protocol.md, section 24)."""
+    update rolled back with its reason (docs/protocol.md, section 25)."""
     out = []
     want = w.get("version")
     known = [r for r in rows.values() if r.get("version")]

@@ -1,5 +1,5 @@
 """`meshletctl update`: roll a workload to a new image (docs/cli.md, "Updates";
-docs/protocol.md section 24). Registered on the app by `meshletctl.cli`."""
+docs/protocol.md section 25). Registered on the app by `meshletctl.cli`."""
 
 from typing import Annotated, Any
 

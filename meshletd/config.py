@@ -147,6 +147,17 @@ class Control(_Section):
 _T = DEFAULT_TIMING
 
 
+class Images(_Section):
+    """[images]: where replicas' images come from and what a pull may cost (docs/runtime.md,
+    "Images from registries")."""
+
+    # Resolve a published workload's tag to its digest at publish time (the owner's
+    # meshlet asks the registry once; every replica then runs exactly those bits).
+    resolve_tags: bool = True
+    pull_timeout_s: int = Field(default=900, ge=1, le=86_400)
+    pull_max_mib: int = Field(default=10_240, ge=1, le=16_777_216)
+
+
 class Scheduling(_Section):
     """Timing of the scheduling protocol (docs/protocol.md section 3), in milliseconds.
 
@@ -157,7 +168,7 @@ class Scheduling(_Section):
     Local (this machine only): `bid_window_ms` (the default `bidWindowMs` of the workloads
     this meshlet publishes; each workload carries its own), probing (`probe_interval_ms`,
     `probe_failures`, `watchers`), `fence_timeout_ms`, `reopen_backoff_ms`, `bid_batch_ms`,
-    `update_timeout_ms` (how long an update's new replica may take to run, section 24),
+    `update_timeout_ms` (how long an update's new replica may take to run, section 25),
     and the lease a meshlet without `public_endpoint` writes (`lease_renew_ms`,
     `lease_valid_ms`: the validity travels in the lease, docs/protocol.md section 8).
     The defaults are the protocol's; read at start (a reload does not change them).
@@ -233,6 +244,7 @@ class Config(_Section):
     control: Control = Field(default_factory=Control)
     web: Web = Field(default_factory=Web)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    images: Images = Field(default_factory=Images)
     # The host policy published at start (None: no [policy] section; the record in the
     # repo, if any, is left as it is). docs/protocol.md section 21, docs/cli.md.
     policy: PolicySettings | None = None

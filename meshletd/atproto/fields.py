@@ -56,6 +56,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "healthCheck.startPeriodS": "health_start_period_s",
         "network": "network",
         "maxRuntimeS": "max_runtime_s",
+        "imageDigest": "image_digest",
+        "imagePullSecret": "image_pull_secret",
         "previous": "previous",
         "rollback.version": "rollback_version",
         "rollback.reason": "rollback_reason",

@@ -1,4 +1,4 @@
-"""A workload's update history at the JSON boundary (docs/protocol.md, section 24): its
+"""A workload's update history at the JSON boundary (docs/protocol.md, section 25): its
 spec version, derived from the value; its previous spec (`previous`), as a workload of the
 same name and placement; the last rollback (`rollback`). Kept apart from `records.py`,
 which calls these with its own converters (passed in: no import cycle)."""

@@ -219,6 +219,8 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            image_digest=str(value.get("imageDigest", "")),
+            image_pull_secret=str(value.get("imagePullSecret", "")),
             ports=ports_from_json(value),
             **health_from_json(value, d.defaults),
             network=str(d.get(value, "network", "network")),
@@ -382,6 +384,10 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.image_digest:
+            out["imageDigest"] = record.image_digest
+        if record.image_pull_secret:
+            out["imagePullSecret"] = record.image_pull_secret
         out.update(workload_services_json(record))
         if record.network != "internet":
             out["network"] = record.network

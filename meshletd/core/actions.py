@@ -35,7 +35,7 @@ class StartReplica:
     """Start (or restart) the local replica of (workload, slot), placed in `round`,
     publishing its declared ports at `endpoints` (docs/protocol.md, section 22). `lane`
     (0 or 1) tells apart the two replicas of one slot while an update runs the new version
-    beside the old (section 24)."""
+    beside the old (section 25)."""
 
     workload: Workload
     slot: int

@@ -131,7 +131,10 @@ def refusal(policy: HostPolicy, wl: Workload) -> str | None:
     """Why the policy refuses `wl` whatever the time (a reason word), or None."""
     if wl.owner in policy.evicted:
         return EVICTED
-    if not image_accepted(policy, wl.image):
+    # A tag resolved at publish time runs as name@imageDigest (docs/protocol.md, section
+    # 23): the workload is pinned by digest as surely as one whose image names it.
+    pinned = f"{wl.image}@{wl.image_digest}" if wl.image_digest and "@" not in wl.image else ""
+    if not image_accepted(policy, pinned or wl.image):
         return IMAGE
     if not grants_network(policy, wl.network):
         return NETWORK

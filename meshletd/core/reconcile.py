@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .actions import StartReplica, StopReplica
 from .bidding import Bidding
-from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MIN_EXIT_CODE, clamp
+from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MAX_STATUS_MESSAGE, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .policy import MAX_RUNTIME, REASON_TEXT, runtime_limit_s
@@ -147,7 +147,7 @@ class Reconciler(Bidding):
                 self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
                 continue
             if rep.surge is not None:
-                # the slot moved on: its update is the new owner's now (section 24)
+                # the slot moved on: its update is the new owner's now (section 25)
                 self._end_surge(key, rep, "lost-slot")
             if rep.lost_at is None:
                 rep.lost_at = self.now
@@ -335,6 +335,11 @@ class Reconciler(Bidding):
             self._on_other_lane(ev, key, rep)
             return
         e = self.workloads.get(ev.workload_uri)
+        if ev.state == "pulling":
+            # Progress of the image pull, shown in the status until the replica runs.
+            if rep.state == "starting" and e is not None:
+                self._write_status(e.wl, ev.slot, rep, "pulling", message=ev.message)
+            return
         if ev.state == "stopped" and rep.state == "pausing":
             # Paused: the replica keeps its slot, its round and its capacity.
             rep.state = "paused"
@@ -409,25 +414,38 @@ class Reconciler(Bidding):
                 self._hand_off(e, ev.slot, rep, f"{why}; handed off after {rep.tries} tries")
             elif unhealthy and not rep.failing:
                 self._write_status(wl, ev.slot, rep, rep.written or "running")
+            elif ev.state == "failed" and ev.message and not rep.failing:
+                # It could not start (e.g. its image could not be pulled): say why while
+                # it waits to try again. "pending", not "failed": a failed status is
+                # terminal to every observer (the slot would never be placed again).
+                self._write_status(wl, ev.slot, rep, "pending", message=ev.message)
             return
         final = "succeeded" if ok else "failed"
-        self._write_status(wl, ev.slot, rep, final, force=True)
+        self._write_status(wl, ev.slot, rep, final, force=True, message=ev.message)
         if e.finished is None:
             e.finished = {}
         e.finished[ev.slot] = (self.me.did, rep.round, final)
 
     def _write_status(
-        self, wl: Workload, slot: int, rep: Replica, state: str, force: bool = False
+        self,
+        wl: Workload,
+        slot: int,
+        rep: Replica,
+        state: str,
+        force: bool = False,
+        message: str = "",
     ) -> None:
-        """Write our status record of (wl, slot) when its state, health or version changed
-        (or `force`). It names the version the replica runs and, while the record still
-        wants it, a version whose update failed here and why (section 24)."""
+        """Write our status record of (wl, slot) when its state, health, message or version
+        changed (or `force`). It names the version the replica runs and, while the record
+        still wants it, a version whose update failed here and why (section 25)."""
         health = rep.health if wl.health_command and state in ("running", "failing") else None
+        message = message[:MAX_STATUS_MESSAGE]
         failed = rep.failed if rep.failed and rep.failed == wl.version else ""
         versions = f"{rep.version}/{failed}"
         if (
             rep.written == state
             and rep.written_health == health
+            and rep.message == message
             and rep.written_version == versions
             and not force
         ):
@@ -447,9 +465,13 @@ class Reconciler(Bidding):
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
-            message=rep.failing[:1024]
-            if state == "failing"
-            else (rep.failed_reason[:1000] if failed else _status_message(rep.note)),
+            message=(
+                rep.failing[:1024]
+                if state == "failing"
+                else (rep.failed_reason[:1000] if failed else "")
+                or message
+                or _status_message(rep.note)
+            ),
             health=health,
             endpoints=rep.endpoints if state in ("running", "failing") else (),
             version=rep.version,
@@ -458,6 +480,7 @@ class Reconciler(Bidding):
         rep.written = state
         rep.written_health = health
         rep.written_version = versions
+        rep.message = message
         self._put(NSID_STATUS, rkey, st)
 
     # -- rolling updates (the layer above, updates.py) --------------------------------------

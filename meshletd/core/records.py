@@ -107,13 +107,13 @@ class Workload:
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, network (none|internet|lan), maxRuntimeS, ports[{name, containerPort,
-    protocol}], healthCheck{command[], intervalS, timeoutS, retries, startPeriodS} (no
-    check: `health_command` empty), previous (the spec before the last update, kept for its
-    rollback), rollback {version, reason, at} (the last update rolled back, and why),
-    createdAt. `uri`, `cid` and `owner` (the repo) say which version of whose record it is;
-    `version` is the spec version every observer derives from the record's value
-    (`meshletd.core.versions`, docs/protocol.md, section 24)."""
+    paused, imageDigest, imagePullSecret, network (none|internet|lan), maxRuntimeS,
+    ports[{name, containerPort, protocol}], healthCheck{command[], intervalS, timeoutS,
+    retries, startPeriodS} (no check: `health_command` empty), previous (the spec before
+    the last update, kept for its rollback), rollback {version, reason, at} (the last
+    update rolled back, and why), createdAt. `uri`, `cid` and `owner` (the repo) say which
+    version of whose record it is; `version` is the spec version every observer derives
+    from the record's value (`meshletd.core.versions`, docs/protocol.md, section 25)."""
 
     uri: str
     cid: str
@@ -140,6 +140,10 @@ class Workload:
     storage_mib: int = 0
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
+    # The digest `image` meant when the owner published (sha256:...; "" = not resolved:
+    # a local image), and the owner's secret that holds the registry credentials.
+    image_digest: str = ""
+    image_pull_secret: str = ""
     network: str = "internet"  # what its replicas need: none | internet | lan (section 21)
     max_runtime_s: int | None = None  # a job's longest run, seconds (section 21)
     ports: tuple[PortSpec, ...] = ()  # published only where the host policy allows (sec. 22)
@@ -148,9 +152,9 @@ class Workload:
     health_timeout_s: int = 30
     health_retries: int = 3
     health_start_period_s: int = 0
-    version: str = ""  # the spec version, derived from the record's value (section 24)
+    version: str = ""  # the spec version, derived from the record's value (section 25)
     # The spec before the last update (`previous`), as a workload of the same name and
-    # placement: what a slot starts when the record's version failed (section 24).
+    # placement: what a slot starts when the record's version failed (section 25).
     previous: Workload | None = None
     # The last update rolled back (display only): the version it tried and why it failed.
     rollback_version: str = ""
@@ -182,7 +186,7 @@ class WorkloadStatus:
     unhealthy; None: no check declared), endpoints[{name, address, port, protocol}],
     updatedAt, version (the spec version the replica runs), failedVersion (a version this
     slot's update to failed: the rollout stops there; `message` says why; docs/protocol.md,
-    section 24)."""
+    section 25)."""
 
     uri: str
     meshlet: str

@@ -53,7 +53,7 @@ def status_rkey(workload_uri: str, slot: int) -> str:
 
 
 class Surge:
-    """The new version of a slot started beside the old one (docs/protocol.md, section 24):
+    """The new version of a slot started beside the old one (docs/protocol.md, section 25):
     in the other lane, until it serves (then the old one stops) or fails."""
 
     __slots__ = ("endpoints", "lane", "started_at", "wl")
@@ -79,6 +79,7 @@ class Replica:
         "health",
         "lane",
         "lost_at",
+        "message",
         "note",
         "restart_at",
         "restarts",
@@ -107,6 +108,7 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.message = ""  # the message written with it
         self.written_health: str | None = None  # and the health written with it
         self.endpoints: tuple[Endpoint, ...] = ()  # where its ports are published
         self.health: str | None = None  # its health check's verdict (None: no check)
@@ -117,7 +119,7 @@ class Replica:
         self.started: int | None = None  # when it first ran here (a job's run time)
         self.stop_at: int | None = None  # a job stopped then: its run time is up
         self.written_version = ""  # (version, failed version) last written, joined by "/"
-        # What runs (section 24): the workload version it was started with (None: adopted
+        # What runs (section 25): the workload version it was started with (None: adopted
         # after a restart, only its version known), in which lane.
         self.spec = spec
         self.version = spec.version if spec is not None else ""

@@ -35,7 +35,7 @@ class Timing:
     """How long after its renewal our lease counts as fresh (written into the lease)."""
     update_timeout_ms: int = 60_000
     """An update's new replica of a slot that is not serving this long after its start is
-    stopped and the update of that version abandoned (docs/protocol.md, section 24). Local:
+    stopped and the update of that version abandoned (docs/protocol.md, section 25). Local:
     it never enters placement."""
 
     @property

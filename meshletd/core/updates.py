@@ -1,4 +1,4 @@
-"""Rolling updates of the slots we own (docs/protocol.md, section 24).
+"""Rolling updates of the slots we own (docs/protocol.md, section 25).
 
 When a workload record's spec version changes, each slot's owner starts the new version
 beside the old one, in the slot's other lane, when its turn comes (every lower slot serves
@@ -234,8 +234,8 @@ class Updates(Reconciler):
             if serving(ev.state, getattr(ev, "health", ""), _checked(surge.wl)):
                 self._promote(key, rep)
             return
-        if ev.state == "stopped" or e is None:
-            return
+        if ev.state not in ("exited", "failed") or e is None:
+            return  # pulling (its image), or the stop of one we ended
         self._update_failed(e, key, rep, _why(ev))
 
 

@@ -1,6 +1,6 @@
 """Spec versions: what every observer derives the same way from a workload record's value,
 and the few rules of a rolling update that do not need the scheduler's state
-(docs/protocol.md, section 24).
+(docs/protocol.md, section 25).
 
 A workload's **version** is a hash of its record's value without the fields that do not
 change what a replica runs (how many replicas, where, paused, its name, its history). Two

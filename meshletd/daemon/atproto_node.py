@@ -44,7 +44,7 @@ from meshletd.core.records import (
     HostPolicy,
 )
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
-from meshletd.daemon.commands import OwnerCommands
+from meshletd.daemon.commands import DigestResolver, OwnerCommands
 from meshletd.daemon.engine import Engine
 from meshletd.daemon.followed import Followed
 from meshletd.daemon.hostpolicy import now_ms, policy_view, requested_policy
@@ -106,6 +106,7 @@ class AtprotoNode:
             self.peers,
             SecretStore(store),
             self.key,
+            resolve_image=DigestResolver() if cfg.images.resolve_tags else None,
         )
         self.formation: ClusterFormation | None = None
         self.engine: Engine | None = None
@@ -304,7 +305,7 @@ class AtprotoNode:
             return
         cfg = self.local.cfg
         runtime: ReplicaRuntime = (
-            systemd_runtime(contribution_runtime_config(cfg.contribution))
+            systemd_runtime(contribution_runtime_config(cfg.contribution, cfg.images))
             if kind == "systemd"
             else fake_runtime()
         )
@@ -370,7 +371,7 @@ class AtprotoNode:
 
     def _maybe_roll_back(self, ev: RecordEvent) -> None:
         """A slot's status says an update of one of our owner's workloads failed: write
-        the previous spec back (docs/protocol.md, section 24), once per failed version."""
+        the previous spec back (docs/protocol.md, section 25), once per failed version."""
         rec = ev.record
         if not isinstance(rec, dict):
             return

@@ -68,6 +68,7 @@ from meshletd.runtime import (
     ReplicaHealth,
     ReplicaId,
     ReplicaOomKilled,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaSpec,
     ReplicaStatus,
@@ -75,9 +76,13 @@ from meshletd.runtime import (
     Runtime,
     Secret,
 )
+from meshletd.runtime.reference import parse_image, pinned_image
+from meshletd.runtime.registry import auth_file
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
+# How often a replica's pull progress reaches its status record (each one is a PDS write).
+PULL_PROGRESS_EVERY_S = 30.0
 
 
 class Core(PlacementQueries, Protocol):
@@ -107,17 +112,25 @@ def replica_spec(
 ) -> ReplicaSpec:
     """What the runtime runs for a slot: the core's workload as published (image, command,
     args, env, resources, secret references; its spec version as the revision, handed
-    back on adoption: docs/protocol.md, section 24)."""
+    back on adoption: docs/protocol.md, section 25)."""
     wl = action.workload
     secrets = []
     for ref in wl.secrets:
         if ref.name not in secret_values:
             raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
         secrets.append(Secret(ref.target or ref.name, secret_values[ref.name], env=ref.env))
+    pull_auth = None
+    if wl.image_pull_secret:
+        value = secret_values.get(wl.image_pull_secret)
+        if value is None:
+            raise LookupError(f"pull secret {wl.image_pull_secret!r} is not available")
+        pull_auth = auth_file(value, parse_image(wl.image).registry)
     return ReplicaSpec(
         replica=replica_id(wl.uri, action.slot, action.lane),
         owner_handle=owner_handle,
-        image=wl.image,
+        # Pinned to the digest resolved when the owner published: the same bits everywhere.
+        image=pinned_image(wl.image, wl.image_digest),
+        pull_auth=pull_auth,
         resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
         args=wl.command + wl.args,
         env=tuple((e.name, e.value) for e in wl.env),
@@ -190,6 +203,7 @@ class Engine:
         # Replicas the core has heard of (adopted running, or started by it), by (uri, slot,
         # lane): an exit of any other is one that ended while meshletd was away.
         self._told: set[tuple[str, int, int]] = set()
+        self._pull_said: dict[tuple[str, int], float] = {}  # last pull progress forwarded
 
     @property
     def admin_slice_keys(self) -> frozenset[str]:
@@ -362,11 +376,14 @@ class Engine:
     async def secrets_for(self, wl: Workload) -> dict[str, bytes]:
         """The values of the secrets a workload references (fetched where they live)."""
         out: dict[str, bytes] = {}
-        for ref in wl.secrets:
-            value = await self._secret(wl.uri, ref.name) if self._secret else None
+        names = [ref.name for ref in wl.secrets]
+        if wl.image_pull_secret:
+            names.append(wl.image_pull_secret)
+        for name in names:
+            value = await self._secret(wl.uri, name) if self._secret else None
             if value is None:
-                raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
-            out[ref.name] = value
+                raise LookupError(f"secret {name!r} is not available to this meshlet")
+            out[name] = value
         return out
 
     def spec_for(
@@ -425,6 +442,18 @@ class Engine:
                 log.info("%s ended while meshletd was not running", what)
                 self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
             self._told.add((uri, slot, lane))
+            if isinstance(ev, ReplicaPulling):
+                # Each forwarded step is a status write: the first at once, then at most
+                # one per PULL_PROGRESS_EVERY_S (a long pull of many layers costs few).
+                last = self._pull_said.get((uri, slot))
+                now = self._clock()
+                if last is None or ev.layers_done == 0 or now - last >= PULL_PROGRESS_EVERY_S:
+                    self._pull_said[(uri, slot)] = now
+                    self.feed(
+                        ReplicaStateChanged(uri, slot, "pulling", message=ev.message, lane=lane)
+                    )
+                continue
+            self._pull_said.pop((uri, slot), None)
             if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
             elif isinstance(ev, ReplicaHealth):

@@ -72,7 +72,7 @@ def _serving(row: dict[str, Any], s: WorkloadStatus) -> None:
 
 def _versions(row: dict[str, Any], s: WorkloadStatus) -> None:
     """The version a status says its replica runs, and a failed update with its reason
-    (docs/protocol.md, section 24)."""
+    (docs/protocol.md, section 25)."""
     if s.version:
         row["version"] = s.version
     if s.failed_version:
@@ -355,6 +355,13 @@ class ReadModel:
                 r["state"] = local[(uri, slot)]
                 if status is not None and status.round >= rnd and status.state == "failing":
                     r["state"] = "failing"  # what our status says: it is being handed off
+                elif (
+                    r["state"] == "starting"
+                    and status is not None
+                    and status.round >= rnd
+                    and status.state in ("pulling", "pending")
+                ):
+                    r["state"] = status.state  # how far the start is (an image pull)
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:

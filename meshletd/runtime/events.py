@@ -41,6 +41,24 @@ class ReplicaStarting:
 
 
 @dataclass(frozen=True)
+class ReplicaPulling:
+    """The image is being pulled: `layers_done` of `layers` begun, `size_bytes` in all."""
+
+    replica: ReplicaId
+    unit: str
+    image: str
+    layers_done: int
+    layers: int
+    size_bytes: int
+
+    @property
+    def message(self) -> str:
+        """What the replica's status says meanwhile."""
+        mb = self.size_bytes / 1e6
+        return f"pulling {self.image}: layer {self.layers_done} of {self.layers} ({mb:.1f} MB)"
+
+
+@dataclass(frozen=True)
 class ReplicaRunning:
     """The container is running. `pull_ms` is image presence/pull, `start_ms` unit start."""
 
@@ -103,6 +121,7 @@ class ReplicaStopped:
 
 RuntimeEvent = (
     ReplicaStarting
+    | ReplicaPulling
     | ReplicaRunning
     | ReplicaHealth
     | ReplicaExited

@@ -20,12 +20,14 @@ from typing import TypeVar
 
 import trio
 
+from meshletd.errors import RuntimeFailure
 from meshletd.runtime import naming
 from meshletd.runtime.events import (
     EndEvent,
     ReplicaExited,
     ReplicaFailed,
     ReplicaHealth,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaStarting,
     ReplicaStatus,
@@ -40,8 +42,8 @@ from meshletd.runtime.outcome import (
     peak_memory_from_counters,
     unit_phase,
 )
+from meshletd.runtime.pull import fetch_image
 from meshletd.runtime.spec import (
-    ImageNotFound,
     InvalidReplicaSpec,
     PortBinding,
     ReplicaId,
@@ -102,6 +104,7 @@ class ReplicaRuntime:
         self._send, self._events = trio.open_memory_channel[RuntimeEvent](math.inf)
         self._replicas: dict[ReplicaId, _Replica] = {}
         self._image_seen: dict[str, float] = {}  # image -> when found present
+        self._pulling: dict[ReplicaId, trio.CancelScope] = {}  # starts in their image step
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
 
@@ -211,14 +214,15 @@ class ReplicaRuntime:
             health_check=spec.health is not None,
         )
         t0 = self._clock()
-        if failed := await self._ensure_image(rep, spec.image):
-            return failed
-        t1 = self._clock()
         started = False
         try:
+            # First: a pull with the owner's credentials keeps its auth file in here.
+            await self.machine.prepare_state_dir(unit)
+            if failed := await self._ensure_image(rep, spec):
+                return failed
+            t1 = self._clock()
             if failed := await self._create_secrets(rep, spec):
                 return failed
-            await self.machine.prepare_state_dir(unit)
             if failed := await self._start_unit(rep, spec):
                 return failed
             started = True
@@ -235,6 +239,8 @@ class ReplicaRuntime:
         """Stop a replica and remove its container; None when no such replica runs."""
         rep = self._replicas.get(replica)
         if rep is None:
+            if (pulling := self._pulling.get(replica)) is not None:
+                pulling.cancel()  # its start ends without a unit (and says so)
             return None
         async with rep.lock:
             if self._replicas.get(replica) is not rep:
@@ -348,26 +354,30 @@ class ReplicaRuntime:
 
     # ---- the steps ----------------------------------------------------------------------
 
-    async def _ensure_image(self, rep: _Replica, image: str) -> ReplicaFailed | None:
+    async def _ensure_image(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
+        """The image step (pull.py); a pull may take minutes, and a stop() meanwhile
+        cancels it (nothing is started yet)."""
+        image = spec.image
         seen = self._image_seen.get(image)
         if seen is not None and self._clock() - seen < IMAGE_FRESH_S:
             return None
-        try:
-            if await self.machine.image_present(image):
+        why: RuntimeFailure = UnitStartFailed("stopped while its image was pulled")
+        with trio.CancelScope() as self._pulling[spec.replica]:
+            try:
+                await fetch_image(
+                    self.machine, self.config, image, auth=spec.pull_auth, scratch=rep.unit,
+                    progress=lambda n, of, size: self._emit(
+                        ReplicaPulling(rep.replica, rep.unit, image, n, of, size)
+                    ),
+                )  # fmt: skip
                 self._image_seen[image] = self._clock()
                 return None
-            with trio.fail_after(self.config.pull_timeout_s):
-                await self.machine.pull_image(image)
-        except (MachineError, trio.TooSlowError) as err:
-            return self._emit(
-                ReplicaFailed(
-                    rep.replica,
-                    rep.unit,
-                    ImageNotFound.name,
-                    f"image {image} is not present and could not be pulled: {err}",
-                )
-            )
-        return None
+            except RuntimeFailure as err:
+                log.warning("replica %s: image %s: %s", rep.replica, image, err.message)
+                why = err
+            finally:
+                self._pulling.pop(spec.replica, None)
+        return self._emit(ReplicaFailed(rep.replica, rep.unit, why.name, why.message))
 
     async def _create_secrets(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
         for secret in spec.secrets:

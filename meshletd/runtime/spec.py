@@ -29,6 +29,24 @@ class ImageNotFound(RuntimeFailure):
     name = "ImageNotFound"
 
 
+class ImageUnauthorized(RuntimeFailure):
+    """The registry refused the image: no pull secret, or a wrong one."""
+
+    name = "ImageUnauthorized"
+
+
+class ImageTooLarge(RuntimeFailure):
+    """The image is bigger than this meshlet pulls (`RuntimeConfig.pull_max_bytes`)."""
+
+    name = "ImageTooLarge"
+
+
+class PullTimedOut(RuntimeFailure):
+    """The pull took longer than this meshlet allows (`RuntimeConfig.pull_timeout_s`)."""
+
+    name = "PullTimedOut"
+
+
 class UnitStartFailed(RuntimeFailure):
     """systemd refused the unit or the container did not reach "running"."""
 
@@ -39,7 +57,7 @@ class UnitStartFailed(RuntimeFailure):
 class ReplicaId:
     """One replica of one workload: the workload is `at://<owner_did>/…workload/<workload>`.
     `lane` (0 or 1) tells apart the two replicas of one slot while a rolling update runs
-    the new version beside the old (docs/protocol.md, section 24)."""
+    the new version beside the old (docs/protocol.md, section 25)."""
 
     owner_did: str
     workload: str
@@ -114,6 +132,9 @@ class ReplicaSpec:
     writable_root: bool = False
     stop_timeout_s: int = 10
     revision: str | None = ""
+    # The owner's registry credentials for this pull only (a containers-auth.json), given
+    # to podman as a file that is removed once the pull ended; never in a unit or argv.
+    pull_auth: bytes | None = field(default=None, repr=False)
     ports: tuple[PortBinding, ...] = ()
     health: HealthCheck | None = None
 

@@ -302,7 +302,7 @@ async def contract_cpu_quota_is_the_workloads_once_running_and_after_adoption(
 
 async def contract_two_lanes_of_a_slot_run_side_by_side(h: Harness) -> None:
     """A rolling update runs a slot's new version beside the old one (lane 1): two units,
-    adopted apart after a restart, each stopped on its own (docs/protocol.md section 24)."""
+    adopted apart after a restart, each stopped on its own (docs/protocol.md section 25)."""
     old = spec(h, workload="roll", index=0, revision="v1")
     new = replace(old, replica=replace(old.replica, lane=1), revision="v2")
     first = h.runtime()

@@ -91,7 +91,10 @@ class RuntimeConfig:
     cgroup_v2: bool = False
     poll_interval_s: float = 1.0
     start_timeout_s: int = 120
+    # Pull bounds (docs/runtime.md, "Images"): how long a pull may take, and how big an
+    # image (config + layers as its manifest declares them, compressed) may be.
     pull_timeout_s: int = 900
+    pull_max_bytes: int = 10 << 30
 
     @property
     def runtime_dir(self) -> str:

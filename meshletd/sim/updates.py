@@ -1,4 +1,4 @@
-"""The simulator's rolling updates (docs/protocol.md, section 24): owners publish new spec
+"""The simulator's rolling updates (docs/protocol.md, section 25): owners publish new spec
 versions of running services (some of which never start), the runtime runs a slot's two
 lanes side by side, the owner's meshlet writes the previous version back when a slot owner
 reports a version failed, and the run checks that every slot converges to the version the
@@ -95,7 +95,7 @@ def _publish(sim: Sim, wl: Workload) -> None:
 
 def status_written(sim: Sim, node: Node, st: WorkloadStatus) -> None:
     """A slot owner names a failed version of the record's current version: the owner's
-    meshlet writes the previous version back (docs/protocol.md, section 24)."""
+    meshlet writes the previous version back (docs/protocol.md, section 25)."""
     wl = sim.workloads.get(st.workload_uri)
     if wl is None or not st.failed_version or st.failed_version != wl.version:
         return

@@ -6,7 +6,7 @@ meshlets, each meshletd on its own booted systemd host, one module-scoped commun
 - `meshletctl update NAME --image ...` rolls the replicas to the new version one slot at
   a time, make-before-break (the container of one slot changes, then the other's; never
   both down), and a version that cannot start is rolled back with the reason shown
-  (docs/protocol.md, section 24).
+  (docs/protocol.md, section 25).
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def test_a_spec_change_written_by_any_tool_rolls_the_replicas_too(
     commune: Commune, roller: dict[str, Any]
 ) -> None:
     """The owner rewrites the record with the PDS's own putRecord (not meshletd): a new env
-    is a new version, rolled like any update (docs/protocol.md, section 24)."""
+    is a new version, rolled like any update (docs/protocol.md, section 25)."""
     import urllib.parse
 
     alice, uri = commune["alice"], roller["uri"]

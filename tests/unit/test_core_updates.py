@@ -1,4 +1,4 @@
-"""Rolling updates (docs/protocol.md, section 24): a new spec version is started beside the
+"""Rolling updates (docs/protocol.md, section 25): a new spec version is started beside the
 old one, one slot at a time in slot order, the old one stops once the new one runs, and a
 version that does not run within the bound is stopped, the old one kept, and the rollout of
 that version stopped on every slot."""

@@ -100,7 +100,7 @@ def test_podman_secret_names_fit_podmans_64_characters() -> None:
 
 def test_the_second_lane_of_a_slot_has_its_own_unit_that_only_it_owns() -> None:
     """A rolling update runs a slot's new version beside the old one (docs/protocol.md,
-    section 24): lane 1's unit is a different name, found again from its environment."""
+    section 25): lane 1's unit is a different name, found again from its environment."""
     from meshletd.runtime.units import identity_from_environment
 
     old = ReplicaId("did:plc:alice", "web", 3)

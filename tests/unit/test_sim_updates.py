@@ -1,4 +1,4 @@
-"""The simulator with rolling updates (docs/protocol.md, section 24): owners publish new
+"""The simulator with rolling updates (docs/protocol.md, section 25): owners publish new
 versions of running services, a quarter of which never run; under chaos every slot ends at
 the version its record asks for, no update stops an old replica before its new one runs,
 and the old and new replica of a slot run side by side at most update_timeout_ms."""

@@ -48,6 +48,13 @@ HOSTILE = [
     ({"image": "containers-storage:nginx"}, "image"),
     ({"image": "docker://evil/x"}, "image"),
     ({"image": "nginx; rm -rf /"}, "image"),
+    ({"imageDigest": "sha256:ABC"}, "imageDigest"),
+    ({"imageDigest": "md5:" + "0" * 64}, "imageDigest"),
+    (
+        {"image": "r.test/x@sha256:" + "1" * 64, "imageDigest": "sha256:" + "2" * 64},
+        "imageDigest",
+    ),
+    ({"imagePullSecret": "../etc/shadow"}, "imagePullSecret"),
     ({"env": [{"name": "A=B", "value": "x"}]}, "env[0].name"),
     ({"env": [{"name": "A\0B", "value": "x"}]}, "env[0].name"),
     ({"env": [{"name": "A", "value": "x\0y"}]}, "env[0].value"),
