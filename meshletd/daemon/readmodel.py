@@ -53,7 +53,6 @@ def _status_row(s: WorkloadStatus) -> dict[str, Any]:
     if s.unit is not None:
         row["unit"] = s.unit
     _serving(row, s)
-    _versions(row, s)
     return row
 
 
@@ -68,17 +67,10 @@ def _serving(row: dict[str, Any], s: WorkloadStatus) -> None:
         ]
     if s.message:
         row["message"] = s.message
-
-
-def _versions(row: dict[str, Any], s: WorkloadStatus) -> None:
-    """The version a status says its replica runs, and a failed update with its reason
-    (docs/protocol.md, section 25)."""
-    if s.version:
+    if s.version:  # the version it runs; an update that failed on it (section 25)
         row["version"] = s.version
     if s.failed_version:
         row["failedVersion"] = s.failed_version
-        if s.message:
-            row["message"] = _clip(s.message)
 
 
 def _clip(text: str, limit: int = _REASON_MAX) -> str:
@@ -374,7 +366,6 @@ class ReadModel:
                 r["restarts"] = status.restarts
                 if status.round >= rnd:
                     _serving(r, status)
-                _versions(r, status)
             if slot in reasons:
                 r["reason"] = _clip(reasons[slot])
             if meshlet == me:
