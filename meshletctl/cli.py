@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from meshletctl.client import ControlClient
+from meshletctl.update import update as update_command
 from meshletd.errors import InvalidRequest, MeshletError, NotFound, TimedOut
 
 CTL = "farm.meshlet.ctl."
@@ -601,6 +602,9 @@ def version(as_json: JsonOpt = False) -> None:
     else:
         print(f"meshletctl {__version__}")
         _say(f"meshletd {daemon}" if daemon else "meshletd not reachable")
+
+
+app.command(name="update")(update_command)
 
 
 def main() -> int:

@@ -197,16 +197,36 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
     as plain text, so a narrow terminal or a pipe never splits it mid-word."""
     out = []
     for w in items:
-        for slot, r in _slot_rows(w).items():
+        rows = _slot_rows(w)
+        for slot, r in rows.items():
+            label = safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
             # the scheduler's reason, or the host's own message: why it is handed off
             # (failing) or why it did not start yet (e.g. its image did not pull)
             said = r.get("message") if r.get("state") in MESSAGE_STATES else ""
             why = r.get("reason") or said
             if why:
-                label = (
-                    safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
-                )
                 out.append(f"{label} {replica_state(r)}: {_named(why, name)}")
+            if r.get("failedVersion") and r.get("message"):
+                out.append(f"{label} {_named(r['message'], name)}")
+        out.extend(_update_notes(w, rows, name))
+    return out
+
+
+def _update_notes(
+    w: dict[str, Any], rows: dict[int, dict[str, Any]], name: Callable[[str | None], str]
+) -> list[str]:
+    """A rolling update under way (how many slots run the wanted version), and the last
+    update rolled back with its reason (docs/protocol.md, section 25)."""
+    out = []
+    want = w.get("version")
+    known = [r for r in rows.values() if r.get("version")]
+    if want and known and any(r["version"] != want for r in known):
+        done = sum(1 for r in known if r["version"] == want)
+        out.append(
+            f"{safe(w['name'])} updating: {done} of {len(rows)} slot(s) at version {safe(want)}"
+        )
+    if w.get("rollback"):
+        out.append(f"{safe(w['name'])} {_named(w['rollback'], name)}")
     return out
 
 

@@ -184,6 +184,7 @@ class Scheduling(_Section):
     Local (this machine only): `bid_window_ms` (the default `bidWindowMs` of the workloads
     this meshlet publishes; each workload carries its own), probing (`probe_interval_ms`,
     `probe_failures`, `watchers`), `fence_timeout_ms`, `reopen_backoff_ms`, `bid_batch_ms`,
+    `update_timeout_ms` (how long an update's new replica may take to run, section 25),
     and the lease a meshlet without `public_endpoint` writes (`lease_renew_ms`,
     `lease_valid_ms`: the validity travels in the lease, docs/protocol.md section 8).
     The defaults are the protocol's; read at start (a reload does not change them).
@@ -207,6 +208,7 @@ class Scheduling(_Section):
     # 10 ms, not the core's 50: enough to gather the records of one firehose frame, and it
     # is on the publish -> running path (docs/benchmarks.md, "End to end").
     bid_batch_ms: int = Field(default=10, ge=0, le=10_000)
+    update_timeout_ms: int = Field(default=_T.update_timeout_ms, ge=1000, le=3_600_000)
     # only written by a meshlet without public_endpoint (it cannot be probed)
     lease_renew_ms: int = Field(default=_T.lease_renew_ms, ge=1000, le=600_000)
     lease_valid_ms: int = Field(default=_T.lease_valid_ms, ge=1000, le=LEASE_MAX_VALID_MS)

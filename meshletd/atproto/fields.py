@@ -58,6 +58,10 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "maxRuntimeS": "max_runtime_s",
         "imageDigest": "image_digest",
         "imagePullSecret": "image_pull_secret",
+        "previous": "previous",
+        "rollback.version": "rollback_version",
+        "rollback.reason": "rollback_reason",
+        "rollback.at": "",  # shown from the record by whoever reads it; not modelled
         "createdAt": "created_at",
     },
     Bid: {
@@ -87,6 +91,8 @@ FIELDS: Final[dict[type, dict[str, str]]] = {
         "health": "health",
         "endpoints": "endpoints",
         "updatedAt": "updated_at",
+        "version": "version",
+        "failedVersion": "failed_version",
     },
     Usage: {
         "periodStart": "period_start",
@@ -157,6 +163,7 @@ DEF_FIELDS: Final[dict[str, tuple[type, dict[str, str]]]] = {
     ),
 }
 # Fields a record takes from its address (at://repo/collection/rkey, cid), not its value.
-ADDRESS_FIELDS: Final = frozenset({"uri", "cid", "owner", "meshlet", "repo", "extra"})
+# (and `version`: a workload's spec version, derived from its value as a whole)
+ADDRESS_FIELDS: Final = frozenset({"uri", "cid", "owner", "meshlet", "repo", "extra", "version"})
 
 __all__ = ["ADDRESS_FIELDS", "DEF_FIELDS", "FIELDS"]

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meshletd.atproto.fields import ADDRESS_FIELDS, DEF_FIELDS, FIELDS
+from meshletd.atproto.history import history_fields, history_json
 from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
 from meshletd.atproto.services import (
@@ -183,6 +184,8 @@ def record_from_json(
             finished_at=_ms(value.get("finishedAt")),
             health=value.get("health"),
             endpoints=endpoints_from_json(value),
+            version=str(value.get("version", "")),
+            failed_version=str(value.get("failedVersion", "")),
         )
     if collection == NSID_WORKLOAD:
         d = _defaults(NSID_WORKLOAD)
@@ -222,6 +225,7 @@ def record_from_json(
             **health_from_json(value, d.defaults),
             network=str(d.get(value, "network", "network")),
             max_runtime_s=None if value.get("maxRuntimeS") is None else int(value["maxRuntimeS"]),
+            **history_fields(uri, cid, value, record_from_json),
         )
     if collection == NSID_USAGE:
         return Usage(
@@ -326,6 +330,10 @@ def record_to_json(record: Record) -> JsonObject:
         _put(out, "exitCode", record.exit_code)
         _put(out, "message", record.message)
         _put(out, "unit", record.unit)
+        if record.version:
+            out["version"] = record.version
+        if record.failed_version:
+            out["failedVersion"] = record.failed_version
         if record.started_at is not None:
             out["startedAt"] = format_datetime_ms(record.started_at)
         if record.finished_at is not None:
@@ -384,6 +392,7 @@ def record_to_json(record: Record) -> JsonObject:
         if record.network != "internet":
             out["network"] = record.network
         _put(out, "maxRuntimeS", record.max_runtime_s)
+        out.update(history_json(record, record_to_json))
         return out
     if isinstance(record, Usage):
         created = record.period_end if record.created_at is None else record.created_at

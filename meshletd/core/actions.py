@@ -33,22 +33,27 @@ class DeleteRecord:
 @dataclass(frozen=True, slots=True)
 class StartReplica:
     """Start (or restart) the local replica of (workload, slot), placed in `round`,
-    publishing its declared ports at `endpoints` (docs/protocol.md, section 22)."""
+    publishing its declared ports at `endpoints` (docs/protocol.md, section 22). `lane`
+    (0 or 1) tells apart the two replicas of one slot while an update runs the new version
+    beside the old (section 25)."""
 
     workload: Workload
     slot: int
     round: int
+    lane: int = 0
     endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class StopReplica:
-    """Stop and remove the local replica of (workload, slot). reason: lost-slot, deleted,
-    drained, scaled-down."""
+    """Stop and remove the local replica of (workload, slot) in `lane`. reason: lost-slot,
+    deleted, drained, scaled-down, paused, updated (the old version, once the new one
+    serves), update-failed (the new version, which did not)."""
 
     workload_uri: str
     slot: int
     reason: str
+    lane: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,12 +43,17 @@ class ReplicaStateChanged:
     start; `message` says why, e.g. why its image could not be pulled). `health`: its
     health check's verdict (starting|healthy|unhealthy; None: no news or no check) — a
     running replica reports each change, an exit says "unhealthy" when the check's failure
-    ended it. `endpoints`: where an adopted running replica publishes its ports."""
+    ended it. `endpoints`: where an adopted running replica publishes its ports. `lane`:
+    which of the slot's two replicas (an update runs the new version beside the old);
+    `version`: the spec version it runs, when the runtime knows it (adopted replicas: the
+    one stored with the unit; docs/protocol.md, section 25)."""
 
     workload_uri: str
     slot: int
     state: str
     exit_code: int | None = None
+    lane: int = 0
+    version: str = ""
     health: str | None = None
     message: str = ""
     endpoints: tuple[Endpoint, ...] = ()

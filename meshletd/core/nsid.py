@@ -40,6 +40,7 @@ GET_WORKLOAD_STATUS = "farm.meshlet.getWorkloadStatus"
 DELETE_WORKLOAD = "farm.meshlet.deleteWorkload"
 PAUSE_WORKLOAD = "farm.meshlet.pauseWorkload"
 RESUME_WORKLOAD = "farm.meshlet.resumeWorkload"
+UPDATE_WORKLOAD = "farm.meshlet.updateWorkload"
 DRAIN = "farm.meshlet.drain"
 UNDRAIN = "farm.meshlet.undrain"
 GET_LOGS = "farm.meshlet.getLogs"
@@ -69,6 +70,7 @@ METHOD_NSIDS = frozenset(
         DELETE_WORKLOAD,
         PAUSE_WORKLOAD,
         RESUME_WORKLOAD,
+        UPDATE_WORKLOAD,
         DRAIN,
         UNDRAIN,
         GET_LOGS,

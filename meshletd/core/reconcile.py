@@ -26,7 +26,10 @@ class Reconciler(Bidding):
         for key in list(waiting):
             rep = self._replicas.get(key)
             if rep is None or (
-                rep.restart_at is None and rep.lost_at is None and rep.stop_at is None
+                rep.restart_at is None
+                and rep.lost_at is None
+                and rep.stop_at is None
+                and not rep.surge
             ):
                 del waiting[key]
             else:
@@ -92,7 +95,7 @@ class Reconciler(Bidding):
                 self._reopen(e, s, (rnd, me), force=True)
                 continue
             if rep is None:
-                rep = Replica(rnd)
+                rep = Replica(rnd, wl)
                 self._replicas[key] = rep
                 if wl.paused:
                     # Won (or learnt again after a restart) while paused: held, not started
@@ -117,6 +120,8 @@ class Reconciler(Bidding):
                 rep.restart_at = None
                 rep.restarts += 1
                 self._start(e, s, rep)
+                continue
+            self._roll(e, key, rep)
         for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
             rep = self._replicas[key]
             if rep.state == "stopping":
@@ -141,6 +146,9 @@ class Reconciler(Bidding):
                     continue
                 self._stop(key, "scaled-down" if s >= wl.replicas else "lost-slot")
                 continue
+            if rep.surge is not None:
+                # the slot moved on: its update is the new owner's now (section 25)
+                self._end_surge(key, rep, "lost-slot")
             if rep.lost_at is None:
                 rep.lost_at = self.now
                 self._replicas_waiting[key] = None
@@ -234,16 +242,18 @@ class Reconciler(Bidding):
                 self._write_status(wl, key[1], rep, "paused")
                 return
             rep.restart_at = None
+            self._end_surge(key, rep, "paused")
             if rep.state == "exited":  # waiting for a restart: nothing runs
                 rep.state = "paused"
                 self._write_status(wl, key[1], rep, "paused")
                 return
             self._account(key, rep)
             rep.state = "pausing"
-            self._out.append(StopReplica(key[0], key[1], "paused"))
+            self._out.append(StopReplica(key[0], key[1], "paused", rep.lane))
             return
-        # resumed
+        # resumed: nothing runs, so it starts as the record is now (no rolling to do)
         rep.exit_code = None
+        rep.failed = rep.failed_reason = ""
         e = self.workloads.get(key[0])
         if e is not None:
             self._start(e, key[1], rep)
@@ -264,7 +274,10 @@ class Reconciler(Bidding):
                 return
             rep.endpoints = got
         rep.state = "starting"
-        self._out.append(StartReplica(wl, slot, rep.round, rep.endpoints))
+        spec = self._restart_spec(e, rep)  # the record, or what ran if its version failed
+        self._out.append(
+            StartReplica(spec, slot, rep.round, lane=rep.lane, endpoints=rep.endpoints)
+        )
 
     def _hand_off(self, e: WorkloadEntry, slot: int, rep: Replica, why: str) -> None:
         """Our replica of a slot failed its tries here: say why in its status, offer the
@@ -297,8 +310,9 @@ class Reconciler(Bidding):
         if rep is None or rep.state == "stopping":
             return
         self._account(key, rep)
+        self._end_surge(key, rep, reason)
         rep.state = "stopping"
-        self._out.append(StopReplica(key[0], key[1], reason))
+        self._out.append(StopReplica(key[0], key[1], reason, rep.lane))
         if reason != "deleted" and rep.written and not keep_status:
             self._delete(NSID_STATUS, status_rkey(key[0], key[1]))
             rep.written = ""
@@ -311,11 +325,15 @@ class Reconciler(Bidding):
         if rep is None:
             if ev.state == "running":
                 # Adopt a replica found at start-up; reconcile decides whether it stays.
-                rep = Replica(0)
+                rep = Replica(0, lane=ev.lane)
+                rep.version = ev.version
                 self._replicas[key] = rep
                 self._involved.add(ev.workload_uri)
             else:
                 return
+        if ev.lane != rep.lane:
+            self._on_other_lane(ev, key, rep)
+            return
         e = self.workloads.get(ev.workload_uri)
         if ev.state == "pulling":
             # Progress of the image pull, shown in the status until the replica runs.
@@ -347,6 +365,7 @@ class Reconciler(Bidding):
                 rep.since = self.now
                 rep.up_since = self.now
                 rep.health = "starting"
+                rep.served = rep.version
             if ev.health is not None:
                 rep.health = ev.health
             if rep.started is None:
@@ -371,6 +390,7 @@ class Reconciler(Bidding):
             self._stop(key, "deleted")
             return
         wl = e.wl
+        self._never_ran(e, key, rep, ev)
         ok = rep.exit_code == 0 and ev.state != "failed"
         unhealthy = ev.health == "unhealthy" or rep.health == "unhealthy"
         if ev.health is not None:
@@ -415,14 +435,18 @@ class Reconciler(Bidding):
         force: bool = False,
         message: str = "",
     ) -> None:
-        """Write our status record of (wl, slot) when its state, health or message changed
-        (or `force`)."""
+        """Write our status record of (wl, slot) when its state, health, message or version
+        changed (or `force`). It names the version the replica runs and, while the record
+        still wants it, a version whose update failed here and why (section 25)."""
         health = rep.health if wl.health_command and state in ("running", "failing") else None
         message = message[:MAX_STATUS_MESSAGE]
+        failed = rep.failed if rep.failed and rep.failed == wl.version else ""
+        versions = f"{rep.version}/{failed}"
         if (
             rep.written == state
             and rep.written_health == health
             and rep.message == message
+            and rep.written_version == versions
             and not force
         ):
             return
@@ -442,15 +466,41 @@ class Reconciler(Bidding):
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
             message=(
-                rep.failing[:1024] if state == "failing" else message or _status_message(rep.note)
+                rep.failing[:1024]
+                if state == "failing"
+                else (rep.failed_reason[:1000] if failed else "")
+                or message
+                or _status_message(rep.note)
             ),
             health=health,
             endpoints=rep.endpoints if state in ("running", "failing") else (),
+            version=rep.version,
+            failed_version=failed,
         )
         rep.written = state
         rep.written_health = health
+        rep.written_version = versions
         rep.message = message
         self._put(NSID_STATUS, rkey, st)
+
+    # -- rolling updates (the layer above, updates.py) --------------------------------------
+    def _roll(self, e: WorkloadEntry, key: ReplicaKey, rep: Replica) -> None:
+        """One step of the update of a slot we own (updates.py)."""
+
+    def _end_surge(self, key: ReplicaKey, rep: Replica, reason: str) -> None:
+        """Stop the new version started beside the old one (updates.py)."""
+
+    def _never_ran(
+        self, e: WorkloadEntry, key: ReplicaKey, rep: Replica, ev: ReplicaStateChanged
+    ) -> None:
+        """A start of the record's version ended before it ever ran here (updates.py)."""
+
+    def _restart_spec(self, e: WorkloadEntry, rep: Replica) -> Workload:
+        """What a replica restarts as (updates.py)."""
+        return rep.spec or e.wl
+
+    def _on_other_lane(self, ev: ReplicaStateChanged, key: ReplicaKey, rep: Replica) -> None:
+        """A report from the other lane of a slot (updates.py)."""
 
     # -- usage ---------------------------------------------------------------------------
     def _account(self, key: ReplicaKey, rep: Replica) -> None:

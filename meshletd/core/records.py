@@ -109,8 +109,11 @@ class Workload:
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
     paused, imageDigest, imagePullSecret, network (none|internet|lan), maxRuntimeS,
     ports[{name, containerPort, protocol}], healthCheck{command[], intervalS, timeoutS,
-    retries, startPeriodS} (no check: `health_command` empty), createdAt. `uri`, `cid` and
-    `owner` (the repo) say which version of whose record it is."""
+    retries, startPeriodS} (no check: `health_command` empty), previous (the spec before
+    the last update, kept for its rollback), rollback {version, reason, at} (the last
+    update rolled back, and why), createdAt. `uri`, `cid` and `owner` (the repo) say which
+    version of whose record it is; `version` is the spec version every observer derives
+    from the record's value (`meshletd.core.versions`, docs/protocol.md, section 25)."""
 
     uri: str
     cid: str
@@ -149,6 +152,13 @@ class Workload:
     health_timeout_s: int = 30
     health_retries: int = 3
     health_start_period_s: int = 0
+    version: str = ""  # the spec version, derived from the record's value (section 25)
+    # The spec before the last update (`previous`), as a workload of the same name and
+    # placement: what a slot starts when the record's version failed (section 25).
+    previous: Workload | None = None
+    # The last update rolled back (display only): the version it tried and why it failed.
+    rollback_version: str = ""
+    rollback_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +184,9 @@ class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
     exitCode, restarts, message, unit, startedAt, finishedAt, health (starting|healthy|
     unhealthy; None: no check declared), endpoints[{name, address, port, protocol}],
-    updatedAt."""
+    updatedAt, version (the spec version the replica runs), failedVersion (a version this
+    slot's update to failed: the rollout stops there; `message` says why; docs/protocol.md,
+    section 25)."""
 
     uri: str
     meshlet: str
@@ -192,6 +204,8 @@ class WorkloadStatus:
     finished_at: int | None = None
     health: str | None = None
     endpoints: tuple[Endpoint, ...] = ()
+    version: str = ""
+    failed_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ layer. The core is built in layers, each in its own module:
 - `placement`: the placement rule, pure (which bids count, round 0, the later rounds);
 - `rounds`: bid intake, closing rounds (at their time or early), resolving slot owners;
 - `bidding`: when and what this meshlet bids, replacement rounds;
-- `reconcile`: local replicas, status records, usage counting;
+- `reconcile`: local replicas, status records, usage counting; `updates`: rolling updates;
 - `explain`: "why pending";
 - `liveness` (probes, suspicions) and `ledger` (usage, fair-share balances): components;
 - this module: the public `Scheduler`, record intake, ticks and wake-ups, drain.
@@ -41,7 +41,6 @@ from .events import (
 from .explain import Explanations
 from .hashing import is_candidate, own_score
 from .placement import Owner, WorkloadEntry, round0_window
-from .reconcile import Reconciler
 from .records import (
     MAX_DRAINS,
     NSID_BID,
@@ -67,11 +66,12 @@ from .records import (
 from .rounds import ROUND0_SPARE
 from .state import MeshletIdentity, bid_rkey, status_rkey
 from .timing import LEASE_MAX_VALID_MS
+from .updates import Updates
 
 TERMINAL = frozenset({"succeeded", "failed"})
 
 
-class Scheduler(Explanations, Reconciler):
+class Scheduler(Explanations, Updates):
     """One meshlet's scheduler core. Feed events to `handle`; perform the returned actions.
 
     Public read-only views: `placement()` (the slots of every known workload as this meshlet
@@ -509,7 +509,7 @@ class Scheduler(Explanations, Reconciler):
             for key, rep in self._waiting_replicas():
                 if rep.restart_at is not None and rep.restart_at <= now:
                     self._dirty[key[0]] = None
-                if rep.lost_at is not None or (rep.stop_at is not None and rep.stop_at <= now):
+                if rep.lost_at is not None or self._due(rep) <= now:
                     self._dirty[key[0]] = None
         if self.orphans.first_seen:
             self.orphans.expire(now)
@@ -572,8 +572,7 @@ class Scheduler(Explanations, Reconciler):
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
                 nxt.append(rep.lost_at + self.t.fence_timeout_ms)
-            if rep.stop_at is not None:
-                nxt.append(rep.stop_at)
+            nxt.append(self._due(rep))  # a job's stop, an update's bound (far: none)
         period_end = self.ledger.period_end()
         if period_end is not None:
             nxt.append(period_end)

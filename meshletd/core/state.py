@@ -15,7 +15,7 @@ from .ledger import UsageLedger
 from .liveness import Liveness
 from .orphans import Orphans
 from .placement import Owner, WorkloadEntry
-from .records import Endpoint, Record, at_uri, split_at_uri
+from .records import Endpoint, Record, Workload, at_uri, split_at_uri
 from .timing import DEFAULT_TIMING, Timing
 
 
@@ -57,31 +57,54 @@ def status_rkey(workload_uri: str, slot: int) -> str:
     return _rkey("s", f"{workload_uri}|{slot}")
 
 
+class Surge:
+    """The new version of a slot started beside the old one (docs/protocol.md, section 25):
+    in the other lane, until it serves (then the old one stops) or fails."""
+
+    __slots__ = ("endpoints", "lane", "started_at", "wl")
+
+    def __init__(
+        self, wl: Workload, lane: int, started_at: int, endpoints: tuple[Endpoint, ...] = ()
+    ) -> None:
+        self.wl = wl
+        self.lane = lane
+        self.started_at = started_at
+        self.endpoints = endpoints  # its own ports: the old one still holds the slot's
+
+
 class Replica:
     """A replica this meshlet runs (or starts, or stops) for one slot of a workload."""
 
     __slots__ = (
         "endpoints",
         "exit_code",
+        "failed",
+        "failed_reason",
         "failing",
         "health",
+        "lane",
         "lost_at",
         "message",
         "note",
         "restart_at",
         "restarts",
         "round",
+        "served",
         "since",
+        "spec",
         "started",
         "state",
         "stop_at",
+        "surge",
         "tries",
         "up_since",
+        "version",
         "written",
         "written_health",
+        "written_version",
     )
 
-    def __init__(self, round_: int) -> None:
+    def __init__(self, round_: int, spec: Workload | None = None, lane: int = 0) -> None:
         self.round = round_
         self.state = "starting"  # starting | running | exited | stopping | pausing | paused
         self.since = 0  # counted in the usage ledger up to this time
@@ -100,6 +123,16 @@ class Replica:
         self.note: str | None = None  # why it moves or stopped (host policy), in its status
         self.started: int | None = None  # when it first ran here (a job's run time)
         self.stop_at: int | None = None  # a job stopped then: its run time is up
+        self.written_version = ""  # (version, failed version) last written, joined by "/"
+        # What runs (section 25): the workload version it was started with (None: adopted
+        # after a restart, only its version known), in which lane.
+        self.spec = spec
+        self.version = spec.version if spec is not None else ""
+        self.lane = lane
+        self.surge: Surge | None = None  # the new version starting beside it
+        self.served = ""  # the last version that ran here (a start that never ran: failed)
+        self.failed = ""  # a version whose update failed here (the rollout stops there)
+        self.failed_reason = ""
 
 
 ReplicaKey = tuple[str, int]
@@ -135,6 +168,8 @@ class SchedulerState:
         self._reserved: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
         # slots we own or still run -> (milli-CPU, MiB) they take
         self._owned_capacity: dict[ReplicaKey, tuple[int, int]] = {}
+        # slots whose update runs a second replica here -> (milli-CPU, MiB) it takes
+        self._surge_capacity: dict[ReplicaKey, tuple[int, int]] = {}
         self._my_rkeys: set[tuple[str, str]] = set()
         self._my_bids: dict[str, list[str]] = {}  # workload uri -> our bid rkeys
         self._closes: list[tuple[int, str]] = []  # heap of (close time, workload uri)
@@ -179,6 +214,9 @@ class SchedulerState:
         for c, m, *_ in self._reserved.values():
             cpu -= c
             mem -= m
+        for c, m in self._surge_capacity.values():
+            cpu -= c
+            mem -= m
         return cpu, mem
 
     def replica_memory_mib(self, workload_memory_mib: int) -> int:
@@ -192,6 +230,7 @@ class SchedulerState:
         if limit is None:
             return None
         held = len(self._owned_capacity) + sum(r[3] for r in self._reserved.values())
+        held += len(self._surge_capacity)
         return max(limit - held, 0)
 
     def free_ports(self) -> int:
@@ -275,6 +314,7 @@ __all__ = [
     "Replica",
     "ReplicaKey",
     "SchedulerState",
+    "Surge",
     "bid_rkey",
     "status_rkey",
 ]

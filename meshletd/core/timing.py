@@ -33,6 +33,10 @@ class Timing:
     """A meshlet without endpoint (nobody can probe it) rewrites its lease this often."""
     lease_valid_ms: int = 150_000
     """How long after its renewal our lease counts as fresh (written into the lease)."""
+    update_timeout_ms: int = 60_000
+    """An update's new replica of a slot that is not serving this long after its start is
+    stopped and the update of that version abandoned (docs/protocol.md, section 25). Local:
+    it never enters placement."""
 
     @property
     def settle_ms(self) -> int:

@@ -122,6 +122,8 @@ class AtprotoNode:
         self.pds_problem: str | None = None  # why not (yet), for STATUS= and the log
         self._publishing = False  # a retry loop is running
         self.view_loaded = trio.Event()
+        # (workload, failed version) of our owner's updates rolled back since start (bounded)
+        self._rolled_back: set[tuple[str, str]] = set()
 
     @property
     def did(self) -> str:
@@ -199,6 +201,9 @@ class AtprotoNode:
             self.followed.apply(ev)
         if self.engine is not None:
             self.engine.view_complete(batch)
+        for ev in batch:  # an update that failed while we were away
+            if ev.collection == NSID_STATUS and ev.action != "delete":
+                self._maybe_roll_back(ev)
         if self.formation is not None:
             log.info("cluster view loaded: %s", self.formation.describe())
         self.view_loaded.set()
@@ -376,6 +381,50 @@ class AtprotoNode:
         if self.engine is not None:
             self.engine.record_changed(ev)
         self.followed.apply(ev)
+        if ev.collection == NSID_STATUS and ev.action != "delete":
+            self._maybe_roll_back(ev)
+
+    def _maybe_roll_back(self, ev: RecordEvent) -> None:
+        """A slot's status says an update of one of our owner's workloads failed: write
+        the previous spec back (docs/protocol.md, section 25), once per failed version."""
+        rec = ev.record
+        if not isinstance(rec, dict):
+            return
+        failed, ref = rec.get("failedVersion"), rec.get("workload")
+        uri = ref.get("uri") if isinstance(ref, dict) else None
+        if not isinstance(failed, str) or not failed or not isinstance(uri, str):
+            return
+        if self.local.owner_repo is None or self._nursery is None:
+            return
+        if not uri.startswith(f"at://{self.owner}/{NSID_WORKLOAD}/"):
+            return
+        # Only the slot's owner in the placement may say its update failed: anyone can
+        # write a status, and a forged one must not undo the owner's update.
+        slot = rec.get("slot")
+        placed = self.engine.scheduler.placement().get(uri) if self.engine else None
+        if not isinstance(slot, int) or not placed or not 0 <= slot < len(placed):
+            return
+        holder = placed[slot]
+        if holder is None or holder[1] != ev.did:
+            return
+        if (uri, failed) in self._rolled_back:
+            return
+        if len(self._rolled_back) >= 4096:
+            self._rolled_back.clear()
+        self._rolled_back.add((uri, failed))
+        reason = rec.get("message")
+        why = reason if isinstance(reason, str) and reason else f"version {failed} failed"
+        self._nursery.start_soon(self._roll_back, uri, failed, why)
+
+    async def _roll_back(self, uri: str, failed: str, why: str) -> None:
+        """Roll back, trying again while the owner's PDS does not answer (about 2 min)."""
+        delay = 2.0
+        for _ in range(6):
+            if await self.commands.roll_back(uri, failed, why):
+                return
+            await trio.sleep(delay)
+            delay *= 2
+        self._rolled_back.discard((uri, failed))  # the next status naming it tries again
 
     def _committed(self, repo: str, done: list[tuple[str, str, str | None]]) -> None:
         """Records we just wrote: tell our peers, so they need not wait for the firehose."""
@@ -508,6 +557,9 @@ class AtprotoNode:
 
     async def set_paused(self, uri: str, paused: bool) -> None:
         await self.commands.set_paused(uri, paused)
+
+    async def update_workload(self, uri: str, image: str) -> dict[str, Any]:
+        return await self.commands.update_workload(uri, image)
 
     async def drain(self) -> str:
         return await self.commands.drain()

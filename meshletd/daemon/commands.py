@@ -20,7 +20,8 @@ from typing import Any
 from meshletd.atproto.cluster import ConfiguredClusters
 from meshletd.atproto.records import record_from_json
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import Workload
+from meshletd.core.records import Workload, format_datetime_ms
+from meshletd.core.versions import NOT_SPEC, spec_of, spec_version
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.journal import read_unit
 from meshletd.daemon.local import Local, State
@@ -192,6 +193,91 @@ class OwnerCommands:
         new = {**got[1], "paused": paused}
         cid = await repo.put_record(NSID_WORKLOAD, rkey, new)
         self._note(uri, cid, new)
+
+    async def update_workload(self, ref: str, image: str) -> dict[str, Any]:
+        """A new image for one of our owner's workloads. The record keeps its createdAt (its
+        placement) and gets the spec it had in `previous`, so that the owner's meshlet can
+        write it back if the new version never runs (docs/protocol.md, section 25)."""
+        uri, rkey = self._own_rkey(ref)
+        repo = self._owner_repo()
+        got = await repo.get_record(NSID_WORKLOAD, rkey)  # as stored: unknown fields kept
+        if got is None:
+            raise NotFound(f"no workload {uri} in the owner's repo")
+        old = got[1]
+        new = {**old, "image": image}
+        new.pop("rollback", None)
+        # A digest pinned for the old image would run the old bits under the new name: the
+        # new image is pinned again, as at publish.
+        new.pop("imageDigest", None)
+        new = await self.pin_image(new)
+        before, after = spec_version(old), spec_version(new)
+        out: dict[str, Any] = {"uri": uri, "version": after, "previousVersion": before}
+        if before == after:
+            return out  # nothing to roll
+        runs = {
+            st.version
+            for st in self.followed.statuses.get(uri, {}).values()
+            if st.version and st.state == "running"
+        }
+        if isinstance(old.get("previous"), dict) and runs - {before}:
+            # The current spec has not reached every slot (an update under way, or one
+            # that failed): the spec to roll back to stays the one the replicas ran.
+            new["previous"] = old["previous"]
+        else:
+            new["previous"] = {k: v for k, v in spec_of(old).items() if k != "$type"}
+        cid = await repo.put_record(NSID_WORKLOAD, rkey, new)
+        self._note(uri, cid, new)
+        log.info("workload %s updated: version %s -> %s (%s)", uri, before, after, image)
+        out["cid"] = cid
+        return out
+
+    async def roll_back(self, uri: str, failed: str, reason: str) -> bool:
+        """The update of our owner's workload to `failed` did not run on some slot: write
+        the previous spec back, with the reason in `rollback` (section 25). Nothing is
+        written when the record no longer asks for that version, or keeps no previous
+        spec (the rollout then stays stopped where it failed). False: the owner's PDS did
+        not answer (worth trying again)."""
+        rkey = uri.rsplit("/", 1)[1]
+        try:
+            got = await self._owner_repo().get_record(NSID_WORKLOAD, rkey)
+        except Exception as e:
+            log.warning(
+                "rollback of %s (version %s): reading the record failed: %s", uri, failed, e
+            )
+            return False
+        if got is None or spec_version(got[1]) != failed:
+            return True
+        value = got[1]
+        previous = value.get("previous")
+        if not isinstance(previous, dict) or not previous:
+            log.warning(
+                "workload %s: update to version %s failed (%s); no previous spec to roll back to",
+                uri,
+                failed,
+                reason,
+            )
+            return True
+        kept = {k: v for k, v in value.items() if k in NOT_SPEC and k != "previous"}
+        new = {**kept, **{k: v for k, v in previous.items() if k not in NOT_SPEC}}
+        new["rollback"] = {
+            "version": failed,
+            "reason": reason[:1000],
+            "at": format_datetime_ms(int(time.time() * 1000)),
+        }
+        try:
+            cid = await self._owner_repo().put_record(NSID_WORKLOAD, rkey, new)
+        except Exception as e:
+            log.warning("rollback of %s (version %s) failed: %s", uri, failed, e)
+            return False
+        self._note(uri, cid, new)
+        log.warning(
+            "workload %s: update to version %s rolled back to %s: %s",
+            uri,
+            failed,
+            spec_version(new),
+            reason,
+        )
+        return True
 
     def _note(self, uri: str, cid: str, value: dict[str, Any]) -> None:
         """Show a workload we just wrote before the firehose brings it back."""

@@ -99,9 +99,9 @@ class Core(PlacementQueries, Protocol):
     def handle_batch(self, events: list[Event]) -> list[Action]: ...
 
 
-def replica_id(workload_uri: str, slot: int) -> ReplicaId:
+def replica_id(workload_uri: str, slot: int, lane: int = 0) -> ReplicaId:
     owner, _, rkey = split_at_uri(workload_uri)
-    return ReplicaId(owner_did=owner, workload=rkey, index=slot)
+    return ReplicaId(owner_did=owner, workload=rkey, index=slot, lane=lane)
 
 
 def workload_uri_of(rid: ReplicaId) -> str:
@@ -112,7 +112,8 @@ def replica_spec(
     action: StartReplica, secret_values: Mapping[str, bytes], owner_handle: str
 ) -> ReplicaSpec:
     """What the runtime runs for a slot: the core's workload as published (image, command,
-    args, env, resources, secret references; its CID as the revision)."""
+    args, env, resources, secret references; its spec version as the revision, handed
+    back on adoption: docs/protocol.md, section 25)."""
     wl = action.workload
     secrets = []
     for ref in wl.secrets:
@@ -126,7 +127,7 @@ def replica_spec(
             raise LookupError(f"pull secret {wl.image_pull_secret!r} is not available")
         pull_auth = auth_file(value, parse_image(wl.image).registry)
     return ReplicaSpec(
-        replica=replica_id(wl.uri, action.slot),
+        replica=replica_id(wl.uri, action.slot, action.lane),
         owner_handle=owner_handle,
         # Pinned to the digest resolved when the owner published: the same bits everywhere.
         image=pinned_image(wl.image, wl.image_digest),
@@ -135,7 +136,7 @@ def replica_spec(
         args=wl.command + wl.args,
         env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
-        revision=wl.cid,
+        revision=wl.version or wl.cid,
         ports=tuple(
             PortBinding(e.name, e.address, e.port, p.container_port, p.protocol)
             for e, p in zip(action.endpoints, wl.ports, strict=False)
@@ -193,15 +194,16 @@ class Engine:
         self._wake_at: int | None = None
         self._alarm_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self.units: dict[tuple[str, int], str] = {}  # (workload uri, slot) -> unit name
+        # (workload uri, slot) -> the unit of its replica (the lane that last came up)
+        self.units: dict[tuple[str, int], str] = {}
         self.handled = 0
         self.adopted: list[ReplicaStatus] = []
         # Until the view is complete: events held back from the core, in arrival order.
         self.view_is_complete = False
         self._held: list[Event] = []
-        # Replicas the core has heard of (adopted running, or started by it): an exit of any
-        # other is one that ended while meshletd was away.
-        self._told: set[tuple[str, int]] = set()
+        # Replicas the core has heard of (adopted running, or started by it), by (uri, slot,
+        # lane): an exit of any other is one that ended while meshletd was away.
+        self._told: set[tuple[str, int, int]] = set()
         self._pull_said: dict[tuple[str, int], float] = {}  # last pull progress forwarded
 
     @property
@@ -272,17 +274,20 @@ class Engine:
             self.adopted = list(adopted)
             for st in adopted:
                 uri = workload_uri_of(st.replica)
-                self.units[(uri, st.replica.index)] = st.unit
+                slot, lane = st.replica.index, st.replica.lane
+                self.units[(uri, slot)] = st.unit
                 if st.state in ("running", "starting"):
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
-                    self._told.add((uri, st.replica.index))
+                    self._told.add((uri, slot, lane))
                     self.feed(
                         ReplicaStateChanged(
                             uri,
-                            st.replica.index,
+                            slot,
                             "running",
                             health=st.health or None,
                             endpoints=endpoints_of(st),
+                            lane=lane,
+                            version=st.revision,
                         )
                     )
             nursery.start_soon(self._runtime_events)
@@ -393,18 +398,19 @@ class Engine:
         return replica_spec(action, secret_values or {}, owner_handle)
 
     async def _start(self, action: StartReplica) -> None:
-        uri, slot = action.workload.uri, action.slot
-        self._told.add((uri, slot))
-        log.info("starting replica %d of %s (round %d)", slot, uri, action.round)
+        uri, slot, lane = action.workload.uri, action.slot, action.lane
+        self._told.add((uri, slot, lane))
+        what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+        log.info("starting %s (round %d, version %s)", what, action.round, action.workload.version)
         try:
             values = await self.secrets_for(action.workload)
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
-            log.warning("replica %d of %s could not start: %s", slot, uri, e)
-            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)[:200]))
+            log.warning("%s could not start: %s", what, e)
+            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)[:200], lane=lane))
             return
-        self.units[(uri, slot)] = outcome.unit
         if isinstance(outcome, ReplicaRunning):
+            self.units[(uri, slot)] = outcome.unit
             trace(
                 "running",
                 uri=uri,
@@ -412,30 +418,35 @@ class Engine:
                 pull_ms=outcome.pull_ms,
                 start_ms=outcome.start_ms,
             )
-            self.feed(ReplicaStateChanged(uri, slot, "running"))
+            self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
         # An immediate end (failed pull, exit) arrives as a runtime event too.
 
     async def _stop(self, action: StopReplica) -> None:
-        log.info("stopping replica %d of %s (%s)", action.slot, action.workload_uri, action.reason)
+        uri, slot, lane = action.workload_uri, action.slot, action.lane
+        what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+        log.info("stopping %s (%s)", what, action.reason)
         try:
-            await self.runtime.stop(replica_id(action.workload_uri, action.slot))
-            self._told.discard((action.workload_uri, action.slot))
+            await self.runtime.stop(replica_id(uri, slot, lane))
+            self._told.discard((uri, slot, lane))
         except Exception as e:
-            log.warning(
-                "replica %d of %s did not stop cleanly: %s", action.slot, action.workload_uri, e
-            )
-        self.feed(ReplicaStateChanged(action.workload_uri, action.slot, "stopped"))
+            log.warning("%s did not stop cleanly: %s", what, e)
+        self.feed(ReplicaStateChanged(uri, slot, "stopped", lane=lane))
 
     async def _runtime_events(self) -> None:
         async for ev in self.runtime.events:
-            uri, slot = workload_uri_of(ev.replica), ev.replica.index
-            self.units[(uri, slot)] = ev.unit
-            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and (uri, slot) not in self._told:
+            uri, slot, lane = workload_uri_of(ev.replica), ev.replica.index, ev.replica.lane
+            if isinstance(ev, ReplicaRunning):
+                self.units[(uri, slot)] = ev.unit
+            else:
+                self.units.setdefault((uri, slot), ev.unit)
+            what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+            told = (uri, slot, lane) in self._told
+            if isinstance(ev, ReplicaExited | ReplicaOomKilled) and not told:
                 # It ended while meshletd was away (found ended on adoption): the core learns
                 # that it ran here, then how it ended, and reports it like any exit.
-                log.info("replica %d of %s ended while meshletd was not running", slot, uri)
-                self.feed(ReplicaStateChanged(uri, slot, "running"))
-            self._told.add((uri, slot))
+                log.info("%s ended while meshletd was not running", what)
+                self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
+            self._told.add((uri, slot, lane))
             if isinstance(ev, ReplicaPulling):
                 # Each forwarded step is a status write: the first at once, then at most
                 # one per PULL_PROGRESS_EVERY_S (a long pull of many layers costs few).
@@ -443,33 +454,36 @@ class Engine:
                 now = self._clock()
                 if last is None or ev.layers_done == 0 or now - last >= PULL_PROGRESS_EVERY_S:
                     self._pull_said[(uri, slot)] = now
-                    self.feed(ReplicaStateChanged(uri, slot, "pulling", message=ev.message))
+                    self.feed(
+                        ReplicaStateChanged(uri, slot, "pulling", message=ev.message, lane=lane)
+                    )
                 continue
             self._pull_said.pop((uri, slot), None)
             if isinstance(ev, ReplicaRunning):
-                self.feed(ReplicaStateChanged(uri, slot, "running"))
+                self.feed(ReplicaStateChanged(uri, slot, "running", lane=lane))
             elif isinstance(ev, ReplicaHealth):
-                log.info("replica %d of %s is %s", slot, uri, ev.health)
-                self.feed(ReplicaStateChanged(uri, slot, "running", health=ev.health))
+                log.info("%s is %s", what, ev.health)
+                self.feed(ReplicaStateChanged(uri, slot, "running", health=ev.health, lane=lane))
             elif isinstance(ev, ReplicaExited):
                 log.info(
-                    "replica %d of %s exited with %d%s",
-                    slot,
-                    uri,
+                    "%s exited with %d%s",
+                    what,
                     ev.exit_code,
                     " (unhealthy: killed by its health check)" if ev.health else "",
                 )
                 self.feed(
-                    ReplicaStateChanged(uri, slot, "exited", ev.exit_code, health=ev.health or None)
+                    ReplicaStateChanged(
+                        uri, slot, "exited", ev.exit_code, health=ev.health or None, lane=lane
+                    )
                 )
             elif isinstance(ev, ReplicaOomKilled):
-                log.info("replica %d of %s was killed: out of memory", slot, uri)
-                self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
+                log.info("%s was killed: out of memory", what)
+                self.feed(ReplicaStateChanged(uri, slot, "exited", 137, lane=lane))
             elif isinstance(ev, ReplicaFailed):
-                log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
+                log.warning("%s failed: %s", what, ev.message)
                 self.feed(
                     ReplicaStateChanged(
-                        uri, slot, "failed", message=f"{ev.error}: {ev.message}"[:200]
+                        uri, slot, "failed", message=f"{ev.error}: {ev.message}"[:200], lane=lane
                     )
                 )
             # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshletd.config import Config
 from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.versions import spec_version
 from meshletd.daemon.peers import LogPage
 from meshletd.daemon.readmodel import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
@@ -313,6 +314,14 @@ class InMemoryNode:
             if r.get("meshletDid"):
                 r["state"] = "paused" if paused else "running"
         self.log(w.uri, f"{w.record.get('name')}: {'paused' if paused else 'resumed'}")
+
+    async def update_workload(self, uri: str, image: str) -> dict[str, Any]:
+        w = self._find(uri)
+        before = spec_version(w.record)
+        w.record["image"] = image
+        after = spec_version(w.record)
+        self.log(w.uri, f"{w.record.get('name')}: updated to {image}")
+        return {"uri": w.uri, "version": after, "previousVersion": before}
 
     async def drain(self) -> str:
         if self._state == "stopping":

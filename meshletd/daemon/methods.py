@@ -136,6 +136,14 @@ def install(
         await node.set_paused(uri, False)
         return {}
 
+    async def update_workload(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        uri = _uri(body)
+        owner_only(caller, uri)
+        image = body.get("image") if isinstance(body, dict) else None
+        if not isinstance(image, str) or not image:
+            raise InvalidRequest("an update needs an image")
+        return await node.update_workload(uri, image)
+
     async def drain(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return {"state": await node.drain()}
 
@@ -268,6 +276,7 @@ def install(
     add(N.DELETE_WORKLOAD, p, Access.AUTHENTICATED, delete_workload)
     add(N.PAUSE_WORKLOAD, p, Access.AUTHENTICATED, pause_workload)
     add(N.RESUME_WORKLOAD, p, Access.AUTHENTICATED, resume_workload)
+    add(N.UPDATE_WORKLOAD, p, Access.AUTHENTICATED, update_workload)
     add(N.DRAIN, p, Access.MESHLET_OWNER, drain)
     add(N.UNDRAIN, p, Access.MESHLET_OWNER, undrain)
     add(N.GET_LOGS, q, Access.AUTHENTICATED, get_logs)

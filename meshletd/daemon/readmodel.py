@@ -67,6 +67,10 @@ def _serving(row: dict[str, Any], s: WorkloadStatus) -> None:
         ]
     if s.message:
         row["message"] = s.message
+    if s.version:  # the version it runs; an update that failed on it (section 25)
+        row["version"] = s.version
+    if s.failed_version:
+        row["failedVersion"] = s.failed_version
 
 
 def _clip(text: str, limit: int = _REASON_MAX) -> str:
@@ -288,6 +292,12 @@ class ReadModel:
             "paused": wl.paused,
             "running": running,
         }
+        if wl.version:
+            view["version"] = wl.version
+        if wl.rollback_version:
+            view["rollback"] = _clip(
+                f"update to version {wl.rollback_version} rolled back: {wl.rollback_reason}"
+            )
         if wl.cid:
             view["cid"] = wl.cid
         return view

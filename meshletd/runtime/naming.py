@@ -7,7 +7,9 @@ Scheme (documented in docs/runtime.md)::
 - `<owner-handle>` is the owner's handle (`alice.example.com`), `<workload>` the workload
   record key, each reduced to the characters a unit name allows ([A-Za-z0-9.:_-]; anything
   else becomes `_`) and shortened to 40 characters;
-- `<replica>` the replica index (0, 1, ...);
+- `<replica>` the replica index (0, 1, ...), followed by `.1` for a replica in lane 1 (a
+  rolling update runs a slot's new version beside the old one, in the other lane; lane 0
+  names are those of before lanes existed);
 - `<tag>` the first 32 hex digits (128 bits) of sha256(owner DID + "/" + workload), so two
   workloads whose readable parts collide (handles change, `a-b`+`c` vs `a`+`b-c`, or a
   member who picks a handle and record key to match someone else's) get distinct units.
@@ -47,10 +49,14 @@ def workload_tag(owner_did: str, workload: str, digits: int = TAG_HEX) -> str:
     return hashlib.sha256(f"{owner_did}/{workload}".encode()).hexdigest()[:digits]
 
 
+def _index(replica: ReplicaId) -> str:
+    return f"{replica.index}.{replica.lane}" if replica.lane else str(replica.index)
+
+
 def container_name(replica: ReplicaId, owner_handle: str) -> str:
     """The podman container name (also the unit's name without `.service`)."""
     return (
-        f"{UNIT_PREFIX}{_part(owner_handle)}-{_part(replica.workload)}-{replica.index}-"
+        f"{UNIT_PREFIX}{_part(owner_handle)}-{_part(replica.workload)}-{_index(replica)}-"
         f"{workload_tag(replica.owner_did, replica.workload)}"
     )
 
@@ -72,7 +78,7 @@ def unit_belongs(unit: str, replica: ReplicaId, container: str | None) -> bool:
         return False
     for digits in (TAG_HEX, LEGACY_TAG_HEX):
         tag = workload_tag(replica.owner_did, replica.workload, digits)
-        if base.endswith(f"-{replica.index}-{tag}"):
+        if base.endswith(f"-{_index(replica)}-{tag}"):
             return True
     return False
 

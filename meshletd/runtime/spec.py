@@ -55,14 +55,18 @@ class UnitStartFailed(RuntimeFailure):
 
 @dataclass(frozen=True, order=True)
 class ReplicaId:
-    """One replica of one workload: the workload is `at://<owner_did>/…workload/<workload>`."""
+    """One replica of one workload: the workload is `at://<owner_did>/…workload/<workload>`.
+    `lane` (0 or 1) tells apart the two replicas of one slot while a rolling update runs
+    the new version beside the old (docs/protocol.md, section 25)."""
 
     owner_did: str
     workload: str
     index: int
+    lane: int = 0
 
     def __str__(self) -> str:
-        return f"{self.owner_did}/{self.workload}#{self.index}"
+        lane = f".{self.lane}" if self.lane else ""
+        return f"{self.owner_did}/{self.workload}#{self.index}{lane}"
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,27 @@ async def contract_cpu_quota_is_the_workloads_once_running_and_after_adoption(
     await assert_clean(h)
 
 
+async def contract_two_lanes_of_a_slot_run_side_by_side(h: Harness) -> None:
+    """A rolling update runs a slot's new version beside the old one (lane 1): two units,
+    adopted apart after a restart, each stopped on its own (docs/protocol.md section 25)."""
+    old = spec(h, workload="roll", index=0, revision="v1")
+    new = replace(old, replica=replace(old.replica, lane=1), revision="v2")
+    first = h.runtime()
+    async with serving(first):
+        a, b = await first.start(old), await first.start(new)
+        assert isinstance(a, ReplicaRunning) and isinstance(b, ReplicaRunning), (a, b)
+        assert a.unit != b.unit
+    second = h.runtime()
+    async with serving(second) as adopted:
+        got = {(r.replica, r.revision) for r in adopted}
+        assert got == {(old.replica, "v1"), (new.replica, "v2")}, got
+        assert isinstance(await second.stop(old.replica), ReplicaStopped)
+        left = await h.leftovers()
+        assert left["containers"] == [b.unit.removesuffix(".service")], left
+        assert isinstance(await second.stop(new.replica), ReplicaStopped)
+    await assert_clean(h)
+
+
 CONTRACT = [
     contract_start_then_stop_leaves_nothing,
     contract_exit_codes_are_reported,
@@ -311,6 +332,7 @@ CONTRACT = [
     contract_cancelled_start_leaves_nothing_after_adoption,
     contract_orphans_are_removed_when_a_runtime_starts,
     contract_cpu_quota_is_the_workloads_once_running_and_after_adoption,
+    contract_two_lanes_of_a_slot_run_side_by_side,
 ]
 
 

@@ -35,6 +35,7 @@ ENV_WORKLOAD = "MESHLET_WORKLOAD"
 ENV_INDEX = "MESHLET_REPLICA"
 ENV_REVISION = "MESHLET_REVISION"
 ENV_CONTAINER = "MESHLET_CONTAINER"
+ENV_LANE = "MESHLET_LANE"  # 1 for a slot's second replica during an update; absent: 0
 ENV_MILLI_CPU = "MESHLET_MILLI_CPU"  # the workload's CPU limit, checked again on adoption
 # Where its ports are published ("name=address:port/proto" joined by ","), and whether it
 # has a health check ("1"): read back on adoption.
@@ -337,6 +338,7 @@ def unit_properties(
             ENV_OWNER: spec.replica.owner_did,
             ENV_WORKLOAD: spec.replica.workload,
             ENV_INDEX: str(spec.replica.index),
+            **({ENV_LANE: str(spec.replica.lane)} if spec.replica.lane else {}),
             ENV_REVISION: spec.revision or "",
             ENV_CONTAINER: container,
             ENV_MILLI_CPU: str(spec.resources.milli_cpu),
@@ -518,7 +520,10 @@ def identity_from_environment(entries: Sequence[str] | Mapping[str, str]) -> Uni
             if sep:
                 env[key] = value
     try:
-        replica = ReplicaId(env[ENV_OWNER], env[ENV_WORKLOAD], int(env[ENV_INDEX]))
+        lane = int(env.get(ENV_LANE, "0"))
+        if lane not in (0, 1):
+            return None
+        replica = ReplicaId(env[ENV_OWNER], env[ENV_WORKLOAD], int(env[ENV_INDEX]), lane)
         ident = UnitIdentity(replica, env.get(ENV_REVISION, ""), env[ENV_CONTAINER])
     except (KeyError, ValueError):
         return None

@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of meshlets without inbound reachability (behind NAT; 1 = all)",
     )
     p.add_argument(
+        "--updates",
+        type=int,
+        default=0,
+        help="new versions of running services published during the run (a quarter never run)",
+    )
+    p.add_argument(
         "--free-riders",
         type=float,
         default=0.0,
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         min_contribution=a.min_contribution,
         timing=Timing(probe_interval_ms=a.probe_interval_ms),
         cpu_milli=a.cpu_milli,
+        updates=a.updates,
     )
     sim = Sim(cfg)
     figures = sim.run()

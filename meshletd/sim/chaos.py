@@ -9,6 +9,7 @@ from meshletd.core import SetDraining
 
 from .model import K_FAULT
 from .policies import apply_policy, schedule_policies
+from .updates import apply_rollback, apply_update
 
 if TYPE_CHECKING:
     from .world import Sim
@@ -37,12 +38,17 @@ def schedule_chaos(sim: Sim) -> None:
 
 
 def apply_fault(sim: Sim, f: tuple[Any, ...]) -> None:
-    """Apply one fault event: crash, restart, cut, heal, drain, undrain, policy."""
+    """Apply one fault event: crash, restart, cut, heal, drain, undrain, policy (and the
+    owners' updates and rollbacks, which travel the same way)."""
     kind = f[0]
     if kind == "policy":
         apply_policy(sim, f[1], f[2])
         return
-    if kind == "crash":
+    if kind == "update":
+        apply_update(sim, f[1])
+    elif kind == "rollback":
+        apply_rollback(sim, f[1], f[2])
+    elif kind == "crash":
         node = sim.nodes[f[1]]
         if not node.alive:
             return
@@ -52,6 +58,7 @@ def apply_fault(sim: Sim, f: tuple[Any, ...]) -> None:
         for key in list(node.running):
             wl = sim.workloads.get(key[0])
             sim._not_running(node, key)
+            node.lanes.pop(key, None)
             if wl is not None and not sim.runners.get(key):
                 if key not in sim.lost_at and node.nat:
                     sim.lost_nat.add(key)

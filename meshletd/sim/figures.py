@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from meshletd.core import StopReplica
 from meshletd.core.records import HostPolicy, Workload
 
 from .commons import commons_figures
 from .model import Node
+from .updates import check_versions
 
 if TYPE_CHECKING:
     from .world import Sim
@@ -81,6 +83,10 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
     bound_ms = sim.max_cut_ms + sim.cfg.ae_interval_ms + sim.t.fence_timeout_ms + sim.t.settle_ms
     if sim.over_max > bound_ms:
         violations.append(f"over-replication {sim.over_max} ms above bound {bound_ms} ms")
+    updates: dict[str, Any] = {}
+    if sim.cfg.updates:
+        updates = check_versions(sim, live)
+        violations.extend(updates["update_violations"][:20])
     fo = sorted(sim.failovers)
     fo_nat = sorted(sim.failovers_nat)
     dec = sorted(sim.decision_ns)
@@ -118,9 +124,41 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "needless_moves": sum(sim.needless.values()),
         "needless_moves_by_round": dict(sim.needless),
         "needless_move_examples": sim.needless_examples,
+        **updates,
         "violations": violations,
         **commons_figures(sim),
     }
+
+
+def count_needless(sim: Sim, node: Node, a: StopReplica) -> None:
+    """Count a needless move: a host that is alive, not cut off, not draining and
+    undisturbed (no crash, cut, heal, drain) since it started a replica stops it because
+    it lost the slot. The simulator changes a workload record only by an update, which
+    moves no slot (unless its host has no room for the new version beside the old one).
+    Classified by the round that now owns the slot against the round the host started it
+    in (docs/protocol.md, section 14)."""
+    key = (a.workload_uri, a.slot)
+    since = sim.run_since.get((key, node.idx))
+    if (
+        a.reason != "lost-slot"
+        or since is None
+        or node.cut
+        or node.draining_since is not None
+        or node.disturbed_at >= since
+        or node.core is None
+    ):
+        return
+    held = sim.start_round.get((key, node.idx), 0)
+    owners = node.core.placement().get(key[0]) or ()
+    cur = owners[key[1]] if key[1] < len(owners) else None
+    now_round = cur[0] if cur else -1
+    kind = "older" if now_round < held else "same" if now_round == held else "newer"
+    sim.needless[kind] += 1
+    if len(sim.needless_examples) < 6:
+        sim.needless_examples.append(
+            f"{key[0]}#{key[1]}: {node.did} ran it from round {held} since {since} ms,"
+            f" undisturbed; at {sim.now} ms it stops, owner now {cur} ({kind} round)"
+        )
 
 
 def nat_bound_ms(sim: Sim) -> int:
@@ -196,4 +234,4 @@ def pct(xs: list[Any], p: int) -> float:
     return float(xs[i])
 
 
-__all__ = ["done_slots", "free_capacity", "pct", "report"]
+__all__ = ["count_needless", "done_slots", "free_capacity", "pct", "report"]

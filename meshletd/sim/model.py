@@ -43,6 +43,8 @@ class Config:
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
     nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)
+    updates: int = 0  # new versions of running services published during the run
+    bad_update_fraction: float = 0.25  # of those, versions that never start (rolled back)
     free_riders: float = 0.0  # fraction of owners whose meshlets lend nothing (sim/commons.py)
     min_contribution: str = ""  # MODE:PERMILLE[:DAYS] set by every contributor's host
 
@@ -68,6 +70,8 @@ class Node:
     disturbed_at: int = -1  # last crash, restart, cut, heal, drain or undrain
     starts: dict[tuple[str, int], int] = field(default_factory=dict)  # StartReplica count
     stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
+    # (workload, slot) -> lane -> version running (two lanes while an update runs)
+    lanes: dict[tuple[str, int], dict[int, str]] = field(default_factory=dict)
 
 
 def _fields(wl: Workload) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from meshletd.core import (
     Tick,
     WakeAt,
     Workload,
+    WorkloadStatus,
 )
 from meshletd.core.records import (
     NSID_MEMBERSHIP,
@@ -45,7 +46,7 @@ from meshletd.core.records import (
 
 from .chaos import apply_fault, schedule_chaos
 from .commons import setup_commons
-from .figures import report
+from .figures import count_needless, report
 from .model import (
     BUCKET_MS,
     CLUSTER,
@@ -67,6 +68,7 @@ from .model import (
     _sync_rank,
 )
 from .policies import check_start, dress_workload
+from .updates import Updates, lane_down, lane_starting, lane_up, schedule_updates, status_written
 
 
 class Sim:
@@ -113,6 +115,7 @@ class Sim:
         self._snapshot_of: object = None
         self._probe_events: dict[tuple[str, bool], ProbeResult] = {}
         self.group_last: list[int] = []
+        self.upd = Updates(self)
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -181,6 +184,8 @@ class Sim:
                     self.push(int(at) + life, K_REMOVE, wl.uri)
         if self.chaos:
             self._schedule_chaos()
+        if cfg.updates:
+            schedule_updates(self)
         for node in self.nodes:
             self.push(rng.randint(0, cfg.ae_interval_ms), K_AE, node.idx)
 
@@ -201,6 +206,7 @@ class Sim:
             restart_policy="on-failure",
             bid_window_ms=2000,
             allow_packing=rng.random() < 0.1,
+            version="1",  # the spec version (updates publish others: sim/updates.py)
         )
         if w < self.cfg.workloads and rng.random() < self.cfg.delete_fraction:
             self.push(at + rng.randint(60_000, max(self.quiet_at - at, 60_001)), K_REMOVE, wl.uri)
@@ -277,6 +283,8 @@ class Sim:
             elif isinstance(a, PutRecord):
                 node.points += CREATE if a.create else UPDATE
                 self._write(node, a.record.uri, a.record)
+                if type(a.record) is WorkloadStatus and a.record.failed_version:
+                    status_written(self, node, a.record)
             elif isinstance(a, DeleteRecord):
                 node.points += DELETE
                 self._write(node, a.uri, None)
@@ -288,15 +296,16 @@ class Sim:
                     self.policy_stops[a.reason] += 1
                 # The runtime does what it is told in order: a start still under way when
                 # the stop comes never reports running.
-                node.stopped_start[(a.workload_uri, a.slot)] = node.starts.get(
-                    (a.workload_uri, a.slot), 0
-                )
+                key = (a.workload_uri, a.slot)
+                lkey: Any = (*key, a.lane) if a.lane else key
+                node.stopped_start[lkey] = node.starts.get(lkey, 0)
                 self.push(
                     self.now + 200,
                     K_RUNTIME,
-                    ("stopped", node.idx, node.core, a.workload_uri, a.slot),
+                    ("stopped", node.idx, node.core, a.workload_uri, a.slot, a.lane),
                 )
-                self._not_running(node, (a.workload_uri, a.slot))
+                if lane_down(self, node, key, a.lane, a.reason) or not node.lanes.get(key):
+                    self._not_running(node, key)
         if probes:
             self._probe(node, probes)
 
@@ -385,8 +394,16 @@ class Sim:
         end = 0
         if a.workload.kind == "job":
             end = self.now + delay + self.rng.randint(600_000, 3_600_000)
-        gen = node.starts[key] = node.starts.get(key, 0) + 1
-        self.push(self.now + delay, K_RUNTIME, ("running", node.idx, node.core, key, end, gen))
+        lkey: Any = (*key, a.lane) if a.lane else key
+        gen = node.starts[lkey] = node.starts.get(lkey, 0) + 1
+        lane_starting(self, node, key)
+        version = a.workload.version
+        up = "failed" if version in self.upd.bad else "running"
+        if version in self.upd.hang:
+            up, delay = "failed", 90_000  # comes up never; the runtime's own bound ends it
+        self.push(
+            self.now + delay, K_RUNTIME, (up, node.idx, node.core, key, end, gen, a.lane, version)
+        )
         self.start_round[(key, node.idx)] = a.round
         if node.draining_since is not None:
             known = self.started_before_drain.get(node.idx, set())
@@ -401,33 +418,7 @@ class Sim:
             )
 
     def _check_stop(self, node: Node, a: StopReplica) -> None:
-        """Count a needless move: a host that is alive, not cut off, not draining and
-        undisturbed (no crash, cut, heal, drain) since it started a replica stops it because
-        it lost the slot. The simulator never changes a workload record, so that cause is out
-        too. Classified by the round that now owns the slot against the round the host
-        started it in (docs/protocol.md, section 14)."""
-        key = (a.workload_uri, a.slot)
-        since = self.run_since.get((key, node.idx))
-        if (
-            a.reason != "lost-slot"
-            or since is None
-            or node.cut
-            or node.draining_since is not None
-            or node.disturbed_at >= since
-            or node.core is None
-        ):
-            return
-        held = self.start_round.get((key, node.idx), 0)
-        owners = node.core.placement().get(key[0]) or ()
-        cur = owners[key[1]] if key[1] < len(owners) else None
-        now_round = cur[0] if cur else -1
-        kind = "older" if now_round < held else "same" if now_round == held else "newer"
-        self.needless[kind] += 1
-        if len(self.needless_examples) < 6:
-            self.needless_examples.append(
-                f"{key[0]}#{key[1]}: {node.did} ran it from round {held} since {since} ms,"
-                f" undisturbed; at {self.now} ms it stops, owner now {cur} ({kind} round)"
-            )
+        count_needless(self, node, a)
 
     def _running(self, node: Node, key: tuple[str, int]) -> None:
         rs = self.runners.setdefault(key, set())
@@ -564,26 +555,31 @@ class Sim:
         node = self.nodes[idx]
         if node.core is not core or not node.alive:
             return
-        if kind == "running":
-            key, end = p[3], p[4]
-            if node.stopped_start.get(key, 0) >= p[5]:
+        if kind in ("running", "failed"):
+            key, end, lane = p[3], p[4], p[6]
+            if node.stopped_start.get((*key, lane) if lane else key, 0) >= p[5]:
                 return  # stopped before it came up
+            if kind == "failed":  # a version that cannot start
+                self._feed(node, ReplicaStateChanged(key[0], key[1], "failed", lane=lane))
+                return
             if key[0] not in self.workloads:
-                self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", 137))
+                self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", 137, lane=lane))
                 return
             node.running[key] = end
-            self._running(node, key)
-            self._feed(node, ReplicaStateChanged(key[0], key[1], "running"))
+            if lane_up(self, node, key, lane, p[7]):
+                self._running(node, key)
+            self._feed(node, ReplicaStateChanged(key[0], key[1], "running", lane=lane))
             if end:
-                self.push(end, K_RUNTIME, ("exit", idx, core, key))
+                self.push(end, K_RUNTIME, ("exit", idx, core, key, lane))
         elif kind == "exit":
-            key = p[3]
+            key, lane = p[3], p[4]
             if key in node.running:
+                lane_down(self, node, key, lane, "exited")
                 self._not_running(node, key)
                 code = 0 if self.rng.random() < 0.9 else 1
-                self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", code))
+                self._feed(node, ReplicaStateChanged(key[0], key[1], "exited", code, lane=lane))
         elif kind == "stopped":
-            self._feed(node, ReplicaStateChanged(p[3], p[4], "stopped"))
+            self._feed(node, ReplicaStateChanged(p[3], p[4], "stopped", lane=p[5]))
 
     # ------------------------------------------------------------------ figures
     def _report(self, wall: float) -> dict[str, Any]:

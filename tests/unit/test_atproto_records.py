@@ -40,6 +40,7 @@ from meshletd.core.records import (
     at_uri,
     rkey_for_did,
 )
+from meshletd.core.versions import spec_version
 from meshletd.errors import InvalidRecord
 
 LEX = Lexicons.load()
@@ -56,6 +57,8 @@ def _annotation_fits(lexicon: dict, annotation: str) -> bool:
         return base.startswith(("tuple[", "frozenset["))
     if t == "string" and lexicon.get("format") == "datetime":
         return base == "int"  # ms since the epoch
+    if t == "unknown":  # an object the core models as a record of its own (`previous`)
+        return base == "Workload"
     return base == {"string": "str", "integer": "int", "boolean": "bool"}.get(t)
 
 
@@ -148,6 +151,8 @@ SAMPLES = [
         health_start_period_s=10,
         network="lan",
         max_runtime_s=600,
+        rollback_version="00aa11bb22cc33dd",
+        rollback_reason="update to version 00aa11bb22cc33dd failed: it could not start",
     ),
     Bid(
         uri=at_uri("did:plc:m", N.NSID_BID, "b1"),
@@ -179,6 +184,8 @@ SAMPLES = [
         finished_at=T + 2,
         health="unhealthy",
         endpoints=(Endpoint("http", "10.0.0.2", 20001, "udp"),),
+        version="0123456789abcdef",
+        failed_version="fedcba9876543210",
     ),
     Usage(
         uri=at_uri("did:plc:m", N.NSID_USAGE, "u1"),
@@ -246,6 +253,25 @@ SAMPLES = [
         min_mode="refuse",
     ),
 ]
+
+
+# A workload's version is derived from its value: the sample carries the one it derives.
+# Its previous spec is a workload with the same name, placement and history fields.
+_PREV = dataclasses.replace(
+    SAMPLES[0],  # type: ignore[type-var]
+    image="nginx:0",
+    env=(),
+    rollback_version="",
+    rollback_reason="",
+)
+SAMPLES[0] = dataclasses.replace(
+    SAMPLES[0],  # type: ignore[type-var]
+    previous=dataclasses.replace(_PREV, version=spec_version(record_to_json(_PREV))),
+)
+SAMPLES[0] = dataclasses.replace(
+    SAMPLES[0],  # type: ignore[type-var]
+    version=spec_version(record_to_json(SAMPLES[0])),  # type: ignore[arg-type]
+)
 
 
 def _all_fields(rec: object) -> dict[str, object]:

@@ -105,6 +105,37 @@ def test_piped_tables_never_fold_a_did(
     assert long in capsys.readouterr().out
 
 
+def test_an_update_under_way_a_failed_slot_and_a_rollback_are_said_under_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rolling = view(
+        "web",
+        2,
+        {"slot": 0, "meshletDid": BOBMESH, "state": "running", "version": "v2"},
+        {"slot": 1, "meshletDid": CAROLMESH, "state": "running", "version": "v1"},
+        version="v2",
+    )
+    failed = view(
+        "api",
+        1,
+        {
+            "slot": 0,
+            "meshletDid": BOBMESH,
+            "state": "running",
+            "version": "v1",
+            "failedVersion": "v9",
+            "message": "update to version v9 failed: it could not start",
+        },
+        version="v1",
+        rollback="update to version v9 rolled back: it could not start",
+    )
+    render.workloads([rolling, failed], names=NAMES)
+    out = capsys.readouterr().out
+    assert "web updating: 1 of 2 slot(s) at version v2" in out
+    assert "api update to version v9 failed: it could not start" in out
+    assert "api update to version v9 rolled back: it could not start" in out
+
+
 def test_a_failing_replica_says_why_and_health_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
     flaky = view(
         "flaky",

@@ -143,3 +143,42 @@ async def test_logs_of_a_replica_here_come_from_its_unit_journal() -> None:
     engine.units[(uri, 0)] = "meshlet-web-0.service"
     assert (await p.commands.logs(uri, 0, 5, "c0")).entries == ({"line": "local"},)
     assert asked == [("meshlet-web-0.service", 5, "c0")]
+
+
+async def test_an_update_keeps_the_previous_spec_and_the_rollback_writes_it_back() -> None:
+    from meshletd.core.versions import spec_version
+
+    p = parts()
+    uri = (await p.commands.create_workload(dict(RECORD)))["uri"]
+    rkey = uri.rsplit("/", 1)[1]
+    v1 = spec_version(RECORD)
+    got = await p.commands.update_workload("web", "registry.test/web:2")
+    _, stored = p.owner_repo.records[(WORKLOAD, rkey)]
+    assert got["previousVersion"] == v1 and got["version"] == spec_version(stored) != v1
+    assert stored["image"] == "registry.test/web:2"
+    assert stored["createdAt"] == RECORD["createdAt"]  # the placement stays
+    assert stored["previous"]["image"] == RECORD["image"] and "name" not in stored["previous"]
+    # the same image again: nothing written
+    again = await p.commands.update_workload("web", "registry.test/web:2")
+    assert "cid" not in again and again["version"] == got["version"]
+    # the new version failed on a slot: the owner's meshlet writes the previous spec back
+    assert await p.commands.roll_back(uri, got["version"], "it could not start")
+    _, back = p.owner_repo.records[(WORKLOAD, rkey)]
+    assert spec_version(back) == v1 and back["image"] == RECORD["image"]
+    assert back["rollback"]["version"] == got["version"]
+    assert back["rollback"]["reason"] == "it could not start" and "previous" not in back
+    assert p.read.workload(uri)["rollback"].startswith(f"update to version {got['version']}")
+    # a second report of the same failure changes nothing
+    assert await p.commands.roll_back(uri, got["version"], "again")
+    assert p.owner_repo.records[(WORKLOAD, rkey)][1] == back
+
+
+async def test_a_record_without_a_previous_spec_is_not_rolled_back() -> None:
+    from meshletd.core.versions import spec_version
+
+    p = parts()
+    uri = (await p.commands.create_workload(dict(RECORD)))["uri"]
+    rkey = uri.rsplit("/", 1)[1]
+    before = p.owner_repo.records[(WORKLOAD, rkey)]
+    assert await p.commands.roll_back(uri, spec_version(RECORD), "it could not start")
+    assert p.owner_repo.records[(WORKLOAD, rkey)] == before

@@ -96,3 +96,30 @@ def test_podman_secret_names_fit_podmans_64_characters() -> None:
     assert naming.secret_name(container, "db") != naming.secret_name(container, "dc")
     other = naming.container_name(ReplicaId("did:plc:x", "w", 0), "h")
     assert naming.secret_prefix(other) != naming.secret_prefix(container)
+
+
+def test_the_second_lane_of_a_slot_has_its_own_unit_that_only_it_owns() -> None:
+    """A rolling update runs a slot's new version beside the old one (docs/protocol.md,
+    section 25): lane 1's unit is a different name, found again from its environment."""
+    from meshletd.runtime.units import identity_from_environment
+
+    old = ReplicaId("did:plc:alice", "web", 3)
+    new = ReplicaId("did:plc:alice", "web", 3, lane=1)
+    a, b = naming.unit_name(old, "alice.test"), naming.unit_name(new, "alice.test")
+    assert a != b and b.startswith("meshlet-alice.test-web-3.1-")
+    assert naming.unit_belongs(b, new, b.removesuffix(".service"))
+    assert not naming.unit_belongs(b, old, b.removesuffix(".service"))
+    assert not naming.unit_belongs(a, new, a.removesuffix(".service"))
+    env = {
+        "MESHLET_OWNER_DID": "did:plc:alice",
+        "MESHLET_WORKLOAD": "web",
+        "MESHLET_REPLICA": "3",
+        "MESHLET_LANE": "1",
+        "MESHLET_CONTAINER": b.removesuffix(".service"),
+    }
+    ident = identity_from_environment(env)
+    assert ident is not None and ident.replica == new
+    assert identity_from_environment({**env, "MESHLET_LANE": "7"}) is None
+    del env["MESHLET_LANE"]
+    got = identity_from_environment(env)
+    assert got is not None and got.replica == old  # units from before lanes: lane 0
