@@ -235,12 +235,46 @@ def run(
         typer.Option(help="arch=amd64, label=K[=V], prefer=DID, avoid=DID, packing"),
     ] = None,
     cluster: Annotated[str | None, typer.Option(help="Cluster to offer it to")] = None,
+    pull_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="NAME=@FILE: registry credentials (auth file or user:password), for pulls only"
+        ),
+    ] = None,
+    port: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME:PORT (or NAME:PORT/udp) the container serves, published where the "
+            "host allows it (repeatable)"
+        ),
+    ] = None,
+    health_cmd: Annotated[
+        str | None, typer.Option(help="Health check run in the container (no shell)")
+    ] = None,
+    health_interval: Annotated[
+        str | None, typer.Option(help="Between checks (default 30s)")
+    ] = None,
+    health_timeout: Annotated[str | None, typer.Option(help="Per check (default 30s)")] = None,
+    health_retries: Annotated[
+        int | None, typer.Option(min=1, max=100, help="Failures = unhealthy (default 3)")
+    ] = None,
+    health_start_period: Annotated[
+        str | None, typer.Option(help="Failures do not count before (default 0s)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Publish a workload record in the owner's repo; the commune places its replicas."""
+    """Publish a workload record in the owner's repo; the commune places its replicas.
+
+    The image's tag is resolved to a digest once, now, by this meshlet: every replica runs
+    exactly those bits (shown as "pinned to sha256:...")."""
     from meshletctl import parse
 
     try:
+        health = None
+        if health_cmd is not None:
+            health = parse.health_check(
+                health_cmd, health_interval, health_timeout, health_retries, health_start_period
+            )
         record, secrets = parse.workload_record(
             image,
             args or [],
@@ -254,14 +288,19 @@ def run(
             restart=restart,
             constraint=constraint or [],
             cluster=cluster,
+            pull_secret=pull_secret,
+            port=port or [],
+            health=health,
         )
     except parse.ParseError as e:
         raise fail(InvalidRequest(str(e)), as_json) from None
-    _run(
-        as_json,
-        lambda c: publish(c, record, secrets),
-        lambda d: _say(f"published {record['name']}: {d['uri']}"),
-    )
+
+    def said(d: dict[str, Any]) -> None:
+        _say(f"published {record['name']}: {d['uri']}")
+        if d.get("imageDigest"):
+            _say(f"image {image} pinned to {d['imageDigest']}")
+
+    _run(as_json, lambda c: publish(c, record, secrets), said)
 
 
 @app.command()
@@ -427,11 +466,123 @@ def bids(
 
 
 @app.command()
+def endpoints(
+    workload: Annotated[str, typer.Argument(help="Workload name or at:// URI")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Where each replica of a workload serves its ports (address:port), and its health."""
+    from meshletctl import render
+
+    _run_named(
+        as_json,
+        lambda c: c.query(CTL + "getEndpoints", uri=resolve_workload(c, workload)),
+        render.endpoints,
+    )
+
+
+@app.command()
 def balance(as_json: JsonOpt = False) -> None:
-    """The fair-share ledger: what each owner gave and took."""
+    """Each owner's standing: what it gave and took (fair share), lent and used over this
+    host's minContribution period, the ratio, and how this host serves it."""
     from meshletctl import render
 
     _run_named(as_json, lambda c: c.query(CTL + "getBalance"), render.balance)
+
+
+@app.command()
+def usage(
+    days: Annotated[int, typer.Option(min=1, max=366, help="UTC days back, today included")] = 7,
+    as_json: JsonOpt = False,
+) -> None:
+    """What ran on this machine, per owner and per UTC day, from its usage records."""
+    from meshletctl import render
+
+    _run_named(as_json, lambda c: c.query(CTL + "getUsage", days=days), render.usage)
+
+
+policy_app = typer.Typer(
+    help="This machine's host policy: show it, set one key, or replace it from a file.",
+    no_args_is_help=False,
+)
+app.add_typer(policy_app, name="policy")
+
+
+def _toml(v: Any) -> str:
+    """A setting's value as TOML (JSON strings escape control characters)."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def _show_policy(data: dict[str, Any]) -> None:
+    if not data.get("published"):
+        print("# no host policy published yet: the defaults apply")
+    settings = data.get("settings") or {}
+    if not settings:
+        print("# every setting at its default (docs/cli.md, [policy])")
+    for key, value in settings.items():
+        print(f"{key} = {_toml(value)}")
+
+
+@policy_app.callback(invoke_without_command=True)
+def policy(
+    ctx: typer.Context,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Replace the whole policy: a TOML file of [policy] keys (as in "
+            "meshlet.toml), or a .json file holding a hostPolicy record value.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the host policy this machine publishes (or replace it with --file)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if file is None:
+        _run(as_json, lambda c: c.query(CTL + "getPolicy"), _show_policy)
+        return
+    body = _policy_file(file, as_json)
+
+    def put(c: ControlClient) -> Any:
+        c.procedure(CTL + "setPolicy", body)
+        return c.query(CTL + "getPolicy")
+
+    _run(as_json, put, _show_policy)
+
+
+def _policy_file(path: str, as_json: bool) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if path.endswith(".json"):
+            return {"policy": json.loads(raw)}
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise fail(InvalidRequest(f"{path}: {e}"), as_json) from None
+    table = doc.get("policy", doc)
+    return {"settings": table if isinstance(table, dict) else {}}
+
+
+@policy_app.command("set")
+def policy_set(
+    key: Annotated[str, typer.Argument(help="A [policy] key (docs/cli.md), or evict/unevict.")],
+    value: Annotated[str, typer.Argument(help="Its value as text; '' restores the default.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Change one setting of the host policy and publish it."""
+
+    def put(c: ControlClient) -> Any:
+        c.procedure(CTL + "setPolicy", {"key": key, "value": value})
+        return c.query(CTL + "getPolicy")
+
+    _run(as_json, put, _show_policy)
 
 
 @app.command()

@@ -102,6 +102,56 @@ def constraints(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def ports(items: list[str]) -> list[dict[str, Any]]:
+    """`--port NAME:PORT[/tcp|udp]` (repeatable) as the record's `ports`."""
+    out = []
+    for item in items:
+        name, sep, rest = item.partition(":")
+        number, _, proto = rest.partition("/")
+        if not sep or not number.isdigit() or not 1 <= int(number) <= 65535:
+            raise ParseError(f"--port {item!r}: give NAME:PORT[/tcp|/udp], e.g. http:8080")
+        if proto not in ("", "tcp", "udp"):
+            raise ParseError(f"--port {item!r}: the protocol is tcp or udp")
+        out.append({"name": name, "containerPort": int(number), "protocol": proto or "tcp"})
+    return out
+
+
+def seconds(text: str, what: str) -> int:
+    """A duration in whole seconds: 30, 30s, 2m."""
+    t = text.strip().lower()
+    scale = 60 if t.endswith("m") else 1
+    t = t.removesuffix("m").removesuffix("s")
+    if not t.isdigit():
+        raise ParseError(f"{what} {text!r}: give seconds (30, 30s) or minutes (2m)")
+    return int(t) * scale
+
+
+def health_check(
+    cmd: str, interval: str | None, timeout: str | None, retries: int | None, start: str | None
+) -> dict[str, Any]:
+    """`--health-cmd` (split like a shell would, here, once: the check itself runs without
+    a shell) and its timings as the record's `healthCheck`."""
+    import shlex
+
+    try:
+        argv = shlex.split(cmd)
+    except ValueError as e:
+        raise ParseError(f"--health-cmd: {e}") from None
+    if not argv:
+        raise ParseError("--health-cmd: give the program to run, e.g. 'wget -q -O- http://…'")
+    out: dict[str, Any] = {"command": argv}
+    for key, given, what in (
+        ("intervalS", interval, "--health-interval"),
+        ("timeoutS", timeout, "--health-timeout"),
+        ("startPeriodS", start, "--health-start-period"),
+    ):
+        if given is not None:
+            out[key] = seconds(given, what)
+    if retries is not None:
+        out["retries"] = retries
+    return out
+
+
 def workload_record(
     image: str,
     args: list[str],
@@ -116,6 +166,9 @@ def workload_record(
     restart: str | None = None,
     constraint: list[str] = (),  # type: ignore[assignment]
     cluster: str | None = None,
+    pull_secret: str | None = None,
+    port: list[str] = (),  # type: ignore[assignment]
+    health: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """The workload record `meshletctl run` publishes, and the secrets (name, value) it
     stores first on the local meshlet (values read from @FILE, never from the command line).
@@ -155,6 +208,23 @@ def workload_record(
             raise ParseError(f"--secret {sname}: cannot read {spec[1:]}: {e.strerror}") from None
     if secrets:
         record["secrets"] = [{"name": s} for s, _ in secrets]
+    if pull_secret is not None:
+        # Registry credentials: stored like a secret, named in imagePullSecret, used only
+        # for the pull (never mounted into the container).
+        pname, spec = key_value(pull_secret, "--pull-secret")
+        if not spec.startswith("@"):
+            raise ParseError(f"--pull-secret {pname}: give the value as @FILE")
+        try:
+            secrets.append((pname, Path(spec[1:]).read_bytes()))
+        except OSError as e:
+            raise ParseError(
+                f"--pull-secret {pname}: cannot read {spec[1:]}: {e.strerror}"
+            ) from None
+        record["imagePullSecret"] = pname
     if cluster:
         record["cluster"] = cluster
+    if port:
+        record["ports"] = ports(list(port))
+    if health:
+        record["healthCheck"] = health
     return record, secrets

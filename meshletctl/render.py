@@ -157,6 +157,8 @@ def replica_state(r: dict[str, Any]) -> str:
     code = r.get("exitCode")
     if code is not None and state in _TERMINAL:
         return safe(f"{state} (exit {code})")
+    if r.get("health") and state in ("running", "failing"):
+        return safe(f"{state} ({r['health']})")  # its health check's verdict
     return safe(state)
 
 
@@ -186,17 +188,25 @@ def workload_state(w: dict[str, Any]) -> str:
     return safe(", ".join(f"{n} {st}" for st, n in sorted(counts.items(), key=lambda kv: -kv[1])))
 
 
+# States whose host message is shown under the table.
+MESSAGE_STATES = ("failing", "failed", "pending", "pulling")
+
+
 def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> list[str]:
     """One line per slot that has a reason (pending, lost, moving): printed under the table
     as plain text, so a narrow terminal or a pipe never splits it mid-word."""
     out = []
     for w in items:
         for slot, r in _slot_rows(w).items():
-            if r.get("reason"):
+            # the scheduler's reason, or the host's own message: why it is handed off
+            # (failing) or why it did not start yet (e.g. its image did not pull)
+            said = r.get("message") if r.get("state") in MESSAGE_STATES else ""
+            why = r.get("reason") or said
+            if why:
                 label = (
                     safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
                 )
-                out.append(f"{label} {replica_state(r)}: {_named(r['reason'], name)}")
+                out.append(f"{label} {replica_state(r)}: {_named(why, name)}")
     return out
 
 
@@ -296,9 +306,41 @@ def bids(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
             console.print(f"why: {_named(rnd['why'], name)}")
 
 
+def _ratio(permille: object) -> str:
+    return "-" if not isinstance(permille, int) else f"{permille / 1000:.3g}"
+
+
+def endpoints(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("SLOT", "PORT", "ENDPOINT", "MESHLET", "STATE", "HEALTH", title=safe(d["workload"]))
+    for e in d.get("endpoints", []):
+        address = str(e["address"])
+        host = f"[{address}]" if ":" in address else address
+        t.add_row(
+            safe(e["slot"]),
+            safe(f"{e['name']}/{e.get('protocol', 'tcp')}"),
+            safe(f"{host}:{e['port']}"),
+            name(e["meshletDid"]),
+            safe(e.get("state", "")),
+            safe(e.get("health", "-")),
+        )
+    _console().print(t)
+
+
 def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
     name = _namer(names)
-    t = _table("OWNER", "GAVE (CPU·s)", "TOOK (CPU·s)", "BALANCE", "PRIORITY")
+    t = _table(
+        "OWNER",
+        "GAVE (CPU·s)",
+        "TOOK (CPU·s)",
+        "BALANCE",
+        "PRIORITY",
+        "LENT (CPU·h)",
+        "USED (CPU·h)",
+        "RATIO",
+        "STANDING",
+        "SERVED",
+    )
     for o in d.get("owners", []):
         gave = o.get("gaveMilliCpuSeconds", 0) / 1000
         took = o.get("tookMilliCpuSeconds", 0) / 1000
@@ -309,11 +351,43 @@ def balance(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
             f"{took:g}",
             f"{gave - took:+g}",
             "" if prio is None else safe(prio),
+            f"{o.get('lentMilliCpuSeconds', 0) / 3_600_000:.2f}",
+            f"{o.get('usedMilliCpuSeconds', 0) / 3_600_000:.2f}",
+            _ratio(o.get("ratioPermille")),
+            safe(o.get("standing", "")),
+            safe(o.get("served", "")),
         )
     _console().print(t)
     if d.get("halfLifeSeconds"):
         at = f" as of {d['at']}" if d.get("at") else ""
         print(safe(f"usage decays with a half-life of {d['halfLifeSeconds']} s{at}"))
+    rule = d.get("minContribution")
+    if isinstance(rule, dict):
+        print(
+            safe(
+                f"this host asks owners to lend {_ratio(rule.get('ratioPermille'))} x what "
+                f"they use over {rule.get('periodDays')} days; those below come "
+                + ("not at all" if rule.get("mode") == "refuse" else "after contributors")
+            )
+        )
+    elif d.get("periodDays"):
+        print(safe(f"lent and used over {d['periodDays']} days; this host sets no minimum"))
+
+
+def usage(d: dict[str, Any], names: dict[str, str] | None = None) -> None:
+    name = _namer(names)
+    t = _table("DAY (UTC)", "OWNER", "CPU·h", "MEMORY (GiB·h)", "PERIODS")
+    for r in d.get("rows", []):
+        t.add_row(
+            safe(r.get("day", "")),
+            name(r.get("ownerDid")),
+            f"{r.get('milliCpuSeconds', 0) / 3_600_000:.2f}",
+            f"{r.get('memoryMiBSeconds', 0) / 1024 / 3600:.2f}",
+            safe(r.get("periods", "")),
+        )
+    _console().print(t)
+    if not d.get("rows"):
+        print(safe(f"no usage records of this meshlet in the last {d.get('days', '?')} days"))
 
 
 @contextlib.contextmanager

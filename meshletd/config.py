@@ -45,6 +45,7 @@ from pydantic import (
 
 from meshletd.core.timing import DEFAULT_TIMING, LEASE_MAX_VALID_MS, Timing
 from meshletd.errors import ConfigError
+from meshletd.policy_settings import PolicySettings
 
 DEFAULT_PATH = Path("/etc/meshlet/meshlet.toml")
 DEFAULT_CREDENTIALS_FILE = Path("/etc/meshlet/credentials.toml")
@@ -146,6 +147,17 @@ class Control(_Section):
 _T = DEFAULT_TIMING
 
 
+class Images(_Section):
+    """[images]: where replicas' images come from and what a pull may cost (docs/runtime.md,
+    "Images from registries")."""
+
+    # Resolve a published workload's tag to its digest at publish time (the owner's
+    # meshlet asks the registry once; every replica then runs exactly those bits).
+    resolve_tags: bool = True
+    pull_timeout_s: int = Field(default=900, ge=1, le=86_400)
+    pull_max_mib: int = Field(default=10_240, ge=1, le=16_777_216)
+
+
 class Scheduling(_Section):
     """Timing of the scheduling protocol (docs/protocol.md section 3), in milliseconds.
 
@@ -230,6 +242,10 @@ class Config(_Section):
     control: Control = Field(default_factory=Control)
     web: Web = Field(default_factory=Web)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    images: Images = Field(default_factory=Images)
+    # The host policy published at start (None: no [policy] section; the record in the
+    # repo, if any, is left as it is). docs/protocol.md section 21, docs/cli.md.
+    policy: PolicySettings | None = None
     state_dir: Path = Path("/var/lib/meshlet")
     # "atproto": the real cluster (PDS, firehose); "memory": a self-contained stand-in node
     # that runs every workload itself (demos, tests, benchmarks).

@@ -49,7 +49,7 @@ apt_install() {
 host_packages() {
     apt_install systemd-container debootstrap libsystemd-dev pkg-config gcc python3-dev \
         python3-venv iproute2 nftables ca-certificates lintian rpm rpmlint groff-base \
-        chromium chromium-driver
+        chromium chromium-driver docker-registry apache2-utils
 }
 
 # The project's virtualenv (rebuilt when pyproject.toml changes).

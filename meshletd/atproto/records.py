@@ -9,9 +9,9 @@
   shapes; `record_from_json(..., validate=True)` is for values from anywhere else.
 - Defaults are the lexicon's: an optional field the record leaves out takes the `default`
   its lexicon declares (`Lexicons.defaults`), read here, not retyped.
-- `FIELDS` maps every lexicon property to the core field that carries it; a unit test
-  checks it against the lexicons and the dataclasses in both directions, and round-trips a
-  record of every class with every field set.
+- `FIELDS` (meshletd/atproto/fields.py) maps every lexicon property to the core field that
+  carries it; a unit test checks it against the lexicons and the dataclasses in both
+  directions, and round-trips a record of every class with every field set.
 
 `fill_workload` applies the defaults of a workload published with `meshletctl run`, once.
 """
@@ -21,10 +21,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
+from meshletd.atproto.fields import ADDRESS_FIELDS, DEF_FIELDS, FIELDS
 from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
+from meshletd.atproto.services import (
+    endpoints_from_json,
+    health_from_json,
+    ports_from_json,
+    status_services_json,
+    workload_services_json,
+)
 from meshletd.core.nsid import (
     NSID_BID,
     NSID_HOST_POLICY,
@@ -58,125 +66,6 @@ from meshletd.core.records import (
 
 JsonObject = dict[str, Any]
 
-# Lexicon property (dotted through nested objects) -> the core field that carries it, per
-# record class. Fields that come from the record's address, not its value (uri, cid, the
-# repo DID) are not listed. Checked against the lexicons by tests/unit/test_atproto_records.py.
-FIELDS: Final[dict[type, dict[str, str]]] = {
-    Workload: {
-        "name": "name",
-        "image": "image",
-        "command": "command",
-        "args": "args",
-        "env": "env",
-        "resources.milliCpu": "milli_cpu",
-        "resources.memoryMiB": "memory_mib",
-        "resources.storageMiB": "storage_mib",
-        "replicas": "replicas",
-        "kind": "kind",
-        "restartPolicy": "restart_policy",
-        "constraints.arch": "arch",
-        "constraints.labels": "labels",
-        "constraints.preferMeshlets": "prefer",
-        "constraints.avoidMeshlets": "avoid",
-        "constraints.allowPacking": "allow_packing",
-        "secrets": "secrets",
-        "cluster": "cluster",
-        "bidWindowMs": "bid_window_ms",
-        "paused": "paused",
-        "network": "network",
-        "maxRuntimeS": "max_runtime_s",
-        "createdAt": "created_at",
-    },
-    Bid: {
-        "workload.uri": "workload_uri",
-        "workload.cid": "workload_cid",
-        "round": "round",
-        "slot": "slot",
-        "priority": "priority",
-        "slots": "slots",
-        "free.milliCpu": "free_milli_cpu",
-        "free.memoryMiB": "free_memory_mib",
-        "free.storageMiB": "",  # not modelled: a bid offers CPU and memory
-        "createdAt": "created_at",
-    },
-    WorkloadStatus: {
-        "workload.uri": "workload_uri",
-        "workload.cid": "workload_cid",
-        "round": "round",
-        "slot": "slot",
-        "state": "state",
-        "exitCode": "exit_code",
-        "restarts": "restarts",
-        "message": "message",
-        "unit": "unit",
-        "startedAt": "started_at",
-        "finishedAt": "finished_at",
-        "updatedAt": "updated_at",
-    },
-    Usage: {
-        "periodStart": "period_start",
-        "periodEnd": "period_end",
-        "entries": "entries",
-        "createdAt": "created_at",
-    },
-    Membership: {"cluster": "cluster", "members": "members", "createdAt": "created_at"},
-    MeshletOwner: {
-        "ownerDid": "owner",
-        "endpoint": "endpoint",
-        "state": "state",
-        "stateSince": "state_since",
-        "drains": "drains",
-        "capacity.milliCpu": "milli_cpu",
-        "capacity.memoryMiB": "memory_mib",
-        "capacity.storageMiB": "storage_mib",
-        "arch": "arch",
-        "labels": "labels",
-        "encryptionKey": "encryption_key",
-        "version": "version",
-        "createdAt": "",  # written as stateSince; read only when stateSince is absent
-    },
-    MeshletLink: {"meshletDid": "meshlet", "name": "name", "createdAt": "created_at"},
-    Lease: {
-        "renewedAt": "renewed_at",
-        "validMs": "valid_ms",
-        "createdAt": "",  # written as renewedAt
-    },
-    HostPolicy: {
-        "owners.defaultShare": "default_share",
-        "owners.caps": "caps",
-        "evicted": "evicted",
-        "images.allow": "image_allow",
-        "images.digestsOnly": "digests_only",
-        "network": "network",
-        "inbound.allowed": "inbound_allowed",
-        "inbound.portMin": "port_min",
-        "inbound.portMax": "port_max",
-        "inbound.address": "inbound_address",
-        "schedule": "schedule",
-        "jobMaxRuntimeS": "job_max_runtime_s",
-        "minContribution.ratioPermille": "min_ratio_permille",
-        "minContribution.periodDays": "min_period_days",
-        "minContribution.mode": "min_mode",
-        "createdAt": "created_at",
-    },
-}
-# Objects of commune.scheduler.defs carried by their own core class: property -> field.
-DEF_FIELDS: Final[dict[str, tuple[type, dict[str, str]]]] = {
-    "envVar": (EnvVar, {"name": "name", "value": "value"}),
-    "secretRef": (SecretRef, {"name": "name", "target": "target", "env": "env"}),
-    "usageEntry": (
-        UsageEntry,
-        {
-            "ownerDid": "owner",
-            "milliCpuSeconds": "milli_cpu_seconds",
-            "memoryMiBSeconds": "memory_mib_seconds",
-        },
-    ),
-}
-# Fields a record takes from its address (at://repo/collection/rkey, cid), not its value.
-ADDRESS_FIELDS: Final = frozenset({"uri", "cid", "owner", "meshlet", "repo", "extra"})
-
-
 _OWNER_KNOWN = frozenset(k.split(".")[0] for k in FIELDS[MeshletOwner]) | {"$type"}
 _CAPACITY_KNOWN = frozenset({"milliCpu", "memoryMiB", "storageMiB"})
 
@@ -193,6 +82,11 @@ class _Defaults:
 
     def __init__(self, lex: Lexicons, nsid: str) -> None:
         self._d = lex.defaults(nsid)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every default of the record type, by dotted path."""
+        return self._d
 
     def get(self, obj: Mapping[str, Any], key: str, path: str) -> Any:
         got = obj.get(key)
@@ -287,6 +181,8 @@ def record_from_json(
             unit=value.get("unit"),
             started_at=_ms(value.get("startedAt")),
             finished_at=_ms(value.get("finishedAt")),
+            health=value.get("health"),
+            endpoints=endpoints_from_json(value),
         )
     if collection == NSID_WORKLOAD:
         d = _defaults(NSID_WORKLOAD)
@@ -320,6 +216,10 @@ def record_from_json(
             storage_mib=int(d.get(res, "storageMiB", "resources.storageMiB")),
             prefer=tuple(c.get("preferMeshlets", ())),
             paused=bool(d.get(value, "paused", "paused")),
+            image_digest=str(value.get("imageDigest", "")),
+            image_pull_secret=str(value.get("imagePullSecret", "")),
+            ports=ports_from_json(value),
+            **health_from_json(value, d.defaults),
             network=str(d.get(value, "network", "network")),
             max_runtime_s=None if value.get("maxRuntimeS") is None else int(value["maxRuntimeS"]),
         )
@@ -430,6 +330,7 @@ def record_to_json(record: Record) -> JsonObject:
             out["startedAt"] = format_datetime_ms(record.started_at)
         if record.finished_at is not None:
             out["finishedAt"] = format_datetime_ms(record.finished_at)
+        out.update(status_services_json(record))
         return out
     if isinstance(record, Workload):
         res = _resources(record.milli_cpu, record.memory_mib, record.storage_mib)
@@ -475,6 +376,11 @@ def record_to_json(record: Record) -> JsonObject:
             out["constraints"] = c
         if record.paused:
             out["paused"] = True
+        if record.image_digest:
+            out["imageDigest"] = record.image_digest
+        if record.image_pull_secret:
+            out["imagePullSecret"] = record.image_pull_secret
+        out.update(workload_services_json(record))
         if record.network != "internet":
             out["network"] = record.network
         _put(out, "maxRuntimeS", record.max_runtime_s)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshletd.atproto.services import check_services
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.errors import InvalidRecord
 
@@ -47,6 +48,7 @@ IMAGE_TRANSPORTS = frozenset(
         "tarball",
     }
 )
+IMAGE_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 SECRET_TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -81,6 +83,18 @@ def check_workload(value: Mapping[str, Any]) -> None:
     the one reported."""
     if (why := image_problem(value.get("image"))) is not None:
         raise _refuse("image", why)
+    digest = value.get("imageDigest")
+    if digest is not None:
+        if not isinstance(digest, str) or not IMAGE_DIGEST_RE.match(digest):
+            raise _refuse("imageDigest", "must be sha256: and 64 lowercase hex digits")
+        pinned = str(value.get("image")).partition("@")[2]
+        if pinned and pinned != digest:
+            raise _refuse("imageDigest", "differs from the digest the image names")
+    pull_secret = value.get("imagePullSecret")
+    if pull_secret is not None and (
+        not isinstance(pull_secret, str) or not SECRET_TARGET_RE.match(pull_secret)
+    ):
+        raise _refuse("imagePullSecret", "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
     kind = value.get("kind")
     if kind not in KINDS:
         raise _refuse("kind", f"must be one of {', '.join(KINDS)}")
@@ -129,6 +143,7 @@ def check_workload(value: Mapping[str, Any]) -> None:
             if env_name in names:
                 raise _refuse(f"secrets[{i}].env", f"{env_name} is also set by env or a secret")
             names.add(env_name)
+    check_services(value, _refuse)
 
 
 RULES: dict[str, Callable[[Mapping[str, Any]], None]] = {NSID_WORKLOAD: check_workload}

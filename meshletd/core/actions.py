@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .records import Record, Workload
+from .records import Endpoint, Record, Workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +32,13 @@ class DeleteRecord:
 
 @dataclass(frozen=True, slots=True)
 class StartReplica:
-    """Start (or restart) the local replica of (workload, slot), placed in `round`."""
+    """Start (or restart) the local replica of (workload, slot), placed in `round`,
+    publishing its declared ports at `endpoints` (docs/protocol.md, section 22)."""
 
     workload: Workload
     slot: int
     round: int
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

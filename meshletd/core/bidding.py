@@ -12,7 +12,9 @@ from .bounds import (
     bid_refusal,
     clamp,
 )
+from .commons import AFTER, DEFAULT_PERIOD_DAYS, DEFERRED_PRIORITY, REFUSE, Rule, rule_of, standing
 from .fairshare import meshlet_priority
+from .hosting import Hosting
 from .placement import (
     Owner,
     WorkloadEntry,
@@ -21,11 +23,10 @@ from .placement import (
     round0_window,
 )
 from .records import NSID_BID, Bid, Workload, at_uri, split_at_uri
-from .rounds import Rounds
 from .state import bid_rkey
 
 
-class Bidding(Rounds):
+class Bidding(Hosting):
     """Bids in open rounds where this meshlet is a candidate, and opens replacement rounds."""
 
     def _bid_batch(self) -> None:
@@ -39,11 +40,63 @@ class Bidding(Rounds):
         ledger.refresh_balances(self.now, self.cluster)
         taken = ledger.taken
         entries = [self.workloads[u] for u in queue if u in self.workloads]
-        # Capacity is short? Serve owners who used least first.
-        entries.sort(key=lambda e: (taken.get(e.wl.owner, 0), e.wl.created_at, e.wl.uri))
+        # Capacity is short? Serve contributors before owners below our minContribution
+        # (section 23), then owners who used least first.
+        below = self._below_minimum
+        entries.sort(
+            key=lambda e: (
+                below(e.wl.owner) is not None,
+                taken.get(e.wl.owner, 0),
+                e.wl.created_at,
+                e.wl.uri,
+            )
+        )
         prio = meshlet_priority(self.me.owner, taken, ledger.given)
         for e in entries:
             self._consider(e, prio)
+
+    def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        """Our host policy's free-rider rule (None: none) and (lent, used) per owner as our
+        bids judge them (section 23); over the default period when we set no rule."""
+        rule = rule_of(self.cluster.policies.get(self.me.did))
+        days = None if rule is not None else DEFAULT_PERIOD_DAYS
+        return self.ledger.contribution(self.now, self.cluster, self.me.did, days)
+
+    def _contributor_waiting(self, cpu: int, mem: int) -> bool:
+        """Whether a workload of an owner in good standing here has a slot nobody holds,
+        not finished, that we could take now (eligible, fits our free room): mode "after"
+        keeps that room for it rather than offer it to an owner below (section 23)."""
+        me = self.me.did
+        cluster = self.cluster
+        for e in self.workloads.values():
+            owners = e.owners
+            wl = e.wl
+            if owners is None or None not in owners:
+                continue
+            if wl.milli_cpu > cpu or wl.memory_mib > mem:
+                continue
+            if not any(
+                c is None
+                and not (e.finished and s in e.finished)
+                and (wl.allow_packing or not self._holds_other(e, s))
+                for s, c in enumerate(owners)
+            ):
+                continue
+            if self._below_minimum(wl.owner) is not None:
+                continue
+            if cluster.eligible(wl, me) and cluster.policy_refusal(wl, me) is None:
+                return True
+        return False
+
+    def _below_minimum(self, owner: str) -> str | None:
+        """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
+        stands below it here (section 23), else None. Our own owner always stands well."""
+        if owner == self.me.owner:
+            return None
+        rule, lent, used = self.ledger.contribution(self.now, self.cluster, self.me.did)
+        if rule is None or not standing(owner, lent, used, rule).below:
+            return None
+        return rule.mode
 
     def _holds_other(self, e: WorkloadEntry, slot: int) -> bool:
         """Whether we own, run or have bid for another slot of e (one replica per meshlet
@@ -64,11 +117,23 @@ class Bidding(Rounds):
         me = self.me.did
         now = self.now
         uri = wl.uri
-        if not self.cluster.eligible(wl, me):
-            return
+        if not self.cluster.eligible(wl, me) or self.cluster.policy_refusal(wl, me) is not None:
+            return  # not eligible, or our host policy refuses wl (section 21)
+        if self._gave_up and self._gave_up.get(uri) == wl.cid:
+            return  # we handed a slot of this version off: it fails here (section 22)
         cpu, mem = self.free_capacity()
         room = self.free_replicas()
         fits = cpu >= wl.milli_cpu and mem >= wl.memory_mib and room != 0
+        ports = self.free_ports() if wl.ports else 0
+        if wl.ports and ports < len(wl.ports):
+            fits = False
+        below = self._below_minimum(wl.owner)
+        if below == REFUSE:
+            fits = False  # below our minContribution: we offer it nothing (section 23)
+        elif below == AFTER:
+            prio = DEFERRED_PRIORITY  # any host that does not defer it ranks first
+            if fits and self._contributor_waiting(cpu, mem):
+                fits = False  # our room goes to the contributor first
         opens0, deadline0, close0 = round0_window(wl, self.t)
         if e.owners is None:
             # Round 0: bid once, as a candidate, inside [createdAt, createdAt + window].
@@ -92,6 +157,9 @@ class Bidding(Rounds):
                     )
                     if room is not None:
                         slots = min(slots, room)
+                    if wl.ports:
+                        slots = min(slots, ports // len(wl.ports))
+                slots = self._policy_slots(wl, close0, slots)
             if slots == 0 and not self._small_cluster(wl):
                 return  # declines only help early close in small clusters
             self._bid(wl, 0, -1, prio, slots, cpu, mem, close0)
@@ -121,12 +189,15 @@ class Bidding(Rounds):
                     continue
                 if any(b.meshlet == me and b.round == r for b in slot_bids):
                     continue
-                if not fits or not self._is_candidate(wl, s, r):
+                close = start + t.replacement_window_ms + t.settle_ms
+                if (
+                    not fits
+                    or not self._is_candidate(wl, s, r)
+                    or not self._policy_slots(wl, close, 1)
+                ):
                     self._wake(chained_round_start(r + 1, close0, t), uri)
                     continue
-                self._bid(
-                    wl, r, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms
-                )
+                self._bid(wl, r, s, prio, 1, cpu, mem, close)
                 return
             # Replacement round opened by someone else and still open here?
             last = max((b.round for b in slot_bids), default=0)
@@ -138,11 +209,12 @@ class Bidding(Rounds):
             start = min(b.created_at for b in bs)
             if now > start + t.replacement_window_ms or now < start:
                 continue
-            if not fits:
+            close = start + t.replacement_window_ms + t.settle_ms
+            if not fits or not self._policy_slots(wl, close, 1):
                 continue
             if not self._is_candidate(wl, s, last, frozenset({cur[1]})):
                 continue
-            self._bid(wl, last, s, prio, 1, cpu, mem, start + t.replacement_window_ms + t.settle_ms)
+            self._bid(wl, last, s, prio, 1, cpu, mem, close)
             return
 
     def _bid(
@@ -262,6 +334,8 @@ class Bidding(Rounds):
         if r > MAX_ROUND:
             return  # rounds exhausted (section 20): the slot keeps its owner
         cpu, mem = self.free_capacity()
+        t = self.t
+        close = self.now + t.replacement_window_ms + t.settle_ms
         fits = (
             cpu >= wl.milli_cpu
             and mem >= wl.memory_mib
@@ -270,11 +344,19 @@ class Bidding(Rounds):
             and self.cluster.eligible(wl, self.me.did)
             and (cur is None or cur[1] != self.me.did)
             and (wl.allow_packing or not self._holds_other(e, slot))
+            and (not wl.ports or self.free_ports() >= len(wl.ports))
+            and self._gave_up.get(wl.uri) != wl.cid
+            and self.cluster.policy_refusal(wl, self.me.did) is None
+            and self._policy_slots(wl, close, 1) > 0
         )
+        below = self._below_minimum(wl.owner)
+        if below == REFUSE:
+            fits = False  # an empty bid still opens the round for the others (section 23)
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)
         prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)
-        t = self.t
+        if below == AFTER:
+            prio = DEFERRED_PRIORITY
         if cur is not None:
             self._reopened[(wl.uri, slot)] = (self.now, cur)
         self._bid(
@@ -285,7 +367,7 @@ class Bidding(Rounds):
             1 if fits else 0,
             cpu,
             mem,
-            self.now + t.replacement_window_ms + t.settle_ms,
+            close,
         )
 
 

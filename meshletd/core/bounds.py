@@ -22,6 +22,7 @@ MAX_PRIORITY = 1_099_511_627_776  # |bid.priority|
 MAX_MILLI_CPU = 1_024_000  # defs#resources.milliCpu (minimum 0)
 MAX_MEMORY_MIB = 16_777_216  # defs#resources.memoryMiB (minimum 0)
 MAX_RESTARTS = 1_000_000  # workloadStatus.restarts
+MAX_STATUS_MESSAGE = 256  # workloadStatus.message: 256 graphemes (<= 1024 bytes as chars)
 MIN_EXIT_CODE = -255  # workloadStatus.exitCode
 MAX_EXIT_CODE = 255
 MAX_USAGE_ENTRIES = 512  # usage.entries
@@ -120,6 +121,7 @@ __all__ = [
     "MAX_ROUND",
     "MAX_SLOT",
     "MAX_SLOTS_OFFERED",
+    "MAX_STATUS_MESSAGE",
     "MAX_TIME_MS",
     "MAX_USAGE_ENTRIES",
     "MEMBERSHIPS_PER_REPO",

@@ -6,7 +6,9 @@ A meshlet M may host a workload of owner O (cluster c) when
   * O consents to P: P == O, or a membership record with rkey/cluster c in O's repo or in
     the repo of one of O's linked meshlets lists P;
   * M satisfies the workload's constraints (arch, labels, avoidMeshlets).
-Every observer evaluates this from the same records, so overlapping clusters agree.
+Every observer evaluates this from the same records, so overlapping clusters agree. M's host
+policy (its hostPolicy record) is judged per round, at the round's close (`policy_admits`,
+docs/protocol.md section 21), so it is kept here but is not part of `eligible`.
 
 An owner's claims that count are the MAX_MESHLETS_PER_OWNER meshlet records with the
 smallest record keys, and at most MAX_STORED_CLAIMS per owner are kept (the smallest keys):
@@ -18,7 +20,9 @@ scheduler judges eligibility with it, and the daemon its configured clusters
 from __future__ import annotations
 
 from .bounds import MEMBERSHIPS_PER_REPO
-from .records import Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
+from .policy import admits, refusal, restrictive
+from .records import HostPolicy, Membership, MeshletLink, MeshletOwner, Workload, split_at_uri
+from .services import NO_INBOUND, Inbound, inbound_refusal
 
 _EMPTY: frozenset[str] = frozenset()
 MAX_MESHLETS_PER_OWNER = 64
@@ -44,6 +48,11 @@ class ClusterView:
         # meshlet -> (its meshletOwner record, the owners it consents to); None: not verified
         self._hosts: dict[str, tuple[MeshletOwner, frozenset[str]] | None] = {}
         self._cache_version = -1
+        # meshlet -> what its host policy says about publishing ports (section 22)
+        self._inbound: dict[str, Inbound] = {}
+        self.policies: dict[str, HostPolicy] = {}  # meshlet DID -> its hostPolicy record
+        # meshlets whose policy can refuse a workload that needs no more than `internet`
+        self._strict: dict[str, HostPolicy] = {}
 
     # -- updates ---------------------------------------------------------------------
     def _changed(self) -> None:
@@ -57,6 +66,20 @@ class ClusterView:
         else:
             self._drainy.pop(rec.meshlet, None)
         self._changed()
+
+    def put_inbound(self, meshlet: str, inbound: Inbound) -> None:
+        """The `inbound` of a meshlet's host policy record (NO_INBOUND: none, or deleted)."""
+        if self._inbound.get(meshlet, NO_INBOUND) == inbound:
+            return
+        if inbound == NO_INBOUND:
+            self._inbound.pop(meshlet, None)
+        else:
+            self._inbound[meshlet] = inbound
+        self._changed()
+
+    def inbound_of(self, meshlet: str) -> Inbound:
+        """What a meshlet's host policy says about publishing ports."""
+        return self._inbound.get(meshlet, NO_INBOUND)
 
     def put_link(self, rec: MeshletLink) -> None:
         """A meshlet (owner → machine) record was seen."""
@@ -113,7 +136,25 @@ class ClusterView:
             self._drainy.pop(repo, None)
             self._changed()
             return True
+        pol = self.policies.get(repo)
+        if pol is not None and pol.uri == uri:
+            del self.policies[repo]
+            self._strict.pop(repo, None)
+            self._changed()
+            return True
         return False
+
+    def put_policy(self, rec: HostPolicy) -> bool:
+        """A hostPolicy record was seen; False when it changes nothing."""
+        if self.policies.get(rec.meshlet) == rec:
+            return False
+        self.policies[rec.meshlet] = rec
+        if restrictive(rec):
+            self._strict[rec.meshlet] = rec
+        else:
+            self._strict.pop(rec.meshlet, None)
+        self._changed()
+        return True
 
     def put(self, rec: MeshletOwner | MeshletLink | Membership) -> None:
         """Any of the three cluster records was seen."""
@@ -133,6 +174,9 @@ class ClusterView:
         mo = self.owners.get(repo)
         if mo is not None:
             self.delete(mo.uri, repo)
+        pol = self.policies.get(repo)
+        if pol is not None:
+            self.delete(pol.uri, repo)
 
     # -- queries ---------------------------------------------------------------------
     def claims(self, owner: str) -> dict[str, str]:
@@ -221,6 +265,8 @@ class ClusterView:
             return False
         if wl.arch and mo.arch not in wl.arch:
             return False
+        if wl.ports and inbound_refusal(self._inbound.get(meshlet, NO_INBOUND), wl):
+            return False
         return not (wl.labels and not all(lab in mo.labels for lab in wl.labels))
 
     def host_table(
@@ -232,7 +278,7 @@ class ClusterView:
         (mo, consent) is not None, wl.owner is in consent, and mo.owner is wl.owner or in the
         cluster consent. A meshlet not listed yet: call `eligible` (it fills the table).
         None for a workload with constraints (call `eligible`)."""
-        if wl.avoid or wl.arch or wl.labels:
+        if wl.avoid or wl.arch or wl.labels or wl.ports:
             return None
         if self._cache_version != self.version:
             self._fresh()
@@ -245,6 +291,30 @@ class ClusterView:
         """Meshlets whose record says draining or lists past drains (read-only): a meshlet
         not in it is never `drained_at` any time."""
         return self._drainy
+
+    def policy_of(self, meshlet: str) -> HostPolicy:
+        """The meshlet's host policy: its record, or the defaults when it publishes none."""
+        got = self.policies.get(meshlet)
+        return got if got is not None else HostPolicy.default(meshlet)
+
+    def strict(self) -> dict[str, HostPolicy]:
+        """Meshlets whose policy can refuse a workload that needs no more network than
+        `internet` (read-only): for such a workload, a meshlet not in it admits it always."""
+        return self._strict
+
+    def policy_admits(self, wl: Workload, meshlet: str, close: int) -> bool:
+        """Whether the meshlet's host policy lets its bid for wl count in a round that
+        closes at `close` (docs/protocol.md, section 21)."""
+        if wl.network != "lan":
+            pol = self._strict.get(meshlet)
+            return pol is None or admits(pol, wl, close)
+        return admits(self.policy_of(meshlet), wl, close)
+
+    def policy_refusal(self, wl: Workload, meshlet: str) -> str | None:
+        """Why the meshlet's current policy refuses wl whatever the time, or None."""
+        if wl.network != "lan" and meshlet not in self._strict:
+            return None
+        return refusal(self.policy_of(meshlet), wl)
 
     def _host(self, meshlet: str) -> tuple[MeshletOwner, frozenset[str]] | None:
         mo = self.owners.get(meshlet)
@@ -293,6 +363,9 @@ class ClusterView:
                         out.append(m)
             got = tuple(out)
             self._members[key] = got
+        if self._strict or wl.network == "lan":
+            # a meshlet whose policy refuses wl will not bid: not a candidate either
+            return tuple(m for m in got if self.policy_refusal(wl, m) is None)
         return got
 
     def eligible_members(self, wl: Workload) -> list[str]:

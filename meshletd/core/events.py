@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .records import Record
+from .records import Endpoint, Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +38,20 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaStateChanged:
-    """The runtime reports a local replica's state: running, exited (with exit_code),
-    stopped (after StopReplica) or failed (could not start)."""
+    """The runtime reports a local replica's state: pulling (its image; `message` says how
+    far), running, exited (with exit_code), stopped (after StopReplica) or failed (could not
+    start; `message` says why, e.g. why its image could not be pulled). `health`: its
+    health check's verdict (starting|healthy|unhealthy; None: no news or no check) — a
+    running replica reports each change, an exit says "unhealthy" when the check's failure
+    ended it. `endpoints`: where an adopted running replica publishes its ports."""
 
     workload_uri: str
     slot: int
     state: str
     exit_code: int | None = None
+    health: str | None = None
+    message: str = ""
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

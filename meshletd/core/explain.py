@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .bounds import MAX_ROUND
 from .placement import chained_round_at, round0_owners, round0_window
+from .policy import REASON_TEXT
 from .records import Bid, Workload, format_datetime_ms
 from .rounds import Rounds
 
@@ -117,6 +118,14 @@ class Explanations(Rounds):
         if self.cluster.active_members(wl):
             return ""
         eligible = self.cluster.eligible_members(wl)
+        refused: dict[str, int] = {}
+        for m in eligible:
+            why = self.cluster.policy_refusal(wl, m)
+            if why is not None:
+                refused[why] = refused.get(why, 0) + 1
+        if refused and sum(refused.values()) == len(eligible):
+            what = ", ".join(f"{n} ({REASON_TEXT.get(k, k)})" for k, n in sorted(refused.items()))
+            return f"every eligible meshlet's host policy refuses it: {what}"
         if eligible:
             return f"every eligible meshlet ({len(eligible)}) is draining"
         cons = []
@@ -126,6 +135,8 @@ class Explanations(Rounds):
             cons.append("labels=" + ",".join(wl.labels))
         if wl.avoid:
             cons.append("avoid=" + ",".join(sorted(wl.avoid)))
+        if wl.ports:  # section 22: only hosts whose policy publishes ports
+            cons.append(f"ports={len(wl.ports)} (a host policy publishing that many)")
         got = f" (constraints {' '.join(cons)})" if cons else ""
         return f"no eligible meshlet in cluster {wl.cluster!r} of {wl.owner}{got}"
 
@@ -151,6 +162,8 @@ class Explanations(Rounds):
                 kind = "offered too little"
             elif not self.cluster.eligible(wl, b.meshlet):
                 kind = "not eligible"
+            elif not self.cluster.policy_admits(wl, b.meshlet, deadline + self.t.settle_ms):
+                kind = "refused by its host policy"
             elif not self._counts(wl, b, start, deadline):
                 kind = "draining"
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .bounds import MAX_USAGE_ENTRIES, USAGES_PER_MESHLET
 from .cluster import ClusterView
+from .commons import Rule, lent_and_used, rule_of
 from .fairshare import balances
 from .records import NSID_USAGE, Usage, UsageEntry, at_uri
 from .timing import Timing
@@ -24,11 +25,16 @@ class UsageLedger:
         self._balance_at = -1
         self.taken: dict[str, int] = {}
         self.given: dict[str, int] = {}
+        self._contribution_key: tuple[int, int, int, int] | None = None
+        self._usage_version = 0
+        self.lent: dict[str, int] = {}  # over this host's minContribution period (section 23)
+        self.used: dict[str, int] = {}
 
     def put_usage(self, rec: Usage) -> None:
         """Keep a usage record: of one meshlet's, the USAGES_PER_MESHLET newest by
         (periodStart, URI) count for fair share (section 20)."""
         self.usages[rec.uri] = rec
+        self._usage_version += 1
         kept = self._usages_of.setdefault(rec.meshlet, set())
         kept.add(rec.uri)
         if len(kept) > USAGES_PER_MESHLET:
@@ -41,6 +47,7 @@ class UsageLedger:
         """Forget a deleted usage record."""
         rec = self.usages.pop(uri, None)
         if rec is not None:
+            self._usage_version += 1
             kept = self._usages_of.get(rec.meshlet)
             if kept is not None:
                 kept.discard(uri)
@@ -97,6 +104,37 @@ class UsageLedger:
                 self.usages.values(), owner_of, at, self.t.half_life_ms
             )
             self._balance_at = at
+
+    def contribution(
+        self, now: int, cluster: ClusterView, me: str, period_days: int | None = None
+    ) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        """This host's free-rider rule (from its own hostPolicy) and (lent, used) per owner
+        over its period (section 23), recomputed when the usage period, the cluster or the
+        usage records change.
+        `period_days` overrides the policy's period (to explain standings without a rule);
+        with neither, nothing is computed."""
+        rule = rule_of(cluster.policies.get(me))
+        days = period_days if period_days is not None else rule.period_days if rule else None
+        if days is None:
+            return None, {}, {}
+        at = now - now % self.t.usage_period_ms
+        key = (at, days, cluster.version, self._usage_version)
+        if key != self._contribution_key:
+            owners = cluster.owners
+            counted = cluster.consent_of(me)
+            mine = owners.get(me)
+            if mine is not None:
+                counted = counted | {mine.owner}
+            self.lent, self.used = lent_and_used(
+                self.usages.values(),
+                {m: mo.owner for m, mo in owners.items()},
+                {m: mo.milli_cpu for m, mo in owners.items()},
+                counted,
+                at - days * 86_400_000,
+                at,
+            )
+            self._contribution_key = key
+        return rule, self.lent, self.used
 
 
 __all__ = ["UsageLedger"]

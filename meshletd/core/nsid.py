@@ -53,7 +53,11 @@ CTL_MEMBERS = "farm.meshlet.ctl.listMembers"
 CTL_CREATE = "farm.meshlet.ctl.createWorkload"
 CTL_BIDS = "farm.meshlet.ctl.getBids"
 CTL_BALANCE = "farm.meshlet.ctl.getBalance"
+CTL_USAGE = "farm.meshlet.ctl.getUsage"
 CTL_HANDLES = "farm.meshlet.ctl.getHandles"
+CTL_ENDPOINTS = "farm.meshlet.ctl.getEndpoints"
+CTL_GET_POLICY = "farm.meshlet.ctl.getPolicy"
+CTL_SET_POLICY = "farm.meshlet.ctl.setPolicy"
 
 METHOD_NSIDS = frozenset(
     {
@@ -76,6 +80,10 @@ METHOD_NSIDS = frozenset(
         CTL_CREATE,
         CTL_BIDS,
         CTL_BALANCE,
+        CTL_USAGE,
         CTL_HANDLES,
+        CTL_ENDPOINTS,
+        CTL_GET_POLICY,
+        CTL_SET_POLICY,
     }
 )

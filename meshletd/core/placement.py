@@ -75,16 +75,18 @@ def bid_counts(
     cluster: ClusterView, t: Timing, wl: Workload, b: Bid, start: int, deadline: int
 ) -> bool:
     """Whether bid `b` counts in a round whose window is [start, deadline]: it offers a
-    slot, was made inside the window, offers enough room, comes from an eligible meshlet, and
+    slot, was made inside the window, offers enough room, comes from an eligible meshlet,
     that meshlet was not draining when the round closed (judged against the drain intervals
-    of its record, so a later undrain does not re-judge the round)."""
+    of its record, so a later undrain does not re-judge the round), and its host policy
+    admits the workload in a round closing then (section 21)."""
     if b.slots < 1 or b.created_at < start or b.created_at > deadline:
         return False
     if b.free_milli_cpu < wl.milli_cpu or b.free_memory_mib < wl.memory_mib:
         return False
     if not cluster.eligible(wl, b.meshlet):
         return False
-    return not cluster.drained_at(b.meshlet, deadline + t.settle_ms)
+    close = deadline + t.settle_ms
+    return not cluster.drained_at(b.meshlet, close) and cluster.policy_admits(wl, b.meshlet, close)
 
 
 def round0_rank(uri: str, b: Bid) -> tuple[int, int]:

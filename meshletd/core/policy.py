@@ -18,7 +18,6 @@ on its own. Pure: no clock, no I/O.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 from .records import HostPolicy, Workload
@@ -61,21 +60,54 @@ def normalise_image(ref: str) -> str:
     return f"docker.io/{ref}"
 
 
-@lru_cache(maxsize=1024)
-def _pattern(glob: str) -> re.Pattern[str]:
-    """The regular expression of an image pattern: '**' any characters, '*' any but '/',
-    '?' one but '/'; everything else literal."""
-    out = []
-    i = 0
-    while i < len(glob):
-        c = glob[i]
-        if glob.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        out.append("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c))
-        i += 1
-    return re.compile("".join(out), re.DOTALL)
+MAX_COMPONENTS = 32  # a pattern with more path components matches nothing
+
+
+def _component_match(glob: str, text: str) -> bool:
+    """One path component against a pattern component whose `*` matches any characters:
+    the literal pieces must start, end and appear in order (leftmost first is optimal), so
+    this is a few `str.find` calls, never a backtracking search."""
+    parts = glob.split("*")
+    if len(parts) == 1:
+        return glob == text
+    first, last = parts[0], parts[-1]
+    if len(text) < len(first) + len(last) or not (text.startswith(first) and text.endswith(last)):
+        return False
+    pos, end = len(first), len(text) - len(last)
+    for piece in parts[1:-1]:
+        at = text.find(piece, pos, end)
+        if at < 0:
+            return False
+        pos = at + len(piece)
+    return True
+
+
+@lru_cache(maxsize=4096)
+def pattern_matches(pattern: str, ref: str) -> bool:
+    """Whether an image pattern matches a normalised reference whole, component by
+    component (split at '/'): a `**` component matches any number of components, `*`
+    inside a component any characters of it. Greedy with a return to the last `**` (the
+    classic wildcard walk over components): at most 32 x 32 component comparisons."""
+    pc, tc = pattern.split("/"), ref.split("/")
+    if len(pc) > MAX_COMPONENTS or len(tc) > MAX_COMPONENTS:
+        return False
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(tc):
+        if p < len(pc) and pc[p] == "**":
+            star, mark = p, t
+            p += 1
+        elif p < len(pc) and _component_match(pc[p], tc[t]):
+            p += 1
+            t += 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            t = mark
+        else:
+            return False
+    while p < len(pc) and pc[p] == "**":
+        p += 1
+    return p == len(pc)
 
 
 def image_accepted(policy: HostPolicy, image: str) -> bool:
@@ -87,7 +119,7 @@ def image_accepted(policy: HostPolicy, image: str) -> bool:
     if allow is None:
         return True
     norm = normalise_image(image)
-    return any(_pattern(p).fullmatch(norm) is not None for p in allow)
+    return any(pattern_matches(p, norm) for p in allow)
 
 
 def grants_network(policy: HostPolicy, wanted: str) -> bool:
@@ -99,7 +131,10 @@ def refusal(policy: HostPolicy, wl: Workload) -> str | None:
     """Why the policy refuses `wl` whatever the time (a reason word), or None."""
     if wl.owner in policy.evicted:
         return EVICTED
-    if not image_accepted(policy, wl.image):
+    # A tag resolved at publish time runs as name@imageDigest (docs/protocol.md, section
+    # 23): the workload is pinned by digest as surely as one whose image names it.
+    pinned = f"{wl.image}@{wl.image_digest}" if wl.image_digest and "@" not in wl.image else ""
+    if not image_accepted(policy, pinned or wl.image):
         return IMAGE
     if not grants_network(policy, wl.network):
         return NETWORK
@@ -191,6 +226,7 @@ __all__ = [
     "normalise_image",
     "open_at",
     "owner_cap",
+    "pattern_matches",
     "refusal",
     "restrictive",
     "runtime_limit_s",

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from .actions import StartReplica, StopReplica
 from .bidding import Bidding
-from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MIN_EXIT_CODE, clamp
+from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MAX_STATUS_MESSAGE, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
-from .records import NSID_STATUS, NSID_USAGE, Workload, WorkloadStatus, at_uri
+from .policy import MAX_RUNTIME, REASON_TEXT, runtime_limit_s
+from .records import NSID_STATUS, NSID_USAGE, HostPolicy, Workload, WorkloadStatus, at_uri
+from .services import MAX_TRIES, NO_INBOUND, STABLE_MS, choose_endpoints, inbound_of
 from .state import Replica, ReplicaKey, status_rkey
 
 
@@ -23,7 +25,9 @@ class Reconciler(Bidding):
         waiting = self._replicas_waiting
         for key in list(waiting):
             rep = self._replicas.get(key)
-            if rep is None or (rep.restart_at is None and rep.lost_at is None):
+            if rep is None or (
+                rep.restart_at is None and rep.lost_at is None and rep.stop_at is None
+            ):
                 del waiting[key]
             else:
                 out.append((key, rep))
@@ -78,12 +82,13 @@ class Reconciler(Bidding):
                 if done[0] != me and rep is not None and rep.state not in ("stopping", "exited"):
                     self._stop(key, "finished-elsewhere")
                 continue
-            if rep is None and self.draining:
+            if rep is None and (self.draining or self.cluster.policy_refusal(wl, me) is not None):
                 # A draining meshlet starts nothing it does not already run. It can still
                 # learn late that it won a round that closed before its drain (a bid seen
                 # late moved the round's anchor): it re-offers the slot instead of starting
                 # it, and the previous host keeps running it until the new owner runs
-                # (docs/protocol.md, section 8).
+                # (docs/protocol.md, section 8). The same for a slot our host policy now
+                # refuses (section 21).
                 self._reopen(e, s, (rnd, me), force=True)
                 continue
             if rep is None:
@@ -95,7 +100,7 @@ class Reconciler(Bidding):
                     rep.state = "paused"
                     self._write_status(wl, s, rep, "paused")
                 else:
-                    self._out.append(StartReplica(wl, s, rnd))
+                    self._start(e, s, rep)
                 continue
             rep.lost_at = None
             if rep.round != rnd:
@@ -105,11 +110,13 @@ class Reconciler(Bidding):
             if wl.paused or rep.state in ("paused", "pausing"):
                 self._pause_or_resume(key, rep, wl)
                 continue
+            if rep.stop_at is not None and rep.stop_at <= self.now and rep.state == "running":
+                self._stop_overrun(e, key, rep)
+                continue
             if rep.restart_at is not None and rep.restart_at <= self.now:
                 rep.restart_at = None
                 rep.restarts += 1
-                rep.state = "starting"
-                self._out.append(StartReplica(wl, s, rnd))
+                self._start(e, s, rep)
         for key in [k for k in self._replicas if k[0] == uri and k[1] not in mine]:
             rep = self._replicas[key]
             if rep.state == "stopping":
@@ -147,9 +154,75 @@ class Reconciler(Bidding):
             if new is None and not self.draining and me not in self.liveness.suspects:
                 replaced = True
             if replaced or self.now >= rep.lost_at + self.t.fence_timeout_ms:
-                self._stop(key, "drained" if self.draining else "lost-slot")
+                why = "policy" if rep.note else "lost-slot"
+                self._stop(key, "drained" if self.draining else why)
         if not mine and not any(k[0] == uri for k in self._replicas):
             self._involved.discard(uri)
+
+    # -- host policy (docs/protocol.md, section 21) ---------------------------------------
+    def _on_host_policy(self, rec: HostPolicy) -> None:
+        """A hostPolicy record was seen: what it says about publishing ports (section 22)
+        and what it lends, to whom (section 21); our own re-places what no longer fits."""
+        self._note_mine(rec.uri)
+        self.cluster.put_inbound(rec.meshlet, inbound_of(rec))
+        if self.cluster.put_policy(rec) and rec.meshlet == self.me.did:
+            self._replace_misfits(force=True)
+            self._apply_runtime_limits()
+        self._cluster_changed()
+
+    def _on_host_policy_deleted(self, uri: str, repo: str) -> None:
+        """A hostPolicy record was deleted: its meshlet is back to the defaults."""
+        self.cluster.put_inbound(repo, NO_INBOUND)
+        self.cluster.delete(uri, repo)
+        self._cluster_changed()
+
+    def _replace_misfits(self, force: bool) -> None:
+        """Re-offer the slots our host policy no longer admits (an evicted owner, an image
+        source, a network, a run time, an owner over its cap): the next round of each, as a
+        drain does, with the reason in the replica's status; it keeps running until the new
+        owner runs (make-before-break, section 9)."""
+        misfits = self._policy_misfits()
+        moving = {(e.wl.uri, s) for e, s, _cur, _why in misfits}
+        for key, held in self._replicas.items():
+            if held.note is not None and held.note != MAX_RUNTIME and key not in moving:
+                held.note = None  # the policy admits it again: no longer moving
+                entry = self.workloads.get(key[0])
+                if entry is not None and held.written:
+                    self._write_status(entry.wl, key[1], held, held.written, force=True)
+        for e, s, cur, why in misfits:
+            rep = self._replicas.get((e.wl.uri, s))
+            if rep is not None and rep.note != why:
+                rep.note = why
+                if rep.written:
+                    self._write_status(e.wl, s, rep, rep.written, force=True)
+            self._reopen(e, s, cur, force)
+
+    def _apply_runtime_limits(self) -> None:
+        """Our host policy changed: every job running here gets the run time it now allows
+        (counted from when it first ran here)."""
+        pol = self.cluster.policies.get(self.me.did)
+        for key, rep in self._replicas.items():
+            e = self.workloads.get(key[0])
+            if e is None or rep.started is None or rep.state != "running":
+                continue
+            limit = runtime_limit_s(pol, e.wl)
+            rep.stop_at = None if limit is None else rep.started + limit * 1000
+            if rep.stop_at is not None:
+                self._replicas_waiting[key] = None
+                self._dirty[key[0]] = None
+
+    def _stop_overrun(self, e: WorkloadEntry, key: ReplicaKey, rep: Replica) -> None:
+        """A job ran its time out (its maxRuntimeS or our jobMaxRuntimeS): stop it, report
+        it failed with the reason, and never run the slot again."""
+        self._account(key, rep)
+        rep.state = "stopping"
+        rep.stop_at = None
+        rep.note = MAX_RUNTIME
+        self._out.append(StopReplica(key[0], key[1], MAX_RUNTIME))
+        self._write_status(e.wl, key[1], rep, "failed", force=True)
+        if e.finished is None:
+            e.finished = {}
+        e.finished[key[1]] = (self.me.did, rep.round, "failed")
 
     def _pause_or_resume(self, key: ReplicaKey, rep: Replica, wl: Workload) -> None:
         """A slot we own of a paused workload stops its replica and keeps its placement and
@@ -170,9 +243,41 @@ class Reconciler(Bidding):
             self._out.append(StopReplica(key[0], key[1], "paused"))
             return
         # resumed
-        rep.state = "starting"
         rep.exit_code = None
-        self._out.append(StartReplica(wl, key[1], rep.round))
+        e = self.workloads.get(key[0])
+        if e is not None:
+            self._start(e, key[1], rep)
+
+    def _start(self, e: WorkloadEntry, slot: int, rep: Replica) -> None:
+        """Start (or restart) our replica of a slot, its ports published at the endpoints it
+        holds, or at new ones from our inbound range (docs/protocol.md, section 22). With
+        no free port left in the range it cannot start here: its slot is handed off."""
+        wl = e.wl
+        if [p.name for p in wl.ports] != [x.name for x in rep.endpoints]:
+            key = (wl.uri, slot)
+            used = [x.port for k, r in self._replicas.items() if k != key for x in r.endpoints]
+            got = choose_endpoints(wl, self.cluster.inbound_of(self.me.did), used)
+            if got is None:
+                rep.state = "exited"
+                if not rep.failing:
+                    self._hand_off(e, slot, rep, "no free port in this meshlet's inbound range")
+                return
+            rep.endpoints = got
+        rep.state = "starting"
+        self._out.append(StartReplica(wl, slot, rep.round, rep.endpoints))
+
+    def _hand_off(self, e: WorkloadEntry, slot: int, rep: Replica, why: str) -> None:
+        """Our replica of a slot failed its tries here: say why in its status, offer the
+        slot to the others in a new round (a decline: make-before-break, as a drain does),
+        and bid for this version of the workload no more (docs/protocol.md, section 22)."""
+        wl = e.wl
+        rep.failing = why
+        self._gave_up[wl.uri] = wl.cid
+        self._write_status(wl, slot, rep, "failing", force=True)
+        owners = e.owners
+        cur = owners[slot] if owners is not None and slot < len(owners) else None
+        if cur is not None and cur[1] == self.me.did:
+            self._reopen(e, slot, cur, force=True)
 
     def _forget_paused(self, key: ReplicaKey, rep: Replica) -> None:
         """A paused replica whose slot is no longer ours (or whose workload is gone): there
@@ -212,6 +317,11 @@ class Reconciler(Bidding):
             else:
                 return
         e = self.workloads.get(ev.workload_uri)
+        if ev.state == "pulling":
+            # Progress of the image pull, shown in the status until the replica runs.
+            if rep.state == "starting" and e is not None:
+                self._write_status(e.wl, ev.slot, rep, "pulling", message=ev.message)
+            return
         if ev.state == "stopped" and rep.state == "pausing":
             # Paused: the replica keeps its slot, its round and its capacity.
             rep.state = "paused"
@@ -230,14 +340,29 @@ class Reconciler(Bidding):
         if ev.state == "running":
             if rep.state in ("stopping", "pausing"):
                 return  # started, then stopped before it ran: the stop wins, no status
-            rep.state = "running"
-            rep.since = self.now
+            if ev.endpoints:
+                rep.endpoints = ev.endpoints  # adopted: where it was published
+            if rep.state != "running":
+                rep.state = "running"
+                rep.since = self.now
+                rep.up_since = self.now
+                rep.health = "starting"
+            if ev.health is not None:
+                rep.health = ev.health
+            if rep.started is None:
+                rep.started = self.now
             if e is not None:
+                limit = runtime_limit_s(self.cluster.policies.get(self.me.did), e.wl)
+                if limit is not None:
+                    rep.stop_at = rep.started + limit * 1000
+                    self._replicas_waiting[key] = None
+            if e is not None and not rep.failing:
+                # a failing replica keeps its "failing" status while it is retried here
                 self._write_status(e.wl, ev.slot, rep, "running")
             self._dirty[ev.workload_uri] = None
             return
         # exited or failed to start
-        if rep.state in ("pausing", "paused"):
+        if rep.state in ("pausing", "paused") or rep.note == MAX_RUNTIME:
             return  # ended by (or after) the pause: no restart, no final status
         self._account(key, rep)
         rep.state = "exited"
@@ -246,22 +371,60 @@ class Reconciler(Bidding):
             self._stop(key, "deleted")
             return
         wl = e.wl
-        ok = rep.exit_code == 0
+        ok = rep.exit_code == 0 and ev.state != "failed"
+        unhealthy = ev.health == "unhealthy" or rep.health == "unhealthy"
+        if ev.health is not None:
+            rep.health = ev.health
+        if rep.up_since is not None and self.now - rep.up_since >= STABLE_MS:
+            rep.tries = 0  # it ran long enough: the failures before are forgotten
+        rep.up_since = None
+        if not ok:
+            rep.tries += 1
         if _restarts(wl, ok):
             rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
             self._replicas_waiting[key] = None
+            if rep.tries >= MAX_TRIES and not rep.failing:
+                why = (
+                    f"cannot start: {ev.message or 'start failed'}"
+                    if ev.state == "failed"
+                    else f"unhealthy (exit {rep.exit_code})"
+                    if unhealthy
+                    else f"crashed (exit {rep.exit_code})"
+                )
+                self._hand_off(e, ev.slot, rep, f"{why}; handed off after {rep.tries} tries")
+            elif unhealthy and not rep.failing:
+                self._write_status(wl, ev.slot, rep, rep.written or "running")
+            elif ev.state == "failed" and ev.message and not rep.failing:
+                # It could not start (e.g. its image could not be pulled): say why while
+                # it waits to try again. "pending", not "failed": a failed status is
+                # terminal to every observer (the slot would never be placed again).
+                self._write_status(wl, ev.slot, rep, "pending", message=ev.message)
             return
         final = "succeeded" if ok else "failed"
-        self._write_status(wl, ev.slot, rep, final, force=True)
+        self._write_status(wl, ev.slot, rep, final, force=True, message=ev.message)
         if e.finished is None:
             e.finished = {}
         e.finished[ev.slot] = (self.me.did, rep.round, final)
 
     def _write_status(
-        self, wl: Workload, slot: int, rep: Replica, state: str, force: bool = False
+        self,
+        wl: Workload,
+        slot: int,
+        rep: Replica,
+        state: str,
+        force: bool = False,
+        message: str = "",
     ) -> None:
-        """Write our status record of (wl, slot) when its state changed (or `force`)."""
-        if rep.written == state and not force:
+        """Write our status record of (wl, slot) when its state, health or message changed
+        (or `force`)."""
+        health = rep.health if wl.health_command and state in ("running", "failing") else None
+        message = message[:MAX_STATUS_MESSAGE]
+        if (
+            rep.written == state
+            and rep.written_health == health
+            and rep.message == message
+            and not force
+        ):
             return
         rkey = status_rkey(wl.uri, slot)
         st = WorkloadStatus(
@@ -278,8 +441,15 @@ class Reconciler(Bidding):
             else clamp(rep.exit_code, MIN_EXIT_CODE, MAX_EXIT_CODE),
             restarts=min(rep.restarts, MAX_RESTARTS),
             workload_cid=wl.cid,
+            message=(
+                rep.failing[:1024] if state == "failing" else message or _status_message(rep.note)
+            ),
+            health=health,
+            endpoints=rep.endpoints if state in ("running", "failing") else (),
         )
         rep.written = state
+        rep.written_health = health
+        rep.message = message
         self._put(NSID_STATUS, rkey, st)
 
     # -- usage ---------------------------------------------------------------------------
@@ -318,6 +488,16 @@ class Reconciler(Bidding):
         for rep in self._replicas.values():
             if rep.state == "running":
                 rep.since = max(rep.since, start)
+
+
+def _status_message(note: str | None) -> str | None:
+    """The status message of a replica our host policy moves or stopped: the reason word
+    first (stable, for tools), then what it means."""
+    if note is None:
+        return None
+    if note == MAX_RUNTIME:
+        return MAX_RUNTIME
+    return f"moving ({note}): {REASON_TEXT.get(note, note)}"
 
 
 def _restarts(wl: Workload, ok: bool) -> bool:

@@ -82,13 +82,35 @@ class SecretRef:
 
 
 @dataclass(frozen=True, slots=True)
+class PortSpec:
+    """A port a workload's container serves. JSON: name, containerPort, protocol (tcp|udp)."""
+
+    name: str
+    container_port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one declared port of a replica is published. JSON: name, address, port,
+    protocol."""
+
+    name: str
+    address: str
+    port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """A workload (owner repo). JSON: name, image, command[], args[], env[{name, value}],
     resources{milliCpu, memoryMiB, storageMiB}, replicas, kind (service|job), restartPolicy
     (always|on-failure|never), constraints{arch[], labels[], preferMeshlets[],
     avoidMeshlets[], allowPacking}, secrets[{name, target, env}], cluster, bidWindowMs,
-    paused, network (none|internet|lan), maxRuntimeS, createdAt. `uri`, `cid` and `owner`
-    (the repo) say which version of whose record it is."""
+    paused, imageDigest, imagePullSecret, network (none|internet|lan), maxRuntimeS,
+    ports[{name, containerPort, protocol}], healthCheck{command[], intervalS, timeoutS,
+    retries, startPeriodS} (no check: `health_command` empty), createdAt. `uri`, `cid` and
+    `owner` (the repo) say which version of whose record it is."""
 
     uri: str
     cid: str
@@ -115,8 +137,18 @@ class Workload:
     storage_mib: int = 0
     prefer: tuple[str, ...] = ()  # constraints.preferMeshlets (a hint the core ignores)
     paused: bool = False
+    # The digest `image` meant when the owner published (sha256:...; "" = not resolved:
+    # a local image), and the owner's secret that holds the registry credentials.
+    image_digest: str = ""
+    image_pull_secret: str = ""
     network: str = "internet"  # what its replicas need: none | internet | lan (section 21)
     max_runtime_s: int | None = None  # a job's longest run, seconds (section 21)
+    ports: tuple[PortSpec, ...] = ()  # published only where the host policy allows (sec. 22)
+    health_command: tuple[str, ...] = ()  # healthCheck.command; empty: no health check
+    health_interval_s: int = 30
+    health_timeout_s: int = 30
+    health_retries: int = 3
+    health_start_period_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +172,9 @@ class Bid:
 @dataclass(frozen=True, slots=True)
 class WorkloadStatus:
     """A replica's status (meshlet repo). JSON: workload{uri,cid}, slot, round, state,
-    exitCode, restarts, message, unit, startedAt, finishedAt, updatedAt."""
+    exitCode, restarts, message, unit, startedAt, finishedAt, health (starting|healthy|
+    unhealthy; None: no check declared), endpoints[{name, address, port, protocol}],
+    updatedAt."""
 
     uri: str
     meshlet: str
@@ -156,6 +190,8 @@ class WorkloadStatus:
     unit: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
+    health: str | None = None
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +404,7 @@ __all__ = [
     "NSID_USAGE",
     "NSID_WORKLOAD",
     "Bid",
+    "Endpoint",
     "EnvVar",
     "HostPolicy",
     "Lease",
@@ -375,6 +412,7 @@ __all__ = [
     "MeshletLink",
     "MeshletOwner",
     "OwnerCap",
+    "PortSpec",
     "Record",
     "ScheduleWindow",
     "SecretRef",

@@ -247,6 +247,9 @@ class Rounds(SchedulerState):
         hosts, cluster_consent = table if table is not None else ({}, frozenset())
         wowner = wl.owner
         cut = deadline0 + self.t.settle_ms
+        # host policies (section 21): only these meshlets can refuse wl (every one for `lan`)
+        strict = cluster.strict() if wl.network != "lan" else None
+        policy_admits = cluster.policy_admits
         ranked: list[tuple[int, int, Bid]] = []
         later: list[Bid] = []  # bids of later rounds for slots of wl
         for b in bids:
@@ -275,6 +278,8 @@ class Rounds(SchedulerState):
             ):
                 continue
             if drainy and m in drainy and drained_at(m, cut):
+                continue
+            if (strict is None or (strict and m in strict)) and not policy_admits(wl, m, cut):
                 continue
             ranked.append((-b.priority, rendezvous_score(uri, 0, -1, m), b))
         owners: list[Owner | None] = [None] * n

@@ -45,12 +45,14 @@ from .reconcile import Reconciler
 from .records import (
     MAX_DRAINS,
     NSID_BID,
+    NSID_HOST_POLICY,
     NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
     Bid,
+    HostPolicy,
     Lease,
     Membership,
     MeshletLink,
@@ -198,6 +200,8 @@ class Scheduler(Explanations, Reconciler):
         elif type(rec) is MeshletLink:
             self.cluster.put_link(rec)
             self._cluster_changed()
+        elif type(rec) is HostPolicy:
+            self._on_host_policy(rec)
         elif type(rec) is Membership:
             self.cluster.put_membership(rec)
             self._cluster_changed()
@@ -227,17 +231,6 @@ class Scheduler(Explanations, Reconciler):
             self.draining = rec.state == "draining"
             self.draining_since = rec.state_since
         self._cluster_changed()
-
-    def _cluster_changed(self) -> None:
-        """Eligibility is part of the placement function: re-resolve every placed workload."""
-        for uri, e in self.workloads.items():
-            if e.owners is not None:
-                self._dirty[uri] = None
-
-    def _note_mine(self, uri: str) -> None:
-        repo, coll, rkey = split_at_uri(uri)
-        if repo == self.me.did:
-            self._my_rkeys.add((coll, rkey))
 
     def _on_workload(self, wl: Workload) -> None:
         refusal = workload_refusal(wl)
@@ -363,6 +356,9 @@ class Scheduler(Explanations, Reconciler):
         if coll == NSID_USAGE:
             self.ledger.delete_usage(uri)
             return
+        if coll == NSID_HOST_POLICY:
+            self._on_host_policy_deleted(uri, repo)
+            return
         if self.cluster.delete(uri, repo):
             self._cluster_changed()
 
@@ -384,6 +380,7 @@ class Scheduler(Explanations, Reconciler):
             del gone[next(iter(gone))]
         for s in range(e.wl.replicas):
             self._reopened.pop((uri, s), None)
+        self._gave_up.pop(uri, None)
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)
         for key in [k for k in self._replicas if k[0] == uri]:
@@ -521,11 +518,12 @@ class Scheduler(Explanations, Reconciler):
                 lost.add(self.me.did)
             if lost:
                 self._scan_lost(lost)
+            self._replace_misfits(force=False)
         if self._replicas_waiting:
             for key, rep in self._waiting_replicas():
                 if rep.restart_at is not None and rep.restart_at <= now:
                     self._dirty[key[0]] = None
-                if rep.lost_at is not None:
+                if rep.lost_at is not None or (rep.stop_at is not None and rep.stop_at <= now):
                     self._dirty[key[0]] = None
         if self.orphans.first_seen:
             self.orphans.expire(now)
@@ -588,6 +586,8 @@ class Scheduler(Explanations, Reconciler):
                 nxt.append(rep.restart_at)
             if rep.lost_at is not None:
                 nxt.append(rep.lost_at + self.t.fence_timeout_ms)
+            if rep.stop_at is not None:
+                nxt.append(rep.stop_at)
         period_end = self.ledger.period_end()
         if period_end is not None:
             nxt.append(period_end)

@@ -15,7 +15,7 @@ from .ledger import UsageLedger
 from .liveness import Liveness
 from .orphans import Orphans
 from .placement import Owner, WorkloadEntry
-from .records import Record, at_uri
+from .records import Endpoint, Record, at_uri, split_at_uri
 from .timing import DEFAULT_TIMING, Timing
 
 
@@ -56,14 +56,24 @@ class Replica:
     """A replica this meshlet runs (or starts, or stops) for one slot of a workload."""
 
     __slots__ = (
+        "endpoints",
         "exit_code",
+        "failing",
+        "health",
         "lost_at",
+        "message",
+        "note",
         "restart_at",
         "restarts",
         "round",
         "since",
+        "started",
         "state",
+        "stop_at",
+        "tries",
+        "up_since",
         "written",
+        "written_health",
     )
 
     def __init__(self, round_: int) -> None:
@@ -75,6 +85,16 @@ class Replica:
         self.restart_at: int | None = None
         self.lost_at: int | None = None  # when we learnt the slot is no longer ours
         self.written = ""  # last state written in our status record
+        self.message = ""  # the message written with it
+        self.written_health: str | None = None  # and the health written with it
+        self.endpoints: tuple[Endpoint, ...] = ()  # where its ports are published
+        self.health: str | None = None  # its health check's verdict (None: no check)
+        self.up_since: int | None = None  # when it last started running
+        self.tries = 0  # failed tries since it last ran STABLE_MS (section 22)
+        self.failing = ""  # why we handed its slot off ("" while we have not)
+        self.note: str | None = None  # why it moves or stopped (host policy), in its status
+        self.started: int | None = None  # when it first ran here (a job's run time)
+        self.stop_at: int | None = None  # a job stopped then: its run time is up
 
 
 ReplicaKey = tuple[str, int]
@@ -128,6 +148,8 @@ class SchedulerState:
         self.liveness = Liveness(me.did, self.cluster, timing)
         self._next_lease: int | None = None  # when we renew our lease (if we write one)
         self._next_scan = 0
+        # workload -> the version (cid) whose slot we handed off: we bid for it no more
+        self._gave_up: dict[str, str] = {}
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[ReplicaKey, tuple[int, Owner]] = {}
         self.ledger = UsageLedger(me.did, timing)
@@ -164,6 +186,25 @@ class SchedulerState:
         held = len(self._owned_capacity) + sum(r[3] for r in self._reserved.values())
         return max(limit - held, 0)
 
+    def free_ports(self) -> int:
+        """Host ports this meshlet may still promise (docs/protocol.md, section 22): its
+        policy's inbound range less the ports of the slots it owns or runs and of the slots
+        its open bids reserve."""
+        size = self.cluster.inbound_of(self.me.did).size
+        if not size:
+            return 0
+        held = 0
+        workloads = self.workloads
+        for uri, _slot in self._owned_capacity:
+            e = workloads.get(uri)
+            if e is not None:
+                held += len(e.wl.ports)
+        for (uri, _slot, _round), r in self._reserved.items():
+            e = workloads.get(uri)
+            if e is not None:
+                held += r[3] * len(e.wl.ports)
+        return size - held
+
     # -- helpers every layer uses ------------------------------------------------------
     def _refuse(self, uri: str, reason: str, slots: int = 0) -> None:
         """A record refused at intake: it takes no part in anything; remember why (and, for
@@ -197,6 +238,17 @@ class SchedulerState:
             self._writes_out, DeleteRecord(coll, rkey, at_uri(self.me.did, coll, rkey))
         )
         self._writes_out += 1
+
+    def _cluster_changed(self) -> None:
+        """Eligibility is part of the placement function: re-resolve every placed workload."""
+        for uri, e in self.workloads.items():
+            if e.owners is not None:
+                self._dirty[uri] = None
+
+    def _note_mine(self, uri: str) -> None:
+        repo, coll, rkey = split_at_uri(uri)
+        if repo == self.me.did:
+            self._my_rkeys.add((coll, rkey))
 
     def _wake(self, at: int, uri: str) -> None:
         heapq.heappush(self._wakes, (at, uri))

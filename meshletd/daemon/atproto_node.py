@@ -41,11 +41,13 @@ from meshletd.core.records import (
     NSID_STATUS,
     NSID_USAGE,
     NSID_WORKLOAD,
+    HostPolicy,
 )
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
-from meshletd.daemon.commands import OwnerCommands
+from meshletd.daemon.commands import DigestResolver, OwnerCommands
 from meshletd.daemon.engine import Engine
 from meshletd.daemon.followed import Followed
+from meshletd.daemon.hostpolicy import now_ms, policy_view, requested_policy
 from meshletd.daemon.http_peers import PROBE_TIMEOUT_S, HttpPeers
 from meshletd.daemon.local import Local
 from meshletd.daemon.peers import LogPage, Peers, RecordRef
@@ -55,6 +57,7 @@ from meshletd.daemon.repo import PdsRepo
 from meshletd.daemon.secrets import EncryptionKey, SecretStore
 from meshletd.daemon.stored import Store, StoreCursors, StoreJournal
 from meshletd.errors import UpstreamFailure
+from meshletd.policy_settings import record_value
 from meshletd.runtime import (
     ReplicaRuntime,
     contribution_runtime_config,
@@ -103,6 +106,7 @@ class AtprotoNode:
             self.peers,
             SecretStore(store),
             self.key,
+            resolve_image=DigestResolver() if cfg.images.resolve_tags else None,
         )
         self.formation: ClusterFormation | None = None
         self.engine: Engine | None = None
@@ -296,7 +300,7 @@ class AtprotoNode:
             return
         cfg = self.local.cfg
         runtime: ReplicaRuntime = (
-            systemd_runtime(contribution_runtime_config(cfg.contribution))
+            systemd_runtime(contribution_runtime_config(cfg.contribution, cfg.images))
             if kind == "systemd"
             else fake_runtime()
         )
@@ -438,8 +442,14 @@ class AtprotoNode:
     def bids(self, uri: str) -> dict[str, Any]:
         return self.read.bids(uri)
 
+    def endpoints(self, uri: str) -> dict[str, Any]:
+        return self.read.endpoints(uri)
+
     def balance(self) -> dict[str, Any]:
         return self.read.balance(int(time.time() * 1000))
+
+    def usage(self, days: int) -> dict[str, Any]:
+        return self.read.usage(int(time.time() * 1000), days)
 
     def meshlets(self) -> list[dict[str, Any]]:
         return self.read.meshlets()
@@ -489,6 +499,15 @@ class AtprotoNode:
 
     async def undrain(self) -> str:
         return await self.commands.undrain()
+
+    async def policy(self) -> dict[str, Any]:
+        published = await self.publisher.published_policy()
+        return policy_view(published or HostPolicy.default(self.did), published is not None)
+
+    async def set_policy(self, body: dict[str, Any]) -> dict[str, Any]:
+        current = await self.publisher.published_policy() or HostPolicy.default(self.did)
+        got = await self.publisher.publish_policy(requested_policy(body, current, now_ms()))
+        return {"policy": record_value(got)}
 
     async def put_secret(self, name: str, value: bytes) -> None:
         await self.commands.put_secret(name, value)

@@ -29,14 +29,43 @@ from meshletd.daemon.publisher import OwnRecords
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import Repo
 from meshletd.daemon.secrets import EncryptionKey, SecretStore, seal
-from meshletd.errors import Conflict, Forbidden, InvalidRequest, MeshletError, NotFound
+from meshletd.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    MeshletError,
+    NotFound,
+    UpstreamFailure,
+)
+from meshletd.runtime.reference import parse_image
+from meshletd.runtime.registry import RegistryClient, RegistryError, auth_file
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.node")
 
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
+# How a failed resolution at publish time reaches the owner.
+_PUBLISH_ERRORS: dict[str, type[MeshletError]] = {
+    "not-found": NotFound,
+    "unauthorized": Forbidden,
+}
 
 JournalReader = Callable[[str, int, str | None], Awaitable[LogPage]]
+# (image, auth file content or None) -> the digest the image's tag means now
+ImageResolver = Callable[[str, bytes | None], Awaitable[str]]
+
+
+class DigestResolver:
+    """Asks an image's registry which digest its tag means now (`RegistryError` if it
+    can't); one HTTP client for the process (making one costs ~90 ms: its TLS context)."""
+
+    def __init__(self) -> None:
+        self._client: RegistryClient | None = None
+
+    async def __call__(self, image: str, auth: bytes | None) -> str:
+        if self._client is None:
+            self._client = RegistryClient()
+        return (await self._client.inspect(parse_image(image), auth=auth)).digest
 
 
 def new_tid(now_us: int | None = None, clock_id: int | None = None) -> str:
@@ -64,6 +93,7 @@ class OwnerCommands:
         key: EncryptionKey,
         *,
         journal: JournalReader = read_unit,
+        resolve_image: ImageResolver | None = None,
     ) -> None:
         self.local = local
         self.view = view
@@ -74,6 +104,7 @@ class OwnerCommands:
         self.secrets = secrets
         self.key = key
         self.journal = journal
+        self.resolve_image = resolve_image
 
     # -- workloads -------------------------------------------------------------------------
 
@@ -89,13 +120,53 @@ class OwnerCommands:
         owner, name = self.local.owner, record.get("name")
         if isinstance(name, str) and self.followed.named(owner, name):
             raise Conflict(f"a workload named {name!r} exists already")
+        record = await self.pin_image(record)
         rkey = new_tid()
         uri = f"at://{owner}/{NSID_WORKLOAD}/{rkey}"
         trace("publish", uri=uri)
         cid = await repo.create_record(NSID_WORKLOAD, rkey, record)
         self._note(uri, cid, record)
         log.info("workload %s published as %s", name, uri)
-        return {"uri": uri, "cid": cid}
+        out = {"uri": uri, "cid": cid}
+        if record.get("imageDigest"):
+            out["imageDigest"] = record["imageDigest"]
+        return out
+
+    async def pin_image(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with `imageDigest`: the digest its image's tag means now, asked of the
+        registry once, here, so every replica runs the same bits (docs/protocol.md, section
+        23). A reference that names a digest already is pinned to it; a local image
+        (localhost/NAME) is in no registry and stays as written. A record that has an
+        `imageDigest` keeps it: whoever changes `image` (an update) drops it first."""
+        image = record.get("image")
+        if not isinstance(image, str) or record.get("imageDigest"):
+            return record
+        try:
+            ref = parse_image(image)
+        except ValueError:
+            return record  # the lexicon check where it is written names the problem
+        if ref.digest is not None:
+            return {**record, "imageDigest": ref.digest}
+        if ref.local_only or self.resolve_image is None:
+            return record
+        auth = None
+        pull_secret = record.get("imagePullSecret")
+        if isinstance(pull_secret, str) and pull_secret:
+            value = self.secrets.get(pull_secret)
+            if value is None:
+                raise NotFound(f"pull secret {pull_secret!r} is not stored on this meshlet")
+            try:
+                auth = auth_file(value, ref.registry)
+            except ValueError as err:
+                raise InvalidRequest(f"pull secret {pull_secret!r}: {err}") from err
+        try:
+            digest = await self.resolve_image(image, auth)
+        except RegistryError as err:
+            raise _PUBLISH_ERRORS.get(err.problem, UpstreamFailure)(
+                f"image {image}: {err.message}"
+            ) from err
+        log.info("image %s resolved to %s", image, digest)
+        return {**record, "imageDigest": digest}
 
     def _own_rkey(self, ref: str) -> tuple[str, str]:
         """(URI, rkey) of one of our owner's workloads, by URI or name."""
@@ -169,7 +240,7 @@ class OwnerCommands:
         wl = self.followed.workloads.get(workload_uri)
         if wl is None:
             raise NotFound(f"no workload {workload_uri}")
-        if name not in [ref.name for ref in wl.secrets]:
+        if name not in [ref.name for ref in wl.secrets] and name != wl.image_pull_secret:
             raise Forbidden(f"{workload_uri} does not reference a secret named {name!r}")
         value = self.secrets.get(name)
         if value is None:

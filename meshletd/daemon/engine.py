@@ -51,14 +51,24 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import MeshletOwner, Workload, split_at_uri
+from meshletd.core.records import (
+    Endpoint,
+    MeshletOwner,
+    Workload,
+    WorkloadStatus,
+    split_at_uri,
+)
 from meshletd.daemon.followed import RecordChange, core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.runtime import (
+    HealthCheck,
+    PortBinding,
     ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
     ReplicaId,
     ReplicaOomKilled,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaSpec,
     ReplicaStatus,
@@ -66,9 +76,13 @@ from meshletd.runtime import (
     Runtime,
     Secret,
 )
+from meshletd.runtime.reference import parse_image, pinned_image
+from meshletd.runtime.registry import auth_file
 from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.engine")
+# How often a replica's pull progress reaches its status record (each one is a PDS write).
+PULL_PROGRESS_EVERY_S = 30.0
 
 
 class Core(PlacementQueries, Protocol):
@@ -104,16 +118,42 @@ def replica_spec(
         if ref.name not in secret_values:
             raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
         secrets.append(Secret(ref.target or ref.name, secret_values[ref.name], env=ref.env))
+    pull_auth = None
+    if wl.image_pull_secret:
+        value = secret_values.get(wl.image_pull_secret)
+        if value is None:
+            raise LookupError(f"pull secret {wl.image_pull_secret!r} is not available")
+        pull_auth = auth_file(value, parse_image(wl.image).registry)
     return ReplicaSpec(
         replica=replica_id(wl.uri, action.slot),
         owner_handle=owner_handle,
-        image=wl.image,
+        # Pinned to the digest resolved when the owner published: the same bits everywhere.
+        image=pinned_image(wl.image, wl.image_digest),
+        pull_auth=pull_auth,
         resources=Resources(milli_cpu=wl.milli_cpu, memory_mib=wl.memory_mib),
         args=wl.command + wl.args,
         env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
         revision=wl.cid,
+        ports=tuple(
+            PortBinding(e.name, e.address, e.port, p.container_port, p.protocol)
+            for e, p in zip(action.endpoints, wl.ports, strict=False)
+        ),
+        health=HealthCheck(
+            wl.health_command,
+            wl.health_interval_s,
+            wl.health_timeout_s,
+            wl.health_retries,
+            wl.health_start_period_s,
+        )
+        if wl.health_command
+        else None,
     )
+
+
+def endpoints_of(status: ReplicaStatus) -> tuple[Endpoint, ...]:
+    """Where an adopted replica's unit says its ports are published."""
+    return tuple(Endpoint(p.name, p.address, p.host_port, p.protocol) for p in status.endpoints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +201,7 @@ class Engine:
         # Replicas the core has heard of (adopted running, or started by it): an exit of any
         # other is one that ended while meshletd was away.
         self._told: set[tuple[str, int]] = set()
+        self._pull_said: dict[tuple[str, int], float] = {}  # last pull progress forwarded
 
     @property
     def admin_slice_keys(self) -> frozenset[str]:
@@ -230,7 +271,15 @@ class Engine:
                 if st.state in ("running", "starting"):
                     log.info("adopted replica %s (unit %s)", st.replica, st.unit)
                     self._told.add((uri, st.replica.index))
-                    self.feed(ReplicaStateChanged(uri, st.replica.index, "running"))
+                    self.feed(
+                        ReplicaStateChanged(
+                            uri,
+                            st.replica.index,
+                            "running",
+                            health=st.health or None,
+                            endpoints=endpoints_of(st),
+                        )
+                    )
             nursery.start_soon(self._runtime_events)
             # What the runtime reported while adopting (a replica that ended while meshletd
             # was away) is held before anyone can complete the view: handed over later, it
@@ -271,6 +320,13 @@ class Engine:
                     # The core decided a drain or undrain; the publisher shapes the record
                     # (daemon/publisher.py: the one writer of meshletOwner).
                     record = self._own_record(record)
+                elif isinstance(record, WorkloadStatus) and record.state == "failing":
+                    log.warning(
+                        "replica %d of %s handed off: %s",
+                        record.slot,
+                        record.workload_uri,
+                        record.message,
+                    )
                 value = record_to_json(record)
                 trace("queued", key=f"{a.collection}/{a.rkey}")
                 metrics.count_write(a.collection, "create" if a.create else "update")
@@ -315,11 +371,14 @@ class Engine:
     async def secrets_for(self, wl: Workload) -> dict[str, bytes]:
         """The values of the secrets a workload references (fetched where they live)."""
         out: dict[str, bytes] = {}
-        for ref in wl.secrets:
-            value = await self._secret(wl.uri, ref.name) if self._secret else None
+        names = [ref.name for ref in wl.secrets]
+        if wl.image_pull_secret:
+            names.append(wl.image_pull_secret)
+        for name in names:
+            value = await self._secret(wl.uri, name) if self._secret else None
             if value is None:
-                raise LookupError(f"secret {ref.name!r} is not available to this meshlet")
-            out[ref.name] = value
+                raise LookupError(f"secret {name!r} is not available to this meshlet")
+            out[name] = value
         return out
 
     def spec_for(
@@ -337,7 +396,7 @@ class Engine:
             outcome = await self.runtime.start(self.spec_for(action, values))
         except Exception as e:
             log.warning("replica %d of %s could not start: %s", slot, uri, e)
-            self.feed(ReplicaStateChanged(uri, slot, "failed"))
+            self.feed(ReplicaStateChanged(uri, slot, "failed", message=str(e)[:200]))
             return
         self.units[(uri, slot)] = outcome.unit
         if isinstance(outcome, ReplicaRunning):
@@ -372,17 +431,42 @@ class Engine:
                 log.info("replica %d of %s ended while meshletd was not running", slot, uri)
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
             self._told.add((uri, slot))
+            if isinstance(ev, ReplicaPulling):
+                # Each forwarded step is a status write: the first at once, then at most
+                # one per PULL_PROGRESS_EVERY_S (a long pull of many layers costs few).
+                last = self._pull_said.get((uri, slot))
+                now = self._clock()
+                if last is None or ev.layers_done == 0 or now - last >= PULL_PROGRESS_EVERY_S:
+                    self._pull_said[(uri, slot)] = now
+                    self.feed(ReplicaStateChanged(uri, slot, "pulling", message=ev.message))
+                continue
+            self._pull_said.pop((uri, slot), None)
             if isinstance(ev, ReplicaRunning):
                 self.feed(ReplicaStateChanged(uri, slot, "running"))
+            elif isinstance(ev, ReplicaHealth):
+                log.info("replica %d of %s is %s", slot, uri, ev.health)
+                self.feed(ReplicaStateChanged(uri, slot, "running", health=ev.health))
             elif isinstance(ev, ReplicaExited):
-                log.info("replica %d of %s exited with %d", slot, uri, ev.exit_code)
-                self.feed(ReplicaStateChanged(uri, slot, "exited", ev.exit_code))
+                log.info(
+                    "replica %d of %s exited with %d%s",
+                    slot,
+                    uri,
+                    ev.exit_code,
+                    " (unhealthy: killed by its health check)" if ev.health else "",
+                )
+                self.feed(
+                    ReplicaStateChanged(uri, slot, "exited", ev.exit_code, health=ev.health or None)
+                )
             elif isinstance(ev, ReplicaOomKilled):
                 log.info("replica %d of %s was killed: out of memory", slot, uri)
                 self.feed(ReplicaStateChanged(uri, slot, "exited", 137))
             elif isinstance(ev, ReplicaFailed):
                 log.warning("replica %d of %s failed: %s", slot, uri, ev.message)
-                self.feed(ReplicaStateChanged(uri, slot, "failed"))
+                self.feed(
+                    ReplicaStateChanged(
+                        uri, slot, "failed", message=f"{ev.error}: {ev.message}"[:200]
+                    )
+                )
             # ReplicaStarting/ReplicaStopped: the core learns these from its own actions.
 
     async def _run_probe(self, meshlet: str) -> None:

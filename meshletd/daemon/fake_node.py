@@ -52,6 +52,7 @@ class InMemoryNode:
         self.did = did
         self.owner = owner
         self._state = "active"
+        self._policy: Any = None  # the HostPolicy "published" (memory), None: none yet
         self._members = list(members)
         self._clusters = clusters or {"default": list(self._members)}
         self._capacity = dict(capacity or {"milliCpu": 1000, "memoryMiB": 1024})
@@ -162,6 +163,10 @@ class InMemoryNode:
     def workload(self, uri: str) -> dict[str, Any]:
         return self._view(self._find(uri))
 
+    def endpoints(self, uri: str) -> dict[str, Any]:
+        # the in-memory node publishes no ports
+        return {"workload": self._find(uri).uri, "endpoints": []}
+
     def bids(self, uri: str) -> dict[str, Any]:
         w = self._find(uri)
         winners = sorted({r["meshletDid"] for r in w.replicas if r.get("meshletDid")})
@@ -228,6 +233,9 @@ class InMemoryNode:
                 for d in [self.owner, *self._members]
             ],
         }
+
+    def usage(self, days: int) -> dict[str, Any]:
+        return {"meshletDid": self.did, "days": days, "rows": []}  # nothing runs here
 
     async def handles(self) -> dict[str, str]:
         return {}  # no identities to resolve
@@ -317,6 +325,25 @@ class InMemoryNode:
                     r.pop("unit", None)
                     r["state"] = "pending"
         return self._state
+
+    async def policy(self) -> dict[str, Any]:
+        # Lazy: the record layer is not otherwise loaded by `backend = "memory"`.
+        from meshletd.core.records import HostPolicy
+        from meshletd.daemon.hostpolicy import policy_view
+
+        current = self._policy or HostPolicy.default(self.did)
+        return policy_view(current, self._policy is not None)
+
+    async def set_policy(self, body: dict[str, Any]) -> dict[str, Any]:
+        from meshletd.core.records import HostPolicy
+        from meshletd.daemon.hostpolicy import now_ms, requested_policy
+        from meshletd.policy_settings import record_value, same_rules
+
+        current = self._policy or HostPolicy.default(self.did)
+        wanted = requested_policy(body, current, now_ms())
+        if self._policy is None or not same_rules(self._policy, wanted):
+            self._policy = wanted
+        return {"policy": record_value(self._policy)}
 
     async def undrain(self) -> str:
         if self._state == "stopping":

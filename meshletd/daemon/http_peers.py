@@ -29,6 +29,10 @@ log = logging.getLogger("meshletd.peers")
 #   is suspected only if it takes about (probe_failures + 1) x PING_ANSWER_S (20 s);
 #   a host that accepts connections but never answers is suspected ~5 s later than one
 #   that is gone (docs/protocol.md, sections 8, 9 and 13).
+# - A new connection for every probe: a probe sent on a pooled keep-alive connection to a
+#   host that was powered off never meets the connect timeout; it waits out PING_ANSWER_S,
+#   so the peer's 3rd failure came one probe interval late (chaos on hosts with their own
+#   addresses: every watcher held one connection per peer; docs/benchmarks.md).
 PING_CONNECT_S = 1.0
 PING_ANSWER_S = 5.0
 PING_TIMEOUT = httpx.Timeout(PING_ANSWER_S, connect=PING_CONNECT_S)
@@ -44,6 +48,7 @@ class HttpPeers:
     def __init__(self, endpoint_of: Callable[[str], str | None]) -> None:
         self._endpoint_of = endpoint_of
         self._http: httpx.AsyncClient | None = None
+        self._ping_http: httpx.AsyncClient | None = None
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -52,10 +57,20 @@ class HttpPeers:
             self._http = httpx.AsyncClient()
         return self._http
 
+    @property
+    def ping_http(self) -> httpx.AsyncClient:
+        """The probes' client: keeps no connection, so each probe connects anew."""
+        if self._ping_http is None:
+            self._ping_http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
+        return self._ping_http
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        if self._ping_http is not None:
+            await self._ping_http.aclose()
+            self._ping_http = None
 
     def _url(self, meshlet: str, nsid: str) -> str | None:
         endpoint = self._endpoint_of(meshlet)
@@ -66,7 +81,7 @@ class HttpPeers:
         if url is None:
             return False
         try:
-            r = await self.http.get(url, timeout=PING_TIMEOUT)
+            r = await self.ping_http.get(url, timeout=PING_TIMEOUT)
         except httpx.HTTPError:
             return False
         return r.status_code == 200

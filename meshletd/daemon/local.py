@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from meshletd.config import Config
+from meshletd.core.commons import Rule
 from meshletd.core.placement import Owner
 from meshletd.daemon.repo import Repo
 
@@ -39,6 +40,10 @@ class PlacementQueries(Protocol):
 
     def pending_reasons(self, workload_uri: str) -> dict[int, str]:
         """Slot -> why nobody serves it yet."""
+        ...
+
+    def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        """This host's free-rider rule and (lent, used) per owner (docs/protocol.md s. 23)."""
         ...
 
 
@@ -86,6 +91,9 @@ class FakePlacement:
     local: dict[tuple[str, int], str] = field(default_factory=dict)
     suspects: set[str] = field(default_factory=set)
     reasons: dict[str, dict[int, str]] = field(default_factory=dict)
+    rule: Rule | None = None
+    lent: dict[str, int] = field(default_factory=dict)
+    used: dict[str, int] = field(default_factory=dict)
 
     def placement(self) -> Mapping[str, tuple[Owner | None, ...]]:
         return self.slots
@@ -95,6 +103,9 @@ class FakePlacement:
 
     def pending_reasons(self, workload_uri: str) -> dict[int, str]:
         return dict(self.reasons.get(workload_uri, {}))
+
+    def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        return self.rule, self.lent, self.used
 
 
 @dataclass

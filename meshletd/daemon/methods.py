@@ -20,9 +20,13 @@ from meshletd.core.nsid import (
     CTL_BALANCE,
     CTL_BIDS,
     CTL_CREATE,
+    CTL_ENDPOINTS,
+    CTL_GET_POLICY,
     CTL_HANDLES,
     CTL_MEMBERS,
+    CTL_SET_POLICY,
     CTL_STATUS,
+    CTL_USAGE,
     NSID_WORKLOAD,
 )
 from meshletd.daemon.node import Node, check_owner
@@ -33,9 +37,11 @@ __all__ = [
     "CTL_BALANCE",
     "CTL_BIDS",
     "CTL_CREATE",
+    "CTL_ENDPOINTS",
     "CTL_HANDLES",
     "CTL_MEMBERS",
     "CTL_STATUS",
+    "CTL_USAGE",
     "install",
     "lexicon_params",
 ]
@@ -197,13 +203,27 @@ def install(
     async def ctl_bids(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.bids(params["uri"])
 
+    async def ctl_endpoints(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return node.endpoints(params["uri"])
+
     async def ctl_balance(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         return node.balance()
+
+    async def ctl_usage(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return node.usage(int(params.get("days") or 7))
 
     async def ctl_handles(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
         # Display names for human tables.
         got = await node.handles()
         return {"handles": [{"did": d, "handle": h} for d, h in sorted(got.items())]}
+
+    async def ctl_get_policy(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        return await node.policy()
+
+    async def ctl_set_policy(caller: Caller, params: dict[str, Any], body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InvalidRequest("input needs policy, settings, or key and value")
+        return await node.set_policy(body)
 
     def local_only(handler: Any) -> Any:
         async def guarded(caller: Caller, params: dict[str, Any], body: Any) -> Any:
@@ -240,4 +260,8 @@ def install(
     add(CTL_CREATE, p, Access.LOCAL, local_only(ctl_create))
     add(CTL_BIDS, q, Access.LOCAL, local_only(ctl_bids))
     add(CTL_BALANCE, q, Access.LOCAL, local_only(ctl_balance))
+    add(CTL_USAGE, q, Access.LOCAL, local_only(ctl_usage))
     add(CTL_HANDLES, q, Access.LOCAL, local_only(ctl_handles))
+    add(CTL_ENDPOINTS, q, Access.LOCAL, local_only(ctl_endpoints))
+    add(CTL_GET_POLICY, q, Access.LOCAL, local_only(ctl_get_policy))
+    add(CTL_SET_POLICY, p, Access.LOCAL, local_only(ctl_set_policy))

@@ -67,6 +67,15 @@ class Node(Protocol):
 
     async def undrain(self) -> str: ...
 
+    async def policy(self) -> JsonObject:
+        """This meshlet's host policy: `policy` (record value), `published`, `settings`."""
+        ...
+
+    async def set_policy(self, body: JsonObject) -> JsonObject:
+        """Change the host policy as a setPolicy request says and publish it; returns
+        `{policy}` (the record value in force). Raises InvalidRequest, Forbidden."""
+        ...
+
     async def logs(self, uri: str, slot: int, lines: int, cursor: str | None = None) -> LogPage:
         """Entries `{line, time}` and a cursor: the last `lines` entries, or at most `lines`
         of the oldest after `cursor` (opaque, from an earlier answer); the cursor answered is
@@ -75,7 +84,15 @@ class Node(Protocol):
 
     def bids(self, uri: str) -> JsonObject: ...
 
+    def endpoints(self, uri: str) -> JsonObject:
+        """Where each serving replica of a workload publishes its ports (ctl.getEndpoints)."""
+        ...
+
     def balance(self) -> JsonObject: ...
+
+    def usage(self, days: int) -> JsonObject:
+        """What ran on this meshlet per UTC day and owner over the last `days` days."""
+        ...
 
     async def handles(self) -> dict[str, str]:
         """DID -> handle of the DIDs this node shows, for human tables (may be empty)."""

@@ -21,13 +21,16 @@ from typing import Protocol
 
 from meshletd import __version__
 from meshletd.atproto.cluster import publish_own_records
+from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
 from meshletd.atproto.pds import PdsClient
+from meshletd.atproto.records import now_datetime
 from meshletd.config import Config
-from meshletd.core.nsid import NSID_MESHLET_OWNER
-from meshletd.core.records import MeshletOwner, at_uri
+from meshletd.core.nsid import NSID_HOST_POLICY, NSID_MESHLET_OWNER
+from meshletd.core.records import HostPolicy, MeshletOwner, at_uri, parse_datetime_ms
 from meshletd.daemon.local import Local, State
 from meshletd.daemon.secrets import EncryptionKey
 from meshletd.errors import Forbidden
+from meshletd.policy_settings import same_rules, to_policy
 
 log = logging.getLogger("meshletd.node")
 
@@ -91,6 +94,26 @@ class OwnRecords(Protocol):
         with the decided state history (stateSince, drains)."""
         ...
 
+    async def published_policy(self) -> HostPolicy | None:
+        """Our hostPolicy record as published (None: none, or no login)."""
+        ...
+
+    async def publish_policy(self, wanted: HostPolicy) -> HostPolicy:
+        """Publish `wanted` as our host policy unless the published one says the same
+        (then that one stays, with its createdAt); returns the policy in force. Raises
+        `Forbidden` without a meshlet credential."""
+        ...
+
+
+def configured_policy(local: Local, now_ms: int) -> HostPolicy | None:
+    """The host policy meshlet.toml [policy] asks for (None: no [policy] section)."""
+    cfg = local.cfg
+    return None if cfg.policy is None else to_policy(cfg.policy, cfg.did, now_ms)
+
+
+def _now_ms() -> int:
+    return parse_datetime_ms(now_datetime())
+
 
 class PdsPublisher:
     def __init__(self, local: Local, key: EncryptionKey) -> None:
@@ -111,6 +134,10 @@ class PdsPublisher:
         writes = await publish_own_records(
             self.meshlet, self.owner, self.record(), membership_lists(self.local.cfg)
         )
+        wanted = configured_policy(self.local, _now_ms())
+        if wanted is not None:
+            if (await self.publish_policy(wanted)).created_at == wanted.created_at:
+                writes += 1
         log.info("published this meshlet's records (%d write(s))", writes)
         return writes
 
@@ -126,6 +153,29 @@ class PdsPublisher:
     def owner_record(self, decided: MeshletOwner) -> MeshletOwner:
         return decided_state(self.record(), decided)
 
+    async def published_policy(self) -> HostPolicy | None:
+        if self.meshlet is None:
+            return None
+        got = await self.meshlet.get_record(NSID_HOST_POLICY, "self")
+        if got is None:
+            return None
+        uri = at_uri(self.local.cfg.did, NSID_HOST_POLICY, "self")
+        try:
+            return host_policy_from_json(uri, got[1])
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("our published hostPolicy record is unreadable (%s): rewriting it", e)
+            return None
+
+    async def publish_policy(self, wanted: HostPolicy) -> HostPolicy:
+        if self.meshlet is None:
+            raise Forbidden("no meshlet-app-password credential: cannot publish the policy")
+        last = await self.published_policy()
+        if last is not None and same_rules(last, wanted):
+            return last
+        await self.meshlet.put_record(NSID_HOST_POLICY, "self", host_policy_to_json(wanted))
+        log.info("published this meshlet's host policy (createdAt %d)", wanted.created_at)
+        return wanted
+
 
 class FakePublisher:
     """`OwnRecords` in memory: `published` lists the state of each publication."""
@@ -135,6 +185,7 @@ class FakePublisher:
         self.can_publish = can_publish
         self.published: list[State] = []
         self.stored: State | None = None
+        self.policy: HostPolicy | None = None
 
     async def publish(self) -> int:
         if not self.can_publish:
@@ -145,6 +196,16 @@ class FakePublisher:
 
     async def published_state(self) -> State | None:
         return self.stored
+
+    async def published_policy(self) -> HostPolicy | None:
+        return self.policy
+
+    async def publish_policy(self, wanted: HostPolicy) -> HostPolicy:
+        if not self.can_publish:
+            raise Forbidden("no meshlet-app-password credential: cannot publish the policy")
+        if self.policy is None or not same_rules(self.policy, wanted):
+            self.policy = wanted
+        return self.policy
 
     def owner_record(self, decided: MeshletOwner) -> MeshletOwner:
         return decided_state(self_description(self.local, "fake-key"), decided)

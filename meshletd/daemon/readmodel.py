@@ -15,13 +15,21 @@ from typing import Any
 
 from meshletd.atproto.cluster import ConfiguredClusters, Member
 from meshletd.atproto.frames import Refusal
+from meshletd.core.commons import DEFAULT_PERIOD_DAYS, Rule, rule_of
 from meshletd.core.fairshare import balances, meshlet_priority
 from meshletd.core.hashing import rendezvous_score
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.core.records import WorkloadStatus, format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
+from meshletd.daemon.ledgerview import (
+    contribution_from_records,
+    rule_view,
+    standing_fields,
+    usage_view,
+)
 from meshletd.daemon.local import Local, Scheduling
 from meshletd.errors import NotFound
+from meshletd.policy_settings import to_policy
 
 log = logging.getLogger("meshletd.node")
 
@@ -44,7 +52,21 @@ def _status_row(s: WorkloadStatus) -> dict[str, Any]:
         row["exitCode"] = s.exit_code
     if s.unit is not None:
         row["unit"] = s.unit
+    _serving(row, s)
     return row
+
+
+def _serving(row: dict[str, Any], s: WorkloadStatus) -> None:
+    """What a host's status says of how its replica serves: health, endpoints, message."""
+    if s.health is not None:
+        row["health"] = s.health
+    if s.endpoints:
+        row["endpoints"] = [
+            {"name": e.name, "address": e.address, "port": e.port, "protocol": e.protocol}
+            for e in s.endpoints
+        ]
+    if s.message:
+        row["message"] = s.message
 
 
 def _clip(text: str, limit: int = _REASON_MAX) -> str:
@@ -313,6 +335,15 @@ class ReadModel:
             status = max(reported, key=lambda st: st.round) if reported else None
             if meshlet == me and (uri, slot) in local:
                 r["state"] = local[(uri, slot)]
+                if status is not None and status.round >= rnd and status.state == "failing":
+                    r["state"] = "failing"  # what our status says: it is being handed off
+                elif (
+                    r["state"] == "starting"
+                    and status is not None
+                    and status.round >= rnd
+                    and status.state in ("pulling", "pending")
+                ):
+                    r["state"] = status.state  # how far the start is (an image pull)
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:
@@ -323,6 +354,8 @@ class ReadModel:
                 if status.exit_code is not None:
                     r["exitCode"] = status.exit_code
                 r["restarts"] = status.restarts
+                if status.round >= rnd:
+                    _serving(r, status)
             if slot in reasons:
                 r["reason"] = _clip(reasons[slot])
             if meshlet == me:
@@ -331,6 +364,23 @@ class ReadModel:
                     r["unit"] = unit
             out.append(r)
         return out
+
+    def endpoints(self, ref: str) -> dict[str, Any]:
+        """Where each serving replica of a workload publishes its ports (its host's status
+        record: the endpoint moves with the replica), slot by slot; replicas a host is
+        leaving (make-before-break) or that are lost are left out."""
+        uri = self.uri_of(ref)
+        out = []
+        for r in self._view(uri)["running"]:
+            if r.get("state") in ("stopping", "lost", "pending") or not r.get("meshletDid"):
+                continue
+            for e in r.get("endpoints", ()):
+                row = {"slot": r["slot"], "meshletDid": r["meshletDid"], **e}
+                row["state"] = r["state"]
+                if "health" in r:
+                    row["health"] = r["health"]
+                out.append(row)
+        return {"workload": uri, "endpoints": sorted(out, key=lambda e: (e["slot"], e["name"]))}
 
     def bids(self, ref: str) -> dict[str, Any]:
         uri = self.uri_of(ref)
@@ -484,7 +534,8 @@ class ReadModel:
         return {"workload": uri, "rounds": out}
 
     def balance(self, now_ms: int) -> dict[str, Any]:
-        """The fair-share ledger from the usage records seen, with the core's own formula."""
+        """The fair-share ledger from the usage records seen, with the core's own formula,
+        and each owner's standing under this host's free-rider rule (sections 11 and 22)."""
         t = self.local.cfg.scheduling
         # As the core does for its bids: at the start of the current usage period, from the
         # records of periods that ended by then (docs/protocol.md section 11).
@@ -492,21 +543,44 @@ class ReadModel:
         owner_of_meshlet = {m: rec.owner for m, rec in self.view.owners.items()}
         usages = self.followed.usages.values()
         taken, given = balances(usages, owner_of_meshlet, at, t.half_life_ms)
-        owners = list(dict.fromkeys([self.local.owner, *self.local.cfg.members, *taken, *given]))
+        rule, lent, used = self._contribution(at)
+        days = rule.period_days if rule is not None else DEFAULT_PERIOD_DAYS
+        me = self.local.owner
+        owners = list(dict.fromkeys([me, *self.local.cfg.members, *taken, *given, *lent, *used]))
         return {
             "at": format_datetime_ms(at),
             "halfLifeSeconds": t.half_life_ms // 1000,
             "usagePeriodSeconds": t.usage_period_ms // 1000,
+            **rule_view(rule, days),
             "owners": [
                 {
                     "ownerDid": o,
                     "gaveMilliCpuSeconds": given.get(o, 0),
                     "tookMilliCpuSeconds": taken.get(o, 0),
                     "priority": meshlet_priority(o, taken, given),
+                    **standing_fields(o, me, rule, lent, used),
                 }
                 for o in owners
             ],
         }
+
+    def _contribution(self, at: int) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
+        """The rule and (lent, used) as this meshlet's core judges them; without an engine,
+        from the configured [policy] and the usage records followed here."""
+        engine = self.local.engine
+        if engine is not None:
+            return engine.scheduler.contribution()
+        cfg = self.local.cfg
+        rule = None if cfg.policy is None else rule_of(to_policy(cfg.policy, cfg.did, 0))
+        days = rule.period_days if rule is not None else DEFAULT_PERIOD_DAYS
+        counted = frozenset({cfg.owner, *cfg.members})
+        usages = self.followed.usages.values()
+        lent, used = contribution_from_records(usages, self.view.owners, counted, at, days)
+        return rule, lent, used
+
+    def usage(self, now_ms: int, days: int) -> dict[str, Any]:
+        """What ran on this meshlet per UTC day and owner, from its usage records."""
+        return usage_view(self.followed.usages.values(), self.local.did, now_ms, days)
 
     def shown_dids(self) -> set[str]:
         """Every DID this meshlet shows: itself, owners, members, workload owners."""

@@ -11,13 +11,16 @@ Public face (see docs/runtime.md):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from meshletd.runtime.events import (
     EndEvent,
     ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
     ReplicaOomKilled,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaStarting,
     ReplicaStatus,
@@ -31,8 +34,10 @@ from meshletd.runtime.naming import unit_name
 from meshletd.runtime.protocol import Runtime
 from meshletd.runtime.runtime import ReplicaRuntime
 from meshletd.runtime.spec import (
+    HealthCheck,
     ImageNotFound,
     InvalidReplicaSpec,
+    PortBinding,
     ReplicaId,
     ReplicaSpec,
     Resources,
@@ -42,16 +47,26 @@ from meshletd.runtime.spec import (
 from meshletd.runtime.units import RuntimeConfig
 
 if TYPE_CHECKING:
-    from meshletd.config import Contribution
+    from meshletd.config import Contribution, Images
 
 
-def contribution_runtime_config(contribution: Contribution) -> RuntimeConfig:
-    """The runtime config whose slice carries `[contribution]`'s caps (meshlet.toml)."""
-    return RuntimeConfig(
+def contribution_runtime_config(
+    contribution: Contribution, images: Images | None = None
+) -> RuntimeConfig:
+    """The runtime config whose slice carries `[contribution]`'s caps and whose pulls
+    `[images]`' bounds (meshlet.toml)."""
+    config = RuntimeConfig(
         slice_milli_cpu=contribution.milli_cpu,
         slice_memory_mib=contribution.memory_mib,
         slice_tasks_max=contribution.tasks_max,
     )
+    if images is not None:
+        config = replace(
+            config,
+            pull_timeout_s=images.pull_timeout_s,
+            pull_max_bytes=images.pull_max_mib << 20,
+        )
+    return config
 
 
 def systemd_runtime(config: RuntimeConfig | None = None) -> ReplicaRuntime:
@@ -65,14 +80,18 @@ def systemd_runtime(config: RuntimeConfig | None = None) -> ReplicaRuntime:
 __all__ = [
     "EndEvent",
     "FakeMachine",
+    "HealthCheck",
     "ImageNotFound",
     "InvalidReplicaSpec",
     "Machine",
     "MachineError",
+    "PortBinding",
     "ReplicaExited",
     "ReplicaFailed",
+    "ReplicaHealth",
     "ReplicaId",
     "ReplicaOomKilled",
+    "ReplicaPulling",
     "ReplicaRunning",
     "ReplicaRuntime",
     "ReplicaSpec",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from meshletd.runtime.spec import ReplicaId
+from meshletd.runtime.spec import PortBinding, ReplicaId
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,24 @@ class ReplicaStarting:
 
 
 @dataclass(frozen=True)
+class ReplicaPulling:
+    """The image is being pulled: `layers_done` of `layers` begun, `size_bytes` in all."""
+
+    replica: ReplicaId
+    unit: str
+    image: str
+    layers_done: int
+    layers: int
+    size_bytes: int
+
+    @property
+    def message(self) -> str:
+        """What the replica's status says meanwhile."""
+        mb = self.size_bytes / 1e6
+        return f"pulling {self.image}: layer {self.layers_done} of {self.layers} ({mb:.1f} MB)"
+
+
+@dataclass(frozen=True)
 class ReplicaRunning:
     """The container is running. `pull_ms` is image presence/pull, `start_ms` unit start."""
 
@@ -53,6 +71,15 @@ class ReplicaRunning:
 
 
 @dataclass(frozen=True)
+class ReplicaHealth:
+    """The container's health check changed its verdict: starting, healthy, unhealthy."""
+
+    replica: ReplicaId
+    unit: str
+    health: str
+
+
+@dataclass(frozen=True)
 class ReplicaExited:
     """The container's process ended by itself with `exit_code`."""
 
@@ -60,6 +87,7 @@ class ReplicaExited:
     unit: str
     exit_code: int
     usage: ReplicaUsage = ReplicaUsage()
+    health: str = ""  # "unhealthy": its health check's failure ended it (podman killed it)
 
 
 @dataclass(frozen=True)
@@ -93,7 +121,9 @@ class ReplicaStopped:
 
 RuntimeEvent = (
     ReplicaStarting
+    | ReplicaPulling
     | ReplicaRunning
+    | ReplicaHealth
     | ReplicaExited
     | ReplicaOomKilled
     | ReplicaFailed
@@ -113,3 +143,5 @@ class ReplicaStatus:
     state: ReplicaState
     revision: str = ""
     usage: ReplicaUsage = ReplicaUsage()
+    endpoints: tuple[PortBinding, ...] = ()
+    health: str = ""  # its health check's last verdict ("" none, or not read yet)

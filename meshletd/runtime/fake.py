@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -24,6 +25,7 @@ import trio
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
+from meshletd.runtime.registry import RegistryError, RemoteImage
 from meshletd.runtime.runtime import ReplicaRuntime
 from meshletd.runtime.units import INFINITY, LABEL, RuntimeConfig, slice_properties
 
@@ -40,6 +42,7 @@ class FakeContainer:
     status: str = "running"
     exit_code: int = 0
     looks: int = 0
+    health: str = ""  # a test sets the health check's verdict (podman's State.Health)
 
 
 @dataclass
@@ -65,6 +68,12 @@ class FakeMachine:
 
     images: set[str] = field(default_factory=lambda: {"localhost/busybox:latest"})
     pullable: set[str] = field(default_factory=set)
+    # The registry behind `pullable`: auth a pull must present per image, the size every
+    # image has, how long a pull takes; and every pull made (image, auth).
+    pull_credentials: dict[str, bytes] = field(default_factory=dict)
+    pull_size_bytes: int = 1 << 20
+    pull_delay_s: float = 0.0
+    pulls: list[tuple[str, bytes | None]] = field(default_factory=list)
     secrets: dict[str, bytes] = field(default_factory=dict)
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     units: dict[str, FakeUnit] = field(default_factory=dict)
@@ -120,10 +129,36 @@ class FakeMachine:
         await trio.lowlevel.checkpoint()
         return image in self.images
 
-    async def pull_image(self, image: str) -> None:
-        await trio.lowlevel.checkpoint()
+    def _remote(self, image: str, auth: bytes | None) -> RemoteImage:
         if image not in self.pullable:
-            raise MachineError(f"podman pull {image}: initializing source: no such image")
+            raise RegistryError("not-found", f"{image}: not found in its registry")
+        want = self.pull_credentials.get(image)
+        if want is not None and want != auth:
+            raise RegistryError("unauthorized", f"{image}: the registry refused access")
+        return RemoteImage("sha256:" + "0" * 64, self.pull_size_bytes, 2)
+
+    async def remote_image(self, image: str, auth: bytes | None = None) -> RemoteImage:
+        await trio.lowlevel.checkpoint()
+        return self._remote(image, auth)
+
+    async def pull_image(
+        self,
+        image: str,
+        *,
+        auth: bytes | None = None,
+        scratch: str = "",
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self.pulls.append((image, auth))
+        try:
+            remote = self._remote(image, auth)
+        except RegistryError as err:
+            raise MachineError(f"podman pull {image}: initializing source: {err}") from err
+        for i in range(remote.layers):
+            if on_line is not None:
+                on_line(f"Copying blob sha256:{i:064x}")
+            await trio.sleep(self.pull_delay_s / remote.layers)
         self.images.add(image)
 
     async def create_secret(self, name: str, data: bytes) -> None:
@@ -141,7 +176,7 @@ class FakeMachine:
     async def inspect_container(self, name: str) -> ContainerSnapshot | None:
         await trio.lowlevel.checkpoint()
         c = self.containers.get(name)
-        return None if c is None else ContainerSnapshot(c.status, c.exit_code, False)
+        return None if c is None else ContainerSnapshot(c.status, c.exit_code, False, c.health)
 
     async def remove_container(self, name: str) -> None:
         self.containers.pop(name, None)

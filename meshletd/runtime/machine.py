@@ -9,10 +9,12 @@ tests run on both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.outcome import ContainerSnapshot, UnitSnapshot
+from meshletd.runtime.registry import RemoteImage
 from meshletd.runtime.units import RuntimeConfig
 
 
@@ -23,7 +25,22 @@ class MachineError(Exception):
 class Machine(Protocol):
     # images
     async def image_present(self, image: str) -> bool: ...
-    async def pull_image(self, image: str) -> None: ...
+
+    async def remote_image(self, image: str, auth: bytes | None = None) -> RemoteImage:
+        """What `image` means in its registry now (digest, size); `RegistryError` if not."""
+        ...
+
+    async def pull_image(
+        self,
+        image: str,
+        *,
+        auth: bytes | None = None,
+        scratch: str = "",
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        """Pull `image` (with `auth` as an auth file only for this pull, kept in the state
+        dir of unit `scratch`); `on_line` gets podman's progress lines."""
+        ...
 
     # podman secrets (data goes through stdin, never a command line)
     async def create_secret(self, name: str, data: bytes) -> None: ...

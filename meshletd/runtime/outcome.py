@@ -52,6 +52,7 @@ class ContainerSnapshot:
     status: str
     exit_code: int
     oom_killed: bool = False
+    health: str = ""  # its health check's verdict: starting|healthy|unhealthy ("" none)
 
 
 def unit_phase(unit: UnitSnapshot) -> Phase:

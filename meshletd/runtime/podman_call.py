@@ -84,7 +84,12 @@ class PodmanCalls:
         raise NotImplementedError
 
     async def _podman(
-        self, *args: str, stdin: bytes = b"", check: bool = True, timeout_s: int = CALL_TIMEOUT_S
+        self,
+        *args: str,
+        stdin: bytes = b"",
+        check: bool = True,
+        timeout_s: int = CALL_TIMEOUT_S,
+        on_line: Callable[[str], None] | None = None,
     ) -> PodmanResult:
         """Run `podman ARGS` as the replica user in a transient unit; wait for its end.
 
@@ -132,7 +137,7 @@ class PodmanCalls:
             # systemd holds its own copies now; ours of the far ends would hide EOF.
             for fd in (in_r, out_w, err_w):
                 close(fd)
-            snap = await self._wait_call(unit, out_r, out, err_r, err, in_w, stdin, close)
+            snap = await self._wait_call(unit, out_r, out, err_r, err, in_w, stdin, close, on_line)
         finally:
             if started:
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -164,6 +169,7 @@ class PodmanCalls:
         in_w: int,
         stdin: bytes,
         close: Callable[[int], None],
+        on_line: Callable[[str], None] | None = None,
     ) -> UnitSnapshot:
         """Feed stdin, collect stdout/stderr, and return the unit's snapshot once it ended."""
         eof = trio.Event()
@@ -178,7 +184,12 @@ class PodmanCalls:
                     continue
                 if not chunk:
                     break
+                seen = len(buf)
                 buf += chunk
+                if on_line is not None and fd == err_r:
+                    start = buf.rfind(b"\n", 0, seen) + 1
+                    for line in bytes(buf[start:]).split(b"\n")[:-1]:
+                        on_line(line.decode(errors="replace"))
             closed += 1
             if closed == 2:
                 eof.set()

@@ -11,6 +11,7 @@ replica that could not start leaves nothing behind. Every state change is an eve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -19,10 +20,14 @@ from typing import TypeVar
 
 import trio
 
+from meshletd.errors import RuntimeFailure
 from meshletd.runtime import naming
 from meshletd.runtime.events import (
     EndEvent,
+    ReplicaExited,
     ReplicaFailed,
+    ReplicaHealth,
+    ReplicaPulling,
     ReplicaRunning,
     ReplicaStarting,
     ReplicaStatus,
@@ -37,9 +42,10 @@ from meshletd.runtime.outcome import (
     peak_memory_from_counters,
     unit_phase,
 )
+from meshletd.runtime.pull import fetch_image
 from meshletd.runtime.spec import (
-    ImageNotFound,
     InvalidReplicaSpec,
+    PortBinding,
     ReplicaId,
     ReplicaSpec,
     UnitStartFailed,
@@ -73,6 +79,9 @@ class _Replica:
     revision: str
     secrets: list[str] = field(default_factory=list)
     milli_cpu: int | None = None  # the workload's CPU limit (None: unknown, not checked)
+    endpoints: tuple[PortBinding, ...] = ()  # where its ports are published
+    health_check: bool = False  # podman checks its health: the runtime reads the verdict
+    health: str = ""  # the last verdict reported
     ran: bool = False
     stop_requested: bool = False
     usage: ReplicaUsage = field(default_factory=ReplicaUsage)
@@ -95,6 +104,7 @@ class ReplicaRuntime:
         self._send, self._events = trio.open_memory_channel[RuntimeEvent](math.inf)
         self._replicas: dict[ReplicaId, _Replica] = {}
         self._image_seen: dict[str, float] = {}  # image -> when found present
+        self._pulling: dict[ReplicaId, trio.CancelScope] = {}  # starts in their image step
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
 
@@ -109,7 +119,13 @@ class ReplicaRuntime:
         """The replicas this runtime looks after right now."""
         return [
             ReplicaStatus(
-                r.replica, r.unit, "running" if r.ran else "starting", r.revision, r.usage
+                r.replica,
+                r.unit,
+                "running" if r.ran else "starting",
+                r.revision,
+                r.usage,
+                r.endpoints,
+                r.health,
             )
             for r in sorted(self._replicas.values(), key=lambda r: r.replica)
         ]
@@ -189,17 +205,24 @@ class ReplicaRuntime:
 
         self._emit(ReplicaStarting(spec.replica, unit))
         rep = _Replica(
-            spec.replica, unit, container, spec.revision or "", milli_cpu=spec.resources.milli_cpu
+            spec.replica,
+            unit,
+            container,
+            spec.revision or "",
+            milli_cpu=spec.resources.milli_cpu,
+            endpoints=spec.ports,
+            health_check=spec.health is not None,
         )
         t0 = self._clock()
-        if failed := await self._ensure_image(rep, spec.image):
-            return failed
-        t1 = self._clock()
         started = False
         try:
+            # First: a pull with the owner's credentials keeps its auth file in here.
+            await self.machine.prepare_state_dir(unit)
+            if failed := await self._ensure_image(rep, spec):
+                return failed
+            t1 = self._clock()
             if failed := await self._create_secrets(rep, spec):
                 return failed
-            await self.machine.prepare_state_dir(unit)
             if failed := await self._start_unit(rep, spec):
                 return failed
             started = True
@@ -216,6 +239,8 @@ class ReplicaRuntime:
         """Stop a replica and remove its container; None when no such replica runs."""
         rep = self._replicas.get(replica)
         if rep is None:
+            if (pulling := self._pulling.get(replica)) is not None:
+                pulling.cancel()  # its start ends without a unit (and says so)
             return None
         async with rep.lock:
             if self._replicas.get(replica) is not rep:
@@ -252,6 +277,10 @@ class ReplicaRuntime:
                 ident.replica, unit, ident.container, ident.revision, ran=phase == "running"
             )
             rep.milli_cpu = ident.milli_cpu
+            rep.endpoints = tuple(
+                PortBinding(n, a, p, 0, proto) for n, a, p, proto in ident.endpoints
+            )
+            rep.health_check = ident.health_check
             if phase in ("starting", "running", "stopping"):
                 log.info("adopted replica %s (unit %s)", ident.replica, unit)
                 # /run may have been cleaned while meshletd was away; the unit's
@@ -261,6 +290,8 @@ class ReplicaRuntime:
                     async with rep.lock:
                         if await self._enforce_cpu_limit(rep):
                             continue
+                        if rep.health_check:  # what it was: the status need not say starting
+                            await self._read_health(rep)
                     self._emit(
                         ReplicaRunning(rep.replica, unit, adopted=True, revision=rep.revision)
                     )
@@ -299,8 +330,19 @@ class ReplicaRuntime:
                     self._emit(
                         ReplicaRunning(rep.replica, rep.unit, adopted=True, revision=rep.revision)
                     )
+                if rep.health_check and rep.health != "healthy":
+                    await self._read_health(rep)
             elif phase in ("ended", "gone"):
                 await self._finish(rep)
+
+    async def _read_health(self, rep: _Replica) -> None:
+        """Report the verdict of podman's health check when it changed. Read until the
+        replica is first healthy: after that the only change is to unhealthy, which podman
+        ends by killing the container (`--health-on-failure=kill`), reported with the exit."""
+        container = await self.machine.inspect_container(rep.container)
+        if container is not None and container.health and container.health != rep.health:
+            rep.health = container.health
+            self._emit(ReplicaHealth(rep.replica, rep.unit, container.health))
 
     async def usage(self, replica: ReplicaId) -> ReplicaUsage:
         """CPU time and peak memory of a running replica so far."""
@@ -312,26 +354,30 @@ class ReplicaRuntime:
 
     # ---- the steps ----------------------------------------------------------------------
 
-    async def _ensure_image(self, rep: _Replica, image: str) -> ReplicaFailed | None:
+    async def _ensure_image(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
+        """The image step (pull.py); a pull may take minutes, and a stop() meanwhile
+        cancels it (nothing is started yet)."""
+        image = spec.image
         seen = self._image_seen.get(image)
         if seen is not None and self._clock() - seen < IMAGE_FRESH_S:
             return None
-        try:
-            if await self.machine.image_present(image):
+        why: RuntimeFailure = UnitStartFailed("stopped while its image was pulled")
+        with trio.CancelScope() as self._pulling[spec.replica]:
+            try:
+                await fetch_image(
+                    self.machine, self.config, image, auth=spec.pull_auth, scratch=rep.unit,
+                    progress=lambda n, of, size: self._emit(
+                        ReplicaPulling(rep.replica, rep.unit, image, n, of, size)
+                    ),
+                )  # fmt: skip
                 self._image_seen[image] = self._clock()
                 return None
-            with trio.fail_after(self.config.pull_timeout_s):
-                await self.machine.pull_image(image)
-        except (MachineError, trio.TooSlowError) as err:
-            return self._emit(
-                ReplicaFailed(
-                    rep.replica,
-                    rep.unit,
-                    ImageNotFound.name,
-                    f"image {image} is not present and could not be pulled: {err}",
-                )
-            )
-        return None
+            except RuntimeFailure as err:
+                log.warning("replica %s: image %s: %s", rep.replica, image, err.message)
+                why = err
+            finally:
+                self._pulling.pop(spec.replica, None)
+        return self._emit(ReplicaFailed(rep.replica, rep.unit, why.name, why.message))
 
     async def _create_secrets(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
         for secret in spec.secrets:
@@ -467,6 +513,9 @@ class ReplicaRuntime:
             oom_counted=oom_killed_from_counters(counters),
             usage=usage,
         )
+        if isinstance(event, ReplicaExited) and container is not None:
+            if container.health == "unhealthy" or rep.health == "unhealthy":
+                event = dataclasses.replace(event, health="unhealthy")
         with trio.CancelScope(shield=True):
             await self._cleanup(rep, unit_started=True, snap_phase=unit_phase(snap))
         self._replicas.pop(rep.replica, None)

@@ -8,6 +8,7 @@ check, secret, unit or container exists.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,6 +27,24 @@ class ImageNotFound(RuntimeFailure):
     """The image is neither present locally nor pullable."""
 
     name = "ImageNotFound"
+
+
+class ImageUnauthorized(RuntimeFailure):
+    """The registry refused the image: no pull secret, or a wrong one."""
+
+    name = "ImageUnauthorized"
+
+
+class ImageTooLarge(RuntimeFailure):
+    """The image is bigger than this meshlet pulls (`RuntimeConfig.pull_max_bytes`)."""
+
+    name = "ImageTooLarge"
+
+
+class PullTimedOut(RuntimeFailure):
+    """The pull took longer than this meshlet allows (`RuntimeConfig.pull_timeout_s`)."""
+
+    name = "PullTimedOut"
 
 
 class UnitStartFailed(RuntimeFailure):
@@ -68,6 +87,28 @@ Network = Literal["private", "none"]
 
 
 @dataclass(frozen=True)
+class PortBinding:
+    """A container port published on the host: `address:host_port` → `container_port`."""
+
+    name: str
+    address: str
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """podman's health check of the container: `command` run inside it (exec form)."""
+
+    command: tuple[str, ...]
+    interval_s: int = 30
+    timeout_s: int = 30
+    retries: int = 3
+    start_period_s: int = 0
+
+
+@dataclass(frozen=True)
 class ReplicaSpec:
     """Everything needed to start one replica.
 
@@ -87,6 +128,11 @@ class ReplicaSpec:
     writable_root: bool = False
     stop_timeout_s: int = 10
     revision: str | None = ""
+    # The owner's registry credentials for this pull only (a containers-auth.json), given
+    # to podman as a file that is removed once the pull ended; never in a unit or argv.
+    pull_auth: bytes | None = field(default=None, repr=False)
+    ports: tuple[PortBinding, ...] = ()
+    health: HealthCheck | None = None
 
 
 # Limits a spec must stay within. Memory and tasks are per replica; the slice caps the sum.
@@ -136,6 +182,39 @@ def validate_resources(resources: object) -> Resources:
     _check_range("resources.memory_mib", resources.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
     _check_range("resources.tasks", resources.tasks, 1, MAX_TASKS)
     return resources
+
+
+def validate_ports(spec: ReplicaSpec) -> None:
+    """The published ports: IP literals, ports in range, each host port once, a network."""
+    seen: set[tuple[str, int, str]] = set()
+    for p in spec.ports:
+        try:
+            ipaddress.ip_address(p.address)
+        except ValueError:
+            raise InvalidReplicaSpec(f"port {p.name}: address {p.address!r} is not an IP") from None
+        _check_range(f"port {p.name}: host_port", p.host_port, 1, 65535)
+        _check_range(f"port {p.name}: container_port", p.container_port, 1, 65535)
+        if p.protocol not in ("tcp", "udp"):
+            raise InvalidReplicaSpec(f"port {p.name}: protocol must be tcp or udp")
+        if (p.address, p.host_port, p.protocol) in seen:
+            raise InvalidReplicaSpec(f"port {p.name}: {p.address}:{p.host_port} given twice")
+        seen.add((p.address, p.host_port, p.protocol))
+    if spec.ports and spec.network == "none":
+        raise InvalidReplicaSpec("ports cannot be published without a network")
+
+
+def validate_health(health: HealthCheck | None) -> None:
+    """The health check: a command without NUL bytes, bounded times (as the lexicon)."""
+    if health is None:
+        return
+    if not health.command or any("\0" in a for a in health.command):
+        raise InvalidReplicaSpec("health.command must be a program, without NUL bytes")
+    if health.command[0].upper() in ("CMD", "CMD-SHELL", "NONE"):
+        raise InvalidReplicaSpec("health.command may not start with CMD, CMD-SHELL or NONE")
+    _check_range("health.interval_s", health.interval_s, 1, 3600)
+    _check_range("health.timeout_s", health.timeout_s, 1, 3600)
+    _check_range("health.retries", health.retries, 1, 100)
+    _check_range("health.start_period_s", health.start_period_s, 0, 3600)
 
 
 def validate_spec(spec: ReplicaSpec) -> ReplicaSpec:
@@ -197,6 +276,8 @@ def validate_spec(spec: ReplicaSpec) -> ReplicaSpec:
     if not isinstance(spec.writable_root, bool):
         raise InvalidReplicaSpec("writable_root must be a boolean")
     _check_range("stop_timeout_s", spec.stop_timeout_s, 0, MAX_STOP_TIMEOUT_S)
+    validate_ports(spec)
+    validate_health(spec.health)
     if spec.revision is not None and (
         not isinstance(spec.revision, str) or not REVISION_RE.match(spec.revision)
     ):

@@ -33,6 +33,8 @@ from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.outcome import CLD_EXITED, ContainerSnapshot, UnitSnapshot
 from meshletd.runtime.podman_call import PodmanCalls, PodmanResult, call_ended
+from meshletd.runtime.reference import parse_image
+from meshletd.runtime.registry import RegistryClient, RemoteImage
 from meshletd.runtime.units import (
     RuntimeConfig,
     dropin_limit_keys,
@@ -63,6 +65,7 @@ class SystemdPodmanMachine(PodmanCalls):
         self._bus = Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
         self._swept = False
+        self._registry: RegistryClient | None = None
 
     @classmethod
     def for_user(cls, config: RuntimeConfig) -> SystemdPodmanMachine:
@@ -112,8 +115,50 @@ class SystemdPodmanMachine(PodmanCalls):
         proc = await self._podman("image", "exists", image, check=False)
         return proc.returncode == 0
 
-    async def pull_image(self, image: str) -> None:
-        await self._podman("pull", "--quiet", image, timeout_s=self.config.pull_timeout_s)
+    async def remote_image(self, image: str, auth: bytes | None = None) -> RemoteImage:
+        # One client for the process: making one costs ~90 ms (its TLS context), and its
+        # connections to a registry are kept for the next replica's pull.
+        if self._registry is None:
+            self._registry = RegistryClient(timeout_s=min(30, self.config.pull_timeout_s))
+        return await self._registry.inspect(parse_image(image), auth=auth)
+
+    async def pull_image(
+        self,
+        image: str,
+        *,
+        auth: bytes | None = None,
+        scratch: str = "",
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:
+        """`podman pull IMAGE`; with `auth`, through an auth file in the replica's state
+        dir (`scratch` names its unit) that exists only while this pull runs: credentials
+        never reach podman's argv, a unit property or the journal."""
+        args = ["pull", image]
+        path: Path | None = None
+        if auth is not None:
+            path = Path(replica_state_dir(self.config, scratch)) / "pull-auth.json"
+            await trio.to_thread.run_sync(self._write_auth, path, auth)
+            args = ["pull", "--authfile", str(path), image]
+        try:
+            # A little longer than the runtime waits: its own timeout says "timed out".
+            await self._podman(*args, timeout_s=self.config.pull_timeout_s + 5, on_line=on_line)
+        finally:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _write_auth(self, path: Path, auth: bytes) -> None:
+        """root:meshlet 0640 (podman reads it as user meshlet), written before it is named."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            # Under the packaged unit (Group=meshlet) the file has the group already, and
+            # chown is a syscall its filter refuses (@privileged): only fix it elsewhere.
+            if os.geteuid() == 0 and os.fstat(fd).st_gid != self.config.gid:
+                os.fchown(fd, 0, self.config.gid)
+            os.fchmod(fd, 0o640)
+            os.write(fd, auth)
+        finally:
+            os.close(fd)
 
     # ---- secrets ------------------------------------------------------------------------
 
@@ -134,10 +179,12 @@ class SystemdPodmanMachine(PodmanCalls):
         if proc.returncode != 0:
             return None
         state = json.loads(proc.stdout)[0]["State"]
+        health = state.get("Health") or state.get("Healthcheck") or {}
         return ContainerSnapshot(
             str(state.get("Status", "")),
             int(state.get("ExitCode", 0)),
             bool(state.get("OOMKilled", False)),
+            str(health.get("Status", "")) if isinstance(health, dict) else "",
         )
 
     async def remove_container(self, name: str) -> None:

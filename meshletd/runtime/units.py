@@ -20,12 +20,13 @@ follow quadlet's generated units, with the facts measured on our hosts (docs/run
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshletd.runtime.naming import secret_name
-from meshletd.runtime.spec import ReplicaId, ReplicaSpec
+from meshletd.runtime.spec import PortBinding, ReplicaId, ReplicaSpec
 
 # Environment entries that carry a replica's identity in its unit (read back on adoption).
 ENV_OWNER = "MESHLET_OWNER_DID"
@@ -34,6 +35,10 @@ ENV_INDEX = "MESHLET_REPLICA"
 ENV_REVISION = "MESHLET_REVISION"
 ENV_CONTAINER = "MESHLET_CONTAINER"
 ENV_MILLI_CPU = "MESHLET_MILLI_CPU"  # the workload's CPU limit, checked again on adoption
+# Where its ports are published ("name=address:port/proto" joined by ","), and whether it
+# has a health check ("1"): read back on adoption.
+ENV_ENDPOINTS = "MESHLET_ENDPOINTS"
+ENV_HEALTH = "MESHLET_HEALTH_CHECK"
 
 INFINITY = (1 << 64) - 1  # systemd's "no limit" for usec and byte properties
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -85,7 +90,10 @@ class RuntimeConfig:
     cgroup_v2: bool = False
     poll_interval_s: float = 1.0
     start_timeout_s: int = 120
+    # Pull bounds (docs/runtime.md, "Images"): how long a pull may take, and how big an
+    # image (config + layers as its manifest declares them, compressed) may be.
     pull_timeout_s: int = 900
+    pull_max_bytes: int = 10 << 30
 
     @property
     def runtime_dir(self) -> str:
@@ -168,6 +176,8 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
         argv.append("--cgroups=split")
     if not spec.writable_root:
         argv.append("--read-only")
+    argv += publish_argv(spec)
+    argv += health_argv(spec)
     for name, value in spec.env:
         argv += ["--env", f"{name}={value}"]
     for secret in spec.secrets:
@@ -181,6 +191,53 @@ def podman_run_argv(spec: ReplicaSpec, config: RuntimeConfig, container: str) ->
     # container's own, whatever they look like.
     argv += list(spec.args)
     return argv
+
+
+def publish_argv(spec: ReplicaSpec) -> list[str]:
+    """`--publish` for each declared port, on the address and host port the core chose."""
+    out = []
+    for p in spec.ports:
+        host = f"[{p.address}]" if ":" in p.address else p.address
+        out.append(f"--publish={host}:{p.host_port}:{p.container_port}/{p.protocol}")
+    return out
+
+
+def health_argv(spec: ReplicaSpec) -> list[str]:
+    """podman's health check options: the command in exec form (a JSON array, never a
+    shell), run by the transient systemd timer podman creates in the replica user's
+    manager; `--health-on-failure=kill` ends the container once it turns unhealthy, so the
+    unit exits and the core restarts (or hands off) the replica (docs/runtime.md)."""
+    h = spec.health
+    if h is None:
+        return []
+    return [
+        # podman 4.3 reads a JSON array as exec form and prefixes "CMD" itself (given
+        # "CMD" first it takes the array as one string); a first word it would read as a
+        # keyword (CMD, CMD-SHELL, NONE) is refused by the validity rule (section 22).
+        f"--health-cmd={json.dumps(list(h.command))}",
+        f"--health-interval={h.interval_s}s",
+        f"--health-timeout={h.timeout_s}s",
+        f"--health-retries={h.retries}",
+        f"--health-start-period={h.start_period_s}s",
+        "--health-on-failure=kill",
+    ]
+
+
+def endpoints_env(ports: Sequence[PortBinding]) -> str:
+    """The unit's record of where its ports are published (ENV_ENDPOINTS)."""
+    return ",".join(f"{p.name}={p.address}:{p.host_port}/{p.protocol}" for p in ports)
+
+
+def endpoints_from_env(text: str) -> tuple[tuple[str, str, int, str], ...]:
+    """(name, address, host port, protocol) of each port a unit says it publishes."""
+    out = []
+    for item in text.split(","):
+        name, sep, rest = item.partition("=")
+        where, _, proto = rest.rpartition("/")
+        address, _, port = where.rpartition(":")
+        if sep and port.isdigit() and address and proto:
+            out.append((name, address.strip("[]"), int(port), proto))
+    return tuple(out)
 
 
 def podman_rm_argv(config: RuntimeConfig, container: str, timeout_s: int) -> list[str]:
@@ -234,6 +291,10 @@ def unit_properties(
             ENV_MILLI_CPU: str(spec.resources.milli_cpu),
         }
     )
+    if spec.ports:
+        env[ENV_ENDPOINTS] = endpoints_env(spec.ports)
+    if spec.health is not None:
+        env[ENV_HEALTH] = "1"
     run = podman_run_argv(spec, config, container)
     limit = set_cpu_quota_argv(config, unit, spec.resources.milli_cpu)
     rm = podman_rm_argv(config, container, spec.stop_timeout_s)
@@ -383,6 +444,8 @@ class UnitIdentity:
     revision: str
     container: str
     milli_cpu: int | None = None  # None: started by a meshletd that did not record it
+    endpoints: tuple[tuple[str, str, int, str], ...] = ()
+    health_check: bool = False
 
 
 def identity_from_environment(entries: Sequence[str] | Mapping[str, str]) -> UnitIdentity | None:
@@ -403,4 +466,8 @@ def identity_from_environment(entries: Sequence[str] | Mapping[str, str]) -> Uni
     milli = env.get(ENV_MILLI_CPU, "")
     if milli.isdigit() and int(milli) > 0:
         ident = replace(ident, milli_cpu=int(milli))
+    if env.get(ENV_ENDPOINTS):
+        ident = replace(ident, endpoints=endpoints_from_env(env[ENV_ENDPOINTS]))
+    if env.get(ENV_HEALTH) == "1":
+        ident = replace(ident, health_check=True)
     return ident

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from meshletd.core import Timing
+
 from .world import Config, Sim
 
 _kept: list[Sim] = []
@@ -32,6 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="fraction of meshlets without inbound reachability (behind NAT; 1 = all)",
     )
+    p.add_argument(
+        "--free-riders",
+        type=float,
+        default=0.0,
+        help="fraction of owners whose meshlets lend nothing (drained all along)",
+    )
+    p.add_argument(
+        "--min-contribution",
+        default="",
+        help="MODE:PERMILLE[:DAYS] (after|refuse) every contributor's host policy sets",
+    )
+    p.add_argument(
+        "--probe-interval-ms",
+        type=int,
+        default=1000,
+        help="liveness probe interval (local; long runs without faults can probe less)",
+    )
+    p.add_argument("--cpu-milli", type=int, default=16_000, help="each meshlet's CPU")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     a = p.parse_args(argv)
     cfg = Config(
@@ -43,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         arrivals_per_day=a.arrivals_per_day,
         lifetime_hours=a.lifetime_hours,
         nat=a.nat,
+        free_riders=a.free_riders,
+        min_contribution=a.min_contribution,
+        timing=Timing(probe_interval_ms=a.probe_interval_ms),
+        cpu_milli=a.cpu_milli,
     )
     sim = Sim(cfg)
     figures = sim.run()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from meshletd.core import SetDraining
 
 from .model import K_FAULT
+from .policies import apply_policy, schedule_policies
 
 if TYPE_CHECKING:
     from .world import Sim
@@ -32,11 +33,15 @@ def schedule_chaos(sim: Sim) -> None:
     for _ in range(max(1, n // 25)):  # drains, some undrained later
         at = rng.randint(int(horizon * 0.3), horizon)
         sim.push(at, K_FAULT, ("drain", rng.randrange(n), rng.random() < 0.5))
+    schedule_policies(sim)  # host policies published and taken back (own random stream)
 
 
 def apply_fault(sim: Sim, f: tuple[Any, ...]) -> None:
-    """Apply one fault event: crash, restart, cut, heal, drain, undrain."""
+    """Apply one fault event: crash, restart, cut, heal, drain, undrain, policy."""
     kind = f[0]
+    if kind == "policy":
+        apply_policy(sim, f[1], f[2])
+        return
     if kind == "crash":
         node = sim.nodes[f[1]]
         if not node.alive:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from meshletd.core.records import HostPolicy, Workload
+
+from .commons import commons_figures
 from .model import Node
 
 if TYPE_CHECKING:
@@ -24,6 +27,7 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
     dead = {n.did for n in sim.nodes if not n.alive}
     problems: list[str] = []
     unplaced = 0
+    unplaceable = 0  # slots of a dead host that no live host's policy admits
     free = free_capacity(sim, live)
     for uri, wl in sim.workloads.items():
         owners = ref.get(uri)
@@ -47,6 +51,12 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
                     unplaced += 1
                 continue
             if cur[1] in dead:
+                if not _someone_could_take(live, wl, owners):
+                    # no live meshlet may take it: each is ineligible, refused by its host
+                    # policy (e.g. the only host granting `lan` died), outside its lending
+                    # window, full, or holds another slot of wl (section 21)
+                    unplaceable += 1
+                    continue
                 problems.append(f"{uri}#{s} owned by dead meshlet {cur[1]}")
                 continue
             node = sim.by_did[cur[1]]
@@ -86,6 +96,7 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "converged": identical and not problems and missing == 0,
         "placements_identical": identical,
         "unplaced_with_capacity": unplaced,
+        "held_by_dead_no_host_admits": unplaceable,
         "over_replication_max_s": round(sim.over_max / 1000, 3),
         "over_replication_bound_s": round(bound_ms / 1000, 3),
         "failovers": len(fo),
@@ -102,10 +113,13 @@ def report(sim: Sim, wall: float) -> dict[str, Any]:
         "decisions": len(dec),
         "events": sim.events,
         "wall_s": round(wall, 2),
+        "host_policies": sum(1 for r in sim.store.values() if isinstance(r, HostPolicy)),
+        "policy_stops": dict(sim.policy_stops),
         "needless_moves": sum(sim.needless.values()),
         "needless_moves_by_round": dict(sim.needless),
         "needless_move_examples": sim.needless_examples,
         "violations": violations,
+        **commons_figures(sim),
     }
 
 
@@ -123,6 +137,29 @@ def nat_bound_ms(sim: Sim) -> int:
         + t.settle_ms
         + 800
     )
+
+
+def _someone_could_take(live: list[Node], wl: Workload, owners: Any) -> bool:
+    """Whether some live meshlet could take a slot of wl: eligible, its host policy admits
+    wl now (lending window included), not draining or cut off, holding no other slot of wl
+    (unless packing) and with room for it."""
+    if not live or live[0].core is None:
+        return False
+    cluster = live[0].core.cluster
+    now = live[0].core.now
+    holders = {c[1] for c in owners if c is not None}
+    for n in live:
+        core = n.core
+        if core is None or n.cut or n.draining_since is not None:
+            continue
+        if not wl.allow_packing and n.did in holders:
+            continue
+        if not (cluster.eligible(wl, n.did) and cluster.policy_admits(wl, n.did, now)):
+            continue
+        cpu, mem = core.free_capacity()
+        if cpu >= wl.milli_cpu and mem >= wl.memory_mib:
+            return True
+    return False
 
 
 def free_capacity(sim: Sim, live: list[Node]) -> list[tuple[int, int]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshletd.core import Scheduler, Timing
+from meshletd.core import Membership, MeshletLink, MeshletOwner, Scheduler, Timing, Workload
 
 CREATE, UPDATE, DELETE = 3, 2, 1
 EPOCH = 1_800_000_000_000  # virtual time 0, in epoch ms
@@ -42,6 +42,8 @@ class Config:
     ae_interval_ms: int = 30_000
     timing: Timing = field(default_factory=Timing)
     nat: float = 0.0  # fraction of meshlets nobody can connect to (behind NAT)
+    free_riders: float = 0.0  # fraction of owners whose meshlets lend nothing (sim/commons.py)
+    min_contribution: str = ""  # MODE:PERMILLE[:DAYS] set by every contributor's host
 
 
 @dataclass
@@ -65,6 +67,18 @@ class Node:
     disturbed_at: int = -1  # last crash, restart, cut, heal, drain or undrain
     starts: dict[tuple[str, int], int] = field(default_factory=dict)  # StartReplica count
     stopped_start: dict[tuple[str, int], int] = field(default_factory=dict)  # count at stop
+
+
+def _fields(wl: Workload) -> dict[str, Any]:
+    return {f: getattr(wl, f) for f in wl.__slots__}
+
+
+def _sync_rank(rec: Any) -> int:
+    if isinstance(rec, (MeshletLink, MeshletOwner, Membership)):
+        return 0
+    if isinstance(rec, Workload):
+        return 1
+    return 2
 
 
 __all__ = ["BUCKET_MS", "CLUSTER", "CREATE", "DELETE", "EPOCH", "UPDATE", "Config", "Node"]

@@ -44,6 +44,7 @@ from meshletd.core.records import (
 )
 
 from .chaos import apply_fault, schedule_chaos
+from .commons import setup_commons
 from .figures import report
 from .model import (
     BUCKET_MS,
@@ -62,7 +63,10 @@ from .model import (
     UPDATE,
     Config,
     Node,
+    _fields,
+    _sync_rank,
 )
+from .policies import check_start, dress_workload
 
 
 class Sim:
@@ -99,6 +103,7 @@ class Sim:
         self.start_round: dict[tuple[tuple[str, int], int], int] = {}
         self.needless_examples: list[str] = []
         self.max_cut_ms = 0
+        self.policy_stops = {"policy": 0, "maxRuntime": 0}
         self.started_before_drain: dict[int, set[tuple[str, int, int]]] = {}
         self.events = 0
         self.inbox: dict[int, dict[tuple[int, ...], list[tuple[str, Any]]]] = {}
@@ -141,6 +146,7 @@ class Sim:
             self.store[at_uri(did, NSID_MEMBERSHIP, CLUSTER)] = Membership(
                 at_uri(did, NSID_MEMBERSHIP, CLUSTER), did, CLUSTER, members
             )
+        setup_commons(self)
         if cfg.nat > 0:
             # Its own stream, so that a run without NAT hosts stays what it was.
             pick = random.Random(cfg.seed * 1_000_003 + 17)
@@ -198,7 +204,7 @@ class Sim:
         )
         if w < self.cfg.workloads and rng.random() < self.cfg.delete_fraction:
             self.push(at + rng.randint(60_000, max(self.quiet_at - at, 60_001)), K_REMOVE, wl.uri)
-        return wl
+        return dress_workload(self, wl, w)
 
     def _schedule_chaos(self) -> None:
         schedule_chaos(self)
@@ -277,6 +283,8 @@ class Sim:
                 self._start(node, a)
             elif isinstance(a, StopReplica):
                 self._check_stop(node, a)
+                if a.reason in self.policy_stops:  # moved or ended by a host policy
+                    self.policy_stops[a.reason] += 1
                 # The runtime does what it is told in order: a start still under way when
                 # the stop comes never reports running.
                 node.stopped_start[(a.workload_uri, a.slot)] = node.starts.get(
@@ -371,6 +379,7 @@ class Sim:
 
     def _start(self, node: Node, a: StartReplica) -> None:
         key = (a.workload.uri, a.slot)
+        check_start(self, node, a)
         delay = self.rng.randint(300, 800)
         end = 0
         if a.workload.kind == "job":
@@ -578,18 +587,6 @@ class Sim:
     # ------------------------------------------------------------------ figures
     def _report(self, wall: float) -> dict[str, Any]:
         return report(self, wall)
-
-
-def _fields(wl: Workload) -> dict[str, Any]:
-    return {f: getattr(wl, f) for f in wl.__slots__}
-
-
-def _sync_rank(rec: Any) -> int:
-    if isinstance(rec, (MeshletLink, MeshletOwner, Membership)):
-        return 0
-    if isinstance(rec, Workload):
-        return 1
-    return 2
 
 
 def run(cfg: Config) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +49,15 @@ VENV = "/opt/meshlet-venv/bin"
 CTL = f"{VENV}/meshletctl"
 PEOPLE = ("alice", "bob", "carol")
 PDS_OF = {"alice": 0, "bob": 0, "carol": 1}
+# More people (`Commune.up(people=...)`, e.g. dev/chaos): their PDS alternates 1, 0, 1, ...
+MORE_PEOPLE = ("dave", "erin", "frank", "grace", "heidi")
+
+
+def pds_of(person: str, index: int) -> int:
+    """The PDS (0 or 1) of the index-th person of a commune."""
+    return PDS_OF.get(person, (index + 1) % 2)
+
+
 CLUSTER = "commune"
 # The host's podman pause holder (dev/hostenv) is not a replica.
 NOT_REPLICAS = ("meshlet-podman-pause.service",)
@@ -220,7 +229,7 @@ class Meshlet:
 
 
 class Commune:
-    """Three meshlets (alice, bob, carol) on three booted hosts; see the module doc."""
+    """Three meshlets (alice, bob, carol; or `people`) on booted hosts; see the module doc."""
 
     def __init__(
         self,
@@ -263,6 +272,7 @@ class Commune:
         trace: bool = False,
         crash_hook: bool = False,
         nat: Iterable[str] = (),
+        people: Sequence[str] = PEOPLE,
     ) -> Commune:
         """Accounts for alice, bob and carol (+ meshlets), three booted hosts, meshletd
         installed and (with `start`) started on each. Host names default to
@@ -271,14 +281,16 @@ class Commune:
         `crash_hook`, SIGUSR2 makes meshletd crash (MESHLET_DEBUG_CRASH=1, docs/cli.md) and
         the unit keeps its packaged restart delay (restart tests). The people in `nat` have
         their host behind NAT from boot (before meshletd starts), and their meshlet
-        publishes no endpoint."""
+        publishes no endpoint. `people` names the meshlets' people (default alice, bob and
+        carol; more from MORE_PEOPLE, each with one meshlet, all in one cluster)."""
         nat = set(nat)
+        people = tuple(people)
         tag = tag or f"{os.getpid()}x{next(_serial)}"
-        names = list(names or (f"cm-{c}-{tag}"[:31] for c in "abc"))
+        names = list(names or (f"cm-{c}-{tag}"[:31] for c in "abcdefgh"[: len(people)]))
         contribution = contribution or {"milli_cpu": 1000, "memory_mib": 512, "max_replicas": 8}
         accounts = {}
-        for person in PEOPLE:
-            pds = PDS_OF[person]
+        for i, person in enumerate(people):
+            pds = pds_of(person, i)
             accounts[person] = (
                 devnet.create_account(f"{person}-{tag}", pds=pds),
                 devnet.create_account(f"{person}-mesh-{tag}", pds=pds),
@@ -287,9 +299,9 @@ class Commune:
         build()
         hosts = NspawnHost.boot(*names)
         meshlets: dict[str, Meshlet] = {}
-        for person, host in zip(PEOPLE, hosts, strict=True):
+        for person, host in zip(people, hosts, strict=True):
             owner, mesh = accounts[person]
-            others = [accounts[p][0].did for p in PEOPLE if p != person]
+            others = [accounts[p][0].did for p in people if p != person]
             meshlets[person] = Meshlet(
                 person,
                 host,

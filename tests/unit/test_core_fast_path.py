@@ -17,7 +17,15 @@ from meshletd.core import (
     Workload,
 )
 from meshletd.core.placement import RoundWindow, fill_round0, reference_owners
-from meshletd.core.records import NSID_MEMBERSHIP, NSID_MESHLET, NSID_MESHLET_OWNER, at_uri
+from meshletd.core.records import (
+    NSID_HOST_POLICY,
+    NSID_MEMBERSHIP,
+    NSID_MESHLET,
+    NSID_MESHLET_OWNER,
+    HostPolicy,
+    ScheduleWindow,
+    at_uri,
+)
 
 from .core_helpers import CPU, MEM, T0, mesh, observer, owner
 
@@ -50,10 +58,36 @@ def cluster(draw: st.DrawFn, n: int) -> list[object]:
             draw(st.sets(st.sampled_from(everyone), max_size=2))
         )
         out.append(Membership(at_uri(mesh(i), NSID_MEMBERSHIP, "c"), mesh(i), "c", members))
+        policy = draw(host_policy(i))
+        if policy is not None:
+            out.append(policy)
     # the workload owner's own consent (its cluster "c")
     consent = frozenset(everyone) - frozenset(draw(st.sets(st.sampled_from(everyone), max_size=2)))
     out.append(Membership(at_uri(owner(0), NSID_MEMBERSHIP, "c"), owner(0), "c", consent))
     return out
+
+
+@st.composite
+def host_policy(draw: st.DrawFn, i: int) -> HostPolicy | None:
+    """No policy (most), or one that evicts the workload's owner, refuses its image, grants
+    some network, or lends in a window that round 0's close may fall in or out of; written
+    before or after the rounds close."""
+    kind = draw(st.sampled_from(["none", "none", "evict", "image", "network", "schedule"]))
+    if kind == "none":
+        return None
+    minute = (T0 % 86_400_000) // 60_000  # T0's minute of the day
+    return HostPolicy(
+        uri=at_uri(mesh(i), NSID_HOST_POLICY, "self"),
+        meshlet=mesh(i),
+        created_at=T0 + draw(st.sampled_from([-60_000, 3000, 5000, 20_000])),
+        evicted=frozenset({owner(0)}) if kind == "evict" else frozenset(),
+        image_allow=("registry.example/**",) if kind == "image" else None,
+        network=draw(st.sampled_from(["none", "internet", "lan"])),
+        # T0 is a minute's start: round 0 closes inside [minute, minute + 1), not the other
+        schedule=(ScheduleWindow(minute + draw(st.integers(0, 1)), minute + 2),)
+        if kind == "schedule"
+        else None,
+    )
 
 
 @st.composite
@@ -74,6 +108,8 @@ def scenario(draw: st.DrawFn) -> tuple[list[object], Workload, list[Bid], list[B
         allow_packing=draw(st.booleans()),
         arch=draw(st.sampled_from([(), (), ("amd64",)])),
         avoid=frozenset(draw(st.sets(st.sampled_from([mesh(i) for i in range(n)]), max_size=1))),
+        image="docker.io/library/busybox:1",
+        network=draw(st.sampled_from(["internet", "internet", "lan", "none"])),
     )
     bids: list[Bid] = []
     for i in range(n):

@@ -252,6 +252,13 @@ def test_bids_and_balance(daemon: Daemon) -> None:
     assert {o["ownerDid"] for o in ctl_json(daemon, "balance")["owners"]} >= {"did:plc:bob"}
 
 
+def test_usage_reports_what_ran_on_this_machine(daemon: Daemon) -> None:
+    r = ctl(daemon, "usage", "--days", "3")
+    assert r.exit_code == 0 and "no usage records of this meshlet in the last 3 days" in r.stdout
+    data = ctl_json(daemon, "usage", "--days", "3")
+    assert data["days"] == 3 and data["rows"] == [] and data["meshletDid"].startswith("did:")
+
+
 def test_drain_wait_then_undrain(daemon: Daemon) -> None:
     ctl_json(daemon, "run", "busybox", "--name", "drained")
     r = ctl(daemon, "drain", "--wait", "--deadline", "5")

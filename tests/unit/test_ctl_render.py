@@ -103,3 +103,33 @@ def test_piped_tables_never_fold_a_did(
     w = view("web", 1, {"slot": 0, "round": 0, "meshletDid": long, "state": "running"})
     render.workloads([w], placements=True)
     assert long in capsys.readouterr().out
+
+
+def test_a_failing_replica_says_why_and_health_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    flaky = view(
+        "flaky",
+        1,
+        {"slot": 0, "round": 0, "meshletDid": BOBMESH, "state": "failing", "health": "unhealthy",
+         "message": "unhealthy (exit 137); handed off after 3 tries"},
+    )  # fmt: skip
+    render.workloads([flaky], placements=True, names=NAMES)
+    out = capsys.readouterr().out
+    assert "flaky failing (unhealthy): unhealthy (exit 137); handed off after 3 tries" in out
+
+
+def test_endpoints_are_one_row_per_port(capsys: pytest.CaptureFixture[str]) -> None:
+    render.endpoints(
+        {
+            "workload": f"at://{ALICE}/w/web",
+            "endpoints": [
+                {"slot": 0, "meshletDid": BOBMESH, "name": "http", "address": "10.251.4.3",
+                 "port": 20000, "protocol": "tcp", "state": "running", "health": "healthy"},
+                {"slot": 1, "meshletDid": CAROLMESH, "name": "http", "address": "fd00::3",
+                 "port": 20001, "protocol": "tcp", "state": "running"},
+            ],
+        },
+        NAMES,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "10.251.4.3:20000" in out and "[fd00::3]:20001" in out
+    assert "bob-mesh.test" in out and "healthy" in out

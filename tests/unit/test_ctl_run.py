@@ -46,6 +46,16 @@ CASES = [
         ["run", "img", "extra", "args"],  # container arguments without `--` are arguments too
         {**BUSYBOX, "name": "img", "image": "img", "args": ["extra", "args"]},
     ),
+    (
+        ["run", "--port", "http:8080", "--port=dns:53/udp", "--health-cmd",
+         "wget -q -O- 'http://127.0.0.1:8080/a b'", "--health-interval", "5s",
+         "--health-retries", "2", "--health-start-period", "1m", "img"],
+        {**BUSYBOX, "name": "img", "image": "img",
+         "ports": [{"name": "http", "containerPort": 8080, "protocol": "tcp"},
+                   {"name": "dns", "containerPort": 53, "protocol": "udp"}],
+         "healthCheck": {"command": ["wget", "-q", "-O-", "http://127.0.0.1:8080/a b"],
+                         "intervalS": 5, "retries": 2, "startPeriodS": 60}},
+    ),
 ]  # fmt: skip
 
 
@@ -86,6 +96,9 @@ def test_run_publishes_the_record_the_options_describe(
         (["run", "--bogus", "1", "img"], "No such option: --bogus"),
         (["run", "--replicas", "0", "img"], "'--replicas': 0 is not in the range"),
         (["run", "--name"], "Option '--name' requires an argument"),
+        (["run", "--port", "8080", "img"], "give NAME:PORT"),
+        (["run", "--port", "web:80/sctp", "img"], "tcp or udp"),
+        (["run", "--health-cmd", "x", "--health-interval", "soon", "img"], "give seconds"),
     ],
 )
 def test_a_malformed_run_is_a_usage_error_that_publishes_nothing(

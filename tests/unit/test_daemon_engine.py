@@ -330,3 +330,28 @@ async def test_a_drain_decided_by_the_core_is_written_as_the_publisher_shapes_it
     assert w.value["version"] == "9.9.9" and w.value["encryptionKey"] == "a2V5"
     rec = record_from_json(f"at://{ME}/{w.collection}/self", "cid", w.value)
     assert isinstance(rec, MeshletOwner) and rec.state_since == engine.scheduler.draining_since
+
+
+async def test_a_pulled_image_shows_in_the_status_with_few_writes_then_running(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    image = "registry.test:5000/team/app@sha256:" + "ab" * 32
+    machine.pullable.add(image)
+    machine.pull_delay_s = 90.0  # many "layers" over 90 s
+    machine.pull_size_bytes = 5 << 20
+    writes: list[Write] = []
+    engine = await start(nursery, machine, writes)
+    ev = workload(int((T0 + trio.current_time()) * 1000))
+    ev.record["image"] = image
+    engine.record_changed(ev)
+    await wait_for(lambda: engine.scheduler.replicas().get((ev.uri, 0)) == "running", 300)
+    states = [
+        (w.value["state"], w.value.get("message", ""))
+        for w in writes
+        if w.collection == "commune.scheduler.workloadStatus" and w.value
+    ]
+    pulling = [m for s, m in states if s == "pulling"]
+    assert pulling and "layer 0 of 2" in pulling[0] and image in pulling[0]
+    assert len(pulling) <= 1 + 90 // 30  # throttled: one per 30 s at most
+    assert states[-1][0] == "running"

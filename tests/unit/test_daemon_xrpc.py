@@ -375,7 +375,11 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
         running.unix.get(ctl + "listMembers"),
         running.unix.get(ctl + "getBids", params={"uri": uri}),
         running.unix.get(ctl + "getBalance"),
+        running.unix.get(ctl + "getUsage", params={"days": 2}),
         running.unix.get(ctl + "getHandles"),
+        running.unix.get(ctl + "getEndpoints", params={"uri": uri}),
+        running.unix.get(ctl + "getPolicy"),
+        running.unix.post(ctl + "setPolicy", json={"key": "evict", "value": "did:plc:mallory"}),
     ]
     for call in calls:
         resp = await call  # the response hook validates the output against the lexicon
@@ -389,7 +393,11 @@ async def test_every_control_method_answers_in_the_shape_of_its_lexicon(
             "createWorkload",
             "getBids",
             "getBalance",
+            "getUsage",
             "getHandles",
+            "getEndpoints",
+            "getPolicy",
+            "setPolicy",
         )
     }
 
@@ -451,3 +459,30 @@ async def test_shutdown_over_the_control_socket_stops_the_daemon(running: Runnin
     with trio.fail_after(5):
         while not any(m.get("STOPPING") == "1" for m in running.notifier.messages):
             await trio.sleep(0.01)
+
+
+async def test_the_host_policy_is_set_one_key_at_a_time_and_shown(running: Running) -> None:
+    ctl = "/xrpc/farm.meshlet.ctl."
+    got = (await running.unix.get(ctl + "getPolicy")).json()
+    assert got["published"] is False and got["settings"] == {}
+    for key, value in [
+        ("default_share", "250"),
+        ("schedule", "Mon-Fri 08:00-18:00; Sat 10:00-12:00"),
+        ("evict", "did:plc:mallory"),
+        ("images", "registry.example:5000/alice/*"),
+    ]:
+        resp = await running.unix.post(ctl + "setPolicy", json={"key": key, "value": value})
+        assert resp.status_code == 200, resp.text
+    got = (await running.unix.get(ctl + "getPolicy")).json()
+    assert got["published"] is True
+    assert got["settings"] == {
+        "default_share": 250,
+        "evicted": ["did:plc:mallory"],
+        "images": ["registry.example:5000/alice/*"],
+        "schedule": ["Mon-Fri 08:00-18:00", "Sat 10:00-12:00"],
+    }
+    assert got["policy"]["owners"] == {"defaultShare": 250}
+    resp = await running.unix.post(ctl + "setPolicy", json={"key": "default_share", "value": ""})
+    assert "owners" not in resp.json()["policy"]
+    bad = await running.unix.post(ctl + "setPolicy", json={"key": "network", "value": "wan"})
+    assert bad.status_code == 400 and "network" in bad.json()["message"]

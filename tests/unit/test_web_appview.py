@@ -337,3 +337,28 @@ def test_a_large_commune_is_shown_fifty_workloads_a_page() -> None:
     members = app.render("/members", {})
     assert members.count('class="meshlet"') == 50
     assert members.count("verified both ways") == 50
+
+
+def test_a_workload_page_shows_each_replica_s_health_and_endpoints() -> None:
+    from meshletd.web.app import WebApp
+    from meshletd.web.testing import _Ev, big_commune
+
+    node = big_commune(meshlets=3, workloads=1, replicas=1)
+    f = node.read.followed
+    uri = sorted(f.workloads)[0]
+    host = next(iter(f.statuses[uri].values())).meshlet
+    status = {
+        "workload": {"uri": uri, "cid": "bafyx"},
+        "round": 0,
+        "slot": 0,
+        "state": "running",
+        "restarts": 1,
+        "health": "healthy",
+        "endpoints": [{"name": "http", "address": "10.251.4.3", "port": 20000, "protocol": "tcp"}],
+        "updatedAt": "2026-12-04T06:00:02.000Z",
+    }
+    f.apply(_Ev(host, "workloadStatus", next(iter(f.statuses[uri])).rsplit("/", 1)[1], status))
+    page = WebApp(node).render("/workload", {"uri": uri})
+    assert "10.251.4.3:20000" in page and ">healthy<" in page
+    [row] = node.read.workload(uri)["running"]
+    assert row["endpoints"][0]["port"] == 20000 and row["health"] == "healthy"

@@ -48,6 +48,13 @@ HOSTILE = [
     ({"image": "containers-storage:nginx"}, "image"),
     ({"image": "docker://evil/x"}, "image"),
     ({"image": "nginx; rm -rf /"}, "image"),
+    ({"imageDigest": "sha256:ABC"}, "imageDigest"),
+    ({"imageDigest": "md5:" + "0" * 64}, "imageDigest"),
+    (
+        {"image": "r.test/x@sha256:" + "1" * 64, "imageDigest": "sha256:" + "2" * 64},
+        "imageDigest",
+    ),
+    ({"imagePullSecret": "../etc/shadow"}, "imagePullSecret"),
     ({"env": [{"name": "A=B", "value": "x"}]}, "env[0].name"),
     ({"env": [{"name": "A\0B", "value": "x"}]}, "env[0].name"),
     ({"env": [{"name": "A", "value": "x\0y"}]}, "env[0].value"),
@@ -64,6 +71,20 @@ HOSTILE = [
         {"secrets": [{"name": "db", "env": "A"}], "env": [{"name": "A", "value": ""}]},
         "secrets[0].env",
     ),
+    ({"ports": [{"name": "Web", "containerPort": 80}]}, "ports[0].name"),
+    ({"ports": [{"name": "-web", "containerPort": 80}]}, "ports[0].name"),
+    (
+        {"ports": [{"name": "a", "containerPort": 80}, {"name": "a", "containerPort": 81}]},
+        "ports[1].name",
+    ),
+    (
+        {"ports": [{"name": "a", "containerPort": 80}, {"name": "b", "containerPort": 80}]},
+        "ports[1].containerPort",
+    ),
+    ({"ports": [{"name": "a", "containerPort": 80, "protocol": "sctp"}]}, "ports[0].protocol"),
+    ({"ports": [{"name": "a", "containerPort": 80}], "network": "none"}, "ports"),
+    ({"healthCheck": {"command": ["CMD-SHELL", "curl x || exit 1"]}}, "healthCheck.command[0]"),
+    ({"healthCheck": {"command": ["test", "-f", "/a\0b"]}}, "healthCheck.command[2]"),
 ]
 
 
@@ -85,6 +106,13 @@ def test_a_spec_the_runtime_would_refuse_is_an_invalid_record_naming_the_field(c
         {"restartPolicy": None},
         {"kind": "job", "restartPolicy": "never"},
         {"env": [{"name": "_A1", "value": "x=y"}], "secrets": [{"name": "db", "env": "DB"}]},
+        {
+            "ports": [
+                {"name": "http", "containerPort": 80},
+                {"name": "dns", "containerPort": 80, "protocol": "udp"},
+            ],
+            "healthCheck": {"command": ["wget", "-q", "-O-", "http://127.0.0.1/"], "retries": 2},
+        },
     ],
 )
 def test_ordinary_workloads_stay_valid(change):
@@ -129,6 +157,9 @@ _records = st.fixed_dictionaries(
         "secrets": st.lists(
             st.fixed_dictionaries({"name": _name}, optional={"target": _name, "env": _name}),
             max_size=2,
+        ),
+        "healthCheck": st.fixed_dictionaries(
+            {"command": st.lists(st.one_of(_text, st.sampled_from(["cmd", "none"])), max_size=3)}
         ),
     },
 )

@@ -1,0 +1,256 @@
+"""Host policies between two real meshletd daemons on the reference PDS (issue #16, docs/
+protocol.md section 21): a refused image source is never bid on, a lending window, an
+eviction that moves a replica make-before-break, and a per-owner cap. Both daemons run the
+in-memory fake runtime; everything else (records, firehose, rounds) is real."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from pydantic import SecretStr
+
+from meshletd.atproto.records import now_datetime
+from meshletd.config import Cluster, Config, Contribution, Control, Credentials, Listen
+from meshletd.core.records import parse_datetime_ms
+from meshletd.daemon.service import Daemon
+from meshletd.notify import RecordingNotifier
+from meshletd.policy_settings import PolicySettings
+from meshletd.xrpc.testing import check_output_against_lexicon
+
+_n = itertools.count()
+BID = "commune.scheduler.bid"
+
+
+@dataclass
+class Host:
+    daemon: Daemon
+    did: str  # the meshlet
+    owner: str
+    pds: str
+    ctl: httpx.AsyncClient
+
+    def running(self) -> set[tuple[str, int]]:
+        engine = self.daemon.node.engine  # type: ignore[attr-defined]
+        if engine is None:
+            return set()
+        return {k for k, st in engine.scheduler.replicas().items() if st == "running"}
+
+    async def run(self, name: str, **extra: Any) -> str:
+        record = {
+            "name": name,
+            "image": "localhost/busybox:latest",
+            "args": ["sleep", "600"],
+            "resources": {"milliCpu": 100, "memoryMiB": 32},
+            "replicas": 1,
+            "kind": "service",
+            "bidWindowMs": 1500,
+            **extra,
+        }
+        r = await self.ctl.post("/farm.meshlet.ctl.createWorkload", json={"record": record})
+        assert r.status_code == 200, r.text
+        return str(r.json()["uri"])
+
+    async def set_policy(self, key: str, value: str) -> None:
+        r = await self.ctl.post("/farm.meshlet.ctl.setPolicy", json={"key": key, "value": value})
+        assert r.status_code == 200, r.text
+
+    async def bids_for(self, uri: str) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as http:
+            got = await http.get(
+                f"{self.pds}/xrpc/com.atproto.repo.listRecords",
+                params={"repo": self.did, "collection": BID, "limit": 100},
+            )
+        return [r["value"] for r in got.json()["records"] if r["value"]["workload"]["uri"] == uri]
+
+
+async def start_host(
+    nursery: trio.Nursery,
+    tmp: Path,
+    owner: Any,
+    mesh: Any,
+    peer_owner: str,
+    plc_url: str,
+    policy: PolicySettings | None,
+) -> Host:
+    cfg = Config(
+        did=mesh.did,
+        owner=owner.did,
+        pds=mesh.pds_url,
+        plc_url=plc_url,
+        clusters=[Cluster(name="home", members=[peer_owner])],
+        contribution=Contribution(milli_cpu=1000, memory_mib=1024),
+        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp / "control.sock"),
+        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
+        state_dir=tmp / "state",
+        runtime="fake",
+        policy=policy,
+    )
+    creds = Credentials(
+        meshlet_app_password=SecretStr(mesh.app_password),
+        owner_app_password=SecretStr(owner.app_password),
+    )
+    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
+    with trio.fail_after(60):
+        await nursery.start(daemon.run)
+    ctl = httpx.AsyncClient(
+        base_url="http://localhost/xrpc",
+        transport=httpx.AsyncHTTPTransport(uds=str(cfg.listen.control_socket)),
+        event_hooks={"response": [check_output_against_lexicon]},
+    )
+    return Host(daemon, mesh.did, owner.did, mesh.pds_url, ctl)
+
+
+@dataclass
+class Commune:
+    alice: Host  # alice's meshlet: the one whose policy each test sets
+    bob: Host  # bob's meshlet, no policy
+
+
+@pytest.fixture
+async def commune_factory(devnet, tmp_path: Path, nursery: trio.Nursery):
+    made: list[Host] = []
+
+    async def make(alice_policy: PolicySettings | None) -> Commune:
+        k = next(_n)
+        alice = await devnet.create_account_async(f"hpal{k}", pds=0)
+        alice_mesh = await devnet.create_account_async(f"hpalm{k}", pds=0)
+        bob = await devnet.create_account_async(f"hpbo{k}", pds=1)
+        bob_mesh = await devnet.create_account_async(f"hpbom{k}", pds=1)
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        a = await start_host(
+            nursery, tmp_path / "a", alice, alice_mesh, bob.did, devnet.plc_url, alice_policy
+        )
+        made.append(a)
+        b = await start_host(
+            nursery, tmp_path / "b", bob, bob_mesh, alice.did, devnet.plc_url, None
+        )
+        made.append(b)
+        c = Commune(a, b)
+
+        async def verified() -> bool:
+            for h in (a, b):
+                got = (await h.ctl.get("/farm.meshlet.ctl.listMembers")).json()["members"]
+                if not (got and got[0]["verified"]):
+                    return False
+            return True
+
+        await wait_until(verified, 30)
+        return c
+
+    yield make
+    for h in made:
+        await h.ctl.aclose()
+        h.daemon.request_stop()
+
+
+async def wait_until(predicate, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.1)
+
+
+async def test_a_refused_image_source_is_never_bid_on(commune_factory) -> None:
+    c: Commune = await commune_factory(PolicySettings(images=["registry.example:5000/**"]))
+    # bob's workload of two replicas, from a source alice's meshlet does not accept (the
+    # fake runtime has localhost/busybox only)
+    uri = await c.bob.run("miner", replicas=2)
+
+    async def on_bob() -> bool:
+        return (uri, 0) in c.bob.running() or (uri, 1) in c.bob.running()
+
+    await wait_until(on_bob)
+    await trio.sleep(4)  # well past round 0's close and the first chained round
+    assert not {k for k in c.alice.running() if k[0] == uri}
+    assert await c.alice.bids_for(uri) == []  # not even a decline: it never bid
+    assert len(await c.bob.bids_for(uri)) >= 1
+
+
+async def test_outside_its_lending_window_a_meshlet_takes_no_new_work(commune_factory) -> None:
+    minute = (parse_datetime_ms(now_datetime()) % 86_400_000) // 60_000
+    # closed from now for two hours (every day), open otherwise
+    start, end = (minute + 120) % 1440, minute
+    closed = f"{start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d}"
+    c: Commune = await commune_factory(PolicySettings(schedule=[closed] if end else None))
+    if not end:
+        pytest.skip("the minute of the day is 0: no window ends here")
+    uri = await c.bob.run("web", replicas=2)
+
+    async def one_on_bob() -> bool:
+        return any(k[0] == uri for k in c.bob.running())
+
+    await wait_until(one_on_bob)
+    await trio.sleep(4)
+    assert not {k for k in c.alice.running() if k[0] == uri}
+    alice_bids = await c.alice.bids_for(uri)
+    assert alice_bids and all(b["slots"] == 0 for b in alice_bids)  # declines only
+    # the window opens (always): the unfilled slot comes to alice's meshlet
+    await c.alice.set_policy("schedule", "")
+
+    async def one_on_alice() -> bool:
+        return any(k[0] == uri for k in c.alice.running())
+
+    await wait_until(one_on_alice, 40)
+
+
+async def test_an_eviction_moves_the_replica_elsewhere_make_before_break(commune_factory) -> None:
+    c: Commune = await commune_factory(None)
+    uri = await c.bob.run("svc")
+
+    async def placed() -> bool:
+        return (uri, 0) in c.alice.running() or (uri, 0) in c.bob.running()
+
+    await wait_until(placed)
+    host, other = (c.alice, c.bob) if (uri, 0) in c.alice.running() else (c.bob, c.alice)
+    await host.set_policy("evict", c.bob.owner)
+    seen: list[tuple[bool, bool]] = []
+    reasons: set[str] = set()
+
+    async def moved() -> bool:
+        on_host, on_other = (uri, 0) in host.running(), (uri, 0) in other.running()
+        seen.append((on_host, on_other))
+        async with httpx.AsyncClient() as http:
+            got = await http.get(
+                f"{host.pds}/xrpc/com.atproto.repo.listRecords",
+                params={"repo": host.did, "collection": "commune.scheduler.workloadStatus"},
+            )
+        reasons.update(r["value"].get("message", "") for r in got.json()["records"])
+        return on_other and not on_host
+
+    await wait_until(moved, 60)
+    # never a moment without a running copy: the new one ran before the old one stopped
+    assert all(h or o for h, o in seen), seen
+    assert any(h and o for h, o in seen), seen
+    assert any(m.startswith("moving (evicted)") for m in reasons), reasons
+    # and it is not placed back on the evicting meshlet
+    await trio.sleep(3)
+    assert (uri, 0) not in host.running() and (uri, 0) in other.running()
+
+
+async def test_a_per_owner_cap_limits_what_one_owner_holds(commune_factory) -> None:
+    # a tenth of 1000 milli-CPU: one 100 milli-CPU replica of bob's, not two
+    c: Commune = await commune_factory(PolicySettings(default_share=100))
+    avoid = {"constraints": {"avoidMeshlets": [c.bob.did]}}
+    first = await c.bob.run("one", **avoid)
+    second = await c.bob.run("two", **avoid)
+
+    async def one_placed() -> bool:
+        return any(k[0] in (first, second) for k in c.alice.running())
+
+    await wait_until(one_placed)
+    await trio.sleep(5)
+    mine = {k[0] for k in c.alice.running()}
+    assert len(mine & {first, second}) == 1, mine
+    # alice's own workloads are not capped by bob's share
+    own = await c.alice.run("mine", constraints={"avoidMeshlets": [c.bob.did]})
+
+    async def own_runs() -> bool:
+        return (own, 0) in c.alice.running()
+
+    await wait_until(own_runs)
