@@ -154,6 +154,7 @@ class SchedulerState:
         # meshlet -> the (0, meshlet) owner tuple shared by every slot it wins in round 0
         self._round0_owner_of: dict[str, Owner] = {}
         self.orphans = Orphans()  # bids and statuses naming workloads not seen (yet)
+        self._view_read = False  # the start-up batch was handled (section 13)
         # URIs of the bids of deleted workloads, until their own deletion comes (bounded)
         self._gone_bids: dict[str, None] = {}
         # records refused at intake -> why (the newest REFUSALS_KEPT)

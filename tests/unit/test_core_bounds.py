@@ -10,12 +10,16 @@ from pathlib import Path
 
 from meshletd.core import (
     Bid,
+    DeleteRecord,
+    MeshletIdentity,
     PutRecord,
     RecordDeleted,
     RecordSeen,
     ReplicaStateChanged,
+    Scheduler,
     StartReplica,
     Tick,
+    Workload,
     WorkloadStatus,
     bounds,
 )
@@ -174,3 +178,31 @@ def test_a_usage_record_keeps_the_512_owners_who_used_most() -> None:
     rec = ledger.close_period(T0 + 1)
     assert rec is not None and len(rec.entries) == bounds.MAX_USAGE_ENTRIES
     assert min(e.milli_cpu_seconds for e in rec.entries) == 1000 + 600 - 512
+
+
+def test_a_restarted_meshlet_deletes_its_records_of_workloads_deleted_while_it_was_away() -> None:
+    """Chaos finding 2: a `running` status stayed on the PDS for ever when its workload was
+    deleted during a meshletd restart (docs/protocol.md, section 13)."""
+    gone, kept = workload(owner_i=2, name="gone"), workload(owner_i=2, name="kept")
+    core = Scheduler(MeshletIdentity(mesh(1), owner(1), 4000, 4096))
+
+    def status(wl: Workload, i: int) -> WorkloadStatus:
+        return WorkloadStatus(
+            at_uri(mesh(i), NSID_STATUS, f"s{wl.uri[-6:]}"), mesh(i), wl.uri, 0, 0, "running", T0
+        )
+
+    others = [bid(gone, 3), status(gone, 3)]  # another meshlet's: not ours to delete
+    view = [
+        *cluster_records(3),
+        kept,
+        bid(kept, 1),
+        status(kept, 1),
+        bid(gone, 1),
+        status(gone, 1),
+        *others,
+    ]
+    out = core.handle_batch([Tick(T0), *[RecordSeen(r) for r in view]])
+    deleted = {a.uri for a in of(out, DeleteRecord)}
+    assert deleted == {bid(gone, 1).uri, status(gone, 1).uri}
+    assert len(core.orphans) == 2  # the others' records are still kept as orphans
+    assert of(core.handle_batch([RecordSeen(bid(gone, 1))]), DeleteRecord) == []  # once only
