@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from meshletctl.client import ControlClient
+from meshletctl.policy import policy_app
 from meshletctl.update import update as update_command
 from meshletd.errors import InvalidRequest, MeshletError, NotFound, TimedOut
 
@@ -501,91 +502,6 @@ def usage(
     _run_named(as_json, lambda c: c.query(CTL + "getUsage", days=days), render.usage)
 
 
-policy_app = typer.Typer(
-    help="This machine's host policy: show it, set one key, or replace it from a file.",
-    no_args_is_help=False,
-)
-app.add_typer(policy_app, name="policy")
-
-
-def _toml(v: Any) -> str:
-    """A setting's value as TOML (JSON strings escape control characters)."""
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(v)
-
-
-def _show_policy(data: dict[str, Any]) -> None:
-    if not data.get("published"):
-        print("# no host policy published yet: the defaults apply")
-    settings = data.get("settings") or {}
-    if not settings:
-        print("# every setting at its default (docs/cli.md, [policy])")
-    for key, value in settings.items():
-        print(f"{key} = {_toml(value)}")
-
-
-@policy_app.callback(invoke_without_command=True)
-def policy(
-    ctx: typer.Context,
-    file: Annotated[
-        str | None,
-        typer.Option(
-            "--file",
-            "-f",
-            help="Replace the whole policy: a TOML file of [policy] keys (as in "
-            "meshlet.toml), or a .json file holding a hostPolicy record value.",
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Show the host policy this machine publishes (or replace it with --file)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    if file is None:
-        _run(as_json, lambda c: c.query(CTL + "getPolicy"), _show_policy)
-        return
-    body = _policy_file(file, as_json)
-
-    def put(c: ControlClient) -> Any:
-        c.procedure(CTL + "setPolicy", body)
-        return c.query(CTL + "getPolicy")
-
-    _run(as_json, put, _show_policy)
-
-
-def _policy_file(path: str, as_json: bool) -> dict[str, Any]:
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if path.endswith(".json"):
-            return {"policy": json.loads(raw)}
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (OSError, ValueError) as e:
-        raise fail(InvalidRequest(f"{path}: {e}"), as_json) from None
-    table = doc.get("policy", doc)
-    return {"settings": table if isinstance(table, dict) else {}}
-
-
-@policy_app.command("set")
-def policy_set(
-    key: Annotated[str, typer.Argument(help="A [policy] key (docs/cli.md), or evict/unevict.")],
-    value: Annotated[str, typer.Argument(help="Its value as text; '' restores the default.")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Change one setting of the host policy and publish it."""
-
-    def put(c: ControlClient) -> Any:
-        c.procedure(CTL + "setPolicy", {"key": key, "value": value})
-        return c.query(CTL + "getPolicy")
-
-    _run(as_json, put, _show_policy)
-
-
 @app.command()
 def version(as_json: JsonOpt = False) -> None:
     """meshletctl's version, and the daemon's when it is running."""
@@ -605,6 +521,7 @@ def version(as_json: JsonOpt = False) -> None:
 
 
 app.command(name="update")(update_command)
+app.add_typer(policy_app, name="policy")
 
 
 def main() -> int:

@@ -53,9 +53,9 @@ from meshletd.daemon.local import Local
 from meshletd.daemon.peers import LogPage, Peers, RecordRef
 from meshletd.daemon.publisher import (
     PdsPublisher,
-    configured_policy,
     machine_arch,
     membership_lists,
+    network_grant,
 )
 from meshletd.daemon.readmodel import ReadModel
 from meshletd.daemon.repo import PdsRepo
@@ -69,7 +69,7 @@ from meshletd.runtime import (
     fake_runtime,
     systemd_runtime,
 )
-from meshletd.runtime.network import NetworkGrant, grant_of
+from meshletd.runtime.network import grant_of
 
 log = logging.getLogger("meshletd.node")
 
@@ -316,7 +316,7 @@ class AtprotoNode:
                     cfg.contribution,
                     cfg.images,
                     isolation=cfg.isolation,
-                    network_grant=await self._network_grant(),
+                    network_grant=await network_grant(self.publisher, self.local),
                 )
             )
             if kind == "systemd"
@@ -579,14 +579,6 @@ class AtprotoNode:
             # What replicas may reach follows the published grant (docs/runtime.md).
             await engine.set_network_grant(grant_of(got.network))
         return {"policy": record_value(got)}
-
-    async def _network_grant(self) -> NetworkGrant:
-        """The `network` of our host policy: published, else meshlet.toml's, else the
-        default (internet only)."""
-        policy = await self.publisher.published_policy()
-        if policy is None:
-            policy = configured_policy(self.local, now_ms())
-        return "internet" if policy is None else grant_of(policy.network)
 
     async def put_secret(self, name: str, value: bytes) -> None:
         await self.commands.put_secret(name, value)

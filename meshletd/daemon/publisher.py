@@ -31,6 +31,7 @@ from meshletd.daemon.local import Local, State
 from meshletd.daemon.secrets import EncryptionKey
 from meshletd.errors import Forbidden
 from meshletd.policy_settings import same_rules, to_policy
+from meshletd.runtime.network import NetworkGrant, grant_of
 
 log = logging.getLogger("meshletd.node")
 
@@ -109,6 +110,15 @@ def configured_policy(local: Local, now_ms: int) -> HostPolicy | None:
     """The host policy meshlet.toml [policy] asks for (None: no [policy] section)."""
     cfg = local.cfg
     return None if cfg.policy is None else to_policy(cfg.policy, cfg.did, now_ms)
+
+
+async def network_grant(publisher: OwnRecords, local: Local) -> NetworkGrant:
+    """The `network` of our host policy: published, else meshlet.toml's, else the default
+    (internet only); what the runtime lets replicas reach (docs/runtime.md)."""
+    policy = await publisher.published_policy()
+    if policy is None:
+        policy = configured_policy(local, _now_ms())
+    return "internet" if policy is None else grant_of(policy.network)
 
 
 def _now_ms() -> int:

@@ -20,14 +20,12 @@ from typing import TypeVar
 
 import trio
 
-from meshletd.errors import RuntimeFailure
 from meshletd.runtime import naming
 from meshletd.runtime.events import (
     EndEvent,
     ReplicaExited,
     ReplicaFailed,
     ReplicaHealth,
-    ReplicaPulling,
     ReplicaRunning,
     ReplicaStarting,
     ReplicaStatus,
@@ -35,6 +33,7 @@ from meshletd.runtime.events import (
     ReplicaUsage,
     RuntimeEvent,
 )
+from meshletd.runtime.image_step import ImageStep
 from meshletd.runtime.machine import Machine, MachineError
 from meshletd.runtime.outcome import (
     end_event,
@@ -42,7 +41,6 @@ from meshletd.runtime.outcome import (
     peak_memory_from_counters,
     unit_phase,
 )
-from meshletd.runtime.pull import fetch_image
 from meshletd.runtime.spec import (
     InvalidReplicaSpec,
     PortBinding,
@@ -67,10 +65,6 @@ _E = TypeVar("_E", bound=RuntimeEvent)
 
 # How often a starting unit is polled until it runs (short: it is on the start path).
 START_POLL_S = 0.01
-# An image found present is not checked again for this long (`podman image exists` is a
-# process on every start's path). If it vanished meanwhile, the unit fails and the next
-# start checks again.
-IMAGE_FRESH_S = 60.0
 
 
 @dataclass
@@ -90,7 +84,7 @@ class _Replica:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class ReplicaRuntime(HostUpkeep):
+class ReplicaRuntime(ImageStep, HostUpkeep):
     """Runs replicas as transient units; see the module docstring and docs/runtime.md."""
 
     def __init__(
@@ -380,31 +374,6 @@ class ReplicaRuntime(HostUpkeep):
         return rep.usage
 
     # ---- the steps ----------------------------------------------------------------------
-
-    async def _ensure_image(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
-        """The image step (pull.py); a pull may take minutes, and a stop() meanwhile
-        cancels it (nothing is started yet)."""
-        image = spec.image
-        seen = self._image_seen.get(image)
-        if seen is not None and self._clock() - seen < IMAGE_FRESH_S:
-            return None
-        why: RuntimeFailure = UnitStartFailed("stopped while its image was pulled")
-        with trio.CancelScope() as self._pulling[spec.replica]:
-            try:
-                await fetch_image(
-                    self.machine, self.config, image, auth=spec.pull_auth, scratch=rep.unit,
-                    progress=lambda n, of, size: self._emit(
-                        ReplicaPulling(rep.replica, rep.unit, image, n, of, size)
-                    ),
-                )  # fmt: skip
-                self._image_seen[image] = self._clock()
-                return None
-            except RuntimeFailure as err:
-                log.warning("replica %s: image %s: %s", rep.replica, image, err.message)
-                why = err
-            finally:
-                self._pulling.pop(spec.replica, None)
-        return self._emit(ReplicaFailed(rep.replica, rep.unit, why.name, why.message))
 
     async def _create_secrets(self, rep: _Replica, spec: ReplicaSpec) -> ReplicaFailed | None:
         for secret in spec.secrets:

@@ -637,9 +637,15 @@ def test_a_secret_reaches_a_meshlet_that_came_back_with_a_fresh_disk(
 # -- fair share ---------------------------------------------------------------------------
 
 
+# What every meshlet computes alike; `standing` and `served` are each host's own view
+# (its own owner is "host" there: docs/protocol.md section 23).
+LEDGER_KEYS = ("ownerDid", "tookMilliCpuSeconds", "priority")
+
+
 def _ledger(m: Meshlet) -> dict[str, Any]:
     got = m.ctl_json("balance")
-    return {"at": got.get("at"), "owners": sorted(got["owners"], key=lambda e: e["ownerDid"])}
+    owners = [{k: e.get(k) for k in LEDGER_KEYS} for e in got["owners"]]
+    return {"at": got.get("at"), "owners": sorted(owners, key=lambda e: e["ownerDid"])}
 
 
 def test_after_bob_consumes_heavily_placement_favours_his_meshlet(
