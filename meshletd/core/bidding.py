@@ -41,7 +41,7 @@ class Bidding(Hosting):
         taken = ledger.taken
         entries = [self.workloads[u] for u in queue if u in self.workloads]
         # Capacity is short? Serve contributors before owners below our minContribution
-        # (section 25), then owners who used least first.
+        # (section 23), then owners who used least first.
         below = self._below_minimum
         entries.sort(
             key=lambda e: (
@@ -57,7 +57,7 @@ class Bidding(Hosting):
 
     def contribution(self) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
         """Our host policy's free-rider rule (None: none) and (lent, used) per owner as our
-        bids judge them (section 25); over the default period when we set no rule."""
+        bids judge them (section 23); over the default period when we set no rule."""
         rule = rule_of(self.cluster.policies.get(self.me.did))
         days = None if rule is not None else DEFAULT_PERIOD_DAYS
         return self.ledger.contribution(self.now, self.cluster, self.me.did, days)
@@ -65,7 +65,7 @@ class Bidding(Hosting):
     def _contributor_waiting(self, cpu: int, mem: int) -> bool:
         """Whether a workload of an owner in good standing here has a slot nobody holds,
         not finished, that we could take now (eligible, fits our free room): mode "after"
-        keeps that room for it rather than offer it to an owner below (section 25)."""
+        keeps that room for it rather than offer it to an owner below (section 23)."""
         me = self.me.did
         cluster = self.cluster
         for e in self.workloads.values():
@@ -90,7 +90,7 @@ class Bidding(Hosting):
 
     def _below_minimum(self, owner: str) -> str | None:
         """The mode ("after" or "refuse") of our host policy's minContribution when `owner`
-        stands below it here (section 25), else None. Our own owner always stands well."""
+        stands below it here (section 23), else None. Our own owner always stands well."""
         if owner == self.me.owner:
             return None
         rule, lent, used = self.ledger.contribution(self.now, self.cluster, self.me.did)
@@ -353,7 +353,7 @@ class Bidding(Hosting):
         )
         below = self._below_minimum(wl.owner)
         if below == REFUSE:
-            fits = False  # an empty bid still opens the round for the others (section 25)
+            fits = False  # an empty bid still opens the round for the others (section 23)
         ledger = self.ledger
         ledger.refresh_balances(self.now, self.cluster)
         prio = meshlet_priority(self.me.owner, ledger.taken, ledger.given)

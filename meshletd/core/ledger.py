@@ -109,7 +109,7 @@ class UsageLedger:
         self, now: int, cluster: ClusterView, me: str, period_days: int | None = None
     ) -> tuple[Rule | None, dict[str, int], dict[str, int]]:
         """This host's free-rider rule (from its own hostPolicy) and (lent, used) per owner
-        over its period (section 25), recomputed when the usage period, the cluster or the
+        over its period (section 23), recomputed when the usage period, the cluster or the
         usage records change.
         `period_days` overrides the policy's period (to explain standings without a rule);
         with neither, nothing is computed."""

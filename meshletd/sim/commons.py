@@ -1,4 +1,4 @@
-"""Free riders in the simulator (docs/protocol.md, section 25): a commune where some owners
+"""Free riders in the simulator (docs/protocol.md, section 23): a commune where some owners
 lend their machines (contributors) and some do not (free riders: their meshlets are drained
 for the whole run, so they only use others'), optionally with every contributor's host
 setting the same `minContribution`. The figures say what each owner received against what

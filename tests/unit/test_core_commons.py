@@ -1,5 +1,5 @@
 """A host may require that the owners it serves lend at least a ratio of what they use
-(docs/protocol.md, section 25): those below come after contributors, or are not served there.
+(docs/protocol.md, section 23): those below come after contributors, or are not served there.
 The standing is computed from public usage records with integers only, the same on every
 meshlet; the host states its decision in its bids."""
 

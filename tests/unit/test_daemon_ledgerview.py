@@ -1,6 +1,6 @@
 """`meshletctl balance` explains each owner's standing under this host's minContribution
 (lent, used, ratio, how it is served), and `meshletctl usage` what ran on this machine per
-owner and per UTC day, from the usage records (docs/protocol.md, section 25)."""
+owner and per UTC day, from the usage records (docs/protocol.md, section 23)."""
 
 from __future__ import annotations
 
