@@ -54,6 +54,14 @@ def commune(devnet: Any, registry: LocalRegistry) -> Iterator[Commune]:
     try:
         for m in c:
             registry.configure_host(m.host)  # as a podman user would, before meshletd starts
+            # The registry is on the hosts' LAN (their bridge gateway): a host whose
+            # registry is on its LAN lends with the `lan` grant (docs/protocol.md section 21).
+            m.host.run(
+                "sh",
+                "-c",
+                "printf '\\n[policy]\\nnetwork = \"lan\"\\n' >> /etc/meshlet/meshlet.toml",
+                check=True,
+            )
             m.start_daemon()
         yield c
     finally:
