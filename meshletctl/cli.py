@@ -237,6 +237,13 @@ def run(
         typer.Option(help="arch=amd64, label=K[=V], prefer=DID, avoid=DID, packing"),
     ] = None,
     cluster: Annotated[str | None, typer.Option(help="Cluster to offer it to")] = None,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help="What its replicas reach: none, internet or lan (only hosts whose policy "
+            "grants it) [default: internet]"
+        ),
+    ] = None,
     pull_secret: Annotated[
         str | None,
         typer.Option(
@@ -293,6 +300,7 @@ def run(
             pull_secret=pull_secret,
             port=port or [],
             health=health,
+            network=network,
         )
     except parse.ParseError as e:
         raise fail(InvalidRequest(str(e)), as_json) from None

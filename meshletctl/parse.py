@@ -169,6 +169,7 @@ def workload_record(
     pull_secret: str | None = None,
     port: list[str] = (),  # type: ignore[assignment]
     health: dict[str, Any] | None = None,
+    network: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """The workload record `meshletctl run` publishes, and the secrets (name, value) it
     stores first on the local meshlet (values read from @FILE, never from the command line).
@@ -181,12 +182,19 @@ def workload_record(
         raise ParseError("--kind must be service or job")
     if restart is not None and restart not in ("always", "on-failure", "never"):
         raise ParseError("--restart must be always, on-failure or never")
+    if network is not None and network not in ("none", "internet", "lan"):
+        raise ParseError("--network must be none, internet or lan")
     record: dict[str, Any] = {
         "name": name or name_from_image(image),
         "image": image,
         "resources": {"milliCpu": milli_cpu(cpu), "memoryMiB": memory_mib(memory)},
     }
-    for key, given in (("replicas", replicas), ("kind", kind), ("restartPolicy", restart)):
+    for key, given in (
+        ("replicas", replicas),
+        ("kind", kind),
+        ("restartPolicy", restart),
+        ("network", network),
+    ):
         if given is not None:
             record[key] = given
     if args:

@@ -256,6 +256,11 @@ class AtprotoNode:
             return False
         if self.pds_problem is not None:
             log.info("the PDS answers again: this meshlet's records are published")
+            if self.local.engine is not None:
+                # The runtime started with meshlet.toml's grant: the published one rules.
+                await self.local.engine.set_network_grant(
+                    await network_grant(self.publisher, self.local)
+                )
         self.pds_problem = None
         self.published = True
         return True

@@ -22,14 +22,14 @@ from typing import Protocol
 from meshletd import __version__
 from meshletd.atproto.cluster import publish_own_records
 from meshletd.atproto.hostpolicy import host_policy_from_json, host_policy_to_json
-from meshletd.atproto.pds import PdsClient
+from meshletd.atproto.pds import PdsClient, PdsRejected, PdsUnavailable
 from meshletd.atproto.records import now_datetime
 from meshletd.config import Config
 from meshletd.core.nsid import NSID_HOST_POLICY, NSID_MESHLET_OWNER
 from meshletd.core.records import HostPolicy, MeshletOwner, at_uri, parse_datetime_ms
 from meshletd.daemon.local import Local, State
 from meshletd.daemon.secrets import EncryptionKey
-from meshletd.errors import Forbidden
+from meshletd.errors import AuthRequired, Forbidden
 from meshletd.policy_settings import same_rules, to_policy
 from meshletd.runtime.network import NetworkGrant, grant_of
 
@@ -114,8 +114,14 @@ def configured_policy(local: Local, now_ms: int) -> HostPolicy | None:
 
 async def network_grant(publisher: OwnRecords, local: Local) -> NetworkGrant:
     """The `network` of our host policy: published, else meshlet.toml's, else the default
-    (internet only); what the runtime lets replicas reach (docs/runtime.md)."""
-    policy = await publisher.published_policy()
+    (internet only); what the runtime lets replicas reach (docs/runtime.md). While the PDS
+    cannot be read (meshletd started during an outage), meshlet.toml's: the caller applies
+    the published one again once the PDS answers."""
+    try:
+        policy = await publisher.published_policy()
+    except (PdsUnavailable, PdsRejected, AuthRequired) as e:
+        log.warning("our published host policy cannot be read (%s): using meshlet.toml's", e)
+        policy = None
     if policy is None:
         policy = configured_policy(local, _now_ms())
     return "internet" if policy is None else grant_of(policy.network)

@@ -94,7 +94,10 @@ def replacement_bids(commune: Commune, workload_uri: str) -> list[str]:
         for r in list_records(m.mesh.pds_url, m.did, BID):
             v = r["value"]
             if v["workload"]["uri"] == workload_uri and v.get("round", 0) >= 1:
-                out.append(f"{m.person}: round {v['round']} slot {v.get('slot')}")
+                out.append(
+                    f"{m.person}: round {v['round']} slot {v.get('slot')} slots {v.get('slots')}"
+                    f" at {v.get('createdAt')}"
+                )
     return out
 
 
@@ -218,7 +221,8 @@ def test_a_meshlet_behind_nat_that_dies_is_replaced_within_the_lease_bound(
     # Not before her lease could expire: it was the lease, not a probe, that told.
     assert elapsed >= (LEASE_VALID_MS - LEASE_RENEW_MS) / 1000, elapsed
     assert elapsed <= limit, (
-        f"replacement running after {elapsed:.1f} s (bound {NAT_FAILOVER_BOUND_S:.0f} s)"
+        f"replacement running after {elapsed:.1f} s (bound {NAT_FAILOVER_BOUND_S:.0f} s); "
+        f"bids: {replacement_bids(c, uri)}"
     )
 
 
@@ -247,5 +251,6 @@ def test_a_commune_where_every_meshlet_is_behind_nat_runs_a_service_and_fails_ov
     print(f"every host behind NAT, {victim.person} powered off: replaced after {elapsed:.1f} s")
     assert victim.did not in after.values()
     assert elapsed <= limit, (
-        f"replacement running after {elapsed:.1f} s (bound {ALL_NAT_FAILOVER_BOUND_S:.0f} s)"
+        f"replacement running after {elapsed:.1f} s (bound {ALL_NAT_FAILOVER_BOUND_S:.0f} s); "
+        f"bids: {replacement_bids(c, uri)}"
     )

@@ -41,6 +41,7 @@ def registry(systemd_host: NspawnHost | LocalHost, hostenv_network: str) -> Iter
         pytest.fail(str(err), pytrace=False)
     try:
         reg.configure_host(systemd_host)
+        assert check(systemd_host, "lend_lan")["applied"]
         yield reg
     finally:
         systemd_host.run("rm", "-f", DROP_IN)

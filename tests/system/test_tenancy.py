@@ -163,8 +163,10 @@ def test_replicas_exceeding_the_slice_are_contained_and_a_host_service_keeps_its
     tasks = dict(kv.split("=") for kv in got["slice_tasks"])
     assert tasks["TasksMax"] == "150" and 140 <= int(tasks["TasksCurrent"]) <= 150, got
     assert got["fork_refused"], got  # the fork loop hit the slice's 150, not its own 4160
-    # The host's own service (outside the slice, CPUWeight 100 against the slice's 20)
-    # gets the CPU first: more than all replicas together. (Absolute figures depend on
-    # what else the machine runs; the ratio does not.)
-    assert got["host_under_load_cpu"] >= 2 * got["replicas_cpu"], got
+    # The host's own service (outside the slice, CPUWeight 100 against the slice's 20), one
+    # busy thread, keeps what it had alone: at least 80 % of it. (It cannot use more than
+    # one CPU, and the slice's cap is 0.5, so "twice the replicas" asked for more than one
+    # CPU whenever the replicas used their whole cap: 0.977 against 2 x 0.5 in a full run.)
+    assert got["host_under_load_cpu"] >= 0.8 * got["host_alone_cpu"], got
+    assert got["host_under_load_cpu"] > got["replicas_cpu"], got
     assert got["host_state"] in ("running", "degraded"), got

@@ -56,6 +56,10 @@ CASES = [
          "healthCheck": {"command": ["wget", "-q", "-O-", "http://127.0.0.1:8080/a b"],
                          "intervalS": 5, "retries": 2, "startPeriodS": 60}},
     ),
+    (
+        ["run", "--network", "none", "img"],  # replicas without a network (section 21)
+        {**BUSYBOX, "name": "img", "image": "img", "network": "none"},
+    ),
 ]  # fmt: skip
 
 
@@ -99,6 +103,7 @@ def test_run_publishes_the_record_the_options_describe(
         (["run", "--port", "8080", "img"], "give NAME:PORT"),
         (["run", "--port", "web:80/sctp", "img"], "tcp or udp"),
         (["run", "--health-cmd", "x", "--health-interval", "soon", "img"], "give seconds"),
+        (["run", "--network", "everywhere", "img"], "--network must be none, internet or lan"),
     ],
 )
 def test_a_malformed_run_is_a_usage_error_that_publishes_nothing(

@@ -137,6 +137,13 @@ async def _leftovers() -> dict:
 # ---- checks -------------------------------------------------------------------------------
 
 
+async def check_lend_lan() -> dict:
+    """Load this host's network rules for the `lan` grant, as meshletd does at start: the
+    registry is on the LAN, and an earlier test's runtime may have left the default grant
+    (internet only) in force, which drops the pushes of user meshlet to it."""
+    return {"applied": await runtime().apply_network_rules()}
+
+
 async def check_resolve(ref: str, auth: str = "") -> dict:
     """What the owner's meshlet does at publish time: tag -> digest, from the registry."""
     client = RegistryClient()
