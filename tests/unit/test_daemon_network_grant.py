@@ -35,9 +35,7 @@ async def test_the_published_policy_rules_over_meshlet_toml() -> None:
     assert await network_grant(publisher, local) == "none"
 
 
-async def test_a_pds_outage_at_start_falls_back_to_meshlet_toml_and_meshletd_runs() -> (
-    None
-):
+async def test_a_pds_outage_at_start_falls_back_to_meshlet_toml_and_meshletd_runs() -> None:
     local = Local(config(policy=PolicySettings(network="lan")))
     assert await network_grant(PdsDown(local), local) == "lan"
     bare = Local(config())
