@@ -9,6 +9,7 @@ from .bounds import (
     MAX_MEMORY_MIB,
     MAX_MILLI_CPU,
     MAX_ROUND,
+    MISSED_KEPT,
     bid_refusal,
     clamp,
 )
@@ -209,15 +210,39 @@ class Bidding(Hosting):
             if any(b.meshlet == me for b in bs):
                 continue
             start = min(b.created_at for b in bs)
-            if now > start + t.replacement_window_ms or now < start:
+            if now < start:
                 continue
             close = start + t.replacement_window_ms + t.settle_ms
             if not fits or not self._policy_slots(wl, close, 1):
                 continue
             if not self._is_candidate(wl, s, last, frozenset({cur[1]})):
                 continue
+            if now > start + t.replacement_window_ms:
+                if self._missed_window(e, s, last, close):
+                    return
+                continue
             self._bid(wl, last, s, prio, 1, cpu, mem, close)
             return
+
+    def _missed_window(self, e: WorkloadEntry, slot: int, round_: int, close: int) -> bool:
+        """We could take `slot` but saw its replacement round `round_` open only after the
+        round's window: remember it until the round closes; if it closed without a winner
+        (the caller only asks while the owner is unchanged), open the next round with our
+        bid. True when we did (docs/protocol.md, section 8, "A missed window")."""
+        key = (e.wl.uri, slot, round_)
+        if self.now < close:
+            missed = self._missed
+            if key not in missed:
+                if len(missed) >= MISSED_KEPT:
+                    del missed[next(iter(missed))]
+                missed[key] = None
+                self._wake(close, e.wl.uri)
+            return False
+        if key not in self._missed:
+            return False  # first seen after its close: perhaps published late, left alone
+        del self._missed[key]
+        self._open_replacement(e, slot)
+        return True
 
     def _bid(
         self,

@@ -42,6 +42,8 @@ ORPHAN_TTL_MS = 86_400_000
 """Orphans whose workload has not arrived a day after the first of them are dropped."""
 GONE_BIDS_KEPT = 4096
 """Bid URIs of deleted workloads remembered until their own deletion arrives."""
+MISSED_KEPT = 1024
+"""Replacement rounds remembered as missed (seen after their window) until they close."""
 REFUSALS_KEPT = 256
 """Records refused at intake remembered with their reason (the newest)."""
 WORKLOADS_PER_OWNER = 512

@@ -380,6 +380,7 @@ class Scheduler(Explanations, Updates):
             del gone[next(iter(gone))]
         for s in range(e.wl.replicas):
             self._reopened.pop((uri, s), None)
+        self._forget_missed(uri)
         self._gave_up.pop(uri, None)
         for st in (e.statuses or {}).values():
             self._status_keys.pop(st.uri, None)

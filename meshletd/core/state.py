@@ -192,6 +192,10 @@ class SchedulerState:
         self._gave_up: dict[str, str] = {}
         # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
         self._reopened: dict[ReplicaKey, tuple[int, Owner]] = {}
+        # (workload, slot, round): replacement rounds we saw open only after their window,
+        # while we could have taken the slot; we open the next one if they close without a
+        # winner (docs/protocol.md, section 8, "A missed window")
+        self._missed: dict[tuple[str, int, int], None] = {}
         self.ledger = UsageLedger(me.did, timing)
         self.decisions = 0
         self._out: list[Action] = []
@@ -297,6 +301,11 @@ class SchedulerState:
         repo, coll, rkey = split_at_uri(uri)
         if repo == self.me.did:
             self._my_rkeys.add((coll, rkey))
+
+    def _forget_missed(self, uri: str) -> None:
+        """The workload is gone: so are the rounds of it we saw too late."""
+        for key in [k for k in self._missed if k[0] == uri] if self._missed else ():
+            del self._missed[key]
 
     def _wake(self, at: int, uri: str) -> None:
         heapq.heappush(self._wakes, (at, uri))

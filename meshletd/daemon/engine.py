@@ -137,6 +137,9 @@ def replica_spec(
         env=tuple((e.name, e.value) for e in wl.env),
         secrets=tuple(secrets),
         revision=wl.version or wl.cid,
+        # A workload that needs no network gets none (section 21); what the others reach
+        # is the host's grant, held by its network rules.
+        network="none" if wl.network == "none" else "private",
         ports=tuple(
             PortBinding(e.name, e.address, e.port, p.container_port, p.protocol)
             for e, p in zip(action.endpoints, wl.ports, strict=False)

@@ -184,6 +184,14 @@ def test_the_spec_carries_args_env_and_secrets_but_secrets_never_in_args() -> No
     assert "hunter2" not in repr(spec)
 
 
+def test_a_workload_that_needs_no_network_runs_without_one() -> None:
+    ev = workload(1_800_000_000_000)
+    for needs, podman in (("none", "none"), ("internet", "private"), ("lan", "private")):
+        wl = record_from_json(ev.uri, ev.cid, {**ev.record, "network": needs})
+        assert isinstance(wl, Workload)
+        assert replica_spec(StartReplica(wl, 0, 0), {}, "alice").network == podman
+
+
 def test_a_spec_without_a_referenced_secret_is_refused() -> None:
     ev = workload(1_800_000_000_000, secrets=True)
     wl = record_from_json(ev.uri, ev.cid, ev.record)
