@@ -10,14 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from pydantic import SecretStr
 
 from meshletd.atproto.testing import MeshletNode
-from meshletd.config import Cluster, Config, Control, Credentials, Listen
+from meshletd.config import Cluster
 from meshletd.daemon.service import Daemon
 from meshletd.notify import RecordingNotifier
 from meshletd.store import StateStore
-from meshletd.xrpc.testing import check_output_against_lexicon
+from tests.devnet.daemons import fake_runtime_config, start_daemon
 
 _n = itertools.count()
 
@@ -32,15 +31,13 @@ async def get_record(pds: str, did: str, collection: str, rkey: str) -> dict | N
 
 
 class Setup:
-    def __init__(self, daemon: Daemon, alice, alice_mesh, bob, bob_mesh) -> None:
+    def __init__(
+        self, daemon: Daemon, ctl: httpx.AsyncClient, alice, alice_mesh, bob, bob_mesh
+    ) -> None:
         self.daemon = daemon
         self.alice, self.alice_mesh, self.bob, self.bob_mesh = alice, alice_mesh, bob, bob_mesh
-        self.ctl = httpx.AsyncClient(
-            base_url="http://localhost/xrpc",
-            transport=httpx.AsyncHTTPTransport(uds=str(daemon.cfg.listen.control_socket)),
-            # Every successful answer has the shape its lexicon promises (ctl.* included).
-            event_hooks={"response": [check_output_against_lexicon]},
-        )
+        # Every successful answer has the shape its lexicon promises (ctl.* included).
+        self.ctl = ctl
 
 
 @pytest.fixture
@@ -55,24 +52,16 @@ async def setup(devnet, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
         plc_url=devnet.plc_url, meshlet=bob_mesh, owner=bob, clusters={"home": [alice.did]}
     )
     assert await bob_node.publish() > 0
-    cfg = Config(
-        did=alice_mesh.did,
-        owner=alice.did,
-        pds=alice_mesh.pds_url,
-        plc_url=devnet.plc_url,
+    cfg = fake_runtime_config(
+        tmp_path,
+        alice,
+        alice_mesh,
+        devnet.plc_url,
         clusters=[Cluster(name="home", members=[bob.did])],
-        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
-        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
-        state_dir=tmp_path / "state",
+        runtime="auto",
     )
-    creds = Credentials(
-        meshlet_app_password=SecretStr(alice_mesh.app_password),
-        owner_app_password=SecretStr(alice.app_password),
-    )
-    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
-    with trio.fail_after(60):
-        await nursery.start(daemon.run)
-    s = Setup(daemon, alice, alice_mesh, bob, bob_mesh)
+    daemon, ctl = await start_daemon(nursery, cfg, alice, alice_mesh)
+    s = Setup(daemon, ctl, alice, alice_mesh, bob, bob_mesh)
     yield s
     await s.ctl.aclose()
     daemon.request_stop()
@@ -219,29 +208,8 @@ async def test_with_a_runtime_the_published_workload_runs_here(
     k = next(_n)
     alice = await devnet.create_account_async(f"rtal{k}", pds=0)
     alice_mesh = await devnet.create_account_async(f"rtalm{k}", pds=0)
-    cfg = Config(
-        did=alice_mesh.did,
-        owner=alice.did,
-        pds=alice_mesh.pds_url,
-        plc_url=devnet.plc_url,
-        clusters=[Cluster(name="home", members=[])],
-        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp_path / "control.sock"),
-        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
-        state_dir=tmp_path / "state",
-        runtime="fake",
-    )
-    creds = Credentials(
-        meshlet_app_password=SecretStr(alice_mesh.app_password),
-        owner_app_password=SecretStr(alice.app_password),
-    )
-    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
-    with trio.fail_after(60):
-        await nursery.start(daemon.run)
-    ctl = httpx.AsyncClient(
-        base_url="http://localhost/xrpc",
-        transport=httpx.AsyncHTTPTransport(uds=str(cfg.listen.control_socket)),
-        event_hooks={"response": [check_output_against_lexicon]},
-    )
+    cfg = fake_runtime_config(tmp_path, alice, alice_mesh, devnet.plc_url)
+    daemon, ctl = await start_daemon(nursery, cfg, alice, alice_mesh)
     try:
         record = {
             "name": "sleeper",

@@ -11,63 +11,17 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
 
-import httpx
 import trio
-from pydantic import SecretStr
 
 from meshletd.atproto.records import now_datetime
-from meshletd.config import Cluster, Config, Contribution, Control, Credentials, Listen
 from meshletd.core.records import format_datetime_ms, parse_datetime_ms
-from meshletd.daemon.service import Daemon
-from meshletd.notify import RecordingNotifier
 from meshletd.policy_settings import MinContributionSettings, PolicySettings
-from meshletd.xrpc.testing import check_output_against_lexicon
-from tests.devnet.test_host_policy_commune import Host, wait_until
+from tests.devnet.daemons import Host, start_host, wait_until
 from tests.hostile_records import put_record
 
 _n = itertools.count()
 HOUR = 3_600_000
-
-
-async def start_member(
-    nursery: trio.Nursery,
-    tmp: Path,
-    owner: Any,
-    mesh: Any,
-    members: list[str],
-    plc_url: str,
-    policy: PolicySettings | None,
-) -> Host:
-    """A meshletd of `owner` on `mesh`, consenting to `members` (as the host policy tests'
-    `start_host`, with more than one member)."""
-    cfg = Config(
-        did=mesh.did,
-        owner=owner.did,
-        pds=mesh.pds_url,
-        plc_url=plc_url,
-        clusters=[Cluster(name="home", members=members)],
-        contribution=Contribution(milli_cpu=1000, memory_mib=1024),
-        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp / "control.sock"),
-        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
-        state_dir=tmp / "state",
-        runtime="fake",
-        policy=policy,
-    )
-    creds = Credentials(
-        meshlet_app_password=SecretStr(mesh.app_password),
-        owner_app_password=SecretStr(owner.app_password),
-    )
-    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
-    with trio.fail_after(60):
-        await nursery.start(daemon.run)
-    ctl = httpx.AsyncClient(
-        base_url="http://localhost/xrpc",
-        transport=httpx.AsyncHTTPTransport(uds=str(cfg.listen.control_socket)),
-        event_hooks={"response": [check_output_against_lexicon]},
-    )
-    return Host(daemon, mesh.did, owner.did, mesh.pds_url, ctl)
 
 
 async def test_a_refusing_host_never_bids_for_a_free_rider_and_serves_a_contributor(
@@ -87,7 +41,7 @@ async def test_a_refusing_host_never_bids_for_a_free_rider_and_serves_a_contribu
     for name, (owner, mesh) in people.items():
         (tmp_path / name).mkdir()
         others = [d for n, d in dids.items() if n != name]
-        hosts[name] = await start_member(
+        hosts[name] = await start_host(
             nursery,
             tmp_path / name,
             owner,

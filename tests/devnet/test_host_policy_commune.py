@@ -8,102 +8,17 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import trio
-from pydantic import SecretStr
 
 from meshletd.atproto.records import now_datetime
-from meshletd.config import Cluster, Config, Contribution, Control, Credentials, Listen
 from meshletd.core.records import parse_datetime_ms
-from meshletd.daemon.service import Daemon
-from meshletd.notify import RecordingNotifier
 from meshletd.policy_settings import PolicySettings
-from meshletd.xrpc.testing import check_output_against_lexicon
+from tests.devnet.daemons import Host, start_host, wait_until
 
 _n = itertools.count()
-BID = "commune.scheduler.bid"
-
-
-@dataclass
-class Host:
-    daemon: Daemon
-    did: str  # the meshlet
-    owner: str
-    pds: str
-    ctl: httpx.AsyncClient
-
-    def running(self) -> set[tuple[str, int]]:
-        engine = self.daemon.node.engine  # type: ignore[attr-defined]
-        if engine is None:
-            return set()
-        return {k for k, st in engine.scheduler.replicas().items() if st == "running"}
-
-    async def run(self, name: str, **extra: Any) -> str:
-        record = {
-            "name": name,
-            "image": "localhost/busybox:latest",
-            "args": ["sleep", "600"],
-            "resources": {"milliCpu": 100, "memoryMiB": 32},
-            "replicas": 1,
-            "kind": "service",
-            "bidWindowMs": 1500,
-            **extra,
-        }
-        r = await self.ctl.post("/farm.meshlet.ctl.createWorkload", json={"record": record})
-        assert r.status_code == 200, r.text
-        return str(r.json()["uri"])
-
-    async def set_policy(self, key: str, value: str) -> None:
-        r = await self.ctl.post("/farm.meshlet.ctl.setPolicy", json={"key": key, "value": value})
-        assert r.status_code == 200, r.text
-
-    async def bids_for(self, uri: str) -> list[dict[str, Any]]:
-        async with httpx.AsyncClient() as http:
-            got = await http.get(
-                f"{self.pds}/xrpc/com.atproto.repo.listRecords",
-                params={"repo": self.did, "collection": BID, "limit": 100},
-            )
-        return [r["value"] for r in got.json()["records"] if r["value"]["workload"]["uri"] == uri]
-
-
-async def start_host(
-    nursery: trio.Nursery,
-    tmp: Path,
-    owner: Any,
-    mesh: Any,
-    peer_owner: str,
-    plc_url: str,
-    policy: PolicySettings | None,
-) -> Host:
-    cfg = Config(
-        did=mesh.did,
-        owner=owner.did,
-        pds=mesh.pds_url,
-        plc_url=plc_url,
-        clusters=[Cluster(name="home", members=[peer_owner])],
-        contribution=Contribution(milli_cpu=1000, memory_mib=1024),
-        listen=Listen(xrpc="127.0.0.1:0", control_socket=tmp / "control.sock"),
-        control=Control(group="meshlet-test-nogroup", admin_group="meshlet-test-noadmin"),
-        state_dir=tmp / "state",
-        runtime="fake",
-        policy=policy,
-    )
-    creds = Credentials(
-        meshlet_app_password=SecretStr(mesh.app_password),
-        owner_app_password=SecretStr(owner.app_password),
-    )
-    daemon = Daemon(cfg, creds, notifier=RecordingNotifier(), handle_signals=False, environ={})
-    with trio.fail_after(60):
-        await nursery.start(daemon.run)
-    ctl = httpx.AsyncClient(
-        base_url="http://localhost/xrpc",
-        transport=httpx.AsyncHTTPTransport(uds=str(cfg.listen.control_socket)),
-        event_hooks={"response": [check_output_against_lexicon]},
-    )
-    return Host(daemon, mesh.did, owner.did, mesh.pds_url, ctl)
 
 
 @dataclass
@@ -125,11 +40,11 @@ async def commune_factory(devnet, tmp_path: Path, nursery: trio.Nursery):
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         a = await start_host(
-            nursery, tmp_path / "a", alice, alice_mesh, bob.did, devnet.plc_url, alice_policy
+            nursery, tmp_path / "a", alice, alice_mesh, [bob.did], devnet.plc_url, alice_policy
         )
         made.append(a)
         b = await start_host(
-            nursery, tmp_path / "b", bob, bob_mesh, alice.did, devnet.plc_url, None
+            nursery, tmp_path / "b", bob, bob_mesh, [alice.did], devnet.plc_url, None
         )
         made.append(b)
         c = Commune(a, b)
@@ -148,12 +63,6 @@ async def commune_factory(devnet, tmp_path: Path, nursery: trio.Nursery):
     for h in made:
         await h.ctl.aclose()
         h.daemon.request_stop()
-
-
-async def wait_until(predicate, timeout: float = 30.0) -> None:
-    with trio.fail_after(timeout):
-        while not await predicate():
-            await trio.sleep(0.1)
 
 
 async def test_a_refused_image_source_is_never_bid_on(commune_factory) -> None:
@@ -212,18 +121,26 @@ async def test_an_eviction_moves_the_replica_elsewhere_make_before_break(commune
     seen: list[tuple[bool, bool]] = []
     reasons: set[str] = set()
 
+    async def sample() -> None:
+        # Every 10 ms, apart from the status reads below (one of them can take longer than
+        # the overlap: a full run once saw no sample with both running).
+        while True:
+            seen.append(((uri, 0) in host.running(), (uri, 0) in other.running()))
+            await trio.sleep(0.01)
+
     async def moved() -> bool:
-        on_host, on_other = (uri, 0) in host.running(), (uri, 0) in other.running()
-        seen.append((on_host, on_other))
         async with httpx.AsyncClient() as http:
             got = await http.get(
                 f"{host.pds}/xrpc/com.atproto.repo.listRecords",
                 params={"repo": host.did, "collection": "commune.scheduler.workloadStatus"},
             )
         reasons.update(r["value"].get("message", "") for r in got.json()["records"])
-        return on_other and not on_host
+        return (uri, 0) in other.running() and (uri, 0) not in host.running()
 
-    await wait_until(moved, 60)
+    async with trio.open_nursery() as sampling:
+        sampling.start_soon(sample)
+        await wait_until(moved, 60)
+        sampling.cancel_scope.cancel()
     # never a moment without a running copy: the new one ran before the old one stopped
     assert all(h or o for h, o in seen), seen
     assert any(h and o for h, o in seen), seen
