@@ -7,7 +7,9 @@ runs are `dev/bench chaos` (docs/benchmarks.md). The run is shared by the tests 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +36,10 @@ def run() -> dict[str, Any]:
         timeout=1200, check=False,
     )  # fmt: skip
     print(done.stdout[-4000:])
+    # The whole run, for whoever reads a failure (the checker's violations and the faults).
+    logdir = Path(os.environ.get("MESHLET_LOGDIR", "/var/cache/meshlet-dev/logs"))
+    logdir.mkdir(parents=True, exist_ok=True)
+    (logdir / "chaos-test.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["log"] = done.stdout[-4000:]
     return result
