@@ -101,7 +101,9 @@ class AtprotoNode:
         self.followed = Followed()
         self.key = EncryptionKey(store)
         self.publisher = PdsPublisher(self.local, self.key)
-        self.read = ReadModel(self.local, self.view, self.followed, self._refused)
+        self.read = ReadModel(
+            self.local, self.view, self.followed, self._refused, lambda: self.view_loaded.is_set()
+        )
         self.peers: Peers = peers if peers is not None else HttpPeers(self.read.endpoint_of)
         self.commands = OwnerCommands(
             self.local,

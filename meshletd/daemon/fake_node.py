@@ -17,7 +17,7 @@ from meshletd.config import Config
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.core.versions import spec_version
 from meshletd.daemon.peers import LogPage
-from meshletd.daemon.readmodel import invalid_workload_views
+from meshletd.daemon.views import invalid_workload_views
 from meshletd.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 if TYPE_CHECKING:  # the footprint of `backend = "memory"` stays without the atproto parts

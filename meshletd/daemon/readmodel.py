@@ -18,8 +18,7 @@ from meshletd.atproto.frames import Refusal
 from meshletd.core.commons import DEFAULT_PERIOD_DAYS, Rule, rule_of
 from meshletd.core.fairshare import balances, meshlet_priority
 from meshletd.core.hashing import rendezvous_score
-from meshletd.core.nsid import NSID_WORKLOAD
-from meshletd.core.records import WorkloadStatus, format_datetime_ms
+from meshletd.core.records import format_datetime_ms
 from meshletd.daemon.followed import Followed, owner_of
 from meshletd.daemon.ledgerview import (
     contribution_from_records,
@@ -28,76 +27,11 @@ from meshletd.daemon.ledgerview import (
     usage_view,
 )
 from meshletd.daemon.local import Local, Scheduling
-from meshletd.errors import NotFound
+from meshletd.daemon.views import LIVE_STATES, clip, invalid_workload_views, serving, status_row
+from meshletd.errors import DaemonUnavailable, NotFound
 from meshletd.policy_settings import to_policy
 
 log = logging.getLogger("meshletd.node")
-
-_LIVE_STATES = ("pulling", "starting", "running")
-_REASON_MAX = 256  # graphemes: the lexicon's bound on replicaView.reason
-_PROBLEM_MAX = 1000  # characters: the lexicon's bound on recordProblem.reason
-
-
-def _status_row(s: WorkloadStatus) -> dict[str, Any]:
-    """A replicaView row from a host's status record."""
-    row: dict[str, Any] = {
-        "workload": s.workload_uri,
-        "meshletDid": s.meshlet,
-        "slot": s.slot,
-        "round": s.round,
-        "state": s.state,
-        "restarts": s.restarts,
-    }
-    if s.exit_code is not None:
-        row["exitCode"] = s.exit_code
-    if s.unit is not None:
-        row["unit"] = s.unit
-    _serving(row, s)
-    return row
-
-
-def _serving(row: dict[str, Any], s: WorkloadStatus) -> None:
-    """What a host's status says of how its replica serves: health, endpoints, message."""
-    if s.health is not None:
-        row["health"] = s.health
-    if s.endpoints:
-        row["endpoints"] = [
-            {"name": e.name, "address": e.address, "port": e.port, "protocol": e.protocol}
-            for e in s.endpoints
-        ]
-    if s.message:
-        row["message"] = s.message
-    if s.version:  # the version it runs; an update that failed on it (section 25)
-        row["version"] = s.version
-    if s.failed_version:
-        row["failedVersion"] = s.failed_version
-
-
-def _clip(text: str, limit: int = _REASON_MAX) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def invalid_workload_views(
-    refused: Iterable[Refusal], owner: str | None = None
-) -> list[dict[str, Any]]:
-    """The workload records among `refused` (of `owner`, or of anyone) as
-    `farm.meshlet.defs#invalidWorkloadView`s, newest first (by rkey)."""
-    prefix = f"at://{owner}/" if owner else "at://"
-    out = []
-    for r in refused:
-        if not r.uri.startswith(prefix) or r.uri.split("/")[3:4] != [NSID_WORKLOAD]:
-            continue
-        row: dict[str, Any] = {
-            "uri": r.uri,
-            "ownerDid": owner_of(r.uri),
-            "problem": {"field": r.field or "", "reason": _clip(r.reason, _PROBLEM_MAX)},
-        }
-        if r.cid:
-            row["cid"] = r.cid
-        if r.name is not None:
-            row["name"] = r.name
-        out.append(row)
-    return sorted(out, key=lambda row: row["uri"].rsplit("/", 1)[1], reverse=True)
 
 
 class ReadModel:
@@ -110,11 +44,14 @@ class ReadModel:
         view: ConfiguredClusters,
         followed: Followed,
         refused: Callable[[], Iterable[Refusal]] = lambda: (),
+        loaded: Callable[[], bool] = lambda: True,
     ) -> None:
         self.local = local
         self.view = view
         self.followed = followed
         self.refused = refused
+        # Whether the start-up read of every watched repo is done (docs/protocol.md s13).
+        self.loaded = loaded
 
     # -- this meshlet ----------------------------------------------------------------------
 
@@ -232,12 +169,18 @@ class ReadModel:
         """A workload's URI from its URI or (for our owner's workloads) its name."""
         if ref in self.followed.workloads:
             return ref
+        mine = [] if ref.startswith("at://") else self.followed.named(self.local.owner, ref)
+        if mine:
+            return mine[0]
+        if not self.loaded():
+            # Not "no such workload": right after a start it may just not be read yet.
+            raise DaemonUnavailable(
+                f"meshletd is still reading the cluster's records after its start, and "
+                f"{ref!r} is not among those read so far: retry in a moment"
+            )
         if ref.startswith("at://"):
             raise NotFound(f"no workload {ref} is known here")
-        mine = self.followed.named(self.local.owner, ref)
-        if not mine:
-            raise NotFound(f"no workload named {ref!r}")
-        return mine[0]
+        raise NotFound(f"no workload named {ref!r}")
 
     def workloads(self, owner: str | None = None, everything: bool = True) -> list[dict[str, Any]]:
         out = []
@@ -273,9 +216,9 @@ class ReadModel:
         for s in sorted(statuses, key=lambda s: s.slot):
             if any(r["slot"] == s.slot and r.get("meshletDid") == s.meshlet for r in running):
                 continue
-            row = _status_row(s)
+            row = status_row(s)
             moved_to = owners.get(s.slot)
-            if moved_to is not None and s.state in _LIVE_STATES:
+            if moved_to is not None and s.state in LIVE_STATES:
                 # A status left by a host that lost the slot: it is not a serving replica.
                 if s.meshlet in suspects:
                     row["state"] = "lost"
@@ -295,7 +238,7 @@ class ReadModel:
         if wl.version:
             view["version"] = wl.version
         if wl.rollback_version:
-            view["rollback"] = _clip(
+            view["rollback"] = clip(
                 f"update to version {wl.rollback_version} rolled back: {wl.rollback_reason}"
             )
         if wl.cid:
@@ -331,7 +274,7 @@ class ReadModel:
             if owner is None:
                 r = {"workload": uri, "slot": slot, "state": "pending"}
                 if slot in reasons:
-                    r["reason"] = _clip(reasons[slot])
+                    r["reason"] = clip(reasons[slot])
                 out.append(r)
                 continue
             rnd, meshlet = owner
@@ -358,16 +301,16 @@ class ReadModel:
                 r["state"] = status.state
             else:
                 r["state"] = "starting" if status is None else "pending"
-            if meshlet != me and meshlet in suspects and r["state"] in _LIVE_STATES:
+            if meshlet != me and meshlet in suspects and r["state"] in LIVE_STATES:
                 r["state"] = "lost"
             if status is not None:
                 if status.exit_code is not None:
                     r["exitCode"] = status.exit_code
                 r["restarts"] = status.restarts
                 if status.round >= rnd:
-                    _serving(r, status)
+                    serving(r, status)
             if slot in reasons:
-                r["reason"] = _clip(reasons[slot])
+                r["reason"] = clip(reasons[slot])
             if meshlet == me:
                 unit = engine.units.get((uri, slot))
                 if unit:
@@ -494,7 +437,7 @@ class ReadModel:
             return out
         for uri, per in self.followed.statuses.items():
             for s in per.values():
-                if s.state in _LIVE_STATES:
+                if s.state in LIVE_STATES:
                     out.setdefault(s.meshlet, []).append(uri)
         return out
 

@@ -8,7 +8,7 @@ import pytest
 from meshletd.daemon.fake_peers import FakePeer
 from meshletd.daemon.peers import LogPage
 from meshletd.daemon.secrets import seal
-from meshletd.errors import Conflict, Forbidden, NotFound
+from meshletd.errors import Conflict, DaemonUnavailable, Forbidden, NotFound
 from tests.unit.daemon_parts import (
     BOB,
     BOB_MESH,
@@ -54,6 +54,20 @@ async def test_pause_and_delete_by_name_rewrite_the_owners_record() -> None:
     assert (WORKLOAD, rkey) not in p.owner_repo.records
     with pytest.raises(NotFound):
         p.read.workload(uri)
+
+
+async def test_right_after_a_start_an_unknown_workload_is_retry_later_not_not_found() -> None:
+    # Before the start-up read of every watched repo is done (docs/protocol.md section 13)
+    # a workload may exist and not be read yet: `meshletctl stop web` must not say it does
+    # not exist (a script would take that for done).
+    p = parts()
+    loaded = False
+    p.read.loaded = lambda: loaded
+    with pytest.raises(DaemonUnavailable, match="still reading the cluster's records"):
+        await p.commands.delete_workload("web")
+    loaded = True
+    with pytest.raises(NotFound, match="no workload named 'web'"):
+        await p.commands.delete_workload("web")
 
 
 async def test_another_owners_workload_cannot_be_paused_or_deleted_here() -> None:
