@@ -26,7 +26,7 @@ import trio
 
 from meshletd.atproto.lexicon import default_lexicons
 from meshletd.atproto.verify import cid_of, cid_str
-from meshletd.errors import AuthRequired, InvalidRecord, MeshletError
+from meshletd.errors import AuthRequired, InvalidRecord, MeshletError, UpstreamFailure
 from meshletd.trace import enabled as trace_enabled
 from meshletd.trace import trace
 
@@ -36,11 +36,10 @@ MAX_BATCH = 200
 POINTS = {"create": 3, "update": 2, "delete": 1}
 
 
-class PdsUnavailable(MeshletError):
-    """The PDS could not be reached or failed (5xx, 429): retry later."""
-
-    name = "PdsUnavailable"
-    exit_code = 7
+class PdsUnavailable(UpstreamFailure):
+    """The PDS could not be reached or failed (5xx, 429): retry later. Answered to clients
+    as `UpstreamFailure` (a stable name; `meshletctl stop` during the owner's PDS outage
+    used to print InternalError, as the name "PdsUnavailable" is not one of them)."""
 
     def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
         super().__init__(message)

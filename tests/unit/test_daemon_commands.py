@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import pytest
 
+from meshletd.atproto.pds import PdsUnavailable
 from meshletd.daemon.fake_peers import FakePeer
 from meshletd.daemon.peers import LogPage
 from meshletd.daemon.secrets import seal
-from meshletd.errors import Conflict, DaemonUnavailable, Forbidden, NotFound
+from meshletd.errors import (
+    Conflict,
+    DaemonUnavailable,
+    Forbidden,
+    MeshletError,
+    NotFound,
+    UpstreamFailure,
+    from_xrpc,
+)
 from tests.unit.daemon_parts import (
     BOB,
     BOB_MESH,
@@ -196,3 +205,19 @@ async def test_a_record_without_a_previous_spec_is_not_rolled_back() -> None:
     before = p.owner_repo.records[(WORKLOAD, rkey)]
     assert await p.commands.roll_back(uri, spec_version(RECORD), "it could not start")
     assert p.owner_repo.records[(WORKLOAD, rkey)] == before
+
+
+async def test_a_stop_during_the_owners_pds_outage_is_an_upstream_failure_not_internal() -> None:
+    # dev/chaos: `meshletctl stop` while the owner's PDS was down printed InternalError.
+    p = parts()
+    await p.commands.create_workload(dict(RECORD))
+
+    async def down(*_: object) -> None:
+        raise PdsUnavailable("http://pds.example com.atproto.repo.deleteRecord: ConnectError")
+
+    p.owner_repo.delete_record = down  # type: ignore[method-assign]
+    with pytest.raises(MeshletError) as got:
+        await p.commands.delete_workload("web")
+    answered = from_xrpc(got.value.to_xrpc(), got.value.status)  # as meshletctl reads it
+    assert isinstance(answered, UpstreamFailure) and answered.status == 502
+    assert "deleteRecord: ConnectError" in str(answered)
