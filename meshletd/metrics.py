@@ -25,7 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from meshletd.jsonvalue import JsonObject
+from meshletd.jsonvalue import RecordChange
 
 # `*_created` series (a timestamp per counter) double the output and tell nobody anything.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -171,19 +171,6 @@ def _failover_done(uri: str, slot: int) -> None:
         FAILOVER_SECONDS.observe(max(0.0, clock() - start))
 
 
-class _Change(Protocol):
-    @property
-    def did(self) -> str: ...
-    @property
-    def collection(self) -> str: ...
-    @property
-    def rkey(self) -> str: ...
-    @property
-    def action(self) -> str: ...
-    @property
-    def record(self) -> JsonObject | None: ...
-
-
 class _Seen(Protocol):
     """The node's `Followed`: workload URI -> record URI -> the core's Bid/WorkloadStatus."""
 
@@ -197,7 +184,7 @@ def _int(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def count_record(ev: _Change, seen: _Seen) -> None:
+def count_record(ev: RecordChange, seen: _Seen) -> None:
     """Count a verified record change before `seen` (the node's `Followed`) takes it: bids
     and the rounds they open, replicas reported running (placements, failovers). A record
     seen again (resync, a hint and then the firehose) is not counted twice."""

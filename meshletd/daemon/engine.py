@@ -58,8 +58,9 @@ from meshletd.core.records import (
     WorkloadStatus,
     split_at_uri,
 )
-from meshletd.daemon.followed import RecordChange, core_record
+from meshletd.daemon.followed import core_record
 from meshletd.daemon.local import PlacementQueries
+from meshletd.jsonvalue import RecordChange
 from meshletd.runtime import (
     HealthCheck,
     PortBinding,

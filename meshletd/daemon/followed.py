@@ -12,33 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from meshletd.atproto.records import record_from_json
 from meshletd.core.nsid import NSID_BID, NSID_STATUS, NSID_USAGE, NSID_WORKLOAD
 from meshletd.core.records import Bid, Record, Usage, Workload, WorkloadStatus
-from meshletd.jsonvalue import JsonObject
+from meshletd.jsonvalue import RecordChange
 
 log = logging.getLogger("meshletd.node")
-
-
-class RecordChange(Protocol):
-    """What `Followed` reads of a verified record event (`atproto.firehose.RecordEvent`)."""
-
-    @property
-    def did(self) -> str: ...
-    @property
-    def collection(self) -> str: ...
-    @property
-    def rkey(self) -> str: ...
-    @property
-    def action(self) -> str: ...
-    @property
-    def cid(self) -> str | None: ...
-    @property
-    def record(self) -> JsonObject | None: ...
-    @property
-    def uri(self) -> str: ...
 
 
 def core_record(ev: RecordChange, reader: str) -> Record | None:
