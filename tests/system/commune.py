@@ -22,13 +22,14 @@ checkout under /tmp or /root).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from tests.system.hostenv import (
     Network,
     NspawnHost,
     build,
+    nspawn_available,
     remove_stale_hosts,
 )
 from tests.system.meshletd_unit import install_meshletd_unit
@@ -459,6 +461,33 @@ class Commune:
         NspawnHost.shutdown(*[m.host for m in self if self.is_up(m.person)])
         for m in self:
             m.host._up = False
+
+
+@contextlib.contextmanager
+def booted(devnet: Any, **kw: Any) -> Iterator[Commune]:
+    """`Commune.up(devnet, **kw)` for the tests of one module, down at the end (a test
+    module's `commune` fixture)."""
+    if not nspawn_available():
+        import pytest
+
+        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
+    c = Commune.up(devnet, **kw)
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+def wait_formed(commune: Commune, timeout: float = 90) -> Commune:
+    """Until every meshlet lists every other one as a verified member."""
+    for m in commune:
+        others = sum(1 for o in commune if o is not m)
+
+        def verified(m: Meshlet = m, others: int = others) -> bool | None:
+            return sum(1 for r in m.ctl_json("members") if r["verified"]) == others or None
+
+        wait_for(verified, timeout, f"{m.person}'s meshletd to verify the other {others}")
+    return commune
 
 
 class commune_session:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.system import browser
-from tests.system.commune import Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import Commune, booted, wait_for, wait_formed
+from tests.system.hostenv import host_kind
 
 pytestmark = [
     pytest.mark.system,
@@ -33,25 +33,13 @@ LIVE_LIMIT_S = 2.0  # from the record reaching the meshlet to the page showing i
 def commune(devnet: Any) -> Iterator[Commune]:
     if not browser.available():
         pytest.fail("needs Debian's chromium and chromium-driver (dev/test installs them)", False)
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet)
-    try:
+    with booted(devnet) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")
 def formed(commune: Commune) -> Commune:
-    for m in commune:
-
-        def verified(m: Meshlet = m) -> bool:
-            rows = m.ctl_json("members")
-            return sum(1 for r in rows if r["verified"]) == 2
-
-        wait_for(verified, 90, f"{m.person}'s meshletd to verify the other two")
-    return commune
+    return wait_formed(commune, 90)
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from meshletd.daemon.http_peers import PING_ANSWER_S, PING_CONNECT_S
-from tests.system.commune import CTL, PEOPLE, Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import CTL, PEOPLE, Commune, Meshlet, booted, wait_for
+from tests.system.hostenv import host_kind
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
@@ -54,13 +54,8 @@ SCHEDULING = {"usage_period_ms": 5000, "half_life_ms": 60_000}
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet, scheduling=SCHEDULING)
-    try:
+    with booted(devnet, scheduling=SCHEDULING) as c:
         yield c
-    finally:
-        c.down()
 
 
 # -- helpers ------------------------------------------------------------------------------

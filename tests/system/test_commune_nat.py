@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import PEOPLE, Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import PEOPLE, Commune, Meshlet, booted, wait_for
+from tests.system.hostenv import host_kind
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
@@ -46,19 +46,10 @@ LEASE = "commune.scheduler.lease"
 SERVICE = ["sh", "-c", "while true; do sleep 1; done"]
 
 
-def _commune(devnet: Any, nat: tuple[str, ...]) -> Commune:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    return Commune.up(devnet, scheduling=SCHEDULING, nat=nat)
-
-
 @pytest.fixture(scope="module")
 def carol_behind_nat(devnet: Any) -> Iterator[Commune]:
-    c = _commune(devnet, ("carol",))
-    try:
+    with booted(devnet, scheduling=SCHEDULING, nat=("carol",)) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +60,8 @@ def shared() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def all_behind_nat(devnet: Any) -> Iterator[Commune]:
-    c = _commune(devnet, PEOPLE)
-    try:
+    with booted(devnet, scheduling=SCHEDULING, nat=PEOPLE) as c:
         yield c
-    finally:
-        c.down()
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import Commune, Meshlet, booted, wait_for, wait_formed
+from tests.system.hostenv import host_kind
 from tests.system.registry import PRIVATE_PASSWORD, LocalRegistry
 from tests.system.test_commune_e2e import (
     BID_WINDOW_S,
@@ -48,10 +48,7 @@ def registry(hostenv_network: str) -> Iterator[LocalRegistry]:
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any, registry: LocalRegistry) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet, start=False)
-    try:
+    with booted(devnet, start=False) as c:
         for m in c:
             registry.configure_host(m.host)  # as a podman user would, before meshletd starts
             # The registry is on the hosts' LAN (their bridge gateway): a host whose
@@ -64,18 +61,11 @@ def commune(devnet: Any, registry: LocalRegistry) -> Iterator[Commune]:
             )
             m.start_daemon()
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")
 def formed(commune: Commune) -> None:
-    for m in commune:
-        wait_for(
-            lambda m=m: len([r for r in m.ctl_json("members") if r["verified"]]) == 2 or None,
-            60,
-            f"{m.person}'s meshletd to verify the others",
-        )
+    wait_formed(commune, 60)
 
 
 def local_digest(m: Meshlet, image: str) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from tests.hostile_records import WORKLOAD, ancient, hostile, put_record
-from tests.system.commune import CLUSTER, UNIT, Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import CLUSTER, UNIT, Commune, Meshlet, booted, wait_for, wait_formed
+from tests.system.hostenv import host_kind
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
@@ -37,21 +37,13 @@ WATCH_S = 25
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet)
-    try:
+    with booted(devnet) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")
 def formed(commune: Commune) -> Commune:
-    """Every meshlet sees the other two as members."""
-    for m in commune:
-        wait_for(lambda m=m: m.ctl_json("status")["members"] == 2, 90, f"{m.person} formed")
-    return commune
+    return wait_formed(commune, 90)
 
 
 def daemon_identity(m: Meshlet) -> dict[str, str]:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import UNIT, Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import UNIT, Commune, Meshlet, booted, wait_for
+from tests.system.hostenv import host_kind
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
@@ -35,14 +35,11 @@ SLACK_S = 20.0
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet)
-    try:
-        yield c
-    finally:
-        devnet.start_pds(BOBS_PDS)  # whatever happened, the next module finds it running
-        c.down()
+    with booted(devnet) as c:
+        try:
+            yield c
+        finally:
+            devnet.start_pds(BOBS_PDS)  # whatever happened, the next module finds it running
 
 
 def records(m: Meshlet, collection: str, uri: str) -> list[dict[str, Any]]:

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import PEOPLE, UNIT, Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import PEOPLE, UNIT, Commune, Meshlet, booted, wait_for
+from tests.system.hostenv import host_kind
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
@@ -40,13 +40,8 @@ KEEPER = ["sh", "-c", 'i=0; while true; do echo "keep $i"; i=$((i+1)); sleep 1; 
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet, crash_hook=True)
-    try:
+    with booted(devnet, crash_hook=True) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import Commune, Meshlet, booted, wait_for, wait_formed
+from tests.system.hostenv import host_kind
 
 pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
@@ -66,10 +66,7 @@ def put_record(m: Meshlet, collection: str, rkey: str, value: dict[str, Any]) ->
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet)
-    try:
+    with booted(devnet) as c:
         for m in c:
             # Each host lends ports 20000-20009 on its own address (its host policy).
             put_record(
@@ -87,14 +84,8 @@ def commune(devnet: Any) -> Iterator[Commune]:
                     "createdAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
                 },
             )
-        wait_for(
-            lambda: all(len(m.ctl_json("members")) >= 2 for m in c) or None,
-            90,
-            "every meshlet verifies the others",
-        )
+        wait_formed(c, 90)
         yield c
-    finally:
-        c.down()
 
 
 def endpoints(m: Meshlet, name: str) -> list[dict[str, Any]]:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.system.commune import Commune, Meshlet, wait_for
-from tests.system.hostenv import host_kind, nspawn_available
+from tests.system.commune import Commune, Meshlet, booted, wait_for, wait_formed
+from tests.system.hostenv import host_kind
 from tests.system.test_commune_e2e import agreed_placement, find, publish
 
 pytestmark = pytest.mark.skipif(
@@ -31,23 +31,13 @@ PLACED_S = 45  # bid window + settle + image check + unit start, on 2 busy cores
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any) -> Iterator[Commune]:
-    if not nspawn_available():
-        pytest.fail("the commune needs root and systemd-nspawn (dev/test installs it)", False)
-    c = Commune.up(devnet)
-    try:
+    with booted(devnet) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="module")
 def formed(commune: Commune) -> None:
-    for m in commune:
-        wait_for(
-            lambda m=m: m.ctl_json("status")["members"] == 2,
-            60,
-            f"{m.person}'s meshletd to verify the other two",
-        )
+    wait_formed(commune, 60)
 
 
 def containers(commune: Commune, uri: str) -> dict[str, list[tuple[str, str]]]:
