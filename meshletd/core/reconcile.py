@@ -10,7 +10,16 @@ from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MAX_STATUS_MESSAGE, MIN_EXIT_CO
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
 from .policy import MAX_RUNTIME, REASON_TEXT, runtime_limit_s
-from .records import NSID_STATUS, NSID_USAGE, HostPolicy, Workload, WorkloadStatus, at_uri
+from .records import (
+    NSID_BID,
+    NSID_STATUS,
+    NSID_USAGE,
+    HostPolicy,
+    Workload,
+    WorkloadStatus,
+    at_uri,
+    split_at_uri,
+)
 from .services import MAX_TRIES, NO_INBOUND, STABLE_MS, choose_endpoints, inbound_of
 from .state import Replica, ReplicaKey, status_rkey
 
@@ -291,6 +300,28 @@ class Reconciler(Bidding):
         cur = owners[slot] if owners is not None and slot < len(owners) else None
         if cur is not None and cur[1] == self.me.did:
             self._reopen(e, slot, cur, force=True)
+
+    def _drop_own_orphans(self) -> None:
+        """Once the view is complete (section 13): delete our bids and statuses of workloads
+        it does not hold (deleted while we were away), and our statuses of slots we neither
+        own nor run (moved while we were away: a replica that died with its machine could
+        not delete its status, as a stop does). A job's result stays."""
+        me, o = self.me.did, self.orphans
+        for b in [b for bids in list(o.bids.values()) for b in bids if b.meshlet == me]:
+            self._delete(NSID_BID, split_at_uri(b.uri)[2])
+            o.remove_bid(b.uri)
+        for st in [s for sts in list(o.statuses.values()) for s in sts if s.meshlet == me]:
+            self._delete(NSID_STATUS, split_at_uri(st.uri)[2])
+            o.remove_status(st.uri)
+        for e in self.workloads.values():
+            owners = e.owners
+            for (meshlet, slot), st in list((e.statuses or {}).items()):
+                if meshlet != me or st.state in ("succeeded", "failed"):
+                    continue
+                cur = owners[slot] if owners is not None and slot < len(owners) else None
+                if cur is None or cur[1] == me or (e.wl.uri, slot) in self._replicas:
+                    continue  # ours (restarted and rewritten here), or not placed yet
+                self._delete(NSID_STATUS, split_at_uri(st.uri)[2])
 
     def _forget_paused(self, key: ReplicaKey, rep: Replica) -> None:
         """A paused replica whose slot is no longer ours (or whose workload is gone): there

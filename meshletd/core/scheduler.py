@@ -113,20 +113,10 @@ class Scheduler(Explanations, Updates):
                 self._apply(event)
         if not self._view_read:  # the start-up batch: the view is complete (section 13)
             self._view_read = True
+            self._resolve_dirty()  # (who owns each slot now decides which statuses go)
             self._drop_own_orphans()
         self._flush()
         return out
-
-    def _drop_own_orphans(self) -> None:
-        """Delete our bids and statuses of workloads the complete view does not hold: they
-        were deleted while we were away (section 13)."""
-        me, o = self.me.did, self.orphans
-        for b in [b for bids in list(o.bids.values()) for b in bids if b.meshlet == me]:
-            self._delete(NSID_BID, split_at_uri(b.uri)[2])
-            o.remove_bid(b.uri)
-        for st in [s for sts in list(o.statuses.values()) for s in sts if s.meshlet == me]:
-            self._delete(NSID_STATUS, split_at_uri(st.uri)[2])
-            o.remove_status(st.uri)
 
     def placement(self) -> dict[str, tuple[Owner | None, ...]]:
         """Slot owners of every workload whose round 0 has closed here."""

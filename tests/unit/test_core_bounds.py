@@ -206,3 +206,27 @@ def test_a_restarted_meshlet_deletes_its_records_of_workloads_deleted_while_it_w
     assert deleted == {bid(gone, 1).uri, status(gone, 1).uri}
     assert len(core.orphans) == 2  # the others' records are still kept as orphans
     assert of(core.handle_batch([RecordSeen(bid(gone, 1))]), DeleteRecord) == []  # once only
+
+
+def test_a_restarted_meshlet_deletes_its_status_of_a_slot_that_moved_while_it_was_away() -> None:
+    """Chaos: mesh(1)'s machine was off while its slot moved to mesh(2) (round 1); its
+    `running` status of round 0 stayed on its PDS. Once its view is complete it deletes that
+    status, keeps a job's result and the status of a slot it still owns (docs/protocol.md,
+    section 13)."""
+    moved, kept = workload(owner_i=2, name="moved"), workload(owner_i=2, name="kept")
+    done = workload(owner_i=2, name="done", kind="job")
+    core = Scheduler(MeshletIdentity(mesh(1), owner(1), 4000, 4096))
+    close0 = T0 + 2000 + 2000
+
+    def status(wl: Workload, i: int, round_: int, state: str = "running") -> WorkloadStatus:
+        uri = at_uri(mesh(i), NSID_STATUS, f"s-{wl.uri.rsplit('/', 1)[1]}")
+        return WorkloadStatus(uri, mesh(i), wl.uri, 0, round_, state, T0)
+
+    view: list[object] = [*cluster_records(3)]
+    for wl in (moved, kept, done):
+        view += [wl, bid(wl, 1), status(wl, 1, 0, "succeeded" if wl is done else "running")]
+    for wl in (moved, done):  # taken over by mesh(2) in round 1 while mesh(1) was away
+        view += [bid(wl, 2, round_=1, slot=0, at=close0 + 3000), status(wl, 2, 1)]
+    out = core.handle_batch([Tick(close0 + 10_000), *[RecordSeen(r) for r in view]])
+    assert core.placement()[moved.uri][0] == (1, mesh(2))
+    assert {a.uri for a in of(out, DeleteRecord)} == {status(moved, 1, 0).uri}
