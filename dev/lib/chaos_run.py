@@ -399,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         "lease_valid_ms": int(a.lease_valid * 1000),
     }
     names = [f"chaos-{p[:2]}-{os.getpid()}"[:31] for p in people]
-    with commune_session(people=people, nat=nat, names=names, scheduling=scheduling) as (
+    # Jobs report to the witness on the hosts' gateway, a LAN address: the hosts lend with
+    # the `lan` grant (docs/protocol.md section 21; under the default, internet only, the
+    # network rules drop those reports and no job completes: 0 in the full run of bbcca30).
+    with commune_session(
+        people=people, nat=nat, names=names, scheduling=scheduling, policy={"network": "lan"}
+    ) as (
         devnet,
         commune,
     ):

@@ -117,6 +117,8 @@ class Meshlet:
     members: list[str]
     contribution: dict[str, int]
     scheduling: dict[str, int] = field(default_factory=dict)
+    # meshlet.toml [policy] (e.g. {"network": "lan"} where a test's services are on the LAN)
+    policy: dict[str, str] = field(default_factory=dict)
     # Behind NAT: no one can reach it, so it publishes no endpoint.
     nat: bool = False
     web_port: int = 0  # the page (`[web] listen`), on the host's own address
@@ -168,6 +170,8 @@ class Meshlet:
         ]
         if self.scheduling:
             lines += ["[scheduling]", *(f"{k} = {v}" for k, v in self.scheduling.items())]
+        if self.policy:
+            lines += ["[policy]", *(f"{k} = {json.dumps(v)}" for k, v in self.policy.items())]
         return "\n".join(lines) + "\n"
 
     # -- running things inside ----------------------------------------------------------
@@ -275,6 +279,7 @@ class Commune:
         crash_hook: bool = False,
         nat: Iterable[str] = (),
         people: Sequence[str] = PEOPLE,
+        policy: dict[str, str] | None = None,
     ) -> Commune:
         """Accounts for alice, bob and carol (+ meshlets), three booted hosts, meshletd
         installed and (with `start`) started on each. Host names default to
@@ -284,7 +289,8 @@ class Commune:
         the unit keeps its packaged restart delay (restart tests). The people in `nat` have
         their host behind NAT from boot (before meshletd starts), and their meshlet
         publishes no endpoint. `people` names the meshlets' people (default alice, bob and
-        carol; more from MORE_PEOPLE, each with one meshlet, all in one cluster)."""
+        carol; more from MORE_PEOPLE, each with one meshlet, all in one cluster). `policy`
+        is every meshlet's meshlet.toml [policy]."""
         nat = set(nat)
         people = tuple(people)
         tag = tag or f"{os.getpid()}x{next(_serial)}"
@@ -313,6 +319,7 @@ class Commune:
                 others,
                 dict(contribution),
                 dict(scheduling or {}),
+                policy=dict(policy or {}),
                 web_port=free_port(),
                 nat=person in nat,
             )

@@ -48,17 +48,11 @@ def registry(hostenv_network: str) -> Iterator[LocalRegistry]:
 
 @pytest.fixture(scope="module")
 def commune(devnet: Any, registry: LocalRegistry) -> Iterator[Commune]:
-    with booted(devnet, start=False) as c:
+    # The registry is on the hosts' LAN (their bridge gateway): a host whose registry is on
+    # its LAN lends with the `lan` grant (docs/protocol.md section 21).
+    with booted(devnet, start=False, policy={"network": "lan"}) as c:
         for m in c:
             registry.configure_host(m.host)  # as a podman user would, before meshletd starts
-            # The registry is on the hosts' LAN (their bridge gateway): a host whose
-            # registry is on its LAN lends with the `lan` grant (docs/protocol.md section 21).
-            m.host.run(
-                "sh",
-                "-c",
-                "printf '\\n[policy]\\nnetwork = \"lan\"\\n' >> /etc/meshlet/meshlet.toml",
-                check=True,
-            )
             m.start_daemon()
         yield c
 
