@@ -201,8 +201,20 @@ def _notes(items: list[dict[str, Any]], name: Callable[[str | None], str]) -> li
         for slot, r in rows.items():
             label = safe(w["name"]) if w.get("replicas", 1) == 1 else f"{safe(w['name'])}[{slot}]"
             # the scheduler's reason, or the host's own message: why it is handed off
-            # (failing) or why it did not start yet (e.g. its image did not pull)
+            # (failing) or why it did not start yet (e.g. its image did not pull); when the
+            # row that serves the slot says nothing, what an earlier holder of it said
             said = r.get("message") if r.get("state") in MESSAGE_STATES else ""
+            if not said and r.get("state") in MESSAGE_STATES:
+                said = next(
+                    (
+                        o["message"]
+                        for o in w.get("running", [])
+                        if int(o["slot"]) == slot
+                        and o.get("state") in MESSAGE_STATES
+                        and o.get("message")
+                    ),
+                    "",
+                )
             why = r.get("reason") or said
             if why:
                 out.append(f"{label} {replica_state(r)}: {_named(why, name)}")

@@ -164,3 +164,20 @@ def test_endpoints_are_one_row_per_port(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "10.251.4.3:20000" in out and "[fd00::3]:20001" in out
     assert "bob-mesh.test" in out and "healthy" in out
+
+
+def test_a_slot_whose_new_holder_failed_silently_says_what_the_earlier_one_said(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A full run: the image could not be pulled on bob's meshlet (handed off after 3 tries);
+    # carol's copy failed too and her row, the one that serves the slot, has no message.
+    missing = view(
+        "missing",
+        1,
+        {"slot": 0, "round": 0, "meshletDid": BOBMESH, "state": "failing",
+         "message": "ImageNotFound: 10.0.0.1:5000/alice/nope:v1 not found; handed off"},
+        {"slot": 0, "round": 1, "meshletDid": CAROLMESH, "state": "failed", "exitCode": -1},
+    )  # fmt: skip
+    render.workloads([missing], placements=False, names=NAMES)
+    out = capsys.readouterr().out
+    assert "missing failed (exit -1): ImageNotFound: 10.0.0.1:5000/alice/nope:v1" in out
