@@ -13,6 +13,7 @@ meshletds of different releases (knowing different fields) still derive the same
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from hashlib import blake2b
@@ -45,9 +46,29 @@ def spec_of(value: Mapping[str, Any]) -> dict[str, Any]:
 
 def spec_version(value: Mapping[str, Any]) -> str:
     """The version of a workload record's value: the first 8 bytes of BLAKE2b over its
-    spec part as canonical JSON (keys sorted, no spaces), in hex."""
-    text = json.dumps(spec_of(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    spec part as canonical JSON (keys sorted, no spaces), in hex. Bytes (a field the
+    lexicon does not know may hold them) are written as atproto JSON writes them,
+    `{"$bytes": base64 without padding}`, whether the record came as DAG-CBOR (firehose:
+    Python bytes) or as JSON (listRecords: that object already)."""
+    text = json.dumps(
+        _canonical(spec_of(value)), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return blake2b(text.encode(), digest_size=VERSION_HEX // 2).hexdigest()
+
+
+def _canonical(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return {"$bytes": base64.b64encode(v).decode().rstrip("=")}
+    if isinstance(v, dict):
+        b = v.get("$bytes") if len(v) == 1 else None
+        if isinstance(b, str):
+            return {"$bytes": b.rstrip("=")}
+        return {str(k): _canonical(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_canonical(x) for x in v]
+    if v is None or isinstance(v, str | int | bool):
+        return v
+    return {"$unknown": repr(v)}  # (not in the DAG-CBOR data model: refused at intake)
 
 
 def serving(state: str, health: str = "", checked: bool = False) -> bool:
