@@ -266,6 +266,13 @@ class PdsClient:
         await self.session.login()
         return self.did
 
+    @classmethod
+    async def logged_in(cls, pds_url: str, identifier: str, app_password: str) -> PdsClient:
+        """A client of `identifier`'s repo, logged in (raises as `login` does)."""
+        client = cls(pds_url, identifier, app_password)
+        await client.login()
+        return client
+
     async def aclose(self) -> None:
         await self.http.aclose()
 

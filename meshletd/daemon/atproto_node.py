@@ -249,7 +249,7 @@ class AtprotoNode:
             if creds.owner_app_password is not None and owner is None:
                 url = cfg.owner_pds or await self._pds_of(cfg.owner)
                 password = creds.owner_app_password.get_secret_value()
-                self._attach(await self._logged_in(url, cfg.owner, password), owner=True)
+                self._attach(await PdsClient.logged_in(url, cfg.owner, password), owner=True)
             await self._restore_state()
             await self.publisher.publish()
         except Exception as e:  # PDS down or wrong password: keep serving, say why
@@ -266,12 +266,6 @@ class AtprotoNode:
         self.pds_problem = None
         self.published = True
         return True
-
-    @staticmethod
-    async def _logged_in(pds_url: str, did: str, password: str) -> PdsClient:
-        client = PdsClient(pds_url, did, password)
-        await client.login()
-        return client
 
     def _attach(self, client: PdsClient, *, owner: bool) -> None:
         """A logged-in client of this meshlet's repo or of its owner's: the publisher and
