@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from meshletd.atproto.frames import Refusal
+from meshletd.atproto.services import status_services_json
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.core.records import WorkloadStatus
 from meshletd.daemon.followed import owner_of
@@ -36,13 +37,7 @@ def status_row(s: WorkloadStatus) -> dict[str, Any]:
 
 def serving(row: dict[str, Any], s: WorkloadStatus) -> None:
     """What a host's status says of how its replica serves: health, endpoints, message."""
-    if s.health is not None:
-        row["health"] = s.health
-    if s.endpoints:
-        row["endpoints"] = [
-            {"name": e.name, "address": e.address, "port": e.port, "protocol": e.protocol}
-            for e in s.endpoints
-        ]
+    row.update(status_services_json(s))
     if s.message:
         row["message"] = s.message
     if s.version:  # the version it runs; an update that failed on it (section 25)
