@@ -104,6 +104,7 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
         self._rules_in_force = False
+        self._prune_lock = trio.Lock()
 
     # ---- public face -------------------------------------------------------------------
 
@@ -151,7 +152,7 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         while True:
             await trio.sleep(self.config.poll_interval_s)
             await self.poll()
-            if self._clock() >= storage_due:
+            if self._clock() >= storage_due and self._prune_may_run():
                 storage_due = self._clock() + self.config.storage_check_s
                 await self.keep_image_store_in_bounds()
             if self.config.network_rules and self._clock() >= rules_due:
@@ -236,22 +237,23 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         )
         t0 = self._clock()
         started = False
-        try:
-            # First: a pull with the owner's credentials keeps its auth file in here.
-            await self.machine.prepare_state_dir(unit)
-            if failed := await self._ensure_image(rep, spec):
-                return failed
-            t1 = self._clock()
-            if failed := await self._create_secrets(rep, spec):
-                return failed
-            if failed := await self._start_unit(rep, spec):
-                return failed
-            started = True
-        finally:
-            if not started:
-                with trio.CancelScope(shield=True):
-                    await self._cleanup(rep, unit_started=False)
-        result = await self._await_running(rep, pull_ms=_ms(t1 - t0), t_start=t1)
+        async with self._image_in_use():  # no prune until its container uses the image
+            try:
+                # First: a pull with the owner's credentials keeps its auth file in here.
+                await self.machine.prepare_state_dir(unit)
+                if failed := await self._ensure_image(rep, spec):
+                    return failed
+                t1 = self._clock()
+                if failed := await self._create_secrets(rep, spec):
+                    return failed
+                if failed := await self._start_unit(rep, spec):
+                    return failed
+                started = True
+            finally:
+                if not started:
+                    with trio.CancelScope(shield=True):
+                        await self._cleanup(rep, unit_started=False)
+            result = await self._await_running(rep, pull_ms=_ms(t1 - t0), t_start=t1)
         if not isinstance(result, ReplicaRunning):
             self._image_seen.pop(spec.image, None)
         return result

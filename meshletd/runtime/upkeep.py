@@ -7,7 +7,11 @@ A mixin of `ReplicaRuntime` (runtime.py), which calls these from `serve()` and `
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
+
+import trio
 
 from meshletd.runtime.machine import Machine, MachineError
 from meshletd.runtime.network import NetworkGrant
@@ -23,6 +27,24 @@ class HostUpkeep:
     config: RuntimeConfig
     _rules_in_force: bool
     _image_seen: dict[str, float]
+    # Starts between their image step and their container (which then uses the image):
+    # the store is not pruned meanwhile, and a start waits for a prune under way. Else a
+    # prune could remove the image a start has just found or pulled (`--pull=never`).
+    _images_in_use: int = 0
+    _prune_lock: trio.Lock
+
+    @asynccontextmanager
+    async def _image_in_use(self) -> AsyncIterator[None]:
+        """Around a start's image step and unit start: no prune until it is over."""
+        async with self._prune_lock:  # a prune under way ends first
+            self._images_in_use += 1
+        try:
+            yield
+        finally:
+            self._images_in_use -= 1
+
+    def _prune_may_run(self) -> bool:
+        return self._images_in_use == 0 and not self._prune_lock.locked()
 
     async def apply_network_rules(self, *, quiet: bool = False) -> bool:
         """Write and load the network rules for `config.network_grant` (when
@@ -49,10 +71,17 @@ class HostUpkeep:
 
     async def keep_image_store_in_bounds(self) -> bool:
         """Past `config.image_store_max_mib`, remove every image no container uses.
-        True when it pruned."""
+        True when it pruned; False also while a start uses the store (the caller tries
+        again at its next look)."""
         cap = self.config.image_store_max_mib
-        if cap is None:
+        if cap is None or not self._prune_may_run():
             return False
+        async with self._prune_lock:
+            if self._images_in_use:  # a start came in while the lock was taken
+                return False
+            return await self._prune_past(cap)
+
+    async def _prune_past(self, cap: int) -> bool:
         try:
             used = await self.machine.image_store_bytes()
             if used <= cap * 1024 * 1024:

