@@ -330,8 +330,9 @@ class Bidding(Hosting):
 
         Nothing is opened while a round above the owner's is still open (we bid in it as a
         candidate instead), nor when we opened a round against this same owner less than the
-        backoff ago: the backoff is per owner, so a slot whose new owner is lost gets its
-        round at once. Without `force` (the periodic re-scan) a round someone else opened
+        reopen wait ago (`Timing.reopen_wait_ms`: the round's length, doubling up to the
+        backoff): the wait is per owner, so a slot whose new owner is lost gets its round
+        at once. Without `force` (the periodic re-scan) a round someone else opened
         against this owner is left to them; `force` (a fresh suspicion, a drain) opens
         anyway (docs/protocol.md, section 8)."""
         if e.finished and s in e.finished:
@@ -340,13 +341,19 @@ class Bidding(Hosting):
         now = self.now
         last = self._reopened.get((e.wl.uri, s))
         mine = last is not None and last[1] == cur
-        if last is not None and mine and now - last[0] < t.reopen_backoff_ms:
+        if last is not None and mine and now - last[0] < t.reopen_wait_ms(last[2]):
+            self._next_scan = min(self._next_scan, last[0] + t.reopen_wait_ms(last[2]))
             return
         higher = [b for b in e.bids if b.slot == s and b.round > cur[0]]
         if higher:
             top = max(b.round for b in higher)
             start = min(b.created_at for b in higher if b.round == top)
-            if now < start + t.replacement_window_ms + t.settle_ms:
+            close = start + t.replacement_window_ms + t.settle_ms
+            if now <= close:
+                # Open, or closing in this very tick (its winner is resolved after the scan
+                # that called us): look again just after, when it is known.
+                if mine:
+                    self._next_scan = min(self._next_scan, close + 1)
                 return
             if not mine and not force:
                 return
@@ -385,7 +392,11 @@ class Bidding(Hosting):
         if below == AFTER:
             prio = DEFERRED_PRIORITY
         if cur is not None:
-            self._reopened[(wl.uri, slot)] = (self.now, cur)
+            last = self._reopened.get((wl.uri, slot))
+            opened = last[2] + 1 if last is not None and last[1] == cur else 1
+            self._reopened[(wl.uri, slot)] = (self.now, cur, opened)
+            # The scan that reopens it, should it find no winner (section 8, "Reopening").
+            self._next_scan = min(self._next_scan, self.now + t.reopen_wait_ms(opened))
         self._bid(
             wl,
             r,

@@ -79,8 +79,10 @@ class Explanations(Rounds):
             why = f"{what}; replacement round {rw.round} closed without a winner: "
             why += self._why_no_winner(wl, rw.bids, rw.start, rw.deadline)
             last = self._reopened.get((workload_uri, slot))
-            if last is not None and last[1] == cur and now < last[0] + t.reopen_backoff_ms:
-                why += f"; reopening after {self._when(last[0] + t.reopen_backoff_ms)}"
+            if last is not None and last[1] == cur:
+                at = last[0] + t.reopen_wait_ms(last[2])
+                if now < at:
+                    why += f"; reopening after {self._when(at)}"
             return why
         if nobody:
             return nobody

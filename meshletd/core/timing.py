@@ -28,7 +28,8 @@ class Timing:
     usage_period_ms: int = 3_600_000
     half_life_ms: int = 7 * 86_400_000
     reopen_backoff_ms: int = 30_000
-    """Wait before reopening a replacement round that found no winner."""
+    """The longest wait before reopening a replacement round that found no winner (the
+    first reopen comes at the round's close, then the wait doubles: `reopen_wait_ms`)."""
     lease_renew_ms: int = 90_000
     """A meshlet without endpoint (nobody can probe it) rewrites its lease this often."""
     lease_valid_ms: int = 150_000
@@ -47,6 +48,14 @@ class Timing:
     def chained_period_ms(self) -> int:
         """Spacing of the chained rounds that re-offer a never-filled slot."""
         return self.replacement_window_ms + self.settle_ms
+
+    def reopen_wait_ms(self, opened: int) -> int:
+        """After opening `opened` rounds in a row against the same owner of a slot, how long
+        from the last one before opening the next when it found no winner: one round's
+        length (its close), doubling, at most `reopen_backoff_ms` (docs/protocol.md,
+        section 8, "Reopening")."""
+        first = self.chained_period_ms
+        return min(self.reopen_backoff_ms, first << min(max(opened - 1, 0), 16))
 
 
 DEFAULT_TIMING = Timing()
