@@ -382,12 +382,6 @@ def test_meshletctl_shows_a_job_s_exit_code_on_every_meshlet(commune: Commune, f
 # -- power-off failover -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #14, open: in 1 of 3 full runs of session 5 (ac993cc) the replacement ran "
-    "after 36.8 s: a replacement round without a winner waited out the 30 s reopen backoff; "
-    "passed in the runs of bbcca30 and c79c9b9 (docs/benchmarks.md: failover p50 3.86 s)",
-)
 def test_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
     commune: Commune, ticker: dict[str, Any], failover: dict[str, Any]
 ) -> None:

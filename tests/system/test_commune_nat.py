@@ -217,12 +217,6 @@ def test_a_meshlet_behind_nat_that_dies_is_replaced_within_the_lease_bound(
 # -- every meshlet behind NAT -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #14, open: in 1 of 3 full runs of session 5 (ac993cc) 92.4 s against 26 s: a "
-    "watcher judged by leases also opened a round for a healthy slot, and the lost one waited "
-    "for a second round; passed in the runs of bbcca30 and c79c9b9",
-)
 def test_a_commune_where_every_meshlet_is_behind_nat_runs_a_service_and_fails_over(
     all_behind_nat: Commune,
 ) -> None:
