@@ -79,6 +79,9 @@ REPO_RESYNC_TIMEOUT_S = 60.0
 RESYNC_CONCURRENCY = 4
 # Records refused by validation, remembered (newest first out) so their owners can be shown
 # why: at most this many in all, and at most MAX_REFUSED_PER_REPO of one repo.
+# A PDS's stream silent this long (pings every 5 s: two lost pongs and a margin) counts as
+# behind: `Firehose.behind`.
+FEED_QUIET_S = 12.0
 MAX_REFUSED = 2000
 MAX_REFUSED_PER_REPO = 200
 
@@ -164,6 +167,20 @@ class Firehose:
             await self._ensure_subscription(ident.pds)
         if resync:
             await self._resync_logged(did, force=True)
+
+    def behind(self, quiet_s: float = FEED_QUIET_S) -> frozenset[str]:
+        """The watched repos whose PDS's stream we have not heard for `quiet_s` (no frame,
+        no pong), or that is down: what we see of them may be stale (docs/protocol.md,
+        section 8: their leases prove nothing meanwhile)."""
+        now = trio.current_time()
+        stale = {
+            pds
+            for pds, sub in self.subscriptions.items()
+            if sub.heard_at is None or now - sub.heard_at > quiet_s
+        }
+        if not stale:
+            return frozenset()
+        return frozenset(did for did, pds in self.pds_of.items() if pds in stale)
 
     def unwatch(self, did: str) -> None:
         self.interest.dids.discard(did)

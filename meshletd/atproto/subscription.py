@@ -111,8 +111,11 @@ class PdsSubscription:
         self.cursor: int | None = cursors.load(self.pds_url)
         self.connected = trio.Event()
         self.started = trio.Event()  # set after the first connection attempt
-        self.ping_every_s = 30.0
+        # Pings also tell how current this PDS's stream is (`heard_at`, `Firehose.behind`):
+        # a cut path shows as silence within a few pings, long before the timeout.
+        self.ping_every_s = 5.0
         self.ping_timeout_s = 15.0
+        self.heard_at: float | None = None  # trio time of the last frame or pong; None: down
         self.connections = 0
         self._unsaved = False
         self._ws: Any = None
@@ -133,6 +136,7 @@ class PdsSubscription:
                     try:
                         async with self.connect(self.url()) as ws:
                             self._ws = ws
+                            self.heard_at = trio.current_time()
                             self.connections += 1
                             self.connected.set()
                             log.info(
@@ -165,6 +169,7 @@ class PdsSubscription:
                         )
                     finally:
                         self._ws = None
+                        self.heard_at = None
                         self._save(force=True)
                 if self._scope.cancelled_caught:
                     reason = "connection dropped"
@@ -188,6 +193,7 @@ class PdsSubscription:
             await trio.sleep(self.ping_every_s)
             with trio.move_on_after(self.ping_timeout_s) as timeout:
                 await ws.ping()
+                self.heard_at = trio.current_time()
             if timeout.cancelled_caught:
                 log.warning("firehose %s: no pong in %.0fs", self.pds_url, self.ping_timeout_s)
                 await self.kick()
@@ -202,6 +208,7 @@ class PdsSubscription:
         last_save = trio.current_time()
         while True:
             raw = await ws.get_message()
+            self.heard_at = trio.current_time()
             if not isinstance(raw, bytes | bytearray):
                 continue
             try:

@@ -17,6 +17,7 @@ from .actions import (
 from .events import (
     BidAbandoned,
     Event,
+    FeedsBehind,
     ProbeResult,
     RecordDeleted,
     RecordSeen,
@@ -53,6 +54,7 @@ __all__ = [
     "DeleteRecord",
     "EnvVar",
     "Event",
+    "FeedsBehind",
     "Lease",
     "Membership",
     "MeshletIdentity",

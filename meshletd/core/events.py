@@ -77,6 +77,16 @@ class BidAbandoned:
     uri: str
 
 
+@dataclass(frozen=True, slots=True)
+class FeedsBehind:
+    """The repos whose PDS this meshlet has not heard from lately (the daemon's view of its
+    own link to each PDS: its firehose silent past a bound, or down). The new set replaces
+    the old one. A lease in one of these repos that looks expired proves nothing: the
+    renewal may be there, unseen (docs/protocol.md, section 8)."""
+
+    repos: frozenset[str]
+
+
 Event = (
     RecordSeen
     | RecordDeleted
@@ -85,11 +95,13 @@ Event = (
     | ReplicaStateChanged
     | SetDraining
     | BidAbandoned
+    | FeedsBehind
 )
 
 __all__ = [
     "BidAbandoned",
     "Event",
+    "FeedsBehind",
     "ProbeResult",
     "RecordDeleted",
     "RecordSeen",

@@ -36,6 +36,8 @@ class Liveness:
         self._fail_since: dict[str, int] = {}  # peer -> first failure of its current streak
         self._leases: dict[str, tuple[int, int]] = {}  # peer -> (renewedAt, fresh until)
         self._lease_news = 0  # when a lease renewal last reached us (anyone's, ours too)
+        # Repos whose PDS we have not heard from lately (FeedsBehind, from the daemon).
+        self.feeds_behind: frozenset[str] = frozenset()
 
     def watch_list(self) -> list[str]:
         """The peers we probe: our successors on the watch ring until `watchers` of them are
@@ -76,8 +78,9 @@ class Liveness:
 
         An expired lease counts as a failure only when we know our own view is current: a
         peer we probe answered recently, or a lease renewal (anyone's, our own included)
-        reached us after that lease expired. Otherwise its silence may be ours (we are cut
-        off from the PDSes), and it counts as nothing."""
+        reached us after that lease expired, and the daemon has heard from the peer's PDS
+        lately (not in `feeds_behind`). Otherwise its silence may be ours (we are cut off
+        from the PDSes, or from that one), and it counts as nothing."""
         self.watch_list()
         if not self._leases:
             return self._probes, []
@@ -93,6 +96,8 @@ class Liveness:
             if now <= until:
                 answers.append((m, True))
                 continue
+            if m in self.feeds_behind:
+                continue  # the renewal may be on its PDS, unseen: no answer either way
             if connected is None:
                 connected = any(self._answered(p, now) for p in self._probed_peers())
             if connected or self._lease_news > until:

@@ -31,6 +31,7 @@ from .bounds import (
 from .events import (
     BidAbandoned,
     Event,
+    FeedsBehind,
     ProbeResult,
     RecordDeleted,
     RecordSeen,
@@ -147,6 +148,8 @@ class Scheduler(Explanations, Updates):
             self._on_drain(event)
         elif type(event) is BidAbandoned:
             self._on_bid_abandoned(event.uri)
+        elif type(event) is FeedsBehind:
+            self.liveness.feeds_behind = event.repos
 
     def _on_probe(self, p: ProbeResult) -> None:
         if self.liveness.on_probe(p.meshlet, p.ok, self.now) and not self.liveness.isolated(

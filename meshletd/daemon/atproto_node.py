@@ -360,6 +360,7 @@ class AtprotoNode:
             own_record=self.publisher.owner_record,
             probe=self.peers.ping,
             probe_timeout_s=PROBE_TIMEOUT_S + 1.0,
+            feeds_behind=self.formation.firehose.behind if self.formation else None,
         )
         self.local.engine = engine
         adopted = await nursery.start(engine.run)

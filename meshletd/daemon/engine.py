@@ -43,6 +43,7 @@ from meshletd.core.actions import (
 )
 from meshletd.core.events import (
     Event,
+    FeedsBehind,
     ProbeResult,
     RecordDeleted,
     RecordSeen,
@@ -184,6 +185,7 @@ class Engine:
         owner_handle: Callable[[str], str] = lambda did: did.rsplit(":", 1)[-1][:16],
         clock: Callable[[], float] = time.time,
         probe_timeout_s: float = 2.0,
+        feeds_behind: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self.probe_timeout_s = probe_timeout_s  # the probe's own bounds, plus a margin
         self.scheduler = scheduler
@@ -194,6 +196,10 @@ class Engine:
         self._probe = probe
         self._owner_handle = owner_handle
         self._clock = clock
+        # The repos whose PDS we have not heard lately (the firehose's judgement), told to
+        # the core before each tick when they change (docs/protocol.md, section 8).
+        self._feeds_behind = feeds_behind
+        self._behind: frozenset[str] = frozenset()
         self._send, self._recv = trio.open_memory_channel[Event | _Batch](math.inf)
         self._wake_at: int | None = None
         self._alarm_changed = trio.Event()
@@ -378,6 +384,15 @@ class Engine:
                 await self._alarm_changed.wait()
                 continue
             self._wake_at = None
+            if self._feeds_behind is not None:
+                behind = self._feeds_behind()
+                if behind != self._behind:
+                    if behind:
+                        log.info("not heard lately from the PDS of: %s", ", ".join(sorted(behind)))
+                    else:
+                        log.info("every followed PDS heard again")
+                    self._behind = behind
+                    self.feed(FeedsBehind(behind))
             self.feed(Tick(self.now_ms()))
 
     # -- replicas ------------------------------------------------------------------------

@@ -197,6 +197,30 @@ def test_a_healthy_meshlet_behind_nat_is_never_suspected_and_keeps_its_slot(
     shared["uri"] = uri
 
 
+def test_a_watcher_cut_from_the_nat_host_s_pds_does_not_suspect_it(
+    carol_behind_nat: Commune, shared: dict[str, Any]
+) -> None:
+    """Chaos finding 4 (docs/benchmarks.md): a watcher that still probes its other peers
+    but is cut from the PDS holding carol's lease took the lease, no longer seen renewed,
+    for expired and moved her slot. It now knows it has not heard that PDS lately."""
+    c = carol_behind_nat
+    uri = shared.get("uri") or pytest.fail("no service from the previous test", False)
+    first = agreed(c, uri, 3)
+    assert first is not None
+    pds = c.devnet.pds_port(c.devnet.pds_index(c["carol"].mesh.pds_url))
+    watcher = "alice"
+    c[watcher].host.cut_port(pds)
+    try:
+        # Her lease, unseen, would have expired (V) and 3 probe intervals passed, twice.
+        time.sleep(2 * (LEASE_VALID_MS / 1000 + 3) + 5)
+    finally:
+        c.heal(watcher)
+    time.sleep(10)  # bids held back by the cut (if alice's PDS is hers) are out by now
+    assert replacement_bids(c, uri) == []
+    assert agreed(c, uri, 3) == first
+    assert "not heard lately from the PDS of" in c[watcher].journal(lines=400)
+
+
 def test_a_meshlet_behind_nat_that_dies_is_replaced_within_the_lease_bound(
     carol_behind_nat: Commune, shared: dict[str, Any]
 ) -> None:

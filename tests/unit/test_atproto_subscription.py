@@ -205,7 +205,59 @@ async def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(autojump
         await fh.watch(alice.did, resync=False)
         await trio.sleep(120)
         nursery.cancel_scope.cancel()
-    assert len(urls) >= 3  # reconnected after each 30 s + 15 s of silence
+    assert len(urls) >= 3  # reconnected after each ping (5 s) + 15 s of silence
+
+
+async def test_a_pds_gone_silent_is_reported_behind_and_heard_again_when_it_answers(
+    autojump_clock,
+):
+    # A watcher cut from one PDS must not judge the leases there (docs/protocol.md, section
+    # 8): the firehose says which repos' PDS it has not heard from lately.
+    alice = FakeRepo("did:plc:alice")
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    link = {"up": True}
+
+    @asynccontextmanager
+    async def connect(url):
+        if not link["up"]:
+            raise OSError("no route to host")
+
+        class QuietWS:
+            async def get_message(self):
+                await trio.sleep_forever()  # a quiet PDS: no frames
+
+            async def ping(self):
+                if not link["up"]:
+                    await trio.sleep_forever()
+
+        yield QuietWS()
+
+    async def sink(ev):
+        pass
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        backoff=Backoff(0.5, 1.0),
+        connect=connect,
+        anti_entropy_every_s=3600,
+        reader=EmptyRepos(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did, resync=False)
+        await trio.sleep(60)
+        assert fh.behind() == frozenset()  # quiet, but its pongs come back
+        link["up"] = False
+        await trio.sleep(5 + 12 + 1)  # one ping interval, then the quiet bound
+        assert fh.behind() == {alice.did}
+        await trio.sleep(30)  # dropped and reconnecting meanwhile: still behind
+        assert fh.behind() == {alice.did}
+        link["up"] = True
+        await trio.sleep(2)
+        assert fh.behind() == frozenset()
+        nursery.cancel_scope.cancel()
 
 
 class CountingRepos(EmptyRepos):

@@ -9,6 +9,7 @@ from dataclasses import replace
 from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     Bid,
+    FeedsBehind,
     Lease,
     MeshletIdentity,
     MeshletOwner,
@@ -132,6 +133,27 @@ def test_a_peer_whose_lease_expires_is_suspected_and_its_slot_reoffered() -> Non
     assert [(b.round, b.slot) for b in opened][:1] == [(1, 0)]
     if len(opened) > 1:
         assert [(b.round, b.slot, b.slots) for b in opened][1:] == [(2, 0, 0), (3, 0, 0)]
+
+
+def test_a_watcher_that_has_not_heard_from_the_lease_s_pds_does_not_suspect_its_writer() -> None:
+    # Chaos seed 3 (docs/benchmarks.md, finding 4): bob, cut from PDS 0 only, still probed
+    # alice and carol, so he took dave's lease (on PDS 0), no longer seen renewed, for
+    # expired, suspected dave and took a slot from him. The daemon tells the core which
+    # repos' PDS it has not heard from lately; their leases then prove nothing.
+    core, _ = watcher_of(0, n=4, nat={0})
+    feed(core, [lease_of(0, CLOSE)])
+    core.handle(FeedsBehind(frozenset({mesh(0)})))
+    for k in range(1, 30):
+        out = core.handle(Tick(CLOSE + k * 1000))
+        for p in of(out, ProbePeer):
+            core.handle(ProbeResult(p.meshlet, ok=True))  # the probed peers answer
+        assert mesh(0) not in core.suspects, k
+    core.handle(FeedsBehind(frozenset()))  # PDS 0 heard again, still no renewal: dead
+    for k in range(30, 34):
+        out = core.handle(Tick(CLOSE + k * 1000))
+        for p in of(out, ProbePeer):
+            core.handle(ProbeResult(p.meshlet, ok=True))
+    assert mesh(0) in core.suspects
 
 
 def test_a_lease_received_late_is_no_sign_of_life() -> None:

@@ -11,6 +11,8 @@ power-off test of a full CI run, against its 15 s target.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from meshletd.core import Bid, ProbePeer, ProbeResult, PutRecord, Tick
@@ -47,7 +49,7 @@ def test_a_round_without_a_winner_is_reopened_at_its_close_then_less_often() -> 
     opened = _opener_of_a_dead_hosts_slot(CLOSE0 + 150_000)
     assert [b.round for _, b in opened] == list(range(1, len(opened) + 1))
     assert all(b.slot == 0 and b.slots == 0 for _, b in opened)  # declines: it holds slot 1
-    gaps = [round((b - a) / 1000) for (a, _), (b, _) in zip(opened, opened[1:])]
+    gaps = [round((b - a) / 1000) for (a, _), (b, _) in pairwise(opened)]
     # The round's length (W + settle = 3 s), doubling, at most the 30 s backoff.
     assert gaps[:5] == [3, 6, 12, 24, 30], gaps
     assert set(gaps[4:]) == {30}, gaps
