@@ -175,9 +175,10 @@ class Bidding(Hosting):
                 continue
             if cur is not None and cur[1] == me:
                 continue
-            if not wl.allow_packing and self._holds_other(e, s):
-                return
+            holds = not wl.allow_packing and self._holds_other(e, s)
             slot_bids = [b for b in e.bids if b.slot == s and b.round > 0]
+            if holds and cur is None:
+                return
             if cur is None:
                 # Chained round for a slot no round has filled.
                 if now < close0:
@@ -213,13 +214,19 @@ class Bidding(Hosting):
             if now < start:
                 continue
             close = start + t.replacement_window_ms + t.settle_ms
-            if not fits or not self._policy_slots(wl, close, 1):
-                continue
+            able = not holds and fits and self._policy_slots(wl, close, 1) > 0
             if not self._is_candidate(wl, s, last, frozenset({cur[1]})):
                 continue
             if now > start + t.replacement_window_ms:
-                if self._missed_window(e, s, last, close):
+                if able and self._missed_window(e, s, last, close):
                     return
+                continue
+            if not able:
+                # A candidate that cannot take it declines, in a small cluster, where the
+                # round closes early once every candidate answered (section 8, "Declines
+                # in replacement rounds"); silent, it held every round to its close.
+                if self._small_cluster(wl):
+                    self._bid(wl, last, s, prio, 0, cpu, mem, close)
                 continue
             self._bid(wl, last, s, prio, 1, cpu, mem, close)
             return
