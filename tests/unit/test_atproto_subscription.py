@@ -87,6 +87,23 @@ async def start(nursery, resolver, server, cursors=None):
     return fh, seen
 
 
+def quiet_firehose(resolver, connect, backoff: Backoff) -> Firehose:
+    """A Firehose on `connect` whose events go nowhere and whose anti-entropy finds nothing."""
+
+    async def sink(ev):
+        pass
+
+    return Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        backoff=backoff,
+        connect=connect,
+        anti_entropy_every_s=3600,
+        reader=EmptyRepos(),
+    )
+
+
 async def test_badly_signed_commit_is_dropped_and_logged_and_good_ones_pass(caplog):
     alice = FakeRepo("did:plc:alice")
     resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
@@ -188,18 +205,7 @@ async def test_a_silent_dead_connection_is_noticed_by_ping_and_replaced(autojump
 
         yield DeadWS()
 
-    async def sink(ev):
-        pass
-
-    fh = Firehose(
-        resolver,
-        MemoryCursorStore(),
-        sink,
-        backoff=Backoff(0.01, 0.05),
-        connect=connect,
-        anti_entropy_every_s=3600,
-        reader=EmptyRepos(),
-    )
+    fh = quiet_firehose(resolver, connect, Backoff(0.01, 0.05))
     async with trio.open_nursery() as nursery:
         await nursery.start(fh.run)
         await fh.watch(alice.did, resync=False)
@@ -232,18 +238,7 @@ async def test_a_pds_gone_silent_is_reported_behind_and_heard_again_when_it_answ
 
         yield QuietWS()
 
-    async def sink(ev):
-        pass
-
-    fh = Firehose(
-        resolver,
-        MemoryCursorStore(),
-        sink,
-        backoff=Backoff(0.5, 1.0),
-        connect=connect,
-        anti_entropy_every_s=3600,
-        reader=EmptyRepos(),
-    )
+    fh = quiet_firehose(resolver, connect, Backoff(0.5, 1.0))
     async with trio.open_nursery() as nursery:
         await nursery.start(fh.run)
         await fh.watch(alice.did, resync=False)
