@@ -77,11 +77,11 @@ HINT_BURST = 50
 # healing for the others), and this many repos are read at once.
 REPO_RESYNC_TIMEOUT_S = 60.0
 RESYNC_CONCURRENCY = 4
-# Records refused by validation, remembered (newest first out) so their owners can be shown
-# why: at most this many in all, and at most MAX_REFUSED_PER_REPO of one repo.
 # A PDS's stream silent this long (pings every 5 s: two lost pongs and a margin) counts as
 # behind: `Firehose.behind`.
 FEED_QUIET_S = 12.0
+# Records refused by validation, remembered (newest first out) so their owners can be shown
+# why: at most this many in all, and at most MAX_REFUSED_PER_REPO of one repo.
 MAX_REFUSED = 2000
 MAX_REFUSED_PER_REPO = 200
 

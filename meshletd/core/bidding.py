@@ -176,9 +176,9 @@ class Bidding(Hosting):
             if cur is not None and cur[1] == me:
                 continue
             holds = not wl.allow_packing and self._holds_other(e, s)
-            slot_bids = [b for b in e.bids if b.slot == s and b.round > 0]
             if holds and cur is None:
                 return
+            slot_bids = [b for b in e.bids if b.slot == s and b.round > 0]
             if cur is None:
                 # Chained round for a slot no round has filled.
                 if now < close0:

@@ -190,9 +190,8 @@ class SchedulerState:
         self._next_scan = 0
         # workload -> the version (cid) whose slot we handed off: we bid for it no more
         self._gave_up: dict[str, str] = {}
-        # (workload, slot) -> (when we last opened a round for it, the owner it replaced)
-        # slot -> (when we last opened its replacement round, against which owner, how many
-        # rounds in a row we opened against that owner): the reopen wait (section 8).
+        # (workload, slot) -> (when we last opened its replacement round, against which owner,
+        # how many rounds in a row we opened against that owner): the reopen wait (section 8)
         self._reopened: dict[ReplicaKey, tuple[int, Owner, int]] = {}
         # (workload, slot, round): replacement rounds we saw open only after their window,
         # while we could have taken the slot; we open the next one if they close without a

@@ -104,6 +104,7 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         # Slice limits an administrator's drop-in sets (meshletd leaves them), after serve().
         self.admin_slice_keys: frozenset[str] = frozenset()
         self._rules_in_force = False
+        self._images_in_use = 0  # starts in their image step (upkeep.py)
         self._prune_lock = trio.Lock()
 
     # ---- public face -------------------------------------------------------------------

@@ -30,7 +30,7 @@ class HostUpkeep:
     # Starts between their image step and their container (which then uses the image):
     # the store is not pruned meanwhile, and a start waits for a prune under way. Else a
     # prune could remove the image a start has just found or pulled (`--pull=never`).
-    _images_in_use: int = 0
+    _images_in_use: int
     _prune_lock: trio.Lock
 
     @asynccontextmanager
