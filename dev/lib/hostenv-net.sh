@@ -60,7 +60,12 @@ _he_net_for_owner() {
         mkdir -p "$HE_NET_DIR/$n/hosts"
         echo "$owner" > "$HE_NET_DIR/$n/owner"
         local br; br=$(he_net_bridge "$n")
-        ip link add "$br" type bridge
+        # A MAC of its own: a bridge without one takes the lowest of its ports' and changes
+        # it when that port goes (a host powered off) or a lower one comes; every other
+        # host's ARP entry for the gateway then points nowhere for 15-45 s, cutting it from
+        # the PLC and the PDSes (a real router's MAC does not move with its neighbours).
+        ip link add "$br" address "$(printf '02:6d:68:62:%02x:%02x' $((n / 256)) $((n % 256)))" \
+            type bridge
         ip addr add "$(he_net_gw "$n")/24" dev "$br"
         ip link set "$br" up
         echo "$n"; return 0

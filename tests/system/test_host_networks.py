@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,14 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
 """
 REACH = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)"
+# The gateway answers (a refusal is an answer: its MAC address is right), within 2 s.
+GATEWAY_ANSWERS = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 9), timeout=2)
+except ConnectionRefusedError:
+    pass
+"""
 PORT = 7070
 
 
@@ -270,3 +279,41 @@ def test_teardown_leaves_no_namespace_link_table_or_route() -> None:
         owner.wait()
     remove_stale_hosts()
     assert _leftovers(net, names) == {"links": [], "netns": [], "routes": [], "state": []}
+
+
+def test_a_host_coming_or_going_leaves_the_gateway_where_the_others_reach_it() -> None:
+    """The gateway (where the PLC and the PDSes listen) keeps its MAC address while hosts
+    boot and power off: the others' ARP entries stay right, so a host's power-off never
+    cuts the rest from their PDS (it did for 15-45 s when the bridge took a port's MAC)."""
+    owner = subprocess.Popen(["sleep", "600"])
+    env = {**os.environ, "MESHLET_HOSTENV_OWNER": str(owner.pid)}
+    names = [unique_name("net-gw1"), unique_name("net-gw2"), unique_name("net-gw3")]
+
+    def hostenv(*args: str) -> str:
+        return subprocess.run(
+            [str(HOSTENV), *args], env=env, capture_output=True, text=True, check=True,
+            timeout=180,
+        ).stdout  # fmt: skip
+
+    def bridge_mac(net: int) -> str:
+        return (Path("/sys/class/net") / f"mhb{net}" / "address").read_text().strip()
+
+    try:
+        net = int(hostenv("net", "up").split()[0].split("=")[1])
+        gateway, mac = f"10.251.{net}.1", bridge_mac(net)
+        hostenv("up", *names)
+        assert bridge_mac(net) == mac  # three ports came
+        for name in names[1:]:
+            hostenv("exec", name, "--", "python3", "-c", GATEWAY_ANSWERS, gateway)
+        for name in names[:2]:  # whichever port's MAC a bridge would have taken goes
+            hostenv("down", "--abrupt", name)
+        assert bridge_mac(net) == mac
+        neigh = hostenv("exec", names[2], "--", "ip", "neigh", "show", gateway)
+        assert mac in neigh, neigh
+        hostenv("exec", names[2], "--", "python3", "-c", GATEWAY_ANSWERS, gateway)  # at once
+    finally:
+        for name in names:
+            subprocess.run([str(HOSTENV), "down", name], env=env, capture_output=True)
+        owner.kill()
+        owner.wait()
+        remove_stale_hosts()
