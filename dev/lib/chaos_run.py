@@ -403,7 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     # the `lan` grant (docs/protocol.md section 21; under the default, internet only, the
     # network rules drop those reports and no job completes: 0 in the full run of bbcca30).
     with commune_session(
-        people=people, nat=nat, names=names, scheduling=scheduling, policy={"network": "lan"}
+        people=people,
+        nat=nat,
+        names=names,
+        scheduling=scheduling,
+        policy={"network": "lan"},
+        trace=bool(a.logs),  # the rounds' bids and writes, in the journals kept
     ) as (
         devnet,
         commune,
@@ -458,6 +463,16 @@ def main(argv: list[str] | None = None) -> int:
                     # why anything is pending, as this meshlet sees it
                     text = m.ctl("workloads", "--all", timeout=120).stdout
                     (Path(a.logs) / f"{m.person}.workloads").write_text(text)
+            # Each live workload in detail (its pending slots' reasons), as one meshlet sees it.
+            seer = next((m for m in commune if commune.is_up(m.person)), None)
+            with world.lock:
+                live = [w.uri for w in world.workloads.values() if w.deleted is None]
+            if seer is not None:
+                detail = {}
+                for uri in live:
+                    done = seer.ctl("workloads", "--json", uri, timeout=60)
+                    detail[uri] = done.stdout if done.returncode == 0 else done.stderr
+                (Path(a.logs) / f"{seer.person}.pending.json").write_text(json.dumps(detail))
         last = Snapshot(time.monotonic(), {p: read_host(world, p) for p in people})
         world.snaps.append(last)
         try:
