@@ -165,10 +165,18 @@ def needs_launch_step(spec: ReplicaSpec, config: RuntimeConfig) -> bool:
 
 
 def launch_cpu_quota_usec(spec: ReplicaSpec, config: RuntimeConfig) -> int:
-    """The quota the unit starts with: the launch quota for a small workload, else its own."""
+    """The quota the unit starts with: the launch quota for a small workload, else its own.
+
+    The launch quota is at most the slice's (the contribution): on cgroup v1 the kernel
+    refuses a child's quota above its parent's (EINVAL, logged by systemd at every start),
+    and above it the launch quota could not be used anyway.
+    """
     if not needs_launch_step(spec, config):
         return cpu_quota_per_sec_usec(spec.resources.milli_cpu)
-    return cpu_quota_per_sec_usec(config.launch_milli_cpu)
+    launch = config.launch_milli_cpu
+    if config.slice_milli_cpu is not None:
+        launch = max(spec.resources.milli_cpu, min(launch, config.slice_milli_cpu))
+    return cpu_quota_per_sec_usec(launch)
 
 
 def set_cpu_quota_argv(config: RuntimeConfig, unit: str, milli_cpu: int) -> list[str]:

@@ -144,6 +144,15 @@ def test_identity_round_trips_through_the_unit_environment() -> None:
     assert identity_from_environment(["PATH=/bin"]) is None
 
 
+def test_the_launch_quota_never_exceeds_the_slices() -> None:
+    # cgroup v1 refuses a unit's quota above its slice's (systemd logged EINVAL each start).
+    lent = replace(CONFIG, slice_milli_cpu=1000)
+    assert unit_properties(SPEC, lent, "u", "c")["CPUQuotaPerSecUSec"] == 1_000_000
+    assert "ExecStartPostEx" in unit_properties(SPEC, lent, "u", "c")  # 250 m set after
+    more = replace(CONFIG, slice_milli_cpu=4000)
+    assert unit_properties(SPEC, more, "u", "c")["CPUQuotaPerSecUSec"] == 2_000_000
+
+
 def test_cgroup_paths_follow_systemd_slice_nesting() -> None:
     assert cgroup_path("meshlet.slice", "u.service") == "/meshlet.slice/u.service"
     assert cgroup_path("a-b.slice", "u.service") == "/a.slice/a-b.slice/u.service"
