@@ -77,8 +77,14 @@ class Reconciler(Bidding):
             k for k in owned if k[0] == uri and k[1] not in mine and k not in self._replicas
         ]:
             del owned[key]
+        finished = e.finished or {}
         for s, rnd in mine.items():
-            owned[(uri, s)] = (wl.milli_cpu, self.replica_memory_mib(wl.memory_mib))
+            if s in finished:
+                # A finished job slot holds nothing here: nothing runs and nothing will
+                # (dev/chaos finding 3: it held its room for as long as its record lived).
+                owned.pop((uri, s), None)
+            else:
+                owned[(uri, s)] = (wl.milli_cpu, self.replica_memory_mib(wl.memory_mib))
             self._reserved.pop((uri, s, rnd), None)
             if s == 0 or rnd == 0:
                 self._reserved.pop((uri, -1, 0), None)
@@ -456,6 +462,7 @@ class Reconciler(Bidding):
         if e.finished is None:
             e.finished = {}
         e.finished[ev.slot] = (self.me.did, rep.round, final)
+        self._owned_capacity.pop(key, None)  # finished: its room is free again
 
     def _write_status(
         self,

@@ -9,6 +9,7 @@ from pathlib import Path
 from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     Bid,
+    MeshletIdentity,
     DeleteRecord,
     ProbePeer,
     ProbeResult,
@@ -16,6 +17,7 @@ from meshletd.core import (
     RecordDeleted,
     ReplicaStateChanged,
     Reply,
+    Scheduler,
     SetDraining,
     StartReplica,
     StopReplica,
@@ -24,7 +26,7 @@ from meshletd.core import (
 )
 from meshletd.core.records import NSID_STATUS, MeshletOwner, at_uri
 
-from .core_helpers import T0, bid, cluster_records, feed, mesh, observer, workload
+from .core_helpers import MEM, T0, bid, cluster_records, feed, mesh, observer, owner, workload
 
 CLOSE = T0 + 2000 + 2000  # createdAt + bidWindowMs + settle (2 x skew + grace)
 
@@ -137,6 +139,29 @@ def test_a_finished_job_is_recorded_and_not_restarted() -> None:
     st = [a.record for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
     assert [(s.state, s.exit_code) for s in st] == [("succeeded", 0)]
     assert of(core.handle(Tick(CLOSE + 120_000)), StartReplica) == []
+
+
+def test_a_finished_job_gives_its_room_back() -> None:
+    # dev/chaos seed 1 (finding 3): each finished job held its room on the meshlet that ran
+    # it for as long as its record lived; after ~17 minutes of churn every meshlet declined
+    # new work, and nothing new was placed any more.
+    core = Scheduler(MeshletIdentity(mesh(0), owner(0), 500, MEM, max_replicas=1))
+    core.handle(Tick(T0))
+    job = workload("job", owner_i=2, kind="job", cpu=500)
+    feed(core, [*cluster_records(3), job])
+    out = feed(core, [bid(job, 0), bid(job, 1, slots=0), bid(job, 2, slots=0)])
+    out += core.handle(Tick(CLOSE))
+    assert [s.slot for s in of(out, StartReplica)] == [0]
+    core.handle(ReplicaStateChanged(job.uri, 0, "running"))
+    assert core.free_capacity()[0] == 0 and core.free_replicas() == 0  # it runs: held
+    core.handle(ReplicaStateChanged(job.uri, 0, "exited", 0))
+    nxt = workload("next", owner_i=2, created=T0 + 60_000, cpu=500)
+    core.handle(Tick(T0 + 60_000))
+    out = feed(core, [nxt])
+    out += core.handle(Tick(T0 + 60_100))
+    offered = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
+    assert [(b.workload_uri, b.slots) for b in offered] == [(nxt.uri, 1)]
+    assert core.free_capacity()[0] == 0  # the new bid reserves it
 
 
 def test_a_failed_service_is_restarted_locally_with_backoff() -> None:
