@@ -463,16 +463,16 @@ def main(argv: list[str] | None = None) -> int:
                     # why anything is pending, as this meshlet sees it
                     text = m.ctl("workloads", "--all", timeout=120).stdout
                     (Path(a.logs) / f"{m.person}.workloads").write_text(text)
-            # Each live workload in detail (its pending slots' reasons), as one meshlet sees it.
+            # Each live workload's rounds and bids (declines too), as one meshlet sees them.
             seer = next((m for m in commune if commune.is_up(m.person)), None)
             with world.lock:
                 live = [w.uri for w in world.workloads.values() if w.deleted is None]
             if seer is not None:
                 detail = {}
                 for uri in live:
-                    done = seer.ctl("workloads", "--json", uri, timeout=60)
+                    done = seer.ctl("bids", "--json", uri, timeout=60)
                     detail[uri] = done.stdout if done.returncode == 0 else done.stderr
-                (Path(a.logs) / f"{seer.person}.pending.json").write_text(json.dumps(detail))
+                (Path(a.logs) / f"{seer.person}.bids.json").write_text(json.dumps(detail))
         last = Snapshot(time.monotonic(), {p: read_host(world, p) for p in people})
         world.snaps.append(last)
         try:
