@@ -1,11 +1,10 @@
 """Reconciliation: make the local replicas match the placement (start what we own, stop what
-we lost, make-before-break on moves), follow the runtime's reports, write our status records,
-and count usage in the ledger (docs/protocol.md, sections 9-11)."""
+we lost, make-before-break on moves), follow the runtime's reports and write our status
+records (docs/protocol.md, sections 9-10); usage.py counts what they use."""
 
 from __future__ import annotations
 
 from .actions import StartReplica, StopReplica
-from .bidding import Bidding
 from .bounds import MAX_EXIT_CODE, MAX_RESTARTS, MAX_STATUS_MESSAGE, MIN_EXIT_CODE, clamp
 from .events import ReplicaStateChanged
 from .placement import WorkloadEntry
@@ -13,7 +12,6 @@ from .policy import MAX_RUNTIME, REASON_TEXT, runtime_limit_s
 from .records import (
     NSID_BID,
     NSID_STATUS,
-    NSID_USAGE,
     HostPolicy,
     Workload,
     WorkloadStatus,
@@ -22,9 +20,10 @@ from .records import (
 )
 from .services import MAX_TRIES, NO_INBOUND, STABLE_MS, choose_endpoints, inbound_of
 from .state import Replica, ReplicaKey, status_rkey
+from .usage import UsageCounting
 
 
-class Reconciler(Bidding):
+class Reconciler(UsageCounting):
     """Local replicas: started, restarted, fenced and stopped by the placement."""
 
     def _waiting_replicas(self) -> list[tuple[ReplicaKey, Replica]]:
@@ -79,9 +78,7 @@ class Reconciler(Bidding):
             del owned[key]
         finished = e.finished or {}
         for s, rnd in mine.items():
-            if s in finished:
-                # A finished job slot holds nothing here: nothing runs and nothing will
-                # (dev/chaos finding 3: it held its room for as long as its record lived).
+            if s in finished:  # nothing runs or will: no room held (section 10)
                 owned.pop((uri, s), None)
             else:
                 owned[(uri, s)] = (wl.milli_cpu, self.replica_memory_mib(wl.memory_mib))
@@ -539,43 +536,6 @@ class Reconciler(Bidding):
 
     def _on_other_lane(self, ev: ReplicaStateChanged, key: ReplicaKey, rep: Replica) -> None:
         """A report from the other lane of a slot (updates.py)."""
-
-    # -- usage ---------------------------------------------------------------------------
-    def _account(self, key: ReplicaKey, rep: Replica) -> None:
-        """Count a running replica's use up to now in the ledger."""
-        if rep.state != "running":
-            return
-        e = self.workloads.get(key[0])
-        period_start = self.ledger.period_start
-        if e is None or period_start is None:
-            rep.since = self.now
-            return
-        start = max(rep.since, period_start)
-        self.ledger.add(e.wl.owner, e.wl.milli_cpu, e.wl.memory_mib, max(self.now - start, 0))
-        rep.since = self.now
-
-    def _usage_tick(self) -> None:
-        """At the end of a usage period: count every replica up to it, write our usage
-        record of it, start the next period."""
-        ledger = self.ledger
-        end = ledger.period_end()
-        if end is None:
-            ledger.start_period(self.now)
-            return
-        if self.now < end:
-            return
-        saved = self.now
-        self.now = end
-        for key, rep in self._replicas.items():
-            self._account(key, rep)
-        self.now = saved
-        rec = ledger.close_period(end)
-        if rec is not None:
-            self._put(NSID_USAGE, f"u{rec.period_start}", rec)
-        start = ledger.start_period(self.now)
-        for rep in self._replicas.values():
-            if rep.state == "running":
-                rep.since = max(rep.since, start)
 
 
 def _status_message(note: str | None) -> str | None:
