@@ -9,8 +9,8 @@ from pathlib import Path
 from meshletd.atproto.records import record_from_json, record_to_json
 from meshletd.core import (
     Bid,
-    MeshletIdentity,
     DeleteRecord,
+    MeshletIdentity,
     ProbePeer,
     ProbeResult,
     PutRecord,
