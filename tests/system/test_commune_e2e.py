@@ -18,7 +18,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -434,7 +433,6 @@ def test_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
     ticker["failover_s"] = elapsed
     if elapsed > FAILOVER_LIMIT_S:
         story = failover_story(commune, failover, ticker["uri"])
-        Path("/tmp/meshlet-e2e-failover.log").write_text(story)
         pytest.fail(f"replacement running after {elapsed:.1f} s; the watchers' logs:\n{story}")
 
 

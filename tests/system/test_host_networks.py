@@ -4,6 +4,7 @@ port of the gateway), and teardown that leaves nothing of the network behind."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -232,6 +233,13 @@ def test_status_shows_each_hosts_address_and_faults(pair: tuple[NspawnHost, Nspa
     assert rows[b.name][3] == b.address and rows[b.name][5:] == ["-"]
 
 
+def _hostenv(env: dict[str, str], *args: str) -> str:
+    """dev/hostenv ARGS as the owner `env` names (a network of the test's own)."""
+    return subprocess.run(
+        [str(HOSTENV), *args], env=env, capture_output=True, text=True, check=True, timeout=180
+    ).stdout
+
+
 def _leftovers(net: int, names: list[str]) -> dict[str, object]:
     links = json.loads(subprocess.check_output(["ip", "-j", "link"], text=True))
     netns = subprocess.check_output(["ip", "netns", "list"], text=True)
@@ -253,11 +261,7 @@ def test_teardown_leaves_no_namespace_link_table_or_route() -> None:
     env = {**os.environ, "MESHLET_HOSTENV_OWNER": str(owner.pid)}
     names = [unique_name("net-td1"), unique_name("net-td2")]
 
-    def hostenv(*args: str) -> str:
-        return subprocess.run(
-            [str(HOSTENV), *args], env=env, capture_output=True, text=True, check=True,
-            timeout=180,
-        ).stdout  # fmt: skip
+    hostenv = functools.partial(_hostenv, env)
 
     try:
         net = int(hostenv("net", "up").split()[0].split("=")[1])
@@ -289,11 +293,7 @@ def test_a_host_coming_or_going_leaves_the_gateway_where_the_others_reach_it() -
     env = {**os.environ, "MESHLET_HOSTENV_OWNER": str(owner.pid)}
     names = [unique_name("net-gw1"), unique_name("net-gw2"), unique_name("net-gw3")]
 
-    def hostenv(*args: str) -> str:
-        return subprocess.run(
-            [str(HOSTENV), *args], env=env, capture_output=True, text=True, check=True,
-            timeout=180,
-        ).stdout  # fmt: skip
+    hostenv = functools.partial(_hostenv, env)
 
     def bridge_mac(net: int) -> str:
         return (Path("/sys/class/net") / f"mhb{net}" / "address").read_text().strip()
