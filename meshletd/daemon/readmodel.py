@@ -291,12 +291,14 @@ class ReadModel:
                 if status is not None and status.round >= rnd and status.state == "failing":
                     r["state"] = "failing"  # what our status says: it is being handed off
                 elif (
-                    r["state"] == "starting"
+                    r["state"] in ("starting", "exited")
                     and status is not None
                     and status.round >= rnd
                     and status.state in ("pulling", "pending")
                 ):
-                    r["state"] = status.state  # how far the start is (an image pull)
+                    # how far the start is (an image pull), or, while it waits for its
+                    # next try, why the last one did not start: not a final exit
+                    r["state"] = status.state
             elif status is not None and status.round >= rnd:
                 r["state"] = status.state
             else:

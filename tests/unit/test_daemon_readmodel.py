@@ -3,6 +3,9 @@ followed and the scheduler core's answers (here fixed by a fake)."""
 
 from __future__ import annotations
 
+import pytest
+
+from meshletctl import render
 from meshletd.atproto.frames import Refusal
 from tests.unit.daemon_parts import (
     BOB,
@@ -75,6 +78,26 @@ def test_a_suspected_host_shows_its_replica_lost_and_a_moved_slot_stopping() -> 
     assert ours["meshletDid"] == ME and ours["state"] == "starting"
     assert old["meshletDid"] == BOB_MESH and old["state"] == "stopping"
     assert old["reason"] == f"slot moved to {ME} (make-before-break)"
+
+
+def test_a_replica_waiting_to_retry_a_failed_pull_shows_pending_and_why_not_failed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Seen in a full run: between a failed pull and the next try, the summary said
+    # `failed (exit -1)` with no reason, though the status written said why.
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", {**RECORD, "replicas": 1}))
+    why = "ImageNotFound: 10.0.0.1:5000/alice/web not found"
+    p.feed(put(ME, "workloadStatus", "s0", {**status(0, "pending"), "exitCode": -1,
+                                            "message": why}))  # fmt: skip
+    engine = p.schedule()
+    engine.scheduler.slots[URI] = ((0, ME),)
+    engine.scheduler.local[(URI, 0)] = "exited"  # waiting for its next try
+    (slot,) = p.read.workload(URI)["running"]
+    assert slot["state"] == "pending" and slot["message"] == why
+    render.workloads([p.read.workload(URI)], placements=False, names={})
+    out = capsys.readouterr().out
+    assert "failed" not in out and f"web pending: {why}" in out
 
 
 def test_without_a_scheduler_replicas_are_those_the_hosts_report() -> None:
