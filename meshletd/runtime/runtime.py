@@ -59,6 +59,7 @@ from meshletd.runtime.units import (
     unit_properties,
 )
 from meshletd.runtime.upkeep import HostUpkeep
+from meshletd.trace import trace
 
 log = logging.getLogger("meshletd.runtime")
 _E = TypeVar("_E", bound=RuntimeEvent)
@@ -247,8 +248,10 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
                 t1 = self._clock()
                 if failed := await self._create_secrets(rep, spec):
                     return failed
+                trace("unit", replica=spec.replica.workload, slot=spec.replica.index)
                 if failed := await self._start_unit(rep, spec):
                     return failed
+                trace("unit_started", replica=spec.replica.workload, slot=spec.replica.index)
                 started = True
             finally:
                 if not started:
