@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +29,18 @@ DROP_IN = "/etc/containers/registries.conf.d/50-meshlet-test-registry.conf"
 
 
 class Host(Protocol):
-    def run(self, *cmd: str, **kw: object) -> subprocess.CompletedProcess[str]: ...
+    """A booted host (hostenv's NspawnHost or LocalHost): runs a command in it."""
+
+    def run(
+        self,
+        *cmd: str,
+        user: str | None = ...,
+        env: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        check: bool = ...,
+        timeout: float | None = ...,
+        input: str | None = ...,
+    ) -> subprocess.CompletedProcess[str]: ...
 
 
 def free_port(address: str) -> int:
