@@ -183,6 +183,30 @@ def test_check_reports_a_clean_run_as_clean() -> None:
     assert r.daemon_crashes == 0
 
 
+def test_a_workload_whose_stop_failed_and_lived_on_is_checked_as_live() -> None:
+    # The owner's `meshletctl stop` failed at 100 s (its PDS was cut): the record stayed, the
+    # replica ran on, and its failover after alice's power-off is timed like any other.
+    off = Applied(Fault(50, "power-off", "alice", duration=30), began=150, healed=190)
+    snaps = [
+        snap(140, {"alice": [rep()]}),
+        snap(156, {"bob": [rep(since=154, cid="c2")]}, down=("alice",)),
+        snap(200, {"bob": [rep(since=154, cid="c2")]}, alice_boot=2),
+    ]
+    failed = Workload(SVC, "alice", 1, False, 0.0, deleted=100.0, stop_failed=True)
+    kw = {"nat": [], "bounds": B, "t0": 0, "end": 200, "job_s": 15}
+    stayed = Final(frozenset({SVC}), (Status("bob", SVC, 0, "running", 1),))
+    r = check(snaps, [failed], [off], [], stayed, **kw)  # type: ignore[arg-type]
+    assert r.failovers == [4] and r.violations == []
+    assert any("stop failed and that lived on" in n for n in r.notes)
+    # ...and had it never run again, that would be a violation, as for any live workload
+    r = check(snaps[:1], [failed], [off], [], stayed, **kw)  # type: ignore[arg-type]
+    assert any("never ran again" in v.what for v in r.violations)
+    # The delete landed after all (the record is gone): deleted from the failed stop on.
+    gone = Final(frozenset(), ())
+    r = check(snaps[:1], [failed], [off], [], gone, **kw)  # type: ignore[arg-type]
+    assert r.failovers == [] and r.violations == []
+
+
 def test_percentiles_are_nearest_rank() -> None:
     assert pct([], 50) is None
     assert pct([3.0, 1.0, 2.0], 50) == 2.0
