@@ -170,15 +170,19 @@ def test_lost_writes_are_records_meshletd_meant_to_write_that_are_missing() -> N
     assert lost_writes(snap(600, {}), [failed], {}, Final(frozenset({SVC}), ()), 600, 0) == []
 
 
+# alice is powered off at 150 s; her replica runs again on bob from 154 s
+OFF = Applied(Fault(50, "power-off", "alice", duration=30), began=150, healed=190)
+FAILED_OVER = [
+    snap(140, {"alice": [rep()]}),
+    snap(156, {"bob": [rep(since=154, cid="c2")]}, down=("alice",)),
+    snap(200, {"bob": [rep(since=154, cid="c2")]}, alice_boot=2),
+]
+RUN = {"nat": [], "bounds": B, "t0": 0, "end": 200, "job_s": 15}
+
+
 def test_check_reports_a_clean_run_as_clean() -> None:
-    off = Applied(Fault(50, "power-off", "alice", duration=30), began=150, healed=190)
-    snaps = [
-        snap(140, {"alice": [rep()]}),
-        snap(156, {"bob": [rep(since=154, cid="c2")]}, down=("alice",)),
-        snap(200, {"bob": [rep(since=154, cid="c2")]}, alice_boot=2),
-    ]
     final = Final(frozenset({SVC}), (Status("bob", SVC, 0, "running", 1),))
-    r = check(snaps, [SERVICE], [off], [], final, nat=[], bounds=B, t0=0, end=200, job_s=15)
+    r = check(FAILED_OVER, [SERVICE], [OFF], [], final, **RUN)  # type: ignore[arg-type]
     assert r.violations == [] and r.failovers == [4] and r.lost_writes == 0
     assert r.daemon_crashes == 0
 
@@ -186,24 +190,17 @@ def test_check_reports_a_clean_run_as_clean() -> None:
 def test_a_workload_whose_stop_failed_and_lived_on_is_checked_as_live() -> None:
     # The owner's `meshletctl stop` failed at 100 s (its PDS was cut): the record stayed, the
     # replica ran on, and its failover after alice's power-off is timed like any other.
-    off = Applied(Fault(50, "power-off", "alice", duration=30), began=150, healed=190)
-    snaps = [
-        snap(140, {"alice": [rep()]}),
-        snap(156, {"bob": [rep(since=154, cid="c2")]}, down=("alice",)),
-        snap(200, {"bob": [rep(since=154, cid="c2")]}, alice_boot=2),
-    ]
     failed = Workload(SVC, "alice", 1, False, 0.0, deleted=100.0, stop_failed=True)
-    kw = {"nat": [], "bounds": B, "t0": 0, "end": 200, "job_s": 15}
     stayed = Final(frozenset({SVC}), (Status("bob", SVC, 0, "running", 1),))
-    r = check(snaps, [failed], [off], [], stayed, **kw)  # type: ignore[arg-type]
+    r = check(FAILED_OVER, [failed], [OFF], [], stayed, **RUN)  # type: ignore[arg-type]
     assert r.failovers == [4] and r.violations == []
     assert any("stop failed and that lived on" in n for n in r.notes)
     # ...and had it never run again, that would be a violation, as for any live workload
-    r = check(snaps[:1], [failed], [off], [], stayed, **kw)  # type: ignore[arg-type]
+    r = check(FAILED_OVER[:1], [failed], [OFF], [], stayed, **RUN)  # type: ignore[arg-type]
     assert any("never ran again" in v.what for v in r.violations)
     # The delete landed after all (the record is gone): deleted from the failed stop on.
     gone = Final(frozenset(), ())
-    r = check(snaps[:1], [failed], [off], [], gone, **kw)  # type: ignore[arg-type]
+    r = check(FAILED_OVER[:1], [failed], [OFF], [], gone, **RUN)  # type: ignore[arg-type]
     assert r.failovers == [] and r.violations == []
 
 
