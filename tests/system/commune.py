@@ -451,6 +451,30 @@ class Commune:
 
     # -- teardown -----------------------------------------------------------------------
 
+    def story(self, since_wall: float, uri: str, skip: Iterable[str] = ()) -> str:
+        """What each meshletd (but those in `skip`) logged about a workload and its peers
+        since `since_wall` (epoch seconds), times relative to it: the rounds, bids, probes
+        and leases behind a failover that was slow, or a slot that moved."""
+        out = []
+        rkey = uri.rsplit("/", 1)[-1]
+        keep = ("suspect", "probe", "round", "bid", "heard", "starting", "member", "lease")
+        for m in self:
+            if m.person in skip or not self.is_up(m.person):
+                continue
+            text = m.host.run(
+                "journalctl", "-u", UNIT, "--since", f"@{int(since_wall) - 1}",
+                "--no-pager", "-o", "short-unix",
+            ).stdout  # fmt: skip
+            for line in text.splitlines():
+                stamp, _, rest = line.partition(" ")
+                try:
+                    at = float(stamp) - since_wall
+                except ValueError:
+                    continue
+                if rkey in rest or any(k in rest for k in keep):
+                    out.append((at, f"{at:7.2f} {m.person}: {rest.split(': ', 1)[-1][:220]}"))
+        return "\n".join(line for _, line in sorted(out))
+
     def down(self) -> None:
         """Stop meshletd and every replica unit, power the hosts off. Leaves nothing."""
         for m in self:

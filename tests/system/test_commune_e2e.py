@@ -215,36 +215,6 @@ def failover(commune: Commune, ticker: dict[str, Any], ticker_running: Any) -> d
     }
 
 
-def failover_story(commune: Commune, failover: dict[str, Any], uri: str) -> str:
-    """What each watcher logged about the ticker and its peers since the power-off, with
-    times relative to it: the rounds, bids and probes of a slow failover."""
-    t0 = failover["t0_wall"]
-    out = []
-    for m in commune:
-        if m is failover["victim"]:
-            continue
-        text = m.host.run(
-            "journalctl",
-            "-u",
-            "meshletd",
-            "--since",
-            f"@{int(t0) - 1}",
-            "--no-pager",
-            "-o",
-            "short-unix",
-        ).stdout
-        for line in text.splitlines():
-            stamp, _, rest = line.partition(" ")
-            try:
-                at = float(stamp) - t0
-            except ValueError:
-                continue
-            keep = ("suspect", "probe", "round", "bid", "heard", "starting", "member")
-            if uri.rsplit("/", 1)[-1] in rest or any(k in rest for k in keep):
-                out.append(f"{at:7.2f} {m.person}: {rest.split(': ', 1)[-1][:220]}")
-    return "\n".join(sorted(out, key=lambda x: float(x.split()[0])))
-
-
 @pytest.fixture(scope="module")
 def host_back(commune: Commune, failover: dict[str, Any]) -> Meshlet:
     """The powered-off machine is on again (a fresh disk: new state dir and keys) and its
@@ -432,7 +402,8 @@ def test_a_powered_off_host_s_replica_runs_elsewhere_within_the_target(
     elapsed = started - t0
     ticker["failover_s"] = elapsed
     if elapsed > FAILOVER_LIMIT_S:
-        story = failover_story(commune, failover, ticker["uri"])
+        victim = failover["victim"].person
+        story = commune.story(failover["t0_wall"], ticker["uri"], skip=(victim,))
         pytest.fail(f"replacement running after {elapsed:.1f} s; the watchers' logs:\n{story}")
 
 

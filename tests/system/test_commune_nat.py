@@ -182,18 +182,29 @@ def test_a_healthy_meshlet_behind_nat_is_never_suspected_and_keeps_its_slot(
     c = carol_behind_nat
     # Three replicas with packing allowed: round 0 gives each meshlet one, and a survivor
     # may take a second (the next test).
+    published = time.time()
     uri = run_service(c, "alice", "everywhere", 3, "--constraint", "packing")
     first = wait_for(lambda: agreed(c, uri, 3), 90, "three replicas running")
     assert c["carol"].did in first.values(), first
+
+    def moved(what: str) -> str:
+        who = {m.did: m.person for m in c}
+        hosts = {s: who.get(d) for s, d in first.items()}
+        return (
+            f"{what}; slots were held by {hosts}"
+            f"\nbids of rounds >= 1: {replacement_bids(c, uri)}"
+            f"\nthe meshlets' logs since the service was published:\n{c.story(published, uri)}"
+        )
+
     deadline = time.monotonic() + HEALTHY_WATCH_S
     while time.monotonic() < deadline:
         now = agreed(c, uri, 3)
-        assert now in (None, first), f"the placement moved: {first} -> {now}"
+        assert now in (None, first), moved(f"the placement moved: {first} -> {now}")
         time.sleep(2)
-    assert agreed(c, uri, 3) == first
+    assert agreed(c, uri, 3) == first, moved("the placement moved")
     # Nobody opened a replacement round: carol was never suspected (a watcher that suspects
     # a slot's owner opens the next round of the slot at once, section 8).
-    assert replacement_bids(c, uri) == []
+    assert replacement_bids(c, uri) == [], moved("a replacement round was opened")
     shared["uri"] = uri
 
 
