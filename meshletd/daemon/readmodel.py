@@ -33,6 +33,13 @@ from meshletd.policy_settings import to_policy
 
 log = logging.getLogger("meshletd.node")
 
+# (our replica's state, what our status says) shown as the status: a start pulling its
+# image, or an exited replica waiting for its next try with why the last did not start.
+# An exited replica whose status still says `pulling` exited: that shows as such.
+SHOWN_FROM_STATUS = frozenset(
+    {("starting", "pulling"), ("starting", "pending"), ("exited", "pending")}
+)
+
 
 class ReadModel:
     """`refused` gives the records whose current version validation refused (the
@@ -291,10 +298,9 @@ class ReadModel:
                 if status is not None and status.round >= rnd and status.state == "failing":
                     r["state"] = "failing"  # what our status says: it is being handed off
                 elif (
-                    r["state"] in ("starting", "exited")
-                    and status is not None
+                    status is not None
                     and status.round >= rnd
-                    and status.state in ("pulling", "pending")
+                    and (r["state"], status.state) in SHOWN_FROM_STATUS
                 ):
                     # how far the start is (an image pull), or, while it waits for its
                     # next try, why the last one did not start: not a final exit

@@ -100,6 +100,18 @@ def test_a_replica_waiting_to_retry_a_failed_pull_shows_pending_and_why_not_fail
     assert "failed" not in out and f"web pending: {why}" in out
 
 
+def test_a_replica_that_exited_while_its_status_said_pulling_shows_exited() -> None:
+    # Its exit is newer than the `pulling` its status has not yet replaced.
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", {**RECORD, "replicas": 1}))
+    p.feed(put(ME, "workloadStatus", "s0", status(0, "pulling")))
+    engine = p.schedule()
+    engine.scheduler.slots[URI] = ((0, ME),)
+    engine.scheduler.local[(URI, 0)] = "exited"
+    (slot,) = p.read.workload(URI)["running"]
+    assert slot["state"] == "exited"
+
+
 def test_without_a_scheduler_replicas_are_those_the_hosts_report() -> None:
     p = parts()
     p.feed(put(OWNER, "workload", "3kweb", RECORD))
