@@ -24,11 +24,12 @@ class Liveness:
         self.cluster = cluster
         self.t = timing
         self.suspects: set[str] = set()
+        self.why: dict[str, str] = {}  # suspect -> why (for the operator's log)
         self.next_probe = 0  # local time of the next probe round
         self._watched: list[str] = []
         self._probes: list[ProbePeer] = []  # ProbePeer actions for _watched (immutable)
         self._watch_key: tuple[int, int, int] = (-1, -1, -1)
-        self._suspect_changes = 0
+        self._suspect_changes = 0  # bumped whenever `suspects` changes
         self._answered_at: dict[str, int] = {}  # peer -> when it last answered a probe
         self._ring_after: list[str] = []
         self._ring_version = -1
@@ -143,6 +144,7 @@ class Liveness:
             self._failures.pop(meshlet, None)
             if meshlet in self.suspects:
                 self.suspects.discard(meshlet)
+                self.why.pop(meshlet, None)
                 self._suspect_changes += 1
             return False
         n = self._failures.get(meshlet, 0) + 1
@@ -151,9 +153,27 @@ class Liveness:
             self._fail_since[meshlet] = now
         if n >= self.t.probe_failures and meshlet not in self.suspects:
             self.suspects.add(meshlet)
+            self.why[meshlet] = self._why(meshlet, n, now)
             self._suspect_changes += 1
             return True
         return False
+
+    @property
+    def suspect_changes(self) -> int:
+        """A counter that moves whenever `suspects` changes (cheap to watch)."""
+        return self._suspect_changes
+
+    def _why(self, meshlet: str, failures: int, now: int) -> str:
+        lease = self._leases.get(meshlet)
+        if lease is not None and self.lease_judged(meshlet):
+            renewed, until = lease
+            return (
+                f"its lease expired {(now - until) / 1000:.1f} s ago (renewal stamped "
+                f"{(now - renewed) / 1000:.1f} s ago; the last renewal of anyone's reached "
+                f"us {(now - self._lease_news) / 1000:.1f} s ago)"
+            )
+        since = self._fail_since.get(meshlet, now)
+        return f"{failures} probes failed in a row over {(now - since) / 1000:.1f} s"
 
     def isolated(self, now: int) -> bool:
         """True when no peer we watch has answered recently: the latest probe of every one

@@ -51,6 +51,7 @@ from meshletd.core.events import (
     SetDraining,
     Tick,
 )
+from meshletd.core.liveness import Liveness
 from meshletd.core.nsid import NSID_WORKLOAD
 from meshletd.core.records import (
     Endpoint,
@@ -94,6 +95,11 @@ class Core(PlacementQueries, Protocol):
     @property
     def now(self) -> int:
         """The time of the last event handled (ms)."""
+        ...
+
+    @property
+    def liveness(self) -> Liveness:
+        """Whom it probes and suspects (section 8)."""
         ...
 
     def handle(self, event: Event) -> list[Action]: ...
@@ -200,6 +206,8 @@ class Engine:
         # the core before each tick when they change (docs/protocol.md, section 8).
         self._feeds_behind = feeds_behind
         self._behind: frozenset[str] = frozenset()
+        self._suspects: frozenset[str] = frozenset()  # as last logged
+        self._suspect_changes = 0
         self._send, self._recv = trio.open_memory_channel[Event | _Batch](math.inf)
         self._wake_at: int | None = None
         self._alarm_changed = trio.Event()
@@ -333,6 +341,10 @@ class Engine:
 
     def _perform(self, actions: list[Action]) -> None:
         assert self._nursery is not None
+        liveness = self.scheduler.liveness
+        if liveness.suspect_changes != self._suspect_changes:
+            self._suspect_changes = liveness.suspect_changes
+            self._log_suspects(frozenset(liveness.suspects), liveness.why)
         for a in actions:
             if isinstance(a, PutRecord):
                 record = a.record
@@ -371,6 +383,15 @@ class Engine:
                 self._alarm_changed.set()
             elif isinstance(a, Reply):
                 log.info("scheduler: %s", a.message)
+
+    def _log_suspects(self, now: frozenset[str], why: dict[str, str]) -> None:
+        """Say in the journal whom we suspect lost, and why (section 8): the first thing
+        an operator looks for when a slot moved off a host that was up."""
+        for m in sorted(now - self._suspects):
+            log.info("suspect %s lost: %s", m, why.get(m, "?"))
+        for m in sorted(self._suspects - now):
+            log.info("suspect %s answers again", m)
+        self._suspects = now
 
     async def _alarm(self) -> None:
         while True:

@@ -126,6 +126,7 @@ def test_a_peer_whose_lease_expires_is_suspected_and_its_slot_reoffered() -> Non
         if suspected_at is None and mesh(0) in core.suspects:
             suspected_at = now
     assert suspected_at is not None
+    assert core.liveness.why[mesh(0)].startswith("its lease expired"), core.liveness.why
     # Fresh up to renewedAt + V; the 3rd failed check after that: V + 3 probe intervals.
     assert CLOSE + V < suspected_at <= CLOSE + V + 3 * 1000
     # Round 1 of its slot at once; if this watcher can only decline and nobody else bids,

@@ -363,3 +363,53 @@ async def test_a_pulled_image_shows_in_the_status_with_few_writes_then_running(
     assert pulling and "layer 0 of 2" in pulling[0] and image in pulling[0]
     assert len(pulling) <= 1 + 90 // 30  # throttled: one per 30 s at most
     assert states[-1][0] == "running"
+
+
+async def test_the_journal_says_whom_the_meshlet_suspects_lost_and_why(
+    nursery: trio.Nursery, autojump_clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first thing an operator looks for when a slot moved off a host that was up.
+    bob, bob_mesh = "did:plc:bob", "did:plc:bobmesh"
+    up = {bob_mesh: True}
+
+    async def probe(meshlet: str) -> bool:
+        return up.get(meshlet, False)
+
+    now = int(T0 * 1000)
+    created = format_datetime_ms(now)
+    sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
+    engine = Engine(
+        sched, fake_runtime(FakeMachine()), [].append, probe=probe,
+        clock=lambda: T0 + trio.current_time(),
+    )  # fmt: skip
+    await nursery.start(engine.run)
+    members = {"cluster": "home", "members": [OWNER, bob], "createdAt": created}
+    engine.view_complete(
+        [
+            *cluster_records(now)[:2],
+            put(ME, "membership", "home", members),
+            put(bob, "meshlet", "self", {"meshletDid": bob_mesh, "createdAt": created}),
+            put(
+                bob_mesh,
+                "meshletOwner",
+                "self",
+                {
+                    "ownerDid": bob,
+                    "state": "active",
+                    "arch": "amd64",
+                    "createdAt": created,
+                    "endpoint": "https://bob.example",
+                    "capacity": {"milliCpu": 2000, "memoryMiB": 2048},
+                },
+            ),
+            put(bob_mesh, "membership", "home", members),
+        ]
+    )
+    caplog.set_level("INFO", logger="meshletd.engine")
+    await trio.sleep(5)
+    assert "suspect" not in caplog.text
+    up[bob_mesh] = False
+    await wait_for(lambda: "suspect did:plc:bobmesh lost" in caplog.text)
+    assert "3 probes failed in a row" in caplog.text
+    up[bob_mesh] = True
+    await wait_for(lambda: "suspect did:plc:bobmesh answers again" in caplog.text)
