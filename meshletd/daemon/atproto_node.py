@@ -32,7 +32,8 @@ from meshletd.atproto.cluster import ClusterFormation, ConfiguredClusters
 from meshletd.atproto.firehose import Firehose, RecordEvent
 from meshletd.atproto.frames import Refusal
 from meshletd.atproto.identity import IdentityResolver
-from meshletd.atproto.pds import PdsClient, Write, WriteQueue
+from meshletd.atproto.pds import PdsClient, Write
+from meshletd.atproto.writequeue import WriteQueue
 from meshletd.config import Config, Credentials
 from meshletd.core.events import BidAbandoned
 from meshletd.core.records import (

@@ -6,8 +6,9 @@ import itertools
 
 import trio
 
-from meshletd.atproto.pds import MAX_BATCH, PdsClient, Write, WriteQueue
+from meshletd.atproto.pds import MAX_BATCH, PdsClient, Write
 from meshletd.atproto.records import record_to_json
+from meshletd.atproto.writequeue import WriteQueue
 from meshletd.core.nsid import NSID_MEMBERSHIP as MEMBERSHIP
 from meshletd.core.records import Membership, at_uri, parse_datetime_ms
 

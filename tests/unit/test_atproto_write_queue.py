@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import trio
 
-from meshletd.atproto.pds import PdsUnavailable, Write, WriteLedger, WriteQueue
+from meshletd.atproto.pds import PdsUnavailable, Write, WriteLedger
+from meshletd.atproto.writequeue import WriteQueue
 
 
 class FlakyPds:
@@ -109,3 +113,46 @@ async def test_a_bid_written_in_time_is_not_dropped(autojump_clock):
         await q.flushed()
         nursery.cancel_scope.cancel()
     assert pds.commits == [[("put", "b1")]] and not dropped
+
+
+class SlowJournal(DictJournal):
+    """An fsync'd save that takes a while, and the threads it ran on."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[str] = []
+
+    def save(self, pending):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(0.02)
+        super().save(pending)
+
+
+async def test_the_journal_is_saved_off_the_event_loop_and_submitting_never_waits_for_it():
+    journal = SlowJournal()
+    q = WriteQueue(FlakyPds(failures=1000), backoff_initial_s=0.1, journal=journal)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        t = time.perf_counter()
+        for k in "abcdefghij":
+            q.submit(Write("put", "x.y.z", k, {"v": 1}))
+        assert time.perf_counter() - t < 0.01  # ten saves in place would take 0.2 s
+        while [w["rkey"] for w in journal.saved] != list("abcdefghij"):
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    main = threading.main_thread().name
+    assert journal.threads and main not in journal.threads
+    assert len(journal.threads) < 10  # successive changes saved as one
+
+
+async def test_a_write_submitted_just_before_the_queue_stops_is_in_the_journal():
+    for settle in (0, 1, 2, 3):  # stop at each point of the save task's loop
+        journal = DictJournal()
+        q = WriteQueue(FlakyPds(failures=1000), journal=journal)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(q.run)
+            q.submit(Write("put", "x.y.z", "a", {"v": 1}))
+            for _ in range(settle):
+                await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+        assert [w["rkey"] for w in journal.saved] == ["a"], settle
