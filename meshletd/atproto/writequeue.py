@@ -43,7 +43,7 @@ class WriteQueue:
         *,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
-        linger_s: float = 0.005,
+        linger_s: float = 0.0,
         journal: WriteJournal | None = None,
         prime: Sequence[str] = (),
         on_dropped: Callable[[Write], None] | None = None,
@@ -137,7 +137,11 @@ class WriteQueue:
                 self._idle.set()
                 self._wake = trio.Event()
                 await self._wake.wait()
-                await trio.sleep(self.linger_s)  # let a burst gather into one commit
+                # Group commit: the writes of one decision are all queued by now (the core
+                # hands them over in one step); those that come while a commit is in flight
+                # go together in the next. A linger would delay every write on the way to
+                # running (5 ms, twice: issue #18) to spare a commit now and then.
+                await trio.sleep(self.linger_s)
             self._drop_expired()
             batch = list(self.pending)[:MAX_BATCH]
             if not batch:

@@ -156,3 +156,25 @@ async def test_a_write_submitted_just_before_the_queue_stops_is_in_the_journal()
                 await trio.lowlevel.checkpoint()
             nursery.cancel_scope.cancel()
         assert [w["rkey"] for w in journal.saved] == ["a"], settle
+
+
+async def test_writes_queued_together_or_while_a_commit_is_in_flight_share_a_commit(
+    autojump_clock,
+):
+    class SlowPds(FlakyPds):
+        async def apply_writes(self, batch):
+            await trio.sleep(0.02)  # a commit takes a while
+            await super().apply_writes(batch)
+
+    pds = SlowPds(failures=0)
+    q = WriteQueue(pds)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        q.submit(Write("put", "x.y.z", "a", {"v": 1}))  # one decision: two writes
+        q.submit(Write("put", "x.y.z", "b", {"v": 1}))
+        await trio.sleep(0.005)
+        for k in "cd":  # queued during the first commit
+            q.submit(Write("put", "x.y.z", k, {"v": 1}))
+        await q.flushed()
+        nursery.cancel_scope.cancel()
+    assert pds.commits == [[("put", "a"), ("put", "b")], [("put", "c"), ("put", "d")]]
