@@ -3,6 +3,8 @@ followed and the scheduler core's answers (here fixed by a fake)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from meshletctl import render
@@ -80,20 +82,27 @@ def test_a_suspected_host_shows_its_replica_lost_and_a_moved_slot_stopping() -> 
     assert old["reason"] == f"slot moved to {ME} (make-before-break)"
 
 
+def our_one_replica(said: dict[str, Any], state: str) -> tuple[Any, dict[str, Any]]:
+    """A 1-replica workload whose slot is ours, our replica in `state` and our status
+    record saying `said`: the parts, and the slot's row as the read model shows it."""
+    p = parts()
+    p.feed(put(OWNER, "workload", "3kweb", {**RECORD, "replicas": 1}))
+    p.feed(put(ME, "workloadStatus", "s0", said))
+    engine = p.schedule()
+    engine.scheduler.slots[URI] = ((0, ME),)
+    engine.scheduler.local[(URI, 0)] = state
+    (slot,) = p.read.workload(URI)["running"]
+    return p, slot
+
+
 def test_a_replica_waiting_to_retry_a_failed_pull_shows_pending_and_why_not_failed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Seen in a full run: between a failed pull and the next try, the summary said
     # `failed (exit -1)` with no reason, though the status written said why.
-    p = parts()
-    p.feed(put(OWNER, "workload", "3kweb", {**RECORD, "replicas": 1}))
     why = "ImageNotFound: 10.0.0.1:5000/alice/web not found"
-    p.feed(put(ME, "workloadStatus", "s0", {**status(0, "pending"), "exitCode": -1,
-                                            "message": why}))  # fmt: skip
-    engine = p.schedule()
-    engine.scheduler.slots[URI] = ((0, ME),)
-    engine.scheduler.local[(URI, 0)] = "exited"  # waiting for its next try
-    (slot,) = p.read.workload(URI)["running"]
+    said = {**status(0, "pending"), "exitCode": -1, "message": why}
+    p, slot = our_one_replica(said, "exited")  # waiting for its next try
     assert slot["state"] == "pending" and slot["message"] == why
     render.workloads([p.read.workload(URI)], placements=False, names={})
     out = capsys.readouterr().out
@@ -102,13 +111,7 @@ def test_a_replica_waiting_to_retry_a_failed_pull_shows_pending_and_why_not_fail
 
 def test_a_replica_that_exited_while_its_status_said_pulling_shows_exited() -> None:
     # Its exit is newer than the `pulling` its status has not yet replaced.
-    p = parts()
-    p.feed(put(OWNER, "workload", "3kweb", {**RECORD, "replicas": 1}))
-    p.feed(put(ME, "workloadStatus", "s0", status(0, "pulling")))
-    engine = p.schedule()
-    engine.scheduler.slots[URI] = ((0, ME),)
-    engine.scheduler.local[(URI, 0)] = "exited"
-    (slot,) = p.read.workload(URI)["running"]
+    _, slot = our_one_replica(status(0, "pulling"), "exited")
     assert slot["state"] == "exited"
 
 
