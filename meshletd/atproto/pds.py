@@ -8,12 +8,20 @@
   (the PDS would create no commit anyway, but would still count points).
 - `WriteLedger`: rate-limit points (create 3, update 2, delete 1) per hour and day.
 
+A write whose answer never came (a read timeout, a dropped connection, a gateway's 502/504)
+may have been applied: `PdsUnavailable.maybe_applied` says so, and the client looks such
+records up before writing them again. Its connections close with a reset (`SO_LINGER` 0):
+a request still unsent in the kernel when we give up on it is thrown away, not delivered
+when a cut link heals (docs/protocol.md, section 14).
+
 The write queue that sends our writes through a `PdsClient` is in `writequeue.py`.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +47,35 @@ class PdsUnavailable(UpstreamFailure):
     as `UpstreamFailure` (a stable name; `meshletctl stop` during the owner's PDS outage
     used to print InternalError, as the name "PdsUnavailable" is not one of them)."""
 
-    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+    def __init__(
+        self, message: str, retry_after_s: float = 0.0, *, maybe_applied: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        # The request may have reached the PDS and been applied: only its answer is missing.
+        self.maybe_applied = maybe_applied
+
+
+# The request was sent whole, or in part, when these happened: the PDS may have applied it.
+_ANSWER_LOST = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+# A gateway in front of the PDS gave up waiting for it: the PDS may still apply the request.
+_GATEWAY_GAVE_UP = (502, 504)
+
+
+def _unavailable(what: str, e: httpx.HTTPError) -> PdsUnavailable:
+    return PdsUnavailable(
+        f"{what}: {type(e).__name__}: {e}", maybe_applied=isinstance(e, _ANSWER_LOST)
+    )
+
+
+def resetting_transport() -> httpx.AsyncHTTPTransport:
+    """Connections that close with a reset (`SO_LINGER` on, 0 s). A plain close leaves what
+    the kernel has not yet delivered in its send queue, retransmitted for minutes: a write
+    we gave up on (its answer timed out while a link was cut) reached the PDS 54 s later,
+    when the cut healed, and was applied after its round's deadline (chaos seed 3)."""
+    return httpx.AsyncHTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))]
+    )
 
 
 def _retry_after(resp: httpx.Response) -> float:
@@ -142,7 +176,7 @@ class PdsSession:
         try:
             r = await self.http.post(f"{self.pds_url}/xrpc/{nsid}", json=body, headers=headers)
         except httpx.HTTPError as e:
-            raise PdsUnavailable(f"{self.pds_url} {nsid}: {type(e).__name__}: {e}") from e
+            raise _unavailable(f"{self.pds_url} {nsid}", e) from e
         if r.status_code >= 500 or r.status_code == 429:
             raise PdsUnavailable(f"{self.pds_url} {nsid}: {r.status_code} {r.text[:200]}")
         if r.status_code != 200:
@@ -185,7 +219,7 @@ class PdsSession:
                     headers={"authorization": f"Bearer {token}"},
                 )
             except httpx.HTTPError as e:
-                raise PdsUnavailable(f"{self.pds_url} {nsid}: {type(e).__name__}: {e}") from e
+                raise _unavailable(f"{self.pds_url} {nsid}", e) from e
             expired = r.status_code == 401 or (
                 r.status_code == 400 and ("ExpiredToken" in r.text or "InvalidToken" in r.text)
             )
@@ -215,7 +249,11 @@ class Write:
 
 def _check(resp: httpx.Response, what: str) -> dict[str, Any]:
     if resp.status_code >= 500 or resp.status_code == 429:
-        raise PdsUnavailable(f"{what}: {resp.status_code} {resp.text[:200]}", _retry_after(resp))
+        raise PdsUnavailable(
+            f"{what}: {resp.status_code} {resp.text[:200]}",
+            _retry_after(resp),
+            maybe_applied=resp.status_code in _GATEWAY_GAVE_UP,
+        )
     if resp.status_code in (401, 403):
         raise AuthRequired(f"{what}: {resp.status_code} {resp.text[:200]}")
     if resp.status_code != 200:
@@ -236,12 +274,14 @@ class PdsClient:
         http: httpx.AsyncClient | None = None,
         timeout_s: float = 15.0,
     ) -> None:
-        self.http = http or httpx.AsyncClient(timeout=timeout_s)
+        self.http = http or httpx.AsyncClient(timeout=timeout_s, transport=resetting_transport())
         self.session = PdsSession(pds_url, identifier, app_password, self.http)
         self.ledger = ledger or WriteLedger()
         self.lexicons = default_lexicons()
         # What we know our repo holds: (collection, rkey) -> cid (None = known absent).
         self.known: dict[tuple[str, str], str | None] = {}
+        # Records a commit whose answer was lost may have written: looked up before a write.
+        self.unsure: set[tuple[str, str]] = set()
         # Called after each commit with (collection, rkey, cid or None) of its ops (the
         # daemon sends delivery hints to its peers from here).
         self.on_commit: Callable[[list[tuple[str, str, str | None]]], None] | None = None
@@ -287,10 +327,12 @@ class PdsClient:
         if (r.status_code in (400, 404) and "RecordNotFound" in r.text) or r.status_code == 404:
             if repo in (None, self.did):
                 self.known[(collection, rkey)] = None
+                self.unsure.discard((collection, rkey))
             return None
         body = _check(r, f"getRecord {collection}/{rkey}")
         if repo in (None, self.did):
             self.known[(collection, rkey)] = body["cid"]
+            self.unsure.discard((collection, rkey))
         return body["cid"], body["value"]
 
     async def list_records(
@@ -310,6 +352,7 @@ class PdsClient:
                 out.append((rkey, rec["cid"], rec["value"]))
                 if repo in (None, self.did):
                     self.known[(collection, rkey)] = rec["cid"]
+                    self.unsure.discard((collection, rkey))
             cursor = body.get("cursor")
             if not cursor or not body.get("records"):
                 return out
@@ -351,7 +394,9 @@ class PdsClient:
         for w in writes:
             self._validate(w)
             if w.key not in state:
-                if w.action == "create" or w.collection in self.complete:
+                if w.key not in self.unsure and (
+                    w.action == "create" or w.collection in self.complete
+                ):
                     state[w.key] = None  # a fresh key, or a fully listed collection
                 else:
                     got = await self.get_record(w.collection, w.rkey)
@@ -395,12 +440,18 @@ class PdsClient:
             if w.action != "delete":
                 op["value"] = w.value
             ops.append(op)
-        r = await self.session.request(
-            "POST", "com.atproto.repo.applyWrites", json={"repo": self.did, "writes": ops}
-        )
         try:
+            r = await self.session.request(
+                "POST", "com.atproto.repo.applyWrites", json={"repo": self.did, "writes": ops}
+            )
             body = _check(r, f"applyWrites ({len(ops)} ops)")
-        except (PdsUnavailable, PdsRejected):
+        except (PdsUnavailable, PdsRejected) as e:
+            if isinstance(e, PdsUnavailable) and e.maybe_applied:
+                # Written or not: look each record up before it is written again.
+                for w in batch:
+                    self.known.pop(w.key, None)
+                    self.unsure.add(w.key)
+                raise
             # A create may have failed because the record exists after all (knowledge we
             # assumed): look such records up again before the retry.
             for w in batch:

@@ -1,7 +1,8 @@
 """`WriteQueue`: writes submitted without waiting, sent in order in batches through a
 `PdsClient`, kept (and journaled) and retried with backoff while the PDS is down; nothing is
 dropped except a write the PDS rejects as invalid (a bug: logged with the PDS's reason) or
-a bid whose round's deadline passed unwritten.
+a bid whose round's deadline passed unwritten. A write whose answer was lost (it may have
+been applied) is looked up on the PDS before it is called unwritten.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import trio
 
 from meshletd.atproto.pds import MAX_BATCH, PdsClient, PdsRejected, PdsUnavailable, Write
+from meshletd.atproto.verify import cid_of, cid_str
 from meshletd.errors import AuthRequired, InvalidRecord
 
 log = logging.getLogger("meshletd.pds")
@@ -59,6 +61,9 @@ class WriteQueue:
             Write(w["action"], w["collection"], w["rkey"], w.get("value"), w.get("notAfter"))
             for w in (journal.load() if journal is not None else [])
         )
+        # Keys of writes whose last send may have been applied (its answer was lost, or it
+        # was pending when the last run ended): looked up before they are dropped.
+        self.unsure: set[tuple[str, str]] = {w.key for w in self.pending}
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.linger_s = linger_s
@@ -142,13 +147,16 @@ class WriteQueue:
                 # go together in the next. A linger would delay every write on the way to
                 # running (5 ms, twice: issue #18) to spare a commit now and then.
                 await trio.sleep(self.linger_s)
-            self._drop_expired()
-            batch = list(self.pending)[:MAX_BATCH]
-            if not batch:
-                continue
+            batch: list[Write] = []
             try:
+                await self._drop_expired()
+                batch = list(self.pending)[:MAX_BATCH]
+                if not batch:
+                    continue
                 await self.client.apply_writes(batch)
             except (PdsUnavailable, AuthRequired) as e:
+                if isinstance(e, PdsUnavailable) and e.maybe_applied:
+                    self.unsure.update(w.key for w in batch)
                 self.failures += 1
                 delay = min(self.backoff_max_s, delay * 2 if delay else self.backoff_initial_s)
                 delay = max(delay, min(getattr(e, "retry_after_s", 0.0), 3600.0))
@@ -173,12 +181,26 @@ class WriteQueue:
             delay = 0.0
             self._remove(batch)
 
-    def _drop_expired(self) -> None:
+    async def _drop_expired(self) -> None:
         """Drop writes that may no longer be made (their `not_after` passed while the PDS
         was unreachable): a bid published after its round's deadline would be judged by
-        its old `createdAt` and could move a slot that was settled without it."""
+        its old `createdAt` and could move a slot that was settled without it.
+
+        A write whose last send lost its answer may be on the PDS after all: it is looked
+        up first (raises `PdsUnavailable` while the PDS does not answer; the write stays,
+        never sent again). One that is there was written: the core keeps its bid."""
         now_ms = int(self.clock() * 1000)
         expired = [w for w in self.pending if w.not_after is not None and w.not_after < now_ms]
+        for w in [w for w in expired if w.key in self.unsure]:
+            if await self._was_applied(w):
+                log.warning(
+                    "pds: %s/%s was written after all (the PDS applied the request whose "
+                    "answer was lost)",
+                    w.collection,
+                    w.rkey,
+                )
+                self._remove([w])
+                expired.remove(w)
         if not expired:
             return
         for w in expired:
@@ -197,11 +219,19 @@ class WriteQueue:
             if self.on_dropped is not None:
                 self.on_dropped(w)
 
+    async def _was_applied(self, w: Write) -> bool:
+        got = await self.client.get_record(w.collection, w.rkey)
+        if w.action == "delete":
+            return got is None
+        return got is not None and w.value is not None and got[0] == cid_str(cid_of(w.value))
+
     async def _one_by_one(self, batch: list[Write]) -> None:
         for w in batch:
             try:
                 await self.client.apply_writes([w])
-            except (PdsUnavailable, AuthRequired):
+            except (PdsUnavailable, AuthRequired) as e:
+                if isinstance(e, PdsUnavailable) and e.maybe_applied:
+                    self.unsure.add(w.key)
                 return  # the rest stays queued, in order
             except (PdsRejected, InvalidRecord) as e:
                 log.error("pds: write %s/%s rejected, dropped: %s", w.collection, w.rkey, e)
@@ -213,5 +243,6 @@ class WriteQueue:
             try:
                 self.pending.remove(w)
             except ValueError:
-                pass  # superseded meanwhile
+                continue  # superseded meanwhile: the newer write's send is still to come
+            self.unsure.discard(w.key)
         self._journal()

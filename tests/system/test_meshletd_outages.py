@@ -9,6 +9,7 @@ The steps run in file order and share the commune.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -191,3 +192,54 @@ def test_a_bid_queued_while_the_pds_is_down_is_dropped_after_its_round_s_deadlin
     if "steady" in state:
         unit, before = state["steady"]
         assert container(bob, unit) == before, "the service's container changed"
+
+
+LOST_ANSWER = "tests/system/host_scripts/lost_answer.py"
+
+
+def test_a_write_given_up_on_during_a_cut_from_the_pds_is_not_applied_when_it_heals(
+    commune: Commune,
+) -> None:
+    """chaos seed 3: a bid's applyWrites timed out while carol was cut from her PDS; the
+    closed socket's request stayed in the kernel, was retransmitted when the cut healed and
+    applied 54 s late, after its round's deadline, and a slot moved off a healthy host.
+    meshletd's client gives up on a request with a reset. Beside it, the same write by a
+    client that closes plainly shows the retransmission still happens on this kernel."""
+    carol = commune["carol"]
+    collection = "commune.test.lostAnswer"
+    script = subprocess.Popen(
+        carol.host.command(carol.host.python, LOST_ANSWER, collection),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert script.stdin is not None and script.stdout is not None
+    try:
+        line = script.stdout.readline()
+        assert line.strip() == "ready", line + (script.stderr.read() if script.stderr else "")
+        commune.cut_from_pds("carol")
+        try:
+            script.stdin.write("go\n")
+            script.stdin.flush()
+            out, err = script.communicate(timeout=60)
+        finally:
+            time.sleep(1)
+            commune.heal("carol")
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen == {"reset": "lost", "plain": "lost"}, (seen, err)
+
+        def held() -> set[str]:
+            q = urllib.parse.urlencode({"repo": carol.did, "collection": collection})
+            url = f"{carol.mesh.pds_url}/xrpc/com.atproto.repo.listRecords?{q}"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return {x["uri"].rsplit("/", 1)[1] for x in json.load(r)["records"]}
+
+        # The plain close's request reaches the PDS at its next retransmission (0.2 s
+        # doubling: 3 s, 6.2 s, 12.6 s, 25.4 s after it was sent).
+        wait_for(lambda: "plain" in held() or None, 60, "the plainly closed write to land")
+        time.sleep(5)
+        assert held() == {"plain"}
+    finally:
+        if script.poll() is None:
+            script.kill()

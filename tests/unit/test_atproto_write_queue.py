@@ -8,6 +8,7 @@ import time
 import trio
 
 from meshletd.atproto.pds import PdsUnavailable, Write, WriteLedger
+from meshletd.atproto.verify import cid_of, cid_str
 from meshletd.atproto.writequeue import WriteQueue
 
 
@@ -178,3 +179,84 @@ async def test_writes_queued_together_or_while_a_commit_is_in_flight_share_a_com
         await q.flushed()
         nursery.cancel_scope.cancel()
     assert pds.commits == [[("put", "a"), ("put", "b")], [("put", "c"), ("put", "d")]]
+
+
+class LostAnswerPds(FlakyPds):
+    """A PDS whose answers are lost (a read timeout) for the next `lost` commits, which it
+    applies or not (`applies`), then unreachable for `down` more tries; it can be asked
+    what it holds."""
+
+    def __init__(self, *, lost: int, applies: bool, down: int):
+        super().__init__(failures=0)
+        self.lost, self.applies, self.down = lost, applies, down
+        self.held: dict[tuple[str, str], dict] = {}
+        self.lookups: list[str] = []
+        self.lookup_fails = 0
+
+    async def apply_writes(self, batch):
+        if self.lost:
+            self.lost -= 1
+            if self.applies:
+                self.held.update({w.key: w.value for w in batch})
+            raise PdsUnavailable("applyWrites: ReadTimeout", maybe_applied=True)
+        if self.down:
+            self.down -= 1
+            raise PdsUnavailable("applyWrites: ConnectTimeout")
+        self.held.update({w.key: w.value for w in batch})
+        self.commits.append([(w.action, w.rkey) for w in batch])
+
+    async def get_record(self, collection, rkey):
+        self.lookups.append(rkey)
+        if self.lookup_fails:
+            self.lookup_fails -= 1
+            raise PdsUnavailable("getRecord: ConnectTimeout")
+        value = self.held.get((collection, rkey))
+        return None if value is None else (cid_str(cid_of(value)), value)
+
+
+async def _bid_past_its_deadline(pds: LostAnswerPds) -> tuple[WriteQueue, list[Write]]:
+    dropped: list[Write] = []
+    q = WriteQueue(
+        pds, backoff_initial_s=0.5, backoff_max_s=2, on_dropped=dropped.append,
+        clock=trio.current_time,
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        deadline_ms = int((trio.current_time() + 3) * 1000)
+        q.submit(Write("put", "commune.scheduler.bid", "b1", {"v": 1}, not_after=deadline_ms))
+        await trio.sleep(10)  # the deadline passes; the PDS answers again
+        q.submit(Write("put", "commune.scheduler.workloadStatus", "s1", {"v": 1}))
+        await q.flushed()
+        nursery.cancel_scope.cancel()
+    return q, dropped
+
+
+async def test_a_bid_whose_answer_was_lost_but_that_the_pds_applied_is_kept(autojump_clock):
+    """chaos seed 3: a bid's applyWrites timed out, the queue dropped it at its round's
+    deadline and the core forgot it, yet the PDS had it. A write whose answer was lost is
+    looked up before it is called unwritten."""
+    pds = LostAnswerPds(lost=1, applies=True, down=3)
+    pds.lookup_fails = 1  # the PDS does not answer the first lookup either
+    q, dropped = await _bid_past_its_deadline(pds)
+    assert dropped == [] and q.dropped == []
+    assert pds.lookups == ["b1", "b1"]
+    assert pds.commits == [[("put", "s1")]]  # never sent again past its deadline
+    assert q.unsure == set()
+
+
+async def test_a_bid_whose_answer_was_lost_and_that_the_pds_never_got_is_dropped(
+    autojump_clock,
+):
+    pds = LostAnswerPds(lost=2, applies=False, down=3)
+    _, dropped = await _bid_past_its_deadline(pds)
+    assert [w.rkey for w in dropped] == ["b1"]
+    assert pds.lookups == ["b1"]
+    assert ("commune.scheduler.bid", "b1") not in pds.held
+    assert pds.commits == [[("put", "s1")]]
+
+
+async def test_a_bid_refused_outright_is_dropped_without_a_lookup(autojump_clock):
+    """A connection that was never made cannot have written anything: no lookup."""
+    pds = LostAnswerPds(lost=0, applies=False, down=5)
+    _, dropped = await _bid_past_its_deadline(pds)
+    assert [w.rkey for w in dropped] == ["b1"] and pds.lookups == []
