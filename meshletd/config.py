@@ -43,7 +43,13 @@ from pydantic import (
     field_validator,
 )
 
-from meshletd.core.timing import DEFAULT_TIMING, LEASE_MAX_VALID_MS, Timing
+from meshletd.core.timing import (
+    DEFAULT_TIMING,
+    FEED_QUIET_MS,
+    LEASE_MAX_VALID_MS,
+    LEASE_SLACK_MS,
+    Timing,
+)
 from meshletd.errors import ConfigError
 from meshletd.policy_settings import PolicySettings
 
@@ -217,10 +223,12 @@ class Scheduling(_Section):
     @classmethod
     def _lease_outlives_its_renewal(cls, value: int, info: ValidationInfo) -> int:
         renew = info.data.get("lease_renew_ms")
-        if renew is not None and value <= renew:
+        if renew is not None and value < renew + LEASE_SLACK_MS:
             raise ValueError(
-                f"must be more than lease_renew_ms ({renew}): a lease that expires before "
-                "its renewal makes a healthy meshlet look dead between the two"
+                f"must be at least lease_renew_ms ({renew}) + {LEASE_SLACK_MS}: a watcher "
+                f"cut from this meshlet's PDS takes that PDS for silent only after "
+                f"{FEED_QUIET_MS // 1000} s, and a lease that expires sooner after its last "
+                "renewal makes a healthy meshlet look dead to it (docs/protocol.md, section 8)"
             )
         return value
 

@@ -11,9 +11,10 @@ Jobs report their own completion: the container's last step is an HTTP GET to a 
 server on the network's gateway, naming the job and the container (its hostname), so a job
 run to completion twice is seen even when the host that ran it first is gone.
 
-The hosts behind NAT renew their lease every `--lease-renew` s (default 5) and it is valid
-`--lease-valid` s (default 12), as in tests/system/test_commune_nat.py, so that a run of a
-few minutes sees lease-based failovers; the bound follows (docs/protocol.md section 8).
+The hosts behind NAT renew their lease every `--lease-renew` s (default 4) and it is valid
+`--lease-valid` s (default 20; meshletd wants at least renew + 15 s), as in
+tests/system/test_commune_nat.py, so that a run of a few minutes sees lease-based
+failovers; the bound follows (docs/protocol.md section 8).
 """
 
 from __future__ import annotations
@@ -372,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float)
     ap.add_argument("--hosts", type=int, default=4)
     ap.add_argument("--nat", type=int, default=1, help="how many hosts are behind NAT")
-    ap.add_argument("--lease-renew", type=float, default=5.0)
-    ap.add_argument("--lease-valid", type=float, default=12.0)
+    ap.add_argument("--lease-renew", type=float, default=4.0)
+    ap.add_argument("--lease-valid", type=float, default=20.0)
     ap.add_argument("--plan", action="store_true", help="print the schedule and exit")
     ap.add_argument("--record", help="save what the run observed (JSON) in this file")
     ap.add_argument("--recheck", metavar="FILE", help="check a saved run again, run nothing")

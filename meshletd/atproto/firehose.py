@@ -45,6 +45,7 @@ from meshletd.atproto.subscription import (
     PdsSubscription,
 )
 from meshletd.atproto.verify import Unverified
+from meshletd.core.timing import FEED_QUIET_MS
 from meshletd.errors import InvalidRecord
 
 __all__ = [
@@ -78,8 +79,8 @@ HINT_BURST = 50
 REPO_RESYNC_TIMEOUT_S = 60.0
 RESYNC_CONCURRENCY = 4
 # A PDS's stream silent this long (pings every 5 s: two lost pongs and a margin) counts as
-# behind: `Firehose.behind`.
-FEED_QUIET_S = 12.0
+# behind: `Firehose.behind`. Leases must outlast their renewal by more (`LEASE_SLACK_MS`).
+FEED_QUIET_S = FEED_QUIET_MS / 1000
 # Records refused by validation, remembered (newest first out) so their owners can be shown
 # why: at most this many in all, and at most MAX_REFUSED_PER_REPO of one repo.
 MAX_REFUSED = 2000

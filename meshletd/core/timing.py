@@ -64,4 +64,14 @@ LEASE_MAX_VALID_MS = 600_000
 """Observers count a lease fresh for at most this long after its renewal, whatever its
 `validMs` says (a bound on what a peer's record can make us believe)."""
 
+FEED_QUIET_MS = 12_000
+"""A PDS whose stream (pinged every 5 s) sent no frame and no pong this long is reported
+behind (`FeedsBehind`): its repos' leases prove nothing meanwhile (docs/protocol.md, 8)."""
+
+LEASE_SLACK_MS = FEED_QUIET_MS + 3_000
+"""A lease's validity must outlast its renewal period by this much: a watcher cut from the
+lease's PDS right after hearing it must take that PDS for behind (`FEED_QUIET_MS`, + one
+tick and the renewal's delivery) before the last renewal it saw expires; with less, it
+suspects a healthy meshlet behind NAT (docs/protocol.md, section 8)."""
+
 __all__ = ["DEFAULT_TIMING", "LEASE_MAX_VALID_MS", "Timing"]

@@ -30,8 +30,8 @@ pytestmark = pytest.mark.skipif(
     host_kind() == "local", reason="boots three hosts of its own: dev/hostenv hosts only"
 )
 
-LEASE_RENEW_MS = 5_000
-LEASE_VALID_MS = 12_000
+LEASE_RENEW_MS = 4_000
+LEASE_VALID_MS = 20_000  # at least R + 15 s (meshletd refuses less: docs/protocol.md, 8)
 SCHEDULING = {"lease_renew_ms": LEASE_RENEW_MS, "lease_valid_ms": LEASE_VALID_MS}
 # docs/protocol.md section 8: detection <= V + 3 probe intervals (+ R when no watcher
 # can probe anyone: it waits for a renewal to show its own view is current), then the

@@ -134,3 +134,14 @@ def test_a_half_life_shorter_than_a_usage_period_is_refused(tmp_path: Path) -> N
     p = write(tmp_path, GOOD + "[scheduling]\nusage_period_ms = 60000\nhalf_life_ms = 5000\n")
     with pytest.raises(ConfigError, match=r"scheduling\.half_life_ms: .*usage_period_ms"):
         config.load(p)
+
+
+def test_a_lease_too_short_for_a_cut_watcher_to_notice_is_refused(tmp_path: Path) -> None:
+    """Chaos seed 3 (session 10): with a lease valid 12 s and renewed every 5 s, a watcher
+    cut from the lease's PDS saw the lease expire before it took that PDS for silent (12 s)
+    and suspected a healthy meshlet behind NAT."""
+    p = write(tmp_path, GOOD + "[scheduling]\nlease_renew_ms = 5000\nlease_valid_ms = 12000\n")
+    with pytest.raises(ConfigError, match=r"scheduling\.lease_valid_ms: .*5000\) \+ 15000"):
+        config.load(p)
+    p = write(tmp_path, GOOD + "[scheduling]\nlease_renew_ms = 4000\nlease_valid_ms = 20000\n")
+    assert config.load(p).scheduling.timing().lease_valid_ms == 20000
