@@ -61,9 +61,9 @@ class WriteQueue:
             Write(w["action"], w["collection"], w["rkey"], w.get("value"), w.get("notAfter"))
             for w in (journal.load() if journal is not None else [])
         )
-        # Keys of writes whose last send may have been applied (its answer was lost, or it
-        # was pending when the last run ended): looked up before they are dropped.
-        self.unsure: set[tuple[str, str]] = {w.key for w in self.pending}
+        # Writes pending when the last run ended may have been applied: the client looks
+        # them up before it writes them again or we drop them.
+        client.unsure.update(w.key for w in self.pending)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.linger_s = linger_s
@@ -155,8 +155,6 @@ class WriteQueue:
                     continue
                 await self.client.apply_writes(batch)
             except (PdsUnavailable, AuthRequired) as e:
-                if isinstance(e, PdsUnavailable) and e.maybe_applied:
-                    self.unsure.update(w.key for w in batch)
                 self.failures += 1
                 delay = min(self.backoff_max_s, delay * 2 if delay else self.backoff_initial_s)
                 delay = max(delay, min(getattr(e, "retry_after_s", 0.0), 3600.0))
@@ -191,7 +189,7 @@ class WriteQueue:
         never sent again). One that is there was written: the core keeps its bid."""
         now_ms = int(self.clock() * 1000)
         expired = [w for w in self.pending if w.not_after is not None and w.not_after < now_ms]
-        for w in [w for w in expired if w.key in self.unsure]:
+        for w in [w for w in expired if w.key in self.client.unsure]:
             if await self._was_applied(w):
                 log.warning(
                     "pds: %s/%s was written after all (the PDS applied the request whose "
@@ -229,9 +227,7 @@ class WriteQueue:
         for w in batch:
             try:
                 await self.client.apply_writes([w])
-            except (PdsUnavailable, AuthRequired) as e:
-                if isinstance(e, PdsUnavailable) and e.maybe_applied:
-                    self.unsure.add(w.key)
+            except (PdsUnavailable, AuthRequired):
                 return  # the rest stays queued, in order
             except (PdsRejected, InvalidRecord) as e:
                 log.error("pds: write %s/%s rejected, dropped: %s", w.collection, w.rkey, e)
@@ -243,6 +239,5 @@ class WriteQueue:
             try:
                 self.pending.remove(w)
             except ValueError:
-                continue  # superseded meanwhile: the newer write's send is still to come
-            self.unsure.discard(w.key)
+                pass  # superseded meanwhile
         self._journal()

@@ -16,6 +16,7 @@ class FlakyPds:
     def __init__(self, failures: int):
         self.failures = failures
         self.commits: list[list[tuple[str, str]]] = []
+        self.unsure: set[tuple[str, str]] = set()  # as PdsClient: answers lost
 
     def _validate(self, w):
         pass
@@ -198,6 +199,7 @@ class LostAnswerPds(FlakyPds):
             self.lost -= 1
             if self.applies:
                 self.held.update({w.key: w.value for w in batch})
+            self.unsure.update(w.key for w in batch)
             raise PdsUnavailable("applyWrites: ReadTimeout", maybe_applied=True)
         if self.down:
             self.down -= 1
@@ -210,6 +212,7 @@ class LostAnswerPds(FlakyPds):
         if self.lookup_fails:
             self.lookup_fails -= 1
             raise PdsUnavailable("getRecord: ConnectTimeout")
+        self.unsure.discard((collection, rkey))
         value = self.held.get((collection, rkey))
         return None if value is None else (cid_str(cid_of(value)), value)
 
@@ -241,7 +244,7 @@ async def test_a_bid_whose_answer_was_lost_but_that_the_pds_applied_is_kept(auto
     assert dropped == [] and q.dropped == []
     assert pds.lookups == ["b1", "b1"]
     assert pds.commits == [[("put", "s1")]]  # never sent again past its deadline
-    assert q.unsure == set()
+    assert pds.unsure == set()
 
 
 async def test_a_bid_whose_answer_was_lost_and_that_the_pds_never_got_is_dropped(
