@@ -211,9 +211,10 @@ class Scheduling(_Section):
     watchers: int = Field(default=_T.watchers, ge=1, le=9)
     fence_timeout_ms: int = Field(default=_T.fence_timeout_ms, ge=0, le=3_600_000)
     reopen_backoff_ms: int = Field(default=_T.reopen_backoff_ms, ge=0, le=3_600_000)
-    # 10 ms, not the core's 50: enough to gather the records of one firehose frame, and it
-    # is on the publish -> running path (docs/benchmarks.md, "End to end").
-    bid_batch_ms: int = Field(default=10, ge=0, le=10_000)
+    # 2 ms, not the core's 50: it orders what arrives together (the records of one frame are
+    # handled back to back), and it is on the publish -> running path (docs/benchmarks.md,
+    # "End to end", "Session 11"); across batches fair share is section 23's waiting rule.
+    bid_batch_ms: int = Field(default=2, ge=0, le=10_000)
     update_timeout_ms: int = Field(default=_T.update_timeout_ms, ge=1000, le=3_600_000)
     # only written by a meshlet without public_endpoint (it cannot be probed)
     lease_renew_ms: int = Field(default=_T.lease_renew_ms, ge=1000, le=600_000)

@@ -101,9 +101,9 @@ def test_scheduling_defaults_are_the_protocol_s_timing(tmp_path: Path) -> None:
 
     from meshletd.core.timing import DEFAULT_TIMING
 
-    # One local knob differs: the daemon bids 10 ms after a workload arrives (the core's
+    # One local knob differs: the daemon bids 2 ms after a workload arrives (the core's
     # default batch is 50 ms; it is on the publish -> running path).
-    expected = replace(DEFAULT_TIMING, bid_batch_ms=10)
+    expected = replace(DEFAULT_TIMING, bid_batch_ms=2)
     assert config.load(write(tmp_path, GOOD)).scheduling.timing() == expected
 
 
