@@ -74,6 +74,7 @@ class WriteQueue:
         if not self.pending:
             self._idle.set()
         self._journal_due = trio.Event()  # set: the pending writes changed since the save
+        self._left = trio.Event()  # set (and replaced) whenever a write leaves the queue
 
     def _journal(self) -> None:
         if self.journal is not None:
@@ -113,11 +114,34 @@ class WriteQueue:
         for i, old in enumerate(self.pending):
             if old.key == write.key:
                 del self.pending[i]
+                self._signal_left()
                 break
         self.pending.append(write)
         self._journal()
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
+
+    def is_pending(self, collection: str, rkey: str) -> bool:
+        """Whether a write of this record waits for the PDS."""
+        return any(w.key == (collection, rkey) for w in self.pending)
+
+    async def written(self, collection: str, rkey: str) -> bool:
+        """Wait while a write of this record waits for the PDS. True once none does (it
+        was written, or none was queued); False if the last one was dropped at its
+        deadline or refused by the PDS: it will never be on the PDS."""
+        key = (collection, rkey)
+        while True:
+            w = next((w for w in self.pending if w.key == key), None)
+            if w is None:
+                return True
+            while any(p is w for p in self.pending):
+                await self._left.wait()
+            if any(d is w for d in self.dropped) or any(r is w for r, _ in self.rejected):
+                return False
+
+    def _signal_left(self) -> None:
+        self._left.set()
+        self._left = trio.Event()
 
     async def flushed(self) -> None:
         """Wait until every submitted write reached the PDS."""
@@ -241,3 +265,4 @@ class WriteQueue:
             except ValueError:
                 pass  # superseded meanwhile
         self._journal()
+        self._signal_left()

@@ -52,6 +52,12 @@ def bid_rkey(workload_uri: str, round_: int, slot: int) -> str:
     return _rkey("b", f"{workload_uri}|{round_}|{slot}")
 
 
+def winning_bid_rkey(workload_uri: str, round_: int, slot: int) -> str:
+    """The rkey of our bid that placed us in (round, slot): round 0's bid offers slots of
+    every index (slot -1), a later round's is for its one slot."""
+    return bid_rkey(workload_uri, round_, -1 if round_ == 0 else slot)
+
+
 def status_rkey(workload_uri: str, slot: int) -> str:
     """Deterministic rkey of our status record for (workload, slot)."""
     return _rkey("s", f"{workload_uri}|{slot}")
@@ -328,4 +334,5 @@ __all__ = [
     "Surge",
     "bid_rkey",
     "status_rkey",
+    "winning_bid_rkey",
 ]

@@ -362,6 +362,7 @@ class AtprotoNode:
             probe=self.peers.ping,
             probe_timeout_s=PROBE_TIMEOUT_S + 1.0,
             feeds_behind=self.formation.firehose.behind if self.formation else None,
+            published=writes,
         )
         self.local.engine = engine
         adopted = await nursery.start(engine.run)

@@ -52,7 +52,7 @@ from meshletd.core.events import (
     Tick,
 )
 from meshletd.core.liveness import Liveness
-from meshletd.core.nsid import NSID_WORKLOAD
+from meshletd.core.nsid import NSID_BID, NSID_WORKLOAD
 from meshletd.core.records import (
     Endpoint,
     MeshletOwner,
@@ -60,6 +60,7 @@ from meshletd.core.records import (
     WorkloadStatus,
     split_at_uri,
 )
+from meshletd.core.state import winning_bid_rkey
 from meshletd.daemon.followed import core_record
 from meshletd.daemon.local import PlacementQueries
 from meshletd.jsonvalue import RecordChange
@@ -176,6 +177,13 @@ class _Batch:
     events: list[Event]
 
 
+class Published(Protocol):
+    """Our writes on their way to the PDS (the write queue)."""
+
+    def is_pending(self, collection: str, rkey: str) -> bool: ...
+    async def written(self, collection: str, rkey: str) -> bool: ...
+
+
 class Engine:
     """Drives one scheduler core (`Core`) over one runtime."""
 
@@ -192,6 +200,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         probe_timeout_s: float = 2.0,
         feeds_behind: Callable[[], frozenset[str]] | None = None,
+        published: Published | None = None,
     ) -> None:
         self.probe_timeout_s = probe_timeout_s  # the probe's own bounds, plus a margin
         self.scheduler = scheduler
@@ -223,6 +232,12 @@ class Engine:
         # lane): an exit of any other is one that ended while meshletd was away.
         self._told: set[tuple[str, int, int]] = set()
         self._pull_said: dict[tuple[str, int], float] = {}  # last pull progress forwarded
+        # Our writes on their way to the PDS (None: every write is taken as made at once).
+        # A replica won with a bid still unwritten waits for it (docs/protocol.md, section
+        # 14): starts waiting so, by (uri, slot, lane), and those whose bid never will be.
+        self._published = published
+        self._held_starts: dict[tuple[str, int, int], trio.CancelScope] = {}
+        self._never_started: set[tuple[str, int, int]] = set()
 
     @property
     def admin_slice_keys(self) -> frozenset[str]:
@@ -437,10 +452,42 @@ class Engine:
         owner_handle = self._owner_handle(action.workload.owner)
         return replica_spec(action, secret_values or {}, owner_handle)
 
+    async def _bid_published(self, action: StartReplica, what: str) -> bool:
+        """Wait while our bid that won this slot is still unwritten: no replica runs on a
+        bid no observer can see yet (its PDS down: the bid may be dropped at its round's
+        deadline and the slot go to another meshlet, which would run it too). False if it
+        never will be, or a stop came first."""
+        published = self._published
+        key = (action.workload.uri, action.slot, action.lane)
+        self._never_started.discard(key)
+        if published is None:
+            return True
+        bid = (NSID_BID, winning_bid_rkey(action.workload.uri, action.round, action.slot))
+        if not published.is_pending(*bid):
+            return True
+        log.info("%s waits for our bid of round %d to reach our PDS", what, action.round)
+        made = False
+        with trio.CancelScope() as scope:
+            self._held_starts[key] = scope
+            try:
+                made = await published.written(*bid)
+            finally:
+                stopped = self._held_starts.get(key) is not scope  # `_stop` took it
+                if not stopped:
+                    del self._held_starts[key]
+        if stopped:
+            return False
+        if not made:
+            log.info("%s not started: our bid never reached our PDS", what)
+            self._never_started.add(key)
+        return made
+
     async def _start(self, action: StartReplica) -> None:
         uri, slot, lane = action.workload.uri, action.slot, action.lane
-        self._told.add((uri, slot, lane))
         what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+        if not await self._bid_published(action, what):
+            return
+        self._told.add((uri, slot, lane))
         log.info("starting %s (round %d, version %s)", what, action.round, action.workload.version)
         try:
             values = await self.secrets_for(action.workload)
@@ -464,6 +511,15 @@ class Engine:
     async def _stop(self, action: StopReplica) -> None:
         uri, slot, lane = action.workload_uri, action.slot, action.lane
         what = f"replica {slot} of {uri}" + (f" (lane {lane})" if lane else "")
+        key = (uri, slot, lane)
+        held = self._held_starts.pop(key, None)
+        if held is not None or key in self._never_started:
+            if held is not None:
+                held.cancel()
+            self._never_started.discard(key)
+            log.info("%s not started after all (%s)", what, action.reason)
+            self.feed(ReplicaStateChanged(uri, slot, "stopped", lane=lane))
+            return
         log.info("stopping %s (%s)", what, action.reason)
         try:
             await self.runtime.stop(replica_id(uri, slot, lane))

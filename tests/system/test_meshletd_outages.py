@@ -171,6 +171,21 @@ def test_a_bid_queued_while_the_pds_is_down_is_dropped_after_its_round_s_deadlin
             60,
             "bob's queue to drop a bid past its round's deadline",
         )
+
+        # bob won round 0 alone, on that bid: no replica ran on it (docs/protocol.md,
+        # section 14), where it used to start and be stopped seconds later.
+        def gave_up() -> str | None:
+            said = since_start(bob)
+            return said if "never reached our PDS" in said else None
+
+        said = wait_for(
+            gave_up,
+            30,
+            "bob to give up the start held for its unwritten bid",
+        )
+        assert f"replica 0 of {uri} waits for our bid of round 0" in said
+        assert f"starting replica 0 of {uri} (round 0" not in said
+        assert not units_of(bob, uri)
     finally:
         devnet.start_pds(BOBS_PDS)
 

@@ -263,3 +263,38 @@ async def test_a_bid_refused_outright_is_dropped_without_a_lookup(autojump_clock
     pds = LostAnswerPds(lost=0, applies=False, down=5)
     _, dropped = await _bid_past_its_deadline(pds)
     assert [w.rkey for w in dropped] == ["b1"] and pds.lookups == []
+
+
+async def test_a_wait_for_a_bid_ends_true_when_it_is_written_and_false_when_dropped(
+    autojump_clock,
+):
+    """What the engine waits on before it starts a replica won with a bid that is still
+    unwritten (docs/protocol.md, section 14)."""
+    pds = FlakyPds(failures=1000)
+    q = WriteQueue(pds, backoff_initial_s=0.5, backoff_max_s=1, clock=trio.current_time)
+    outcomes: dict[str, bool] = {}
+
+    async def wait(rkey: str) -> None:
+        outcomes[rkey] = await q.written("commune.scheduler.bid", rkey)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(q.run)
+        now_ms = int(trio.current_time() * 1000)
+        q.submit(Write("put", "commune.scheduler.bid", "b1", {"v": 1}, not_after=now_ms + 3000))
+        q.submit(Write("put", "commune.scheduler.bid", "b2", {"v": 1}, not_after=now_ms + 60_000))
+        assert q.is_pending("commune.scheduler.bid", "b1")
+        nursery.start_soon(wait, "b1")
+        nursery.start_soon(wait, "b2")
+        await trio.sleep(10)  # b1's deadline passes while the PDS is down
+        assert outcomes == {"b1": False}
+        # b2 is written again with a newer value meanwhile: the wait follows the newest.
+        q.submit(Write("put", "commune.scheduler.bid", "b2", {"v": 2}, not_after=now_ms + 60_000))
+        await trio.sleep(5)
+        assert "b2" not in outcomes
+        pds.failures = 0
+        await q.flushed()
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert outcomes == {"b1": False, "b2": True}
+    assert pds.commits == [[("put", "b2")]]
+    assert await q.written("commune.scheduler.bid", "b3")  # nothing queued: nothing to wait

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import trio
 
-from meshletd.atproto.pds import Write
+from meshletd.atproto.pds import PdsUnavailable, Write
 from meshletd.atproto.records import record_from_json
+from meshletd.atproto.writequeue import WriteQueue
 from meshletd.core.actions import StartReplica
-from meshletd.core.events import SetDraining
+from meshletd.core.events import BidAbandoned, SetDraining
 from meshletd.core.records import MeshletOwner, Workload, format_datetime_ms
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
 from meshletd.daemon.engine import Engine, replica_id, replica_spec
@@ -413,3 +414,79 @@ async def test_the_journal_says_whom_the_meshlet_suspects_lost_and_why(
     assert "3 probes failed in a row" in caplog.text
     up[bob_mesh] = True
     await wait_for(lambda: "suspect did:plc:bobmesh answers again" in caplog.text)
+
+
+class DownPds:
+    """Our PDS, down until `up` (what the write queue calls)."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.unsure: set[tuple[str, str]] = set()
+        self.written: list[str] = []
+
+    def _validate(self, w: Write) -> None:
+        pass
+
+    async def apply_writes(self, batch: list[Write]) -> None:
+        if not self.up:
+            raise PdsUnavailable("connection refused")
+        self.written += [w.collection.rsplit(".", 1)[-1] for w in batch]
+
+
+async def _engine_with_our_pds_down(
+    nursery: trio.Nursery, machine: FakeMachine
+) -> tuple[Engine, DownPds]:
+    clock = lambda: T0 + trio.current_time()  # noqa: E731
+    pds = DownPds()
+    engine: Engine | None = None
+
+    def dropped(w: Write) -> None:
+        assert engine is not None
+        engine.feed(BidAbandoned(f"at://{ME}/{w.collection}/{w.rkey}"))
+
+    queue = WriteQueue(
+        pds, backoff_initial_s=0.05, backoff_max_s=0.1, on_dropped=dropped, clock=clock
+    )
+    await nursery.start(queue.run)
+    sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
+    engine = Engine(sched, fake_runtime(machine), queue.submit, clock=clock, published=queue)
+    await nursery.start(engine.run)
+    engine.view_complete(cluster_records(int(clock() * 1000)))
+    return engine, pds
+
+
+async def test_a_replica_won_with_a_bid_still_unwritten_starts_once_the_bid_is_written(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    """Chaos: a meshlet whose PDS was stopped counted its own bid, won, ran the job, and
+    stopped it seconds later when the bid was dropped, while the slot's real holder ran it
+    too. No replica runs on a bid no observer can see yet (docs/protocol.md, section 14)."""
+    machine = FakeMachine()
+    engine, pds = await _engine_with_our_pds_down(nursery, machine)
+    ev = workload(int((T0 + trio.current_time()) * 1000))
+    engine.record_changed(ev)
+    # The round closes: we won it, on a bid not written (the only bidder).
+    await wait_for(lambda: engine.scheduler.placement().get(ev.uri, [None])[0] is not None)
+    await trio.sleep(0.1)
+    assert machine.started == 0 and engine._held_starts
+    pds.up = True  # the PDS is back before the round's deadline + skew (750 ms)
+    await wait_for(lambda: engine.scheduler.replicas().get((ev.uri, 0)) == "running")
+    assert machine.started == 1 and pds.written[0] == "bid"
+
+
+async def test_a_replica_won_with_a_bid_that_is_dropped_unwritten_never_runs(
+    nursery: trio.Nursery, autojump_clock
+) -> None:
+    machine = FakeMachine()
+    engine, pds = await _engine_with_our_pds_down(nursery, machine)
+    ev = workload(int((T0 + trio.current_time()) * 1000))
+    engine.record_changed(ev)
+    await wait_for(lambda: engine.scheduler.placement().get(ev.uri, [None])[0] is not None)
+    # Its deadline passes: the bid is dropped and the core forgets it; it bids again in
+    # each replacement round, each won on a bid that never reaches the PDS.
+    await trio.sleep(30)
+    assert machine.started == 0
+    assert engine.scheduler.replicas().get((ev.uri, 0)) != "running"
+    pds.up = True  # back: the core bids again, and this time it runs
+    await wait_for(lambda: engine.scheduler.replicas().get((ev.uri, 0)) == "running", 120)
+    assert machine.started == 1
