@@ -433,9 +433,11 @@ class DownPds:
         self.written += [w.collection.rsplit(".", 1)[-1] for w in batch]
 
 
-async def _engine_with_our_pds_down(
+async def _won_with_our_pds_down(
     nursery: trio.Nursery, machine: FakeMachine
-) -> tuple[Engine, DownPds]:
+) -> tuple[Engine, DownPds, Ev]:
+    """An engine whose PDS is down sees a workload and wins its round alone, on a bid the
+    PDS does not have."""
     clock = lambda: T0 + trio.current_time()  # noqa: E731
     pds = DownPds()
     engine: Engine | None = None
@@ -452,7 +454,10 @@ async def _engine_with_our_pds_down(
     engine = Engine(sched, fake_runtime(machine), queue.submit, clock=clock, published=queue)
     await nursery.start(engine.run)
     engine.view_complete(cluster_records(int(clock() * 1000)))
-    return engine, pds
+    ev = workload(int(clock() * 1000))
+    engine.record_changed(ev)
+    await wait_for(lambda: engine.scheduler.placement().get(ev.uri, [None])[0] is not None)
+    return engine, pds, ev
 
 
 async def test_a_replica_won_with_a_bid_still_unwritten_starts_once_the_bid_is_written(
@@ -462,11 +467,7 @@ async def test_a_replica_won_with_a_bid_still_unwritten_starts_once_the_bid_is_w
     stopped it seconds later when the bid was dropped, while the slot's real holder ran it
     too. No replica runs on a bid no observer can see yet (docs/protocol.md, section 14)."""
     machine = FakeMachine()
-    engine, pds = await _engine_with_our_pds_down(nursery, machine)
-    ev = workload(int((T0 + trio.current_time()) * 1000))
-    engine.record_changed(ev)
-    # The round closes: we won it, on a bid not written (the only bidder).
-    await wait_for(lambda: engine.scheduler.placement().get(ev.uri, [None])[0] is not None)
+    engine, pds, ev = await _won_with_our_pds_down(nursery, machine)
     await trio.sleep(0.1)
     assert machine.started == 0 and engine._held_starts
     pds.up = True  # the PDS is back before the round's deadline + skew (750 ms)
@@ -478,10 +479,7 @@ async def test_a_replica_won_with_a_bid_that_is_dropped_unwritten_never_runs(
     nursery: trio.Nursery, autojump_clock
 ) -> None:
     machine = FakeMachine()
-    engine, pds = await _engine_with_our_pds_down(nursery, machine)
-    ev = workload(int((T0 + trio.current_time()) * 1000))
-    engine.record_changed(ev)
-    await wait_for(lambda: engine.scheduler.placement().get(ev.uri, [None])[0] is not None)
+    engine, pds, ev = await _won_with_our_pds_down(nursery, machine)
     # Its deadline passes: the bid is dropped and the core forgets it; it bids again in
     # each replacement round, each won on a bid that never reaches the PDS.
     await trio.sleep(30)
