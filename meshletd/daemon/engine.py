@@ -404,6 +404,7 @@ class Engine:
         an operator looks for when a slot moved off a host that was up."""
         for m in sorted(now - self._suspects):
             log.info("suspect %s lost: %s", m, why.get(m, "?"))
+            trace("suspect", peer=m)
         for m in sorted(self._suspects - now):
             log.info("suspect %s answers again", m)
         self._suspects = now
