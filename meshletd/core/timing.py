@@ -16,9 +16,12 @@ class Timing:
     """Propagation allowance: a record written at t is seen by peers by t + grace (usually)."""
     replacement_window_ms: int = 1000
     """Bid window of every round after round 0."""
-    probe_interval_ms: int = 1000
-    probe_failures: int = 3
-    """Consecutive failed probes before a watched peer is suspected lost."""
+    probe_interval_ms: int = 500
+    probe_failures: int = 5
+    """Consecutive failed probes before a watched peer is suspected lost. With the 1 s
+    connect timeout a peer is suspected once it has been silent for about
+    (probe_failures - 1) x probe_interval_ms + 1 s = 3 s; the interval only sets how late
+    after its death the first failing probe starts (docs/protocol.md, section 8)."""
     watchers: int = 3
     """How many meshlets probe each meshlet (and how many each one probes)."""
     fence_timeout_ms: int = 60_000

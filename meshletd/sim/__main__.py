@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--probe-interval-ms",
         type=int,
-        default=1000,
+        default=Timing().probe_interval_ms,
         help="liveness probe interval (local; long runs without faults can probe less)",
     )
     p.add_argument("--cpu-milli", type=int, default=16_000, help="each meshlet's CPU")

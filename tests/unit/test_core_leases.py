@@ -28,7 +28,8 @@ from .core_helpers import CPU, MEM, T0, bid, cluster_records, feed, mesh, owner,
 
 CLOSE = T0 + 2000 + 2000
 R, V = 5_000, 12_000
-TIMING = Timing(lease_renew_ms=R, lease_valid_ms=V)
+# Short leases; probes every second, 3 failures (a tick of these tests is one probe round).
+TIMING = Timing(lease_renew_ms=R, lease_valid_ms=V, probe_interval_ms=1000, probe_failures=3)
 
 
 def of(actions: list[object], kind: type) -> list:

@@ -100,7 +100,7 @@ def test_an_owned_slot_has_no_reason_until_its_host_is_suspected() -> None:
     core.handle(Tick(CLOSE))
     assert core.placement()[wl.uri] == ((0, mesh(0)),)
     assert core.pending_reason(wl.uri, 0) is None
-    for _ in range(3):
+    for _ in range(core.t.probe_failures):
         core.handle(ProbeResult(mesh(0), ok=False))
     why = core.pending_reason(wl.uri, 0)
     assert why is not None and why.startswith(f"its host {mesh(0)} is suspected lost")

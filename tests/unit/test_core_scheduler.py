@@ -95,7 +95,7 @@ def test_a_lost_host_is_probed_then_its_slot_reoffered_in_a_new_round() -> None:
         if probe.meshlet != mesh(0):
             core.handle(ProbeResult(probe.meshlet, ok=True))
     out = []
-    for _ in range(3):
+    for _ in range(core.t.probe_failures):
         out += core.handle(ProbeResult(mesh(0), ok=False))
     opened = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
     assert [(b.round, b.slot) for b in opened] == [(1, 0)]
@@ -264,7 +264,7 @@ def test_a_cut_off_watcher_opens_no_round_until_a_peer_answers() -> None:
     else:
         raise AssertionError("nobody watches mesh(0)")
     opened = []
-    for _ in range(3):  # every probe fails: we are the one cut off
+    for _ in range(core.t.probe_failures):  # every probe fails: we are the one cut off
         for probe in of(out, ProbePeer):
             opened += of(core.handle(ProbeResult(probe.meshlet, ok=False)), PutRecord)
     assert not [a for a in opened if isinstance(a.record, Bid)]
@@ -292,11 +292,12 @@ def test_a_cut_off_watcher_does_not_take_a_peer_that_answered_long_ago_as_alive(
         acts: list[object] = []
         for p in of(out, ProbePeer):
             acts += core.handle(ProbeResult(p.meshlet, ok=answer(p.meshlet)))
-        now += 1000
+        now += core.t.probe_interval_ms
         out = core.handle(Tick(now))
         return acts
 
-    for _ in range(4):  # x stops answering: it is suspected and z joins the watch list
+    # x stops answering: it is suspected and z joins the watch list
+    for _ in range(core.t.probe_failures + 1):
         probe_round(lambda m: m != x)
     stand_ins = {p.meshlet for p in of(out, ProbePeer)} - set(first)
     assert stand_ins, "a suspected peer is replaced on the watch list"
@@ -305,7 +306,7 @@ def test_a_cut_off_watcher_does_not_take_a_peer_that_answered_long_ago_as_alive(
     now += 60_000
     out = core.handle(Tick(now))
     opened: list[object] = []
-    for _ in range(5):  # a minute later we are cut off: every probe fails
+    for _ in range(core.t.probe_failures + 2):  # a minute later we are cut off: all fail
         opened += probe_round(lambda m: False)
     assert not [a for a in opened if isinstance(a, PutRecord) and isinstance(a.record, Bid)]
 

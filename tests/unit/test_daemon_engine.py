@@ -16,6 +16,7 @@ from meshletd.core.actions import StartReplica
 from meshletd.core.events import BidAbandoned, SetDraining
 from meshletd.core.records import MeshletOwner, Workload, format_datetime_ms
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
+from meshletd.core.timing import DEFAULT_TIMING
 from meshletd.daemon.engine import Engine, replica_id, replica_spec
 from meshletd.runtime import FakeMachine, fake_runtime
 
@@ -411,7 +412,7 @@ async def test_the_journal_says_whom_the_meshlet_suspects_lost_and_why(
     assert "suspect" not in caplog.text
     up[bob_mesh] = False
     await wait_for(lambda: "suspect did:plc:bobmesh lost" in caplog.text)
-    assert "3 probes failed in a row" in caplog.text
+    assert f"{DEFAULT_TIMING.probe_failures} probes failed in a row" in caplog.text
     up[bob_mesh] = True
     await wait_for(lambda: "suspect did:plc:bobmesh answers again" in caplog.text)
 
