@@ -19,19 +19,19 @@ log = logging.getLogger("meshletd.peers")
 # secrets and logs may wait on the peer's journal or PDS.
 # A liveness probe fails when the peer's XRPC port cannot be connected to within
 # PING_CONNECT_S, or does not answer within PING_ANSWER_S once connected.
-# - Connect: one probe interval. A powered-off host on a real network answers nothing (no
-#   RST as on loopback), so its 3rd failure lands 2 intervals + this timeout after its
-#   first; at 2 s the failover took p50 5.6 s on hosts with their own addresses
-#   (docs/benchmarks.md).
+# - Connect: 1 s. A powered-off host on a real network answers nothing (no RST as on
+#   loopback), so its 5th failure (probe_failures) lands 4 probe intervals (0.5 s) + this
+#   timeout after its first started: 3 s of silence; at 2 s the failover took p50 5.6 s on
+#   hosts with their own addresses (docs/benchmarks.md).
 # - Answer: a peer whose meshletd restarts keeps its listening socket (systemd's file
 #   descriptor store), so its probes connect and wait for the new process. Every probe
-#   started less than PING_ANSWER_S before the new process answers succeeds, so a restart
-#   is suspected only if it takes about (probe_failures + 1) x PING_ANSWER_S (20 s);
-#   a host that accepts connections but never answers is suspected ~5 s later than one
-#   that is gone (docs/protocol.md, sections 8, 9 and 13).
+#   started less than PING_ANSWER_S before the new process answers succeeds; probes
+#   overlap, so a restart is suspected once it takes PING_ANSWER_S + 4 probe intervals
+#   (7 s); a host that accepts connections but never answers is suspected ~4 s later
+#   than one that is gone (docs/protocol.md, sections 8, 9 and 13).
 # - A new connection for every probe: a probe sent on a pooled keep-alive connection to a
 #   host that was powered off never meets the connect timeout; it waits out PING_ANSWER_S,
-#   so the peer's 3rd failure came one probe interval late (chaos on hosts with their own
+#   so the peer's last failure came one probe interval late (chaos on hosts with their own
 #   addresses: every watcher held one connection per peer; docs/benchmarks.md).
 PING_CONNECT_S = 1.0
 PING_ANSWER_S = 5.0
