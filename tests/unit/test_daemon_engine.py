@@ -18,6 +18,7 @@ from meshletd.core.records import MeshletOwner, Workload, format_datetime_ms
 from meshletd.core.scheduler import MeshletIdentity, Scheduler
 from meshletd.core.timing import DEFAULT_TIMING
 from meshletd.daemon.engine import Engine, replica_id, replica_spec
+from meshletd.daemon.http_peers import PING_ANSWER_S, PING_CONNECT_S, PROBE_TIMEOUT_S
 from meshletd.runtime import FakeMachine, fake_runtime
 
 ME, OWNER = "did:plc:alicemesh", "did:plc:alice"
@@ -367,36 +368,35 @@ async def test_a_pulled_image_shows_in_the_status_with_few_writes_then_running(
     assert states[-1][0] == "running"
 
 
-async def test_the_journal_says_whom_the_meshlet_suspects_lost_and_why(
-    nursery: trio.Nursery, autojump_clock, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The first thing an operator looks for when a slot moved off a host that was up.
-    bob, bob_mesh = "did:plc:bob", "did:plc:bobmesh"
-    up = {bob_mesh: True}
+BOB, BOB_MESH = "did:plc:bob", "did:plc:bobmesh"
 
-    async def probe(meshlet: str) -> bool:
-        return up.get(meshlet, False)
 
+async def _engine_watching_bob(nursery: trio.Nursery, probe) -> Engine:  # type: ignore[no-untyped-def]
+    """An engine whose commune is us and bob's meshlet (with an endpoint: it is probed)."""
     now = int(T0 * 1000)
     created = format_datetime_ms(now)
     sched = Scheduler(MeshletIdentity(did=ME, owner=OWNER, milli_cpu=2000, memory_mib=2048))
     engine = Engine(
-        sched, fake_runtime(FakeMachine()), [].append, probe=probe,
+        sched,
+        fake_runtime(FakeMachine()),
+        [].append,
+        probe=probe,
         clock=lambda: T0 + trio.current_time(),
-    )  # fmt: skip
+        probe_timeout_s=PROBE_TIMEOUT_S + 1.0,
+    )  # fmt: skip  (the probe's own bounds plus a margin, as meshletd passes)
     await nursery.start(engine.run)
-    members = {"cluster": "home", "members": [OWNER, bob], "createdAt": created}
+    members = {"cluster": "home", "members": [OWNER, BOB], "createdAt": created}
     engine.view_complete(
         [
             *cluster_records(now)[:2],
             put(ME, "membership", "home", members),
-            put(bob, "meshlet", "self", {"meshletDid": bob_mesh, "createdAt": created}),
+            put(BOB, "meshlet", "self", {"meshletDid": BOB_MESH, "createdAt": created}),
             put(
-                bob_mesh,
+                BOB_MESH,
                 "meshletOwner",
                 "self",
                 {
-                    "ownerDid": bob,
+                    "ownerDid": BOB,
                     "state": "active",
                     "arch": "amd64",
                     "createdAt": created,
@@ -404,17 +404,89 @@ async def test_the_journal_says_whom_the_meshlet_suspects_lost_and_why(
                     "capacity": {"milliCpu": 2000, "memoryMiB": 2048},
                 },
             ),
-            put(bob_mesh, "membership", "home", members),
+            put(BOB_MESH, "membership", "home", members),
         ]
     )
+    return engine
+
+
+async def test_the_journal_says_whom_the_meshlet_suspects_lost_and_why(
+    nursery: trio.Nursery, autojump_clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first thing an operator looks for when a slot moved off a host that was up.
+    up = {BOB_MESH: True}
+
+    async def probe(meshlet: str) -> bool:
+        return up.get(meshlet, False)
+
+    await _engine_watching_bob(nursery, probe)
     caplog.set_level("INFO", logger="meshletd.engine")
     await trio.sleep(5)
     assert "suspect" not in caplog.text
-    up[bob_mesh] = False
+    up[BOB_MESH] = False
     await wait_for(lambda: "suspect did:plc:bobmesh lost" in caplog.text)
     assert f"{DEFAULT_TIMING.probe_failures} probes failed in a row" in caplog.text
-    up[bob_mesh] = True
+    up[BOB_MESH] = True
     await wait_for(lambda: "suspect did:plc:bobmesh answers again" in caplog.text)
+
+
+async def _suspected_after(nursery: trio.Nursery, dies_at: float, probe) -> float:  # type: ignore[no-untyped-def]
+    """Seconds from `dies_at` until the engine suspects bob (probes answered until then)."""
+    engine = await _engine_watching_bob(nursery, probe)
+    await trio.sleep_until(dies_at)
+    while BOB_MESH not in engine.scheduler.suspects:
+        await trio.sleep(0.01)
+    return trio.current_time() - dies_at
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.1, 0.25, 0.4, 0.49])
+async def test_a_powered_off_peer_is_suspected_3_to_3_5_s_after_it_died(
+    nursery: trio.Nursery, autojump_clock, phase: float
+) -> None:
+    # docs/protocol.md section 8: a probe of a host that is gone fails at the 1 s connect
+    # timeout; 5 probes 0.5 s apart. Whenever it dies between two probes, 3-3.5 s later.
+    dies_at = 10.0 + phase
+
+    async def probe(meshlet: str) -> bool:
+        if trio.current_time() < dies_at:
+            return True
+        await trio.sleep(PING_CONNECT_S)
+        return False
+
+    took = await _suspected_after(nursery, dies_at, probe)
+    assert 3.0 <= took <= 3.5 + 0.05, took
+
+
+@pytest.mark.parametrize(("restart_s", "suspected"), [(4.0, False), (6.5, False), (9.0, True)])
+async def test_a_restart_behind_the_kept_socket_is_suspected_only_after_about_7_s(
+    nursery: trio.Nursery, autojump_clock, restart_s: float, suspected: bool
+) -> None:
+    # Section 8: during a restart the socket accepts; a probe waits for the new process or
+    # fails after PING_ANSWER_S. Probes overlap, so failures begin 5 s into the restart.
+    down_at = 10.0
+    back_at = down_at + restart_s
+
+    async def probe(meshlet: str) -> bool:
+        now = trio.current_time()
+        if now < down_at or now >= back_at:
+            return True
+        if back_at - now < PING_ANSWER_S:
+            await trio.sleep_until(back_at)
+            return True
+        await trio.sleep(PING_ANSWER_S)
+        return False
+
+    engine = await _engine_watching_bob(nursery, probe)
+    seen = False
+    await trio.sleep_until(down_at)
+    while trio.current_time() < back_at + PING_ANSWER_S:
+        seen = seen or BOB_MESH in engine.scheduler.suspects
+        if seen and not suspected:
+            break
+        await trio.sleep(0.05)
+    assert seen == suspected
+    if suspected:
+        assert BOB_MESH not in engine.scheduler.suspects, "it answers again once it is back"
 
 
 class DownPds:
