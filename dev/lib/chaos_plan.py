@@ -63,8 +63,9 @@ class Bounds:
 
     @property
     def nat_s(self) -> float:
-        """Section 8: a host behind NAT is replaced within V + 6 s + the start."""
-        return self.lease_valid_s + 6.0 + self.start_s
+        """Section 8: a host behind NAT is replaced within V + 5.5 s + the start (5 probe
+        intervals of 0.5 s, then the replacement round's W + settle = 3 s)."""
+        return self.lease_valid_s + 5.5 + self.start_s
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def test_cuts_name_two_different_hosts_and_instant_faults_last_nothing() -> None
 
 def test_a_host_behind_nat_gets_the_lease_bound_a_reachable_one_the_probe_bound() -> None:
     b = Bounds(reachable_s=10, lease_valid_s=12, start_s=5)
-    assert recovery_bound(Fault(0, "power-off", "dave", duration=30), NAT, b) == 12 + 6 + 5
+    assert recovery_bound(Fault(0, "power-off", "dave", duration=30), NAT, b) == 12 + 5.5 + 5
     assert recovery_bound(Fault(0, "power-off", "alice", duration=30), NAT, b) == 10
     # a power-off is held from its start; a cut from its healing
     assert settled_at(Fault(100, "power-off", "alice", duration=30), NAT, b) == 110
