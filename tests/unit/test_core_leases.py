@@ -182,7 +182,7 @@ def test_a_lease_from_a_clock_running_fast_counts_from_when_it_was_seen() -> Non
         if mesh(0) in core.suspects:
             alive_until = now
             break
-    # Seen at CLOSE, validity capped: suspected LEASE_MAX_VALID_MS (+3 probes) later.
+    # Seen at CLOSE, validity capped: suspected LEASE_MAX_VALID_MS (+3 of its probes) later.
     assert alive_until is not None
     assert CLOSE + LEASE_MAX_VALID_MS < alive_until <= CLOSE + LEASE_MAX_VALID_MS + 3000
 
