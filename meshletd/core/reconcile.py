@@ -129,6 +129,12 @@ class Reconciler(UsageCounting):
                 self._stop_overrun(e, key, rep)
                 continue
             if rep.restart_at is not None and rep.restart_at <= self.now:
+                if self.cluster.policy_refusal(wl, me) is not None:
+                    # Our host policy refuses it now (section 21): it does not start here
+                    # again. Its slot is a misfit, offered to the others; should the
+                    # policy admit it again while the slot is still ours, it restarts then.
+                    rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+                    continue
                 rep.restart_at = None
                 rep.restarts += 1
                 self._start(e, s, rep)

@@ -41,8 +41,9 @@ FAILOVER_TARGET_S = 10.0
 FAILOVER_LIMIT_S = FAILOVER_TARGET_S + 5.0
 # A frozen host's kernel still accepts the watchers' probes; a probe fails when no answer
 # comes within PING_ANSWER_S instead of when the connection fails after PING_CONNECT_S, so
-# its last failure before suspicion lands that much later than a powered-off host's (docs/protocol.md,
-# section 8). Measured to the watchers' agreed placement, not to the replacement running.
+# its last failure before suspicion lands that much later than a powered-off host's
+# (docs/protocol.md, section 8). Measured to the watchers' agreed placement, not to the
+# replacement running.
 FROZEN_LIMIT_S = FAILOVER_LIMIT_S + PING_ANSWER_S - PING_CONNECT_S
 WORKLOAD = "commune.scheduler.workload"
 # Fair share within minutes, not days (the fair-share test): a usage record per meshlet

@@ -32,8 +32,8 @@ pytestmark = pytest.mark.skipif(
 STATUS = "commune.scheduler.workloadStatus"
 BID_WINDOW_S = 90  # generous: a machine shared by many test runs is slow
 # How long nothing may change after the restarted daemon is back: longer than peers take
-# to suspect a host (5 probes 0.5 s apart: 3 s), run a replacement round (W + settle = 3 s) and start the
-# replacement; at db8aa19 a crash moved the slot 18 s after it.
+# to suspect a host (5 probes 0.5 s apart: 3 s), run a replacement round (W + settle =
+# 3 s) and start the replacement; at db8aa19 a crash moved the slot 18 s after it.
 QUIET_S = 30.0
 KEEPER = ["sh", "-c", 'i=0; while true; do echo "keep $i"; i=$((i+1)); sleep 1; done']
 

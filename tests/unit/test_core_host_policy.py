@@ -434,3 +434,24 @@ def test_taking_an_eviction_back_clears_the_reason_from_the_status() -> None:
     out = feed(core, [policy(0, created=CLOSE + 200)])
     st = [a.record for a in of(out, PutRecord) if isinstance(a.record, WorkloadStatus)]
     assert [(s.state, s.message) for s in st] == [("running", None)]
+
+
+def test_a_replica_that_exited_is_not_restarted_once_its_host_s_policy_refuses_it() -> None:
+    # Simulator chaos seed 71 (on 3d5ee03): a replica crashing in a loop was restarted in
+    # place after its host published a policy refusing its image; only new slots were
+    # checked.
+    wl = image_wl("busybox")
+    core = placed_on_0(wl)
+    core.handle(Tick(CLOSE + 50))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "exited", exit_code=1))
+    out = feed(core, [policy(0, created=CLOSE + 100, evicted=frozenset({owner(2)}))])
+    assert [(b.round, b.slots) for b in my_bids(out)] == [(1, 0)]  # re-offered
+    starts = []
+    for k in range(1, 30):  # past every restart it would have had
+        starts += of(core.handle(Tick(CLOSE + 100 + k * 1000)), StartReplica)
+    assert starts == []
+    # The host takes the eviction back; nobody else took the slot: it runs here again.
+    feed(core, [policy(0, created=CLOSE + 40_000)])
+    for k in range(1, 70):
+        starts += of(core.handle(Tick(CLOSE + 40_000 + k * 1000)), StartReplica)
+    assert [(a.workload.uri, a.slot) for a in starts] == [(wl.uri, 0)]
