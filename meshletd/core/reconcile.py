@@ -129,12 +129,6 @@ class Reconciler(UsageCounting):
                 self._stop_overrun(e, key, rep)
                 continue
             if rep.restart_at is not None and rep.restart_at <= self.now:
-                if self.cluster.policy_refusal(wl, me) is not None:
-                    # Our host policy refuses it now (section 21): it does not start here
-                    # again. Its slot is a misfit, offered to the others; should the
-                    # policy admit it again while the slot is still ours, it restarts then.
-                    rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
-                    continue
                 rep.restart_at = None
                 rep.restarts += 1
                 self._start(e, s, rep)
@@ -279,8 +273,16 @@ class Reconciler(UsageCounting):
     def _start(self, e: WorkloadEntry, slot: int, rep: Replica) -> None:
         """Start (or restart) our replica of a slot, its ports published at the endpoints it
         holds, or at new ones from our inbound range (docs/protocol.md, section 22). With
-        no free port left in the range it cannot start here: its slot is handed off."""
+        no free port left in the range it cannot start here: its slot is handed off. One
+        our host policy now refuses (a restart, a resume) does not start here either
+        (section 21): its slot is a misfit, offered to the others; it is tried again, with
+        the restart backoff, and starts should the policy admit it while the slot is ours."""
         wl = e.wl
+        if self.cluster.policy_refusal(wl, self.me.did) is not None:
+            rep.state = "exited"
+            rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            self._replicas_waiting[(wl.uri, slot)] = None
+            return
         if [p.name for p in wl.ports] != [x.name for x in rep.endpoints]:
             key = (wl.uri, slot)
             used = [x.port for k, r in self._replicas.items() if k != key for x in r.endpoints]

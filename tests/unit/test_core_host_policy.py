@@ -455,3 +455,16 @@ def test_a_replica_that_exited_is_not_restarted_once_its_host_s_policy_refuses_i
     for k in range(1, 70):
         starts += of(core.handle(Tick(CLOSE + 40_000 + k * 1000)), StartReplica)
     assert [(a.workload.uri, a.slot) for a in starts] == [(wl.uri, 0)]
+
+
+def test_a_paused_replica_is_not_resumed_on_a_host_whose_policy_now_refuses_it() -> None:
+    wl = image_wl("busybox")
+    core = placed_on_0(wl)
+    feed(core, [replace(wl, cid="c2", paused=True)])
+    core.handle(ReplicaStateChanged(wl.uri, 0, "stopped"))
+    assert core.replicas() == {(wl.uri, 0): "paused"}
+    feed(core, [policy(0, created=CLOSE + 100, evicted=frozenset({owner(2)}))])
+    out = feed(core, [replace(wl, cid="c3", paused=False)])
+    for k in range(1, 10):
+        out += core.handle(Tick(CLOSE + 200 + k * 1000))
+    assert of(out, StartReplica) == []

@@ -16,7 +16,7 @@ from meshletd.core import (
     Tick,
     WorkloadStatus,
 )
-from meshletd.core.records import NSID_STATUS, at_uri
+from meshletd.core.records import NSID_HOST_POLICY, NSID_STATUS, HostPolicy, at_uri
 from meshletd.core.versions import spec_version
 
 from .core_helpers import T0, bid, cluster_records, feed, mesh, observer, workload
@@ -311,3 +311,26 @@ def test_with_a_health_check_a_replica_serves_only_once_healthy() -> None:
     assert not serving("running", "starting", checked=True)
     assert not serving("running", "unhealthy", checked=True)
     assert serving("running", "healthy", checked=True)
+
+
+def test_an_update_to_an_image_the_host_refuses_is_not_started_there() -> None:
+    # docs/protocol.md section 21: every observer places the slot elsewhere (the host's
+    # policy refuses the record as it is now); the old version runs on until the new
+    # owner runs (make-before-break, section 9).
+    allow = HostPolicy(
+        at_uri(mesh(0), NSID_HOST_POLICY, "self"), mesh(0), T0 - 60_000,
+        image_allow=("registry.ok/**",),
+    )  # fmt: skip
+    wl = replace(workload(replicas=2, owner_i=2), version="v1", image="registry.ok/app:1")
+    core = observer(0)
+    feed(core, [*cluster_records(3), allow, wl])
+    feed(core, [bid(wl, 0, priority=2), bid(wl, 1, priority=1)])
+    core.handle(Tick(CLOSE))
+    core.handle(ReplicaStateChanged(wl.uri, 0, "running"))
+    out = feed(core, [v2(wl)])  # registry.test: refused here
+    for k in range(1, 5):
+        out += core.handle(Tick(CLOSE + k * 1000))
+    assert of(out, StartReplica) == []
+    assert of(out, StopReplica) == []
+    assert core.placement()[wl.uri][0] != (0, mesh(0))
+    assert core.replicas() == {(wl.uri, 0): "running"}
