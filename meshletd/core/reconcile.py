@@ -23,6 +23,11 @@ from .state import Replica, ReplicaKey, status_rkey
 from .usage import UsageCounting
 
 
+def restart_backoff_ms(restarts: int) -> int:
+    """How long a replica waits before its next restart (docs/protocol.md, section 10)."""
+    return min(1000 << min(restarts, 6), 60_000)
+
+
 class Reconciler(UsageCounting):
     """Local replicas: started, restarted, fenced and stopped by the placement."""
 
@@ -280,7 +285,7 @@ class Reconciler(UsageCounting):
         wl = e.wl
         if self.cluster.policy_refusal(wl, self.me.did) is not None:
             rep.state = "exited"
-            rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            rep.restart_at = self.now + restart_backoff_ms(rep.restarts)
             self._replicas_waiting[(wl.uri, slot)] = None
             return
         if [p.name for p in wl.ports] != [x.name for x in rep.endpoints]:
@@ -443,7 +448,7 @@ class Reconciler(UsageCounting):
         if not ok:
             rep.tries += 1
         if _restarts(wl, ok):
-            rep.restart_at = self.now + min(1000 << min(rep.restarts, 6), 60_000)
+            rep.restart_at = self.now + restart_backoff_ms(rep.restarts)
             self._replicas_waiting[key] = None
             if rep.tries >= MAX_TRIES and not rep.failing:
                 why = (
