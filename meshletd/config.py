@@ -100,6 +100,11 @@ class Isolation(_Section):
     # Ids of each replica's own user namespace (podman --userns=auto:size=N); 0: all
     # replicas share the meshlet user's one mapping (no isolation between tenants).
     userns_size: int = Field(default=65536, ge=0, le=1 << 24)
+    # After a replica starts, storage copies its image for this many more ranges ahead of
+    # need, in the background (rootless podman copies an image per range on first use;
+    # each copy takes the image's size on disk). 0: each range's copy is made by the
+    # replica that first needs it, during its start.
+    userns_warm: int = Field(default=2, ge=0, le=16)
     # meshlet's nftables rules hold replicas to the host policy's network grant (default
     # "internet": no LAN, private ranges, metadata or host ports). False: the host's
     # administrator enforces it some other way.

@@ -76,7 +76,10 @@ def contribution_runtime_config(
         )
     if isolation is not None:
         config = replace(
-            config, userns_size=isolation.userns_size, network_rules=isolation.network_rules
+            config,
+            userns_size=isolation.userns_size,
+            userns_warm=isolation.userns_warm,
+            network_rules=isolation.network_rules,
         )
     return config
 

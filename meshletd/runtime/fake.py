@@ -94,6 +94,7 @@ class FakeMachine:
     network_grant: str | None = None
     image_sizes: dict[str, int] = field(default_factory=dict)  # image -> bytes
     prunes: int = 0
+    warmed: list[tuple[str, int, int]] = field(default_factory=list)  # image, size, count
     network_applies: int = 0
     network_rules_fail: bool = False
 
@@ -187,6 +188,12 @@ class FakeMachine:
 
     async def remove_container(self, name: str) -> None:
         self.containers.pop(name, None)
+
+    async def prepare_user_namespaces(self, image: str, size: int, count: int) -> None:
+        await trio.lowlevel.checkpoint()
+        if image not in self.images:
+            raise MachineError(f"podman create: {image}: image not known")
+        self.warmed.append((image, size, count))
 
     async def list_containers(self, label: str) -> list[str]:
         return sorted(n for n, c in self.containers.items() if label in c.labels)

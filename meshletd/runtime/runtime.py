@@ -52,6 +52,7 @@ from meshletd.runtime.spec import (
 from meshletd.runtime.units import (
     INFINITY,
     LABEL,
+    WARM_LABEL,
     RuntimeConfig,
     cpu_quota_per_sec_usec,
     identity_from_environment,
@@ -107,6 +108,9 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         self._rules_in_force = False
         self._images_in_use = 0  # starts in their image step (upkeep.py)
         self._prune_lock = trio.Lock()
+        self._warm_send, self._warm_queue = trio.open_memory_channel[str](math.inf)
+        self._warm_pending: set[str] = set()
+        self.namespaces_warmed = 0
 
     # ---- public face -------------------------------------------------------------------
 
@@ -151,15 +155,17 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         task_status.started(adopted)
         rules_due = self._clock() + self.config.network_rules_refresh_s
         storage_due = self._clock()
-        while True:
-            await trio.sleep(self.config.poll_interval_s)
-            await self.poll()
-            if self._clock() >= storage_due and self._prune_may_run():
-                storage_due = self._clock() + self.config.storage_check_s
-                await self.keep_image_store_in_bounds()
-            if self.config.network_rules and self._clock() >= rules_due:
-                rules_due = self._clock() + self.config.network_rules_refresh_s
-                await self.apply_network_rules(quiet=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.keep_user_namespaces_warm)
+            while True:
+                await trio.sleep(self.config.poll_interval_s)
+                await self.poll()
+                if self._clock() >= storage_due and self._prune_may_run():
+                    storage_due = self._clock() + self.config.storage_check_s
+                    await self.keep_image_store_in_bounds()
+                if self.config.network_rules and self._clock() >= rules_due:
+                    rules_due = self._clock() + self.config.network_rules_refresh_s
+                    await self.apply_network_rules(quiet=True)
 
     async def start(self, spec: ReplicaSpec) -> ReplicaRunning | EndEvent:
         """Start one replica; returns its `ReplicaRunning`, or how it failed.
@@ -260,6 +266,8 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
             result = await self._await_running(rep, pull_ms=_ms(t1 - t0), t_start=t1)
         if not isinstance(result, ReplicaRunning):
             self._image_seen.pop(spec.image, None)
+        else:
+            self._warm_after_start(spec.image)
         return result
 
     async def stop(self, replica: ReplicaId) -> ReplicaStopped | None:
@@ -565,6 +573,9 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
             if name not in live_containers:
                 log.warning("removing orphan container %s", name)
                 await self.machine.remove_container(name)
+        # Left by a warm-up a killed meshletd did not finish: each holds a range.
+        for name in await self.machine.list_containers(WARM_LABEL):
+            await self.machine.remove_container(name)
         for name in await self.machine.list_secrets(naming.UNIT_PREFIX):
             if not any(
                 name.startswith((naming.secret_prefix(c), naming.legacy_secret_prefix(c)))

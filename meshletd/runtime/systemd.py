@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from meshletd.runtime.podman_call import PodmanCalls, PodmanResult, call_ended
 from meshletd.runtime.reference import parse_image
 from meshletd.runtime.registry import RegistryClient, RemoteImage
 from meshletd.runtime.units import (
+    WARM_LABEL,
     RuntimeConfig,
     dropin_limit_keys,
     is_admin_dropin,
@@ -200,6 +202,29 @@ class SystemdPodmanMachine(PodmanCalls):
 
     async def remove_container(self, name: str) -> None:
         await self._podman("rm", "-f", "-i", "-t", "0", name)
+
+    async def prepare_user_namespaces(self, image: str, size: int, count: int) -> None:
+        names = [f"meshlet-warm-{secrets.token_hex(6)}" for _ in range(count)]
+        made = []
+        try:
+            for name in names:
+                await self._podman(
+                    "create",
+                    "--name",
+                    name,
+                    "--label",
+                    f"{WARM_LABEL}=1",
+                    f"--userns=auto:size={size}",
+                    "--pull=never",
+                    "--network=none",
+                    image,
+                    "true",
+                )
+                made.append(name)
+        finally:
+            if made:
+                with trio.CancelScope(shield=True):
+                    await self._podman("rm", "-f", "-i", "-t", "0", *made, check=False)
 
     async def list_containers(self, label: str) -> list[str]:
         proc = await self._podman(

@@ -45,6 +45,9 @@ ENV_HEALTH = "MESHLET_HEALTH_CHECK"
 INFINITY = (1 << 64) - 1  # systemd's "no limit" for usec and byte properties
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL = "io.meshlet.replica"
+# Containers meshletd creates (never starts) and removes at once, only so that storage
+# makes its copy of an image for the next user-namespace ranges (runtime.py, warm).
+WARM_LABEL = "io.meshlet.warm"
 
 # Files saved from the unit's memory cgroup when it stops (v1 names, then v2 names).
 MEMORY_FILES_V1 = ("memory.oom_control", "memory.max_usage_in_bytes")
@@ -97,6 +100,11 @@ class RuntimeConfig:
     # user's one mapping, the old way). The meshlet user needs N x (replicas at once) + 1
     # subordinate ids (the package gives 64 x 65536).
     userns_size: int = 65536
+    # After each start, storage's chowned copy of the replica's image is made ready for
+    # this many user-namespace ranges beyond those in use, in the background (0: never):
+    # with native overlay and no idmapped mounts for rootless, a replica whose range has no
+    # copy yet waits for one (0.1 s for busybox, 0.7-1.1 s for 214 MB; docs/runtime.md).
+    userns_warm: int = 2
     # What the host lends the network (the host policy's `network` grant) and whether
     # meshlet's nftables rules enforce it (`network_rules`, docs/runtime.md "The network").
     network_grant: NetworkGrant = "internet"

@@ -1,5 +1,6 @@
 """What the runtime keeps in order on the host beside the replicas: the network rules of
-the host's grant and the image store's size (docs/runtime.md, "Tenants apart").
+the host's grant, the image store's size (docs/runtime.md, "Tenants apart") and the copies
+of images the next replicas' user namespaces need (docs/runtime.md, "User namespaces").
 
 A mixin of `ReplicaRuntime` (runtime.py), which calls these from `serve()` and `start()`.
 """
@@ -32,6 +33,11 @@ class HostUpkeep:
     # prune could remove the image a start has just found or pulled (`--pull=never`).
     _images_in_use: int
     _prune_lock: trio.Lock
+    # Images a replica of which started, whose copies for the next ranges are yet to make.
+    _warm_send: trio.MemorySendChannel[str]
+    _warm_queue: trio.MemoryReceiveChannel[str]
+    _warm_pending: set[str]
+    namespaces_warmed: int  # warm-ups done (or tried): tests wait on it
 
     @asynccontextmanager
     async def _image_in_use(self) -> AsyncIterator[None]:
@@ -45,6 +51,32 @@ class HostUpkeep:
 
     def _prune_may_run(self) -> bool:
         return self._images_in_use == 0 and not self._prune_lock.locked()
+
+    def _warm_after_start(self, image: str) -> None:
+        """A replica of `image` runs: have the next ranges' copies of it made, later."""
+        if not (self.config.userns_size and self.config.userns_warm):
+            return
+        if image not in self._warm_pending:
+            self._warm_pending.add(image)
+            self._warm_send.send_nowait(image)
+
+    async def keep_user_namespaces_warm(self) -> None:
+        """serve()'s task: after a replica of an image starts, storage copies the image for
+        the `userns_warm` ranges the next containers would get, while no start is under
+        way, so a replica started next (a second replica, a failover's replacement) finds
+        its copy made instead of waiting for it: with native overlay and no idmapped
+        mounts for rootless, the copy is the whole image chowned (docs/runtime.md)."""
+        async for image in self._warm_queue:
+            while self._images_in_use:  # a start under way goes first
+                await trio.sleep(0.05)
+            self._warm_pending.discard(image)
+            try:
+                await self.machine.prepare_user_namespaces(
+                    image, self.config.userns_size, self.config.userns_warm
+                )
+            except MachineError as err:
+                log.info("%s not made ready for the next user namespaces: %s", image, err)
+            self.namespaces_warmed += 1
 
     async def apply_network_rules(self, *, quiet: bool = False) -> bool:
         """Write and load the network rules for `config.network_grant` (when

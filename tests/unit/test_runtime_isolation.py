@@ -16,9 +16,11 @@ from meshletd.runtime import (
     ReplicaRuntime,
     contribution_runtime_config,
 )
+from meshletd.runtime.fake import FakeContainer
 from meshletd.runtime.network import resolvers_from, ruleset
 from meshletd.runtime.spec import ReplicaId, ReplicaSpec, Resources
 from meshletd.runtime.units import (
+    WARM_LABEL,
     RuntimeConfig,
     load_network_rules_argv,
     podman_run_argv,
@@ -101,14 +103,16 @@ def test_resolvers_are_read_from_resolv_conf() -> None:
 def test_isolation_settings_come_from_meshlet_toml() -> None:
     cfg = parse(
         'did = "did:plc:m"\nowner = "did:plc:o"\npds = "http://127.0.0.1:1"\n'
-        "[isolation]\nuserns_size = 4096\nnetwork_rules = false\n"
+        "[isolation]\nuserns_size = 4096\nuserns_warm = 0\nnetwork_rules = false\n"
     )
     config = contribution_runtime_config(
         cfg.contribution, isolation=cfg.isolation, network_grant="lan"
     )
     assert (config.userns_size, config.network_rules, config.network_grant) == (4096, False, "lan")
+    assert config.userns_warm == 0
     default = parse('did = "did:plc:m"\nowner = "did:plc:o"\npds = "http://127.0.0.1:1"\n')
     assert default.isolation.userns_size == 65536 and default.isolation.network_rules
+    assert default.isolation.userns_warm == 2
 
 
 def test_rules_are_applied_on_serve_and_a_replica_does_not_start_without_them() -> None:
@@ -283,3 +287,98 @@ def test_a_published_port_answers_clients_on_private_addresses() -> None:
         chain = ruleset(grant, uid=1000, cgroup_v2=True).split("chain replica {")[1]  # type: ignore[arg-type]
         rules = [line.strip() for line in chain.splitlines() if line.strip()]
         assert rules[0] == "ct direction reply counter accept"
+
+
+def _serve_and(runtime: ReplicaRuntime, body: object) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.serve)
+            await body()  # type: ignore[operator]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _warmed(runtime: ReplicaRuntime, count: int) -> None:
+    with trio.fail_after(5):
+        while runtime.namespaces_warmed < count:
+            await trio.sleep(0.01)
+
+
+def test_after_a_replica_starts_its_image_is_copied_for_the_next_user_namespaces() -> None:
+    # Rootless storage copies an image per user-namespace range on first use: the next
+    # replica (a second one, a failover's replacement) should find its copy made.
+    machine = FakeMachine()
+    runtime = ReplicaRuntime(machine, RuntimeConfig())
+
+    async def body() -> None:
+        assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+        await _warmed(runtime, 1)
+        assert machine.warmed == [(SPEC.image, 65536, 2)]
+        second = replace(SPEC, replica=ReplicaId("did:plc:alice", "web", 1))
+        assert isinstance(await runtime.start(second), ReplicaRunning)
+        await _warmed(runtime, 2)
+        assert machine.warmed == [(SPEC.image, 65536, 2)] * 2
+        assert len(machine.containers) == 2  # the two replicas, nothing else
+
+    _serve_and(runtime, body)
+
+
+def test_nothing_is_copied_ahead_without_user_namespaces_or_after_a_failed_start() -> None:
+    machine = FakeMachine()
+    runtime = ReplicaRuntime(machine, RuntimeConfig(userns_size=0))
+    failing = ReplicaRuntime(FakeMachine(), RuntimeConfig())
+
+    async def body() -> None:
+        assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+        missing = replace(SPEC, image="localhost/nowhere:1")
+        assert isinstance(await failing.start(missing), ReplicaFailed)
+        await trio.sleep(0.2)
+        assert machine.warmed == [] and runtime.namespaces_warmed == 0
+        assert failing.namespaces_warmed == 0
+
+    _serve_and(runtime, body)
+
+
+def test_the_copy_ahead_waits_for_a_start_under_way() -> None:
+    # The copies take podman's storage lock: made while another replica starts, they
+    # would hold that start up.
+    slow = replace(
+        SPEC, replica=ReplicaId("did:plc:alice", "db", 0), image="registry.test/alice/db:1"
+    )
+    machine = FakeMachine()
+    machine.pullable.add(slow.image)
+    machine.pull_delay_s = 0.4
+    runtime = ReplicaRuntime(machine, RuntimeConfig())
+    order: list[str] = []
+
+    async def start_slow() -> None:
+        assert isinstance(await runtime.start(slow), ReplicaRunning)
+        order.append("slow running")
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_slow)
+            await trio.sleep(0.1)  # the slow start is pulling its image
+            assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+            await trio.sleep(0.1)
+            assert machine.warmed == []  # held while the other start is under way
+        assert order == ["slow running"]
+        await _warmed(runtime, 2)
+        assert sorted(i for i, _, _ in machine.warmed) == sorted([SPEC.image, slow.image])
+
+    _serve_and(runtime, body)
+
+
+def test_copy_ahead_containers_a_killed_meshletd_left_are_removed_on_adoption() -> None:
+    # Each holds a user-namespace range for as long as it exists.
+    machine = FakeMachine()
+    machine.containers["meshlet-warm-0a1b"] = FakeContainer(
+        "meshlet-warm-0a1b", SPEC.image, ("true",), {WARM_LABEL: "1"}, {}, status="created"
+    )
+    runtime = ReplicaRuntime(machine, RuntimeConfig())
+
+    async def body() -> None:
+        assert machine.containers == {}
+
+    _serve_and(runtime, body)

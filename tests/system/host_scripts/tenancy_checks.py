@@ -5,6 +5,8 @@
 - `userns`: replicas of two owners (and a second of the first) each run in a user
   namespace of their own: their uid maps, and the host uids of their processes, differ and
   do not overlap, and none is the meshlet user's;
+- `warm`: after a replica of an image starts, the copy of the image for the next
+  user-namespace range is made before a second replica needs it;
 - `network GRANT HOST_PORT ADDR:PORT...`: a replica of a workload under the host's network
   GRANT tries each ADDR:PORT (an HTTP GET) and says which answer; the host itself tries the
   same ones (the control: each one answers the host).
@@ -32,7 +34,7 @@ from runtime_checks import RealHarness, journal, wait_for
 from meshletd.runtime import testing
 from meshletd.runtime.events import ReplicaRunning
 from meshletd.runtime.spec import ReplicaId
-from meshletd.runtime.units import RuntimeConfig
+from meshletd.runtime.units import WARM_LABEL, RuntimeConfig
 
 H = RealHarness(config=RuntimeConfig(poll_interval_s=0.2))
 OWNERS = ("did:plc:tenantalice", "did:plc:tenantbob")
@@ -87,6 +89,58 @@ async def check_userns() -> dict:
     pause = Path("/run/user/1000/libpod/tmp/pause.pid").read_text().strip()
     outer = _map(Path(f"/proc/{pause}/uid_map").read_text())
     return {"replicas": seen, "rootless_map": outer}
+
+
+STORE = Path("/home/meshlet/.local/share/containers/storage")
+
+
+def _store(name: str) -> list[dict]:
+    return json.loads((STORE / name).read_text())  # type: ignore[no-any-return]
+
+
+def _copies_of(image_id: str) -> dict[str, int]:
+    """The image's copies for user namespaces (mapped layers): layer id -> first host uid."""
+    layers = {la["id"]: la for la in _store("overlay-layers/layers.json")}
+    image = next(i for i in _store("overlay-images/images.json") if i["id"] == image_id)
+    return {m: layers[m]["uidmap"][0]["host_id"] for m in image.get("mapped-layers", [])}
+
+
+def _copy_used_by(container: str) -> str:
+    """The image copy (mapped layer) a container's own layer sits on."""
+    layers = {la["id"]: la for la in _store("overlay-layers/layers.json")}
+    c = next(c for c in _store("overlay-containers/containers.json") if container in c["names"])
+    return str(layers[c["layer"]].get("parent", ""))
+
+
+async def check_warm() -> dict:
+    """An image of its own (a commit of busybox: no copies yet), two replicas of it at once,
+    so the second needs a range the first does not hold."""
+    m = H.machine()
+    image = f"localhost/warm-check:{os.getpid()}"
+    await m._podman("create", "--name", "warm-check-base", H.image, "true")
+    await m._podman("commit", "-q", "warm-check-base", image)
+    await m._podman("rm", "-f", "warm-check-base")
+    image_id = (await m._podman("image", "inspect", "--format", "{{.Id}}", image)).stdout
+    image_id = image_id.decode().strip()
+    rt = H.runtime()
+    out: dict = {"copies_at_first": _copies_of(image_id)}
+    async with testing.serving(rt):
+        specs = [replace(testing.spec(H, workload="warm", index=i), image=image) for i in (0, 1)]
+        first = await rt.start(specs[0])
+        assert isinstance(first, ReplicaRunning), first
+        await wait_for(lambda: rt.namespaces_warmed >= 1, 60, "the copy ahead")
+        out["copies_before_second"] = _copies_of(image_id)
+        second = await rt.start(specs[1])
+        assert isinstance(second, ReplicaRunning), second
+        out["copy_of_first"] = _copy_used_by(first.unit.removesuffix(".service"))
+        out["copy_of_second"] = _copy_used_by(second.unit.removesuffix(".service"))
+        await wait_for(lambda: rt.namespaces_warmed >= 2, 60, "the second copy ahead")
+        out["warm_containers_left"] = await m.list_containers(WARM_LABEL)
+        for sp in specs:
+            await rt.stop(sp.replica)
+    await testing.assert_clean(H)
+    await m._podman("rmi", "-f", image)
+    return out
 
 
 def probe_from_host(addr: str) -> bool:
