@@ -110,6 +110,7 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         self._prune_lock = trio.Lock()
         self._warm_send, self._warm_queue = trio.open_memory_channel[str](math.inf)
         self._warm_pending: set[str] = set()
+        self._warm_held: dict[str, int] = {}
         self.namespaces_warmed = 0
 
     # ---- public face -------------------------------------------------------------------
@@ -267,7 +268,7 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
         if not isinstance(result, ReplicaRunning):
             self._image_seen.pop(spec.image, None)
         else:
-            self._warm_after_start(spec.image)
+            self._warm_after_start(spec.image, held=len(self._replicas))
         return result
 
     async def stop(self, replica: ReplicaId) -> ReplicaStopped | None:

@@ -37,6 +37,11 @@ class HostUpkeep:
     _warm_send: trio.MemorySendChannel[str]
     _warm_queue: trio.MemoryReceiveChannel[str]
     _warm_pending: set[str]
+    # image -> how many replicas the host held at its last warm-up: until it holds more,
+    # the ranges a next replica can get have their copy already (a new range is only
+    # needed past the most replicas held at once; replicas of other images can free
+    # ranges without this image's copy, so this is a good guess, not a proof).
+    _warm_held: dict[str, int]
     namespaces_warmed: int  # warm-ups done (or tried): tests wait on it
 
     @asynccontextmanager
@@ -52,10 +57,14 @@ class HostUpkeep:
     def _prune_may_run(self) -> bool:
         return self._images_in_use == 0 and not self._prune_lock.locked()
 
-    def _warm_after_start(self, image: str) -> None:
-        """A replica of `image` runs: have the next ranges' copies of it made, later."""
+    def _warm_after_start(self, image: str, held: int) -> None:
+        """A replica of `image` runs, one of `held` on the host: have the next ranges'
+        copies of it made, later, unless a warm-up made them at as many replicas."""
         if not (self.config.userns_size and self.config.userns_warm):
             return
+        if held <= self._warm_held.get(image, 0):
+            return
+        self._warm_held[image] = held
         if image not in self._warm_pending:
             self._warm_pending.add(image)
             self._warm_send.send_nowait(image)
@@ -124,6 +133,7 @@ class HostUpkeep:
             log.error("could not check or prune the image store: %s", err)
             return False
         self._image_seen.clear()
+        self._warm_held.clear()  # an image removed takes its copies with it
         log.info(
             "image store at %d MiB, over its %d MiB: unused images removed (%d MiB left)",
             used >> 20,

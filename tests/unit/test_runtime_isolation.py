@@ -324,6 +324,26 @@ def test_after_a_replica_starts_its_image_is_copied_for_the_next_user_namespaces
     _serve_and(runtime, body)
 
 
+def test_replicas_started_one_after_the_other_copy_the_image_ahead_once() -> None:
+    # A range is free again once its container is gone, and its copy stays: starting
+    # again at no more replicas than the last warm-up needs no new copy, and makes none.
+    machine = FakeMachine()
+    runtime = ReplicaRuntime(machine, RuntimeConfig())
+
+    async def body() -> None:
+        for _ in range(3):
+            assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+            await runtime.stop(SPEC.replica)
+        await trio.sleep(0.2)
+        assert runtime.namespaces_warmed == 1
+        assert isinstance(await runtime.start(SPEC), ReplicaRunning)
+        second = replace(SPEC, replica=ReplicaId("did:plc:alice", "web", 1))
+        assert isinstance(await runtime.start(second), ReplicaRunning)  # two at once
+        await _warmed(runtime, 2)
+
+    _serve_and(runtime, body)
+
+
 def test_nothing_is_copied_ahead_without_user_namespaces_or_after_a_failed_start() -> None:
     machine = FakeMachine()
     runtime = ReplicaRuntime(machine, RuntimeConfig(userns_size=0))
