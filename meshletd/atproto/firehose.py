@@ -47,6 +47,7 @@ from meshletd.atproto.subscription import (
 from meshletd.atproto.verify import Unverified
 from meshletd.core.timing import FEED_QUIET_MS
 from meshletd.errors import InvalidRecord
+from meshletd.trace import enabled as trace_enabled
 from meshletd.trace import trace
 
 __all__ = [
@@ -272,7 +273,8 @@ class Firehose:
             return False
         self._hint_tokens -= 1
         self._hints.add(key)
-        trace("hinted", uri=f"at://{did}/{collection}/{rkey}")
+        if trace_enabled():
+            trace("hinted", uri=f"at://{did}/{collection}/{rkey}")
         self._nursery.start_soon(self._read_hinted, key)
         return True
 
@@ -295,7 +297,8 @@ class Firehose:
             proof = await self.reader.prove_record(
                 self.pds_of[did], did, self.keys.get(did), collection, rkey
             )
-            trace("proved", uri=f"at://{did}/{collection}/{rkey}")
+            if trace_enabled():
+                trace("proved", uri=f"at://{did}/{collection}/{rkey}")
             ev = self._proved_event(did, collection, rkey, proof, "hint")
             with trio.CancelScope(shield=True):
                 async with self._lock:
