@@ -35,7 +35,13 @@ from meshletd.atproto.frames import (
 )
 from meshletd.atproto.identity import IdentityError, IdentityResolverProtocol
 from meshletd.atproto.lexicon import Lexicons, default_lexicons
-from meshletd.atproto.reader import ReadError, RepoAbsent, RepoReader
+from meshletd.atproto.reader import (
+    ProvenRecord,
+    ReadError,
+    RepoAbsent,
+    RepoReader,
+    verify_record_proof,
+)
 from meshletd.atproto.subscription import (
     Backoff,
     CursorStore,
@@ -122,6 +128,9 @@ class Firehose:
         self.keys: dict[str, str | None] = {}
         self.mirror = RepoMirror()
         self.synced_rev: dict[str, str] = {}  # repo rev whose state we are known to hold
+        # The newest commit rev of each repo any record of ours came from (a proof a peer
+        # forwards in a hint is used only if it is at least as new: no replays).
+        self.newest_rev: dict[str, str] = {}
         # Repos listed in full at least once since start (docs/protocol.md section 13: the
         # view is complete once every watched repo is here).
         self.read_once: set[str] = set()
@@ -134,6 +143,7 @@ class Firehose:
         self.resync_limiter = trio.CapacityLimiter(RESYNC_CONCURRENCY)
         self.delivered = 0
         self.hinted = 0  # records read because of a delivery hint
+        self.hint_proofs_used = 0  # ... of which the hint carried a proof we could use
         self._hints: set[tuple[str, str, str, str | None]] = set()  # being read now
         self._hint_tokens = float(HINT_BURST)
         self._hint_at: float | None = None
@@ -188,6 +198,7 @@ class Firehose:
     def unwatch(self, did: str) -> None:
         self.interest.dids.discard(did)
         self.mirror.forget(did)
+        self.newest_rev.pop(did, None)
         self.synced_rev.pop(did, None)
         self.read_once.discard(did)
 
@@ -246,11 +257,18 @@ class Firehose:
             assert self._nursery is not None
             self._nursery.start_soon(self._resync_forced, did)
 
-    def hint(self, did: str, collection: str, rkey: str, cid: str | None) -> bool:
+    def hint(
+        self, did: str, collection: str, rkey: str, cid: str | None, proof: bytes | None = None
+    ) -> bool:
         """A peer says it just wrote this record (or deleted it: `cid` None). If we follow
         it and do not hold that version, read it now from its PDS with a signed proof (as
         anti-entropy does) instead of waiting for the PDS's firehose, whose sequencer may
         poll its outbox only once a second when idle. Never blocks; False if ignored.
+
+        `proof`: the PDS's `sync.getRecord` answer for it, read by the writer. Used instead
+        of our own read when it checks out exactly as our read would (the repo's signed
+        commit, the MST path, the hinted CID) and its commit is no older than any we hold
+        of that repo; otherwise we read as without it.
 
         A hint is not evidence: what is delivered is what the repo's signed commit says.
         The firehose's later copy of the same change is a no-op (same CID, older rev)."""
@@ -275,8 +293,23 @@ class Firehose:
         self._hints.add(key)
         if trace_enabled():
             trace("hinted", uri=f"at://{did}/{collection}/{rkey}")
-        self._nursery.start_soon(self._read_hinted, key)
+        self._nursery.start_soon(self._read_hinted, key, proof)
         return True
+
+    def _forwarded_proof(
+        self, key: tuple[str, str, str, str | None], proof: bytes
+    ) -> ProvenRecord | None:
+        """The record a hint's forwarded proof proves, or None (then we read it ourselves)."""
+        did, collection, rkey, cid = key
+        try:
+            proved = verify_record_proof(proof, did, self.keys.get(did), collection, rkey)
+        except Exception as e:
+            log.debug("hint at://%s/%s/%s: its proof is refused: %s", did, collection, rkey, e)
+            return None
+        if proved.cid != cid or proved.rev < self.newest_rev.get(did, ""):
+            log.debug("hint at://%s/%s/%s: its proof is of another version", did, collection, rkey)
+            return None
+        return proved
 
     def _proved_event(
         self, did: str, collection: str, rkey: str, proof: Any, source: Literal["hint", "resync"]
@@ -291,12 +324,18 @@ class Firehose:
             did, collection, rkey, action, proof.cid, proof.value, proof.rev, None, source
         )
 
-    async def _read_hinted(self, key: tuple[str, str, str, str | None]) -> None:
+    async def _read_hinted(
+        self, key: tuple[str, str, str, str | None], forwarded: bytes | None
+    ) -> None:
         did, collection, rkey = key[:3]
         try:
-            proof = await self.reader.prove_record(
-                self.pds_of[did], did, self.keys.get(did), collection, rkey
-            )
+            proof = None if forwarded is None else self._forwarded_proof(key, forwarded)
+            if proof is not None:
+                self.hint_proofs_used += 1
+            else:
+                proof = await self.reader.prove_record(
+                    self.pds_of[did], did, self.keys.get(did), collection, rkey
+                )
             if trace_enabled():
                 trace("proved", uri=f"at://{did}/{collection}/{rkey}")
             ev = self._proved_event(did, collection, rkey, proof, "hint")
@@ -338,6 +377,8 @@ class Firehose:
     def _mirror_apply(self, ev: RecordEvent) -> RecordEvent | None:
         before = self.mirror.over_bound
         out = self.mirror.apply(ev)
+        if ev.rev and ev.rev > self.newest_rev.get(ev.did, ""):
+            self.newest_rev[ev.did] = ev.rev
         if self.mirror.over_bound != before:
             reason = (
                 f"record {ev.uri}: its repo holds over {self.mirror.max_per_collection} "

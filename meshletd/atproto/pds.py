@@ -335,6 +335,21 @@ class PdsClient:
             self.unsure.discard((collection, rkey))
         return body["cid"], body["value"]
 
+    async def record_proof(self, collection: str, rkey: str, max_bytes: int) -> bytes | None:
+        """The signed proof of one of our records as our PDS serves it to anyone
+        (`com.atproto.sync.getRecord`: commit + MST path + record, a CAR), for a delivery
+        hint; None when the PDS does not answer it or it is over `max_bytes`."""
+        try:
+            r = await self.http.get(
+                f"{self.session.pds_url}/xrpc/com.atproto.sync.getRecord",
+                params={"did": self.did, "collection": collection, "rkey": rkey},
+            )
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200 or len(r.content) > max_bytes:
+            return None
+        return r.content
+
     async def list_records(
         self, collection: str, repo: str | None = None
     ) -> list[tuple[str, str, dict[str, Any]]]:

@@ -13,6 +13,7 @@ from meshletd.atproto.verify import (
     cid_bytes,
     cid_str,
     decode_car,
+    mst_lookup,
     verified_record,
     verify_commit,
 )
@@ -65,6 +66,28 @@ class ProvenRecord:
     rev: str
     cid: str | None
     value: dict[str, Any] | None
+
+
+def verify_record_proof(
+    car: bytes, did: str, did_key: str | None, collection: str, rkey: str
+) -> ProvenRecord:
+    """A `com.atproto.sync.getRecord` answer (a CAR: the repo's signed commit, the MST path
+    to `collection/rkey` and the record, if present), checked: the commit is `did`'s and
+    signed with `did_key`, and the path proves the record's presence or absence. Raises
+    Unverified otherwise (a hostile CAR may raise other errors too: callers catch all).
+    Pure: the same check for an answer read from the PDS and for one a peer forwarded."""
+    try:
+        header, blocks = decode_car(car)
+    except Exception as e:
+        raise Unverified(f"proof is not a CAR ({e})") from e
+    roots = header.get("roots") or []
+    if not roots:
+        raise Unverified("proof CAR has no root")
+    commit = verify_commit(blocks, roots[0], did, did_key)
+    path = f"{collection}/{rkey}"
+    found = mst_lookup(blocks, commit["data"], path)
+    cid, value = verified_record(blocks, commit["data"], path, found)
+    return ProvenRecord(did, collection, rkey, commit["rev"], cid_str(cid) if cid else None, value)
 
 
 class RepoReader:
@@ -145,22 +168,7 @@ class RepoReader:
         )
         if r.status_code != 200:
             raise ReadError(f"{pds} sync.getRecord {did}/{collection}/{rkey}: {r.status_code}")
-        try:
-            header, blocks = decode_car(r.content)
-        except Exception as e:
-            raise Unverified(f"proof is not a CAR ({e})") from e
-        roots = header.get("roots") or []
-        if not roots:
-            raise Unverified("proof CAR has no root")
-        commit = verify_commit(blocks, roots[0], did, did_key)
-        path = f"{collection}/{rkey}"
-        from meshletd.atproto.verify import mst_lookup
-
-        found = mst_lookup(blocks, commit["data"], path)
-        cid, value = verified_record(blocks, commit["data"], path, found)
-        return ProvenRecord(
-            did, collection, rkey, commit["rev"], cid_str(cid) if cid else None, value
-        )
+        return verify_record_proof(r.content, did, did_key, collection, rkey)
 
     async def collections(self, pds: str, did: str) -> set[str] | None:
         """Collections the repo holds (describeRepo), or None if the PDS cannot say."""

@@ -92,6 +92,7 @@ class FakeRepo:
         self.values: dict[bytes, Any] = {}
         self._clock = itertools.count(1_700_000_000_000_000)
         self.rev = ""
+        self.last_commit: tuple[bytes, dict[str, Any]] = (b"", {})
 
     def _tid(self) -> str:
         n = next(self._clock) << 10
@@ -151,6 +152,7 @@ class FakeRepo:
             commit["sig"] = (sign_with or self.key).sign(libipld.encode_dag_cbor(commit))
         commit_cid = cid_of(commit)
         blocks[commit_cid] = commit
+        self.last_commit = (commit_cid, commit)
         body = {
             "seq": seq if seq is not None else next(self._seq),
             "rebase": False,
@@ -166,6 +168,18 @@ class FakeRepo:
         }
         header = libipld.encode_dag_cbor({"op": 1, "t": "#commit"})
         return header + libipld.encode_dag_cbor(body)
+
+    def proof(self, collection: str, rkey: str) -> bytes:
+        """What `com.atproto.sync.getRecord` answers for the record now: a CAR of the last
+        signed commit, the MST path to it and the record (none when it is absent)."""
+        commit_cid, commit = self.last_commit
+        data, blocks = self._mst()
+        assert data == commit["data"], "the repo changed after its last commit"
+        out: dict[bytes, Any] = {commit_cid: commit, **blocks}
+        cid = self.records.get(f"{collection}/{rkey}")
+        if cid is not None:
+            out[cid] = self.values[cid]
+        return encode_car(commit_cid, out)
 
     def put(self, collection: str, rkey: str, value: dict[str, Any], **kw: Any) -> bytes:
         path = f"{collection}/{rkey}"

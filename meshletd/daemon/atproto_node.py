@@ -78,6 +78,12 @@ log = logging.getLogger("meshletd.node")
 # peers (beyond that, the firehose alone: a hint per peer per write would not scale).
 HINTED = frozenset({NSID_WORKLOAD, NSID_BID, NSID_STATUS, NSID_MESHLET_OWNER})
 HINT_MAX_PEERS = 16
+# A hint carries the record's proof as our PDS serves it (docs/protocol.md section 17): read
+# once here instead of by every receiver. Bounds: one proof, all of one hint's proofs (the
+# peers' XRPC bodies are at most 1 MiB), and how long a hint waits for them.
+HINT_PROOF_MAX_BYTES = 16384
+HINT_PROOFS_MAX_BYTES = 256 * 1024
+HINT_PROOF_WAIT_S = 1.0
 # Login to the PDS is retried with backoff, doubling up to this cap (seconds): the daemon
 # starts scheduling at most this long after its PDS comes back (docs/protocol.md, section 13).
 PDS_RETRY_INITIAL_S = 1.0
@@ -275,7 +281,7 @@ class AtprotoNode:
             self.publisher.owner, self.local.owner_repo = client, PdsRepo(client)
         else:
             self.publisher.meshlet, self.local.meshlet_repo = client, PdsRepo(client)
-        client.on_commit = lambda done, repo=client.did: self._committed(repo, done)
+        client.on_commit = lambda done, client=client: self._committed(client, done)
 
     async def _restore_state(self) -> None:
         """A drain outlives a restart (an operator drains before maintenance, and the reboot
@@ -430,22 +436,52 @@ class AtprotoNode:
             delay *= 2
         self._rolled_back.discard((uri, failed))  # the next status naming it tries again
 
-    def _committed(self, repo: str, done: list[tuple[str, str, str | None]]) -> None:
+    def _committed(self, client: PdsClient, done: list[tuple[str, str, str | None]]) -> None:
         """Records we just wrote: tell our peers, so they need not wait for the firehose."""
+        repo = client.did
         refs = [
             RecordRef(f"at://{repo}/{coll}/{rkey}", cid)
             for coll, rkey, cid in done
             if coll in HINTED
         ]
-        if not refs:
-            return
-        if repo == self.local.owner:
-            self.notify_records([ref.to_json() for ref in refs])  # our scheduler follows it too
+        ours = repo == self.local.owner  # our scheduler follows it too
         peers = sorted(d for d, m in self.read.peers().items() if m.endpoint)
-        if not peers or len(peers) > HINT_MAX_PEERS or self._nursery is None:
+        if len(peers) > HINT_MAX_PEERS:
+            peers = []
+        if not refs or (not ours and not peers) or self._nursery is None:
             return
+        self._nursery.start_soon(self._send_hints, client, refs, ours, peers)
+
+    async def _send_hints(
+        self, client: PdsClient, refs: list[RecordRef], ours: bool, peers: list[str]
+    ) -> None:
+        """Read each record's proof from our PDS once and put it in the hints, so that no
+        receiver reads it again (docs/protocol.md section 17); a record whose proof is not
+        read within HINT_PROOF_WAIT_S (or is too large) is hinted without one."""
+        proofs: dict[str, bytes] = {}
+
+        async def read(ref: RecordRef) -> None:
+            coll, rkey = ref.uri.rsplit("/", 2)[-2:]
+            proof = await client.record_proof(coll, rkey, HINT_PROOF_MAX_BYTES)
+            if proof is not None:
+                proofs[ref.uri] = proof
+
+        with trio.move_on_after(HINT_PROOF_WAIT_S):
+            async with trio.open_nursery() as nursery:
+                for ref in refs:
+                    nursery.start_soon(read, ref)
+        sent, size = [], 0
+        for ref in refs:
+            proof = proofs.get(ref.uri)
+            if proof is not None and size + len(proof) <= HINT_PROOFS_MAX_BYTES:
+                size += len(proof)
+                ref = RecordRef(ref.uri, ref.cid, proof)
+            sent.append(ref)
+        if ours:  # as the XRPC method hands them over: the proof as bytes
+            self.notify_records([{"uri": r.uri, "cid": r.cid, "proof": r.proof} for r in sent])
         for meshlet in peers:
-            self._nursery.start_soon(self.peers.notify_records, meshlet, refs)
+            if self._nursery is not None:
+                self._nursery.start_soon(self.peers.notify_records, meshlet, sent)
 
     def _refused(self) -> list[Refusal]:
         return self.formation.firehose.refusals() if self.formation is not None else []
@@ -456,12 +492,18 @@ class AtprotoNode:
             return 0
         accepted = 0
         for ref in refs:
-            uri, cid = ref.get("uri", ""), ref.get("cid")
+            uri, cid, proof = ref.get("uri", ""), ref.get("cid"), ref.get("proof")
             parts = uri[len("at://") :].split("/") if uri.startswith("at://") else []
             if len(parts) != 3 or not all(parts):
                 continue
             did, coll, rkey = parts
-            if firehose.hint(did, coll, rkey, cid if isinstance(cid, str) else None):
+            if firehose.hint(
+                did,
+                coll,
+                rkey,
+                cid if isinstance(cid, str) else None,
+                proof if isinstance(proof, bytes) else None,
+            ):
                 accepted += 1
         return accepted
 

@@ -16,20 +16,28 @@ memory for unit tests. One contract suite (daemon/testing.py) runs on both.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class RecordRef:
-    """A record a peer just wrote: its at:// URI and, unless it was deleted, its CID."""
+    """A record a peer just wrote: its at:// URI, unless it was deleted its CID, and the
+    signed proof its PDS serves for it (`sync.getRecord`'s CAR), if the writer read it."""
 
     uri: str
     cid: str | None = None
+    proof: bytes | None = None
 
-    def to_json(self) -> dict[str, str]:
-        return {"uri": self.uri, **({"cid": self.cid} if self.cid else {})}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uri": self.uri}
+        if self.cid:
+            out["cid"] = self.cid
+        if self.proof is not None:
+            out["proof"] = {"$bytes": base64.b64encode(self.proof).decode().rstrip("=")}
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import trio
 from meshletd.atproto.firehose import Backoff, FileCursorStore, Firehose, MemoryCursorStore
 from meshletd.atproto.identity import IdentityResolver
 from meshletd.atproto.pds import PdsClient
+from meshletd.atproto.reader import RepoReader
 
 NOW = "2026-11-27T06:00:00.000Z"
 MEMBERSHIP = "commune.scheduler.membership"
@@ -175,6 +176,44 @@ async def test_anti_entropy_heals_what_the_firehose_never_delivered(devnet):
     assert {e.source for e in got.events} == {"resync"}
     # Every record from anti-entropy came with a verified proof (signed commit + MST path).
     assert all(e.rev for e in got.events)
+
+
+class _CountingReader(RepoReader):
+    proofs_read = 0
+
+    async def prove_record(self, *args, **kw):
+        self.proofs_read += 1
+        return await super().prove_record(*args, **kw)
+
+
+async def test_a_proof_the_writer_read_from_the_real_pds_is_enough_for_a_hinted_peer(devnet):
+    acct, alice = await account(devnet, "hp")
+    got = Collector()
+    reader = _CountingReader()
+    async with trio.open_nursery() as nursery:
+        fh = firehose(devnet, got, reader=reader, connect=lambda url: _DeafSocket())
+        await nursery.start(fh.run)
+        await fh.watch(acct.did, resync=False)
+        for rkey, members in (("a", [acct.did]), ("b", [acct.did, "did:plc:bob"])):
+            cid = await alice.put_record(MEMBERSHIP, rkey, membership(members))
+            proof = await alice.record_proof(MEMBERSHIP, rkey, 16384)
+            assert proof is not None
+            assert fh.hint(acct.did, MEMBERSHIP, rkey, cid, proof)
+        await alice.delete_record(MEMBERSHIP, "a")
+        assert fh.hint(
+            acct.did, MEMBERSHIP, "a", None, await alice.record_proof(MEMBERSHIP, "a", 16384)
+        )
+        await got.wait(lambda: len(got.events) == 3)
+        nursery.cancel_scope.cancel()
+    assert [(e.rkey, e.action, e.source) for e in got.events] == [
+        ("a", "create", "hint"),
+        ("b", "create", "hint"),
+        ("a", "delete", "hint"),
+    ]
+    assert got.events[1].record["members"] == [acct.did, "did:plc:bob"]
+    assert reader.proofs_read == 0 and fh.hint_proofs_used == 3
+    # Too large to forward: the writer sends the hint without it.
+    assert await alice.record_proof(MEMBERSHIP, "b", 100) is None
 
 
 def _forge(raw: bytes) -> bytes:

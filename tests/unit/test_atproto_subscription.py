@@ -268,6 +268,7 @@ class CountingRepos(EmptyRepos):
         return {p.split("/")[1]: cid_str(c) for p, c in self.repo.records.items()}
 
     async def prove_record(self, pds, did, key, collection, rkey):
+        self.proofs_read = getattr(self, "proofs_read", 0) + 1
         cid = self.repo.records.get(f"{collection}/{rkey}")
         value = self.repo.values.get(cid) if cid else None
         return ProvenRecord(
@@ -353,6 +354,106 @@ async def test_a_hinted_record_arrives_before_the_firehose_and_only_once():
                 await trio.sleep(0.01)
         assert len(seen) == 1 and fh.hinted == 1
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def hinted_firehose(alice):
+    """A firehose following alice whose own firehose connection stays silent; yields it,
+    the events it delivers and its reader (which counts the proofs it reads)."""
+    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
+    seen = []
+    reader = CountingRepos(alice)
+
+    async def sink(ev):
+        seen.append(ev)
+
+    fh = Firehose(
+        resolver,
+        MemoryCursorStore(),
+        sink,
+        connect=FakeServer().connect,
+        anti_entropy_every_s=3600,
+        reader=reader,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fh.run)
+        await fh.watch(alice.did, resync=False)
+        yield fh, seen, reader
+        nursery.cancel_scope.cancel()
+
+
+async def until(pred):
+    with trio.fail_after(5):
+        while not pred():
+            await trio.sleep(0.01)
+
+
+async def test_a_hint_carrying_its_proof_delivers_the_record_without_reading_the_pds():
+    alice = FakeRepo("did:plc:alice")
+    coll = "commune.scheduler.membership"
+    async with hinted_firehose(alice) as (fh, seen, reader):
+        alice.put(coll, "b", membership(["did:plc:bob"]))
+        cid = cid_str(alice.records[f"{coll}/b"])
+        assert fh.hint(alice.did, coll, "b", cid, alice.proof(coll, "b"))
+        await until(lambda: seen)
+        assert seen[0].source == "hint" and seen[0].record["members"] == ["did:plc:bob"]
+        assert seen[0].rev == alice.rev
+        assert getattr(reader, "proofs_read", 0) == 0 and fh.hint_proofs_used == 1
+        # A deletion's proof (the MST path proves the record absent) works the same way.
+        alice.delete(coll, "b")
+        assert fh.hint(alice.did, coll, "b", None, alice.proof(coll, "b"))
+        await until(lambda: len(seen) == 2)
+        assert seen[1].action == "delete" and fh.hint_proofs_used == 2
+        assert getattr(reader, "proofs_read", 0) == 0
+
+
+async def test_a_hint_whose_proof_does_not_check_out_is_read_from_the_pds_instead():
+    alice = FakeRepo("did:plc:alice")
+    mallory = FakeRepo("did:plc:alice", key=SigningKey())  # alice's DID, not alice's key
+    coll = "commune.scheduler.membership"
+    forgeries = {
+        "signed by another key": lambda rkey: mallory.proof(coll, rkey),
+        "of another record": lambda rkey: alice.proof(coll, "absent"),
+        "not a CAR": lambda rkey: b"not a CAR",
+    }
+    async with hinted_firehose(alice) as (fh, seen, reader):
+        for i, (why, forge) in enumerate(forgeries.items(), 1):
+            alice.put(coll, f"b{i}", membership(["did:plc:bob"]))
+            mallory.put(coll, f"b{i}", membership(["did:plc:mallory"]))
+            cid = cid_str(alice.records[f"{coll}/b{i}"])
+            assert fh.hint(alice.did, coll, f"b{i}", cid, forge(f"b{i}")), why
+            await until(lambda i=i: len(seen) == i)
+            assert reader.proofs_read == i, why
+            assert seen[-1].record["members"] == ["did:plc:bob"], why  # alice's, from the PDS
+        assert fh.hint_proofs_used == 0
+        # A proof that checks out but is of another version than the hint names: read too.
+        alice.put(coll, "c", membership([]))
+        old = alice.proof(coll, "c")
+        alice.put(coll, "c", membership(["did:plc:carol"]))
+        assert fh.hint(alice.did, coll, "c", cid_str(alice.records[f"{coll}/c"]), old)
+        await until(lambda: len(seen) == 4)
+        assert seen[-1].record["members"] == ["did:plc:carol"] and reader.proofs_read == 4
+
+
+async def test_a_replayed_proof_older_than_what_we_hold_of_the_repo_is_not_used():
+    alice = FakeRepo("did:plc:alice")
+    coll = "commune.scheduler.membership"
+    async with hinted_firehose(alice) as (fh, seen, reader):
+        alice.put(coll, "b", membership(["did:plc:bob"]))
+        first_cid, first_proof = cid_str(alice.records[f"{coll}/b"]), alice.proof(coll, "b")
+        alice.delete(coll, "b")
+        alice.put(coll, "c", membership([]))
+        assert fh.hint(
+            alice.did, coll, "c", cid_str(alice.records[f"{coll}/c"]), alice.proof(coll, "c")
+        )
+        await until(lambda: seen)
+        # A genuine, signed, but old proof of b (since deleted): replayed, it must not bring
+        # b back. It is older than the commit we hold, so b is read from the PDS: absent.
+        assert fh.hint(alice.did, coll, "b", first_cid, first_proof)
+        await until(lambda: getattr(reader, "proofs_read", 0) == 1)
+        await trio.sleep(0.05)
+        assert ("b", "create") not in [(e.rkey, e.action) for e in seen]
+        assert fh.hint_proofs_used == 1
 
 
 async def test_hints_beyond_the_read_budget_are_ignored():
