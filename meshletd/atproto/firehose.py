@@ -330,6 +330,7 @@ class Firehose:
         did, collection, rkey = key[:3]
         try:
             proof = None if forwarded is None else self._forwarded_proof(key, forwarded)
+            via = "forwarded" if proof is not None else "read"
             if proof is not None:
                 self.hint_proofs_used += 1
             else:
@@ -337,7 +338,7 @@ class Firehose:
                     self.pds_of[did], did, self.keys.get(did), collection, rkey
                 )
             if trace_enabled():
-                trace("proved", uri=f"at://{did}/{collection}/{rkey}")
+                trace("proved", uri=f"at://{did}/{collection}/{rkey}", via=via)
             ev = self._proved_event(did, collection, rkey, proof, "hint")
             with trio.CancelScope(shield=True):
                 async with self._lock:
