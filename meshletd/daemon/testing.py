@@ -63,6 +63,8 @@ async def contract_hints_reach_a_live_peer_and_never_raise(h: PeersHarness) -> N
     refs = [
         RecordRef(f"at://{h.owner.did}/commune.scheduler.bid/3k1", CID),
         RecordRef(h.workload),
+        # With the proof the writer read (docs/protocol.md section 17): it arrives as sent.
+        RecordRef(f"at://{h.owner.did}/commune.scheduler.bid/3k2", CID, bytes(range(256)) * 4),
     ]
     await h.peers.notify_records(h.live, refs)
     await h.peers.notify_records(h.down, refs)

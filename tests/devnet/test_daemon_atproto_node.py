@@ -314,3 +314,30 @@ async def test_a_member_s_invalid_workload_is_listed_with_the_field_and_the_reas
     assert bad["ownerDid"] == setup.bob.did and bad["name"] == "sneaky\u202etxt"
     assert bad["problem"]["field"] == "image" and bad["problem"]["reason"]
     assert uri not in [w["uri"] for w in got.json()["workloads"]]
+
+
+async def test_its_hints_carry_the_proof_its_pds_serves_for_the_record(setup: Setup) -> None:
+    from meshletd.atproto.identity import IdentityResolver
+    from meshletd.atproto.reader import verify_record_proof
+    from meshletd.core.nsid import NSID_MESHLET_OWNER
+    from meshletd.daemon.fake_peers import FakePeer, FakePeers
+    from meshletd.daemon.peers import RecordRef
+
+    node = setup.daemon.node
+    client = node.meshlet_pds
+    assert client is not None
+    # The meshletOwner record it published at start (a record it hints after each write).
+    (rkey, cid), *_ = [(k[1], c) for k, c in client.known.items() if k[0] == NSID_MESHLET_OWNER]
+    assert cid is not None
+    peer = FakePeer()
+    node.peers = FakePeers({"did:plc:peer": peer})
+    uri = f"at://{client.did}/{NSID_MESHLET_OWNER}/{rkey}"
+    await node._send_hints(client, [RecordRef(uri, cid)], False, ["did:plc:peer"])
+    with trio.fail_after(10):
+        while not peer.hints:
+            await trio.sleep(0.02)
+    (hint,) = peer.hints
+    assert hint.uri == uri and hint.cid == cid and hint.proof is not None
+    key = (await IdentityResolver(setup.daemon.cfg.plc_url).resolve(client.did)).signing_key
+    proved = verify_record_proof(hint.proof, client.did, key, NSID_MESHLET_OWNER, rkey)
+    assert proved.cid == cid and proved.value is not None

@@ -35,7 +35,7 @@ class ServingNode(InMemoryNode):
         self.hints: list[RecordRef] = []
 
     def notify_records(self, refs: list[dict[str, Any]]) -> int:
-        self.hints.extend(RecordRef(r["uri"], r.get("cid")) for r in refs)
+        self.hints.extend(RecordRef(r["uri"], r.get("cid"), r.get("proof")) for r in refs)
         return len(refs)
 
     async def get_secret(self, caller_did: str, workload_uri: str, name: str) -> bytes:
@@ -69,6 +69,7 @@ def closed_port() -> int:
 class HttpHarness:
     def __init__(self, node: ServingNode, endpoint: str, issuers: dict[str, TokenIssuer]) -> None:
         self.node = node
+        self.endpoint = endpoint
         self.live, self.down, self.unknown = LIVE, "did:plc:downmesh", "did:plc:nowhere"
         endpoints = {LIVE: endpoint, self.down: f"http://127.0.0.1:{closed_port()}"}
         self.peers = HttpPeers(endpoints.get)
@@ -136,3 +137,21 @@ async def test_http_peers_keep_the_peer_contract_against_a_meshletd(
     contract: Callable[[PeersHarness], Awaitable[None]], harness: HttpHarness
 ) -> None:
     await contract(harness)
+
+
+async def test_a_hint_whose_proof_is_over_the_bound_is_refused_naming_the_field(
+    harness: HttpHarness,
+) -> None:
+    import base64
+
+    import httpx
+
+    url = f"{harness.endpoint}/xrpc/farm.meshlet.notifyRecords"
+    big = base64.b64encode(b"x" * 16385).decode()
+    ref = {"uri": f"at://{OWNER}/commune.scheduler.bid/3k1", "proof": {"$bytes": big}}
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url, json={"records": [ref]})
+    assert r.status_code == 400
+    assert r.json()["error"] == "InvalidRequest"
+    assert "proof" in r.json()["message"] and "16384" in r.json()["message"]
+    assert harness.hints() == []
