@@ -462,7 +462,11 @@ class AtprotoNode:
 
         async def read(ref: RecordRef) -> None:
             coll, rkey = ref.uri.rsplit("/", 2)[-2:]
-            proof = await client.record_proof(coll, rkey, HINT_PROOF_MAX_BYTES)
+            try:
+                proof = await client.record_proof(coll, rkey, HINT_PROOF_MAX_BYTES)
+            except Exception as e:  # a hint is best effort: send it without the proof
+                log.debug("hint %s: proof not read: %s", ref.uri, e)
+                return
             if proof is not None:
                 proofs[ref.uri] = proof
 
