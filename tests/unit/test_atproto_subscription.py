@@ -316,50 +316,11 @@ async def test_anti_entropy_skips_a_repo_the_firehose_kept_in_sync():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_hinted_record_arrives_before_the_firehose_and_only_once():
-    alice = FakeRepo("did:plc:alice")
-    resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
-    server = FakeServer()
-    seen = []
-
-    async def sink(ev):
-        seen.append(ev)
-
-    fh = Firehose(
-        resolver,
-        MemoryCursorStore(),
-        sink,
-        backoff=Backoff(0.01, 0.05),
-        connect=server.connect,
-        anti_entropy_every_s=3600,
-        reader=CountingRepos(alice),
-    )
-    coll = "commune.scheduler.membership"
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fh.run)
-        await fh.watch(alice.did, resync=False)
-        frame = alice.put(coll, "b", membership(["did:plc:bob"]))  # committed, not yet sent
-        cid = cid_str(alice.records[f"{coll}/b"])
-        assert not fh.hint("did:plc:stranger", coll, "b", cid)  # a repo we do not follow
-        assert not fh.hint(alice.did, "app.bsky.feed.post", "b", cid)  # nor this collection
-        assert fh.hint(alice.did, coll, "b", cid)
-        with trio.fail_after(5):
-            while not seen:
-                await trio.sleep(0.01)
-        assert seen[0].source == "hint" and seen[0].record["members"] == ["did:plc:bob"]
-        assert not fh.hint(alice.did, coll, "b", cid)  # held already: nothing to read
-        await server.send.send(frame)  # the firehose's copy of the same change
-        with trio.fail_after(5):
-            while fh.subscriptions[PDS].cursor is None:
-                await trio.sleep(0.01)
-        assert len(seen) == 1 and fh.hinted == 1
-        nursery.cancel_scope.cancel()
-
-
 @asynccontextmanager
-async def hinted_firehose(alice):
-    """A firehose following alice whose own firehose connection stays silent; yields it,
-    the events it delivers and its reader (which counts the proofs it reads)."""
+async def hinted_firehose(alice, server=None):
+    """A firehose following alice (its firehose connection is `server`'s, silent unless
+    the test sends); yields it, the events it delivers and its reader (which counts the
+    proofs it reads)."""
     resolver = StaticIdentityResolver({alice.did: Identity(alice.did, PDS, alice.key.did_key)})
     seen = []
     reader = CountingRepos(alice)
@@ -371,7 +332,8 @@ async def hinted_firehose(alice):
         resolver,
         MemoryCursorStore(),
         sink,
-        connect=FakeServer().connect,
+        backoff=Backoff(0.01, 0.05),
+        connect=(server or FakeServer()).connect,
         anti_entropy_every_s=3600,
         reader=reader,
     )
@@ -386,6 +348,24 @@ async def until(pred):
     with trio.fail_after(5):
         while not pred():
             await trio.sleep(0.01)
+
+
+async def test_a_hinted_record_arrives_before_the_firehose_and_only_once():
+    alice = FakeRepo("did:plc:alice")
+    server = FakeServer()
+    coll = "commune.scheduler.membership"
+    async with hinted_firehose(alice, server) as (fh, seen, _reader):
+        frame = alice.put(coll, "b", membership(["did:plc:bob"]))  # committed, not yet sent
+        cid = cid_str(alice.records[f"{coll}/b"])
+        assert not fh.hint("did:plc:stranger", coll, "b", cid)  # a repo we do not follow
+        assert not fh.hint(alice.did, "app.bsky.feed.post", "b", cid)  # nor this collection
+        assert fh.hint(alice.did, coll, "b", cid)
+        await until(lambda: seen)
+        assert seen[0].source == "hint" and seen[0].record["members"] == ["did:plc:bob"]
+        assert not fh.hint(alice.did, coll, "b", cid)  # held already: nothing to read
+        await server.send.send(frame)  # the firehose's copy of the same change
+        await until(lambda: fh.subscriptions[PDS].cursor is not None)
+        assert len(seen) == 1 and fh.hinted == 1
 
 
 async def test_a_hint_carrying_its_proof_delivers_the_record_without_reading_the_pds():
