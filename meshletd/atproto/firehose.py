@@ -128,9 +128,6 @@ class Firehose:
         self.keys: dict[str, str | None] = {}
         self.mirror = RepoMirror()
         self.synced_rev: dict[str, str] = {}  # repo rev whose state we are known to hold
-        # The newest commit rev of each repo any record of ours came from (a proof a peer
-        # forwards in a hint is used only if it is at least as new: no replays).
-        self.newest_rev: dict[str, str] = {}
         # Repos listed in full at least once since start (docs/protocol.md section 13: the
         # view is complete once every watched repo is here).
         self.read_once: set[str] = set()
@@ -198,7 +195,6 @@ class Firehose:
     def unwatch(self, did: str) -> None:
         self.interest.dids.discard(did)
         self.mirror.forget(did)
-        self.newest_rev.pop(did, None)
         self.synced_rev.pop(did, None)
         self.read_once.discard(did)
 
@@ -306,7 +302,7 @@ class Firehose:
         except Exception as e:
             log.debug("hint at://%s/%s/%s: its proof is refused: %s", did, collection, rkey, e)
             return None
-        if proved.cid != cid or proved.rev < self.newest_rev.get(did, ""):
+        if proved.cid != cid or proved.rev < self.mirror.newest_rev.get(did, ""):
             log.debug("hint at://%s/%s/%s: its proof is of another version", did, collection, rkey)
             return None
         return proved
@@ -378,8 +374,6 @@ class Firehose:
     def _mirror_apply(self, ev: RecordEvent) -> RecordEvent | None:
         before = self.mirror.over_bound
         out = self.mirror.apply(ev)
-        if ev.rev and ev.rev > self.newest_rev.get(ev.did, ""):
-            self.newest_rev[ev.did] = ev.rev
         if self.mirror.over_bound != before:
             reason = (
                 f"record {ev.uri}: its repo holds over {self.mirror.max_per_collection} "

@@ -313,9 +313,14 @@ class RepoMirror:
         self.counts: dict[tuple[str, str], int] = {}
         self.max_per_collection = max_per_collection
         self.over_bound = 0
+        # The newest commit rev each repo's records have come with, from any source (a
+        # proof forwarded in a hint is used only if it is at least as new: no replays).
+        self.newest_rev: dict[str, str] = {}
 
     def apply(self, ev: RecordEvent) -> RecordEvent | None:
         """The event to deliver (with a corrected action), or None if stale or no change."""
+        if ev.rev and ev.rev > self.newest_rev.get(ev.did, ""):
+            self.newest_rev[ev.did] = ev.rev
         key = (ev.did, ev.collection, ev.rkey)
         known = self.records.get(key)
         if known is None:
@@ -357,6 +362,7 @@ class RepoMirror:
         }
 
     def forget(self, did: str) -> None:
+        self.newest_rev.pop(did, None)
         for k in [k for k in self.records if k[0] == did]:
             del self.records[k]
         for c in [c for c in self.counts if c[0] == did]:
