@@ -29,7 +29,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runtime_checks import RealHarness, journal, wait_for
+from runtime_checks import RealHarness, journal, output, wait_for
 
 from meshletd.runtime import testing
 from meshletd.runtime.events import ReplicaRunning
@@ -78,8 +78,10 @@ async def check_userns() -> dict:
             assert isinstance(r, ReplicaRunning), r
             units.append(r.unit)
         for s, unit in zip(specs, units, strict=True):
-            await wait_for(lambda u=unit: "end" in journal(u).splitlines(), 30, "uid map")
-            lines = journal(unit).splitlines()
+            # The container's own output: the unit's journal also holds systemd's lines
+            # ("Started ..."), which may land between the container's.
+            await wait_for(lambda u=unit: "end" in output(u).splitlines(), 30, "uid map")
+            lines = output(unit).splitlines()
             text = "\n".join(lines[lines.index("map") + 1 : lines.index("end")])
             seen[str(s.replica)] = {"uid_map": _map(text), "host_uids": sorted(host_uids(unit))}
         for s in specs:
@@ -175,11 +177,12 @@ async def check_network(grant: str, host_port: str, *addrs: str) -> dict:
         config = replace(H.config, network_grant=grant)  # type: ignore[arg-type]
         h = RealHarness(config=config)
         own = next(a for a in addrs if a.endswith(f":{host_port}"))
-        for _ in range(100):  # the service is up once it answers the host
-            if probe_from_host(own):
-                break
-            await trio.sleep(0.1)
+        # The service is up once it answers the host; a loaded CI machine may take seconds.
+        with trio.move_on_after(60):
+            while not probe_from_host(own):
+                await trio.sleep(0.1)
         from_host = {a: probe_from_host(a) for a in addrs}
+        service = "" if all(from_host.values()) else journal(svc)  # why, when the control fails
         rt = h.runtime()
         probe = (
             'for a in "$@"; do if printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 3 "${a%:*}" '
@@ -211,6 +214,7 @@ async def check_network(grant: str, host_port: str, *addrs: str) -> dict:
     return {
         "grant": grant,
         "from_host": from_host,
+        "host_service": service,
         "from_replica": from_replica,
         "podman_network": "none" if "--network=none" in argv else "slirp4netns",
         "userns_auto": "--userns=auto" in argv,
