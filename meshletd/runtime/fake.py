@@ -272,6 +272,9 @@ class FakeMachine:
             whole, _, tenth = quota.partition(".")
             fake.properties["CPUQuotaPerSecUSec"] = (int(whole) * 10 + int(tenth or 0)) * 1000
 
+    async def wait_started(self, unit: str, timeout_s: float) -> None:
+        await trio.lowlevel.checkpoint()  # a fake unit settles as its snapshot is taken
+
     async def unit_snapshot(self, unit: str) -> UnitSnapshot:
         await trio.lowlevel.checkpoint()
         u = self.units.get(unit)

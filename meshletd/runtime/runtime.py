@@ -429,6 +429,9 @@ class ReplicaRuntime(ImageStep, HostUpkeep):
     ) -> ReplicaRunning | EndEvent:
         deadline = t_start + self.config.start_timeout_s + 5
         async with rep.lock:
+            # systemd says when the start job is over; the loop below then sees the
+            # outcome at its first look (it polls only where the machine cannot tell).
+            await self.machine.wait_started(rep.unit, max(0.0, deadline - self._clock()))
             while True:
                 snap = await self.machine.unit_snapshot(rep.unit)
                 phase = unit_phase(snap)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pwd
 import secrets
@@ -30,7 +31,7 @@ import trio
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError  # type: ignore[import-untyped]
 from pystemd.dbuslib import apply_signature  # type: ignore[import-untyped]
 
-from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, from_dbus, to_dbus
+from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, from_dbus, to_dbus, wait_start_job
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.network import resolvers_from, ruleset
@@ -51,6 +52,7 @@ from meshletd.runtime.units import (
 
 __all__ = ["PodmanResult", "SystemdPodmanMachine", "call_ended", "detect_cgroup_v2", "to_dbus"]
 
+log = logging.getLogger("meshletd.runtime")
 _T = TypeVar("_T")
 _UNSET = (1 << 64) - 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -387,6 +389,18 @@ class SystemdPodmanMachine(PodmanCalls):
             await self._dbus(start)
         except Exception as err:
             raise MachineError(str(err)) from err
+
+    async def wait_started(self, unit: str, timeout_s: float) -> None:
+        # Its own connection and thread, outside the one-at-a-time limiter of the shared
+        # bus: other replicas' calls go on while this one starts. Polling instead (every
+        # 10 ms) kept PID 1 answering while it started the unit: ~15 ms slower starts.
+        address = None if self.config.manager == "system" else self._bus.address
+        try:
+            await trio.to_thread.run_sync(
+                wait_start_job, address, unit, timeout_s, abandon_on_cancel=True
+            )
+        except DBusBaseError as err:  # the caller polls instead
+            log.debug("waiting for %s's start job: %s", unit, err)
 
     async def unit_snapshot(self, unit: str) -> UnitSnapshot:
         def snap(bus: Any, manager: Any) -> UnitSnapshot:

@@ -34,6 +34,20 @@ def test_real_runtime_keeps_the_runtime_contract(
     run_check(systemd_host, f"contract:{contract}")
 
 
+def test_a_start_is_seen_when_systemd_ends_its_job_on_either_manager(
+    systemd_host: NspawnHost | LocalHost,
+) -> None:
+    got = run_check(systemd_host, "start_job_wait")
+    for manager in ("system", "user"):
+        seen = got[manager]
+        # Not before READY (0.6 s after the start), and then active.
+        assert seen["ready_waited_s"] >= 0.5 and seen["ready_state"] == "active", got
+        assert seen["fail_waited_s"] < 5 and seen["fail_state"] == "failed", got
+        # A unit still starting: back after the timeout given (0.5 s), not its 5 s.
+        assert 0.4 <= seen["slow_waited_s"] < 4 and seen["slow_state"] == "activating", got
+        assert seen["missing_waited_s"] < 5, got
+
+
 def test_memory_cpu_and_task_limits_are_enforced_and_an_oom_kill_is_reported(
     systemd_host: NspawnHost | LocalHost,
 ) -> None:

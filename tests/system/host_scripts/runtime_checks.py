@@ -8,6 +8,7 @@ tests/system/test_runtime_*.py runs them through `dev/hostenv exec`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -477,6 +478,56 @@ async def check_user_manager() -> dict:
     assert once
     await testing.assert_clean(user)
     return {"contract_in_user_manager": done, "journal_once": once, "cgroup": cgroup.strip()}
+
+
+async def check_start_job_wait() -> dict:
+    """`wait_started` returns when systemd ends the unit's start job (JobRemoved), on the
+    system manager and on a user manager: not before the unit is active, at once for a
+    unit that failed or does not exist, and after its timeout for one still starting."""
+    out: dict = {}
+    for manager in ("system", "user"):
+        m = RealHarness(config=replace(H.config, manager=manager)).machine()
+
+        def notify_unit(delay_s: float) -> dict[str, object]:
+            script = f"sleep {delay_s}; systemd-notify --ready; exec sleep 600"
+            return {
+                "Type": "notify",
+                "NotifyAccess": "all",
+                "ExecStart": [("/bin/sh", ["/bin/sh", "-c", script], False)],
+            }
+
+        got: dict = {}
+        units = [f"jobwait-{manager}-{k}-{os.getpid()}.service" for k in ("ready", "fail", "slow")]
+        ready, fail, slow = units
+        try:
+            await m.start_unit(ready, notify_unit(0.6))
+            t = time.monotonic()
+            await m.wait_started(ready, 10)
+            got["ready_waited_s"] = round(time.monotonic() - t, 2)
+            got["ready_state"] = (await m.unit_snapshot(ready)).active_state
+            await m.start_unit(
+                fail, {**notify_unit(0), "ExecStart": [("/bin/false", ["/bin/false"], False)]}
+            )
+            t = time.monotonic()
+            await m.wait_started(fail, 10)
+            got["fail_waited_s"] = round(time.monotonic() - t, 2)
+            got["fail_state"] = (await m.unit_snapshot(fail)).active_state
+            await m.start_unit(slow, notify_unit(5))
+            t = time.monotonic()
+            await m.wait_started(slow, 0.5)
+            got["slow_waited_s"] = round(time.monotonic() - t, 2)
+            got["slow_state"] = (await m.unit_snapshot(slow)).active_state
+            t = time.monotonic()
+            await m.wait_started("jobwait-no-such.service", 10)
+            got["missing_waited_s"] = round(time.monotonic() - t, 2)
+        finally:
+            for unit in units:
+                with contextlib.suppress(Exception):
+                    await m.stop_unit(unit)
+                with contextlib.suppress(Exception):
+                    await m.reset_failed(unit)
+        out[manager] = got
+    return out
 
 
 async def check_cleanup() -> dict:
