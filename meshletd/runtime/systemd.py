@@ -56,6 +56,9 @@ log = logging.getLogger("meshletd.runtime")
 _T = TypeVar("_T")
 _UNSET = (1 << 64) - 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# At most this many replica starts are waited for at once (each a thread and a D-Bus
+# connection for as long as its unit starts); more are polled.
+START_WAITERS = 32
 
 
 def detect_cgroup_v2(root: str = "/sys/fs/cgroup") -> bool:
@@ -71,6 +74,10 @@ class SystemdPodmanMachine(PodmanCalls):
         private = f"unix:path={config.runtime_dir}/systemd/private".encode()
         self._bus = Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
+        # The threads that wait for units to start (each on its own connection). Apart
+        # from trio's default limiter: a wait abandoned by a cancel holds its thread
+        # until its timeout, and must not starve other thread work.
+        self._waiters = trio.CapacityLimiter(START_WAITERS)
         self._swept = False
         self._registry: RegistryClient | None = None
 
@@ -395,9 +402,16 @@ class SystemdPodmanMachine(PodmanCalls):
         # bus: other replicas' calls go on while this one starts. Polling instead (every
         # 10 ms) kept PID 1 answering while it started the unit: ~15 ms slower starts.
         address = None if self.config.manager == "system" else self._bus.address
+        if self._waiters.available_tokens == 0:
+            return  # as many starts at once as waiters: this one is polled
         try:
             await trio.to_thread.run_sync(
-                wait_start_job, address, unit, timeout_s, abandon_on_cancel=True
+                wait_start_job,
+                address,
+                unit,
+                timeout_s,
+                abandon_on_cancel=True,
+                limiter=self._waiters,
             )
         except DBusBaseError as err:  # the caller polls instead
             log.debug("waiting for %s's start job: %s", unit, err)
