@@ -5,7 +5,6 @@ uses `trio.to_thread`), and reconnects once when systemd re-executed or the bus 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -82,50 +81,72 @@ def _is_connection_error(err: Exception) -> bool:
     return getattr(err, "errno", 0) in (-104, -107, -32, -110)  # RESET, NOTCONN, PIPE, TIMEDOUT
 
 
-def wait_start_job(address: bytes | None, unit: str, timeout_s: float) -> str | None:
-    """Block until `unit` has no start job pending: systemd's JobRemoved signal for it
-    (what `systemctl start` and `systemd-run --wait` wait for), not a poll. Returns the
-    job's result ("done", "failed", ...), "" when no job was pending (it had ended, or the
-    unit is gone), None after `timeout_s`.
+class StartJobWatch:
+    """Tells when `unit`'s start job is over: systemd's JobRemoved signal for it (what
+    `systemctl start` and `systemd-run --wait` wait for), not a poll of the unit.
 
-    On its own connection, so that the shared one stays free while a unit starts. The
-    match is in place before the unit's job is read, so a job that ends in between is
-    seen either way. systemd sends JobRemoved without a `Subscribe()` to whoever queued
-    the job: on the system bus it is broadcast to matching connections such as this one,
-    and on a manager's private socket it goes to every connection.
+    On a connection of its own, so that the shared one stays free while a unit starts.
+    `open` (blocking: a worker thread) connects, adds the match, then reads the unit's
+    job, so a job that ends in between is seen either way. The caller then waits for
+    `fileno()` to be readable and calls `poll()`, which never blocks: pystemd's own
+    `wait()` blocks in C holding the GIL, which would stop the whole daemon meanwhile.
+    systemd sends JobRemoved without a `Subscribe()` to whoever queued the job: on the
+    system bus it is broadcast to matching connections such as this one, and on a
+    manager's private socket it goes to every connection.
     """
-    bus: Any = DBus() if address is None else DBusAddress(address, peer_to_peer=True)
-    bus.open()
-    try:
-        name, results = unit.encode(), []
+
+    # Messages dispatched per `poll()`: some may already sit in the connection's queue
+    # (read while a call waited for its reply) with nothing left to read on the socket.
+    DISPATCH = 16
+
+    def __init__(self, address: bytes | None, unit: str) -> None:
+        self._address = address
+        self._name = unit.encode()
+        self._bus: Any = None
+        self._on_removed: Callable[..., None] | None = None
+        self.result: str | None = None
+
+    def open(self) -> bool:
+        """Connect and watch; False when no start job is pending (it is over already, or
+        the unit is gone): nothing to wait for."""
+        bus = DBus() if self._address is None else DBusAddress(self._address, peer_to_peer=True)
+        bus.open()
+        self._bus = bus
 
         def removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
             msg.process_reply(False)
             _id, _job, who, result = msg.body
-            if who == name:
-                results.append(result.decode())
+            if who == self._name:
+                self.result = result.decode()
 
-        sender = SYSTEMD if address is None else None
+        # pystemd keeps only a bare pointer to the callback: hold it for as long as the bus.
+        self._on_removed = removed
+        sender = SYSTEMD if self._address is None else None
         bus.match_signal(sender, MANAGER_PATH, MANAGER, b"JobRemoved", removed)
         try:
             path = bus.call_method(
-                SYSTEMD, MANAGER_PATH, MANAGER, b"GetUnit", apply_signature(b"s", [name])
+                SYSTEMD, MANAGER_PATH, MANAGER, b"GetUnit", apply_signature(b"s", [self._name])
             ).body
         except DBusBaseError:
-            return ""  # no such unit (any more)
+            return False  # no such unit (any more)
         job_id, _ = bus.get_property(
             SYSTEMD, path, b"org.freedesktop.systemd1.Unit", b"Job", b"(uo)"
         )
-        if job_id == 0:
-            return ""
-        deadline = time.monotonic() + timeout_s
-        while not results:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            bus.process()  # runs `removed` for a signal that is in
-            if not results:
-                bus.wait(int(min(left, 1.0) * 1_000_000))
-        return results[0]
-    finally:
-        bus.close()
+        return bool(job_id) and self.result is None
+
+    def fileno(self) -> int:
+        return int(self._bus.get_fd())
+
+    def poll(self) -> str | None:
+        """Dispatch what has arrived (never blocks); the job's result ("done", "failed",
+        ...) once its JobRemoved was seen."""
+        for _ in range(self.DISPATCH):
+            if self.result is not None:
+                break
+            self._bus.process()
+        return self.result
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = self._on_removed = None

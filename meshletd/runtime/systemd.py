@@ -31,7 +31,7 @@ import trio
 from pystemd.dbusexc import DBusBaseError, DBusNoSuchUnitError  # type: ignore[import-untyped]
 from pystemd.dbuslib import apply_signature  # type: ignore[import-untyped]
 
-from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, from_dbus, to_dbus, wait_start_job
+from meshletd.runtime.dbus import PROPS, SYSTEMD, Bus, StartJobWatch, from_dbus, to_dbus
 from meshletd.runtime.events import ReplicaUsage
 from meshletd.runtime.machine import MachineError
 from meshletd.runtime.network import resolvers_from, ruleset
@@ -56,9 +56,12 @@ log = logging.getLogger("meshletd.runtime")
 _T = TypeVar("_T")
 _UNSET = (1 << 64) - 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-# At most this many replica starts are waited for at once (each a thread and a D-Bus
-# connection for as long as its unit starts); more are polled.
+# At most this many replica starts are waited for at once (each a D-Bus connection for
+# as long as its unit starts); more are polled.
 START_WAITERS = 32
+# While waiting, the connection's queue is also looked at this often: a message may sit
+# there, read along with a call's reply, with nothing left on the socket to wake us.
+START_WAIT_TICK_S = 0.05
 
 
 def detect_cgroup_v2(root: str = "/sys/fs/cgroup") -> bool:
@@ -74,9 +77,7 @@ class SystemdPodmanMachine(PodmanCalls):
         private = f"unix:path={config.runtime_dir}/systemd/private".encode()
         self._bus = Bus(None if config.manager == "system" else private)
         self._limiter = trio.CapacityLimiter(1)
-        # The threads that wait for units to start (each on its own connection). Apart
-        # from trio's default limiter: a wait abandoned by a cancel holds its thread
-        # until its timeout, and must not starve other thread work.
+        # The starts waited for at once (each a D-Bus connection of its own).
         self._waiters = trio.CapacityLimiter(START_WAITERS)
         self._swept = False
         self._registry: RegistryClient | None = None
@@ -398,23 +399,24 @@ class SystemdPodmanMachine(PodmanCalls):
             raise MachineError(str(err)) from err
 
     async def wait_started(self, unit: str, timeout_s: float) -> None:
-        # Its own connection and thread, outside the one-at-a-time limiter of the shared
-        # bus: other replicas' calls go on while this one starts. Polling instead (every
-        # 10 ms) kept PID 1 answering while it started the unit: ~15 ms slower starts.
-        address = None if self.config.manager == "system" else self._bus.address
+        # Waiting for systemd's signal, not polling: a poll every 10 ms kept PID 1
+        # answering while it started the unit (~12 ms slower starts, docs/runtime.md).
         if self._waiters.available_tokens == 0:
             return  # as many starts at once as waiters: this one is polled
+        address = None if self.config.manager == "system" else self._bus.address
+        watch = StartJobWatch(address, unit)
         try:
-            await trio.to_thread.run_sync(
-                wait_start_job,
-                address,
-                unit,
-                timeout_s,
-                abandon_on_cancel=True,
-                limiter=self._waiters,
-            )
+            async with self._waiters:
+                if not await trio.to_thread.run_sync(watch.open):
+                    return
+                with trio.move_on_after(timeout_s):
+                    while watch.poll() is None:
+                        with trio.move_on_after(START_WAIT_TICK_S):
+                            await trio.lowlevel.wait_readable(watch.fileno())
         except Exception as err:  # a wait that fails: the caller polls instead
             log.debug("waiting for %s's start job: %s", unit, err)
+        finally:
+            watch.close()
 
     async def unit_snapshot(self, unit: str) -> UnitSnapshot:
         def snap(bus: Any, manager: Any) -> UnitSnapshot:

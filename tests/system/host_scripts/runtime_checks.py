@@ -502,8 +502,20 @@ async def check_start_job_wait() -> dict:
         try:
             await m.start_unit(ready, notify_unit(0.6))
             t = time.monotonic()
-            await m.wait_started(ready, 10)
+            ticks = 0
+
+            async def tick() -> None:  # the rest of the daemon, meanwhile
+                nonlocal ticks
+                while True:
+                    await trio.sleep(0.01)
+                    ticks += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                await m.wait_started(ready, 10)
+                nursery.cancel_scope.cancel()
             got["ready_waited_s"] = round(time.monotonic() - t, 2)
+            got["ticks_while_waiting"] = ticks
             got["ready_state"] = (await m.unit_snapshot(ready)).active_state
             await m.start_unit(
                 fail, {**notify_unit(0), "ExecStart": [("/bin/false", ["/bin/false"], False)]}
