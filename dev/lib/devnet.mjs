@@ -12,6 +12,9 @@
 //   stop I [SECONDS]   stop PDS I (its data kept); with SECONDS start it again after that
 //   start I            start PDS I again (same port, data, keys and accounts)
 //   kill-firehose [I]  close every subscribeRepos connection of PDS I (all PDSes without I)
+//   hold-firehose I SECONDS  PDS I's sequencer hands its subscribers nothing new for that
+//                      long, then everything held, in order (a stalled sequencer: the
+//                      connections stay up and answer pings, the PDS answers reads)
 //   status             {"pds": [{"index", "url", "up", "restartAt", "firehoses"}]}
 import fs from 'node:fs'
 import { createRequire } from 'node:module'
@@ -186,6 +189,31 @@ async function startPdsAgain(i) {
   log(`PDS ${i} started again`)
 }
 
+// PDS index -> the sequencer batches held back by `hold-firehose` (absent: none held).
+const held = new Map()
+
+function holdFirehose(i, seconds) {
+  const server = pdsServers[i]
+  if (!server) throw new Error(`PDS ${i} is not running`)
+  if (!(seconds > 0)) throw new Error(`hold-firehose needs SECONDS > 0, got '${seconds}'`)
+  const seq = server.ctx.sequencer
+  if (held.has(i)) throw new Error(`the firehose of PDS ${i} is held already`)
+  const queue = []
+  held.set(i, queue)
+  const emit = seq.emit
+  seq.emit = function (name, ...args) {
+    if (name === 'events') { queue.push(args); return true }
+    return emit.call(this, name, ...args)
+  }
+  setTimeout(() => {
+    seq.emit = emit
+    held.delete(i)
+    for (const args of queue) emit.call(seq, 'events', ...args)
+    log(`firehose of PDS ${i} released: ${queue.length} batch(es) held ${seconds} s`)
+  }, seconds * 1000)
+  log(`firehose of PDS ${i} held for ${seconds} s`)
+}
+
 function killFirehose(i) {
   let n = 0
   for (const [j, set] of firehoses.entries()) {
@@ -206,6 +234,7 @@ async function control(line) {
   if (cmd === 'stop') { await stopPds(index(a), b ? Number(b) : 0); return 'ok' }
   if (cmd === 'start') { await startPdsAgain(index(a)); return 'ok' }
   if (cmd === 'kill-firehose') return `ok ${killFirehose(a === undefined ? undefined : index(a))}`
+  if (cmd === 'hold-firehose') { holdFirehose(index(a), Number(b)); return 'ok' }
   if (cmd === 'status') {
     return JSON.stringify({
       pds: pdsEnvs.map((env, i) => ({

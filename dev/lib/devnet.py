@@ -3,7 +3,7 @@
 It listens on loopback, or (`host=`) on the gateway address of a dev/hostenv network, so
 that booted hosts in network namespaces of their own reach it. A running network takes
 faults through its control socket: `stop_pds(i, seconds)` / `start_pds(i)` (the PDS comes
-back with its data, keys and accounts) and `kill_firehose(i)`.
+back with its data, keys and accounts), `kill_firehose(i)` and `hold_firehose(i, seconds)`.
 
 `python dev/lib/devnet.py install|up|down|status` is what `dev/devnet` runs; tests use the
 `Devnet` class through the session fixture in tests/conftest.py. Stdlib only, so it runs
@@ -295,6 +295,11 @@ class Devnet:
             self.control("kill-firehose" + ("" if index is None else f" {index}")).split()[1]
         )
 
+    def hold_firehose(self, index: int, seconds: float) -> None:
+        """PDS `index`'s stream delivers nothing new for `seconds`, then all of it in order;
+        its connections stay up and answer pings, and the PDS answers reads meanwhile."""
+        self.control(f"hold-firehose {index} {seconds:g}")
+
     def status(self) -> dict:
         """Each PDS: url, up, restartAt (when a timed stop ends), open firehoses."""
         return json.loads(self.control("status"))
@@ -377,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     kill = sub.add_parser("kill-firehose", help="close firehose connections (of one PDS)")
     kill.add_argument("--state", type=Path, required=True)
     kill.add_argument("index", type=int, nargs="?")
+    hold = sub.add_parser(
+        "hold-firehose", help="stall one PDS's stream for SECONDS (connections kept up)"
+    )
+    hold.add_argument("--state", type=Path, required=True)
+    hold.add_argument("index", type=int)
+    hold.add_argument("seconds", type=float)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "install":
@@ -419,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             Devnet.load(args.state).start_pds(args.index)
         elif args.cmd == "kill-firehose":
             print(Devnet.load(args.state).kill_firehose(args.index))
+        elif args.cmd == "hold-firehose":
+            Devnet.load(args.state).hold_firehose(args.index, args.seconds)
     except DevnetError as e:
         print(f"dev/devnet {args.cmd}: {e}", file=sys.stderr)
         return 1

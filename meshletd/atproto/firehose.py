@@ -77,6 +77,8 @@ __all__ = [
 
 log = logging.getLogger("meshletd.firehose")
 
+# The "cid" of a read asked for by `refresh` (any version will do) in the in-flight set.
+REFRESH = "refresh"
 MAX_HINTS_IN_FLIGHT = 64  # delivery hints read at once; more are ignored (the firehose has them)
 # Hints are unauthenticated: reads they cause are rate-limited (a token bucket), so a flood
 # cannot make us hammer the PDSes we follow (and get rate-limited by them).
@@ -140,6 +142,7 @@ class Firehose:
         self.resync_limiter = trio.CapacityLimiter(RESYNC_CONCURRENCY)
         self.delivered = 0
         self.hinted = 0  # records read because of a delivery hint
+        self.refreshed = 0  # records read again on request that the stream had not brought
         self.hint_proofs_used = 0  # ... of which the hint carried a proof we could use
         self._hints: set[tuple[str, str, str, str | None]] = set()  # being read now
         self._hint_tokens = float(HINT_BURST)
@@ -292,6 +295,22 @@ class Firehose:
         self._nursery.start_soon(self._read_hinted, key, proof)
         return True
 
+    def refresh(self, did: str, collection: str, rkey: str) -> bool:
+        """Read this record again from its PDS now, with its proof (as a hint is read), and
+        deliver it if it is newer than ours: the core asks when a peer's lease looks
+        expired (the firehose may be the one late). One read per record at a time; never
+        blocks; False if ignored (not followed, or a read of it is in flight)."""
+        if self._nursery is None or did not in self.interest.dids or did not in self.pds_of:
+            return False
+        if collection not in self.interest.collections:
+            return False
+        key = (did, collection, rkey, REFRESH)
+        if key in self._hints:
+            return False
+        self._hints.add(key)
+        self._nursery.start_soon(self._read_hinted, key, None)
+        return True
+
     def _forwarded_proof(
         self, key: tuple[str, str, str, str | None], proof: bytes
     ) -> ProvenRecord | None:
@@ -342,6 +361,13 @@ class Firehose:
                     if out is not None:
                         self.hinted += 1
                         self.delivered += 1
+                        if key[3] == REFRESH:
+                            self.refreshed += 1
+                            log.info(
+                                "firehose: %s read from its PDS is newer than the stream's "
+                                "copy (the stream is late)",
+                                ev.uri,
+                            )
                         await self._sink_one(out)
         except Exception as e:
             # The firehose (or anti-entropy) will bring it; nothing is lost.

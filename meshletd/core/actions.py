@@ -64,6 +64,16 @@ class ProbePeer:
 
 
 @dataclass(frozen=True, slots=True)
+class RefreshLease:
+    """Read a peer's lease again straight from its PDS, with its proof (as a hinted record
+    is read), and hand it to the core as any record if it is newer than ours: its lease
+    looks expired here, and the firehose may be the one late (docs/protocol.md, section 8,
+    "An expired lease is read again"). No answer otherwise."""
+
+    meshlet: str
+
+
+@dataclass(frozen=True, slots=True)
 class WakeAt:
     """Deliver a Tick at this local time (ms): the core's next deadline. The latest WakeAt
     supersedes any earlier one (one alarm per core)."""
@@ -80,13 +90,23 @@ class Reply:
     message: str = ""
 
 
-Action = PutRecord | DeleteRecord | StartReplica | StopReplica | ProbePeer | WakeAt | Reply
+Action = (
+    PutRecord
+    | DeleteRecord
+    | StartReplica
+    | StopReplica
+    | ProbePeer
+    | RefreshLease
+    | WakeAt
+    | Reply
+)
 
 __all__ = [
     "Action",
     "DeleteRecord",
     "ProbePeer",
     "PutRecord",
+    "RefreshLease",
     "Reply",
     "StartReplica",
     "StopReplica",

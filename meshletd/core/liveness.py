@@ -5,7 +5,9 @@ probed: it writes a lease record, and its lease answers for it."""
 
 from __future__ import annotations
 
-from .actions import ProbePeer
+from collections.abc import Sequence
+
+from .actions import ProbePeer, RefreshLease
 from .cluster import ClusterView
 from .hashing import watch_score
 from .records import Lease
@@ -73,7 +75,9 @@ class Liveness:
         self.watch_list()
         return self._probes
 
-    def probe_round(self, now: int) -> tuple[list[ProbePeer], list[tuple[str, bool]]]:
+    def probe_round(
+        self, now: int
+    ) -> tuple[Sequence[ProbePeer | RefreshLease], list[tuple[str, bool]]]:
         """One probe round: the probes to send, and the answers the leases of the watched
         peers that cannot be probed give at once (meshlet, ok).
 
@@ -81,11 +85,17 @@ class Liveness:
         peer we probe answered recently, or a lease renewal (anyone's, our own included)
         reached us after that lease expired, and the daemon has heard from the peer's PDS
         lately (not in `feeds_behind`). Otherwise its silence may be ours (we are cut off
-        from the PDSes, or from that one), and it counts as nothing."""
+        from the PDSes, or from that one), and it counts as nothing.
+
+        Either way, while the peer is not suspected, an expired lease is also read again
+        from its PDS (`RefreshLease`): the firehose may be late while its PDS is not (a
+        stream reconnected before its backlog is in, a sequencer that stalled). A newer
+        renewal read there comes back as a record and answers the next round; suspicion
+        takes `probe_failures` rounds, each read takes one PDS round trip."""
         self.watch_list()
         if not self._leases:
             return self._probes, []
-        probes: list[ProbePeer] = []
+        probes: list[ProbePeer | RefreshLease] = []
         answers: list[tuple[str, bool]] = []
         connected: bool | None = None
         for probe in self._probes:
@@ -97,6 +107,8 @@ class Liveness:
             if now <= until:
                 answers.append((m, True))
                 continue
+            if m not in self.suspects:
+                probes.append(RefreshLease(m))
             if m in self.feeds_behind:
                 continue  # the renewal may be on its PDS, unseen: no answer either way
             if connected is None:

@@ -38,6 +38,7 @@ from meshletd.config import Config, Credentials
 from meshletd.core.events import BidAbandoned
 from meshletd.core.records import (
     NSID_BID,
+    NSID_LEASE,
     NSID_MESHLET_OWNER,
     NSID_STATUS,
     NSID_USAGE,
@@ -368,6 +369,7 @@ class AtprotoNode:
             probe=self.peers.ping,
             probe_timeout_s=PROBE_TIMEOUT_S + 1.0,
             feeds_behind=self.formation.firehose.behind if self.formation else None,
+            refresh_lease=self._refresh_lease,
             published=writes,
         )
         self.local.engine = engine
@@ -486,6 +488,11 @@ class AtprotoNode:
         for meshlet in peers:
             if self._nursery is not None:
                 self._nursery.start_soon(self.peers.notify_records, meshlet, sent)
+
+    def _refresh_lease(self, meshlet: str) -> None:
+        """The core finds `meshlet`'s lease expired: read it again from its PDS."""
+        if self.formation is not None:
+            self.formation.firehose.refresh(meshlet, NSID_LEASE, "self")
 
     def _refused(self) -> list[Refusal]:
         return self.formation.firehose.refusals() if self.formation is not None else []

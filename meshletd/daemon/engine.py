@@ -36,6 +36,7 @@ from meshletd.core.actions import (
     DeleteRecord,
     ProbePeer,
     PutRecord,
+    RefreshLease,
     Reply,
     StartReplica,
     StopReplica,
@@ -200,6 +201,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         probe_timeout_s: float = 2.0,
         feeds_behind: Callable[[], frozenset[str]] | None = None,
+        refresh_lease: Callable[[str], object] | None = None,
         published: Published | None = None,
     ) -> None:
         self.probe_timeout_s = probe_timeout_s  # the probe's own bounds, plus a margin
@@ -214,6 +216,9 @@ class Engine:
         # The repos whose PDS we have not heard lately (the firehose's judgement), told to
         # the core before each tick when they change (docs/protocol.md, section 8).
         self._feeds_behind = feeds_behind
+        # Reads a peer's lease again from its PDS (the core's `RefreshLease`): what it
+        # finds comes back as a record, like a hinted one.
+        self._refresh_lease = refresh_lease
         self._behind: frozenset[str] = frozenset()
         self._suspects: frozenset[str] = frozenset()  # as last logged
         self._suspect_changes = 0
@@ -393,6 +398,9 @@ class Engine:
                 self._nursery.start_soon(self._stop, a)
             elif isinstance(a, ProbePeer):
                 self._nursery.start_soon(self._run_probe, a.meshlet)
+            elif isinstance(a, RefreshLease):
+                if self._refresh_lease is not None:
+                    self._refresh_lease(a.meshlet)
             elif isinstance(a, WakeAt):
                 self._wake_at = a.at
                 self._alarm_changed.set()

@@ -27,6 +27,7 @@ from meshletd.core import (
     PutRecord,
     RecordDeleted,
     RecordSeen,
+    RefreshLease,
     ReplicaStateChanged,
     Scheduler,
     StartReplica,
@@ -37,6 +38,7 @@ from meshletd.core import (
     WorkloadStatus,
 )
 from meshletd.core.records import (
+    NSID_LEASE,
     NSID_MEMBERSHIP,
     NSID_MESHLET,
     NSID_MESHLET_OWNER,
@@ -280,6 +282,8 @@ class Sim:
                     self.push(at, K_TICK, (node.idx, node.core, at))
             elif kind is ProbePeer:
                 probes.append(a.meshlet)
+            elif kind is RefreshLease:
+                self._refresh_lease(node, a.meshlet)
             elif isinstance(a, PutRecord):
                 node.points += CREATE if a.create else UPDATE
                 self._write(node, a.record.uri, a.record)
@@ -365,6 +369,16 @@ class Sim:
             box[idxs] = [(uri, rec)]
         else:
             got.append((uri, rec))
+
+    def _refresh_lease(self, node: Node, meshlet: str) -> None:
+        """The daemon reads the lease straight from its PDS: the current version reaches
+        this node alone after a round trip, ahead of a firehose that may lag."""
+        if node.cut:
+            return
+        uri = at_uri(meshlet, NSID_LEASE, "self")
+        rec = self.store.get(uri)
+        if rec is not None:
+            self._enqueue(self.now + 2 * node.latency + 10, (node.idx,), uri, rec)
 
     def _probe(self, node: Node, targets: list[str]) -> None:
         results = []

@@ -216,6 +216,43 @@ async def test_a_proof_the_writer_read_from_the_real_pds_is_enough_for_a_hinted_
     assert await alice.record_proof(MEMBERSHIP, "b", 100) is None
 
 
+async def test_a_lease_the_stream_has_not_brought_is_read_again_from_the_real_pds(devnet):
+    # The core asks for it when a peer's lease looks expired: the firehose may be the one
+    # late (docs/protocol.md, section 8). Here the stream delivers nothing at all.
+    from meshletd.atproto.records import record_to_json
+    from meshletd.core.records import NSID_LEASE, Lease, at_uri
+
+    acct, alice = await account(devnet, "rl")
+    got = Collector()
+    reader = _CountingReader()
+
+    async def renew(at_ms: int) -> None:
+        lease = Lease(at_uri(acct.did, NSID_LEASE, "self"), acct.did, at_ms, 20_000)
+        await alice.put_record(NSID_LEASE, "self", record_to_json(lease))
+
+    async with trio.open_nursery() as nursery:
+        fh = firehose(devnet, got, reader=reader, connect=lambda url: _DeafSocket())
+        await nursery.start(fh.run)
+        await fh.watch(acct.did, resync=False)
+        await renew(1_000)
+        assert fh.refresh(acct.did, NSID_LEASE, "self")
+        await got.wait(lambda: len(got.events) == 1)
+        await renew(5_000)
+        assert fh.refresh(acct.did, NSID_LEASE, "self")
+        await got.wait(lambda: len(got.events) == 2)
+        # Nothing new on the PDS: the read delivers nothing again.
+        assert fh.refresh(acct.did, NSID_LEASE, "self")
+        await got.wait(lambda: reader.proofs_read == 3)
+        await trio.sleep(0.2)
+        assert not fh.refresh("did:plc:stranger", NSID_LEASE, "self")  # not followed
+        nursery.cancel_scope.cancel()
+    assert [(e.action, e.source, e.record["renewedAt"]) for e in got.events] == [
+        ("create", "hint", "1970-01-01T00:00:01.000Z"),
+        ("update", "hint", "1970-01-01T00:00:05.000Z"),
+    ]
+    assert fh.refreshed == 2
+
+
 def _forge(raw: bytes) -> bytes:
     """Re-sign nothing: flip one bit of the commit signature in a real PDS frame, and fix
     up the commit CID so that only the signature is wrong."""

@@ -13,7 +13,8 @@ Each host has a network namespace and an address of its own (dev/hostenv); meshl
 for peers on that address and publishes it as its endpoint, and reaches the PLC and PDSes at
 the network's gateway. Nothing goes over loopback between hosts. Faults for the tests:
 `behind_nat(person)` (or `Commune.up(nat=...)`, from boot), `cut(a, b, both=)`,
-`cut_from_pds(person)`, `heal(person)`, `stop_pds(person, seconds)`, `kill_firehoses()`.
+`cut_from_pds(person)`, `heal(person)`, `stop_pds(person, seconds)`, `kill_firehoses()`,
+`hold_firehose(person, seconds)`.
 
 The unit is the packaged systemd/meshletd.service, with a drop-in that runs the project's
 venv inside the host and binds the checkout read-only (PrivateTmp/ProtectHome would hide a
@@ -381,6 +382,11 @@ class Commune:
 
     def start_pds(self, person: str) -> None:
         self.devnet.start_pds(self.devnet.pds_index(self[person].mesh.pds_url))
+
+    def hold_firehose(self, person: str, seconds: float) -> None:
+        """The stream of person's meshlet's PDS stalls for `seconds` (connections up, pings
+        answered, reads served), then delivers everything held."""
+        self.devnet.hold_firehose(self.devnet.pds_index(self[person].mesh.pds_url), seconds)
 
     def kill_firehoses(self) -> int:
         """Close every firehose connection of every PDS (subscribers reconnect)."""

@@ -220,16 +220,52 @@ def test_a_watcher_cut_from_the_nat_host_s_pds_does_not_suspect_it(
     assert first is not None
     pds = c.devnet.pds_port(c.devnet.pds_index(c["carol"].mesh.pds_url))
     watcher = "alice"
+    cut_at = time.time()
     c[watcher].host.cut_port(pds)
     try:
         # Her lease, unseen, would have expired (V) and 3 probe intervals passed, twice.
         time.sleep(2 * (LEASE_VALID_MS / 1000 + 3) + 5)
     finally:
         c.heal(watcher)
+    healed_at = time.time() - cut_at
     time.sleep(10)  # bids held back by the cut (if alice's PDS is hers) are out by now
-    assert replacement_bids(c, uri) == []
-    assert agreed(c, uri, 3) == first
+
+    def why() -> str:
+        return (
+            f"cut at 0.00, healed at {healed_at:.2f}"
+            f"\nthe meshlets' logs since the cut:\n{c.story(cut_at, uri)}"
+        )
+
+    assert replacement_bids(c, uri) == [], why()
+    assert agreed(c, uri, 3) == first, why()
     assert "not heard lately from the PDS of" in c[watcher].journal(lines=400)
+
+
+def test_a_stalled_stream_from_the_nat_host_s_pds_does_not_make_it_look_dead(
+    carol_behind_nat: Commune, shared: dict[str, Any]
+) -> None:
+    """Two full CI runs (sessions 16 and 17): a watcher that was not cut at all opened a
+    replacement round for carol, healthy: its view of her lease had stopped advancing
+    while her PDS answered its pings. Here her PDS's sequencer stalls for longer than a
+    lease is valid (connections up, pings and reads answered): her watchers read her lease
+    from the PDS before they act on its expiry (docs/protocol.md, section 8)."""
+    c = carol_behind_nat
+    uri = shared.get("uri") or pytest.fail("no service from the previous test", False)
+    first = agreed(c, uri, 3)
+    assert first is not None
+    held_s = LEASE_VALID_MS / 1000 + 10
+    held_at = time.time()
+    c.hold_firehose("carol", held_s)
+    time.sleep(held_s + 5)
+
+    def why() -> str:
+        return f"the meshlets' logs since the hold:\n{c.story(held_at, uri)}"
+
+    assert replacement_bids(c, uri) == [], why()
+    assert agreed(c, uri, 3) == first, why()
+    # Her watchers did find her lease expired in their view, and newer on her PDS.
+    stale = "newer than the stream's copy"
+    assert any(stale in c[p].journal(lines=400) for p in ("alice", "bob")), why()
 
 
 def test_a_meshlet_behind_nat_that_dies_is_replaced_within_the_lease_bound(

@@ -16,6 +16,7 @@ from meshletd.core import (
     ProbePeer,
     ProbeResult,
     PutRecord,
+    RefreshLease,
     Scheduler,
     Tick,
     Timing,
@@ -135,6 +136,46 @@ def test_a_peer_whose_lease_expires_is_suspected_and_its_slot_reoffered() -> Non
     assert [(b.round, b.slot) for b in opened][:1] == [(1, 0)]
     if len(opened) > 1:
         assert [(b.round, b.slot, b.slots) for b in opened][1:] == [(2, 0, 0), (3, 0, 0)]
+
+
+def test_a_lease_that_looks_expired_is_read_again_from_its_pds_until_its_writer_is_suspected() -> (
+    None
+):
+    # A late firehose (a stream that reconnected before its backlog was in, a stalled
+    # sequencer) must not make a healthy writer look dead: every round that finds the lease
+    # expired asks the daemon to read it again from its PDS; once suspected, no more reads.
+    core, _ = watcher_of(0, n=4, nat={0})
+    feed(core, [lease_of(0, CLOSE)])
+    refreshes: list[int] = []
+    for k in range(1, 30):
+        now = CLOSE + k * 1000
+        out = core.handle(Tick(now))
+        for p in of(out, ProbePeer):
+            out += core.handle(ProbeResult(p.meshlet, ok=True))
+        if RefreshLease(mesh(0)) in out:
+            refreshes.append(now)
+        assert not [p for p in of(out, ProbePeer) if p.meshlet == mesh(0)]
+    assert mesh(0) in core.suspects
+    # Asked in each round from the expiry to the suspicion (3 failures), never while fresh.
+    assert refreshes and refreshes[0] > CLOSE + V - 1000  # its last round fresh
+    assert len(refreshes) == TIMING.probe_failures, refreshes
+
+
+def test_a_renewal_read_from_the_pds_keeps_a_writer_the_firehose_is_late_for() -> None:
+    core, wl = watcher_of(0, n=4, nat={0})
+    feed(core, [lease_of(0, CLOSE)])
+    # mesh(0) renews every R, but the firehose brings none of it; the read it asks for
+    # finds the newest renewal on its PDS.
+    for k in range(1, 40):
+        now = CLOSE + k * 1000
+        out = core.handle(Tick(now))
+        for p in of(out, ProbePeer):
+            out += core.handle(ProbeResult(p.meshlet, ok=True))
+        if RefreshLease(mesh(0)) in out:
+            feed(core, [lease_of(0, now - now % R)])  # what its PDS holds now
+        assert mesh(0) not in core.suspects, k
+        assert not [a for a in of(out, PutRecord) if isinstance(a.record, Bid)], k
+    assert core.placement()[wl.uri][0] == (0, mesh(0))
 
 
 def test_a_watcher_that_has_not_heard_from_the_lease_s_pds_does_not_suspect_its_writer() -> None:
