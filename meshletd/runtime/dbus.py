@@ -42,6 +42,14 @@ def from_dbus(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def connect(address: bytes | None) -> Any:
+    """An open connection: the system bus when `address` is None, otherwise a peer-to-peer
+    socket (a user manager's `/run/user/UID/systemd/private`)."""
+    bus = DBus() if address is None else DBusAddress(address, peer_to_peer=True)
+    bus.open()
+    return bus
+
+
 class Bus:
     """One connection to a service manager, used from one worker thread at a time.
 
@@ -61,11 +69,7 @@ class Bus:
         with self._lock:
             for attempt in (1, 2):
                 if self._bus is None:
-                    if self.address is None:
-                        self._bus = DBus()
-                    else:
-                        self._bus = DBusAddress(self.address, peer_to_peer=True)
-                    self._bus.open()
+                    self._bus = connect(self.address)
                     self._manager = Manager(bus=self._bus, _autoload=True)
                 try:
                     return fn(self._bus, self._manager)
@@ -109,9 +113,7 @@ class StartJobWatch:
     def open(self) -> bool:
         """Connect and watch; False when no start job is pending (it is over already, or
         the unit is gone): nothing to wait for."""
-        bus = DBus() if self._address is None else DBusAddress(self._address, peer_to_peer=True)
-        bus.open()
-        self._bus = bus
+        bus = self._bus = connect(self._address)
 
         def removed(msg: Any, error: Any = None, userdata: Any = None) -> None:
             msg.process_reply(False)

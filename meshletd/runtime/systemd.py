@@ -403,8 +403,7 @@ class SystemdPodmanMachine(PodmanCalls):
         # answering while it started the unit (~12 ms slower starts, docs/runtime.md).
         if self._waiters.available_tokens == 0:
             return  # as many starts at once as waiters: this one is polled
-        address = None if self.config.manager == "system" else self._bus.address
-        watch = StartJobWatch(address, unit)
+        watch = StartJobWatch(self._bus.address, unit)  # None: the system bus
         try:
             async with self._waiters:
                 if not await trio.to_thread.run_sync(watch.open):
