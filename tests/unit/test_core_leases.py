@@ -37,6 +37,14 @@ def of(actions: list[object], kind: type) -> list:
     return [a for a in actions if isinstance(a, kind)]
 
 
+def probe_round(core: Scheduler, now: int, ok: bool = True) -> list[object]:
+    """One tick at `now`, every probe it sends answered `ok`: the actions of both."""
+    out = core.handle(Tick(now))
+    for p in of(out, ProbePeer):
+        out += core.handle(ProbeResult(p.meshlet, ok=ok))
+    return out
+
+
 def lease_of(i: int, renewed_at: int, valid_ms: int = V) -> Lease:
     return Lease(at_uri(mesh(i), NSID_LEASE, "self"), mesh(i), renewed_at, valid_ms)
 
@@ -119,9 +127,7 @@ def test_a_peer_whose_lease_expires_is_suspected_and_its_slot_reoffered() -> Non
     suspected_at = None
     for k in range(1, 30):
         now = CLOSE + k * 1000
-        out = core.handle(Tick(now))
-        for p in of(out, ProbePeer):
-            out += core.handle(ProbeResult(p.meshlet, ok=True))
+        out = probe_round(core, now)
         mine = [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
         feed(core, mine)  # its own bids come back over the firehose
         opened += mine
@@ -149,9 +155,7 @@ def test_a_lease_that_looks_expired_is_read_again_from_its_pds_until_its_writer_
     refreshes: list[int] = []
     for k in range(1, 30):
         now = CLOSE + k * 1000
-        out = core.handle(Tick(now))
-        for p in of(out, ProbePeer):
-            out += core.handle(ProbeResult(p.meshlet, ok=True))
+        out = probe_round(core, now)
         if RefreshLease(mesh(0)) in out:
             refreshes.append(now)
         assert not [p for p in of(out, ProbePeer) if p.meshlet == mesh(0)]
@@ -168,9 +172,7 @@ def test_a_renewal_read_from_the_pds_keeps_a_writer_the_firehose_is_late_for() -
     # finds the newest renewal on its PDS.
     for k in range(1, 40):
         now = CLOSE + k * 1000
-        out = core.handle(Tick(now))
-        for p in of(out, ProbePeer):
-            out += core.handle(ProbeResult(p.meshlet, ok=True))
+        out = probe_round(core, now)
         if RefreshLease(mesh(0)) in out:
             feed(core, [lease_of(0, now - now % R)])  # what its PDS holds now
         assert mesh(0) not in core.suspects, k
@@ -187,15 +189,11 @@ def test_a_watcher_that_has_not_heard_from_the_lease_s_pds_does_not_suspect_its_
     feed(core, [lease_of(0, CLOSE)])
     core.handle(FeedsBehind(frozenset({mesh(0)})))
     for k in range(1, 30):
-        out = core.handle(Tick(CLOSE + k * 1000))
-        for p in of(out, ProbePeer):
-            core.handle(ProbeResult(p.meshlet, ok=True))  # the probed peers answer
+        probe_round(core, CLOSE + k * 1000)  # the probed peers answer
         assert mesh(0) not in core.suspects, k
     core.handle(FeedsBehind(frozenset()))  # PDS 0 heard again, still no renewal: dead
     for k in range(30, 34):
-        out = core.handle(Tick(CLOSE + k * 1000))
-        for p in of(out, ProbePeer):
-            core.handle(ProbeResult(p.meshlet, ok=True))
+        probe_round(core, CLOSE + k * 1000)
     assert mesh(0) in core.suspects
 
 
@@ -204,9 +202,7 @@ def test_a_lease_received_late_is_no_sign_of_life() -> None:
     core.handle(Tick(CLOSE + 60_000))
     feed(core, [lease_of(0, CLOSE + 60_000 - V - 1)])  # anti-entropy brings an old one
     for k in range(1, 4):
-        out = core.handle(Tick(CLOSE + 60_000 + k * 1000))
-        for p in of(out, ProbePeer):
-            core.handle(ProbeResult(p.meshlet, ok=True))
+        probe_round(core, CLOSE + 60_000 + k * 1000)
     assert mesh(0) in core.suspects
 
 
@@ -217,9 +213,7 @@ def test_a_lease_from_a_clock_running_fast_counts_from_when_it_was_seen() -> Non
     alive_until = None
     for k in range(1, 700):
         now = CLOSE + k * 1000
-        out = core.handle(Tick(now))
-        for p in of(out, ProbePeer):
-            core.handle(ProbeResult(p.meshlet, ok=True))
+        probe_round(core, now)
         if mesh(0) in core.suspects:
             alive_until = now
             break
@@ -272,9 +266,7 @@ def test_a_cut_off_watcher_opens_nothing_though_its_leased_peers_still_look_fres
     assert len(core.liveness._probed_peers()) >= 2
     opened = []
     for k in range(1, 10):  # cut off: no probe answers, no records
-        out = core.handle(Tick(CLOSE + k * 1000))
-        for p in of(out, ProbePeer):
-            out += core.handle(ProbeResult(p.meshlet, ok=False))
+        out = probe_round(core, CLOSE + k * 1000, ok=False)
         opened += [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
     assert core.liveness.isolated(core.now)
     assert opened == []
@@ -313,9 +305,7 @@ def test_with_one_probed_peer_a_renewal_after_its_failures_starts_the_failover_a
     feed(core, [lease_of(2, CLOSE), lease_of(3, CLOSE)])
     opened = []
     for k in range(1, 5):
-        out = core.handle(Tick(CLOSE + k * 1000))
-        for p in of(out, ProbePeer):
-            out += core.handle(ProbeResult(p.meshlet, ok=False))
+        out = probe_round(core, CLOSE + k * 1000, ok=False)
         opened += [a.record for a in of(out, PutRecord) if isinstance(a.record, Bid)]
     assert mesh(0) in core.suspects and opened == []
     out = feed(core, [lease_of(2, CLOSE + 5000)])
