@@ -189,8 +189,8 @@ async function startPdsAgain(i) {
   log(`PDS ${i} started again`)
 }
 
-// PDS index -> the sequencer batches held back by `hold-firehose` (absent: none held).
-const held = new Map()
+// The PDSes whose sequencer `hold-firehose` holds back now.
+const held = new Set()
 
 function holdFirehose(i, seconds) {
   const server = pdsServers[i]
@@ -199,7 +199,7 @@ function holdFirehose(i, seconds) {
   const seq = server.ctx.sequencer
   if (held.has(i)) throw new Error(`the firehose of PDS ${i} is held already`)
   const queue = []
-  held.set(i, queue)
+  held.add(i)
   const emit = seq.emit
   seq.emit = function (name, ...args) {
     if (name === 'events') { queue.push(args); return true }

@@ -271,9 +271,7 @@ class Firehose:
 
         A hint is not evidence: what is delivered is what the repo's signed commit says.
         The firehose's later copy of the same change is a no-op (same CID, older rev)."""
-        if self._nursery is None or did not in self.interest.dids:
-            return False
-        if collection not in self.interest.collections or did not in self.pds_of:
+        if (reads := self._reads_of(did, collection)) is None:
             return False
         known = self.mirror.records.get((did, collection, rkey))
         if known is not None and known[0] == cid:
@@ -292,7 +290,7 @@ class Firehose:
         self._hints.add(key)
         if trace_enabled():
             trace("hinted", uri=f"at://{did}/{collection}/{rkey}")
-        self._nursery.start_soon(self._read_hinted, key, proof)
+        reads.start_soon(self._read_hinted, key, proof)
         return True
 
     def refresh(self, did: str, collection: str, rkey: str) -> bool:
@@ -300,16 +298,23 @@ class Firehose:
         deliver it if it is newer than ours: the core asks when a peer's lease looks
         expired (the firehose may be the one late). One read per record at a time; never
         blocks; False if ignored (not followed, or a read of it is in flight)."""
-        if self._nursery is None or did not in self.interest.dids or did not in self.pds_of:
-            return False
-        if collection not in self.interest.collections:
+        if (reads := self._reads_of(did, collection)) is None:
             return False
         key = (did, collection, rkey, REFRESH)
         if key in self._hints:
             return False
         self._hints.add(key)
-        self._nursery.start_soon(self._read_hinted, key, None)
+        reads.start_soon(self._read_hinted, key, None)
         return True
+
+    def _reads_of(self, did: str, collection: str) -> trio.Nursery | None:
+        """Where a read of a record of this repo and collection on request (a hint, a
+        refresh) runs: None unless we run, follow the repo and the collection, and know the
+        repo's PDS."""
+        if did in self.interest.dids and collection in self.interest.collections:
+            if did in self.pds_of:
+                return self._nursery
+        return None
 
     def _forwarded_proof(
         self, key: tuple[str, str, str, str | None], proof: bytes
